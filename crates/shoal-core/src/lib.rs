@@ -1,0 +1,14 @@
+//! Shoal's domain vocabulary, shared by every other crate: model names and
+//! versions ([`names`]), tensors and their datatypes ([`tensor`]), and the
+//! signature a model declares for its inputs and outputs ([`signature`]).
+//!
+//! This crate is pure: no I/O, no async, no HTTP, no inference engine. It is
+//! the innermost layer, so everything here must stay cheap to depend on.
+
+pub mod names;
+pub mod signature;
+pub mod tensor;
+
+pub use names::{ModelName, ModelRef, NameError, Version};
+pub use signature::{Dim, InputError, Signature, TensorSpec};
+pub use tensor::{DataType, Tensor, TensorData, TensorError};

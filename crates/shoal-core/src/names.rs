@@ -1,0 +1,239 @@
+//! Validated names for models and versions.
+//!
+//! Names travel in URLs, file names, metric labels and database keys, so they
+//! are restricted to a safe alphabet once, here, instead of being escaped in
+//! every one of those places.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted model name or version, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Why a model name or version was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// "model name" or "version".
+        what: &'static str,
+    },
+    /// The name is longer than [`MAX_NAME_LEN`].
+    #[error("{what} is {len} bytes long; the limit is {MAX_NAME_LEN}")]
+    TooLong {
+        /// "model name" or "version".
+        what: &'static str,
+        /// Length of the refused name.
+        len: usize,
+    },
+    /// The name contains a character outside `[A-Za-z0-9._-]` or starts with `.` or `-`.
+    #[error(
+        "{what} {value:?} may only contain letters, digits, '.', '_' and '-', and must start with a letter, digit or '_'"
+    )]
+    BadCharacter {
+        /// "model name" or "version".
+        what: &'static str,
+        /// The refused name.
+        value: String,
+    },
+}
+
+fn validate(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong {
+            what,
+            len: value.len(),
+        });
+    }
+    let first_ok = value
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let rest_ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(NameError::BadCharacter {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $ty:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// Validates and wraps `value`.
+            pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                validate($what, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $ty {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// The name of a model, such as `digits`.
+    ModelName,
+    "model name"
+);
+name_type!(
+    /// The version of a model, such as `2`. Versions are strings (as in the
+    /// Open Inference Protocol), though the registry numbers them `1`, `2`, …
+    /// unless told otherwise.
+    Version,
+    "version"
+);
+
+impl Version {
+    /// Sort key that orders numeric versions numerically (`2` before `10`)
+    /// and puts them before non-numeric ones, which sort as strings.
+    pub fn sort_key(&self) -> (u8, u64, &str) {
+        match self.0.parse::<u64>() {
+            Ok(n) => (0, n, ""),
+            Err(_) => (1, 0, &self.0),
+        }
+    }
+}
+
+/// A model with an optional version: `digits` or `digits:2`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelRef {
+    /// The model.
+    pub model: ModelName,
+    /// The version, when one was named.
+    pub version: Option<Version>,
+}
+
+impl FromStr for ModelRef {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some((m, v)) => Ok(Self {
+                model: m.parse()?,
+                version: Some(v.parse()?),
+            }),
+            None => Ok(Self {
+                model: s.parse()?,
+                version: None,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "{}:{}", self.model, v),
+            None => write!(f, "{}", self.model),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<(), &str>) {
+        let got = ModelName::new(input).map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(got, expected.map_err(str::to_owned), "input {input:?}");
+    }
+
+    #[test]
+    fn model_names() {
+        check("digits", Ok(()));
+        check("digits_v2-final.onnx", Ok(()));
+        check("_private", Ok(()));
+        check("", Err("model name must not be empty"));
+        check(
+            "../etc/passwd",
+            Err(
+                "model name \"../etc/passwd\" may only contain letters, digits, '.', '_' and '-', and must start with a letter, digit or '_'",
+            ),
+        );
+        check(
+            "a b",
+            Err(
+                "model name \"a b\" may only contain letters, digits, '.', '_' and '-', and must start with a letter, digit or '_'",
+            ),
+        );
+        check(
+            &"x".repeat(129),
+            Err("model name is 129 bytes long; the limit is 128"),
+        );
+    }
+
+    #[test]
+    fn model_refs() {
+        let r: ModelRef = "digits:2".parse().unwrap();
+        assert_eq!(r.model.as_str(), "digits");
+        assert_eq!(r.version.as_ref().map(Version::as_str), Some("2"));
+        assert_eq!(r.to_string(), "digits:2");
+        let r: ModelRef = "digits".parse().unwrap();
+        assert!(r.version.is_none());
+        assert!("digits:".parse::<ModelRef>().is_err());
+    }
+
+    #[test]
+    fn numeric_versions_sort_numerically() {
+        let mut v: Vec<Version> = ["10", "2", "beta", "1"]
+            .iter()
+            .map(|s| Version::new(*s).unwrap())
+            .collect();
+        v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        let got: Vec<&str> = v.iter().map(Version::as_str).collect();
+        assert_eq!(got, ["1", "2", "10", "beta"]);
+    }
+
+    #[test]
+    fn deserialize_validates() {
+        let ok: ModelName = serde_json::from_str("\"digits\"").unwrap();
+        assert_eq!(ok.as_str(), "digits");
+        assert!(serde_json::from_str::<ModelName>("\"a/b\"").is_err());
+    }
+}

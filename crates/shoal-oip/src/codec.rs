@@ -1,0 +1,703 @@
+//! The JSON tensor codec: inference request bodies in, response bodies out.
+//!
+//! Tensor data is parsed straight into typed, flat vectors: the `data` field
+//! is first kept as raw JSON text (the datatype may come after it in the
+//! object), then walked once with a visitor that flattens nested arrays and
+//! checks every element's type and range. Nothing is allocated beyond what
+//! the declared shape holds, so a request cannot make the server reserve
+//! more memory than [`Limits::max_elements`] allows.
+
+use std::fmt;
+
+use half::f16;
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use shoal_core::tensor::element_count;
+use shoal_core::{DataType, Tensor, TensorData, with_tensor_data};
+
+use crate::types::RequestOutput;
+
+/// Bounds on what one request may ask of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most tensor elements accepted across all inputs of one request.
+    pub max_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // Enough for a batch of 128 images of 3x224x224 floats.
+        Limits {
+            max_elements: 1 << 25,
+        }
+    }
+}
+
+/// Why a request body was refused. The message is meant for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// A parsed, checked inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedRequest {
+    /// The caller's request id, echoed in the response.
+    pub id: Option<String>,
+    /// Request parameters, passed through untouched.
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Input tensors, in request order.
+    pub inputs: Vec<Tensor>,
+    /// Outputs asked for; `None` means all of them.
+    pub outputs: Option<Vec<RequestOutput>>,
+}
+
+#[derive(Deserialize)]
+struct WireRequest<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(borrow)]
+    inputs: Vec<WireTensor<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<RequestOutput>>,
+}
+
+#[derive(Deserialize)]
+struct WireTensor<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// Parses and checks an inference request body.
+pub fn decode_request(body: &[u8], limits: &Limits) -> Result<DecodedRequest, DecodeError> {
+    // serde would accept a JSON array for a struct and then complain about
+    // its length; say plainly what the body must be instead.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
+        return Err(DecodeError(
+            "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
+        ));
+    }
+    let wire: WireRequest<'_> = serde_json::from_slice(body)
+        .map_err(|e| DecodeError(format!("invalid inference request: {e}")))?;
+    if wire.inputs.is_empty() {
+        return Err(DecodeError(
+            "invalid inference request: \"inputs\" is empty; give at least one input tensor".into(),
+        ));
+    }
+    // Check every declared shape against the budget before parsing any
+    // data, so an oversized request is refused without doing the work.
+    let mut budget = limits.max_elements;
+    let headers = wire
+        .inputs
+        .into_iter()
+        .map(|t| check_header(t, &mut budget, limits.max_elements))
+        .collect::<Result<Vec<_>, _>>()?;
+    let inputs = headers
+        .into_iter()
+        .map(Header::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DecodedRequest {
+        id: wire.id,
+        parameters: wire.parameters,
+        inputs,
+        outputs: wire.outputs,
+    })
+}
+
+/// A tensor whose name, datatype and shape are checked but whose data is
+/// still raw JSON text.
+struct Header<'a> {
+    name: String,
+    datatype: DataType,
+    shape: Vec<usize>,
+    count: usize,
+    data: &'a str,
+}
+
+fn check_header<'a>(
+    wire: WireTensor<'a>,
+    budget: &mut usize,
+    max_elements: usize,
+) -> Result<Header<'a>, DecodeError> {
+    let name = wire.name;
+    let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
+    let datatype = DataType::parse(&wire.datatype).ok_or_else(|| {
+        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
+        err(format!(
+            "unknown datatype {:?}; use one of {}",
+            wire.datatype,
+            known.join(", ")
+        ))
+    })?;
+    let shape = wire
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            err(format!(
+                "shape {:?} has a negative dimension; request shapes must be concrete",
+                wire.shape
+            ))
+        })?;
+    let count = element_count(&shape)
+        .filter(|&n| n <= *budget)
+        .ok_or_else(|| {
+            err(format!(
+                "shape {shape:?} holds more elements than the server accepts in one request ({max_elements})"
+            ))
+        })?;
+    *budget -= count;
+    Ok(Header {
+        name,
+        datatype,
+        shape,
+        count,
+        data: wire.data.get(),
+    })
+}
+
+impl Header<'_> {
+    fn parse(self) -> Result<Tensor, DecodeError> {
+        let Header {
+            name,
+            datatype,
+            shape,
+            count,
+            data,
+        } = self;
+        let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
+        if !data.starts_with('[') {
+            return Err(err(format!(
+                "\"data\" must be a JSON array of {count} elements, got {}",
+                abbreviate(data)
+            )));
+        }
+        let data = parse_data(data, datatype, count).map_err(|e| err(e.to_string()))?;
+        Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()))
+    }
+}
+
+fn abbreviate(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+/// Parses the JSON array `text` (possibly nested) into `count` elements of
+/// `datatype`.
+fn parse_data(text: &str, datatype: DataType, count: usize) -> Result<TensorData, DecodeError> {
+    fn run<T: Element>(text: &str, count: usize) -> Result<Vec<T>, DecodeError> {
+        // A hostile shape cannot make us pre-allocate much: cap the
+        // reservation by what the text could possibly hold.
+        let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1));
+        let mut de = serde_json::Deserializer::from_str(text);
+        Flatten {
+            out: &mut out,
+            limit: count,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| DecodeError(format!("bad \"data\": {e}")))?;
+        if out.len() != count {
+            return Err(DecodeError(format!(
+                "\"data\" has {} elements but the shape holds {count}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+    Ok(match datatype {
+        DataType::Bool => TensorData::Bool(run(text, count)?),
+        DataType::Uint8 => TensorData::Uint8(run(text, count)?),
+        DataType::Uint16 => TensorData::Uint16(run(text, count)?),
+        DataType::Uint32 => TensorData::Uint32(run(text, count)?),
+        DataType::Uint64 => TensorData::Uint64(run(text, count)?),
+        DataType::Int8 => TensorData::Int8(run(text, count)?),
+        DataType::Int16 => TensorData::Int16(run(text, count)?),
+        DataType::Int32 => TensorData::Int32(run(text, count)?),
+        DataType::Int64 => TensorData::Int64(run(text, count)?),
+        DataType::Fp16 => TensorData::Fp16(run(text, count)?),
+        DataType::Fp32 => TensorData::Fp32(run(text, count)?),
+        DataType::Fp64 => TensorData::Fp64(run(text, count)?),
+        DataType::Bytes => TensorData::Bytes(
+            run::<ByteString>(text, count)?
+                .into_iter()
+                .map(|b| b.0)
+                .collect(),
+        ),
+    })
+}
+
+/// How one JSON scalar becomes a tensor element.
+trait Element: Sized {
+    /// What the datatype expects, for error messages.
+    const EXPECTED: &'static str;
+    fn from_f64(_: f64) -> Result<Self, String> {
+        Err(format!("expected {}, found a number", Self::EXPECTED))
+    }
+    fn from_i64(_: i64) -> Result<Self, String> {
+        Err(format!("expected {}, found a number", Self::EXPECTED))
+    }
+    fn from_u64(_: u64) -> Result<Self, String> {
+        Err(format!("expected {}, found a number", Self::EXPECTED))
+    }
+    fn from_bool(_: bool) -> Result<Self, String> {
+        Err(format!("expected {}, found a boolean", Self::EXPECTED))
+    }
+    fn from_str(_: &str) -> Result<Self, String> {
+        Err(format!("expected {}, found a string", Self::EXPECTED))
+    }
+}
+
+macro_rules! float_element {
+    ($t:ty, $from:expr) => {
+        impl Element for $t {
+            const EXPECTED: &'static str = "a number";
+            #[allow(clippy::cast_possible_truncation)]
+            fn from_f64(v: f64) -> Result<Self, String> {
+                Ok($from(v))
+            }
+            #[allow(clippy::cast_precision_loss)]
+            fn from_i64(v: i64) -> Result<Self, String> {
+                Ok($from(v as f64))
+            }
+            #[allow(clippy::cast_precision_loss)]
+            fn from_u64(v: u64) -> Result<Self, String> {
+                Ok($from(v as f64))
+            }
+        }
+    };
+}
+float_element!(f32, |v: f64| v as f32);
+float_element!(f64, |v: f64| v);
+float_element!(f16, f16::from_f64);
+
+macro_rules! int_element {
+    ($t:ty, $name:literal) => {
+        impl Element for $t {
+            const EXPECTED: &'static str = concat!("an integer in the range of ", $name);
+            fn from_f64(v: f64) -> Result<Self, String> {
+                // Integral floats (1.0) are accepted: some encoders write them.
+                #[allow(clippy::cast_possible_truncation)]
+                if v.fract() == 0.0 && v >= i64::MIN as f64 && v <= u64::MAX as f64 {
+                    if v < 0.0 {
+                        return Self::from_i64(v as i64);
+                    }
+                    return Self::from_u64(v as u64);
+                }
+                Err(format!("{v} is not an integer; {} expects integers", $name))
+            }
+            fn from_i64(v: i64) -> Result<Self, String> {
+                <$t>::try_from(v).map_err(|_| format!("{v} is out of range for {}", $name))
+            }
+            fn from_u64(v: u64) -> Result<Self, String> {
+                <$t>::try_from(v).map_err(|_| format!("{v} is out of range for {}", $name))
+            }
+        }
+    };
+}
+int_element!(u8, "UINT8");
+int_element!(u16, "UINT16");
+int_element!(u32, "UINT32");
+int_element!(u64, "UINT64");
+int_element!(i8, "INT8");
+int_element!(i16, "INT16");
+int_element!(i32, "INT32");
+int_element!(i64, "INT64");
+
+impl Element for bool {
+    const EXPECTED: &'static str = "true or false";
+    fn from_bool(v: bool) -> Result<Self, String> {
+        Ok(v)
+    }
+}
+
+struct ByteString(Vec<u8>);
+
+impl Element for ByteString {
+    const EXPECTED: &'static str = "a string";
+    fn from_str(v: &str) -> Result<Self, String> {
+        Ok(ByteString(v.as_bytes().to_vec()))
+    }
+}
+
+/// Visits a (possibly nested) JSON array, appending its scalars to `out`.
+struct Flatten<'a, T> {
+    out: &'a mut Vec<T>,
+    limit: usize,
+}
+
+impl<T: Element> Flatten<'_, T> {
+    fn push<E: de::Error>(self, v: Result<T, String>) -> Result<(), E> {
+        let index = self.out.len();
+        if index >= self.limit {
+            return Err(E::custom(format!(
+                "more elements than the shape holds ({})",
+                self.limit
+            )));
+        }
+        let v = v.map_err(|m| E::custom(format!("element {index}: {m}")))?;
+        self.out.push(v);
+        Ok(())
+    }
+}
+
+impl<'de, T: Element> DeserializeSeed<'de> for Flatten<'_, T> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of {}", T::EXPECTED)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let limit = self.limit;
+        while seq
+            .next_element_seed(Flatten {
+                out: &mut *self.out,
+                limit,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(T::from_f64(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(T::from_i64(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(T::from_u64(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(T::from_bool(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(T::from_str(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        let index = self.out.len();
+        Err(E::custom(format!(
+            "element {index}: expected {}, found null",
+            T::EXPECTED
+        )))
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        let index = self.out.len();
+        Err(de::Error::custom(format!(
+            "element {index}: expected {}, found an object",
+            T::EXPECTED
+        )))
+    }
+}
+
+/// Serializes tensor data as a flat JSON array.
+struct DataJson<'a>(&'a TensorData);
+
+impl Serialize for DataJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            TensorData::Fp16(v) => s.collect_seq(v.iter().map(|x| x.to_f32())),
+            TensorData::Bytes(v) => s.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b))),
+            other => with_tensor_data!(other, v => s.collect_seq(v.iter().map(ScalarJson))),
+        }
+    }
+}
+
+/// A numeric or boolean scalar; the `Bytes` and `Fp16` cases never reach it.
+struct ScalarJson<'a, T>(&'a T);
+
+impl<T: Serialize> Serialize for ScalarJson<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+#[derive(Serialize)]
+struct WireResponse<'a> {
+    model_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<WireOutput<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireOutput<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    data: DataJson<'a>,
+}
+
+/// Writes an inference response body.
+pub fn encode_response(
+    model_name: &str,
+    model_version: Option<&str>,
+    id: Option<&str>,
+    outputs: &[Tensor],
+) -> Vec<u8> {
+    let wire = WireResponse {
+        model_name,
+        model_version,
+        id,
+        outputs: outputs
+            .iter()
+            .map(|t| WireOutput {
+                name: &t.name,
+                datatype: t.datatype().as_str(),
+                shape: t.shape(),
+                data: DataJson(t.data()),
+            })
+            .collect(),
+    };
+    // Serializing plain structs of strings and numbers into a Vec cannot fail.
+    serde_json::to_vec(&wire).unwrap_or_default()
+}
+
+/// A parsed inference response, for clients (gateway comparisons, tools, tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedResponse {
+    /// Model that answered.
+    pub model_name: String,
+    /// Version that answered.
+    pub model_version: Option<String>,
+    /// Echoed request id.
+    pub id: Option<String>,
+    /// Output tensors.
+    pub outputs: Vec<Tensor>,
+}
+
+#[derive(Deserialize)]
+struct WireResponseIn<'a> {
+    model_name: String,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(borrow)]
+    outputs: Vec<WireTensor<'a>>,
+}
+
+/// Parses an inference response body.
+pub fn decode_response(body: &[u8]) -> Result<DecodedResponse, DecodeError> {
+    let wire: WireResponseIn<'_> = serde_json::from_slice(body)
+        .map_err(|e| DecodeError(format!("invalid inference response: {e}")))?;
+    let mut budget = usize::MAX;
+    let outputs = wire
+        .outputs
+        .into_iter()
+        .map(|t| check_header(t, &mut budget, usize::MAX).and_then(Header::parse))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DecodedResponse {
+        model_name: wire.model_name,
+        model_version: wire.model_version,
+        id: wire.id,
+        outputs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str, expected: Result<&str, &str>) {
+        let limits = Limits { max_elements: 1000 };
+        let got = decode_request(body.as_bytes(), &limits)
+            .map(|r| format!("{:?}", r.inputs))
+            .map_err(|e| e.0);
+        match (got, expected) {
+            (Ok(got), Ok(expected)) => assert_eq!(got, expected, "body {body}"),
+            (Err(got), Err(expected)) => {
+                assert!(
+                    got.contains(expected),
+                    "body {body}: {got:?} lacks {expected:?}"
+                )
+            }
+            (got, expected) => panic!("body {body}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn flat_and_nested_data() {
+        let flat =
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,3,4]}]}"#;
+        let nested =
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]}]}"#;
+        let expected = r#"[Tensor { name: "x", shape: [2, 2], data: Fp32([1.0, 2.5, 3.0, 4.0]) }]"#;
+        check(flat, Ok(expected));
+        check(nested, Ok(expected));
+    }
+
+    #[test]
+    fn every_datatype() {
+        let cases = [
+            ("BOOL", "[true,false]", "Bool([true, false])"),
+            ("UINT8", "[0,255]", "Uint8([0, 255])"),
+            ("UINT16", "[0,65535]", "Uint16([0, 65535])"),
+            ("UINT32", "[0,4294967295]", "Uint32([0, 4294967295])"),
+            (
+                "UINT64",
+                "[0,18446744073709551615]",
+                "Uint64([0, 18446744073709551615])",
+            ),
+            ("INT8", "[-128,127]", "Int8([-128, 127])"),
+            ("INT16", "[-32768,32767]", "Int16([-32768, 32767])"),
+            ("INT32", "[-1,2.0]", "Int32([-1, 2])"),
+            (
+                "INT64",
+                "[-9223372036854775808,16000]",
+                "Int64([-9223372036854775808, 16000])",
+            ),
+            ("FP16", "[0.5,-2]", "Fp16([0.5, -2.0])"),
+            ("FP32", "[0.5,-2]", "Fp32([0.5, -2.0])"),
+            ("FP64", "[0.1,1e300]", "Fp64([0.1, 1e300])"),
+            ("BYTES", r#"["ab","ü"]"#, "Bytes([[97, 98], [195, 188]])"),
+        ];
+        for (dt, data, expected) in cases {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":{data}}}]}}"#
+            );
+            check(
+                &body,
+                Ok(&format!(
+                    r#"[Tensor {{ name: "x", shape: [2], data: {expected} }}]"#
+                )),
+            );
+        }
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let input = |shape: &str, dt: &str, data: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{dt}","data":{data}}}]}}"#
+            )
+        };
+        check("{", Err("invalid inference request: EOF while parsing"));
+        check(
+            "[]",
+            Err("invalid inference request: the body must be a JSON object"),
+        );
+        check("", Err("invalid inference request: EOF while parsing"));
+        check(r#"{"id":"1"}"#, Err("missing field `inputs`"));
+        check(r#"{"inputs":[]}"#, Err("\"inputs\" is empty"));
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
+            Err("missing field `data`"),
+        );
+        check(
+            &input("[1]", "FLOAT", "[1]"),
+            Err("input \"x\": unknown datatype \"FLOAT\"; use one of BOOL"),
+        );
+        check(
+            &input("[-1]", "FP32", "[1]"),
+            Err("input \"x\": shape [-1] has a negative dimension"),
+        );
+        check(
+            &input("[2]", "FP32", "[1]"),
+            Err("input \"x\": \"data\" has 1 elements but the shape holds 2"),
+        );
+        check(
+            &input("[1]", "FP32", "[1,2]"),
+            Err("input \"x\": bad \"data\": more elements than the shape holds (1)"),
+        );
+        check(
+            &input("[1]", "FP32", "[\"a\"]"),
+            Err("element 0: expected a number, found a string"),
+        );
+        check(
+            &input("[2]", "FP32", "[1,null]"),
+            Err("element 1: expected a number, found null"),
+        );
+        check(
+            &input("[1]", "FP32", "[{}]"),
+            Err("element 0: expected a number, found an object"),
+        );
+        check(
+            &input("[1]", "FP32", "1"),
+            Err("\"data\" must be a JSON array of 1 elements, got 1"),
+        );
+        check(
+            &input("[1]", "UINT8", "[256]"),
+            Err("element 0: 256 is out of range for UINT8"),
+        );
+        check(
+            &input("[1]", "INT8", "[-129]"),
+            Err("-129 is out of range for INT8"),
+        );
+        check(
+            &input("[1]", "INT64", "[1.5]"),
+            Err("1.5 is not an integer; INT64 expects integers"),
+        );
+        check(
+            &input("[1]", "BOOL", "[1]"),
+            Err("expected true or false, found a number"),
+        );
+        check(
+            &input("[1]", "BYTES", "[1]"),
+            Err("expected a string, found a number"),
+        );
+        check(
+            &input("[1001]", "FP32", "[]"),
+            Err("holds more elements than the server accepts in one request (1000)"),
+        );
+        check(
+            &input("[4294967296, 4294967296, 4294967296]", "FP32", "[]"),
+            Err("holds more elements than the server accepts"),
+        );
+        // The element budget is shared by all inputs of a request.
+        check(
+            r#"{"inputs":[{"name":"a","shape":[600],"datatype":"FP32","data":[]},{"name":"b","shape":[600],"datatype":"FP32","data":[]}]}"#,
+            Err("input \"b\": shape [600] holds more elements than the server accepts"),
+        );
+    }
+
+    #[test]
+    fn request_fields_are_kept() {
+        let body = r#"{"id":"req-7","parameters":{"k":1},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}],"outputs":[{"name":"y","parameters":{"binary_data":false}}]}"#;
+        let r = decode_request(body.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(r.id.as_deref(), Some("req-7"));
+        assert_eq!(r.parameters.unwrap()["k"], 1);
+        assert_eq!(r.outputs.unwrap()[0].name, "y");
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let outputs = vec![
+            Tensor::new("p", vec![1, 2], TensorData::Fp32(vec![0.25, 0.75])).unwrap(),
+            Tensor::new("label", vec![1], TensorData::Int64(vec![1])).unwrap(),
+            Tensor::new("h", vec![1], TensorData::Fp16(vec![f16::from_f32(0.5)])).unwrap(),
+        ];
+        let body = encode_response("digits", Some("2"), Some("abc"), &outputs);
+        let text = std::str::from_utf8(&body).unwrap();
+        assert_eq!(
+            text,
+            r#"{"model_name":"digits","model_version":"2","id":"abc","outputs":[{"name":"p","datatype":"FP32","shape":[1,2],"data":[0.25,0.75]},{"name":"label","datatype":"INT64","shape":[1],"data":[1]},{"name":"h","datatype":"FP16","shape":[1],"data":[0.5]}]}"#
+        );
+        let back = decode_response(&body).unwrap();
+        assert_eq!(back.outputs, outputs);
+        assert_eq!(back.model_version.as_deref(), Some("2"));
+        let no_id = encode_response("digits", None, None, &[]);
+        assert_eq!(no_id, br#"{"model_name":"digits","outputs":[]}"#);
+    }
+}

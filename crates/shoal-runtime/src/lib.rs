@@ -1,0 +1,123 @@
+//! In-process inference for Shoal replicas.
+//!
+//! - [`Backend`] and [`Model`] are the seam between Shoal and an inference
+//!   engine: a backend loads a model from bytes and reads its [`Signature`];
+//!   a model runs checked inputs. [`tract::TractBackend`] (pure Rust) is the
+//!   default engine; ONNX Runtime is available behind the `ort` feature.
+//! - [`LoadedModel`] is what the rest of Shoal holds: a model plus its
+//!   signature, which checks every request before the engine sees it.
+//! - [`InferencePool`] runs inference off the async executor on a bounded
+//!   number of blocking threads, and refuses work when its queue is full.
+//! - [`LoadedModel::warm_up`] runs one inference before a model is declared
+//!   ready, so the first real request does not pay for lazy initialisation.
+//!
+//! Architecture invariant: this crate knows nothing about HTTP, JSON or the
+//! control plane. It deals in [`shoal_core::Tensor`]s.
+
+mod error;
+#[cfg(feature = "ort")]
+pub mod ort;
+mod pool;
+pub mod tract;
+
+use std::sync::Arc;
+
+pub use error::{LoadError, RunError};
+pub use pool::{InferencePool, PoolStats};
+use shoal_core::{Signature, Tensor, TensorData};
+
+/// An inference engine that can load models.
+pub trait Backend: Send + Sync + 'static {
+    /// Short engine name, reported as the model's platform (e.g. `tract_onnx`).
+    fn platform(&self) -> &'static str;
+
+    /// Parses and prepares a model from the bytes of an ONNX file.
+    fn load(&self, bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, LoadError>;
+}
+
+/// How to load a model, beyond its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Input shapes that replace what the file declares (`None` = dynamic),
+    /// like the `dims` of a Triton model configuration. Needed when a file
+    /// leaves a dimension unknown that the engine must know, e.g. the height
+    /// and width of PaddleOCR's classifier (`x`: `[-1, 3, 48, 192]`).
+    pub input_shapes: std::collections::BTreeMap<String, Vec<Option<usize>>>,
+}
+
+/// A model prepared by a backend, ready to run. Implementations must be safe
+/// to call from several threads at once.
+pub trait Model: Send + Sync + 'static {
+    /// Inputs and outputs as read from the model file.
+    fn signature(&self) -> &Signature;
+
+    /// Runs the model. `inputs` have already been checked against
+    /// [`Model::signature`] and are in its order. Blocks the calling thread.
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
+}
+
+/// A model loaded through a backend, with the platform that runs it.
+#[derive(Clone)]
+pub struct LoadedModel {
+    model: Arc<dyn Model>,
+    platform: &'static str,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("platform", &self.platform)
+            .field("signature", self.signature())
+            .finish()
+    }
+}
+
+impl LoadedModel {
+    /// Loads `bytes` with `backend`.
+    pub fn load(
+        backend: &dyn Backend,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<LoadedModel, LoadError> {
+        Ok(LoadedModel {
+            model: backend.load(bytes, options)?,
+            platform: backend.platform(),
+        })
+    }
+
+    /// The model's inputs and outputs.
+    pub fn signature(&self) -> &Signature {
+        self.model.signature()
+    }
+
+    /// The engine running the model.
+    pub fn platform(&self) -> &'static str {
+        self.platform
+    }
+
+    /// Checks `inputs` against the signature and runs the model on the
+    /// calling thread. Use [`InferencePool::run`] from async code.
+    pub fn infer_blocking(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let inputs = self.signature().check_inputs(inputs)?;
+        self.model.run(inputs)
+    }
+
+    /// Runs one inference on zero-valued inputs (dynamic dimensions set to
+    /// 1), so that lazily built engine state exists before real traffic.
+    pub fn warm_up(&self) -> Result<(), LoadError> {
+        let inputs = self
+            .signature()
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape = spec.example_shape();
+                let data = TensorData::zeros(spec.datatype, shape.iter().product());
+                Tensor::new(spec.name.clone(), shape, data)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| LoadError::WarmUp(e.to_string()))?;
+        self.infer_blocking(inputs)
+            .map(drop)
+            .map_err(|e| LoadError::WarmUp(e.to_string()))
+    }
+}

@@ -1,0 +1,452 @@
+//! The default backend: [tract](https://github.com/sonos/tract), a pure-Rust
+//! ONNX engine.
+//!
+//! Models are optimised once at load time with their dynamic dimensions kept
+//! symbolic, so one plan serves every batch size. Some exported graphs
+//! compute shapes in ways tract cannot follow symbolically (PaddleOCR's
+//! classifier casts a shape to `int32` before a `Reshape`); those are
+//! planned per concrete input shape instead, with the most recently used
+//! plans cached, which is how engines with optimisation profiles work too.
+
+use std::sync::{Arc, Mutex};
+
+use half::f16;
+use shoal_core::{DataType, Dim, Signature, Tensor, TensorData, TensorSpec};
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, TDim,
+    TValue, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, tract_ndarray,
+};
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid};
+
+use crate::{Backend, LoadError, LoadOptions, Model, RunError};
+
+/// How many per-shape plans a model keeps when it cannot use a symbolic one.
+const SHAPE_PLAN_CACHE: usize = 8;
+
+/// Loads ONNX models with tract.
+pub struct TractBackend {
+    onnx: tract_onnx::Onnx,
+}
+
+impl Default for TractBackend {
+    fn default() -> Self {
+        TractBackend {
+            onnx: tract_onnx::onnx(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TractBackend")
+    }
+}
+
+struct TractModel {
+    plans: Plans,
+    signature: Signature,
+}
+
+enum Plans {
+    /// One plan for every input shape.
+    Symbolic(Arc<TypedRunnableModel>),
+    /// Plans built on demand for each concrete set of input shapes.
+    PerShape(PerShape),
+}
+
+struct PerShape {
+    template: InferenceModel,
+    /// Most recently used last.
+    cache: Mutex<Vec<(Vec<Vec<usize>>, Arc<TypedRunnableModel>)>>,
+}
+
+fn prepare_err(e: impl std::fmt::Display) -> LoadError {
+    LoadError::Prepare(format!("{e:#}"))
+}
+
+impl Backend for TractBackend {
+    fn platform(&self) -> &'static str {
+        "tract_onnx"
+    }
+
+    fn load(&self, bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, LoadError> {
+        let mut model = self
+            .onnx
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| LoadError::Parse(format!("{e:#}")))?;
+        apply_input_shapes(&mut model, options)?;
+        name_unknown_dims(&mut model).map_err(prepare_err)?;
+        let symbolic = model.clone().into_typed().and_then(|typed| {
+            Ok((
+                signature_of(&typed),
+                typed.into_optimized()?.into_runnable()?,
+            ))
+        });
+        match symbolic {
+            Ok((signature, plan)) => Ok(Arc::new(TractModel {
+                plans: Plans::Symbolic(plan),
+                signature: signature?,
+            })),
+            Err(symbolic_err) => {
+                tracing::debug!(
+                    error = %format!("{symbolic_err:#}"),
+                    "no symbolic plan; planning per input shape"
+                );
+                let per_shape = PerShape {
+                    template: model,
+                    cache: Mutex::new(Vec::new()),
+                };
+                let signature = per_shape.signature().map_err(|e| {
+                    LoadError::Prepare(format!(
+                        "{e}; with dynamic dimensions: {symbolic_err:#}. \
+                         Fixing the input shape (input_shapes) may help"
+                    ))
+                })?;
+                Ok(Arc::new(TractModel {
+                    plans: Plans::PerShape(per_shape),
+                    signature,
+                }))
+            }
+        }
+    }
+}
+
+/// Replaces the declared shapes of the inputs named in `options`.
+fn apply_input_shapes(model: &mut InferenceModel, options: &LoadOptions) -> Result<(), LoadError> {
+    let outlets = model.input_outlets().map_err(prepare_err)?.to_vec();
+    for (name, dims) in &options.input_shapes {
+        let Some(ix) = outlets
+            .iter()
+            .position(|o| &model.node(o.node).name == name)
+        else {
+            let known: Vec<String> = outlets
+                .iter()
+                .map(|o| format!("{:?}", model.node(o.node).name))
+                .collect();
+            return Err(LoadError::Prepare(format!(
+                "input_shapes names input {name:?}, but the model's inputs are {}",
+                known.join(", ")
+            )));
+        };
+        let fact = model.input_fact_mut(ix).map_err(prepare_err)?;
+        if !fact.shape.is_open() && fact.shape.dims().count() != dims.len() {
+            return Err(LoadError::Prepare(format!(
+                "input_shapes gives input {name:?} {} dimensions, but the model declares {}",
+                dims.len(),
+                fact.shape.dims().count()
+            )));
+        }
+        let shape: TVec<GenericFactoid<TDim>> = dims
+            .iter()
+            .map(|d| match d {
+                Some(n) => GenericFactoid::Only(TDim::from(*n)),
+                None => GenericFactoid::Any,
+            })
+            .collect();
+        fact.shape = tract_onnx::tract_hir::infer::ShapeFactoid::closed(shape);
+    }
+    Ok(())
+}
+
+/// Gives every input dimension the file leaves unknown (`-1`, `?`) a
+/// symbol of its own, so tract can plan for any size there, and two unknown
+/// dimensions are never assumed equal (PaddleOCR's classifier declares both
+/// height and width as `?`).
+fn name_unknown_dims(model: &mut InferenceModel) -> TractResult<()> {
+    for ix in 0..model.input_outlets()?.len() {
+        let node = model.input_outlets()?[ix].node;
+        let name: String = model
+            .node(node)
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let unknown: Vec<usize> = model
+            .input_fact(ix)?
+            .shape
+            .dims()
+            .enumerate()
+            .filter(|(_, d)| matches!(d, GenericFactoid::Any))
+            .map(|(axis, _)| axis)
+            .collect();
+        for axis in unknown {
+            let sym = model.symbols.sym(&format!("{name}_dim{axis}"));
+            model
+                .input_fact_mut(ix)?
+                .shape
+                .set_dim(axis, TDim::Sym(sym));
+        }
+    }
+    Ok(())
+}
+
+impl PerShape {
+    /// Inputs as declared (after overrides); outputs typed from a plan for
+    /// the example shape, with the dimensions the file declares.
+    fn signature(&self) -> Result<Signature, LoadError> {
+        let model = &self.template;
+        let outlets = model.input_outlets().map_err(prepare_err)?;
+        let mut inputs = Vec::with_capacity(outlets.len());
+        for (ix, outlet) in outlets.iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            let fact = model.input_fact(ix).map_err(prepare_err)?;
+            let dt = fact.datum_type.concretize().ok_or_else(|| {
+                LoadError::Prepare(format!("input {name:?} has no declared element type"))
+            })?;
+            let shape = fact.shape.dims().map(dim_of_factoid).collect();
+            inputs.push(TensorSpec {
+                datatype: datatype_or_err(&name, dt)?,
+                name,
+                shape,
+            });
+        }
+        let example: Vec<Vec<usize>> = inputs.iter().map(TensorSpec::example_shape).collect();
+        let plan = self.plan_for(&example).map_err(prepare_err)?;
+        let typed = plan.model();
+        let mut outputs = Vec::new();
+        for (ix, outlet) in typed
+            .output_outlets()
+            .map_err(prepare_err)?
+            .iter()
+            .enumerate()
+        {
+            let typed_name = typed.outlet_label(*outlet).map(str::to_owned);
+            let declared = model
+                .output_outlets()
+                .ok()
+                .and_then(|o| o.get(ix).copied())
+                .map(|o| {
+                    (
+                        model.outlet_label(o).map(str::to_owned),
+                        model.outlet_fact(o),
+                    )
+                });
+            let name = declared
+                .as_ref()
+                .and_then(|(n, _)| n.clone())
+                .or(typed_name)
+                .unwrap_or_else(|| format!("output_{ix}"));
+            let dt = typed.outlet_fact(*outlet).map_err(prepare_err)?.datum_type;
+            let shape = match declared {
+                Some((_, Ok(fact))) if !fact.shape.is_open() => {
+                    fact.shape.dims().map(dim_of_factoid).collect()
+                }
+                _ => Vec::new(),
+            };
+            outputs.push(TensorSpec {
+                datatype: datatype_or_err(&name, dt)?,
+                name,
+                shape,
+            });
+        }
+        Ok(Signature { inputs, outputs })
+    }
+
+    fn plan_for(&self, shapes: &[Vec<usize>]) -> TractResult<Arc<TypedRunnableModel>> {
+        {
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(pos) = cache.iter().position(|(k, _)| k.as_slice() == shapes) {
+                let entry = cache.remove(pos);
+                let plan = entry.1.clone();
+                cache.push(entry);
+                return Ok(plan);
+            }
+        }
+        // Plan outside the lock: other shapes keep running meanwhile.
+        let mut model = self.template.clone();
+        for (ix, shape) in shapes.iter().enumerate() {
+            let dt = model.input_fact(ix)?.datum_type;
+            let mut fact =
+                InferenceFact::shape(shape.iter().map(|&d| TDim::from(d)).collect::<TVec<_>>());
+            fact.datum_type = dt;
+            model.set_input_fact(ix, fact)?;
+        }
+        let plan = model.into_optimized()?.into_runnable()?;
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= SHAPE_PLAN_CACHE {
+            cache.remove(0);
+        }
+        cache.push((shapes.to_vec(), plan.clone()));
+        Ok(plan)
+    }
+}
+
+fn dim_of_factoid(d: &GenericFactoid<TDim>) -> Dim {
+    match d {
+        GenericFactoid::Only(t) => match t.as_i64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) => Dim::Fixed(n),
+            None => Dim::Dynamic(Some(t.to_string())),
+        },
+        GenericFactoid::Any => Dim::Dynamic(None),
+    }
+}
+
+fn datatype_or_err(name: &str, dt: DatumType) -> Result<DataType, LoadError> {
+    datatype_of(dt).ok_or_else(|| {
+        LoadError::Unsupported(format!(
+            "{name:?} has element type {dt:?}, which the Open Inference Protocol cannot carry"
+        ))
+    })
+}
+
+fn signature_of(model: &TypedModel) -> Result<Signature, LoadError> {
+    let prepare = |e: tract_onnx::prelude::TractError| LoadError::Prepare(format!("{e:#}"));
+    let inputs = model
+        .input_outlets()
+        .map_err(prepare)?
+        .iter()
+        .map(|outlet| {
+            let name = model.node(outlet.node).name.clone();
+            spec_of(name, model.outlet_fact(*outlet).map_err(prepare)?)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = model
+        .output_outlets()
+        .map_err(prepare)?
+        .iter()
+        .map(|outlet| {
+            let name = model
+                .outlet_label(*outlet)
+                .map_or_else(|| model.node(outlet.node).name.clone(), str::to_owned);
+            spec_of(name, model.outlet_fact(*outlet).map_err(prepare)?)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Signature { inputs, outputs })
+}
+
+fn spec_of(name: String, fact: &TypedFact) -> Result<TensorSpec, LoadError> {
+    let datatype = datatype_or_err(&name, fact.datum_type)?;
+    let shape = fact
+        .shape
+        .dims()
+        .iter()
+        .map(|d| match d.as_i64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) => Dim::Fixed(n),
+            None => Dim::Dynamic(Some(d.to_string())),
+        })
+        .collect();
+    Ok(TensorSpec {
+        name,
+        datatype,
+        shape,
+    })
+}
+
+fn datatype_of(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::I8 => DataType::Int8,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
+        DatumType::F32 => DataType::Fp32,
+        DatumType::F64 => DataType::Fp64,
+        DatumType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+fn to_tract(tensor: Tensor) -> TractResult<tract_onnx::prelude::Tensor> {
+    use tract_onnx::prelude::Tensor as T;
+    let (_, shape, data) = tensor.into_parts();
+    Ok(match data {
+        TensorData::Bool(v) => T::from_shape(&shape, &v)?,
+        TensorData::Uint8(v) => T::from_shape(&shape, &v)?,
+        TensorData::Uint16(v) => T::from_shape(&shape, &v)?,
+        TensorData::Uint32(v) => T::from_shape(&shape, &v)?,
+        TensorData::Uint64(v) => T::from_shape(&shape, &v)?,
+        TensorData::Int8(v) => T::from_shape(&shape, &v)?,
+        TensorData::Int16(v) => T::from_shape(&shape, &v)?,
+        TensorData::Int32(v) => T::from_shape(&shape, &v)?,
+        TensorData::Int64(v) => T::from_shape(&shape, &v)?,
+        TensorData::Fp16(v) => T::from_shape(&shape, &v)?,
+        TensorData::Fp32(v) => T::from_shape(&shape, &v)?,
+        TensorData::Fp64(v) => T::from_shape(&shape, &v)?,
+        TensorData::Bytes(v) => {
+            let strings: Vec<String> = v
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            tract_ndarray::ArrayD::from_shape_vec(shape, strings)?.into()
+        }
+    })
+}
+
+fn from_tract(name: String, value: &tract_onnx::prelude::Tensor) -> Result<Tensor, RunError> {
+    fn collect<T: tract_onnx::prelude::Datum + Clone>(
+        value: &tract_onnx::prelude::Tensor,
+    ) -> Result<Vec<T>, RunError> {
+        let view = value
+            .to_plain_array_view::<T>()
+            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
+        Ok(view.iter().cloned().collect())
+    }
+    let data = match value.datum_type() {
+        DatumType::Bool => TensorData::Bool(collect(value)?),
+        DatumType::U8 => TensorData::Uint8(collect(value)?),
+        DatumType::U16 => TensorData::Uint16(collect(value)?),
+        DatumType::U32 => TensorData::Uint32(collect(value)?),
+        DatumType::U64 => TensorData::Uint64(collect(value)?),
+        DatumType::I8 => TensorData::Int8(collect(value)?),
+        DatumType::I16 => TensorData::Int16(collect(value)?),
+        DatumType::I32 => TensorData::Int32(collect(value)?),
+        DatumType::I64 => TensorData::Int64(collect(value)?),
+        DatumType::F16 => TensorData::Fp16(collect::<f16>(value)?),
+        DatumType::F32 => TensorData::Fp32(collect(value)?),
+        DatumType::F64 => TensorData::Fp64(collect(value)?),
+        DatumType::String => TensorData::Bytes(
+            collect::<String>(value)?
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        other => {
+            return Err(RunError::Engine(format!(
+                "output {name:?} has element type {other:?}, which the protocol cannot carry"
+            )));
+        }
+    };
+    Tensor::new(name, value.shape().to_vec(), data).map_err(|e| RunError::Engine(e.to_string()))
+}
+
+impl Model for TractModel {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let inputs: TVec<TValue> = inputs
+            .into_iter()
+            .map(|t| to_tract(t).map(TValue::from))
+            .collect::<TractResult<_>>()
+            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
+        let plan = match &self.plans {
+            Plans::Symbolic(plan) => plan.clone(),
+            Plans::PerShape(per_shape) => {
+                let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+                per_shape
+                    .plan_for(&shapes)
+                    .map_err(|e| RunError::Engine(format!("{e:#}")))?
+            }
+        };
+        let outputs = plan
+            .run(inputs)
+            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .zip(&self.signature.outputs)
+            .map(|(value, spec)| from_tract(spec.name.clone(), value))
+            .collect()
+    }
+}
