@@ -102,6 +102,14 @@ macro_rules! name_type {
             }
         }
 
+        // Ord, Eq and Hash derive from the inner String, so they agree with
+        // str's: maps keyed by names can be searched with a plain &str.
+        impl std::borrow::Borrow<str> for $ty {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $ty {
             fn as_ref(&self) -> &str {
                 &self.0

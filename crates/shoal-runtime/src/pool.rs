@@ -201,7 +201,11 @@ mod tests {
             matches!(third, Err(RunError::Overloaded { queued: 1 })),
             "{third:?}"
         );
-        assert_eq!(pool.stats().queued, 1, "a refused call must leave the queue");
+        assert_eq!(
+            pool.stats().queued,
+            1,
+            "a refused call must leave the queue"
+        );
 
         release.send(()).unwrap();
         release.send(()).unwrap();

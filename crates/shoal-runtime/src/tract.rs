@@ -54,10 +54,13 @@ enum Plans {
     PerShape(PerShape),
 }
 
+/// Input shapes of one request, one shape per input.
+type ShapeKey = Vec<Vec<usize>>;
+
 struct PerShape {
     template: InferenceModel,
     /// Most recently used last.
-    cache: Mutex<Vec<(Vec<Vec<usize>>, Arc<TypedRunnableModel>)>>,
+    cache: Mutex<Vec<(ShapeKey, Arc<TypedRunnableModel>)>>,
 }
 
 fn prepare_err(e: impl std::fmt::Display) -> LoadError {
@@ -181,8 +184,8 @@ fn name_unknown_dims(model: &mut InferenceModel) -> TractResult<()> {
 }
 
 impl PerShape {
-    /// Inputs as declared (after overrides); outputs typed from a plan for
-    /// the example shape, with the dimensions the file declares.
+    /// Inputs as declared (after overrides); outputs typed from plans for
+    /// example shapes.
     fn signature(&self) -> Result<Signature, LoadError> {
         let model = &self.template;
         let outlets = model.input_outlets().map_err(prepare_err)?;
@@ -200,41 +203,54 @@ impl PerShape {
                 shape,
             });
         }
-        let example: Vec<Vec<usize>> = inputs.iter().map(TensorSpec::example_shape).collect();
-        let plan = self.plan_for(&example).map_err(prepare_err)?;
-        let typed = plan.model();
+        // Plan for two example shapes, dynamic dimensions at 1 and at 2:
+        // output dimensions that differ between them are dynamic.
+        let shapes_at = |n: usize| -> Vec<Vec<usize>> {
+            inputs
+                .iter()
+                .map(|spec| {
+                    spec.shape
+                        .iter()
+                        .map(|d| match d {
+                            Dim::Fixed(k) => *k,
+                            Dim::Dynamic(_) => n,
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let one = self.plan_for(&shapes_at(1)).map_err(prepare_err)?;
+        let two = self.plan_for(&shapes_at(2)).map_err(prepare_err)?;
+        let (one, two) = (one.model(), two.model());
         let mut outputs = Vec::new();
-        for (ix, outlet) in typed
+        for (ix, (o1, o2)) in one
             .output_outlets()
             .map_err(prepare_err)?
             .iter()
+            .zip(two.output_outlets().map_err(prepare_err)?)
             .enumerate()
         {
-            let typed_name = typed.outlet_label(*outlet).map(str::to_owned);
-            let declared = model
-                .output_outlets()
-                .ok()
-                .and_then(|o| o.get(ix).copied())
-                .map(|o| {
-                    (
-                        model.outlet_label(o).map(str::to_owned),
-                        model.outlet_fact(o),
-                    )
-                });
+            let declared = model.output_outlets().ok().and_then(|o| o.get(ix).copied());
             let name = declared
-                .as_ref()
-                .and_then(|(n, _)| n.clone())
-                .or(typed_name)
-                .unwrap_or_else(|| format!("output_{ix}"));
-            let dt = typed.outlet_fact(*outlet).map_err(prepare_err)?.datum_type;
-            let shape = match declared {
-                Some((_, Ok(fact))) if !fact.shape.is_open() => {
-                    fact.shape.dims().map(dim_of_factoid).collect()
-                }
-                _ => Vec::new(),
-            };
+                .and_then(|o| model.outlet_label(o))
+                .or_else(|| one.outlet_label(*o1))
+                .map_or_else(|| format!("output_{ix}"), str::to_owned);
+            let f1 = one.outlet_fact(*o1).map_err(prepare_err)?;
+            let f2 = two.outlet_fact(*o2).map_err(prepare_err)?;
+            let shape = f1
+                .shape
+                .dims()
+                .iter()
+                .zip(f2.shape.dims())
+                .map(|(a, b)| match (a.as_i64(), b.as_i64()) {
+                    (Some(a), Some(b)) if a == b => {
+                        usize::try_from(a).map_or(Dim::Dynamic(None), Dim::Fixed)
+                    }
+                    _ => Dim::Dynamic(None),
+                })
+                .collect();
             outputs.push(TensorSpec {
-                datatype: datatype_or_err(&name, dt)?,
+                datatype: datatype_or_err(&name, f1.datum_type)?,
                 name,
                 shape,
             });

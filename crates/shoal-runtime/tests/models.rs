@@ -166,6 +166,7 @@ fn text_orientation_classifier_runs_with_its_configured_shape() {
     assert_eq!(sig.inputs[0].name, "x");
     assert_eq!(sig.inputs[0].oip_shape(), vec![-1, 3, 48, 192]);
     assert_eq!(sig.outputs[0].datatype, DataType::Fp32);
+    assert_eq!(sig.outputs[0].oip_shape(), vec![-1, 2]);
     model.warm_up().unwrap();
     // Batches of different sizes each get a plan; all give distributions
     // over the two orientations.

@@ -5,11 +5,17 @@
 //!   and each model's expected accuracy.
 //! - [`ChildGuard`] owns a child process and kills it on drop, so a failing
 //!   test never leaves a server behind.
+//! - [`HttpClient`] is a small pooled HTTP/1 client for talking to real
+//!   servers on loopback.
+
+mod http_client;
 
 use std::path::PathBuf;
 use std::process::Child;
 
 use serde::Deserialize;
+
+pub use crate::http_client::{HttpClient, Reply};
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {
@@ -60,11 +66,78 @@ impl ChildGuard {
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
+
+    /// Sends `signal` to the child.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(i32::MAX));
+        nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("kill {pid} {signal}: {e}"));
+    }
+
+    /// Waits for the child to exit, for at most `timeout`; `None` if it is
+    /// still running then (the guard still kills it on drop).
+    pub fn wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Starts `program` with `args`, stdout piped, and waits for the line
+/// `… listening on http://ADDR` that Shoal's servers print once bound.
+/// Returns the guard and the address. Panics (killing the child) if the
+/// process exits first; its stderr is inherited so the reason shows.
+pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let guard = ChildGuard(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("read child stdout");
+        if let Some((_, addr)) = line.split_once("listening on http://") {
+            let addr = addr.trim().to_owned();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (guard, addr);
+        }
+    }
+    panic!("{} exited before it was listening", program.display());
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Samples {
+    /// An OIP inference request body for the digits models with `rows`.
+    pub fn request(&self, rows: std::ops::Range<usize>) -> String {
+        let rows = &self.inputs[rows];
+        serde_json::json!({
+            "inputs": [{
+                "name": "input",
+                "shape": [rows.len(), 64],
+                "datatype": "FP32",
+                "data": rows,
+            }]
+        })
+        .to_string()
     }
 }

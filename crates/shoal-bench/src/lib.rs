@@ -1,0 +1,35 @@
+//! Shoal's benchmarks. Every benchmark measures Shoal and its reference
+//! side by side in the same run, alternating rounds (A B A B …), and reports
+//! the median of the per-round figures, as PERF.md asks: the machines are
+//! shared and noisy, so only ratios taken together mean anything.
+//!
+//! - [`runtime`]: tract against ONNX Runtime on the same inputs.
+//! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
+//!   raw in-process inference p50.
+
+pub mod overhead;
+pub mod runtime;
+pub mod stats;
+
+use std::path::PathBuf;
+
+/// The repository's `models/` directory, found from the working directory
+/// or the source tree.
+pub fn models_dir() -> PathBuf {
+    let cwd = PathBuf::from("models");
+    if cwd.join("digits-v1.onnx").is_file() {
+        return cwd;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+/// `n` digits samples from `models/digits-samples.json`, as rows of 64.
+pub fn digits_rows(n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    #[derive(serde::Deserialize)]
+    struct Samples {
+        inputs: Vec<Vec<f32>>,
+    }
+    let text = std::fs::read_to_string(models_dir().join("digits-samples.json"))?;
+    let samples: Samples = serde_json::from_str(&text)?;
+    Ok(samples.inputs.into_iter().cycle().take(n).collect())
+}

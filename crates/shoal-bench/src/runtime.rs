@@ -1,0 +1,160 @@
+//! tract against ONNX Runtime on the same inputs, in the same process,
+//! alternating rounds: single-sample p50 per model, and the ratio.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+use shoal_core::{Tensor, TensorData};
+use shoal_runtime::tract::TractBackend;
+use shoal_runtime::{Backend, LoadOptions, LoadedModel};
+
+use crate::stats::{Latencies, Summary, median};
+
+/// One model's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineComparison {
+    /// Model file.
+    pub model: String,
+    /// Input shape used.
+    pub shape: Vec<usize>,
+    /// tract, all rounds pooled.
+    pub tract: Summary,
+    /// ONNX Runtime, all rounds pooled.
+    pub onnxruntime: Summary,
+    /// Median over rounds of tract p50 ÷ ORT p50.
+    pub p50_ratio: f64,
+}
+
+struct Case {
+    file: &'static str,
+    options: LoadOptions,
+    inputs: Vec<Tensor>,
+    iterations: usize,
+}
+
+fn cases() -> anyhow::Result<Vec<Case>> {
+    let row = crate::digits_rows(1)?.remove(0);
+    let digits = vec![Tensor::new("input", vec![1, 64], TensorData::Fp32(row))?];
+    let mut cls_options = LoadOptions::default();
+    cls_options
+        .input_shapes
+        .insert("x".into(), vec![None, Some(3), Some(48), Some(192)]);
+    let n = 3 * 48 * 192;
+    #[allow(clippy::cast_precision_loss)]
+    let line: Vec<f32> = (0..n).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect();
+    let cls = vec![Tensor::new(
+        "x",
+        vec![1, 3, 48, 192],
+        TensorData::Fp32(line),
+    )?];
+    Ok(vec![
+        Case {
+            file: "digits-v1.onnx",
+            options: LoadOptions::default(),
+            inputs: digits.clone(),
+            iterations: 4000,
+        },
+        Case {
+            file: "digits-v2.onnx",
+            options: LoadOptions::default(),
+            inputs: digits.clone(),
+            iterations: 4000,
+        },
+        Case {
+            file: "digits-slow.onnx",
+            options: LoadOptions::default(),
+            inputs: digits,
+            iterations: 30,
+        },
+        Case {
+            file: "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            options: cls_options,
+            inputs: cls,
+            iterations: 200,
+        },
+    ])
+}
+
+fn time(
+    model: &LoadedModel,
+    inputs: &[Tensor],
+    iterations: usize,
+    into: &mut Latencies,
+) -> anyhow::Result<f64> {
+    let mut round = Latencies::default();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let out = model.infer_blocking(inputs.to_vec())?;
+        let elapsed = started.elapsed();
+        std::hint::black_box(out);
+        round.record(elapsed);
+        into.record(elapsed);
+    }
+    Ok(round.quantile_us(0.5))
+}
+
+/// Runs the comparison: `rounds` alternating rounds per model.
+pub fn compare(ort: &dyn Backend, rounds: usize) -> anyhow::Result<Vec<EngineComparison>> {
+    let tract = TractBackend::default();
+    let dir = crate::models_dir();
+    let mut results = Vec::new();
+    for case in cases()? {
+        let bytes = std::fs::read(dir.join(case.file))?;
+        let a = LoadedModel::load(&tract, &bytes, &case.options)?;
+        let b = LoadedModel::load(ort, &bytes, &case.options)?;
+        // Same inputs, same answers (to float tolerance) before timing.
+        check_same(
+            &a.infer_blocking(case.inputs.clone())?,
+            &b.infer_blocking(case.inputs.clone())?,
+        )?;
+        let (mut all_a, mut all_b, mut ratios) =
+            (Latencies::default(), Latencies::default(), Vec::new());
+        for _ in 0..rounds {
+            let pa = time(&a, &case.inputs, case.iterations, &mut all_a)?;
+            let pb = time(&b, &case.inputs, case.iterations, &mut all_b)?;
+            ratios.push(pa / pb);
+        }
+        results.push(EngineComparison {
+            model: case.file.to_owned(),
+            shape: case.inputs[0].shape().to_vec(),
+            tract: all_a.summary(),
+            onnxruntime: all_b.summary(),
+            p50_ratio: median(&ratios),
+        });
+    }
+    Ok(results)
+}
+
+fn check_same(a: &[Tensor], b: &[Tensor]) -> anyhow::Result<()> {
+    for (x, y) in a.iter().zip(b) {
+        let (Some(xv), Some(yv)) = (x.data().to_f64_vec(), y.data().to_f64_vec()) else {
+            continue;
+        };
+        let diff = xv
+            .iter()
+            .zip(&yv)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        anyhow::ensure!(
+            diff < 1e-3,
+            "engines disagree on {}: max difference {diff}",
+            x.name
+        );
+    }
+    Ok(())
+}
+
+/// Loads ONNX Runtime from `libonnxruntime.so` at `path`.
+#[cfg(feature = "ort")]
+pub fn ort_backend(path: &Path) -> anyhow::Result<Box<dyn Backend>> {
+    Ok(Box::new(shoal_runtime::ort::OrtBackend::from_library(
+        path,
+    )?))
+}
+
+/// Without the `ort` feature there is no reference engine.
+#[cfg(not(feature = "ort"))]
+pub fn ort_backend(_path: &Path) -> anyhow::Result<Box<dyn Backend>> {
+    anyhow::bail!("this build has no ONNX Runtime backend; rebuild with `--features ort`")
+}

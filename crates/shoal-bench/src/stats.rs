@@ -1,0 +1,99 @@
+//! Latency recording and summaries.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latencies of one series, in nanoseconds.
+#[derive(Debug, Clone)]
+pub struct Latencies(Histogram<u64>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 1 ns to 100 s at 3 significant digits.
+        Latencies(
+            Histogram::new_with_bounds(1, 100_000_000_000, 3).unwrap_or_else(|_| {
+                Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
+            }),
+        )
+    }
+}
+
+impl Latencies {
+    /// Records one observation.
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = self.0.record(ns);
+    }
+
+    /// The `q` quantile (0..1) in microseconds.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let ns = self.0.value_at_quantile(q) as f64;
+        ns / 1e3
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// p50, p99 and p99.9 in microseconds.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            p50_us: self.quantile_us(0.5),
+            p99_us: self.quantile_us(0.99),
+            p999_us: self.quantile_us(0.999),
+            count: self.count(),
+        }
+    }
+}
+
+/// A latency summary.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// Observations.
+    pub count: u64,
+}
+
+/// The median of `values` (0 when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut l = Latencies::default();
+        for us in 1..=100 {
+            l.record(Duration::from_micros(us));
+        }
+        let s = l.summary();
+        assert!((s.p50_us - 50.0).abs() < 0.1, "{s:?}");
+        assert!((s.p99_us - 99.0).abs() < 0.1, "{s:?}");
+        assert_eq!(s.count, 100);
+    }
+}

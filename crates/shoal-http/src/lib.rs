@@ -1,0 +1,280 @@
+//! HTTP plumbing shared by Shoal's servers (replica, gateway, control plane).
+//!
+//! - [`ApiError`] is the one error type handlers return. It becomes a
+//!   response in one place, always `{"error": "<message>"}` with the right
+//!   status, so every endpoint fails the same way; the internal cause is
+//!   logged, not sent.
+//! - [`read_body`] reads a request body up to a limit and answers 413 with a
+//!   message that names the limit.
+//! - [`fallback`] and [`method_not_allowed`] keep unknown routes and wrong
+//!   methods in the same JSON error shape.
+//! - [`serve`] runs a router on a bound listener with `TCP_NODELAY` and
+//!   graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde::Serialize;
+use shoal_oip::ErrorBody;
+use tokio::net::TcpListener;
+
+/// An error on its way to becoming an HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The response status.
+    pub status: StatusCode,
+    /// What the caller is told.
+    pub message: String,
+    /// What the log is told, if more than the message (never sent).
+    pub cause: Option<String>,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            cause: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request is malformed or does not fit.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404: no such model, version or route.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 422: the request is well-formed but cannot be carried out (e.g. a
+    /// model file that fails verification).
+    pub fn unprocessable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    /// 503: temporarily unable; another replica, or a later retry, may succeed.
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
+    /// 500: our fault. The client gets a generic message; `cause` is logged.
+    pub fn internal(cause: impl Into<String>) -> ApiError {
+        let cause = cause.into();
+        ApiError {
+            cause: Some(cause.clone()),
+            ..ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, cause)
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, cause = ?self.cause, "{}", self.message);
+        } else {
+            tracing::debug!(status = %self.status, "{}", self.message);
+        }
+        let mut response = json_response(
+            self.status,
+            &ErrorBody {
+                error: self.message,
+            },
+        );
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, secs.into());
+        }
+        response
+    }
+}
+
+/// A JSON response with `status`.
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => json_bytes_response(status, bytes),
+        Err(e) => ApiError::internal(format!("cannot encode response: {e}")).into_response(),
+    }
+}
+
+/// A response whose body is already-encoded JSON.
+pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response {
+    let mut response = (status, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes with 413.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+/// Rejects a declared `Content-Length` over `limit` before reading anything.
+pub fn check_content_length(headers: &http::HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {n} bytes is larger than the limit of {limit} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Answers requests that match no route.
+pub async fn fallback(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+/// Answers requests whose path exists but not with this method.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Adds the JSON fallbacks to `router`.
+pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Binds `addr` (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets
+/// requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response exchanges: never wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn body_text(response: Response) -> (StatusCode, String) {
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn errors_are_json() {
+        let (status, text) =
+            body_text(ApiError::bad_request("bad \"thing\"").into_response()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(text, r#"{"error":"bad \"thing\""}"#);
+        let response = ApiError::unavailable("busy", 1).into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_are_json() {
+        let app = with_fallbacks(Router::new().route("/x", get(|| async { "x" })));
+        let req = http::Request::get("/nope").body(Body::empty()).unwrap();
+        let (status, text) = body_text(app.clone().oneshot(req).await.unwrap()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(text, r#"{"error":"no route for GET /nope"}"#);
+        let req = http::Request::post("/x").body(Body::empty()).unwrap();
+        let (status, text) = body_text(app.oneshot(req).await.unwrap()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(text, r#"{"error":"POST is not allowed on /x"}"#);
+    }
+
+    #[tokio::test]
+    async fn bodies_are_limited() {
+        let ok = read_body(Body::from("hello"), 5).await.unwrap();
+        assert_eq!(ok, "hello");
+        let err = read_body(Body::from("hello!"), 5).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            err.message,
+            "request body is larger than the limit of 5 bytes"
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "6".parse().unwrap());
+        assert!(check_content_length(&headers, 5).is_err());
+        assert!(check_content_length(&headers, 6).is_ok());
+    }
+}

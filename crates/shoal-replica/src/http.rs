@@ -1,0 +1,505 @@
+//! The replica's HTTP surface.
+//!
+//! - Open Inference Protocol v2: `/v2`, `/v2/health/{live,ready}`,
+//!   `/v2/models/{model}[/versions/{version}][/ready|/infer]`.
+//! - Probes and metrics: `/health` (liveness), `/ready` (readiness, with
+//!   what is missing), `/metrics` (Prometheus).
+//! - Admin (`/admin/models…`): load a version (verify, warm, switch), set
+//!   the default version, unload a version, list what is loaded. The sync
+//!   agent calls [`Replica::load`] directly; these routes serve standalone
+//!   replicas and operators.
+//!
+//! Every error is `{"error": "…"}` via [`shoal_http::ApiError`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use shoal_core::{ModelName, Tensor, Version};
+use shoal_http::{ApiError, json_bytes_response, json_response};
+use shoal_oip::{ModelMetadata, ServerMetadata};
+use shoal_runtime::{LoadOptions, RunError};
+
+use crate::metrics::{Outcome, PredictionServed};
+use crate::store::{InstallPolicy, LookupError, ServingVersion};
+use crate::{ArtifactSource, LoadFailure, LoadSpec, Replica};
+
+/// Response header naming the replica that answered.
+pub const REPLICA_HEADER: &str = "x-shoal-replica";
+/// Response header naming the model version that answered.
+pub const VERSION_HEADER: &str = "x-shoal-model-version";
+/// Triton's binary tensor extension announces itself with this header.
+const BINARY_HEADER: &str = "inference-header-content-length";
+
+type Shared = State<Arc<Replica>>;
+
+/// The replica's routes.
+pub fn router(replica: Arc<Replica>) -> Router {
+    let routes = Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(version_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(version_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        )
+        .route("/health", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/admin/models", get(admin_list))
+        .route(
+            "/admin/models/{model}/versions/{version}",
+            put(admin_load).delete(admin_unload),
+        )
+        .route("/admin/models/{model}/default", put(admin_set_default));
+    shoal_http::with_fallbacks(routes).with_state(replica)
+}
+
+fn lookup_error(e: LookupError) -> ApiError {
+    ApiError::not_found(e.to_string())
+}
+
+fn lookup(
+    replica: &Replica,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Arc<ServingVersion>, ApiError> {
+    replica.store().lookup(model, version).map_err(lookup_error)
+}
+
+async fn server_metadata() -> Response {
+    json_response(
+        StatusCode::OK,
+        &ServerMetadata {
+            name: "shoal".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec![],
+        },
+    )
+}
+
+async fn live() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"live": true}))
+}
+
+/// OIP server readiness: 200 when ready, 400 (the protocol's "false") when not.
+async fn server_ready(State(replica): Shared) -> Response {
+    let state = replica.ready_state();
+    let status = if state.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    json_response(status, &serde_json::json!({"ready": state.ready}))
+}
+
+/// Shoal's readiness probe: 200 when ready, 503 with reasons when not.
+async fn ready(State(replica): Shared) -> Response {
+    let state = replica.ready_state();
+    let status = if state.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &state)
+}
+
+async fn metrics(State(replica): Shared) -> Response {
+    let mut response = replica.encode_metrics().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(shoal_telemetry::CONTENT_TYPE),
+    );
+    response
+}
+
+fn metadata_for(
+    replica: &Replica,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
+    let serving = lookup(replica, model, version)?;
+    let versions = match version {
+        Some(v) => vec![v.to_owned()],
+        None => replica
+            .store()
+            .snapshot()
+            .models
+            .get(model)
+            .map(|e| e.version_names())
+            .unwrap_or_default(),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &ModelMetadata::new(
+            model,
+            versions,
+            serving.loaded.platform(),
+            serving.loaded.signature(),
+        ),
+    ))
+}
+
+async fn model_metadata(
+    State(replica): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    metadata_for(&replica, &model, None)
+}
+
+async fn version_metadata(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    metadata_for(&replica, &model, Some(&version))
+}
+
+fn ready_for(replica: &Replica, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    lookup(replica, model, version)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"name": model, "ready": true}),
+    ))
+}
+
+async fn model_ready(
+    State(replica): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    ready_for(&replica, &model, None)
+}
+
+async fn version_ready(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    ready_for(&replica, &model, Some(&version))
+}
+
+async fn infer(
+    State(replica): Shared,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer_common(&replica, &model, None, &headers, body).await
+}
+
+async fn infer_version(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer_common(&replica, &model, Some(&version), &headers, body).await
+}
+
+async fn infer_common(
+    replica: &Replica,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if headers.contains_key(BINARY_HEADER) {
+        return Err(ApiError::bad_request(
+            "the binary tensor data extension is not supported yet; send JSON tensors \
+             (with tritonclient: binary_data=False on inputs and outputs)",
+        ));
+    }
+    shoal_http::check_content_length(headers, replica.body_limit)?;
+    let serving = lookup(replica, model, version)?;
+    let body = shoal_http::read_body(body, replica.body_limit).await?;
+    let started = Instant::now();
+    let result = run_inference(replica, &serving, &body).await;
+    let (outcome, error) = match &result {
+        Ok(_) => (Outcome::Success, None),
+        Err((outcome, e)) => (*outcome, Some(e.message.as_str())),
+    };
+    PredictionServed {
+        model: &serving.model,
+        version: &serving.version,
+        outcome,
+        elapsed: started.elapsed(),
+        error,
+    }
+    .emit(&serving.metrics);
+    let mut response = match result {
+        Ok(bytes) => json_bytes_response(StatusCode::OK, bytes),
+        Err((_, e)) => e.into_response(),
+    };
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(replica.id()) {
+        headers.insert(REPLICA_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(serving.version.as_str()) {
+        headers.insert(VERSION_HEADER, v);
+    }
+    Ok(response)
+}
+
+async fn run_inference(
+    replica: &Replica,
+    serving: &ServingVersion,
+    body: &[u8],
+) -> Result<Vec<u8>, (Outcome, ApiError)> {
+    let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
+    let request = shoal_oip::decode_request(body, &replica.limits).map_err(|e| invalid(e.0))?;
+    let signature = serving.loaded.signature();
+    // Resolve requested outputs before running, so a typo costs no inference.
+    let selected: Option<Vec<usize>> = match &request.outputs {
+        None => None,
+        Some(wanted) => Some(
+            wanted
+                .iter()
+                .map(|o| {
+                    signature
+                        .outputs
+                        .iter()
+                        .position(|s| s.name == o.name)
+                        .ok_or_else(|| {
+                            let names: Vec<String> = signature
+                                .outputs
+                                .iter()
+                                .map(|s| format!("{:?}", s.name))
+                                .collect();
+                            invalid(format!(
+                                "unknown output {:?}; the model's outputs are {}",
+                                o.name,
+                                names.join(", ")
+                            ))
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let outputs = replica
+        .pool()
+        .run(&serving.loaded, request.inputs)
+        .await
+        .map_err(|e| match e {
+            RunError::Input(e) => invalid(e.to_string()),
+            RunError::Overloaded { .. } => {
+                (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
+            }
+            RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
+        })?;
+    let outputs: Vec<Tensor> = match selected {
+        None => outputs,
+        Some(indices) => indices
+            .into_iter()
+            .filter_map(|i| outputs.get(i).cloned())
+            .collect(),
+    };
+    Ok(shoal_oip::encode_response(
+        serving.model.as_str(),
+        Some(serving.version.as_str()),
+        request.id.as_deref(),
+        &outputs,
+    ))
+}
+
+/// One loaded version in the admin listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionStatus {
+    /// The version.
+    pub version: String,
+    /// SHA-256 of its artifact.
+    pub sha256: String,
+    /// Requests using it right now.
+    pub in_flight: usize,
+}
+
+/// One model in the admin listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelStatus {
+    /// The model.
+    pub model: String,
+    /// The version unversioned requests get.
+    pub default: String,
+    /// Loaded versions.
+    pub versions: Vec<VersionStatus>,
+}
+
+/// `GET /admin/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdminListing {
+    /// The replica id.
+    pub replica_id: String,
+    /// Loaded models.
+    pub models: Vec<ModelStatus>,
+    /// Retired versions still finishing requests.
+    pub draining: Vec<VersionStatus>,
+}
+
+async fn admin_list(State(replica): Shared) -> Response {
+    let table = replica.store().snapshot();
+    let models = table
+        .models
+        .iter()
+        .map(|(name, entry)| ModelStatus {
+            model: name.to_string(),
+            default: entry.default.to_string(),
+            versions: entry
+                .versions
+                .values()
+                .map(|v| VersionStatus {
+                    version: v.version.to_string(),
+                    sha256: v.sha256.clone(),
+                    // Minus the table's own reference.
+                    in_flight: Arc::strong_count(v).saturating_sub(1),
+                })
+                .collect(),
+        })
+        .collect();
+    let draining = replica
+        .store()
+        .draining()
+        .into_iter()
+        .map(|d| VersionStatus {
+            version: format!("{}:{}", d.model, d.version),
+            sha256: String::new(),
+            in_flight: d.in_flight,
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &AdminListing {
+            replica_id: replica.id().to_owned(),
+            models,
+            draining,
+        },
+    )
+}
+
+/// Body of `PUT /admin/models/{model}/versions/{version}`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    /// ONNX file on the replica's filesystem.
+    pub path: PathBuf,
+    /// Expected SHA-256 (hex); the load is refused on mismatch.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Make it the default version (default true).
+    #[serde(default)]
+    pub default: Option<bool>,
+    /// Retire the model's other versions (default true).
+    #[serde(default)]
+    pub retire_others: Option<bool>,
+    /// Input shape overrides: input name to dimensions, -1 for dynamic.
+    #[serde(default)]
+    pub input_shapes: BTreeMap<String, Vec<i64>>,
+}
+
+fn names(model: &str, version: &str) -> Result<(ModelName, Version), ApiError> {
+    let model = ModelName::new(model).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let version = Version::new(version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((model, version))
+}
+
+/// Parses input shape overrides (`-1` = dynamic).
+pub fn parse_input_shapes(shapes: &BTreeMap<String, Vec<i64>>) -> Result<LoadOptions, String> {
+    let mut options = LoadOptions::default();
+    for (input, dims) in shapes {
+        let dims = dims
+            .iter()
+            .map(|&d| match d {
+                -1 => Ok(None),
+                d if d >= 0 => usize::try_from(d).map(Some).map_err(|e| e.to_string()),
+                d => Err(format!(
+                    "input {input:?}: dimension {d} must be -1 (dynamic) or a size"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        options.input_shapes.insert(input.clone(), dims);
+    }
+    Ok(options)
+}
+
+async fn admin_load(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+    body: Result<axum::Json<LoadBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (model, version) = names(&model, &version)?;
+    let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let options = parse_input_shapes(&body.input_shapes).map_err(ApiError::bad_request)?;
+    let spec = LoadSpec {
+        model,
+        version,
+        source: ArtifactSource::Path(body.path),
+        sha256: body.sha256,
+        options,
+    };
+    let policy = InstallPolicy {
+        make_default: body.default.unwrap_or(true),
+        retire_others: body.retire_others.unwrap_or(true),
+    };
+    match replica.load(spec, policy).await {
+        Ok(report) => Ok(json_response(StatusCode::OK, &report)),
+        Err(LoadFailure::Internal(cause)) => Err(ApiError::internal(cause)),
+        Err(LoadFailure::BadChecksum(s)) => Err(ApiError::bad_request(
+            LoadFailure::BadChecksum(s).to_string(),
+        )),
+        Err(failure) => Err(ApiError::unprocessable(format!(
+            "{failure}; the serving version is unchanged"
+        ))),
+    }
+}
+
+async fn admin_unload(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    replica
+        .store()
+        .remove(&model, &version)
+        .map_err(lookup_error)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"model": model, "version": version, "unloaded": true}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultBody {
+    version: String,
+}
+
+async fn admin_set_default(
+    State(replica): Shared,
+    Path(model): Path<String>,
+    body: Result<axum::Json<DefaultBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    replica
+        .store()
+        .set_default(&model, &body.version)
+        .map_err(lookup_error)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"model": model, "default": body.version}),
+    ))
+}

@@ -1,0 +1,457 @@
+//! A Shoal replica: serves ONNX models in-process over the Open Inference
+//! Protocol v2 and swaps versions without failing a request.
+//!
+//! - [`Replica`] is the state: the [`store::ModelStore`] of serving
+//!   versions, the inference pool, metrics, and what must be loaded before
+//!   the replica is ready.
+//! - [`Replica::load`] is the one path by which a version starts serving:
+//!   read, verify the SHA-256, prepare, warm, then switch atomically (see
+//!   [`loader`] and [`store`]).
+//! - [`http::router`] exposes OIP v2, `/health`, `/ready`, `/metrics` and
+//!   the replica's admin API; [`ReplicaServer`] binds and runs it.
+//!
+//! Architecture invariant: a replica serves from its own memory. Nothing on
+//! the request path talks to another process.
+
+pub mod http;
+pub mod loader;
+mod metrics;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use shoal_core::{ModelName, Version};
+use shoal_oip::Limits;
+use shoal_runtime::{Backend, InferencePool, LoadOptions};
+use shoal_telemetry::MetricsRegistry;
+
+pub use crate::loader::{ArtifactSource, LoadFailure, LoadReport, LoadSpec, sha256_hex};
+pub use crate::metrics::ReplicaMetrics;
+use crate::metrics::{VersionLoadFailed, VersionLoaded, VersionSwitched};
+use crate::store::{InstallPolicy, ModelStore, ServingVersion};
+
+/// Default request body limit: 16 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 16 << 20;
+
+/// A model to serve from a file, as given on the command line
+/// (`NAME=PATH[@VERSION]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// The model name.
+    pub name: ModelName,
+    /// The version (default `1`).
+    pub version: Version,
+    /// The ONNX file.
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=PATH[@VERSION], got {s:?}"))?;
+        let name = ModelName::new(name).map_err(|e| e.to_string())?;
+        // A version suffix is only taken when it is a valid version; paths
+        // may contain '@' too.
+        let (path, version) = match rest.rsplit_once('@') {
+            Some((path, v)) if !path.is_empty() && Version::new(v).is_ok() => {
+                (path, Version::new(v).map_err(|e| e.to_string())?)
+            }
+            _ => (rest, Version::new("1").map_err(|e| e.to_string())?),
+        };
+        if path.is_empty() {
+            return Err(format!("model {name} has an empty path"));
+        }
+        Ok(ModelSpec {
+            name,
+            version,
+            path: PathBuf::from(path),
+        })
+    }
+}
+
+/// Settings of a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Replica id in metrics and the `x-shoal-replica` header; defaults to
+    /// `replica-<port>` once bound.
+    pub id: Option<String>,
+    /// Address to listen on (port 0 picks a free one).
+    pub addr: SocketAddr,
+    /// Models to load at start; the replica is ready once all are loaded.
+    pub models: Vec<ModelSpec>,
+    /// Input shape overrides per model name.
+    pub load_options: BTreeMap<ModelName, LoadOptions>,
+    /// Largest request body accepted.
+    pub body_limit: usize,
+    /// Per-request tensor limits.
+    pub limits: Limits,
+    /// Inferences run at once (default: the number of cores).
+    pub threads: Option<usize>,
+    /// Inferences allowed to wait for a thread before requests are shed.
+    pub max_queue: Option<usize>,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            id: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            models: Vec::new(),
+            load_options: BTreeMap::new(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            limits: Limits::default(),
+            threads: None,
+            max_queue: None,
+        }
+    }
+}
+
+/// What a replica must have loaded to be ready, and the last failure of
+/// each version that is not loaded.
+#[derive(Debug, Default)]
+struct Readiness {
+    required: Vec<(ModelName, Version)>,
+    failures: BTreeMap<String, String>,
+}
+
+/// A replica's state, shared by its HTTP handlers.
+pub struct Replica {
+    id: String,
+    store: ModelStore,
+    pool: InferencePool,
+    backend: Arc<dyn Backend>,
+    registry: MetricsRegistry,
+    metrics: ReplicaMetrics,
+    limits: Limits,
+    body_limit: usize,
+    readiness: Mutex<Readiness>,
+    load_lock: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    started_at: SystemTime,
+    /// Bumped whenever a load finishes (either way), so waiters can
+    /// re-check readiness without polling.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The replica's readiness, with reasons when not ready.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyState {
+    /// True when every required version is loaded and the replica is not
+    /// shutting down.
+    pub ready: bool,
+    /// Required versions not loaded (`model:version`).
+    pub missing: Vec<String>,
+    /// Why each missing version failed to load, when it did.
+    pub failures: BTreeMap<String, String>,
+    /// True after a shutdown signal: finishing requests, taking no new ones.
+    pub shutting_down: bool,
+}
+
+impl Replica {
+    /// A replica with no models loaded.
+    pub fn new(id: String, backend: Arc<dyn Backend>, config: &ReplicaConfig) -> Replica {
+        let registry = MetricsRegistry::new();
+        let metrics = ReplicaMetrics::new(&registry, &id);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = config.threads.unwrap_or(cores);
+        let pool = InferencePool::new(threads, config.max_queue.unwrap_or(threads * 64));
+        Replica {
+            id,
+            store: ModelStore::new(),
+            pool,
+            backend,
+            registry,
+            metrics,
+            limits: config.limits,
+            body_limit: config.body_limit,
+            readiness: Mutex::new(Readiness::default()),
+            load_lock: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+            started_at: SystemTime::now(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The replica id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The serving table.
+    pub fn store(&self) -> &ModelStore {
+        &self.store
+    }
+
+    /// The inference pool.
+    pub fn pool(&self) -> &InferencePool {
+        &self.pool
+    }
+
+    /// When the replica started.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// Declares the versions the replica must serve to be ready.
+    pub fn require(&self, versions: Vec<(ModelName, Version)>) {
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .required = versions;
+    }
+
+    /// Marks the replica as shutting down: not ready, still serving.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Readiness and its reasons.
+    pub fn ready_state(&self) -> ReadyState {
+        let readiness = self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let missing: Vec<String> = readiness
+            .required
+            .iter()
+            .filter(|(m, v)| !self.store.has(m.as_str(), v.as_str()))
+            .map(|(m, v)| format!("{m}:{v}"))
+            .collect();
+        let failures = readiness
+            .failures
+            .iter()
+            .filter(|(k, _)| missing.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let shutting_down = self.shutting_down.load(Ordering::SeqCst);
+        ReadyState {
+            ready: missing.is_empty() && !shutting_down,
+            missing,
+            failures,
+            shutting_down,
+        }
+    }
+
+    /// Waits until the replica is ready. Returns at once if it is.
+    pub async fn wait_ready(&self) {
+        let mut changes = self.changes.subscribe();
+        while !self.ready_state().ready {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Loads, verifies and warms a version, then installs it per `policy`.
+    /// On failure nothing changes: the serving version keeps serving.
+    /// Loads run one at a time.
+    pub async fn load(
+        &self,
+        spec: LoadSpec,
+        policy: InstallPolicy,
+    ) -> Result<LoadReport, LoadFailure> {
+        let _one_at_a_time = self.load_lock.lock().await;
+        let key = format!("{}:{}", spec.model, spec.version);
+        let prepared = match loader::prepare(self.backend.clone(), &spec).await {
+            Ok(p) => p,
+            Err(failure) => {
+                VersionLoadFailed {
+                    model: &spec.model,
+                    version: &spec.version,
+                    reason: &failure.to_string(),
+                }
+                .emit(&self.metrics);
+                self.readiness
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .failures
+                    .insert(key, failure.to_string());
+                self.bump();
+                return Err(failure);
+            }
+        };
+        let version_metrics = self.metrics.version(&spec.model, &spec.version);
+        VersionLoaded {
+            model: &spec.model,
+            version: &spec.version,
+            sha256: &prepared.sha256,
+            load: prepared.load,
+            warm: prepared.warm,
+        }
+        .emit(&self.metrics, &version_metrics);
+        let serving = Arc::new(ServingVersion {
+            model: spec.model.clone(),
+            version: spec.version.clone(),
+            sha256: prepared.sha256.clone(),
+            loaded: prepared.loaded,
+            loaded_at: SystemTime::now(),
+            metrics: version_metrics,
+        });
+        let retired = self.store.install(serving, policy);
+        VersionSwitched {
+            model: &spec.model,
+            version: &spec.version,
+            retired: &retired,
+        }
+        .emit();
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures
+            .remove(&key);
+        self.bump();
+        Ok(LoadReport {
+            model: spec.model.to_string(),
+            version: spec.version.to_string(),
+            sha256: prepared.sha256,
+            bytes: prepared.bytes,
+            load_ms: prepared.load.as_secs_f64() * 1e3,
+            warm_ms: prepared.warm.as_secs_f64() * 1e3,
+            retired: retired.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        let stats = self.pool.stats();
+        self.metrics
+            .pool_running
+            .set(i64::try_from(stats.running).unwrap_or(i64::MAX));
+        self.metrics
+            .pool_queued
+            .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
+        self.registry.encode()
+    }
+}
+
+/// A running replica server.
+#[derive(Debug)]
+pub struct ReplicaServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub replica: Arc<Replica>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ReplicaServer {
+    /// Binds, starts serving at once (live, not yet ready), and loads the
+    /// configured models in the background.
+    pub async fn start(
+        config: ReplicaConfig,
+        backend: Arc<dyn Backend>,
+    ) -> std::io::Result<ReplicaServer> {
+        let listener = shoal_http::bind(config.addr).await?;
+        let addr = listener.local_addr()?;
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("replica-{}", addr.port()));
+        let replica = Arc::new(Replica::new(id, backend, &config));
+        replica.require(
+            config
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.version.clone()))
+                .collect(),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let router = http::router(replica.clone());
+        let server_replica = replica.clone();
+        let task = tokio::spawn(shoal_http::serve(listener, router, async move {
+            let _ = rx.await;
+            server_replica.begin_shutdown();
+        }));
+        let loader = replica.clone();
+        tokio::spawn(async move {
+            for m in config.models {
+                let spec = LoadSpec {
+                    options: config
+                        .load_options
+                        .get(&m.name)
+                        .cloned()
+                        .unwrap_or_default(),
+                    model: m.name,
+                    version: m.version,
+                    source: ArtifactSource::Path(m.path),
+                    sha256: None,
+                };
+                // Failures are logged, counted and shown by /ready.
+                let _ = loader.load(spec, InstallPolicy::default()).await;
+            }
+        });
+        Ok(ReplicaServer {
+            addr,
+            replica,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Stops taking connections, lets requests in flight finish, and waits.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits until the server task ends. Call at most once, and not after
+    /// [`ReplicaServer::stop`].
+    pub async fn join(&mut self) -> std::io::Result<()> {
+        (&mut self.task)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs_parse() {
+        let m: ModelSpec = "digits=models/digits-v1.onnx".parse().unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.version.as_str(), m.path.to_str()),
+            ("digits", "1", Some("models/digits-v1.onnx"))
+        );
+        let m: ModelSpec = "digits=models/digits-v2.onnx@2".parse().unwrap();
+        assert_eq!(
+            (m.version.as_str(), m.path.to_str()),
+            ("2", Some("models/digits-v2.onnx"))
+        );
+        let m: ModelSpec = "x=/a@b/c.onnx".parse().unwrap();
+        assert_eq!(
+            (m.version.as_str(), m.path.to_str()),
+            ("1", Some("/a@b/c.onnx"))
+        );
+        assert_eq!(
+            "digits".parse::<ModelSpec>().unwrap_err(),
+            "expected NAME=PATH[@VERSION], got \"digits\""
+        );
+        assert!("a b=x.onnx".parse::<ModelSpec>().is_err());
+        assert!("digits=".parse::<ModelSpec>().is_err());
+    }
+}

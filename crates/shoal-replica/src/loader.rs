@@ -1,0 +1,151 @@
+//! Loading a model version: read the artifact, verify its SHA-256, prepare
+//! it with the backend and run a warm-up inference — all off the async
+//! executor. Nothing here touches the serving table; a failure at any step
+//! leaves whatever is serving untouched.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use shoal_core::{ModelName, Version};
+use shoal_runtime::{Backend, LoadError, LoadOptions, LoadedModel};
+
+/// Where a version's bytes come from.
+#[derive(Debug, Clone)]
+pub enum ArtifactSource {
+    /// A file on the replica's filesystem.
+    Path(PathBuf),
+    /// Bytes already in memory.
+    Bytes(Bytes),
+}
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The model.
+    pub model: ModelName,
+    /// The version.
+    pub version: Version,
+    /// The artifact.
+    pub source: ArtifactSource,
+    /// Expected SHA-256 (hex). When given, a mismatch refuses the load.
+    pub sha256: Option<String>,
+    /// Backend options (input shape overrides).
+    pub options: LoadOptions,
+}
+
+/// Why a version was not loaded. The serving version, if any, is untouched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadFailure {
+    /// The artifact file could not be read.
+    #[error("cannot read model file {path}: {error}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        error: String,
+    },
+    /// The expected checksum is not a SHA-256 hex digest.
+    #[error("expected sha256 {0:?} is not 64 hexadecimal characters")]
+    BadChecksum(String),
+    /// The artifact's SHA-256 differs from the expected one.
+    #[error("integrity check failed: expected sha256 {expected}, the artifact has {actual}")]
+    Integrity {
+        /// Expected digest.
+        expected: String,
+        /// Actual digest.
+        actual: String,
+    },
+    /// The engine refused the model.
+    #[error("{0}")]
+    Model(#[from] LoadError),
+    /// Something went wrong on our side.
+    #[error("internal error while loading: {0}")]
+    Internal(String),
+}
+
+/// What a successful load did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// The model.
+    pub model: String,
+    /// The version now loaded.
+    pub version: String,
+    /// SHA-256 of the artifact (hex).
+    pub sha256: String,
+    /// Artifact size in bytes.
+    pub bytes: u64,
+    /// Time to read, verify and prepare, in milliseconds.
+    pub load_ms: f64,
+    /// Time of the warm-up inference, in milliseconds.
+    pub warm_ms: f64,
+    /// Versions retired by this load; they drain and are freed.
+    pub retired: Vec<String>,
+}
+
+/// A version ready to be installed.
+pub(crate) struct Prepared {
+    pub(crate) loaded: LoadedModel,
+    pub(crate) sha256: String,
+    pub(crate) bytes: u64,
+    pub(crate) load: Duration,
+    pub(crate) warm: Duration,
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Reads, verifies, prepares and warms `spec` on a blocking thread.
+pub(crate) async fn prepare(
+    backend: Arc<dyn Backend>,
+    spec: &LoadSpec,
+) -> Result<Prepared, LoadFailure> {
+    let expected = match &spec.sha256 {
+        Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(s.to_ascii_lowercase())
+        }
+        Some(s) => return Err(LoadFailure::BadChecksum(s.clone())),
+        None => None,
+    };
+    let source = spec.source.clone();
+    let options = spec.options.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let bytes = match source {
+            ArtifactSource::Path(path) => {
+                Bytes::from(std::fs::read(&path).map_err(|e| LoadFailure::Read {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                })?)
+            }
+            ArtifactSource::Bytes(bytes) => bytes,
+        };
+        let sha256 = sha256_hex(&bytes);
+        if let Some(expected) = expected
+            && expected != sha256
+        {
+            return Err(LoadFailure::Integrity {
+                expected,
+                actual: sha256,
+            });
+        }
+        let loaded = LoadedModel::load(backend.as_ref(), &bytes, &options)?;
+        let load = started.elapsed();
+        let warm_started = Instant::now();
+        loaded.warm_up()?;
+        Ok(Prepared {
+            loaded,
+            sha256,
+            bytes: bytes.len() as u64,
+            load,
+            warm: warm_started.elapsed(),
+        })
+    })
+    .await
+    .map_err(|e| LoadFailure::Internal(format!("load task failed: {e}")))?
+}
