@@ -1,0 +1,129 @@
+//! Deployments (the desired traffic of each model) and rollouts.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::UnixMillis;
+
+/// How a new version replaces the serving one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Replicas move a batch at a time; each loads and warms the new version
+    /// before it leaves the old, so serving capacity never drops.
+    #[default]
+    Rolling,
+}
+
+impl Strategy {
+    /// The strategy name, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Rolling => "rolling",
+        }
+    }
+}
+
+/// Body of `POST /api/v1/deployments/{model}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// The version to deploy.
+    pub version: String,
+    /// How to roll it out (default: rolling).
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Replicas moved at once in a rolling deploy (default: a quarter of
+    /// the fleet, at least 1).
+    #[serde(default)]
+    pub max_surge: Option<u32>,
+    /// Restrict the model to these regions (data residency); all when absent.
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
+    /// Why, for the audit log.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A share of a model's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TrafficTarget {
+    /// Version.
+    pub version: String,
+    /// Relative weight (percent when they sum to 100).
+    pub weight: u32,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Moving forward.
+    Progressing,
+    /// Waiting for something (replicas to report, enough data).
+    Holding,
+    /// Stopped by an operator; resumes on promote.
+    Paused,
+    /// Finished: the new version serves all traffic.
+    Promoted,
+    /// Undone automatically or by rollback.
+    RolledBack,
+    /// Stopped by an operator; the old version serves.
+    Aborted,
+}
+
+impl RolloutState {
+    /// True when the rollout has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Promoted | RolloutState::RolledBack | RolloutState::Aborted
+        )
+    }
+}
+
+/// A rollout as users see it (`shoal rollout status --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutView {
+    /// Strategy.
+    pub strategy: Strategy,
+    /// State.
+    pub state: RolloutState,
+    /// The version being replaced, if any.
+    pub from: Option<String>,
+    /// The version being rolled out.
+    pub to: String,
+    /// Step number (rolling: batches started).
+    pub step: u32,
+    /// Traffic weights by version now.
+    pub weights: BTreeMap<String, u32>,
+    /// Why the last decision was taken.
+    pub reason: String,
+    /// Replicas serving the new version.
+    pub replicas_done: usize,
+    /// Replicas that will serve it.
+    pub replicas_total: usize,
+    /// Started.
+    pub started_at: UnixMillis,
+    /// Last decision.
+    pub updated_at: UnixMillis,
+}
+
+/// The desired state of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    /// Model.
+    pub model: String,
+    /// Traffic by version once the rollout (if any) is done.
+    pub targets: Vec<TrafficTarget>,
+    /// Regions the model may be served in; all when absent.
+    pub regions: Option<Vec<String>>,
+    /// The rollout in progress or the last one.
+    pub rollout: Option<RolloutView>,
+    /// Fleet revision when this last changed.
+    pub revision: u64,
+    /// When this last changed.
+    pub updated_at: UnixMillis,
+}

@@ -1,0 +1,23 @@
+//! The documents the control plane's API exchanges (`/api/v1/…`), shared
+//! by the control plane (server), replicas and gateways (watchers) and the
+//! CLI (client), so all of them agree on one definition.
+//!
+//! - [`registry`]: models, versions, statuses, the audit log.
+//! - [`deploy`]: deployments and the rollout state users see.
+//! - [`fleet`]: replica registration, heartbeats, desired state, status.
+//!
+//! Architecture invariant: pure serde types and tiny pure helpers. No I/O.
+
+pub mod deploy;
+pub mod fleet;
+pub mod registry;
+
+/// Milliseconds since the Unix epoch, the timestamp unit of every document.
+pub type UnixMillis = i64;
+
+/// Now, in [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,159 @@
+//! Models, versions and the audit log.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::UnixMillis;
+
+/// Where a version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionStatus {
+    /// Pushed, not yet taking traffic.
+    Registered,
+    /// Taking a share of traffic in a rollout.
+    Canary,
+    /// The version serving the model.
+    Production,
+    /// Replaced or rolled back; kept for history and rollback.
+    Deprecated,
+}
+
+impl VersionStatus {
+    /// The status name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionStatus::Registered => "registered",
+            VersionStatus::Canary => "canary",
+            VersionStatus::Production => "production",
+            VersionStatus::Deprecated => "deprecated",
+        }
+    }
+
+    /// Parses a status name.
+    pub fn parse(s: &str) -> Option<VersionStatus> {
+        [
+            VersionStatus::Registered,
+            VersionStatus::Canary,
+            VersionStatus::Production,
+            VersionStatus::Deprecated,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+/// One version of a model in the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VersionRecord {
+    /// Model name.
+    pub model: String,
+    /// Version (`1`, `2`, … unless given).
+    pub version: String,
+    /// SHA-256 of the artifact (hex); also its artifact id.
+    pub sha256: String,
+    /// Artifact size in bytes.
+    pub size: u64,
+    /// When it was registered.
+    pub created_at: UnixMillis,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Offline metrics (e.g. accuracy).
+    pub metrics: BTreeMap<String, f64>,
+    /// The version it was derived from, if any.
+    pub lineage: Option<String>,
+    /// Life-cycle status.
+    pub status: VersionStatus,
+    /// True once it reached production.
+    pub reached_production: bool,
+    /// True if it was rolled back (never "last known good" again).
+    pub rolled_back: bool,
+    /// Input shape overrides replicas apply when loading it (input name to
+    /// dimensions, -1 = dynamic), like a Triton model configuration.
+    #[serde(default)]
+    pub input_shapes: BTreeMap<String, Vec<i64>>,
+}
+
+/// Body of `POST /api/v1/models/{model}/versions`: register an uploaded
+/// artifact as a new version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewVersion {
+    /// The artifact's SHA-256, as returned by the upload.
+    pub sha256: String,
+    /// Version name; the next number when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Metrics.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// Parent version.
+    #[serde(default)]
+    pub lineage: Option<String>,
+    /// Input shape overrides (input name to dimensions, -1 = dynamic).
+    #[serde(default)]
+    pub input_shapes: BTreeMap<String, Vec<i64>>,
+}
+
+/// A model and where its versions stand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelSummary {
+    /// Model name.
+    pub name: String,
+    /// When the first version was registered.
+    pub created_at: UnixMillis,
+    /// Number of versions.
+    pub versions: u64,
+    /// Newest version.
+    pub latest: Option<String>,
+    /// The version in production, if any.
+    pub production: Option<String>,
+    /// Newest version that reached production and was not rolled back.
+    pub last_known_good: Option<String>,
+}
+
+/// `GET /api/v1/models/{model}`: the model and all its versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelDetail {
+    /// Summary.
+    pub model: ModelSummary,
+    /// Versions, oldest first.
+    pub versions: Vec<VersionRecord>,
+}
+
+/// One entry of the append-only audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// Position in the log.
+    pub seq: i64,
+    /// When.
+    pub at: UnixMillis,
+    /// Who (token subject, or `anonymous` when auth is off).
+    pub actor: String,
+    /// What, e.g. `version.create`, `deploy`, `rollback`.
+    pub action: String,
+    /// On what, e.g. `digits:2`.
+    pub target: String,
+    /// Why or how, free text.
+    pub detail: String,
+}
+
+/// Response of an artifact upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedArtifact {
+    /// SHA-256 of the whole artifact (its id).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Chunks in the manifest.
+    pub chunks: usize,
+    /// Chunks that were new to the store (the rest were shared).
+    pub new_chunks: usize,
+    /// Bytes written to the store (after compression).
+    pub stored_bytes: u64,
+}

@@ -1,0 +1,238 @@
+//! The origin artifact store on `object_store`: local filesystem by
+//! default, S3-compatible storage by URL.
+//!
+//! Layout: `chunks/<blake3>` (stored encoding) and `manifests/<sha256>.json`.
+//! A chunk already present is not written again, so versions that share
+//! tensors share storage.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::chunk::{self, ChunkId, ChunkRef, Manifest};
+use crate::{ArtifactError, is_hex_digest};
+
+/// Result of storing an artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// Chunks that were new to the store.
+    pub new_chunks: usize,
+    /// Bytes written for new chunks.
+    pub new_bytes: u64,
+}
+
+/// Content-addressed artifacts on an object store.
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+fn chunk_path(id: &ChunkId) -> StorePath {
+    StorePath::from(format!("chunks/{id}"))
+}
+
+fn manifest_path(sha256: &str) -> StorePath {
+    StorePath::from(format!("manifests/{sha256}.json"))
+}
+
+impl ArtifactStore {
+    /// A store on `store`.
+    pub fn new(store: Arc<dyn ObjectStore>) -> ArtifactStore {
+        ArtifactStore { store }
+    }
+
+    /// A store in a local directory (created if missing).
+    pub fn local(dir: &Path) -> Result<ArtifactStore, ArtifactError> {
+        std::fs::create_dir_all(dir).map_err(ArtifactError::io(format!(
+            "cannot create artifact directory {}",
+            dir.display()
+        )))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
+        Ok(ArtifactStore::new(Arc::new(fs)))
+    }
+
+    /// A store at `url`: `file:///path`, a plain path, or (with the
+    /// object_store cloud features) `s3://bucket/prefix`.
+    pub fn from_url(url: &str) -> Result<ArtifactStore, ArtifactError> {
+        if !url.contains("://") {
+            return ArtifactStore::local(Path::new(url));
+        }
+        let parsed = url
+            .parse()
+            .map_err(|e| ArtifactError::Invalid(format!("bad artifact store URL {url:?}: {e}")))?;
+        let (store, prefix) = object_store::parse_url(&parsed)?;
+        let store: Arc<dyn ObjectStore> = Arc::from(store);
+        if prefix.as_ref().is_empty() {
+            Ok(ArtifactStore::new(store))
+        } else {
+            Ok(ArtifactStore::new(Arc::new(
+                object_store::prefix::PrefixStore::new(store, prefix),
+            )))
+        }
+    }
+
+    /// Chunks the file at `path` and stores what the store lacks, then the
+    /// manifest. Runs the CPU-bound chunking on a blocking thread.
+    pub async fn put_file(&self, path: &Path) -> Result<Stored, ArtifactError> {
+        let file = std::fs::File::open(path)
+            .map_err(ArtifactError::io(format!("cannot open {}", path.display())))?;
+        // Chunk and encode on a blocking thread; hand chunks to this task
+        // through a bounded channel so memory stays flat for big files.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, u32, Bytes)>(16);
+        let chunker = tokio::task::spawn_blocking(move || {
+            chunk::chunk_stream(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                |content| {
+                    let id = ChunkId::of(content);
+                    let stored = chunk::encode(content);
+                    let size = u32::try_from(content.len()).unwrap_or(u32::MAX);
+                    tx.blocking_send((id, size, stored))
+                        .map_err(|_| ArtifactError::Invalid("artifact upload cancelled".into()))
+                },
+            )
+        });
+        let mut chunks = Vec::new();
+        let (mut new_chunks, mut new_bytes) = (0usize, 0u64);
+        while let Some((id, size, stored)) = rx.recv().await {
+            let stored_len = u32::try_from(stored.len()).unwrap_or(u32::MAX);
+            if !self.has_chunk(&id).await? {
+                new_chunks += 1;
+                new_bytes += stored.len() as u64;
+                self.store
+                    .put(&chunk_path(&id), PutPayload::from(stored))
+                    .await?;
+            }
+            chunks.push(ChunkRef {
+                id,
+                size,
+                stored: stored_len,
+            });
+        }
+        let (sha256, size) = chunker
+            .await
+            .map_err(|e| ArtifactError::Invalid(format!("chunking failed: {e}")))??;
+        let manifest = Manifest {
+            sha256,
+            size,
+            chunks,
+        };
+        self.store
+            .put(
+                &manifest_path(&manifest.sha256),
+                PutPayload::from(manifest.to_json()),
+            )
+            .await?;
+        Ok(Stored {
+            manifest,
+            new_chunks,
+            new_bytes,
+        })
+    }
+
+    /// True when the store has chunk `id`.
+    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool, ArtifactError> {
+        match self.store.head(&chunk_path(id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A chunk in its stored encoding (not verified here; the receiver
+    /// verifies, because that is where corruption matters).
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, ArtifactError> {
+        match self.store.get(&chunk_path(id)).await {
+            Ok(r) => Ok(r.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(ArtifactError::NotFound(format!("chunk {id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The manifest of artifact `sha256`.
+    pub async fn get_manifest(&self, sha256: &str) -> Result<Manifest, ArtifactError> {
+        if !is_hex_digest(sha256) {
+            return Err(ArtifactError::Invalid(format!(
+                "artifact id {sha256:?} is not a hex SHA-256"
+            )));
+        }
+        match self.store.get(&manifest_path(sha256)).await {
+            Ok(r) => Manifest::from_json(&r.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(ArtifactError::NotFound(format!("artifact {sha256}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads and verifies a whole artifact from the store.
+    pub async fn read_artifact(&self, sha256: &str) -> Result<Bytes, ArtifactError> {
+        let manifest = self.get_manifest(sha256).await?;
+        let mut out = Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0));
+        for c in &manifest.chunks {
+            let stored = self.get_chunk(&c.id).await?;
+            out.extend_from_slice(&chunk::decode(&c.id, &stored, c.size)?);
+        }
+        crate::cache::verify_sha256(&manifest.sha256, &out)?;
+        Ok(Bytes::from(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn versions_share_chunks_and_read_back_verified() {
+        let dir = temp_dir("share");
+        let store = ArtifactStore::local(&dir.join("store")).unwrap();
+        let mut x = 99u64;
+        let mut data: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (x >> 33) as u8
+            })
+            .collect();
+        let v1 = dir.join("v1.bin");
+        std::fs::write(&v1, &data).unwrap();
+        let first = store.put_file(&v1).await.unwrap();
+        assert_eq!(first.new_chunks, first.manifest.chunks.len());
+        for b in &mut data[1_500_000..1_501_000] {
+            *b ^= 0xff;
+        }
+        let v2 = dir.join("v2.bin");
+        std::fs::write(&v2, &data).unwrap();
+        let second = store.put_file(&v2).await.unwrap();
+        assert!(second.new_chunks <= 3, "{} new chunks", second.new_chunks);
+        assert_ne!(first.manifest.sha256, second.manifest.sha256);
+        let back = store.read_artifact(&second.manifest.sha256).await.unwrap();
+        assert_eq!(back.as_ref(), data.as_slice());
+        assert!(matches!(
+            store.get_manifest(&"0".repeat(64)).await,
+            Err(ArtifactError::NotFound(_))
+        ));
+
+        // A chunk corrupted on disk is caught on read.
+        let victim = &second.manifest.chunks[0].id;
+        let path = dir.join("store/chunks").join(victim.as_str());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(store.read_artifact(&second.manifest.sha256).await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

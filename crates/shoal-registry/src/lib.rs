@@ -1,0 +1,181 @@
+//! The registry: what Shoal knows and must never lose.
+//!
+//! Models and their versions (SHA-256, size, labels, metrics, lineage,
+//! status), deployments (the desired state of each model, including the
+//! rollout controller's persisted state), registered replicas, an
+//! append-only audit log, and the fleet revision — a counter bumped on every
+//! change to desired state, which watchers resume from.
+//!
+//! [`RegistryStore`] is the seam; [`sqlite::SqliteRegistry`] is the embedded
+//! default (WAL, `synchronous=FULL`: a write that returned success survives
+//! a crash of the process). [`suite`] is the conformance suite every
+//! implementation must pass.
+//!
+//! Architecture invariant: every mutation writes its audit entry in the same
+//! transaction, so the log and the state never disagree.
+
+pub mod sqlite;
+pub mod suite;
+
+use async_trait::async_trait;
+use shoal_api::UnixMillis;
+use shoal_api::deploy::Deployment;
+use shoal_api::fleet::Registration;
+use shoal_api::registry::{AuditEntry, ModelDetail, ModelSummary, VersionRecord, VersionStatus};
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such model or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with what is stored (e.g. a version that
+    /// already exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error("registry database: {0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(e: sqlx::Error) -> Self {
+        RegistryError::Database(e.to_string())
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// A version to register (the artifact is already stored).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionDraft {
+    /// Version name; the next number when absent.
+    pub version: Option<String>,
+    /// Artifact SHA-256.
+    pub sha256: String,
+    /// Artifact size.
+    pub size: u64,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Metrics.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Parent version.
+    pub lineage: Option<String>,
+    /// Input shape overrides.
+    pub input_shapes: std::collections::BTreeMap<String, Vec<i64>>,
+}
+
+/// A deployment with the rollout controller's own persisted state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDeployment {
+    /// What users see.
+    pub deployment: Deployment,
+    /// The controller's snapshot (opaque to the store).
+    pub controller: serde_json::Value,
+}
+
+/// Who did something, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// Actor.
+    pub actor: String,
+    /// Why, free text.
+    pub detail: String,
+}
+
+impl Audit {
+    /// An audit note by `actor`.
+    pub fn by(actor: impl Into<String>, detail: impl Into<String>) -> Audit {
+        Audit {
+            actor: actor.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A replica the registry knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaRecord {
+    /// As registered.
+    pub registration: Registration,
+    /// First registration.
+    pub registered_at: UnixMillis,
+}
+
+/// Storage for the registry. Implementations must be durable: a call that
+/// returned `Ok` survives a crash of the process.
+#[async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
+    /// Registers a new version of `model` (creating the model on its first
+    /// version). Versions are numbered 1, 2, … when not named.
+    async fn create_version(
+        &self,
+        model: &str,
+        draft: VersionDraft,
+        audit: Audit,
+    ) -> Result<VersionRecord>;
+
+    /// All models.
+    async fn list_models(&self) -> Result<Vec<ModelSummary>>;
+
+    /// One model with all its versions; `None` if unknown.
+    async fn get_model(&self, model: &str) -> Result<Option<ModelDetail>>;
+
+    /// One version; `None` if unknown.
+    async fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>>;
+
+    /// Sets a version's status. Reaching `Production` is remembered; a
+    /// `rolled_back` version is never "last known good" again.
+    async fn set_status(
+        &self,
+        model: &str,
+        version: &str,
+        status: VersionStatus,
+        rolled_back: bool,
+        audit: Audit,
+    ) -> Result<VersionRecord>;
+
+    /// Stores a deployment and bumps the fleet revision; returns the new
+    /// revision (also written into the stored deployment).
+    async fn put_deployment(
+        &self,
+        deployment: StoredDeployment,
+        action: &str,
+        audit: Audit,
+    ) -> Result<u64>;
+
+    /// One model's deployment.
+    async fn get_deployment(&self, model: &str) -> Result<Option<StoredDeployment>>;
+
+    /// Every deployment.
+    async fn list_deployments(&self) -> Result<Vec<StoredDeployment>>;
+
+    /// Registers or updates a replica; bumps the revision when it is new or
+    /// its address or region changed (peers and placement depend on them).
+    async fn register_replica(&self, registration: &Registration) -> Result<u64>;
+
+    /// Every registered replica.
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRecord>>;
+
+    /// Forgets a replica; bumps the revision. `false` if it was unknown.
+    async fn remove_replica(&self, id: &str, audit: Audit) -> Result<bool>;
+
+    /// The audit log, newest last: entries after `after_seq`, at most `limit`.
+    async fn audit_log(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEntry>>;
+
+    /// The fleet revision.
+    async fn revision(&self) -> Result<u64>;
+}
+
+/// The newest version that reached production and was not rolled back;
+/// `versions` are oldest first, as [`RegistryStore::get_model`] returns them.
+pub fn last_known_good(versions: &[VersionRecord]) -> Option<&VersionRecord> {
+    versions
+        .iter()
+        .rev()
+        .find(|v| v.reached_production && !v.rolled_back)
+}

@@ -1,0 +1,502 @@
+//! The embedded registry on SQLite.
+//!
+//! WAL journal with `synchronous=FULL`: every committed transaction is on
+//! disk before the call returns, so an acknowledged write survives `kill -9`
+//! (and power loss). One writer at a time, which is plenty for a registry.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use shoal_api::deploy::Deployment;
+use shoal_api::fleet::Registration;
+use shoal_api::registry::{AuditEntry, ModelDetail, ModelSummary, VersionRecord, VersionStatus};
+use shoal_api::{UnixMillis, now_millis};
+use shoal_core::{ModelName, Version};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+
+use crate::{
+    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, VersionDraft,
+    last_known_good,
+};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0)",
+    "CREATE TABLE IF NOT EXISTS models (
+        name TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        next_number INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS versions (
+        model TEXT NOT NULL REFERENCES models(name),
+        version TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        lineage TEXT,
+        input_shapes TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reached_production INTEGER NOT NULL DEFAULT 0,
+        rolled_back INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, version)
+    )",
+    "CREATE TABLE IF NOT EXISTS deployments (
+        model TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        controller TEXT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS replicas (
+        id TEXT PRIMARY KEY,
+        registration TEXT NOT NULL,
+        registered_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    )",
+];
+
+/// The SQLite registry.
+#[derive(Debug, Clone)]
+pub struct SqliteRegistry {
+    pool: SqlitePool,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| RegistryError::Database(format!("corrupt JSON column: {e}")))
+}
+
+impl SqliteRegistry {
+    /// Opens (creating) the registry database at `path`.
+    pub async fn open(path: &Path) -> Result<SqliteRegistry> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                RegistryError::Database(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        for statement in SCHEMA {
+            sqlx::query(*statement).execute(&pool).await?;
+        }
+        Ok(SqliteRegistry { pool })
+    }
+
+    async fn append_audit(
+        tx: &mut Transaction<'_, Sqlite>,
+        action: &str,
+        target: &str,
+        audit: &Audit,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
+            .bind(now_millis())
+            .bind(&audit.actor)
+            .bind(action)
+            .bind(target)
+            .bind(&audit.detail)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn bump(tx: &mut Transaction<'_, Sqlite>) -> Result<u64> {
+        let row =
+            sqlx::query("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value")
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or(0))
+    }
+
+    fn version_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<VersionRecord> {
+        let status: String = row.get("status");
+        Ok(VersionRecord {
+            model: row.get("model"),
+            version: row.get("version"),
+            sha256: row.get("sha256"),
+            size: u64::try_from(row.get::<i64, _>("size")).unwrap_or(0),
+            created_at: row.get("created_at"),
+            labels: parse(row.get::<&str, _>("labels"))?,
+            metrics: parse(row.get::<&str, _>("metrics"))?,
+            lineage: row.get("lineage"),
+            status: VersionStatus::parse(&status)
+                .ok_or_else(|| RegistryError::Database(format!("unknown status {status:?}")))?,
+            reached_production: row.get::<i64, _>("reached_production") != 0,
+            rolled_back: row.get::<i64, _>("rolled_back") != 0,
+            input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
+        })
+    }
+
+    async fn versions_of(&self, model: &str) -> Result<Vec<VersionRecord>> {
+        let rows = sqlx::query("SELECT * FROM versions WHERE model = ? ORDER BY seq")
+            .bind(model)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Self::version_from_row).collect()
+    }
+
+    fn summary(name: String, created_at: UnixMillis, versions: &[VersionRecord]) -> ModelSummary {
+        ModelSummary {
+            name,
+            created_at,
+            versions: versions.len() as u64,
+            latest: versions.last().map(|v| v.version.clone()),
+            production: versions
+                .iter()
+                .rev()
+                .find(|v| v.status == VersionStatus::Production)
+                .map(|v| v.version.clone()),
+            last_known_good: last_known_good(versions).map(|v| v.version.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl RegistryStore for SqliteRegistry {
+    async fn create_version(
+        &self,
+        model: &str,
+        draft: VersionDraft,
+        audit: Audit,
+    ) -> Result<VersionRecord> {
+        ModelName::new(model).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if let Some(v) = &draft.version {
+            Version::new(v.as_str()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        }
+        let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO models (name, created_at, next_number) VALUES (?, ?, 1)",
+        )
+        .bind(model)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let next: i64 = sqlx::query("SELECT next_number FROM models WHERE name = ?")
+            .bind(model)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let seq: i64 =
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE model = ?")
+                .bind(model)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        // Numbered versions skip names already taken by explicit versions.
+        let mut number = next;
+        let version = match draft.version.clone() {
+            Some(v) => v,
+            None => loop {
+                let taken: i64 =
+                    sqlx::query("SELECT COUNT(*) FROM versions WHERE model = ? AND version = ?")
+                        .bind(model)
+                        .bind(number.to_string())
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .get(0);
+                if taken == 0 {
+                    break number.to_string();
+                }
+                number += 1;
+            },
+        };
+        if let Some(lineage) = &draft.lineage {
+            let exists: i64 =
+                sqlx::query("SELECT COUNT(*) FROM versions WHERE model = ? AND version = ?")
+                    .bind(model)
+                    .bind(lineage)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
+            if exists == 0 {
+                return Err(RegistryError::Invalid(format!(
+                    "lineage names {model}:{lineage}, which does not exist"
+                )));
+            }
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
+        )
+        .bind(model)
+        .bind(&version)
+        .bind(seq)
+        .bind(&draft.sha256)
+        .bind(i64::try_from(draft.size).unwrap_or(i64::MAX))
+        .bind(now)
+        .bind(json(&draft.labels))
+        .bind(json(&draft.metrics))
+        .bind(&draft.lineage)
+        .bind(json(&draft.input_shapes))
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(e)) = &inserted
+            && e.is_unique_violation()
+        {
+            return Err(RegistryError::Conflict(format!(
+                "{model}:{version} already exists; versions are immutable, push a new one"
+            )));
+        }
+        inserted?;
+        if let Ok(n) = version.parse::<i64>() {
+            sqlx::query("UPDATE models SET next_number = MAX(next_number, ?) WHERE name = ?")
+                .bind(n + 1)
+                .bind(model)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let target = format!("{model}:{version}");
+        Self::append_audit(&mut tx, "version.create", &target, &audit).await?;
+        tx.commit().await?;
+        self.get_version(model, &version)
+            .await?
+            .ok_or_else(|| RegistryError::Database(format!("{target} vanished after insert")))
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelSummary>> {
+        let rows = sqlx::query("SELECT name, created_at FROM models ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.get(0);
+            let versions = self.versions_of(&name).await?;
+            out.push(Self::summary(name, row.get(1), &versions));
+        }
+        Ok(out)
+    }
+
+    async fn get_model(&self, model: &str) -> Result<Option<ModelDetail>> {
+        let Some(row) = sqlx::query("SELECT name, created_at FROM models WHERE name = ?")
+            .bind(model)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let versions = self.versions_of(model).await?;
+        Ok(Some(ModelDetail {
+            model: Self::summary(row.get(0), row.get(1), &versions),
+            versions,
+        }))
+    }
+
+    async fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>> {
+        let row = sqlx::query("SELECT * FROM versions WHERE model = ? AND version = ?")
+            .bind(model)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::version_from_row).transpose()
+    }
+
+    async fn set_status(
+        &self,
+        model: &str,
+        version: &str,
+        status: VersionStatus,
+        rolled_back: bool,
+        audit: Audit,
+    ) -> Result<VersionRecord> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE versions SET status = ?,
+                reached_production = reached_production OR ?,
+                rolled_back = rolled_back OR ?
+             WHERE model = ? AND version = ?",
+        )
+        .bind(status.as_str())
+        .bind(status == VersionStatus::Production)
+        .bind(rolled_back)
+        .bind(model)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(RegistryError::NotFound(format!(
+                "no version {model}:{version}"
+            )));
+        }
+        let action = if rolled_back {
+            "version.rolled_back"
+        } else {
+            "version.status"
+        };
+        let audit = Audit {
+            detail: format!("{} ({})", status.as_str(), audit.detail),
+            ..audit
+        };
+        Self::append_audit(&mut tx, action, &format!("{model}:{version}"), &audit).await?;
+        tx.commit().await?;
+        self.get_version(model, version)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))
+    }
+
+    async fn put_deployment(
+        &self,
+        mut stored: StoredDeployment,
+        action: &str,
+        audit: Audit,
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let revision = Self::bump(&mut tx).await?;
+        stored.deployment.revision = revision;
+        stored.deployment.updated_at = now_millis();
+        sqlx::query(
+            "INSERT INTO deployments (model, deployment, controller) VALUES (?, ?, ?)
+             ON CONFLICT (model) DO UPDATE SET deployment = excluded.deployment, controller = excluded.controller",
+        )
+        .bind(&stored.deployment.model)
+        .bind(json(&stored.deployment))
+        .bind(json(&stored.controller))
+        .execute(&mut *tx)
+        .await?;
+        Self::append_audit(&mut tx, action, &stored.deployment.model, &audit).await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    async fn get_deployment(&self, model: &str) -> Result<Option<StoredDeployment>> {
+        let row = sqlx::query("SELECT deployment, controller FROM deployments WHERE model = ?")
+            .bind(model)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(StoredDeployment {
+                deployment: parse::<Deployment>(r.get::<&str, _>(0))?,
+                controller: parse(r.get::<&str, _>(1))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn list_deployments(&self) -> Result<Vec<StoredDeployment>> {
+        let rows = sqlx::query("SELECT deployment, controller FROM deployments ORDER BY model")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredDeployment {
+                    deployment: parse(r.get::<&str, _>(0))?,
+                    controller: parse(r.get::<&str, _>(1))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn register_replica(&self, registration: &Registration) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query("SELECT registration FROM replicas WHERE id = ?")
+            .bind(&registration.id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| parse::<Registration>(r.get::<&str, _>(0)))
+            .transpose()?;
+        let changed = existing.as_ref().is_none_or(|old| {
+            old.address != registration.address || old.region != registration.region
+        });
+        sqlx::query(
+            "INSERT INTO replicas (id, registration, registered_at) VALUES (?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET registration = excluded.registration",
+        )
+        .bind(&registration.id)
+        .bind(json(registration))
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        let revision = if changed {
+            let audit = Audit::by(
+                "replica",
+                format!("{} in {}", registration.address, registration.region),
+            );
+            Self::append_audit(&mut tx, "replica.register", &registration.id, &audit).await?;
+            Self::bump(&mut tx).await?
+        } else {
+            let row = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+                .fetch_one(&mut *tx)
+                .await?;
+            u64::try_from(row.get::<i64, _>(0)).unwrap_or(0)
+        };
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRecord>> {
+        let rows = sqlx::query("SELECT registration, registered_at FROM replicas ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReplicaRecord {
+                    registration: parse(r.get::<&str, _>(0))?,
+                    registered_at: r.get(1),
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_replica(&self, id: &str, audit: Audit) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM replicas WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if removed {
+            Self::append_audit(&mut tx, "replica.remove", id, &audit).await?;
+            Self::bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn audit_log(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query("SELECT seq, at, actor, action, target, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                seq: r.get(0),
+                at: r.get(1),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                detail: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn revision(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or(0))
+    }
+}

@@ -1,0 +1,219 @@
+//! The conformance suite every [`RegistryStore`] must pass:
+//! `suite::test_all(&store).await` on a fresh, empty store. Each
+//! implementation's tests call it, so all of them behave the same.
+
+use shoal_api::deploy::{Deployment, RolloutState, RolloutView, Strategy, TrafficTarget};
+use shoal_api::fleet::Registration;
+use shoal_api::registry::VersionStatus;
+
+use crate::{Audit, RegistryError, RegistryStore, StoredDeployment, VersionDraft};
+
+fn draft(sha: char) -> VersionDraft {
+    VersionDraft {
+        sha256: sha.to_string().repeat(64),
+        size: 100,
+        ..VersionDraft::default()
+    }
+}
+
+fn who() -> Audit {
+    Audit::by("suite", "test")
+}
+
+/// Runs every check against an empty `store`.
+pub async fn test_all(store: &dyn RegistryStore) {
+    versions_number_and_conflict(store).await;
+    statuses_and_last_known_good(store).await;
+    deployments_bump_the_revision(store).await;
+    replicas_register_and_leave(store).await;
+    audit_log_records_every_mutation(store).await;
+}
+
+async fn versions_number_and_conflict(store: &dyn RegistryStore) {
+    let v1 = store
+        .create_version("alpha", draft('a'), who())
+        .await
+        .unwrap();
+    assert_eq!((v1.model.as_str(), v1.version.as_str()), ("alpha", "1"));
+    assert_eq!(v1.status, VersionStatus::Registered);
+    let mut named = draft('b');
+    named.version = Some("3".into());
+    named.labels.insert("team".into(), "vision".into());
+    named.metrics.insert("accuracy".into(), 0.98);
+    named.lineage = Some("1".into());
+    named.input_shapes.insert("x".into(), vec![-1, 3]);
+    let v3 = store.create_version("alpha", named, who()).await.unwrap();
+    assert_eq!(v3.labels["team"], "vision");
+    assert_eq!(v3.metrics["accuracy"], 0.98);
+    assert_eq!(v3.lineage.as_deref(), Some("1"));
+    assert_eq!(v3.input_shapes["x"], vec![-1, 3]);
+    // Numbering continues after the highest number.
+    let v4 = store
+        .create_version("alpha", draft('c'), who())
+        .await
+        .unwrap();
+    assert_eq!(v4.version, "4");
+    let mut dup = draft('d');
+    dup.version = Some("3".into());
+    assert!(matches!(
+        store.create_version("alpha", dup, who()).await,
+        Err(RegistryError::Conflict(_))
+    ));
+    let mut orphan = draft('d');
+    orphan.lineage = Some("99".into());
+    assert!(matches!(
+        store.create_version("alpha", orphan, who()).await,
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.create_version("bad name", draft('e'), who()).await,
+        Err(RegistryError::Invalid(_))
+    ));
+    let detail = store.get_model("alpha").await.unwrap().unwrap();
+    let names: Vec<&str> = detail.versions.iter().map(|v| v.version.as_str()).collect();
+    assert_eq!(names, ["1", "3", "4"]);
+    assert_eq!(detail.model.latest.as_deref(), Some("4"));
+    assert!(store.get_model("nope").await.unwrap().is_none());
+    assert!(store.get_version("alpha", "2").await.unwrap().is_none());
+    assert_eq!(store.list_models().await.unwrap().len(), 1);
+}
+
+async fn statuses_and_last_known_good(store: &dyn RegistryStore) {
+    for _ in 0..3 {
+        store
+            .create_version("beta", draft('f'), who())
+            .await
+            .unwrap();
+    }
+    store
+        .set_status("beta", "1", VersionStatus::Production, false, who())
+        .await
+        .unwrap();
+    store
+        .set_status("beta", "2", VersionStatus::Production, false, who())
+        .await
+        .unwrap();
+    store
+        .set_status("beta", "1", VersionStatus::Deprecated, false, who())
+        .await
+        .unwrap();
+    let m = store.get_model("beta").await.unwrap().unwrap().model;
+    assert_eq!(m.production.as_deref(), Some("2"));
+    assert_eq!(m.last_known_good.as_deref(), Some("2"));
+    // Rolling 2 back makes 1 the last known good again.
+    store
+        .set_status("beta", "2", VersionStatus::Deprecated, true, who())
+        .await
+        .unwrap();
+    let m = store.get_model("beta").await.unwrap().unwrap().model;
+    assert_eq!(m.last_known_good.as_deref(), Some("1"));
+    assert_eq!(m.production, None);
+    let v1 = store.get_version("beta", "1").await.unwrap().unwrap();
+    assert!(v1.reached_production && !v1.rolled_back);
+    assert!(matches!(
+        store
+            .set_status("beta", "9", VersionStatus::Canary, false, who())
+            .await,
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+async fn deployments_bump_the_revision(store: &dyn RegistryStore) {
+    let before = store.revision().await.unwrap();
+    let deployment = Deployment {
+        model: "alpha".into(),
+        targets: vec![TrafficTarget {
+            version: "3".into(),
+            weight: 100,
+        }],
+        regions: Some(vec!["eu-west".into()]),
+        rollout: Some(RolloutView {
+            strategy: Strategy::Rolling,
+            state: RolloutState::Progressing,
+            from: Some("1".into()),
+            to: "3".into(),
+            step: 1,
+            weights: [("3".to_owned(), 100)].into(),
+            reason: "started".into(),
+            replicas_done: 0,
+            replicas_total: 3,
+            started_at: 1,
+            updated_at: 1,
+        }),
+        revision: 0,
+        updated_at: 0,
+    };
+    let stored = StoredDeployment {
+        deployment,
+        controller: serde_json::json!({"moved": ["r1"]}),
+    };
+    let rev = store
+        .put_deployment(stored.clone(), "deploy", who())
+        .await
+        .unwrap();
+    assert!(rev > before);
+    assert_eq!(store.revision().await.unwrap(), rev);
+    let back = store.get_deployment("alpha").await.unwrap().unwrap();
+    assert_eq!(back.deployment.revision, rev);
+    assert_eq!(back.deployment.targets, stored.deployment.targets);
+    assert_eq!(back.deployment.rollout, stored.deployment.rollout);
+    assert_eq!(back.controller, stored.controller);
+    let rev2 = store
+        .put_deployment(back, "deploy.step", who())
+        .await
+        .unwrap();
+    assert_eq!(rev2, rev + 1);
+    assert_eq!(store.list_deployments().await.unwrap().len(), 1);
+    assert!(store.get_deployment("beta").await.unwrap().is_none());
+}
+
+async fn replicas_register_and_leave(store: &dyn RegistryStore) {
+    let reg = Registration {
+        id: "r1".into(),
+        address: "127.0.0.1:9001".into(),
+        region: "us-east".into(),
+        labels: Default::default(),
+        pid: Some(42),
+    };
+    let r1 = store.register_replica(&reg).await.unwrap();
+    // Re-registering unchanged does not move the revision…
+    assert_eq!(store.register_replica(&reg).await.unwrap(), r1);
+    // …a new address does.
+    let moved = Registration {
+        address: "127.0.0.1:9002".into(),
+        ..reg.clone()
+    };
+    assert!(store.register_replica(&moved).await.unwrap() > r1);
+    let listed = store.list_replicas().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].registration, moved);
+    assert!(store.remove_replica("r1", who()).await.unwrap());
+    assert!(!store.remove_replica("r1", who()).await.unwrap());
+    assert!(store.list_replicas().await.unwrap().is_empty());
+}
+
+async fn audit_log_records_every_mutation(store: &dyn RegistryStore) {
+    let log = store.audit_log(0, 1000).await.unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    for expected in [
+        "version.create",
+        "version.status",
+        "version.rolled_back",
+        "deploy",
+        "deploy.step",
+        "replica.register",
+        "replica.remove",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "audit log lacks {expected}: {actions:?}"
+        );
+    }
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
+    let tail = store.audit_log(log[log.len() - 3].seq, 10).await.unwrap();
+    assert_eq!(tail.len(), 2);
+    assert!(
+        log.iter()
+            .any(|e| e.target == "alpha:3" && e.actor == "suite")
+    );
+}
