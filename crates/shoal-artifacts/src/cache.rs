@@ -86,8 +86,18 @@ impl ChunkCache {
 
     /// Verifies and caches a chunk received in its stored encoding.
     pub fn put_stored(&self, chunk: &ChunkRef, stored: &[u8]) -> Result<(), ArtifactError> {
-        chunk::decode(&chunk.id, stored, chunk.size)?;
-        self.write_atomically(&self.chunk_path(&chunk.id), stored)
+        self.put_verified(&chunk.id, Some(chunk.size), stored)
+    }
+
+    /// Verifies and caches a chunk known only by id (`size` if known).
+    pub fn put_verified(
+        &self,
+        id: &ChunkId,
+        size: Option<u32>,
+        stored: &[u8],
+    ) -> Result<(), ArtifactError> {
+        chunk::decode(id, stored, size)?;
+        self.write_atomically(&self.chunk_path(id), stored)
     }
 
     /// Drops a chunk (found corrupt on disk).
@@ -129,7 +139,7 @@ impl ChunkCache {
             let stored = self
                 .get_stored(&c.id)
                 .ok_or_else(|| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
-            match chunk::decode(&c.id, &stored, c.size) {
+            match chunk::decode(&c.id, &stored, Some(c.size)) {
                 Ok(content) => out.extend_from_slice(&content),
                 Err(e) => {
                     self.remove(&c.id);

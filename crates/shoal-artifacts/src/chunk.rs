@@ -125,7 +125,9 @@ pub fn encode(content: &[u8]) -> Bytes {
 }
 
 /// Decodes a stored chunk and checks it is the content named `id`.
-pub fn decode(id: &ChunkId, stored: &[u8], size: u32) -> Result<Bytes, ArtifactError> {
+/// `size` is the content size when known (from a manifest); a peer serving
+/// a chunk by id alone passes `None`.
+pub fn decode(id: &ChunkId, stored: &[u8], size: Option<u32>) -> Result<Bytes, ArtifactError> {
     let bad = |reason: String| ArtifactError::BadEncoding {
         id: id.to_string(),
         reason,
@@ -133,11 +135,20 @@ pub fn decode(id: &ChunkId, stored: &[u8], size: u32) -> Result<Bytes, ArtifactE
     let content = match stored.split_first() {
         Some((&RAW, rest)) => Bytes::copy_from_slice(rest),
         Some((&ZSTD, rest)) => Bytes::from(
-            zstd::bulk::decompress(rest, size as usize).map_err(|e| bad(e.to_string()))?,
+            zstd::bulk::decompress(rest, size.map_or(MAX_CHUNK, |s| s as usize))
+                .map_err(|e| bad(e.to_string()))?,
         ),
         Some((other, _)) => return Err(bad(format!("unknown encoding {other}"))),
         None => return Err(bad("empty".into())),
     };
+    if let Some(size) = size
+        && content.len() != size as usize
+    {
+        return Err(bad(format!(
+            "{} bytes, the manifest says {size}",
+            content.len()
+        )));
+    }
     let actual = ChunkId::of(&content);
     if &actual != id {
         return Err(ArtifactError::CorruptChunk {
@@ -180,7 +191,7 @@ mod tests {
         assert_eq!(stored[0], ZSTD, "zeros compress");
         assert!(stored.len() < 1000);
         let id = ChunkId::of(&zeros);
-        assert_eq!(decode(&id, &stored, 100_000).unwrap(), zeros);
+        assert_eq!(decode(&id, &stored, Some(100_000)).unwrap(), zeros);
 
         // Pseudo-random bytes do not compress by 5 %: stored raw.
         let mut x = 0x1234_5678u32;
@@ -195,7 +206,7 @@ mod tests {
         let stored = encode(&noise);
         assert_eq!(stored[0], RAW);
         assert_eq!(
-            decode(&ChunkId::of(&noise), &stored, 50_000).unwrap(),
+            decode(&ChunkId::of(&noise), &stored, Some(50_000)).unwrap(),
             noise
         );
 
@@ -203,11 +214,11 @@ mod tests {
         let mut tampered = stored.to_vec();
         tampered[100] ^= 1;
         assert!(matches!(
-            decode(&ChunkId::of(&noise), &tampered, 50_000),
+            decode(&ChunkId::of(&noise), &tampered, None),
             Err(ArtifactError::CorruptChunk { .. })
         ));
-        assert!(decode(&ChunkId::of(&noise), &[9, 1, 2], 2).is_err());
-        assert!(decode(&ChunkId::of(&noise), &[], 0).is_err());
+        assert!(decode(&ChunkId::of(&noise), &[9, 1, 2], None).is_err());
+        assert!(decode(&ChunkId::of(&noise), &[], None).is_err());
     }
 
     #[test]

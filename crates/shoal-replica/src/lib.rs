@@ -198,6 +198,11 @@ impl Replica {
         &self.store
     }
 
+    /// The metrics registry, for components that add their own families.
+    pub fn metrics_registry(&self) -> &MetricsRegistry {
+        &self.registry
+    }
+
     /// The inference pool.
     pub fn pool(&self) -> &InferencePool {
         &self.pool
@@ -248,6 +253,31 @@ impl Replica {
         }
     }
 
+    /// Records why `key` (`model:version`) could not be made ready (for
+    /// failures outside [`Replica::load`], such as fetching its artifact).
+    pub fn record_failure(&self, key: &str, reason: &str) {
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures
+            .insert(key.to_owned(), reason.to_owned());
+        self.bump();
+    }
+
+    /// Every recorded failure of a version not loaded now.
+    pub fn failures(&self) -> BTreeMap<String, String> {
+        let readiness = self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        readiness
+            .failures
+            .iter()
+            .filter(|(k, _)| k.split_once(':').is_none_or(|(m, v)| !self.store.has(m, v)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Waits until the replica is ready. Returns at once if it is.
     pub async fn wait_ready(&self) {
         let mut changes = self.changes.subscribe();
@@ -256,6 +286,12 @@ impl Replica {
                 return;
             }
         }
+    }
+
+    /// Completes on the next load, failure or table change.
+    pub async fn changed(&self) {
+        let mut rx = self.changes.subscribe();
+        let _ = rx.changed().await;
     }
 
     fn bump(&self) {
@@ -362,6 +398,17 @@ impl ReplicaServer {
         config: ReplicaConfig,
         backend: Arc<dyn Backend>,
     ) -> std::io::Result<ReplicaServer> {
+        ReplicaServer::start_with(config, backend, |_, _| axum::Router::new()).await
+    }
+
+    /// Like [`ReplicaServer::start`], with more routes on the same port:
+    /// `extend` gets the replica and the bound address and returns them
+    /// (the sync agent adds its peer and nudge endpoints this way).
+    pub async fn start_with(
+        config: ReplicaConfig,
+        backend: Arc<dyn Backend>,
+        extend: impl FnOnce(Arc<Replica>, SocketAddr) -> axum::Router,
+    ) -> std::io::Result<ReplicaServer> {
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let id = config
@@ -377,7 +424,7 @@ impl ReplicaServer {
                 .collect(),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let router = http::router(replica.clone());
+        let router = http::router(replica.clone()).merge(extend(replica.clone(), addr));
         let server_replica = replica.clone();
         let task = tokio::spawn(shoal_http::serve(listener, router, async move {
             let _ = rx.await;

@@ -20,6 +20,14 @@ pub enum ArtifactSource {
     Path(PathBuf),
     /// Bytes already in memory.
     Bytes(Bytes),
+    /// Bytes whose SHA-256 the caller has already verified (an artifact
+    /// assembled from checked chunks); hashing again would only cost time.
+    Verified {
+        /// The artifact.
+        bytes: Bytes,
+        /// Its SHA-256 (hex).
+        sha256: String,
+    },
 }
 
 /// What to load.
@@ -116,16 +124,18 @@ pub(crate) async fn prepare(
     let options = spec.options.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let bytes = match source {
-            ArtifactSource::Path(path) => {
+        let (bytes, known) = match source {
+            ArtifactSource::Path(path) => (
                 Bytes::from(std::fs::read(&path).map_err(|e| LoadFailure::Read {
                     path: path.display().to_string(),
                     error: e.to_string(),
-                })?)
-            }
-            ArtifactSource::Bytes(bytes) => bytes,
+                })?),
+                None,
+            ),
+            ArtifactSource::Bytes(bytes) => (bytes, None),
+            ArtifactSource::Verified { bytes, sha256 } => (bytes, Some(sha256)),
         };
-        let sha256 = sha256_hex(&bytes);
+        let sha256 = known.unwrap_or_else(|| sha256_hex(&bytes));
         if let Some(expected) = expected
             && expected != sha256
         {

@@ -2,6 +2,7 @@
 //! library crates. Nothing here decides anything.
 
 mod cli;
+mod cmd;
 
 fn main() -> std::process::ExitCode {
     cli::main()

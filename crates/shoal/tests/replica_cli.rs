@@ -100,7 +100,7 @@ fn bad_command_lines_say_what_is_wrong() {
     let (code, err) = run(&["replica", "--addr", "127.0.0.1:0"]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("nothing to serve: give at least one --model"),
+        err.contains("nothing to serve: give --control URL"),
         "{err}"
     );
     let (code, err) = run(&[

@@ -1,0 +1,492 @@
+//! A typed client for the control plane's API (`/api/v1/…`).
+//!
+//! [`ControlClient`] wraps one pooled HTTP/1 client (hyper) and a base URL;
+//! each method maps to one endpoint and returns the shared `shoal-api`
+//! documents. Errors keep the server's `{"error": …}` message and say
+//! whether the server could be reached at all, so callers (the CLI, the
+//! sync agent) can tell "fix your request" from "try again later".
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
+use shoal_api::fleet::{DesiredState, FleetStatus, Heartbeat, Registered, Registration};
+use shoal_api::registry::{
+    AuditEntry, ModelDetail, ModelSummary, NewVersion, UploadedArtifact, VersionRecord,
+};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached (refused, reset, timed out).
+    #[error("cannot reach the control plane at {url}: {reason}")]
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// Transport error.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("{message} (HTTP {status})")]
+    Status {
+        /// Status code.
+        status: StatusCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The answer could not be decoded.
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode {
+        /// The URL called.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// True when the server could not be reached or was temporarily
+    /// unable (5xx): retrying later may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => status.is_server_error(),
+            ClientError::Decode { .. } => false,
+        }
+    }
+
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A client for one control plane.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    base: String,
+    token: Option<String>,
+    http: Client<HttpConnector, Body>,
+    timeout: Duration,
+}
+
+/// Result of a conditional fetch of a replica's desired state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conditional<T> {
+    /// Unchanged since the given revision (HTTP 304).
+    NotModified,
+    /// The current document.
+    Fresh(T),
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+impl ControlClient {
+    /// A client for the control plane at `base` (e.g. `http://127.0.0.1:8081`).
+    pub fn new(base: &str, token: Option<String>) -> ControlClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        ControlClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A copy with a different per-request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> ControlClient {
+        self.timeout = timeout;
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request and returns the status, headers and whole body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Body,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), ClientError> {
+        let url = self.url(path);
+        let mut builder = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (k, v) in headers {
+            builder = builder.header(*k, v);
+        }
+        let request = builder.body(body).map_err(|e| ClientError::Decode {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: url.clone(),
+            reason,
+        };
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| unreachable(format!("{e}")))?;
+            let (parts, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok((parts.status, parts.headers, bytes))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
+    }
+
+    fn check(status: StatusCode, body: &Bytes) -> Result<(), ClientError> {
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            return Ok(());
+        }
+        let message = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        Err(ClientError::Status { status, message })
+    }
+
+    fn decode<T: DeserializeOwned>(&self, path: &str, body: &Bytes) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+            url: self.url(path),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, _, body) = self
+            .send(Method::GET, path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)?;
+        self.decode(path, &body)
+    }
+
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            url: self.url(path),
+            reason: e.to_string(),
+        })?;
+        let headers = [("content-type", "application/json".to_owned())];
+        let (status, _, body) = self.send(method, path, &headers, full(bytes)).await?;
+        Self::check(status, &body)?;
+        if body.is_empty() {
+            return self.decode(path, &Bytes::from_static(b"null"));
+        }
+        self.decode(path, &body)
+    }
+
+    /// Uploads an artifact, streaming `chunks` (e.g. a file read piece by
+    /// piece, with progress reporting in between).
+    pub async fn upload_artifact<S>(
+        &self,
+        size: u64,
+        chunks: S,
+    ) -> Result<UploadedArtifact, ClientError>
+    where
+        S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        use futures::StreamExt;
+        let body = BodyExt::boxed(StreamBody::new(chunks.map(|r| r.map(Frame::data))));
+        let headers = [
+            ("content-type", "application/octet-stream".to_owned()),
+            ("content-length", size.to_string()),
+        ];
+        // Uploads of large models take longer than API calls.
+        let slow = self.clone().with_timeout(Duration::from_secs(3600));
+        let path = "/api/v1/artifacts";
+        let (status, _, body) = slow.send(Method::PUT, path, &headers, body).await?;
+        Self::check(status, &body)?;
+        self.decode(path, &body)
+    }
+
+    /// Registers an uploaded artifact as a version of `model`.
+    pub async fn create_version(
+        &self,
+        model: &str,
+        new: &NewVersion,
+    ) -> Result<VersionRecord, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/models/{model}/versions"),
+            new,
+        )
+        .await
+    }
+
+    /// All models.
+    pub async fn list_models(&self) -> Result<Vec<ModelSummary>, ClientError> {
+        self.get_json("/api/v1/models").await
+    }
+
+    /// One model with its versions.
+    pub async fn get_model(&self, model: &str) -> Result<ModelDetail, ClientError> {
+        self.get_json(&format!("/api/v1/models/{model}")).await
+    }
+
+    /// One version.
+    pub async fn get_version(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<VersionRecord, ClientError> {
+        self.get_json(&format!("/api/v1/models/{model}/versions/{version}"))
+            .await
+    }
+
+    /// Deploys a version.
+    pub async fn deploy(
+        &self,
+        model: &str,
+        request: &DeployRequest,
+    ) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/deployments/{model}"),
+            request,
+        )
+        .await
+    }
+
+    /// Every deployment.
+    pub async fn list_deployments(&self) -> Result<Vec<Deployment>, ClientError> {
+        self.get_json("/api/v1/deployments").await
+    }
+
+    /// Rolls a model back to its last known good version.
+    pub async fn rollback(
+        &self,
+        model: &str,
+        reason: Option<&str>,
+    ) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/models/{model}/rollback"),
+            &serde_json::json!({ "reason": reason }),
+        )
+        .await
+    }
+
+    /// A model's current or last rollout.
+    pub async fn rollout(&self, model: &str) -> Result<RolloutView, ClientError> {
+        self.get_json(&format!("/api/v1/rollouts/{model}")).await
+    }
+
+    /// The fleet.
+    pub async fn status(&self) -> Result<FleetStatus, ClientError> {
+        self.get_json("/api/v1/status").await
+    }
+
+    /// The audit log after `after`.
+    pub async fn audit(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>, ClientError> {
+        self.get_json(&format!("/api/v1/audit?after={after}&limit={limit}"))
+            .await
+    }
+
+    /// Registers a replica.
+    pub async fn register(&self, registration: &Registration) -> Result<Registered, ClientError> {
+        self.send_json(Method::POST, "/api/v1/replicas", registration)
+            .await
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .send_json(
+                Method::POST,
+                &format!("/api/v1/replicas/{id}/heartbeat"),
+                heartbeat,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The desired state of replica `id`, unless unchanged since `revision`.
+    pub async fn desired(
+        &self,
+        id: &str,
+        revision: Option<u64>,
+    ) -> Result<Conditional<DesiredState>, ClientError> {
+        let path = format!("/api/v1/replicas/{id}/desired");
+        let headers: Vec<(&str, String)> = revision
+            .map(|r| vec![("if-none-match", format!("\"{r}\""))])
+            .unwrap_or_default();
+        let (status, _, body) = self
+            .send(Method::GET, &path, &headers, full(Bytes::new()))
+            .await?;
+        if status == StatusCode::NOT_MODIFIED {
+            return Ok(Conditional::NotModified);
+        }
+        Self::check(status, &body)?;
+        Ok(Conditional::Fresh(self.decode(&path, &body)?))
+    }
+
+    /// Opens the watch stream of replica `id` from `after`: each item is a
+    /// new desired state. The stream ends when the connection does.
+    pub async fn watch(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> Result<impl futures::Stream<Item = Result<DesiredState, ClientError>> + use<>, ClientError>
+    {
+        let url = self.url(&format!("/api/v1/replicas/{id}/watch?after={after}"));
+        let mut builder = Request::builder().method(Method::GET).uri(&url);
+        if let Some(token) = &self.token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = builder
+            .body(full(Bytes::new()))
+            .map_err(|e| ClientError::Decode {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                url: url.clone(),
+                reason: "no answer".into(),
+            })?
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = response.status();
+        let body = response.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Self::check(status, &bytes)?;
+            return Err(ClientError::Status {
+                status,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        Ok(ndjson(body, url))
+    }
+
+    /// A chunk in its stored encoding from the origin.
+    pub async fn chunk(&self, id: &str) -> Result<Bytes, ClientError> {
+        let path = format!("/api/v1/chunks/{id}");
+        let (status, _, body) = self
+            .send(Method::GET, &path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)?;
+        Ok(body)
+    }
+
+    /// An artifact's manifest (raw JSON; the caller verifies it).
+    pub async fn manifest(&self, sha256: &str) -> Result<Bytes, ClientError> {
+        let path = format!("/api/v1/artifacts/{sha256}/manifest");
+        let (status, _, body) = self
+            .send(Method::GET, &path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)?;
+        Ok(body)
+    }
+
+    /// GET of any path on this base, whole body (for peers' chunk endpoint).
+    pub async fn get_raw(&self, path: &str) -> Result<Bytes, ClientError> {
+        let (status, _, body) = self
+            .send(Method::GET, path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)?;
+        Ok(body)
+    }
+
+    /// POST with an empty body to any path on this base (push nudges).
+    pub async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
+        let (status, _, body) = self
+            .send(Method::POST, path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)
+    }
+}
+
+/// Splits a streamed body into newline-delimited JSON documents; blank
+/// lines are keep-alives.
+fn ndjson(
+    body: hyper::body::Incoming,
+    url: String,
+) -> impl futures::Stream<Item = Result<DesiredState, ClientError>> {
+    futures::stream::unfold(
+        (body, Vec::<u8>::new(), url, false),
+        |(mut body, mut buf, url, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let line = &line[..line.len() - 1];
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let item = serde_json::from_slice(line).map_err(|e| ClientError::Decode {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    });
+                    return Some((item, (body, buf, url, false)));
+                }
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buf.extend_from_slice(&data);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let err = ClientError::Unreachable {
+                            url: url.clone(),
+                            reason: e.to_string(),
+                        };
+                        return Some((Err(err), (body, buf, url, true)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}

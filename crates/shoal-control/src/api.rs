@@ -1,0 +1,650 @@
+//! The REST API under `/api/v1/`, plus `/health`, `/ready` and `/metrics`.
+//!
+//! Errors are `{"error": "…"}` via [`shoal_http::ApiError`]: 400 for bad
+//! requests, 404 for unknown things, 409 for conflicts with the current
+//! state, 413 for uploads over the limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
+use shoal_api::fleet::{DesiredState, FleetStatus, Heartbeat, Registered, Registration};
+use shoal_api::registry::{
+    AuditEntry, ModelDetail, ModelSummary, NewVersion, UploadedArtifact, VersionRecord,
+};
+use shoal_artifacts::{ArtifactError, ChunkId};
+use shoal_core::{ModelName, Version};
+use shoal_http::{ApiError, json_response};
+use shoal_registry::{Audit, RegistryError, VersionDraft};
+use tokio::io::AsyncWriteExt;
+
+use crate::Control;
+use crate::controller::DeployError;
+
+type Shared = State<Arc<Control>>;
+
+/// Who acts, for the audit log (tokens come with authentication).
+const ANONYMOUS: &str = "anonymous";
+
+/// The control plane's routes.
+pub fn router(control: Arc<Control>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/artifacts", put(upload_artifact))
+        .route("/api/v1/artifacts/{sha256}/manifest", get(get_manifest))
+        .route("/api/v1/chunks/{id}", get(get_chunk))
+        .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{model}", get(get_model))
+        .route("/api/v1/models/{model}/versions", post(create_version))
+        .route(
+            "/api/v1/models/{model}/versions/{version}",
+            get(get_version),
+        )
+        .route("/api/v1/models/{model}/rollback", post(rollback))
+        .route("/api/v1/deployments", get(list_deployments))
+        .route(
+            "/api/v1/deployments/{model}",
+            get(get_deployment).post(deploy),
+        )
+        .route("/api/v1/rollouts/{model}", get(get_rollout))
+        .route("/api/v1/replicas", post(register))
+        .route("/api/v1/replicas/{id}", axum::routing::delete(deregister))
+        .route("/api/v1/replicas/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/replicas/{id}/desired", get(desired))
+        .route("/api/v1/replicas/{id}/watch", get(watch))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/audit", get(audit))
+        .route("/health", get(health))
+        .route("/ready", get(health))
+        .route("/metrics", get(metrics));
+    shoal_http::with_fallbacks(api)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(control)
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::NotFound(m) => ApiError::not_found(m),
+        RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+        RegistryError::Invalid(m) => ApiError::bad_request(m),
+        RegistryError::Database(m) => ApiError::internal(m),
+    }
+}
+
+fn deploy_error(e: DeployError) -> ApiError {
+    match e {
+        DeployError::NotFound(m) => ApiError::not_found(m),
+        DeployError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+        DeployError::Invalid(m) => ApiError::bad_request(m),
+        DeployError::Internal(m) => ApiError::internal(m),
+    }
+}
+
+fn artifact_error(e: ArtifactError) -> ApiError {
+    match e {
+        ArtifactError::NotFound(m) => ApiError::not_found(format!("{m}; upload it first")),
+        ArtifactError::Invalid(m) => ApiError::bad_request(m),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+fn json_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|axum::Json(b)| b)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn model_name(model: &str) -> Result<ModelName, ApiError> {
+    ModelName::new(model).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+async fn openapi() -> Response {
+    json_response(StatusCode::OK, &crate::openapi::document())
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"live": true}))
+}
+
+async fn metrics(State(control): Shared) -> Response {
+    let mut response = control.encode_metrics().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(shoal_telemetry::CONTENT_TYPE),
+    );
+    response
+}
+
+/// Upload an artifact (raw bytes). It is chunked, deduplicated against
+/// what the store holds, and described by a manifest named by its SHA-256.
+#[utoipa::path(put, path = "/api/v1/artifacts", request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 201, body = UploadedArtifact), (status = 413, description = "larger than the upload limit")))]
+pub(crate) async fn upload_artifact(
+    State(control): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = control.config.upload_limit;
+    shoal_http::check_content_length(&headers, usize::try_from(limit).unwrap_or(usize::MAX))?;
+    // Spool to disk: models can be far larger than memory should hold.
+    let tmp = control.config.data_dir.join("tmp").join(format!(
+        "upload-{}-{}",
+        std::process::id(),
+        shoal_api::now_millis()
+    ));
+    let result = async {
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
+        let mut stream = body.into_data_stream();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("artifact is larger than the upload limit of {limit} bytes"),
+                ));
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
+        if size == 0 {
+            return Err(ApiError::bad_request("the artifact is empty"));
+        }
+        let stored = control
+            .artifacts
+            .put_file(&tmp)
+            .await
+            .map_err(artifact_error)?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &UploadedArtifact {
+                sha256: stored.manifest.sha256.clone(),
+                size: stored.manifest.size,
+                chunks: stored.manifest.chunks.len(),
+                new_chunks: stored.new_chunks,
+                stored_bytes: stored.new_bytes,
+            },
+        ))
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    result
+}
+
+/// An artifact's manifest: its chunks and whole-file SHA-256.
+#[utoipa::path(get, path = "/api/v1/artifacts/{sha256}/manifest", responses((status = 200, description = "manifest JSON"), (status = 404)))]
+pub(crate) async fn get_manifest(
+    State(control): Shared,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    let manifest = control
+        .artifacts
+        .get_manifest(&sha256)
+        .await
+        .map_err(artifact_error)?;
+    let bytes = manifest.to_json();
+    control.metrics.egress("manifest", bytes.len());
+    Ok(shoal_http::json_bytes_response(StatusCode::OK, bytes))
+}
+
+/// A chunk in its stored encoding (first byte: 0 raw, 1 zstd).
+#[utoipa::path(get, path = "/api/v1/chunks/{id}", responses((status = 200, content_type = "application/octet-stream"), (status = 404)))]
+pub(crate) async fn get_chunk(
+    State(control): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = ChunkId::parse(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let bytes: Bytes = control
+        .artifacts
+        .get_chunk(&id)
+        .await
+        .map_err(artifact_error)?;
+    control.metrics.egress("chunk", bytes.len());
+    let mut response = bytes.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}
+
+/// Every model.
+#[utoipa::path(get, path = "/api/v1/models", responses((status = 200, body = Vec<ModelSummary>)))]
+pub(crate) async fn list_models(State(control): Shared) -> Result<Response, ApiError> {
+    let models = control.store.list_models().await.map_err(registry_error)?;
+    Ok(json_response(StatusCode::OK, &models))
+}
+
+/// One model and its versions.
+#[utoipa::path(get, path = "/api/v1/models/{model}", responses((status = 200, body = ModelDetail), (status = 404)))]
+pub(crate) async fn get_model(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let detail = control
+        .store
+        .get_model(&model)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no model {model:?}; push one with `shoal model push`"
+            ))
+        })?;
+    Ok(json_response(StatusCode::OK, &detail))
+}
+
+/// Register an uploaded artifact as a new version.
+#[utoipa::path(post, path = "/api/v1/models/{model}/versions", request_body = NewVersion, responses((status = 201, body = VersionRecord), (status = 404, description = "artifact not uploaded"), (status = 409, description = "version exists")))]
+pub(crate) async fn create_version(
+    State(control): Shared,
+    Path(model): Path<String>,
+    body: Result<axum::Json<NewVersion>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let model = model_name(&model)?;
+    let new = json_body(body)?;
+    if let Some(v) = &new.version {
+        Version::new(v.as_str()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    for (input, dims) in &new.input_shapes {
+        if dims.iter().any(|&d| d < -1) {
+            return Err(ApiError::bad_request(format!(
+                "input_shapes[{input:?}]: dimensions must be -1 (dynamic) or a size"
+            )));
+        }
+    }
+    let manifest = control
+        .artifacts
+        .get_manifest(&new.sha256)
+        .await
+        .map_err(artifact_error)?;
+    let draft = VersionDraft {
+        version: new.version,
+        sha256: manifest.sha256.clone(),
+        size: manifest.size,
+        labels: new.labels,
+        metrics: new.metrics,
+        lineage: new.lineage,
+        input_shapes: new.input_shapes,
+    };
+    let record = control
+        .store
+        .create_version(
+            model.as_str(),
+            draft,
+            Audit::by(ANONYMOUS, format!("sha256 {}", manifest.sha256)),
+        )
+        .await
+        .map_err(registry_error)?;
+    Ok(json_response(StatusCode::CREATED, &record))
+}
+
+/// One version.
+#[utoipa::path(get, path = "/api/v1/models/{model}/versions/{version}", responses((status = 200, body = VersionRecord), (status = 404)))]
+pub(crate) async fn get_version(
+    State(control): Shared,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let record = control
+        .store
+        .get_version(&model, &version)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| ApiError::not_found(format!("no version {model}:{version}")))?;
+    Ok(json_response(StatusCode::OK, &record))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RollbackBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Roll a model back to its last known good version.
+#[utoipa::path(post, path = "/api/v1/models/{model}/rollback", request_body = RollbackBody, responses((status = 200, body = Deployment), (status = 409, description = "nothing to roll back to")))]
+pub(crate) async fn rollback(
+    State(control): Shared,
+    Path(model): Path<String>,
+    body: Result<axum::Json<RollbackBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let body = match body {
+        Err(JsonRejection::MissingJsonContentType(_)) => RollbackBody::default(),
+        other => json_body(other)?,
+    };
+    let deployment = control
+        .rollback(&model, body.reason, ANONYMOUS)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &deployment))
+}
+
+/// Every deployment.
+#[utoipa::path(get, path = "/api/v1/deployments", responses((status = 200, body = Vec<Deployment>)))]
+pub(crate) async fn list_deployments(State(control): Shared) -> Result<Response, ApiError> {
+    let deployments: Vec<Deployment> = control
+        .store
+        .list_deployments()
+        .await
+        .map_err(registry_error)?
+        .into_iter()
+        .map(|d| d.deployment)
+        .collect();
+    Ok(json_response(StatusCode::OK, &deployments))
+}
+
+/// One model's deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{model}", responses((status = 200, body = Deployment), (status = 404)))]
+pub(crate) async fn get_deployment(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = control
+        .store
+        .get_deployment(&model)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| ApiError::not_found(format!("model {model:?} is not deployed")))?;
+    Ok(json_response(StatusCode::OK, &stored.deployment))
+}
+
+/// Deploy a version (rolling by default).
+#[utoipa::path(post, path = "/api/v1/deployments/{model}", request_body = DeployRequest, responses((status = 202, body = Deployment), (status = 404), (status = 409, description = "a rollout is in progress, or the version is already deployed")))]
+pub(crate) async fn deploy(
+    State(control): Shared,
+    Path(model): Path<String>,
+    body: Result<axum::Json<DeployRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let model = model_name(&model)?;
+    let request = json_body(body)?;
+    let deployment = control
+        .deploy(model.as_str(), request, ANONYMOUS)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::ACCEPTED, &deployment))
+}
+
+/// A model's current or last rollout.
+#[utoipa::path(get, path = "/api/v1/rollouts/{model}", responses((status = 200, body = RolloutView), (status = 404)))]
+pub(crate) async fn get_rollout(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = control
+        .store
+        .get_deployment(&model)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| ApiError::not_found(format!("model {model:?} is not deployed")))?;
+    // Recompute the view so progress counts are current.
+    let facts = control.facts();
+    let view = match serde_json::from_value::<shoal_rollout::Rolling>(stored.controller) {
+        Ok(mut r) => {
+            let replicas: Vec<_> = facts
+                .replicas
+                .iter()
+                .filter(|rep| shoal_rollout::plan::eligible(&stored.deployment, rep))
+                .collect();
+            // A dry tick refreshes the reason ("waiting for …") without
+            // deciding anything: the controller persists real decisions.
+            r.tick(&model, &replicas, shoal_api::now_millis());
+            r.view(&model, &replicas)
+        }
+        Err(_) => stored
+            .deployment
+            .rollout
+            .ok_or_else(|| ApiError::not_found(format!("model {model:?} has no rollout")))?,
+    };
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// A replica announces itself (idempotent).
+#[utoipa::path(post, path = "/api/v1/replicas", request_body = Registration, responses((status = 200, body = Registered)))]
+pub(crate) async fn register(
+    State(control): Shared,
+    body: Result<axum::Json<Registration>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let registration = json_body(body)?;
+    if registration.id.is_empty()
+        || registration.address.is_empty()
+        || registration.region.is_empty()
+    {
+        return Err(ApiError::bad_request(
+            "id, address and region must not be empty",
+        ));
+    }
+    let before = control.revision();
+    let revision = control
+        .store
+        .register_replica(&registration)
+        .await
+        .map_err(registry_error)?;
+    if revision != before {
+        control
+            .refresh()
+            .await
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    }
+    control.kick();
+    Ok(json_response(
+        StatusCode::OK,
+        &Registered {
+            id: registration.id,
+            heartbeat_interval_ms: u64::try_from(control.config.heartbeat_interval.as_millis())
+                .unwrap_or(2000),
+        },
+    ))
+}
+
+/// Forget a replica.
+#[utoipa::path(delete, path = "/api/v1/replicas/{id}", responses((status = 200), (status = 404)))]
+pub(crate) async fn deregister(
+    State(control): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let removed = control
+        .store
+        .remove_replica(&id, Audit::by(ANONYMOUS, "deregistered"))
+        .await
+        .map_err(registry_error)?;
+    if !removed {
+        return Err(ApiError::not_found(format!("no replica {id:?}")));
+    }
+    control.live.forget(&id);
+    control
+        .refresh()
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"removed": id}),
+    ))
+}
+
+fn is_registered(control: &Control, id: &str) -> bool {
+    control
+        .snapshot()
+        .registrations
+        .iter()
+        .any(|r| r.registration.id == id)
+}
+
+/// What a replica serves now.
+#[utoipa::path(post, path = "/api/v1/replicas/{id}/heartbeat", request_body = Heartbeat, responses((status = 200), (status = 404, description = "unknown replica: register again")))]
+pub(crate) async fn heartbeat(
+    State(control): Shared,
+    Path(id): Path<String>,
+    body: Result<axum::Json<Heartbeat>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let report = json_body(body)?;
+    if !is_registered(&control, &id) {
+        return Err(ApiError::not_found(format!(
+            "unknown replica {id:?}; register first"
+        )));
+    }
+    if control.live.heartbeat(&id, report) {
+        control.kick();
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"revision": control.revision()}),
+    ))
+}
+
+/// The desired state of a replica. With `If-None-Match: "<revision>"`,
+/// answers 304 when the fleet revision has not moved: polling is cheap.
+#[utoipa::path(get, path = "/api/v1/replicas/{id}/desired", responses((status = 200, body = DesiredState), (status = 304)))]
+pub(crate) async fn desired(
+    State(control): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let revision = control.revision();
+    let etag = format!("\"{revision}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == etag)
+    {
+        control.metrics.poll(false);
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            response.headers_mut().insert(header::ETAG, v);
+        }
+        return Ok(response);
+    }
+    control.metrics.poll(true);
+    let mut response = json_response(StatusCode::OK, &control.desired_for(&id));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WatchQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// Keep-alive interval of watch streams: lets both ends notice a dead peer.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// A stream of the replica's desired state, one JSON document per line,
+/// sent at once when the revision is past `after`, then on every change.
+/// Blank lines are keep-alives.
+#[utoipa::path(get, path = "/api/v1/replicas/{id}/watch", params(("after" = u64, Query, description = "last revision seen")), responses((status = 200, content_type = "application/x-ndjson", body = DesiredState)))]
+pub(crate) async fn watch(
+    State(control): Shared,
+    Path(id): Path<String>,
+    Query(query): Query<WatchQuery>,
+) -> Response {
+    let mut revisions = control.revision.subscribe();
+    let watchers = control.metrics.watchers.clone();
+    watchers.inc();
+    struct Guard(prometheus_client::metrics::gauge::Gauge);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    let guard = Guard(watchers);
+    let stream = async_stream_like(move |tx| async move {
+        let _guard = guard;
+        let mut last: Option<DesiredState> = None;
+        let mut after = query.after;
+        loop {
+            let desired = control.desired_for(&id);
+            let content_changed = last
+                .as_ref()
+                .is_none_or(|l| l.models != desired.models || l.peers != desired.peers);
+            if desired.revision > after && content_changed {
+                let mut line = serde_json::to_vec(&desired).unwrap_or_default();
+                line.push(b'\n');
+                if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                    return;
+                }
+                after = desired.revision;
+                last = Some(desired);
+            }
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// Runs `producer` with a channel sender; the receiver is the stream.
+fn async_stream_like<F, Fut>(
+    producer: F,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(producer(tx));
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The fleet: every replica with region, health, serving and desired
+/// versions, skew.
+#[utoipa::path(get, path = "/api/v1/status", responses((status = 200, body = FleetStatus)))]
+pub(crate) async fn status(State(control): Shared) -> Response {
+    json_response(StatusCode::OK, &control.fleet_status())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AuditQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+/// The audit log, oldest first.
+#[utoipa::path(get, path = "/api/v1/audit", params(("after" = i64, Query), ("limit" = u32, Query)), responses((status = 200, body = Vec<AuditEntry>)))]
+pub(crate) async fn audit(
+    State(control): Shared,
+    Query(query): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let entries = control
+        .store
+        .audit_log(query.after, query.limit.min(1000))
+        .await
+        .map_err(registry_error)?;
+    Ok(json_response(StatusCode::OK, &entries))
+}

@@ -1,0 +1,248 @@
+//! What replicas report, kept in memory: heartbeats, liveness and version
+//! skew. Heartbeats change every few seconds and mean nothing after a
+//! restart, so they are never written to the registry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use shoal_api::fleet::{Heartbeat, ReplicaView};
+use shoal_api::{UnixMillis, now_millis};
+use shoal_registry::ReplicaRecord;
+use shoal_rollout::{FleetFacts, ReplicaFacts};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+struct Live {
+    at: Instant,
+    at_millis: UnixMillis,
+    report: Heartbeat,
+    skew_since: Option<(Instant, UnixMillis)>,
+}
+
+/// Heartbeats and liveness of every replica.
+#[derive(Debug)]
+pub struct LiveFleet {
+    dead_after: Duration,
+    skew_threshold: Duration,
+    live: Mutex<BTreeMap<String, Live>>,
+}
+
+impl LiveFleet {
+    /// A fleet where silence for `dead_after` means down and skew for
+    /// `skew_threshold` means behind.
+    pub fn new(dead_after: Duration, skew_threshold: Duration) -> LiveFleet {
+        LiveFleet {
+            dead_after,
+            skew_threshold,
+            live: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records a heartbeat; returns true when what the replica serves changed.
+    pub fn heartbeat(&self, id: &str, report: Heartbeat) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let serving = |h: &Heartbeat| -> BTreeSet<(String, String)> {
+            h.serving
+                .iter()
+                .map(|s| (s.model.clone(), s.version.clone()))
+                .collect()
+        };
+        let changed = live.get(id).is_none_or(|old| {
+            serving(&old.report) != serving(&report) || old.report.ready != report.ready
+        });
+        let skew_since = live.get(id).and_then(|l| l.skew_since);
+        live.insert(
+            id.to_owned(),
+            Live {
+                at: Instant::now(),
+                at_millis: now_millis(),
+                report,
+                skew_since,
+            },
+        );
+        changed
+    }
+
+    /// Forgets a replica.
+    pub fn forget(&self, id: &str) {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// True when `id` heartbeated within `dead_after`.
+    pub fn is_alive(&self, id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .is_some_and(|l| l.at.elapsed() < self.dead_after)
+    }
+
+    /// Planning facts for the registered replicas.
+    pub fn facts(&self, registrations: &[ReplicaRecord]) -> Vec<ReplicaFacts> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        registrations
+            .iter()
+            .map(|r| {
+                let l = live.get(&r.registration.id);
+                ReplicaFacts {
+                    id: r.registration.id.clone(),
+                    address: r.registration.address.clone(),
+                    region: r.registration.region.clone(),
+                    alive: l.is_some_and(|l| l.at.elapsed() < self.dead_after),
+                    serving: l
+                        .map(|l| {
+                            l.report
+                                .serving
+                                .iter()
+                                .map(|s| (s.model.clone(), s.version.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The fleet as `shoal status` shows it. Updates skew tracking: a
+    /// replica whose serving set differs from its desired set is skewed
+    /// from the first time that is seen, and behind once it has been
+    /// skewed for longer than the threshold.
+    pub fn views(&self, registrations: &[ReplicaRecord], facts: &FleetFacts) -> Vec<ReplicaView> {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        registrations
+            .iter()
+            .map(|r| {
+                let id = &r.registration.id;
+                let mut desired = shoal_rollout::plan::desired_state(facts, id).version_keys();
+                desired.sort();
+                let entry = live.get_mut(id);
+                let alive = entry
+                    .as_ref()
+                    .is_some_and(|l| l.at.elapsed() < self.dead_after);
+                let (serving, ready, last, in_flight, failures) = match &entry {
+                    Some(l) => {
+                        let mut s: Vec<String> = l
+                            .report
+                            .serving
+                            .iter()
+                            .map(|s| format!("{}:{}", s.model, s.version))
+                            .collect();
+                        s.sort();
+                        (
+                            s,
+                            l.report.ready,
+                            Some(l.at_millis),
+                            l.report.in_flight,
+                            l.report.failures.clone(),
+                        )
+                    }
+                    None => (Vec::new(), false, None, 0, BTreeMap::new()),
+                };
+                let skew = serving != desired;
+                let mut skew_since = None;
+                let mut behind = false;
+                if let Some(l) = entry {
+                    if skew {
+                        let since = *l.skew_since.get_or_insert((Instant::now(), now_millis()));
+                        behind = since.0.elapsed() >= self.skew_threshold;
+                        skew_since = Some(since.1);
+                    } else {
+                        l.skew_since = None;
+                    }
+                }
+                ReplicaView {
+                    id: id.clone(),
+                    address: r.registration.address.clone(),
+                    region: r.registration.region.clone(),
+                    healthy: alive && ready,
+                    serving,
+                    desired,
+                    skew,
+                    behind: behind || (!alive && skew),
+                    skew_since,
+                    last_heartbeat: last,
+                    in_flight,
+                    failures,
+                    pid: r.registration.pid,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_api::fleet::{Registration, ServingVersion};
+
+    use super::*;
+
+    fn record(id: &str) -> ReplicaRecord {
+        ReplicaRecord {
+            registration: Registration {
+                id: id.into(),
+                address: "a:1".into(),
+                region: "r".into(),
+                labels: Default::default(),
+                pid: None,
+            },
+            registered_at: 0,
+        }
+    }
+
+    fn serving(v: &str) -> Heartbeat {
+        Heartbeat {
+            serving: vec![ServingVersion {
+                model: "m".into(),
+                version: v.into(),
+                sha256: String::new(),
+            }],
+            ready: true,
+            ..Heartbeat::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_means_down() {
+        let fleet = LiveFleet::new(Duration::from_secs(6), Duration::from_secs(60));
+        assert!(!fleet.is_alive("a"));
+        assert!(fleet.heartbeat("a", serving("1")));
+        assert!(
+            !fleet.heartbeat("a", serving("1")),
+            "same serving set: no change"
+        );
+        assert!(fleet.heartbeat("a", serving("2")));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(fleet.is_alive("a"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!fleet.is_alive("a"));
+        assert!(!fleet.facts(&[record("a")])[0].alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn skew_turns_into_behind_after_the_threshold() {
+        let fleet = LiveFleet::new(Duration::from_secs(600), Duration::from_secs(60));
+        fleet.heartbeat("a", serving("1"));
+        // Nothing deployed: desired is empty, serving is not: skewed.
+        let facts = FleetFacts::default();
+        let v = &fleet.views(&[record("a")], &facts)[0];
+        assert!(v.skew && !v.behind);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        fleet.heartbeat("a", serving("1"));
+        let v = &fleet.views(&[record("a")], &facts)[0];
+        assert!(v.skew && v.behind, "{v:?}");
+        fleet.heartbeat(
+            "a",
+            Heartbeat {
+                ready: true,
+                ..Heartbeat::default()
+            },
+        );
+        let v = &fleet.views(&[record("a")], &facts)[0];
+        assert!(!v.skew && !v.behind);
+        assert!(v.healthy);
+    }
+}

@@ -1,0 +1,313 @@
+//! Shoal's control plane.
+//!
+//! - [`Control`] holds the registry store, the artifact store (the origin),
+//!   what replicas report (heartbeats, kept in memory: they change every
+//!   few seconds and are worthless after a restart), and the fleet revision
+//!   that watchers follow.
+//! - [`api`] is the REST API under `/api/v1/` (OpenAPI at
+//!   `/api/v1/openapi.json`), including the per-replica watch stream and
+//!   the conditional `desired` endpoint that polling replicas call.
+//! - [`controller`] drives rollouts: it feeds the pure state machines of
+//!   `shoal-rollout` with what replicas report and persists their decisions.
+//!
+//! Architecture invariant: the control plane is never on the inference
+//! path. Replicas and gateways keep serving their last known state when it
+//! is down; nothing here is called per prediction.
+
+pub mod api;
+pub mod controller;
+mod fleet;
+mod metrics;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_api::fleet::DesiredState;
+use shoal_artifacts::ArtifactStore;
+use shoal_registry::RegistryStore;
+use shoal_registry::sqlite::SqliteRegistry;
+use shoal_rollout::FleetFacts;
+use shoal_telemetry::MetricsRegistry;
+
+pub use crate::fleet::LiveFleet;
+use crate::metrics::ControlMetrics;
+
+/// Settings of a control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// Directory for the registry database, the local artifact store and
+    /// upload spooling.
+    pub data_dir: PathBuf,
+    /// Artifact store URL (`s3://…`, `file:///…`); default
+    /// `<data-dir>/artifacts`.
+    pub artifact_store: Option<String>,
+    /// How often replicas heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A replica silent this long is treated as down.
+    pub dead_after: Duration,
+    /// A replica skewed (serving ≠ desired) this long is flagged as behind.
+    pub skew_threshold: Duration,
+    /// Largest artifact accepted.
+    pub upload_limit: u64,
+    /// How often the rollout controller re-evaluates without a trigger.
+    pub controller_interval: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            data_dir: PathBuf::from(".shoal/control"),
+            artifact_store: None,
+            heartbeat_interval: Duration::from_secs(2),
+            dead_after: Duration::from_secs(6),
+            skew_threshold: Duration::from_secs(60),
+            upload_limit: 8 << 30,
+            controller_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The registry data the planner needs, re-read after every change.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    facts: FleetFacts,
+    registrations: Vec<shoal_registry::ReplicaRecord>,
+}
+
+/// The control plane's state, shared by its handlers and tasks.
+pub struct Control {
+    config: ControlConfig,
+    store: Arc<dyn RegistryStore>,
+    artifacts: ArtifactStore,
+    live: LiveFleet,
+    snapshot: RwLock<Arc<Snapshot>>,
+    revision: tokio::sync::watch::Sender<u64>,
+    kick: tokio::sync::Notify,
+    /// Serialises changes to deployments (deploy, rollback, controller
+    /// steps), so two of them never interleave on one model.
+    deploy_lock: tokio::sync::Mutex<()>,
+    registry: MetricsRegistry,
+    metrics: ControlMetrics,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Opens the registry and artifact store under `config.data_dir`.
+    pub async fn open(config: ControlConfig) -> anyhow::Result<Arc<Control>> {
+        std::fs::create_dir_all(config.data_dir.join("tmp")).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        let store = SqliteRegistry::open(&config.data_dir.join("registry.db")).await?;
+        let artifacts = match &config.artifact_store {
+            Some(url) => ArtifactStore::from_url(url)?,
+            None => ArtifactStore::local(&config.data_dir.join("artifacts"))?,
+        };
+        Control::with_stores(config, Arc::new(store), artifacts).await
+    }
+
+    /// A control plane on the given stores.
+    pub async fn with_stores(
+        config: ControlConfig,
+        store: Arc<dyn RegistryStore>,
+        artifacts: ArtifactStore,
+    ) -> anyhow::Result<Arc<Control>> {
+        let registry = MetricsRegistry::new();
+        let metrics = ControlMetrics::new(&registry);
+        let revision = store.revision().await?;
+        let control = Arc::new(Control {
+            live: LiveFleet::new(config.dead_after, config.skew_threshold),
+            config,
+            store,
+            artifacts,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            revision: tokio::sync::watch::Sender::new(revision),
+            kick: tokio::sync::Notify::new(),
+            deploy_lock: tokio::sync::Mutex::new(()),
+            registry,
+            metrics,
+        });
+        control.refresh().await?;
+        Ok(control)
+    }
+
+    /// The registry store.
+    pub fn store(&self) -> &Arc<dyn RegistryStore> {
+        &self.store
+    }
+
+    /// The artifact store.
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    /// The current fleet revision.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// Re-reads what planning needs from the registry and publishes the
+    /// revision to watchers.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let revision = self.store.revision().await?;
+        let registrations = self.store.list_replicas().await?;
+        let mut deployments = Vec::new();
+        let mut versions = std::collections::BTreeMap::new();
+        for stored in self.store.list_deployments().await? {
+            let rolling =
+                serde_json::from_value::<shoal_rollout::Rolling>(stored.controller.clone()).ok();
+            if let Some(detail) = self.store.get_model(&stored.deployment.model).await? {
+                for v in detail.versions {
+                    versions.insert((v.model.clone(), v.version.clone()), v);
+                }
+            }
+            deployments.push((stored.deployment, rolling));
+        }
+        let facts = FleetFacts {
+            revision,
+            deployments,
+            replicas: Vec::new(),
+            versions,
+        };
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Snapshot {
+            facts,
+            registrations,
+        });
+        self.revision.send_if_modified(|r| {
+            let changed = *r != revision;
+            *r = revision;
+            changed
+        });
+        self.metrics
+            .revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Planning facts: the registry snapshot plus what replicas report now.
+    pub fn facts(&self) -> FleetFacts {
+        let snapshot = self.snapshot();
+        let mut facts = snapshot.facts.clone();
+        facts.replicas = self.live.facts(&snapshot.registrations);
+        facts
+    }
+
+    /// What replica `id` should serve now.
+    pub fn desired_for(&self, id: &str) -> DesiredState {
+        shoal_rollout::plan::desired_state(&self.facts(), id)
+    }
+
+    /// Wakes the rollout controller.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Tells every live replica to reconcile now (the push trigger). Fire
+    /// and forget: the watch stream and polling cover failures.
+    pub fn push_to_replicas(self: &Arc<Self>) {
+        let snapshot = self.snapshot();
+        for r in &snapshot.registrations {
+            if !self.live.is_alive(&r.registration.id) {
+                continue;
+            }
+            let client = shoal_client::ControlClient::new(
+                &format!("http://{}", r.registration.address),
+                None,
+            )
+            .with_timeout(Duration::from_secs(2));
+            tokio::spawn(async move {
+                let _ = client.post_empty("/sync/nudge").await;
+            });
+        }
+    }
+
+    /// The fleet as `shoal status` shows it; also refreshes skew tracking
+    /// and the fleet gauges.
+    pub fn fleet_status(&self) -> shoal_api::fleet::FleetStatus {
+        let facts = self.facts();
+        let views = self.live.views(&self.snapshot().registrations, &facts);
+        self.metrics.update_fleet(&facts);
+        self.metrics.update_skew(&views);
+        shoal_api::fleet::FleetStatus {
+            revision: facts.revision,
+            replicas: views,
+        }
+    }
+
+    /// Metrics in Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        self.fleet_status();
+        self.registry.encode()
+    }
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub control: Arc<Control>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl ControlServer {
+    /// Opens the stores, binds, and starts serving and the controller.
+    pub async fn start(config: ControlConfig) -> anyhow::Result<ControlServer> {
+        let listener = shoal_http::bind(config.addr).await?;
+        let addr = listener.local_addr()?;
+        let control = Control::open(config).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let router = api::router(control.clone());
+        let task = tokio::spawn(shoal_http::serve(listener, router, async move {
+            let _ = rx.await;
+        }));
+        let controller = tokio::spawn(controller::run(control.clone()));
+        Ok(ControlServer {
+            addr,
+            control,
+            shutdown: Some(tx),
+            task,
+            controller,
+        })
+    }
+
+    /// Stops serving and waits.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.controller.abort();
+        self.join().await
+    }
+
+    /// Waits for the server task to end. Call at most once.
+    pub async fn join(&mut self) -> std::io::Result<()> {
+        (&mut self.task)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+}

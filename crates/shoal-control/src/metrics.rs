@@ -1,0 +1,140 @@
+//! The control plane's metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use shoal_rollout::FleetFacts;
+use shoal_telemetry::MetricsRegistry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    model: String,
+    model_version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    replica_id: String,
+}
+
+/// Every metric family the control plane exports.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlMetrics {
+    pub(crate) revision: Gauge,
+    active: Family<VersionLabels, Gauge>,
+    replicas_alive: Gauge,
+    replicas_behind: Gauge,
+    skew: Family<ReplicaLabels, Gauge>,
+    egress: Family<KindLabels, Counter>,
+    polls: Family<ResultLabels, Counter>,
+    pub(crate) watchers: Gauge,
+}
+
+impl ControlMetrics {
+    pub(crate) fn new(registry: &MetricsRegistry) -> ControlMetrics {
+        let m = ControlMetrics {
+            revision: Gauge::default(),
+            active: Family::default(),
+            replicas_alive: Gauge::default(),
+            replicas_behind: Gauge::default(),
+            skew: Family::default(),
+            egress: Family::default(),
+            polls: Family::default(),
+            watchers: Gauge::default(),
+        };
+        registry.register(
+            "shoal_fleet_revision",
+            "Current fleet revision",
+            m.revision.clone(),
+        );
+        registry.register(
+            "model_active_replicas",
+            "Live replicas serving each model version",
+            m.active.clone(),
+        );
+        registry.register(
+            "shoal_replicas_alive",
+            "Replicas heartbeating",
+            m.replicas_alive.clone(),
+        );
+        registry.register(
+            "shoal_replicas_behind",
+            "Replicas whose serving versions have differed from desired for longer than the skew threshold",
+            m.replicas_behind.clone(),
+        );
+        registry.register(
+            "shoal_replica_version_skew",
+            "1 while a replica serves something other than its desired versions",
+            m.skew.clone(),
+        );
+        registry.register(
+            "shoal_artifact_egress_bytes",
+            "Bytes of artifacts served by the origin, by kind (chunk, manifest)",
+            m.egress.clone(),
+        );
+        registry.register(
+            "shoal_desired_polls",
+            "Conditional desired-state polls, by result (not_modified, fresh)",
+            m.polls.clone(),
+        );
+        registry.register(
+            "shoal_watch_streams",
+            "Open watch streams",
+            m.watchers.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn egress(&self, kind: &'static str, bytes: usize) {
+        self.egress
+            .get_or_create(&KindLabels { kind })
+            .inc_by(bytes as u64);
+    }
+
+    pub(crate) fn poll(&self, fresh: bool) {
+        let result = if fresh { "fresh" } else { "not_modified" };
+        self.polls.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Recomputes the fleet gauges at scrape time.
+    pub(crate) fn update_fleet(&self, facts: &FleetFacts) {
+        self.active.clear();
+        let mut alive = 0;
+        for r in facts.replicas.iter().filter(|r| r.alive) {
+            alive += 1;
+            for (model, version) in &r.serving {
+                self.active
+                    .get_or_create(&VersionLabels {
+                        model: model.clone(),
+                        model_version: version.clone(),
+                    })
+                    .inc();
+            }
+        }
+        self.replicas_alive.set(alive);
+    }
+
+    pub(crate) fn update_skew(&self, views: &[shoal_api::fleet::ReplicaView]) {
+        self.skew.clear();
+        for v in views {
+            self.skew
+                .get_or_create(&ReplicaLabels {
+                    replica_id: v.id.clone(),
+                })
+                .set(i64::from(v.skew));
+        }
+        self.replicas_behind
+            .set(i64::try_from(views.iter().filter(|v| v.behind).count()).unwrap_or(0));
+    }
+}

@@ -1,0 +1,42 @@
+//! The OpenAPI document served at `/api/v1/openapi.json`, generated from
+//! the handlers' annotations and the `shoal-api` types, so it cannot drift
+//! from the code.
+
+use utoipa::OpenApi;
+
+use crate::api;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Shoal control plane",
+        description = "Registry, artifacts, deployments and fleet of Shoal."
+    ),
+    paths(
+        api::upload_artifact,
+        api::get_manifest,
+        api::get_chunk,
+        api::list_models,
+        api::get_model,
+        api::create_version,
+        api::get_version,
+        api::rollback,
+        api::list_deployments,
+        api::get_deployment,
+        api::deploy,
+        api::get_rollout,
+        api::register,
+        api::deregister,
+        api::heartbeat,
+        api::desired,
+        api::watch,
+        api::status,
+        api::audit,
+    )
+)]
+struct ApiDoc;
+
+/// The document.
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

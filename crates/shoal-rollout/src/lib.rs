@@ -1,0 +1,16 @@
+//! Pure decisions about the fleet, tested without sockets or clocks.
+//!
+//! - [`plan`]: from deployments, registered replicas and version records to
+//!   the [`shoal_api::fleet::DesiredState`] of each replica.
+//! - [`rolling`]: the rolling-update controller, a state machine fed with
+//!   what the fleet reports and answering with what to change.
+//!
+//! The control plane wraps these with I/O: it persists controller snapshots
+//! in the registry, feeds heartbeats in, and publishes desired states.
+//! Time enters only as values passed in (`now` in milliseconds).
+
+pub mod plan;
+pub mod rolling;
+
+pub use plan::{FleetFacts, ReplicaFacts};
+pub use rolling::Rolling;

@@ -1,0 +1,254 @@
+//! Who serves what: desired state per replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use shoal_api::deploy::Deployment;
+use shoal_api::fleet::{DesiredModel, DesiredState, DesiredVersion, Peer};
+use shoal_api::registry::VersionRecord;
+
+use crate::rolling::Rolling;
+
+/// What the control plane knows about one replica when planning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaFacts {
+    /// Id.
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    /// Region.
+    pub region: String,
+    /// Heartbeating recently.
+    pub alive: bool,
+    /// `(model, version)` it reports serving.
+    pub serving: BTreeSet<(String, String)>,
+}
+
+impl ReplicaFacts {
+    /// True when it reports serving `model:version`.
+    pub fn serves(&self, model: &str, version: &str) -> bool {
+        self.serving
+            .contains(&(model.to_owned(), version.to_owned()))
+    }
+}
+
+/// Everything planning needs.
+#[derive(Debug, Clone, Default)]
+pub struct FleetFacts {
+    /// Revision being planned.
+    pub revision: u64,
+    /// Deployments with their rolling controller, if one is active.
+    pub deployments: Vec<(Deployment, Option<Rolling>)>,
+    /// Registered replicas.
+    pub replicas: Vec<ReplicaFacts>,
+    /// Version records by `(model, version)`.
+    pub versions: BTreeMap<(String, String), VersionRecord>,
+}
+
+/// True when `replica` may serve `deployment` (data residency).
+pub fn eligible(deployment: &Deployment, replica: &ReplicaFacts) -> bool {
+    deployment
+        .regions
+        .as_ref()
+        .is_none_or(|regions| regions.iter().any(|r| r == &replica.region))
+}
+
+/// The versions `replica` should have loaded for `deployment`, with the
+/// default first; empty when it should not serve the model.
+pub fn versions_for(
+    deployment: &Deployment,
+    rolling: Option<&Rolling>,
+    replica: &ReplicaFacts,
+) -> Vec<String> {
+    if !eligible(deployment, replica) {
+        return Vec::new();
+    }
+    if let Some(r) = rolling.filter(|r| !r.state.is_terminal()) {
+        return vec![r.assignment(&replica.id).to_owned()];
+    }
+    // Every version with traffic; the heaviest is the default.
+    let mut targets: Vec<_> = deployment.targets.iter().filter(|t| t.weight > 0).collect();
+    targets.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.version.cmp(&b.version)));
+    targets.into_iter().map(|t| t.version.clone()).collect()
+}
+
+/// The desired state of `replica_id`.
+pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
+    let Some(replica) = facts.replicas.iter().find(|r| r.id == replica_id) else {
+        return DesiredState {
+            revision: facts.revision,
+            ..DesiredState::default()
+        };
+    };
+    let mut models = Vec::new();
+    for (deployment, rolling) in &facts.deployments {
+        let versions = versions_for(deployment, rolling.as_ref(), replica);
+        let Some(default) = versions.first().cloned() else {
+            continue;
+        };
+        let versions: Vec<DesiredVersion> = versions
+            .iter()
+            .filter_map(|v| facts.versions.get(&(deployment.model.clone(), v.clone())))
+            .map(|record| DesiredVersion {
+                version: record.version.clone(),
+                sha256: record.sha256.clone(),
+                size: record.size,
+                input_shapes: record.input_shapes.clone(),
+            })
+            .collect();
+        if versions.is_empty() {
+            continue;
+        }
+        models.push(DesiredModel {
+            model: deployment.model.clone(),
+            default,
+            versions,
+        });
+    }
+    let peers = facts
+        .replicas
+        .iter()
+        .filter(|r| r.region == replica.region && (r.alive || r.id == replica.id))
+        .map(|r| Peer {
+            id: r.id.clone(),
+            address: r.address.clone(),
+        })
+        .collect();
+    DesiredState {
+        revision: facts.revision,
+        models,
+        peers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_api::deploy::TrafficTarget;
+    use shoal_api::registry::VersionStatus;
+
+    use super::*;
+
+    fn replica(id: &str, region: &str) -> ReplicaFacts {
+        ReplicaFacts {
+            id: id.into(),
+            address: format!("{id}:1"),
+            region: region.into(),
+            alive: true,
+            serving: BTreeSet::new(),
+        }
+    }
+
+    fn record(model: &str, version: &str) -> VersionRecord {
+        VersionRecord {
+            model: model.into(),
+            version: version.into(),
+            sha256: format!("sha-{version}"),
+            size: 10,
+            created_at: 0,
+            labels: Default::default(),
+            metrics: Default::default(),
+            lineage: None,
+            status: VersionStatus::Production,
+            reached_production: true,
+            rolled_back: false,
+            input_shapes: Default::default(),
+        }
+    }
+
+    fn deployment(model: &str, targets: &[(&str, u32)], regions: Option<&[&str]>) -> Deployment {
+        Deployment {
+            model: model.into(),
+            targets: targets
+                .iter()
+                .map(|(v, w)| TrafficTarget {
+                    version: (*v).into(),
+                    weight: *w,
+                })
+                .collect(),
+            regions: regions.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
+            rollout: None,
+            revision: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn facts() -> FleetFacts {
+        FleetFacts {
+            revision: 7,
+            deployments: vec![
+                (deployment("digits", &[("1", 90), ("2", 10)], None), None),
+                (
+                    deployment("eu-only", &[("1", 100)], Some(&["eu-west"])),
+                    None,
+                ),
+            ],
+            replicas: vec![
+                replica("a", "us-east"),
+                replica("b", "eu-west"),
+                replica("c", "us-east"),
+            ],
+            versions: [
+                record("digits", "1"),
+                record("digits", "2"),
+                record("eu-only", "1"),
+            ]
+            .into_iter()
+            .map(|r| ((r.model.clone(), r.version.clone()), r))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn every_weighted_version_is_loaded_and_the_heaviest_is_default() {
+        let d = desired_state(&facts(), "a");
+        assert_eq!(d.revision, 7);
+        assert_eq!(d.version_keys(), ["digits:1", "digits:2"]);
+        assert_eq!(d.models[0].default, "1");
+        assert_eq!(d.models[0].versions[1].sha256, "sha-2");
+    }
+
+    #[test]
+    fn region_pinned_models_stay_in_their_regions() {
+        assert_eq!(
+            desired_state(&facts(), "b").version_keys(),
+            ["digits:1", "digits:2", "eu-only:1"]
+        );
+        assert!(
+            !desired_state(&facts(), "c")
+                .version_keys()
+                .contains(&"eu-only:1".to_owned())
+        );
+    }
+
+    #[test]
+    fn peers_are_live_replicas_of_the_same_region() {
+        let mut f = facts();
+        let peers: Vec<String> = desired_state(&f, "a")
+            .peers
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(peers, ["a", "c"]);
+        f.replicas[2].alive = false;
+        let peers: Vec<String> = desired_state(&f, "a")
+            .peers
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(peers, ["a"]);
+    }
+
+    #[test]
+    fn unknown_replicas_get_nothing() {
+        assert!(desired_state(&facts(), "zz").models.is_empty());
+    }
+
+    #[test]
+    fn a_rolling_update_assigns_one_version_per_replica() {
+        let mut f = facts();
+        let mut rolling = Rolling::start(Some("1".into()), "2".into(), 1, 0);
+        rolling.moved.insert("a".into());
+        f.deployments[0] = (deployment("digits", &[("2", 100)], None), Some(rolling));
+        assert_eq!(desired_state(&f, "a").version_keys()[0], "digits:2");
+        assert_eq!(desired_state(&f, "c").version_keys()[0], "digits:1");
+    }
+}

@@ -1,0 +1,454 @@
+//! The agent: triggers, the reconcile worker, heartbeats, and the HTTP
+//! endpoints it adds to the replica (`/peer/chunks/{id}`, `/sync/nudge`,
+//! `/sync/status`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use shoal_api::fleet::{DesiredState, Heartbeat, Registration, ServingVersion};
+use shoal_artifacts::{ChunkCache, ChunkId};
+use shoal_client::{ClientError, Conditional, ControlClient};
+use shoal_core::{ModelName, Version};
+use shoal_http::{ApiError, json_response};
+use shoal_replica::store::InstallPolicy;
+use shoal_replica::{ArtifactSource, LoadSpec, Replica};
+
+use crate::fetch::{FetchError, Fetcher};
+use crate::reconcile::{self, Loaded, Step};
+
+/// Settings of the sync agent.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Control plane base URL.
+    pub control: String,
+    /// Bearer token for the control plane.
+    pub token: Option<String>,
+    /// This replica's id.
+    pub id: String,
+    /// Its region.
+    pub region: String,
+    /// The address others reach it at (`host:port`).
+    pub advertise: String,
+    /// Data directory (artifact cache, last desired state).
+    pub data_dir: PathBuf,
+    /// Polling interval (±10 % jitter); the fallback trigger.
+    pub poll_interval: Duration,
+    /// Labels to register with.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The sync agent of one replica.
+pub struct Agent {
+    config: SyncConfig,
+    replica: Arc<Replica>,
+    fetcher: Arc<Fetcher>,
+    client: ControlClient,
+    latest: tokio::sync::watch::Sender<Option<DesiredState>>,
+    nudge: tokio::sync::Notify,
+    /// Highest revision received from the control plane (or the cache).
+    seen: AtomicU64,
+    /// Revision fully applied.
+    applied: AtomicU64,
+    heartbeat_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.config.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(6));
+    base.min(Duration::from_secs(5))
+        .mul_f64(rand::random_range(0.5..1.0))
+}
+
+impl Agent {
+    /// An agent for `replica`; opens the artifact cache in the data directory.
+    pub fn new(config: SyncConfig, replica: Arc<Replica>) -> Result<Arc<Agent>, String> {
+        let cache = ChunkCache::open(&config.data_dir.join("cache")).map_err(|e| e.to_string())?;
+        let client = ControlClient::new(&config.control, config.token.clone());
+        let fetcher = Fetcher::new(
+            Arc::new(cache),
+            client.clone(),
+            config.id.clone(),
+            replica.metrics_registry(),
+        );
+        Ok(Arc::new(Agent {
+            config,
+            replica,
+            fetcher: Arc::new(fetcher),
+            client,
+            latest: tokio::sync::watch::Sender::new(None),
+            nudge: tokio::sync::Notify::new(),
+            seen: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            heartbeat_ms: AtomicU64::new(2000),
+        }))
+    }
+
+    /// The endpoints the agent adds to the replica's server.
+    pub fn routes(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/peer/chunks/{id}", get(serve_chunk))
+            .route("/sync/nudge", post(nudge))
+            .route("/sync/status", get(status))
+            .with_state(self.clone())
+    }
+
+    fn desired_path(&self) -> PathBuf {
+        self.config.data_dir.join("desired.json")
+    }
+
+    /// Starts every task: restart from the cached desired state, then
+    /// register, heartbeat, watch and poll.
+    pub fn spawn(self: &Arc<Self>) {
+        if let Ok(bytes) = std::fs::read(self.desired_path())
+            && let Ok(desired) = serde_json::from_slice::<DesiredState>(&bytes)
+        {
+            tracing::info!(
+                revision = desired.revision,
+                "resuming from the last desired state in the data directory"
+            );
+            self.submit(desired);
+        }
+        tokio::spawn(self.clone().reconcile_worker());
+        tokio::spawn(self.clone().control_loop());
+        tokio::spawn(self.clone().poll_loop());
+    }
+
+    /// Offers a desired state; older revisions than one already seen are
+    /// ignored, so triggers can race freely.
+    fn submit(&self, desired: DesiredState) {
+        let revision = desired.revision;
+        let accepted = self.latest.send_if_modified(|latest| {
+            let newer = latest
+                .as_ref()
+                .is_none_or(|l| revision > l.revision || (revision == l.revision && l != &desired));
+            if newer {
+                *latest = Some(desired.clone());
+            }
+            newer
+        });
+        self.seen.fetch_max(revision, Ordering::SeqCst);
+        if accepted && let Ok(bytes) = serde_json::to_vec(&desired) {
+            let tmp = self.desired_path().with_extension("json.tmp");
+            let _ = std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, self.desired_path()));
+        }
+    }
+
+    async fn reconcile_worker(self: Arc<Self>) {
+        let mut rx = self.latest.subscribe();
+        let mut attempt = 0;
+        loop {
+            let desired = rx.borrow_and_update().clone();
+            if let Some(desired) = desired {
+                if self.reconcile(&desired).await {
+                    attempt = 0;
+                } else {
+                    // Retry failed steps after a backoff, or at once when a
+                    // new desired state arrives.
+                    attempt += 1;
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        () = tokio::time::sleep(backoff(attempt + 3)) => {}
+                    }
+                    continue;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn loaded(&self) -> Vec<Loaded> {
+        let table = self.replica.store().snapshot();
+        table
+            .models
+            .iter()
+            .flat_map(|(name, entry)| {
+                entry.versions.values().map(move |v| Loaded {
+                    model: name.to_string(),
+                    version: v.version.to_string(),
+                    sha256: v.sha256.clone(),
+                    default: v.version == entry.default,
+                })
+            })
+            .collect()
+    }
+
+    /// Converges on `desired`: the one path every trigger ends in. Returns
+    /// true when everything desired is served.
+    pub async fn reconcile(&self, desired: &DesiredState) -> bool {
+        let required: Vec<(ModelName, Version)> = desired
+            .models
+            .iter()
+            .flat_map(|m| {
+                m.versions.iter().filter_map(move |v| {
+                    Some((
+                        ModelName::new(m.model.as_str()).ok()?,
+                        Version::new(v.version.as_str()).ok()?,
+                    ))
+                })
+            })
+            .collect();
+        self.replica.require(required);
+        let mut ok = true;
+        for step in reconcile::plan(desired, &self.loaded()) {
+            match step {
+                Step::Load {
+                    model,
+                    version,
+                    default,
+                } => {
+                    let key = format!("{model}:{}", version.version);
+                    match self.load(&model, &version, default, desired).await {
+                        Ok(()) => {}
+                        Err(reason) => {
+                            tracing::warn!(version = %key, %reason, "cannot load; the serving version keeps serving");
+                            self.replica.record_failure(&key, &reason);
+                            ok = false;
+                        }
+                    }
+                }
+                Step::SetDefault { model, version } => {
+                    if let Err(e) = self.replica.store().set_default(&model, &version) {
+                        tracing::warn!(%model, %version, error = %e, "cannot switch the default version");
+                        ok = false;
+                    }
+                }
+                Step::Unload { model, version } => {
+                    // Retire only when every load succeeded, so a failed
+                    // update never leaves fewer versions serving.
+                    if ok {
+                        let _ = self.replica.store().remove(&model, &version);
+                        tracing::info!(%model, %version, "retired; draining requests in flight");
+                    }
+                }
+            }
+        }
+        if ok {
+            self.applied.fetch_max(desired.revision, Ordering::SeqCst);
+        }
+        ok
+    }
+
+    async fn load(
+        &self,
+        model: &str,
+        version: &shoal_api::fleet::DesiredVersion,
+        default: bool,
+        desired: &DesiredState,
+    ) -> Result<(), String> {
+        let bytes = self
+            .fetcher
+            .artifact(&version.sha256, &desired.peers)
+            .await
+            .map_err(|e| match e {
+                FetchError::Corrupt(m) => format!("integrity check failed: {m}"),
+                other => other.to_string(),
+            })?;
+        let options = shoal_replica::http::parse_input_shapes(&version.input_shapes)?;
+        let spec = LoadSpec {
+            model: ModelName::new(model).map_err(|e| e.to_string())?,
+            version: Version::new(version.version.as_str()).map_err(|e| e.to_string())?,
+            source: ArtifactSource::Verified {
+                bytes,
+                sha256: version.sha256.clone(),
+            },
+            sha256: Some(version.sha256.clone()),
+            options,
+        };
+        let policy = InstallPolicy {
+            make_default: default,
+            retire_others: false,
+        };
+        self.replica
+            .load(spec, policy)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn registration(&self) -> Registration {
+        Registration {
+            id: self.config.id.clone(),
+            address: self.config.advertise.clone(),
+            region: self.config.region.clone(),
+            labels: self.config.labels.clone(),
+            pid: Some(std::process::id()),
+        }
+    }
+
+    fn heartbeat_report(&self) -> Heartbeat {
+        let loaded = self.loaded();
+        let stats = self.replica.pool().stats();
+        Heartbeat {
+            serving: loaded
+                .into_iter()
+                .map(|l| ServingVersion {
+                    model: l.model,
+                    version: l.version,
+                    sha256: l.sha256,
+                })
+                .collect(),
+            applied_revision: self.applied.load(Ordering::SeqCst),
+            failures: self.replica.failures(),
+            in_flight: (stats.running + stats.queued) as u64,
+            ready: self.replica.ready_state().ready,
+        }
+    }
+
+    async fn register(&self) {
+        let mut attempt = 0;
+        loop {
+            match self.client.register(&self.registration()).await {
+                Ok(registered) => {
+                    self.heartbeat_ms
+                        .store(registered.heartbeat_interval_ms.max(100), Ordering::SeqCst);
+                    tracing::info!(id = %self.config.id, control = %self.config.control, "registered with the control plane");
+                    return;
+                }
+                Err(e) => {
+                    if attempt == 0 {
+                        tracing::warn!(error = %e, "cannot register yet; serving from the local cache meanwhile");
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Registers, then heartbeats and follows the watch stream; both
+    /// restart after failures without ever blocking serving.
+    async fn control_loop(self: Arc<Self>) {
+        self.register().await;
+        let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
+        self.watch_loop().await;
+        heartbeats.abort();
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut changes = self.latest.subscribe();
+        loop {
+            match self
+                .client
+                .heartbeat(&self.config.id, &self.heartbeat_report())
+                .await
+            {
+                Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => self.register().await,
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+                Ok(()) => {}
+            }
+            let interval = Duration::from_millis(self.heartbeat_ms.load(Ordering::SeqCst));
+            // Report promptly after a change, or at the interval.
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.replica.changed() => {}
+                _ = changes.changed() => {}
+            }
+        }
+    }
+
+    async fn watch_loop(&self) {
+        let mut attempt = 0;
+        loop {
+            match self
+                .client
+                .watch(&self.config.id, self.seen.load(Ordering::SeqCst))
+                .await
+            {
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(desired) => {
+                                attempt = 0;
+                                self.submit(desired);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "watch stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(ClientError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                    self.register().await
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot open the watch stream"),
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    async fn poll_loop(self: Arc<Self>) {
+        let interval = self.config.poll_interval;
+        let mut delay = crate::poll::first_delay(&mut rand::rng(), interval);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.nudge.notified() => {}
+            }
+            delay = crate::poll::next_delay(&mut rand::rng(), interval);
+            let seen = self.seen.load(Ordering::SeqCst);
+            match self
+                .client
+                .desired(&self.config.id, (seen > 0).then_some(seen))
+                .await
+            {
+                Ok(Conditional::Fresh(desired)) => self.submit(desired),
+                Ok(Conditional::NotModified) => {}
+                Err(e) => tracing::debug!(error = %e, "poll failed"),
+            }
+        }
+    }
+}
+
+async fn serve_chunk(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = ChunkId::parse(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let bytes = agent
+        .fetcher
+        .serve(&id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string(), 1))?;
+    Ok(bytes.into_response())
+}
+
+async fn nudge(State(agent): State<Arc<Agent>>) -> Response {
+    agent.nudge.notify_one();
+    json_response(StatusCode::ACCEPTED, &serde_json::json!({"nudged": true}))
+}
+
+async fn status(State(agent): State<Arc<Agent>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "id": agent.config.id,
+            "region": agent.config.region,
+            "control": agent.config.control,
+            "seen_revision": agent.seen.load(Ordering::SeqCst),
+            "applied_revision": agent.applied.load(Ordering::SeqCst),
+            "cache_bytes": agent.fetcher.cache.chunk_bytes(),
+        }),
+    )
+}

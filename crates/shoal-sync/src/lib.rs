@@ -1,0 +1,25 @@
+//! The replica's sync agent: converge on the desired state, whatever the
+//! trigger.
+//!
+//! - One reconcile path ([`reconcile::plan`] decides, [`Agent::reconcile`]
+//!   acts): fetch, verify, load, warm, switch, report. Start-up from the
+//!   local cache, a watch event, a poll that found a change and a push from
+//!   the control plane all end there.
+//! - Three triggers: the watch stream (resumes from the last revision
+//!   seen), polling with jitter ([`poll::next_delay`], conditional, 304 when
+//!   nothing changed), and push (`POST /sync/nudge`).
+//! - Artifacts come chunk by chunk: from the local cache, else from the
+//!   regional peer that owns the chunk (rendezvous hashing, so each chunk
+//!   leaves the origin once per region), else from the origin. Every chunk
+//!   is checked against its BLAKE3 and the artifact against its SHA-256
+//!   before it is loaded.
+//! - The last desired state is kept in the data directory, so a replica
+//!   restarted without the control plane serves again from its cache.
+
+mod agent;
+mod fetch;
+pub mod poll;
+pub mod reconcile;
+
+pub use agent::{Agent, SyncConfig};
+pub use fetch::owner;

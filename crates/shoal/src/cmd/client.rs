@@ -1,0 +1,473 @@
+//! Client commands: talk to the control plane's API and print tables (or
+//! JSON with `--json`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{ContentArrangement, Table};
+use futures::StreamExt;
+use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
+use shoal_api::registry::NewVersion;
+use shoal_client::ControlClient;
+use shoal_core::ModelRef;
+
+use crate::cli::Global;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ModelCommand {
+    /// Upload a model file as a new version; prints the version and its SHA-256.
+    Push(PushArgs),
+    /// Every model in the registry.
+    List,
+    /// One model and its versions, or one version: NAME[:VERSION].
+    Show {
+        /// NAME or NAME:VERSION.
+        model: ModelRef,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct PushArgs {
+    /// Model name.
+    name: String,
+    /// The ONNX file.
+    file: PathBuf,
+    /// Version name [default: the next number].
+    #[arg(long)]
+    version: Option<String>,
+    /// A label: k=v. Repeat for more.
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
+    /// An offline metric: k=v with a number. Repeat for more.
+    #[arg(long = "metric", value_name = "K=V")]
+    metrics: Vec<String>,
+    /// The version this one derives from.
+    #[arg(long)]
+    lineage: Option<String>,
+    /// Input shape the replicas should use: INPUT=D,D,… (-1 dynamic). Repeat for more.
+    #[arg(long = "input-shape", value_name = "INPUT=DIMS")]
+    input_shapes: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeployArgs {
+    /// NAME:VERSION to deploy.
+    target: ModelRef,
+    /// How to roll it out.
+    #[arg(long, default_value = "rolling")]
+    strategy: String,
+    /// Replicas moved at once [default: a quarter of the fleet].
+    #[arg(long)]
+    max_surge: Option<u32>,
+    /// Serve the model only in these regions (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    regions: Option<Vec<String>>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RollbackArgs {
+    /// The model.
+    name: String,
+    /// Why, for the audit log.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum RolloutCommand {
+    /// Where a model's rollout stands.
+    Status {
+        /// The model.
+        name: String,
+    },
+}
+
+fn client(global: &Global) -> ControlClient {
+    ControlClient::new(&global.control_url(), global.token.clone())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    t
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn key_values(flags: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    flags
+        .iter()
+        .map(|f| {
+            f.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--{what} {f:?}: expected K=V"))
+        })
+        .collect()
+}
+
+fn when(millis: i64) -> String {
+    let secs = millis / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
+    let metadata = tokio::fs::metadata(&args.file)
+        .await
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    if !metadata.is_file() {
+        bail!("{} is not a file", args.file.display());
+    }
+    let size = metadata.len();
+    let labels = key_values(&args.labels, "label")?;
+    let metrics = key_values(&args.metrics, "metric")?
+        .into_iter()
+        .map(|(k, v)| {
+            v.parse::<f64>()
+                .map(|n| (k.clone(), n))
+                .with_context(|| format!("--metric {k}={v}: the value must be a number"))
+        })
+        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+    let input_shapes = key_values(&args.input_shapes, "input-shape")?
+        .into_iter()
+        .map(|(k, v)| {
+            v.split(',')
+                .map(|d| d.trim().parse::<i64>())
+                .collect::<Result<Vec<_>, _>>()
+                .map(|dims| (k.clone(), dims))
+                .with_context(|| format!("--input-shape {k}={v}: expected D,D,… (-1 for dynamic)"))
+        })
+        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+
+    let bar = if global.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(size)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let file = tokio::fs::File::open(&args.file).await?;
+    let progress = bar.clone();
+    let stream = tokio_util_like::chunks(file).map(move |chunk| {
+        if let Ok(c) = &chunk {
+            progress.inc(c.len() as u64);
+        }
+        chunk
+    });
+    let client = client(global);
+    let uploaded = client.upload_artifact(size, stream).await?;
+    bar.finish_and_clear();
+    let record = client
+        .create_version(
+            &args.name,
+            &NewVersion {
+                sha256: uploaded.sha256.clone(),
+                version: args.version,
+                labels,
+                metrics,
+                lineage: args.lineage,
+                input_shapes,
+            },
+        )
+        .await?;
+    if global.json {
+        return print_json(&record);
+    }
+    println!("pushed {}:{}", record.model, record.version);
+    println!("  sha256  {}", record.sha256);
+    println!(
+        "  size    {} bytes in {} chunks ({} new, {} bytes stored)",
+        uploaded.size, uploaded.chunks, uploaded.new_chunks, uploaded.stored_bytes
+    );
+    println!(
+        "deploy it with: shoal deploy {}:{}",
+        record.model, record.version
+    );
+    Ok(())
+}
+
+pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Push(args) => push(args, global).await,
+        ModelCommand::List => {
+            let models = client(global).list_models().await?;
+            if global.json {
+                return print_json(&models);
+            }
+            if models.is_empty() {
+                println!("no models yet: push one with `shoal model push NAME FILE`");
+                return Ok(());
+            }
+            let mut t = table(&[
+                "model",
+                "versions",
+                "latest",
+                "production",
+                "last known good",
+            ]);
+            for m in models {
+                t.add_row(vec![
+                    m.name,
+                    m.versions.to_string(),
+                    m.latest.unwrap_or_default(),
+                    m.production.unwrap_or_else(|| "-".into()),
+                    m.last_known_good.unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        ModelCommand::Show { model } => {
+            let c = client(global);
+            if let Some(version) = model.version {
+                let v = c
+                    .get_version(model.model.as_str(), version.as_str())
+                    .await?;
+                if global.json {
+                    return print_json(&v);
+                }
+                let mut t = table(&["field", "value"]);
+                t.add_row(vec!["model".to_owned(), v.model.clone()]);
+                t.add_row(vec!["version".to_owned(), v.version.clone()]);
+                t.add_row(vec!["status".to_owned(), v.status.as_str().to_owned()]);
+                t.add_row(vec!["sha256".to_owned(), v.sha256.clone()]);
+                t.add_row(vec!["size".to_owned(), format!("{} bytes", v.size)]);
+                t.add_row(vec!["created".to_owned(), when(v.created_at)]);
+                t.add_row(vec![
+                    "lineage".to_owned(),
+                    v.lineage.clone().unwrap_or_else(|| "-".into()),
+                ]);
+                t.add_row(vec!["labels".to_owned(), format!("{:?}", v.labels)]);
+                t.add_row(vec!["metrics".to_owned(), format!("{:?}", v.metrics)]);
+                t.add_row(vec!["rolled back".to_owned(), v.rolled_back.to_string()]);
+                println!("{t}");
+                return Ok(());
+            }
+            let detail = c.get_model(model.model.as_str()).await?;
+            if global.json {
+                return print_json(&detail);
+            }
+            println!(
+                "{}: production {}, last known good {}",
+                detail.model.name,
+                detail.model.production.as_deref().unwrap_or("-"),
+                detail.model.last_known_good.as_deref().unwrap_or("-")
+            );
+            let mut t = table(&["version", "status", "sha256", "size", "created", "metrics"]);
+            for v in detail.versions {
+                let status = if v.rolled_back {
+                    format!("{} (rolled back)", v.status.as_str())
+                } else {
+                    v.status.as_str().to_owned()
+                };
+                t.add_row(vec![
+                    v.version,
+                    status,
+                    v.sha256[..12].to_owned(),
+                    v.size.to_string(),
+                    when(v.created_at),
+                    v.metrics
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+    }
+}
+
+fn print_deployment(d: &Deployment, global: &Global) -> anyhow::Result<()> {
+    if global.json {
+        return print_json(d);
+    }
+    let targets: Vec<String> = d
+        .targets
+        .iter()
+        .map(|t| format!("{}@{}%", t.version, t.weight))
+        .collect();
+    println!(
+        "{}: {} (revision {})",
+        d.model,
+        targets.join(", "),
+        d.revision
+    );
+    if let Some(r) = &d.rollout {
+        print_rollout_line(r);
+    }
+    Ok(())
+}
+
+fn print_rollout_line(r: &RolloutView) {
+    println!(
+        "  rollout {} {} → {}: {:?}, step {}, {}/{} replicas — {}",
+        r.strategy.as_str(),
+        r.from.as_deref().unwrap_or("-"),
+        r.to,
+        r.state,
+        r.step,
+        r.replicas_done,
+        r.replicas_total,
+        r.reason
+    );
+}
+
+pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<()> {
+    let Some(version) = args.target.version else {
+        bail!(
+            "name the version to deploy: shoal deploy {}:VERSION",
+            args.target.model
+        );
+    };
+    let strategy = match args.strategy.as_str() {
+        "rolling" => shoal_api::deploy::Strategy::Rolling,
+        other => bail!("strategy {other:?} is not available yet; use rolling"),
+    };
+    let request = DeployRequest {
+        version: version.to_string(),
+        strategy,
+        max_surge: args.max_surge,
+        regions: args.regions,
+        reason: args.reason,
+    };
+    let d = client(global)
+        .deploy(args.target.model.as_str(), &request)
+        .await?;
+    print_deployment(&d, global)?;
+    if !global.json {
+        println!("follow it with: shoal rollout status {}", d.model);
+    }
+    Ok(())
+}
+
+pub(crate) async fn rollback(args: RollbackArgs, global: &Global) -> anyhow::Result<()> {
+    let d = client(global)
+        .rollback(&args.name, args.reason.as_deref())
+        .await?;
+    print_deployment(&d, global)
+}
+
+pub(crate) async fn rollout(command: RolloutCommand, global: &Global) -> anyhow::Result<()> {
+    match command {
+        RolloutCommand::Status { name } => {
+            let r = client(global).rollout(&name).await?;
+            if global.json {
+                return print_json(&r);
+            }
+            print_rollout_line(&r);
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
+    let status = client(global).status().await?;
+    if global.json {
+        return print_json(&status);
+    }
+    if status.replicas.is_empty() {
+        println!("no replicas registered (revision {})", status.revision);
+        return Ok(());
+    }
+    let mut t = table(&[
+        "replica",
+        "address",
+        "region",
+        "health",
+        "serving",
+        "desired",
+        "skew",
+        "in flight",
+    ]);
+    for r in &status.replicas {
+        let skew = match (r.skew, r.behind) {
+            (_, true) => "BEHIND".to_owned(),
+            (true, false) => "converging".to_owned(),
+            (false, false) => "-".to_owned(),
+        };
+        t.add_row(vec![
+            r.id.clone(),
+            r.address.clone(),
+            r.region.clone(),
+            if r.healthy {
+                "healthy".into()
+            } else {
+                "DOWN".into()
+            },
+            r.serving.join(" "),
+            r.desired.join(" "),
+            skew,
+            r.in_flight.to_string(),
+        ]);
+    }
+    println!("{t}");
+    let behind = status.replicas.iter().filter(|r| r.behind).count();
+    println!(
+        "{} replicas, {} healthy, {} behind (revision {})",
+        status.replicas.len(),
+        status.replicas.iter().filter(|r| r.healthy).count(),
+        behind,
+        status.revision
+    );
+    for r in status.replicas.iter().filter(|r| !r.failures.is_empty()) {
+        for (k, v) in &r.failures {
+            println!("  {}: {k} failed: {v}", r.id);
+        }
+    }
+    Ok(())
+}
+
+/// Reads a file as a stream of 1 MiB pieces.
+mod tokio_util_like {
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+
+    pub(super) fn chunks(
+        file: tokio::fs::File,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
+        futures::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; 1 << 20];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+}

@@ -1,0 +1,205 @@
+//! `shoal replica`: serve models, standalone (`--model`) or synced with a
+//! control plane (`--control`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use shoal_core::ModelName;
+use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
+use shoal_runtime::LoadOptions;
+use shoal_runtime::tract::TractBackend;
+use shoal_sync::{Agent, SyncConfig};
+
+use crate::cli::Global;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReplicaArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090", env = "SHOAL_ADDR")]
+    addr: SocketAddr,
+
+    /// Directory for the replica's state: its id, artifact cache and last desired state.
+    #[arg(long, default_value = ".shoal/replica", env = "SHOAL_DATA_DIR")]
+    data_dir: PathBuf,
+
+    /// Region this replica runs in.
+    #[arg(long, default_value = "default", env = "SHOAL_REGION")]
+    region: String,
+
+    /// Address other processes reach this replica at [default: the bound address].
+    #[arg(long)]
+    advertise: Option<String>,
+
+    /// Seconds between polls of the control plane (±10 % jitter); the
+    /// fallback when the watch stream is down.
+    #[arg(long, default_value_t = 10.0)]
+    poll_interval: f64,
+
+    /// A model to serve standalone: NAME=PATH[@VERSION] (version defaults to 1). Repeat for more.
+    #[arg(long = "model", value_name = "NAME=PATH[@VERSION]")]
+    models: Vec<ModelSpec>,
+
+    /// Override a model input's shape: NAME:INPUT=D,D,… with -1 for a dynamic
+    /// dimension, e.g. ocr:x=-1,3,48,192. Repeat for more.
+    #[arg(long = "input-shape", value_name = "NAME:INPUT=DIMS")]
+    input_shapes: Vec<String>,
+
+    /// Replica id shown in metrics, status and the x-shoal-replica header
+    /// [default: kept in DATA_DIR/replica-id, generated on first start].
+    #[arg(long)]
+    id: Option<String>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = shoal_replica::DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+
+    /// Most tensor elements accepted in one request.
+    #[arg(long, default_value_t = shoal_oip::Limits::default().max_elements)]
+    max_elements: usize,
+
+    /// Inferences run at once [default: number of cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Parses `NAME:INPUT=D,D,…` flags into per-model load options.
+fn parse_input_shapes(flags: &[String]) -> anyhow::Result<BTreeMap<ModelName, LoadOptions>> {
+    let mut out: BTreeMap<ModelName, LoadOptions> = BTreeMap::new();
+    for flag in flags {
+        let parse = || -> anyhow::Result<(ModelName, String, Vec<Option<usize>>)> {
+            let (target, dims) = flag.split_once('=').context("missing '='")?;
+            let (model, input) = target
+                .split_once(':')
+                .context("missing ':' between model and input")?;
+            let dims = dims
+                .split(',')
+                .map(|d| match d.trim() {
+                    "-1" => Ok(None),
+                    d => d
+                        .parse::<usize>()
+                        .map(Some)
+                        .with_context(|| format!("bad dimension {d:?}")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((ModelName::new(model)?, input.to_owned(), dims))
+        };
+        let (model, input, dims) = parse().with_context(|| {
+            format!("--input-shape {flag:?}: expected NAME:INPUT=D,D,… (e.g. ocr:x=-1,3,48,192)")
+        })?;
+        out.entry(model)
+            .or_default()
+            .input_shapes
+            .insert(input, dims);
+    }
+    Ok(out)
+}
+
+/// The replica id: given, or kept in the data directory across restarts.
+fn replica_id(given: Option<String>, data_dir: &Path) -> anyhow::Result<String> {
+    if let Some(id) = given {
+        return Ok(id);
+    }
+    let path = data_dir.join("replica-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("replica-{:08x}", rand::random::<u32>());
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()> {
+    if args.models.is_empty() && global.control.is_none() {
+        bail!(
+            "nothing to serve: give --control URL to serve what the control plane deploys, \
+             or at least one --model NAME=PATH[@VERSION] (e.g. --model digits=models/digits-v1.onnx)"
+        );
+    }
+    for m in &args.models {
+        if !m.path.is_file() {
+            bail!(
+                "model file {} (for --model {}) does not exist",
+                m.path.display(),
+                m.name
+            );
+        }
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let id = replica_id(args.id.clone(), &args.data_dir)?;
+    let config = ReplicaConfig {
+        id: Some(id.clone()),
+        addr: args.addr,
+        load_options: parse_input_shapes(&args.input_shapes)?,
+        models: args.models,
+        body_limit: args.body_limit,
+        limits: shoal_oip::Limits {
+            max_elements: args.max_elements,
+        },
+        threads: args.threads,
+        max_queue: None,
+    };
+    let sync = global.control.clone().map(|control| {
+        (
+            control,
+            global.token.clone(),
+            args.region.clone(),
+            args.advertise.clone(),
+            args.data_dir.clone(),
+            Duration::from_secs_f64(args.poll_interval.max(0.05)),
+        )
+    });
+    let mut agent_error = None;
+    let mut server = ReplicaServer::start_with(
+        config,
+        Arc::new(TractBackend::default()),
+        |replica, addr| {
+            let Some((control, token, region, advertise, data_dir, poll_interval)) = sync else {
+                return axum::Router::new();
+            };
+            let sync_config = SyncConfig {
+                control,
+                token,
+                id: id.clone(),
+                region,
+                advertise: advertise.unwrap_or_else(|| addr.to_string()),
+                data_dir,
+                poll_interval,
+                labels: BTreeMap::new(),
+            };
+            match Agent::new(sync_config, replica) {
+                Ok(agent) => {
+                    agent.spawn();
+                    agent.routes()
+                }
+                Err(e) => {
+                    agent_error = Some(e);
+                    axum::Router::new()
+                }
+            }
+        },
+    )
+    .await?;
+    if let Some(e) = agent_error {
+        bail!("cannot start the sync agent: {e}");
+    }
+    tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
+    // Tools that start replicas on port 0 read the address from this line.
+    println!("shoal replica listening on http://{}", server.addr);
+    let ended = tokio::select! {
+        () = super::shutdown_requested() => None,
+        result = server.join() => Some(result),
+    };
+    match ended {
+        Some(result) => result?,
+        None => server.stop().await?,
+    }
+    Ok(())
+}

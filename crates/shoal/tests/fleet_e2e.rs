@@ -1,0 +1,290 @@
+//! The control plane and replicas as real processes: push, deploy and
+//! converge with no skew; a corrupted chunk refused while the serving
+//! version keeps serving; rollback; an acknowledged push surviving kill -9 of
+//! the control plane; a replica restarted without the control plane serving
+//! from its cache.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_testkit::{
+    ChildGuard, HttpClient, Samples, TempDir, eventually, model_path, spawn_server,
+};
+
+fn shoal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// Runs a client command against `control`; returns its JSON output.
+fn cli(control: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(shoal())
+        .args(args)
+        .args(["--json", "--control", control])
+        .output()
+        .expect("run shoal");
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "shoal {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
+    let (child, addr) = spawn_server(
+        shoal(),
+        &[
+            "control",
+            "--addr",
+            addr,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--heartbeat-ms",
+            "200",
+        ],
+    );
+    (child, format!("http://{addr}"))
+}
+
+fn start_replica(control: &str, dir: &Path) -> (ChildGuard, String) {
+    let (child, addr) = spawn_server(
+        shoal(),
+        &[
+            "replica",
+            "--control",
+            control,
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--poll-interval",
+            "1",
+        ],
+    );
+    (child, format!("http://{addr}"))
+}
+
+fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| {
+                r[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                list("serving"),
+                list("desired"),
+                r["skew"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn converged_on(control: &str, version: &str, replicas: usize) {
+    let want = vec![format!("digits:{version}")];
+    let control = control.to_owned();
+    eventually(
+        &format!("{replicas} replicas serving digits:{version} with no skew"),
+        Duration::from_secs(30),
+        || {
+            let control = control.clone();
+            let want = want.clone();
+            async move {
+                let status = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+                    .await
+                    .unwrap();
+                let rows = serving_of(&status);
+                (rows.len() == replicas
+                    && rows
+                        .iter()
+                        .all(|(_, s, d, skew)| s == &want && d == &want && !skew))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+async fn predict(http: &HttpClient, replica: &str) -> (u16, String) {
+    let r = http
+        .post_json(
+            &format!("{replica}/v2/models/digits/infer"),
+            Samples::load().request(0..2),
+        )
+        .await;
+    (
+        r.status.as_u16(),
+        r.header("x-shoal-model-version").unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
+    let tmp = TempDir::new("fleet-e2e");
+    let ctl_dir = tmp.join("control");
+    let (ctl, control) = start_control(&ctl_dir, "127.0.0.1:0");
+    let mut replicas: Vec<(ChildGuard, String)> = (0..3)
+        .map(|i| start_replica(&control, &tmp.join(&format!("r{i}"))))
+        .collect();
+    let http = HttpClient::new();
+
+    // v1, then v2: every replica converges, no skew.
+    let v1 = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(v1["version"], "1");
+    cli(&control, &["deploy", "digits:1"]);
+    converged_on(&control, "1", 3).await;
+    let v2 = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+            "--metric",
+            "accuracy=0.98",
+        ],
+    );
+    assert_eq!(v2["version"], "2");
+    assert_eq!(
+        v2["sha256"],
+        "cb588faad879a2350064f49a06a5846b747e6934c3b91c108233706752934ebb"
+    );
+    cli(&control, &["deploy", "digits:2"]);
+    converged_on(&control, "2", 3).await;
+    for (_, addr) in &replicas {
+        assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
+    }
+    let shown = cli(&control, &["model", "show", "digits"]);
+    assert_eq!(shown["model"]["production"], "2");
+    let rollout = cli(&control, &["rollout", "status", "digits"]);
+    assert_eq!(rollout["state"], "promoted");
+
+    // A tampered chunk in the store: refused by the replica that fetches it,
+    // which keeps serving v2; nobody else moves until it succeeds.
+    let v3 = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-slow.onnx").to_str().unwrap(),
+        ],
+    );
+    let sha = v3["sha256"].as_str().unwrap();
+    let manifest = http
+        .get(&format!("{control}/api/v1/artifacts/{sha}/manifest"))
+        .await
+        .json();
+    let victim = manifest["chunks"][5]["id"].as_str().unwrap().to_owned();
+    let chunk_path = ctl_dir.join("artifacts/chunks").join(&victim);
+    let mut bytes = std::fs::read(&chunk_path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&chunk_path, bytes).unwrap();
+    cli(&control, &["deploy", "digits:3", "--max-surge", "1"]);
+    let control2 = control.clone();
+    let failed = eventually(
+        "a replica to report the corrupt chunk",
+        Duration::from_secs(30),
+        || {
+            let control = control2.clone();
+            async move {
+                let status = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+                    .await
+                    .unwrap();
+                status["replicas"].as_array().unwrap().iter().find_map(|r| {
+                    let reason = r["failures"]["digits:3"].as_str()?;
+                    Some((r["id"].as_str().unwrap().to_owned(), reason.to_owned()))
+                })
+            }
+        },
+    )
+    .await;
+    assert!(failed.1.contains("integrity check failed"), "{failed:?}");
+    assert!(failed.1.contains(&victim), "{failed:?}");
+    for (_, addr) in &replicas {
+        assert_eq!(
+            predict(&http, addr).await,
+            (200, "2".to_owned()),
+            "v2 keeps serving"
+        );
+    }
+    let rollout = cli(&control, &["rollout", "status", "digits"]);
+    assert_eq!(rollout["state"], "progressing");
+    // Roll back: the rollout is aborted, v3 marked rolled back.
+    cli(
+        &control,
+        &["rollback", "digits", "--reason", "corrupt artifact"],
+    );
+    converged_on(&control, "2", 3).await;
+    let v3 = cli(&control, &["model", "show", "digits:3"]);
+    assert_eq!(v3["rolled_back"], true);
+
+    // An acknowledged push survives kill -9 of the control plane.
+    let v4 = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+            "--label",
+            "note=after-crash",
+        ],
+    );
+    assert_eq!(v4["version"], "4");
+    ctl.signal(Signal::SIGKILL);
+    drop(ctl);
+    let port = control.rsplit(':').next().unwrap().to_owned();
+    let (ctl, control_again) = start_control(&ctl_dir, &format!("127.0.0.1:{port}"));
+    assert_eq!(control_again, control);
+    let v4 = cli(&control, &["model", "show", "digits:4"]);
+    assert_eq!(v4["labels"]["note"], "after-crash");
+
+    // With the control plane gone, a replica killed and restarted comes
+    // back serving from its cache; the others never stopped.
+    ctl.signal(Signal::SIGKILL);
+    drop(ctl);
+    let (old, _) = replicas.remove(0);
+    old.signal(Signal::SIGKILL);
+    drop(old);
+    let (restarted, addr) = start_replica(&control, &tmp.join("r0"));
+    let ready = format!("{addr}/ready");
+    let http2 = http.clone();
+    eventually(
+        "the restarted replica to be ready from its cache",
+        Duration::from_secs(20),
+        || {
+            let (http, ready) = (http2.clone(), ready.clone());
+            async move { (http.get(&ready).await.status == 200).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(predict(&http, &addr).await, (200, "2".to_owned()));
+    for (_, addr) in &replicas {
+        assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
+    }
+    drop(restarted);
+}
