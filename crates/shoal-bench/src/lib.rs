@@ -6,7 +6,13 @@
 //! - [`runtime`]: tract against ONNX Runtime on the same inputs.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
 //!   raw in-process inference p50.
+//! - [`fleet`]: convergence of many replicas against one, delta-update wire
+//!   bytes against rsync, and origin egress with regional fan-out.
+//! - [`herd`]: the control plane's request rate under 1,000 polling
+//!   replicas (a simulation driven by the agent's own jitter code).
 
+pub mod fleet;
+pub mod herd;
 pub mod overhead;
 pub mod runtime;
 pub mod stats;

@@ -556,6 +556,7 @@ pub(crate) async fn watch(
     Query(query): Query<WatchQuery>,
 ) -> Response {
     let mut revisions = control.revision.subscribe();
+    let mut stopping = control.stopping.subscribe();
     let watchers = control.metrics.watchers.clone();
     watchers.inc();
     struct Guard(prometheus_client::metrics::gauge::Gauge);
@@ -585,6 +586,7 @@ pub(crate) async fn watch(
             }
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { return },
+                _ = stopping.changed() => return,
                 () = tokio::time::sleep(KEEPALIVE) => {
                     if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
                         return;

@@ -95,6 +95,8 @@ pub struct Control {
     deploy_lock: tokio::sync::Mutex<()>,
     registry: MetricsRegistry,
     metrics: ControlMetrics,
+    /// Set on shutdown: watch streams end so connections can close.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Control {
@@ -137,6 +139,7 @@ impl Control {
             deploy_lock: tokio::sync::Mutex::new(()),
             registry,
             metrics,
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         control.refresh().await?;
         Ok(control)
@@ -255,6 +258,12 @@ impl Control {
         }
     }
 
+    /// Artifact bytes (chunks and manifests) the origin has served since
+    /// start: what replicas pulled from it rather than from peers.
+    pub fn origin_egress_bytes(&self) -> u64 {
+        self.metrics.egress_total()
+    }
+
     /// Metrics in Prometheus text format.
     pub fn encode_metrics(&self) -> String {
         self.fleet_status();
@@ -282,8 +291,10 @@ impl ControlServer {
         let control = Control::open(config).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = api::router(control.clone());
+        let stopping = control.clone();
         let task = tokio::spawn(shoal_http::serve(listener, router, async move {
             let _ = rx.await;
+            stopping.stopping.send_replace(true);
         }));
         let controller = tokio::spawn(controller::run(control.clone()));
         Ok(ControlServer {

@@ -102,6 +102,14 @@ impl ControlMetrics {
             .inc_by(bytes as u64);
     }
 
+    /// Bytes the origin has served (chunks and manifests) since start.
+    pub(crate) fn egress_total(&self) -> u64 {
+        ["chunk", "manifest"]
+            .into_iter()
+            .map(|kind| self.egress.get_or_create(&KindLabels { kind }).get())
+            .sum()
+    }
+
     pub(crate) fn poll(&self, fresh: bool) {
         let result = if fresh { "fresh" } else { "not_modified" };
         self.polls.get_or_create(&ResultLabels { result }).inc();

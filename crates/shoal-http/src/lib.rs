@@ -187,8 +187,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// How long requests in flight get to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `shutdown` completes, then lets
-/// requests in flight finish.
+/// requests in flight finish for up to [`SHUTDOWN_GRACE`] (endless
+/// streams would otherwise hold the process forever).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -199,9 +203,23 @@ pub async fn serve(
         // Small request/response exchanges: never wait for Nagle.
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let (started_tx, mut started_rx) = tokio::sync::watch::channel(false);
+    let graceful = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = started_tx.send(true);
+    });
+    tokio::select! {
+        result = graceful => result,
+        () = async {
+            if started_rx.wait_for(|started| *started).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

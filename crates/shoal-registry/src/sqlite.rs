@@ -104,6 +104,13 @@ impl SqliteRegistry {
         Ok(SqliteRegistry { pool })
     }
 
+    /// A write transaction that takes the write lock up front (`BEGIN
+    /// IMMEDIATE`), so concurrent writers queue on the busy timeout instead
+    /// of failing with "database is locked" when a read upgrades to a write.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     async fn append_audit(
         tx: &mut Transaction<'_, Sqlite>,
         action: &str,
@@ -185,7 +192,7 @@ impl RegistryStore for SqliteRegistry {
             Version::new(v.as_str()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         }
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT OR IGNORE INTO models (name, created_at, next_number) VALUES (?, ?, 1)",
         )
@@ -320,7 +327,7 @@ impl RegistryStore for SqliteRegistry {
         rolled_back: bool,
         audit: Audit,
     ) -> Result<VersionRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let updated = sqlx::query(
             "UPDATE versions SET status = ?,
                 reached_production = reached_production OR ?,
@@ -361,7 +368,7 @@ impl RegistryStore for SqliteRegistry {
         action: &str,
         audit: Audit,
     ) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let revision = Self::bump(&mut tx).await?;
         stored.deployment.revision = revision;
         stored.deployment.updated_at = now_millis();
@@ -408,7 +415,7 @@ impl RegistryStore for SqliteRegistry {
     }
 
     async fn register_replica(&self, registration: &Registration) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let existing = sqlx::query("SELECT registration FROM replicas WHERE id = ?")
             .bind(&registration.id)
             .fetch_optional(&mut *tx)
@@ -459,7 +466,7 @@ impl RegistryStore for SqliteRegistry {
     }
 
     async fn remove_replica(&self, id: &str, audit: Audit) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let removed = sqlx::query("DELETE FROM replicas WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)

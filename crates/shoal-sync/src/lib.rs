@@ -23,3 +23,38 @@ pub mod reconcile;
 
 pub use agent::{Agent, SyncConfig};
 pub use fetch::owner;
+
+use std::sync::Arc;
+
+use shoal_replica::{ReplicaConfig, ReplicaServer};
+use shoal_runtime::Backend;
+
+/// Starts a replica with its sync agent on the same port. The agent
+/// advertises `sync.advertise`, or the bound address when that is empty.
+pub async fn start_replica(
+    config: ReplicaConfig,
+    mut sync: SyncConfig,
+    backend: Arc<dyn Backend>,
+) -> std::io::Result<ReplicaServer> {
+    let mut agent_error = None;
+    let server = ReplicaServer::start_with(config, backend, |replica, addr| {
+        if sync.advertise.is_empty() {
+            sync.advertise = addr.to_string();
+        }
+        match Agent::new(sync, replica) {
+            Ok(agent) => {
+                agent.spawn();
+                agent.routes()
+            }
+            Err(e) => {
+                agent_error = Some(e);
+                axum::Router::new()
+            }
+        }
+    })
+    .await?;
+    match agent_error {
+        Some(e) => Err(std::io::Error::other(format!("cannot start the sync agent: {e}"))),
+        None => Ok(server),
+    }
+}

@@ -82,7 +82,7 @@ pub(crate) fn main() -> ExitCode {
             Command::Rollback(a) => cmd::client::rollback(a, &global).await,
             Command::Rollout(c) => cmd::client::rollout(c, &global).await,
             Command::Status => cmd::client::status(&global).await,
-            Command::Bench(c) => cmd::bench::run(c).await,
+            Command::Bench(c) => cmd::bench::run(c, global.json).await,
         }
     });
     match result {

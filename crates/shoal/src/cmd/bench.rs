@@ -6,6 +6,36 @@ use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
+    /// N replicas converging on a new version against one replica doing the same.
+    Converge {
+        /// Replicas in the fleet.
+        #[arg(long, default_value_t = 8)]
+        replicas: usize,
+        /// Artifact size in MiB (layers of 512x512 floats).
+        #[arg(long, default_value_t = 20)]
+        size_mb: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Wire bytes for a new version that changes one tensor, against rsync.
+    Delta {
+        /// Model size in MiB.
+        #[arg(long, default_value_t = 100)]
+        size_mb: usize,
+    },
+    /// Simulated control-plane request rate under many polling replicas.
+    Herd {
+        /// Polling replicas.
+        #[arg(long, default_value_t = 1000)]
+        replicas: usize,
+        /// Poll interval in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        interval: f64,
+        /// Simulated seconds.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
+    },
     /// tract against ONNX Runtime on the bundled models (build with --features ort).
     Runtime {
         /// Path of libonnxruntime.so (from the onnxruntime wheel).
@@ -14,9 +44,6 @@ pub(crate) enum BenchCommand {
         /// Alternating rounds per model.
         #[arg(long, default_value_t = 7)]
         rounds: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// A replica's serving overhead: HTTP end-to-end p50 minus raw inference p50.
     Overhead {
@@ -29,18 +56,54 @@ pub(crate) enum BenchCommand {
         /// Requests per round and series.
         #[arg(long, default_value_t = 3000)]
         iterations: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
-pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()> {
+    let scratch = || std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     match command {
+        BenchCommand::Converge { replicas, size_mb, rounds } => {
+            let r = shoal_bench::fleet::convergence(replicas, size_mb, rounds, &scratch()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("artifact {} bytes; {} rounds, alternating 1 replica / {} replicas", r.artifact_bytes, rounds, r.replicas);
+                for (i, (a, b)) in r.single_s.iter().zip(&r.fleet_s).enumerate() {
+                    println!("  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   origin egress {:.2}x artifact", i + 1, a, r.replicas, b, b / a, r.egress_ratio[i]);
+                }
+                println!("median ratio {:.2} (goal ≤ 1.2)", r.ratio);
+            }
+        }
+        BenchCommand::Delta { size_mb } => {
+            let r = shoal_bench::fleet::delta(size_mb, &scratch()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("artifact {} bytes, changed tensor {} bytes", r.artifact_bytes, r.changed_bytes);
+                println!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
+                println!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
+                println!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
+            }
+        }
+        BenchCommand::Herd { replicas, interval, duration } => {
+            let r = shoal_bench::herd::simulate(
+                replicas,
+                std::time::Duration::from_secs_f64(interval),
+                std::time::Duration::from_secs_f64(duration),
+                42,
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} replicas polling every {}s (all started at once), {}s simulated: mean {:.1} req/s, peak {} req/s, peak/mean {:.2} (goal ≤ 1.5)",
+                    r.replicas, r.interval_s, r.duration_s, r.mean_rps, r.peak_rps, r.peak_over_mean
+                );
+            }
+        }
         BenchCommand::Runtime {
             ort_lib,
             rounds,
-            json,
         } => {
             let ort = shoal_bench::runtime::ort_backend(&ort_lib)?;
             let results = tokio::task::spawn_blocking(move || {
@@ -72,7 +135,6 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
             model,
             rounds,
             iterations,
-            json,
         } => {
             let r = shoal_bench::overhead::measure(&model, rounds, iterations).await?;
             if json {

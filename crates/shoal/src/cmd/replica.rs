@@ -12,7 +12,7 @@ use shoal_core::ModelName;
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 use shoal_runtime::LoadOptions;
 use shoal_runtime::tract::TractBackend;
-use shoal_sync::{Agent, SyncConfig};
+use shoal_sync::SyncConfig;
 
 use crate::cli::Global;
 
@@ -146,50 +146,23 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         threads: args.threads,
         max_queue: None,
     };
-    let sync = global.control.clone().map(|control| {
-        (
-            control,
-            global.token.clone(),
-            args.region.clone(),
-            args.advertise.clone(),
-            args.data_dir.clone(),
-            Duration::from_secs_f64(args.poll_interval.max(0.05)),
-        )
-    });
-    let mut agent_error = None;
-    let mut server = ReplicaServer::start_with(
-        config,
-        Arc::new(TractBackend::default()),
-        |replica, addr| {
-            let Some((control, token, region, advertise, data_dir, poll_interval)) = sync else {
-                return axum::Router::new();
-            };
-            let sync_config = SyncConfig {
+    let backend = Arc::new(TractBackend::default());
+    let mut server = match global.control.clone() {
+        None => ReplicaServer::start(config, backend).await?,
+        Some(control) => {
+            let sync = SyncConfig {
                 control,
-                token,
+                token: global.token.clone(),
                 id: id.clone(),
-                region,
-                advertise: advertise.unwrap_or_else(|| addr.to_string()),
-                data_dir,
-                poll_interval,
+                region: args.region.clone(),
+                advertise: args.advertise.clone().unwrap_or_default(),
+                data_dir: args.data_dir.clone(),
+                poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.05)),
                 labels: BTreeMap::new(),
             };
-            match Agent::new(sync_config, replica) {
-                Ok(agent) => {
-                    agent.spawn();
-                    agent.routes()
-                }
-                Err(e) => {
-                    agent_error = Some(e);
-                    axum::Router::new()
-                }
-            }
-        },
-    )
-    .await?;
-    if let Some(e) = agent_error {
-        bail!("cannot start the sync agent: {e}");
-    }
+            shoal_sync::start_replica(config, sync, backend).await?
+        }
+    };
     tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
     // Tools that start replicas on port 0 read the address from this line.
     println!("shoal replica listening on http://{}", server.addr);

@@ -1,0 +1,279 @@
+//! Fleet benchmarks with a real control plane and real replicas (in this
+//! process, on loopback sockets, each with its own data directory):
+//!
+//! - convergence: N replicas converging on a new version against one
+//!   replica fetching and loading the same kind of artifact, alternating;
+//! - origin egress while N replicas fetch (regional fan-out);
+//! - delta update: wire bytes for a version that changes one tensor,
+//!   against rsync on the same two files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use serde::Serialize;
+use shoal_api::deploy::DeployRequest;
+use shoal_api::registry::NewVersion;
+use shoal_client::ControlClient;
+use shoal_control::{ControlConfig, ControlServer};
+use shoal_replica::{ReplicaConfig, ReplicaServer};
+use shoal_runtime::tract::TractBackend;
+use shoal_sync::SyncConfig;
+
+use crate::stats::median;
+
+/// A control plane and replicas on loopback.
+pub struct Fleet {
+    control: ControlServer,
+    replicas: Vec<ReplicaServer>,
+    client: ControlClient,
+    dir: PathBuf,
+}
+
+impl Fleet {
+    /// Starts a control plane and `n` replicas under `dir`.
+    pub async fn start(n: usize, dir: &Path) -> anyhow::Result<Fleet> {
+        let control = ControlServer::start(ControlConfig {
+            addr: "127.0.0.1:0".parse()?,
+            data_dir: dir.join("control"),
+            heartbeat_interval: Duration::from_millis(200),
+            dead_after: Duration::from_secs(2),
+            ..ControlConfig::default()
+        })
+        .await?;
+        let url = format!("http://{}", control.addr);
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            let sync = SyncConfig {
+                control: url.clone(),
+                token: None,
+                id: format!("bench-r{i}"),
+                region: "bench".into(),
+                advertise: String::new(),
+                data_dir: dir.join(format!("r{i}")),
+                poll_interval: Duration::from_secs(10),
+                labels: Default::default(),
+            };
+            let config = ReplicaConfig {
+                id: Some(format!("bench-r{i}")),
+                threads: Some(1),
+                ..ReplicaConfig::default()
+            };
+            replicas.push(shoal_sync::start_replica(config, sync, Arc::new(TractBackend::default())).await?);
+        }
+        let client = ControlClient::new(&url, None);
+        // Wait until every replica has registered and heartbeated.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = client.status().await?;
+            if status.replicas.iter().filter(|r| r.healthy).count() == n {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "replicas did not all register");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Fleet {
+            control,
+            replicas,
+            client,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Pushes `file` as a new version of `model`; returns the version.
+    pub async fn push(&self, model: &str, file: &Path) -> anyhow::Result<String> {
+        let bytes = Bytes::from(std::fs::read(file).with_context(|| format!("read {}", file.display()))?);
+        let size = bytes.len() as u64;
+        let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
+        let uploaded = self.client.upload_artifact(size, stream).await?;
+        let record = self
+            .client
+            .create_version(model, &NewVersion { sha256: uploaded.sha256, ..NewVersion::default() })
+            .await?;
+        Ok(record.version)
+    }
+
+    /// Deploys `model:version` to every replica at once and returns the
+    /// time until all of them serve it.
+    pub async fn deploy_and_wait(&self, model: &str, version: &str) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.client
+            .deploy(
+                model,
+                &DeployRequest {
+                    version: version.to_owned(),
+                    max_surge: Some(u32::try_from(self.replicas.len()).unwrap_or(1)),
+                    ..DeployRequest::default()
+                },
+            )
+            .await?;
+        let deadline = started + Duration::from_secs(600);
+        for r in &self.replicas {
+            while !r.replica.store().has(model, version) {
+                anyhow::ensure!(Instant::now() < deadline, "replica {} never served {model}:{version}", r.replica.id());
+                let _ = tokio::time::timeout(Duration::from_millis(50), r.replica.changed()).await;
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Origin egress so far.
+    pub fn egress(&self) -> u64 {
+        self.control.control.origin_egress_bytes()
+    }
+
+    /// Stops everything.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        for r in self.replicas {
+            r.stop().await?;
+        }
+        self.control.stop().await?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+/// Convergence and egress results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Convergence {
+    /// Replicas in the big fleet.
+    pub replicas: usize,
+    /// Artifact size.
+    pub artifact_bytes: u64,
+    /// One replica: fetch + load, per round (s).
+    pub single_s: Vec<f64>,
+    /// N replicas: all serving, per round (s).
+    pub fleet_s: Vec<f64>,
+    /// Median of per-round fleet ÷ single.
+    pub ratio: f64,
+    /// Origin egress ÷ artifact size while N replicas fetched, per round.
+    pub egress_ratio: Vec<f64>,
+}
+
+fn make_model(out: &Path, layers: usize, seed: u64, perturb: Option<usize>) -> anyhow::Result<()> {
+    let script = crate::models_dir().join("../tools/make_mlp_model.py");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script)
+        .arg(out)
+        .args(["--layers", &layers.to_string(), "--seed", &seed.to_string()]);
+    if let Some(k) = perturb {
+        cmd.args(["--perturb-layer", &k.to_string()]);
+    }
+    let status = cmd.status().context("run tools/make_mlp_model.py (scripts/setup-python installs its packages)")?;
+    anyhow::ensure!(status.success(), "make_mlp_model.py failed");
+    Ok(())
+}
+
+/// Alternates one replica and `n` replicas converging on fresh artifacts
+/// of `layers` MiB, `rounds` times.
+pub async fn convergence(n: usize, layers: usize, rounds: usize, dir: &Path) -> anyhow::Result<Convergence> {
+    std::fs::create_dir_all(dir)?;
+    let single = Fleet::start(1, &dir.join("one")).await?;
+    let many = Fleet::start(n, &dir.join("many")).await?;
+    let mut result = Convergence {
+        replicas: n,
+        artifact_bytes: 0,
+        single_s: Vec::new(),
+        fleet_s: Vec::new(),
+        ratio: 0.0,
+        egress_ratio: Vec::new(),
+    };
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        // Fresh weights every time: nothing is in any cache.
+        let a = dir.join(format!("a{round}.onnx"));
+        let b = dir.join(format!("b{round}.onnx"));
+        make_model(&a, layers, 1000 + round as u64, None)?;
+        make_model(&b, layers, 2000 + round as u64, None)?;
+        let size = std::fs::metadata(&a)?.len();
+        result.artifact_bytes = size;
+        let va = single.push("m", &a).await?;
+        let t1 = single.deploy_and_wait("m", &va).await?;
+        let vb = many.push("m", &b).await?;
+        let before = many.egress();
+        let tn = many.deploy_and_wait("m", &vb).await?;
+        #[allow(clippy::cast_precision_loss)]
+        result.egress_ratio.push((many.egress() - before) as f64 / size as f64);
+        result.single_s.push(t1.as_secs_f64());
+        result.fleet_s.push(tn.as_secs_f64());
+        ratios.push(tn.as_secs_f64() / t1.as_secs_f64());
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+    }
+    result.ratio = median(&ratios);
+    single.stop().await?;
+    many.stop().await?;
+    Ok(result)
+}
+
+/// Delta update results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delta {
+    /// Size of each version.
+    pub artifact_bytes: u64,
+    /// Bytes of the one tensor that changed.
+    pub changed_bytes: u64,
+    /// Bytes the origin served for the new version to a replica holding the old.
+    pub shoal_wire_bytes: u64,
+    /// rsync's total bytes sent + received for the same update.
+    pub rsync_wire_bytes: u64,
+    /// Shoal ÷ rsync.
+    pub ratio: f64,
+}
+
+fn rsync_bytes(old: &Path, new: &Path, dir: &Path) -> anyhow::Result<u64> {
+    let dest = dir.join("rsync-dest.onnx");
+    std::fs::copy(old, &dest)?;
+    // Local rsync copies whole files unless told not to; --no-whole-file
+    // makes it run its delta algorithm over the pipe between its two ends.
+    let out = std::process::Command::new("rsync")
+        .args(["--no-whole-file", "--ignore-times", "--stats"])
+        .arg(new)
+        .arg(&dest)
+        .output()
+        .context("run rsync (apt-get install rsync)")?;
+    anyhow::ensure!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("rsync --stats has no {name:?}"))?;
+        let digits: String = line[name.len()..].chars().take_while(|c| *c != 'b').filter(char::is_ascii_digit).collect();
+        Ok(digits.parse()?)
+    };
+    let total = field("Total bytes sent:")? + field("Total bytes received:")?;
+    let _ = std::fs::remove_file(&dest);
+    Ok(total)
+}
+
+/// A replica holding version 1 of a `layers`-MiB model fetches version 2,
+/// which changes one tensor.
+pub async fn delta(layers: usize, dir: &Path) -> anyhow::Result<Delta> {
+    std::fs::create_dir_all(dir)?;
+    let old = dir.join("old.onnx");
+    let new = dir.join("new.onnx");
+    make_model(&old, layers, 7, None)?;
+    make_model(&new, layers, 7, Some(layers / 2))?;
+    let fleet = Fleet::start(1, &dir.join("fleet")).await?;
+    let v1 = fleet.push("big", &old).await?;
+    fleet.deploy_and_wait("big", &v1).await?;
+    let v2 = fleet.push("big", &new).await?;
+    let before = fleet.egress();
+    fleet.deploy_and_wait("big", &v2).await?;
+    let shoal = fleet.egress() - before;
+    fleet.stop().await?;
+    let rsync = rsync_bytes(&old, &new, dir)?;
+    let size = std::fs::metadata(&new)?.len();
+    let _ = std::fs::remove_dir_all(dir);
+    #[allow(clippy::cast_precision_loss)]
+    Ok(Delta {
+        artifact_bytes: size,
+        changed_bytes: 512 * 512 * 4,
+        shoal_wire_bytes: shoal,
+        rsync_wire_bytes: rsync,
+        ratio: shoal as f64 / rsync as f64,
+    })
+}
