@@ -56,6 +56,33 @@ pub struct TrafficTarget {
     pub weight: u32,
 }
 
+/// A share of traffic mirrored to a version whose answers users never see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Shadow {
+    /// The version that receives the copies.
+    pub version: String,
+    /// Percent of requests mirrored (0–100).
+    pub percent: u32,
+}
+
+/// Body of `PUT /api/v1/deployments/{model}/traffic`: set the traffic
+/// policy by hand (no rollout).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    /// Versions and weights.
+    pub targets: Vec<TrafficTarget>,
+    /// Mirror a share of traffic to a version.
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
+    /// Header whose value keeps a user on one version (default `x-user-id`).
+    #[serde(default)]
+    pub split_header: Option<String>,
+    /// Why, for the audit log.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -120,6 +147,12 @@ pub struct Deployment {
     pub targets: Vec<TrafficTarget>,
     /// Regions the model may be served in; all when absent.
     pub regions: Option<Vec<String>>,
+    /// Traffic mirrored to a shadow version.
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
+    /// Header that keeps a user on one version (default `x-user-id`).
+    #[serde(default)]
+    pub split_header: Option<String>,
     /// The rollout in progress or the last one.
     pub rollout: Option<RolloutView>,
     /// Fleet revision when this last changed.

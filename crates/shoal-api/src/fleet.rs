@@ -46,6 +46,22 @@ pub struct ServingVersion {
     pub sha256: String,
 }
 
+/// A fault injected into a replica for one model version (drills, tests,
+/// benchmarks). Off unless configured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Added latency per inference, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Share of inferences answered with an error (0..1).
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Never answer (the connection stays open).
+    #[serde(default)]
+    pub hang: bool,
+}
+
 /// Body of `POST /api/v1/replicas/{id}/heartbeat`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +79,9 @@ pub struct Heartbeat {
     /// True when it is ready (every desired version loaded).
     #[serde(default)]
     pub ready: bool,
+    /// Faults injected, by `model:version`.
+    #[serde(default)]
+    pub faults: BTreeMap<String, Fault>,
 }
 
 /// One version a replica should serve.
@@ -155,6 +174,9 @@ pub struct ReplicaView {
     pub in_flight: u64,
     /// Load failures reported.
     pub failures: BTreeMap<String, String>,
+    /// Faults injected, by `model:version`.
+    #[serde(default)]
+    pub faults: BTreeMap<String, Fault>,
     /// Process id (local fleets).
     pub pid: Option<u32>,
 }
@@ -166,4 +188,48 @@ pub struct FleetStatus {
     pub revision: u64,
     /// Every known replica.
     pub replicas: Vec<ReplicaView>,
+}
+
+/// A replica as gateways see it in the routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RouteEndpoint {
+    /// Replica id.
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    /// Region.
+    pub region: String,
+    /// Heartbeating and ready, as the control plane last saw it.
+    pub alive: bool,
+    /// `model:version` it reports serving.
+    pub serving: Vec<String>,
+}
+
+/// How a gateway splits one model's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelPolicy {
+    /// Model.
+    pub model: String,
+    /// Versions and weights for requests that name no version.
+    pub targets: Vec<crate::deploy::TrafficTarget>,
+    /// Regions the model may be served in (data residency); all when absent.
+    pub regions: Option<Vec<String>>,
+    /// Traffic mirrored to a shadow version.
+    #[serde(default)]
+    pub shadow: Option<crate::deploy::Shadow>,
+    /// Header that keeps a user on one version.
+    #[serde(default)]
+    pub split_header: Option<String>,
+}
+
+/// Everything a gateway needs to route (`GET /api/v1/routing`, and each
+/// line of `/api/v1/routing/watch`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RoutingTable {
+    /// Fleet revision it was computed at.
+    pub revision: u64,
+    /// Every registered replica.
+    pub endpoints: Vec<RouteEndpoint>,
+    /// Every deployed model's policy.
+    pub models: Vec<ModelPolicy>,
 }

@@ -61,7 +61,9 @@ impl Fleet {
                 threads: Some(1),
                 ..ReplicaConfig::default()
             };
-            replicas.push(shoal_sync::start_replica(config, sync, Arc::new(TractBackend::default())).await?);
+            replicas.push(
+                shoal_sync::start_replica(config, sync, Arc::new(TractBackend::default())).await?,
+            );
         }
         let client = ControlClient::new(&url, None);
         // Wait until every replica has registered and heartbeated.
@@ -84,13 +86,20 @@ impl Fleet {
 
     /// Pushes `file` as a new version of `model`; returns the version.
     pub async fn push(&self, model: &str, file: &Path) -> anyhow::Result<String> {
-        let bytes = Bytes::from(std::fs::read(file).with_context(|| format!("read {}", file.display()))?);
+        let bytes =
+            Bytes::from(std::fs::read(file).with_context(|| format!("read {}", file.display()))?);
         let size = bytes.len() as u64;
         let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
         let uploaded = self.client.upload_artifact(size, stream).await?;
         let record = self
             .client
-            .create_version(model, &NewVersion { sha256: uploaded.sha256, ..NewVersion::default() })
+            .create_version(
+                model,
+                &NewVersion {
+                    sha256: uploaded.sha256,
+                    ..NewVersion::default()
+                },
+            )
             .await?;
         Ok(record.version)
     }
@@ -112,7 +121,11 @@ impl Fleet {
         let deadline = started + Duration::from_secs(600);
         for r in &self.replicas {
             while !r.replica.store().has(model, version) {
-                anyhow::ensure!(Instant::now() < deadline, "replica {} never served {model}:{version}", r.replica.id());
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "replica {} never served {model}:{version}",
+                    r.replica.id()
+                );
                 let _ = tokio::time::timeout(Duration::from_millis(50), r.replica.changed()).await;
             }
         }
@@ -161,14 +174,21 @@ fn make_model(out: &Path, layers: usize, seed: u64, perturb: Option<usize>) -> a
     if let Some(k) = perturb {
         cmd.args(["--perturb-layer", &k.to_string()]);
     }
-    let status = cmd.status().context("run tools/make_mlp_model.py (scripts/setup-python installs its packages)")?;
+    let status = cmd
+        .status()
+        .context("run tools/make_mlp_model.py (scripts/setup-python installs its packages)")?;
     anyhow::ensure!(status.success(), "make_mlp_model.py failed");
     Ok(())
 }
 
 /// Alternates one replica and `n` replicas converging on fresh artifacts
 /// of `layers` MiB, `rounds` times.
-pub async fn convergence(n: usize, layers: usize, rounds: usize, dir: &Path) -> anyhow::Result<Convergence> {
+pub async fn convergence(
+    n: usize,
+    layers: usize,
+    rounds: usize,
+    dir: &Path,
+) -> anyhow::Result<Convergence> {
     std::fs::create_dir_all(dir)?;
     let single = Fleet::start(1, &dir.join("one")).await?;
     let many = Fleet::start(n, &dir.join("many")).await?;
@@ -195,7 +215,9 @@ pub async fn convergence(n: usize, layers: usize, rounds: usize, dir: &Path) -> 
         let before = many.egress();
         let tn = many.deploy_and_wait("m", &vb).await?;
         #[allow(clippy::cast_precision_loss)]
-        result.egress_ratio.push((many.egress() - before) as f64 / size as f64);
+        result
+            .egress_ratio
+            .push((many.egress() - before) as f64 / size as f64);
         result.single_s.push(t1.as_secs_f64());
         result.fleet_s.push(tn.as_secs_f64());
         ratios.push(tn.as_secs_f64() / t1.as_secs_f64());
@@ -234,14 +256,22 @@ fn rsync_bytes(old: &Path, new: &Path, dir: &Path) -> anyhow::Result<u64> {
         .arg(&dest)
         .output()
         .context("run rsync (apt-get install rsync)")?;
-    anyhow::ensure!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| -> anyhow::Result<u64> {
         let line = text
             .lines()
             .find(|l| l.starts_with(name))
             .with_context(|| format!("rsync --stats has no {name:?}"))?;
-        let digits: String = line[name.len()..].chars().take_while(|c| *c != 'b').filter(char::is_ascii_digit).collect();
+        let digits: String = line[name.len()..]
+            .chars()
+            .take_while(|c| *c != 'b')
+            .filter(char::is_ascii_digit)
+            .collect();
         Ok(digits.parse()?)
     };
     let total = field("Total bytes sent:")? + field("Total bytes received:")?;

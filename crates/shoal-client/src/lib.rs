@@ -289,6 +289,20 @@ impl ControlClient {
         .await
     }
 
+    /// Sets a model's traffic policy by hand.
+    pub async fn set_traffic(
+        &self,
+        model: &str,
+        request: &shoal_api::deploy::TrafficRequest,
+    ) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/api/v1/deployments/{model}/traffic"),
+            request,
+        )
+        .await
+    }
+
     /// Every deployment.
     pub async fn list_deployments(&self) -> Result<Vec<Deployment>, ClientError> {
         self.get_json("/api/v1/deployments").await
@@ -370,7 +384,16 @@ impl ControlClient {
         after: u64,
     ) -> Result<impl futures::Stream<Item = Result<DesiredState, ClientError>> + use<>, ClientError>
     {
-        let url = self.url(&format!("/api/v1/replicas/{id}/watch?after={after}"));
+        self.stream(&format!("/api/v1/replicas/{id}/watch?after={after}"))
+            .await
+    }
+
+    /// Opens an NDJSON stream at `path`.
+    async fn stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<impl futures::Stream<Item = Result<T, ClientError>> + use<T>, ClientError> {
+        let url = self.url(path);
         let mut builder = Request::builder().method(Method::GET).uri(&url);
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -406,6 +429,21 @@ impl ControlClient {
             });
         }
         Ok(ndjson(body, url))
+    }
+
+    /// The routing table.
+    pub async fn routing(&self) -> Result<shoal_api::fleet::RoutingTable, ClientError> {
+        self.get_json("/api/v1/routing").await
+    }
+
+    /// Opens the routing watch stream: each item is a new routing table.
+    pub async fn watch_routing(
+        &self,
+    ) -> Result<
+        impl futures::Stream<Item = Result<shoal_api::fleet::RoutingTable, ClientError>> + use<>,
+        ClientError,
+    > {
+        self.stream("/api/v1/routing/watch").await
     }
 
     /// A chunk in its stored encoding from the origin.
@@ -448,10 +486,10 @@ impl ControlClient {
 
 /// Splits a streamed body into newline-delimited JSON documents; blank
 /// lines are keep-alives.
-fn ndjson(
+fn ndjson<T: DeserializeOwned>(
     body: hyper::body::Incoming,
     url: String,
-) -> impl futures::Stream<Item = Result<DesiredState, ClientError>> {
+) -> impl futures::Stream<Item = Result<T, ClientError>> {
     futures::stream::unfold(
         (body, Vec::<u8>::new(), url, false),
         |(mut body, mut buf, url, done)| async move {

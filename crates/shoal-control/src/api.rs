@@ -56,12 +56,15 @@ pub fn router(control: Arc<Control>) -> Router {
             "/api/v1/deployments/{model}",
             get(get_deployment).post(deploy),
         )
+        .route("/api/v1/deployments/{model}/traffic", put(set_traffic))
         .route("/api/v1/rollouts/{model}", get(get_rollout))
         .route("/api/v1/replicas", post(register))
         .route("/api/v1/replicas/{id}", axum::routing::delete(deregister))
         .route("/api/v1/replicas/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/replicas/{id}/desired", get(desired))
         .route("/api/v1/replicas/{id}/watch", get(watch))
+        .route("/api/v1/routing", get(routing))
+        .route("/api/v1/routing/watch", get(watch_routing))
         .route("/api/v1/status", get(status))
         .route("/api/v1/audit", get(audit))
         .route("/health", get(health))
@@ -380,6 +383,21 @@ pub(crate) async fn deploy(
     Ok(json_response(StatusCode::ACCEPTED, &deployment))
 }
 
+/// Set a model's traffic policy by hand: weights, shadow share, split header.
+#[utoipa::path(put, path = "/api/v1/deployments/{model}/traffic", request_body = shoal_api::deploy::TrafficRequest, responses((status = 200, body = Deployment), (status = 409, description = "a rollout is in progress")))]
+pub(crate) async fn set_traffic(
+    State(control): Shared,
+    Path(model): Path<String>,
+    body: Result<axum::Json<shoal_api::deploy::TrafficRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body)?;
+    let deployment = control
+        .set_traffic(&model, request, ANONYMOUS)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &deployment))
+}
+
 /// A model's current or last rollout.
 #[utoipa::path(get, path = "/api/v1/rollouts/{model}", responses((status = 200, body = RolloutView), (status = 404)))]
 pub(crate) async fn get_rollout(
@@ -500,6 +518,7 @@ pub(crate) async fn heartbeat(
     }
     if control.live.heartbeat(&id, report) {
         control.kick();
+        control.fleet_changed();
     }
     Ok(json_response(
         StatusCode::OK,
@@ -586,6 +605,81 @@ pub(crate) async fn watch(
             }
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { return },
+                _ = stopping.changed() => return,
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+fn routing_etag(table: &shoal_api::fleet::RoutingTable) -> String {
+    let bytes = serde_json::to_vec(table).unwrap_or_default();
+    format!("\"{}\"", &content_digest(&bytes)[..16])
+}
+
+fn content_digest(bytes: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// The routing table gateways follow: replicas with what they serve, and
+/// each model's traffic split. ETag is a digest of the content.
+#[utoipa::path(get, path = "/api/v1/routing", responses((status = 200, body = shoal_api::fleet::RoutingTable), (status = 304)))]
+pub(crate) async fn routing(State(control): Shared, headers: HeaderMap) -> Response {
+    let table = control.routing_table();
+    let etag = routing_etag(&table);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == etag)
+    {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    let mut response = json_response(StatusCode::OK, &table);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+/// The routing table as a stream: one JSON document per line, at once and
+/// on every change. Blank lines are keep-alives.
+#[utoipa::path(get, path = "/api/v1/routing/watch", responses((status = 200, content_type = "application/x-ndjson", body = shoal_api::fleet::RoutingTable)))]
+pub(crate) async fn watch_routing(State(control): Shared) -> Response {
+    let mut revisions = control.revision.subscribe();
+    let mut fleet = control.fleet_changes.subscribe();
+    let mut stopping = control.stopping.subscribe();
+    let stream = async_stream_like(move |tx| async move {
+        let mut last: Option<shoal_api::fleet::RoutingTable> = None;
+        loop {
+            let mut table = control.routing_table();
+            let same = last
+                .as_ref()
+                .is_some_and(|l| l.endpoints == table.endpoints && l.models == table.models);
+            if !same {
+                let mut line = serde_json::to_vec(&table).unwrap_or_default();
+                line.push(b'\n');
+                if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                    return;
+                }
+                table.revision = 0;
+                last = Some(table);
+            }
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return },
+                changed = fleet.changed() => if changed.is_err() { return },
                 _ = stopping.changed() => return,
                 () = tokio::time::sleep(KEEPALIVE) => {
                     if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {

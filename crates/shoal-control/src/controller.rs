@@ -153,6 +153,10 @@ impl Control {
                 weight: 100,
             }],
             regions,
+            shadow: None,
+            split_header: current
+                .as_ref()
+                .and_then(|c| c.deployment.split_header.clone()),
             rollout: None,
             revision: 0,
             updated_at: 0,
@@ -305,6 +309,82 @@ impl Control {
         Ok(deployment)
     }
 
+    /// Sets a model's traffic policy by hand: weights across versions, a
+    /// shadow share, the split header. Refused while a rollout runs.
+    pub async fn set_traffic(
+        self: &Arc<Self>,
+        model: &str,
+        request: shoal_api::deploy::TrafficRequest,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        let _guard = self.deploy_lock.lock().await;
+        let stored = self.store.get_deployment(model).await?.ok_or_else(|| {
+            DeployError::NotFound(format!(
+                "model {model} is not deployed; deploy a version first"
+            ))
+        })?;
+        let rolling: Option<Rolling> = serde_json::from_value(stored.controller.clone()).ok();
+        if let Some(r) = rolling.as_ref().filter(|r| !r.state.is_terminal()) {
+            return Err(DeployError::Conflict(format!(
+                "a rollout of {model} to {} is in progress; traffic follows it until it ends",
+                r.to
+            )));
+        }
+        if request.targets.iter().all(|t| t.weight == 0) {
+            return Err(DeployError::Invalid(
+                "at least one target needs a weight above 0".into(),
+            ));
+        }
+        let mut versions: Vec<&str> = request.targets.iter().map(|t| t.version.as_str()).collect();
+        if let Some(shadow) = &request.shadow {
+            if shadow.percent > 100 {
+                return Err(DeployError::Invalid(
+                    "shadow percent must be between 0 and 100".into(),
+                ));
+            }
+            versions.push(&shadow.version);
+        }
+        for v in versions {
+            if self.store.get_version(model, v).await?.is_none() {
+                return Err(DeployError::NotFound(format!(
+                    "model {model} has no version {v:?}"
+                )));
+            }
+        }
+        let mut deployment = stored.deployment;
+        deployment.targets = request.targets.clone();
+        deployment.shadow = request.shadow.clone();
+        if request.split_header.is_some() {
+            deployment.split_header = request.split_header.clone();
+        }
+        let detail = format!(
+            "{}{}: {}",
+            request
+                .targets
+                .iter()
+                .map(|t| format!("{}={}", t.version, t.weight))
+                .collect::<Vec<_>>()
+                .join(","),
+            request
+                .shadow
+                .as_ref()
+                .map(|s| format!(", shadow {}@{}%", s.version, s.percent))
+                .unwrap_or_default(),
+            request.reason.as_deref().unwrap_or("traffic set by hand")
+        );
+        let stored = StoredDeployment {
+            controller: stored.controller,
+            deployment: deployment.clone(),
+        };
+        deployment.revision = self
+            .store
+            .put_deployment(stored, "traffic", Audit::by(actor, detail))
+            .await?;
+        self.refresh().await?;
+        self.after_change();
+        Ok(deployment)
+    }
+
     fn after_change(self: &Arc<Self>) {
         self.push_to_replicas();
         self.kick();
@@ -375,6 +455,7 @@ impl Control {
 pub async fn run(control: Arc<Control>) {
     let mut interval = tokio::time::interval(control.config.controller_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alive: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -385,5 +466,18 @@ pub async fn run(control: Arc<Control>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         control.fleet_status();
+        // Replicas that fell silent change routing without any heartbeat
+        // saying so: notice it here.
+        let now_alive: Vec<String> = control
+            .facts()
+            .replicas
+            .into_iter()
+            .filter(|r| r.alive)
+            .map(|r| r.id)
+            .collect();
+        if now_alive != alive {
+            alive = now_alive;
+            control.fleet_changed();
+        }
     }
 }

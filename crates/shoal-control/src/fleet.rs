@@ -123,6 +123,10 @@ impl LiveFleet {
                 let alive = entry
                     .as_ref()
                     .is_some_and(|l| l.at.elapsed() < self.dead_after);
+                let faults = entry
+                    .as_ref()
+                    .map(|l| l.report.faults.clone())
+                    .unwrap_or_default();
                 let (serving, ready, last, in_flight, failures) = match &entry {
                     Some(l) => {
                         let mut s: Vec<String> = l
@@ -167,6 +171,7 @@ impl LiveFleet {
                     last_heartbeat: last,
                     in_flight,
                     failures,
+                    faults,
                     pid: r.registration.pid,
                 }
             })

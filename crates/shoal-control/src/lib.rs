@@ -97,6 +97,9 @@ pub struct Control {
     metrics: ControlMetrics,
     /// Set on shutdown: watch streams end so connections can close.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Bumped when what replicas serve or their liveness changes (not a
+    /// registry revision: nothing is written), for routing watchers.
+    fleet_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Control {
@@ -140,6 +143,7 @@ impl Control {
             registry,
             metrics,
             stopping: tokio::sync::watch::Sender::new(false),
+            fleet_changes: tokio::sync::watch::Sender::new(0),
         });
         control.refresh().await?;
         Ok(control)
@@ -224,6 +228,16 @@ impl Control {
     /// Wakes the rollout controller.
     pub fn kick(&self) {
         self.kick.notify_one();
+    }
+
+    /// Tells routing watchers that the live fleet changed.
+    pub(crate) fn fleet_changed(&self) {
+        self.fleet_changes.send_modify(|n| *n += 1);
+    }
+
+    /// The routing table gateways follow.
+    pub fn routing_table(&self) -> shoal_api::fleet::RoutingTable {
+        shoal_rollout::plan::routing_table(&self.facts())
     }
 
     /// Tells every live replica to reconcile now (the push trigger). Fire

@@ -222,6 +222,37 @@ pub async fn serve(
     }
 }
 
+/// Like [`serve`], with each connection's peer address available to
+/// handlers as `ConnectInfo<SocketAddr>` (rate limits per client).
+pub async fn serve_with_peers(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let (started_tx, mut started_rx) = tokio::sync::watch::channel(false);
+    let graceful = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = started_tx.send(true);
+    });
+    tokio::select! {
+        result = graceful => result,
+        () = async {
+            if started_rx.wait_for(|started| *started).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    }
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

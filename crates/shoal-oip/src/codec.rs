@@ -112,6 +112,74 @@ pub fn decode_request(body: &[u8], limits: &Limits) -> Result<DecodedRequest, De
     })
 }
 
+#[derive(Deserialize)]
+struct LiteRequest<'a> {
+    #[serde(borrow)]
+    inputs: Vec<LiteTensor<'a>>,
+}
+
+#[derive(Deserialize)]
+struct LiteTensor<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    shape: Vec<i64>,
+    #[serde(borrow)]
+    datatype: std::borrow::Cow<'a, str>,
+    #[allow(dead_code)]
+    data: serde::de::IgnoredAny,
+}
+
+/// Checks a request's structure without decoding tensor data: a JSON
+/// object with non-empty `inputs`, each with a name, a known datatype, a
+/// concrete shape and data, within the element budget. Cheap enough for a
+/// gateway to refuse malformed requests before they reach a replica, which
+/// checks the rest against the model.
+pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<(), DecodeError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
+        return Err(DecodeError(
+            "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
+        ));
+    }
+    let lite: LiteRequest<'_> = serde_json::from_slice(body)
+        .map_err(|e| DecodeError(format!("invalid inference request: {e}")))?;
+    if lite.inputs.is_empty() {
+        return Err(DecodeError(
+            "invalid inference request: \"inputs\" is empty; give at least one input tensor".into(),
+        ));
+    }
+    let mut budget = limits.max_elements;
+    for t in lite.inputs {
+        let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
+        if DataType::parse(&t.datatype).is_none() {
+            let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
+            return Err(err(format!(
+                "unknown datatype {:?}; use one of {}",
+                t.datatype,
+                known.join(", ")
+            )));
+        }
+        let shape = t
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|_| {
+                err(format!(
+                    "shape {:?} has a negative dimension; request shapes must be concrete",
+                    t.shape
+                ))
+            })?;
+        let count = element_count(&shape).filter(|&n| n <= budget).ok_or_else(|| {
+            err(format!(
+                "shape {shape:?} holds more elements than the server accepts in one request ({})",
+                limits.max_elements
+            ))
+        })?;
+        budget -= count;
+    }
+    Ok(())
+}
+
 /// A tensor whose name, datatype and shape are checked but whose data is
 /// still raw JSON text.
 struct Header<'a> {
@@ -670,6 +738,37 @@ mod tests {
             r#"{"inputs":[{"name":"a","shape":[600],"datatype":"FP32","data":[]},{"name":"b","shape":[600],"datatype":"FP32","data":[]}]}"#,
             Err("input \"b\": shape [600] holds more elements than the server accepts"),
         );
+    }
+
+    #[test]
+    fn precheck_agrees_with_decode_on_structure() {
+        let limits = Limits { max_elements: 1000 };
+        let good = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}"#;
+        assert!(precheck_request(good.as_bytes(), &limits).is_ok());
+        for (body, message) in [
+            ("{", "EOF while parsing"),
+            ("[]", "must be a JSON object"),
+            (r#"{"inputs":[]}"#, "\"inputs\" is empty"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"F32","data":[1,2]}]}"#,
+                "unknown datatype \"F32\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[-2],"datatype":"FP32","data":[1,2]}]}"#,
+                "negative dimension",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2000],"datatype":"FP32","data":[]}]}"#,
+                "more elements than the server accepts",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32"}]}"#,
+                "missing field `data`",
+            ),
+        ] {
+            let e = precheck_request(body.as_bytes(), &limits).unwrap_err().0;
+            assert!(e.contains(message), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,6 @@ pub mod types;
 
 pub use codec::{
     DecodeError, DecodedRequest, DecodedResponse, Limits, decode_request, decode_response,
-    encode_response,
+    encode_response, precheck_request,
 };
 pub use types::{ErrorBody, MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};

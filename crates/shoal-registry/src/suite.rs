@@ -127,6 +127,8 @@ async fn deployments_bump_the_revision(store: &dyn RegistryStore) {
             weight: 100,
         }],
         regions: Some(vec!["eu-west".into()]),
+        shadow: None,
+        split_header: None,
         rollout: Some(RolloutView {
             strategy: Strategy::Rolling,
             state: RolloutState::Progressing,

@@ -71,7 +71,12 @@ pub fn router(replica: Arc<Replica>) -> Router {
             "/admin/models/{model}/versions/{version}",
             put(admin_load).delete(admin_unload),
         )
-        .route("/admin/models/{model}/default", put(admin_set_default));
+        .route("/admin/models/{model}/default", put(admin_set_default))
+        .route("/admin/faults", get(admin_faults))
+        .route(
+            "/admin/faults/{model}/{version}",
+            put(admin_set_fault).delete(admin_clear_fault),
+        );
     shoal_http::with_fallbacks(routes).with_state(replica)
 }
 
@@ -231,6 +236,27 @@ async fn infer_common(
     let serving = lookup(replica, model, version)?;
     let body = shoal_http::read_body(body, replica.body_limit).await?;
     let started = Instant::now();
+    if let Some(fault) = replica.fault_for(serving.model.as_str(), serving.version.as_str()) {
+        if fault.hang {
+            std::future::pending::<()>().await;
+        }
+        if fault.latency_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(fault.latency_ms)).await;
+        }
+        if fault.error_rate > 0.0 && rand::random::<f64>() < fault.error_rate {
+            PredictionServed {
+                model: &serving.model,
+                version: &serving.version,
+                outcome: Outcome::Error,
+                elapsed: started.elapsed(),
+                error: Some("injected fault"),
+            }
+            .emit(&serving.metrics);
+            return Err(ApiError::internal(
+                "injected fault: this replica is configured to fail this share of requests",
+            ));
+        }
+    }
     let result = run_inference(replica, &serving, &body).await;
     let (outcome, error) = match &result {
         Ok(_) => (Outcome::Success, None),
@@ -346,6 +372,10 @@ pub struct ModelStatus {
 pub struct AdminListing {
     /// The replica id.
     pub replica_id: String,
+    /// Ready (every required version loaded, not shutting down).
+    pub ready: bool,
+    /// Shutting down: finishing requests, take no new ones.
+    pub shutting_down: bool,
     /// Loaded models.
     pub models: Vec<ModelStatus>,
     /// Retired versions still finishing requests.
@@ -353,6 +383,7 @@ pub struct AdminListing {
 }
 
 async fn admin_list(State(replica): Shared) -> Response {
+    let state = replica.ready_state();
     let table = replica.store().snapshot();
     let models = table
         .models
@@ -385,6 +416,8 @@ async fn admin_list(State(replica): Shared) -> Response {
     json_response(
         StatusCode::OK,
         &AdminListing {
+            ready: state.ready,
+            shutting_down: state.shutting_down,
             replica_id: replica.id().to_owned(),
             models,
             draining,
@@ -502,4 +535,33 @@ async fn admin_set_default(
         StatusCode::OK,
         &serde_json::json!({"model": model, "default": body.version}),
     ))
+}
+
+async fn admin_faults(State(replica): Shared) -> Response {
+    json_response(StatusCode::OK, &replica.faults())
+}
+
+async fn admin_set_fault(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+    body: Result<axum::Json<shoal_api::fleet::Fault>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (model, version) = names(&model, &version)?;
+    let axum::Json(fault) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if !(0.0..=1.0).contains(&fault.error_rate) {
+        return Err(ApiError::bad_request("error_rate must be between 0 and 1"));
+    }
+    replica.set_fault(&format!("{model}:{version}"), Some(fault.clone()));
+    Ok(json_response(StatusCode::OK, &fault))
+}
+
+async fn admin_clear_fault(
+    State(replica): Shared,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    replica.set_fault(&format!("{model}:{version}"), None);
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"cleared": format!("{model}:{version}")}),
+    )
 }

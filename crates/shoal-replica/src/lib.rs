@@ -139,6 +139,8 @@ pub struct Replica {
     /// Bumped whenever a load finishes (either way), so waiters can
     /// re-check readiness without polling.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Injected faults by `model:version`.
+    faults: std::sync::RwLock<BTreeMap<String, shoal_api::fleet::Fault>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -185,6 +187,7 @@ impl Replica {
             shutting_down: AtomicBool::new(false),
             started_at: SystemTime::now(),
             changes: tokio::sync::watch::Sender::new(0),
+            faults: std::sync::RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -276,6 +279,38 @@ impl Replica {
             .filter(|(k, _)| k.split_once(':').is_none_or(|(m, v)| !self.store.has(m, v)))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// Injects (or, with `None`, clears) a fault for `model:version`.
+    pub fn set_fault(&self, key: &str, fault: Option<shoal_api::fleet::Fault>) {
+        let mut faults = self.faults.write().unwrap_or_else(PoisonError::into_inner);
+        match fault {
+            Some(f) => {
+                tracing::warn!(version = key, fault = ?f, "fault injected");
+                faults.insert(key.to_owned(), f);
+            }
+            None => {
+                faults.remove(key);
+            }
+        }
+        drop(faults);
+        self.bump();
+    }
+
+    /// The injected faults.
+    pub fn faults(&self) -> BTreeMap<String, shoal_api::fleet::Fault> {
+        self.faults
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn fault_for(&self, model: &str, version: &str) -> Option<shoal_api::fleet::Fault> {
+        let faults = self.faults.read().unwrap_or_else(PoisonError::into_inner);
+        if faults.is_empty() {
+            return None;
+        }
+        faults.get(&format!("{model}:{version}")).cloned()
     }
 
     /// Waits until the replica is ready. Returns at once if it is.

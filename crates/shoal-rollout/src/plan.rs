@@ -65,10 +65,17 @@ pub fn versions_for(
     if let Some(r) = rolling.filter(|r| !r.state.is_terminal()) {
         return vec![r.assignment(&replica.id).to_owned()];
     }
-    // Every version with traffic; the heaviest is the default.
+    // Every version with traffic (the heaviest is the default), and the
+    // shadow version, which receives mirrored copies.
     let mut targets: Vec<_> = deployment.targets.iter().filter(|t| t.weight > 0).collect();
     targets.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.version.cmp(&b.version)));
-    targets.into_iter().map(|t| t.version.clone()).collect()
+    let mut versions: Vec<String> = targets.into_iter().map(|t| t.version.clone()).collect();
+    if let Some(shadow) = deployment.shadow.as_ref().filter(|s| s.percent > 0)
+        && !versions.contains(&shadow.version)
+    {
+        versions.push(shadow.version.clone());
+    }
+    versions
 }
 
 /// The desired state of `replica_id`.
@@ -165,6 +172,8 @@ mod tests {
                 })
                 .collect(),
             regions: regions.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
+            shadow: None,
+            split_header: None,
             rollout: None,
             revision: 0,
             updated_at: 0,
@@ -250,5 +259,58 @@ mod tests {
         f.deployments[0] = (deployment("digits", &[("2", 100)], None), Some(rolling));
         assert_eq!(desired_state(&f, "a").version_keys()[0], "digits:2");
         assert_eq!(desired_state(&f, "c").version_keys()[0], "digits:1");
+    }
+}
+
+/// The routing table gateways follow: every replica with what it serves,
+/// and each model's traffic split. During a rolling update the split
+/// follows the share of replicas on each version, so traffic moves with
+/// the rollout instead of piling onto the first replicas moved.
+pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
+    use shoal_api::deploy::TrafficTarget;
+    use shoal_api::fleet::{ModelPolicy, RouteEndpoint, RoutingTable};
+    let endpoints = facts
+        .replicas
+        .iter()
+        .map(|r| RouteEndpoint {
+            id: r.id.clone(),
+            address: r.address.clone(),
+            region: r.region.clone(),
+            alive: r.alive,
+            serving: r.serving.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
+        })
+        .collect();
+    let models = facts
+        .deployments
+        .iter()
+        .map(|(deployment, rolling)| {
+            let targets = match rolling.as_ref().filter(|r| !r.state.is_terminal()) {
+                Some(r) => {
+                    let eligible: Vec<&ReplicaFacts> = facts
+                        .replicas
+                        .iter()
+                        .filter(|rep| eligible(deployment, rep))
+                        .collect();
+                    r.view(&deployment.model, &eligible)
+                        .weights
+                        .into_iter()
+                        .map(|(version, weight)| TrafficTarget { version, weight })
+                        .collect()
+                }
+                None => deployment.targets.clone(),
+            };
+            ModelPolicy {
+                model: deployment.model.clone(),
+                targets,
+                regions: deployment.regions.clone(),
+                shadow: deployment.shadow.clone(),
+                split_header: deployment.split_header.clone(),
+            }
+        })
+        .collect();
+    RoutingTable {
+        revision: facts.revision,
+        endpoints,
+        models,
     }
 }

@@ -310,6 +310,7 @@ impl Agent {
             failures: self.replica.failures(),
             in_flight: (stats.running + stats.queued) as u64,
             ready: self.replica.ready_state().ready,
+            faults: self.replica.faults(),
         }
     }
 

@@ -54,7 +54,9 @@ pub async fn start_replica(
     })
     .await?;
     match agent_error {
-        Some(e) => Err(std::io::Error::other(format!("cannot start the sync agent: {e}"))),
+        Some(e) => Err(std::io::Error::other(format!(
+            "cannot start the sync agent: {e}"
+        ))),
         None => Ok(server),
     }
 }

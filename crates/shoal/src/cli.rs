@@ -42,11 +42,15 @@ enum Command {
     Control(cmd::control::ControlArgs),
     /// Run a replica: serve ONNX models over the Open Inference Protocol v2.
     Replica(cmd::replica::ReplicaArgs),
+    /// Run a gateway: route inference to healthy replicas.
+    Gateway(cmd::gateway::GatewayArgs),
     /// Models and versions in the registry.
     #[command(subcommand)]
     Model(cmd::client::ModelCommand),
     /// Deploy a version: `shoal deploy NAME:VERSION`.
     Deploy(cmd::client::DeployArgs),
+    /// Set a model's traffic by hand: weights, shadow share, split header.
+    Traffic(cmd::client::TrafficArgs),
     /// Roll a model back to its last known good version.
     Rollback(cmd::client::RollbackArgs),
     /// Rollouts in progress.
@@ -77,6 +81,8 @@ pub(crate) fn main() -> ExitCode {
         match cli.command {
             Command::Control(args) => cmd::control::run(args).await,
             Command::Replica(args) => cmd::replica::run(args, &global).await,
+            Command::Gateway(args) => cmd::gateway::run(args, &global).await,
+            Command::Traffic(a) => cmd::client::traffic(a, &global).await,
             Command::Model(c) => cmd::client::model(c, &global).await,
             Command::Deploy(a) => cmd::client::deploy(a, &global).await,
             Command::Rollback(a) => cmd::client::rollback(a, &global).await,

@@ -62,14 +62,29 @@ pub(crate) enum BenchCommand {
 pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()> {
     let scratch = || std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     match command {
-        BenchCommand::Converge { replicas, size_mb, rounds } => {
+        BenchCommand::Converge {
+            replicas,
+            size_mb,
+            rounds,
+        } => {
             let r = shoal_bench::fleet::convergence(replicas, size_mb, rounds, &scratch()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("artifact {} bytes; {} rounds, alternating 1 replica / {} replicas", r.artifact_bytes, rounds, r.replicas);
+                println!(
+                    "artifact {} bytes; {} rounds, alternating 1 replica / {} replicas",
+                    r.artifact_bytes, rounds, r.replicas
+                );
                 for (i, (a, b)) in r.single_s.iter().zip(&r.fleet_s).enumerate() {
-                    println!("  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   origin egress {:.2}x artifact", i + 1, a, r.replicas, b, b / a, r.egress_ratio[i]);
+                    println!(
+                        "  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   origin egress {:.2}x artifact",
+                        i + 1,
+                        a,
+                        r.replicas,
+                        b,
+                        b / a,
+                        r.egress_ratio[i]
+                    );
                 }
                 println!("median ratio {:.2} (goal ≤ 1.2)", r.ratio);
             }
@@ -79,13 +94,20 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("artifact {} bytes, changed tensor {} bytes", r.artifact_bytes, r.changed_bytes);
+                println!(
+                    "artifact {} bytes, changed tensor {} bytes",
+                    r.artifact_bytes, r.changed_bytes
+                );
                 println!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
                 println!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
                 println!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
             }
         }
-        BenchCommand::Herd { replicas, interval, duration } => {
+        BenchCommand::Herd {
+            replicas,
+            interval,
+            duration,
+        } => {
             let r = shoal_bench::herd::simulate(
                 replicas,
                 std::time::Duration::from_secs_f64(interval),
@@ -97,14 +119,16 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             } else {
                 println!(
                     "{} replicas polling every {}s (all started at once), {}s simulated: mean {:.1} req/s, peak {} req/s, peak/mean {:.2} (goal ≤ 1.5)",
-                    r.replicas, r.interval_s, r.duration_s, r.mean_rps, r.peak_rps, r.peak_over_mean
+                    r.replicas,
+                    r.interval_s,
+                    r.duration_s,
+                    r.mean_rps,
+                    r.peak_rps,
+                    r.peak_over_mean
                 );
             }
         }
-        BenchCommand::Runtime {
-            ort_lib,
-            rounds,
-        } => {
+        BenchCommand::Runtime { ort_lib, rounds } => {
             let ort = shoal_bench::runtime::ort_backend(&ort_lib)?;
             let results = tokio::task::spawn_blocking(move || {
                 shoal_bench::runtime::compare(ort.as_ref(), rounds)

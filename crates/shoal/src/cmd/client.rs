@@ -71,6 +71,24 @@ pub(crate) struct DeployArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub(crate) struct TrafficArgs {
+    /// The model.
+    name: String,
+    /// Weights by version: V=W,V=W (e.g. 1=90,2=10).
+    #[arg(long, value_delimiter = ',', required = true)]
+    weights: Vec<String>,
+    /// Mirror a share of requests to a version: VERSION@PERCENT (e.g. 2@20).
+    #[arg(long)]
+    shadow: Option<String>,
+    /// Header whose value keeps a user on one version.
+    #[arg(long)]
+    split_header: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 pub(crate) struct RollbackArgs {
     /// The model.
     name: String,
@@ -372,6 +390,49 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
     Ok(())
 }
 
+pub(crate) async fn traffic(args: TrafficArgs, global: &Global) -> anyhow::Result<()> {
+    let targets = args
+        .weights
+        .iter()
+        .map(|w| {
+            let (v, weight) = w
+                .split_once('=')
+                .with_context(|| format!("--weights {w:?}: expected VERSION=WEIGHT"))?;
+            let weight = weight
+                .parse::<u32>()
+                .with_context(|| format!("--weights {w:?}: the weight must be a whole number"))?;
+            Ok(shoal_api::deploy::TrafficTarget {
+                version: v.to_owned(),
+                weight,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shadow =
+        args.shadow
+            .as_deref()
+            .map(|s| {
+                let (v, p) = s
+                    .split_once('@')
+                    .with_context(|| format!("--shadow {s:?}: expected VERSION@PERCENT"))?;
+                let percent = p.trim_end_matches('%').parse::<u32>().with_context(|| {
+                    format!("--shadow {s:?}: the percent must be a whole number")
+                })?;
+                Ok::<_, anyhow::Error>(shoal_api::deploy::Shadow {
+                    version: v.to_owned(),
+                    percent,
+                })
+            })
+            .transpose()?;
+    let request = shoal_api::deploy::TrafficRequest {
+        targets,
+        shadow,
+        split_header: args.split_header.map(|h| h.to_ascii_lowercase()),
+        reason: args.reason,
+    };
+    let d = client(global).set_traffic(&args.name, &request).await?;
+    print_deployment(&d, global)
+}
+
 pub(crate) async fn rollback(args: RollbackArgs, global: &Global) -> anyhow::Result<()> {
     let d = client(global)
         .rollback(&args.name, args.reason.as_deref())
@@ -444,6 +505,14 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
     for r in status.replicas.iter().filter(|r| !r.failures.is_empty()) {
         for (k, v) in &r.failures {
             println!("  {}: {k} failed: {v}", r.id);
+        }
+    }
+    for r in status.replicas.iter().filter(|r| !r.faults.is_empty()) {
+        for (k, f) in &r.faults {
+            println!(
+                "  {}: FAULT INJECTED on {k}: latency {}ms, error rate {}, hang {}",
+                r.id, f.latency_ms, f.error_rate, f.hang
+            );
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod control;
+pub(crate) mod gateway;
 pub(crate) mod replica;
 
 /// Resolves after SIGINT or SIGTERM, logging that shutdown started.

@@ -1,0 +1,84 @@
+//! Where endpoints and policies come from.
+//!
+//! With a control plane: its routing watch stream; every table received is
+//! applied and written to `<data-dir>/routing.json`, so a gateway started
+//! while the control plane is down routes with the last table it knew. The
+//! stream reconnects with backoff; nothing blocks serving meanwhile.
+//! Without one: a static list of replicas, whose health checks say what
+//! each serves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use shoal_api::fleet::RoutingTable;
+use shoal_client::ControlClient;
+
+use crate::Gateway;
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(6));
+    base.min(Duration::from_secs(5))
+        .mul_f64(rand::random_range(0.5..1.0))
+}
+
+fn apply(gateway: &Gateway, table: &RoutingTable) {
+    gateway.routes.apply(table, gateway.now());
+    let path = gateway.config.data_dir.join("routing.json");
+    if let Ok(bytes) = serde_json::to_vec(table) {
+        let tmp = path.with_extension("json.tmp");
+        let _ = std::fs::create_dir_all(&gateway.config.data_dir);
+        let _ = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+    }
+}
+
+/// Runs discovery until the task is aborted.
+pub async fn run(gateway: Arc<Gateway>) {
+    let Some(control) = gateway.config.control.clone() else {
+        gateway
+            .routes
+            .set_static(&gateway.config.static_replicas, gateway.now());
+        return;
+    };
+    let path = gateway.config.data_dir.join("routing.json");
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(table) = serde_json::from_slice::<RoutingTable>(&bytes)
+    {
+        tracing::info!(
+            revision = table.revision,
+            "routing with the last known table until the control plane answers"
+        );
+        gateway.routes.apply(&table, gateway.now());
+    }
+    let client = ControlClient::new(&control, gateway.config.token.clone());
+    let mut attempt = 0;
+    loop {
+        match client.watch_routing().await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(table) => {
+                            if attempt > 0 {
+                                tracing::info!("following the control plane's routing again");
+                            }
+                            attempt = 0;
+                            apply(&gateway, &table);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "routing stream broke");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "control plane unreachable; routing with the last known table");
+                }
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+}

@@ -1,0 +1,614 @@
+//! Forwarding: the OIP routes of the gateway.
+//!
+//! An inference request is checked (key, rate, size, structure), given a
+//! version (pinned in the path, or chosen by the model's weights, keeping a
+//! user on one version), and sent to a replica serving that version, picked
+//! by session key or by power of two choices. Connection failures, resets,
+//! timeouts and 5xx eject or penalise the replica and the request is
+//! retried on another one while the retry budget (a share of requests plus
+//! a floor per second) allows. With hedging on, a second copy goes to
+//! another replica once the model's p95 has passed; the first good answer
+//! wins and the other is cancelled.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use shoal_balance::health::Failure;
+use shoal_http::{ApiError, json_response};
+use shoal_oip::ServerMetadata;
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
+
+use crate::Gateway;
+use crate::protect::Refusal;
+use crate::routes::{Endpoint, NoRoute};
+
+type Shared = State<Arc<Gateway>>;
+
+/// Most attempts for one request (the budget usually stops earlier).
+const MAX_ATTEMPTS: usize = 3;
+
+/// The gateway's routes.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let routes = Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/health", get(live))
+        .route("/v2/health/ready", get(oip_ready))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v2/models/{model}", get(model_get))
+        .route("/v2/models/{model}/ready", get(model_get))
+        .route("/v2/models/{model}/versions/{version}", get(version_get))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(version_get),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        );
+    shoal_http::with_fallbacks(routes).with_state(gateway)
+}
+
+async fn server_metadata() -> Response {
+    json_response(
+        StatusCode::OK,
+        &ServerMetadata {
+            name: "shoal".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec![],
+        },
+    )
+}
+
+async fn live() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"live": true}))
+}
+
+fn any_available(gateway: &Gateway) -> bool {
+    let now = gateway.now();
+    gateway
+        .routes
+        .snapshot()
+        .endpoints
+        .iter()
+        .any(|e| e.available(now))
+}
+
+async fn oip_ready(State(gateway): Shared) -> Response {
+    let ready = any_available(&gateway);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    json_response(status, &serde_json::json!({"ready": ready}))
+}
+
+async fn ready(State(gateway): Shared) -> Response {
+    let ready = any_available(&gateway);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let endpoints = gateway.routes.snapshot().endpoints.len();
+    json_response(
+        status,
+        &serde_json::json!({"ready": ready, "endpoints": endpoints}),
+    )
+}
+
+async fn metrics(State(gateway): Shared) -> Response {
+    let mut response = gateway.encode_metrics().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(shoal_telemetry::CONTENT_TYPE),
+    );
+    response
+}
+
+/// What one attempt against one replica produced.
+enum Attempt {
+    /// An answer that is final (2xx, 4xx).
+    Answer(Response, Duration),
+    /// A 5xx answer: retryable.
+    ServerError(Response),
+    /// No answer: connection failure, reset or timeout.
+    Failed(Failure, String),
+}
+
+impl Attempt {
+    fn is_final(&self) -> bool {
+        matches!(self, Attempt::Answer(..))
+    }
+}
+
+async fn send(
+    gateway: &Gateway,
+    endpoint: &Arc<Endpoint>,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Attempt {
+    let _in_flight = endpoint.start();
+    let started = Instant::now();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", endpoint.address))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body));
+    let Ok(request) = request else {
+        return Attempt::Failed(Failure::Reset, "cannot build the upstream request".into());
+    };
+    let exchange = async {
+        let response = gateway.client.request(request).await.map_err(|e| {
+            let kind = if e.is_connect() {
+                Failure::Connect
+            } else {
+                Failure::Reset
+            };
+            (kind, format!("{e}"))
+        })?;
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| (Failure::Reset, format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok::<_, (Failure, String)>((parts, bytes))
+    };
+    let outcome = tokio::time::timeout(gateway.config.request_timeout, exchange).await;
+    let rtt = started.elapsed();
+    let now = gateway.now();
+    let policy = gateway.routes.policy();
+    match outcome {
+        Err(_) => {
+            if endpoint.failed(Failure::Timeout, rtt, now, policy) {
+                gateway.metrics.ejected(&endpoint.id, "timeout");
+            }
+            Attempt::Failed(
+                Failure::Timeout,
+                format!("no answer within {:?}", gateway.config.request_timeout),
+            )
+        }
+        Ok(Err((kind, reason))) => {
+            if endpoint.failed(kind, rtt, now, policy) {
+                gateway.metrics.ejected(
+                    &endpoint.id,
+                    if kind == Failure::Connect {
+                        "connect"
+                    } else {
+                        "reset"
+                    },
+                );
+            }
+            Attempt::Failed(kind, reason)
+        }
+        Ok(Ok((parts, bytes))) => {
+            let mut response = Response::from_parts(parts, Body::from(bytes));
+            if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
+                response.headers_mut().insert("x-shoal-replica", v);
+            }
+            if response.status().is_server_error() {
+                if endpoint.failed(Failure::ServerError, rtt, now, policy) {
+                    gateway.metrics.ejected(&endpoint.id, "server_errors");
+                }
+                Attempt::ServerError(response)
+            } else {
+                endpoint.succeeded(rtt, now, policy);
+                Attempt::Answer(response, rtt)
+            }
+        }
+    }
+}
+
+/// Latencies per model over a sliding pair of windows, for the hedge delay.
+#[derive(Default)]
+pub(crate) struct LatencyWindows {
+    windows: Mutex<HashMap<String, (Instant, hdrhistogram::Histogram<u64>, Option<u64>)>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+impl LatencyWindows {
+    fn record(&self, model: &str, rtt: Duration) {
+        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = windows.entry(model.to_owned()).or_insert_with(|| {
+            (
+                Instant::now(),
+                hdrhistogram::Histogram::new(2)
+                    .unwrap_or_else(|_| unreachable!("2 digits is valid")),
+                None,
+            )
+        });
+        if entry.0.elapsed() >= WINDOW {
+            // The finished window's p95 becomes the hedge delay, if it saw
+            // enough requests to mean anything.
+            entry.2 = (entry.1.len() >= 50).then(|| entry.1.value_at_quantile(0.95));
+            entry.1.reset();
+            entry.0 = Instant::now();
+        }
+        let _ = entry
+            .1
+            .record(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1));
+    }
+
+    fn p95(&self, model: &str) -> Option<Duration> {
+        let windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_, current, previous) = windows.get(model)?;
+        previous
+            .or_else(|| (current.len() >= 50).then(|| current.value_at_quantile(0.95)))
+            .map(Duration::from_micros)
+    }
+}
+
+fn no_route(model: &str, version: Option<&str>, why: NoRoute) -> ApiError {
+    let what = match version {
+        Some(v) => format!("{model}:{v}"),
+        None => model.to_owned(),
+    };
+    match why {
+        NoRoute::UnknownModel => ApiError::not_found(format!("no replica serves {what}")),
+        NoRoute::NoneAvailable => {
+            ApiError::unavailable(format!("no healthy replica serves {what} right now"), 1)
+        }
+    }
+}
+
+fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// Sends to `first`, and after the hedge delay to a second replica too;
+/// the first final answer wins and the other request is cancelled.
+async fn hedged(
+    gateway: &Gateway,
+    model: &str,
+    first: &Arc<Endpoint>,
+    second: Option<Arc<Endpoint>>,
+    path: &str,
+    body: &Bytes,
+) -> (Attempt, Arc<Endpoint>) {
+    let primary = send(gateway, first, Method::POST, path, body.clone());
+    tokio::pin!(primary);
+    let delay = if gateway.config.hedge {
+        gateway.latencies.p95(model)
+    } else {
+        None
+    };
+    let (Some(delay), Some(second)) = (delay, second) else {
+        return (primary.await, first.clone());
+    };
+    tokio::select! {
+        a = &mut primary => return (a, first.clone()),
+        () = tokio::time::sleep(delay) => {}
+    }
+    if !gateway.budget.withdraw() {
+        return (primary.await, first.clone());
+    }
+    gateway.metrics.hedge(model);
+    gateway.metrics.attempt(model);
+    let second_ref = second.clone();
+    let backup = send(gateway, &second_ref, Method::POST, path, body.clone());
+    tokio::pin!(backup);
+    tokio::select! {
+        a = &mut primary => if a.is_final() { (a, first.clone()) } else { (backup.await, second) },
+        b = &mut backup => if b.is_final() { (b, second) } else { (primary.await, first.clone()) },
+    }
+}
+
+fn mirror(gateway: &Arc<Gateway>, model: &str, body: &Bytes, split_key: Option<&str>) {
+    let state = gateway.routes.snapshot();
+    let Some(shadow) = state.policies.get(model).and_then(|p| p.shadow.clone()) else {
+        return;
+    };
+    if shadow.percent == 0 || rand::random::<f64>() * 100.0 >= f64::from(shadow.percent) {
+        return;
+    }
+    let gateway = gateway.clone();
+    let (model, body) = (model.to_owned(), body.clone());
+    let _ = split_key;
+    // Users never wait for, or see, the shadow's answer.
+    tokio::spawn(async move {
+        let now = gateway.now();
+        let state = gateway.routes.snapshot();
+        let Ok(candidates) =
+            gateway
+                .routes
+                .candidates(&state, &model, Some(&shadow.version), &[], now)
+        else {
+            gateway.metrics.shadowed(&model, "no_replica");
+            return;
+        };
+        let Some(endpoint) = gateway
+            .routes
+            .pick(&candidates, None, &mut rand::rng(), now)
+        else {
+            return;
+        };
+        let path = format!("/v2/models/{model}/versions/{}/infer", shadow.version);
+        let outcome = match send(&gateway, &endpoint, Method::POST, &path, body).await {
+            Attempt::Answer(r, _) if r.status().is_success() => "success",
+            Attempt::Answer(..) => "client_error",
+            _ => "error",
+        };
+        gateway.metrics.shadowed(&model, outcome);
+    });
+}
+
+async fn infer(
+    State(gateway): Shared,
+    Path(model): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer_common(gateway, model, None, peer, headers, body).await
+}
+
+async fn infer_version(
+    State(gateway): Shared,
+    Path((model, version)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer_common(gateway, model, Some(version), peer, headers, body).await
+}
+
+async fn infer_common(
+    gateway: Arc<Gateway>,
+    model: String,
+    pinned: Option<String>,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = route_inference(&gateway, &model, pinned.as_deref(), peer, &headers, body).await;
+    let (response, version) = match result {
+        Ok(r) => r,
+        Err(e) => (e.into_response(), pinned.clone().unwrap_or_default()),
+    };
+    gateway.metrics.answered(
+        &model,
+        &version,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn route_inference(
+    gateway: &Arc<Gateway>,
+    model: &str,
+    pinned: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Response, String), ApiError> {
+    let who = gateway
+        .protection
+        .admit(headers, Some(peer))
+        .map_err(|refusal| match refusal {
+            Refusal::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
+            Refusal::RateLimited { key, retry_after } => {
+                gateway.metrics.limited(&key);
+                ApiError {
+                    retry_after: Some(retry_after),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!("rate limit exceeded for {key}; retry after {retry_after}s"),
+                    )
+                }
+            }
+        })?;
+    if headers.contains_key("inference-header-content-length") {
+        return Err(ApiError::bad_request(
+            "the binary tensor data extension is not supported yet; send JSON tensors (with tritonclient: binary_data=False on inputs and outputs)",
+        ));
+    }
+    shoal_http::check_content_length(headers, gateway.config.body_limit)?;
+    let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
+    shoal_oip::precheck_request(&body, &shoal_oip::Limits::default())
+        .map_err(|e| ApiError::bad_request(e.0))?;
+    gateway.protection.log_payload(model, &who, &body);
+
+    let state = gateway.routes.snapshot();
+    let policy = state.policies.get(model);
+    let split_header = policy
+        .and_then(|p| p.split_header.as_deref())
+        .unwrap_or(&gateway.config.split_header);
+    let split_key = header_value(headers, split_header);
+    let session_key = header_value(headers, &gateway.config.session_header);
+    let version: Option<String> = match pinned {
+        Some(v) => Some(v.to_owned()),
+        None => gateway
+            .routes
+            .choose_version(&state, model, split_key, &mut rand::rng()),
+    };
+    if pinned.is_none() {
+        mirror(gateway, model, &body, split_key);
+    }
+
+    gateway.budget.deposit();
+    let mut tried: Vec<String> = Vec::new();
+    let mut last_error: Option<ApiError> = None;
+    for attempt in 0..MAX_ATTEMPTS {
+        let now = gateway.now();
+        // The chosen version first; if no replica can take it and the
+        // request did not pin one, any version of the model rather than
+        // failing the request.
+        let candidates =
+            match gateway
+                .routes
+                .candidates(&state, model, version.as_deref(), &tried, now)
+            {
+                Ok(c) => (c, version.clone()),
+                Err(why) if pinned.is_none() && version.is_some() => {
+                    match gateway.routes.candidates(&state, model, None, &tried, now) {
+                        Ok(c) => (c, None),
+                        Err(_) => {
+                            return Err(last_error
+                                .unwrap_or_else(|| no_route(model, version.as_deref(), why)));
+                        }
+                    }
+                }
+                Err(why) => {
+                    return Err(
+                        last_error.unwrap_or_else(|| no_route(model, version.as_deref(), why))
+                    );
+                }
+            };
+        let (candidates, target) = candidates;
+        let Some(endpoint) = gateway
+            .routes
+            .pick(&candidates, session_key, &mut rand::rng(), now)
+        else {
+            return Err(last_error
+                .unwrap_or_else(|| no_route(model, target.as_deref(), NoRoute::NoneAvailable)));
+        };
+        let second = if candidates.len() > 1 && session_key.is_none() {
+            candidates.iter().find(|e| e.id != endpoint.id).cloned()
+        } else {
+            None
+        };
+        let path = match &target {
+            Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
+            None => format!("/v2/models/{model}/infer"),
+        };
+        gateway.metrics.attempt(model);
+        let (outcome, answered_by) = hedged(gateway, model, &endpoint, second, &path, &body).await;
+        let reason = match outcome {
+            Attempt::Answer(response, rtt) => {
+                gateway.latencies.record(model, rtt);
+                let version = response
+                    .headers()
+                    .get("x-shoal-model-version")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .or(target)
+                    .unwrap_or_default();
+                let _ = answered_by;
+                return Ok((response, version));
+            }
+            Attempt::ServerError(response) => {
+                let status = response.status();
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| status.to_string());
+                last_error = Some(ApiError {
+                    retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
+                    ..ApiError::new(
+                        status,
+                        format!("replica {} answered {status}: {message}", answered_by.id),
+                    )
+                });
+                "server_error"
+            }
+            Attempt::Failed(kind, detail) => {
+                let status = if kind == Failure::Timeout {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                last_error = Some(ApiError::new(
+                    status,
+                    format!("replica {} failed: {detail}", answered_by.id),
+                ));
+                match kind {
+                    Failure::Timeout => "timeout",
+                    Failure::Connect => "connect",
+                    _ => "reset",
+                }
+            }
+        };
+        tried.push(answered_by.id.clone());
+        if attempt + 1 == MAX_ATTEMPTS || !gateway.budget.withdraw() {
+            break;
+        }
+        gateway.metrics.retry(model, reason);
+        tracing::debug!(model, replica = %answered_by.id, reason, "retrying on another replica");
+    }
+    Err(last_error.unwrap_or_else(|| ApiError::internal("no attempt was made")))
+}
+
+/// Metadata and readiness: any replica serving the model answers.
+async fn forward_get(
+    gateway: &Gateway,
+    model: &str,
+    version: Option<&str>,
+    path: &str,
+) -> Response {
+    let state = gateway.routes.snapshot();
+    let mut tried = Vec::new();
+    let mut last = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let now = gateway.now();
+        let candidates = match gateway
+            .routes
+            .candidates(&state, model, version, &tried, now)
+        {
+            Ok(c) => c,
+            Err(why) => {
+                return last.unwrap_or_else(|| no_route(model, version, why).into_response());
+            }
+        };
+        let Some(endpoint) = gateway
+            .routes
+            .pick(&candidates, None, &mut rand::rng(), now)
+        else {
+            break;
+        };
+        match send(gateway, &endpoint, Method::GET, path, Bytes::new()).await {
+            Attempt::Answer(response, _) => return response,
+            Attempt::ServerError(response) => last = Some(response),
+            Attempt::Failed(_, detail) => {
+                last = Some(
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("replica {} failed: {detail}", endpoint.id),
+                    )
+                    .into_response(),
+                );
+            }
+        }
+        tried.push(endpoint.id.clone());
+    }
+    last.unwrap_or_else(|| no_route(model, version, NoRoute::NoneAvailable).into_response())
+}
+
+async fn model_get(State(gateway): Shared, Path(model): Path<String>, uri: http::Uri) -> Response {
+    forward_get(&gateway, &model, None, uri.path()).await
+}
+
+async fn version_get(
+    State(gateway): Shared,
+    Path((model, version)): Path<(String, String)>,
+    uri: http::Uri,
+) -> Response {
+    forward_get(&gateway, &model, Some(&version), uri.path()).await
+}

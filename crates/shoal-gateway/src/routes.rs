@@ -1,0 +1,519 @@
+//! The routing state and the choice of version and replica per request.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use shoal_api::fleet::{ModelPolicy, RoutingTable};
+use shoal_balance::ewma::PeakEwma;
+use shoal_balance::health::{Failure, Health, HealthPolicy};
+use shoal_balance::pick::{Candidate, p2c};
+
+/// Latency assumed for an endpoint before it has answered anything.
+const INITIAL_LATENCY: Duration = Duration::from_millis(1);
+/// How fast latency peaks are forgotten.
+const DECAY: Duration = Duration::from_secs(10);
+
+/// One replica as the gateway sees it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Replica id.
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    /// Region.
+    pub region: String,
+    serving: RwLock<Arc<BTreeSet<String>>>,
+    routable: AtomicBool,
+    checked: AtomicBool,
+    load: Mutex<PeakEwma>,
+    outstanding: AtomicU32,
+    health: Mutex<Health>,
+}
+
+impl Endpoint {
+    fn new(
+        id: String,
+        address: String,
+        region: String,
+        serving: BTreeSet<String>,
+        routable: bool,
+        now: Duration,
+    ) -> Endpoint {
+        Endpoint {
+            id,
+            address,
+            region,
+            serving: RwLock::new(Arc::new(serving)),
+            routable: AtomicBool::new(routable),
+            checked: AtomicBool::new(false),
+            load: Mutex::new(PeakEwma::new(INITIAL_LATENCY, DECAY, now)),
+            outstanding: AtomicU32::new(0),
+            health: Mutex::new(Health::new()),
+        }
+    }
+
+    /// `model:version` keys it serves.
+    pub fn serving(&self) -> Arc<BTreeSet<String>> {
+        self.serving
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn serves(&self, model: &str, version: Option<&str>) -> bool {
+        let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
+        match version {
+            Some(v) => serving.contains(&format!("{model}:{v}")),
+            None => serving
+                .iter()
+                .any(|k| k.split_once(':').is_some_and(|(m, _)| m == model)),
+        }
+    }
+
+    /// Records what an active health check learnt.
+    pub(crate) fn checked(&self, serving: BTreeSet<String>, routable: bool) {
+        *self.serving.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(serving);
+        self.routable.store(routable, Ordering::SeqCst);
+        self.checked.store(true, Ordering::SeqCst);
+    }
+
+    /// True when it may receive traffic now.
+    pub fn available(&self, now: Duration) -> bool {
+        self.routable.load(Ordering::SeqCst)
+            && !self
+                .health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_ejected(now)
+    }
+
+    /// True while ejected.
+    pub fn is_ejected(&self, now: Duration) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_ejected(now)
+    }
+
+    fn candidate(&self, now: Duration, policy: &HealthPolicy) -> Candidate {
+        Candidate {
+            latency_ns: self
+                .load
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .estimate_ns(now),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            weight: self
+                .health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .weight(now, policy),
+        }
+    }
+
+    /// Marks a request as started; the guard ends it.
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Records a good answer after `rtt`.
+    pub(crate) fn succeeded(&self, rtt: Duration, now: Duration, policy: &HealthPolicy) {
+        self.load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(rtt, now);
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_success(now, policy);
+    }
+
+    /// Records a failure; returns true when it ejected the endpoint.
+    pub(crate) fn failed(
+        &self,
+        failure: Failure,
+        rtt: Duration,
+        now: Duration,
+        policy: &HealthPolicy,
+    ) -> bool {
+        self.load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(rtt, now);
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_failure(failure, now, policy)
+    }
+}
+
+/// One request to an endpoint in flight; counted in its load until dropped.
+pub(crate) struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A consistent view of endpoints and policies.
+#[derive(Debug, Default)]
+pub struct RoutingState {
+    /// Control-plane revision (0 for static endpoints).
+    pub revision: u64,
+    /// Endpoints.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Policies by model.
+    pub policies: HashMap<String, ModelPolicy>,
+}
+
+/// The routing state, swapped atomically on every discovery update.
+#[derive(Debug)]
+pub struct Routes {
+    region: String,
+    policy: HealthPolicy,
+    state: ArcSwap<RoutingState>,
+    writer: Mutex<()>,
+}
+
+/// Why no replica could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No endpoint serves the model at all.
+    UnknownModel,
+    /// Some serve it, none is available now.
+    NoneAvailable,
+}
+
+impl Routes {
+    pub(crate) fn new(region: String, policy: HealthPolicy) -> Routes {
+        Routes {
+            region,
+            policy,
+            state: ArcSwap::from_pointee(RoutingState::default()),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The health policy.
+    pub fn policy(&self) -> &HealthPolicy {
+        &self.policy
+    }
+
+    /// The current state.
+    pub fn snapshot(&self) -> Arc<RoutingState> {
+        self.state.load_full()
+    }
+
+    /// Applies a routing table from the control plane, keeping the load and
+    /// health history of endpoints that stay.
+    pub fn apply(&self, table: &RoutingTable, now: Duration) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.state.load();
+        let endpoints = table
+            .endpoints
+            .iter()
+            .map(|e| {
+                let serving: BTreeSet<String> = e.serving.iter().cloned().collect();
+                match old
+                    .endpoints
+                    .iter()
+                    .find(|o| o.id == e.id && o.address == e.address)
+                {
+                    Some(existing) => {
+                        // Health checks know better once they have run.
+                        if !existing.checked.load(Ordering::SeqCst) {
+                            *existing
+                                .serving
+                                .write()
+                                .unwrap_or_else(PoisonError::into_inner) = Arc::new(serving);
+                            existing.routable.store(e.alive, Ordering::SeqCst);
+                        }
+                        existing.clone()
+                    }
+                    None => Arc::new(Endpoint::new(
+                        e.id.clone(),
+                        e.address.clone(),
+                        e.region.clone(),
+                        serving,
+                        e.alive,
+                        now,
+                    )),
+                }
+            })
+            .collect();
+        let policies = table
+            .models
+            .iter()
+            .map(|p| (p.model.clone(), p.clone()))
+            .collect();
+        self.state.store(Arc::new(RoutingState {
+            revision: table.revision,
+            endpoints,
+            policies,
+        }));
+    }
+
+    /// Routes to a fixed list of replicas (no control plane): each starts
+    /// unroutable until its first health check says what it serves.
+    pub fn set_static(&self, addresses: &[String], now: Duration) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let endpoints = addresses
+            .iter()
+            .map(|a| {
+                Arc::new(Endpoint::new(
+                    a.clone(),
+                    a.clone(),
+                    self.region.clone(),
+                    BTreeSet::new(),
+                    false,
+                    now,
+                ))
+            })
+            .collect();
+        self.state.store(Arc::new(RoutingState {
+            revision: 0,
+            endpoints,
+            policies: HashMap::new(),
+        }));
+    }
+
+    /// The version for a request naming none: by the model's weights,
+    /// keeping a user (split key) on one version; `None` when the model has
+    /// no policy (static routing: the replica's default answers).
+    pub fn choose_version(
+        &self,
+        state: &RoutingState,
+        model: &str,
+        split_key: Option<&str>,
+        rng: &mut impl Rng,
+    ) -> Option<String> {
+        let policy = state.policies.get(model)?;
+        let targets: Vec<(String, u32)> = policy
+            .targets
+            .iter()
+            .map(|t| (t.version.clone(), t.weight))
+            .collect();
+        shoal_balance::hash::split(&targets, split_key, rng.random::<f64>()).map(str::to_owned)
+    }
+
+    /// Endpoints that may serve `model` (`version`, if given) now, minus
+    /// `exclude`: those in this gateway's region when any is available
+    /// there, else any region; never outside the model's pinned regions.
+    pub fn candidates(
+        &self,
+        state: &RoutingState,
+        model: &str,
+        version: Option<&str>,
+        exclude: &[String],
+        now: Duration,
+    ) -> Result<Vec<Arc<Endpoint>>, NoRoute> {
+        let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
+        let serving: Vec<&Arc<Endpoint>> = state
+            .endpoints
+            .iter()
+            .filter(|e| e.serves(model, version))
+            .filter(|e| pinned.is_none_or(|regions| regions.contains(&e.region)))
+            .collect();
+        if serving.is_empty() {
+            return Err(NoRoute::UnknownModel);
+        }
+        let available: Vec<Arc<Endpoint>> = serving
+            .into_iter()
+            .filter(|e| !exclude.contains(&e.id) && e.available(now))
+            .cloned()
+            .collect();
+        let local: Vec<Arc<Endpoint>> = available
+            .iter()
+            .filter(|e| e.region == self.region)
+            .cloned()
+            .collect();
+        match (local.is_empty(), available.is_empty()) {
+            (false, _) => Ok(local),
+            (true, false) => Ok(available),
+            (true, true) => Err(NoRoute::NoneAvailable),
+        }
+    }
+
+    /// Picks one of `candidates`: by session key (rendezvous hashing) when
+    /// given, else power of two choices over peak-EWMA cost.
+    pub fn pick(
+        &self,
+        candidates: &[Arc<Endpoint>],
+        session_key: Option<&str>,
+        rng: &mut impl Rng,
+        now: Duration,
+    ) -> Option<Arc<Endpoint>> {
+        if let Some(key) = session_key {
+            let i = shoal_balance::hash::rendezvous(key, candidates.iter().map(|e| e.id.as_str()))?;
+            return candidates.get(i).cloned();
+        }
+        let costs: Vec<Candidate> = candidates
+            .iter()
+            .map(|e| e.candidate(now, &self.policy))
+            .collect();
+        p2c(&costs, rng).and_then(|i| candidates.get(i).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use shoal_api::deploy::TrafficTarget;
+    use shoal_api::fleet::RouteEndpoint;
+
+    use super::*;
+
+    fn table(endpoints: &[(&str, &str, &[&str])], regions: Option<Vec<String>>) -> RoutingTable {
+        RoutingTable {
+            revision: 1,
+            endpoints: endpoints
+                .iter()
+                .map(|(id, region, serving)| RouteEndpoint {
+                    id: (*id).into(),
+                    address: format!("{id}:1"),
+                    region: (*region).into(),
+                    alive: true,
+                    serving: serving.iter().map(|s| (*s).to_owned()).collect(),
+                })
+                .collect(),
+            models: vec![ModelPolicy {
+                model: "m".into(),
+                targets: vec![TrafficTarget {
+                    version: "1".into(),
+                    weight: 100,
+                }],
+                regions,
+                shadow: None,
+                split_header: None,
+            }],
+        }
+    }
+
+    fn ids(v: &[Arc<Endpoint>]) -> Vec<&str> {
+        v.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn prefers_the_local_region_and_fails_over() {
+        let routes = Routes::new("us".into(), HealthPolicy::default());
+        routes.apply(
+            &table(&[("a", "us", &["m:1"]), ("b", "eu", &["m:1"])], None),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap()),
+            ["a"]
+        );
+        // a ejected: fail over to eu.
+        s.endpoints[0].failed(
+            Failure::Connect,
+            Duration::ZERO,
+            Duration::ZERO,
+            routes.policy(),
+        );
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap()),
+            ["b"]
+        );
+        // Excluding the one left (already tried): none.
+        assert_eq!(
+            routes
+                .candidates(&s, "m", Some("1"), &["b".into()], Duration::ZERO)
+                .unwrap_err(),
+            NoRoute::NoneAvailable
+        );
+        assert_eq!(
+            routes
+                .candidates(&s, "other", None, &[], Duration::ZERO)
+                .unwrap_err(),
+            NoRoute::UnknownModel
+        );
+    }
+
+    #[test]
+    fn pinned_models_never_leave_their_regions() {
+        let routes = Routes::new("us".into(), HealthPolicy::default());
+        routes.apply(
+            &table(
+                &[("a", "us", &["m:1"]), ("b", "eu", &["m:1"])],
+                Some(vec!["eu".into()]),
+            ),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap()),
+            ["b"]
+        );
+        s.endpoints[1].failed(
+            Failure::Connect,
+            Duration::ZERO,
+            Duration::ZERO,
+            routes.policy(),
+        );
+        assert_eq!(
+            routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap_err(),
+            NoRoute::NoneAvailable
+        );
+    }
+
+    #[test]
+    fn updates_keep_endpoint_history() {
+        let routes = Routes::new("us".into(), HealthPolicy::default());
+        routes.apply(&table(&[("a", "us", &["m:1"])], None), Duration::ZERO);
+        let before = routes.snapshot().endpoints[0].clone();
+        routes.apply(
+            &table(&[("a", "us", &["m:1"]), ("b", "us", &["m:1"])], None),
+            Duration::ZERO,
+        );
+        assert!(Arc::ptr_eq(&before, &routes.snapshot().endpoints[0]));
+    }
+
+    #[test]
+    fn sessions_stick_to_one_endpoint() {
+        let routes = Routes::new("us".into(), HealthPolicy::default());
+        routes.apply(
+            &table(
+                &[
+                    ("a", "us", &["m:1"]),
+                    ("b", "us", &["m:1"]),
+                    ("c", "us", &["m:1"]),
+                ],
+                None,
+            ),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        let c = routes
+            .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+            .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let first = routes
+            .pick(&c, Some("session-9"), &mut rng, Duration::ZERO)
+            .unwrap();
+        for _ in 0..20 {
+            assert_eq!(
+                routes
+                    .pick(&c, Some("session-9"), &mut rng, Duration::ZERO)
+                    .unwrap()
+                    .id,
+                first.id
+            );
+        }
+    }
+}
