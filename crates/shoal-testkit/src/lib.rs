@@ -98,7 +98,12 @@ impl ChildGuard {
 /// process exits first; its stderr is inherited so the reason shows.
 pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, String) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Quiet children unless asked: test output is for failures.
+        command.env("RUST_LOG", "warn");
+    }
+    let mut child = command
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())

@@ -1,0 +1,510 @@
+//! The gateway with real processes: a replica SIGKILLed or hung under a
+//! steady stream costs no request; sticky sessions; weighted splits that
+//! keep users on one version; shadow mirroring; rate limits; serving on with
+//! the control plane gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_testkit::{
+    ChildGuard, HttpClient, Samples, TempDir, eventually, model_path, spawn_server,
+};
+use tokio::sync::Mutex;
+
+fn shoal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+fn cli(control: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(shoal())
+        .args(args)
+        .args(["--json", "--control", control])
+        .output()
+        .expect("run shoal");
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+struct Fleet {
+    _tmp: TempDir,
+    control: Option<ChildGuard>,
+    control_url: String,
+    replicas: Vec<(ChildGuard, String)>,
+    _gateway: ChildGuard,
+    gateway: String,
+    http: HttpClient,
+}
+
+fn replica_id(addr: &str, status: &Value) -> String {
+    let host = addr.trim_start_matches("http://");
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["address"] == host)
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+async fn fleet(replicas: usize, gateway_args: &[&str]) -> Fleet {
+    let tmp = TempDir::new("gateway-e2e");
+    let (control, addr) = spawn_server(
+        shoal(),
+        &[
+            "control",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("control").to_str().unwrap(),
+            "--heartbeat-ms",
+            "200",
+        ],
+    );
+    let control_url = format!("http://{addr}");
+    let replicas: Vec<(ChildGuard, String)> = (0..replicas)
+        .map(|i| {
+            let (child, addr) = spawn_server(
+                shoal(),
+                &[
+                    "replica",
+                    "--control",
+                    &control_url,
+                    "--addr",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    tmp.join(&format!("r{i}")).to_str().unwrap(),
+                    "--threads",
+                    "1",
+                ],
+            );
+            (child, format!("http://{addr}"))
+        })
+        .collect();
+    let mut args = vec![
+        "gateway",
+        "--control",
+        &control_url,
+        "--addr",
+        "127.0.0.1:0",
+        "--health-interval-ms",
+        "200",
+    ];
+    let data = tmp.join("gateway");
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    args.extend_from_slice(gateway_args);
+    let (gateway, addr) = spawn_server(shoal(), &args);
+    let f = Fleet {
+        control: Some(control),
+        control_url,
+        replicas,
+        _gateway: gateway,
+        gateway: format!("http://{addr}"),
+        http: HttpClient::new(),
+        _tmp: tmp,
+    };
+    cli(
+        &f.control_url,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&f.control_url, &["deploy", "digits:1"]);
+    f.wait_serving(&format!("digits:1"), f.replicas.len()).await;
+    f
+}
+
+impl Fleet {
+    /// Waits until the gateway routes `key` to `n` replicas.
+    async fn wait_serving(&self, key: &str, n: usize) {
+        let (model, version) = key.split_once(':').unwrap();
+        let url = format!(
+            "{}/v2/models/{model}/versions/{version}/infer",
+            self.gateway
+        );
+        let http = self.http.clone();
+        eventually(
+            &format!("the gateway to route {key} to {n} replicas"),
+            Duration::from_secs(30),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let mut seen = BTreeSet::new();
+                    for i in 0..(20 * n) {
+                        let r = http
+                            .send(
+                                http::Method::POST,
+                                &url,
+                                &[("x-session-id", &format!("probe-{i}"))],
+                                Samples::load().request(0..1),
+                            )
+                            .await
+                            .ok()?;
+                        if r.status != 200 {
+                            return None;
+                        }
+                        seen.insert(r.header("x-shoal-replica")?.to_owned());
+                    }
+                    (seen.len() >= n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn infer(&self, headers: &[(&str, &str)]) -> Result<(String, String), String> {
+        let r = self
+            .http
+            .send(
+                http::Method::POST,
+                &format!("{}/v2/models/digits/infer", self.gateway),
+                headers,
+                Samples::load().request(0..1),
+            )
+            .await?;
+        if r.status != 200 {
+            return Err(format!("{}: {}", r.status, r.text()));
+        }
+        Ok((
+            r.header("x-shoal-replica").unwrap_or("").to_owned(),
+            r.header("x-shoal-model-version").unwrap_or("").to_owned(),
+        ))
+    }
+}
+
+/// Runs `clients` loops against the gateway until `stop`, recording who
+/// answered and every failure.
+fn steady_stream(
+    f: &Arc<Fleet>,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let tasks = (0..clients)
+        .map(|_| {
+            let (f, stop, failures, answered) =
+                (f.clone(), stop.clone(), failures.clone(), answered.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match f.infer(&[]).await {
+                        Ok((replica, _)) => answered.lock().await.push(replica),
+                        Err(e) => failures.lock().await.push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    (tasks, failures, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_hung_replicas_cost_no_request() {
+    let f = Arc::new(fleet(3, &["--request-timeout-ms", "500"]).await);
+    let status = cli(&f.control_url, &["status"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, failures, answered) = steady_stream(&f, 4, stop.clone());
+
+    // SIGKILL one replica mid-stream.
+    eventually("traffic to flow", Duration::from_secs(10), || {
+        let answered = answered.clone();
+        async move { (answered.lock().await.len() >= 100).then_some(()) }
+    })
+    .await;
+    let killed = replica_id(&f.replicas[0].1, &status);
+    f.replicas[0].0.signal(Signal::SIGKILL);
+    let after_kill = answered.lock().await.len();
+    eventually(
+        "300 more answers after the kill",
+        Duration::from_secs(20),
+        || {
+            let answered = answered.clone();
+            async move { (answered.lock().await.len() >= after_kill + 300).then_some(()) }
+        },
+    )
+    .await;
+    // The dead replica stops being chosen almost at once: of the last 200
+    // answers, none came from it.
+    let recent: Vec<String> = answered
+        .lock()
+        .await
+        .iter()
+        .rev()
+        .take(200)
+        .cloned()
+        .collect();
+    assert!(
+        !recent.contains(&killed),
+        "the killed replica still answered"
+    );
+
+    // SIGSTOP another: requests to it time out and are retried elsewhere;
+    // it is ejected within twice the request timeout.
+    let hung = replica_id(&f.replicas[1].1, &status);
+    let stopped_at = tokio::time::Instant::now();
+    f.replicas[1].0.signal(Signal::SIGSTOP);
+    let metrics_url = format!("{}/metrics", f.gateway);
+    let http = f.http.clone();
+    let needle = format!("gateway_endpoint_ejections_total{{replica_id=\"{hung}\"");
+    eventually(
+        "the hung replica to be ejected",
+        Duration::from_secs(10),
+        || {
+            let (http, url, needle) = (http.clone(), metrics_url.clone(), needle.clone());
+            async move { http.get(&url).await.text().contains(&needle).then_some(()) }
+        },
+    )
+    .await;
+    let ejected_after = stopped_at.elapsed();
+    assert!(
+        ejected_after <= Duration::from_millis(1000) + Duration::from_millis(300),
+        "ejected after {ejected_after:?}"
+    );
+    let after_stop = answered.lock().await.len();
+    eventually(
+        "200 more answers while one replica hangs",
+        Duration::from_secs(20),
+        || {
+            let answered = answered.clone();
+            async move { (answered.lock().await.len() >= after_stop + 200).then_some(()) }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    f.replicas[1].0.signal(Signal::SIGCONT);
+    let failures = failures.lock().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let metrics = f.http.get(&metrics_url).await.text();
+    assert!(
+        metrics.contains("gateway_retries_total"),
+        "retries happened and are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_splits_shadows_and_no_control_plane() {
+    let mut f = fleet(3, &[]).await;
+
+    // Sticky sessions: each key stays on one replica.
+    let mut owner = BTreeMap::new();
+    for k in 0..30 {
+        let key = format!("session-{k}");
+        let mut seen = BTreeSet::new();
+        for _ in 0..4 {
+            seen.insert(f.infer(&[("x-session-id", &key)]).await.unwrap().0);
+        }
+        assert_eq!(seen.len(), 1, "{key} moved between replicas: {seen:?}");
+        owner.insert(key, seen.into_iter().next().unwrap());
+    }
+    assert!(
+        owner.values().collect::<BTreeSet<_>>().len() >= 2,
+        "sessions spread over replicas"
+    );
+
+    // v2 beside v1, 80/20 by user, and a 100 % shadow of v2.
+    cli(
+        &f.control_url,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(
+        &f.control_url,
+        &[
+            "traffic",
+            "digits",
+            "--weights",
+            "1=80,2=20",
+            "--shadow",
+            "2@100",
+        ],
+    );
+    f.wait_serving("digits:2", 3).await;
+    let mut per_user = BTreeMap::new();
+    for u in 0..400 {
+        let user = format!("user-{u}");
+        let (_, v) = f.infer(&[("x-user-id", &user)]).await.unwrap();
+        per_user.insert(user, v);
+    }
+    let on_two = per_user.values().filter(|v| *v == "2").count();
+    assert!(
+        (50..=110).contains(&on_two),
+        "{on_two} of 400 users on v2 (expected about 80)"
+    );
+    for (user, v) in per_user.iter().take(50) {
+        assert_eq!(
+            &f.infer(&[("x-user-id", user)]).await.unwrap().1,
+            v,
+            "{user} changed version"
+        );
+    }
+    let metrics_url = format!("{}/metrics", f.gateway);
+    let http = f.http.clone();
+    eventually(
+        "mirrored requests to succeed",
+        Duration::from_secs(10),
+        || {
+            let (http, url) = (http.clone(), metrics_url.clone());
+            async move {
+                http.get(&url)
+                    .await
+                    .text()
+                    .contains("gateway_shadow_requests_total{model=\"digits\",outcome=\"success\"}")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // A replica leaves: only its sessions move.
+    let status = cli(&f.control_url, &["status"]);
+    let leaving = replica_id(&f.replicas[2].1, &status);
+    let (gone, _) = f.replicas.remove(2);
+    gone.signal(Signal::SIGKILL);
+    drop(gone);
+    for (key, before) in &owner {
+        // The first request may still try the dead replica and be retried.
+        let now = f.infer(&[("x-session-id", key)]).await.unwrap().0;
+        if before != &leaving {
+            let now = f.infer(&[("x-session-id", key)]).await.unwrap().0;
+            assert_eq!(&now, before, "{key} moved although its replica stayed");
+        } else {
+            assert_ne!(now, leaving);
+        }
+    }
+
+    // The control plane goes away: the gateway keeps serving.
+    let control = f.control.take().unwrap();
+    control.signal(Signal::SIGKILL);
+    drop(control);
+    for _ in 0..50 {
+        f.infer(&[]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_rate_limits() {
+    let tmp = TempDir::new("gateway-keys");
+    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
+    let (_replica, replica) = spawn_server(
+        shoal(),
+        &[
+            "replica",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("r").to_str().unwrap(),
+            "--model",
+            &v1,
+        ],
+    );
+    let (_gateway, gateway) = spawn_server(
+        shoal(),
+        &[
+            "gateway",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("g").to_str().unwrap(),
+            "--replica",
+            &replica,
+            "--api-key",
+            "team-a:s3cret",
+            "--rate-limit",
+            "5",
+            "--burst",
+            "5",
+            "--health-interval-ms",
+            "100",
+        ],
+    );
+    let http = HttpClient::new();
+    let url = format!("http://{gateway}/v2/models/digits/infer");
+    let body = Samples::load().request(0..1);
+    let r = http.post_json(&url, body.clone()).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("an API key is required")
+    );
+    let (http2, url2, body2) = (http.clone(), url.clone(), body.clone());
+    eventually(
+        "the static replica to be routable",
+        Duration::from_secs(10),
+        || {
+            let (http, url, body) = (http2.clone(), url2.clone(), body2.clone());
+            async move {
+                let r = http
+                    .send(http::Method::POST, &url, &[("x-api-key", "s3cret")], body)
+                    .await
+                    .ok()?;
+                (r.status == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = http
+            .send(
+                http::Method::POST,
+                &url,
+                &[("authorization", "Bearer s3cret")],
+                body.clone(),
+            )
+            .await
+            .unwrap();
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200);
+    }
+    let r = limited.expect("the rate limit answered 429");
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit exceeded for team-a")
+    );
+    // Bad requests are refused at the gateway with a clear message.
+    let r = http
+        .send(
+            http::Method::POST,
+            &url,
+            &[("x-api-key", "s3cret")],
+            "{\"inputs\": 3}",
+        )
+        .await
+        .unwrap();
+    assert!(r.status == 400 || r.status == 429, "{}", r.status);
+}
