@@ -475,6 +475,14 @@ impl ControlClient {
         Ok(body)
     }
 
+    /// POST a JSON body to any path on this base; the whole answer.
+    pub async fn post_json_raw(&self, path: &str, body: String) -> Result<Bytes, ClientError> {
+        let headers = [("content-type", "application/json".to_owned())];
+        let (status, _, body) = self.send(Method::POST, path, &headers, full(body)).await?;
+        Self::check(status, &body)?;
+        Ok(body)
+    }
+
     /// POST with an empty body to any path on this base (push nudges).
     pub async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
         let (status, _, body) = self

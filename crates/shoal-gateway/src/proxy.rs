@@ -216,9 +216,13 @@ async fn send(
 }
 
 /// Latencies per model over a sliding pair of windows, for the hedge delay.
+/// A model's latency window: when it started, what it saw, and the p95
+/// of the window before (µs).
+type Window = (Instant, hdrhistogram::Histogram<u64>, Option<u64>);
+
 #[derive(Default)]
 pub(crate) struct LatencyWindows {
-    windows: Mutex<HashMap<String, (Instant, hdrhistogram::Histogram<u64>, Option<u64>)>>,
+    windows: Mutex<HashMap<String, Window>>,
 }
 
 const WINDOW: Duration = Duration::from_secs(10);

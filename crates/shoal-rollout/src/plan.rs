@@ -127,6 +127,59 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
     }
 }
 
+/// The routing table gateways follow: every replica with what it serves,
+/// and each model's traffic split. During a rolling update the split
+/// follows the share of replicas on each version, so traffic moves with
+/// the rollout instead of piling onto the first replicas moved.
+pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
+    use shoal_api::deploy::TrafficTarget;
+    use shoal_api::fleet::{ModelPolicy, RouteEndpoint, RoutingTable};
+    let endpoints = facts
+        .replicas
+        .iter()
+        .map(|r| RouteEndpoint {
+            id: r.id.clone(),
+            address: r.address.clone(),
+            region: r.region.clone(),
+            alive: r.alive,
+            serving: r.serving.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
+        })
+        .collect();
+    let models = facts
+        .deployments
+        .iter()
+        .map(|(deployment, rolling)| {
+            let targets = match rolling.as_ref().filter(|r| !r.state.is_terminal()) {
+                Some(r) => {
+                    let eligible: Vec<&ReplicaFacts> = facts
+                        .replicas
+                        .iter()
+                        .filter(|rep| eligible(deployment, rep))
+                        .collect();
+                    r.view(&deployment.model, &eligible)
+                        .weights
+                        .into_iter()
+                        .map(|(version, weight)| TrafficTarget { version, weight })
+                        .collect()
+                }
+                None => deployment.targets.clone(),
+            };
+            ModelPolicy {
+                model: deployment.model.clone(),
+                targets,
+                regions: deployment.regions.clone(),
+                shadow: deployment.shadow.clone(),
+                split_header: deployment.split_header.clone(),
+            }
+        })
+        .collect();
+    RoutingTable {
+        revision: facts.revision,
+        endpoints,
+        models,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use shoal_api::deploy::TrafficTarget;
@@ -259,58 +312,5 @@ mod tests {
         f.deployments[0] = (deployment("digits", &[("2", 100)], None), Some(rolling));
         assert_eq!(desired_state(&f, "a").version_keys()[0], "digits:2");
         assert_eq!(desired_state(&f, "c").version_keys()[0], "digits:1");
-    }
-}
-
-/// The routing table gateways follow: every replica with what it serves,
-/// and each model's traffic split. During a rolling update the split
-/// follows the share of replicas on each version, so traffic moves with
-/// the rollout instead of piling onto the first replicas moved.
-pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
-    use shoal_api::deploy::TrafficTarget;
-    use shoal_api::fleet::{ModelPolicy, RouteEndpoint, RoutingTable};
-    let endpoints = facts
-        .replicas
-        .iter()
-        .map(|r| RouteEndpoint {
-            id: r.id.clone(),
-            address: r.address.clone(),
-            region: r.region.clone(),
-            alive: r.alive,
-            serving: r.serving.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
-        })
-        .collect();
-    let models = facts
-        .deployments
-        .iter()
-        .map(|(deployment, rolling)| {
-            let targets = match rolling.as_ref().filter(|r| !r.state.is_terminal()) {
-                Some(r) => {
-                    let eligible: Vec<&ReplicaFacts> = facts
-                        .replicas
-                        .iter()
-                        .filter(|rep| eligible(deployment, rep))
-                        .collect();
-                    r.view(&deployment.model, &eligible)
-                        .weights
-                        .into_iter()
-                        .map(|(version, weight)| TrafficTarget { version, weight })
-                        .collect()
-                }
-                None => deployment.targets.clone(),
-            };
-            ModelPolicy {
-                model: deployment.model.clone(),
-                targets,
-                regions: deployment.regions.clone(),
-                shadow: deployment.shadow.clone(),
-                split_header: deployment.split_header.clone(),
-            }
-        })
-        .collect();
-    RoutingTable {
-        revision: facts.revision,
-        endpoints,
-        models,
     }
 }

@@ -97,6 +97,18 @@ impl ChildGuard {
 /// Returns the guard and the address. Panics (killing the child) if the
 /// process exits first; its stderr is inherited so the reason shows.
 pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, String) {
+    let (guard, line) = spawn_until(program, args, "listening on http://");
+    let addr = line
+        .split_once("listening on http://")
+        .map(|(_, a)| a.trim().to_owned())
+        .unwrap_or_default();
+    (guard, addr)
+}
+
+/// Starts `program` with `args`, stdout piped, and waits for the first
+/// line containing `marker`, which it returns. Panics (killing the child)
+/// if the process exits first.
+pub fn spawn_until(program: &std::path::Path, args: &[&str], marker: &str) -> (ChildGuard, String) {
     use std::io::BufRead;
     let mut command = std::process::Command::new(program);
     if std::env::var_os("RUST_LOG").is_none() {
@@ -114,11 +126,10 @@ pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, St
     let mut lines = std::io::BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         let line = line.expect("read child stdout");
-        if let Some((_, addr)) = line.split_once("listening on http://") {
-            let addr = addr.trim().to_owned();
+        if line.contains(marker) {
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return (guard, addr);
+            return (guard, line);
         }
     }
     panic!("{} exited before it was listening", program.display());

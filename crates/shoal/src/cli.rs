@@ -38,6 +38,8 @@ pub(crate) struct Global {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole fleet on this machine: control plane, gateway, replicas, demo model.
+    Up(cmd::up::UpArgs),
     /// Run the control plane: registry, artifacts, rollouts, API.
     Control(cmd::control::ControlArgs),
     /// Run a replica: serve ONNX models over the Open Inference Protocol v2.
@@ -78,7 +80,9 @@ pub(crate) fn main() -> ExitCode {
     };
     let global = cli.global.clone();
     let result = runtime.block_on(async move {
+        cmd::exit_with_parent();
         match cli.command {
+            Command::Up(args) => cmd::up::run(args).await,
             Command::Control(args) => cmd::control::run(args).await,
             Command::Replica(args) => cmd::replica::run(args, &global).await,
             Command::Gateway(args) => cmd::gateway::run(args, &global).await,

@@ -121,7 +121,7 @@ async fn fleet(replicas: usize, gateway_args: &[&str]) -> Fleet {
         ],
     );
     cli(&f.control_url, &["deploy", "digits:1"]);
-    f.wait_serving(&format!("digits:1"), f.replicas.len()).await;
+    f.wait_serving("digits:1", f.replicas.len()).await;
     f
 }
 
@@ -183,17 +183,16 @@ impl Fleet {
     }
 }
 
-/// Runs `clients` loops against the gateway until `stop`, recording who
-/// answered and every failure.
-fn steady_stream(
-    f: &Arc<Fleet>,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> (
+/// Client tasks, the failures they saw, and who answered.
+type Stream = (
     Vec<tokio::task::JoinHandle<()>>,
     Arc<Mutex<Vec<String>>>,
     Arc<Mutex<Vec<String>>>,
-) {
+);
+
+/// Runs `clients` loops against the gateway until `stop`, recording who
+/// answered and every failure.
+fn steady_stream(f: &Arc<Fleet>, clients: usize, stop: Arc<AtomicBool>) -> Stream {
     let failures = Arc::new(Mutex::new(Vec::new()));
     let answered = Arc::new(Mutex::new(Vec::new()));
     let tasks = (0..clients)

@@ -6,9 +6,30 @@ pub(crate) mod client;
 pub(crate) mod control;
 pub(crate) mod gateway;
 pub(crate) mod replica;
+pub(crate) mod up;
 
 /// Resolves after SIGINT or SIGTERM, logging that shutdown started.
 pub(crate) async fn shutdown_requested() {
     shoal_http::shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// When started by `shoal up` (which sets [`shoal_fleet::PARENT_ENV`]),
+/// exits as soon as that parent is gone, so no child outlives the fleet.
+pub(crate) fn exit_with_parent() {
+    let Some(parent) = std::env::var(shoal_fleet::PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            if nix::unistd::getppid().as_raw() != parent {
+                tracing::warn!("shoal up is gone; exiting");
+                std::process::exit(0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
 }

@@ -1,0 +1,205 @@
+//! A supervised child process: started, watched, restarted with backoff
+//! when it dies, and stopped gracefully (SIGTERM, then SIGKILL after a
+//! grace period).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
+
+use crate::{FleetState, PARENT_ENV};
+
+/// How long a child gets to stop after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// A child up this long is healthy again: its backoff resets.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+fn backoff(attempt: u32) -> Duration {
+    (Duration::from_millis(200) * 2u32.saturating_pow(attempt.min(6))).min(Duration::from_secs(10))
+}
+
+/// Writes the fleet state to `<data-dir>/fleet.json`.
+pub(crate) async fn write_state(state: &tokio::sync::Mutex<FleetState>, data_dir: &Path) {
+    let json = serde_json::to_vec_pretty(&*state.lock().await).unwrap_or_default();
+    let path = data_dir.join("fleet.json");
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path));
+}
+
+/// One supervised child.
+pub struct Supervised {
+    name: String,
+    pid: Mutex<Option<u32>>,
+    stopping: AtomicBool,
+    addr: tokio::sync::watch::Sender<Option<String>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Supervised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervised")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervised {
+    /// Starts `exe args` under supervision.
+    pub fn spawn(
+        name: String,
+        exe: PathBuf,
+        args: Vec<String>,
+        state: Arc<tokio::sync::Mutex<FleetState>>,
+        data_dir: PathBuf,
+    ) -> Arc<Supervised> {
+        let me = Arc::new(Supervised {
+            name,
+            pid: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            addr: tokio::sync::watch::Sender::new(None),
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(me.clone().supervise(exe, args, state, data_dir));
+        *me.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        me
+    }
+
+    /// The child's name (`control`, `replica-0`, `gateway-us-east`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address the child announced on its first start.
+    pub async fn address(&self) -> Option<String> {
+        let mut rx = self.addr.subscribe();
+        let wait = rx.wait_for(Option::is_some);
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(Ok(addr)) => addr.clone(),
+            _ => None,
+        }
+    }
+
+    /// Sends SIGKILL to the running process; returns its pid.
+    pub fn kill(&self) -> Option<u32> {
+        let pid = (*self.pid.lock().unwrap_or_else(PoisonError::into_inner))?;
+        kill(Pid::from_raw(i32::try_from(pid).ok()?), Signal::SIGKILL).ok()?;
+        Some(pid)
+    }
+
+    /// Stops the child for good: SIGTERM, then SIGKILL after the grace period.
+    pub async fn stop(&self) {
+        // Under the pid lock, so the supervisor either sees `stopping`
+        // before it records a new child, or we see that child's pid.
+        let pid = {
+            let pid = self.pid.lock().unwrap_or_else(PoisonError::into_inner);
+            self.stopping.store(true, Ordering::SeqCst);
+            *pid
+        };
+        if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(STOP_GRACE, &mut task).await.is_err()
+        {
+            tracing::warn!(child = %self.name, "did not stop within {STOP_GRACE:?}; killing it");
+            self.kill();
+            let _ = task.await;
+        }
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        exe: PathBuf,
+        args: Vec<String>,
+        state: Arc<tokio::sync::Mutex<FleetState>>,
+        data_dir: PathBuf,
+    ) {
+        let mut attempt = 0u32;
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut command = tokio::process::Command::new(&exe);
+            command
+                .args(&args)
+                .env(PARENT_ENV, std::process::id().to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                // Its own process group: Ctrl-C reaches `shoal up` alone,
+                // which then stops children in order.
+                .process_group(0)
+                .kill_on_drop(true);
+            if std::env::var_os("RUST_LOG").is_none() {
+                command.env("RUST_LOG", "warn");
+            }
+            let mut child = match command.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(child = %self.name, error = %e, "cannot start; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            };
+            let pid = child.id();
+            {
+                let mut slot = self.pid.lock().unwrap_or_else(PoisonError::into_inner);
+                *slot = pid;
+                if self.stopping.load(Ordering::SeqCst)
+                    && let Some(p) = pid.and_then(|p| i32::try_from(p).ok())
+                {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+                }
+            }
+            if let Some(pid) = pid {
+                state.lock().await.pids.push((self.name.clone(), pid));
+                write_state(&state, &data_dir).await;
+            }
+            if let Some(stdout) = child.stdout.take() {
+                let addr = self.addr.clone();
+                tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(stdout).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some((_, a)) = line.split_once("listening on http://") {
+                            addr.send_replace(Some(a.trim().to_owned()));
+                        }
+                    }
+                });
+            }
+            let started = tokio::time::Instant::now();
+            let status = child.wait().await;
+            *self.pid.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            if let Some(pid) = pid {
+                state.lock().await.pids.retain(|(_, p)| *p != pid);
+                write_state(&state, &data_dir).await;
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if started.elapsed() > STABLE_AFTER {
+                attempt = 0;
+            }
+            let wait = backoff(attempt);
+            attempt += 1;
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            tracing::warn!(child = %self.name, %status, "exited; restarting in {wait:?}");
+            println!(
+                "{} exited ({status}); restarting in {:.1}s",
+                self.name,
+                wait.as_secs_f64()
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! `shoal up`: the whole fleet on one machine.
+//!
+//! The control plane, one gateway per region and N replicas run as real
+//! child processes of the same binary, on loopback. Each child is
+//! supervised: when it dies it is restarted with backoff and rejoins (its
+//! data directory, and so its identity and artifact cache, survive). The
+//! registry and artifacts live under the data directory, so a second
+//! `shoal up` resumes where the first stopped. On first start the bundled
+//! `digits` model (compiled into the binary) is pushed and deployed.
+//!
+//! Children exit on their own if `shoal up` disappears (they watch their
+//! parent), so even a `kill -9` of `shoal up` leaves nothing behind.
+
+mod child;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use serde::Serialize;
+use shoal_api::deploy::DeployRequest;
+use shoal_api::registry::NewVersion;
+use shoal_client::ControlClient;
+
+pub use crate::child::Supervised;
+
+/// The bundled demo model: digits classifier v1, compiled into the binary so
+/// `shoal up` works from any directory.
+pub const DIGITS_V1: &[u8] = include_bytes!("../../../models/digits-v1.onnx");
+
+/// One held-out digits sample (a zero) for the printed `curl`.
+const SAMPLE_ZERO: &str = "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]";
+
+/// Environment variable carrying the supervisor's pid to children.
+pub const PARENT_ENV: &str = "SHOAL_PARENT_PID";
+
+/// Settings of `shoal up`.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// The `shoal` binary to run children from.
+    pub exe: PathBuf,
+    /// Data directory of the whole fleet.
+    pub data_dir: PathBuf,
+    /// Replicas to run.
+    pub replicas: usize,
+    /// Regions; replicas are spread over them, one gateway each.
+    pub regions: Vec<String>,
+    /// Address of the first region's gateway; the others take the next ports.
+    pub gateway_addr: SocketAddr,
+    /// Address of the control plane.
+    pub control_addr: SocketAddr,
+    /// Chaos monkey: random replica kills per minute.
+    pub chaos_per_minute: Option<f64>,
+}
+
+/// Where everything runs, written to `<data-dir>/fleet.json` on each change.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FleetState {
+    /// Control plane URL.
+    pub control: String,
+    /// Gateway URLs by region.
+    pub gateways: Vec<(String, String)>,
+    /// Process ids of every child running now.
+    pub pids: Vec<(String, u32)>,
+}
+
+fn gateway_addr(first: SocketAddr, index: usize) -> SocketAddr {
+    if first.port() == 0 || index == 0 {
+        return first;
+    }
+    SocketAddr::new(first.ip(), first.port() + u16::try_from(index).unwrap_or(0))
+}
+
+/// Pushes and deploys the bundled model when the registry is empty.
+async fn seed(client: &ControlClient) -> anyhow::Result<bool> {
+    if !client.list_models().await?.is_empty() {
+        return Ok(false);
+    }
+    let bytes = Bytes::from_static(DIGITS_V1);
+    let size = bytes.len() as u64;
+    let uploaded = client
+        .upload_artifact(size, futures::stream::once(async move { Ok(bytes) }))
+        .await?;
+    let mut new = NewVersion {
+        sha256: uploaded.sha256,
+        ..NewVersion::default()
+    };
+    new.labels.insert("source".into(), "bundled demo".into());
+    new.metrics.insert("accuracy".into(), 0.9533);
+    let version = client.create_version("digits", &new).await?;
+    client
+        .deploy(
+            "digits",
+            &DeployRequest {
+                version: version.version,
+                reason: Some("shoal up: bundled demo model".into()),
+                ..DeployRequest::default()
+            },
+        )
+        .await?;
+    Ok(true)
+}
+
+/// Runs the fleet until `shutdown` completes, then stops every child.
+pub async fn run(
+    config: UpConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if config.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    if config.regions.is_empty() || config.regions.iter().any(String::is_empty) {
+        bail!("--regions must name at least one region, e.g. --regions us-east,eu-west");
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let started = tokio::time::Instant::now();
+    let state = Arc::new(tokio::sync::Mutex::new(FleetState::default()));
+    let exe = config.exe.clone();
+    let dir = |name: &str| config.data_dir.join(name).display().to_string();
+
+    let control = Supervised::spawn(
+        "control".into(),
+        exe.clone(),
+        vec![
+            "control".into(),
+            "--addr".into(),
+            config.control_addr.to_string(),
+            "--data-dir".into(),
+            dir("control"),
+            "--heartbeat-ms".into(),
+            "500".into(),
+        ],
+        state.clone(),
+        config.data_dir.clone(),
+    );
+    let control_addr = control
+        .address()
+        .await
+        .context("the control plane did not start")?;
+    let control_url = format!("http://{control_addr}");
+    state.lock().await.control = control_url.clone();
+    let client = ControlClient::new(&control_url, None);
+
+    let mut children = vec![control];
+    for i in 0..config.replicas {
+        let region = &config.regions[i % config.regions.len()];
+        children.push(Supervised::spawn(
+            format!("replica-{i}"),
+            exe.clone(),
+            vec![
+                "replica".into(),
+                "--control".into(),
+                control_url.clone(),
+                "--addr".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                dir(&format!("replica-{i}")),
+                "--region".into(),
+                region.clone(),
+                "--poll-interval".into(),
+                "5".into(),
+            ],
+            state.clone(),
+            config.data_dir.clone(),
+        ));
+    }
+    let mut gateways = Vec::new();
+    for (i, region) in config.regions.iter().enumerate() {
+        let g = Supervised::spawn(
+            format!("gateway-{region}"),
+            exe.clone(),
+            vec![
+                "gateway".into(),
+                "--control".into(),
+                control_url.clone(),
+                "--addr".into(),
+                gateway_addr(config.gateway_addr, i).to_string(),
+                "--data-dir".into(),
+                dir(&format!("gateway-{region}")),
+                "--region".into(),
+                region.clone(),
+                "--health-interval-ms".into(),
+                "250".into(),
+            ],
+            state.clone(),
+            config.data_dir.clone(),
+        );
+        let addr = g
+            .address()
+            .await
+            .with_context(|| format!("the {region} gateway did not start"))?;
+        gateways.push((region.clone(), format!("http://{addr}")));
+        children.push(g);
+    }
+    state.lock().await.gateways = gateways.clone();
+    child::write_state(&state, &config.data_dir).await;
+
+    if seed(&client).await? {
+        tracing::info!("registry was empty: pushed and deployed the bundled digits model");
+    }
+    // Ready when a prediction goes through the first gateway.
+    let gateway = gateways[0].1.clone();
+    let infer_url = format!("{gateway}/v2/models/digits/infer");
+    let body = format!(
+        r#"{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":{SAMPLE_ZERO}}}]}}"#
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let probe = ControlClient::new(&gateway, None).with_timeout(Duration::from_secs(2));
+    loop {
+        if post_ok(&probe, &infer_url, &body).await {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the fleet did not become ready within 60 s; see the log above");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    println!();
+    println!(
+        "Shoal is up in {:.1}s: {} replica(s) in {}.",
+        elapsed.as_secs_f64(),
+        config.replicas,
+        config.regions.join(", ")
+    );
+    println!("  control plane  {control_url}   (shoal status, shoal model list)");
+    for (region, url) in &gateways {
+        println!("  gateway        {url}   ({region})");
+    }
+    println!();
+    println!("Get a prediction:");
+    println!("  curl -s {infer_url} -H 'content-type: application/json' \\");
+    println!("    -d '{body}'");
+    println!();
+    println!("Press Ctrl-C to stop.");
+    // Tests and tools read this line.
+    println!("shoal up ready: gateway {gateway} control {control_url}");
+
+    let chaos = config.chaos_per_minute.filter(|r| *r > 0.0).map(|rate| {
+        let replicas: Vec<Arc<Supervised>> = children
+            .iter()
+            .filter(|c| c.name().starts_with("replica-"))
+            .cloned()
+            .collect();
+        tokio::spawn(chaos_monkey(replicas, rate))
+    });
+    shutdown.await;
+    if let Some(c) = chaos {
+        c.abort();
+    }
+    tracing::info!("stopping: gateways first, then replicas, then the control plane");
+    // Gateways stop taking traffic first; replicas drain; the control plane last.
+    let order = |c: &Arc<Supervised>| match c.name() {
+        n if n.starts_with("gateway-") => 0,
+        n if n.starts_with("replica-") => 1,
+        _ => 2,
+    };
+    let mut children = children;
+    children.sort_by_key(order);
+    for group in 0..3 {
+        futures::future::join_all(
+            children
+                .iter()
+                .filter(|c| order(c) == group)
+                .map(|c| c.stop()),
+        )
+        .await;
+    }
+    state.lock().await.pids.clear();
+    child::write_state(&state, &config.data_dir).await;
+    Ok(())
+}
+
+async fn post_ok(client: &ControlClient, url: &str, body: &str) -> bool {
+    let path = url.trim_start_matches(client.base());
+    client.post_json_raw(path, body.to_owned()).await.is_ok()
+}
+
+/// Kills a random replica now and then (exponential inter-arrival at
+/// `rate` per minute), logging each kill; supervision brings it back.
+async fn chaos_monkey(replicas: Vec<Arc<Supervised>>, rate: f64) {
+    use rand::Rng;
+    loop {
+        let u: f64 = rand::rng().random_range(f64::EPSILON..1.0);
+        let wait = Duration::from_secs_f64(-u.ln() * 60.0 / rate);
+        tokio::time::sleep(wait).await;
+        let i = rand::rng().random_range(0..replicas.len());
+        if let Some(pid) = replicas[i].kill() {
+            tracing::warn!(
+                replica = replicas[i].name(),
+                pid,
+                "chaos monkey: killed replica (SIGKILL)"
+            );
+            println!("chaos: killed {} (pid {pid})", replicas[i].name());
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `shoal up`: the whole fleet on this machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use shoal_fleet::UpConfig;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpArgs {
+    /// Replicas to run.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Regions to spread replicas over (comma-separated); one gateway each.
+    #[arg(long, value_delimiter = ',', default_value = "local")]
+    regions: Vec<String>,
+    /// Data directory of the fleet: registry, artifacts, replica caches.
+    #[arg(long, default_value = ".shoal")]
+    data_dir: PathBuf,
+    /// Address of the first gateway (later regions take the next ports).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway_addr: SocketAddr,
+    /// Address of the control plane.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    control_addr: SocketAddr,
+    /// Chaos monkey: kill a random replica this many times per minute, on average.
+    #[arg(long, value_name = "KILLS_PER_MINUTE")]
+    chaos: Option<f64>,
+}
+
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let exe =
+        std::env::current_exe().context("cannot find the shoal binary to start children from")?;
+    let config = UpConfig {
+        exe,
+        data_dir: args.data_dir,
+        replicas: args.replicas,
+        regions: args.regions,
+        gateway_addr: args.gateway_addr,
+        control_addr: args.control_addr,
+        chaos_per_minute: args.chaos,
+    };
+    shoal_fleet::run(config, super::shutdown_requested()).await
+}

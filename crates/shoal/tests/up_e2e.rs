@@ -1,0 +1,246 @@
+//! `shoal up` as a user runs it: ready with the bundled model, predictions
+//! that match the held-out labels, a new version rolled out, a replica
+//! SIGKILLed under a steady stream with no failed request and brought back,
+//! and SIGINT leaving no process behind.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde_json::Value;
+use shoal_testkit::{HttpClient, Samples, TempDir, eventually, model_path, spawn_until};
+
+fn shoal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+fn cli(control: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(shoal())
+        .args(args)
+        .args(["--json", "--control", control])
+        .output()
+        .expect("run shoal");
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), None).is_ok()
+}
+
+fn replicas_serving(status: &Value, key: &str) -> usize {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["healthy"] == true && r["serving"] == serde_json::json!([key]) && r["skew"] == false
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_end_to_end() {
+    let tmp = TempDir::new("up-e2e");
+    let data = tmp.join("fleet");
+    let (mut up, ready) = spawn_until(
+        shoal(),
+        &[
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--replicas",
+            "3",
+        ],
+        "shoal up ready:",
+    );
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let gateway = words[4].to_owned();
+    let control = words[6].to_owned();
+    let http = HttpClient::new();
+
+    // The bundled model answers through the gateway as trained.
+    let samples = Samples::load();
+    let n = samples.labels.len();
+    let r = http
+        .post_json(
+            &format!("{gateway}/v2/models/digits/infer"),
+            samples.request(0..n),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let labels: Vec<i64> = r.json()["outputs"][1]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let correct = labels
+        .iter()
+        .zip(&samples.labels)
+        .filter(|(a, b)| a == b)
+        .count();
+    #[allow(clippy::cast_precision_loss)]
+    let accuracy = correct as f64 / n as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let one = 1.0 / n as f64;
+    assert!(
+        (accuracy - samples.accuracy["digits-v1"]).abs() <= one + 1e-9,
+        "accuracy {accuracy}"
+    );
+
+    // Push v2, deploy, all replicas converge.
+    cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&control, &["deploy", "digits:2"]);
+    let c = control.clone();
+    eventually(
+        "3 replicas serving digits:2",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move {
+                let s = tokio::task::spawn_blocking(move || cli(&c, &["status"]))
+                    .await
+                    .unwrap();
+                (replicas_serving(&s, "digits:2") == 3).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // SIGKILL a replica under a steady stream: no failed request; it is
+    // restarted and serves again.
+    let status = cli(&control, &["status"]);
+    let victim = &status["replicas"][0];
+    let (victim_id, victim_pid) = (
+        victim["id"].as_str().unwrap().to_owned(),
+        u32::try_from(victim["pid"].as_u64().unwrap()).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url, stop, done, failures) = (
+                http.clone(),
+                format!("{gateway}/v2/models/digits/infer"),
+                stop.clone(),
+                done.clone(),
+                failures.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match http
+                        .send(http::Method::POST, &url, &[], Samples::load().request(0..1))
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .await
+                            .push(format!("{}: {}", r.status, r.text())),
+                        Err(e) => failures.lock().await.push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let d = done.clone();
+    eventually("traffic to flow", Duration::from_secs(10), || {
+        let d = d.clone();
+        async move { (d.load(Ordering::Relaxed) >= 100).then_some(()) }
+    })
+    .await;
+    nix::sys::signal::kill(
+        Pid::from_raw(i32::try_from(victim_pid).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let c = control.clone();
+    let id = victim_id.clone();
+    eventually(
+        "the killed replica to be restarted and serving",
+        Duration::from_secs(30),
+        || {
+            let (c, id) = (c.clone(), id.clone());
+            async move {
+                let s = tokio::task::spawn_blocking(move || cli(&c, &["status"]))
+                    .await
+                    .unwrap();
+                s["replicas"].as_array().unwrap().iter().find(|r| {
+                    r["id"] == id.as_str()
+                        && r["healthy"] == true
+                        && r["serving"] == serde_json::json!(["digits:2"])
+                        && r["pid"].as_u64() != Some(u64::from(victim_pid))
+                })?;
+                Some(())
+            }
+        },
+    )
+    .await;
+    let after = done.load(Ordering::Relaxed);
+    let d = done.clone();
+    eventually(
+        "more traffic after the restart",
+        Duration::from_secs(10),
+        || {
+            let d = d.clone();
+            async move { (d.load(Ordering::Relaxed) >= after + 100).then_some(()) }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let failures = failures.lock().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        failures.first()
+    );
+
+    // SIGINT: everything stops, nothing is left behind.
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let pids: Vec<u32> = fleet["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u32::try_from(p[1].as_u64().unwrap()).unwrap())
+        .collect();
+    assert_eq!(pids.len(), 5, "control, gateway and 3 replicas: {fleet}");
+    up.signal(Signal::SIGINT);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = up.wait_timeout(Duration::from_secs(30));
+        (s, up)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.expect("shoal up exits after SIGINT").success());
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived shoal up");
+    }
+}
