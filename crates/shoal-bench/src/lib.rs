@@ -8,11 +8,14 @@
 //!   raw in-process inference p50.
 //! - [`fleet`]: convergence of many replicas against one, delta-update wire
 //!   bytes against rsync, and origin egress with regional fan-out.
+//! - [`load`]: an open-loop load generator (latency from the intended send
+//!   time), used against Shoal's gateway, nginx and HAProxy alike.
 //! - [`herd`]: the control plane's request rate under 1,000 polling
 //!   replicas (a simulation driven by the agent's own jitter code).
 
 pub mod fleet;
 pub mod herd;
+pub mod load;
 pub mod overhead;
 pub mod runtime;
 pub mod stats;

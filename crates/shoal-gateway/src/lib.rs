@@ -69,6 +69,8 @@ pub struct GatewayConfig {
     pub retry_min_per_sec: u32,
     /// Send a second request after the model's observed p95.
     pub hedge: bool,
+    /// How to choose among healthy replicas.
+    pub balance: routes::Balance,
     /// Header that keeps a user on one version (default for every model).
     pub split_header: String,
     /// Header that keeps a session on one replica.
@@ -96,6 +98,7 @@ impl Default for GatewayConfig {
             retry_ratio: 0.2,
             retry_min_per_sec: 10,
             hedge: false,
+            balance: routes::Balance::PeakEwma,
             split_header: "x-user-id".into(),
             session_header: "x-session-id".into(),
             body_limit: 16 << 20,
@@ -147,7 +150,7 @@ impl Gateway {
                 config.retry_min_per_sec,
                 config.retry_ratio,
             ),
-            routes: Routes::new(config.region.clone(), config.health_policy),
+            routes: Routes::new(config.region.clone(), config.health_policy).with_balance(config.balance),
             config,
             client,
             protection,

@@ -500,8 +500,15 @@ async fn route_inference(
         gateway.metrics.attempt(model);
         let (outcome, answered_by) = hedged(gateway, model, &endpoint, second, &path, &body).await;
         let reason = match outcome {
-            Attempt::Answer(response, rtt) => {
+            Attempt::Answer(mut response, rtt) => {
                 gateway.latencies.record(model, rtt);
+                if !tried.is_empty() {
+                    // Which replicas failed this request before the one that
+                    // answered: retries are visible to whoever looks.
+                    if let Ok(v) = HeaderValue::from_str(&tried.join(",")) {
+                        response.headers_mut().insert("x-shoal-retried-from", v);
+                    }
+                }
                 let version = response
                     .headers()
                     .get("x-shoal-model-version")

@@ -172,11 +172,23 @@ pub struct RoutingState {
     pub policies: HashMap<String, ModelPolicy>,
 }
 
+/// How to choose among healthy replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Power of two choices over peak-EWMA latency and outstanding requests.
+    #[default]
+    PeakEwma,
+    /// Each in turn (for comparison; it ignores load).
+    RoundRobin,
+}
+
 /// The routing state, swapped atomically on every discovery update.
 #[derive(Debug)]
 pub struct Routes {
     region: String,
     policy: HealthPolicy,
+    balance: Balance,
+    next: AtomicU32,
     state: ArcSwap<RoutingState>,
     writer: Mutex<()>,
 }
@@ -195,9 +207,17 @@ impl Routes {
         Routes {
             region,
             policy,
+            balance: Balance::PeakEwma,
+            next: AtomicU32::new(0),
             state: ArcSwap::from_pointee(RoutingState::default()),
             writer: Mutex::new(()),
         }
+    }
+
+    /// Uses `balance` to choose among healthy replicas.
+    pub(crate) fn with_balance(mut self, balance: Balance) -> Routes {
+        self.balance = balance;
+        self
     }
 
     /// The health policy.
@@ -351,6 +371,10 @@ impl Routes {
     ) -> Option<Arc<Endpoint>> {
         if let Some(key) = session_key {
             let i = shoal_balance::hash::rendezvous(key, candidates.iter().map(|e| e.id.as_str()))?;
+            return candidates.get(i).cloned();
+        }
+        if self.balance == Balance::RoundRobin && !candidates.is_empty() {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
             return candidates.get(i).cloned();
         }
         let costs: Vec<Candidate> = candidates

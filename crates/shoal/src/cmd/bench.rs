@@ -6,6 +6,39 @@ use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
+    /// Open-loop load against one URL (latency from intended send time).
+    Load {
+        /// URL to POST to; repeat to spread requests over several in turn.
+        #[arg(long = "url", required = true)]
+        urls: Vec<String>,
+        /// Requests per second.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Per-request timeout in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Body file [default: one digits sample].
+        #[arg(long)]
+        body: Option<PathBuf>,
+        /// Response header naming the upstream(s) of each answer.
+        #[arg(long)]
+        upstream_header: Option<String>,
+        /// SIGKILL this pid partway through.
+        #[arg(long)]
+        kill_pid: Option<i32>,
+        /// When to kill, in seconds from the start.
+        #[arg(long, default_value_t = 3.0)]
+        kill_at: f64,
+        /// Substring of the upstream header naming the killed upstream.
+        #[arg(long)]
+        dead_upstream: Option<String>,
+    },
     /// N replicas converging on a new version against one replica doing the same.
     Converge {
         /// Replicas in the fleet.
@@ -62,6 +95,38 @@ pub(crate) enum BenchCommand {
 pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()> {
     let scratch = || std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     match command {
+        BenchCommand::Load { urls, rate, duration, connections, timeout_ms, body, upstream_header, kill_pid, kill_at, dead_upstream } => {
+            let body = match body {
+                Some(p) => bytes::Bytes::from(std::fs::read(&p)?),
+                None => {
+                    let row = shoal_bench::digits_rows(1)?.remove(0);
+                    bytes::Bytes::from(serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]}).to_string())
+                }
+            };
+            let r = shoal_bench::load::run(shoal_bench::load::LoadSpec {
+                urls,
+                body,
+                rate,
+                duration: std::time::Duration::from_secs_f64(duration),
+                connections,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                upstream_header,
+                kill: kill_pid.map(|p| (p, std::time::Duration::from_secs_f64(kill_at))),
+                dead_upstream,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "sent {} ok {} failed {} | p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs | {:.0} ok/s",
+                    r.sent, r.ok, r.failed, r.latency.p50_us, r.latency.p99_us, r.latency.p999_us, r.ok_per_sec
+                );
+                if !r.errors.is_empty() {
+                    println!("errors: {:?}", r.errors);
+                }
+            }
+        }
         BenchCommand::Converge {
             replicas,
             size_mb,

@@ -34,6 +34,10 @@ pub(crate) struct GatewayArgs {
     /// Send a second request to another replica after the model's p95.
     #[arg(long)]
     hedge: bool,
+    /// How to choose among healthy replicas: peak-ewma (power of two
+    /// choices over latency and load) or round-robin (for comparison).
+    #[arg(long, default_value = "peak-ewma", value_parser = ["peak-ewma", "round-robin"])]
+    balance: String,
     /// Header that keeps a user on one version.
     #[arg(long, default_value = "x-user-id")]
     split_header: String,
@@ -82,6 +86,11 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         health_interval: Duration::from_millis(args.health_interval_ms.max(50)),
         hedge: args.hedge,
+        balance: if args.balance == "round-robin" {
+            shoal_gateway::routes::Balance::RoundRobin
+        } else {
+            shoal_gateway::routes::Balance::PeakEwma
+        },
         split_header: args.split_header.to_ascii_lowercase(),
         session_header: args.session_header.to_ascii_lowercase(),
         body_limit: args.body_limit,

@@ -1,0 +1,239 @@
+//! An open-loop load generator: requests are scheduled at a fixed rate and
+//! each latency is measured from its intended send time, so a stalled
+//! server cannot hide its stall by slowing the client down (the
+//! coordinated-omission correction of wrk2 `-R`).
+//!
+//! Optionally it SIGKILLs a process partway through and reports what the
+//! clients saw around it: failures, and how long after the kill responses
+//! still named the dead upstream (in a header the proxy sets).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::stats::{Latencies, Summary};
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Target URLs (POST), used in turn.
+    pub urls: Vec<String>,
+    /// Request body.
+    pub body: Bytes,
+    /// Requests per second.
+    pub rate: f64,
+    /// How long to send.
+    pub duration: Duration,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Response header naming the upstream(s) that handled a request.
+    pub upstream_header: Option<String>,
+    /// Kill this pid with SIGKILL at `kill_at`.
+    pub kill: Option<(i32, Duration)>,
+    /// Substring of the upstream header that identifies the killed upstream.
+    pub dead_upstream: Option<String>,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    /// Requests scheduled.
+    pub sent: u64,
+    /// 2xx answers.
+    pub ok: u64,
+    /// Anything else (status or transport error).
+    pub failed: u64,
+    /// Latency from intended send time, successes only.
+    pub latency: Summary,
+    /// Achieved throughput of successes, per second.
+    pub ok_per_sec: f64,
+    /// Answers by upstream header value.
+    pub by_upstream: BTreeMap<String, u64>,
+    /// Failures seen after the kill.
+    pub failed_after_kill: u64,
+    /// Last time after the kill that an answer named the dead upstream (ms).
+    pub dead_seen_until_ms: Option<f64>,
+    /// A few error messages.
+    pub errors: Vec<String>,
+}
+
+struct Shared {
+    latencies: Latencies,
+    ok: u64,
+    failed: u64,
+    by_upstream: BTreeMap<String, u64>,
+    failed_after_kill: u64,
+    dead_seen_until: Option<Duration>,
+    errors: Vec<String>,
+}
+
+/// Runs the load.
+pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
+    let total = (spec.rate * spec.duration.as_secs_f64()).round() as u64;
+    anyhow::ensure!(!spec.urls.is_empty(), "give at least one URL");
+    let (tx, rx) = async_channel_like::channel(total as usize + 1);
+    let shared = Arc::new(tokio::sync::Mutex::new(Shared {
+        latencies: Latencies::default(),
+        ok: 0,
+        failed: 0,
+        by_upstream: BTreeMap::new(),
+        failed_after_kill: 0,
+        dead_seen_until: None,
+        errors: Vec::new(),
+    }));
+    let start = Instant::now() + Duration::from_millis(50);
+    let kill_at = spec.kill.map(|(_, at)| start + at);
+    let spec = Arc::new(spec);
+    let mut workers = Vec::new();
+    for _ in 0..spec.connections.max(1) {
+        let (rx, shared, spec) = (rx.clone(), shared.clone(), spec.clone());
+        workers.push(tokio::spawn(async move {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .build(connector);
+            while let Some((i, intended)) = rx.recv().await {
+                let url = &spec.urls[i as usize % spec.urls.len()];
+                let request = http::Request::post(url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(spec.body.clone()));
+                let Ok(request) = request else { continue };
+                let outcome = tokio::time::timeout(spec.timeout, async {
+                    let response = client.request(request).await.map_err(|e| format!("{e:?}"))?;
+                    let status = response.status();
+                    let upstream = spec
+                        .upstream_header
+                        .as_ref()
+                        .and_then(|h| response.headers().get(h.as_str()))
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let _ = response.into_body().collect().await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>((status, upstream))
+                })
+                .await;
+                let done = Instant::now();
+                let mut s = shared.lock().await;
+                let after_kill = kill_at.is_some_and(|k| intended >= k);
+                match outcome {
+                    Ok(Ok((status, upstream))) if status.is_success() => {
+                        s.ok += 1;
+                        s.latencies.record(done - intended);
+                        if let Some(u) = upstream {
+                            if let (Some(k), Some(dead)) = (kill_at, &spec.dead_upstream)
+                                && done >= k
+                                && u.contains(dead.as_str())
+                            {
+                                s.dead_seen_until = Some(done - k);
+                            }
+                            *s.by_upstream.entry(u).or_default() += 1;
+                        }
+                    }
+                    other => {
+                        s.failed += 1;
+                        if after_kill {
+                            s.failed_after_kill += 1;
+                        }
+                        if let Some(k) = kill_at
+                            && done >= k
+                            && spec.dead_upstream.is_some()
+                        {
+                            s.dead_seen_until = Some(done - k);
+                        }
+                        if s.errors.len() < 5 {
+                            let e = match other {
+                                Ok(Ok((status, _))) => format!("status {status}"),
+                                Ok(Err(e)) => e,
+                                Err(_) => "timeout".into(),
+                            };
+                            s.errors.push(e);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    drop(rx);
+    let killer = spec.kill.map(|(pid, at)| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + at).await;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        })
+    });
+    // The pacer is a plain thread: its sleeps are precise to microseconds,
+    // where tokio's timer ticks in milliseconds. It hands each request to
+    // the workers at its intended time; if every worker is busy the request
+    // waits in the queue, and that wait counts in its latency.
+    let rate = spec.rate;
+    let std_start = start.into_std();
+    let pacer = std::thread::spawn(move || {
+        for i in 0..total {
+            let intended = std_start + Duration::from_secs_f64(i as f64 / rate);
+            let now = std::time::Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if tx.blocking_send((i, Instant::from_std(intended))).is_err() {
+                break;
+            }
+        }
+    });
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+    for w in workers {
+        let _ = w.await;
+    }
+    if let Some(k) = killer {
+        let _ = k.await;
+    }
+    let s = shared.lock().await;
+    Ok(LoadResult {
+        sent: total,
+        ok: s.ok,
+        failed: s.failed,
+        latency: s.latencies.summary(),
+        ok_per_sec: s.ok as f64 / spec.duration.as_secs_f64(),
+        by_upstream: s.by_upstream.clone(),
+        failed_after_kill: s.failed_after_kill,
+        dead_seen_until_ms: s.dead_seen_until.map(|d| d.as_secs_f64() * 1e3),
+        errors: s.errors.clone(),
+    })
+}
+
+/// A multi-consumer queue of send times (tokio's mpsc has one consumer).
+mod async_channel_like {
+    use std::sync::Arc;
+
+    use tokio::sync::Mutex;
+    use tokio::time::Instant;
+
+    pub(super) struct Sender(tokio::sync::mpsc::Sender<(u64, Instant)>);
+    #[derive(Clone)]
+    pub(super) struct Receiver(Arc<Mutex<tokio::sync::mpsc::Receiver<(u64, Instant)>>>);
+
+    pub(super) fn channel(capacity: usize) -> (Sender, Receiver) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (Sender(tx), Receiver(Arc::new(Mutex::new(rx))))
+    }
+
+    impl Sender {
+        pub(super) fn blocking_send(&self, at: (u64, Instant)) -> Result<(), ()> {
+            self.0.blocking_send(at).map_err(|_| ())
+        }
+    }
+
+    impl Receiver {
+        pub(super) async fn recv(&self) -> Option<(u64, Instant)> {
+            self.0.lock().await.recv().await
+        }
+    }
+}
