@@ -15,6 +15,12 @@ pub enum Strategy {
     /// before it leaves the old, so serving capacity never drops.
     #[default]
     Rolling,
+    /// Both versions loaded everywhere; traffic moves in steps, each judged
+    /// against the baseline on the same window; rolled back automatically.
+    Canary,
+    /// The new version loaded everywhere and smoke-tested, then all traffic
+    /// switches at once; the old one stays loaded for an instant switch back.
+    BlueGreen,
 }
 
 impl Strategy {
@@ -22,6 +28,8 @@ impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Rolling => "rolling",
+            Strategy::Canary => "canary",
+            Strategy::BlueGreen => "blue-green",
         }
     }
 }
@@ -45,6 +53,41 @@ pub struct DeployRequest {
     /// Why, for the audit log.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Canary: traffic percentages of the steps (default 1, 10, 50, 100).
+    #[serde(default)]
+    pub steps: Option<Vec<u32>>,
+    /// Canary: seconds each step bakes before it is judged (default 30).
+    #[serde(default)]
+    pub bake_secs: Option<f64>,
+    /// Canary: roll back when the canary's error rate exceeds this multiple
+    /// of the baseline's (default 1.5).
+    #[serde(default)]
+    pub max_error_ratio: Option<f64>,
+    /// Canary: roll back when the canary's p99 exceeds this multiple of the
+    /// baseline's (default 1.2).
+    #[serde(default)]
+    pub max_p99_ratio: Option<f64>,
+    /// Canary: requests the canary must have served in a step to be judged;
+    /// fewer and the rollout holds (default 100).
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    /// Canary: p99 increases smaller than this many milliseconds never roll
+    /// back (default 1), however large the ratio: below it is noise.
+    #[serde(default)]
+    pub min_p99_increase_ms: Option<f64>,
+    /// Seconds the replaced version stays loaded after a switch, so that
+    /// switching back is instant (default 300).
+    #[serde(default)]
+    pub keep_warm_secs: Option<f64>,
+}
+
+/// A version kept loaded without traffic until a time, for warm rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WarmVersion {
+    /// Version.
+    pub version: String,
+    /// Kept until (ms since the epoch).
+    pub until: UnixMillis,
 }
 
 /// A share of a model's traffic.
@@ -153,6 +196,9 @@ pub struct Deployment {
     /// Header that keeps a user on one version (default `x-user-id`).
     #[serde(default)]
     pub split_header: Option<String>,
+    /// Versions kept loaded without traffic, for an instant switch back.
+    #[serde(default)]
+    pub warm: Vec<WarmVersion>,
     /// The rollout in progress or the last one.
     pub rollout: Option<RolloutView>,
     /// Fleet revision when this last changed.

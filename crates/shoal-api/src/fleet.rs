@@ -82,6 +82,9 @@ pub struct Heartbeat {
     /// Faults injected, by `model:version`.
     #[serde(default)]
     pub faults: BTreeMap<String, Fault>,
+    /// Inference counts since each version was loaded, by `model:version`.
+    #[serde(default)]
+    pub stats: BTreeMap<String, VersionStats>,
 }
 
 /// One version a replica should serve.
@@ -96,6 +99,10 @@ pub struct DesiredVersion {
     /// Input shape overrides.
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// Keep it if it is loaded, but do not load it (and do not wait for it
+    /// to be ready): versions kept warm or draining after traffic left them.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// One model a replica should serve.
@@ -131,7 +138,8 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
-    /// `model:version` of everything desired, sorted.
+    /// `model:version` of everything that must be served, sorted (versions
+    /// only kept if loaded are left out).
     pub fn version_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
             .models
@@ -139,6 +147,7 @@ impl DesiredState {
             .flat_map(|m| {
                 m.versions
                     .iter()
+                    .filter(|v| !v.optional)
                     .map(move |v| format!("{}:{}", m.model, v.version))
             })
             .collect();
@@ -232,4 +241,79 @@ pub struct RoutingTable {
     pub endpoints: Vec<RouteEndpoint>,
     /// Every deployed model's policy.
     pub models: Vec<ModelPolicy>,
+}
+
+/// Upper bounds (milliseconds) of the latency buckets replicas report; the
+/// last bucket is everything above the last bound.
+pub const LATENCY_BOUNDS_MS: [f64; 30] = [
+    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
+    30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
+/// Cumulative counts of one version's inference on one replica (or summed
+/// over the fleet), reported in heartbeats: what canary analysis judges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VersionStats {
+    /// Requests answered or failed by the engine (not refused as bad input).
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Latency counts per bucket of [`LATENCY_BOUNDS_MS`], plus one overflow.
+    pub latency: Vec<u64>,
+}
+
+impl VersionStats {
+    /// `self - earlier`, clamped at zero (counters restart with replicas).
+    pub fn since(&self, earlier: &VersionStats) -> VersionStats {
+        VersionStats {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            latency: self
+                .latency
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.saturating_sub(earlier.latency.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &VersionStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        if self.latency.len() < other.latency.len() {
+            self.latency.resize(other.latency.len(), 0);
+        }
+        for (i, c) in other.latency.iter().enumerate() {
+            self.latency[i] += c;
+        }
+    }
+
+    /// Error rate, 0 when there were no requests.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// The `q` quantile of latency in milliseconds: the upper bound of the
+    /// bucket it falls in (coarse, but the same for both sides of a
+    /// comparison). `None` without observations.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.latency.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
 }

@@ -110,7 +110,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                     .body(Full::new(spec.body.clone()));
                 let Ok(request) = request else { continue };
                 let outcome = tokio::time::timeout(spec.timeout, async {
-                    let response = client.request(request).await.map_err(|e| format!("{e:?}"))?;
+                    let response = client
+                        .request(request)
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
                     let status = response.status();
                     let upstream = spec
                         .upstream_header
@@ -118,7 +121,11 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                         .and_then(|h| response.headers().get(h.as_str()))
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    let _ = response.into_body().collect().await.map_err(|e| e.to_string())?;
+                    let _ = response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok::<_, String>((status, upstream))
                 })
                 .await;
@@ -167,7 +174,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     let killer = spec.kill.map(|(pid, at)| {
         tokio::spawn(async move {
             tokio::time::sleep_until(start + at).await;
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         })
     });
     // The pacer is a plain thread: its sleeps are precise to microseconds,

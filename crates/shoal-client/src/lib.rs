@@ -327,6 +327,26 @@ impl ControlClient {
         self.get_json(&format!("/api/v1/rollouts/{model}")).await
     }
 
+    /// Promotes a model's rollout now.
+    pub async fn promote(&self, model: &str) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/rollouts/{model}/promote"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Aborts a model's rollout.
+    pub async fn abort(&self, model: &str) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/rollouts/{model}/abort"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     /// The fleet.
     pub async fn status(&self) -> Result<FleetStatus, ClientError> {
         self.get_json("/api/v1/status").await

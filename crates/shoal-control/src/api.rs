@@ -58,6 +58,8 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/api/v1/deployments/{model}/traffic", put(set_traffic))
         .route("/api/v1/rollouts/{model}", get(get_rollout))
+        .route("/api/v1/rollouts/{model}/promote", post(promote_rollout))
+        .route("/api/v1/rollouts/{model}/abort", post(abort_rollout))
         .route("/api/v1/replicas", post(register))
         .route("/api/v1/replicas/{id}", axum::routing::delete(deregister))
         .route("/api/v1/replicas/{id}/heartbeat", post(heartbeat))
@@ -412,8 +414,8 @@ pub(crate) async fn get_rollout(
         .ok_or_else(|| ApiError::not_found(format!("model {model:?} is not deployed")))?;
     // Recompute the view so progress counts are current.
     let facts = control.facts();
-    let view = match serde_json::from_value::<shoal_rollout::Rolling>(stored.controller) {
-        Ok(mut r) => {
+    let view = match shoal_rollout::Controller::from_json(&stored.controller) {
+        Some(mut c) => {
             let replicas: Vec<_> = facts
                 .replicas
                 .iter()
@@ -421,15 +423,43 @@ pub(crate) async fn get_rollout(
                 .collect();
             // A dry tick refreshes the reason ("waiting for …") without
             // deciding anything: the controller persists real decisions.
-            r.tick(&model, &replicas, shoal_api::now_millis());
-            r.view(&model, &replicas)
+            if let shoal_rollout::Controller::Rolling(r) = &mut c {
+                r.tick(&model, &replicas, shoal_api::now_millis());
+            }
+            c.view(&model, &replicas)
         }
-        Err(_) => stored
+        None => stored
             .deployment
             .rollout
             .ok_or_else(|| ApiError::not_found(format!("model {model:?} has no rollout")))?,
     };
     Ok(json_response(StatusCode::OK, &view))
+}
+
+/// Promote a rollout now (a canary skips its remaining steps).
+#[utoipa::path(post, path = "/api/v1/rollouts/{model}/promote", responses((status = 200, body = Deployment), (status = 409, description = "no rollout in progress")))]
+pub(crate) async fn promote_rollout(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let d = control
+        .promote(&model, ANONYMOUS)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &d))
+}
+
+/// Abort a rollout: traffic goes back to the version it was replacing.
+#[utoipa::path(post, path = "/api/v1/rollouts/{model}/abort", responses((status = 200, body = Deployment), (status = 409, description = "no rollout in progress")))]
+pub(crate) async fn abort_rollout(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let d = control
+        .abort(&model, ANONYMOUS)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &d))
 }
 
 /// A replica announces itself (idempotent).

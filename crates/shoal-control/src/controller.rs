@@ -9,12 +9,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_api::deploy::{DeployRequest, Deployment, RolloutState, Strategy, TrafficTarget};
+use shoal_api::deploy::{
+    DeployRequest, Deployment, RolloutState, Strategy, TrafficTarget, WarmVersion,
+};
 use shoal_api::now_millis;
 use shoal_api::registry::VersionStatus;
 use shoal_registry::{Audit, RegistryError, StoredDeployment};
-use shoal_rollout::rolling::{Decision, Rolling};
-use shoal_rollout::{ReplicaFacts, plan};
+use shoal_rollout::bluegreen::{BlueGreen, Decision as BlueGreenDecision};
+use shoal_rollout::canary::{Canary, CanaryConfig, Decision as CanaryDecision};
+use shoal_rollout::rolling::{Decision as RollingDecision, Rolling};
+use shoal_rollout::{Controller, ReplicaFacts, plan};
 
 use crate::Control;
 
@@ -79,19 +83,30 @@ fn primary(deployment: &Deployment) -> Option<String> {
         .map(|t| t.version.clone())
 }
 
+/// Keep-warm period when a deploy does not say.
+const DEFAULT_KEEP_WARM_MS: i64 = 300_000;
+
+/// A version traffic has just left stays loaded this long, so gateways
+/// that have not heard yet still find it: drained, not cut.
+const DRAIN_MS: i64 = 30_000;
+
+fn keep_warm_ms(secs: Option<f64>) -> i64 {
+    secs.map_or(DEFAULT_KEEP_WARM_MS, |s| (s.max(0.0) * 1000.0) as i64)
+}
+
 impl Control {
     async fn persist(
         &self,
         mut deployment: Deployment,
-        rolling: &Rolling,
+        controller: &Controller,
         action: &str,
         audit: Audit,
     ) -> Result<Deployment, DeployError> {
         let facts = self.facts();
         deployment.rollout =
-            Some(rolling.view(&deployment.model, &eligible(&deployment, &facts.replicas)));
+            Some(controller.view(&deployment.model, &eligible(&deployment, &facts.replicas)));
         let stored = StoredDeployment {
-            controller: serde_json::to_value(rolling).unwrap_or_default(),
+            controller: serde_json::to_value(controller).unwrap_or_default(),
             deployment: deployment.clone(),
         };
         deployment.revision = self.store.put_deployment(stored, action, audit).await?;
@@ -99,7 +114,20 @@ impl Control {
         Ok(deployment)
     }
 
-    /// Starts rolling `model` to `request.version`.
+    async fn controller_of(
+        &self,
+        model: &str,
+    ) -> Result<(Deployment, Option<Controller>), DeployError> {
+        let stored = self
+            .store
+            .get_deployment(model)
+            .await?
+            .ok_or_else(|| DeployError::NotFound(format!("model {model} is not deployed")))?;
+        let controller = Controller::from_json(&stored.controller);
+        Ok((stored.deployment, controller))
+    }
+
+    /// Starts rolling `model` out to `request.version` with the requested strategy.
     pub async fn deploy(
         self: &Arc<Self>,
         model: &str,
@@ -118,13 +146,14 @@ impl Control {
                 ))
             })?;
         let current = self.store.get_deployment(model).await?;
-        if let Some(current) = &current
-            && let Some(rollout) = &current.deployment.rollout
-            && !rollout.state.is_terminal()
+        if let Some(c) = current
+            .as_ref()
+            .and_then(|c| Controller::from_json(&c.controller))
+            .filter(Controller::is_active)
         {
             return Err(DeployError::Conflict(format!(
-                "a rollout of {model} to version {} is in progress ({}); wait for it, or abort it with `shoal rollout abort {model}`",
-                rollout.to, rollout.reason
+                "a rollout of {model} to version {} is in progress; wait for it, or abort it with `shoal rollout abort {model}`",
+                c.to()
             )));
         }
         let from = current.as_ref().and_then(|c| primary(&c.deployment));
@@ -141,7 +170,7 @@ impl Control {
                 "regions, when given, must name at least one region".into(),
             ));
         }
-        let Strategy::Rolling = request.strategy;
+        let now = now_millis();
         let regions = request
             .regions
             .clone()
@@ -157,35 +186,93 @@ impl Control {
             split_header: current
                 .as_ref()
                 .and_then(|c| c.deployment.split_header.clone()),
+            warm: current
+                .as_ref()
+                .map(|c| c.deployment.warm.clone())
+                .unwrap_or_default(),
             rollout: None,
             revision: 0,
             updated_at: 0,
         };
-        let fleet = eligible(&deployment, &self.facts().replicas).len();
-        let surge = request
-            .max_surge
-            .unwrap_or_else(|| u32::try_from(fleet.div_ceil(4)).unwrap_or(1).max(1));
-        let rolling = Rolling::start(from.clone(), version.version.clone(), surge, now_millis());
+        let controller = match request.strategy {
+            Strategy::Rolling => {
+                let fleet = eligible(&deployment, &self.facts().replicas).len();
+                let surge = request
+                    .max_surge
+                    .unwrap_or_else(|| u32::try_from(fleet.div_ceil(4)).unwrap_or(1).max(1));
+                Controller::Rolling(Rolling::start(
+                    from.clone(),
+                    version.version.clone(),
+                    surge,
+                    now,
+                ))
+            }
+            Strategy::Canary => {
+                let Some(from) = from.clone() else {
+                    return Err(DeployError::Conflict(format!(
+                        "a canary needs a baseline, and {model} serves nothing yet; deploy the first version with the rolling or blue-green strategy"
+                    )));
+                };
+                let defaults = CanaryConfig::default();
+                let steps = request.steps.clone().unwrap_or(defaults.steps.clone());
+                if steps.is_empty()
+                    || steps.iter().any(|&s| s == 0 || s > 100)
+                    || steps.windows(2).any(|w| w[0] >= w[1])
+                {
+                    return Err(DeployError::Invalid(
+                        "steps must be increasing percentages between 1 and 100, e.g. 1,10,50,100"
+                            .into(),
+                    ));
+                }
+                let config = CanaryConfig {
+                    steps,
+                    bake_ms: request
+                        .bake_secs
+                        .map_or(defaults.bake_ms, |s| (s.max(0.0) * 1000.0) as i64),
+                    max_error_ratio: request.max_error_ratio.unwrap_or(defaults.max_error_ratio),
+                    max_p99_ratio: request.max_p99_ratio.unwrap_or(defaults.max_p99_ratio),
+                    min_requests: request.min_requests.unwrap_or(defaults.min_requests),
+                    min_error_rate: defaults.min_error_rate,
+                    min_p99_increase_ms: request
+                        .min_p99_increase_ms
+                        .unwrap_or(defaults.min_p99_increase_ms),
+                };
+                Controller::Canary(Canary::start(from, version.version.clone(), config, now))
+            }
+            Strategy::BlueGreen => Controller::BlueGreen(BlueGreen::start(
+                from.clone(),
+                version.version.clone(),
+                keep_warm_ms(request.keep_warm_secs),
+                now,
+            )),
+        };
         let reason = request.reason.clone().unwrap_or_else(|| "deploy".into());
-        self.store
-            .set_status(
-                model,
-                &version.version,
-                VersionStatus::Canary,
-                false,
-                Audit::by(actor, format!("rolling out: {reason}")),
-            )
-            .await?;
+        let status = if request.strategy == Strategy::Canary {
+            VersionStatus::Canary
+        } else {
+            version.status
+        };
+        if status != version.status {
+            self.store
+                .set_status(
+                    model,
+                    &version.version,
+                    status,
+                    false,
+                    Audit::by(actor, format!("canary: {reason}")),
+                )
+                .await?;
+        }
         let deployment = self
             .persist(
                 deployment,
-                &rolling,
+                &controller,
                 "deploy",
                 Audit::by(
                     actor,
                     format!(
                         "{} from {} to {}: {reason}",
-                        Strategy::Rolling.as_str(),
+                        request.strategy.as_str(),
                         from.as_deref().unwrap_or("nothing"),
                         version.version
                     ),
@@ -196,56 +283,154 @@ impl Control {
         Ok(deployment)
     }
 
+    /// Marks the outcome of a finished rollout in the registry and the
+    /// deployment: promoted versions go to production and the replaced one
+    /// stays warm; failed ones are rolled back and traffic returns.
+    async fn conclude(
+        &self,
+        mut deployment: Deployment,
+        controller: &Controller,
+        actor: &str,
+        keep_warm: i64,
+    ) -> Result<Deployment, DeployError> {
+        let model = deployment.model.clone();
+        let to = controller.to().to_owned();
+        let from = controller.from().map(str::to_owned);
+        let reason = controller.view(&model, &[]).reason;
+        let audit = || Audit::by(actor, reason.clone());
+        let now = now_millis();
+        match controller.state() {
+            RolloutState::Promoted => {
+                self.store
+                    .set_status(&model, &to, VersionStatus::Production, false, audit())
+                    .await?;
+                deployment.targets = vec![TrafficTarget {
+                    version: to.clone(),
+                    weight: 100,
+                }];
+                if let Some(from) = &from {
+                    let old = self.store.get_version(&model, from).await?;
+                    if old.is_some_and(|v| !v.rolled_back) {
+                        self.store
+                            .set_status(&model, from, VersionStatus::Deprecated, false, audit())
+                            .await?;
+                    }
+                    deployment
+                        .warm
+                        .retain(|w| &w.version != from && w.version != to);
+                    if keep_warm > 0 {
+                        deployment.warm.push(WarmVersion {
+                            version: from.clone(),
+                            until: now + keep_warm,
+                        });
+                    }
+                }
+                self.persist(deployment, controller, "deploy.promoted", audit())
+                    .await
+            }
+            _ => {
+                self.store
+                    .set_status(&model, &to, VersionStatus::Deprecated, true, audit())
+                    .await?;
+                if let Some(from) = &from {
+                    deployment.targets = vec![TrafficTarget {
+                        version: from.clone(),
+                        weight: 100,
+                    }];
+                }
+                deployment.warm.retain(|w| w.version != to);
+                deployment.warm.push(WarmVersion {
+                    version: to.clone(),
+                    until: now + DRAIN_MS,
+                });
+                let action = if controller.state() == RolloutState::Aborted {
+                    "deploy.aborted"
+                } else {
+                    "deploy.rolled_back"
+                };
+                self.persist(deployment, controller, action, audit()).await
+            }
+        }
+    }
+
+    /// An operator's promote: finishes the rollout in progress now.
+    pub async fn promote(
+        self: &Arc<Self>,
+        model: &str,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        let _guard = self.deploy_lock.lock().await;
+        let (deployment, controller) = self.controller_of(model).await?;
+        let Some(mut controller) = controller.filter(Controller::is_active) else {
+            return Err(DeployError::Conflict(format!(
+                "no rollout of {model} is in progress"
+            )));
+        };
+        match &mut controller {
+            Controller::Canary(c) => c.promote(now_millis()),
+            Controller::Rolling(_) | Controller::BlueGreen(_) => {
+                return Err(DeployError::Conflict(format!(
+                    "a {} rollout promotes itself once every replica is ready; only canaries can be promoted early",
+                    controller.view(model, &[]).strategy.as_str()
+                )));
+            }
+        }
+        let d = self
+            .conclude(deployment, &controller, actor, DEFAULT_KEEP_WARM_MS)
+            .await?;
+        self.after_change();
+        Ok(d)
+    }
+
+    /// An operator's abort: traffic returns to the version being replaced.
+    pub async fn abort(
+        self: &Arc<Self>,
+        model: &str,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        self.abort_with(model, actor, format!("aborted by {actor}"))
+            .await
+    }
+
+    async fn abort_with(
+        self: &Arc<Self>,
+        model: &str,
+        actor: &str,
+        reason: String,
+    ) -> Result<Deployment, DeployError> {
+        let _guard = self.deploy_lock.lock().await;
+        let (deployment, controller) = self.controller_of(model).await?;
+        let Some(mut controller) = controller.filter(Controller::is_active) else {
+            return Err(DeployError::Conflict(format!(
+                "no rollout of {model} is in progress"
+            )));
+        };
+        controller.abort(reason, now_millis());
+        let d = self.conclude(deployment, &controller, actor, 0).await?;
+        self.after_change();
+        Ok(d)
+    }
+
     /// Sends `model` back to its last known good version: aborts a rollout
-    /// in progress, or rolls the production version back.
+    /// in progress; otherwise switches at once when that version is still
+    /// loaded (warm), or rolls it out to every replica at once.
     pub async fn rollback(
         self: &Arc<Self>,
         model: &str,
         reason: Option<String>,
         actor: &str,
     ) -> Result<Deployment, DeployError> {
-        let _guard = self.deploy_lock.lock().await;
         let reason = reason.unwrap_or_else(|| "rollback requested".into());
-        let stored = self
-            .store
-            .get_deployment(model)
-            .await?
-            .ok_or_else(|| DeployError::NotFound(format!("model {model} is not deployed")))?;
-        let mut rolling: Option<Rolling> = serde_json::from_value(stored.controller.clone()).ok();
-        let mut deployment = stored.deployment;
-        // A rollout in progress: abort it; everyone goes back to `from`.
-        if let Some(r) = rolling.as_mut().filter(|r| !r.state.is_terminal())
-            && let Some(from) = r.from.clone()
         {
-            r.abort(format!("rolled back: {reason}"), now_millis());
-            self.store
-                .set_status(
-                    model,
-                    &r.to,
-                    VersionStatus::Deprecated,
-                    true,
-                    Audit::by(actor, reason.clone()),
-                )
-                .await?;
-            deployment.targets = vec![TrafficTarget {
-                version: from.clone(),
-                weight: 100,
-            }];
-            let r = r.clone();
-            let deployment = self
-                .persist(
-                    deployment,
-                    &r,
-                    "rollback",
-                    Audit::by(
-                        actor,
-                        format!("aborted rollout to {}; back to {from}: {reason}", r.to),
-                    ),
-                )
-                .await?;
-            self.after_change();
-            return Ok(deployment);
+            let (_, controller) = self.controller_of(model).await?;
+            if controller.filter(Controller::is_active).is_some() {
+                return self
+                    .abort_with(model, actor, format!("rolled back: {reason}"))
+                    .await;
+            }
         }
+        let _guard = self.deploy_lock.lock().await;
+        let (mut deployment, _) = self.controller_of(model).await?;
         let current = primary(&deployment);
         let detail = self
             .store
@@ -278,33 +463,65 @@ impl Control {
                 )
                 .await?;
         }
-        // Everyone at once: the last known good version is small and was
-        // serving recently; a rollback should not crawl.
-        let fleet = eligible(&deployment, &self.facts().replicas).len();
-        let r = Rolling::start(
-            current.clone(),
-            target.clone(),
-            u32::try_from(fleet).unwrap_or(1).max(1),
-            now_millis(),
-        );
+        let now = now_millis();
+        let warm = deployment
+            .warm
+            .iter()
+            .any(|w| w.version == target && w.until > now);
+        let controller = if warm {
+            // Still loaded everywhere: switch traffic at once, and keep the
+            // version we leave warm in case the rollback was the mistake.
+            let mut b =
+                BlueGreen::start(current.clone(), target.clone(), DEFAULT_KEEP_WARM_MS, now);
+            b.smoke_result(Ok(0), now);
+            b.reason = format!(
+                "warm rollback: {target} was still loaded; all traffic switched back at once"
+            );
+            Controller::BlueGreen(b)
+        } else {
+            let fleet = eligible(&deployment, &self.facts().replicas).len();
+            Controller::Rolling(Rolling::start(
+                current.clone(),
+                target.clone(),
+                u32::try_from(fleet).unwrap_or(1).max(1),
+                now,
+            ))
+        };
         deployment.targets = vec![TrafficTarget {
             version: target.clone(),
             weight: 100,
         }];
-        let deployment = self
-            .persist(
-                deployment,
-                &r,
-                "rollback",
-                Audit::by(
-                    actor,
-                    format!(
-                        "from {} to last known good {target}: {reason}",
-                        current.as_deref().unwrap_or("nothing")
-                    ),
-                ),
-            )
-            .await?;
+        let audit = Audit::by(
+            actor,
+            format!(
+                "from {} to last known good {target}{}: {reason}",
+                current.as_deref().unwrap_or("nothing"),
+                if warm { " (warm)" } else { "" }
+            ),
+        );
+        let deployment = if warm {
+            deployment.warm.retain(|w| w.version != target);
+            if let Some(current) = &current {
+                deployment.warm.push(WarmVersion {
+                    version: current.clone(),
+                    until: now + DEFAULT_KEEP_WARM_MS,
+                });
+            }
+            self.store
+                .set_status(
+                    model,
+                    &target,
+                    VersionStatus::Production,
+                    false,
+                    audit.clone(),
+                )
+                .await?;
+            self.persist(deployment, &controller, "rollback", audit)
+                .await?
+        } else {
+            self.persist(deployment, &controller, "rollback", audit)
+                .await?
+        };
         self.after_change();
         Ok(deployment)
     }
@@ -323,11 +540,10 @@ impl Control {
                 "model {model} is not deployed; deploy a version first"
             ))
         })?;
-        let rolling: Option<Rolling> = serde_json::from_value(stored.controller.clone()).ok();
-        if let Some(r) = rolling.as_ref().filter(|r| !r.state.is_terminal()) {
+        if let Some(c) = Controller::from_json(&stored.controller).filter(Controller::is_active) {
             return Err(DeployError::Conflict(format!(
                 "a rollout of {model} to {} is in progress; traffic follows it until it ends",
-                r.to
+                c.to()
             )));
         }
         if request.targets.iter().all(|t| t.weight == 0) {
@@ -390,53 +606,136 @@ impl Control {
         self.kick();
     }
 
-    /// One pass of the controller over every active rollout.
+    /// Sends one request with zero-valued inputs to `model:version` on
+    /// every live replica (the same shapes the replica warmed up with) and
+    /// expects an answer from each.
+    async fn smoke_test(
+        &self,
+        model: &str,
+        version: &str,
+        replicas: &[&ReplicaFacts],
+    ) -> Result<usize, String> {
+        let mut passed = 0;
+        for r in replicas.iter().filter(|r| r.alive) {
+            let client = shoal_client::ControlClient::new(&format!("http://{}", r.address), None)
+                .with_timeout(Duration::from_secs(10));
+            let meta = client
+                .get_raw(&format!("/v2/models/{model}/versions/{version}"))
+                .await
+                .map_err(|e| format!("replica {}: metadata: {e}", r.id))?;
+            let meta: serde_json::Value = serde_json::from_slice(&meta)
+                .map_err(|e| format!("replica {}: metadata: {e}", r.id))?;
+            let inputs: Vec<serde_json::Value> = meta["inputs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|input| {
+                    let shape: Vec<u64> = input["shape"].as_array().into_iter().flatten().map(|d| d.as_i64().filter(|d| *d > 0).map_or(1, |d| d as u64)).collect();
+                    let n: u64 = shape.iter().product();
+                    let zero = if input["datatype"] == "BOOL" { serde_json::json!(false) } else { serde_json::json!(0) };
+                    serde_json::json!({"name": input["name"], "shape": shape, "datatype": input["datatype"], "data": vec![zero; n as usize]})
+                })
+                .collect();
+            let body = serde_json::json!({"id": "shoal-smoke-test", "inputs": inputs}).to_string();
+            client
+                .post_json_raw(
+                    &format!("/v2/models/{model}/versions/{version}/infer"),
+                    body,
+                )
+                .await
+                .map_err(|e| format!("replica {}: {e}", r.id))?;
+            passed += 1;
+        }
+        Ok(passed)
+    }
+
+    /// One pass of the controller over every active rollout; also lets
+    /// warm versions expire.
     pub async fn tick(self: &Arc<Self>) -> Result<(), DeployError> {
         let _guard = self.deploy_lock.lock().await;
         let facts = self.facts();
+        let now = now_millis();
         let mut changed = false;
-        for (deployment, rolling) in &facts.deployments {
-            let Some(mut rolling) = rolling
+        for (deployment, controller) in &facts.deployments {
+            let model = deployment.model.clone();
+            if deployment.warm.iter().any(|w| w.until <= now) {
+                let mut d = deployment.clone();
+                d.warm.retain(|w| w.until > now);
+                let stored = StoredDeployment {
+                    controller: controller
+                        .as_ref()
+                        .map(|c| serde_json::to_value(c).unwrap_or_default())
+                        .unwrap_or_default(),
+                    deployment: d,
+                };
+                self.store
+                    .put_deployment(
+                        stored,
+                        "warm.expired",
+                        Audit::by("controller", "replaced version no longer kept warm"),
+                    )
+                    .await?;
+                changed = true;
+                continue;
+            }
+            let Some(mut controller) = controller
                 .clone()
-                .filter(|r| !r.state.is_terminal() && r.state != RolloutState::Paused)
+                .filter(|c| c.is_active() && c.state() != RolloutState::Paused)
             else {
                 continue;
             };
-            let model = deployment.model.clone();
             let replicas = eligible(deployment, &facts.replicas);
-            match rolling.tick(&model, &replicas, now_millis()) {
-                Decision::Unchanged => {}
-                Decision::Changed => {
-                    let reason = rolling.reason.clone();
+            let outcome = match &mut controller {
+                Controller::Rolling(r) => match r.tick(&model, &replicas, now) {
+                    RollingDecision::Unchanged => None,
+                    RollingDecision::Changed => Some(false),
+                    RollingDecision::Promoted => Some(true),
+                },
+                Controller::Canary(c) => {
+                    let stat = |v: &str| {
+                        facts
+                            .stats
+                            .get(&format!("{model}:{v}"))
+                            .cloned()
+                            .unwrap_or_default()
+                    };
+                    let (b, k) = (stat(&c.from), stat(&c.to));
+                    match c.tick(&model, &replicas, (&b, &k), now) {
+                        CanaryDecision::Unchanged => None,
+                        CanaryDecision::Changed => Some(false),
+                        CanaryDecision::Promoted | CanaryDecision::RolledBack => Some(true),
+                    }
+                }
+                Controller::BlueGreen(b) => match b.tick(&model, &replicas, now) {
+                    BlueGreenDecision::SmokeTest => {
+                        let result = self.smoke_test(&model, &b.to.clone(), &replicas).await;
+                        b.smoke_result(result, now_millis());
+                        Some(true)
+                    }
+                    _ => None,
+                },
+            };
+            match outcome {
+                None => {}
+                Some(false) => {
+                    let reason = controller.view(&model, &replicas).reason;
                     self.persist(
                         deployment.clone(),
-                        &rolling,
+                        &controller,
                         "deploy.step",
                         Audit::by("controller", reason),
                     )
                     .await?;
                     changed = true;
                 }
-                Decision::Promoted => {
-                    let audit = || Audit::by("controller", rolling.reason.clone());
-                    self.store
-                        .set_status(
-                            &model,
-                            &rolling.to,
-                            VersionStatus::Production,
-                            false,
-                            audit(),
-                        )
-                        .await?;
-                    if let Some(from) = &rolling.from {
-                        let old = self.store.get_version(&model, from).await?;
-                        if old.is_some_and(|v| !v.rolled_back) {
-                            self.store
-                                .set_status(&model, from, VersionStatus::Deprecated, false, audit())
-                                .await?;
-                        }
-                    }
-                    self.persist(deployment.clone(), &rolling, "deploy.promoted", audit())
+                Some(true) => {
+                    let keep = match &controller {
+                        Controller::BlueGreen(b) => b.keep_warm_ms,
+                        Controller::Canary(_) => DEFAULT_KEEP_WARM_MS,
+                        Controller::Rolling(_) => 0,
+                    };
+                    self.conclude(deployment.clone(), &controller, "controller", keep)
                         .await?;
                     changed = true;
                 }
@@ -444,6 +743,7 @@ impl Control {
         }
         drop(_guard);
         if changed {
+            self.refresh().await?;
             self.push_to_replicas();
         }
         Ok(())

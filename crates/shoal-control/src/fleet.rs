@@ -26,6 +26,9 @@ pub struct LiveFleet {
     dead_after: Duration,
     skew_threshold: Duration,
     live: Mutex<BTreeMap<String, Live>>,
+    /// Inference counts per `model:version`, summed over replicas and kept
+    /// monotonic across replica restarts (a counter that went down restarted).
+    totals: Mutex<BTreeMap<String, shoal_api::fleet::VersionStats>>,
 }
 
 impl LiveFleet {
@@ -36,6 +39,7 @@ impl LiveFleet {
             dead_after,
             skew_threshold,
             live: Mutex::new(BTreeMap::new()),
+            totals: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -52,6 +56,19 @@ impl LiveFleet {
             serving(&old.report) != serving(&report) || old.report.ready != report.ready
         });
         let skew_since = live.get(id).and_then(|l| l.skew_since);
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+            for (key, now) in &report.stats {
+                let before = live.get(id).and_then(|l| l.report.stats.get(key));
+                let delta = match before {
+                    // Counters only go down when the version was reloaded or
+                    // the replica restarted: everything since then is new.
+                    Some(b) if b.requests <= now.requests => now.since(b),
+                    _ => now.clone(),
+                };
+                totals.entry(key.clone()).or_default().add(&delta);
+            }
+        }
         live.insert(
             id.to_owned(),
             Live {
@@ -62,6 +79,15 @@ impl LiveFleet {
             },
         );
         changed
+    }
+
+    /// Inference counts per `model:version` over the fleet since the
+    /// control plane started.
+    pub fn totals(&self) -> BTreeMap<String, shoal_api::fleet::VersionStats> {
+        self.totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Forgets a replica.
@@ -117,8 +143,18 @@ impl LiveFleet {
             .iter()
             .map(|r| {
                 let id = &r.registration.id;
-                let mut desired = shoal_rollout::plan::desired_state(facts, id).version_keys();
-                desired.sort();
+                let state = shoal_rollout::plan::desired_state(facts, id);
+                let desired = state.version_keys();
+                // Versions kept warm or draining may be served or not.
+                let allowed: BTreeSet<String> = state
+                    .models
+                    .iter()
+                    .flat_map(|m| {
+                        m.versions
+                            .iter()
+                            .map(move |v| format!("{}:{}", m.model, v.version))
+                    })
+                    .collect();
                 let entry = live.get_mut(id);
                 let alive = entry
                     .as_ref()
@@ -146,7 +182,8 @@ impl LiveFleet {
                     }
                     None => (Vec::new(), false, None, 0, BTreeMap::new()),
                 };
-                let skew = serving != desired;
+                let skew = !desired.iter().all(|d| serving.contains(d))
+                    || !serving.iter().all(|s| allowed.contains(s));
                 let mut skew_since = None;
                 let mut behind = false;
                 if let Some(l) = entry {
@@ -225,6 +262,32 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!fleet.is_alive("a"));
         assert!(!fleet.facts(&[record("a")])[0].alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn totals_survive_replica_restarts() {
+        use shoal_api::fleet::VersionStats;
+        let fleet = LiveFleet::new(Duration::from_secs(6), Duration::from_secs(60));
+        let hb = |requests: u64, errors: u64| Heartbeat {
+            stats: [(
+                "m:1".to_owned(),
+                VersionStats {
+                    requests,
+                    errors,
+                    latency: vec![requests],
+                },
+            )]
+            .into(),
+            ..serving("1")
+        };
+        fleet.heartbeat("a", hb(10, 1));
+        fleet.heartbeat("b", hb(5, 0));
+        fleet.heartbeat("a", hb(15, 1));
+        // a restarts: its counter starts again from 0.
+        fleet.heartbeat("a", hb(3, 0));
+        let t = &fleet.totals()["m:1"];
+        assert_eq!((t.requests, t.errors), (10 + 5 + 5 + 3, 1));
+        assert_eq!(t.latency, vec![23]);
     }
 
     #[tokio::test(start_paused = true)]

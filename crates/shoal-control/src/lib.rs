@@ -172,8 +172,7 @@ impl Control {
         let mut deployments = Vec::new();
         let mut versions = std::collections::BTreeMap::new();
         for stored in self.store.list_deployments().await? {
-            let rolling =
-                serde_json::from_value::<shoal_rollout::Rolling>(stored.controller.clone()).ok();
+            let rolling = shoal_rollout::Controller::from_json(&stored.controller);
             if let Some(detail) = self.store.get_model(&stored.deployment.model).await? {
                 for v in detail.versions {
                     versions.insert((v.model.clone(), v.version.clone()), v);
@@ -183,9 +182,11 @@ impl Control {
         }
         let facts = FleetFacts {
             revision,
+            now: 0,
             deployments,
             replicas: Vec::new(),
             versions,
+            stats: std::collections::BTreeMap::new(),
         };
         *self
             .snapshot
@@ -217,6 +218,8 @@ impl Control {
         let snapshot = self.snapshot();
         let mut facts = snapshot.facts.clone();
         facts.replicas = self.live.facts(&snapshot.registrations);
+        facts.now = shoal_api::now_millis();
+        facts.stats = self.live.totals();
         facts
     }
 

@@ -26,6 +26,8 @@ use crate::api;
         api::deploy,
         api::set_traffic,
         api::get_rollout,
+        api::promote_rollout,
+        api::abort_rollout,
         api::register,
         api::deregister,
         api::heartbeat,

@@ -150,7 +150,8 @@ impl Gateway {
                 config.retry_min_per_sec,
                 config.retry_ratio,
             ),
-            routes: Routes::new(config.region.clone(), config.health_policy).with_balance(config.balance),
+            routes: Routes::new(config.region.clone(), config.health_policy)
+                .with_balance(config.balance),
             config,
             client,
             protection,

@@ -126,6 +126,10 @@ enum Attempt {
     Answer(Response, Duration),
     /// A 5xx answer: retryable.
     ServerError(Response),
+    /// A 404 from a replica the gateway believed served the model version:
+    /// the gateway's view is stale (the replica just unloaded it); another
+    /// replica may serve it.
+    Stale(Response, Option<String>),
     /// No answer: connection failure, reset or timeout.
     Failed(Failure, String),
 }
@@ -202,17 +206,40 @@ async fn send(
             if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
                 response.headers_mut().insert("x-shoal-replica", v);
             }
+            // 5xx are blamed on the model version that answered, not the
+            // replica: a bad version must not eject replicas that serve
+            // other versions well.
+            let version_key = response
+                .headers()
+                .get("x-shoal-model-version")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| model_of(path).map(|m| format!("{m}:{v}")));
+            if response.status() == StatusCode::NOT_FOUND {
+                return Attempt::Stale(response, version_key);
+            }
             if response.status().is_server_error() {
-                if endpoint.failed(Failure::ServerError, rtt, now, policy) {
+                let ejected = match &version_key {
+                    Some(key) => endpoint.version_failed(key, rtt, now, policy),
+                    None => endpoint.failed(Failure::ServerError, rtt, now, policy),
+                };
+                if ejected {
                     gateway.metrics.ejected(&endpoint.id, "server_errors");
                 }
                 Attempt::ServerError(response)
             } else {
                 endpoint.succeeded(rtt, now, policy);
+                if let Some(key) = &version_key {
+                    endpoint.version_succeeded(key, now, policy);
+                }
                 Attempt::Answer(response, rtt)
             }
         }
     }
+}
+
+/// The model in an upstream path `/v2/models/{model}/…`.
+fn model_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v2/models/")?.split('/').next()
 }
 
 /// Latencies per model over a sliding pair of windows, for the hedge delay.
@@ -454,6 +481,7 @@ async fn route_inference(
     gateway.budget.deposit();
     let mut tried: Vec<String> = Vec::new();
     let mut last_error: Option<ApiError> = None;
+    let mut stale: Option<Response> = None;
     for attempt in 0..MAX_ATTEMPTS {
         let now = gateway.now();
         // The chosen version first; if no replica can take it and the
@@ -519,6 +547,18 @@ async fn route_inference(
                 let _ = answered_by;
                 return Ok((response, version));
             }
+            Attempt::Stale(response, _key) => {
+                // Not the replica's fault: forget that it serves this
+                // version and try another, without spending retry budget.
+                if let Some(v) = &target {
+                    answered_by.forget(&format!("{model}:{v}"));
+                }
+                tried.push(answered_by.id.clone());
+                last_error = None;
+                stale = Some(response);
+                gateway.metrics.retry(model, "stale_route");
+                continue;
+            }
             Attempt::ServerError(response) => {
                 let status = response.status();
                 let bytes = response
@@ -564,7 +604,23 @@ async fn route_inference(
         gateway.metrics.retry(model, reason);
         tracing::debug!(model, replica = %answered_by.id, reason, "retrying on another replica");
     }
-    Err(last_error.unwrap_or_else(|| ApiError::internal("no attempt was made")))
+    stale_or(
+        stale,
+        last_error.unwrap_or_else(|| ApiError::internal("no attempt was made")),
+        version.as_deref(),
+    )
+}
+
+/// The replica's own 404, when the only answers were stale routes; else `error`.
+fn stale_or(
+    stale: Option<Response>,
+    error: ApiError,
+    version: Option<&str>,
+) -> Result<(Response, String), ApiError> {
+    match stale {
+        Some(r) => Ok((r, version.unwrap_or_default().to_owned())),
+        None => Err(error),
+    }
 }
 
 /// Metadata and readiness: any replica serving the model answers.
@@ -595,7 +651,7 @@ async fn forward_get(
             break;
         };
         match send(gateway, &endpoint, Method::GET, path, Bytes::new()).await {
-            Attempt::Answer(response, _) => return response,
+            Attempt::Answer(response, _) | Attempt::Stale(response, _) => return response,
             Attempt::ServerError(response) => last = Some(response),
             Attempt::Failed(_, detail) => {
                 last = Some(

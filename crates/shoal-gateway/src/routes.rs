@@ -32,6 +32,10 @@ pub struct Endpoint {
     load: Mutex<PeakEwma>,
     outstanding: AtomicU32,
     health: Mutex<Health>,
+    /// Health of each `model:version` on this endpoint: a model version that
+    /// answers 5xx is ejected from this endpoint alone, while the endpoint
+    /// keeps serving its other versions.
+    version_health: Mutex<HashMap<String, Health>>,
 }
 
 impl Endpoint {
@@ -53,6 +57,7 @@ impl Endpoint {
             load: Mutex::new(PeakEwma::new(INITIAL_LATENCY, DECAY, now)),
             outstanding: AtomicU32::new(0),
             health: Mutex::new(Health::new()),
+            version_health: Mutex::new(HashMap::new()),
         }
     }
 
@@ -74,6 +79,17 @@ impl Endpoint {
         }
     }
 
+    /// Stops believing it serves `key` (`model:version`) until the next
+    /// health check or routing update says otherwise.
+    pub(crate) fn forget(&self, key: &str) {
+        let mut serving = self.serving.write().unwrap_or_else(PoisonError::into_inner);
+        if serving.contains(key) {
+            let mut next = BTreeSet::clone(&serving);
+            next.remove(key);
+            *serving = Arc::new(next);
+        }
+    }
+
     /// Records what an active health check learnt.
     pub(crate) fn checked(&self, serving: BTreeSet<String>, routable: bool) {
         *self.serving.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(serving);
@@ -89,6 +105,51 @@ impl Endpoint {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_ejected(now)
+    }
+
+    /// True when it may receive traffic for `key` (`model:version`) now.
+    pub fn available_for(&self, now: Duration, key: Option<&str>) -> bool {
+        self.available(now)
+            && key.is_none_or(|k| {
+                !self
+                    .version_health
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(k)
+                    .is_some_and(|h| h.is_ejected(now))
+            })
+    }
+
+    /// Records a 5xx from `key` (`model:version`); returns true when it
+    /// ejected that version from this endpoint.
+    pub(crate) fn version_failed(
+        &self,
+        key: &str,
+        rtt: Duration,
+        now: Duration,
+        policy: &HealthPolicy,
+    ) -> bool {
+        self.load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(rtt, now);
+        self.version_health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.to_owned())
+            .or_default()
+            .on_failure(Failure::ServerError, now, policy)
+    }
+
+    /// Records a good answer from `key`.
+    pub(crate) fn version_succeeded(&self, key: &str, now: Duration, policy: &HealthPolicy) {
+        let mut map = self
+            .version_health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = map.get_mut(key) {
+            h.on_success(now, policy);
+        }
     }
 
     /// True while ejected.
@@ -343,11 +404,22 @@ impl Routes {
         if serving.is_empty() {
             return Err(NoRoute::UnknownModel);
         }
-        let available: Vec<Arc<Endpoint>> = serving
-            .into_iter()
-            .filter(|e| !exclude.contains(&e.id) && e.available(now))
-            .cloned()
+        let key = version.map(|v| format!("{model}:{v}"));
+        let mut available: Vec<Arc<Endpoint>> = serving
+            .iter()
+            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, key.as_deref()))
+            .map(|e| (*e).clone())
             .collect();
+        if available.is_empty() {
+            // Panic mode (as Envoy does): when outlier detection has ejected
+            // every replica that could serve, trust none of the ejections
+            // rather than fail every request; retries still guard each one.
+            available = serving
+                .iter()
+                .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst))
+                .map(|e| (*e).clone())
+                .collect();
+        }
         let local: Vec<Arc<Endpoint>> = available
             .iter()
             .filter(|e| e.region == self.region)
@@ -450,10 +522,24 @@ mod tests {
                 .unwrap()),
             ["b"]
         );
-        // Excluding the one left (already tried): none.
+        // Excluding the one left (already tried): only the ejected one is
+        // left, and panic mode offers it rather than nothing.
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &["b".into()], Duration::ZERO)
+                .unwrap()),
+            ["a"]
+        );
+        // Both tried: none.
         assert_eq!(
             routes
-                .candidates(&s, "m", Some("1"), &["b".into()], Duration::ZERO)
+                .candidates(
+                    &s,
+                    "m",
+                    Some("1"),
+                    &["a".into(), "b".into()],
+                    Duration::ZERO
+                )
                 .unwrap_err(),
             NoRoute::NoneAvailable
         );
@@ -488,11 +574,46 @@ mod tests {
             Duration::ZERO,
             routes.policy(),
         );
+        // Even in panic mode, never the replica outside the pinned region.
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap()),
+            ["b"]
+        );
         assert_eq!(
             routes
-                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .candidates(&s, "m", Some("1"), &["b".into()], Duration::ZERO)
                 .unwrap_err(),
             NoRoute::NoneAvailable
+        );
+    }
+
+    #[test]
+    fn a_failing_version_is_ejected_from_a_replica_that_keeps_its_others() {
+        let routes = Routes::new("us".into(), HealthPolicy::default());
+        routes.apply(
+            &table(
+                &[("a", "us", &["m:1", "m:2"]), ("b", "us", &["m:1", "m:2"])],
+                None,
+            ),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        for _ in 0..3 {
+            s.endpoints[0].version_failed("m:2", Duration::ZERO, Duration::ZERO, routes.policy());
+        }
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("2"), &[], Duration::ZERO)
+                .unwrap()),
+            ["b"]
+        );
+        assert_eq!(
+            ids(&routes
+                .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+                .unwrap()),
+            ["a", "b"]
         );
     }
 

@@ -129,6 +129,7 @@ async fn deployments_bump_the_revision(store: &dyn RegistryStore) {
         regions: Some(vec!["eu-west".into()]),
         shadow: None,
         split_header: None,
+        warm: Vec::new(),
         rollout: Some(RolloutView {
             strategy: Strategy::Rolling,
             state: RolloutState::Progressing,

@@ -5,6 +5,7 @@
 //! resolved once when a version is loaded ([`VersionMetrics`]), so the
 //! request path only touches atomics.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -126,6 +127,7 @@ impl ReplicaMetrics {
             overloaded: outcome(Outcome::Overloaded.as_str()),
             latency: self.latency.get_or_create(&labels).clone(),
             loaded: self.loaded.get_or_create(&labels).clone(),
+            counts: std::sync::Arc::new(VersionCounts::default()),
         }
     }
 }
@@ -163,6 +165,44 @@ pub(crate) struct VersionMetrics {
     overloaded: Counter,
     latency: Histogram,
     loaded: Gauge,
+    pub(crate) counts: std::sync::Arc<VersionCounts>,
+}
+
+/// Counts since this copy of the version was loaded, in the buckets the
+/// control plane's canary analysis reads from heartbeats.
+#[derive(Debug, Default)]
+pub(crate) struct VersionCounts {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; shoal_api::fleet::LATENCY_BOUNDS_MS.len() + 1],
+}
+
+impl VersionCounts {
+    fn record(&self, ok: bool, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = elapsed.as_secs_f64() * 1e3;
+        let i = shoal_api::fleet::LATENCY_BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(shoal_api::fleet::LATENCY_BOUNDS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot.
+    pub(crate) fn snapshot(&self) -> shoal_api::fleet::VersionStats {
+        shoal_api::fleet::VersionStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            latency: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
 }
 
 /// An inference request finished.
@@ -180,12 +220,14 @@ impl PredictionServed<'_> {
             Outcome::Success => {
                 metrics.success.inc();
                 metrics.latency.observe(self.elapsed.as_secs_f64());
+                metrics.counts.record(true, self.elapsed);
             }
             Outcome::InvalidInput => {
                 metrics.invalid_input.inc();
             }
             Outcome::Error => {
                 metrics.error.inc();
+                metrics.counts.record(false, self.elapsed);
                 tracing::warn!(model = %self.model, version = %self.version, error = self.error, "inference failed");
             }
             Outcome::Overloaded => {

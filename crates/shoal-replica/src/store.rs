@@ -33,6 +33,13 @@ pub struct ServingVersion {
     pub(crate) metrics: VersionMetrics,
 }
 
+impl ServingVersion {
+    /// Inference counts since this version was loaded.
+    pub fn stats(&self) -> shoal_api::fleet::VersionStats {
+        self.metrics.counts.snapshot()
+    }
+}
+
 impl Drop for ServingVersion {
     fn drop(&mut self) {
         VersionUnloaded {

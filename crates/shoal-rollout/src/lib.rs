@@ -2,15 +2,21 @@
 //!
 //! - [`plan`]: from deployments, registered replicas and version records to
 //!   the [`shoal_api::fleet::DesiredState`] of each replica.
-//! - [`rolling`]: the rolling-update controller, a state machine fed with
-//!   what the fleet reports and answering with what to change.
+//! - [`rolling`], [`canary`] (with its judge), [`bluegreen`]: the rollout
+//!   controllers, state machines fed with what the fleet reports and
+//!   answering with what to change; [`controller::Controller`] is the one
+//!   type the registry persists.
 //!
 //! The control plane wraps these with I/O: it persists controller snapshots
 //! in the registry, feeds heartbeats in, and publishes desired states.
 //! Time enters only as values passed in (`now` in milliseconds).
 
+pub mod bluegreen;
+pub mod canary;
+pub mod controller;
 pub mod plan;
 pub mod rolling;
 
+pub use controller::Controller;
 pub use plan::{FleetFacts, ReplicaFacts};
 pub use rolling::Rolling;

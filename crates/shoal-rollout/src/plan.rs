@@ -6,7 +6,7 @@ use shoal_api::deploy::Deployment;
 use shoal_api::fleet::{DesiredModel, DesiredState, DesiredVersion, Peer};
 use shoal_api::registry::VersionRecord;
 
-use crate::rolling::Rolling;
+use crate::controller::Controller;
 
 /// What the control plane knows about one replica when planning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +36,12 @@ impl ReplicaFacts {
 pub struct FleetFacts {
     /// Revision being planned.
     pub revision: u64,
-    /// Deployments with their rolling controller, if one is active.
-    pub deployments: Vec<(Deployment, Option<Rolling>)>,
+    /// Now (ms since the epoch): warm versions expire.
+    pub now: i64,
+    /// Deployments with their rollout controller, if any.
+    pub deployments: Vec<(Deployment, Option<Controller>)>,
+    /// Inference counts per `model:version` over the fleet.
+    pub stats: BTreeMap<String, shoal_api::fleet::VersionStats>,
     /// Registered replicas.
     pub replicas: Vec<ReplicaFacts>,
     /// Version records by `(model, version)`.
@@ -56,14 +60,15 @@ pub fn eligible(deployment: &Deployment, replica: &ReplicaFacts) -> bool {
 /// default first; empty when it should not serve the model.
 pub fn versions_for(
     deployment: &Deployment,
-    rolling: Option<&Rolling>,
+    controller: Option<&Controller>,
     replica: &ReplicaFacts,
+    now: i64,
 ) -> Vec<String> {
     if !eligible(deployment, replica) {
         return Vec::new();
     }
-    if let Some(r) = rolling.filter(|r| !r.state.is_terminal()) {
-        return vec![r.assignment(&replica.id).to_owned()];
+    if let Some(c) = controller.filter(|c| c.is_active()) {
+        return c.versions_for(replica);
     }
     // Every version with traffic (the heaviest is the default), and the
     // shadow version, which receives mirrored copies.
@@ -74,6 +79,13 @@ pub fn versions_for(
         && !versions.contains(&shadow.version)
     {
         versions.push(shadow.version.clone());
+    }
+    // Recently replaced versions stay loaded, without traffic, so that
+    // switching back is instant.
+    for warm in deployment.warm.iter().filter(|w| w.until > now) {
+        if !versions.contains(&warm.version) {
+            versions.push(warm.version.clone());
+        }
     }
     versions
 }
@@ -87,10 +99,19 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
         };
     };
     let mut models = Vec::new();
-    for (deployment, rolling) in &facts.deployments {
-        let versions = versions_for(deployment, rolling.as_ref(), replica);
+    for (deployment, controller) in &facts.deployments {
+        let versions = versions_for(deployment, controller.as_ref(), replica, facts.now);
         let Some(default) = versions.first().cloned() else {
             continue;
+        };
+        let active = controller.as_ref().is_some_and(Controller::is_active);
+        let optional = |v: &str| {
+            !active
+                && !deployment
+                    .targets
+                    .iter()
+                    .any(|t| t.weight > 0 && t.version == v)
+                && deployment.shadow.as_ref().is_none_or(|s| s.version != v)
         };
         let versions: Vec<DesiredVersion> = versions
             .iter()
@@ -100,6 +121,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
                 sha256: record.sha256.clone(),
                 size: record.size,
                 input_shapes: record.input_shapes.clone(),
+                optional: optional(&record.version),
             })
             .collect();
         if versions.is_empty() {
@@ -148,8 +170,8 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
     let models = facts
         .deployments
         .iter()
-        .map(|(deployment, rolling)| {
-            let targets = match rolling.as_ref().filter(|r| !r.state.is_terminal()) {
+        .map(|(deployment, controller)| {
+            let targets = match controller.as_ref().filter(|c| c.is_active()) {
                 Some(r) => {
                     let eligible: Vec<&ReplicaFacts> = facts
                         .replicas
@@ -227,6 +249,7 @@ mod tests {
             regions: regions.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
             shadow: None,
             split_header: None,
+            warm: Vec::new(),
             rollout: None,
             revision: 0,
             updated_at: 0,
@@ -236,6 +259,8 @@ mod tests {
     fn facts() -> FleetFacts {
         FleetFacts {
             revision: 7,
+            now: 0,
+            stats: BTreeMap::new(),
             deployments: vec![
                 (deployment("digits", &[("1", 90), ("2", 10)], None), None),
                 (
@@ -300,6 +325,63 @@ mod tests {
     }
 
     #[test]
+    fn warm_versions_stay_loaded_until_they_expire() {
+        let mut f = facts();
+        f.now = 1000;
+        f.deployments[1].0.warm = vec![shoal_api::deploy::WarmVersion {
+            version: "0".into(),
+            until: 2000,
+        }];
+        f.versions
+            .insert(("eu-only".into(), "0".into()), record("eu-only", "0"));
+        let d = desired_state(&f, "b");
+        let versions: Vec<(&str, bool)> = d.models[1]
+            .versions
+            .iter()
+            .map(|v| (v.version.as_str(), v.optional))
+            .collect();
+        assert_eq!(
+            versions,
+            [("1", false), ("0", true)],
+            "kept if loaded, never awaited"
+        );
+        assert_eq!(d.version_keys(), ["digits:1", "digits:2", "eu-only:1"]);
+        assert_eq!(d.models[1].default, "1", "warm versions take no traffic");
+        f.now = 2000;
+        assert_eq!(
+            desired_state(&f, "b").version_keys(),
+            ["digits:1", "digits:2", "eu-only:1"]
+        );
+    }
+
+    #[test]
+    fn a_canary_loads_both_versions_everywhere() {
+        let mut f = facts();
+        let canary = crate::canary::Canary::start(
+            "1".into(),
+            "2".into(),
+            crate::canary::CanaryConfig::default(),
+            0,
+        );
+        f.deployments[0] = (
+            deployment("digits", &[("2", 100)], None),
+            Some(Controller::Canary(canary)),
+        );
+        let d = desired_state(&f, "a");
+        assert_eq!(d.version_keys(), ["digits:1", "digits:2"]);
+        assert_eq!(d.models[0].default, "1");
+        let table = routing_table(&f);
+        assert_eq!(
+            table.models[0]
+                .targets
+                .iter()
+                .map(|t| (t.version.as_str(), t.weight))
+                .collect::<Vec<_>>(),
+            [("1", 100), ("2", 0)]
+        );
+    }
+
+    #[test]
     fn unknown_replicas_get_nothing() {
         assert!(desired_state(&facts(), "zz").models.is_empty());
     }
@@ -307,9 +389,12 @@ mod tests {
     #[test]
     fn a_rolling_update_assigns_one_version_per_replica() {
         let mut f = facts();
-        let mut rolling = Rolling::start(Some("1".into()), "2".into(), 1, 0);
+        let mut rolling = crate::rolling::Rolling::start(Some("1".into()), "2".into(), 1, 0);
         rolling.moved.insert("a".into());
-        f.deployments[0] = (deployment("digits", &[("2", 100)], None), Some(rolling));
+        f.deployments[0] = (
+            deployment("digits", &[("2", 100)], None),
+            Some(Controller::Rolling(rolling)),
+        );
         assert_eq!(desired_state(&f, "a").version_keys()[0], "digits:2");
         assert_eq!(desired_state(&f, "c").version_keys()[0], "digits:1");
     }

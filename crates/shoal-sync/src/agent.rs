@@ -198,12 +198,15 @@ impl Agent {
             .models
             .iter()
             .flat_map(|m| {
-                m.versions.iter().filter_map(move |v| {
-                    Some((
-                        ModelName::new(m.model.as_str()).ok()?,
-                        Version::new(v.version.as_str()).ok()?,
-                    ))
-                })
+                m.versions
+                    .iter()
+                    .filter(|v| !v.optional)
+                    .filter_map(move |v| {
+                        Some((
+                            ModelName::new(m.model.as_str()).ok()?,
+                            Version::new(v.version.as_str()).ok()?,
+                        ))
+                    })
             })
             .collect();
         self.replica.require(required);
@@ -311,6 +314,18 @@ impl Agent {
             in_flight: (stats.running + stats.queued) as u64,
             ready: self.replica.ready_state().ready,
             faults: self.replica.faults(),
+            stats: self
+                .replica
+                .store()
+                .snapshot()
+                .models
+                .iter()
+                .flat_map(|(m, e)| {
+                    e.versions
+                        .values()
+                        .map(move |v| (format!("{m}:{}", v.version), v.stats()))
+                })
+                .collect(),
         }
     }
 

@@ -63,6 +63,8 @@ pub fn plan(desired: &DesiredState, loaded: &[Loaded]) -> Vec<Step> {
         for v in &m.versions {
             let is_default = v.version == m.default;
             match have.get(&(m.model.as_str(), v.version.as_str())) {
+                // Kept if loaded; never fetched for.
+                None if v.optional => {}
                 // Same name, other bytes: reload (the registry never reuses
                 // a version name, but a replica's cache may predate a reset).
                 Some(l) if l.sha256 != v.sha256 => loads.push(Step::Load {
@@ -117,6 +119,7 @@ mod tests {
             sha256: format!("sha{version}"),
             size: 1,
             input_shapes: Default::default(),
+            optional: false,
         }
     }
 
@@ -192,6 +195,15 @@ mod tests {
         l.sha256 = "other".into();
         let steps = plan(&desired("1", &["1"]), &[l]);
         assert!(matches!(&steps[..], [Step::Load { .. }]));
+    }
+
+    #[test]
+    fn optional_versions_are_kept_but_never_loaded() {
+        let mut d = desired("1", &["1", "0", "9"]);
+        d.models[0].versions[1].optional = true;
+        d.models[0].versions[2].optional = true;
+        // 0 is loaded: kept. 9 is not: not loaded.
+        assert!(plan(&d, &[loaded("1", true), loaded("0", false)]).is_empty());
     }
 
     #[test]

@@ -95,7 +95,18 @@ pub(crate) enum BenchCommand {
 pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()> {
     let scratch = || std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     match command {
-        BenchCommand::Load { urls, rate, duration, connections, timeout_ms, body, upstream_header, kill_pid, kill_at, dead_upstream } => {
+        BenchCommand::Load {
+            urls,
+            rate,
+            duration,
+            connections,
+            timeout_ms,
+            body,
+            upstream_header,
+            kill_pid,
+            kill_at,
+            dead_upstream,
+        } => {
             let body = match body {
                 Some(p) => bytes::Bytes::from(std::fs::read(&p)?),
                 None => {
@@ -120,7 +131,13 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             } else {
                 println!(
                     "sent {} ok {} failed {} | p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs | {:.0} ok/s",
-                    r.sent, r.ok, r.failed, r.latency.p50_us, r.latency.p99_us, r.latency.p999_us, r.ok_per_sec
+                    r.sent,
+                    r.ok,
+                    r.failed,
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.latency.p999_us,
+                    r.ok_per_sec
                 );
                 if !r.errors.is_empty() {
                     println!("errors: {:?}", r.errors);

@@ -68,6 +68,47 @@ pub(crate) struct DeployArgs {
     /// Why, for the audit log.
     #[arg(long)]
     reason: Option<String>,
+    /// Canary: traffic percentages of the steps, e.g. 1,10,50,100.
+    #[arg(long, value_delimiter = ',')]
+    steps: Option<Vec<u32>>,
+    /// Canary: how long each step bakes before it is judged, e.g. 30s, 2m.
+    #[arg(long, value_parser = parse_duration)]
+    bake: Option<f64>,
+    /// Canary: roll back when the canary's error rate exceeds this multiple of the baseline's.
+    #[arg(long)]
+    max_error_ratio: Option<f64>,
+    /// Canary: roll back when the canary's p99 exceeds this multiple of the baseline's.
+    #[arg(long)]
+    max_p99_ratio: Option<f64>,
+    /// Canary: requests the canary must serve in a step before it is judged.
+    #[arg(long)]
+    min_requests: Option<u64>,
+    /// Canary: p99 increases below this never roll back (noise), e.g. 1ms.
+    #[arg(long, value_parser = parse_duration)]
+    min_p99_increase: Option<f64>,
+    /// How long the replaced version stays loaded for an instant switch back, e.g. 5m.
+    #[arg(long, value_parser = parse_duration)]
+    keep_warm: Option<f64>,
+}
+
+/// Parses `30s`, `2m`, `1h` or plain seconds into seconds.
+fn parse_duration(s: &str) -> Result<f64, String> {
+    let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 2m or 1h"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    Ok(n * scale)
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +142,16 @@ pub(crate) struct RollbackArgs {
 pub(crate) enum RolloutCommand {
     /// Where a model's rollout stands.
     Status {
+        /// The model.
+        name: String,
+    },
+    /// Finish a canary now, skipping its remaining steps.
+    Promote {
+        /// The model.
+        name: String,
+    },
+    /// Stop a rollout; traffic returns to the version it was replacing.
+    Abort {
         /// The model.
         name: String,
     },
@@ -371,7 +422,11 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
     };
     let strategy = match args.strategy.as_str() {
         "rolling" => shoal_api::deploy::Strategy::Rolling,
-        other => bail!("strategy {other:?} is not available yet; use rolling"),
+        "canary" => shoal_api::deploy::Strategy::Canary,
+        "blue-green" => shoal_api::deploy::Strategy::BlueGreen,
+        other => {
+            bail!("strategy {other:?} is not available yet; use rolling, canary or blue-green")
+        }
     };
     let request = DeployRequest {
         version: version.to_string(),
@@ -379,6 +434,13 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         max_surge: args.max_surge,
         regions: args.regions,
         reason: args.reason,
+        steps: args.steps,
+        bake_secs: args.bake,
+        max_error_ratio: args.max_error_ratio,
+        max_p99_ratio: args.max_p99_ratio,
+        min_requests: args.min_requests,
+        min_p99_increase_ms: args.min_p99_increase.map(|s| s * 1000.0),
+        keep_warm_secs: args.keep_warm,
     };
     let d = client(global)
         .deploy(args.target.model.as_str(), &request)
@@ -449,6 +511,14 @@ pub(crate) async fn rollout(command: RolloutCommand, global: &Global) -> anyhow:
             }
             print_rollout_line(&r);
             Ok(())
+        }
+        RolloutCommand::Promote { name } => {
+            let d = client(global).promote(&name).await?;
+            print_deployment(&d, global)
+        }
+        RolloutCommand::Abort { name } => {
+            let d = client(global).abort(&name).await?;
+            print_deployment(&d, global)
         }
     }
 }

@@ -1,0 +1,204 @@
+//! The blue-green controller: the new version is loaded on every replica
+//! beside the old one and smoke-tested with real requests; then all traffic
+//! switches at once. The old version stays loaded for a while (see
+//! `Deployment::warm`), so switching back is instant.
+
+use serde::{Deserialize, Serialize};
+use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
+
+use crate::plan::ReplicaFacts;
+
+/// Where a blue-green rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for every replica to load the new version.
+    Loading,
+    /// Every replica has it: smoke tests run.
+    Smoke,
+}
+
+/// A blue-green rollout, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlueGreen {
+    /// The version serving now.
+    pub from: Option<String>,
+    /// The version switched to.
+    pub to: String,
+    /// How long the old version stays loaded after the switch (ms).
+    pub keep_warm_ms: i64,
+    /// Loading or smoke-testing.
+    pub phase: Phase,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Why the last decision was taken.
+    pub reason: String,
+    /// Started (ms).
+    pub started_at: i64,
+    /// Last decision (ms).
+    pub updated_at: i64,
+}
+
+/// What a tick decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to do.
+    Unchanged,
+    /// Every replica has the new version: run the smoke tests.
+    SmokeTest,
+    /// Smoke tests passed: switch all traffic.
+    Switched,
+    /// Smoke tests failed: stay on the old version.
+    Failed,
+}
+
+impl BlueGreen {
+    /// A blue-green rollout from `from` to `to`.
+    pub fn start(from: Option<String>, to: String, keep_warm_ms: i64, now: i64) -> BlueGreen {
+        BlueGreen {
+            reason: format!("loading {to} on every replica"),
+            from,
+            to,
+            keep_warm_ms,
+            phase: Phase::Loading,
+            state: RolloutState::Progressing,
+            started_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Advances the rollout.
+    pub fn tick(&mut self, model: &str, replicas: &[&ReplicaFacts], now: i64) -> Decision {
+        if self.state.is_terminal() {
+            return Decision::Unchanged;
+        }
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let waiting: Vec<&str> = live
+            .iter()
+            .filter(|r| !r.serves(model, &self.to))
+            .map(|r| r.id.as_str())
+            .collect();
+        if live.is_empty() || !waiting.is_empty() {
+            self.phase = Phase::Loading;
+            self.reason = if live.is_empty() {
+                "holding: no live replica to load the new version".into()
+            } else {
+                format!("waiting for {} to load {}", waiting.join(", "), self.to)
+            };
+            return Decision::Unchanged;
+        }
+        self.phase = Phase::Smoke;
+        self.reason = format!("smoke-testing {} on {} replicas", self.to, live.len());
+        self.updated_at = now;
+        Decision::SmokeTest
+    }
+
+    /// Feeds the smoke tests' outcome.
+    pub fn smoke_result(&mut self, result: Result<usize, String>, now: i64) -> Decision {
+        self.updated_at = now;
+        match result {
+            Ok(n) => {
+                self.state = RolloutState::Promoted;
+                self.reason = format!(
+                    "smoke tests passed on {n} replicas; all traffic switched to {}",
+                    self.to
+                );
+                Decision::Switched
+            }
+            Err(why) => {
+                self.state = RolloutState::RolledBack;
+                self.reason = format!(
+                    "smoke test failed: {why}; traffic stays on {}",
+                    self.from.as_deref().unwrap_or("nothing")
+                );
+                Decision::Failed
+            }
+        }
+    }
+
+    /// An operator's abort.
+    pub fn abort(&mut self, reason: String, now: i64) {
+        self.state = RolloutState::Aborted;
+        self.reason = reason;
+        self.updated_at = now;
+    }
+
+    /// The rollout as users see it.
+    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let mut weights = std::collections::BTreeMap::new();
+        match (&self.from, self.state) {
+            (_, RolloutState::Promoted) | (None, _) => {
+                weights.insert(self.to.clone(), 100);
+            }
+            (Some(from), _) => {
+                weights.insert(from.clone(), 100);
+            }
+        }
+        RolloutView {
+            strategy: Strategy::BlueGreen,
+            state: self.state,
+            from: self.from.clone(),
+            to: self.to.clone(),
+            step: u32::from(self.phase == Phase::Smoke)
+                + u32::from(self.state == RolloutState::Promoted),
+            weights,
+            reason: self.reason.clone(),
+            replicas_done: live.iter().filter(|r| r.serves(model, &self.to)).count(),
+            replicas_total: live.len(),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(id: &str, serving: &[&str]) -> ReplicaFacts {
+        ReplicaFacts {
+            id: id.into(),
+            address: String::new(),
+            region: "x".into(),
+            alive: true,
+            serving: serving
+                .iter()
+                .map(|v| ("m".to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn loads_everywhere_then_smoke_tests_then_switches() {
+        let mut b = BlueGreen::start(Some("1".into()), "2".into(), 60_000, 0);
+        let (a, c) = (replica("a", &["1", "2"]), replica("c", &["1"]));
+        assert_eq!(b.tick("m", &[&a, &c], 1), Decision::Unchanged);
+        assert!(b.reason.contains("waiting for c"));
+        assert_eq!(
+            b.view("m", &[&a, &c]).weights,
+            [("1".to_owned(), 100)].into()
+        );
+        let c = replica("c", &["1", "2"]);
+        assert_eq!(b.tick("m", &[&a, &c], 2), Decision::SmokeTest);
+        assert_eq!(b.smoke_result(Ok(2), 3), Decision::Switched);
+        assert_eq!(
+            b.view("m", &[&a, &c]).weights,
+            [("2".to_owned(), 100)].into()
+        );
+        assert_eq!(b.tick("m", &[&a, &c], 4), Decision::Unchanged);
+    }
+
+    #[test]
+    fn a_failed_smoke_test_keeps_the_old_version() {
+        let mut b = BlueGreen::start(Some("1".into()), "2".into(), 60_000, 0);
+        let a = replica("a", &["1", "2"]);
+        assert_eq!(b.tick("m", &[&a], 1), Decision::SmokeTest);
+        assert_eq!(
+            b.smoke_result(Err("replica a answered 500".into()), 2),
+            Decision::Failed
+        );
+        assert_eq!(b.state, RolloutState::RolledBack);
+        assert_eq!(b.view("m", &[&a]).weights, [("1".to_owned(), 100)].into());
+    }
+}
