@@ -604,8 +604,6 @@ pub(crate) async fn watch(
     Path(id): Path<String>,
     Query(query): Query<WatchQuery>,
 ) -> Response {
-    let mut revisions = control.revision.subscribe();
-    let mut stopping = control.stopping.subscribe();
     let watchers = control.metrics.watchers.clone();
     watchers.inc();
     struct Guard(prometheus_client::metrics::gauge::Gauge);
@@ -615,26 +613,46 @@ pub(crate) async fn watch(
         }
     }
     let guard = Guard(watchers);
+    let mut last: Option<DesiredState> = None;
+    let mut after = query.after;
+    ndjson_watch(control, move |control| {
+        let _ = &guard;
+        let desired = control.desired_for(&id);
+        let changed = last
+            .as_ref()
+            .is_none_or(|l| l.models != desired.models || l.peers != desired.peers);
+        if desired.revision <= after || !changed {
+            return None;
+        }
+        after = desired.revision;
+        let line = serde_json::to_vec(&desired).ok();
+        last = Some(desired);
+        line
+    })
+}
+
+/// Streams newline-delimited JSON: `next` is asked for a line at once and
+/// after every change (fleet revision, what replicas serve), and what it
+/// returns is sent; blank keep-alive lines go out in between. The stream
+/// ends when the client leaves or the control plane shuts down.
+fn ndjson_watch<F>(control: Arc<Control>, mut next: F) -> Response
+where
+    F: FnMut(&Control) -> Option<Vec<u8>> + Send + 'static,
+{
+    let mut revisions = control.revision.subscribe();
+    let mut fleet = control.fleet_changes.subscribe();
+    let mut stopping = control.stopping.subscribe();
     let stream = async_stream_like(move |tx| async move {
-        let _guard = guard;
-        let mut last: Option<DesiredState> = None;
-        let mut after = query.after;
         loop {
-            let desired = control.desired_for(&id);
-            let content_changed = last
-                .as_ref()
-                .is_none_or(|l| l.models != desired.models || l.peers != desired.peers);
-            if desired.revision > after && content_changed {
-                let mut line = serde_json::to_vec(&desired).unwrap_or_default();
+            if let Some(mut line) = next(&control) {
                 line.push(b'\n');
                 if tx.send(Ok(Bytes::from(line))).await.is_err() {
                     return;
                 }
-                after = desired.revision;
-                last = Some(desired);
             }
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { return },
+                changed = fleet.changed() => if changed.is_err() { return },
                 _ = stopping.changed() => return,
                 () = tokio::time::sleep(KEEPALIVE) => {
                     if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
@@ -688,43 +706,19 @@ pub(crate) async fn routing(State(control): Shared, headers: HeaderMap) -> Respo
 /// on every change. Blank lines are keep-alives.
 #[utoipa::path(get, path = "/api/v1/routing/watch", responses((status = 200, content_type = "application/x-ndjson", body = shoal_api::fleet::RoutingTable)))]
 pub(crate) async fn watch_routing(State(control): Shared) -> Response {
-    let mut revisions = control.revision.subscribe();
-    let mut fleet = control.fleet_changes.subscribe();
-    let mut stopping = control.stopping.subscribe();
-    let stream = async_stream_like(move |tx| async move {
-        let mut last: Option<shoal_api::fleet::RoutingTable> = None;
-        loop {
-            let mut table = control.routing_table();
-            let same = last
-                .as_ref()
-                .is_some_and(|l| l.endpoints == table.endpoints && l.models == table.models);
-            if !same {
-                let mut line = serde_json::to_vec(&table).unwrap_or_default();
-                line.push(b'\n');
-                if tx.send(Ok(Bytes::from(line))).await.is_err() {
-                    return;
-                }
-                table.revision = 0;
-                last = Some(table);
-            }
-            tokio::select! {
-                changed = revisions.changed() => if changed.is_err() { return },
-                changed = fleet.changed() => if changed.is_err() { return },
-                _ = stopping.changed() => return,
-                () = tokio::time::sleep(KEEPALIVE) => {
-                    if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
-                        return;
-                    }
-                }
-            }
+    let mut last: Option<shoal_api::fleet::RoutingTable> = None;
+    ndjson_watch(control, move |control| {
+        let table = control.routing_table();
+        let same = last
+            .as_ref()
+            .is_some_and(|l| l.endpoints == table.endpoints && l.models == table.models);
+        if same {
+            return None;
         }
-    });
-    let mut response = Body::from_stream(stream).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    response
+        let line = serde_json::to_vec(&table).ok();
+        last = Some(table);
+        line
+    })
 }
 
 /// Runs `producer` with a channel sender; the receiver is the stream.

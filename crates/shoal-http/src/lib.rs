@@ -190,35 +190,51 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// How long requests in flight get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Splits a shutdown signal in two: one to hand to axum's graceful
+/// shutdown, and one that completes [`SHUTDOWN_GRACE`] after it, when
+/// whatever is still in flight (endless streams, hung peers) is dropped.
+fn grace(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (started_tx, mut started_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = started_tx.send(true);
+    };
+    let deadline = async move {
+        if started_rx.wait_for(|started| *started).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; closing them");
+    };
+    (signal, deadline)
+}
+
+fn nodelay(
+    listener: TcpListener,
+) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        // Small request/response exchanges: never wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 /// Serves `router` on `listener` until `shutdown` completes, then lets
-/// requests in flight finish for up to [`SHUTDOWN_GRACE`] (endless
-/// streams would otherwise hold the process forever).
+/// requests in flight finish for up to [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Small request/response exchanges: never wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
-    let (started_tx, mut started_rx) = tokio::sync::watch::channel(false);
-    let graceful = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = started_tx.send(true);
-    });
+    let (signal, deadline) = grace(shutdown);
     tokio::select! {
-        result = graceful => result,
-        () = async {
-            if started_rx.wait_for(|started| *started).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; closing them");
-            Ok(())
-        }
+        result = axum::serve(nodelay(listener), router).with_graceful_shutdown(signal) => result,
+        () = deadline => Ok(()),
     }
 }
 
@@ -229,27 +245,11 @@ pub async fn serve_with_peers(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let (started_tx, mut started_rx) = tokio::sync::watch::channel(false);
-    let graceful = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = started_tx.send(true);
-    });
+    let (signal, deadline) = grace(shutdown);
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
     tokio::select! {
-        result = graceful => result,
-        () = async {
-            if started_rx.wait_for(|started| *started).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => Ok(()),
+        result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
+        () = deadline => Ok(()),
     }
 }
 

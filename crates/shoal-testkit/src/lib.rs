@@ -205,3 +205,21 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Runs `program ARGS --json --control CONTROL` (a CLI client command) and
+/// returns its output as JSON (`null` for none); panics with its stderr if
+/// it fails.
+pub fn cli_json(program: &std::path::Path, control: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .args(["--json", "--control", control])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}

@@ -17,24 +17,8 @@ fn shoal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shoal"))
 }
 
-/// Runs a client command against `control`; returns its JSON output.
 fn cli(control: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(shoal())
-        .args(args)
-        .args(["--json", "--control", control])
-        .output()
-        .expect("run shoal");
-    assert!(
-        out.status.success(),
-        "shoal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "shoal {args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    shoal_testkit::cli_json(shoal(), control, args)
 }
 
 fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {

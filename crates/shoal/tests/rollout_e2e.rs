@@ -19,17 +19,7 @@ fn shoal() -> &'static Path {
 }
 
 fn cli(control: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(shoal())
-        .args(args)
-        .args(["--json", "--control", control])
-        .output()
-        .expect("run shoal");
-    assert!(
-        out.status.success(),
-        "shoal {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    shoal_testkit::cli_json(shoal(), control, args)
 }
 
 struct Traffic {
