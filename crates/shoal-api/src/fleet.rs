@@ -48,18 +48,37 @@ pub struct ServingVersion {
 
 /// A fault injected into a replica for one model version (drills, tests,
 /// benchmarks). Off unless configured.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     /// Added latency per inference, in milliseconds.
     #[serde(default)]
     pub latency_ms: u64,
+    /// Share of inferences that get the added latency (0..1, default all):
+    /// below 1, a latency tail rather than a slow replica.
+    #[serde(default = "all")]
+    pub latency_rate: f64,
     /// Share of inferences answered with an error (0..1).
     #[serde(default)]
     pub error_rate: f64,
     /// Never answer (the connection stays open).
     #[serde(default)]
     pub hang: bool,
+}
+
+fn all() -> f64 {
+    1.0
+}
+
+impl Default for Fault {
+    fn default() -> Self {
+        Fault {
+            latency_ms: 0,
+            latency_rate: 1.0,
+            error_rate: 0.0,
+            hang: false,
+        }
+    }
 }
 
 /// Body of `POST /api/v1/replicas/{id}/heartbeat`.

@@ -240,7 +240,7 @@ async fn infer_common(
         if fault.hang {
             std::future::pending::<()>().await;
         }
-        if fault.latency_ms > 0 {
+        if fault.latency_ms > 0 && rand::random::<f64>() < fault.latency_rate {
             tokio::time::sleep(std::time::Duration::from_millis(fault.latency_ms)).await;
         }
         if fault.error_rate > 0.0 && rand::random::<f64>() < fault.error_rate {
@@ -548,8 +548,10 @@ async fn admin_set_fault(
 ) -> Result<Response, ApiError> {
     let (model, version) = names(&model, &version)?;
     let axum::Json(fault) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if !(0.0..=1.0).contains(&fault.error_rate) {
-        return Err(ApiError::bad_request("error_rate must be between 0 and 1"));
+    if !(0.0..=1.0).contains(&fault.error_rate) || !(0.0..=1.0).contains(&fault.latency_rate) {
+        return Err(ApiError::bad_request(
+            "error_rate and latency_rate must be between 0 and 1",
+        ));
     }
     replica.set_fault(&format!("{model}:{version}"), Some(fault.clone()));
     Ok(json_response(StatusCode::OK, &fault))

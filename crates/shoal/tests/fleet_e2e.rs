@@ -155,8 +155,33 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         v2["sha256"],
         "cb588faad879a2350064f49a06a5846b747e6934c3b91c108233706752934ebb"
     );
+    let egress = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("shoal_artifact_egress_bytes_total{kind=\"chunk\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = egress(&http.get(&format!("{control}/metrics")).await.text());
     cli(&control, &["deploy", "digits:2"]);
     converged_on(&control, "2", 3).await;
+    // Three replicas fetched v2, but its chunks left the origin once: the
+    // others took them from the chunks' owner among their peers.
+    let after = egress(&http.get(&format!("{control}/metrics")).await.text());
+    let stored = http
+        .get(&format!(
+            "{control}/api/v1/artifacts/{}/manifest",
+            v2["sha256"].as_str().unwrap()
+        ))
+        .await
+        .json()["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stored"].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(after - before, stored, "origin egress for v2");
     for (_, addr) in &replicas {
         assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
     }

@@ -497,3 +497,120 @@ async fn api_keys_and_rate_limits() {
         .unwrap();
     assert!(r.status == 400 || r.status == 429, "{}", r.status);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_cuts_off_a_slow_replica() {
+    // Two standalone replicas, one with a latency tail: 300 ms added to 6 %
+    // of its requests (3 % of all). A gateway hedging after the observed
+    // p95 answers every request well before the tail would, and counts its
+    // hedges.
+    let tmp = TempDir::new("gateway-hedge");
+    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
+    let (_fast, fast) = spawn_server(
+        shoal(),
+        &[
+            "replica",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("f").to_str().unwrap(),
+            "--model",
+            &v1,
+        ],
+    );
+    let (_slow, slow) = spawn_server(
+        shoal(),
+        &[
+            "replica",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("s").to_str().unwrap(),
+            "--model",
+            &v1,
+        ],
+    );
+    let http = HttpClient::new();
+    let r = http
+        .put_json(
+            &format!("http://{slow}/admin/faults/digits/1"),
+            serde_json::json!({"latency_ms": 300, "latency_rate": 0.06}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Round robin, so the slow replica keeps getting its share.
+    let (_gateway, gateway) = spawn_server(
+        shoal(),
+        &[
+            "gateway",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            tmp.join("g").to_str().unwrap(),
+            "--replica",
+            &fast,
+            "--replica",
+            &slow,
+            "--hedge",
+            "--balance",
+            "round-robin",
+            "--health-interval-ms",
+            "100",
+        ],
+    );
+    let url = format!("http://{gateway}/v2/models/digits/infer");
+    let (http2, url2) = (http.clone(), url.clone());
+    eventually(
+        "both replicas to be routable",
+        Duration::from_secs(10),
+        || {
+            let (http, url) = (http2.clone(), url2.clone());
+            async move {
+                let m = http
+                    .get(&url.replace("/v2/models/digits/infer", "/metrics"))
+                    .await
+                    .text();
+                m.contains("gateway_endpoints{state=\"available\"} 2")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Learn the p95: the first requests include slow ones.
+    for _ in 0..100 {
+        assert_eq!(
+            http.post_json(&url, Samples::load().request(0..1))
+                .await
+                .status,
+            200
+        );
+    }
+    let started = tokio::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..400 {
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            http.post_json(&url, Samples::load().request(0..1))
+                .await
+                .status,
+            200
+        );
+        slowest = slowest.max(t.elapsed());
+    }
+    let metrics = http
+        .get(&url.replace("/v2/models/digits/infer", "/metrics"))
+        .await
+        .text();
+    let hedges: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("gateway_hedges_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("hedges are counted");
+    assert!(hedges >= 3.0, "only {hedges} hedges");
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a request waited for the tail: {slowest:?} (400 in {:?})",
+        started.elapsed()
+    );
+}

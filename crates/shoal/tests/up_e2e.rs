@@ -234,3 +234,121 @@ async fn shoal_up_end_to_end() {
         assert!(!alive(pid), "process {pid} outlived shoal up");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_chaos_and_resume() {
+    let tmp = TempDir::new("up-regions");
+    let data = tmp.join("fleet");
+    let args = [
+        "up",
+        "--gateway-addr",
+        "127.0.0.1:0",
+        "--control-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--replicas",
+        "4",
+        "--regions",
+        "us-east,eu-west",
+    ];
+    let (mut up, ready) = spawn_until(
+        shoal(),
+        &[&args[..], &["--chaos", "120"]].concat(),
+        "shoal up ready:",
+    );
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
+
+    // Replicas spread over both regions; one gateway each.
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let regions: Vec<&str> = fleet["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g[0].as_str().unwrap())
+        .collect();
+    assert_eq!(regions, ["us-east", "eu-west"]);
+    let c = control.clone();
+    eventually(
+        "4 replicas in two regions serving digits",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move {
+                let s = tokio::task::spawn_blocking(move || cli(&c, &["status"]))
+                    .await
+                    .unwrap();
+                let rows = s["replicas"].as_array()?;
+                let per = |r: &str| {
+                    rows.iter()
+                        .filter(|x| {
+                            x["region"] == r && x["serving"] == serde_json::json!(["digits:1"])
+                        })
+                        .count()
+                };
+                (per("us-east") == 2 && per("eu-west") == 2).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // The chaos monkey kills a replica about twice a second; the fleet
+    // keeps answering through the gateway while supervision brings them back.
+    let pids = |fleet: &Value| -> Vec<u64> {
+        fleet["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p[0].as_str().unwrap().starts_with("replica-"))
+            .map(|p| p[1].as_u64().unwrap())
+            .collect()
+    };
+    let before = pids(&fleet);
+    let http = HttpClient::new();
+    let url = format!("{gateway}/v2/models/digits/infer");
+    let mut failures = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut answered = 0;
+    while tokio::time::Instant::now() < deadline {
+        match http
+            .send(http::Method::POST, &url, &[], Samples::load().request(0..1))
+            .await
+        {
+            Ok(r) if r.status == 200 => answered += 1,
+            Ok(r) => failures.push(format!("{}: {}", r.status, r.text())),
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(answered > 100, "{answered} answers");
+    let after: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let killed = before.iter().filter(|p| !pids(&after).contains(p)).count();
+    assert!(killed >= 1, "the chaos monkey killed nobody in 4 s");
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed: {:?}",
+        failures.len(),
+        answered + failures.len(),
+        failures.first()
+    );
+    up.signal(Signal::SIGINT);
+    let (status, _) =
+        tokio::task::spawn_blocking(move || (up.wait_timeout(Duration::from_secs(30)), up))
+            .await
+            .unwrap();
+    assert!(status.expect("shoal up exits").success());
+
+    // A second shoal up on the same directory resumes: the registry still
+    // holds digits:1 and nothing is pushed again.
+    let (mut again, ready) = spawn_until(shoal(), &args, "shoal up ready:");
+    let control = ready.split_whitespace().nth(6).unwrap().to_owned();
+    let models = cli(&control, &["model", "list"]);
+    assert_eq!(models[0]["name"], "digits");
+    assert_eq!(models[0]["versions"], 1);
+    again.signal(Signal::SIGINT);
+    tokio::task::spawn_blocking(move || again.wait_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+}
