@@ -21,6 +21,14 @@ pub enum Strategy {
     /// The new version loaded everywhere and smoke-tested, then all traffic
     /// switches at once; the old one stays loaded for an instant switch back.
     BlueGreen,
+    /// The new version loaded everywhere; a share of real traffic is
+    /// mirrored to it and the answers compared; users only see the primary's.
+    Shadow,
+    /// A fixed split by user between versions, judged by feedback.
+    Ab,
+    /// Thompson sampling: traffic moves towards the version with the better
+    /// feedback, keeping a floor for exploration.
+    Bandit,
 }
 
 impl Strategy {
@@ -30,6 +38,9 @@ impl Strategy {
             Strategy::Rolling => "rolling",
             Strategy::Canary => "canary",
             Strategy::BlueGreen => "blue-green",
+            Strategy::Shadow => "shadow",
+            Strategy::Ab => "ab",
+            Strategy::Bandit => "bandit",
         }
     }
 }
@@ -79,6 +90,16 @@ pub struct DeployRequest {
     /// switching back is instant (default 300).
     #[serde(default)]
     pub keep_warm_secs: Option<f64>,
+    /// Shadow: percent of requests mirrored to the new version (default 100).
+    #[serde(default)]
+    pub percent: Option<u32>,
+    /// A/B and bandit: the other versions in the experiment besides
+    /// `version` (default: the version in production now).
+    #[serde(default)]
+    pub against: Option<Vec<String>>,
+    /// Bandit: the least traffic any arm keeps, percent (default 5).
+    #[serde(default)]
+    pub floor: Option<u32>,
 }
 
 /// A version kept loaded without traffic until a time, for warm rollback.
@@ -179,6 +200,15 @@ pub struct RolloutView {
     pub started_at: UnixMillis,
     /// Last decision.
     pub updated_at: UnixMillis,
+    /// Shadow comparison so far (shadow rollouts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::traffic::ShadowSummary>,
+    /// Arms with their rewards (A/B tests and bandits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arms: Vec<crate::traffic::ArmSummary>,
+    /// Whether the arms' difference is statistically significant (A/B).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub significant: Option<bool>,
 }
 
 /// The desired state of one model.

@@ -5,12 +5,14 @@
 //! - [`registry`]: models, versions, statuses, the audit log.
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
+//! - [`traffic`]: what gateways report: shadow comparisons, rewards.
 //!
 //! Architecture invariant: pure serde types and tiny pure helpers. No I/O.
 
 pub mod deploy;
 pub mod fleet;
 pub mod registry;
+pub mod traffic;
 
 /// Milliseconds since the Unix epoch, the timestamp unit of every document.
 pub type UnixMillis = i64;

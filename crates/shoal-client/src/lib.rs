@@ -358,6 +358,22 @@ impl ControlClient {
             .await
     }
 
+    /// Sends a gateway's traffic report.
+    pub async fn gateway_report(
+        &self,
+        id: &str,
+        report: &shoal_api::traffic::GatewayReport,
+    ) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .send_json(
+                Method::POST,
+                &format!("/api/v1/gateways/{id}/report"),
+                report,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Registers a replica.
     pub async fn register(&self, registration: &Registration) -> Result<Registered, ClientError> {
         self.send_json(Method::POST, "/api/v1/replicas", registration)

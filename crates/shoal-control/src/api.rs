@@ -60,6 +60,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/api/v1/rollouts/{model}", get(get_rollout))
         .route("/api/v1/rollouts/{model}/promote", post(promote_rollout))
         .route("/api/v1/rollouts/{model}/abort", post(abort_rollout))
+        .route("/api/v1/gateways/{id}/report", post(gateway_report))
         .route("/api/v1/replicas", post(register))
         .route("/api/v1/replicas/{id}", axum::routing::delete(deregister))
         .route("/api/v1/replicas/{id}/heartbeat", post(heartbeat))
@@ -426,7 +427,7 @@ pub(crate) async fn get_rollout(
             if let shoal_rollout::Controller::Rolling(r) = &mut c {
                 r.tick(&model, &replicas, shoal_api::now_millis());
             }
-            c.view(&model, &replicas)
+            c.view(&model, &replicas, &facts)
         }
         None => stored
             .deployment
@@ -460,6 +461,21 @@ pub(crate) async fn abort_rollout(
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &d))
+}
+
+/// A gateway's cumulative shadow comparisons and rewards.
+#[utoipa::path(post, path = "/api/v1/gateways/{id}/report", request_body = shoal_api::traffic::GatewayReport, responses((status = 200)))]
+pub(crate) async fn gateway_report(
+    State(control): Shared,
+    Path(id): Path<String>,
+    body: Result<axum::Json<shoal_api::traffic::GatewayReport>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let report = json_body(body)?;
+    control.traffic.report(&id, report);
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"ok": true}),
+    ))
 }
 
 /// A replica announces itself (idempotent).

@@ -17,7 +17,9 @@ use shoal_api::registry::VersionStatus;
 use shoal_registry::{Audit, RegistryError, StoredDeployment};
 use shoal_rollout::bluegreen::{BlueGreen, Decision as BlueGreenDecision};
 use shoal_rollout::canary::{Canary, CanaryConfig, Decision as CanaryDecision};
+use shoal_rollout::experiment::{Experiment, Kind as ExperimentKind};
 use shoal_rollout::rolling::{Decision as RollingDecision, Rolling};
+use shoal_rollout::shadow::Shadow;
 use shoal_rollout::{Controller, ReplicaFacts, plan};
 
 use crate::Control;
@@ -103,8 +105,11 @@ impl Control {
         audit: Audit,
     ) -> Result<Deployment, DeployError> {
         let facts = self.facts();
-        deployment.rollout =
-            Some(controller.view(&deployment.model, &eligible(&deployment, &facts.replicas)));
+        deployment.rollout = Some(controller.view(
+            &deployment.model,
+            &eligible(&deployment, &facts.replicas),
+            &facts,
+        ));
         let stored = StoredDeployment {
             controller: serde_json::to_value(controller).unwrap_or_default(),
             deployment: deployment.clone(),
@@ -245,9 +250,75 @@ impl Control {
                 keep_warm_ms(request.keep_warm_secs),
                 now,
             )),
+            Strategy::Shadow => {
+                let Some(primary) = from.clone() else {
+                    return Err(DeployError::Conflict(format!(
+                        "a shadow needs a primary, and {model} serves nothing yet; deploy the first version with the rolling or blue-green strategy"
+                    )));
+                };
+                let percent = request.percent.unwrap_or(100);
+                if percent == 0 || percent > 100 {
+                    return Err(DeployError::Invalid(
+                        "percent must be between 1 and 100".into(),
+                    ));
+                }
+                let baseline = self.facts().shadow.get(model).cloned().unwrap_or_default();
+                Controller::Shadow(Shadow::start(
+                    primary,
+                    version.version.clone(),
+                    percent,
+                    baseline,
+                    now,
+                ))
+            }
+            Strategy::Ab | Strategy::Bandit => {
+                let mut arms: Vec<String> = match &request.against {
+                    Some(others) => others.clone(),
+                    None => from.clone().into_iter().collect(),
+                };
+                if arms.is_empty() {
+                    return Err(DeployError::Conflict(format!(
+                        "an experiment needs at least two versions; {model} serves nothing yet, so name the others with `against`"
+                    )));
+                }
+                for other in &arms {
+                    if self.store.get_version(model, other).await?.is_none() {
+                        return Err(DeployError::NotFound(format!(
+                            "model {model} has no version {other:?}"
+                        )));
+                    }
+                }
+                arms.retain(|a| a != &version.version);
+                arms.push(version.version.clone());
+                let kind = if request.strategy == Strategy::Ab {
+                    ExperimentKind::Ab
+                } else {
+                    ExperimentKind::Bandit
+                };
+                let facts = self.facts();
+                let baseline = arms
+                    .iter()
+                    .filter_map(|a| {
+                        facts
+                            .rewards
+                            .get(&format!("{model}:{a}"))
+                            .map(|r| (a.clone(), r.clone()))
+                    })
+                    .collect();
+                Controller::Experiment(Experiment::start(
+                    kind,
+                    arms,
+                    request.floor.unwrap_or(5),
+                    baseline,
+                    now,
+                ))
+            }
         };
         let reason = request.reason.clone().unwrap_or_else(|| "deploy".into());
-        let status = if request.strategy == Strategy::Canary {
+        let status = if matches!(
+            request.strategy,
+            Strategy::Canary | Strategy::Shadow | Strategy::Ab | Strategy::Bandit
+        ) {
             VersionStatus::Canary
         } else {
             version.status
@@ -296,7 +367,7 @@ impl Control {
         let model = deployment.model.clone();
         let to = controller.to().to_owned();
         let from = controller.from().map(str::to_owned);
-        let reason = controller.view(&model, &[]).reason;
+        let reason = controller.view(&model, &[], &self.facts()).reason;
         let audit = || Audit::by(actor, reason.clone());
         let now = now_millis();
         match controller.state() {
@@ -308,7 +379,7 @@ impl Control {
                     version: to.clone(),
                     weight: 100,
                 }];
-                if let Some(from) = &from {
+                if let Some(from) = from.as_ref().filter(|f| **f != to) {
                     let old = self.store.get_version(&model, from).await?;
                     if old.is_some_and(|v| !v.rolled_back) {
                         self.store
@@ -368,10 +439,23 @@ impl Control {
         };
         match &mut controller {
             Controller::Canary(c) => c.promote(now_millis()),
+            Controller::Shadow(s) => s.promote(now_millis()),
+            Controller::Experiment(e) => {
+                let facts = self.facts();
+                let totals = facts
+                    .rewards
+                    .iter()
+                    .filter_map(|(k, r)| {
+                        k.strip_prefix(&format!("{model}:"))
+                            .map(|v| (v.to_owned(), r.clone()))
+                    })
+                    .collect();
+                e.promote(&totals, now_millis());
+            }
             Controller::Rolling(_) | Controller::BlueGreen(_) => {
                 return Err(DeployError::Conflict(format!(
                     "a {} rollout promotes itself once every replica is ready; only canaries can be promoted early",
-                    controller.view(model, &[]).strategy.as_str()
+                    controller.view(model, &[], &self.facts()).strategy.as_str()
                 )));
             }
         }
@@ -715,11 +799,30 @@ impl Control {
                     }
                     _ => None,
                 },
+                Controller::Shadow(sh) => sh.tick(&model, &replicas, now).then_some(false),
+                Controller::Experiment(e) => {
+                    // Re-weigh at most every two seconds: each change is a
+                    // new revision every gateway follows.
+                    if now - e.updated_at < 2000 {
+                        None
+                    } else {
+                        let totals = facts
+                            .rewards
+                            .iter()
+                            .filter_map(|(k, r)| {
+                                k.strip_prefix(&format!("{model}:"))
+                                    .map(|v| (v.to_owned(), r.clone()))
+                            })
+                            .collect();
+                        let mut rng = rand::rng();
+                        e.tick(&totals, &mut rng, now).then_some(false)
+                    }
+                }
             };
             match outcome {
                 None => {}
                 Some(false) => {
-                    let reason = controller.view(&model, &replicas).reason;
+                    let reason = controller.view(&model, &replicas, &facts).reason;
                     self.persist(
                         deployment.clone(),
                         &controller,
@@ -732,8 +835,8 @@ impl Control {
                 Some(true) => {
                     let keep = match &controller {
                         Controller::BlueGreen(b) => b.keep_warm_ms,
-                        Controller::Canary(_) => DEFAULT_KEEP_WARM_MS,
                         Controller::Rolling(_) => 0,
+                        _ => DEFAULT_KEEP_WARM_MS,
                     };
                     self.conclude(deployment.clone(), &controller, "controller", keep)
                         .await?;

@@ -19,6 +19,7 @@ pub mod controller;
 mod fleet;
 mod metrics;
 mod openapi;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,6 +101,8 @@ pub struct Control {
     /// Bumped when what replicas serve or their liveness changes (not a
     /// registry revision: nothing is written), for routing watchers.
     fleet_changes: tokio::sync::watch::Sender<u64>,
+    /// What gateways report.
+    traffic: traffic::TrafficTotals,
 }
 
 impl std::fmt::Debug for Control {
@@ -144,6 +147,7 @@ impl Control {
             metrics,
             stopping: tokio::sync::watch::Sender::new(false),
             fleet_changes: tokio::sync::watch::Sender::new(0),
+            traffic: traffic::TrafficTotals::default(),
         });
         control.refresh().await?;
         Ok(control)
@@ -187,6 +191,8 @@ impl Control {
             replicas: Vec::new(),
             versions,
             stats: std::collections::BTreeMap::new(),
+            shadow: std::collections::BTreeMap::new(),
+            rewards: std::collections::BTreeMap::new(),
         };
         *self
             .snapshot
@@ -220,6 +226,8 @@ impl Control {
         facts.replicas = self.live.facts(&snapshot.registrations);
         facts.now = shoal_api::now_millis();
         facts.stats = self.live.totals();
+        facts.shadow = self.traffic.shadow();
+        facts.rewards = self.traffic.rewards();
         facts
     }
 

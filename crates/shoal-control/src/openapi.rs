@@ -28,6 +28,7 @@ use crate::api;
         api::get_rollout,
         api::promote_rollout,
         api::abort_rollout,
+        api::gateway_report,
         api::register,
         api::deregister,
         api::heartbeat,

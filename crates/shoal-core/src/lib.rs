@@ -1,10 +1,12 @@
 //! Shoal's domain vocabulary, shared by every other crate: model names and
 //! versions ([`names`]), tensors and their datatypes ([`tensor`]), and the
-//! signature a model declares for its inputs and outputs ([`signature`]).
+//! signature a model declares for its inputs and outputs ([`signature`]),
+//! and the comparison of two models' answers ([`compare`]).
 //!
 //! This crate is pure: no I/O, no async, no HTTP, no inference engine. It is
 //! the innermost layer, so everything here must stay cheap to depend on.
 
+pub mod compare;
 pub mod names;
 pub mod signature;
 pub mod tensor;

@@ -20,6 +20,7 @@
 
 pub mod discovery;
 pub mod health;
+mod learn;
 mod metrics;
 pub mod protect;
 pub mod proxy;
@@ -45,6 +46,8 @@ use crate::routes::Routes;
 /// Settings of a gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// Gateway id in reports [default: gateway-PORT].
+    pub id: Option<String>,
     /// Address to listen on.
     pub addr: SocketAddr,
     /// Directory for the last known routing table.
@@ -86,6 +89,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            id: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from(".shoal/gateway"),
             region: "default".into(),
@@ -112,7 +116,9 @@ pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
 /// The gateway's state.
 pub struct Gateway {
+    id: String,
     config: GatewayConfig,
+    learning: learn::Learning,
     routes: Routes,
     client: UpstreamClient,
     budget: tower::retry::budget::TpsBudget,
@@ -134,6 +140,10 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// A gateway with no endpoints yet.
     pub fn new(config: GatewayConfig) -> Result<Arc<Gateway>, String> {
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("gateway-{}", config.addr.port()));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -150,6 +160,8 @@ impl Gateway {
                 config.retry_min_per_sec,
                 config.retry_ratio,
             ),
+            id,
+            learning: learn::Learning::default(),
             routes: Routes::new(config.region.clone(), config.health_policy)
                 .with_balance(config.balance),
             config,
@@ -196,10 +208,18 @@ impl GatewayServer {
     pub async fn start(config: GatewayConfig) -> std::io::Result<GatewayServer> {
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
+        let config = GatewayConfig {
+            id: config
+                .id
+                .clone()
+                .or_else(|| Some(format!("gateway-{}", addr.port()))),
+            ..config
+        };
         let gateway = Gateway::new(config).map_err(std::io::Error::other)?;
         let background = vec![
             tokio::spawn(discovery::run(gateway.clone())),
             tokio::spawn(health::run(gateway.clone())),
+            tokio::spawn(learn::report_loop(gateway.clone())),
         ];
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = proxy::router(gateway.clone());

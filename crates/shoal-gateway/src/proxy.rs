@@ -30,8 +30,9 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 use crate::Gateway;
+use crate::learn::Mirrored;
 use crate::protect::Refusal;
-use crate::routes::{Endpoint, NoRoute};
+use crate::routes::{Endpoint, NoRoute, RoutingState};
 
 type Shared = State<Arc<Gateway>>;
 
@@ -55,6 +56,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             get(version_get),
         )
         .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/feedback", post(feedback))
         .route(
             "/v2/models/{model}/versions/{version}/infer",
             post(infer_version),
@@ -344,43 +346,156 @@ async fn hedged(
     }
 }
 
-fn mirror(gateway: &Arc<Gateway>, model: &str, body: &Bytes, split_key: Option<&str>) {
-    let state = gateway.routes.snapshot();
-    let Some(shadow) = state.policies.get(model).and_then(|p| p.shadow.clone()) else {
-        return;
-    };
-    if shadow.percent == 0 || rand::random::<f64>() * 100.0 >= f64::from(shadow.percent) {
-        return;
-    }
+/// The version this request is copied to, if the model has a shadow and
+/// the dice say this request is among its share.
+fn shadow_version(state: &RoutingState, model: &str) -> Option<String> {
+    let shadow = state.policies.get(model)?.shadow.as_ref()?;
+    (shadow.percent > 0 && rand::random::<f64>() * 100.0 < f64::from(shadow.percent))
+        .then(|| shadow.version.clone())
+}
+
+/// The whole body of an in-memory response, and the response rebuilt.
+async fn body_bytes(response: Response) -> (Response, Bytes) {
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (
+        Response::from_parts(parts, Body::from(bytes.clone())),
+        bytes,
+    )
+}
+
+/// The primary's answer, for the shadow to be compared with.
+type PrimaryAnswer = tokio::sync::oneshot::Sender<(Bytes, Duration)>;
+
+/// Copies the request to the shadow `version` now, so both versions see the
+/// same load at the same time; once the primary's answer arrives through
+/// the returned sender, compares the two answers. Users never wait for, or
+/// see, the shadow's answer.
+fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> PrimaryAnswer {
+    let (tx, rx) = tokio::sync::oneshot::channel::<(Bytes, Duration)>();
     let gateway = gateway.clone();
-    let (model, body) = (model.to_owned(), body.clone());
-    let _ = split_key;
-    // Users never wait for, or see, the shadow's answer.
+    let model = model.to_owned();
     tokio::spawn(async move {
         let now = gateway.now();
         let state = gateway.routes.snapshot();
-        let Ok(candidates) =
-            gateway
-                .routes
-                .candidates(&state, &model, Some(&shadow.version), &[], now)
-        else {
-            gateway.metrics.shadowed(&model, "no_replica");
-            return;
-        };
-        let Some(endpoint) = gateway
+        let endpoint = gateway
             .routes
-            .pick(&candidates, None, &mut rand::rng(), now)
-        else {
+            .candidates(&state, &model, Some(&version), &[], now)
+            .ok()
+            .and_then(|c| gateway.routes.pick(&c, None, &mut rand::rng(), now));
+        let Some(endpoint) = endpoint else {
+            gateway.metrics.shadowed(&model, "no_replica");
+            gateway.learning.shadowed(&model, Mirrored::CandidateFailed);
             return;
         };
-        let path = format!("/v2/models/{model}/versions/{}/infer", shadow.version);
-        let outcome = match send(&gateway, &endpoint, Method::POST, &path, body).await {
-            Attempt::Answer(r, _) if r.status().is_success() => "success",
-            Attempt::Answer(..) => "client_error",
-            _ => "error",
+        let path = format!("/v2/models/{model}/versions/{version}/infer");
+        let candidate = match send(&gateway, &endpoint, Method::POST, &path, body).await {
+            Attempt::Answer(r, rtt) if r.status().is_success() => {
+                gateway.metrics.shadowed(&model, "success");
+                Some((body_bytes(r).await.1, rtt))
+            }
+            Attempt::Answer(..) => {
+                gateway.metrics.shadowed(&model, "client_error");
+                None
+            }
+            _ => {
+                gateway.metrics.shadowed(&model, "error");
+                None
+            }
         };
-        gateway.metrics.shadowed(&model, outcome);
+        let candidate = candidate.and_then(|(bytes, rtt)| {
+            shoal_oip::decode_response(&bytes)
+                .ok()
+                .map(|d| (d.outputs, rtt))
+        });
+        let Some((candidate, candidate_rtt)) = candidate else {
+            gateway.learning.shadowed(&model, Mirrored::CandidateFailed);
+            return;
+        };
+        let primary = rx.await.ok().and_then(|(bytes, rtt)| {
+            shoal_oip::decode_response(&bytes)
+                .ok()
+                .map(|d| (d.outputs, rtt))
+        });
+        let outcome = match primary {
+            Some((primary, primary_rtt)) => Mirrored::Compared(
+                shoal_core::compare::compare(&primary, &candidate),
+                (candidate_rtt.as_secs_f64() - primary_rtt.as_secs_f64()) * 1000.0,
+            ),
+            None => Mirrored::Uncompared,
+        };
+        gateway.learning.shadowed(&model, outcome);
     });
+    tx
+}
+
+/// `POST /v2/models/{model}/feedback`: the reward for an earlier
+/// prediction, credited to the version that made it (found by the
+/// request's `id` or the user's split key).
+async fn feedback(
+    State(gateway): Shared,
+    Path(model): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    gateway
+        .protection
+        .admit(&headers, Some(peer))
+        .map_err(|refusal| refusal_error(&gateway, refusal))?;
+    let body = shoal_http::read_body(body, 64 * 1024).await?;
+    let feedback: shoal_api::traffic::Feedback = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid feedback: {e}; expected {{\"id\": \"<request id>\" or \"user\": \"<split key>\", \"reward\": <number>}}"
+        ))
+    })?;
+    if !feedback.reward.is_finite() {
+        return Err(ApiError::bad_request(
+            "invalid feedback: reward must be a finite number",
+        ));
+    }
+    let (id, user) = (feedback.id.as_deref(), feedback.user.as_deref());
+    if id.is_none() && user.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid feedback: give the \"id\" of the inference request or the \"user\" it was for",
+        ));
+    }
+    let Some(version) = gateway.learning.version_of(&model, id, user) else {
+        let what = match (id, user) {
+            (Some(id), _) => format!("request id {id:?}"),
+            (None, Some(user)) => format!("user {user:?}"),
+            (None, None) => unreachable!("checked above"),
+        };
+        return Err(ApiError::not_found(format!(
+            "this gateway has no recent {model} prediction for {what}; feedback must go to the gateway that answered, which remembers the last {} requests",
+            crate::learn::REMEMBERED
+        )));
+    };
+    gateway.learning.reward(&model, &version, feedback.reward);
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"model": model, "version": version, "reward": feedback.reward}),
+    ))
+}
+
+fn refusal_error(gateway: &Gateway, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
+        Refusal::RateLimited { key, retry_after } => {
+            gateway.metrics.limited(&key);
+            ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("rate limit exceeded for {key}; retry after {retry_after}s"),
+                )
+            }
+        }
+    }
 }
 
 async fn infer(
@@ -437,19 +552,7 @@ async fn route_inference(
     let who = gateway
         .protection
         .admit(headers, Some(peer))
-        .map_err(|refusal| match refusal {
-            Refusal::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
-            Refusal::RateLimited { key, retry_after } => {
-                gateway.metrics.limited(&key);
-                ApiError {
-                    retry_after: Some(retry_after),
-                    ..ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        format!("rate limit exceeded for {key}; retry after {retry_after}s"),
-                    )
-                }
-            }
-        })?;
+        .map_err(|refusal| refusal_error(gateway, refusal))?;
     if headers.contains_key("inference-header-content-length") {
         return Err(ApiError::bad_request(
             "the binary tensor data extension is not supported yet; send JSON tensors (with tritonclient: binary_data=False on inputs and outputs)",
@@ -457,7 +560,7 @@ async fn route_inference(
     }
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
-    shoal_oip::precheck_request(&body, &shoal_oip::Limits::default())
+    let request_id = shoal_oip::precheck_request(&body, &shoal_oip::Limits::default())
         .map_err(|e| ApiError::bad_request(e.0))?;
     gateway.protection.log_payload(model, &who, &body);
 
@@ -474,9 +577,11 @@ async fn route_inference(
             .routes
             .choose_version(&state, model, split_key, &mut rand::rng()),
     };
-    if pinned.is_none() {
-        mirror(gateway, model, &body, split_key);
-    }
+    let mut primary_answer = pinned
+        .is_none()
+        .then(|| shadow_version(&state, model))
+        .flatten()
+        .map(|shadow| mirror(gateway, model, shadow, body.clone()));
 
     gateway.budget.deposit();
     let mut tried: Vec<String> = Vec::new();
@@ -544,7 +649,17 @@ async fn route_inference(
                     .map(str::to_owned)
                     .or(target)
                     .unwrap_or_default();
-                let _ = answered_by;
+                if let Some(tx) = primary_answer.take()
+                    && response.status().is_success()
+                {
+                    let (rebuilt, bytes) = body_bytes(response).await;
+                    response = rebuilt;
+                    let _ = tx.send((bytes, rtt));
+                }
+                // Remembered for feedback to find the version it rewards.
+                gateway
+                    .learning
+                    .served(model, &version, request_id.as_deref(), split_key);
                 return Ok((response, version));
             }
             Attempt::Stale(response, _key) => {

@@ -307,14 +307,25 @@ impl Routes {
                     .find(|o| o.id == e.id && o.address == e.address)
                 {
                     Some(existing) => {
-                        // Health checks know better once they have run.
+                        // Health checks know better once they have run, but
+                        // a version the replica reported loading since the
+                        // last check is served already (replicas load before
+                        // they report): add it now rather than wait for the
+                        // next check. Removals wait for the check; a request
+                        // that meets one is retried on another replica.
+                        let mut current = existing
+                            .serving
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner);
                         if !existing.checked.load(Ordering::SeqCst) {
-                            *existing
-                                .serving
-                                .write()
-                                .unwrap_or_else(PoisonError::into_inner) = Arc::new(serving);
+                            *current = Arc::new(serving);
                             existing.routable.store(e.alive, Ordering::SeqCst);
+                        } else if !serving.is_subset(&current) {
+                            let mut union = (**current).clone();
+                            union.extend(serving);
+                            *current = Arc::new(union);
                         }
+                        drop(current);
                         existing.clone()
                     }
                     None => Arc::new(Endpoint::new(

@@ -114,6 +114,8 @@ pub fn decode_request(body: &[u8], limits: &Limits) -> Result<DecodedRequest, De
 
 #[derive(Deserialize)]
 struct LiteRequest<'a> {
+    #[serde(default)]
+    id: Option<String>,
     #[serde(borrow)]
     inputs: Vec<LiteTensor<'a>>,
 }
@@ -134,7 +136,8 @@ struct LiteTensor<'a> {
 /// concrete shape and data, within the element budget. Cheap enough for a
 /// gateway to refuse malformed requests before they reach a replica, which
 /// checks the rest against the model.
-pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<(), DecodeError> {
+/// Returns the request's `id`, if it has one.
+pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Option<String>, DecodeError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
         return Err(DecodeError(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
@@ -148,6 +151,7 @@ pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<(), DecodeError>
         ));
     }
     let mut budget = limits.max_elements;
+    let id = lite.id;
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
         if DataType::parse(&t.datatype).is_none() {
@@ -177,7 +181,7 @@ pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<(), DecodeError>
         })?;
         budget -= count;
     }
-    Ok(())
+    Ok(id)
 }
 
 /// A tensor whose name, datatype and shape are checked but whose data is
@@ -743,8 +747,14 @@ mod tests {
     #[test]
     fn precheck_agrees_with_decode_on_structure() {
         let limits = Limits { max_elements: 1000 };
-        let good = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}"#;
-        assert!(precheck_request(good.as_bytes(), &limits).is_ok());
+        let good =
+            r#"{"id":"r1","inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}"#;
+        assert_eq!(
+            precheck_request(good.as_bytes(), &limits)
+                .unwrap()
+                .as_deref(),
+            Some("r1")
+        );
         for (body, message) in [
             ("{", "EOF while parsing"),
             ("[]", "must be a JSON object"),

@@ -148,6 +148,9 @@ impl BlueGreen {
             replicas_total: live.len(),
             started_at: self.started_at,
             updated_at: self.updated_at,
+            shadow: None,
+            arms: Vec::new(),
+            significant: None,
         }
     }
 }

@@ -5,8 +5,10 @@ use shoal_api::deploy::{RolloutState, RolloutView};
 
 use crate::bluegreen::BlueGreen;
 use crate::canary::Canary;
-use crate::plan::ReplicaFacts;
+use crate::experiment::Experiment;
+use crate::plan::{FleetFacts, ReplicaFacts};
 use crate::rolling::Rolling;
+use crate::shadow::Shadow;
 
 /// The controller of a model's rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +20,10 @@ pub enum Controller {
     Canary(Canary),
     /// Blue-green switch.
     BlueGreen(BlueGreen),
+    /// Shadow comparison.
+    Shadow(Shadow),
+    /// A/B test or bandit.
+    Experiment(Experiment),
 }
 
 impl Controller {
@@ -27,6 +33,8 @@ impl Controller {
             Controller::Rolling(r) => r.state,
             Controller::Canary(c) => c.state,
             Controller::BlueGreen(b) => b.state,
+            Controller::Shadow(s) => s.state,
+            Controller::Experiment(e) => e.state,
         }
     }
 
@@ -41,6 +49,8 @@ impl Controller {
             Controller::Rolling(r) => r.from.as_deref(),
             Controller::Canary(c) => Some(&c.from),
             Controller::BlueGreen(b) => b.from.as_deref(),
+            Controller::Shadow(s) => Some(&s.primary),
+            Controller::Experiment(e) => e.arms.first().map(String::as_str),
         }
     }
 
@@ -50,6 +60,12 @@ impl Controller {
             Controller::Rolling(r) => &r.to,
             Controller::Canary(c) => &c.to,
             Controller::BlueGreen(b) => &b.to,
+            Controller::Shadow(s) => &s.candidate,
+            Controller::Experiment(e) => e
+                .winner
+                .as_deref()
+                .or_else(|| e.arms.last().map(String::as_str))
+                .unwrap_or_default(),
         }
     }
 
@@ -60,15 +76,55 @@ impl Controller {
             Controller::Rolling(rolling) => vec![rolling.assignment(&r.id).to_owned()],
             Controller::Canary(c) => vec![c.from.clone(), c.to.clone()],
             Controller::BlueGreen(b) => b.from.iter().cloned().chain([b.to.clone()]).collect(),
+            Controller::Shadow(s) => vec![s.primary.clone(), s.candidate.clone()],
+            Controller::Experiment(e) => e.arms.clone(),
         }
     }
 
-    /// The rollout as users see it.
-    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
+    /// Traffic weights while active, and the shadow share (version,
+    /// percent) if any.
+    pub fn traffic(
+        &self,
+        model: &str,
+        replicas: &[&ReplicaFacts],
+        facts: &FleetFacts,
+    ) -> (
+        std::collections::BTreeMap<String, u32>,
+        Option<(String, u32)>,
+    ) {
+        let view = self.view(model, replicas, facts);
+        let shadow = match self {
+            Controller::Shadow(s) if s.mirroring && s.is_running() => {
+                Some((s.candidate.clone(), s.percent))
+            }
+            _ => None,
+        };
+        (view.weights, shadow)
+    }
+
+    /// The rollout as users see it (shadow and experiments read what
+    /// gateways reported, in `facts`).
+    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts], facts: &FleetFacts) -> RolloutView {
         match self {
             Controller::Rolling(r) => r.view(model, replicas),
             Controller::Canary(c) => c.view(model, replicas),
             Controller::BlueGreen(b) => b.view(model, replicas),
+            Controller::Shadow(s) => s.view(
+                model,
+                replicas,
+                facts.shadow.get(model).unwrap_or(&Default::default()),
+            ),
+            Controller::Experiment(e) => {
+                let totals = facts
+                    .rewards
+                    .iter()
+                    .filter_map(|(k, r)| {
+                        k.strip_prefix(&format!("{model}:"))
+                            .map(|v| (v.to_owned(), r.clone()))
+                    })
+                    .collect();
+                e.view(model, replicas, &totals)
+            }
         }
     }
 
@@ -78,6 +134,8 @@ impl Controller {
             Controller::Rolling(r) => r.abort(reason, now),
             Controller::Canary(c) => c.abort(reason, now),
             Controller::BlueGreen(b) => b.abort(reason, now),
+            Controller::Shadow(s) => s.abort(reason, now),
+            Controller::Experiment(e) => e.abort(reason, now),
         }
     }
 
@@ -91,5 +149,43 @@ impl Controller {
                     .ok()
                     .map(Controller::Rolling)
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::Kind;
+
+    #[test]
+    fn every_controller_survives_the_registry() {
+        let controllers = [
+            Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 1, 0)),
+            Controller::Shadow(Shadow::start(
+                "1".into(),
+                "2".into(),
+                20,
+                Default::default(),
+                0,
+            )),
+            Controller::Experiment(Experiment::start(
+                Kind::Bandit,
+                vec!["1".into(), "2".into()],
+                5,
+                Default::default(),
+                0,
+            )),
+            Controller::Experiment(Experiment::start(
+                Kind::Ab,
+                vec!["1".into(), "2".into()],
+                5,
+                Default::default(),
+                0,
+            )),
+        ];
+        for c in controllers {
+            let json = serde_json::to_value(&c).unwrap();
+            assert_eq!(Controller::from_json(&json), Some(c), "{json}");
+        }
     }
 }

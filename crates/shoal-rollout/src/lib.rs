@@ -4,8 +4,9 @@
 //!   the [`shoal_api::fleet::DesiredState`] of each replica.
 //! - [`rolling`], [`canary`] (with its judge), [`bluegreen`]: the rollout
 //!   controllers, state machines fed with what the fleet reports and
-//!   answering with what to change; [`controller::Controller`] is the one
-//!   type the registry persists.
+//!   answering with what to change; [`shadow`] and [`experiment`] (A/B,
+//!   bandit) are judged on what gateways report; [`controller::Controller`]
+//!   is the one type the registry persists.
 //!
 //! The control plane wraps these with I/O: it persists controller snapshots
 //! in the registry, feeds heartbeats in, and publishes desired states.
@@ -14,8 +15,10 @@
 pub mod bluegreen;
 pub mod canary;
 pub mod controller;
+pub mod experiment;
 pub mod plan;
 pub mod rolling;
+pub mod shadow;
 
 pub use controller::Controller;
 pub use plan::{FleetFacts, ReplicaFacts};

@@ -42,6 +42,10 @@ pub struct FleetFacts {
     pub deployments: Vec<(Deployment, Option<Controller>)>,
     /// Inference counts per `model:version` over the fleet.
     pub stats: BTreeMap<String, shoal_api::fleet::VersionStats>,
+    /// Shadow comparisons per model, as gateways reported them.
+    pub shadow: BTreeMap<String, shoal_api::traffic::ShadowStats>,
+    /// Rewards per `model:version`, as gateways reported them.
+    pub rewards: BTreeMap<String, shoal_api::traffic::RewardStats>,
     /// Registered replicas.
     pub replicas: Vec<ReplicaFacts>,
     /// Version records by `(model, version)`.
@@ -171,26 +175,29 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
         .deployments
         .iter()
         .map(|(deployment, controller)| {
-            let targets = match controller.as_ref().filter(|c| c.is_active()) {
-                Some(r) => {
+            let (targets, shadow) = match controller.as_ref().filter(|c| c.is_active()) {
+                Some(c) => {
                     let eligible: Vec<&ReplicaFacts> = facts
                         .replicas
                         .iter()
                         .filter(|rep| eligible(deployment, rep))
                         .collect();
-                    r.view(&deployment.model, &eligible)
-                        .weights
+                    let (weights, shadow) = c.traffic(&deployment.model, &eligible, facts);
+                    let targets = weights
                         .into_iter()
                         .map(|(version, weight)| TrafficTarget { version, weight })
-                        .collect()
+                        .collect();
+                    let shadow = shadow
+                        .map(|(version, percent)| shoal_api::deploy::Shadow { version, percent });
+                    (targets, shadow)
                 }
-                None => deployment.targets.clone(),
+                None => (deployment.targets.clone(), deployment.shadow.clone()),
             };
             ModelPolicy {
                 model: deployment.model.clone(),
                 targets,
                 regions: deployment.regions.clone(),
-                shadow: deployment.shadow.clone(),
+                shadow,
                 split_header: deployment.split_header.clone(),
             }
         })
@@ -261,6 +268,8 @@ mod tests {
             revision: 7,
             now: 0,
             stats: BTreeMap::new(),
+            shadow: BTreeMap::new(),
+            rewards: BTreeMap::new(),
             deployments: vec![
                 (deployment("digits", &[("1", 90), ("2", 10)], None), None),
                 (

@@ -175,6 +175,9 @@ impl Rolling {
             replicas_total: live.len(),
             started_at: self.started_at,
             updated_at: self.updated_at,
+            shadow: None,
+            arms: Vec::new(),
+            significant: None,
         }
     }
 }

@@ -56,7 +56,7 @@ pub(crate) struct PushArgs {
 pub(crate) struct DeployArgs {
     /// NAME:VERSION to deploy.
     target: ModelRef,
-    /// How to roll it out.
+    /// How to roll it out: rolling, canary, blue-green, shadow, ab or bandit.
     #[arg(long, default_value = "rolling")]
     strategy: String,
     /// Replicas moved at once [default: a quarter of the fleet].
@@ -89,6 +89,15 @@ pub(crate) struct DeployArgs {
     /// How long the replaced version stays loaded for an instant switch back, e.g. 5m.
     #[arg(long, value_parser = parse_duration)]
     keep_warm: Option<f64>,
+    /// Shadow: percent of requests mirrored to the new version [default: 100].
+    #[arg(long)]
+    percent: Option<u32>,
+    /// A/B and bandit: the other versions in the experiment, comma-separated [default: the one in production].
+    #[arg(long, value_delimiter = ',')]
+    against: Option<Vec<String>>,
+    /// Bandit: the least traffic any version keeps, percent [default: 5].
+    #[arg(long)]
+    floor: Option<u32>,
 }
 
 /// Parses `30s`, `2m`, `1h` or plain seconds into seconds.
@@ -411,6 +420,40 @@ fn print_rollout_line(r: &RolloutView) {
         r.replicas_total,
         r.reason
     );
+    if !r.state.is_terminal() {
+        let now: Vec<String> = r.weights.iter().map(|(v, w)| format!("{v}@{w}%")).collect();
+        println!("  traffic now: {}", now.join(", "));
+    }
+    if let Some(s) = &r.shadow {
+        let agreement = s
+            .agreement
+            .map_or("-".to_owned(), |a| format!("{:.2}%", a * 100.0));
+        let latency = s
+            .latency_diff_ms
+            .map_or("-".to_owned(), |l| format!("{l:+.2} ms"));
+        println!(
+            "  shadow: {} mirrored, {} compared, agreement {agreement} over {} rows, max |diff| {:.3e}, latency {latency}, {} candidate errors",
+            s.mirrored, s.compared, s.rows, s.max_abs_diff, s.candidate_errors
+        );
+    }
+    if !r.arms.is_empty() {
+        let mut t = table(&["version", "weight", "rewards", "mean", "95% interval"]);
+        for a in &r.arms {
+            t.add_row(vec![
+                a.version.clone(),
+                format!("{}%", a.weight),
+                a.count.to_string(),
+                format!("{:.4}", a.mean),
+                format!("{:.4} – {:.4}", a.ci95.0, a.ci95.1),
+            ]);
+        }
+        println!("{t}");
+        match r.significant {
+            Some(true) => println!("  the difference is significant (95%)"),
+            Some(false) => println!("  no significant difference yet"),
+            None => {}
+        }
+    }
 }
 
 pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<()> {
@@ -424,8 +467,13 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         "rolling" => shoal_api::deploy::Strategy::Rolling,
         "canary" => shoal_api::deploy::Strategy::Canary,
         "blue-green" => shoal_api::deploy::Strategy::BlueGreen,
+        "shadow" => shoal_api::deploy::Strategy::Shadow,
+        "ab" => shoal_api::deploy::Strategy::Ab,
+        "bandit" => shoal_api::deploy::Strategy::Bandit,
         other => {
-            bail!("strategy {other:?} is not available yet; use rolling, canary or blue-green")
+            bail!(
+                "unknown strategy {other:?}; use rolling, canary, blue-green, shadow, ab or bandit"
+            )
         }
     };
     let request = DeployRequest {
@@ -441,6 +489,9 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         min_requests: args.min_requests,
         min_p99_increase_ms: args.min_p99_increase.map(|s| s * 1000.0),
         keep_warm_secs: args.keep_warm,
+        percent: args.percent,
+        against: args.against,
+        floor: args.floor,
     };
     let d = client(global)
         .deploy(args.target.model.as_str(), &request)

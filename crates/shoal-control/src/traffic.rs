@@ -1,0 +1,92 @@
+//! What gateways report (shadow comparisons, rewards), summed over
+//! gateways and kept monotonic across gateway restarts, the way replica
+//! heartbeats are.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+
+use shoal_api::traffic::{GatewayReport, RewardStats, ShadowStats};
+
+/// Totals over every gateway.
+#[derive(Debug, Default)]
+pub(crate) struct TrafficTotals {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    last: BTreeMap<String, GatewayReport>,
+    shadow: BTreeMap<String, ShadowStats>,
+    rewards: BTreeMap<String, RewardStats>,
+}
+
+impl TrafficTotals {
+    /// Adds what gateway `id` saw since its last report.
+    pub(crate) fn report(&self, id: &str, report: GatewayReport) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = inner.last.remove(id).unwrap_or_default();
+        for (model, now) in &report.shadow {
+            let delta = match previous.shadow.get(model) {
+                // A gateway restarted counts from zero again.
+                Some(before) if before.mirrored <= now.mirrored => now.since(before),
+                _ => now.clone(),
+            };
+            inner.shadow.entry(model.clone()).or_default().add(&delta);
+        }
+        for (key, now) in &report.rewards {
+            let delta = match previous.rewards.get(key) {
+                Some(before) if before.count <= now.count => now.since(before),
+                _ => now.clone(),
+            };
+            inner.rewards.entry(key.clone()).or_default().add(&delta);
+        }
+        inner.last.insert(id.to_owned(), report);
+    }
+
+    /// Shadow comparisons per model.
+    pub(crate) fn shadow(&self) -> BTreeMap<String, ShadowStats> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shadow
+            .clone()
+    }
+
+    /// Rewards per `model:version`.
+    pub(crate) fn rewards(&self) -> BTreeMap<String, RewardStats> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rewards
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_gateways_and_survives_their_restarts() {
+        let t = TrafficTotals::default();
+        let report = |count: u64, sum: f64| GatewayReport {
+            rewards: [(
+                "m:1".to_owned(),
+                RewardStats {
+                    count,
+                    sum,
+                    sum_sq: sum,
+                },
+            )]
+            .into(),
+            ..GatewayReport::default()
+        };
+        t.report("a", report(10, 5.0));
+        t.report("b", report(4, 4.0));
+        t.report("a", report(12, 6.0));
+        t.report("a", report(1, 1.0)); // restarted
+        let r = &t.rewards()["m:1"];
+        assert_eq!(r.count, 12 + 4 + 1);
+        assert!((r.sum - 11.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,203 @@
+//! The shadow controller: the candidate is loaded everywhere beside the
+//! primary, and gateways mirror a share of real requests to it, compare the
+//! answers and report. Users only ever see the primary's answer. Nothing is
+//! decided automatically: the operator promotes or aborts on the evidence
+//! (`rollout status` shows agreement, differences, latency, errors).
+
+use serde::{Deserialize, Serialize};
+use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
+use shoal_api::traffic::{ShadowStats, ShadowSummary};
+
+use crate::plan::ReplicaFacts;
+
+/// A shadow deployment, as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    /// The version users see.
+    pub primary: String,
+    /// The version receiving copies.
+    pub candidate: String,
+    /// Percent of requests mirrored.
+    pub percent: u32,
+    /// The fleet's shadow totals when it started (comparisons count from here).
+    pub baseline: ShadowStats,
+    /// True once every replica has the candidate and mirroring began.
+    pub mirroring: bool,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Why.
+    pub reason: String,
+    /// Started (ms).
+    pub started_at: i64,
+    /// Last decision (ms).
+    pub updated_at: i64,
+}
+
+/// The summary of `stats` (counts since the start).
+pub fn summarize(stats: &ShadowStats) -> ShadowSummary {
+    ShadowSummary {
+        mirrored: stats.mirrored,
+        compared: stats.compared,
+        agreement: (stats.rows > 0).then(|| stats.agreeing as f64 / stats.rows as f64),
+        rows: stats.rows,
+        max_abs_diff: stats.max_abs_diff,
+        latency_diff_ms: (stats.compared > 0)
+            .then(|| stats.latency_diff_ms_sum / stats.compared as f64),
+        candidate_errors: stats.candidate_errors,
+    }
+}
+
+impl Shadow {
+    /// Starts shadowing `candidate` beside `primary`.
+    pub fn start(
+        primary: String,
+        candidate: String,
+        percent: u32,
+        baseline: ShadowStats,
+        now: i64,
+    ) -> Shadow {
+        Shadow {
+            reason: format!("loading {candidate} beside {primary} on every replica"),
+            primary,
+            candidate,
+            percent: percent.min(100),
+            baseline,
+            mirroring: false,
+            state: RolloutState::Progressing,
+            started_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Mirroring begins once every live replica has the candidate. Returns
+    /// true when that changed now.
+    pub fn tick(&mut self, model: &str, replicas: &[&ReplicaFacts], now: i64) -> bool {
+        if self.mirroring || self.state.is_terminal() {
+            return false;
+        }
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        if live.is_empty() || live.iter().any(|r| !r.serves(model, &self.candidate)) {
+            return false;
+        }
+        self.mirroring = true;
+        self.reason = format!(
+            "mirroring {}% of requests to {}; users see {}",
+            self.percent, self.candidate, self.primary
+        );
+        self.updated_at = now;
+        true
+    }
+
+    /// True while mirroring may happen.
+    pub fn is_running(&self) -> bool {
+        !self.state.is_terminal()
+    }
+
+    /// The candidate takes all traffic.
+    pub fn promote(&mut self, now: i64) {
+        self.state = RolloutState::Promoted;
+        self.reason = "promoted by an operator on the shadow evidence".into();
+        self.updated_at = now;
+    }
+
+    /// Stops mirroring; the candidate is unloaded.
+    pub fn abort(&mut self, reason: String, now: i64) {
+        self.state = RolloutState::Aborted;
+        self.reason = reason;
+        self.updated_at = now;
+    }
+
+    /// The rollout as users see it, with the comparison so far.
+    pub fn view(
+        &self,
+        model: &str,
+        replicas: &[&ReplicaFacts],
+        totals: &ShadowStats,
+    ) -> RolloutView {
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let to_all = self.state == RolloutState::Promoted;
+        let weights = [(
+            if to_all {
+                self.candidate.clone()
+            } else {
+                self.primary.clone()
+            },
+            100,
+        )]
+        .into();
+        RolloutView {
+            strategy: Strategy::Shadow,
+            state: self.state,
+            from: Some(self.primary.clone()),
+            to: self.candidate.clone(),
+            step: u32::from(self.mirroring),
+            weights,
+            reason: self.reason.clone(),
+            replicas_done: live
+                .iter()
+                .filter(|r| r.serves(model, &self.candidate))
+                .count(),
+            replicas_total: live.len(),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+            shadow: Some(summarize(&totals.since(&self.baseline))),
+            arms: Vec::new(),
+            significant: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrors_once_loaded_and_summarizes_since_its_start() {
+        let earlier = ShadowStats {
+            rows: 100,
+            agreeing: 50,
+            compared: 100,
+            mirrored: 100,
+            ..ShadowStats::default()
+        };
+        let mut s = Shadow::start("1".into(), "2".into(), 20, earlier.clone(), 0);
+        let loading = ReplicaFacts {
+            id: "a".into(),
+            address: String::new(),
+            region: "r".into(),
+            alive: true,
+            serving: [("m".to_owned(), "1".to_owned())].into(),
+        };
+        assert!(!s.tick("m", &[&loading], 1));
+        let both = ReplicaFacts {
+            serving: [
+                ("m".to_owned(), "1".to_owned()),
+                ("m".to_owned(), "2".to_owned()),
+            ]
+            .into(),
+            ..loading
+        };
+        assert!(s.tick("m", &[&both], 2));
+        let mut now = earlier.clone();
+        now.add(&ShadowStats {
+            mirrored: 10,
+            compared: 10,
+            rows: 40,
+            agreeing: 38,
+            max_abs_diff: 0.2,
+            latency_diff_ms_sum: 5.0,
+            candidate_errors: 0,
+        });
+        let v = s.view("m", &[&both], &now);
+        let summary = v.shadow.unwrap();
+        assert_eq!((summary.rows, summary.compared), (40, 10));
+        assert!((summary.agreement.unwrap() - 0.95).abs() < 1e-9);
+        assert!((summary.latency_diff_ms.unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(v.weights, [("1".to_owned(), 100)].into());
+        s.promote(3);
+        assert_eq!(
+            s.view("m", &[&both], &now).weights,
+            [("2".to_owned(), 100)].into()
+        );
+    }
+}
