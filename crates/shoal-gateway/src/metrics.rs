@@ -49,6 +49,27 @@ struct ShadowLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgreementLabels {
+    model: String,
+    agreement: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    model: String,
+    role: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    model: String,
+    model_version: String,
+}
+
+type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Every metric family the gateway exports.
 #[derive(Debug, Clone)]
 pub(crate) struct GatewayMetrics {
@@ -61,6 +82,11 @@ pub(crate) struct GatewayMetrics {
     limited: Family<CallerLabels, Counter>,
     endpoints: Family<StateLabels, Gauge>,
     shadow: Family<ShadowLabels, Counter>,
+    shadow_rows: Family<AgreementLabels, Counter>,
+    shadow_seconds: Family<RoleLabels, FloatCounter>,
+    shadow_max_diff: Family<ModelLabels, FloatGauge>,
+    feedback: Family<VersionLabels, Counter>,
+    reward_sum: Family<VersionLabels, FloatGauge>,
 }
 
 impl GatewayMetrics {
@@ -75,6 +101,11 @@ impl GatewayMetrics {
             limited: Family::default(),
             endpoints: Family::default(),
             shadow: Family::default(),
+            shadow_rows: Family::default(),
+            shadow_seconds: Family::default(),
+            shadow_max_diff: Family::default(),
+            feedback: Family::default(),
+            reward_sum: Family::default(),
         };
         registry.register(
             "gateway_requests",
@@ -121,7 +152,80 @@ impl GatewayMetrics {
             "Requests mirrored to a shadow version, by outcome",
             m.shadow.clone(),
         );
+        registry.register(
+            "gateway_shadow_rows",
+            "Rows (batch entries) compared between primary and shadow, by whether they agreed on the class",
+            m.shadow_rows.clone(),
+        );
+        registry.register(
+            "gateway_shadow_seconds",
+            "Summed latency of compared primary and shadow answers, by role",
+            m.shadow_seconds.clone(),
+        );
+        registry.register(
+            "gateway_shadow_max_abs_diff",
+            "Largest absolute difference between primary and shadow float outputs",
+            m.shadow_max_diff.clone(),
+        );
+        registry.register(
+            "gateway_feedback",
+            "Rewards received through feedback, by the version they credit",
+            m.feedback.clone(),
+        );
+        registry.register(
+            "gateway_feedback_reward_sum",
+            "Sum of the rewards received, by the version they credit",
+            m.reward_sum.clone(),
+        );
         m
+    }
+
+    /// One pair of answers compared.
+    pub(crate) fn compared(
+        &self,
+        model: &str,
+        c: &shoal_core::compare::Comparison,
+        primary: std::time::Duration,
+        candidate: std::time::Duration,
+    ) {
+        let rows = |agreement: &'static str, n: u64| {
+            self.shadow_rows
+                .get_or_create(&AgreementLabels {
+                    model: model.to_owned(),
+                    agreement,
+                })
+                .inc_by(n);
+        };
+        rows("agree", c.agreeing);
+        rows("disagree", c.rows - c.agreeing);
+        let seconds = |role: &'static str, d: std::time::Duration| {
+            self.shadow_seconds
+                .get_or_create(&RoleLabels {
+                    model: model.to_owned(),
+                    role,
+                })
+                .inc_by(d.as_secs_f64());
+        };
+        seconds("primary", primary);
+        seconds("shadow", candidate);
+        if let Some(d) = c.max_abs_diff {
+            let gauge = self.shadow_max_diff.get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            });
+            if d > gauge.get() {
+                gauge.set(d);
+            }
+        }
+    }
+
+    /// One reward credited to `model:version`.
+    pub(crate) fn rewarded(&self, model: &str, version: &str, reward: f64) {
+        let labels = VersionLabels {
+            model: model.to_owned(),
+            model_version: version.to_owned(),
+        };
+        self.feedback.get_or_create(&labels).inc();
+        self.reward_sum.get_or_create(&labels).inc_by(reward);
     }
 
     pub(crate) fn answered(&self, model: &str, version: &str, code: u16, seconds: f64) {

@@ -422,10 +422,16 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> 
                 .map(|d| (d.outputs, rtt))
         });
         let outcome = match primary {
-            Some((primary, primary_rtt)) => Mirrored::Compared(
-                shoal_core::compare::compare(&primary, &candidate),
-                (candidate_rtt.as_secs_f64() - primary_rtt.as_secs_f64()) * 1000.0,
-            ),
+            Some((primary, primary_rtt)) => {
+                let c = shoal_core::compare::compare(&primary, &candidate);
+                gateway
+                    .metrics
+                    .compared(&model, &c, primary_rtt, candidate_rtt);
+                Mirrored::Compared(
+                    c,
+                    (candidate_rtt.as_secs_f64() - primary_rtt.as_secs_f64()) * 1000.0,
+                )
+            }
             None => Mirrored::Uncompared,
         };
         gateway.learning.shadowed(&model, outcome);
@@ -476,6 +482,7 @@ async fn feedback(
         )));
     };
     gateway.learning.reward(&model, &version, feedback.reward);
+    gateway.metrics.rewarded(&model, &version, feedback.reward);
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({"model": model, "version": version, "reward": feedback.reward}),

@@ -279,6 +279,21 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
     );
     assert!(shadow["max_abs_diff"].as_f64().unwrap() > 0.0, "{s}");
     assert!(shadow["latency_diff_ms"].is_number(), "{s}");
+    // The same comparison, as metrics.
+    let metrics = http.get(&format!("{gateway}/metrics")).await.text();
+    let metric = |line: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let rows = metric("gateway_shadow_rows_total{model=\"digits\",agreement=\"agree\"}")
+        + metric("gateway_shadow_rows_total{model=\"digits\",agreement=\"disagree\"}");
+    assert_eq!(rows, shadow["rows"].as_f64().unwrap());
+    assert!(metric("gateway_shadow_max_abs_diff{model=\"digits\"}") > 0.0);
     let aborted = cli(control, &["rollout", "abort", "digits"]);
     assert_eq!(aborted["targets"], json!([{"version": "1", "weight": 100}]));
     assert!(aborted["shadow"].is_null(), "{aborted}");
@@ -335,6 +350,11 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
         .post_json(&format!("{gateway}/v2/models/digits/feedback"), "{not json")
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
+    let metrics = http.get(&format!("{gateway}/metrics")).await.text();
+    assert!(
+        metrics.contains("gateway_feedback_total{model=\"digits\",model_version=\"2\"}"),
+        "{metrics}"
+    );
     cli(control, &["rollout", "abort", "digits"]);
 
     // 3. A/B test by user: a fixed 50/50 split, intervals, significance,
