@@ -70,6 +70,16 @@ pub struct DeployRequest {
     /// Canary: seconds each step bakes before it is judged (default 30).
     #[serde(default)]
     pub bake_secs: Option<f64>,
+    /// Canary, gradual schedule: seconds each step bakes, one per step
+    /// before 100 % (e.g. 5, 10, 25, 50 % for 600, 1800, 3600, 3600 s).
+    /// Steps that bake a minute or more are also judged while they bake.
+    #[serde(default)]
+    pub bakes_secs: Option<Vec<f64>>,
+    /// Canary, business metric: roll back when the canary's mean reward
+    /// (from feedback) is significantly below this multiple of the
+    /// baseline's, e.g. 0.95. Steps then wait for 30 rewards on each side.
+    #[serde(default)]
+    pub min_reward_ratio: Option<f64>,
     /// Canary: roll back when the canary's error rate exceeds this multiple
     /// of the baseline's (default 1.5).
     #[serde(default)]

@@ -229,7 +229,29 @@ impl Control {
                             .into(),
                     ));
                 }
+                let judged = steps.iter().filter(|&&s| s < 100).count();
+                let bakes_ms = match &request.bakes_secs {
+                    None => Vec::new(),
+                    Some(b)
+                        if b.len() != judged || b.iter().any(|s| !s.is_finite() || *s < 0.0) =>
+                    {
+                        return Err(DeployError::Invalid(format!(
+                            "give one bake time per step before 100% ({judged} for steps {steps:?}), each a non-negative number of seconds"
+                        )));
+                    }
+                    Some(b) => b.iter().map(|s| (s * 1000.0) as i64).collect(),
+                };
+                if request
+                    .min_reward_ratio
+                    .is_some_and(|r| !r.is_finite() || r <= 0.0)
+                {
+                    return Err(DeployError::Invalid(
+                        "min_reward_ratio must be a positive number, e.g. 0.95".into(),
+                    ));
+                }
                 let config = CanaryConfig {
+                    min_reward_ratio: request.min_reward_ratio,
+                    bakes_ms,
                     steps,
                     bake_ms: request
                         .bake_secs
@@ -442,14 +464,7 @@ impl Control {
             Controller::Shadow(s) => s.promote(now_millis()),
             Controller::Experiment(e) => {
                 let facts = self.facts();
-                let totals = facts
-                    .rewards
-                    .iter()
-                    .filter_map(|(k, r)| {
-                        k.strip_prefix(&format!("{model}:"))
-                            .map(|v| (v.to_owned(), r.clone()))
-                    })
-                    .collect();
+                let totals = facts.rewards_of(model);
                 e.promote(&totals, now_millis());
             }
             Controller::Rolling(_) | Controller::BlueGreen(_) => {
@@ -785,7 +800,15 @@ impl Control {
                             .unwrap_or_default()
                     };
                     let (b, k) = (stat(&c.from), stat(&c.to));
-                    match c.tick(&model, &replicas, (&b, &k), now) {
+                    let reward = |v: &str| {
+                        facts
+                            .rewards
+                            .get(&format!("{model}:{v}"))
+                            .cloned()
+                            .unwrap_or_default()
+                    };
+                    let (rb, rk) = (reward(&c.from), reward(&c.to));
+                    match c.tick_with(&model, &replicas, (&b, &k), (&rb, &rk), now) {
                         CanaryDecision::Unchanged => None,
                         CanaryDecision::Changed => Some(false),
                         CanaryDecision::Promoted | CanaryDecision::RolledBack => Some(true),
@@ -806,14 +829,7 @@ impl Control {
                     if now - e.updated_at < 2000 {
                         None
                     } else {
-                        let totals = facts
-                            .rewards
-                            .iter()
-                            .filter_map(|(k, r)| {
-                                k.strip_prefix(&format!("{model}:"))
-                                    .map(|v| (v.to_owned(), r.clone()))
-                            })
-                            .collect();
+                        let totals = facts.rewards_of(&model);
                         let mut rng = rand::rng();
                         e.tick(&totals, &mut rng, now).then_some(false)
                     }

@@ -325,6 +325,58 @@ async fn bad_requests_get_clear_errors() {
     )
     .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
+    // Strategy settings that make no sense are refused and change nothing.
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/models/digits/versions",
+        json!({"sha256": sha, "version": "8"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/rollouts/digits/abort",
+        json!(null),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let before = json_call(&app, Method::GET, "/api/v1/deployments/digits", json!(null)).await;
+    for (body, message) in [
+        (
+            json!({"version": "8", "strategy": "canary", "steps": [5, 50, 100], "bakes_secs": [10]}),
+            "give one bake time per step before 100% (2 for steps [5, 50, 100])",
+        ),
+        (
+            json!({"version": "8", "strategy": "canary", "steps": [50, 10]}),
+            "steps must be increasing",
+        ),
+        (
+            json!({"version": "8", "strategy": "shadow", "percent": 0}),
+            "percent must be between 1 and 100",
+        ),
+        (
+            json!({"version": "8", "strategy": "bandit", "against": ["42"]}),
+            "has no version \"42\"",
+        ),
+    ] {
+        let r = json_call(
+            &app,
+            Method::POST,
+            "/api/v1/deployments/digits",
+            body.clone(),
+        )
+        .await;
+        let error = r.body["error"].as_str().unwrap_or_default().to_owned();
+        assert!(r.status.is_client_error(), "{body}: {}", r.status);
+        assert!(
+            error.contains(message),
+            "{body}: {error:?} lacks {message:?}"
+        );
+    }
+    let d = json_call(&app, Method::GET, "/api/v1/deployments/digits", json!(null)).await;
+    assert_eq!(d.body, before.body);
     // Uploads: empty, and over the limit.
     let r = call(&app, Method::PUT, "/api/v1/artifacts", &[], Body::empty()).await;
     assert_eq!(

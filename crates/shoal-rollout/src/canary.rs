@@ -7,10 +7,18 @@
 //! p99 above `max_p99_ratio` × the baseline's, rolls back; too few canary
 //! requests to judge holds the step — never promote or roll back on no
 //! data. Passing the step before 100 % promotes.
+//!
+//! A gradual schedule is a canary whose steps bake for different times
+//! (`bakes_ms`, e.g. 5, 10, 25, 50 % over hours). Steps that bake for a
+//! minute or more are also judged while they bake, on the window so far:
+//! a bad version on a slow ramp is stopped as soon as the evidence is in,
+//! not at the end of the hour. Interim checks only ever roll back; passing
+//! still waits for the bake time.
 
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::fleet::VersionStats;
+use shoal_api::traffic::RewardStats;
 
 use crate::plan::ReplicaFacts;
 
@@ -34,6 +42,29 @@ pub struct CanaryConfig {
     /// scheduling noise moves a sub-millisecond p99 by more than 20 %.
     #[serde(default = "default_min_p99_increase")]
     pub min_p99_increase_ms: f64,
+    /// Bake time of each step, ms, when they differ (a gradual schedule);
+    /// steps beyond the list bake for `bake_ms`.
+    #[serde(default)]
+    pub bakes_ms: Vec<i64>,
+    /// The business metric: roll back when the canary's mean reward
+    /// (feedback) falls below this multiple of the baseline's and the
+    /// difference is significant. With it set, a window needs
+    /// [`MIN_REWARDS`] rewards on each side to be judged.
+    #[serde(default)]
+    pub min_reward_ratio: Option<f64>,
+}
+
+/// Rewards each side needs in a window when the business metric is judged.
+pub const MIN_REWARDS: u64 = 30;
+
+/// Steps that bake at least this long (ms) are also judged while baking.
+pub const INTERIM_CHECKS_FROM_MS: i64 = 60_000;
+
+impl CanaryConfig {
+    /// How long step `step` (0-based) bakes, ms.
+    pub fn bake_of(&self, step: usize) -> i64 {
+        self.bakes_ms.get(step).copied().unwrap_or(self.bake_ms)
+    }
 }
 
 fn default_min_p99_increase() -> f64 {
@@ -50,6 +81,8 @@ impl Default for CanaryConfig {
             min_requests: 100,
             min_error_rate: 0.01,
             min_p99_increase_ms: 1.0,
+            bakes_ms: Vec::new(),
+            min_reward_ratio: None,
         }
     }
 }
@@ -81,6 +114,9 @@ pub struct Canary {
     pub window_started: i64,
     /// Baseline and canary totals when the window started.
     pub window: (VersionStats, VersionStats),
+    /// Baseline and canary rewards when the window started.
+    #[serde(default)]
+    pub reward_window: (RewardStats, RewardStats),
     /// Where it stands.
     pub state: RolloutState,
     /// Why the last decision was taken.
@@ -116,6 +152,19 @@ fn ms(x: Option<f64>) -> String {
     }
 }
 
+/// `ms` as people say it: 500ms, 30s, 10m, 1h30m.
+fn human(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        _ if ms < 1000 => format!("{ms}ms"),
+        0..60 => format!("{s}s"),
+        60..3600 if s % 60 == 0 => format!("{}m", s / 60),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 /// The judgement of one window.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -125,8 +174,32 @@ pub enum Verdict {
     ErrorRate(String),
     /// p99 too high; the reason names it.
     P99(String),
+    /// Too few rewards to judge the business metric.
+    TooFewRewards(u64),
+    /// Mean reward too low; the reason names it.
+    Reward(String),
     /// Within thresholds; a summary.
     Pass(String),
+}
+
+/// Judges the business metric: `None` when it passes or is not set.
+pub fn judge_rewards(
+    baseline: &RewardStats,
+    canary: &RewardStats,
+    config: &CanaryConfig,
+) -> Option<Verdict> {
+    let ratio = config.min_reward_ratio?;
+    let fewest = baseline.count.min(canary.count);
+    if fewest < MIN_REWARDS {
+        return Some(Verdict::TooFewRewards(fewest));
+    }
+    let (b, c) = (baseline.mean(), canary.mean());
+    (c < ratio * b && crate::experiment::significant(baseline, canary)).then(|| {
+        Verdict::Reward(format!(
+            "mean reward {c:.3} < {ratio} × baseline mean reward {b:.3} ({} and {} rewards, significant at 95%)",
+            canary.count, baseline.count
+        ))
+    })
 }
 
 /// Judges `canary` against `baseline` (both: counts in the same window).
@@ -179,6 +252,7 @@ impl Canary {
             phase: Phase::Loading,
             window_started: now,
             window: (VersionStats::default(), VersionStats::default()),
+            reward_window: (RewardStats::default(), RewardStats::default()),
             state: RolloutState::Progressing,
             started_at: now,
             updated_at: now,
@@ -201,18 +275,38 @@ impl Canary {
         }
     }
 
-    fn begin_window(&mut self, totals: (&VersionStats, &VersionStats), now: i64) {
+    fn begin_window(
+        &mut self,
+        totals: (&VersionStats, &VersionStats),
+        rewards: (&RewardStats, &RewardStats),
+        now: i64,
+    ) {
         self.window = (totals.0.clone(), totals.1.clone());
+        self.reward_window = (rewards.0.clone(), rewards.1.clone());
         self.window_started = now;
     }
 
-    /// Advances the canary: `replicas` are those eligible to serve the
-    /// model, `totals` the fleet's cumulative counts of baseline and canary.
+    /// Advances the canary without feedback (see [`Canary::tick_with`]).
     pub fn tick(
         &mut self,
         model: &str,
         replicas: &[&ReplicaFacts],
         totals: (&VersionStats, &VersionStats),
+        now: i64,
+    ) -> Decision {
+        let none = RewardStats::default();
+        self.tick_with(model, replicas, totals, (&none, &none), now)
+    }
+
+    /// Advances the canary: `replicas` are those eligible to serve the
+    /// model, `totals` the fleet's cumulative counts of baseline and
+    /// canary, `rewards` their cumulative feedback.
+    pub fn tick_with(
+        &mut self,
+        model: &str,
+        replicas: &[&ReplicaFacts],
+        totals: (&VersionStats, &VersionStats),
+        rewards: (&RewardStats, &RewardStats),
         now: i64,
     ) -> Decision {
         if self.state.is_terminal() || self.state == RolloutState::Paused {
@@ -235,12 +329,13 @@ impl Canary {
             }
             self.phase = Phase::Baking;
             self.step = 0;
-            self.begin_window(totals, now);
+            self.begin_window(totals, rewards, now);
             self.state = RolloutState::Progressing;
             self.reason = format!(
-                "step 1: {}% of traffic to {}",
+                "step 1: {}% of traffic to {} for {}",
                 self.canary_weight(),
-                self.to
+                self.to,
+                human(self.config.bake_of(0))
             );
             self.updated_at = now;
             return Decision::Changed;
@@ -248,25 +343,63 @@ impl Canary {
         // Totals restart with the control plane: restart the window.
         if totals.0.requests < self.window.0.requests || totals.1.requests < self.window.1.requests
         {
-            self.begin_window(totals, now);
+            self.begin_window(totals, rewards, now);
             return Decision::Changed;
         }
-        if now - self.window_started < self.config.bake_ms {
-            return Decision::Unchanged;
+        // Reward totals restart with the control plane too.
+        if rewards.0.count < self.reward_window.0.count
+            || rewards.1.count < self.reward_window.1.count
+        {
+            self.reward_window = (rewards.0.clone(), rewards.1.clone());
         }
         let (baseline, canary) = (
             totals.0.since(&self.window.0),
             totals.1.since(&self.window.1),
         );
+        let (baseline_rewards, canary_rewards) = (
+            rewards.0.since(&self.reward_window.0),
+            rewards.1.since(&self.reward_window.1),
+        );
+        let verdict = match judge(&baseline, &canary, &self.config) {
+            Verdict::Pass(summary) => {
+                match judge_rewards(&baseline_rewards, &canary_rewards, &self.config) {
+                    None => Verdict::Pass(summary),
+                    Some(v) => v,
+                }
+            }
+            other => other,
+        };
         let step_name = format!("step {} ({}%)", self.step + 1, self.canary_weight());
-        match judge(&baseline, &canary, &self.config) {
-            Verdict::TooFewRequests(n) => {
+        let bake = self.config.bake_of(self.step);
+        let baked = now - self.window_started;
+        if baked < bake {
+            if bake >= INTERIM_CHECKS_FROM_MS
+                && let Verdict::ErrorRate(why) | Verdict::P99(why) | Verdict::Reward(why) = &verdict
+            {
+                self.state = RolloutState::RolledBack;
+                self.reason = format!(
+                    "rolled back at {step_name}, {}s into its {}s bake: {why}",
+                    baked / 1000,
+                    bake / 1000
+                );
+                self.updated_at = now;
+                return Decision::RolledBack;
+            }
+            return Decision::Unchanged;
+        }
+        match verdict {
+            Verdict::TooFewRequests(_) | Verdict::TooFewRewards(_) => {
                 let entering = self.state != RolloutState::Holding;
                 self.state = RolloutState::Holding;
-                self.reason = format!(
-                    "holding at {step_name}: {n} canary requests in the window, {} needed to judge",
-                    self.config.min_requests
-                );
+                self.reason = match verdict {
+                    Verdict::TooFewRewards(n) => format!(
+                        "holding at {step_name}: {n} rewards in the window on the side with fewer, {MIN_REWARDS} needed to judge the mean reward"
+                    ),
+                    _ => format!(
+                        "holding at {step_name}: {} canary requests in the window, {} needed to judge",
+                        canary.requests, self.config.min_requests
+                    ),
+                };
                 if entering {
                     self.updated_at = now;
                     Decision::Changed
@@ -274,7 +407,7 @@ impl Canary {
                     Decision::Unchanged
                 }
             }
-            Verdict::ErrorRate(why) | Verdict::P99(why) => {
+            Verdict::ErrorRate(why) | Verdict::P99(why) | Verdict::Reward(why) => {
                 self.state = RolloutState::RolledBack;
                 self.reason = format!("rolled back at {step_name}: {why}");
                 self.updated_at = now;
@@ -290,12 +423,13 @@ impl Canary {
                     return Decision::Promoted;
                 }
                 self.state = RolloutState::Progressing;
-                self.begin_window(totals, now);
+                self.begin_window(totals, rewards, now);
                 self.reason = format!(
-                    "step {}: {}% of traffic to {} ({step_name} passed: {summary})",
+                    "step {}: {}% of traffic to {} for {} ({step_name} passed: {summary})",
                     self.step + 1,
                     self.canary_weight(),
-                    self.to
+                    self.to,
+                    human(self.config.bake_of(self.step))
                 );
                 Decision::Changed
             }
@@ -384,7 +518,8 @@ mod tests {
     fn check(baseline: VersionStats, canary: VersionStats, expected: &str) {
         let got = match judge(&baseline, &canary, &config()) {
             Verdict::TooFewRequests(n) => format!("too few: {n}"),
-            Verdict::ErrorRate(r) | Verdict::P99(r) | Verdict::Pass(r) => r,
+            Verdict::TooFewRewards(n) => format!("too few rewards: {n}"),
+            Verdict::ErrorRate(r) | Verdict::P99(r) | Verdict::Reward(r) | Verdict::Pass(r) => r,
         };
         assert!(got.contains(expected), "{got:?} lacks {expected:?}");
     }
@@ -441,7 +576,7 @@ mod tests {
         assert_eq!(c.canary_weight(), 50);
         assert!(
             c.reason
-                .starts_with("step 2: 50% of traffic to 2 (step 1 (10%) passed"),
+                .starts_with("step 2: 50% of traffic to 2 for 1s (step 1 (10%) passed"),
             "{}",
             c.reason
         );
@@ -518,6 +653,175 @@ mod tests {
             back.tick("m", &[&both], (&stats(6, 0, 1), &stats(6, 0, 1)), 1500),
             Decision::Unchanged
         );
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        let cases = [
+            (500, "500ms"),
+            (30_000, "30s"),
+            (600_000, "10m"),
+            (90_000, "1m30s"),
+            (3_600_000, "1h"),
+            (5_400_000, "1h30m"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(human(ms), text);
+        }
+    }
+
+    #[test]
+    fn a_gradual_schedule_bakes_each_step_for_its_own_time() {
+        let config = CanaryConfig {
+            steps: vec![5, 25, 100],
+            bakes_ms: vec![3_600_000, 7_200_000],
+            ..config()
+        };
+        let mut c = Canary::start("1".into(), "2".into(), config, 0);
+        let both = replica(&["1", "2"]);
+        let zero = VersionStats::default();
+        c.tick("m", &[&both], (&zero, &zero), 0);
+        assert_eq!(c.canary_weight(), 5);
+        let (b, k) = (stats(9500, 0, 1), stats(500, 0, 1));
+        // Healthy interim checks never advance a step early.
+        assert_eq!(
+            c.tick("m", &[&both], (&b, &k), 3_599_999),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            c.tick("m", &[&both], (&b, &k), 3_600_000),
+            Decision::Changed
+        );
+        assert_eq!(c.canary_weight(), 25);
+        let (b2, k2) = (stats(19_000, 0, 1), stats(3_500, 0, 1));
+        assert_eq!(
+            c.tick("m", &[&both], (&b2, &k2), 3_600_000 + 7_199_999),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            c.tick("m", &[&both], (&b2, &k2), 3_600_000 + 7_200_000),
+            Decision::Promoted
+        );
+    }
+
+    #[test]
+    fn a_long_step_is_stopped_as_soon_as_the_evidence_is_in() {
+        let config = CanaryConfig {
+            steps: vec![5, 100],
+            bakes_ms: vec![3_600_000],
+            ..config()
+        };
+        let mut c = Canary::start("1".into(), "2".into(), config, 0);
+        let both = replica(&["1", "2"]);
+        let zero = VersionStats::default();
+        c.tick("m", &[&both], (&zero, &zero), 0);
+        // Too little evidence yet: keep baking, even though it looks bad.
+        assert_eq!(
+            c.tick(
+                "m",
+                &[&both],
+                (&stats(900, 0, 1), &stats(40, 40, 1)),
+                60_000
+            ),
+            Decision::Unchanged
+        );
+        assert_eq!(c.state, RolloutState::Progressing);
+        let d = c.tick(
+            "m",
+            &[&both],
+            (&stats(1800, 0, 1), &stats(100, 60, 1)),
+            120_000,
+        );
+        assert_eq!(d, Decision::RolledBack);
+        assert!(
+            c.reason.contains("120s into its 3600s bake: error rate"),
+            "{}",
+            c.reason
+        );
+        // Short steps wait for their bake time (the judge sees the whole window).
+        let mut short = Canary::start(
+            "1".into(),
+            "2".into(),
+            CanaryConfig {
+                bake_ms: 30_000,
+                ..CanaryConfig::default()
+            },
+            0,
+        );
+        short.tick("m", &[&both], (&zero, &zero), 0);
+        assert_eq!(
+            short.tick(
+                "m",
+                &[&both],
+                (&stats(1800, 0, 1), &stats(100, 60, 1)),
+                10_000
+            ),
+            Decision::Unchanged
+        );
+    }
+
+    fn rewards(n: u64, successes: u64) -> RewardStats {
+        let mut r = RewardStats::default();
+        for i in 0..n {
+            r.record(if i < successes { 1.0 } else { 0.0 });
+        }
+        r
+    }
+
+    #[test]
+    fn the_business_metric_holds_without_feedback_and_rolls_back_on_worse_rewards() {
+        let judged = CanaryConfig {
+            min_reward_ratio: Some(0.9),
+            ..config()
+        };
+        let mut c = Canary::start("1".into(), "2".into(), judged.clone(), 0);
+        let both = replica(&["1", "2"]);
+        let zero = VersionStats::default();
+        let none = RewardStats::default();
+        c.tick_with("m", &[&both], (&zero, &zero), (&none, &none), 0);
+        let (b, k) = (stats(900, 0, 1), stats(100, 0, 1));
+        // Fast and error-free, but too little feedback to judge: hold.
+        let d = c.tick_with(
+            "m",
+            &[&both],
+            (&b, &k),
+            (&rewards(100, 80), &rewards(10, 1)),
+            1000,
+        );
+        assert_eq!(d, Decision::Changed);
+        assert_eq!(c.state, RolloutState::Holding);
+        assert!(
+            c.reason.contains("10 rewards in the window"),
+            "{}",
+            c.reason
+        );
+        // Enough feedback: 30 % against 80 % is worse and significant.
+        let d = c.tick_with(
+            "m",
+            &[&both],
+            (&b, &k),
+            (&rewards(200, 160), &rewards(100, 30)),
+            2000,
+        );
+        assert_eq!(d, Decision::RolledBack);
+        assert!(
+            c.reason
+                .contains("mean reward 0.300 < 0.9 × baseline mean reward 0.800"),
+            "{}",
+            c.reason
+        );
+        // As good as the baseline: passes.
+        let mut c = Canary::start("1".into(), "2".into(), judged, 0);
+        c.tick_with("m", &[&both], (&zero, &zero), (&none, &none), 0);
+        let d = c.tick_with(
+            "m",
+            &[&both],
+            (&b, &k),
+            (&rewards(100, 80), &rewards(50, 41)),
+            1000,
+        );
+        assert_eq!(d, Decision::Changed);
+        assert_eq!(c.canary_weight(), 50);
     }
 
     #[test]

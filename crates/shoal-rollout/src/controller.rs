@@ -115,14 +115,7 @@ impl Controller {
                 facts.shadow.get(model).unwrap_or(&Default::default()),
             ),
             Controller::Experiment(e) => {
-                let totals = facts
-                    .rewards
-                    .iter()
-                    .filter_map(|(k, r)| {
-                        k.strip_prefix(&format!("{model}:"))
-                            .map(|v| (v.to_owned(), r.clone()))
-                    })
-                    .collect();
+                let totals = facts.rewards_of(model);
                 e.view(model, replicas, &totals)
             }
         }

@@ -52,6 +52,17 @@ pub struct FleetFacts {
     pub versions: BTreeMap<(String, String), VersionRecord>,
 }
 
+impl FleetFacts {
+    /// Rewards of `model`'s versions, by version.
+    pub fn rewards_of(&self, model: &str) -> BTreeMap<String, shoal_api::traffic::RewardStats> {
+        let prefix = format!("{model}:");
+        self.rewards
+            .iter()
+            .filter_map(|(k, r)| k.strip_prefix(&prefix).map(|v| (v.to_owned(), r.clone())))
+            .collect()
+    }
+}
+
 /// True when `replica` may serve `deployment` (data residency).
 pub fn eligible(deployment: &Deployment, replica: &ReplicaFacts) -> bool {
     deployment

@@ -3,7 +3,8 @@
 //! primary matches the agreement of the two models on the held-out
 //! samples while users only ever see the primary; a bandit shifts traffic
 //! to the version that earns more reward; an A/B test reports intervals
-//! and significance and promotes the better version.
+//! and significance and promotes the better version; a canary judged on
+//! reward as well as errors and latency is rolled back for earning less.
 
 use std::path::Path;
 use std::time::Duration;
@@ -419,5 +420,63 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
     assert_eq!(
         cli(control, &["model", "show", "digits:2"])["status"],
         "production"
+    );
+
+    // 4. A canary judged on the business metric too: version 1 is as fast
+    // and error-free as version 2, but earns less reward, so it is rolled
+    // back naming the reward.
+    cli(
+        control,
+        &[
+            "deploy",
+            "digits:1",
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,100",
+            "--bake",
+            "1s",
+            "--min-requests",
+            "20",
+            "--min-p99-increase",
+            "25ms",
+            "--min-reward-ratio",
+            "0.9",
+        ],
+    );
+    let mut i = 0;
+    let s = loop {
+        let id = format!("canary-{i}");
+        let version = predict(&http, gateway, &id, None).await;
+        let r = feedback(
+            &http,
+            gateway,
+            json!({"id": id, "reward": reward(&version, &mut rng)}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        i += 1;
+        if i % 25 == 0 {
+            let s = status(control).await;
+            if s["state"] != "progressing" && s["state"] != "holding" {
+                break s;
+            }
+        }
+        assert!(
+            i < 3000,
+            "the canary was never judged: {}",
+            status(control).await
+        );
+    };
+    assert_eq!(s["state"], "rolled_back", "{s}");
+    assert!(s["reason"].as_str().unwrap().contains("mean reward"), "{s}");
+    let d = http
+        .get(&format!("{control}/api/v1/deployments/digits"))
+        .await
+        .json();
+    assert_eq!(
+        d["targets"],
+        json!([{"version": "2", "weight": 100}]),
+        "{d}"
     );
 }

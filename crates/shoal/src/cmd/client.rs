@@ -71,15 +71,22 @@ pub(crate) struct DeployArgs {
     /// Canary: traffic percentages of the steps, e.g. 1,10,50,100.
     #[arg(long, value_delimiter = ',')]
     steps: Option<Vec<u32>>,
-    /// Canary: how long each step bakes before it is judged, e.g. 30s, 2m.
-    #[arg(long, value_parser = parse_duration)]
-    bake: Option<f64>,
+    /// Canary: how long each step bakes before it is judged, e.g. 30s; or one
+    /// time per step before 100% for a gradual schedule, e.g. 10m,30m,1h,1h.
+    #[arg(long, value_parser = parse_duration, value_delimiter = ',')]
+    bake: Option<Vec<f64>>,
+    /// Canary: spread the steps evenly over this long, e.g. 4h (instead of --bake).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "bake")]
+    over: Option<f64>,
     /// Canary: roll back when the canary's error rate exceeds this multiple of the baseline's.
     #[arg(long)]
     max_error_ratio: Option<f64>,
     /// Canary: roll back when the canary's p99 exceeds this multiple of the baseline's.
     #[arg(long)]
     max_p99_ratio: Option<f64>,
+    /// Canary: roll back when the canary's mean reward (feedback) is significantly below this multiple of the baseline's, e.g. 0.95.
+    #[arg(long)]
+    min_reward_ratio: Option<f64>,
     /// Canary: requests the canary must serve in a step before it is judged.
     #[arg(long)]
     min_requests: Option<u64>,
@@ -456,6 +463,25 @@ fn print_rollout_line(r: &RolloutView) {
     }
 }
 
+/// `--bake` and `--over` as the API takes them: one bake time for every
+/// step, or one per step before 100 %.
+fn bake_schedule(
+    bake: Option<&[f64]>,
+    over: Option<f64>,
+    steps: Option<&[u32]>,
+) -> (Option<f64>, Option<Vec<f64>>) {
+    match (bake, over) {
+        (Some([one]), _) => (Some(*one), None),
+        (Some(each), _) => (None, Some(each.to_vec())),
+        (None, Some(over)) => {
+            // The default steps are 1, 10, 50, 100: three are judged.
+            let judged = steps.map_or(3, |s| s.iter().filter(|&&p| p < 100).count());
+            (Some(over / judged.max(1) as f64), None)
+        }
+        (None, None) => (None, None),
+    }
+}
+
 pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<()> {
     let Some(version) = args.target.version else {
         bail!(
@@ -476,6 +502,8 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
             )
         }
     };
+    let (bake_secs, bakes_secs) =
+        bake_schedule(args.bake.as_deref(), args.over, args.steps.as_deref());
     let request = DeployRequest {
         version: version.to_string(),
         strategy,
@@ -483,7 +511,9 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         regions: args.regions,
         reason: args.reason,
         steps: args.steps,
-        bake_secs: args.bake,
+        bake_secs,
+        bakes_secs,
+        min_reward_ratio: args.min_reward_ratio,
         max_error_ratio: args.max_error_ratio,
         max_p99_ratio: args.max_p99_ratio,
         min_requests: args.min_requests,
@@ -659,5 +689,28 @@ mod tokio_util_like {
                 Err(e) => Some((Err(e), None)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bake_schedules() {
+        assert_eq!(bake_schedule(None, None, None), (None, None));
+        assert_eq!(bake_schedule(Some(&[30.0]), None, None), (Some(30.0), None));
+        assert_eq!(
+            bake_schedule(Some(&[600.0, 1800.0]), None, Some(&[5, 10, 100])),
+            (None, Some(vec![600.0, 1800.0]))
+        );
+        // 4 hours over 5, 10, 25, 50 % (then 100 %): an hour each.
+        assert_eq!(
+            bake_schedule(None, Some(14_400.0), Some(&[5, 10, 25, 50, 100])),
+            (Some(3600.0), None)
+        );
+        assert_eq!(bake_schedule(None, Some(90.0), None), (Some(30.0), None));
+        assert_eq!(parse_duration("1h"), Ok(3600.0));
+        assert!(parse_duration("5 parsecs").is_err());
     }
 }
