@@ -1,7 +1,8 @@
 //! Rollouts with real processes and real traffic through a gateway: a slow
 //! canary rolled back on p99 with no failed request, a good canary
 //! promoted, an erroring canary rolled back on its error rate, and a
-//! blue-green switch and instant switch back with no failed request.
+//! blue-green switch and instant switch back with no failed request; the
+//! good canary survives kill -9 of the control plane halfway through.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -80,6 +81,21 @@ impl Traffic {
     }
 }
 
+async fn status_reaches(control: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..600 {
+        let c = control.to_owned();
+        last = tokio::task::spawn_blocking(move || cli(&c, &["rollout", "status", "digits"]))
+            .await
+            .unwrap();
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}; last status: {last}");
+}
+
 async fn rollout_reaches(control: &str, state: &str) -> Value {
     let c = control.to_owned();
     let want = state.to_owned();
@@ -123,18 +139,22 @@ async fn rollout_reaches(control: &str, state: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canaries_and_blue_green_with_live_traffic() {
     let tmp = TempDir::new("rollout-e2e");
-    let (_control, addr) = spawn_server(
-        shoal(),
-        &[
-            "control",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            tmp.join("control").to_str().unwrap(),
-            "--heartbeat-ms",
-            "200",
-        ],
-    );
+    let control_dir = tmp.join("control");
+    let start_control = |addr: &str| {
+        spawn_server(
+            shoal(),
+            &[
+                "control",
+                "--addr",
+                addr,
+                "--data-dir",
+                control_dir.to_str().unwrap(),
+                "--heartbeat-ms",
+                "200",
+            ],
+        )
+    };
+    let (control_child, addr) = start_control("127.0.0.1:0");
     let control = format!("http://{addr}");
     let replicas: Vec<(ChildGuard, String)> = (0..3)
         .map(|i| {
@@ -253,6 +273,20 @@ async fn canaries_and_blue_green_with_live_traffic() {
             "--min-p99-increase",
             "25ms",
         ],
+    );
+    // Halfway, the control plane is killed and restarted: the rollout
+    // resumes where it was (no step is repeated) and traffic never stops.
+    status_reaches(&control, "the canary's second step", |r| {
+        r["step"].as_u64() >= Some(2)
+    })
+    .await;
+    control_child.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(control_child);
+    let _control_child = start_control(&addr).0;
+    let r = cli(&control, &["rollout", "status", "digits"]);
+    assert!(
+        r["step"].as_u64() >= Some(2),
+        "the canary started over: {r}"
     );
     let r = rollout_reaches(&control, "promoted").await;
     assert!(r["reason"].as_str().unwrap().starts_with("promoted"), "{r}");
