@@ -58,6 +58,10 @@ pub struct DeployRequest {
     /// the fleet, at least 1).
     #[serde(default)]
     pub max_surge: Option<u32>,
+    /// Rolling: most replicas that may be down for the next batch to move
+    /// (default: no limit; dead replicas never block).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
     /// Restrict the model to these regions (data residency); all when absent.
     #[serde(default)]
     pub regions: Option<Vec<String>>,

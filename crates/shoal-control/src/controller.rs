@@ -205,12 +205,10 @@ impl Control {
                 let surge = request
                     .max_surge
                     .unwrap_or_else(|| u32::try_from(fleet.div_ceil(4)).unwrap_or(1).max(1));
-                Controller::Rolling(Rolling::start(
-                    from.clone(),
-                    version.version.clone(),
-                    surge,
-                    now,
-                ))
+                Controller::Rolling(
+                    Rolling::start(from.clone(), version.version.clone(), surge, now)
+                        .with_max_unavailable(request.max_unavailable),
+                )
             }
             Strategy::Canary => {
                 let Some(from) = from.clone() else {

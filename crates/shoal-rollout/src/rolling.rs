@@ -7,6 +7,11 @@
 //! heartbeating do not block the rollout; when they return they are moved
 //! like the others. With nothing to replace (a first deployment), every
 //! replica loads the new version at once.
+//!
+//! `max_unavailable`, when set, bounds how many eligible replicas may be
+//! down while the rollout moves on: with more down (a new version that
+//! crashes its replicas, a zone outage), no further batch moves until they
+//! return or someone aborts.
 
 use std::collections::BTreeSet;
 
@@ -24,6 +29,9 @@ pub struct Rolling {
     pub to: String,
     /// Replicas moved per step.
     pub max_surge: u32,
+    /// Most eligible replicas that may be down for the next batch to move.
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
     /// Replicas assigned the new version.
     pub moved: BTreeSet<String>,
     /// Where it stands.
@@ -61,12 +69,20 @@ impl Rolling {
             from,
             to,
             max_surge: max_surge.max(1),
+            max_unavailable: None,
             moved: BTreeSet::new(),
             state: RolloutState::Progressing,
             step: 0,
             started_at: now,
             updated_at: now,
         }
+    }
+
+    /// Holds the rollout while more than `max` eligible replicas are down.
+    #[must_use]
+    pub fn with_max_unavailable(mut self, max: Option<u32>) -> Rolling {
+        self.max_unavailable = max;
+        self
     }
 
     /// The version replica `id` should serve.
@@ -120,6 +136,29 @@ impl Rolling {
             };
             self.updated_at = now;
             return Decision::Promoted;
+        }
+        let down: Vec<&str> = replicas
+            .iter()
+            .filter(|r| !r.alive)
+            .map(|r| r.id.as_str())
+            .collect();
+        if let Some(max) = self.max_unavailable
+            && down.len() > max as usize
+        {
+            let reason = format!(
+                "holding at step {}: {} down ({}), more than max unavailable {max}; moving on when they return",
+                self.step,
+                down.len(),
+                down.join(", ")
+            );
+            let changed = self.state != RolloutState::Holding || self.reason != reason;
+            self.state = RolloutState::Holding;
+            self.reason = reason;
+            if changed {
+                self.updated_at = now;
+                return Decision::Changed;
+            }
+            return Decision::Unchanged;
         }
         let batch: Vec<&str> = remaining
             .into_iter()
@@ -206,6 +245,53 @@ mod tests {
         for rep in fleet.iter_mut() {
             rep.serving = [("m".to_owned(), r.assignment(&rep.id).to_owned())].into();
         }
+    }
+
+    #[test]
+    fn holds_while_more_replicas_are_down_than_allowed() {
+        let mut fleet = vec![
+            replica("a", &["1"]),
+            replica("b", &["1"]),
+            replica("c", &["1"]),
+            replica("d", &["1"]),
+        ];
+        let mut r =
+            Rolling::start(Some("1".into()), "2".into(), 1, 0).with_max_unavailable(Some(1));
+        let tick = |r: &mut Rolling, fleet: &[ReplicaFacts], now| {
+            r.tick("m", &fleet.iter().collect::<Vec<_>>(), now)
+        };
+        assert_eq!(tick(&mut r, &fleet, 1), Decision::Changed);
+        assert_eq!(r.reason, "step 1: moving a to 2");
+        converge(&r, &mut fleet);
+        // a crashes with the new version; one down is within the budget.
+        fleet[0].alive = false;
+        assert_eq!(tick(&mut r, &fleet, 2), Decision::Changed);
+        assert_eq!(r.reason, "step 2: moving b to 2");
+        converge(&r, &mut fleet);
+        fleet[1].alive = false;
+        // Two down: hold, and say so once.
+        assert_eq!(tick(&mut r, &fleet, 3), Decision::Changed);
+        assert_eq!(r.state, RolloutState::Holding);
+        assert_eq!(
+            r.reason,
+            "holding at step 2: 2 down (a, b), more than max unavailable 1; moving on when they return"
+        );
+        assert_eq!(tick(&mut r, &fleet, 4), Decision::Unchanged);
+        assert_eq!(r.assignment("c"), "1", "nothing more moves");
+        // They come back: the rollout moves on.
+        fleet[0].alive = true;
+        fleet[1].alive = true;
+        assert_eq!(tick(&mut r, &fleet, 5), Decision::Changed);
+        assert_eq!(r.state, RolloutState::Progressing);
+        assert_eq!(r.reason, "step 3: moving c to 2");
+        // Without a budget, dead replicas never block.
+        let mut free = Rolling::start(Some("1".into()), "2".into(), 1, 0);
+        let mut all_down = fleet.clone();
+        all_down.iter_mut().skip(1).for_each(|f| f.alive = false);
+        assert_eq!(tick(&mut free, &all_down, 1), Decision::Changed);
+        assert_eq!(free.state, RolloutState::Progressing);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(serde_json::from_value::<Rolling>(json).unwrap(), r);
     }
 
     #[test]

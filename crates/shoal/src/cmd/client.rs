@@ -62,6 +62,9 @@ pub(crate) struct DeployArgs {
     /// Replicas moved at once [default: a quarter of the fleet].
     #[arg(long)]
     max_surge: Option<u32>,
+    /// Rolling: hold while more than this many replicas are down [default: no limit].
+    #[arg(long)]
+    max_unavailable: Option<u32>,
     /// Serve the model only in these regions (comma-separated).
     #[arg(long, value_delimiter = ',')]
     regions: Option<Vec<String>>,
@@ -508,6 +511,7 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         version: version.to_string(),
         strategy,
         max_surge: args.max_surge,
+        max_unavailable: args.max_unavailable,
         regions: args.regions,
         reason: args.reason,
         steps: args.steps,
