@@ -223,3 +223,45 @@ pub fn cli_json(program: &std::path::Path, control: &str, args: &[&str]) -> serd
     );
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
+
+/// Polls `program rollout status MODEL` against `control` until `check`
+/// accepts the status (for at most a minute) and returns it; panics with
+/// `what` and the last status otherwise. `check` may itself panic to fail
+/// early (a rollout that ended the wrong way).
+pub async fn rollout_until(
+    program: &std::path::Path,
+    control: &str,
+    model: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        let (p, c, m) = (program.to_owned(), control.to_owned(), model.to_owned());
+        last = tokio::task::spawn_blocking(move || cli_json(&p, &c, &["rollout", "status", &m]))
+            .await
+            .unwrap_or_else(|e| panic!("rollout status: {e}"));
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}; last status: {last}");
+}
+
+/// Waits (at most 20 s) until `gateway` answers a digits inference for
+/// `model` with 200: it has a route.
+pub async fn until_routed(gateway: &str, model: &str) {
+    let http = HttpClient::new();
+    let url = format!("{gateway}/v2/models/{model}/infer");
+    let body = Samples::load().request(0..1);
+    eventually(
+        &format!("the gateway to route {model}"),
+        std::time::Duration::from_secs(20),
+        || {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            async move { (http.post_json(&url, body).await.status == 200).then_some(()) }
+        },
+    )
+    .await;
+}

@@ -12,9 +12,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use shoal_testkit::{
-    ChildGuard, HttpClient, Samples, TempDir, eventually, model_path, spawn_server,
-};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, model_path, spawn_server};
 
 fn shoal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shoal"))
@@ -33,15 +31,7 @@ async fn status(control: &str) -> Value {
 
 /// Polls `rollout status` until `check` accepts it.
 async fn status_until(control: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..600 {
-        last = status(control).await;
-        if check(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}; last status: {last}");
+    shoal_testkit::rollout_until(shoal(), control, "digits", what, check).await
 }
 
 /// The label each row of an answer predicts.
@@ -119,24 +109,7 @@ async fn fleet() -> Fleet {
         s["state"] == "promoted"
     })
     .await;
-    let http = HttpClient::new();
-    let probe = format!("{gateway}/v2/models/digits/infer");
-    eventually(
-        "the gateway to route digits",
-        Duration::from_secs(20),
-        || {
-            let (http, probe) = (http.clone(), probe.clone());
-            async move {
-                (http
-                    .post_json(&probe, Samples::load().request(0..1))
-                    .await
-                    .status
-                    == 200)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    shoal_testkit::until_routed(&gateway, "digits").await;
     Fleet {
         _children: children,
         control,

@@ -82,58 +82,19 @@ impl Traffic {
 }
 
 async fn status_reaches(control: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..600 {
-        let c = control.to_owned();
-        last = tokio::task::spawn_blocking(move || cli(&c, &["rollout", "status", "digits"]))
-            .await
-            .unwrap();
-        if check(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}; last status: {last}");
+    shoal_testkit::rollout_until(shoal(), control, "digits", what, check).await
 }
 
 async fn rollout_reaches(control: &str, state: &str) -> Value {
-    let c = control.to_owned();
-    let want = state.to_owned();
-    let last = Arc::new(Mutex::new(Value::Null));
-    let seen = last.clone();
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(60),
-        eventually(
-            &format!("the rollout to be {state}"),
-            Duration::from_secs(60),
-            || {
-                let (c, want, seen) = (c.clone(), want.clone(), seen.clone());
-                async move {
-                    let r = tokio::task::spawn_blocking(move || {
-                        cli(&c, &["rollout", "status", "digits"])
-                    })
-                    .await
-                    .unwrap();
-                    *seen.lock().await = r.clone();
-                    assert!(
-                        !(r["state"] != want.as_str()
-                            && (r["state"] == "promoted" || r["state"] == "rolled_back")),
-                        "the rollout ended {} instead of {want}: {r}",
-                        r["state"]
-                    );
-                    (r["state"] == want.as_str()).then_some(r)
-                }
-            },
-        ),
-    )
-    .await;
-    match outcome {
-        Ok(r) => r,
-        Err(_) => panic!(
-            "rollout never became {state}; last status: {}",
-            last.lock().await
-        ),
-    }
+    status_reaches(control, &format!("the rollout to be {state}"), |r| {
+        assert!(
+            !(r["state"] != state && (r["state"] == "promoted" || r["state"] == "rolled_back")),
+            "the rollout ended {} instead of {state}: {r}",
+            r["state"]
+        );
+        r["state"] == state
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,23 +156,7 @@ async fn canaries_and_blue_green_with_live_traffic() {
     cli(&control, &["deploy", "digits:1"]);
     rollout_reaches(&control, "promoted").await;
     let http = HttpClient::new();
-    let probe = format!("{gateway}/v2/models/digits/infer");
-    eventually(
-        "the gateway to route digits",
-        Duration::from_secs(20),
-        || {
-            let (http, probe) = (http.clone(), probe.clone());
-            async move {
-                (http
-                    .post_json(&probe, Samples::load().request(0..1))
-                    .await
-                    .status
-                    == 200)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    shoal_testkit::until_routed(&gateway, "digits").await;
 
     // 1. A slow canary is rolled back on p99; nobody sees a failure.
     cli(
