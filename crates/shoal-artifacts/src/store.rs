@@ -56,16 +56,37 @@ impl ArtifactStore {
         Ok(ArtifactStore::new(Arc::new(fs)))
     }
 
-    /// A store at `url`: `file:///path`, a plain path, or (with the
-    /// object_store cloud features) `s3://bucket/prefix`.
+    /// A store at `url`: a plain path, `file:///path`, or
+    /// `s3://bucket/prefix`, configured for S3 from the usual `AWS_*`
+    /// environment variables (`AWS_ENDPOINT` for S3-compatible servers such
+    /// as MinIO, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint).
     pub fn from_url(url: &str) -> Result<ArtifactStore, ArtifactError> {
+        ArtifactStore::from_url_opts(url, std::env::vars().filter(|(k, _)| k.starts_with("AWS_")))
+    }
+
+    /// A store at `url` with explicit backend options (object_store's
+    /// configuration keys, e.g. `aws_endpoint`, `aws_access_key_id`;
+    /// upper-case environment-style names work too). Unknown keys are
+    /// ignored.
+    pub fn from_url_opts(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ArtifactStore, ArtifactError> {
         if !url.contains("://") {
             return ArtifactStore::local(Path::new(url));
         }
         let parsed = url
             .parse()
             .map_err(|e| ArtifactError::Invalid(format!("bad artifact store URL {url:?}: {e}")))?;
-        let (store, prefix) = object_store::parse_url(&parsed)?;
+        let options = options
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(|e| {
+            ArtifactError::Invalid(format!(
+                "cannot use artifact store {url:?}: {e} (supported: a directory, file:///dir, s3://bucket/prefix)"
+            ))
+        })?;
         let store: Arc<dyn ObjectStore> = Arc::from(store);
         if prefix.as_ref().is_empty() {
             Ok(ArtifactStore::new(store))
@@ -74,6 +95,16 @@ impl ArtifactStore {
                 object_store::prefix::PrefixStore::new(store, prefix),
             )))
         }
+    }
+
+    /// Checks that the store can be read (the bucket exists, credentials
+    /// work), so a misconfigured store fails at start-up rather than at the
+    /// first push.
+    pub async fn check(&self) -> Result<(), ArtifactError> {
+        self.store
+            .list_with_delimiter(Some(&StorePath::from("manifests")))
+            .await?;
+        Ok(())
     }
 
     /// Chunks the file at `path` and stores what the store lacks, then the
@@ -181,58 +212,5 @@ impl ArtifactStore {
         }
         crate::cache::verify_sha256(&manifest.sha256, &out)?;
         Ok(Bytes::from(out))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn temp_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("shoal-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[tokio::test]
-    async fn versions_share_chunks_and_read_back_verified() {
-        let dir = temp_dir("share");
-        let store = ArtifactStore::local(&dir.join("store")).unwrap();
-        let mut x = 99u64;
-        let mut data: Vec<u8> = (0..3_000_000)
-            .map(|_| {
-                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                (x >> 33) as u8
-            })
-            .collect();
-        let v1 = dir.join("v1.bin");
-        std::fs::write(&v1, &data).unwrap();
-        let first = store.put_file(&v1).await.unwrap();
-        assert_eq!(first.new_chunks, first.manifest.chunks.len());
-        for b in &mut data[1_500_000..1_501_000] {
-            *b ^= 0xff;
-        }
-        let v2 = dir.join("v2.bin");
-        std::fs::write(&v2, &data).unwrap();
-        let second = store.put_file(&v2).await.unwrap();
-        assert!(second.new_chunks <= 3, "{} new chunks", second.new_chunks);
-        assert_ne!(first.manifest.sha256, second.manifest.sha256);
-        let back = store.read_artifact(&second.manifest.sha256).await.unwrap();
-        assert_eq!(back.as_ref(), data.as_slice());
-        assert!(matches!(
-            store.get_manifest(&"0".repeat(64)).await,
-            Err(ArtifactError::NotFound(_))
-        ));
-
-        // A chunk corrupted on disk is caught on read.
-        let victim = &second.manifest.chunks[0].id;
-        let path = dir.join("store/chunks").join(victim.as_str());
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::write(&path, bytes).unwrap();
-        assert!(store.read_artifact(&second.manifest.sha256).await.is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

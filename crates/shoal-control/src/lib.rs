@@ -119,7 +119,17 @@ impl Control {
         })?;
         let store = SqliteRegistry::open(&config.data_dir.join("registry.db")).await?;
         let artifacts = match &config.artifact_store {
-            Some(url) => ArtifactStore::from_url(url)?,
+            Some(url) => {
+                let store = ArtifactStore::from_url(url)?;
+                store.check().await.with_context(|| {
+                    format!(
+                        "cannot read the artifact store {url}; check that the bucket exists and \
+                         that AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and \
+                         AWS_REGION are set for it"
+                    )
+                })?;
+                store
+            }
             None => ArtifactStore::local(&config.data_dir.join("artifacts"))?,
         };
         Control::with_stores(config, Arc::new(store), artifacts).await

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -121,19 +121,35 @@ impl Fetcher {
         }
     }
 
-    async fn store(&self, id: &ChunkId, size: Option<u32>, bytes: Bytes) -> Result<(), FetchError> {
+    /// Verifies and caches a chunk that arrived from `source`, and counts
+    /// it. Both happen on the blocking thread, so a chunk that lands in the
+    /// cache is counted even if the fetch that wanted it was cancelled.
+    async fn store(
+        &self,
+        id: &ChunkId,
+        size: Option<u32>,
+        bytes: Bytes,
+        source: &'static str,
+    ) -> Result<(), FetchError> {
         let cache = self.cache.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || cache.put_verified(&id, size, &bytes))
-            .await
-            .map_err(|e| FetchError::Cache(e.to_string()))?
-            .map_err(|e| match e {
-                shoal_artifacts::ArtifactError::CorruptChunk { .. }
-                | shoal_artifacts::ArtifactError::BadEncoding { .. } => {
-                    FetchError::Corrupt(e.to_string())
-                }
-                other => FetchError::Cache(other.to_string()),
-            })
+        let fetched = self.fetched.clone();
+        tokio::task::spawn_blocking(move || {
+            cache.put_verified(&id, size, &bytes)?;
+            fetched
+                .get_or_create(&SourceLabels { source })
+                .inc_by(bytes.len() as u64);
+            Ok(())
+        })
+        .await
+        .map_err(|e| FetchError::Cache(e.to_string()))?
+        .map_err(|e| match e {
+            shoal_artifacts::ArtifactError::CorruptChunk { .. }
+            | shoal_artifacts::ArtifactError::BadEncoding { .. } => {
+                FetchError::Corrupt(e.to_string())
+            }
+            other => FetchError::Cache(other.to_string()),
+        })
     }
 
     /// Ensures chunk `id` is cached: from its owning peer when that is not
@@ -154,12 +170,8 @@ impl Fetcher {
             if let Some(peer) = owner(id, peers).filter(|p| p.id != self.self_id) {
                 match self.peer_client(peer).get_raw(&format!("/peer/chunks/{id}")).await {
                     Ok(bytes) => {
-                        let n = bytes.len();
-                        match self.store(id, size, bytes).await {
-                            Ok(()) => {
-                                self.fetched.get_or_create(&SourceLabels { source: "peer" }).inc_by(n as u64);
-                                return Ok(());
-                            }
+                        match self.store(id, size, bytes, "peer").await {
+                            Ok(()) => return Ok(()),
                             Err(e) => tracing::warn!(peer = %peer.id, chunk = %id, error = %e, "peer sent a bad chunk; asking the origin"),
                         }
                     }
@@ -171,10 +183,7 @@ impl Fetcher {
                 .chunk(id.as_str())
                 .await
                 .map_err(|e| FetchError::Origin(format!("chunk {id}: {e}")))?;
-            let n = bytes.len();
-            self.store(id, size, bytes).await?;
-            self.fetched.get_or_create(&SourceLabels { source: "origin" }).inc_by(n as u64);
-            Ok(())
+            self.store(id, size, bytes, "origin").await
         }
         .await;
         drop(slot);
@@ -210,14 +219,15 @@ impl Fetcher {
     pub(crate) async fn artifact(&self, sha256: &str, peers: &[Peer]) -> Result<Bytes, FetchError> {
         let manifest = self.manifest(sha256).await?;
         let missing: Vec<ChunkRef> = self.cache.missing(&manifest);
-        let results: Vec<Result<(), FetchError>> = futures::stream::iter(missing)
+        // Stop at the first failure (the origin is down, a chunk is
+        // corrupt): what arrived stays cached, and the retry asks only for
+        // what is still missing, rather than every remaining chunk failing
+        // one by one against a dead link.
+        futures::stream::iter(missing)
             .map(|c| async move { self.chunk(&c.id, Some(c.size), peers).await })
             .buffer_unordered(PARALLEL_CHUNKS)
-            .collect()
-            .await;
-        if let Some(err) = results.into_iter().find_map(Result::err) {
-            return Err(err);
-        }
+            .try_collect::<Vec<()>>()
+            .await?;
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || cache.assemble(&manifest))
             .await

@@ -7,7 +7,11 @@
 //!   test never leaves a server behind.
 //! - [`HttpClient`] is a small pooled HTTP/1 client for talking to real
 //!   servers on loopback.
+//! - [`S3Server`] is a real S3-compatible server (moto) on loopback.
+//! - [`CutProxy`] is a TCP proxy that cuts the link after so many bytes,
+//!   for tests of interrupted transfers.
 
+mod cut_proxy;
 mod http_client;
 
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use std::process::Child;
 
 use serde::Deserialize;
 
+pub use crate::cut_proxy::CutProxy;
 pub use crate::http_client::{HttpClient, Reply};
 
 /// The repository's `models/` directory.
@@ -97,7 +102,21 @@ impl ChildGuard {
 /// Returns the guard and the address. Panics (killing the child) if the
 /// process exits first; its stderr is inherited so the reason shows.
 pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, String) {
-    let (guard, line) = spawn_until(program, args, "listening on http://");
+    spawn_server_env(program, args, &[])
+}
+
+/// [`spawn_server`] with extra environment variables for the child.
+pub fn spawn_server_env(
+    program: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ChildGuard, String) {
+    let mut command = std::process::Command::new(program);
+    command.args(args).envs(envs.iter().copied());
+    listening_addr(spawn_command_until(command, "listening on http://"))
+}
+
+fn listening_addr((guard, line): (ChildGuard, String)) -> (ChildGuard, String) {
     let addr = line
         .split_once("listening on http://")
         .map(|(_, a)| a.trim().to_owned())
@@ -109,18 +128,30 @@ pub fn spawn_server(program: &std::path::Path, args: &[&str]) -> (ChildGuard, St
 /// line containing `marker`, which it returns. Panics (killing the child)
 /// if the process exits first.
 pub fn spawn_until(program: &std::path::Path, args: &[&str], marker: &str) -> (ChildGuard, String) {
-    use std::io::BufRead;
     let mut command = std::process::Command::new(program);
+    command.args(args);
+    spawn_command_until(command, marker)
+}
+
+/// Spawns `command` with stdout and stdin piped (a child that watches its
+/// stdin sees it close when the test process dies), and waits for the
+/// first stdout line containing `marker`.
+pub fn spawn_command_until(
+    mut command: std::process::Command,
+    marker: &str,
+) -> (ChildGuard, String) {
+    use std::io::BufRead;
     if std::env::var_os("RUST_LOG").is_none() {
         // Quiet children unless asked: test output is for failures.
         command.env("RUST_LOG", "warn");
     }
+    let program = command.get_program().to_string_lossy().into_owned();
     let mut child = command
-        .args(args)
         .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
     let stdout = child.stdout.take().expect("piped stdout");
     let guard = ChildGuard(child);
     let mut lines = std::io::BufReader::new(stdout).lines();
@@ -132,7 +163,45 @@ pub fn spawn_until(program: &std::path::Path, args: &[&str], marker: &str) -> (C
             return (guard, line);
         }
     }
-    panic!("{} exited before it was listening", program.display());
+    panic!("{program} exited before printing {marker:?}");
+}
+
+/// An S3-compatible server on loopback (moto's, through
+/// `tools/s3_server.py`, installed by `scripts/setup-python`), with the
+/// given buckets created. Killed when dropped.
+#[derive(Debug)]
+pub struct S3Server {
+    /// The server process.
+    pub child: ChildGuard,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl S3Server {
+    /// Starts the server and creates `buckets`.
+    pub fn start(buckets: &[&str]) -> S3Server {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/s3_server.py");
+        let mut command = std::process::Command::new(
+            std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()),
+        );
+        command.arg(script).args(buckets);
+        let (child, addr) = listening_addr(spawn_command_until(command, "listening on http://"));
+        S3Server {
+            child,
+            endpoint: format!("http://{addr}"),
+        }
+    }
+
+    /// The `AWS_*` settings a client needs to use this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "shoal".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "shoal".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+        ]
+    }
 }
 
 impl Drop for ChildGuard {

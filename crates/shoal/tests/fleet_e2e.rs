@@ -10,7 +10,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use shoal_testkit::{
-    ChildGuard, HttpClient, Samples, TempDir, eventually, model_path, spawn_server,
+    ChildGuard, CutProxy, HttpClient, S3Server, Samples, TempDir, eventually, model_path,
+    spawn_server, spawn_server_env,
 };
 
 fn shoal() -> &'static Path {
@@ -22,7 +23,17 @@ fn cli(control: &str, args: &[&str]) -> Value {
 }
 
 fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
-    let (child, addr) = spawn_server(
+    start_control_with(dir, addr, &[], &[])
+}
+
+/// The control plane with extra arguments and environment.
+fn start_control_with(
+    dir: &Path,
+    addr: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ChildGuard, String) {
+    let (child, addr) = spawn_server_env(
         shoal(),
         &[
             "control",
@@ -32,7 +43,11 @@ fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
             dir.to_str().unwrap(),
             "--heartbeat-ms",
             "200",
-        ],
+        ]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>(),
+        envs,
     );
     (child, format!("http://{addr}"))
 }
@@ -78,11 +93,13 @@ fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
         .collect()
 }
 
-async fn converged_on(control: &str, version: &str, replicas: usize) {
-    let want = vec![format!("digits:{version}")];
+/// Waits until `replicas` replicas serve exactly `target` (`MODEL:VERSION`)
+/// with no skew.
+async fn converged_on(control: &str, target: &str, replicas: usize) {
+    let want = vec![target.to_owned()];
     let control = control.to_owned();
     eventually(
-        &format!("{replicas} replicas serving digits:{version} with no skew"),
+        &format!("{replicas} replicas serving {target} with no skew"),
         Duration::from_secs(30),
         || {
             let control = control.clone();
@@ -101,6 +118,29 @@ async fn converged_on(control: &str, version: &str, replicas: usize) {
         },
     )
     .await;
+}
+
+/// The value of the Prometheus series `series` (name and labels, as
+/// exposed) in `metrics`; 0 when absent.
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sum of the stored (wire) sizes of artifact `sha256`'s chunks.
+async fn stored_bytes(http: &HttpClient, control: &str, sha256: &str) -> u64 {
+    http.get(&format!("{control}/api/v1/artifacts/{sha256}/manifest"))
+        .await
+        .json()["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stored"].as_u64().unwrap())
+        .sum()
 }
 
 async fn predict(http: &HttpClient, replica: &str) -> (u16, String) {
@@ -138,7 +178,7 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
     );
     assert_eq!(v1["version"], "1");
     cli(&control, &["deploy", "digits:1"]);
-    converged_on(&control, "1", 3).await;
+    converged_on(&control, "digits:1", 3).await;
     let v2 = cli(
         &control,
         &[
@@ -155,32 +195,15 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         v2["sha256"],
         "cb588faad879a2350064f49a06a5846b747e6934c3b91c108233706752934ebb"
     );
-    let egress = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("shoal_artifact_egress_bytes_total{kind=\"chunk\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
+    let egress =
+        |metrics: &str| counter(metrics, "shoal_artifact_egress_bytes_total{kind=\"chunk\"}");
     let before = egress(&http.get(&format!("{control}/metrics")).await.text());
     cli(&control, &["deploy", "digits:2"]);
-    converged_on(&control, "2", 3).await;
+    converged_on(&control, "digits:2", 3).await;
     // Three replicas fetched v2, but its chunks left the origin once: the
     // others took them from the chunks' owner among their peers.
     let after = egress(&http.get(&format!("{control}/metrics")).await.text());
-    let stored = http
-        .get(&format!(
-            "{control}/api/v1/artifacts/{}/manifest",
-            v2["sha256"].as_str().unwrap()
-        ))
-        .await
-        .json()["chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["stored"].as_u64().unwrap())
-        .sum::<u64>();
+    let stored = stored_bytes(&http, &control, v2["sha256"].as_str().unwrap()).await;
     assert_eq!(after - before, stored, "origin egress for v2");
     for (_, addr) in &replicas {
         assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
@@ -247,7 +270,7 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         &control,
         &["rollback", "digits", "--reason", "corrupt artifact"],
     );
-    converged_on(&control, "2", 3).await;
+    converged_on(&control, "digits:2", 3).await;
     let v3 = cli(&control, &["model", "show", "digits:3"]);
     assert_eq!(v3["rolled_back"], true);
 
@@ -296,4 +319,145 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
     }
     drop(restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_in_an_s3_compatible_store() {
+    let s3 = S3Server::start(&["shoal-models"]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tmp = TempDir::new("fleet-s3");
+    let ctl_dir = tmp.join("control");
+
+    // A bucket that does not exist stops the control plane at start, with
+    // a message that says what to check.
+    let out = std::process::Command::new(shoal())
+        .args(["control", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&ctl_dir)
+        .args(["--artifact-store", "s3://no-such-bucket/shoal"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("check that the bucket exists"), "{stderr}");
+    assert!(stderr.contains("NoSuchBucket"), "{stderr}");
+
+    let (_ctl, control) = start_control_with(
+        &ctl_dir,
+        "127.0.0.1:0",
+        &["--artifact-store", "s3://shoal-models/fleet"],
+        &env,
+    );
+    let (_replica, addr) = start_replica(&control, &tmp.join("r0"));
+    let http = HttpClient::new();
+    for (file, version) in [("digits-v1.onnx", "1"), ("digits-v2.onnx", "2")] {
+        let pushed = cli(
+            &control,
+            &[
+                "model",
+                "push",
+                "digits",
+                model_path(file).to_str().unwrap(),
+            ],
+        );
+        assert_eq!(pushed["version"], version);
+    }
+    cli(&control, &["deploy", "digits:2"]);
+    converged_on(&control, "digits:2", 1).await;
+    assert_eq!(predict(&http, &addr).await, (200, "2".to_owned()));
+    // The chunks live in the bucket, not on the control plane's disk.
+    assert!(!ctl_dir.join("artifacts").exists());
+    let listing = http
+        .get(&format!(
+            "{}/shoal-models?list-type=2&prefix=fleet/manifests/",
+            s3.endpoint
+        ))
+        .await
+        .text();
+    assert_eq!(
+        listing.matches("<Key>fleet/manifests/").count(),
+        2,
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
+    let tmp = TempDir::new("fleet-resume");
+    let (_ctl, control) = start_control(&tmp.join("control"), "127.0.0.1:0");
+    // The replica reaches the control plane only through a link the test
+    // can cut.
+    let link = CutProxy::start(control.trim_start_matches("http://")).await;
+    let replica_dir = tmp.join("r0");
+    let (_replica, addr) = start_replica(&link.url(), &replica_dir);
+    let http = HttpClient::new();
+
+    // A 24 MiB model of random weights: ~400 chunks that barely compress.
+    let model = tmp.join("big.onnx");
+    let status = std::process::Command::new("python3")
+        .arg(model_path("../tools/make_mlp_model.py"))
+        .arg(&model)
+        .args(["--layers", "24", "--seed", "7"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "make_mlp_model.py (scripts/setup-python)");
+    let pushed = cli(&control, &["model", "push", "big", model.to_str().unwrap()]);
+    let sha = pushed["sha256"].as_str().unwrap().to_owned();
+    let total = stored_bytes(&http, &control, &sha).await;
+    assert!(total > 20 << 20, "{total} bytes stored");
+
+    // The link goes down half-way through the download and stays down
+    // while the replica retries.
+    link.cut_after(total / 2);
+    cli(&control, &["deploy", "big:1"]);
+    eventually(
+        "the link to be cut mid-download",
+        Duration::from_secs(30),
+        || std::future::ready(link.is_cut().then_some(())),
+    )
+    .await;
+    eventually(
+        "the replica to retry during the outage",
+        Duration::from_secs(30),
+        || std::future::ready((link.refused() >= 3).then_some(())),
+    )
+    .await;
+    let cached: u64 = std::fs::read_dir(replica_dir.join("cache/chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        cached > total / 4,
+        "{cached} of {total} bytes cached when cut"
+    );
+    let at_restore = link.bytes_down();
+    link.restore();
+
+    converged_on(&control, "big:1", 1).await;
+    let after_restore = link.bytes_down() - at_restore;
+    // Only what was missing crossed the link again (plus HTTP framing,
+    // heartbeats and watch events: well under 1 MiB).
+    assert!(
+        after_restore < total - cached + (1 << 20),
+        "{after_restore} bytes after the outage; {cached} of {total} were cached"
+    );
+    // No chunk was fetched twice: the replica's fetched bytes add up to
+    // the artifact exactly.
+    let metrics = http.get(&format!("{addr}/metrics")).await.text();
+    assert_eq!(
+        counter(
+            &metrics,
+            "shoal_sync_fetched_bytes_total{source=\"origin\"}"
+        ),
+        total
+    );
+    // And the model it assembled serves.
+    let request = serde_json::json!({
+        "inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.5f32; 512]}]
+    });
+    let reply = http
+        .post_json(&format!("{addr}/v2/models/big/infer"), request.to_string())
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }
