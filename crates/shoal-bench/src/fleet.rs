@@ -1,5 +1,6 @@
 //! Fleet benchmarks with a real control plane and real replicas (in this
-//! process, on loopback sockets, each with its own data directory):
+//! process, on loopback sockets, each with its own data directory; or, for
+//! convergence, as processes on emulated hosts of a [`crate::lab`]):
 //!
 //! - convergence: N replicas converging on a new version against one
 //!   replica fetching and loading the same kind of artifact, alternating;
@@ -22,14 +23,37 @@ use shoal_replica::{ReplicaConfig, ReplicaServer};
 use shoal_runtime::tract::TractBackend;
 use shoal_sync::SyncConfig;
 
+use crate::lab::{HostSpec, Lab};
 use crate::stats::median;
 
-/// A control plane and replicas on loopback.
+/// Where a fleet's members run.
+enum Members {
+    /// In this process, on loopback.
+    InProcess {
+        control: ControlServer,
+        replicas: Vec<ReplicaServer>,
+    },
+    /// As `shoal` processes, one per emulated host of a [`Lab`]; the
+    /// replicas' base URLs.
+    Lab { _lab: Lab, replicas: Vec<String> },
+}
+
+/// A control plane and replicas, in this process on loopback or on
+/// emulated hosts.
 pub struct Fleet {
-    control: ControlServer,
-    replicas: Vec<ReplicaServer>,
+    members: Members,
     client: ControlClient,
     dir: PathBuf,
+}
+
+/// Runs fleet members on emulated hosts with their own link and CPU quota
+/// (see [`crate::lab`]) rather than in this process.
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    /// What every host gets.
+    pub host: HostSpec,
+    /// The `shoal` binary to run on the hosts.
+    pub exe: PathBuf,
 }
 
 impl Fleet {
@@ -65,23 +89,107 @@ impl Fleet {
                 shoal_sync::start_replica(config, sync, Arc::new(TractBackend::default())).await?,
             );
         }
-        let client = ControlClient::new(&url, None);
-        // Wait until every replica has registered and heartbeated.
+        let fleet = Fleet {
+            members: Members::InProcess { control, replicas },
+            client: ControlClient::new(&url, None),
+            dir: dir.to_owned(),
+        };
+        fleet.until_registered(n).await?;
+        Ok(fleet)
+    }
+
+    /// Starts a control plane (host 0) and `n` replicas (hosts 1..=n) as
+    /// processes on a new lab named `prefix` on subnet `subnet`.
+    pub async fn start_isolated(
+        n: usize,
+        dir: &Path,
+        prefix: &str,
+        subnet: u8,
+        isolation: &Isolation,
+    ) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(dir)?;
+        let mut lab = Lab::create(prefix, subnet, n + 1, isolation.host)?;
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let control = format!("{}:8081", lab.ip(0));
+        lab.spawn(
+            0,
+            &isolation.exe,
+            &[
+                "control".into(),
+                "--addr".into(),
+                control.clone(),
+                "--data-dir".into(),
+                path(dir.join("control")),
+                "--heartbeat-ms".into(),
+                "200".into(),
+            ],
+            &dir.join("control.log"),
+        )?;
+        let url = format!("http://{control}");
+        let mut replicas = Vec::new();
+        for i in 1..=n {
+            let addr = format!("{}:8080", lab.ip(i));
+            lab.spawn(
+                i,
+                &isolation.exe,
+                &[
+                    "replica".into(),
+                    "--control".into(),
+                    url.clone(),
+                    "--addr".into(),
+                    addr.clone(),
+                    "--data-dir".into(),
+                    path(dir.join(format!("r{i}"))),
+                    "--region".into(),
+                    "bench".into(),
+                    "--id".into(),
+                    format!("bench-r{i}"),
+                    "--poll-interval".into(),
+                    "10".into(),
+                    "--threads".into(),
+                    "1".into(),
+                ],
+                &dir.join(format!("r{i}.log")),
+            )?;
+            replicas.push(format!("http://{addr}"));
+        }
+        let fleet = Fleet {
+            members: Members::Lab {
+                _lab: lab,
+                replicas,
+            },
+            client: ControlClient::new(&url, None),
+            dir: dir.to_owned(),
+        };
+        fleet.until_registered(n).await?;
+        Ok(fleet)
+    }
+
+    /// Waits until `n` replicas have registered and heartbeated.
+    async fn until_registered(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let status = client.status().await?;
-            if status.replicas.iter().filter(|r| r.healthy).count() == n {
-                break;
+            let healthy = match self.client.status().await {
+                Ok(status) => status.replicas.iter().filter(|r| r.healthy).count(),
+                Err(_) => 0, // not listening yet
+            };
+            if healthy == n {
+                return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "replicas did not all register");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "replicas did not all register (logs in {})",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Fleet {
-            control,
-            replicas,
-            client,
-            dir: dir.to_owned(),
-        })
+    }
+
+    fn size(&self) -> usize {
+        match &self.members {
+            Members::InProcess { replicas, .. } => replicas.len(),
+            Members::Lab { replicas, .. } => replicas.len(),
+        }
     }
 
     /// Pushes `file` as a new version of `model`; returns the version.
@@ -113,36 +221,79 @@ impl Fleet {
                 model,
                 &DeployRequest {
                     version: version.to_owned(),
-                    max_surge: Some(u32::try_from(self.replicas.len()).unwrap_or(1)),
+                    max_surge: Some(u32::try_from(self.size()).unwrap_or(1)),
                     ..DeployRequest::default()
                 },
             )
             .await?;
         let deadline = started + Duration::from_secs(600);
-        for r in &self.replicas {
-            while !r.replica.store().has(model, version) {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "replica {} never served {model}:{version}",
-                    r.replica.id()
-                );
-                let _ = tokio::time::timeout(Duration::from_millis(50), r.replica.changed()).await;
+        match &self.members {
+            Members::InProcess { replicas, .. } => {
+                for r in replicas {
+                    while !r.replica.store().has(model, version) {
+                        anyhow::ensure!(
+                            Instant::now() < deadline,
+                            "replica {} never served {model}:{version}",
+                            r.replica.id()
+                        );
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(50), r.replica.changed())
+                                .await;
+                    }
+                }
+            }
+            Members::Lab { replicas, .. } => {
+                let ready = format!("/v2/models/{model}/versions/{version}/ready");
+                let times = futures::future::try_join_all(replicas.iter().map(|url| {
+                    let ready = ready.clone();
+                    async move {
+                        let replica = ControlClient::new(url, None);
+                        while replica.get_raw(&ready).await.is_err() {
+                            anyhow::ensure!(
+                                Instant::now() < deadline,
+                                "replica {url} never served {model}:{version}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Ok(started.elapsed().as_secs_f64())
+                    }
+                }))
+                .await?;
+                if std::env::var_os("SHOAL_BENCH_TRACE").is_some() {
+                    eprintln!("ready after {times:.2?} s");
+                }
             }
         }
         Ok(started.elapsed())
     }
 
-    /// Origin egress so far.
-    pub fn egress(&self) -> u64 {
-        self.control.control.origin_egress_bytes()
+    /// Bytes the origin has served so far.
+    pub async fn egress(&self) -> anyhow::Result<u64> {
+        match &self.members {
+            Members::InProcess { control, .. } => Ok(control.control.origin_egress_bytes()),
+            Members::Lab { .. } => {
+                let metrics = self.client.get_raw("/metrics").await?;
+                Ok(String::from_utf8_lossy(&metrics)
+                    .lines()
+                    .filter(|l| l.starts_with("shoal_artifact_egress_bytes_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum())
+            }
+        }
     }
 
     /// Stops everything.
     pub async fn stop(self) -> anyhow::Result<()> {
-        for r in self.replicas {
-            r.stop().await?;
+        match self.members {
+            Members::InProcess { control, replicas } => {
+                for r in replicas {
+                    r.stop().await?;
+                }
+                control.stop().await?;
+            }
+            // Dropping the lab kills its processes and removes its hosts.
+            Members::Lab { .. } => {}
         }
-        self.control.stop().await?;
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }
@@ -163,6 +314,8 @@ pub struct Convergence {
     pub ratio: f64,
     /// Origin egress ÷ artifact size while N replicas fetched, per round.
     pub egress_ratio: Vec<f64>,
+    /// Each host's link and CPU when members ran on emulated hosts.
+    pub isolation: Option<HostSpec>,
 }
 
 fn make_model(out: &Path, layers: usize, seed: u64, perturb: Option<usize>) -> anyhow::Result<()> {
@@ -183,15 +336,28 @@ fn make_model(out: &Path, layers: usize, seed: u64, perturb: Option<usize>) -> a
 
 /// Alternates one replica and `n` replicas converging on fresh artifacts
 /// of `layers` MiB, `rounds` times.
+///
+/// With `isolation`, every member runs as a process on its own emulated
+/// host (own link, own CPU quota): the comparison the goal means, replicas
+/// on separate machines, which one two-core machine cannot give otherwise.
 pub async fn convergence(
     n: usize,
     layers: usize,
     rounds: usize,
     dir: &Path,
+    isolation: Option<&Isolation>,
 ) -> anyhow::Result<Convergence> {
     std::fs::create_dir_all(dir)?;
-    let single = Fleet::start(1, &dir.join("one")).await?;
-    let many = Fleet::start(n, &dir.join("many")).await?;
+    let (single, many) = match isolation {
+        None => (
+            Fleet::start(1, &dir.join("one")).await?,
+            Fleet::start(n, &dir.join("many")).await?,
+        ),
+        Some(iso) => (
+            Fleet::start_isolated(1, &dir.join("one"), "shoal1-", 71, iso).await?,
+            Fleet::start_isolated(n, &dir.join("many"), "shoaln-", 72, iso).await?,
+        ),
+    };
     let mut result = Convergence {
         replicas: n,
         artifact_bytes: 0,
@@ -199,6 +365,7 @@ pub async fn convergence(
         fleet_s: Vec::new(),
         ratio: 0.0,
         egress_ratio: Vec::new(),
+        isolation: isolation.map(|i| i.host),
     };
     let mut ratios = Vec::new();
     for round in 0..rounds {
@@ -212,12 +379,12 @@ pub async fn convergence(
         let va = single.push("m", &a).await?;
         let t1 = single.deploy_and_wait("m", &va).await?;
         let vb = many.push("m", &b).await?;
-        let before = many.egress();
+        let before = many.egress().await?;
         let tn = many.deploy_and_wait("m", &vb).await?;
         #[allow(clippy::cast_precision_loss)]
         result
             .egress_ratio
-            .push((many.egress() - before) as f64 / size as f64);
+            .push((many.egress().await? - before) as f64 / size as f64);
         result.single_s.push(t1.as_secs_f64());
         result.fleet_s.push(tn.as_secs_f64());
         ratios.push(tn.as_secs_f64() / t1.as_secs_f64());
@@ -291,9 +458,9 @@ pub async fn delta(layers: usize, dir: &Path) -> anyhow::Result<Delta> {
     let v1 = fleet.push("big", &old).await?;
     fleet.deploy_and_wait("big", &v1).await?;
     let v2 = fleet.push("big", &new).await?;
-    let before = fleet.egress();
+    let before = fleet.egress().await?;
     fleet.deploy_and_wait("big", &v2).await?;
-    let shoal = fleet.egress() - before;
+    let shoal = fleet.egress().await? - before;
     fleet.stop().await?;
     let rsync = rsync_bytes(&old, &new, dir)?;
     let size = std::fs::metadata(&new)?.len();

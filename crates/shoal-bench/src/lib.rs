@@ -12,9 +12,12 @@
 //!   time), used against Shoal's gateway, nginx and HAProxy alike.
 //! - [`herd`]: the control plane's request rate under 1,000 polling
 //!   replicas (a simulation driven by the agent's own jitter code).
+//! - [`lab`]: emulated hosts (network namespaces with rate-limited links
+//!   and CPU quotas) for fleet benchmarks that need separate machines.
 
 pub mod fleet;
 pub mod herd;
+pub mod lab;
 pub mod load;
 pub mod overhead;
 pub mod runtime;

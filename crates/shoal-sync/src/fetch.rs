@@ -21,16 +21,40 @@ const PARALLEL_CHUNKS: usize = 8;
 /// replica agrees without talking, and a replica joining or leaving moves
 /// only its own share of chunks.
 pub fn owner<'a>(chunk: &ChunkId, peers: &'a [Peer]) -> Option<&'a Peer> {
-    peers.iter().max_by_key(|p| {
-        let mut h = blake3::Hasher::new();
-        h.update(p.id.as_bytes());
-        h.update(b"/");
-        h.update(chunk.as_str().as_bytes());
-        let digest = h.finalize();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest.as_bytes()[..8]);
-        u64::from_le_bytes(first)
-    })
+    peers.iter().max_by_key(|p| rank(&p.id, chunk))
+}
+
+/// Orders the chunks a replica still needs so that consecutive chunks have
+/// different owners: the first chunk of each owner, then the second of
+/// each, and so on. Every replica computes the same order, so a region
+/// moves through the artifact together (each chunk leaves the origin once,
+/// to its owner, just as its peers ask for it), and any window of chunks in
+/// flight spreads over every owner's link instead of queueing on whichever
+/// owner happens to hold a run of neighbouring chunks.
+pub(crate) fn fetch_order(chunks: &mut [ChunkRef], peers: &[Peer]) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let keys: HashMap<ChunkId, (usize, String)> = chunks
+        .iter()
+        .map(|c| {
+            let owner = owner(&c.id, peers).map_or("", |p| p.id.as_str());
+            let nth = seen.entry(owner).or_default();
+            *nth += 1;
+            (c.id.clone(), (*nth, owner.to_owned()))
+        })
+        .collect();
+    chunks.sort_by(|a, b| keys[&a.id].cmp(&keys[&b.id]));
+}
+
+/// A pseudo-random rank of `chunk` seen from `id` (rendezvous weight).
+fn rank(id: &str, chunk: &ChunkId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(id.as_bytes());
+    h.update(b"/");
+    h.update(chunk.as_str().as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Why fetching failed.
@@ -218,7 +242,8 @@ impl Fetcher {
     /// The verified bytes of artifact `sha256`, fetching what the cache lacks.
     pub(crate) async fn artifact(&self, sha256: &str, peers: &[Peer]) -> Result<Bytes, FetchError> {
         let manifest = self.manifest(sha256).await?;
-        let missing: Vec<ChunkRef> = self.cache.missing(&manifest);
+        let mut missing: Vec<ChunkRef> = self.cache.missing(&manifest);
+        fetch_order(&mut missing, peers);
         // Stop at the first failure (the origin is down, a chunk is
         // corrupt): what arrived stays cached, and the retry asks only for
         // what is still missing, rather than every remaining chunk failing
@@ -289,5 +314,43 @@ mod tests {
             .count();
         assert_eq!(moved, counts["r3"]);
         assert!(owner(&ids[0], &[]).is_none());
+    }
+
+    #[test]
+    fn consecutive_chunks_have_different_owners_in_an_order_all_agree_on() {
+        let eight = peers(8);
+        let chunks: Vec<ChunkRef> = (0..800u32)
+            .map(|i| ChunkRef {
+                id: ChunkId::of(&i.to_le_bytes()),
+                size: 1,
+                stored: 1,
+            })
+            .collect();
+        let mut order = chunks.clone();
+        fetch_order(&mut order, &eight);
+        // Any window of 8 spans at least 6 owners (exactly 8 until the
+        // owners with fewer chunks run out).
+        for window in order[..300].windows(8) {
+            let owners: std::collections::HashSet<_> = window
+                .iter()
+                .map(|c| owner(&c.id, &eight).unwrap().id.clone())
+                .collect();
+            assert!(owners.len() >= 6, "{owners:?}");
+        }
+        // The same order whatever order the peers are listed in.
+        let mut reversed: Vec<Peer> = eight.clone();
+        reversed.reverse();
+        let mut again = chunks.clone();
+        fetch_order(&mut again, &reversed);
+        assert_eq!(again, order);
+        // Nothing lost; alone, the manifest order stands.
+        let mut sorted = order.clone();
+        sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        let mut expected = chunks.clone();
+        expected.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        assert_eq!(sorted, expected);
+        let mut alone = chunks.clone();
+        fetch_order(&mut alone, &[]);
+        assert_eq!(alone, chunks);
     }
 }

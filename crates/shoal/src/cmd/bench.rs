@@ -50,6 +50,17 @@ pub(crate) enum BenchCommand {
         /// Alternating rounds.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Run every member as a process on its own emulated host (network
+        /// namespace, rate-limited link, CPU quota), as if on separate
+        /// machines. Needs root and iproute2.
+        #[arg(long)]
+        isolate: bool,
+        /// With --isolate: each host's link, Mbit/s each way.
+        #[arg(long, default_value_t = 100, requires = "isolate")]
+        link_mbit: u32,
+        /// With --isolate: each host's CPU quota, in cores.
+        #[arg(long, default_value_t = 0.2, requires = "isolate")]
+        cpu: f64,
     },
     /// Wire bytes for a new version that changes one tensor, against rsync.
     Delta {
@@ -148,8 +159,26 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             replicas,
             size_mb,
             rounds,
+            isolate,
+            link_mbit,
+            cpu,
         } => {
-            let r = shoal_bench::fleet::convergence(replicas, size_mb, rounds, &scratch()).await?;
+            let isolation = if isolate {
+                Some(shoal_bench::fleet::Isolation {
+                    host: shoal_bench::lab::HostSpec { link_mbit, cpu },
+                    exe: std::env::current_exe()?,
+                })
+            } else {
+                None
+            };
+            let r = shoal_bench::fleet::convergence(
+                replicas,
+                size_mb,
+                rounds,
+                &scratch(),
+                isolation.as_ref(),
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -157,6 +186,12 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     "artifact {} bytes; {} rounds, alternating 1 replica / {} replicas",
                     r.artifact_bytes, rounds, r.replicas
                 );
+                if let Some(host) = r.isolation {
+                    println!(
+                        "every member on its own emulated host: {} Mbit/s link, {} cores",
+                        host.link_mbit, host.cpu
+                    );
+                }
                 for (i, (a, b)) in r.single_s.iter().zip(&r.fleet_s).enumerate() {
                     println!(
                         "  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   origin egress {:.2}x artifact",
