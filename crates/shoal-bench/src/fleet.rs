@@ -35,7 +35,7 @@ enum Members {
     },
     /// As `shoal` processes, one per emulated host of a [`Lab`]; the
     /// replicas' base URLs.
-    Lab { _lab: Lab, replicas: Vec<String> },
+    Lab { lab: Lab, replicas: Vec<String> },
 }
 
 /// A control plane and replicas, in this process on loopback or on
@@ -154,10 +154,7 @@ impl Fleet {
             replicas.push(format!("http://{addr}"));
         }
         let fleet = Fleet {
-            members: Members::Lab {
-                _lab: lab,
-                replicas,
-            },
+            members: Members::Lab { lab, replicas },
             client: ControlClient::new(&url, None),
             dir: dir.to_owned(),
         };
@@ -242,7 +239,8 @@ impl Fleet {
                     }
                 }
             }
-            Members::Lab { replicas, .. } => {
+            Members::Lab { lab, replicas } => {
+                let throttled_before = lab.throttled_ms();
                 let ready = format!("/v2/models/{model}/versions/{version}/ready");
                 let times = futures::future::try_join_all(replicas.iter().map(|url| {
                     let ready = ready.clone();
@@ -260,7 +258,16 @@ impl Fleet {
                 }))
                 .await?;
                 if std::env::var_os("SHOAL_BENCH_TRACE").is_some() {
-                    eprintln!("ready after {times:.2?} s");
+                    let throttled: Vec<u64> = lab
+                        .throttled_ms()
+                        .iter()
+                        .zip(&throttled_before)
+                        .map(|(after, before)| after - before)
+                        .collect();
+                    eprintln!(
+                        "ready after {times:.2?} s; ms held back by the CPU quota \
+                         (control, replicas…): {throttled:?}"
+                    );
                 }
             }
         }

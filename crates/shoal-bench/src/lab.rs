@@ -182,6 +182,28 @@ impl Lab {
         Ok(())
     }
 
+    /// How long each host has been held back by its CPU quota so far
+    /// (cgroup `cpu.stat`), in milliseconds.
+    pub fn throttled_ms(&self) -> Vec<u64> {
+        self.cgroups
+            .iter()
+            .map(|dir| {
+                let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+                stat.lines()
+                    .find_map(|l| {
+                        let (key, value) = l.split_once(' ')?;
+                        let value: u64 = value.trim().parse().ok()?;
+                        match key {
+                            "throttled_time" => Some(value / 1_000_000), // v1: ns
+                            "throttled_usec" => Some(value / 1_000),     // v2: µs
+                            _ => None,
+                        }
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
     fn teardown(&mut self) {
         for child in &mut self.children {
             let _ = child.kill();
