@@ -4,8 +4,9 @@
 Shoal speaks the Open Inference Protocol v2 so that clients written for
 Triton and KServe work against it as they are. This script drives the
 official `tritonclient[http]` package against a running replica or gateway
-and exits non-zero, with the reason, on the first mismatch. JSON tensors
-are used (binary_data=False) because the binary extension is not served yet.
+and exits non-zero, with the reason, on the first mismatch. It infers
+with JSON tensors (binary_data=False) and with the client's defaults,
+which send inputs and ask for outputs as binary tensor data.
 
 Usage: tritonclient_check.py HOST:PORT MODEL SAMPLES_JSON MIN_ACCURACY
 """
@@ -64,6 +65,40 @@ def main():
     accuracy = float((predicted == labels).mean())
     if accuracy < min_accuracy:
         fail(f"accuracy {accuracy:.4f} below {min_accuracy:.4f}")
+
+    # The client's defaults: inputs as binary data, outputs asked for as
+    # binary data; all outputs (binary, as the client asks when none are
+    # named); binary inputs with one output as JSON.
+    binp = httpclient.InferInput("input", list(x.shape), "FP32")
+    binp.set_data_from_numpy(x)
+    binary = client.infer(
+        model,
+        inputs=[binp],
+        outputs=[httpclient.InferRequestedOutput("label"), httpclient.InferRequestedOutput("probabilities")],
+        request_id="triton-check-2",
+    )
+    if not np.array_equal(binary.as_numpy("label"), predicted):
+        fail("binary inference disagrees with JSON inference")
+    if not np.allclose(binary.as_numpy("probabilities"), probs, atol=1e-6):
+        fail("binary probabilities differ from JSON ones")
+    if binary.get_output("label").get("parameters", {}).get("binary_data_size") != 8 * len(x):
+        fail(f"label output was not returned as binary: {binary.get_output('label')}")
+    # No outputs named: the client asks for all of them as binary data.
+    everything = client.infer(model, inputs=[binp])
+    if not np.array_equal(everything.as_numpy("label"), predicted):
+        fail("binary inference of all outputs disagrees with JSON inference")
+    if "binary_data_size" not in everything.get_output("probabilities").get("parameters", {}):
+        fail("outputs were not returned as binary when the client asked for all of them so")
+    # Binary inputs, one output asked for as JSON.
+    mixed = client.infer(
+        model, inputs=[binp], outputs=[httpclient.InferRequestedOutput("label", binary_data=False)]
+    )
+    if not np.array_equal(mixed.as_numpy("label"), predicted):
+        fail("binary inputs with JSON outputs disagree with JSON inference")
+    if "data" not in mixed.get_output("label") or mixed.get_output("probabilities") is not None:
+        fail(f"asked for label as JSON only, got {mixed.get_response()}")
+    if "binary_tensor_data" not in meta.get("extensions", []):
+        fail(f"server metadata does not list binary_tensor_data: {meta}")
 
     # Versioned inference and a wrong shape, as Triton users would send them.
     one = httpclient.InferInput("input", [1, 64], "FP32")

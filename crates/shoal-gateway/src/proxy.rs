@@ -70,7 +70,7 @@ async fn server_metadata() -> Response {
         &ServerMetadata {
             name: "shoal".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec![],
+            extensions: vec!["binary_tensor_data".into()],
         },
     )
 }
@@ -142,20 +142,43 @@ impl Attempt {
     }
 }
 
+/// A request body as the gateway forwards it: JSON, or JSON and binary
+/// tensors with the length of the JSON part (Triton's binary extension).
+#[derive(Debug, Clone, Default)]
+struct Payload {
+    body: Bytes,
+    json_len: Option<HeaderValue>,
+}
+
+/// The `Inference-Header-Content-Length` of a response, if it has binary
+/// outputs.
+fn json_len_of(response: &Response) -> Option<String> {
+    response
+        .headers()
+        .get(shoal_oip::BINARY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 async fn send(
     gateway: &Gateway,
     endpoint: &Arc<Endpoint>,
     method: Method,
     path: &str,
-    body: Bytes,
+    payload: &Payload,
 ) -> Attempt {
     let _in_flight = endpoint.start();
     let started = Instant::now();
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(method)
-        .uri(format!("http://{}{path}", endpoint.address))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body));
+        .uri(format!("http://{}{path}", endpoint.address));
+    request = match &payload.json_len {
+        None => request.header(header::CONTENT_TYPE, "application/json"),
+        Some(len) => request
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(shoal_oip::BINARY_HEADER, len.clone()),
+    };
+    let request = request.body(Full::new(payload.body.clone()));
     let Ok(request) = request else {
         return Attempt::Failed(Failure::Reset, "cannot build the upstream request".into());
     };
@@ -316,9 +339,9 @@ async fn hedged(
     first: &Arc<Endpoint>,
     second: Option<Arc<Endpoint>>,
     path: &str,
-    body: &Bytes,
+    payload: &Payload,
 ) -> (Attempt, Arc<Endpoint>) {
-    let primary = send(gateway, first, Method::POST, path, body.clone());
+    let primary = send(gateway, first, Method::POST, path, payload);
     tokio::pin!(primary);
     let delay = if gateway.config.hedge {
         gateway.latencies.p95(model)
@@ -338,7 +361,7 @@ async fn hedged(
     gateway.metrics.hedge(model);
     gateway.metrics.attempt(model);
     let second_ref = second.clone();
-    let backup = send(gateway, &second_ref, Method::POST, path, body.clone());
+    let backup = send(gateway, &second_ref, Method::POST, path, payload);
     tokio::pin!(backup);
     tokio::select! {
         a = &mut primary => if a.is_final() { (a, first.clone()) } else { (backup.await, second) },
@@ -368,15 +391,16 @@ async fn body_bytes(response: Response) -> (Response, Bytes) {
     )
 }
 
-/// The primary's answer, for the shadow to be compared with.
-type PrimaryAnswer = tokio::sync::oneshot::Sender<(Bytes, Duration)>;
+/// The primary's answer (body, binary JSON length, time), for the shadow to
+/// be compared with.
+type PrimaryAnswer = tokio::sync::oneshot::Sender<(Bytes, Option<String>, Duration)>;
 
 /// Copies the request to the shadow `version` now, so both versions see the
 /// same load at the same time; once the primary's answer arrives through
 /// the returned sender, compares the two answers. Users never wait for, or
 /// see, the shadow's answer.
-fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> PrimaryAnswer {
-    let (tx, rx) = tokio::sync::oneshot::channel::<(Bytes, Duration)>();
+fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, payload: Payload) -> PrimaryAnswer {
+    let (tx, rx) = tokio::sync::oneshot::channel::<(Bytes, Option<String>, Duration)>();
     let gateway = gateway.clone();
     let model = model.to_owned();
     tokio::spawn(async move {
@@ -393,10 +417,11 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> 
             return;
         };
         let path = format!("/v2/models/{model}/versions/{version}/infer");
-        let candidate = match send(&gateway, &endpoint, Method::POST, &path, body).await {
+        let candidate = match send(&gateway, &endpoint, Method::POST, &path, &payload).await {
             Attempt::Answer(r, rtt) if r.status().is_success() => {
                 gateway.metrics.shadowed(&model, "success");
-                Some((body_bytes(r).await.1, rtt))
+                let json_len = json_len_of(&r);
+                Some((body_bytes(r).await.1, json_len, rtt))
             }
             Attempt::Answer(..) => {
                 gateway.metrics.shadowed(&model, "client_error");
@@ -407,8 +432,8 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> 
                 None
             }
         };
-        let candidate = candidate.and_then(|(bytes, rtt)| {
-            shoal_oip::decode_response(&bytes)
+        let candidate = candidate.and_then(|(bytes, json_len, rtt)| {
+            shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
                 .ok()
                 .map(|d| (d.outputs, rtt))
         });
@@ -416,8 +441,8 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, body: Bytes) -> 
             gateway.learning.shadowed(&model, Mirrored::CandidateFailed);
             return;
         };
-        let primary = rx.await.ok().and_then(|(bytes, rtt)| {
-            shoal_oip::decode_response(&bytes)
+        let primary = rx.await.ok().and_then(|(bytes, json_len, rtt)| {
+            shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
                 .ok()
                 .map(|d| (d.outputs, rtt))
         });
@@ -560,16 +585,15 @@ async fn route_inference(
         .protection
         .admit(headers, Some(peer))
         .map_err(|refusal| refusal_error(gateway, refusal))?;
-    if headers.contains_key("inference-header-content-length") {
-        return Err(ApiError::bad_request(
-            "the binary tensor data extension is not supported yet; send JSON tensors (with tritonclient: binary_data=False on inputs and outputs)",
-        ));
-    }
+    let json_len_text = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
+    let json_len = headers.get(shoal_oip::BINARY_HEADER).cloned();
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
-    let request_id = shoal_oip::precheck_request(&body, &shoal_oip::Limits::default())
-        .map_err(|e| ApiError::bad_request(e.0))?;
-    gateway.protection.log_payload(model, &who, &body);
+    let request_id =
+        shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
+            .map_err(|e| ApiError::bad_request(e.0))?;
+    let payload = Payload { body, json_len };
+    gateway.protection.log_payload(model, &who, &payload.body);
 
     let state = gateway.routes.snapshot();
     let policy = state.policies.get(model);
@@ -588,7 +612,7 @@ async fn route_inference(
         .is_none()
         .then(|| shadow_version(&state, model))
         .flatten()
-        .map(|shadow| mirror(gateway, model, shadow, body.clone()));
+        .map(|shadow| mirror(gateway, model, shadow, payload.clone()));
 
     gateway.budget.deposit();
     let mut tried: Vec<String> = Vec::new();
@@ -638,7 +662,8 @@ async fn route_inference(
             None => format!("/v2/models/{model}/infer"),
         };
         gateway.metrics.attempt(model);
-        let (outcome, answered_by) = hedged(gateway, model, &endpoint, second, &path, &body).await;
+        let (outcome, answered_by) =
+            hedged(gateway, model, &endpoint, second, &path, &payload).await;
         let reason = match outcome {
             Attempt::Answer(mut response, rtt) => {
                 gateway.latencies.record(model, rtt);
@@ -659,9 +684,10 @@ async fn route_inference(
                 if let Some(tx) = primary_answer.take()
                     && response.status().is_success()
                 {
+                    let json_len = json_len_of(&response);
                     let (rebuilt, bytes) = body_bytes(response).await;
                     response = rebuilt;
-                    let _ = tx.send((bytes, rtt));
+                    let _ = tx.send((bytes, json_len, rtt));
                 }
                 // Remembered for feedback to find the version it rewards.
                 gateway
@@ -772,7 +798,7 @@ async fn forward_get(
         else {
             break;
         };
-        match send(gateway, &endpoint, Method::GET, path, Bytes::new()).await {
+        match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
             Attempt::Answer(response, _) | Attempt::Stale(response, _) => return response,
             Attempt::ServerError(response) => last = Some(response),
             Attempt::Failed(_, detail) => {

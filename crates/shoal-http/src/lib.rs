@@ -145,6 +145,22 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
+/// The value of header `name` as text, if present; a 400 naming the header
+/// when it is not visible ASCII.
+pub fn header_text<'a>(
+    headers: &'a http::HeaderMap,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request(format!("header {name} must be plain ASCII text"))
+            })
+        })
+        .transpose()
+}
+
 /// Rejects a declared `Content-Length` over `limit` before reading anything.
 pub fn check_content_length(headers: &http::HeaderMap, limit: usize) -> Result<(), ApiError> {
     let declared = headers

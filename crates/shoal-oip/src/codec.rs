@@ -64,20 +64,52 @@ struct WireRequest<'a> {
     outputs: Option<Vec<RequestOutput>>,
 }
 
+impl DecodedRequest {
+    /// True when output `name` is to be returned as binary data: asked for
+    /// with `"binary_data": true`, or by the request-wide
+    /// `"binary_data_output": true` unless the output says otherwise.
+    pub fn binary_output(&self, name: &str) -> bool {
+        let flag = |params: Option<&serde_json::Map<String, serde_json::Value>>, key: &str| {
+            params
+                .and_then(|p| p.get(key))
+                .and_then(serde_json::Value::as_bool)
+        };
+        let own = self
+            .outputs
+            .iter()
+            .flatten()
+            .find(|o| o.name == name)
+            .and_then(|o| flag(o.parameters.as_ref(), "binary_data"));
+        own.or_else(|| flag(self.parameters.as_ref(), "binary_data_output"))
+            .unwrap_or(false)
+    }
+}
+
 #[derive(Deserialize)]
 struct WireTensor<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
-    #[allow(dead_code)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(borrow)]
-    data: &'a RawValue,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
 }
 
-/// Parses and checks an inference request body.
+/// Parses and checks an inference request body of JSON tensors.
 pub fn decode_request(body: &[u8], limits: &Limits) -> Result<DecodedRequest, DecodeError> {
+    decode_request_parts(body, None, limits)
+}
+
+/// Parses and checks an inference request body; `json_len` is the value of
+/// the `Inference-Header-Content-Length` header when the request uses the
+/// binary tensor data extension ([`crate::binary`]).
+pub fn decode_request_parts(
+    body: &[u8],
+    json_len: Option<&str>,
+    limits: &Limits,
+) -> Result<DecodedRequest, DecodeError> {
+    let (body, binary) = crate::binary::split_body(body, json_len)?;
     // serde would accept a JSON array for a struct and then complain about
     // its length; say plainly what the body must be instead.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
@@ -100,10 +132,7 @@ pub fn decode_request(body: &[u8], limits: &Limits) -> Result<DecodedRequest, De
         .into_iter()
         .map(|t| check_header(t, &mut budget, limits.max_elements))
         .collect::<Result<Vec<_>, _>>()?;
-    let inputs = headers
-        .into_iter()
-        .map(Header::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+    let inputs = parse_all(headers, binary, "input")?;
     Ok(DecodedRequest {
         id: wire.id,
         parameters: wire.parameters,
@@ -127,9 +156,19 @@ struct LiteTensor<'a> {
     shape: Vec<i64>,
     #[serde(borrow)]
     datatype: std::borrow::Cow<'a, str>,
-    #[allow(dead_code)]
-    data: serde::de::IgnoredAny,
+    #[serde(default)]
+    data: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+/// `binary_data_size` from a tensor's parameters.
+fn binary_size(parameters: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<u64> {
+    parameters?.get("binary_data_size")?.as_u64()
+}
+
+const MISSING_DATA: &str = "missing field `data` (or, with the binary tensor extension, a \
+                            \"binary_data_size\" parameter)";
 
 /// Checks a request's structure without decoding tensor data: a JSON
 /// object with non-empty `inputs`, each with a name, a known datatype, a
@@ -138,6 +177,18 @@ struct LiteTensor<'a> {
 /// checks the rest against the model.
 /// Returns the request's `id`, if it has one.
 pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Option<String>, DecodeError> {
+    precheck_request_parts(body, None, limits)
+}
+
+/// [`precheck_request`] for a body that may use the binary tensor data
+/// extension (`json_len`: the `Inference-Header-Content-Length` header).
+pub fn precheck_request_parts(
+    body: &[u8],
+    json_len: Option<&str>,
+    limits: &Limits,
+) -> Result<Option<String>, DecodeError> {
+    let (body, binary) = crate::binary::split_body(body, json_len)?;
+    let mut binary_left = binary.len() as u64;
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
         return Err(DecodeError(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
@@ -154,6 +205,15 @@ pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Option<String>, 
     let id = lite.id;
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
+        if t.data.is_none() {
+            let size =
+                binary_size(t.parameters.as_ref()).ok_or_else(|| err(MISSING_DATA.into()))?;
+            binary_left = binary_left.checked_sub(size).ok_or_else(|| {
+                err(format!(
+                    "binary_data_size is {size} but only {binary_left} bytes of binary data remain"
+                ))
+            })?;
+        }
         if DataType::parse(&t.datatype).is_none() {
             let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
             return Err(err(format!(
@@ -184,6 +244,14 @@ pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Option<String>, 
     Ok(id)
 }
 
+/// Where a tensor's data is.
+enum Payload<'a> {
+    /// A JSON array, as text.
+    Json(&'a str),
+    /// The next this many bytes of the binary part.
+    Binary(usize),
+}
+
 /// A tensor whose name, datatype and shape are checked but whose data is
 /// still raw JSON text.
 struct Header<'a> {
@@ -191,7 +259,7 @@ struct Header<'a> {
     datatype: DataType,
     shape: Vec<usize>,
     count: usize,
-    data: &'a str,
+    data: Payload<'a>,
 }
 
 fn check_header<'a>(
@@ -228,17 +296,65 @@ fn check_header<'a>(
             ))
         })?;
     *budget -= count;
+    let data = match wire.data {
+        Some(raw) => Payload::Json(raw.get()),
+        None => {
+            let size =
+                binary_size(wire.parameters.as_ref()).ok_or_else(|| err(MISSING_DATA.into()))?;
+            Payload::Binary(usize::try_from(size).unwrap_or(usize::MAX))
+        }
+    };
     Ok(Header {
         name,
         datatype,
         shape,
         count,
-        data: wire.data.get(),
+        data,
     })
 }
 
+/// Parses every tensor, taking binary payloads from `binary` in order;
+/// `what` ("input", "output") names them in errors.
+fn parse_all(
+    headers: Vec<Header<'_>>,
+    binary: &[u8],
+    what: &str,
+) -> Result<Vec<Tensor>, DecodeError> {
+    let mut rest = binary;
+    let tensors = headers
+        .into_iter()
+        .map(|h| {
+            let bytes = match h.data {
+                Payload::Binary(size) => {
+                    if size > rest.len() {
+                        return Err(DecodeError(format!(
+                            "{what} {:?}: binary_data_size is {size} but only {} bytes of binary data remain",
+                            h.name,
+                            rest.len()
+                        )));
+                    }
+                    let (mine, tail) = rest.split_at(size);
+                    rest = tail;
+                    Some(mine)
+                }
+                Payload::Json(_) => None,
+            };
+            h.parse(bytes)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !rest.is_empty() {
+        return Err(DecodeError(format!(
+            "{} bytes of binary data are left over after the {what}s that declared binary_data_size",
+            rest.len()
+        )));
+    }
+    Ok(tensors)
+}
+
 impl Header<'_> {
-    fn parse(self) -> Result<Tensor, DecodeError> {
+    /// The tensor, from its JSON data or from `binary` (its share of the
+    /// binary part).
+    fn parse(self, binary: Option<&[u8]>) -> Result<Tensor, DecodeError> {
         let Header {
             name,
             datatype,
@@ -247,6 +363,14 @@ impl Header<'_> {
             data,
         } = self;
         let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
+        let data = match (data, binary) {
+            (Payload::Json(text), _) => text,
+            (Payload::Binary(_), bytes) => {
+                let data = crate::binary::decode(bytes.unwrap_or_default(), datatype, count)
+                    .map_err(|e| err(e.0))?;
+                return Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()));
+            }
+        };
         if !data.starts_with('[') {
             return Err(err(format!(
                 "\"data\" must be a JSON array of {count} elements, got {}",
@@ -518,32 +642,82 @@ struct WireOutput<'a> {
     name: &'a str,
     datatype: &'static str,
     shape: &'a [usize],
-    data: DataJson<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinaryParameters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<DataJson<'a>>,
 }
 
-/// Writes an inference response body.
+#[derive(Serialize)]
+struct BinaryParameters {
+    binary_data_size: usize,
+}
+
+/// An encoded response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedResponse {
+    /// The body: JSON, then any binary outputs.
+    pub body: Vec<u8>,
+    /// Length of the JSON part when there are binary outputs: the value of
+    /// the `Inference-Header-Content-Length` response header.
+    pub json_len: Option<usize>,
+}
+
+/// Writes an inference response body of JSON tensors.
 pub fn encode_response(
     model_name: &str,
     model_version: Option<&str>,
     id: Option<&str>,
     outputs: &[Tensor],
 ) -> Vec<u8> {
+    encode_response_parts(model_name, model_version, id, outputs, |_| false).body
+}
+
+/// Writes an inference response body, with the outputs for which
+/// `binary(name)` holds as binary data after the JSON part.
+pub fn encode_response_parts(
+    model_name: &str,
+    model_version: Option<&str>,
+    id: Option<&str>,
+    outputs: &[Tensor],
+    binary: impl Fn(&str) -> bool,
+) -> EncodedResponse {
+    let mut tail = Vec::new();
     let wire = WireResponse {
         model_name,
         model_version,
         id,
         outputs: outputs
             .iter()
-            .map(|t| WireOutput {
-                name: &t.name,
-                datatype: t.datatype().as_str(),
-                shape: t.shape(),
-                data: DataJson(t.data()),
+            .map(|t| {
+                let (parameters, data) = if binary(&t.name) {
+                    let before = tail.len();
+                    crate::binary::encode(t.data(), &mut tail);
+                    let size = tail.len() - before;
+                    (
+                        Some(BinaryParameters {
+                            binary_data_size: size,
+                        }),
+                        None,
+                    )
+                } else {
+                    (None, Some(DataJson(t.data())))
+                };
+                WireOutput {
+                    name: &t.name,
+                    datatype: t.datatype().as_str(),
+                    shape: t.shape(),
+                    parameters,
+                    data,
+                }
             })
             .collect(),
     };
     // Serializing plain structs of strings and numbers into a Vec cannot fail.
-    serde_json::to_vec(&wire).unwrap_or_default()
+    let mut body = serde_json::to_vec(&wire).unwrap_or_default();
+    let json_len = (!tail.is_empty()).then_some(body.len());
+    body.extend_from_slice(&tail);
+    EncodedResponse { body, json_len }
 }
 
 /// A parsed inference response, for clients (gateway comparisons, tools, tests).
@@ -570,16 +744,27 @@ struct WireResponseIn<'a> {
     outputs: Vec<WireTensor<'a>>,
 }
 
-/// Parses an inference response body.
+/// Parses an inference response body of JSON tensors.
 pub fn decode_response(body: &[u8]) -> Result<DecodedResponse, DecodeError> {
+    decode_response_parts(body, None)
+}
+
+/// Parses an inference response body; `json_len` is its
+/// `Inference-Header-Content-Length` header, if any.
+pub fn decode_response_parts(
+    body: &[u8],
+    json_len: Option<&str>,
+) -> Result<DecodedResponse, DecodeError> {
+    let (body, binary) = crate::binary::split_body(body, json_len)?;
     let wire: WireResponseIn<'_> = serde_json::from_slice(body)
         .map_err(|e| DecodeError(format!("invalid inference response: {e}")))?;
     let mut budget = usize::MAX;
-    let outputs = wire
+    let headers = wire
         .outputs
         .into_iter()
-        .map(|t| check_header(t, &mut budget, usize::MAX).and_then(Header::parse))
+        .map(|t| check_header(t, &mut budget, usize::MAX))
         .collect::<Result<Vec<_>, _>>()?;
+    let outputs = parse_all(headers, binary, "output")?;
     Ok(DecodedResponse {
         model_name: wire.model_name,
         model_version: wire.model_version,
@@ -788,6 +973,112 @@ mod tests {
         assert_eq!(r.id.as_deref(), Some("req-7"));
         assert_eq!(r.parameters.unwrap()["k"], 1);
         assert_eq!(r.outputs.unwrap()[0].name, "y");
+    }
+
+    #[test]
+    fn binary_inputs_and_outputs() {
+        let mut binary = Vec::new();
+        for x in [0.5f32, -1.0, 2.0, 4.0] {
+            binary.extend_from_slice(&x.to_le_bytes());
+        }
+        binary.extend_from_slice(&[1, 0]);
+        let json = r#"{"id":"b","parameters":{"binary_data_output":true},"inputs":[
+            {"name":"x","shape":[2,2],"datatype":"FP32","parameters":{"binary_data_size":16}},
+            {"name":"k","shape":[1],"datatype":"INT64","data":[3]},
+            {"name":"m","shape":[2],"datatype":"BOOL","parameters":{"binary_data_size":2}}],
+            "outputs":[{"name":"p"},{"name":"label","parameters":{"binary_data":false}}]}"#;
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(&binary);
+        let len = json.len().to_string();
+        let limits = Limits::default();
+        let r = decode_request_parts(&body, Some(&len), &limits).unwrap();
+        assert_eq!(
+            r.inputs,
+            vec![
+                Tensor::new("x", vec![2, 2], TensorData::Fp32(vec![0.5, -1.0, 2.0, 4.0])).unwrap(),
+                Tensor::new("k", vec![1], TensorData::Int64(vec![3])).unwrap(),
+                Tensor::new("m", vec![2], TensorData::Bool(vec![true, false])).unwrap(),
+            ]
+        );
+        assert_eq!(
+            precheck_request_parts(&body, Some(&len), &limits)
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        // Request-wide binary_data_output, unless an output says otherwise.
+        assert!(r.binary_output("p"));
+        assert!(!r.binary_output("label"));
+        assert!(
+            !decode_request(
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                &limits
+            )
+            .unwrap()
+            .binary_output("p")
+        );
+
+        let outputs = vec![
+            Tensor::new("p", vec![1, 2], TensorData::Fp32(vec![0.25, 0.75])).unwrap(),
+            Tensor::new("label", vec![1], TensorData::Int64(vec![1])).unwrap(),
+        ];
+        let encoded = encode_response_parts("digits", Some("2"), Some("b"), &outputs, |n| {
+            r.binary_output(n)
+        });
+        let json_len = encoded.json_len.expect("a binary output");
+        let head = std::str::from_utf8(&encoded.body[..json_len]).unwrap();
+        assert_eq!(
+            head,
+            r#"{"model_name":"digits","model_version":"2","id":"b","outputs":[{"name":"p","datatype":"FP32","shape":[1,2],"parameters":{"binary_data_size":8}},{"name":"label","datatype":"INT64","shape":[1],"data":[1]}]}"#
+        );
+        assert_eq!(encoded.body.len(), json_len + 8);
+        let back = decode_response_parts(&encoded.body, Some(&json_len.to_string())).unwrap();
+        assert_eq!(back.outputs, outputs);
+        let plain = encode_response_parts("digits", None, None, &outputs, |_| false);
+        assert_eq!(plain.json_len, None);
+        assert_eq!(plain.body, encode_response("digits", None, None, &outputs));
+    }
+
+    #[test]
+    fn bad_binary_requests_say_what_is_wrong() {
+        let limits = Limits::default();
+        let json = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let with = |tail: &[u8]| {
+            let mut body = json.as_bytes().to_vec();
+            body.extend_from_slice(tail);
+            body
+        };
+        let len = json.len().to_string();
+        for (body, header, message) in [
+            (
+                with(&[0; 4]),
+                Some(len.as_str()),
+                "binary_data_size is 8 but only 4 bytes",
+            ),
+            (
+                with(&[0; 12]),
+                Some(len.as_str()),
+                "4 bytes of binary data are left over",
+            ),
+            (with(&[]), None, "binary_data_size is 8 but only 0 bytes"),
+            (with(&[0; 8]), Some("9999"), "the body has only"),
+        ] {
+            let e = decode_request_parts(&body, header, &limits).unwrap_err().0;
+            assert!(e.contains(message), "{e}");
+        }
+        // The wrong size for the shape.
+        let json = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(&[0; 4]);
+        let e = decode_request_parts(&body, Some(&json.len().to_string()), &limits)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("has 4 bytes but 2 FP32 elements take 8"), "{e}");
+        // The gateway's precheck sees a short binary part too.
+        let e = precheck_request_parts(&body[..json.len()], Some(&json.len().to_string()), &limits)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("only 0 bytes of binary data remain"), "{e}");
     }
 
     #[test]

@@ -71,8 +71,8 @@ impl ModelMetadata {
 pub struct RequestOutput {
     /// Output name.
     pub name: String,
-    /// Per-output parameters (e.g. Triton's `binary_data`), accepted and
-    /// ignored: outputs are always returned as JSON for now.
+    /// Per-output parameters, e.g. Triton's `"binary_data": true` to get
+    /// this output as raw bytes after the JSON part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }

@@ -37,9 +37,6 @@ use crate::{ArtifactSource, LoadFailure, LoadSpec, Replica};
 pub const REPLICA_HEADER: &str = "x-shoal-replica";
 /// Response header naming the model version that answered.
 pub const VERSION_HEADER: &str = "x-shoal-model-version";
-/// Triton's binary tensor extension announces itself with this header.
-const BINARY_HEADER: &str = "inference-header-content-length";
-
 type Shared = State<Arc<Replica>>;
 
 /// The replica's routes.
@@ -98,7 +95,7 @@ async fn server_metadata() -> Response {
         &ServerMetadata {
             name: "shoal".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec![],
+            extensions: vec!["binary_tensor_data".into()],
         },
     )
 }
@@ -226,12 +223,7 @@ async fn infer_common(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if headers.contains_key(BINARY_HEADER) {
-        return Err(ApiError::bad_request(
-            "the binary tensor data extension is not supported yet; send JSON tensors \
-             (with tritonclient: binary_data=False on inputs and outputs)",
-        ));
-    }
+    let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
     let serving = lookup(replica, model, version)?;
     let body = shoal_http::read_body(body, replica.body_limit).await?;
@@ -257,7 +249,7 @@ async fn infer_common(
             ));
         }
     }
-    let result = run_inference(replica, &serving, &body).await;
+    let result = run_inference(replica, &serving, &body, json_len).await;
     let (outcome, error) = match &result {
         Ok(_) => (Outcome::Success, None),
         Err((outcome, e)) => (*outcome, Some(e.message.as_str())),
@@ -271,7 +263,19 @@ async fn infer_common(
     }
     .emit(&serving.metrics);
     let mut response = match result {
-        Ok(bytes) => json_bytes_response(StatusCode::OK, bytes),
+        Ok(encoded) => match encoded.json_len {
+            None => json_bytes_response(StatusCode::OK, encoded.body),
+            Some(len) => {
+                let mut response = (StatusCode::OK, encoded.body).into_response();
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(len));
+                response
+            }
+        },
         Err((_, e)) => e.into_response(),
     };
     let headers = response.headers_mut();
@@ -288,9 +292,11 @@ async fn run_inference(
     replica: &Replica,
     serving: &ServingVersion,
     body: &[u8],
-) -> Result<Vec<u8>, (Outcome, ApiError)> {
+    json_len: Option<&str>,
+) -> Result<shoal_oip::EncodedResponse, (Outcome, ApiError)> {
     let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
-    let request = shoal_oip::decode_request(body, &replica.limits).map_err(|e| invalid(e.0))?;
+    let mut request = shoal_oip::decode_request_parts(body, json_len, &replica.limits)
+        .map_err(|e| invalid(e.0))?;
     let signature = serving.loaded.signature();
     // Resolve requested outputs before running, so a typo costs no inference.
     let selected: Option<Vec<usize>> = match &request.outputs {
@@ -321,7 +327,7 @@ async fn run_inference(
     };
     let outputs = replica
         .pool()
-        .run(&serving.loaded, request.inputs)
+        .run(&serving.loaded, std::mem::take(&mut request.inputs))
         .await
         .map_err(|e| match e {
             RunError::Input(e) => invalid(e.to_string()),
@@ -337,11 +343,12 @@ async fn run_inference(
             .filter_map(|i| outputs.get(i).cloned())
             .collect(),
     };
-    Ok(shoal_oip::encode_response(
+    Ok(shoal_oip::encode_response_parts(
         serving.model.as_str(),
         Some(serving.version.as_str()),
         request.id.as_deref(),
         &outputs,
+        |name| request.binary_output(name),
     ))
 }
 

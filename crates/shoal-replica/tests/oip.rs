@@ -382,17 +382,23 @@ async fn bad_input_gets_a_clear_error_and_harms_nothing() {
             "{uri}: {error:?} should contain {message:?}"
         );
     }
-    // Triton's binary extension is refused with advice.
-    let r = call(
-        &app,
-        Method::POST,
-        "/v2/models/digits/infer",
-        &[("inference-header-content-length", "100")],
-        good.clone(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().contains("binary_data=False"));
+    // Triton's binary extension: a JSON part longer than the body, or a
+    // length that is not a number, is refused with the reason.
+    for (length, message) in [
+        ("100000", "the body has only"),
+        ("ten", "length of the JSON part"),
+    ] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/v2/models/digits/infer",
+            &[("inference-header-content-length", length)],
+            good.clone(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.error().contains(message), "{}", r.error());
+    }
     // Wrong method and unknown route are JSON errors too.
     let r = get(&app, "/v2/models/digits/infer").await;
     assert_eq!(
@@ -415,7 +421,7 @@ async fn bad_input_gets_a_clear_error_and_harms_nothing() {
     let metrics = replica.encode_metrics();
     assert!(metrics.contains(r#"model_predictions_total{model="digits",model_version="1",replica_id="r-test",outcome="success"} 1"#), "{metrics}");
     assert!(
-        metrics.contains(r#"outcome="invalid_input"} 15"#),
+        metrics.contains(r#"outcome="invalid_input"} 17"#),
         "{metrics}"
     );
 }

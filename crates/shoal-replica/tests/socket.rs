@@ -71,25 +71,9 @@ async fn endpoints_over_tcp() {
 async fn triton_python_client_works_unchanged() {
     let server = start().await;
     let samples = Samples::load();
-    let root = shoal_testkit::models_dir().join("..");
     // One sample of slack for engines rounding a near tie differently.
     #[allow(clippy::cast_precision_loss)]
     let min_accuracy = samples.accuracy["digits-v2"] - 1.0 / samples.labels.len() as f64 - 1e-9;
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tools/tritonclient_check.py"))
-        .arg(server.addr.to_string())
-        .arg("digits")
-        .arg(shoal_testkit::model_path("digits-samples.json"))
-        .arg(min_accuracy.to_string())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python3 runs (install the test dependencies with scripts/setup-python)");
-    assert!(
-        output.status.success(),
-        "tritonclient check failed (scripts/setup-python installs tritonclient):\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    shoal_testkit::tritonclient_check(&server.addr.to_string(), "digits", min_accuracy).await;
     server.stop().await.unwrap();
 }

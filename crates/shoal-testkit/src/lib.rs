@@ -334,3 +334,29 @@ pub async fn until_routed(gateway: &str, model: &str) {
     )
     .await;
 }
+
+/// Runs `tools/tritonclient_check.py`: Triton's own Python client, unchanged,
+/// against the server at `addr` (`HOST:PORT`) serving digits as `model`,
+/// with JSON and binary tensors; panics with its output unless every check
+/// passes and the accuracy on the held-out samples is at least
+/// `min_accuracy`.
+pub async fn tritonclient_check(addr: &str, model: &str, min_accuracy: f64) {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/tritonclient_check.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(addr)
+        .arg(model)
+        .arg(model_path("digits-samples.json"))
+        .arg(min_accuracy.to_string())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python3 runs (install the test dependencies with scripts/setup-python)");
+    assert!(
+        output.status.success(),
+        "tritonclient check failed (scripts/setup-python installs tritonclient):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

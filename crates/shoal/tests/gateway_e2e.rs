@@ -371,6 +371,64 @@ async fn sessions_splits_shadows_and_no_control_plane() {
     )
     .await;
 
+    // Triton's own client through the gateway, with JSON and binary
+    // tensors: the gateway forwards binary bodies and compares binary
+    // answers with the shadow's. All traffic on v1 (the check compares
+    // answers between requests), v2 still shadowing every request.
+    cli(
+        &f.control_url,
+        &[
+            "traffic",
+            "digits",
+            "--weights",
+            "1=100",
+            "--shadow",
+            "2@100",
+        ],
+    );
+    let probe = &f;
+    eventually(
+        "all traffic on v1",
+        Duration::from_secs(10),
+        || async move {
+            for _ in 0..20 {
+                if probe.infer(&[]).await.ok()?.1 != "1" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    let rows = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("gateway_shadow_rows_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = rows(&f.http.get(&metrics_url).await.text());
+    let samples = Samples::load();
+    #[allow(clippy::cast_precision_loss)]
+    let min_accuracy = samples.accuracy["digits-v1"] - 1.0 / samples.labels.len() as f64 - 1e-9;
+    shoal_testkit::tritonclient_check(
+        f.gateway.trim_start_matches("http://"),
+        "digits",
+        min_accuracy,
+    )
+    .await;
+    let n = samples.labels.len() as u64;
+    let http = f.http.clone();
+    eventually(
+        "the full-batch requests (JSON and binary) to be compared with the shadow",
+        Duration::from_secs(10),
+        || {
+            let (http, url) = (http.clone(), metrics_url.clone());
+            async move { (rows(&http.get(&url).await.text()) >= before + 3 * n).then_some(()) }
+        },
+    )
+    .await;
+
     // A replica leaves: only its sessions move.
     let status = cli(&f.control_url, &["status"]);
     let leaving = replica_id(&f.replicas[2].1, &status);
