@@ -492,13 +492,28 @@ impl ControlClient {
         Ok(body)
     }
 
-    /// An artifact's manifest (raw JSON; the caller verifies it).
+    /// An artifact's manifest (raw JSON; the caller verifies it), fetched
+    /// zstd-compressed when the server offers it.
     pub async fn manifest(&self, sha256: &str) -> Result<Bytes, ClientError> {
+        /// Far above any real manifest (≈ 100 bytes per 64 KiB chunk).
+        const MAX_MANIFEST: usize = 64 << 20;
         let path = format!("/api/v1/artifacts/{sha256}/manifest");
-        let (status, _, body) = self
-            .send(Method::GET, &path, &[], full(Bytes::new()))
+        let accept = [("accept-encoding", "zstd".to_owned())];
+        let (status, headers, body) = self
+            .send(Method::GET, &path, &accept, full(Bytes::new()))
             .await?;
         Self::check(status, &body)?;
+        if headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() == b"zstd")
+        {
+            let json =
+                zstd::bulk::decompress(&body, MAX_MANIFEST).map_err(|e| ClientError::Decode {
+                    url: self.url(&path),
+                    reason: format!("cannot decompress the manifest: {e}"),
+                })?;
+            return Ok(Bytes::from(json));
+        }
         Ok(body)
     }
 

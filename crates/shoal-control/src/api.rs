@@ -198,15 +198,32 @@ pub(crate) async fn upload_artifact(
 pub(crate) async fn get_manifest(
     State(control): Shared,
     Path(sha256): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let manifest = control
         .artifacts
         .get_manifest(&sha256)
         .await
         .map_err(artifact_error)?;
-    let bytes = manifest.to_json();
-    control.metrics.egress("manifest", bytes.len());
-    Ok(shoal_http::json_bytes_response(StatusCode::OK, bytes))
+    let json = manifest.to_json();
+    // A big model's manifest is thousands of hex chunk names: zstd halves
+    // it on the wire, for clients that say they can read it (replicas do).
+    let zstd_ok = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.split(';').next().is_some_and(|e| e.trim() == "zstd"));
+    if zstd_ok && let Ok(compressed) = zstd::bulk::compress(&json, 3) {
+        control.metrics.egress("manifest", compressed.len());
+        let mut response = shoal_http::json_bytes_response(StatusCode::OK, compressed);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+        return Ok(response);
+    }
+    control.metrics.egress("manifest", json.len());
+    Ok(shoal_http::json_bytes_response(StatusCode::OK, json))
 }
 
 /// A chunk in its stored encoding (first byte: 0 raw, 1 zstd).

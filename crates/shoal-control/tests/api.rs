@@ -417,6 +417,47 @@ async fn bad_requests_get_clear_errors() {
 }
 
 #[tokio::test]
+async fn manifests_travel_zstd_compressed_to_clients_that_accept_it() {
+    let tmp = TempDir::new("control-manifest");
+    let (_control, app) = setup(&tmp, 1 << 30).await;
+    let sha = upload(&app, "digits-slow.onnx").await;
+    let uri = format!("/api/v1/artifacts/{sha}/manifest");
+    let raw = |accept: Option<&'static str>| {
+        let app = app.clone();
+        let uri = uri.clone();
+        async move {
+            let mut req = Request::builder().uri(uri);
+            if let Some(a) = accept {
+                req = req.header("accept-encoding", a);
+            }
+            let response = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let encoding = response
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (encoding, bytes)
+        }
+    };
+    let (plain_encoding, plain) = raw(None).await;
+    assert_eq!(plain_encoding, None);
+    let manifest: Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(manifest["sha256"], sha.as_str());
+    let (encoding, compressed) = raw(Some("gzip, zstd;q=1.0")).await;
+    assert_eq!(encoding.as_deref(), Some("zstd"));
+    assert!(
+        compressed.len() < plain.len(),
+        "{} >= {}",
+        compressed.len(),
+        plain.len()
+    );
+    assert_eq!(zstd::bulk::decompress(&compressed, 1 << 20).unwrap(), plain);
+    // Only for clients that ask.
+    assert_eq!(raw(Some("gzip")).await.0, None);
+}
+
+#[tokio::test]
 async fn openapi_document_covers_every_route() {
     let tmp = TempDir::new("control-openapi");
     let (_control, app) = setup(&tmp, 1 << 20).await;
