@@ -593,7 +593,10 @@ async fn route_inference(
         shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
             .map_err(|e| ApiError::bad_request(e.0))?;
     let payload = Payload { body, json_len };
-    gateway.protection.log_payload(model, &who, &payload.body);
+    // Only the JSON part: binary tensors are not text.
+    let (json_part, _) = shoal_oip::binary::split_body(&payload.body, json_len_text)
+        .map_err(|e| ApiError::bad_request(e.0))?;
+    gateway.protection.log_payload(model, &who, json_part);
 
     let state = gateway.routes.snapshot();
     let policy = state.policies.get(model);

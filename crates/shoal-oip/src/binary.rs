@@ -129,7 +129,16 @@ pub(crate) fn decode(
     })
 }
 
-/// Appends `data` to `out` in the binary encoding.
+/// True when `data` can be sent as binary: every `BYTES` element's length
+/// fits the 4-byte prefix.
+pub(crate) fn fits(data: &TensorData) -> bool {
+    match data {
+        TensorData::Bytes(v) => v.iter().all(|e| u32::try_from(e.len()).is_ok()),
+        _ => true,
+    }
+}
+
+/// Appends `data` to `out` in the binary encoding (see [`fits`]).
 pub(crate) fn encode(data: &TensorData, out: &mut Vec<u8>) {
     match data {
         TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
@@ -146,6 +155,7 @@ pub(crate) fn encode(data: &TensorData, out: &mut Vec<u8>) {
         TensorData::Fp64(v) => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         TensorData::Bytes(v) => {
             for element in v {
+                // `fits` has been checked: the length fits the prefix.
                 let len = u32::try_from(element.len()).unwrap_or(u32::MAX);
                 out.extend_from_slice(&len.to_le_bytes());
                 out.extend_from_slice(element);

@@ -117,8 +117,9 @@ pub fn decode_request_parts(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    let wire: WireRequest<'_> = serde_json::from_slice(body)
-        .map_err(|e| DecodeError(format!("invalid inference request: {e}")))?;
+    let wire: WireRequest<'_> =
+        serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?;
+    check_flags(wire.parameters.as_ref(), wire.outputs.as_ref())?;
     if wire.inputs.is_empty() {
         return Err(DecodeError(
             "invalid inference request: \"inputs\" is empty; give at least one input tensor".into(),
@@ -130,7 +131,15 @@ pub fn decode_request_parts(
     let headers = wire
         .inputs
         .into_iter()
-        .map(|t| check_header(t, &mut budget, limits.max_elements))
+        .map(|t| {
+            check_header(
+                t,
+                &mut budget,
+                limits.max_elements,
+                "input",
+                json_len.is_some(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let inputs = parse_all(headers, binary, "input")?;
     Ok(DecodedRequest {
@@ -162,9 +171,71 @@ struct LiteTensor<'a> {
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// `binary_data_size` from a tensor's parameters.
-fn binary_size(parameters: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<u64> {
-    parameters?.get("binary_data_size")?.as_u64()
+/// Where a tensor declares its data to be: `Ok(None)` for JSON `data`,
+/// `Ok(Some(n))` for the next `n` bytes of the binary part. `binary_allowed`
+/// is whether the body has a binary part (the length header was sent).
+fn declared_binary(
+    has_data: bool,
+    parameters: Option<&serde_json::Map<String, serde_json::Value>>,
+    binary_allowed: bool,
+) -> Result<Option<u64>, String> {
+    let size = match parameters.and_then(|p| p.get("binary_data_size")) {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            format!("binary_data_size must be a non-negative integer byte count, got {v}")
+        })?),
+    };
+    match (has_data, size) {
+        (true, None) => Ok(None),
+        (true, Some(_)) => {
+            Err("set either \"data\" or the \"binary_data_size\" parameter, not both".into())
+        }
+        (false, None) => Err(MISSING_DATA.into()),
+        (false, Some(_)) if !binary_allowed => Err(format!(
+            "binary_data_size needs the {} header giving the length of the JSON part",
+            crate::binary::HEADER_LENGTH
+        )),
+        (false, Some(n)) => Ok(Some(n)),
+    }
+}
+
+/// A JSON syntax error, with a hint when the likely cause is binary data
+/// sent without its length header.
+fn json_error(what: &str, e: &serde_json::Error, json_len: Option<&str>) -> DecodeError {
+    let hint = if json_len.is_none() && e.to_string().contains("trailing characters") {
+        format!(
+            " (a body with binary tensors needs the {} header)",
+            crate::binary::HEADER_LENGTH
+        )
+    } else {
+        String::new()
+    };
+    DecodeError(format!("invalid inference {what}: {e}{hint}"))
+}
+
+/// Checks that Triton's output flags, where given, are booleans.
+fn check_flags(
+    parameters: Option<&serde_json::Map<String, serde_json::Value>>,
+    outputs: Option<&Vec<RequestOutput>>,
+) -> Result<(), DecodeError> {
+    let check =
+        |params: Option<&serde_json::Map<String, serde_json::Value>>, key: &str, whose: &str| {
+            match params.and_then(|p| p.get(key)) {
+                Some(v) if !v.is_boolean() => Err(DecodeError(format!(
+                    "{whose}: \"{key}\" must be true or false, got {v}"
+                ))),
+                _ => Ok(()),
+            }
+        };
+    check(parameters, "binary_data_output", "request parameters")?;
+    for o in outputs.into_iter().flatten() {
+        check(
+            o.parameters.as_ref(),
+            "binary_data",
+            &format!("output {:?}", o.name),
+        )?;
+    }
+    Ok(())
 }
 
 const MISSING_DATA: &str = "missing field `data` (or, with the binary tensor extension, a \
@@ -194,8 +265,8 @@ pub fn precheck_request_parts(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    let lite: LiteRequest<'_> = serde_json::from_slice(body)
-        .map_err(|e| DecodeError(format!("invalid inference request: {e}")))?;
+    let lite: LiteRequest<'_> =
+        serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?;
     if lite.inputs.is_empty() {
         return Err(DecodeError(
             "invalid inference request: \"inputs\" is empty; give at least one input tensor".into(),
@@ -205,23 +276,17 @@ pub fn precheck_request_parts(
     let id = lite.id;
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
-        if t.data.is_none() {
-            let size =
-                binary_size(t.parameters.as_ref()).ok_or_else(|| err(MISSING_DATA.into()))?;
-            binary_left = binary_left.checked_sub(size).ok_or_else(|| {
-                err(format!(
-                    "binary_data_size is {size} but only {binary_left} bytes of binary data remain"
-                ))
-            })?;
-        }
-        if DataType::parse(&t.datatype).is_none() {
+        let binary_size =
+            declared_binary(t.data.is_some(), t.parameters.as_ref(), json_len.is_some())
+                .map_err(err)?;
+        let Some(datatype) = DataType::parse(&t.datatype) else {
             let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
             return Err(err(format!(
                 "unknown datatype {:?}; use one of {}",
                 t.datatype,
                 known.join(", ")
             )));
-        }
+        };
         let shape = t
             .shape
             .iter()
@@ -240,6 +305,27 @@ pub fn precheck_request_parts(
             ))
         })?;
         budget -= count;
+        if let Some(size) = binary_size {
+            if let Some(element) = datatype.size_of() {
+                let expected = (count as u64).saturating_mul(element as u64);
+                if size != expected {
+                    return Err(err(format!(
+                        "binary data has {size} bytes but {count} {} elements take {expected}",
+                        datatype.as_str()
+                    )));
+                }
+            }
+            binary_left = binary_left.checked_sub(size).ok_or_else(|| {
+                err(format!(
+                    "binary_data_size is {size} but only {binary_left} bytes of binary data remain"
+                ))
+            })?;
+        }
+    }
+    if binary_left > 0 {
+        return Err(DecodeError(format!(
+            "{binary_left} bytes of binary data are left over after the inputs that declared binary_data_size"
+        )));
     }
     Ok(id)
 }
@@ -255,6 +341,8 @@ enum Payload<'a> {
 /// A tensor whose name, datatype and shape are checked but whose data is
 /// still raw JSON text.
 struct Header<'a> {
+    /// "input" or "output", for errors.
+    what: &'static str,
     name: String,
     datatype: DataType,
     shape: Vec<usize>,
@@ -266,9 +354,11 @@ fn check_header<'a>(
     wire: WireTensor<'a>,
     budget: &mut usize,
     max_elements: usize,
+    what: &'static str,
+    binary_allowed: bool,
 ) -> Result<Header<'a>, DecodeError> {
     let name = wire.name;
-    let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
+    let err = |msg: String| DecodeError(format!("{what} {name:?}: {msg}"));
     let datatype = DataType::parse(&wire.datatype).ok_or_else(|| {
         let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
         err(format!(
@@ -296,15 +386,19 @@ fn check_header<'a>(
             ))
         })?;
     *budget -= count;
-    let data = match wire.data {
-        Some(raw) => Payload::Json(raw.get()),
-        None => {
-            let size =
-                binary_size(wire.parameters.as_ref()).ok_or_else(|| err(MISSING_DATA.into()))?;
-            Payload::Binary(usize::try_from(size).unwrap_or(usize::MAX))
-        }
+    let binary = declared_binary(
+        wire.data.is_some(),
+        wire.parameters.as_ref(),
+        binary_allowed,
+    )
+    .map_err(err)?;
+    let data = match (wire.data, binary) {
+        (_, Some(size)) => Payload::Binary(usize::try_from(size).unwrap_or(usize::MAX)),
+        (Some(raw), None) => Payload::Json(raw.get()),
+        (None, None) => return Err(err(MISSING_DATA.into())),
     };
     Ok(Header {
+        what,
         name,
         datatype,
         shape,
@@ -356,13 +450,14 @@ impl Header<'_> {
     /// binary part).
     fn parse(self, binary: Option<&[u8]>) -> Result<Tensor, DecodeError> {
         let Header {
+            what,
             name,
             datatype,
             shape,
             count,
             data,
         } = self;
-        let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
+        let err = |msg: String| DecodeError(format!("{what} {name:?}: {msg}"));
         let data = match (data, binary) {
             (Payload::Json(text), _) => text,
             (Payload::Binary(_), bytes) => {
@@ -683,6 +778,7 @@ pub fn encode_response_parts(
     binary: impl Fn(&str) -> bool,
 ) -> EncodedResponse {
     let mut tail = Vec::new();
+    let mut any_binary = false;
     let wire = WireResponse {
         model_name,
         model_version,
@@ -690,7 +786,8 @@ pub fn encode_response_parts(
         outputs: outputs
             .iter()
             .map(|t| {
-                let (parameters, data) = if binary(&t.name) {
+                let (parameters, data) = if binary(&t.name) && crate::binary::fits(t.data()) {
+                    any_binary = true;
                     let before = tail.len();
                     crate::binary::encode(t.data(), &mut tail);
                     let size = tail.len() - before;
@@ -715,7 +812,7 @@ pub fn encode_response_parts(
     };
     // Serializing plain structs of strings and numbers into a Vec cannot fail.
     let mut body = serde_json::to_vec(&wire).unwrap_or_default();
-    let json_len = (!tail.is_empty()).then_some(body.len());
+    let json_len = any_binary.then_some(body.len());
     body.extend_from_slice(&tail);
     EncodedResponse { body, json_len }
 }
@@ -756,13 +853,13 @@ pub fn decode_response_parts(
     json_len: Option<&str>,
 ) -> Result<DecodedResponse, DecodeError> {
     let (body, binary) = crate::binary::split_body(body, json_len)?;
-    let wire: WireResponseIn<'_> = serde_json::from_slice(body)
-        .map_err(|e| DecodeError(format!("invalid inference response: {e}")))?;
+    let wire: WireResponseIn<'_> =
+        serde_json::from_slice(body).map_err(|e| json_error("response", &e, json_len))?;
     let mut budget = usize::MAX;
     let headers = wire
         .outputs
         .into_iter()
-        .map(|t| check_header(t, &mut budget, usize::MAX))
+        .map(|t| check_header(t, &mut budget, usize::MAX, "output", json_len.is_some()))
         .collect::<Result<Vec<_>, _>>()?;
     let outputs = parse_all(headers, binary, "output")?;
     Ok(DecodedResponse {
@@ -968,7 +1065,7 @@ mod tests {
 
     #[test]
     fn request_fields_are_kept() {
-        let body = r#"{"id":"req-7","parameters":{"k":1},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}],"outputs":[{"name":"y","parameters":{"binary_data":false}}]}"#;
+        let body = r#"{"id":"req-7","parameters":{"k":1},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"note":"kept"}}],"outputs":[{"name":"y","parameters":{"binary_data":false}}]}"#;
         let r = decode_request(body.as_bytes(), &Limits::default()).unwrap();
         assert_eq!(r.id.as_deref(), Some("req-7"));
         assert_eq!(r.parameters.unwrap()["k"], 1);
@@ -1060,12 +1157,69 @@ mod tests {
                 Some(len.as_str()),
                 "4 bytes of binary data are left over",
             ),
-            (with(&[]), None, "binary_data_size is 8 but only 0 bytes"),
+            (
+                with(&[]),
+                None,
+                "binary_data_size needs the inference-header-content-length header",
+            ),
             (with(&[0; 8]), Some("9999"), "the body has only"),
         ] {
             let e = decode_request_parts(&body, header, &limits).unwrap_err().0;
             assert!(e.contains(message), "{e}");
         }
+        // Declaring binary data wrongly, or without the length header.
+        for (body, header, message) in [
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}]}"#,
+                Some("0"),
+                "set either \"data\" or the \"binary_data_size\" parameter, not both",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#,
+                None,
+                "binary_data_size needs the inference-header-content-length header",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":"4"}}]}"#,
+                Some("0"),
+                "binary_data_size must be a non-negative integer byte count, got \"4\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y","parameters":{"binary_data":"yes"}}]}"#,
+                None,
+                "output \"y\": \"binary_data\" must be true or false",
+            ),
+            (
+                r#"{"parameters":{"binary_data_output":1},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                None,
+                "\"binary_data_output\" must be true or false",
+            ),
+        ] {
+            // A header of "0" would make the JSON part empty; use the real length.
+            let len = body.len().to_string();
+            let header = header.map(|_| len.as_str());
+            let e = decode_request_parts(body.as_bytes(), header, &limits)
+                .unwrap_err()
+                .0;
+            assert!(e.contains(message), "{body}: {e}");
+        }
+        let mut trailing = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#.to_vec();
+        trailing.extend_from_slice(&[0, 0, 128, 63]);
+        for e in [
+            decode_request_parts(&trailing, None, &limits)
+                .unwrap_err()
+                .0,
+            precheck_request_parts(&trailing, None, &limits)
+                .unwrap_err()
+                .0,
+        ] {
+            assert!(
+                e.contains("trailing characters")
+                    && e.contains("needs the inference-header-content-length header"),
+                "{e}"
+            );
+        }
+
         // The wrong size for the shape.
         let json = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let mut body = json.as_bytes().to_vec();
@@ -1078,7 +1232,36 @@ mod tests {
         let e = precheck_request_parts(&body[..json.len()], Some(&json.len().to_string()), &limits)
             .unwrap_err()
             .0;
-        assert!(e.contains("only 0 bytes of binary data remain"), "{e}");
+        assert!(e.contains("has 4 bytes but 2 FP32 elements take 8"), "{e}");
+        // Precheck refuses what decode refuses: leftovers, short parts.
+        let json = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        for (tail, message) in [
+            (&[0u8; 12][..], "4 bytes of binary data are left over"),
+            (&[0u8; 4][..], "only 4 bytes of binary data remain"),
+        ] {
+            let mut body = json.as_bytes().to_vec();
+            body.extend_from_slice(tail);
+            let header = json.len().to_string();
+            let e = precheck_request_parts(&body, Some(&header), &limits)
+                .unwrap_err()
+                .0;
+            assert!(e.contains(message), "{e}");
+            let e = decode_request_parts(&body, Some(&header), &limits)
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains(message) || e.contains("binary_data_size is 8 but only 4"),
+                "{e}"
+            );
+        }
+        // Errors in responses name outputs.
+        let e = decode_response_parts(
+            br#"{"model_name":"m","outputs":[{"name":"p","shape":[1],"datatype":"FP32"}]}"#,
+            None,
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("output \"p\""), "{e}");
     }
 
     #[test]
