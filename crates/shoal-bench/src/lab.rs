@@ -92,6 +92,11 @@ impl Lab {
             prefix.len() <= 8,
             "lab prefix {prefix:?} too long for interface names"
         );
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "emulated hosts need root (network namespaces, tc, cgroups): run the benchmark \
+             with sudo, or without --isolate"
+        );
         let mut lab = Lab {
             prefix: prefix.to_owned(),
             subnet,
