@@ -6,32 +6,21 @@
 //! and significance and promotes the better version; a canary judged on
 //! reward as well as errors and latency is rolled back for earning less.
 
-use std::path::Path;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, model_path, spawn_server};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, model_path};
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
-
-fn cli(control: &str, args: &[&str]) -> Value {
-    shoal_testkit::cli_json(shoal(), control, args)
-}
+mod common;
+use common::cli;
 
 async fn status(control: &str) -> Value {
     let c = control.to_owned();
     tokio::task::spawn_blocking(move || cli(&c, &["rollout", "status", "digits"]))
         .await
         .unwrap()
-}
-
-/// Polls `rollout status` until `check` accepts it.
-async fn status_until(control: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    shoal_testkit::rollout_until(shoal(), control, "digits", what, check).await
 }
 
 /// The label each row of an answer predicts.
@@ -55,57 +44,19 @@ struct Fleet {
 
 async fn fleet() -> Fleet {
     let tmp = TempDir::new("experiment-e2e");
-    let (control_child, addr) = spawn_server(
-        shoal(),
-        &[
-            "control",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            tmp.join("control").to_str().unwrap(),
-            "--heartbeat-ms",
-            "200",
-        ],
-    );
-    let control = format!("http://{addr}");
+    let (control_child, control) = common::control(&tmp.join("control"), "127.0.0.1:0", &[], &[]);
     let mut children = vec![control_child];
     for i in 0..2 {
-        let (child, _) = spawn_server(
-            shoal(),
-            &[
-                "replica",
-                "--control",
-                &control,
-                "--addr",
-                "127.0.0.1:0",
-                "--data-dir",
-                tmp.join(&format!("r{i}")).to_str().unwrap(),
-            ],
-        );
-        children.push(child);
+        children.push(common::replica(&control, &tmp.join(&format!("r{i}")), &[]).0);
     }
-    let (gateway_child, gw) = spawn_server(
-        shoal(),
-        &[
-            "gateway",
-            "--control",
-            &control,
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            tmp.join("gw").to_str().unwrap(),
-            "--health-interval-ms",
-            "200",
-        ],
-    );
+    let (gateway_child, gateway) = common::gateway(&tmp.join("gw"), &["--control", &control]);
     children.push(gateway_child);
-    let gateway = format!("http://{gw}");
     let v1 = model_path("digits-v1.onnx");
     let v2 = model_path("digits-v2.onnx");
     cli(&control, &["model", "push", "digits", v1.to_str().unwrap()]);
     cli(&control, &["model", "push", "digits", v2.to_str().unwrap()]);
     cli(&control, &["deploy", "digits:1"]);
-    status_until(&control, "version 1 to be deployed", |s| {
+    common::digits_rollout_until(&control, "version 1 to be deployed", |s| {
         s["state"] == "promoted"
     })
     .await;
@@ -174,7 +125,7 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
             "100",
         ],
     );
-    status_until(control, "mirroring to start", |s| s["step"] == 1).await;
+    common::digits_rollout_until(control, "mirroring to start", |s| s["step"] == 1).await;
     let infer = format!("{gateway}/v2/models/digits/infer");
     // Until the gateway has the shadow policy, requests are not mirrored:
     // probe one request at a time, each given ample time (gateways report
@@ -227,7 +178,7 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
         "users saw accuracy {accuracy}, not version 1's"
     );
     let base_rows = before["rows"].as_u64().unwrap();
-    let s = status_until(control, "the shadow comparisons to arrive", |s| {
+    let s = common::digits_rollout_until(control, "the shadow comparisons to arrive", |s| {
         s["shadow"]["rows"].as_u64().unwrap() >= base_rows + n as u64
     })
     .await;

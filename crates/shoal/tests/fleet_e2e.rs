@@ -11,63 +11,17 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use shoal_testkit::{
     ChildGuard, CutProxy, HttpClient, S3Server, Samples, TempDir, eventually, model_path,
-    spawn_server, spawn_server_env,
 };
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
-
-fn cli(control: &str, args: &[&str]) -> Value {
-    shoal_testkit::cli_json(shoal(), control, args)
-}
+mod common;
+use common::{cli, shoal};
 
 fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
-    start_control_with(dir, addr, &[], &[])
-}
-
-/// The control plane with extra arguments and environment.
-fn start_control_with(
-    dir: &Path,
-    addr: &str,
-    args: &[&str],
-    envs: &[(&str, &str)],
-) -> (ChildGuard, String) {
-    let (child, addr) = spawn_server_env(
-        shoal(),
-        &[
-            "control",
-            "--addr",
-            addr,
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--heartbeat-ms",
-            "200",
-        ]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>(),
-        envs,
-    );
-    (child, format!("http://{addr}"))
+    common::control(dir, addr, &[], &[])
 }
 
 fn start_replica(control: &str, dir: &Path) -> (ChildGuard, String) {
-    let (child, addr) = spawn_server(
-        shoal(),
-        &[
-            "replica",
-            "--control",
-            control,
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--poll-interval",
-            "1",
-        ],
-    );
-    (child, format!("http://{addr}"))
+    common::replica(control, dir, &["--poll-interval", "1"])
 }
 
 fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
@@ -343,7 +297,7 @@ async fn artifacts_in_an_s3_compatible_store() {
     assert!(stderr.contains("check that the bucket exists"), "{stderr}");
     assert!(stderr.contains("NoSuchBucket"), "{stderr}");
 
-    let (_ctl, control) = start_control_with(
+    let (_ctl, control) = common::control(
         &ctl_dir,
         "127.0.0.1:0",
         &["--artifact-store", "s3://shoal-models/fleet"],

@@ -4,7 +4,6 @@
 //! the control plane gone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,13 +15,8 @@ use shoal_testkit::{
 };
 use tokio::sync::Mutex;
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
-
-fn cli(control: &str, args: &[&str]) -> Value {
-    shoal_testkit::cli_json(shoal(), control, args)
-}
+mod common;
+use common::{cli, shoal};
 
 struct Fleet {
     _tmp: TempDir,
@@ -47,57 +41,25 @@ fn replica_id(addr: &str, status: &Value) -> String {
 
 async fn fleet(replicas: usize, gateway_args: &[&str]) -> Fleet {
     let tmp = TempDir::new("gateway-e2e");
-    let (control, addr) = spawn_server(
-        shoal(),
-        &[
-            "control",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            tmp.join("control").to_str().unwrap(),
-            "--heartbeat-ms",
-            "200",
-        ],
-    );
-    let control_url = format!("http://{addr}");
+    let (control, control_url) = common::control(&tmp.join("control"), "127.0.0.1:0", &[], &[]);
     let replicas: Vec<(ChildGuard, String)> = (0..replicas)
         .map(|i| {
-            let (child, addr) = spawn_server(
-                shoal(),
-                &[
-                    "replica",
-                    "--control",
-                    &control_url,
-                    "--addr",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    tmp.join(&format!("r{i}")).to_str().unwrap(),
-                    "--threads",
-                    "1",
-                ],
-            );
-            (child, format!("http://{addr}"))
+            common::replica(
+                &control_url,
+                &tmp.join(&format!("r{i}")),
+                &["--threads", "1"],
+            )
         })
         .collect();
-    let mut args = vec![
-        "gateway",
-        "--control",
-        &control_url,
-        "--addr",
-        "127.0.0.1:0",
-        "--health-interval-ms",
-        "200",
-    ];
-    let data = tmp.join("gateway");
-    args.extend(["--data-dir", data.to_str().unwrap()]);
+    let mut args = vec!["--control", control_url.as_str()];
     args.extend_from_slice(gateway_args);
-    let (gateway, addr) = spawn_server(shoal(), &args);
+    let (gateway, gateway_url) = common::gateway(&tmp.join("gateway"), &args);
     let f = Fleet {
         control: Some(control),
         control_url,
         replicas,
         _gateway: gateway,
-        gateway: format!("http://{addr}"),
+        gateway: gateway_url,
         http: HttpClient::new(),
         _tmp: tmp,
     };

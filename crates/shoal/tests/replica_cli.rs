@@ -1,15 +1,13 @@
 //! The real `shoal replica` binary: starts on port 0, serves the bundled
 //! model, stops cleanly on SIGTERM, and refuses bad command lines clearly.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use shoal_testkit::{HttpClient, Samples, model_path, spawn_server};
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
+mod common;
+use common::shoal;
 
 async fn wait_ready(http: &HttpClient, base: &str) {
     // A separate process: the only way to learn it is ready is to ask.

@@ -4,24 +4,16 @@
 //! blue-green switch and instant switch back with no failed request; the
 //! good canary survives kill -9 of the control plane halfway through.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_testkit::{
-    ChildGuard, HttpClient, Samples, TempDir, eventually, model_path, spawn_server,
-};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, eventually, model_path};
 use tokio::sync::Mutex;
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
-
-fn cli(control: &str, args: &[&str]) -> Value {
-    shoal_testkit::cli_json(shoal(), control, args)
-}
+mod common;
+use common::cli;
 
 struct Traffic {
     stop: Arc<AtomicBool>,
@@ -81,12 +73,8 @@ impl Traffic {
     }
 }
 
-async fn status_reaches(control: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    shoal_testkit::rollout_until(shoal(), control, "digits", what, check).await
-}
-
 async fn rollout_reaches(control: &str, state: &str) -> Value {
-    status_reaches(control, &format!("the rollout to be {state}"), |r| {
+    common::digits_rollout_until(control, &format!("the rollout to be {state}"), |r| {
         assert!(
             !(r["state"] != state && (r["state"] == "promoted" || r["state"] == "rolled_back")),
             "the rollout ended {} instead of {state}: {r}",
@@ -101,54 +89,13 @@ async fn rollout_reaches(control: &str, state: &str) -> Value {
 async fn canaries_and_blue_green_with_live_traffic() {
     let tmp = TempDir::new("rollout-e2e");
     let control_dir = tmp.join("control");
-    let start_control = |addr: &str| {
-        spawn_server(
-            shoal(),
-            &[
-                "control",
-                "--addr",
-                addr,
-                "--data-dir",
-                control_dir.to_str().unwrap(),
-                "--heartbeat-ms",
-                "200",
-            ],
-        )
-    };
-    let (control_child, addr) = start_control("127.0.0.1:0");
-    let control = format!("http://{addr}");
+    let start_control = |addr: &str| common::control(&control_dir, addr, &[], &[]);
+    let (control_child, control) = start_control("127.0.0.1:0");
+    let addr = control.trim_start_matches("http://").to_owned();
     let replicas: Vec<(ChildGuard, String)> = (0..3)
-        .map(|i| {
-            let (child, addr) = spawn_server(
-                shoal(),
-                &[
-                    "replica",
-                    "--control",
-                    &control,
-                    "--addr",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    tmp.join(&format!("r{i}")).to_str().unwrap(),
-                ],
-            );
-            (child, format!("http://{addr}"))
-        })
+        .map(|i| common::replica(&control, &tmp.join(&format!("r{i}")), &[]))
         .collect();
-    let (_gateway, gw) = spawn_server(
-        shoal(),
-        &[
-            "gateway",
-            "--control",
-            &control,
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            tmp.join("gw").to_str().unwrap(),
-            "--health-interval-ms",
-            "200",
-        ],
-    );
-    let gateway = format!("http://{gw}");
+    let (_gateway, gateway) = common::gateway(&tmp.join("gw"), &["--control", &control]);
     let v1 = model_path("digits-v1.onnx");
     let v2 = model_path("digits-v2.onnx");
     let slow = model_path("digits-slow.onnx");
@@ -221,7 +168,7 @@ async fn canaries_and_blue_green_with_live_traffic() {
     );
     // Halfway, the control plane is killed and restarted: the rollout
     // resumes where it was (no step is repeated) and traffic never stops.
-    status_reaches(&control, "the canary's second step", |r| {
+    common::digits_rollout_until(&control, "the canary's second step", |r| {
         r["step"].as_u64() >= Some(2)
     })
     .await;

@@ -3,7 +3,6 @@
 //! SIGKILLed under a steady stream with no failed request and brought back,
 //! and SIGINT leaving no process behind.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,13 +12,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use shoal_testkit::{HttpClient, Samples, TempDir, eventually, model_path, spawn_until};
 
-fn shoal() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_shoal"))
-}
-
-fn cli(control: &str, args: &[&str]) -> Value {
-    shoal_testkit::cli_json(shoal(), control, args)
-}
+mod common;
+use common::{cli, shoal};
 
 fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), None).is_ok()
