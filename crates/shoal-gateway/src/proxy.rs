@@ -65,14 +65,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 }
 
 async fn server_metadata() -> Response {
-    json_response(
-        StatusCode::OK,
-        &ServerMetadata {
-            name: "shoal".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["binary_tensor_data".into()],
-        },
-    )
+    json_response(StatusCode::OK, &ServerMetadata::shoal())
 }
 
 async fn live() -> Response {

@@ -17,6 +17,18 @@ pub struct ServerMetadata {
     pub extensions: Vec<String>,
 }
 
+impl ServerMetadata {
+    /// What every Shoal role answers on `GET /v2`: replicas and gateways
+    /// speak the same protocol, extensions included.
+    pub fn shoal() -> ServerMetadata {
+        ServerMetadata {
+            name: "shoal".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec!["binary_tensor_data".into()],
+        }
+    }
+}
+
 /// One tensor in model metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetadataTensor {

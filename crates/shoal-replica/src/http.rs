@@ -90,14 +90,7 @@ fn lookup(
 }
 
 async fn server_metadata() -> Response {
-    json_response(
-        StatusCode::OK,
-        &ServerMetadata {
-            name: "shoal".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["binary_tensor_data".into()],
-        },
-    )
+    json_response(StatusCode::OK, &ServerMetadata::shoal())
 }
 
 async fn live() -> Response {
