@@ -704,46 +704,57 @@ impl Control {
     }
 
     /// Sends one request with zero-valued inputs to `model:version` on
-    /// every live replica (the same shapes the replica warmed up with) and
-    /// expects an answer from each.
+    /// every live replica at once (the shapes its metadata gives, dynamic
+    /// dimensions as 1) and expects an answer from each.
     async fn smoke_test(
         &self,
         model: &str,
         version: &str,
         replicas: &[&ReplicaFacts],
     ) -> Result<usize, String> {
-        let mut passed = 0;
-        for r in replicas.iter().filter(|r| r.alive) {
-            let client = shoal_client::ControlClient::new(&format!("http://{}", r.address), None)
-                .with_timeout(Duration::from_secs(10));
-            let meta = client
-                .get_raw(&format!("/v2/models/{model}/versions/{version}"))
-                .await
-                .map_err(|e| format!("replica {}: metadata: {e}", r.id))?;
-            let meta: serde_json::Value = serde_json::from_slice(&meta)
-                .map_err(|e| format!("replica {}: metadata: {e}", r.id))?;
-            let inputs: Vec<serde_json::Value> = meta["inputs"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|input| {
-                    let shape: Vec<u64> = input["shape"].as_array().into_iter().flatten().map(|d| d.as_i64().filter(|d| *d > 0).map_or(1, |d| d as u64)).collect();
-                    let n: u64 = shape.iter().product();
-                    let zero = if input["datatype"] == "BOOL" { serde_json::json!(false) } else { serde_json::json!(0) };
-                    serde_json::json!({"name": input["name"], "shape": shape, "datatype": input["datatype"], "data": vec![zero; n as usize]})
-                })
-                .collect();
-            let body = serde_json::json!({"id": "shoal-smoke-test", "inputs": inputs}).to_string();
-            client
-                .post_json_raw(
-                    &format!("/v2/models/{model}/versions/{version}/infer"),
-                    body,
-                )
-                .await
-                .map_err(|e| format!("replica {}: {e}", r.id))?;
-            passed += 1;
-        }
+        let one = |r: &ReplicaFacts| {
+            let (id, address) = (r.id.clone(), r.address.clone());
+            async move {
+                let client = shoal_client::ControlClient::new(&format!("http://{address}"), None)
+                    .with_timeout(Duration::from_secs(10));
+                let meta = client
+                    .get_raw(&format!("/v2/models/{model}/versions/{version}"))
+                    .await
+                    .map_err(|e| format!("replica {id}: metadata: {e}"))?;
+                let meta: shoal_oip::ModelMetadata = serde_json::from_slice(&meta)
+                    .map_err(|e| format!("replica {id}: metadata: {e}"))?;
+                let inputs: Vec<serde_json::Value> = meta
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        let shape: Vec<u64> = input
+                            .shape
+                            .iter()
+                            .map(|&d| u64::try_from(d).ok().filter(|d| *d > 0).unwrap_or(1))
+                            .collect();
+                        let n = usize::try_from(shape.iter().product::<u64>()).unwrap_or(1);
+                        let zero = match input.datatype.as_str() {
+                            "BOOL" => serde_json::json!(false),
+                            "BYTES" => serde_json::json!(""),
+                            _ => serde_json::json!(0),
+                        };
+                        serde_json::json!({"name": input.name, "shape": shape, "datatype": input.datatype, "data": vec![zero; n]})
+                    })
+                    .collect();
+                let body = serde_json::json!({"id": "shoal-smoke-test", "inputs": inputs}).to_string();
+                client
+                    .post_json_raw(
+                        &format!("/v2/models/{model}/versions/{version}/infer"),
+                        body,
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("replica {id}: {e}"))
+            }
+        };
+        let live: Vec<_> = replicas.iter().filter(|r| r.alive).map(|r| one(r)).collect();
+        let passed = live.len();
+        futures::future::try_join_all(live).await?;
         Ok(passed)
     }
 
@@ -753,7 +764,7 @@ impl Control {
         let _guard = self.deploy_lock.lock().await;
         let facts = self.facts();
         let now = now_millis();
-        let mut changed = false;
+        let (mut changed, mut stale) = (false, false);
         for (deployment, controller) in &facts.deployments {
             let model = deployment.model.clone();
             if deployment.warm.iter().any(|w| w.until <= now) {
@@ -774,6 +785,8 @@ impl Control {
                     )
                     .await?;
                 changed = true;
+                // Written straight to the store, not through `persist`.
+                stale = true;
                 continue;
             }
             let Some(mut controller) = controller
@@ -859,8 +872,12 @@ impl Control {
             }
         }
         drop(_guard);
-        if changed {
+        // `persist` (and so `conclude`) has reloaded the snapshot already;
+        // only a direct store write leaves it stale.
+        if stale {
             self.refresh().await?;
+        }
+        if changed {
             self.push_to_replicas();
         }
         Ok(())
