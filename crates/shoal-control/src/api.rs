@@ -597,26 +597,30 @@ pub(crate) async fn desired(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let revision = control.revision();
-    let etag = format!("\"{revision}\"");
-    if headers
+    let etag = format!("\"{}\"", control.revision());
+    let unchanged = etag_matches(&headers, &etag);
+    control.metrics.poll(!unchanged);
+    let response = if unchanged {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        json_response(StatusCode::OK, &control.desired_for(&id))
+    };
+    Ok(with_etag(response, &etag))
+}
+
+/// True when the request's `If-None-Match` is `etag`.
+fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+    headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == etag)
-    {
-        control.metrics.poll(false);
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        if let Ok(v) = HeaderValue::from_str(&etag) {
-            response.headers_mut().insert(header::ETAG, v);
-        }
-        return Ok(response);
-    }
-    control.metrics.poll(true);
-    let mut response = json_response(StatusCode::OK, &control.desired_for(&id));
-    if let Ok(v) = HeaderValue::from_str(&etag) {
+}
+
+fn with_etag(mut response: Response, etag: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(etag) {
         response.headers_mut().insert(header::ETAG, v);
     }
-    Ok(response)
+    response
 }
 
 #[derive(Debug, Deserialize)]
@@ -703,36 +707,25 @@ where
     response
 }
 
-fn routing_etag(table: &shoal_api::fleet::RoutingTable) -> String {
-    let bytes = serde_json::to_vec(table).unwrap_or_default();
-    format!("\"{}\"", &content_digest(&bytes)[..16])
-}
-
-fn content_digest(bytes: &[u8]) -> String {
+/// A digest of a response body, as an ETag.
+fn content_etag(bytes: &[u8]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
-    format!("{:016x}", h.finish())
+    format!("\"{:016x}\"", h.finish())
 }
 
 /// The routing table gateways follow: replicas with what they serve, and
 /// each model's traffic split. ETag is a digest of the content.
 #[utoipa::path(get, path = "/api/v1/routing", responses((status = 200, body = shoal_api::fleet::RoutingTable), (status = 304)))]
 pub(crate) async fn routing(State(control): Shared, headers: HeaderMap) -> Response {
-    let table = control.routing_table();
-    let etag = routing_etag(&table);
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == etag)
-    {
+    // Serialized once: the bytes are both the body and what the ETag digests.
+    let body = serde_json::to_vec(&control.routing_table()).unwrap_or_default();
+    let etag = content_etag(&body);
+    if etag_matches(&headers, &etag) {
         return StatusCode::NOT_MODIFIED.into_response();
     }
-    let mut response = json_response(StatusCode::OK, &table);
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    response
+    with_etag(shoal_http::json_bytes_response(StatusCode::OK, body), &etag)
 }
 
 /// The routing table as a stream: one JSON document per line, at once and
