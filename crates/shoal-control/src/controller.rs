@@ -741,7 +741,8 @@ impl Control {
                         serde_json::json!({"name": input.name, "shape": shape, "datatype": input.datatype, "data": vec![zero; n]})
                     })
                     .collect();
-                let body = serde_json::json!({"id": "shoal-smoke-test", "inputs": inputs}).to_string();
+                let body =
+                    serde_json::json!({"id": "shoal-smoke-test", "inputs": inputs}).to_string();
                 client
                     .post_json_raw(
                         &format!("/v2/models/{model}/versions/{version}/infer"),
@@ -752,7 +753,11 @@ impl Control {
                     .map_err(|e| format!("replica {id}: {e}"))
             }
         };
-        let live: Vec<_> = replicas.iter().filter(|r| r.alive).map(|r| one(r)).collect();
+        let live: Vec<_> = replicas
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| one(r))
+            .collect();
         let passed = live.len();
         futures::future::try_join_all(live).await?;
         Ok(passed)
