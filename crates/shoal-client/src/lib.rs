@@ -8,6 +8,15 @@
 
 use std::time::Duration;
 
+/// How long a client of the control plane waits before retry `attempt`
+/// (0, 1, …): doubling from 100 ms to at most 5 s, with jitter so a fleet
+/// that lost the control plane together does not return together.
+pub fn reconnect_backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(6));
+    base.min(Duration::from_secs(5))
+        .mul_f64(rand::random_range(0.5..1.0))
+}
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};

@@ -8,19 +8,12 @@
 //! each serves.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_api::fleet::RoutingTable;
 use shoal_client::ControlClient;
 
 use crate::Gateway;
-
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(6));
-    base.min(Duration::from_secs(5))
-        .mul_f64(rand::random_range(0.5..1.0))
-}
 
 fn apply(gateway: &Gateway, table: &RoutingTable) {
     gateway.routes.apply(table, gateway.now());
@@ -79,6 +72,6 @@ pub async fn run(gateway: Arc<Gateway>) {
             }
         }
         attempt += 1;
-        tokio::time::sleep(backoff(attempt)).await;
+        tokio::time::sleep(shoal_client::reconnect_backoff(attempt)).await;
     }
 }

@@ -124,7 +124,7 @@ enum Attempt {
     /// A 404 from a replica the gateway believed served the model version:
     /// the gateway's view is stale (the replica just unloaded it); another
     /// replica may serve it.
-    Stale(Response, Option<String>),
+    Stale(Response),
     /// No answer: connection failure, reset or timeout.
     Failed(Failure, String),
 }
@@ -233,7 +233,7 @@ async fn send(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| model_of(path).map(|m| format!("{m}:{v}")));
             if response.status() == StatusCode::NOT_FOUND {
-                return Attempt::Stale(response, version_key);
+                return Attempt::Stale(response);
             }
             if response.status().is_server_error() {
                 let ejected = match &version_key {
@@ -662,7 +662,10 @@ async fn route_inference(
             hedged(gateway, model, &endpoint, second, &path, &payload).await;
         let reason = match outcome {
             Attempt::Answer(mut response, rtt) => {
-                gateway.latencies.record(model, rtt);
+                if gateway.config.hedge {
+                    // Only hedging reads the latency windows.
+                    gateway.latencies.record(model, rtt);
+                }
                 if !tried.is_empty() {
                     // Which replicas failed this request before the one that
                     // answered: retries are visible to whoever looks.
@@ -691,7 +694,7 @@ async fn route_inference(
                     .served(model, &version, request_id.as_deref(), split_key);
                 return Ok((response, version));
             }
-            Attempt::Stale(response, _key) => {
+            Attempt::Stale(response) => {
                 // Not the replica's fault: forget that it serves this
                 // version and try another, without spending retry budget.
                 if let Some(v) = &target {
@@ -795,7 +798,7 @@ async fn forward_get(
             break;
         };
         match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
-            Attempt::Answer(response, _) | Attempt::Stale(response, _) => return response,
+            Attempt::Answer(response, _) | Attempt::Stale(response) => return response,
             Attempt::ServerError(response) => last = Some(response),
             Attempt::Failed(_, detail) => {
                 last = Some(

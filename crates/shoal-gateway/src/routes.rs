@@ -61,14 +61,6 @@ impl Endpoint {
         }
     }
 
-    /// `model:version` keys it serves.
-    pub fn serving(&self) -> Arc<BTreeSet<String>> {
-        self.serving
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
     fn serves(&self, model: &str, version: Option<&str>) -> bool {
         let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
         match version {
@@ -225,8 +217,6 @@ impl Drop for InFlight {
 /// A consistent view of endpoints and policies.
 #[derive(Debug, Default)]
 pub struct RoutingState {
-    /// Control-plane revision (0 for static endpoints).
-    pub revision: u64,
     /// Endpoints.
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Policies by model.
@@ -345,7 +335,6 @@ impl Routes {
             .map(|p| (p.model.clone(), p.clone()))
             .collect();
         self.state.store(Arc::new(RoutingState {
-            revision: table.revision,
             endpoints,
             policies,
         }));
@@ -369,7 +358,6 @@ impl Routes {
             })
             .collect();
         self.state.store(Arc::new(RoutingState {
-            revision: 0,
             endpoints,
             policies: HashMap::new(),
         }));

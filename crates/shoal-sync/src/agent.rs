@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use shoal_api::fleet::{DesiredState, Heartbeat, Registration, ServingVersion};
 use shoal_artifacts::{ChunkCache, ChunkId};
-use shoal_client::{ClientError, Conditional, ControlClient};
+use shoal_client::{ClientError, Conditional, ControlClient, reconnect_backoff as backoff};
 use shoal_core::{ModelName, Version};
 use shoal_http::{ApiError, json_response};
 use shoal_replica::store::InstallPolicy;
@@ -67,12 +67,6 @@ impl std::fmt::Debug for Agent {
             .field("id", &self.config.id)
             .finish_non_exhaustive()
     }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(6));
-    base.min(Duration::from_secs(5))
-        .mul_f64(rand::random_range(0.5..1.0))
 }
 
 impl Agent {
