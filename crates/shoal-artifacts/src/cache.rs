@@ -96,7 +96,7 @@ impl ChunkCache {
         size: Option<u32>,
         stored: &[u8],
     ) -> Result<(), ArtifactError> {
-        chunk::decode(id, stored, size)?;
+        chunk::verify(id, stored, size)?;
         self.write_atomically(&self.chunk_path(id), stored)
     }
 
@@ -135,16 +135,15 @@ impl ChunkCache {
     /// corrupt on disk is removed so the next attempt fetches it again.
     pub fn assemble(&self, manifest: &Manifest) -> Result<Bytes, ArtifactError> {
         let mut out = Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0));
+        let mut stored = Vec::new();
         for c in &manifest.chunks {
-            let stored = self
-                .get_stored(&c.id)
-                .ok_or_else(|| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
-            match chunk::decode(&c.id, &stored, Some(c.size)) {
-                Ok(content) => out.extend_from_slice(&content),
-                Err(e) => {
-                    self.remove(&c.id);
-                    return Err(e);
-                }
+            stored.clear();
+            std::fs::File::open(self.chunk_path(&c.id))
+                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut stored))
+                .map_err(|_| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
+            if let Err(e) = chunk::decode_into(&c.id, &stored, Some(c.size), &mut out) {
+                self.remove(&c.id);
+                return Err(e);
             }
         }
         verify_sha256(&manifest.sha256, &out)?;

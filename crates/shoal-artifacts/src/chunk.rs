@@ -1,5 +1,6 @@
 //! Chunking, chunk encoding and manifests.
 
+use std::cell::RefCell;
 use std::io::Read;
 
 use bytes::Bytes;
@@ -106,11 +107,37 @@ impl Manifest {
     }
 }
 
+thread_local! {
+    /// zstd contexts reused across chunks on this thread: creating one per
+    /// chunk (~100 KiB of tables) cost more than decoding a 64 KiB chunk.
+    static ZSTD_CONTEXTS: RefCell<Option<(zstd::bulk::Compressor<'static>, zstd::bulk::Decompressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+fn with_zstd<T>(
+    f: impl FnOnce(
+        &mut zstd::bulk::Compressor<'static>,
+        &mut zstd::bulk::Decompressor<'static>,
+    ) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    ZSTD_CONTEXTS.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some((
+                zstd::bulk::Compressor::new(3)?,
+                zstd::bulk::Decompressor::new()?,
+            ));
+        }
+        let (c, d) = slot.as_mut().expect("just set");
+        f(c, d)
+    })
+}
+
 /// Encodes a chunk for storage: zstd (level 3) when it saves at least 5 %,
 /// raw otherwise. Model weights are mostly incompressible floats; the
 /// graph structure and zero-filled tensors are not.
 pub fn encode(content: &[u8]) -> Bytes {
-    if let Ok(compressed) = zstd::bulk::compress(content, 3)
+    if let Ok(compressed) = with_zstd(|c, _| c.compress(content))
         && compressed.len() * 100 <= content.len() * 95
     {
         let mut out = Vec::with_capacity(compressed.len() + 1);
@@ -128,35 +155,71 @@ pub fn encode(content: &[u8]) -> Bytes {
 /// `size` is the content size when known (from a manifest); a peer serving
 /// a chunk by id alone passes `None`.
 pub fn decode(id: &ChunkId, stored: &[u8], size: Option<u32>) -> Result<Bytes, ArtifactError> {
+    let mut out = Vec::new();
+    decode_into(id, stored, size, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// Checks that a stored chunk decodes to the content named `id`, without
+/// keeping the content (a raw chunk is hashed where it lies).
+pub fn verify(id: &ChunkId, stored: &[u8], size: Option<u32>) -> Result<(), ArtifactError> {
+    match stored.split_first() {
+        Some((&RAW, rest)) => check(id, rest, size),
+        _ => decode_into(id, stored, size, &mut Vec::new()),
+    }
+}
+
+/// Appends the content of a stored chunk to `out` and checks it is the
+/// content named `id`; on error `out` is left as it was. Decompresses
+/// straight into `out`, so assembling an artifact copies each byte once.
+pub fn decode_into(
+    id: &ChunkId,
+    stored: &[u8],
+    size: Option<u32>,
+    out: &mut Vec<u8>,
+) -> Result<(), ArtifactError> {
     let bad = |reason: String| ArtifactError::BadEncoding {
         id: id.to_string(),
         reason,
     };
-    let content = match stored.split_first() {
-        Some((&RAW, rest)) => Bytes::copy_from_slice(rest),
-        Some((&ZSTD, rest)) => Bytes::from(
-            zstd::bulk::decompress(rest, size.map_or(MAX_CHUNK, |s| s as usize))
-                .map_err(|e| bad(e.to_string()))?,
-        ),
+    let start = out.len();
+    match stored.split_first() {
+        Some((&RAW, rest)) => out.extend_from_slice(rest),
+        Some((&ZSTD, rest)) => {
+            let room = size.map_or(MAX_CHUNK, |s| s as usize);
+            out.resize(start + room, 0);
+            match with_zstd(|_, d| d.decompress_to_buffer(rest, &mut out[start..])) {
+                Ok(n) => out.truncate(start + n),
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(bad(e.to_string()));
+                }
+            }
+        }
         Some((other, _)) => return Err(bad(format!("unknown encoding {other}"))),
         None => return Err(bad("empty".into())),
-    };
+    }
+    check(id, &out[start..], size).inspect_err(|_| out.truncate(start))
+}
+
+/// Checks decoded content against its size (when known) and its name.
+fn check(id: &ChunkId, content: &[u8], size: Option<u32>) -> Result<(), ArtifactError> {
     if let Some(size) = size
         && content.len() != size as usize
     {
-        return Err(bad(format!(
-            "{} bytes, the manifest says {size}",
-            content.len()
-        )));
+        return Err(ArtifactError::BadEncoding {
+            id: id.to_string(),
+            reason: format!("{} bytes, the manifest says {size}", content.len()),
+        });
     }
-    let actual = ChunkId::of(&content);
+    let actual = ChunkId::of(content);
     if &actual != id {
         return Err(ArtifactError::CorruptChunk {
             id: id.to_string(),
             actual: actual.to_string(),
         });
     }
-    Ok(content)
+    Ok(())
 }
 
 /// Cuts `reader` into content-defined chunks, calling `each` with every
@@ -219,6 +282,41 @@ mod tests {
         ));
         assert!(decode(&ChunkId::of(&noise), &[9, 1, 2], None).is_err());
         assert!(decode(&ChunkId::of(&noise), &[], None).is_err());
+    }
+
+    #[test]
+    fn decoding_appends_in_place_and_leaves_nothing_behind_on_error() {
+        let zeros = vec![0u8; 70_000];
+        let noise: Vec<u8> = (0..30_000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect();
+        let (z, n) = (ChunkId::of(&zeros), ChunkId::of(&noise));
+        let (sz, sn) = (encode(&zeros), encode(&noise));
+        assert_eq!((sz[0], sn[0]), (ZSTD, RAW));
+
+        let mut out = b"head".to_vec();
+        decode_into(&z, &sz, Some(70_000), &mut out).unwrap();
+        decode_into(&n, &sn, None, &mut out).unwrap();
+        assert_eq!(out.len(), 4 + 70_000 + 30_000);
+        assert_eq!(&out[4..70_004], &zeros[..]);
+        assert_eq!(&out[70_004..], &noise[..]);
+
+        // Wrong name, wrong size, truncated frame: `out` is untouched.
+        let before = out.clone();
+        assert!(matches!(
+            decode_into(&n, &sz, None, &mut out),
+            Err(ArtifactError::CorruptChunk { .. })
+        ));
+        assert!(decode_into(&z, &sz, Some(1_000), &mut out).is_err());
+        assert!(decode_into(&z, &sz[..sz.len() / 2], Some(70_000), &mut out).is_err());
+        assert!(decode_into(&n, &sn, Some(29_999), &mut out).is_err());
+        assert_eq!(out, before);
+
+        // Verifying keeps nothing and agrees with decoding.
+        verify(&z, &sz, Some(70_000)).unwrap();
+        verify(&n, &sn, Some(30_000)).unwrap();
+        assert!(verify(&z, &sn, None).is_err());
+        assert!(verify(&n, &sn, Some(1)).is_err());
     }
 
     #[test]

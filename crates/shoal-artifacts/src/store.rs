@@ -208,7 +208,7 @@ impl ArtifactStore {
         let mut out = Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0));
         for c in &manifest.chunks {
             let stored = self.get_chunk(&c.id).await?;
-            out.extend_from_slice(&chunk::decode(&c.id, &stored, Some(c.size))?);
+            chunk::decode_into(&c.id, &stored, Some(c.size), &mut out)?;
         }
         crate::cache::verify_sha256(&manifest.sha256, &out)?;
         Ok(Bytes::from(out))
