@@ -13,48 +13,46 @@ use shoal_api::fleet::Peer;
 use shoal_artifacts::{ChunkCache, ChunkId, ChunkRef, Manifest};
 use shoal_client::ControlClient;
 
+use crate::owners::{fetch_order, owners};
+
 /// Chunks fetched at once.
 const PARALLEL_CHUNKS: usize = 8;
 
-/// The peer responsible for fetching `chunk` from the origin: rendezvous
-/// (highest-random-weight) hashing over the region's replicas, so every
-/// replica agrees without talking, and a replica joining or leaving moves
-/// only its own share of chunks.
-pub fn owner<'a>(chunk: &ChunkId, peers: &'a [Peer]) -> Option<&'a Peer> {
-    peers.iter().max_by_key(|p| rank(&p.id, chunk))
+/// Memory kept for the chunks cached most recently (see [`Recent`]).
+const RECENT_BYTES: usize = 16 << 20;
+
+/// The chunks this replica cached most recently, in their stored encoding,
+/// oldest first. An owner serves each chunk it fetches to every other
+/// replica of its region within moments of caching it; keeping the newest
+/// ones in memory spares a file open and read per peer request.
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<ChunkId>,
+    chunks: HashMap<ChunkId, Bytes>,
+    bytes: usize,
 }
 
-/// Orders the chunks a replica still needs so that consecutive chunks have
-/// different owners: the first chunk of each owner, then the second of
-/// each, and so on. Every replica computes the same order, so a region
-/// moves through the artifact together (each chunk leaves the origin once,
-/// to its owner, just as its peers ask for it), and any window of chunks in
-/// flight spreads over every owner's link instead of queueing on whichever
-/// owner happens to hold a run of neighbouring chunks.
-pub(crate) fn fetch_order(chunks: &mut [ChunkRef], peers: &[Peer]) {
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    let keys: HashMap<ChunkId, (usize, String)> = chunks
-        .iter()
-        .map(|c| {
-            let owner = owner(&c.id, peers).map_or("", |p| p.id.as_str());
-            let nth = seen.entry(owner).or_default();
-            *nth += 1;
-            (c.id.clone(), (*nth, owner.to_owned()))
-        })
-        .collect();
-    chunks.sort_by(|a, b| keys[&a.id].cmp(&keys[&b.id]));
-}
+impl Recent {
+    fn insert(&mut self, id: ChunkId, stored: Bytes) {
+        if self.chunks.contains_key(&id) || stored.len() > RECENT_BYTES {
+            return;
+        }
+        self.bytes += stored.len();
+        self.chunks.insert(id.clone(), stored);
+        self.order.push_back(id);
+        while self.bytes > RECENT_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.chunks.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+    }
 
-/// A pseudo-random rank of `chunk` seen from `id` (rendezvous weight).
-fn rank(id: &str, chunk: &ChunkId) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(id.as_bytes());
-    h.update(b"/");
-    h.update(chunk.as_str().as_bytes());
-    let digest = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_bytes()[..8]);
-    u64::from_le_bytes(first)
+    fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        self.chunks.get(id).cloned()
+    }
 }
 
 /// Why fetching failed.
@@ -83,6 +81,7 @@ pub(crate) struct Fetcher {
     self_id: String,
     inflight: Mutex<HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>>,
     peers: Mutex<HashMap<String, ControlClient>>,
+    recent: Arc<Mutex<Recent>>,
     fetched: Family<SourceLabels, Counter>,
     served: Counter,
 }
@@ -112,6 +111,7 @@ impl Fetcher {
             self_id,
             inflight: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            recent: Arc::default(),
             fetched,
             served,
         }
@@ -158,11 +158,16 @@ impl Fetcher {
         let cache = self.cache.clone();
         let id = id.clone();
         let fetched = self.fetched.clone();
+        let recent = self.recent.clone();
         tokio::task::spawn_blocking(move || {
             cache.put_verified(&id, size, &bytes)?;
             fetched
                 .get_or_create(&SourceLabels { source })
                 .inc_by(bytes.len() as u64);
+            recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, bytes);
             Ok(())
         })
         .await
@@ -183,7 +188,7 @@ impl Fetcher {
         &self,
         id: &ChunkId,
         size: Option<u32>,
-        peers: &[Peer],
+        owner: Option<&Peer>,
     ) -> Result<(), FetchError> {
         let slot = self.slot(id);
         let result = async {
@@ -191,7 +196,7 @@ impl Fetcher {
             if self.cache.has(id) {
                 return Ok(());
             }
-            if let Some(peer) = owner(id, peers).filter(|p| p.id != self.self_id) {
+            if let Some(peer) = owner.filter(|p| p.id != self.self_id) {
                 match self.peer_client(peer).get_raw(&format!("/peer/chunks/{id}")).await {
                     Ok(bytes) => {
                         match self.store(id, size, bytes, "peer").await {
@@ -242,17 +247,22 @@ impl Fetcher {
     /// The verified bytes of artifact `sha256`, fetching what the cache lacks.
     pub(crate) async fn artifact(&self, sha256: &str, peers: &[Peer]) -> Result<Bytes, FetchError> {
         let manifest = self.manifest(sha256).await?;
+        let owners = owners(&manifest.chunks, peers);
         let mut missing: Vec<ChunkRef> = self.cache.missing(&manifest);
-        fetch_order(&mut missing, peers);
+        fetch_order(&mut missing, &owners);
         // Stop at the first failure (the origin is down, a chunk is
         // corrupt): what arrived stays cached, and the retry asks only for
         // what is still missing, rather than every remaining chunk failing
         // one by one against a dead link.
         futures::stream::iter(missing)
-            .map(|c| async move { self.chunk(&c.id, Some(c.size), peers).await })
+            .map(|c| {
+                let owner = owners.get(&c.id).copied();
+                async move { self.chunk(&c.id, Some(c.size), owner).await }
+            })
             .buffer_unordered(PARALLEL_CHUNKS)
             .try_collect::<Vec<()>>()
             .await?;
+        tracing::debug!(sha256, "every chunk cached; assembling");
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || cache.assemble(&manifest))
             .await
@@ -263,13 +273,26 @@ impl Fetcher {
     /// For a peer: chunk `id` from the cache, fetched through from the
     /// origin when missing (this replica owns it).
     pub(crate) async fn serve(&self, id: &ChunkId) -> Result<Bytes, FetchError> {
-        if !self.cache.has(id) {
-            self.chunk(id, None, &[]).await?;
-        }
-        let bytes = self
-            .cache
-            .get_stored(id)
-            .ok_or_else(|| FetchError::Cache(format!("chunk {id} vanished from the cache")))?;
+        let recent = || {
+            self.recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(id)
+        };
+        let bytes = match recent() {
+            Some(bytes) => bytes,
+            None => {
+                if !self.cache.has(id) {
+                    self.chunk(id, None, None).await?;
+                }
+                match recent() {
+                    Some(bytes) => bytes,
+                    None => self.cache.get_stored(id).ok_or_else(|| {
+                        FetchError::Cache(format!("chunk {id} vanished from the cache"))
+                    })?,
+                }
+            }
+        };
         self.served.inc_by(bytes.len() as u64);
         Ok(bytes)
     }
@@ -279,78 +302,20 @@ impl Fetcher {
 mod tests {
     use super::*;
 
-    fn peers(n: usize) -> Vec<Peer> {
-        (0..n)
-            .map(|i| Peer {
-                id: format!("r{i}"),
-                address: format!("127.0.0.1:{}", 9000 + i),
-            })
-            .collect()
-    }
-
     #[test]
-    fn chunks_spread_over_peers_and_move_minimally() {
-        let ids: Vec<ChunkId> = (0..4000u32)
-            .map(|i| ChunkId::of(&i.to_le_bytes()))
-            .collect();
-        let eight = peers(8);
-        let mut counts = HashMap::new();
+    fn recent_chunks_stay_within_their_memory_budget_newest_kept() {
+        let mut recent = Recent::default();
+        let chunk = Bytes::from(vec![7u8; RECENT_BYTES / 4]);
+        let ids: Vec<ChunkId> = (0..6u8).map(|i| ChunkId::of(&[i])).collect();
         for id in &ids {
-            *counts
-                .entry(owner(id, &eight).unwrap().id.clone())
-                .or_insert(0) += 1;
+            recent.insert(id.clone(), chunk.clone());
+            recent.insert(id.clone(), chunk.clone());
         }
-        // Roughly even: every peer owns 500 ± 20 %.
-        assert_eq!(counts.len(), 8);
-        assert!(
-            counts.values().all(|&c| (400..=600).contains(&c)),
-            "{counts:?}"
-        );
-        // Losing one peer moves only the chunks it owned.
-        let seven: Vec<Peer> = eight.iter().filter(|p| p.id != "r3").cloned().collect();
-        let moved = ids
-            .iter()
-            .filter(|id| owner(id, &eight).unwrap().id != owner(id, &seven).unwrap().id)
-            .count();
-        assert_eq!(moved, counts["r3"]);
-        assert!(owner(&ids[0], &[]).is_none());
-    }
-
-    #[test]
-    fn consecutive_chunks_have_different_owners_in_an_order_all_agree_on() {
-        let eight = peers(8);
-        let chunks: Vec<ChunkRef> = (0..800u32)
-            .map(|i| ChunkRef {
-                id: ChunkId::of(&i.to_le_bytes()),
-                size: 1,
-                stored: 1,
-            })
-            .collect();
-        let mut order = chunks.clone();
-        fetch_order(&mut order, &eight);
-        // Any window of 8 spans at least 6 owners (exactly 8 until the
-        // owners with fewer chunks run out).
-        for window in order[..300].windows(8) {
-            let owners: std::collections::HashSet<_> = window
-                .iter()
-                .map(|c| owner(&c.id, &eight).unwrap().id.clone())
-                .collect();
-            assert!(owners.len() >= 6, "{owners:?}");
-        }
-        // The same order whatever order the peers are listed in.
-        let mut reversed: Vec<Peer> = eight.clone();
-        reversed.reverse();
-        let mut again = chunks.clone();
-        fetch_order(&mut again, &reversed);
-        assert_eq!(again, order);
-        // Nothing lost; alone, the manifest order stands.
-        let mut sorted = order.clone();
-        sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        let mut expected = chunks.clone();
-        expected.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        assert_eq!(sorted, expected);
-        let mut alone = chunks.clone();
-        fetch_order(&mut alone, &[]);
-        assert_eq!(alone, chunks);
+        assert!(recent.bytes <= RECENT_BYTES);
+        assert_eq!(recent.chunks.len(), 4);
+        assert!(recent.get(&ids[0]).is_none() && recent.get(&ids[1]).is_none());
+        assert_eq!(recent.get(&ids[5]), Some(chunk));
+        recent.insert(ChunkId::of(b"huge"), Bytes::from(vec![0; RECENT_BYTES + 1]));
+        assert_eq!(recent.chunks.len(), 4);
     }
 }

@@ -9,8 +9,9 @@
 //!   seen), polling with jitter ([`poll::next_delay`], conditional, 304 when
 //!   nothing changed), and push (`POST /sync/nudge`).
 //! - Artifacts come chunk by chunk: from the local cache, else from the
-//!   regional peer that owns the chunk (rendezvous hashing, so each chunk
-//!   leaves the origin once per region), else from the origin. Every chunk
+//!   regional peer that owns the chunk ([`owners`]: rendezvous hashing
+//!   with bounded loads, so each chunk leaves the origin once per region
+//!   and every owner uploads an even share), else from the origin. Every chunk
 //!   is checked against its BLAKE3 and the artifact against its SHA-256
 //!   before it is loaded.
 //! - The last desired state is kept in the data directory, so a replica
@@ -18,11 +19,11 @@
 
 mod agent;
 mod fetch;
+pub mod owners;
 pub mod poll;
 pub mod reconcile;
 
 pub use agent::{Agent, SyncConfig};
-pub use fetch::owner;
 
 use std::sync::Arc;
 
