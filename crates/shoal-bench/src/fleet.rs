@@ -301,7 +301,11 @@ impl Fleet {
             // Dropping the lab kills its processes and removes its hosts.
             Members::Lab { .. } => {}
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("SHOAL_BENCH_LOG").is_some() {
+            eprintln!("logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
         Ok(())
     }
 }

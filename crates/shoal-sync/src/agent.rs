@@ -251,6 +251,7 @@ impl Agent {
         default: bool,
         desired: &DesiredState,
     ) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let bytes = self
             .fetcher
             .artifact(&version.sha256, &desired.peers)
@@ -259,6 +260,8 @@ impl Agent {
                 FetchError::Corrupt(m) => format!("integrity check failed: {m}"),
                 other => other.to_string(),
             })?;
+        let fetched = started.elapsed();
+        let size = bytes.len();
         let options = shoal_replica::http::parse_input_shapes(&version.input_shapes)?;
         let spec = LoadSpec {
             model: ModelName::new(model).map_err(|e| e.to_string())?,
@@ -274,11 +277,21 @@ impl Agent {
             make_default: default,
             retire_others: false,
         };
-        self.replica
+        let report = self
+            .replica
             .load(spec, policy)
             .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            %model,
+            version = %version.version,
+            bytes = size,
+            fetch_ms = fetched.as_millis() as u64,
+            load_ms = report.load_ms.round() as u64,
+            warm_ms = report.warm_ms.round() as u64,
+            "fetched, verified, loaded and warmed"
+        );
+        Ok(())
     }
 
     fn registration(&self) -> Registration {
