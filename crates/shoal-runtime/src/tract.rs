@@ -73,10 +73,16 @@ impl Backend for TractBackend {
     }
 
     fn load(&self, bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, LoadError> {
+        // Decode the protobuf straight from `bytes`: `model_for_read` would
+        // first copy the whole artifact into a buffer of its own, one more
+        // model-sized allocation (fresh pages to fault in) per load.
+        let proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes)
+            .map_err(|e| LoadError::Parse(format!("not an ONNX protobuf: {e}")))?;
         let mut model = self
             .onnx
-            .model_for_read(&mut &bytes[..])
+            .model_for_proto_model(&proto)
             .map_err(|e| LoadError::Parse(format!("{e:#}")))?;
+        drop(proto);
         apply_input_shapes(&mut model, options)?;
         name_unknown_dims(&mut model).map_err(prepare_err)?;
         let symbolic = model.clone().into_typed().and_then(|typed| {
