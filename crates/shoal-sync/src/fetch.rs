@@ -249,6 +249,12 @@ impl Fetcher {
         let manifest = self.manifest(sha256).await?;
         let owners = owners(&manifest.chunks, peers);
         let mut missing: Vec<ChunkRef> = self.cache.missing(&manifest);
+        tracing::debug!(
+            sha256,
+            missing = missing.len(),
+            chunks = manifest.chunks.len(),
+            "fetching the chunks the cache lacks"
+        );
         fetch_order(&mut missing, &owners);
         // Stop at the first failure (the origin is down, a chunk is
         // corrupt): what arrived stays cached, and the retry asks only for
