@@ -123,18 +123,18 @@ impl BlueGreen {
         self.updated_at = now;
     }
 
+    /// Traffic weights by version now: all on one side of the switch.
+    pub fn weights(&self) -> std::collections::BTreeMap<String, u32> {
+        match (&self.from, self.state) {
+            (_, RolloutState::Promoted) | (None, _) => [(self.to.clone(), 100)].into(),
+            (Some(from), _) => [(from.clone(), 100)].into(),
+        }
+    }
+
     /// The rollout as users see it.
     pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
         let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        let mut weights = std::collections::BTreeMap::new();
-        match (&self.from, self.state) {
-            (_, RolloutState::Promoted) | (None, _) => {
-                weights.insert(self.to.clone(), 100);
-            }
-            (Some(from), _) => {
-                weights.insert(from.clone(), 100);
-            }
-        }
+        let weights = self.weights();
         RolloutView {
             strategy: Strategy::BlueGreen,
             state: self.state,

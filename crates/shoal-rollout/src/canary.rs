@@ -450,15 +450,22 @@ impl Canary {
         self.updated_at = now;
     }
 
-    /// The rollout as users see it.
-    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+    /// Traffic weights by version now: the canary's step, the rest on the
+    /// baseline.
+    pub fn weights(&self) -> std::collections::BTreeMap<String, u32> {
         let w = self.canary_weight();
         let mut weights = std::collections::BTreeMap::new();
         weights.insert(self.to.clone(), w);
         if w < 100 {
             weights.insert(self.from.clone(), 100 - w);
         }
+        weights
+    }
+
+    /// The rollout as users see it.
+    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let weights = self.weights();
         RolloutView {
             strategy: Strategy::Canary,
             state: self.state,

@@ -81,25 +81,31 @@ impl Controller {
         }
     }
 
-    /// Traffic weights while active, and the shadow share (version,
-    /// percent) if any.
+    /// Traffic weights while active (given the replicas eligible to
+    /// serve), and the shadow share (version, percent) if any. Asked on
+    /// every routing-table request, so it computes only the weights, not
+    /// the whole view (intervals, significance).
     pub fn traffic(
         &self,
-        model: &str,
         replicas: &[&ReplicaFacts],
-        facts: &FleetFacts,
     ) -> (
         std::collections::BTreeMap<String, u32>,
         Option<(String, u32)>,
     ) {
-        let view = self.view(model, replicas, facts);
+        let weights = match self {
+            Controller::Rolling(r) => r.weights(replicas),
+            Controller::Canary(c) => c.weights(),
+            Controller::BlueGreen(b) => b.weights(),
+            Controller::Shadow(s) => s.weights(),
+            Controller::Experiment(e) => e.weights(),
+        };
         let shadow = match self {
             Controller::Shadow(s) if s.mirroring && s.is_running() => {
                 Some((s.candidate.clone(), s.percent))
             }
             _ => None,
         };
-        (view.weights, shadow)
+        (weights, shadow)
     }
 
     /// The rollout as users see it (shadow and experiments read what
@@ -179,6 +185,62 @@ mod tests {
         for c in controllers {
             let json = serde_json::to_value(&c).unwrap();
             assert_eq!(Controller::from_json(&json), Some(c), "{json}");
+        }
+    }
+
+    #[test]
+    fn routing_weights_are_the_weights_users_see() {
+        let replicas: Vec<ReplicaFacts> = (0..4)
+            .map(|i| ReplicaFacts {
+                id: format!("r{i}"),
+                address: String::new(),
+                region: "x".into(),
+                alive: i != 3,
+                serving: [("m".to_owned(), "1".to_owned())]
+                    .into_iter()
+                    .chain((i < 2).then(|| ("m".to_owned(), "2".to_owned())))
+                    .collect(),
+            })
+            .collect();
+        let refs: Vec<&ReplicaFacts> = replicas.iter().collect();
+        let running = [
+            Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 2, 0)),
+            Controller::Canary(crate::canary::Canary::start(
+                "1".into(),
+                "2".into(),
+                Default::default(),
+                0,
+            )),
+            Controller::BlueGreen(crate::bluegreen::BlueGreen::start(
+                Some("1".into()),
+                "2".into(),
+                1_000,
+                0,
+            )),
+            Controller::Shadow(Shadow::start(
+                "1".into(),
+                "2".into(),
+                20,
+                Default::default(),
+                0,
+            )),
+            Controller::Experiment(Experiment::start(
+                Kind::Ab,
+                vec!["1".into(), "2".into()],
+                5,
+                Default::default(),
+                0,
+            )),
+        ];
+        for c in running {
+            let mut aborted = c.clone();
+            aborted.abort("stop".into(), 1);
+            for c in [c, aborted] {
+                let view = c.view("m", &refs, &FleetFacts::default());
+                let (weights, _) = c.traffic(&refs);
+                assert_eq!(weights, view.weights, "{view:?}");
+                assert_eq!(weights.values().sum::<u32>(), 100, "{view:?}");
+            }
         }
     }
 }

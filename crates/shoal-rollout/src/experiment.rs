@@ -246,6 +246,16 @@ impl Experiment {
         self.updated_at = now;
     }
 
+    /// Traffic weights by version now: the arms' split while running, the
+    /// winner once promoted, production alone once ended otherwise.
+    pub fn weights(&self) -> BTreeMap<String, u32> {
+        match (&self.winner, self.state) {
+            (Some(w), RolloutState::Promoted) => [(w.clone(), 100)].into(),
+            (_, s) if s.is_terminal() => [(self.arms[0].clone(), 100)].into(),
+            _ => self.weights.clone(),
+        }
+    }
+
     /// The rollout as users see it.
     pub fn view(
         &self,
@@ -272,11 +282,7 @@ impl Experiment {
         let mut by_mean: Vec<&RewardStats> = rewards.values().collect();
         by_mean.sort_by(|a, b| b.mean().total_cmp(&a.mean()));
         let significant = (by_mean.len() >= 2).then(|| significant(by_mean[0], by_mean[1]));
-        let weights = match (&self.winner, self.state) {
-            (Some(w), RolloutState::Promoted) => [(w.clone(), 100)].into(),
-            (_, s) if s.is_terminal() => [(self.arms[0].clone(), 100)].into(),
-            _ => self.weights.clone(),
-        };
+        let weights = self.weights();
         RolloutView {
             strategy: if self.kind == Kind::Ab {
                 Strategy::Ab

@@ -193,7 +193,7 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
                         .iter()
                         .filter(|rep| eligible(deployment, rep))
                         .collect();
-                    let (weights, shadow) = c.traffic(&deployment.model, &eligible, facts);
+                    let (weights, shadow) = c.traffic(&eligible);
                     let targets = weights
                         .into_iter()
                         .map(|(version, weight)| TrafficTarget { version, weight })

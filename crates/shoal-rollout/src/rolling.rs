@@ -184,10 +184,10 @@ impl Rolling {
         self.updated_at = now;
     }
 
-    /// The rollout as users see it, given the replicas eligible to serve.
-    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
+    /// Traffic weights by version now: each side's share of the live
+    /// replicas assigned to it.
+    pub fn weights(&self, replicas: &[&ReplicaFacts]) -> std::collections::BTreeMap<String, u32> {
         let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        let done = live.iter().filter(|r| r.serves(model, &self.to)).count();
         let mut weights = std::collections::BTreeMap::new();
         let total = live.len().max(1);
         let on_new = live
@@ -202,6 +202,14 @@ impl Rolling {
         {
             weights.insert(from.clone(), 100 - new_share);
         }
+        weights
+    }
+
+    /// The rollout as users see it, given the replicas eligible to serve.
+    pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let done = live.iter().filter(|r| r.serves(model, &self.to)).count();
+        let weights = self.weights(replicas);
         RolloutView {
             strategy: Strategy::Rolling,
             state: self.state,

@@ -107,6 +107,17 @@ impl Shadow {
         self.updated_at = now;
     }
 
+    /// Traffic weights by version now: all on the primary until promoted
+    /// (the candidate only sees mirrored copies).
+    pub fn weights(&self) -> std::collections::BTreeMap<String, u32> {
+        let serving = if self.state == RolloutState::Promoted {
+            &self.candidate
+        } else {
+            &self.primary
+        };
+        [(serving.clone(), 100)].into()
+    }
+
     /// The rollout as users see it, with the comparison so far.
     pub fn view(
         &self,
@@ -115,16 +126,7 @@ impl Shadow {
         totals: &ShadowStats,
     ) -> RolloutView {
         let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        let to_all = self.state == RolloutState::Promoted;
-        let weights = [(
-            if to_all {
-                self.candidate.clone()
-            } else {
-                self.primary.clone()
-            },
-            100,
-        )]
-        .into();
+        let weights = self.weights();
         RolloutView {
             strategy: Strategy::Shadow,
             state: self.state,
