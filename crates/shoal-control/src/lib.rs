@@ -229,21 +229,31 @@ impl Control {
             .clone()
     }
 
-    /// Planning facts: the registry snapshot plus what replicas report now.
+    /// Planning facts: the registry snapshot plus what replicas and
+    /// gateways report now (inference counts, shadow comparisons, rewards),
+    /// which rollout decisions and views read.
     pub fn facts(&self) -> FleetFacts {
-        let snapshot = self.snapshot();
-        let mut facts = snapshot.facts.clone();
-        facts.replicas = self.live.facts(&snapshot.registrations);
-        facts.now = shoal_api::now_millis();
+        let mut facts = self.placement_facts();
         facts.stats = self.live.totals();
         facts.shadow = self.traffic.shadow();
         facts.rewards = self.traffic.rewards();
         facts
     }
 
+    /// The facts that say what runs where — the snapshot, the live replicas
+    /// and the time — without the reported counts: enough for desired
+    /// states and routing, which every replica poll and gateway asks for.
+    fn placement_facts(&self) -> FleetFacts {
+        let snapshot = self.snapshot();
+        let mut facts = snapshot.facts.clone();
+        facts.replicas = self.live.facts(&snapshot.registrations);
+        facts.now = shoal_api::now_millis();
+        facts
+    }
+
     /// What replica `id` should serve now.
     pub fn desired_for(&self, id: &str) -> DesiredState {
-        shoal_rollout::plan::desired_state(&self.facts(), id)
+        shoal_rollout::plan::desired_state(&self.placement_facts(), id)
     }
 
     /// Wakes the rollout controller.
@@ -258,7 +268,7 @@ impl Control {
 
     /// The routing table gateways follow.
     pub fn routing_table(&self) -> shoal_api::fleet::RoutingTable {
-        shoal_rollout::plan::routing_table(&self.facts())
+        shoal_rollout::plan::routing_table(&self.placement_facts())
     }
 
     /// Tells every live replica to reconcile now (the push trigger). Fire
