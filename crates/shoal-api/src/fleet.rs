@@ -281,9 +281,9 @@ pub struct VersionStats {
     pub latency: Vec<u64>,
 }
 
-impl VersionStats {
+impl crate::counters::Counters for VersionStats {
     /// `self - earlier`, clamped at zero (counters restart with replicas).
-    pub fn since(&self, earlier: &VersionStats) -> VersionStats {
+    fn since(&self, earlier: &VersionStats) -> VersionStats {
         VersionStats {
             requests: self.requests.saturating_sub(earlier.requests),
             errors: self.errors.saturating_sub(earlier.errors),
@@ -297,7 +297,7 @@ impl VersionStats {
     }
 
     /// Adds `other` into `self`.
-    pub fn add(&mut self, other: &VersionStats) {
+    fn add(&mut self, other: &VersionStats) {
         self.requests += other.requests;
         self.errors += other.errors;
         if self.latency.len() < other.latency.len() {
@@ -308,6 +308,12 @@ impl VersionStats {
         }
     }
 
+    fn progress(&self) -> u64 {
+        self.requests
+    }
+}
+
+impl VersionStats {
     /// Error rate, 0 when there were no requests.
     pub fn error_rate(&self) -> f64 {
         if self.requests == 0 {

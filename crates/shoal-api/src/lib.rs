@@ -6,9 +6,11 @@
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
 //! - [`traffic`]: what gateways report: shadow comparisons, rewards.
+//! - [`counters`]: summing cumulative counters over reporters that restart.
 //!
 //! Architecture invariant: pure serde types and tiny pure helpers. No I/O.
 
+pub mod counters;
 pub mod deploy;
 pub mod fleet;
 pub mod registry;

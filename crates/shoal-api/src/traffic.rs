@@ -25,9 +25,9 @@ pub struct ShadowStats {
     pub latency_diff_ms_sum: f64,
 }
 
-impl ShadowStats {
+impl crate::counters::Counters for ShadowStats {
     /// Adds `other`.
-    pub fn add(&mut self, other: &ShadowStats) {
+    fn add(&mut self, other: &ShadowStats) {
         self.mirrored += other.mirrored;
         self.candidate_errors += other.candidate_errors;
         self.compared += other.compared;
@@ -37,8 +37,12 @@ impl ShadowStats {
         self.latency_diff_ms_sum += other.latency_diff_ms_sum;
     }
 
+    fn progress(&self) -> u64 {
+        self.mirrored
+    }
+
     /// `self − earlier` (counters; the maximum is kept as is).
-    pub fn since(&self, earlier: &ShadowStats) -> ShadowStats {
+    fn since(&self, earlier: &ShadowStats) -> ShadowStats {
         ShadowStats {
             mirrored: self.mirrored.saturating_sub(earlier.mirrored),
             candidate_errors: self
@@ -50,6 +54,26 @@ impl ShadowStats {
             max_abs_diff: self.max_abs_diff,
             latency_diff_ms_sum: self.latency_diff_ms_sum - earlier.latency_diff_ms_sum,
         }
+    }
+}
+
+impl crate::counters::Counters for RewardStats {
+    fn add(&mut self, other: &RewardStats) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+    }
+
+    fn since(&self, earlier: &RewardStats) -> RewardStats {
+        RewardStats {
+            count: self.count.saturating_sub(earlier.count),
+            sum: self.sum - earlier.sum,
+            sum_sq: self.sum_sq - earlier.sum_sq,
+        }
+    }
+
+    fn progress(&self) -> u64 {
+        self.count
     }
 }
 
@@ -70,22 +94,6 @@ impl RewardStats {
         self.count += 1;
         self.sum += reward;
         self.sum_sq += reward * reward;
-    }
-
-    /// Adds `other`.
-    pub fn add(&mut self, other: &RewardStats) {
-        self.count += other.count;
-        self.sum += other.sum;
-        self.sum_sq += other.sum_sq;
-    }
-
-    /// `self − earlier`.
-    pub fn since(&self, earlier: &RewardStats) -> RewardStats {
-        RewardStats {
-            count: self.count.saturating_sub(earlier.count),
-            sum: self.sum - earlier.sum,
-            sum_sq: self.sum_sq - earlier.sum_sq,
-        }
     }
 
     /// Mean reward (0 without rewards).

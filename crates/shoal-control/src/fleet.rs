@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use shoal_api::counters::accumulate;
 use shoal_api::fleet::{Heartbeat, ReplicaView};
 use shoal_api::{UnixMillis, now_millis};
 use shoal_registry::ReplicaRecord;
@@ -59,14 +60,10 @@ impl LiveFleet {
         {
             let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
             for (key, now) in &report.stats {
+                // Counters go down when the version was reloaded or the
+                // replica restarted.
                 let before = live.get(id).and_then(|l| l.report.stats.get(key));
-                let delta = match before {
-                    // Counters only go down when the version was reloaded or
-                    // the replica restarted: everything since then is new.
-                    Some(b) if b.requests <= now.requests => now.since(b),
-                    _ => now.clone(),
-                };
-                totals.entry(key.clone()).or_default().add(&delta);
+                accumulate(totals.entry(key.clone()).or_default(), before, now);
             }
         }
         live.insert(

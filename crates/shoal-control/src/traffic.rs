@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
+use shoal_api::counters::accumulate;
 use shoal_api::traffic::{GatewayReport, RewardStats, ShadowStats};
 
 /// Totals over every gateway.
@@ -25,20 +26,14 @@ impl TrafficTotals {
     pub(crate) fn report(&self, id: &str, report: GatewayReport) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = inner.last.remove(id).unwrap_or_default();
+        // A gateway restarted counts from zero again.
         for (model, now) in &report.shadow {
-            let delta = match previous.shadow.get(model) {
-                // A gateway restarted counts from zero again.
-                Some(before) if before.mirrored <= now.mirrored => now.since(before),
-                _ => now.clone(),
-            };
-            inner.shadow.entry(model.clone()).or_default().add(&delta);
+            let total = inner.shadow.entry(model.clone()).or_default();
+            accumulate(total, previous.shadow.get(model), now);
         }
         for (key, now) in &report.rewards {
-            let delta = match previous.rewards.get(key) {
-                Some(before) if before.count <= now.count => now.since(before),
-                _ => now.clone(),
-            };
-            inner.rewards.entry(key.clone()).or_default().add(&delta);
+            let total = inner.rewards.entry(key.clone()).or_default();
+            accumulate(total, previous.rewards.get(key), now);
         }
         inner.last.insert(id.to_owned(), report);
     }

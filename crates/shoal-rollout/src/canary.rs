@@ -16,6 +16,7 @@
 //! still waits for the bake time.
 
 use serde::{Deserialize, Serialize};
+use shoal_api::counters::Counters;
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::fleet::VersionStats;
 use shoal_api::traffic::RewardStats;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use shoal_api::counters::Counters;
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::traffic::{ArmSummary, RewardStats};
 

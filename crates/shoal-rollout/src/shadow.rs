@@ -5,6 +5,7 @@
 //! (`rollout status` shows agreement, differences, latency, errors).
 
 use serde::{Deserialize, Serialize};
+use shoal_api::counters::Counters;
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::traffic::{ShadowStats, ShadowSummary};
 
