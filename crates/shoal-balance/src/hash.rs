@@ -24,9 +24,15 @@ pub fn rendezvous<'a>(key: &str, ids: impl IntoIterator<Item = &'a str>) -> Opti
 /// Picks a version by weight. With a key (a user id), the same key always
 /// lands on the same version while the weights stay the same, and moves
 /// only as far as weights change (buckets are cumulative). Without a key,
-/// `roll` (uniform in [0, 1)) decides.
-pub fn split<'a>(targets: &'a [(String, u32)], key: Option<&str>, roll: f64) -> Option<&'a str> {
-    let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+/// `roll` (uniform in [0, 1)) decides. `targets` are `(version, weight)`
+/// pairs, walked twice and never copied (this runs on every request).
+pub fn split<'a, I>(targets: I, key: Option<&str>, roll: f64) -> Option<&'a str>
+where
+    I: IntoIterator<Item = (&'a str, u32)>,
+    I::IntoIter: Clone,
+{
+    let targets = targets.into_iter();
+    let total: u64 = targets.clone().map(|(_, w)| u64::from(w)).sum();
     if total == 0 {
         return None;
     }
@@ -35,13 +41,15 @@ pub fn split<'a>(targets: &'a [(String, u32)], key: Option<&str>, roll: f64) -> 
         None => ((roll.clamp(0.0, 0.999_999_999) * total as f64) as u64).min(total - 1),
     };
     let mut acc = 0u64;
+    let mut last = None;
     for (version, w) in targets {
-        acc += u64::from(*w);
+        acc += u64::from(w);
         if point < acc {
             return Some(version);
         }
+        last = Some(version);
     }
-    targets.last().map(|(v, _)| v.as_str())
+    last
 }
 
 #[cfg(test)]
@@ -75,27 +83,30 @@ mod tests {
 
     #[test]
     fn splits_follow_weights_and_keep_users() {
-        let targets = vec![("1".to_owned(), 90), ("2".to_owned(), 10)];
+        let targets = [("1", 90), ("2", 10)];
         let users: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
         let on_two = users
             .iter()
-            .filter(|u| split(&targets, Some(u), 0.0) == Some("2"))
+            .filter(|u| split(targets, Some(u), 0.0) == Some("2"))
             .count();
         assert!((850..1150).contains(&on_two), "{on_two}");
         assert!(
             users
                 .iter()
-                .all(|u| split(&targets, Some(u), 0.0) == split(&targets, Some(u), 0.7))
+                .all(|u| split(targets, Some(u), 0.0) == split(targets, Some(u), 0.7))
         );
         // Growing the canary from 10 % to 50 % only moves users onto it.
-        let wider = vec![("1".to_owned(), 50), ("2".to_owned(), 50)];
+        let wider = [("1", 50), ("2", 50)];
         for u in &users {
-            if split(&targets, Some(u), 0.0) == Some("2") {
-                assert_eq!(split(&wider, Some(u), 0.0), Some("2"));
+            if split(targets, Some(u), 0.0) == Some("2") {
+                assert_eq!(split(wider, Some(u), 0.0), Some("2"));
             }
         }
-        assert_eq!(split(&targets, None, 0.95), Some("2"));
-        assert_eq!(split(&targets, None, 0.5), Some("1"));
-        assert_eq!(split(&[], None, 0.5), None);
+        assert_eq!(split(targets, None, 0.95), Some("2"));
+        assert_eq!(split(targets, None, 0.5), Some("1"));
+        assert_eq!(split([], None, 0.5), None);
+        // Zero weights are skipped; all zero is no choice.
+        assert_eq!(split([("1", 0), ("2", 5)], None, 0.0), Some("2"));
+        assert_eq!(split([("1", 0)], None, 0.0), None);
     }
 }

@@ -61,10 +61,12 @@ impl Endpoint {
         }
     }
 
-    fn serves(&self, model: &str, version: Option<&str>) -> bool {
+    /// True when it serves `key` (`model:version`), or with no key any
+    /// version of `model`.
+    fn serves(&self, model: &str, key: Option<&str>) -> bool {
         let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
-        match version {
-            Some(v) => serving.contains(&format!("{model}:{v}")),
+        match key {
+            Some(k) => serving.contains(k),
             None => serving
                 .iter()
                 .any(|k| k.split_once(':').is_some_and(|(m, _)| m == model)),
@@ -374,12 +376,11 @@ impl Routes {
         rng: &mut impl Rng,
     ) -> Option<String> {
         let policy = state.policies.get(model)?;
-        let targets: Vec<(String, u32)> = policy
+        let targets = policy
             .targets
             .iter()
-            .map(|t| (t.version.clone(), t.weight))
-            .collect();
-        shoal_balance::hash::split(&targets, split_key, rng.random::<f64>()).map(str::to_owned)
+            .map(|t| (t.version.as_str(), t.weight));
+        shoal_balance::hash::split(targets, split_key, rng.random::<f64>()).map(str::to_owned)
     }
 
     /// Endpoints that may serve `model` (`version`, if given) now, minus
@@ -394,16 +395,16 @@ impl Routes {
         now: Duration,
     ) -> Result<Vec<Arc<Endpoint>>, NoRoute> {
         let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
+        let key = version.map(|v| format!("{model}:{v}"));
         let serving: Vec<&Arc<Endpoint>> = state
             .endpoints
             .iter()
-            .filter(|e| e.serves(model, version))
+            .filter(|e| e.serves(model, key.as_deref()))
             .filter(|e| pinned.is_none_or(|regions| regions.contains(&e.region)))
             .collect();
         if serving.is_empty() {
             return Err(NoRoute::UnknownModel);
         }
-        let key = version.map(|v| format!("{model}:{v}"));
         let mut available: Vec<Arc<Endpoint>> = serving
             .iter()
             .filter(|e| !exclude.contains(&e.id) && e.available_for(now, key.as_deref()))
