@@ -770,7 +770,7 @@ impl Control {
         let facts = self.facts();
         let now = now_millis();
         let (mut changed, mut stale) = (false, false);
-        for (deployment, controller) in &facts.deployments {
+        for (deployment, controller) in facts.deployments.iter() {
             let model = deployment.model.clone();
             if deployment.warm.iter().any(|w| w.until <= now) {
                 let mut d = deployment.clone();

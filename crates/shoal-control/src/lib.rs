@@ -197,9 +197,9 @@ impl Control {
         let facts = FleetFacts {
             revision,
             now: 0,
-            deployments,
+            deployments: Arc::new(deployments),
             replicas: Vec::new(),
-            versions,
+            versions: Arc::new(versions),
             stats: std::collections::BTreeMap::new(),
             shadow: std::collections::BTreeMap::new(),
             rewards: std::collections::BTreeMap::new(),

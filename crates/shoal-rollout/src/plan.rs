@@ -1,6 +1,7 @@
 //! Who serves what: desired state per replica.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use shoal_api::deploy::Deployment;
 use shoal_api::fleet::{DesiredModel, DesiredState, DesiredVersion, Peer};
@@ -38,8 +39,9 @@ pub struct FleetFacts {
     pub revision: u64,
     /// Now (ms since the epoch): warm versions expire.
     pub now: i64,
-    /// Deployments with their rollout controller, if any.
-    pub deployments: Vec<(Deployment, Option<Controller>)>,
+    /// Deployments with their rollout controller, if any. Shared: the
+    /// control plane hands the same registry snapshot to every poll.
+    pub deployments: Arc<Vec<(Deployment, Option<Controller>)>>,
     /// Inference counts per `model:version` over the fleet.
     pub stats: BTreeMap<String, shoal_api::fleet::VersionStats>,
     /// Shadow comparisons per model, as gateways reported them.
@@ -48,8 +50,8 @@ pub struct FleetFacts {
     pub rewards: BTreeMap<String, shoal_api::traffic::RewardStats>,
     /// Registered replicas.
     pub replicas: Vec<ReplicaFacts>,
-    /// Version records by `(model, version)`.
-    pub versions: BTreeMap<(String, String), VersionRecord>,
+    /// Version records by `(model, version)`. Shared, like `deployments`.
+    pub versions: Arc<BTreeMap<(String, String), VersionRecord>>,
 }
 
 impl FleetFacts {
@@ -114,7 +116,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
         };
     };
     let mut models = Vec::new();
-    for (deployment, controller) in &facts.deployments {
+    for (deployment, controller) in facts.deployments.iter() {
         let versions = versions_for(deployment, controller.as_ref(), replica, facts.now);
         let Some(default) = versions.first().cloned() else {
             continue;
@@ -281,13 +283,13 @@ mod tests {
             stats: BTreeMap::new(),
             shadow: BTreeMap::new(),
             rewards: BTreeMap::new(),
-            deployments: vec![
+            deployments: Arc::new(vec![
                 (deployment("digits", &[("1", 90), ("2", 10)], None), None),
                 (
                     deployment("eu-only", &[("1", 100)], Some(&["eu-west"])),
                     None,
                 ),
-            ],
+            ]),
             replicas: vec![
                 replica("a", "us-east"),
                 replica("b", "eu-west"),
@@ -300,7 +302,8 @@ mod tests {
             ]
             .into_iter()
             .map(|r| ((r.model.clone(), r.version.clone()), r))
-            .collect(),
+            .collect::<BTreeMap<_, _>>()
+            .into(),
         }
     }
 
@@ -348,11 +351,11 @@ mod tests {
     fn warm_versions_stay_loaded_until_they_expire() {
         let mut f = facts();
         f.now = 1000;
-        f.deployments[1].0.warm = vec![shoal_api::deploy::WarmVersion {
+        Arc::make_mut(&mut f.deployments)[1].0.warm = vec![shoal_api::deploy::WarmVersion {
             version: "0".into(),
             until: 2000,
         }];
-        f.versions
+        Arc::make_mut(&mut f.versions)
             .insert(("eu-only".into(), "0".into()), record("eu-only", "0"));
         let d = desired_state(&f, "b");
         let versions: Vec<(&str, bool)> = d.models[1]
@@ -383,7 +386,7 @@ mod tests {
             crate::canary::CanaryConfig::default(),
             0,
         );
-        f.deployments[0] = (
+        Arc::make_mut(&mut f.deployments)[0] = (
             deployment("digits", &[("2", 100)], None),
             Some(Controller::Canary(canary)),
         );
@@ -411,7 +414,7 @@ mod tests {
         let mut f = facts();
         let mut rolling = crate::rolling::Rolling::start(Some("1".into()), "2".into(), 1, 0);
         rolling.moved.insert("a".into());
-        f.deployments[0] = (
+        Arc::make_mut(&mut f.deployments)[0] = (
             deployment("digits", &[("2", 100)], None),
             Some(Controller::Rolling(rolling)),
         );
