@@ -1,21 +1,34 @@
 //! A replica's local artifact cache: verified chunks and manifests on disk.
 //!
 //! Chunks are kept in their stored encoding, so a replica can hand them to
-//! peers as it received them. A chunk is written only after its BLAKE3 is
-//! checked (written to a temporary file, then renamed, so a crash never
-//! leaves half a chunk under a valid name). An artifact is assembled only
-//! when every chunk is present, and returned only when its SHA-256 matches.
-//! Whatever is in the cache survives restarts: a replica can come back
-//! serving without the control plane.
+//! peers as it received them, appended to pack files ([`crate::pack`]) and
+//! found through an index held in memory, rebuilt from the packs' record
+//! headers when the cache is opened. A chunk is written only after its
+//! BLAKE3 is checked; a crash mid-append leaves a torn record at the end
+//! of a pack, which the next open cuts off. An artifact is assembled only
+//! when every chunk is present, and returned only when its SHA-256
+//! matches. Whatever is in the cache survives restarts: a replica can come
+//! back serving without the control plane.
+//!
+//! One process at a time: the cache holds an exclusive lock on its
+//! directory while open.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bytes::Bytes;
 use sha2::Digest;
 
 use crate::chunk::{self, ChunkId, ChunkRef, Manifest};
+use crate::pack::{self, Kind};
 use crate::{ArtifactError, is_hex_digest};
+
+/// A pack grows to about this size before the next one is started.
+const PACK_BYTES: u64 = 1 << 30;
 
 /// Checks that `bytes` hash to `expected` (hex SHA-256).
 pub fn verify_sha256(expected: &str, bytes: &[u8]) -> Result<(), ArtifactError> {
@@ -30,30 +43,284 @@ pub fn verify_sha256(expected: &str, bytes: &[u8]) -> Result<(), ArtifactError> 
     }
 }
 
+/// Where a chunk's stored bytes are.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    pack: usize,
+    offset: u64,
+    len: u32,
+}
+
+/// The chunks in the packs, and their total stored size.
+#[derive(Debug, Default)]
+struct Index {
+    chunks: HashMap<ChunkId, Location>,
+    bytes: u64,
+}
+
+impl Index {
+    fn apply(&mut self, header: pack::Header, location: Location) {
+        let old = match header.kind {
+            Kind::Chunk => {
+                self.bytes += u64::from(location.len);
+                self.chunks.insert(header.id, location)
+            }
+            Kind::Tombstone => self.chunks.remove(&header.id),
+        };
+        if let Some(old) = old {
+            self.bytes -= u64::from(old.len);
+        }
+    }
+}
+
+/// The pack being appended to.
+#[derive(Debug)]
+struct Writer {
+    /// Its place in [`ChunkCache::packs`].
+    pack: usize,
+    /// The number in its file name.
+    number: usize,
+    len: u64,
+}
+
 /// Verified chunks and manifests in a directory.
 #[derive(Debug)]
 pub struct ChunkCache {
     dir: PathBuf,
     tmp_seq: AtomicU64,
+    index: RwLock<Index>,
+    /// Every pack, by number; the last is the one appended to.
+    packs: RwLock<Vec<Arc<File>>>,
+    writer: Mutex<Writer>,
+    /// When to start the next pack.
+    pack_bytes: u64,
+    /// Held (locked) while the cache is open.
+    _lock: File,
+}
+
+fn pack_name(n: usize) -> String {
+    format!("{n:08}.pack")
 }
 
 impl ChunkCache {
-    /// Opens (creating) the cache in `dir`.
+    /// Opens (creating) the cache in `dir`: reads the record headers of
+    /// every pack, and moves chunks a cache of an earlier Shoal kept one
+    /// per file into a pack.
     pub fn open(dir: &Path) -> Result<ChunkCache, ArtifactError> {
-        for sub in ["chunks", "manifests", "tmp"] {
+        Self::open_with(dir, PACK_BYTES)
+    }
+
+    fn open_with(dir: &Path, pack_bytes: u64) -> Result<ChunkCache, ArtifactError> {
+        for sub in ["packs", "manifests", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(ArtifactError::io(format!(
                 "cannot create cache directory {}",
                 dir.join(sub).display()
             )))?;
         }
-        Ok(ChunkCache {
+        let lock_path = dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(ArtifactError::io(format!(
+                "cannot open {}",
+                lock_path.display()
+            )))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => ArtifactError::Io {
+                context: format!(
+                    "the artifact cache in {} is in use by another process \
+                     (do two replicas share a --data-dir? give each its own)",
+                    dir.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::WouldBlock),
+            },
+            std::fs::TryLockError::Error(source) => ArtifactError::Io {
+                context: format!("cannot lock {}", lock_path.display()),
+                source,
+            },
+        })?;
+
+        let mut numbers: Vec<usize> = std::fs::read_dir(dir.join("packs"))
+            .map_err(ArtifactError::io(format!(
+                "cannot list {}",
+                dir.join("packs").display()
+            )))?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".pack")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        numbers.sort_unstable();
+        let mut index = Index::default();
+        let mut packs = Vec::with_capacity(numbers.len() + 1);
+        let mut whole = 0;
+        for (i, n) in numbers.iter().enumerate() {
+            let path = dir.join("packs").join(pack_name(*n));
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(ArtifactError::io(format!("cannot open {}", path.display())))?;
+            let file_len = file
+                .metadata()
+                .map_err(ArtifactError::io(format!("cannot stat {}", path.display())))?
+                .len();
+            whole = pack::scan(&file, file_len, |header, offset| {
+                let len = header.len;
+                index.apply(
+                    header,
+                    Location {
+                        pack: i,
+                        offset,
+                        len,
+                    },
+                );
+            })
+            .map_err(ArtifactError::io(format!("cannot read {}", path.display())))?;
+            if whole < file_len {
+                tracing::warn!(
+                    pack = %path.display(),
+                    whole,
+                    file_len,
+                    "a pack ends in a torn record (a crash while appending); reading stops there"
+                );
+            }
+            packs.push(Arc::new(file));
+        }
+        // Append to the last pack, cut back to its whole records, unless
+        // it is full or there is none.
+        let writer = if packs.is_empty() || whole >= pack_bytes {
+            let next = numbers.last().map_or(0, |n| n + 1);
+            packs.push(Arc::new(Self::create_pack(dir, next)?));
+            Writer {
+                pack: packs.len() - 1,
+                number: next,
+                len: 0,
+            }
+        } else {
+            let last = packs.len() - 1;
+            packs[last]
+                .set_len(whole)
+                .map_err(ArtifactError::io("cannot cut a torn record off a pack"))?;
+            Writer {
+                pack: last,
+                number: numbers[last],
+                len: whole,
+            }
+        };
+        let cache = ChunkCache {
             dir: dir.to_owned(),
             tmp_seq: AtomicU64::new(0),
-        })
+            index: RwLock::new(index),
+            packs: RwLock::new(packs),
+            writer: Mutex::new(writer),
+            pack_bytes,
+            _lock: lock,
+        };
+        cache.import_chunk_files()?;
+        Ok(cache)
     }
 
-    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        self.dir.join("chunks").join(id.as_str())
+    fn create_pack(dir: &Path, n: usize) -> Result<File, ArtifactError> {
+        let path = dir.join("packs").join(pack_name(n));
+        File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(ArtifactError::io(format!(
+                "cannot create {}",
+                path.display()
+            )))
+    }
+
+    /// Caches of earlier versions kept a file per chunk under `chunks/`:
+    /// append them to a pack, then remove the directory. They were
+    /// verified when written, and are verified again at assembly.
+    fn import_chunk_files(&self) -> Result<(), ArtifactError> {
+        let old = self.dir.join("chunks");
+        let Ok(entries) = std::fs::read_dir(&old) else {
+            return Ok(());
+        };
+        let mut moved = 0usize;
+        for entry in entries.filter_map(Result::ok) {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| ChunkId::parse(n).ok())
+            else {
+                continue;
+            };
+            if let Ok(stored) = std::fs::read(entry.path())
+                && !self.has(&id)
+            {
+                self.append(Kind::Chunk, &id, &stored)?;
+                moved += 1;
+            }
+        }
+        std::fs::remove_dir_all(&old).map_err(ArtifactError::io(format!(
+            "cannot remove {} after moving its chunks into a pack",
+            old.display()
+        )))?;
+        tracing::info!(
+            chunks = moved,
+            "moved cached chunks from one file each into a pack"
+        );
+        Ok(())
+    }
+
+    /// Appends a record to the current pack, starting a new pack when it
+    /// is full, and indexes it once it is written.
+    fn append(&self, kind: Kind, id: &ChunkId, data: &[u8]) -> Result<(), ArtifactError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| ArtifactError::Invalid(format!("chunk {id} is over 4 GiB")))?;
+        let header = pack::encode_header(kind, id, len);
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let file = self.packs.read().unwrap_or_else(PoisonError::into_inner)[writer.pack].clone();
+        let offset = writer.len + pack::HEADER as u64;
+        // The writer's length moves only once both writes are done, so a
+        // failed write (a full disk) is overwritten by the next record.
+        file.write_all_at(&header, writer.len)
+            .and_then(|()| file.write_all_at(data, offset))
+            .map_err(ArtifactError::io(format!(
+                "cannot write to the artifact cache in {}",
+                self.dir.display()
+            )))?;
+        writer.len = offset + u64::from(len);
+        let location = Location {
+            pack: writer.pack,
+            offset,
+            len,
+        };
+        self.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(
+                pack::Header {
+                    kind,
+                    id: id.clone(),
+                    len,
+                },
+                location,
+            );
+        if writer.len >= self.pack_bytes {
+            let number = writer.number + 1;
+            let file = Arc::new(Self::create_pack(&self.dir, number)?);
+            let mut packs = self.packs.write().unwrap_or_else(PoisonError::into_inner);
+            packs.push(file);
+            *writer = Writer {
+                pack: packs.len() - 1,
+                number,
+                len: 0,
+            };
+        }
+        Ok(())
     }
 
     fn manifest_path(&self, sha256: &str) -> PathBuf {
@@ -74,14 +341,33 @@ impl ChunkCache {
             )))
     }
 
+    fn location(&self, id: &ChunkId) -> Option<Location> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .chunks
+            .get(id)
+            .copied()
+    }
+
+    /// Reads the stored bytes at `at` into `buf`.
+    fn read_into(&self, at: Location, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let file = self.packs.read().unwrap_or_else(PoisonError::into_inner)[at.pack].clone();
+        buf.resize(at.len as usize, 0);
+        file.read_exact_at(buf, at.offset)
+    }
+
     /// True when chunk `id` is cached.
     pub fn has(&self, id: &ChunkId) -> bool {
-        self.chunk_path(id).is_file()
+        self.location(id).is_some()
     }
 
     /// A cached chunk in its stored encoding.
     pub fn get_stored(&self, id: &ChunkId) -> Option<Bytes> {
-        std::fs::read(self.chunk_path(id)).ok().map(Bytes::from)
+        let at = self.location(id)?;
+        let mut buf = Vec::new();
+        self.read_into(at, &mut buf).ok()?;
+        Some(Bytes::from(buf))
     }
 
     /// Verifies and caches a chunk received in its stored encoding.
@@ -97,12 +383,19 @@ impl ChunkCache {
         stored: &[u8],
     ) -> Result<(), ArtifactError> {
         chunk::verify(id, stored, size)?;
-        self.write_atomically(&self.chunk_path(id), stored)
+        if self.has(id) {
+            return Ok(());
+        }
+        self.append(Kind::Chunk, id, stored)
     }
 
     /// Drops a chunk (found corrupt on disk).
     pub fn remove(&self, id: &ChunkId) {
-        let _ = std::fs::remove_file(self.chunk_path(id));
+        if self.has(id)
+            && let Err(e) = self.append(Kind::Tombstone, id, &[])
+        {
+            tracing::warn!(chunk = %id, error = %e, "cannot record that a cached chunk is corrupt");
+        }
     }
 
     /// Caches a manifest.
@@ -123,10 +416,11 @@ impl ChunkCache {
     /// Chunks of `manifest` not in the cache, without duplicates.
     pub fn missing(&self, manifest: &Manifest) -> Vec<ChunkRef> {
         let mut seen = std::collections::HashSet::new();
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
         manifest
             .chunks
             .iter()
-            .filter(|c| seen.insert(c.id.clone()) && !self.has(&c.id))
+            .filter(|c| seen.insert(&c.id) && !index.chunks.contains_key(&c.id))
             .cloned()
             .collect()
     }
@@ -137,10 +431,9 @@ impl ChunkCache {
         let mut out = Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0));
         let mut stored = Vec::new();
         for c in &manifest.chunks {
-            stored.clear();
-            std::fs::File::open(self.chunk_path(&c.id))
-                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut stored))
-                .map_err(|_| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
+            let missing = || ArtifactError::NotFound(format!("cached chunk {}", c.id));
+            let at = self.location(&c.id).ok_or_else(missing)?;
+            self.read_into(at, &mut stored).map_err(|_| missing())?;
             if let Err(e) = chunk::decode_into(&c.id, &stored, Some(c.size), &mut out) {
                 self.remove(&c.id);
                 return Err(e);
@@ -150,16 +443,12 @@ impl ChunkCache {
         Ok(Bytes::from(out))
     }
 
-    /// Bytes used by cached chunks.
+    /// Bytes used by cached chunks (as stored).
     pub fn chunk_bytes(&self) -> u64 {
-        std::fs::read_dir(self.dir.join("chunks"))
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
     }
 }
 
@@ -218,12 +507,145 @@ mod tests {
         ));
 
         // Corruption on disk is caught at assembly, and the chunk dropped.
-        let path = dir.join("chunks").join(manifest.chunks[1].id.as_str());
-        let mut on_disk = std::fs::read(&path).unwrap();
-        on_disk[1] ^= 1;
-        std::fs::write(&path, on_disk).unwrap();
+        corrupt_on_disk(&cache, &dir, &manifest.chunks[1].id);
         assert!(cache.assemble(&manifest).is_err());
         assert_eq!(cache.missing(&manifest), vec![manifest.chunks[1].clone()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Flips a byte of chunk `id`'s stored bytes in its pack.
+    fn corrupt_on_disk(cache: &ChunkCache, dir: &Path, id: &ChunkId) {
+        let at = cache.location(id).unwrap();
+        let path = dir.join("packs").join(pack_name(at.pack));
+        let mut on_disk = std::fs::read(&path).unwrap();
+        on_disk[usize::try_from(at.offset).unwrap() + 1] ^= 1;
+        std::fs::write(&path, on_disk).unwrap();
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// `n` distinct stored chunks of about `len` bytes.
+    fn some_chunks(n: usize, len: usize) -> Vec<(ChunkRef, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                // Random-looking, so zstd leaves it as it is.
+                let mut content = vec![0u8; len];
+                blake3::Hasher::new()
+                    .update(&i.to_le_bytes())
+                    .finalize_xof()
+                    .fill(&mut content);
+                let stored = chunk::encode(&content);
+                let r = ChunkRef {
+                    id: ChunkId::of(&content),
+                    size: u32::try_from(content.len()).unwrap(),
+                    stored: u32::try_from(stored.len()).unwrap(),
+                };
+                (r, stored.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_and_removals_survive_reopening_and_a_torn_tail_is_cut_off() {
+        let dir = temp_dir("reopen");
+        let chunks = some_chunks(5, 20_000);
+        {
+            let cache = ChunkCache::open(&dir).unwrap();
+            for (c, s) in &chunks[..4] {
+                cache.put_stored(c, s).unwrap();
+            }
+            cache.remove(&chunks[1].0.id);
+        }
+        // A crash mid-append: half of a fifth record at the end.
+        let pack = dir.join("packs").join(pack_name(0));
+        let whole = std::fs::metadata(&pack).unwrap().len();
+        let mut torn =
+            pack::encode_header(Kind::Chunk, &chunks[4].0.id, chunks[4].0.stored).to_vec();
+        torn.extend_from_slice(&chunks[4].1[..100]);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes.extend_from_slice(&torn);
+        std::fs::write(&pack, bytes).unwrap();
+
+        let cache = ChunkCache::open(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&pack).unwrap().len(),
+            whole,
+            "torn tail cut off"
+        );
+        for (i, (c, s)) in chunks.iter().enumerate() {
+            assert_eq!(cache.has(&c.id), i == 0 || i == 2 || i == 3, "chunk {i}");
+            if cache.has(&c.id) {
+                assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+            }
+        }
+        let live: u64 = [0, 2, 3]
+            .iter()
+            .map(|&i| u64::from(chunks[i].0.stored))
+            .sum();
+        assert_eq!(cache.chunk_bytes(), live);
+        // Appending goes on after the last whole record, and is found
+        // again on the next open.
+        cache.put_stored(&chunks[4].0, &chunks[4].1).unwrap();
+        cache.put_stored(&chunks[1].0, &chunks[1].1).unwrap();
+        drop(cache);
+        let cache = ChunkCache::open(&dir).unwrap();
+        for (c, s) in &chunks {
+            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+        }
+        drop(cache);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn full_packs_give_way_to_new_ones() {
+        let dir = temp_dir("rotate");
+        let chunks = some_chunks(6, 10_000);
+        {
+            let cache = ChunkCache::open_with(&dir, 25_000).unwrap();
+            for (c, s) in &chunks {
+                cache.put_stored(c, s).unwrap();
+            }
+        }
+        let packs = std::fs::read_dir(dir.join("packs")).unwrap().count();
+        assert!(packs >= 3, "{packs} packs");
+        let cache = ChunkCache::open_with(&dir, 25_000).unwrap();
+        for (c, s) in &chunks {
+            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+        }
+        drop(cache);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let dir = temp_dir("lock");
+        let cache = ChunkCache::open(&dir).unwrap();
+        let err = ChunkCache::open(&dir).unwrap_err().to_string();
+        assert!(err.contains("in use by another process"), "{err}");
+        drop(cache);
+        ChunkCache::open(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn chunks_cached_one_file_each_move_into_a_pack() {
+        let dir = temp_dir("import");
+        let chunks = some_chunks(3, 5_000);
+        std::fs::create_dir_all(dir.join("chunks")).unwrap();
+        for (c, s) in &chunks {
+            std::fs::write(dir.join("chunks").join(c.id.as_str()), s).unwrap();
+        }
+        std::fs::write(dir.join("chunks").join("not-a-chunk"), b"x").unwrap();
+        let cache = ChunkCache::open(&dir).unwrap();
+        assert!(!dir.join("chunks").exists());
+        for (c, s) in &chunks {
+            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+        }
+        drop(cache);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,7 +12,8 @@
 //!   between versions are stored once.
 //! - [`cache::ChunkCache`]: a replica's local cache. It accepts a chunk only
 //!   after checking its BLAKE3, and assembles an artifact only when the
-//!   whole file's SHA-256 matches the manifest.
+//!   whole file's SHA-256 matches the manifest. Chunks live in append-only
+//!   pack files (`pack`), not a file each.
 //!
 //! Architecture invariant: nothing here speaks HTTP; fetching from origins
 //! and peers is the sync agent's job. Every byte that leaves this crate as
@@ -20,6 +21,7 @@
 
 pub mod cache;
 pub mod chunk;
+mod pack;
 pub mod store;
 
 pub use cache::ChunkCache;
