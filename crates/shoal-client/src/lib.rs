@@ -434,10 +434,9 @@ impl ControlClient {
     }
 
     /// Opens an NDJSON stream at `path`.
-    async fn stream<T: DeserializeOwned>(
-        &self,
-        path: &str,
-    ) -> Result<impl futures::Stream<Item = Result<T, ClientError>> + use<T>, ClientError> {
+    /// Sends a GET and returns the body of a successful answer unread;
+    /// an error status is read and turned into its error.
+    async fn open(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
         let url = self.url(path);
         let mut builder = Request::builder().method(Method::GET).uri(&url);
         if let Some(token) = &self.token {
@@ -473,7 +472,15 @@ impl ControlClient {
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             });
         }
-        Ok(ndjson(body, url))
+        Ok(body)
+    }
+
+    async fn stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<impl futures::Stream<Item = Result<T, ClientError>> + use<T>, ClientError> {
+        let body = self.open(path).await?;
+        Ok(ndjson(body, self.url(path)))
     }
 
     /// The routing table.
@@ -491,14 +498,44 @@ impl ControlClient {
         self.stream("/api/v1/routing/watch").await
     }
 
-    /// A chunk in its stored encoding from the origin.
-    pub async fn chunk(&self, id: &str) -> Result<Bytes, ClientError> {
+    /// A chunk in its stored encoding from the origin, as it arrives: the
+    /// body's pieces in order, all within the client's timeout. An error
+    /// ends the stream.
+    pub async fn chunk_stream(
+        &self,
+        id: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
         let path = format!("/api/v1/chunks/{id}");
-        let (status, _, body) = self
-            .send(Method::GET, &path, &[], full(Bytes::new()))
-            .await?;
-        Self::check(status, &body)?;
-        Ok(body)
+        let url = self.url(&path);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let body = self.open(&path).await?;
+        Ok(futures::stream::unfold(
+            Some((body, url)),
+            move |state| async move {
+                let (mut body, url) = state?;
+                loop {
+                    let fail = |reason: String| {
+                        Some((
+                            Err(ClientError::Unreachable {
+                                url: url.clone(),
+                                reason,
+                            }),
+                            None,
+                        ))
+                    };
+                    match tokio::time::timeout_at(deadline, body.frame()).await {
+                        Err(_) => return fail("the chunk did not arrive in time".into()),
+                        Ok(None) => return None,
+                        Ok(Some(Err(e))) => return fail(e.to_string()),
+                        Ok(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                return Some((Ok(data), Some((body, url))));
+                            }
+                        }
+                    }
+                }
+            },
+        ))
     }
 
     /// An artifact's manifest (raw JSON; the caller verifies it), fetched

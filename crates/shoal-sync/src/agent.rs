@@ -22,7 +22,7 @@ use shoal_http::{ApiError, json_response};
 use shoal_replica::store::InstallPolicy;
 use shoal_replica::{ArtifactSource, LoadSpec, Replica};
 
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher, Served};
 use crate::reconcile::{self, Loaded, Step};
 
 /// Settings of the sync agent.
@@ -449,12 +449,16 @@ async fn serve_chunk(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = ChunkId::parse(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let bytes = agent
+    match agent
         .fetcher
         .serve(&id)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string(), 1))?;
-    Ok(bytes.into_response())
+        .map_err(|e| ApiError::unavailable(e.to_string(), 1))?
+    {
+        Served::Whole(bytes) => Ok(bytes.into_response()),
+        // An error mid-stream cuts the answer short: the peer sees a
+        // broken body and asks the origin instead.
+        Served::Arriving(pieces) => Ok(axum::body::Body::from_stream(pieces).into_response()),
+    }
 }
 
 async fn nudge(State(agent): State<Arc<Agent>>) -> Response {

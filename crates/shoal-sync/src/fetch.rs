@@ -1,5 +1,14 @@
 //! Fetching artifacts chunk by chunk: cache, then the owning peer, then
 //! the origin. Every chunk is verified before it is cached.
+//!
+//! A chunk on its way from the origin passes through a [`Relay`]: the
+//! peers of the region that ask its owner for it meanwhile receive its
+//! bytes as they arrive (cut-through), rather than waiting for the whole
+//! chunk to land first. At the end of a fan-out that wait was most of what
+//! a fleet took longer than a lone replica: the last chunks reached their
+//! owners with the origin's last byte and still had to cross to every
+//! peer. A peer's answer ends only once the owner has verified and cached
+//! the chunk, and fails if it did not; peers verify every chunk anyway.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,6 +64,85 @@ impl Recent {
     }
 }
 
+/// A chunk being fetched from the origin, readable while it arrives.
+struct Relay {
+    state: tokio::sync::watch::Sender<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    /// The body's pieces so far.
+    pieces: Vec<Bytes>,
+    /// Set once the chunk is verified and cached, or has failed.
+    end: Option<Result<(), FetchError>>,
+}
+
+impl Relay {
+    fn new() -> Relay {
+        Relay {
+            state: tokio::sync::watch::Sender::new(RelayState::default()),
+        }
+    }
+
+    fn push(&self, piece: Bytes) {
+        self.state.send_modify(|s| s.pieces.push(piece));
+    }
+
+    fn finish(&self, end: Result<(), FetchError>) {
+        self.state.send_modify(|s| s.end = Some(end));
+    }
+
+    /// Waits for the end of the fetch.
+    async fn finished(&self) -> Result<(), FetchError> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| s.end.is_some())
+            .await
+            .map_err(|_| FetchError::Origin("the fetch was dropped".into()))?;
+        state
+            .end
+            .clone()
+            .unwrap_or_else(|| Err(FetchError::Origin("the fetch was dropped".into())))
+    }
+
+    /// The chunk's bytes from the first, as they arrive; ends when the
+    /// chunk is cached, with an error if it was not.
+    fn stream(&self) -> impl futures::Stream<Item = Result<Bytes, FetchError>> + use<> {
+        let rx = self.state.subscribe();
+        futures::stream::unfold(Some((rx, 0usize)), |state| async move {
+            let (mut rx, next) = state?;
+            loop {
+                let now = {
+                    let s = rx.borrow_and_update();
+                    match (s.pieces.get(next), &s.end) {
+                        (Some(piece), _) => Some(Ok(piece.clone())),
+                        (None, Some(Err(e))) => Some(Err(e.clone())),
+                        (None, Some(Ok(()))) => return None,
+                        (None, None) => None,
+                    }
+                };
+                match now {
+                    Some(Ok(piece)) => return Some((Ok(piece), Some((rx, next + 1)))),
+                    Some(Err(e)) => return Some((Err(e), None)),
+                    None => {}
+                }
+                if rx.changed().await.is_err() {
+                    let dropped = FetchError::Origin("the fetch was dropped".into());
+                    return Some((Err(dropped), None));
+                }
+            }
+        })
+    }
+}
+
+/// What a peer asking for a chunk gets.
+pub(crate) enum Served {
+    /// The whole chunk, from memory or the cache.
+    Whole(Bytes),
+    /// The chunk as it arrives from the origin.
+    Arriving(std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, FetchError>> + Send>>),
+}
+
 /// Why fetching failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum FetchError {
@@ -80,6 +168,7 @@ pub(crate) struct Fetcher {
     origin: ControlClient,
     self_id: String,
     inflight: Mutex<HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>>,
+    relays: Mutex<HashMap<ChunkId, Arc<Relay>>>,
     peers: Mutex<HashMap<String, ControlClient>>,
     recent: Arc<Mutex<Recent>>,
     fetched: Family<SourceLabels, Counter>,
@@ -110,6 +199,7 @@ impl Fetcher {
             origin,
             self_id,
             inflight: Mutex::new(HashMap::new()),
+            relays: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             recent: Arc::default(),
             fetched,
@@ -185,39 +275,91 @@ impl Fetcher {
     /// us, else (or when the peer fails) from the origin. One fetch per
     /// chunk at a time, however many callers want it.
     pub(crate) async fn chunk(
-        &self,
+        self: &Arc<Self>,
         id: &ChunkId,
         size: Option<u32>,
         owner: Option<&Peer>,
     ) -> Result<(), FetchError> {
-        let slot = self.slot(id);
-        let result = async {
-            let _one = slot.lock().await;
-            if self.cache.has(id) {
-                return Ok(());
-            }
-            if let Some(peer) = owner.filter(|p| p.id != self.self_id) {
+        if let Some(peer) = owner.filter(|p| p.id != self.self_id) {
+            let slot = self.slot(id);
+            let from_peer = async {
+                let _one = slot.lock().await;
+                if self.cache.has(id) {
+                    return true;
+                }
                 match self.peer_client(peer).get_raw(&format!("/peer/chunks/{id}")).await {
-                    Ok(bytes) => {
-                        match self.store(id, size, bytes, "peer").await {
-                            Ok(()) => return Ok(()),
-                            Err(e) => tracing::warn!(peer = %peer.id, chunk = %id, error = %e, "peer sent a bad chunk; asking the origin"),
+                    Ok(bytes) => match self.store(id, size, bytes, "peer").await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.id, chunk = %id, error = %e, "peer sent a bad chunk; asking the origin");
+                            false
                         }
+                    },
+                    Err(e) => {
+                        tracing::debug!(peer = %peer.id, chunk = %id, error = %e, "peer could not serve a chunk; asking the origin");
+                        false
                     }
-                    Err(e) => tracing::debug!(peer = %peer.id, chunk = %id, error = %e, "peer could not serve a chunk; asking the origin"),
                 }
             }
-            let bytes = self
-                .origin
-                .chunk(id.as_str())
-                .await
-                .map_err(|e| FetchError::Origin(format!("chunk {id}: {e}")))?;
-            self.store(id, size, bytes, "origin").await
+            .await;
+            drop(slot);
+            self.release(id);
+            if from_peer {
+                return Ok(());
+            }
+        }
+        match self.relay(id, size) {
+            Some(relay) => relay.finished().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The relay of chunk `id`'s fetch from the origin, started if it is
+    /// neither cached nor on its way already; `None` when cached.
+    fn relay(self: &Arc<Self>, id: &ChunkId, size: Option<u32>) -> Option<Arc<Relay>> {
+        let mut relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(relay) = relays.get(id) {
+            return Some(relay.clone());
+        }
+        if self.cache.has(id) {
+            return None;
+        }
+        let relay = Arc::new(Relay::new());
+        relays.insert(id.clone(), relay.clone());
+        // Its own task, so the fetch outlives whichever caller started it
+        // (a peer that hung up, a reconcile step that was superseded).
+        tokio::spawn(self.clone().fill(id.clone(), size, relay.clone()));
+        Some(relay)
+    }
+
+    /// Fetches chunk `id` from the origin into `relay`, then verifies and
+    /// caches it.
+    async fn fill(self: Arc<Self>, id: ChunkId, size: Option<u32>, relay: Arc<Relay>) {
+        let result = async {
+            let origin =
+                |e: shoal_client::ClientError| FetchError::Origin(format!("chunk {id}: {e}"));
+            let mut body = std::pin::pin!(
+                self.origin
+                    .chunk_stream(id.as_str())
+                    .await
+                    .map_err(origin)?
+            );
+            let mut whole = bytes::BytesMut::with_capacity(size.map_or(0, |s| s as usize + 1));
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(origin)?;
+                whole.extend_from_slice(&piece);
+                relay.push(piece);
+            }
+            self.store(&id, size, whole.freeze(), "origin").await
         }
         .await;
-        drop(slot);
-        self.release(id);
-        result
+        // Out of the map before the end is announced: whoever asks next
+        // finds the chunk cached, or (after a failure) starts afresh.
+        self.relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        relay.finish(result);
     }
 
     /// The manifest of `sha256`, from the cache or the origin.
@@ -245,7 +387,11 @@ impl Fetcher {
     }
 
     /// The verified bytes of artifact `sha256`, fetching what the cache lacks.
-    pub(crate) async fn artifact(&self, sha256: &str, peers: &[Peer]) -> Result<Bytes, FetchError> {
+    pub(crate) async fn artifact(
+        self: &Arc<Self>,
+        sha256: &str,
+        peers: &[Peer],
+    ) -> Result<Bytes, FetchError> {
         let manifest = self.manifest(sha256).await?;
         let owners = owners(&manifest.chunks, peers);
         let mut missing: Vec<ChunkRef> = self.cache.missing(&manifest);
@@ -276,31 +422,34 @@ impl Fetcher {
             .map_err(|e| FetchError::Corrupt(e.to_string()))
     }
 
-    /// For a peer: chunk `id` from the cache, fetched through from the
-    /// origin when missing (this replica owns it).
-    pub(crate) async fn serve(&self, id: &ChunkId) -> Result<Bytes, FetchError> {
-        let recent = || {
-            self.recent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(id)
-        };
-        let bytes = match recent() {
-            Some(bytes) => bytes,
-            None => {
-                if !self.cache.has(id) {
-                    self.chunk(id, None, None).await?;
+    /// For a peer: chunk `id` from memory or the cache, or as it arrives
+    /// from the origin (fetched through when missing: this replica owns
+    /// it).
+    pub(crate) fn serve(self: &Arc<Self>, id: &ChunkId) -> Result<Served, FetchError> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id);
+        if let Some(bytes) = recent {
+            self.served.inc_by(bytes.len() as u64);
+            return Ok(Served::Whole(bytes));
+        }
+        if let Some(relay) = self.relay(id, None) {
+            let served = self.served.clone();
+            let counted = relay.stream().inspect(move |piece| {
+                if let Ok(piece) = piece {
+                    served.inc_by(piece.len() as u64);
                 }
-                match recent() {
-                    Some(bytes) => bytes,
-                    None => self.cache.get_stored(id).ok_or_else(|| {
-                        FetchError::Cache(format!("chunk {id} vanished from the cache"))
-                    })?,
-                }
-            }
-        };
+            });
+            return Ok(Served::Arriving(Box::pin(counted)));
+        }
+        let bytes = self
+            .cache
+            .get_stored(id)
+            .ok_or_else(|| FetchError::Cache(format!("chunk {id} vanished from the cache")))?;
         self.served.inc_by(bytes.len() as u64);
-        Ok(bytes)
+        Ok(Served::Whole(bytes))
     }
 }
 
@@ -323,5 +472,57 @@ mod tests {
         assert_eq!(recent.get(&ids[5]), Some(chunk));
         recent.insert(ChunkId::of(b"huge"), Bytes::from(vec![0; RECENT_BYTES + 1]));
         assert_eq!(recent.chunks.len(), 4);
+    }
+
+    async fn drain(
+        stream: impl futures::Stream<Item = Result<Bytes, FetchError>>,
+    ) -> (Vec<u8>, Option<String>) {
+        let mut got = Vec::new();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(piece) = stream.next().await {
+            match piece {
+                Ok(piece) => got.extend_from_slice(&piece),
+                Err(e) => return (got, Some(e.to_string())),
+            }
+        }
+        (got, None)
+    }
+
+    #[tokio::test]
+    async fn a_relay_hands_out_every_piece_to_early_and_late_readers_then_the_end() {
+        let relay = Arc::new(Relay::new());
+        relay.push(Bytes::from_static(b"ab"));
+        let early = tokio::spawn(drain(relay.stream()));
+        let waiting = tokio::spawn({
+            let relay = relay.clone();
+            async move { relay.finished().await }
+        });
+        tokio::task::yield_now().await;
+        relay.push(Bytes::from_static(b"cd"));
+        tokio::task::yield_now().await;
+        relay.push(Bytes::from_static(b"e"));
+        assert!(!waiting.is_finished(), "finished before the end");
+        let late = relay.stream();
+        relay.finish(Ok(()));
+        assert_eq!(early.await.unwrap(), (b"abcde".to_vec(), None));
+        assert_eq!(drain(late).await, (b"abcde".to_vec(), None));
+        assert!(waiting.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_ends_its_readers_with_the_error() {
+        let relay = Relay::new();
+        relay.push(Bytes::from_static(b"half a ch"));
+        let reader = relay.stream();
+        relay.finish(Err(FetchError::Corrupt("chunk x is corrupt".into())));
+        let (got, error) = drain(reader).await;
+        assert_eq!(got, b"half a ch");
+        assert_eq!(error.as_deref(), Some("chunk x is corrupt"));
+        assert!(relay.finished().await.is_err());
+        // A reader that finds the relay dropped mid-way is told so too.
+        let relay = Relay::new();
+        let reader = relay.stream();
+        drop(relay);
+        assert!(drain(reader).await.1.is_some());
     }
 }
