@@ -83,6 +83,19 @@ struct Writer {
     len: u64,
 }
 
+/// An artifact being put together from cached chunks, in order, with its
+/// SHA-256 computed along the way.
+#[derive(Debug)]
+pub struct Assembly {
+    manifest: Manifest,
+    out: Vec<u8>,
+    /// The first chunk not yet appended.
+    next: usize,
+    sha256: sha2::Sha256,
+    /// Read buffer for one stored chunk.
+    stored: Vec<u8>,
+}
+
 /// Verified chunks and manifests in a directory.
 #[derive(Debug)]
 pub struct ChunkCache {
@@ -425,22 +438,62 @@ impl ChunkCache {
             .collect()
     }
 
-    /// Assembles and verifies an artifact from cached chunks. A chunk found
+    /// Starts putting together the artifact of `manifest`; see
+    /// [`ChunkCache::advance`].
+    pub fn assembly(&self, manifest: Manifest) -> Assembly {
+        Assembly {
+            out: Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0)),
+            manifest,
+            next: 0,
+            sha256: sha2::Sha256::new(),
+            stored: Vec::new(),
+        }
+    }
+
+    /// Appends to `assembly` every chunk from where it stands that is
+    /// cached, in order, hashing as it goes: called while chunks arrive,
+    /// it leaves little to do once the last one is in. A chunk found
     /// corrupt on disk is removed so the next attempt fetches it again.
-    pub fn assemble(&self, manifest: &Manifest) -> Result<Bytes, ArtifactError> {
-        let mut out = Vec::with_capacity(usize::try_from(manifest.size).unwrap_or(0));
-        let mut stored = Vec::new();
-        for c in &manifest.chunks {
-            let missing = || ArtifactError::NotFound(format!("cached chunk {}", c.id));
-            let at = self.location(&c.id).ok_or_else(missing)?;
-            self.read_into(at, &mut stored).map_err(|_| missing())?;
-            if let Err(e) = chunk::decode_into(&c.id, &stored, Some(c.size), &mut out) {
+    pub fn advance(&self, assembly: &mut Assembly) -> Result<(), ArtifactError> {
+        while let Some(c) = assembly.manifest.chunks.get(assembly.next) {
+            let Some(at) = self.location(&c.id) else {
+                return Ok(());
+            };
+            self.read_into(at, &mut assembly.stored)
+                .map_err(|_| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
+            let start = assembly.out.len();
+            if let Err(e) =
+                chunk::decode_into(&c.id, &assembly.stored, Some(c.size), &mut assembly.out)
+            {
                 self.remove(&c.id);
                 return Err(e);
             }
+            assembly.sha256.update(&assembly.out[start..]);
+            assembly.next += 1;
         }
-        verify_sha256(&manifest.sha256, &out)?;
-        Ok(Bytes::from(out))
+        Ok(())
+    }
+
+    /// Completes `assembly` and returns the artifact if its SHA-256 is the
+    /// manifest's.
+    pub fn finish(&self, mut assembly: Assembly) -> Result<Bytes, ArtifactError> {
+        self.advance(&mut assembly)?;
+        if let Some(c) = assembly.manifest.chunks.get(assembly.next) {
+            return Err(ArtifactError::NotFound(format!("cached chunk {}", c.id)));
+        }
+        let actual = hex::encode(assembly.sha256.finalize());
+        if actual != assembly.manifest.sha256 {
+            return Err(ArtifactError::Integrity {
+                expected: assembly.manifest.sha256,
+                actual,
+            });
+        }
+        Ok(Bytes::from(assembly.out))
+    }
+
+    /// Assembles and verifies an artifact from cached chunks, all at once.
+    pub fn assemble(&self, manifest: &Manifest) -> Result<Bytes, ArtifactError> {
+        self.finish(self.assembly(manifest.clone()))
     }
 
     /// Bytes used by cached chunks (as stored).
@@ -596,6 +649,37 @@ mod tests {
         for (c, s) in &chunks {
             assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
         }
+        drop(cache);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_assembly_advances_as_chunks_arrive_in_any_order() {
+        let dir = temp_dir("assembly");
+        let cache = ChunkCache::open(&dir).unwrap();
+        let chunks = some_chunks(4, 3_000);
+        let mut content = Vec::new();
+        for (c, s) in &chunks {
+            chunk::decode_into(&c.id, s, Some(c.size), &mut content).unwrap();
+        }
+        let manifest = Manifest {
+            sha256: hex::encode(sha2::Sha256::digest(&content)),
+            size: content.len() as u64,
+            chunks: chunks.iter().map(|(c, _)| c.clone()).collect(),
+        };
+        let mut assembly = cache.assembly(manifest.clone());
+        for i in [2, 0, 3] {
+            cache.put_stored(&chunks[i].0, &chunks[i].1).unwrap();
+            cache.advance(&mut assembly).unwrap();
+        }
+        // Chunk 1 is missing: only chunk 0 could be appended so far.
+        assert_eq!(assembly.next, 1);
+        let missing = cache.finish(cache.assembly(manifest.clone())).unwrap_err();
+        assert!(matches!(missing, ArtifactError::NotFound(_)), "{missing}");
+        cache.put_stored(&chunks[1].0, &chunks[1].1).unwrap();
+        cache.advance(&mut assembly).unwrap();
+        assert_eq!(assembly.next, 4);
+        assert_eq!(cache.finish(assembly).unwrap(), content);
         drop(cache);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -24,7 +24,7 @@ pub mod chunk;
 mod pack;
 pub mod store;
 
-pub use cache::ChunkCache;
+pub use cache::{Assembly, ChunkCache};
 pub use chunk::{ChunkId, ChunkRef, Manifest};
 pub use store::ArtifactStore;
 

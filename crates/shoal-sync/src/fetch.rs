@@ -402,24 +402,54 @@ impl Fetcher {
             "fetching the chunks the cache lacks"
         );
         fetch_order(&mut missing, &owners);
-        // Stop at the first failure (the origin is down, a chunk is
-        // corrupt): what arrived stays cached, and the retry asks only for
-        // what is still missing, rather than every remaining chunk failing
-        // one by one against a dead link.
-        futures::stream::iter(missing)
-            .map(|c| {
-                let owner = owners.get(&c.id).copied();
-                async move { self.chunk(&c.id, Some(c.size), owner).await }
-            })
-            .buffer_unordered(PARALLEL_CHUNKS)
-            .try_collect::<Vec<()>>()
-            .await?;
-        tracing::debug!(sha256, "every chunk cached; assembling");
+        // The artifact is put together while its chunks arrive, in order,
+        // on a blocking thread: copying and hashing overlap the transfer
+        // instead of following it.
+        let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let _ = arrived.send(()); // chunks the cache had before
+        let fetching = async move {
+            // Stop at the first failure (the origin is down, a chunk is
+            // corrupt): what arrived stays cached, and the retry asks only
+            // for what is still missing, rather than every remaining chunk
+            // failing one by one against a dead link.
+            futures::stream::iter(missing)
+                .map(|c| {
+                    let owner = owners.get(&c.id).copied();
+                    let arrived = arrived.clone();
+                    async move {
+                        self.chunk(&c.id, Some(c.size), owner).await?;
+                        let _ = arrived.send(());
+                        Ok::<(), FetchError>(())
+                    }
+                })
+                .buffer_unordered(PARALLEL_CHUNKS)
+                .try_collect::<Vec<()>>()
+                .await
+        };
+        let blocking = |e: tokio::task::JoinError| FetchError::Cache(e.to_string());
+        let corrupt = |e: shoal_artifacts::ArtifactError| FetchError::Corrupt(e.to_string());
+        let assembling = async {
+            let mut assembly = self.cache.assembly(manifest);
+            while arrivals.recv().await.is_some() {
+                while arrivals.try_recv().is_ok() {}
+                let cache = self.cache.clone();
+                assembly = tokio::task::spawn_blocking(move || {
+                    cache.advance(&mut assembly).map(|()| assembly)
+                })
+                .await
+                .map_err(blocking)?
+                .map_err(corrupt)?;
+            }
+            Ok(assembly)
+        };
+        let ((), assembly) =
+            futures::future::try_join(async { fetching.await.map(|_| ()) }, assembling).await?;
+        tracing::debug!(sha256, "every chunk cached; finishing the assembly");
         let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || cache.assemble(&manifest))
+        tokio::task::spawn_blocking(move || cache.finish(assembly))
             .await
-            .map_err(|e| FetchError::Cache(e.to_string()))?
-            .map_err(|e| FetchError::Corrupt(e.to_string()))
+            .map_err(blocking)?
+            .map_err(corrupt)
     }
 
     /// For a peer: chunk `id` from memory or the cache, or as it arrives
