@@ -241,6 +241,7 @@ impl Fleet {
             }
             Members::Lab { lab, replicas } => {
                 let throttled_before = lab.throttled_ms();
+                let machine_before = crate::lab::machine_cpu();
                 let ready = format!("/v2/models/{model}/versions/{version}/ready");
                 let times = futures::future::try_join_all(replicas.iter().map(|url| {
                     let ready = ready.clone();
@@ -264,9 +265,21 @@ impl Fleet {
                         .zip(&throttled_before)
                         .map(|(after, before)| after - before)
                         .collect();
+                    let machine = match (machine_before, crate::lab::machine_cpu()) {
+                        (Some((t0, i0, s0)), Some((t1, i1, s1))) if t1 > t0 => {
+                            #[allow(clippy::cast_precision_loss)]
+                            let pct = |v: u64| 100.0 * v as f64 / (t1 - t0) as f64;
+                            format!(
+                                "; machine {:.0} % busy, {:.0} points of it stolen by the hypervisor",
+                                100.0 - pct(i1 - i0),
+                                pct(s1 - s0)
+                            )
+                        }
+                        _ => String::new(),
+                    };
                     eprintln!(
                         "ready after {times:.2?} s; ms held back by the CPU quota \
-                         (control, replicas…): {throttled:?}"
+                         (control, replicas…): {throttled:?}{machine}"
                     );
                 }
             }

@@ -237,3 +237,23 @@ impl Drop for Lab {
         self.teardown();
     }
 }
+
+/// The whole machine's CPU time so far, from `/proc/stat`, in clock ticks:
+/// (total, idle + iowait, steal). The emulated hosts share one machine;
+/// how busy it was, and how much of it the hypervisor took for others
+/// (steal), says whether they can have had their quotas.
+pub fn machine_cpu() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let get = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let total = (0..8).map(get).sum();
+    Some((total, get(3) + get(4), get(7)))
+}
