@@ -123,8 +123,31 @@ impl Agent {
         tokio::spawn(self.clone().poll_loop());
     }
 
+    /// Tells the replica what it must serve to be ready: every version of
+    /// `desired` that is not optional.
+    fn require(&self, desired: &DesiredState) {
+        let required: Vec<(ModelName, Version)> = desired
+            .models
+            .iter()
+            .flat_map(|m| {
+                m.versions
+                    .iter()
+                    .filter(|v| !v.optional)
+                    .filter_map(move |v| {
+                        Some((
+                            ModelName::new(m.model.as_str()).ok()?,
+                            Version::new(v.version.as_str()).ok()?,
+                        ))
+                    })
+            })
+            .collect();
+        self.replica.require(required);
+    }
+
     /// Offers a desired state; older revisions than one already seen are
-    /// ignored, so triggers can race freely.
+    /// ignored, so triggers can race freely. An accepted one sets what the
+    /// replica needs to be ready at once: a replica resuming from its data
+    /// directory must not answer ready before it has loaded what it had.
     fn submit(&self, desired: DesiredState) {
         let revision = desired.revision;
         let accepted = self.latest.send_if_modified(|latest| {
@@ -137,6 +160,9 @@ impl Agent {
             newer
         });
         self.seen.fetch_max(revision, Ordering::SeqCst);
+        if accepted {
+            self.require(&desired);
+        }
         if accepted && let Ok(bytes) = serde_json::to_vec(&desired) {
             let tmp = self.desired_path().with_extension("json.tmp");
             let _ = std::fs::write(&tmp, bytes)
@@ -188,22 +214,7 @@ impl Agent {
     /// Converges on `desired`: the one path every trigger ends in. Returns
     /// true when everything desired is served.
     pub async fn reconcile(&self, desired: &DesiredState) -> bool {
-        let required: Vec<(ModelName, Version)> = desired
-            .models
-            .iter()
-            .flat_map(|m| {
-                m.versions
-                    .iter()
-                    .filter(|v| !v.optional)
-                    .filter_map(move |v| {
-                        Some((
-                            ModelName::new(m.model.as_str()).ok()?,
-                            Version::new(v.version.as_str()).ok()?,
-                        ))
-                    })
-            })
-            .collect();
-        self.replica.require(required);
+        self.require(desired);
         let mut ok = true;
         for step in reconcile::plan(desired, &self.loaded()) {
             match step {
