@@ -24,8 +24,13 @@ use shoal_client::ControlClient;
 
 use crate::owners::{fetch_order, owners};
 
-/// Chunks fetched at once.
-const PARALLEL_CHUNKS: usize = 8;
+/// Chunks fetched at once. Since owners relay chunks as they arrive, each
+/// chunk in flight from a peer moves at its owner's share of the origin's
+/// link; 16 keep a replica's link full (8 left the eight-replica fan-out
+/// 10-20 % slower than a lone replica, 16 about 5-15 %), while 32 or more
+/// slow a lone replica fetching from the origin (shoal bench converge
+/// --isolate, BENCHMARKS.md).
+const PARALLEL_CHUNKS: usize = 16;
 
 /// Memory kept for the chunks cached most recently (see [`Recent`]).
 const RECENT_BYTES: usize = 16 << 20;
