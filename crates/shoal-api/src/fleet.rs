@@ -157,18 +157,22 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
-    /// `model:version` of everything that must be served, sorted (versions
-    /// only kept if loaded are left out).
+    /// `(model, version)` of everything that must be served: versions only
+    /// kept if loaded (`optional`) are left out.
+    pub fn required(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.models.iter().flat_map(|m| {
+            m.versions
+                .iter()
+                .filter(|v| !v.optional)
+                .map(move |v| (m.model.as_str(), v.version.as_str()))
+        })
+    }
+
+    /// `model:version` of everything that must be served, sorted.
     pub fn version_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
-            .models
-            .iter()
-            .flat_map(|m| {
-                m.versions
-                    .iter()
-                    .filter(|v| !v.optional)
-                    .map(move |v| format!("{}:{}", m.model, v.version))
-            })
+            .required()
+            .map(|(model, version)| format!("{model}:{version}"))
             .collect();
         keys.sort();
         keys

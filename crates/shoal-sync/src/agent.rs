@@ -127,18 +127,9 @@ impl Agent {
     /// `desired` that is not optional.
     fn require(&self, desired: &DesiredState) {
         let required: Vec<(ModelName, Version)> = desired
-            .models
-            .iter()
-            .flat_map(|m| {
-                m.versions
-                    .iter()
-                    .filter(|v| !v.optional)
-                    .filter_map(move |v| {
-                        Some((
-                            ModelName::new(m.model.as_str()).ok()?,
-                            Version::new(v.version.as_str()).ok()?,
-                        ))
-                    })
+            .required()
+            .filter_map(|(model, version)| {
+                Some((ModelName::new(model).ok()?, Version::new(version).ok()?))
             })
             .collect();
         self.replica.require(required);
