@@ -15,10 +15,11 @@ use shoal_api::deploy::{
 use shoal_api::now_millis;
 use shoal_api::registry::VersionStatus;
 use shoal_registry::{Audit, RegistryError, StoredDeployment};
-use shoal_rollout::bluegreen::{BlueGreen, Decision as BlueGreenDecision};
-use shoal_rollout::canary::{Canary, CanaryConfig, Decision as CanaryDecision};
+use shoal_rollout::bluegreen::BlueGreen;
+use shoal_rollout::canary::{Canary, CanaryConfig};
+use shoal_rollout::controller::Step;
 use shoal_rollout::experiment::{Experiment, Kind as ExperimentKind};
-use shoal_rollout::rolling::{Decision as RollingDecision, Rolling};
+use shoal_rollout::rolling::Rolling;
 use shoal_rollout::shadow::Shadow;
 use shoal_rollout::{Controller, ReplicaFacts, plan};
 
@@ -794,66 +795,19 @@ impl Control {
                 stale = true;
                 continue;
             }
-            let Some(mut controller) = controller
-                .clone()
-                .filter(|c| c.is_active() && c.state() != RolloutState::Paused)
-            else {
+            let Some(mut controller) = controller.clone().filter(Controller::is_active) else {
                 continue;
             };
             let replicas = eligible(deployment, &facts.replicas);
-            let outcome = match &mut controller {
-                Controller::Rolling(r) => match r.tick(&model, &replicas, now) {
-                    RollingDecision::Unchanged => None,
-                    RollingDecision::Changed => Some(false),
-                    RollingDecision::Promoted => Some(true),
-                },
-                Controller::Canary(c) => {
-                    let stat = |v: &str| {
-                        facts
-                            .stats
-                            .get(&format!("{model}:{v}"))
-                            .cloned()
-                            .unwrap_or_default()
-                    };
-                    let (b, k) = (stat(&c.from), stat(&c.to));
-                    let reward = |v: &str| {
-                        facts
-                            .rewards
-                            .get(&format!("{model}:{v}"))
-                            .cloned()
-                            .unwrap_or_default()
-                    };
-                    let (rb, rk) = (reward(&c.from), reward(&c.to));
-                    match c.tick_with(&model, &replicas, (&b, &k), (&rb, &rk), now) {
-                        CanaryDecision::Unchanged => None,
-                        CanaryDecision::Changed => Some(false),
-                        CanaryDecision::Promoted | CanaryDecision::RolledBack => Some(true),
-                    }
-                }
-                Controller::BlueGreen(b) => match b.tick(&model, &replicas, now) {
-                    BlueGreenDecision::SmokeTest => {
-                        let result = self.smoke_test(&model, &b.to.clone(), &replicas).await;
-                        b.smoke_result(result, now_millis());
-                        Some(true)
-                    }
-                    _ => None,
-                },
-                Controller::Shadow(sh) => sh.tick(&model, &replicas, now).then_some(false),
-                Controller::Experiment(e) => {
-                    // Re-weigh at most every two seconds: each change is a
-                    // new revision every gateway follows.
-                    if now - e.updated_at < 2000 {
-                        None
-                    } else {
-                        let totals = facts.rewards_of(&model);
-                        let mut rng = rand::rng();
-                        e.tick(&totals, &mut rng, now).then_some(false)
-                    }
-                }
-            };
-            match outcome {
-                None => {}
-                Some(false) => {
+            let mut step = controller.tick(&model, &replicas, &facts, &mut rand::rng(), now);
+            if let (Step::SmokeTest, Controller::BlueGreen(b)) = (step, &mut controller) {
+                let result = self.smoke_test(&model, &b.to.clone(), &replicas).await;
+                b.smoke_result(result, now_millis());
+                step = Step::Ended;
+            }
+            match step {
+                Step::Unchanged | Step::SmokeTest => {}
+                Step::Changed => {
                     let reason = controller.view(&model, &replicas, &facts).reason;
                     self.persist(
                         deployment.clone(),
@@ -864,12 +818,8 @@ impl Control {
                     .await?;
                     changed = true;
                 }
-                Some(true) => {
-                    let keep = match &controller {
-                        Controller::BlueGreen(b) => b.keep_warm_ms,
-                        Controller::Rolling(_) => 0,
-                        _ => DEFAULT_KEEP_WARM_MS,
-                    };
+                Step::Ended => {
+                    let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
                     self.conclude(deployment.clone(), &controller, "controller", keep)
                         .await?;
                     changed = true;

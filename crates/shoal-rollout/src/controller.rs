@@ -1,14 +1,36 @@
-//! One type for every rollout controller, as the registry persists it.
+//! One type for every rollout controller, as the registry persists it, and
+//! one pass of whichever it is ([`Controller::tick`]): what the control
+//! plane must do next, decided from the fleet's facts.
 
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView};
 
-use crate::bluegreen::BlueGreen;
-use crate::canary::Canary;
+use crate::bluegreen::{self, BlueGreen};
+use crate::canary::{self, Canary};
 use crate::experiment::Experiment;
 use crate::plan::{FleetFacts, ReplicaFacts};
-use crate::rolling::Rolling;
+use crate::rolling::{self, Rolling};
 use crate::shadow::Shadow;
+
+/// A bandit re-weighs at most this often (ms): each change is a new
+/// revision every gateway follows.
+pub const REWEIGH_MS: i64 = 2_000;
+
+/// What one pass of a controller asks of the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing worth persisting.
+    Unchanged,
+    /// Traffic, assignments or the reason changed: persist and publish.
+    Changed,
+    /// It has ended (promoted or rolled back): conclude the deployment.
+    Ended,
+    /// Blue-green: every live replica has the new version. Smoke-test it
+    /// there and feed the outcome to [`BlueGreen::smoke_result`]; the
+    /// rollout has then ended either way.
+    SmokeTest,
+}
 
 /// The controller of a model's rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +63,65 @@ impl Controller {
     /// True until it has ended.
     pub fn is_active(&self) -> bool {
         !self.state().is_terminal()
+    }
+
+    /// One pass: `replicas` are those eligible to serve `model`, `facts`
+    /// what replicas and gateways reported. Paused and ended rollouts do
+    /// not move.
+    pub fn tick(
+        &mut self,
+        model: &str,
+        replicas: &[&ReplicaFacts],
+        facts: &FleetFacts,
+        rng: &mut impl Rng,
+        now: i64,
+    ) -> Step {
+        if !self.is_active() || self.state() == RolloutState::Paused {
+            return Step::Unchanged;
+        }
+        match self {
+            Controller::Rolling(r) => match r.tick(model, replicas, now) {
+                rolling::Decision::Unchanged => Step::Unchanged,
+                rolling::Decision::Changed => Step::Changed,
+                rolling::Decision::Promoted => Step::Ended,
+            },
+            Controller::Canary(c) => {
+                let key = |v: &str| format!("{model}:{v}");
+                let (no_stats, no_rewards) = Default::default();
+                let stats = |v: &str| facts.stats.get(&key(v)).unwrap_or(&no_stats);
+                let rewards = |v: &str| facts.rewards.get(&key(v)).unwrap_or(&no_rewards);
+                let totals = (stats(&c.from), stats(&c.to));
+                let feedback = (rewards(&c.from), rewards(&c.to));
+                match c.tick_with(model, replicas, totals, feedback, now) {
+                    canary::Decision::Unchanged => Step::Unchanged,
+                    canary::Decision::Changed => Step::Changed,
+                    canary::Decision::Promoted | canary::Decision::RolledBack => Step::Ended,
+                }
+            }
+            Controller::BlueGreen(b) => match b.tick(model, replicas, now) {
+                bluegreen::Decision::SmokeTest => Step::SmokeTest,
+                _ => Step::Unchanged,
+            },
+            Controller::Shadow(s) => changed(s.tick(model, replicas, now)),
+            Controller::Experiment(e) => {
+                if now - e.updated_at < REWEIGH_MS {
+                    Step::Unchanged
+                } else {
+                    changed(e.tick(&facts.rewards_of(model), rng, now))
+                }
+            }
+        }
+    }
+
+    /// How long the replaced version stays loaded after a promotion (ms):
+    /// blue-green says so itself, a rolling update has already replaced it
+    /// everywhere, the others keep it `default` ms.
+    pub fn keep_warm_ms(&self, default: i64) -> i64 {
+        match self {
+            Controller::BlueGreen(b) => b.keep_warm_ms,
+            Controller::Rolling(_) => 0,
+            _ => default,
+        }
     }
 
     /// The version being replaced.
@@ -151,6 +232,14 @@ impl Controller {
     }
 }
 
+fn changed(moved: bool) -> Step {
+    if moved {
+        Step::Changed
+    } else {
+        Step::Unchanged
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +275,90 @@ mod tests {
             let json = serde_json::to_value(&c).unwrap();
             assert_eq!(Controller::from_json(&json), Some(c), "{json}");
         }
+    }
+
+    fn serving_both(id: &str) -> ReplicaFacts {
+        ReplicaFacts {
+            id: id.into(),
+            address: String::new(),
+            region: "x".into(),
+            alive: true,
+            serving: [("m", "1"), ("m", "2")]
+                .map(|(m, v)| (m.to_owned(), v.to_owned()))
+                .into(),
+        }
+    }
+
+    #[test]
+    fn a_pass_says_what_the_control_plane_must_do() {
+        use rand::SeedableRng;
+        let fleet = [serving_both("a"), serving_both("b")];
+        let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let quiet = FleetFacts::default();
+
+        // Blue-green: every replica has the new version, so smoke-test it;
+        // once the outcome is in, it has ended and never moves again.
+        let mut b = Controller::BlueGreen(BlueGreen::start(Some("1".into()), "2".into(), 1, 0));
+        assert_eq!(b.tick("m", &refs, &quiet, &mut rng, 1), Step::SmokeTest);
+        if let Controller::BlueGreen(b) = &mut b {
+            b.smoke_result(Ok(2), 2);
+        }
+        assert_eq!(b.tick("m", &refs, &quiet, &mut rng, 3), Step::Unchanged);
+
+        // A canary reads the fleet's counts of `model:version`: the canary
+        // failing half its requests ends the rollout (rolled back).
+        let mut c =
+            Controller::Canary(Canary::start("1".into(), "2".into(), Default::default(), 0));
+        assert_eq!(c.tick("m", &refs, &quiet, &mut rng, 0), Step::Changed);
+        let counts = |requests, errors| shoal_api::fleet::VersionStats {
+            requests,
+            errors,
+            latency: vec![requests],
+        };
+        let failing = FleetFacts {
+            stats: [
+                ("m:1".into(), counts(5_000, 0)),
+                ("m:2".into(), counts(600, 300)),
+            ]
+            .into(),
+            ..FleetFacts::default()
+        };
+        assert_eq!(c.tick("m", &refs, &failing, &mut rng, 600_000), Step::Ended);
+        assert_eq!(c.state(), RolloutState::RolledBack);
+
+        // A paused rollout does not move, whatever the fleet says.
+        let mut paused = Canary::start("1".into(), "2".into(), Default::default(), 0);
+        paused.state = RolloutState::Paused;
+        let mut paused = Controller::Canary(paused);
+        assert_eq!(
+            paused.tick("m", &refs, &failing, &mut rng, 600_000),
+            Step::Unchanged
+        );
+
+        // A bandit re-weighs at most every REWEIGH_MS.
+        let mut e = Controller::Experiment(Experiment::start(
+            Kind::Bandit,
+            vec!["1".into(), "2".into()],
+            5,
+            Default::default(),
+            0,
+        ));
+        assert_eq!(
+            e.tick("m", &refs, &quiet, &mut rng, REWEIGH_MS - 1),
+            Step::Unchanged
+        );
+
+        // A rolling update over replicas that already serve the new
+        // version ends without moving traffic by hand.
+        let mut r = Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 2, 0));
+        let steps: Vec<Step> = (1..=3)
+            .map(|t| r.tick("m", &refs, &quiet, &mut rng, t))
+            .collect();
+        assert_eq!(steps.last(), Some(&Step::Unchanged), "{steps:?}");
+        assert!(steps.contains(&Step::Ended), "{steps:?}");
+        assert_eq!(r.keep_warm_ms(9), 0);
+        assert_eq!(c.keep_warm_ms(9), 9);
     }
 
     #[test]
