@@ -6,6 +6,8 @@
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
 //! - [`traffic`]: what gateways report: shadow comparisons, rewards.
+//! - [`replica`]: what replicas tell gateways directly: the admin listing,
+//!   the headers naming who answered.
 //! - [`counters`]: summing cumulative counters over reporters that restart.
 //!
 //! Architecture invariant: pure serde types and tiny pure helpers. No I/O.
@@ -14,6 +16,7 @@ pub mod counters;
 pub mod deploy;
 pub mod fleet;
 pub mod registry;
+pub mod replica;
 pub mod traffic;
 
 /// Milliseconds since the Unix epoch, the timestamp unit of every document.

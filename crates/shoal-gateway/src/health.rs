@@ -9,28 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use shoal_api::replica::AdminListing;
 use shoal_balance::health::Failure;
 
 use crate::Gateway;
 use crate::routes::Endpoint;
-
-#[derive(serde::Deserialize)]
-struct Listing {
-    #[serde(default)]
-    shutting_down: bool,
-    models: Vec<ListedModel>,
-}
-
-#[derive(serde::Deserialize)]
-struct ListedModel {
-    model: String,
-    versions: Vec<ListedVersion>,
-}
-
-#[derive(serde::Deserialize)]
-struct ListedVersion {
-    version: String,
-}
 
 async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
     let timeout = gateway
@@ -47,7 +30,7 @@ async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
             return None;
         }
         let body = response.into_body().collect().await.ok()?.to_bytes();
-        serde_json::from_slice::<Listing>(&body).ok()
+        serde_json::from_slice::<AdminListing>(&body).ok()
     })
     .await
     .ok()
@@ -55,15 +38,7 @@ async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
     let now = gateway.now();
     match answer {
         Some(listing) => {
-            let serving: BTreeSet<String> = listing
-                .models
-                .iter()
-                .flat_map(|m| {
-                    m.versions
-                        .iter()
-                        .map(move |v| format!("{}:{}", m.model, v.version))
-                })
-                .collect();
+            let serving: BTreeSet<String> = listing.serving_keys().collect();
             endpoint.checked(serving, !listing.shutting_down);
         }
         None => {

@@ -24,6 +24,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
+use shoal_api::replica::{
+    AdminListing, LoadedModel, LoadedVersion, REPLICA_HEADER, VERSION_HEADER,
+};
 use shoal_core::{ModelName, Tensor, Version};
 use shoal_http::{ApiError, json_bytes_response, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
@@ -33,10 +36,6 @@ use crate::metrics::{Outcome, PredictionServed};
 use crate::store::{InstallPolicy, LookupError, ServingVersion};
 use crate::{ArtifactSource, LoadFailure, LoadSpec, Replica};
 
-/// Response header naming the replica that answered.
-pub const REPLICA_HEADER: &str = "x-shoal-replica";
-/// Response header naming the model version that answered.
-pub const VERSION_HEADER: &str = "x-shoal-model-version";
 type Shared = State<Arc<Replica>>;
 
 /// The replica's routes.
@@ -345,56 +344,19 @@ async fn run_inference(
     ))
 }
 
-/// One loaded version in the admin listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VersionStatus {
-    /// The version.
-    pub version: String,
-    /// SHA-256 of its artifact.
-    pub sha256: String,
-    /// Requests using it right now.
-    pub in_flight: usize,
-}
-
-/// One model in the admin listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ModelStatus {
-    /// The model.
-    pub model: String,
-    /// The version unversioned requests get.
-    pub default: String,
-    /// Loaded versions.
-    pub versions: Vec<VersionStatus>,
-}
-
-/// `GET /admin/models`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AdminListing {
-    /// The replica id.
-    pub replica_id: String,
-    /// Ready (every required version loaded, not shutting down).
-    pub ready: bool,
-    /// Shutting down: finishing requests, take no new ones.
-    pub shutting_down: bool,
-    /// Loaded models.
-    pub models: Vec<ModelStatus>,
-    /// Retired versions still finishing requests.
-    pub draining: Vec<VersionStatus>,
-}
-
 async fn admin_list(State(replica): Shared) -> Response {
     let state = replica.ready_state();
     let table = replica.store().snapshot();
     let models = table
         .models
         .iter()
-        .map(|(name, entry)| ModelStatus {
+        .map(|(name, entry)| LoadedModel {
             model: name.to_string(),
             default: entry.default.to_string(),
             versions: entry
                 .versions
                 .values()
-                .map(|v| VersionStatus {
+                .map(|v| LoadedVersion {
                     version: v.version.to_string(),
                     sha256: v.sha256.clone(),
                     // Minus the table's own reference.
@@ -407,7 +369,7 @@ async fn admin_list(State(replica): Shared) -> Response {
         .store()
         .draining()
         .into_iter()
-        .map(|d| VersionStatus {
+        .map(|d| LoadedVersion {
             version: format!("{}:{}", d.model, d.version),
             sha256: String::new(),
             in_flight: d.in_flight,

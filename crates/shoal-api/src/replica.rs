@@ -1,0 +1,58 @@
+//! What a replica tells gateways directly, without the control plane: the
+//! admin listing of what it has loaded (`GET /admin/models`, the gateway's
+//! health check) and the response headers that name who answered.
+
+use serde::{Deserialize, Serialize};
+
+/// Response header naming the replica that answered.
+pub const REPLICA_HEADER: &str = "x-shoal-replica";
+/// Response header naming the model version that answered.
+pub const VERSION_HEADER: &str = "x-shoal-model-version";
+
+/// One loaded version in the admin listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoadedVersion {
+    /// The version.
+    pub version: String,
+    /// SHA-256 of its artifact.
+    pub sha256: String,
+    /// Requests using it right now.
+    pub in_flight: usize,
+}
+
+/// One model in the admin listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoadedModel {
+    /// The model.
+    pub model: String,
+    /// The version unversioned requests get.
+    pub default: String,
+    /// Loaded versions.
+    pub versions: Vec<LoadedVersion>,
+}
+
+/// `GET /admin/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdminListing {
+    /// The replica id.
+    pub replica_id: String,
+    /// Ready (every required version loaded, not shutting down).
+    pub ready: bool,
+    /// Shutting down: finishing requests, take no new ones.
+    pub shutting_down: bool,
+    /// Loaded models.
+    pub models: Vec<LoadedModel>,
+    /// Retired versions still finishing requests (`model:version`).
+    pub draining: Vec<LoadedVersion>,
+}
+
+impl AdminListing {
+    /// `model:version` of every loaded version (draining ones left out).
+    pub fn serving_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.models.iter().flat_map(|m| {
+            m.versions
+                .iter()
+                .map(move |v| format!("{}:{}", m.model, v.version))
+        })
+    }
+}
