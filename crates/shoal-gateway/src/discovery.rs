@@ -15,13 +15,23 @@ use shoal_client::ControlClient;
 
 use crate::Gateway;
 
-fn apply(gateway: &Gateway, table: &RoutingTable) {
+/// Routes by `table` at once, then writes it to the data directory (off
+/// the runtime's threads: a slow disk must not stall requests).
+async fn apply(gateway: &Gateway, table: &RoutingTable) {
     gateway.routes.apply(table, gateway.now());
-    let path = gateway.config.data_dir.join("routing.json");
-    if let Ok(bytes) = serde_json::to_vec(table) {
-        let tmp = path.with_extension("json.tmp");
-        let _ = std::fs::create_dir_all(&gateway.config.data_dir);
-        let _ = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+    let Ok(bytes) = serde_json::to_vec(table) else {
+        return;
+    };
+    let dir = gateway.config.data_dir.clone();
+    let path = dir.join("routing.json");
+    let tmp = path.with_extension("json.tmp");
+    let written = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::write(&tmp, bytes).await?;
+        tokio::fs::rename(&tmp, &path).await
+    };
+    if let Err(e) = written.await {
+        tracing::warn!(error = %e, path = %path.display(), "could not keep the routing table for restarts");
     }
 }
 
@@ -34,7 +44,7 @@ pub async fn run(gateway: Arc<Gateway>) {
         return;
     };
     let path = gateway.config.data_dir.join("routing.json");
-    if let Ok(bytes) = std::fs::read(&path)
+    if let Ok(bytes) = tokio::fs::read(&path).await
         && let Ok(table) = serde_json::from_slice::<RoutingTable>(&bytes)
     {
         tracing::info!(
@@ -56,7 +66,7 @@ pub async fn run(gateway: Arc<Gateway>) {
                                 tracing::info!("following the control plane's routing again");
                             }
                             attempt = 0;
-                            apply(&gateway, &table);
+                            apply(&gateway, &table).await;
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "routing stream broke");

@@ -29,8 +29,8 @@ pub struct ProtectionConfig {
 pub(crate) struct Protection {
     keys: HashMap<String, String>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
-    log_payloads: bool,
-    redactor: Redactor,
+    /// Present when payload logging is on.
+    redactor: Option<Redactor>,
 }
 
 /// Why a request was refused.
@@ -58,8 +58,7 @@ impl Protection {
         Ok(Protection {
             keys: config.api_keys.clone(),
             limiter,
-            log_payloads: config.log_payloads,
-            redactor: Redactor::new(),
+            redactor: config.log_payloads.then(Redactor::new),
         })
     }
 
@@ -104,11 +103,11 @@ impl Protection {
 
     /// Logs a request body, redacted, when payload logging is on.
     pub(crate) fn log_payload(&self, model: &str, who: &str, body: &[u8]) {
-        if !self.log_payloads {
+        let Some(redactor) = &self.redactor else {
             return;
-        }
+        };
         let text = String::from_utf8_lossy(&body[..body.len().min(2048)]);
-        tracing::info!(model, caller = who, payload = %self.redactor.redact(&text), "request payload");
+        tracing::info!(model, caller = who, payload = %redactor.redact(&text), "request payload");
     }
 }
 
