@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
 use shoal_balance::health::Failure;
 use shoal_http::{ApiError, json_response};
 use shoal_oip::ServerMetadata;
@@ -222,14 +223,14 @@ async fn send(
         Ok(Ok((parts, bytes))) => {
             let mut response = Response::from_parts(parts, Body::from(bytes));
             if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
-                response.headers_mut().insert("x-shoal-replica", v);
+                response.headers_mut().insert(REPLICA_HEADER, v);
             }
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
             let version_key = response
                 .headers()
-                .get("x-shoal-model-version")
+                .get(VERSION_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| model_of(path).map(|m| format!("{m}:{v}")));
             if response.status() == StatusCode::NOT_FOUND {
@@ -324,13 +325,15 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Sends to `first`, and after the hedge delay to a second replica too;
-/// the first final answer wins and the other request is cancelled.
+/// Sends to `first`, and after the hedge delay to a second replica too,
+/// picked from `others` by load at that moment (so hedges spread like
+/// requests do); the first final answer wins and the other request is
+/// cancelled.
 async fn hedged(
     gateway: &Gateway,
     model: &str,
     first: &Arc<Endpoint>,
-    second: Option<Arc<Endpoint>>,
+    others: &[Arc<Endpoint>],
     path: &str,
     payload: &Payload,
 ) -> (Attempt, Arc<Endpoint>) {
@@ -341,16 +344,24 @@ async fn hedged(
     } else {
         None
     };
-    let (Some(delay), Some(second)) = (delay, second) else {
+    let Some(delay) = delay.filter(|_| others.iter().any(|e| e.id != first.id)) else {
         return (primary.await, first.clone());
     };
     tokio::select! {
         a = &mut primary => return (a, first.clone()),
         () = tokio::time::sleep(delay) => {}
     }
-    if !gateway.budget.withdraw() {
+    let others: Vec<Arc<Endpoint>> = others
+        .iter()
+        .filter(|e| e.id != first.id)
+        .cloned()
+        .collect();
+    let second = gateway
+        .routes
+        .pick(&others, None, &mut rand::rng(), gateway.now());
+    let Some(second) = second.filter(|_| gateway.budget.withdraw()) else {
         return (primary.await, first.clone());
-    }
+    };
     gateway.metrics.hedge(model);
     gateway.metrics.attempt(model);
     let second_ref = second.clone();
@@ -648,10 +659,11 @@ async fn route_inference(
             return Err(last_error
                 .unwrap_or_else(|| no_route(model, target.as_deref(), NoRoute::NoneAvailable)));
         };
-        let second = if candidates.len() > 1 && session_key.is_none() {
-            candidates.iter().find(|e| e.id != endpoint.id).cloned()
+        // Sticky sessions are not hedged: the session lives on one replica.
+        let hedge_to: &[Arc<Endpoint>] = if session_key.is_none() {
+            &candidates
         } else {
-            None
+            &[]
         };
         let path = match &target {
             Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
@@ -659,7 +671,7 @@ async fn route_inference(
         };
         gateway.metrics.attempt(model);
         let (outcome, answered_by) =
-            hedged(gateway, model, &endpoint, second, &path, &payload).await;
+            hedged(gateway, model, &endpoint, hedge_to, &path, &payload).await;
         let reason = match outcome {
             Attempt::Answer(mut response, rtt) => {
                 if gateway.config.hedge {
@@ -675,7 +687,7 @@ async fn route_inference(
                 }
                 let version = response
                     .headers()
-                    .get("x-shoal-model-version")
+                    .get(VERSION_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
                     .or(target)
