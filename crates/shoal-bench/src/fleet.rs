@@ -468,7 +468,7 @@ fn rsync_bytes(old: &Path, new: &Path, dir: &Path) -> anyhow::Result<u64> {
         .arg(new)
         .arg(&dest)
         .output()
-        .context("run rsync (apt-get install rsync)")?;
+        .context("run rsync (scripts/setup-bench installs it)")?;
     anyhow::ensure!(
         out.status.success(),
         "rsync failed: {}",
