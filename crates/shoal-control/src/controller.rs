@@ -572,7 +572,7 @@ impl Control {
             let mut b =
                 BlueGreen::start(current.clone(), target.clone(), DEFAULT_KEEP_WARM_MS, now);
             b.smoke_result(Ok(0), now);
-            b.reason = format!(
+            b.progress.reason = format!(
                 "warm rollback: {target} was still loaded; all traffic switched back at once"
             );
             Controller::BlueGreen(b)

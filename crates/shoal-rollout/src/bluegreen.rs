@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 
-use crate::plan::ReplicaFacts;
+use crate::plan::{Loading, ReplicaFacts};
+use crate::progress::Progress;
 
 /// Where a blue-green rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,14 +30,9 @@ pub struct BlueGreen {
     pub keep_warm_ms: i64,
     /// Loading or smoke-testing.
     pub phase: Phase,
-    /// Where it stands.
-    pub state: RolloutState,
-    /// Why the last decision was taken.
-    pub reason: String,
-    /// Started (ms).
-    pub started_at: i64,
-    /// Last decision (ms).
-    pub updated_at: i64,
+    /// State, reason, when.
+    #[serde(flatten)]
+    pub progress: Progress,
 }
 
 /// What a tick decided.
@@ -55,59 +51,48 @@ pub enum Decision {
 impl BlueGreen {
     /// A blue-green rollout from `from` to `to`.
     pub fn start(from: Option<String>, to: String, keep_warm_ms: i64, now: i64) -> BlueGreen {
+        let reason = format!("loading {to} on every replica");
         BlueGreen {
-            reason: format!("loading {to} on every replica"),
             from,
             to,
             keep_warm_ms,
             phase: Phase::Loading,
-            state: RolloutState::Progressing,
-            started_at: now,
-            updated_at: now,
+            progress: Progress::start(reason, now),
         }
     }
 
     /// Advances the rollout.
     pub fn tick(&mut self, model: &str, replicas: &[&ReplicaFacts], now: i64) -> Decision {
-        if self.state.is_terminal() {
+        if self.progress.state.is_terminal() {
             return Decision::Unchanged;
         }
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        let waiting: Vec<&str> = live
-            .iter()
-            .filter(|r| !r.serves(model, &self.to))
-            .map(|r| r.id.as_str())
-            .collect();
-        if live.is_empty() || !waiting.is_empty() {
+        let loading = Loading::of(model, replicas, &self.to);
+        if !loading.complete() {
             self.phase = Phase::Loading;
-            self.reason = if live.is_empty() {
-                "holding: no live replica to load the new version".into()
-            } else {
-                format!("waiting for {} to load {}", waiting.join(", "), self.to)
-            };
+            self.progress.reason = loading.holding_reason("the new version", &self.to);
             return Decision::Unchanged;
         }
         self.phase = Phase::Smoke;
-        self.reason = format!("smoke-testing {} on {} replicas", self.to, live.len());
-        self.updated_at = now;
+        self.progress.reason = format!("smoke-testing {} on {} replicas", self.to, loading.live);
+        self.progress.updated_at = now;
         Decision::SmokeTest
     }
 
     /// Feeds the smoke tests' outcome.
     pub fn smoke_result(&mut self, result: Result<usize, String>, now: i64) -> Decision {
-        self.updated_at = now;
+        self.progress.updated_at = now;
         match result {
             Ok(n) => {
-                self.state = RolloutState::Promoted;
-                self.reason = format!(
+                self.progress.state = RolloutState::Promoted;
+                self.progress.reason = format!(
                     "smoke tests passed on {n} replicas; all traffic switched to {}",
                     self.to
                 );
                 Decision::Switched
             }
             Err(why) => {
-                self.state = RolloutState::RolledBack;
-                self.reason = format!(
+                self.progress.state = RolloutState::RolledBack;
+                self.progress.reason = format!(
                     "smoke test failed: {why}; traffic stays on {}",
                     self.from.as_deref().unwrap_or("nothing")
                 );
@@ -116,16 +101,9 @@ impl BlueGreen {
         }
     }
 
-    /// An operator's abort.
-    pub fn abort(&mut self, reason: String, now: i64) {
-        self.state = RolloutState::Aborted;
-        self.reason = reason;
-        self.updated_at = now;
-    }
-
     /// Traffic weights by version now: all on one side of the switch.
     pub fn weights(&self) -> std::collections::BTreeMap<String, u32> {
-        match (&self.from, self.state) {
+        match (&self.from, self.progress.state) {
             (_, RolloutState::Promoted) | (None, _) => [(self.to.clone(), 100)].into(),
             (Some(from), _) => [(from.clone(), 100)].into(),
         }
@@ -133,24 +111,19 @@ impl BlueGreen {
 
     /// The rollout as users see it.
     pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let loading = Loading::of(model, replicas, &self.to);
         let weights = self.weights();
         RolloutView {
-            strategy: Strategy::BlueGreen,
-            state: self.state,
-            from: self.from.clone(),
-            to: self.to.clone(),
             step: u32::from(self.phase == Phase::Smoke)
-                + u32::from(self.state == RolloutState::Promoted),
-            weights,
-            reason: self.reason.clone(),
-            replicas_done: live.iter().filter(|r| r.serves(model, &self.to)).count(),
-            replicas_total: live.len(),
-            started_at: self.started_at,
-            updated_at: self.updated_at,
-            shadow: None,
-            arms: Vec::new(),
-            significant: None,
+                + u32::from(self.progress.state == RolloutState::Promoted),
+            replicas_done: loading.done(),
+            replicas_total: loading.live,
+            ..self.progress.view(
+                Strategy::BlueGreen,
+                self.from.clone(),
+                self.to.clone(),
+                weights,
+            )
         }
     }
 }
@@ -177,7 +150,7 @@ mod tests {
         let mut b = BlueGreen::start(Some("1".into()), "2".into(), 60_000, 0);
         let (a, c) = (replica("a", &["1", "2"]), replica("c", &["1"]));
         assert_eq!(b.tick("m", &[&a, &c], 1), Decision::Unchanged);
-        assert!(b.reason.contains("waiting for c"));
+        assert!(b.progress.reason.contains("waiting for c"));
         assert_eq!(
             b.view("m", &[&a, &c]).weights,
             [("1".to_owned(), 100)].into()
@@ -201,7 +174,7 @@ mod tests {
             b.smoke_result(Err("replica a answered 500".into()), 2),
             Decision::Failed
         );
-        assert_eq!(b.state, RolloutState::RolledBack);
+        assert_eq!(b.progress.state, RolloutState::RolledBack);
         assert_eq!(b.view("m", &[&a]).weights, [("1".to_owned(), 100)].into());
     }
 }

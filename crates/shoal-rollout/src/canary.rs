@@ -21,7 +21,8 @@ use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::fleet::VersionStats;
 use shoal_api::traffic::RewardStats;
 
-use crate::plan::ReplicaFacts;
+use crate::plan::{Loading, ReplicaFacts};
+use crate::progress::Progress;
 
 /// Thresholds and schedule of a canary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,14 +119,9 @@ pub struct Canary {
     /// Baseline and canary rewards when the window started.
     #[serde(default)]
     pub reward_window: (RewardStats, RewardStats),
-    /// Where it stands.
-    pub state: RolloutState,
-    /// Why the last decision was taken.
-    pub reason: String,
-    /// Started (ms).
-    pub started_at: i64,
-    /// Last decision (ms).
-    pub updated_at: i64,
+    /// State, reason, when.
+    #[serde(flatten)]
+    pub progress: Progress,
 }
 
 /// What a tick decided.
@@ -244,8 +240,8 @@ pub fn judge(baseline: &VersionStats, canary: &VersionStats, config: &CanaryConf
 impl Canary {
     /// A canary from `from` to `to`.
     pub fn start(from: String, to: String, config: CanaryConfig, now: i64) -> Canary {
+        let reason = format!("loading {to} beside {from} on every replica");
         Canary {
-            reason: format!("loading {to} beside {from} on every replica"),
             from,
             to,
             config,
@@ -254,15 +250,13 @@ impl Canary {
             window_started: now,
             window: (VersionStats::default(), VersionStats::default()),
             reward_window: (RewardStats::default(), RewardStats::default()),
-            state: RolloutState::Progressing,
-            started_at: now,
-            updated_at: now,
+            progress: Progress::start(reason, now),
         }
     }
 
     /// Traffic share of the canary now, percent.
     pub fn canary_weight(&self) -> u32 {
-        match (self.state, self.phase) {
+        match (self.progress.state, self.phase) {
             (RolloutState::Promoted, _) => 100,
             (s, _) if s.is_terminal() => 0,
             (_, Phase::Loading) => 0,
@@ -310,35 +304,28 @@ impl Canary {
         rewards: (&RewardStats, &RewardStats),
         now: i64,
     ) -> Decision {
-        if self.state.is_terminal() || self.state == RolloutState::Paused {
+        if self.progress.state.is_terminal() || self.progress.state == RolloutState::Paused {
             return Decision::Unchanged;
         }
         if self.phase == Phase::Loading {
-            let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-            let waiting: Vec<&str> = live
-                .iter()
-                .filter(|r| !r.serves(model, &self.to))
-                .map(|r| r.id.as_str())
-                .collect();
-            if live.is_empty() || !waiting.is_empty() {
-                self.reason = if live.is_empty() {
-                    "holding: no live replica to load the canary".into()
-                } else {
-                    format!("waiting for {} to load {}", waiting.join(", "), self.to)
-                };
+            let loading = Loading::of(model, replicas, &self.to);
+            if !loading.complete() {
+                self.progress.reason = loading.holding_reason("the canary", &self.to);
                 return Decision::Unchanged;
             }
             self.phase = Phase::Baking;
             self.step = 0;
             self.begin_window(totals, rewards, now);
-            self.state = RolloutState::Progressing;
-            self.reason = format!(
-                "step 1: {}% of traffic to {} for {}",
-                self.canary_weight(),
-                self.to,
-                human(self.config.bake_of(0))
+            self.progress.decide(
+                RolloutState::Progressing,
+                format!(
+                    "step 1: {}% of traffic to {} for {}",
+                    self.canary_weight(),
+                    self.to,
+                    human(self.config.bake_of(0))
+                ),
+                now,
             );
-            self.updated_at = now;
             return Decision::Changed;
         }
         // Totals restart with the control plane: restart the window.
@@ -377,22 +364,24 @@ impl Canary {
             if bake >= INTERIM_CHECKS_FROM_MS
                 && let Verdict::ErrorRate(why) | Verdict::P99(why) | Verdict::Reward(why) = &verdict
             {
-                self.state = RolloutState::RolledBack;
-                self.reason = format!(
-                    "rolled back at {step_name}, {}s into its {}s bake: {why}",
-                    baked / 1000,
-                    bake / 1000
+                self.progress.decide(
+                    RolloutState::RolledBack,
+                    format!(
+                        "rolled back at {step_name}, {}s into its {}s bake: {why}",
+                        baked / 1000,
+                        bake / 1000
+                    ),
+                    now,
                 );
-                self.updated_at = now;
                 return Decision::RolledBack;
             }
             return Decision::Unchanged;
         }
         match verdict {
             Verdict::TooFewRequests(_) | Verdict::TooFewRewards(_) => {
-                let entering = self.state != RolloutState::Holding;
-                self.state = RolloutState::Holding;
-                self.reason = match verdict {
+                let entering = self.progress.state != RolloutState::Holding;
+                self.progress.state = RolloutState::Holding;
+                self.progress.reason = match verdict {
                     Verdict::TooFewRewards(n) => format!(
                         "holding at {step_name}: {n} rewards in the window on the side with fewer, {MIN_REWARDS} needed to judge the mean reward"
                     ),
@@ -402,30 +391,32 @@ impl Canary {
                     ),
                 };
                 if entering {
-                    self.updated_at = now;
+                    self.progress.updated_at = now;
                     Decision::Changed
                 } else {
                     Decision::Unchanged
                 }
             }
             Verdict::ErrorRate(why) | Verdict::P99(why) | Verdict::Reward(why) => {
-                self.state = RolloutState::RolledBack;
-                self.reason = format!("rolled back at {step_name}: {why}");
-                self.updated_at = now;
+                self.progress.decide(
+                    RolloutState::RolledBack,
+                    format!("rolled back at {step_name}: {why}"),
+                    now,
+                );
                 Decision::RolledBack
             }
             Verdict::Pass(summary) => {
                 self.step += 1;
-                self.updated_at = now;
+                self.progress.updated_at = now;
                 if self.step >= self.config.steps.len() || self.config.steps[self.step] >= 100 {
                     self.step = self.config.steps.len().saturating_sub(1);
-                    self.state = RolloutState::Promoted;
-                    self.reason = format!("promoted: {step_name} passed ({summary})");
+                    self.progress.state = RolloutState::Promoted;
+                    self.progress.reason = format!("promoted: {step_name} passed ({summary})");
                     return Decision::Promoted;
                 }
-                self.state = RolloutState::Progressing;
+                self.progress.state = RolloutState::Progressing;
                 self.begin_window(totals, rewards, now);
-                self.reason = format!(
+                self.progress.reason = format!(
                     "step {}: {}% of traffic to {} for {} ({step_name} passed: {summary})",
                     self.step + 1,
                     self.canary_weight(),
@@ -439,16 +430,11 @@ impl Canary {
 
     /// An operator's promote: skip the remaining steps.
     pub fn promote(&mut self, now: i64) {
-        self.state = RolloutState::Promoted;
-        self.reason = "promoted by an operator".into();
-        self.updated_at = now;
-    }
-
-    /// An operator's abort: traffic back to the baseline.
-    pub fn abort(&mut self, reason: String, now: i64) {
-        self.state = RolloutState::Aborted;
-        self.reason = reason;
-        self.updated_at = now;
+        self.progress.decide(
+            RolloutState::Promoted,
+            "promoted by an operator".into(),
+            now,
+        );
     }
 
     /// Traffic weights by version now: the canary's step, the rest on the
@@ -465,23 +451,18 @@ impl Canary {
 
     /// The rollout as users see it.
     pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let loading = Loading::of(model, replicas, &self.to);
         let weights = self.weights();
         RolloutView {
-            strategy: Strategy::Canary,
-            state: self.state,
-            from: Some(self.from.clone()),
-            to: self.to.clone(),
             step: u32::try_from(self.step + 1).unwrap_or(u32::MAX),
-            weights,
-            reason: self.reason.clone(),
-            replicas_done: live.iter().filter(|r| r.serves(model, &self.to)).count(),
-            replicas_total: live.len(),
-            started_at: self.started_at,
-            updated_at: self.updated_at,
-            shadow: None,
-            arms: Vec::new(),
-            significant: None,
+            replicas_done: loading.done(),
+            replicas_total: loading.live,
+            ..self.progress.view(
+                Strategy::Canary,
+                Some(self.from.clone()),
+                self.to.clone(),
+                weights,
+            )
         }
     }
 }
@@ -583,14 +564,15 @@ mod tests {
         assert_eq!(c.tick("m", &[&both], (&b, &k), 1010), Decision::Changed);
         assert_eq!(c.canary_weight(), 50);
         assert!(
-            c.reason
+            c.progress
+                .reason
                 .starts_with("step 2: 50% of traffic to 2 for 1s (step 1 (10%) passed"),
             "{}",
-            c.reason
+            c.progress.reason
         );
         let (b2, k2) = (stats(1400, 0, 1), stats(600, 0, 1));
         assert_eq!(c.tick("m", &[&both], (&b2, &k2), 2020), Decision::Promoted);
-        assert_eq!(c.state, RolloutState::Promoted);
+        assert_eq!(c.progress.state, RolloutState::Promoted);
         assert_eq!(c.canary_weight(), 100);
         assert_eq!(
             c.view("m", &[&both]).weights,
@@ -606,7 +588,7 @@ mod tests {
         c.tick("m", &[&both], (&zero, &zero), 0);
         let d = c.tick("m", &[&both], (&stats(900, 0, 1), &stats(100, 0, 16)), 1000);
         assert_eq!(d, Decision::RolledBack);
-        assert!(c.reason.contains("p99"), "{}", c.reason);
+        assert!(c.progress.reason.contains("p99"), "{}", c.progress.reason);
         assert_eq!(c.canary_weight(), 0);
     }
 
@@ -620,12 +602,13 @@ mod tests {
             c.tick("m", &[&both], (&stats(10, 0, 1), &stats(3, 3, 9)), 5000),
             Decision::Changed
         );
-        assert_eq!(c.state, RolloutState::Holding);
+        assert_eq!(c.progress.state, RolloutState::Holding);
         assert!(
-            c.reason
+            c.progress
+                .reason
                 .contains("3 canary requests in the window, 50 needed"),
             "{}",
-            c.reason
+            c.progress.reason
         );
         assert_eq!(
             c.tick("m", &[&both], (&stats(10, 0, 1), &stats(4, 4, 9)), 6000),
@@ -635,7 +618,11 @@ mod tests {
         // Enough data arrives: now it is judged (and fails on errors).
         let d = c.tick("m", &[&both], (&stats(500, 0, 1), &stats(60, 30, 1)), 7000);
         assert_eq!(d, Decision::RolledBack);
-        assert!(c.reason.contains("error rate"), "{}", c.reason);
+        assert!(
+            c.progress.reason.contains("error rate"),
+            "{}",
+            c.progress.reason
+        );
     }
 
     #[test]
@@ -733,7 +720,7 @@ mod tests {
             ),
             Decision::Unchanged
         );
-        assert_eq!(c.state, RolloutState::Progressing);
+        assert_eq!(c.progress.state, RolloutState::Progressing);
         let d = c.tick(
             "m",
             &[&both],
@@ -742,9 +729,11 @@ mod tests {
         );
         assert_eq!(d, Decision::RolledBack);
         assert!(
-            c.reason.contains("120s into its 3600s bake: error rate"),
+            c.progress
+                .reason
+                .contains("120s into its 3600s bake: error rate"),
             "{}",
-            c.reason
+            c.progress.reason
         );
         // Short steps wait for their bake time (the judge sees the whole window).
         let mut short = Canary::start(
@@ -797,11 +786,11 @@ mod tests {
             1000,
         );
         assert_eq!(d, Decision::Changed);
-        assert_eq!(c.state, RolloutState::Holding);
+        assert_eq!(c.progress.state, RolloutState::Holding);
         assert!(
-            c.reason.contains("10 rewards in the window"),
+            c.progress.reason.contains("10 rewards in the window"),
             "{}",
-            c.reason
+            c.progress.reason
         );
         // Enough feedback: 30 % against 80 % is worse and significant.
         let d = c.tick_with(
@@ -813,10 +802,11 @@ mod tests {
         );
         assert_eq!(d, Decision::RolledBack);
         assert!(
-            c.reason
+            c.progress
+                .reason
                 .contains("mean reward 0.300 < 0.9 × baseline mean reward 0.800"),
             "{}",
-            c.reason
+            c.progress.reason
         );
         // As good as the baseline: passes.
         let mut c = Canary::start("1".into(), "2".into(), judged, 0);
@@ -836,10 +826,16 @@ mod tests {
     fn operators_can_promote_and_abort() {
         let mut c = Canary::start("1".into(), "2".into(), config(), 0);
         c.promote(1);
-        assert_eq!((c.state, c.canary_weight()), (RolloutState::Promoted, 100));
+        assert_eq!(
+            (c.progress.state, c.canary_weight()),
+            (RolloutState::Promoted, 100)
+        );
         let mut c = Canary::start("1".into(), "2".into(), config(), 0);
-        c.abort("operator".into(), 1);
-        assert_eq!((c.state, c.canary_weight()), (RolloutState::Aborted, 0));
+        c.progress.abort("operator".into(), 1);
+        assert_eq!(
+            (c.progress.state, c.canary_weight()),
+            (RolloutState::Aborted, 0)
+        );
         let both = replica(&["1", "2"]);
         let zero = VersionStats::default();
         assert_eq!(

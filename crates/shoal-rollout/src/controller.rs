@@ -10,6 +10,7 @@ use crate::bluegreen::{self, BlueGreen};
 use crate::canary::{self, Canary};
 use crate::experiment::Experiment;
 use crate::plan::{FleetFacts, ReplicaFacts};
+use crate::progress::Progress;
 use crate::rolling::{self, Rolling};
 use crate::shadow::Shadow;
 
@@ -49,15 +50,30 @@ pub enum Controller {
 }
 
 impl Controller {
+    /// Where it stands, why, and since when.
+    pub fn progress(&self) -> &Progress {
+        match self {
+            Controller::Rolling(r) => &r.progress,
+            Controller::Canary(c) => &c.progress,
+            Controller::BlueGreen(b) => &b.progress,
+            Controller::Shadow(s) => &s.progress,
+            Controller::Experiment(e) => &e.progress,
+        }
+    }
+
+    fn progress_mut(&mut self) -> &mut Progress {
+        match self {
+            Controller::Rolling(r) => &mut r.progress,
+            Controller::Canary(c) => &mut c.progress,
+            Controller::BlueGreen(b) => &mut b.progress,
+            Controller::Shadow(s) => &mut s.progress,
+            Controller::Experiment(e) => &mut e.progress,
+        }
+    }
+
     /// Where it stands.
     pub fn state(&self) -> RolloutState {
-        match self {
-            Controller::Rolling(r) => r.state,
-            Controller::Canary(c) => c.state,
-            Controller::BlueGreen(b) => b.state,
-            Controller::Shadow(s) => s.state,
-            Controller::Experiment(e) => e.state,
-        }
+        self.progress().state
     }
 
     /// True until it has ended.
@@ -104,7 +120,7 @@ impl Controller {
             },
             Controller::Shadow(s) => changed(s.tick(model, replicas, now)),
             Controller::Experiment(e) => {
-                if now - e.updated_at < REWEIGH_MS {
+                if now - e.progress.updated_at < REWEIGH_MS {
                     Step::Unchanged
                 } else {
                     changed(e.tick(&facts.rewards_of(model), rng, now))
@@ -210,13 +226,7 @@ impl Controller {
 
     /// Stops it; traffic goes back to the old version.
     pub fn abort(&mut self, reason: String, now: i64) {
-        match self {
-            Controller::Rolling(r) => r.abort(reason, now),
-            Controller::Canary(c) => c.abort(reason, now),
-            Controller::BlueGreen(b) => b.abort(reason, now),
-            Controller::Shadow(s) => s.abort(reason, now),
-            Controller::Experiment(e) => e.abort(reason, now),
-        }
+        self.progress_mut().abort(reason, now);
     }
 
     /// Parses a persisted snapshot; snapshots written before controllers
@@ -273,8 +283,21 @@ mod tests {
         ];
         for c in controllers {
             let json = serde_json::to_value(&c).unwrap();
+            // Progress is flattened: stored snapshots keep these fields at
+            // the top, as they were before it existed.
+            for field in ["state", "reason", "started_at", "updated_at"] {
+                assert!(json.get(field).is_some(), "{field} in {json}");
+            }
             assert_eq!(Controller::from_json(&json), Some(c), "{json}");
         }
+        let stored = serde_json::json!({
+            "kind": "blue-green", "from": "1", "to": "2", "keep_warm_ms": 1000,
+            "phase": "loading", "state": "progressing", "reason": "loading 2",
+            "started_at": 5, "updated_at": 6,
+        });
+        let parsed = Controller::from_json(&stored).expect("a snapshot stored before Progress");
+        assert_eq!(parsed.progress().reason, "loading 2");
+        assert_eq!(parsed.progress().updated_at, 6);
     }
 
     fn serving_both(id: &str) -> ReplicaFacts {
@@ -329,7 +352,7 @@ mod tests {
 
         // A paused rollout does not move, whatever the fleet says.
         let mut paused = Canary::start("1".into(), "2".into(), Default::default(), 0);
-        paused.state = RolloutState::Paused;
+        paused.progress.state = RolloutState::Paused;
         let mut paused = Controller::Canary(paused);
         assert_eq!(
             paused.tick("m", &refs, &failing, &mut rng, 600_000),

@@ -13,6 +13,7 @@ use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::traffic::{ArmSummary, RewardStats};
 
 use crate::plan::ReplicaFacts;
+use crate::progress::Progress;
 
 /// A/B test or bandit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,14 +41,9 @@ pub struct Experiment {
     pub baseline: BTreeMap<String, RewardStats>,
     /// The arm promoted, once promoted.
     pub winner: Option<String>,
-    /// Where it stands.
-    pub state: RolloutState,
-    /// Why.
-    pub reason: String,
-    /// Started (ms).
-    pub started_at: i64,
-    /// Last decision (ms).
-    pub updated_at: i64,
+    /// State, reason, when.
+    #[serde(flatten)]
+    pub progress: Progress,
 }
 
 /// The 95 % normal interval of a mean.
@@ -147,25 +143,23 @@ impl Experiment {
             let total: u32 = weights.values().sum();
             *weights.entry(first.clone()).or_default() += 100 - total;
         }
+        let reason = format!(
+            "{} over {}: equal split until feedback arrives",
+            if kind == Kind::Ab {
+                "A/B test"
+            } else {
+                "bandit"
+            },
+            arms.join(", ")
+        );
         Experiment {
-            reason: format!(
-                "{} over {}: equal split until feedback arrives",
-                if kind == Kind::Ab {
-                    "A/B test"
-                } else {
-                    "bandit"
-                },
-                arms.join(", ")
-            ),
             kind,
             arms,
             weights,
             floor,
             baseline,
             winner: None,
-            state: RolloutState::Progressing,
-            started_at: now,
-            updated_at: now,
+            progress: Progress::start(reason, now),
         }
     }
 
@@ -196,7 +190,7 @@ impl Experiment {
         rng: &mut impl Rng,
         now: i64,
     ) -> bool {
-        if self.kind != Kind::Bandit || self.state.is_terminal() {
+        if self.kind != Kind::Bandit || self.progress.state.is_terminal() {
             return false;
         }
         let rewards = self.rewards(totals);
@@ -214,11 +208,11 @@ impl Experiment {
             .max_by_key(|(_, w)| **w)
             .map(|(a, _)| a.clone())
             .unwrap_or_default();
-        self.reason = format!(
+        self.progress.reason = format!(
             "traffic follows the evidence: {leader} leads with {}%",
             self.weights[&leader]
         );
-        self.updated_at = now;
+        self.progress.updated_at = now;
         true
     }
 
@@ -231,26 +225,19 @@ impl Experiment {
             .max_by(|a, b| rewards[*a].mean().total_cmp(&rewards[*b].mean()))
             .cloned()
             .unwrap_or_default();
-        self.reason = format!(
+        self.progress.reason = format!(
             "promoted {best}, the arm with the best mean reward ({:.3})",
             rewards.get(&best).map_or(0.0, RewardStats::mean)
         );
         self.winner = Some(best);
-        self.state = RolloutState::Promoted;
-        self.updated_at = now;
-    }
-
-    /// Ends the experiment; production keeps all traffic.
-    pub fn abort(&mut self, reason: String, now: i64) {
-        self.state = RolloutState::Aborted;
-        self.reason = reason;
-        self.updated_at = now;
+        self.progress.state = RolloutState::Promoted;
+        self.progress.updated_at = now;
     }
 
     /// Traffic weights by version now: the arms' split while running, the
     /// winner once promoted, production alone once ended otherwise.
     pub fn weights(&self) -> BTreeMap<String, u32> {
-        match (&self.winner, self.state) {
+        match (&self.winner, self.progress.state) {
             (Some(w), RolloutState::Promoted) => [(w.clone(), 100)].into(),
             (_, s) if s.is_terminal() => [(self.arms[0].clone(), 100)].into(),
             _ => self.weights.clone(),
@@ -285,30 +272,25 @@ impl Experiment {
         let significant = (by_mean.len() >= 2).then(|| significant(by_mean[0], by_mean[1]));
         let weights = self.weights();
         RolloutView {
-            strategy: if self.kind == Kind::Ab {
-                Strategy::Ab
-            } else {
-                Strategy::Bandit
-            },
-            state: self.state,
-            from: self.arms.first().cloned(),
-            to: self
-                .winner
-                .clone()
-                .unwrap_or_else(|| self.arms.last().cloned().unwrap_or_default()),
-            step: 0,
-            weights,
-            reason: self.reason.clone(),
             replicas_done: live
                 .iter()
                 .filter(|r| self.arms.iter().all(|a| r.serves(model, a)))
                 .count(),
             replicas_total: live.len(),
-            started_at: self.started_at,
-            updated_at: self.updated_at,
-            shadow: None,
             arms,
             significant,
+            ..self.progress.view(
+                if self.kind == Kind::Ab {
+                    Strategy::Ab
+                } else {
+                    Strategy::Bandit
+                },
+                self.arms.first().cloned(),
+                self.winner
+                    .clone()
+                    .unwrap_or_else(|| self.arms.last().cloned().unwrap_or_default()),
+                weights,
+            )
         }
     }
 }

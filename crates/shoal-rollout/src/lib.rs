@@ -6,7 +6,8 @@
 //!   controllers, state machines fed with what the fleet reports and
 //!   answering with what to change; [`shadow`] and [`experiment`] (A/B,
 //!   bandit) are judged on what gateways report; [`controller::Controller`]
-//!   is the one type the registry persists.
+//!   is the one type the registry persists; [`progress`] is what every
+//!   controller records about where it stands.
 //!
 //! The control plane wraps these with I/O: it persists controller snapshots
 //! in the registry, feeds heartbeats in, and publishes desired states.
@@ -17,6 +18,7 @@ pub mod canary;
 pub mod controller;
 pub mod experiment;
 pub mod plan;
+pub mod progress;
 pub mod rolling;
 pub mod shadow;
 

@@ -32,6 +32,51 @@ impl ReplicaFacts {
     }
 }
 
+/// How far the live replicas among some eligible ones have got with
+/// loading one version: what controllers wait on before moving traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loading<'a> {
+    /// Live replicas.
+    pub live: usize,
+    /// Ids of the live ones not serving the version yet.
+    pub waiting: Vec<&'a str>,
+}
+
+impl<'a> Loading<'a> {
+    /// Where loading `model:version` stands on `replicas`.
+    pub fn of(model: &str, replicas: &[&'a ReplicaFacts], version: &str) -> Loading<'a> {
+        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        Loading {
+            live: live.len(),
+            waiting: live
+                .iter()
+                .filter(|r| !r.serves(model, version))
+                .map(|r| r.id.as_str())
+                .collect(),
+        }
+    }
+
+    /// Live replicas serving it.
+    pub fn done(&self) -> usize {
+        self.live - self.waiting.len()
+    }
+
+    /// Every live replica serves it, and there is at least one.
+    pub fn complete(&self) -> bool {
+        self.live > 0 && self.waiting.is_empty()
+    }
+
+    /// Why traffic does not move yet; `what` names the version to users
+    /// ("the canary").
+    pub fn holding_reason(&self, what: &str, version: &str) -> String {
+        if self.live == 0 {
+            format!("holding: no live replica to load {what}")
+        } else {
+            format!("waiting for {} to load {version}", self.waiting.join(", "))
+        }
+    }
+}
+
 /// Everything planning needs.
 #[derive(Debug, Clone, Default)]
 pub struct FleetFacts {

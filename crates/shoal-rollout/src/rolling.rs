@@ -18,7 +18,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 
-use crate::plan::ReplicaFacts;
+use crate::plan::{Loading, ReplicaFacts};
+use crate::progress::Progress;
 
 /// A rolling update in progress (or finished), as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,16 +35,11 @@ pub struct Rolling {
     pub max_unavailable: Option<u32>,
     /// Replicas assigned the new version.
     pub moved: BTreeSet<String>,
-    /// Where it stands.
-    pub state: RolloutState,
+    /// State, reason, when.
+    #[serde(flatten)]
+    pub progress: Progress,
     /// Steps taken.
     pub step: u32,
-    /// Why the last decision was taken.
-    pub reason: String,
-    /// Started (ms).
-    pub started_at: i64,
-    /// Last decision (ms).
-    pub updated_at: i64,
 }
 
 /// What a tick decided.
@@ -61,20 +57,18 @@ pub enum Decision {
 impl Rolling {
     /// A rolling update from `from` to `to`.
     pub fn start(from: Option<String>, to: String, max_surge: u32, now: i64) -> Rolling {
+        let reason = match &from {
+            Some(f) => format!("replacing {f} with {to}"),
+            None => format!("first deployment: every replica loads {to}"),
+        };
         Rolling {
-            reason: match &from {
-                Some(f) => format!("replacing {f} with {to}"),
-                None => format!("first deployment: every replica loads {to}"),
-            },
             from,
             to,
             max_surge: max_surge.max(1),
             max_unavailable: None,
             moved: BTreeSet::new(),
-            state: RolloutState::Progressing,
+            progress: Progress::start(reason, now),
             step: 0,
-            started_at: now,
-            updated_at: now,
         }
     }
 
@@ -88,8 +82,12 @@ impl Rolling {
     /// The version replica `id` should serve.
     pub fn assignment(&self, id: &str) -> &str {
         match &self.from {
-            Some(from) if self.state == RolloutState::Aborted => from,
-            Some(from) if self.state != RolloutState::Promoted && !self.moved.contains(id) => from,
+            Some(from) if self.progress.state == RolloutState::Aborted => from,
+            Some(from)
+                if self.progress.state != RolloutState::Promoted && !self.moved.contains(id) =>
+            {
+                from
+            }
             _ => &self.to,
         }
     }
@@ -97,7 +95,7 @@ impl Rolling {
     /// Advances the rollout of `model` given the replicas eligible to serve
     /// it (alive or not).
     pub fn tick(&mut self, model: &str, replicas: &[&ReplicaFacts], now: i64) -> Decision {
-        if self.state.is_terminal() || self.state == RolloutState::Paused {
+        if self.progress.state.is_terminal() || self.progress.state == RolloutState::Paused {
             return Decision::Unchanged;
         }
         let mut live: Vec<&ReplicaFacts> = replicas.iter().copied().filter(|r| r.alive).collect();
@@ -110,7 +108,7 @@ impl Rolling {
         if !waiting.is_empty() {
             // Waiting changes nothing anyone must act on: the reason is
             // refreshed for whoever looks, but not worth a new revision.
-            self.reason = format!(
+            self.progress.reason = format!(
                 "step {}: waiting for {} to load and warm {}",
                 self.step,
                 waiting.join(", "),
@@ -125,16 +123,18 @@ impl Rolling {
             .collect();
         if remaining.is_empty() {
             self.moved.extend(live.iter().map(|r| r.id.clone()));
-            self.state = RolloutState::Promoted;
-            self.reason = if live.is_empty() {
-                format!(
-                    "no live replica to wait for; replicas that join load {}",
-                    self.to
-                )
-            } else {
-                format!("all {} live replicas serve {}", live.len(), self.to)
-            };
-            self.updated_at = now;
+            self.progress.decide(
+                RolloutState::Promoted,
+                if live.is_empty() {
+                    format!(
+                        "no live replica to wait for; replicas that join load {}",
+                        self.to
+                    )
+                } else {
+                    format!("all {} live replicas serve {}", live.len(), self.to)
+                },
+                now,
+            );
             return Decision::Promoted;
         }
         let down: Vec<&str> = replicas
@@ -151,11 +151,12 @@ impl Rolling {
                 down.len(),
                 down.join(", ")
             );
-            let changed = self.state != RolloutState::Holding || self.reason != reason;
-            self.state = RolloutState::Holding;
-            self.reason = reason;
+            let changed =
+                self.progress.state != RolloutState::Holding || self.progress.reason != reason;
+            self.progress.state = RolloutState::Holding;
+            self.progress.reason = reason;
             if changed {
-                self.updated_at = now;
+                self.progress.updated_at = now;
                 return Decision::Changed;
             }
             return Decision::Unchanged;
@@ -166,22 +167,17 @@ impl Rolling {
             .collect();
         self.moved.extend(batch.iter().map(|id| (*id).to_owned()));
         self.step += 1;
-        self.state = RolloutState::Progressing;
-        self.reason = format!(
-            "step {}: moving {} to {}",
-            self.step,
-            batch.join(", "),
-            self.to
+        self.progress.decide(
+            RolloutState::Progressing,
+            format!(
+                "step {}: moving {} to {}",
+                self.step,
+                batch.join(", "),
+                self.to
+            ),
+            now,
         );
-        self.updated_at = now;
         Decision::Changed
-    }
-
-    /// Stops the rollout; every replica goes back to the old version.
-    pub fn abort(&mut self, reason: String, now: i64) {
-        self.state = RolloutState::Aborted;
-        self.reason = reason;
-        self.updated_at = now;
     }
 
     /// Traffic weights by version now: each side's share of the live
@@ -207,24 +203,18 @@ impl Rolling {
 
     /// The rollout as users see it, given the replicas eligible to serve.
     pub fn view(&self, model: &str, replicas: &[&ReplicaFacts]) -> RolloutView {
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        let done = live.iter().filter(|r| r.serves(model, &self.to)).count();
+        let loading = Loading::of(model, replicas, &self.to);
         let weights = self.weights(replicas);
         RolloutView {
-            strategy: Strategy::Rolling,
-            state: self.state,
-            from: self.from.clone(),
-            to: self.to.clone(),
             step: self.step,
-            weights,
-            reason: self.reason.clone(),
-            replicas_done: done,
-            replicas_total: live.len(),
-            started_at: self.started_at,
-            updated_at: self.updated_at,
-            shadow: None,
-            arms: Vec::new(),
-            significant: None,
+            replicas_done: loading.done(),
+            replicas_total: loading.live,
+            ..self.progress.view(
+                Strategy::Rolling,
+                self.from.clone(),
+                self.to.clone(),
+                weights,
+            )
         }
     }
 }
@@ -269,19 +259,19 @@ mod tests {
             r.tick("m", &fleet.iter().collect::<Vec<_>>(), now)
         };
         assert_eq!(tick(&mut r, &fleet, 1), Decision::Changed);
-        assert_eq!(r.reason, "step 1: moving a to 2");
+        assert_eq!(r.progress.reason, "step 1: moving a to 2");
         converge(&r, &mut fleet);
         // a crashes with the new version; one down is within the budget.
         fleet[0].alive = false;
         assert_eq!(tick(&mut r, &fleet, 2), Decision::Changed);
-        assert_eq!(r.reason, "step 2: moving b to 2");
+        assert_eq!(r.progress.reason, "step 2: moving b to 2");
         converge(&r, &mut fleet);
         fleet[1].alive = false;
         // Two down: hold, and say so once.
         assert_eq!(tick(&mut r, &fleet, 3), Decision::Changed);
-        assert_eq!(r.state, RolloutState::Holding);
+        assert_eq!(r.progress.state, RolloutState::Holding);
         assert_eq!(
-            r.reason,
+            r.progress.reason,
             "holding at step 2: 2 down (a, b), more than max unavailable 1; moving on when they return"
         );
         assert_eq!(tick(&mut r, &fleet, 4), Decision::Unchanged);
@@ -290,14 +280,14 @@ mod tests {
         fleet[0].alive = true;
         fleet[1].alive = true;
         assert_eq!(tick(&mut r, &fleet, 5), Decision::Changed);
-        assert_eq!(r.state, RolloutState::Progressing);
-        assert_eq!(r.reason, "step 3: moving c to 2");
+        assert_eq!(r.progress.state, RolloutState::Progressing);
+        assert_eq!(r.progress.reason, "step 3: moving c to 2");
         // Without a budget, dead replicas never block.
         let mut free = Rolling::start(Some("1".into()), "2".into(), 1, 0);
         let mut all_down = fleet.clone();
         all_down.iter_mut().skip(1).for_each(|f| f.alive = false);
         assert_eq!(tick(&mut free, &all_down, 1), Decision::Changed);
-        assert_eq!(free.state, RolloutState::Progressing);
+        assert_eq!(free.progress.state, RolloutState::Progressing);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(serde_json::from_value::<Rolling>(json).unwrap(), r);
     }
@@ -317,7 +307,7 @@ mod tests {
             r.tick("m", &snapshot.iter().collect::<Vec<_>>(), 1),
             Decision::Changed
         );
-        assert_eq!(r.reason, "step 1: moving a, b to 2");
+        assert_eq!(r.progress.reason, "step 1: moving a, b to 2");
         assert_eq!((r.assignment("a"), r.assignment("c")), ("2", "1"));
 
         // Not converged yet: hold, and say who is awaited.
@@ -325,7 +315,10 @@ mod tests {
             r.tick("m", &snapshot.iter().collect::<Vec<_>>(), 2),
             Decision::Unchanged
         );
-        assert_eq!(r.reason, "step 1: waiting for a, b to load and warm 2");
+        assert_eq!(
+            r.progress.reason,
+            "step 1: waiting for a, b to load and warm 2"
+        );
         assert_eq!((r.assignment("a"), r.assignment("c")), ("2", "1"));
 
         converge(&r, &mut fleet);
@@ -334,15 +327,15 @@ mod tests {
             r.tick("m", &snapshot.iter().collect::<Vec<_>>(), 4),
             Decision::Changed
         );
-        assert_eq!(r.reason, "step 2: moving c to 2");
+        assert_eq!(r.progress.reason, "step 2: moving c to 2");
         converge(&r, &mut fleet);
         let snapshot = refs(&fleet);
         assert_eq!(
             r.tick("m", &snapshot.iter().collect::<Vec<_>>(), 5),
             Decision::Promoted
         );
-        assert_eq!(r.state, RolloutState::Promoted);
-        assert_eq!(r.reason, "all 3 live replicas serve 2");
+        assert_eq!(r.progress.state, RolloutState::Promoted);
+        assert_eq!(r.progress.reason, "all 3 live replicas serve 2");
         assert_eq!(
             r.tick("m", &snapshot.iter().collect::<Vec<_>>(), 6),
             Decision::Unchanged
@@ -383,14 +376,14 @@ mod tests {
         assert_eq!((r.assignment("a"), r.assignment("b")), ("1", "1"));
         let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
         assert_eq!(r.tick("m", &refs, 1), Decision::Unchanged);
-        assert!(r.reason.contains("waiting for a, b"));
+        assert!(r.progress.reason.contains("waiting for a, b"));
     }
 
     #[test]
     fn an_empty_fleet_promotes_at_once() {
         let mut r = Rolling::start(Some("1".into()), "2".into(), 1, 0);
         assert_eq!(r.tick("m", &[], 1), Decision::Promoted);
-        assert!(r.reason.starts_with("no live replica"));
+        assert!(r.progress.reason.starts_with("no live replica"));
     }
 
     #[test]
@@ -399,7 +392,7 @@ mod tests {
         let mut r = Rolling::start(Some("1".into()), "2".into(), 1, 0);
         r.tick("m", &fleet.iter().collect::<Vec<_>>(), 1);
         assert_eq!(r.assignment("a"), "2");
-        r.abort("operator abort".into(), 2);
+        r.progress.abort("operator abort".into(), 2);
         assert_eq!(r.assignment("a"), "1");
         // The snapshot round-trips through the registry unchanged.
         let json = serde_json::to_value(&r).unwrap();

@@ -9,7 +9,8 @@ use shoal_api::counters::Counters;
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 use shoal_api::traffic::{ShadowStats, ShadowSummary};
 
-use crate::plan::ReplicaFacts;
+use crate::plan::{Loading, ReplicaFacts};
+use crate::progress::Progress;
 
 /// A shadow deployment, as persisted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,14 +25,9 @@ pub struct Shadow {
     pub baseline: ShadowStats,
     /// True once every replica has the candidate and mirroring began.
     pub mirroring: bool,
-    /// Where it stands.
-    pub state: RolloutState,
-    /// Why.
-    pub reason: String,
-    /// Started (ms).
-    pub started_at: i64,
-    /// Last decision (ms).
-    pub updated_at: i64,
+    /// State, reason, when.
+    #[serde(flatten)]
+    pub progress: Progress,
 }
 
 /// The summary of `stats` (counts since the start).
@@ -57,61 +53,53 @@ impl Shadow {
         baseline: ShadowStats,
         now: i64,
     ) -> Shadow {
+        let reason = format!("loading {candidate} beside {primary} on every replica");
         Shadow {
-            reason: format!("loading {candidate} beside {primary} on every replica"),
             primary,
             candidate,
             percent: percent.min(100),
             baseline,
             mirroring: false,
-            state: RolloutState::Progressing,
-            started_at: now,
-            updated_at: now,
+            progress: Progress::start(reason, now),
         }
     }
 
     /// Mirroring begins once every live replica has the candidate. Returns
     /// true when that changed now.
     pub fn tick(&mut self, model: &str, replicas: &[&ReplicaFacts], now: i64) -> bool {
-        if self.mirroring || self.state.is_terminal() {
+        if self.mirroring || self.progress.state.is_terminal() {
             return false;
         }
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
-        if live.is_empty() || live.iter().any(|r| !r.serves(model, &self.candidate)) {
+        if !Loading::of(model, replicas, &self.candidate).complete() {
             return false;
         }
         self.mirroring = true;
-        self.reason = format!(
+        self.progress.reason = format!(
             "mirroring {}% of requests to {}; users see {}",
             self.percent, self.candidate, self.primary
         );
-        self.updated_at = now;
+        self.progress.updated_at = now;
         true
     }
 
     /// True while mirroring may happen.
     pub fn is_running(&self) -> bool {
-        !self.state.is_terminal()
+        !self.progress.state.is_terminal()
     }
 
     /// The candidate takes all traffic.
     pub fn promote(&mut self, now: i64) {
-        self.state = RolloutState::Promoted;
-        self.reason = "promoted by an operator on the shadow evidence".into();
-        self.updated_at = now;
-    }
-
-    /// Stops mirroring; the candidate is unloaded.
-    pub fn abort(&mut self, reason: String, now: i64) {
-        self.state = RolloutState::Aborted;
-        self.reason = reason;
-        self.updated_at = now;
+        self.progress.decide(
+            RolloutState::Promoted,
+            "promoted by an operator on the shadow evidence".into(),
+            now,
+        );
     }
 
     /// Traffic weights by version now: all on the primary until promoted
     /// (the candidate only sees mirrored copies).
     pub fn weights(&self) -> std::collections::BTreeMap<String, u32> {
-        let serving = if self.state == RolloutState::Promoted {
+        let serving = if self.progress.state == RolloutState::Promoted {
             &self.candidate
         } else {
             &self.primary
@@ -126,26 +114,19 @@ impl Shadow {
         replicas: &[&ReplicaFacts],
         totals: &ShadowStats,
     ) -> RolloutView {
-        let live: Vec<&&ReplicaFacts> = replicas.iter().filter(|r| r.alive).collect();
+        let loading = Loading::of(model, replicas, &self.candidate);
         let weights = self.weights();
         RolloutView {
-            strategy: Strategy::Shadow,
-            state: self.state,
-            from: Some(self.primary.clone()),
-            to: self.candidate.clone(),
             step: u32::from(self.mirroring),
-            weights,
-            reason: self.reason.clone(),
-            replicas_done: live
-                .iter()
-                .filter(|r| r.serves(model, &self.candidate))
-                .count(),
-            replicas_total: live.len(),
-            started_at: self.started_at,
-            updated_at: self.updated_at,
+            replicas_done: loading.done(),
+            replicas_total: loading.live,
             shadow: Some(summarize(&totals.since(&self.baseline))),
-            arms: Vec::new(),
-            significant: None,
+            ..self.progress.view(
+                Strategy::Shadow,
+                Some(self.primary.clone()),
+                self.candidate.clone(),
+                weights,
+            )
         }
     }
 }
