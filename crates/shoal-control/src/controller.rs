@@ -597,7 +597,7 @@ impl Control {
                 if warm { " (warm)" } else { "" }
             ),
         );
-        let deployment = if warm {
+        if warm {
             deployment.warm.retain(|w| w.version != target);
             if let Some(current) = &current {
                 deployment.warm.push(WarmVersion {
@@ -614,12 +614,10 @@ impl Control {
                     audit.clone(),
                 )
                 .await?;
-            self.persist(deployment, &controller, "rollback", audit)
-                .await?
-        } else {
-            self.persist(deployment, &controller, "rollback", audit)
-                .await?
-        };
+        }
+        let deployment = self
+            .persist(deployment, &controller, "rollback", audit)
+            .await?;
         self.after_change();
         Ok(deployment)
     }
