@@ -10,7 +10,8 @@ pub const REPLICA_HEADER: &str = "x-shoal-replica";
 pub const VERSION_HEADER: &str = "x-shoal-model-version";
 
 /// One loaded version in the admin listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct LoadedVersion {
     /// The version.
     pub version: String,
@@ -21,7 +22,8 @@ pub struct LoadedVersion {
 }
 
 /// One model in the admin listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct LoadedModel {
     /// The model.
     pub model: String,
@@ -31,8 +33,11 @@ pub struct LoadedModel {
     pub versions: Vec<LoadedVersion>,
 }
 
-/// `GET /admin/models`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `GET /admin/models`. Every field has a default, so a gateway reads the
+/// listing of a replica older or newer than itself (a fleet mid-upgrade):
+/// only `models[].model` and `versions[].version` route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct AdminListing {
     /// The replica id.
     pub replica_id: String,
@@ -54,5 +59,24 @@ impl AdminListing {
                 .iter()
                 .map(move |v| format!("{}:{}", m.model, v.version))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_from_an_older_replica_still_routes() {
+        // What replicas sent before `ready` and `shutting_down` existed.
+        let old = r#"{"replica_id": "r1", "models": [
+            {"model": "digits", "versions": [{"version": "1"}, {"version": "2"}]}
+        ]}"#;
+        let listing: AdminListing = serde_json::from_str(old).unwrap();
+        assert!(!listing.shutting_down);
+        assert_eq!(
+            listing.serving_keys().collect::<Vec<_>>(),
+            ["digits:1", "digits:2"]
+        );
     }
 }
