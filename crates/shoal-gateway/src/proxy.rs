@@ -358,7 +358,7 @@ async fn hedged(
         .collect();
     let second = gateway
         .routes
-        .pick(&others, None, &mut rand::rng(), gateway.now());
+        .least_loaded(&others, &mut rand::rng(), gateway.now());
     let Some(second) = second.filter(|_| gateway.budget.withdraw()) else {
         return (primary.await, first.clone());
     };

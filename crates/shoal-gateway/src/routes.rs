@@ -449,6 +449,18 @@ impl Routes {
             let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
             return candidates.get(i).cloned();
         }
+        self.least_loaded(candidates, rng, now)
+    }
+
+    /// Power of two choices among `candidates` by peak-EWMA cost, whatever
+    /// the balance mode: a hedge goes where it will be answered soonest,
+    /// and picking it must not move round robin's turn.
+    pub fn least_loaded(
+        &self,
+        candidates: &[Arc<Endpoint>],
+        rng: &mut impl Rng,
+        now: Duration,
+    ) -> Option<Arc<Endpoint>> {
         let costs: Vec<Candidate> = candidates
             .iter()
             .map(|e| e.candidate(now, &self.policy))
@@ -493,6 +505,33 @@ mod tests {
 
     fn ids(v: &[Arc<Endpoint>]) -> Vec<&str> {
         v.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_hedge_pick_does_not_take_round_robins_turn() {
+        let routes =
+            Routes::new("us".into(), HealthPolicy::default()).with_balance(Balance::RoundRobin);
+        routes.apply(
+            &table(&[("a", "us", &["m:1"]), ("b", "us", &["m:1"])], None),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        let all = routes
+            .candidates(&s, "m", Some("1"), &[], Duration::ZERO)
+            .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut turns = Vec::new();
+        for _ in 0..4 {
+            let first = routes.pick(&all, None, &mut rng, Duration::ZERO).unwrap();
+            let others: Vec<Arc<Endpoint>> =
+                all.iter().filter(|e| e.id != first.id).cloned().collect();
+            let hedge = routes
+                .least_loaded(&others, &mut rng, Duration::ZERO)
+                .unwrap();
+            assert_ne!(hedge.id, first.id);
+            turns.push(first.id.clone());
+        }
+        assert_eq!(turns, ["a", "b", "a", "b"], "hedges left the turns alone");
     }
 
     #[test]
