@@ -33,11 +33,6 @@ impl Progress {
         }
     }
 
-    /// True once it has ended.
-    pub fn is_terminal(&self) -> bool {
-        self.state.is_terminal()
-    }
-
     /// A decision taken now: the new state and why.
     pub fn decide(&mut self, state: RolloutState, reason: String, now: i64) {
         self.state = state;
