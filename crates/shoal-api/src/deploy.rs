@@ -180,6 +180,18 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
+    /// The state's name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Progressing => "progressing",
+            RolloutState::Holding => "holding",
+            RolloutState::Paused => "paused",
+            RolloutState::Promoted => "promoted",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
     /// True when the rollout has ended.
     pub fn is_terminal(self) -> bool {
         matches!(

@@ -89,9 +89,10 @@ pub struct Heartbeat {
     pub serving: Vec<ServingVersion>,
     /// The desired-state revision it has converged on.
     pub applied_revision: u64,
-    /// Versions it failed to load, with why (`model:version` → reason).
+    /// Versions it failed to load, with why and whether it will try again
+    /// (`model:version` → failure).
     #[serde(default)]
-    pub failures: BTreeMap<String, String>,
+    pub failures: BTreeMap<String, LoadFailureReport>,
     /// Inference requests in flight.
     #[serde(default)]
     pub in_flight: u64,
@@ -104,6 +105,81 @@ pub struct Heartbeat {
     /// Inference counts since each version was loaded, by `model:version`.
     #[serde(default)]
     pub stats: BTreeMap<String, VersionStats>,
+}
+
+/// Whether trying again could load a version that failed to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Trying again cannot help: the artifact is not a model the engine
+    /// can run, its SHA-256 does not match, or its warm-up failed.
+    Definite,
+    /// It might load next time: the fetch was interrupted, the replica was
+    /// busy or restarting.
+    Transient,
+}
+
+/// Transient failures of one version a replica tries before it gives up
+/// on it (until its desired state changes), and the rollout treats the
+/// version as failed.
+pub const TRANSIENT_LOAD_ATTEMPTS: u32 = 5;
+
+/// Why a replica could not load a version (in heartbeats and `shoal
+/// status`). Older replicas sent the reason alone, read as one transient
+/// failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct LoadFailureReport {
+    /// What went wrong, in words.
+    pub reason: String,
+    /// Whether trying again could help.
+    pub kind: FailureKind,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// SHA-256 of the artifact that failed (empty when unknown).
+    #[serde(default)]
+    pub sha256: String,
+}
+
+impl LoadFailureReport {
+    /// True when the replica has given up: the failure is definite, or
+    /// transient failures reached [`TRANSIENT_LOAD_ATTEMPTS`]. A rollout
+    /// bringing the version in has failed.
+    pub fn gave_up(&self) -> bool {
+        self.kind == FailureKind::Definite || self.attempts >= TRANSIENT_LOAD_ATTEMPTS
+    }
+}
+
+impl<'de> Deserialize<'de> for LoadFailureReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Full {
+            reason: String,
+            kind: FailureKind,
+            attempts: u32,
+            #[serde(default)]
+            sha256: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Full(Full),
+            Reason(String),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Full(f) => LoadFailureReport {
+                reason: f.reason,
+                kind: f.kind,
+                attempts: f.attempts,
+                sha256: f.sha256,
+            },
+            Either::Reason(reason) => LoadFailureReport {
+                reason,
+                kind: FailureKind::Transient,
+                attempts: 1,
+                sha256: String::new(),
+            },
+        })
+    }
 }
 
 /// One version a replica should serve.
@@ -204,8 +280,8 @@ pub struct ReplicaView {
     pub last_heartbeat: Option<UnixMillis>,
     /// Requests in flight at the last heartbeat.
     pub in_flight: u64,
-    /// Load failures reported.
-    pub failures: BTreeMap<String, String>,
+    /// Load failures reported, by `model:version`.
+    pub failures: BTreeMap<String, LoadFailureReport>,
     /// Faults injected, by `model:version`.
     #[serde(default)]
     pub faults: BTreeMap<String, Fault>,
@@ -220,7 +296,14 @@ pub struct FleetStatus {
     pub revision: u64,
     /// Every known replica.
     pub replicas: Vec<ReplicaView>,
+    /// Rollouts in progress, and those that ended in the last
+    /// [`RECENT_ROLLOUT_MS`], by model.
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, crate::deploy::RolloutView>,
 }
+
+/// How long `shoal status` keeps showing a rollout after it ended.
+pub const RECENT_ROLLOUT_MS: i64 = 15 * 60 * 1000;
 
 /// A replica as gateways see it in the routing table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -344,5 +427,56 @@ impl VersionStats {
             }
         }
         Some(f64::INFINITY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_gives_up_on_definite_failures_at_once_and_transient_ones_at_the_bound() {
+        let report = |kind, attempts| LoadFailureReport {
+            reason: "x".into(),
+            kind,
+            attempts,
+            sha256: String::new(),
+        };
+        assert!(report(FailureKind::Definite, 1).gave_up());
+        assert!(!report(FailureKind::Transient, TRANSIENT_LOAD_ATTEMPTS - 1).gave_up());
+        assert!(report(FailureKind::Transient, TRANSIENT_LOAD_ATTEMPTS).gave_up());
+    }
+
+    #[test]
+    fn heartbeats_from_older_replicas_still_parse() {
+        let old: Heartbeat = serde_json::from_value(serde_json::json!({
+            "serving": [], "applied_revision": 3,
+            "failures": {"m:2": "cannot parse the model"},
+        }))
+        .unwrap();
+        assert_eq!(
+            old.failures["m:2"],
+            LoadFailureReport {
+                reason: "cannot parse the model".into(),
+                kind: FailureKind::Transient,
+                attempts: 1,
+                sha256: String::new(),
+            }
+        );
+        let new = Heartbeat {
+            failures: [(
+                "m:2".into(),
+                LoadFailureReport {
+                    reason: "bad".into(),
+                    kind: FailureKind::Definite,
+                    attempts: 2,
+                    sha256: "ab".into(),
+                },
+            )]
+            .into(),
+            ..Heartbeat::default()
+        };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!(serde_json::from_value::<Heartbeat>(json).unwrap(), new);
     }
 }

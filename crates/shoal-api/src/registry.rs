@@ -98,6 +98,11 @@ pub struct NewVersion {
     /// Input shape overrides (input name to dimensions, -1 = dynamic).
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// Check only that the artifact is an ONNX model, not that the default
+    /// engine can prepare and warm it up (for artifacts meant for another
+    /// engine).
+    #[serde(default)]
+    pub skip_engine_check: bool,
 }
 
 /// A model and where its versions stand.

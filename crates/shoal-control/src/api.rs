@@ -26,6 +26,9 @@ use shoal_artifacts::{ArtifactError, ChunkId};
 use shoal_core::{ModelName, Version};
 use shoal_http::{ApiError, json_response};
 use shoal_registry::{Audit, RegistryError, VersionDraft};
+use shoal_runtime::LoadOptions;
+use shoal_runtime::check::{Checks, check_model};
+use shoal_runtime::tract::TractBackend;
 use tokio::io::AsyncWriteExt;
 
 use crate::Control;
@@ -274,7 +277,7 @@ pub(crate) async fn get_model(
 }
 
 /// Register an uploaded artifact as a new version.
-#[utoipa::path(post, path = "/api/v1/models/{model}/versions", request_body = NewVersion, responses((status = 201, body = VersionRecord), (status = 404, description = "artifact not uploaded"), (status = 409, description = "version exists")))]
+#[utoipa::path(post, path = "/api/v1/models/{model}/versions", request_body = NewVersion, responses((status = 201, body = VersionRecord), (status = 400, description = "not a model Shoal can serve, or an invalid request"), (status = 404, description = "artifact not uploaded"), (status = 409, description = "version exists")))]
 pub(crate) async fn create_version(
     State(control): Shared,
     Path(model): Path<String>,
@@ -297,6 +300,12 @@ pub(crate) async fn create_version(
         .get_manifest(&new.sha256)
         .await
         .map_err(artifact_error)?;
+    let checks = if new.skip_engine_check {
+        Checks::Structure
+    } else {
+        Checks::Engine
+    };
+    check_artifact(&control, &manifest.sha256, &new.input_shapes, checks).await?;
     let draft = VersionDraft {
         version: new.version,
         sha256: manifest.sha256.clone(),
@@ -311,11 +320,44 @@ pub(crate) async fn create_version(
         .create_version(
             model.as_str(),
             draft,
-            Audit::by(ANONYMOUS, format!("sha256 {}", manifest.sha256)),
+            Audit::by(
+                ANONYMOUS,
+                format!("sha256 {}; checked: {}", manifest.sha256, checks.describe()),
+            ),
         )
         .await
         .map_err(registry_error)?;
     Ok(json_response(StatusCode::CREATED, &record))
+}
+
+/// Refuses an artifact that is not a model the fleet can load (see
+/// [`shoal_runtime::check`]): a 400 that names the problem.
+async fn check_artifact(
+    control: &Control,
+    sha256: &str,
+    input_shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    checks: Checks,
+) -> Result<(), ApiError> {
+    let options = LoadOptions::from_dims(input_shapes).map_err(ApiError::bad_request)?;
+    let bytes = control
+        .artifacts
+        .read_artifact(sha256)
+        .await
+        .map_err(artifact_error)?;
+    tokio::task::spawn_blocking(move || {
+        check_model(&bytes, &options, checks, &TractBackend::default())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("model check task failed: {e}")))?
+    .map_err(|e| {
+        let hint = if checks == Checks::Engine {
+            "; no version was created. If the model is meant for another engine, push it with --skip-engine-check"
+        } else {
+            "; no version was created"
+        };
+        ApiError::bad_request(format!("the artifact is not a model Shoal can serve: {e}{hint}"))
+    })?;
+    Ok(())
 }
 
 /// One version.

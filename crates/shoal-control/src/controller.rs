@@ -424,11 +424,21 @@ impl Control {
                 self.store
                     .set_status(&model, &to, VersionStatus::Deprecated, true, audit())
                     .await?;
-                if let Some(from) = &from {
-                    deployment.targets = vec![TrafficTarget {
-                        version: from.clone(),
-                        weight: 100,
-                    }];
+                // Traffic returns to what served before. A first
+                // deployment that was rolled back (its version could not
+                // load) leaves the model serving nothing rather than
+                // replicas waiting for a version that cannot load.
+                match &from {
+                    Some(from) => {
+                        deployment.targets = vec![TrafficTarget {
+                            version: from.clone(),
+                            weight: 100,
+                        }];
+                    }
+                    None if controller.state() == RolloutState::RolledBack => {
+                        deployment.targets.clear();
+                    }
+                    None => {}
                 }
                 deployment.warm.retain(|w| w.version != to);
                 deployment.warm.push(WarmVersion {

@@ -53,8 +53,11 @@ impl LiveFleet {
                 .map(|s| (s.model.clone(), s.version.clone()))
                 .collect()
         };
+        // A new load failure matters to the rollout controller at once.
         let changed = live.get(id).is_none_or(|old| {
-            serving(&old.report) != serving(&report) || old.report.ready != report.ready
+            serving(&old.report) != serving(&report)
+                || old.report.ready != report.ready
+                || old.report.failures != report.failures
         });
         let skew_since = live.get(id).and_then(|l| l.skew_since);
         {
@@ -112,6 +115,18 @@ impl LiveFleet {
             .map(|r| {
                 let l = live.get(&r.registration.id);
                 ReplicaFacts {
+                    failures: l
+                        .map(|l| {
+                            l.report
+                                .failures
+                                .iter()
+                                .filter_map(|(key, f)| {
+                                    let (m, v) = key.split_once(':')?;
+                                    Some(((m.to_owned(), v.to_owned()), f.clone()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     id: r.registration.id.clone(),
                     address: r.registration.address.clone(),
                     region: r.registration.region.clone(),

@@ -297,9 +297,19 @@ impl Control {
         let views = self.live.views(&self.snapshot().registrations, &facts);
         self.metrics.update_fleet(&facts);
         self.metrics.update_skew(&views);
+        let now = shoal_api::now_millis();
+        let rollouts = facts
+            .deployments
+            .iter()
+            .filter_map(|(d, _)| Some((d.model.clone(), d.rollout.clone()?)))
+            .filter(|(_, r)| {
+                !r.state.is_terminal() || now - r.updated_at < shoal_api::fleet::RECENT_ROLLOUT_MS
+            })
+            .collect();
         shoal_api::fleet::FleetStatus {
             revision: facts.revision,
             replicas: views,
+            rollouts,
         }
     }
 

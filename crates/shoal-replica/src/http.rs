@@ -413,25 +413,6 @@ fn names(model: &str, version: &str) -> Result<(ModelName, Version), ApiError> {
     Ok((model, version))
 }
 
-/// Parses input shape overrides (`-1` = dynamic).
-pub fn parse_input_shapes(shapes: &BTreeMap<String, Vec<i64>>) -> Result<LoadOptions, String> {
-    let mut options = LoadOptions::default();
-    for (input, dims) in shapes {
-        let dims = dims
-            .iter()
-            .map(|&d| match d {
-                -1 => Ok(None),
-                d if d >= 0 => usize::try_from(d).map(Some).map_err(|e| e.to_string()),
-                d => Err(format!(
-                    "input {input:?}: dimension {d} must be -1 (dynamic) or a size"
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        options.input_shapes.insert(input.clone(), dims);
-    }
-    Ok(options)
-}
-
 async fn admin_load(
     State(replica): Shared,
     Path((model, version)): Path<(String, String)>,
@@ -439,7 +420,7 @@ async fn admin_load(
 ) -> Result<Response, ApiError> {
     let (model, version) = names(&model, &version)?;
     let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let options = parse_input_shapes(&body.input_shapes).map_err(ApiError::bad_request)?;
+    let options = LoadOptions::from_dims(&body.input_shapes).map_err(ApiError::bad_request)?;
     let spec = LoadSpec {
         model,
         version,

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use shoal_api::fleet::{FailureKind, LoadFailureReport};
 use shoal_core::{ModelName, Version};
 use shoal_oip::Limits;
 use shoal_runtime::{Backend, InferencePool, LoadOptions};
@@ -119,7 +120,7 @@ impl Default for ReplicaConfig {
 #[derive(Debug, Default)]
 struct Readiness {
     required: Vec<(ModelName, Version)>,
-    failures: BTreeMap<String, String>,
+    failures: BTreeMap<String, LoadFailureReport>,
 }
 
 /// A replica's state, shared by its HTTP handlers.
@@ -245,7 +246,7 @@ impl Replica {
             .failures
             .iter()
             .filter(|(k, _)| missing.contains(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.reason.clone()))
             .collect();
         let shutting_down = self.shutting_down.load(Ordering::SeqCst);
         ReadyState {
@@ -256,19 +257,76 @@ impl Replica {
         }
     }
 
-    /// Records why `key` (`model:version`) could not be made ready (for
-    /// failures outside [`Replica::load`], such as fetching its artifact).
-    pub fn record_failure(&self, key: &str, reason: &str) {
+    /// Records why `model:version` could not be made ready (every load
+    /// failure, and failures outside [`Replica::load`] such as fetching its
+    /// artifact): logged, counted, shown by `/ready` and reported in
+    /// heartbeats. Attempts count up while the artifact stays the same.
+    pub fn record_failure(
+        &self,
+        model: &str,
+        version: &str,
+        sha256: &str,
+        reason: &str,
+        kind: FailureKind,
+    ) {
+        let key = format!("{model}:{version}");
+        let mut readiness = self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let attempts = readiness
+            .failures
+            .get(&key)
+            .filter(|f| f.sha256 == sha256)
+            .map_or(0, |f| f.attempts)
+            + 1;
+        readiness.failures.insert(
+            key,
+            LoadFailureReport {
+                reason: reason.to_owned(),
+                kind,
+                attempts,
+                sha256: sha256.to_owned(),
+            },
+        );
+        drop(readiness);
+        VersionLoadFailed {
+            model,
+            version,
+            reason,
+            kind,
+            attempts,
+        }
+        .emit(&self.metrics);
+        self.bump();
+    }
+
+    /// The recorded failure of `model:version`, if it is not loaded.
+    pub fn failure(&self, model: &str, version: &str) -> Option<LoadFailureReport> {
+        if self.store.has(model, version) {
+            return None;
+        }
         self.readiness
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .failures
-            .insert(key.to_owned(), reason.to_owned());
-        self.bump();
+            .get(&format!("{model}:{version}"))
+            .cloned()
+    }
+
+    /// Forgets the failures of versions `keep` does not name
+    /// (`model:version`): a version that left the desired state is tried
+    /// afresh if it comes back.
+    pub fn forget_failures_except(&self, keep: &std::collections::BTreeSet<String>) {
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures
+            .retain(|k, _| keep.contains(k));
     }
 
     /// Every recorded failure of a version not loaded now.
-    pub fn failures(&self) -> BTreeMap<String, String> {
+    pub fn failures(&self) -> BTreeMap<String, LoadFailureReport> {
         let readiness = self
             .readiness
             .lock()
@@ -346,18 +404,13 @@ impl Replica {
         let prepared = match loader::prepare(self.backend.clone(), &spec).await {
             Ok(p) => p,
             Err(failure) => {
-                VersionLoadFailed {
-                    model: &spec.model,
-                    version: &spec.version,
-                    reason: &failure.to_string(),
-                }
-                .emit(&self.metrics);
-                self.readiness
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .failures
-                    .insert(key, failure.to_string());
-                self.bump();
+                self.record_failure(
+                    spec.model.as_str(),
+                    spec.version.as_str(),
+                    spec.sha256.as_deref().unwrap_or_default(),
+                    &failure.to_string(),
+                    failure.kind(),
+                );
                 return Err(failure);
             }
         };
@@ -535,5 +588,61 @@ mod tests {
         );
         assert!("a b=x.onnx".parse::<ModelSpec>().is_err());
         assert!("digits=".parse::<ModelSpec>().is_err());
+    }
+
+    #[tokio::test]
+    async fn failures_say_whether_to_retry_and_count_attempts_per_artifact() {
+        let replica = Replica::new(
+            "r".into(),
+            Arc::new(shoal_runtime::tract::TractBackend::default()),
+            &ReplicaConfig::default(),
+        );
+        let garbage = bytes::Bytes::from_static(b"not a model at all");
+        let sha = sha256_hex(&garbage);
+        let spec = |bytes: bytes::Bytes| {
+            let sha256 = sha256_hex(&bytes);
+            LoadSpec {
+                model: ModelName::new("m").unwrap(),
+                version: Version::new("2").unwrap(),
+                source: ArtifactSource::Bytes(bytes),
+                sha256: Some(sha256),
+                options: LoadOptions::default(),
+            }
+        };
+        let policy = InstallPolicy {
+            make_default: true,
+            retire_others: false,
+        };
+        for attempt in 1..=2 {
+            let e = replica
+                .load(spec(garbage.clone()), policy)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), FailureKind::Definite);
+            let f = replica.failure("m", "2").unwrap();
+            assert_eq!(
+                (f.attempts, f.kind, f.sha256.as_str()),
+                (attempt, FailureKind::Definite, sha.as_str())
+            );
+            assert!(f.gave_up());
+            assert!(f.reason.contains("cannot parse the model"), "{f:?}");
+        }
+        // Other bytes under the same name start counting afresh.
+        let other = bytes::Bytes::from_static(b"other garbage");
+        replica.load(spec(other), policy).await.unwrap_err();
+        assert_eq!(replica.failure("m", "2").unwrap().attempts, 1);
+        // A fetch that failed is transient; the count goes on for the
+        // same artifact.
+        replica.record_failure("m", "3", "abc", "connection reset", FailureKind::Transient);
+        replica.record_failure("m", "3", "abc", "connection reset", FailureKind::Transient);
+        let f = replica.failure("m", "3").unwrap();
+        assert_eq!((f.attempts, f.gave_up()), (2, false));
+        assert_eq!(replica.failures().len(), 2);
+        // Versions that left the desired state are forgotten.
+        replica.forget_failures_except(&["m:3".to_owned()].into());
+        assert_eq!(replica.failure("m", "2"), None);
+        assert!(replica.encode_metrics().contains(
+            "model_load_failures_total{model=\"m\",model_version=\"2\",kind=\"definite\"} 3"
+        ));
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use shoal_api::fleet::FailureKind;
 use shoal_core::{ModelName, Version};
 use shoal_runtime::{Backend, LoadError, LoadOptions, LoadedModel};
 
@@ -73,6 +74,20 @@ pub enum LoadFailure {
     /// Something went wrong on our side.
     #[error("internal error while loading: {0}")]
     Internal(String),
+}
+
+impl LoadFailure {
+    /// Whether trying the same artifact again could help: a model the
+    /// engine refused, or bytes that do not match their digest, fail the
+    /// same way every time; reading a file or our own trouble may not.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            LoadFailure::Read { .. } | LoadFailure::Internal(_) => FailureKind::Transient,
+            LoadFailure::BadChecksum(_) | LoadFailure::Integrity { .. } | LoadFailure::Model(_) => {
+                FailureKind::Definite
+            }
+        }
+    }
 }
 
 /// What a successful load did.

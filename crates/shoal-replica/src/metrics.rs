@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use shoal_api::fleet::FailureKind;
 use shoal_core::{ModelName, Version};
 use shoal_telemetry::{MetricsRegistry, latency_buckets};
 
@@ -36,6 +37,13 @@ struct LoadLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoadFailureLabels {
+    model: String,
+    model_version: String,
+    kind: &'static str,
+}
+
 /// Every metric family a replica exports.
 #[derive(Debug, Clone)]
 pub struct ReplicaMetrics {
@@ -44,6 +52,7 @@ pub struct ReplicaMetrics {
     latency: Family<VersionLabels, Histogram>,
     loaded: Family<VersionLabels, Gauge>,
     loads: Family<LoadLabels, Counter>,
+    load_failures: Family<LoadFailureLabels, Counter>,
     load_seconds: Family<VersionLabels, Histogram>,
     pub(crate) pool_running: Gauge,
     pub(crate) pool_queued: Gauge,
@@ -58,6 +67,7 @@ impl ReplicaMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             loaded: Family::default(),
             loads: Family::default(),
+            load_failures: Family::default(),
             load_seconds: Family::new_with_constructor(|| {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                     0.001, 2.0, 16,
@@ -85,6 +95,11 @@ impl ReplicaMetrics {
             "model_loads",
             "Attempts to load a model version, by outcome",
             metrics.loads.clone(),
+        );
+        registry.register(
+            "model_load_failures",
+            "Versions that could not be made ready (fetch, verification, parse, prepare or warm-up), by kind: definite failures are not retried",
+            metrics.load_failures.clone(),
         );
         registry.register(
             "model_load_duration_seconds",
@@ -277,24 +292,40 @@ impl VersionLoaded<'_> {
 
 /// A version failed to load; whatever served before keeps serving.
 pub(crate) struct VersionLoadFailed<'a> {
-    pub(crate) model: &'a ModelName,
-    pub(crate) version: &'a Version,
+    pub(crate) model: &'a str,
+    pub(crate) version: &'a str,
     pub(crate) reason: &'a str,
+    pub(crate) kind: FailureKind,
+    pub(crate) attempts: u32,
 }
 
 impl VersionLoadFailed<'_> {
     pub(crate) fn emit(self, metrics: &ReplicaMetrics) {
+        let kind = match self.kind {
+            FailureKind::Definite => "definite",
+            FailureKind::Transient => "transient",
+        };
         tracing::warn!(
             model = %self.model,
             version = %self.version,
             reason = self.reason,
-            "model version refused; the serving version is untouched"
+            kind,
+            attempts = self.attempts,
+            "model version could not be made ready; the serving version is untouched"
         );
         metrics
             .loads
             .get_or_create(&LoadLabels {
-                model: self.model.to_string(),
+                model: self.model.to_owned(),
                 outcome: "failure",
+            })
+            .inc();
+        metrics
+            .load_failures
+            .get_or_create(&LoadFailureLabels {
+                model: self.model.to_owned(),
+                model_version: self.version.to_owned(),
+                kind,
             })
             .inc();
     }

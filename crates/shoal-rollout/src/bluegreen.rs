@@ -134,6 +134,7 @@ mod tests {
 
     fn replica(id: &str, serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
+            failures: Default::default(),
             id: id.into(),
             address: String::new(),
             region: "x".into(),

@@ -484,6 +484,7 @@ mod tests {
 
     fn replica(serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
+            failures: Default::default(),
             id: "r".into(),
             address: String::new(),
             region: "x".into(),

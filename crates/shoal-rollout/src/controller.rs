@@ -5,6 +5,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView};
+use shoal_api::fleet::{FailureKind, LoadFailureReport, TRANSIENT_LOAD_ATTEMPTS};
 
 use crate::bluegreen::{self, BlueGreen};
 use crate::canary::{self, Canary};
@@ -95,6 +96,76 @@ impl Controller {
         if !self.is_active() || self.state() == RolloutState::Paused {
             return Step::Unchanged;
         }
+        let failures = self.load_failures(model, replicas);
+        if let Some(failed) = failures.iter().find(|f| f.report.gave_up()) {
+            let reason = format!("rolled back: {}", failed.describe(model));
+            self.progress_mut()
+                .decide(RolloutState::RolledBack, reason, now);
+            return Step::Ended;
+        }
+        let before = self.progress().reason.clone();
+        let step = self.tick_strategy(model, replicas, facts, rng, now);
+        if step == Step::Ended || failures.is_empty() || self.state().is_terminal() {
+            return step;
+        }
+        // Replicas retrying a version they could not load: say so, once
+        // per attempt (each is worth persisting, and there are few).
+        let retrying: Vec<String> = failures
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} (attempt {} of {}); retrying",
+                    f.describe(model),
+                    f.report.attempts,
+                    TRANSIENT_LOAD_ATTEMPTS
+                )
+            })
+            .collect();
+        let progress = self.progress_mut();
+        progress.reason = format!("waiting: {}", retrying.join("; "));
+        if progress.reason != before {
+            progress.updated_at = now;
+            return Step::Changed;
+        }
+        step
+    }
+
+    /// Load failures that concern this rollout: a live replica that should
+    /// have a version the rollout brings in (not the one it replaces)
+    /// reports it could not load it. Sorted by replica, then version.
+    pub fn load_failures<'a>(
+        &self,
+        model: &str,
+        replicas: &[&'a ReplicaFacts],
+    ) -> Vec<LoadFailed<'a>> {
+        let from = self.from();
+        let mut failed = Vec::new();
+        for r in replicas.iter().filter(|r| r.alive) {
+            for version in self.versions_for(r) {
+                if Some(version.as_str()) == from {
+                    continue;
+                }
+                if let Some(report) = r.failure(model, &version) {
+                    failed.push(LoadFailed {
+                        replica: &r.id,
+                        version,
+                        report,
+                    });
+                }
+            }
+        }
+        failed.sort_by(|a, b| (a.replica, &a.version).cmp(&(b.replica, &b.version)));
+        failed
+    }
+
+    fn tick_strategy(
+        &mut self,
+        model: &str,
+        replicas: &[&ReplicaFacts],
+        facts: &FleetFacts,
+        rng: &mut impl Rng,
+        now: i64,
+    ) -> Step {
         match self {
             Controller::Rolling(r) => match r.tick(model, replicas, now) {
                 rolling::Decision::Unchanged => Step::Unchanged,
@@ -242,6 +313,34 @@ impl Controller {
     }
 }
 
+/// A replica that could not load a version a rollout brings in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadFailed<'a> {
+    /// The replica.
+    pub replica: &'a str,
+    /// The version.
+    pub version: String,
+    /// What it reported.
+    pub report: &'a LoadFailureReport,
+}
+
+impl LoadFailed<'_> {
+    /// In words, naming the replica, the version and the error.
+    pub fn describe(&self, model: &str) -> String {
+        let kind = match self.report.kind {
+            FailureKind::Definite => String::new(),
+            FailureKind::Transient if self.report.gave_up() => {
+                format!(" after {} attempts", self.report.attempts)
+            }
+            FailureKind::Transient => String::new(),
+        };
+        format!(
+            "{} could not load {model}:{}{kind}: {}",
+            self.replica, self.version, self.report.reason
+        )
+    }
+}
+
 fn changed(moved: bool) -> Step {
     if moved {
         Step::Changed
@@ -254,6 +353,7 @@ fn changed(moved: bool) -> Step {
 mod tests {
     use super::*;
     use crate::experiment::Kind;
+    use shoal_api::fleet::{FailureKind, LoadFailureReport, TRANSIENT_LOAD_ATTEMPTS};
 
     #[test]
     fn every_controller_survives_the_registry() {
@@ -302,6 +402,7 @@ mod tests {
 
     fn serving_both(id: &str) -> ReplicaFacts {
         ReplicaFacts {
+            failures: Default::default(),
             id: id.into(),
             address: String::new(),
             region: "x".into(),
@@ -388,6 +489,7 @@ mod tests {
     fn routing_weights_are_the_weights_users_see() {
         let replicas: Vec<ReplicaFacts> = (0..4)
             .map(|i| ReplicaFacts {
+                failures: Default::default(),
                 id: format!("r{i}"),
                 address: String::new(),
                 region: "x".into(),
@@ -438,5 +540,212 @@ mod tests {
                 assert_eq!(weights.values().sum::<u32>(), 100, "{view:?}");
             }
         }
+    }
+
+    /// Every strategy, started from 1 to 2 on three replicas serving 1.
+    fn every_strategy() -> Vec<(&'static str, Controller)> {
+        let gradual = crate::canary::CanaryConfig {
+            steps: vec![5, 10, 25, 50, 100],
+            bakes_ms: vec![600_000; 4],
+            ..Default::default()
+        };
+        vec![
+            (
+                "rolling",
+                Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 1, 0)),
+            ),
+            (
+                "canary",
+                Controller::Canary(Canary::start("1".into(), "2".into(), Default::default(), 0)),
+            ),
+            (
+                "gradual",
+                Controller::Canary(Canary::start("1".into(), "2".into(), gradual, 0)),
+            ),
+            (
+                "blue-green",
+                Controller::BlueGreen(BlueGreen::start(Some("1".into()), "2".into(), 1_000, 0)),
+            ),
+            (
+                "shadow",
+                Controller::Shadow(Shadow::start(
+                    "1".into(),
+                    "2".into(),
+                    20,
+                    Default::default(),
+                    0,
+                )),
+            ),
+            (
+                "ab",
+                Controller::Experiment(Experiment::start(
+                    Kind::Ab,
+                    vec!["1".into(), "2".into()],
+                    5,
+                    Default::default(),
+                    0,
+                )),
+            ),
+            (
+                "bandit",
+                Controller::Experiment(Experiment::start(
+                    Kind::Bandit,
+                    vec!["1".into(), "2".into()],
+                    5,
+                    Default::default(),
+                    0,
+                )),
+            ),
+        ]
+    }
+
+    fn serving_one(id: &str) -> ReplicaFacts {
+        ReplicaFacts {
+            id: id.into(),
+            region: "x".into(),
+            alive: true,
+            serving: [("m".to_owned(), "1".to_owned())].into(),
+            ..ReplicaFacts::default()
+        }
+    }
+
+    fn failing(kind: FailureKind, attempts: u32) -> LoadFailureReport {
+        LoadFailureReport {
+            reason: "cannot parse the model: not an ONNX protobuf".into(),
+            kind,
+            attempts,
+            sha256: "ab".into(),
+        }
+    }
+
+    /// Starts `c` on a fleet serving 1, then every replica that should load
+    /// 2 reports `report` for it.
+    fn fail_every_load(
+        c: &mut Controller,
+        report: &LoadFailureReport,
+    ) -> (Vec<ReplicaFacts>, rand::rngs::StdRng) {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut fleet = vec![serving_one("a"), serving_one("b"), serving_one("c")];
+        let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+        c.tick("m", &refs, &FleetFacts::default(), &mut rng, 1);
+        for r in &mut fleet {
+            if c.versions_for(r).iter().any(|v| v == "2") {
+                r.failures.insert(("m".into(), "2".into()), report.clone());
+            }
+        }
+        (fleet, rng)
+    }
+
+    #[test]
+    fn every_strategy_rolls_back_when_a_replica_cannot_load_the_new_version() {
+        for (name, mut c) in every_strategy() {
+            let (fleet, mut rng) = fail_every_load(&mut c, &failing(FailureKind::Definite, 1));
+            let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+            let step = c.tick("m", &refs, &FleetFacts::default(), &mut rng, 2);
+            assert_eq!(step, Step::Ended, "{name}");
+            assert_eq!(c.state(), RolloutState::RolledBack, "{name}");
+            assert_eq!(
+                c.progress().reason,
+                "rolled back: a could not load m:2: cannot parse the model: not an ONNX protobuf",
+                "{name}"
+            );
+            assert_eq!(c.progress().updated_at, 2, "{name}");
+            // Traffic is back on the version that was serving.
+            let (mut weights, shadow) = c.traffic(&refs);
+            weights.retain(|_, w| *w > 0);
+            assert_eq!(weights, [("1".to_owned(), 100)].into(), "{name}");
+            assert_eq!(shadow, None, "{name}");
+            // Ended: it never moves again.
+            assert_eq!(
+                c.tick("m", &refs, &FleetFacts::default(), &mut rng, 3),
+                Step::Unchanged,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_up_to_the_bound_then_roll_back() {
+        for (name, mut c) in every_strategy() {
+            let (mut fleet, mut rng) = fail_every_load(&mut c, &failing(FailureKind::Transient, 1));
+            let tick = |c: &mut Controller, fleet: &[ReplicaFacts], rng: &mut _, now| {
+                let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+                c.tick("m", &refs, &FleetFacts::default(), rng, now)
+            };
+            // The first attempt failed: say so once, and keep going.
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 2), Step::Changed, "{name}");
+            assert!(c.is_active(), "{name}");
+            assert!(
+                c.progress().reason.starts_with(
+                    "waiting: a could not load m:2: cannot parse the model: not an ONNX protobuf (attempt 1 of 5); retrying"
+                ),
+                "{name}: {}",
+                c.progress().reason
+            );
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 3), Step::Unchanged, "{name}");
+            // Nearly at the bound: still retrying.
+            for r in &mut fleet {
+                for f in r.failures.values_mut() {
+                    f.attempts = TRANSIENT_LOAD_ATTEMPTS - 1;
+                }
+            }
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 4), Step::Changed, "{name}");
+            assert!(c.is_active(), "{name}");
+            // The bound: treated as failed.
+            for r in &mut fleet {
+                for f in r.failures.values_mut() {
+                    f.attempts = TRANSIENT_LOAD_ATTEMPTS;
+                }
+            }
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 5), Step::Ended, "{name}");
+            assert_eq!(c.state(), RolloutState::RolledBack, "{name}");
+            assert!(
+                c.progress()
+                    .reason
+                    .starts_with("rolled back: a could not load m:2 after 5 attempts: "),
+                "{name}: {}",
+                c.progress().reason
+            );
+        }
+    }
+
+    #[test]
+    fn failures_that_do_not_concern_the_rollout_are_ignored() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut c = Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 1, 0));
+        let mut fleet = vec![serving_one("a"), serving_one("b"), serving_one("c")];
+        let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+        assert_eq!(
+            c.tick("m", &refs, &FleetFacts::default(), &mut rng, 1),
+            Step::Changed
+        );
+        let definite = failing(FailureKind::Definite, 1);
+        // c was not moved yet: its failure to load 2 is old news.
+        fleet[2]
+            .failures
+            .insert(("m".into(), "2".into()), definite.clone());
+        // b cannot load the version being replaced: not this rollout's doing.
+        fleet[1]
+            .failures
+            .insert(("m".into(), "1".into()), definite.clone());
+        // a is dead: whatever it said last does not count.
+        fleet[0].alive = false;
+        fleet[0]
+            .failures
+            .insert(("m".into(), "2".into()), definite.clone());
+        // Another model's failure.
+        fleet[1]
+            .failures
+            .insert(("other".into(), "2".into()), definite.clone());
+        let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+        c.tick("m", &refs, &FleetFacts::default(), &mut rng, 2);
+        assert!(c.is_active(), "{:?}", c.progress());
+        // A replica that serves the version after all has no failure.
+        let mut served = serving_one("d");
+        served.serving.insert(("m".into(), "2".into()));
+        served.failures.insert(("m".into(), "2".into()), definite);
+        assert_eq!(served.failure("m", "2"), None);
     }
 }

@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use shoal_api::deploy::Deployment;
-use shoal_api::fleet::{DesiredModel, DesiredState, DesiredVersion, Peer};
+use shoal_api::fleet::{DesiredModel, DesiredState, DesiredVersion, LoadFailureReport, Peer};
 use shoal_api::registry::VersionRecord;
 
 use crate::controller::Controller;
 
 /// What the control plane knows about one replica when planning.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaFacts {
     /// Id.
     pub id: String,
@@ -22,6 +22,8 @@ pub struct ReplicaFacts {
     pub alive: bool,
     /// `(model, version)` it reports serving.
     pub serving: BTreeSet<(String, String)>,
+    /// Versions it could not load, by `(model, version)`, and why.
+    pub failures: BTreeMap<(String, String), LoadFailureReport>,
 }
 
 impl ReplicaFacts {
@@ -29,6 +31,15 @@ impl ReplicaFacts {
     pub fn serves(&self, model: &str, version: &str) -> bool {
         self.serving
             .contains(&(model.to_owned(), version.to_owned()))
+    }
+
+    /// Why it could not load `model:version`, when it reports that it
+    /// could not and does not serve it.
+    pub fn failure(&self, model: &str, version: &str) -> Option<&LoadFailureReport> {
+        if self.serves(model, version) {
+            return None;
+        }
+        self.failures.get(&(model.to_owned(), version.to_owned()))
     }
 }
 
@@ -276,6 +287,7 @@ mod tests {
 
     fn replica(id: &str, region: &str) -> ReplicaFacts {
         ReplicaFacts {
+            failures: Default::default(),
             id: id.into(),
             address: format!("{id}:1"),
             region: region.into(),

@@ -82,7 +82,14 @@ impl Rolling {
     /// The version replica `id` should serve.
     pub fn assignment(&self, id: &str) -> &str {
         match &self.from {
-            Some(from) if self.progress.state == RolloutState::Aborted => from,
+            Some(from)
+                if matches!(
+                    self.progress.state,
+                    RolloutState::Aborted | RolloutState::RolledBack
+                ) =>
+            {
+                from
+            }
             Some(from)
                 if self.progress.state != RolloutState::Promoted && !self.moved.contains(id) =>
             {
@@ -225,6 +232,7 @@ mod tests {
 
     fn replica(id: &str, serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
+            failures: Default::default(),
             id: id.into(),
             address: String::new(),
             region: "r".into(),

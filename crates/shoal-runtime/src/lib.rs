@@ -10,10 +10,13 @@
 //!   number of blocking threads, and refuses work when its queue is full.
 //! - [`LoadedModel::warm_up`] runs one inference before a model is declared
 //!   ready, so the first real request does not pay for lazy initialisation.
+//! - [`check`] is what the registry runs on an artifact before it accepts
+//!   it as a version: ONNX structure, then the engine's prepare and warm-up.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP, JSON or the
 //! control plane. It deals in [`shoal_core::Tensor`]s.
 
+pub mod check;
 mod error;
 #[cfg(feature = "ort")]
 pub mod ort;
@@ -43,6 +46,30 @@ pub struct LoadOptions {
     /// leaves a dimension unknown that the engine must know, e.g. the height
     /// and width of PaddleOCR's classifier (`x`: `[-1, 3, 48, 192]`).
     pub input_shapes: std::collections::BTreeMap<String, Vec<Option<usize>>>,
+}
+
+impl LoadOptions {
+    /// Options from the registry's input shape overrides (input name to
+    /// dimensions, -1 = dynamic).
+    pub fn from_dims(
+        shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    ) -> Result<LoadOptions, String> {
+        let mut options = LoadOptions::default();
+        for (input, dims) in shapes {
+            let dims = dims
+                .iter()
+                .map(|&d| match d {
+                    -1 => Ok(None),
+                    d if d >= 0 => usize::try_from(d).map(Some).map_err(|e| e.to_string()),
+                    d => Err(format!(
+                        "input {input:?}: dimension {d} must be -1 (dynamic) or a size"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            options.input_shapes.insert(input.clone(), dims);
+        }
+        Ok(options)
+    }
 }
 
 /// A model prepared by a backend, ready to run. Implementations must be safe

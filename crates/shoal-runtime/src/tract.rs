@@ -106,10 +106,21 @@ impl Backend for TractBackend {
                     cache: Mutex::new(Vec::new()),
                 };
                 let signature = per_shape.signature().map_err(|e| {
-                    LoadError::Prepare(format!(
-                        "{e}; with dynamic dimensions: {symbolic_err:#}. \
-                         Fixing the input shape (input_shapes) may help"
-                    ))
+                    let detail = match e {
+                        LoadError::Parse(m)
+                        | LoadError::Prepare(m)
+                        | LoadError::Unsupported(m)
+                        | LoadError::WarmUp(m) => m,
+                    };
+                    let symbolic = format!("{symbolic_err:#}");
+                    if detail == symbolic {
+                        LoadError::Prepare(detail)
+                    } else {
+                        LoadError::Prepare(format!(
+                            "{detail}; with dynamic dimensions: {symbolic}. \
+                             Fixing the input shape (input_shapes) may help"
+                        ))
+                    }
                 })?;
                 Ok(Arc::new(TractModel {
                     plans: Plans::PerShape(per_shape),

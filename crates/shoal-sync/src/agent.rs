@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use shoal_api::fleet::{DesiredState, Heartbeat, Registration, ServingVersion};
+use shoal_api::fleet::{DesiredState, FailureKind, Heartbeat, Registration, ServingVersion};
 use shoal_artifacts::{ChunkCache, ChunkId};
 use shoal_client::{ClientError, Conditional, ControlClient, reconnect_backoff as backoff};
 use shoal_core::{ModelName, Version};
@@ -44,6 +44,20 @@ pub struct SyncConfig {
     pub poll_interval: Duration,
     /// Labels to register with.
     pub labels: BTreeMap<String, String>,
+}
+
+/// How a reconcile ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything desired is served.
+    Converged,
+    /// Some step failed and may succeed if tried again: retry with backoff.
+    Retry,
+    /// What is missing failed for good (see [`LoadFailureReport::gave_up`]);
+    /// wait for a new desired state.
+    ///
+    /// [`LoadFailureReport::gave_up`]: shoal_api::fleet::LoadFailureReport::gave_up
+    GaveUp,
 }
 
 /// The sync agent of one replica.
@@ -126,6 +140,16 @@ impl Agent {
     /// Tells the replica what it must serve to be ready: every version of
     /// `desired` that is not optional.
     fn require(&self, desired: &DesiredState) {
+        let named: std::collections::BTreeSet<String> = desired
+            .models
+            .iter()
+            .flat_map(|m| {
+                m.versions
+                    .iter()
+                    .map(|v| format!("{}:{}", m.model, v.version))
+            })
+            .collect();
+        self.replica.forget_failures_except(&named);
         let required: Vec<(ModelName, Version)> = desired
             .required()
             .filter_map(|(model, version)| {
@@ -167,17 +191,18 @@ impl Agent {
         loop {
             let desired = rx.borrow_and_update().clone();
             if let Some(desired) = desired {
-                if self.reconcile(&desired).await {
-                    attempt = 0;
-                } else {
-                    // Retry failed steps after a backoff, or at once when a
-                    // new desired state arrives.
-                    attempt += 1;
-                    tokio::select! {
-                        _ = rx.changed() => {}
-                        () = tokio::time::sleep(backoff(attempt + 3)) => {}
+                match self.reconcile(&desired).await {
+                    Outcome::Converged | Outcome::GaveUp => attempt = 0,
+                    Outcome::Retry => {
+                        // Retry failed steps after a backoff, or at once
+                        // when a new desired state arrives.
+                        attempt += 1;
+                        tokio::select! {
+                            _ = rx.changed() => {}
+                            () = tokio::time::sleep(backoff(attempt + 3)) => {}
+                        }
+                        continue;
                     }
-                    continue;
                 }
             }
             if rx.changed().await.is_err() {
@@ -202,11 +227,13 @@ impl Agent {
             .collect()
     }
 
-    /// Converges on `desired`: the one path every trigger ends in. Returns
-    /// true when everything desired is served.
-    pub async fn reconcile(&self, desired: &DesiredState) -> bool {
+    /// Converges on `desired`: the one path every trigger ends in. A
+    /// version the replica has given up on (a definite failure, or
+    /// transient ones up to the bound) is not tried again until it leaves
+    /// the desired state: the rollout that wants it rolls back.
+    pub async fn reconcile(&self, desired: &DesiredState) -> Outcome {
         self.require(desired);
-        let mut ok = true;
+        let (mut ok, mut retry) = (true, false);
         for step in reconcile::plan(desired, &self.loaded()) {
             match step {
                 Step::Load {
@@ -214,20 +241,28 @@ impl Agent {
                     version,
                     default,
                 } => {
-                    let key = format!("{model}:{}", version.version);
-                    match self.load(&model, &version, default, desired).await {
-                        Ok(()) => {}
-                        Err(reason) => {
-                            tracing::warn!(version = %key, %reason, "cannot load; the serving version keeps serving");
-                            self.replica.record_failure(&key, &reason);
-                            ok = false;
-                        }
+                    if self
+                        .replica
+                        .failure(&model, &version.version)
+                        .is_some_and(|f| f.gave_up() && f.sha256 == version.sha256)
+                    {
+                        ok = false;
+                        continue;
+                    }
+                    if let Err(reason) = self.load(&model, &version, default, desired).await {
+                        tracing::warn!(%model, version = %version.version, %reason, "cannot load; the serving version keeps serving");
+                        ok = false;
+                        retry |= self
+                            .replica
+                            .failure(&model, &version.version)
+                            .is_none_or(|f| !f.gave_up());
                     }
                 }
                 Step::SetDefault { model, version } => {
                     if let Err(e) = self.replica.store().set_default(&model, &version) {
                         tracing::warn!(%model, %version, error = %e, "cannot switch the default version");
                         ok = false;
+                        retry = true;
                     }
                 }
                 Step::Unload { model, version } => {
@@ -242,10 +277,16 @@ impl Agent {
         }
         if ok {
             self.applied.fetch_max(desired.revision, Ordering::SeqCst);
+            Outcome::Converged
+        } else if retry {
+            Outcome::Retry
+        } else {
+            Outcome::GaveUp
         }
-        ok
     }
 
+    /// Fetches, verifies, loads and warms one version. Every failure is
+    /// recorded on the replica (by [`Replica::load`] for its own steps).
     async fn load(
         &self,
         model: &str,
@@ -253,21 +294,36 @@ impl Agent {
         default: bool,
         desired: &DesiredState,
     ) -> Result<(), String> {
+        let failed = |reason: String, kind: FailureKind| {
+            self.replica
+                .record_failure(model, &version.version, &version.sha256, &reason, kind);
+            reason
+        };
         let started = std::time::Instant::now();
         let bytes = self
             .fetcher
             .artifact(&version.sha256, &desired.peers)
             .await
             .map_err(|e| match e {
-                FetchError::Corrupt(m) => format!("integrity check failed: {m}"),
-                other => other.to_string(),
+                // Every source was tried: the origin's own bytes are bad.
+                FetchError::Corrupt(m) => failed(
+                    format!("integrity check failed: {m}"),
+                    FailureKind::Definite,
+                ),
+                other => failed(
+                    format!("cannot fetch the artifact: {other}"),
+                    FailureKind::Transient,
+                ),
             })?;
         let fetched = started.elapsed();
         let size = bytes.len();
-        let options = shoal_replica::http::parse_input_shapes(&version.input_shapes)?;
+        let options = shoal_runtime::LoadOptions::from_dims(&version.input_shapes)
+            .map_err(|e| failed(e, FailureKind::Definite))?;
         let spec = LoadSpec {
-            model: ModelName::new(model).map_err(|e| e.to_string())?,
-            version: Version::new(version.version.as_str()).map_err(|e| e.to_string())?,
+            model: ModelName::new(model)
+                .map_err(|e| failed(e.to_string(), FailureKind::Definite))?,
+            version: Version::new(version.version.as_str())
+                .map_err(|e| failed(e.to_string(), FailureKind::Definite))?,
             source: ArtifactSource::Verified {
                 bytes,
                 sha256: version.sha256.clone(),

@@ -23,7 +23,7 @@ pub mod owners;
 pub mod poll;
 pub mod reconcile;
 
-pub use agent::{Agent, SyncConfig};
+pub use agent::{Agent, Outcome, SyncConfig};
 
 use std::sync::Arc;
 

@@ -168,7 +168,8 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
     assert_eq!(rollout["state"], "promoted");
 
     // A tampered chunk in the store: refused by the replica that fetches it,
-    // which keeps serving v2; nobody else moves until it succeeds.
+    // which keeps serving v2; nobody else moves, and since the same bytes
+    // would be refused again, the rollout rolls back by itself.
     let v3 = cli(
         &control,
         &[
@@ -201,7 +202,7 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
                     .await
                     .unwrap();
                 status["replicas"].as_array().unwrap().iter().find_map(|r| {
-                    let reason = r["failures"]["digits:3"].as_str()?;
+                    let reason = r["failures"]["digits:3"]["reason"].as_str()?;
                     Some((r["id"].as_str().unwrap().to_owned(), reason.to_owned()))
                 })
             }
@@ -217,12 +218,14 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
             "v2 keeps serving"
         );
     }
-    let rollout = cli(&control, &["rollout", "status", "digits"]);
-    assert_eq!(rollout["state"], "progressing");
-    // Roll back: the rollout is aborted, v3 marked rolled back.
-    cli(
-        &control,
-        &["rollback", "digits", "--reason", "corrupt artifact"],
+    let rollout = common::digits_rollout_until(&control, "the rollout to roll back", |r| {
+        r["state"] == "rolled_back"
+    })
+    .await;
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&failed.0) && reason.contains("integrity check failed"),
+        "{rollout}"
     );
     converged_on(&control, "digits:2", 3).await;
     let v3 = cli(&control, &["model", "show", "digits:3"]);

@@ -307,3 +307,179 @@ async fn canaries_and_blue_green_with_live_traffic() {
         assert!(actions.contains(&a), "audit lacks {a}: {actions:?}");
     }
 }
+
+/// A version that cannot load never costs capacity for long: garbage is
+/// refused at push, so is a model the engine cannot run; pushed with the
+/// engine check skipped, the rollout of such a model rolls back by itself
+/// with a reason that names the replica and the error, every replica ends
+/// serving the previous version and healthy, and no client request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_cannot_load_is_refused_or_rolled_back() {
+    let tmp = TempDir::new("failsafe-e2e");
+    let (_control_child, control) = common::control(&tmp.join("control"), "127.0.0.1:0", &[], &[]);
+    let replicas: Vec<(ChildGuard, String)> = (0..3)
+        .map(|i| common::replica(&control, &tmp.join(&format!("r{i}")), &[]))
+        .collect();
+    let (_gateway, gateway) = common::gateway(&tmp.join("gw"), &["--control", &control]);
+    let v1 = model_path("digits-v1.onnx");
+    cli(&control, &["model", "push", "digits", v1.to_str().unwrap()]);
+    cli(&control, &["deploy", "digits:1"]);
+    rollout_reaches(&control, "promoted").await;
+    shoal_testkit::until_routed(&gateway, "digits").await;
+    let versions = || {
+        cli(&control, &["model", "show", "digits"])["versions"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+
+    // Random bytes and a truncated model: refused with a 400 that says
+    // what is wrong; no version is created.
+    let mut x: u64 = 88_172_645_463_325_252;
+    let random: Vec<u8> = (0..5_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let garbage = tmp.join("garbage.onnx");
+    std::fs::write(&garbage, random).unwrap();
+    let truncated = tmp.join("truncated.onnx");
+    let digits = std::fs::read(&v1).unwrap();
+    std::fs::write(&truncated, &digits[..digits.len() / 3]).unwrap();
+    for file in [&garbage, &truncated] {
+        let e = common::cli_fails(
+            &control,
+            &["model", "push", "digits", file.to_str().unwrap()],
+        );
+        assert!(
+            e.contains("400") && e.contains("not a model Shoal can serve"),
+            "{e}"
+        );
+        assert!(e.contains("cannot parse the model"), "{e}");
+    }
+    assert_eq!(versions(), 1, "a refused push created a version");
+
+    // A valid ONNX model using an operator tract lacks (Det): refused by
+    // the engine check, which says how to skip it.
+    let unsupported = tmp.join("unsupported.onnx");
+    let made = std::process::Command::new("python3")
+        .arg(model_path("../tools/make_unsupported_model.py"))
+        .arg(&unsupported)
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "make_unsupported_model.py (scripts/setup-python)"
+    );
+    let unsupported = unsupported.to_str().unwrap();
+    let e = common::cli_fails(&control, &["model", "push", "digits", unsupported]);
+    assert!(
+        e.contains("Det") && e.contains("--skip-engine-check"),
+        "{e}"
+    );
+    assert_eq!(versions(), 1);
+
+    // Pushed with the engine check skipped, it becomes version 2 and its
+    // rollout fails safe.
+    let pushed = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            unsupported,
+            "--skip-engine-check",
+        ],
+    );
+    assert_eq!(pushed["version"], "2");
+    let traffic = Traffic::start(&gateway, 3);
+    cli(&control, &["deploy", "digits:2"]);
+    let r = rollout_reaches(&control, "rolled_back").await;
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("rolled back: replica-") && reason.contains("could not load digits:2"),
+        "{r}"
+    );
+    assert!(reason.contains("Det"), "the reason names the error: {r}");
+    assert_eq!(r["weights"]["1"], 100, "traffic is back on version 1: {r}");
+    // Every replica serves version 1 again and is healthy.
+    let status = eventually(
+        "every replica healthy on digits:1",
+        Duration::from_secs(30),
+        || {
+            let control = control.clone();
+            async move {
+                let s = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+                    .await
+                    .unwrap();
+                let replicas = s["replicas"].as_array()?;
+                (replicas.len() == 3
+                    && replicas.iter().all(|r| {
+                        r["healthy"] == true
+                            && r["serving"] == serde_json::json!(["digits:1"])
+                            && r["desired"] == serde_json::json!(["digits:1"])
+                    }))
+                .then_some(s)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        status["rollouts"]["digits"]["state"], "rolled_back",
+        "shoal status tells what happened: {status}"
+    );
+    let (versions_seen, failures) = traffic.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        versions_seen.iter().all(|v| v == "1"),
+        "only version 1 answered"
+    );
+    let show = cli(&control, &["model", "show", "digits:2"]);
+    assert_eq!(show["rolled_back"], true, "{show}");
+    assert_eq!(
+        cli(&control, &["model", "show", "digits"])["model"]["production"],
+        "1"
+    );
+    // The audit log says why, and a replica counted the failure.
+    let http = HttpClient::new();
+    let audit = http
+        .get(&format!("{control}/api/v1/audit?limit=1000"))
+        .await
+        .json();
+    let rolled_back = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "deploy.rolled_back")
+        .unwrap_or_else(|| panic!("no deploy.rolled_back in {audit}"));
+    assert_eq!(rolled_back["actor"], "controller");
+    assert!(
+        rolled_back["detail"]
+            .as_str()
+            .unwrap()
+            .contains("could not load digits:2"),
+        "{rolled_back}"
+    );
+    let mut counted = 0;
+    for (_, addr) in &replicas {
+        let metrics = http.get(&format!("{addr}/metrics")).await.text();
+        counted += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("model_load_failures_total{")
+                    && l.contains("model=\"digits\"")
+                    && l.contains("model_version=\"2\"")
+                    && l.contains("kind=\"definite\"")
+            })
+            .count();
+    }
+    assert!(counted >= 1, "no replica counted the load failure");
+}

@@ -50,6 +50,11 @@ pub(crate) struct PushArgs {
     /// Input shape the replicas should use: INPUT=D,D,… (-1 dynamic). Repeat for more.
     #[arg(long = "input-shape", value_name = "INPUT=DIMS")]
     input_shapes: Vec<String>,
+    /// Check only that the file is an ONNX model, not that the default
+    /// engine (tract) can prepare and warm it up: for models meant for
+    /// another engine.
+    #[arg(long)]
+    skip_engine_check: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -285,6 +290,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 metrics,
                 lineage: args.lineage,
                 input_shapes,
+                skip_engine_check: args.skip_engine_check,
             },
         )
         .await?;
@@ -293,6 +299,14 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
     }
     println!("pushed {}:{}", record.model, record.version);
     println!("  sha256  {}", record.sha256);
+    println!(
+        "  checked {}",
+        if args.skip_engine_check {
+            "ONNX structure (engine check skipped)"
+        } else {
+            "ONNX structure, engine prepare and warm-up"
+        }
+    );
     println!(
         "  size    {} bytes in {} chunks ({} new, {} bytes stored)",
         uploaded.size, uploaded.chunks, uploaded.new_chunks, uploaded.stored_bytes
@@ -420,11 +434,11 @@ fn print_deployment(d: &Deployment, global: &Global) -> anyhow::Result<()> {
 
 fn print_rollout_line(r: &RolloutView) {
     println!(
-        "  rollout {} {} → {}: {:?}, step {}, {}/{} replicas — {}",
+        "  rollout {} {} → {}: {}, step {}, {}/{} replicas — {}",
         r.strategy.as_str(),
         r.from.as_deref().unwrap_or("-"),
         r.to,
-        r.state,
+        r.state.as_str(),
         r.step,
         r.replicas_done,
         r.replicas_total,
@@ -658,9 +672,24 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         status.revision
     );
     for r in status.replicas.iter().filter(|r| !r.failures.is_empty()) {
-        for (k, v) in &r.failures {
-            println!("  {}: {k} failed: {v}", r.id);
+        for (k, f) in &r.failures {
+            let retry = if f.gave_up() {
+                "not retried".to_owned()
+            } else {
+                format!("attempt {}, retrying", f.attempts)
+            };
+            println!("  {}: cannot load {k} ({retry}): {}", r.id, f.reason);
         }
+    }
+    for (model, r) in &status.rollouts {
+        println!(
+            "  rollout of {model} ({} {} → {}): {} — {}",
+            r.strategy.as_str(),
+            r.from.as_deref().unwrap_or("nothing"),
+            r.to,
+            r.state.as_str(),
+            r.reason
+        );
     }
     for r in status.replicas.iter().filter(|r| !r.faults.is_empty()) {
         for (k, f) in &r.faults {

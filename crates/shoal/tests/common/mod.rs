@@ -69,3 +69,20 @@ pub(crate) async fn digits_rollout_until(
 ) -> Value {
     shoal_testkit::rollout_until(shoal(), control, "digits", what, check).await
 }
+
+/// Runs a CLI client command against `control` that must fail; returns
+/// what it printed on stderr.
+pub(crate) fn cli_fails(control: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(shoal())
+        .args(args)
+        .args(["--control", control])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shoal: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "shoal {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
