@@ -2,6 +2,7 @@
 //! by the control plane (server), replicas and gateways (watchers) and the
 //! CLI (client), so all of them agree on one definition.
 //!
+//! - [`auth`]: token roles, the permission each endpoint needs, tokens.
 //! - [`registry`]: models, versions, statuses, the audit log.
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
@@ -10,8 +11,10 @@
 //!   the headers naming who answered.
 //! - [`counters`]: summing cumulative counters over reporters that restart.
 //!
-//! Architecture invariant: pure serde types and tiny pure helpers. No I/O.
+//! Architecture invariant: pure serde types and tiny pure helpers (token
+//! hashing and generation among them). No I/O.
 
+pub mod auth;
 pub mod counters;
 pub mod deploy;
 pub mod fleet;

@@ -56,6 +56,34 @@ pub struct Isolation {
     pub exe: PathBuf,
 }
 
+/// A client of the control plane at `url` holding the admin token it
+/// wrote to `data_dir` at its first start (waiting up to 30 s for it to
+/// start listening).
+async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClient> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+        if probe.get_raw("/health").await.is_ok() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the control plane at {url} did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = shoal_client::secret::read(&data_dir.join("admin.token"))?;
+    Ok(ControlClient::new(url, Some(token)))
+}
+
+/// A new fleet token for the bench's replicas.
+async fn fleet_token(admin: &ControlClient) -> anyhow::Result<String> {
+    let created = admin
+        .create_token(&shoal_api::auth::NewToken {
+            name: format!("bench-fleet-{:08x}", rand::random::<u32>()),
+            role: shoal_api::auth::Role::Fleet,
+        })
+        .await?;
+    Ok(created.token)
+}
+
 impl Fleet {
     /// Starts a control plane and `n` replicas under `dir`.
     pub async fn start(n: usize, dir: &Path) -> anyhow::Result<Fleet> {
@@ -68,11 +96,13 @@ impl Fleet {
         })
         .await?;
         let url = format!("http://{}", control.addr);
+        let client = admin_client(&url, &dir.join("control")).await?;
+        let fleet_token = fleet_token(&client).await?;
         let mut replicas = Vec::new();
         for i in 0..n {
             let sync = SyncConfig {
                 control: url.clone(),
-                token: None,
+                token: Some(fleet_token.clone()),
                 id: format!("bench-r{i}"),
                 region: "bench".into(),
                 advertise: String::new(),
@@ -91,7 +121,7 @@ impl Fleet {
         }
         let fleet = Fleet {
             members: Members::InProcess { control, replicas },
-            client: ControlClient::new(&url, None),
+            client,
             dir: dir.to_owned(),
         };
         fleet.until_registered(n).await?;
@@ -126,6 +156,9 @@ impl Fleet {
             &dir.join("control.log"),
         )?;
         let url = format!("http://{control}");
+        let client = admin_client(&url, &dir.join("control")).await?;
+        let token_file = dir.join("fleet.token");
+        shoal_client::secret::write(&token_file, &fleet_token(&client).await?)?;
         let mut replicas = Vec::new();
         for i in 1..=n {
             let addr = format!("{}:8080", lab.ip(i));
@@ -148,6 +181,8 @@ impl Fleet {
                     "10".into(),
                     "--threads".into(),
                     "1".into(),
+                    "--token-file".into(),
+                    path(token_file.clone()),
                 ],
                 &dir.join(format!("r{i}.log")),
             )?;
@@ -155,7 +190,7 @@ impl Fleet {
         }
         let fleet = Fleet {
             members: Members::Lab { lab, replicas },
-            client: ControlClient::new(&url, None),
+            client,
             dir: dir.to_owned(),
         };
         fleet.until_registered(n).await?;

@@ -5,6 +5,9 @@
 //! documents. Errors keep the server's `{"error": …}` message and say
 //! whether the server could be reached at all, so callers (the CLI, the
 //! sync agent) can tell "fix your request" from "try again later".
+//! [`secret`] reads and writes token files.
+
+pub mod secret;
 
 use std::time::Duration;
 
@@ -126,6 +129,11 @@ impl ControlClient {
     /// The base URL.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The bearer token it presents, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// A copy with a different per-request timeout.
@@ -561,6 +569,33 @@ impl ControlClient {
             return Ok(Bytes::from(json));
         }
         Ok(body)
+    }
+
+    /// Creates a token (admin).
+    pub async fn create_token(
+        &self,
+        new: &shoal_api::auth::NewToken,
+    ) -> Result<shoal_api::auth::CreatedToken, ClientError> {
+        self.send_json(Method::POST, "/api/v1/tokens", new).await
+    }
+
+    /// Every token (admin).
+    pub async fn list_tokens(&self) -> Result<Vec<shoal_api::auth::TokenInfo>, ClientError> {
+        self.get_json("/api/v1/tokens").await
+    }
+
+    /// Revokes a token (admin).
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/api/v1/tokens/{name}");
+        let (status, _, body) = self
+            .send(Method::DELETE, &path, &[], full(Bytes::new()))
+            .await?;
+        Self::check(status, &body)
+    }
+
+    /// Who this client's token is.
+    pub async fn whoami(&self) -> Result<shoal_api::auth::Whoami, ClientError> {
+        self.get_json("/api/v1/auth/whoami").await
     }
 
     /// GET of any path on this base, whole body (for peers' chunk endpoint).

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,6 +24,7 @@ use shoal_api::registry::{
 };
 use shoal_artifacts::{ArtifactError, ChunkId};
 use shoal_core::{ModelName, Version};
+use shoal_http::extract::{Json, OptionalJson, Path, Query};
 use shoal_http::{ApiError, json_response};
 use shoal_registry::{Audit, RegistryError, VersionDraft};
 use shoal_runtime::LoadOptions;
@@ -32,56 +33,139 @@ use shoal_runtime::tract::TractBackend;
 use tokio::io::AsyncWriteExt;
 
 use crate::Control;
+use crate::auth::{Caller, Guard};
 use crate::controller::DeployError;
 
 type Shared = State<Arc<Control>>;
 
-/// Who acts, for the audit log (tokens come with authentication).
-const ANONYMOUS: &str = "anonymous";
+/// Body limit of every route but the artifact upload (which streams to
+/// disk under `--upload-limit`): heartbeats, reports and deploys are small.
+pub const BODY_LIMIT: usize = 256 << 10;
 
-/// The control plane's routes.
+/// The control plane's routes. Each `/api/v1/` route names the permission
+/// its caller's token needs (see [`shoal_api::auth`]); health, readiness,
+/// metrics and the OpenAPI document are open.
 pub fn router(control: Arc<Control>) -> Router {
+    use shoal_api::auth::Permission::{Admin, Any, Deploy, Fleet, Read};
+    let needs = |permission| {
+        axum::middleware::from_fn_with_state(
+            Guard {
+                control: control.clone(),
+                permission,
+            },
+            crate::auth::require,
+        )
+    };
     let api = Router::new()
         .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/artifacts", put(upload_artifact))
-        .route("/api/v1/artifacts/{sha256}/manifest", get(get_manifest))
-        .route("/api/v1/chunks/{id}", get(get_chunk))
-        .route("/api/v1/models", get(list_models))
-        .route("/api/v1/models/{model}", get(get_model))
-        .route("/api/v1/models/{model}/versions", post(create_version))
+        .route(
+            "/api/v1/artifacts",
+            put(upload_artifact)
+                .route_layer(needs(Deploy))
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/api/v1/artifacts/{sha256}/manifest",
+            get(get_manifest).route_layer(needs(Fleet)),
+        )
+        .route(
+            "/api/v1/chunks/{id}",
+            get(get_chunk).route_layer(needs(Fleet)),
+        )
+        .route("/api/v1/models", get(list_models).route_layer(needs(Read)))
+        .route(
+            "/api/v1/models/{model}",
+            get(get_model).route_layer(needs(Read)),
+        )
+        .route(
+            "/api/v1/models/{model}/versions",
+            post(create_version).route_layer(needs(Deploy)),
+        )
         .route(
             "/api/v1/models/{model}/versions/{version}",
-            get(get_version),
+            get(get_version).route_layer(needs(Read)),
         )
-        .route("/api/v1/models/{model}/rollback", post(rollback))
-        .route("/api/v1/deployments", get(list_deployments))
+        .route(
+            "/api/v1/models/{model}/rollback",
+            post(rollback).route_layer(needs(Deploy)),
+        )
+        .route(
+            "/api/v1/deployments",
+            get(list_deployments).route_layer(needs(Read)),
+        )
         .route(
             "/api/v1/deployments/{model}",
-            get(get_deployment).post(deploy),
+            get(get_deployment)
+                .route_layer(needs(Read))
+                .merge(post(deploy).route_layer(needs(Deploy))),
         )
-        .route("/api/v1/deployments/{model}/traffic", put(set_traffic))
-        .route("/api/v1/rollouts/{model}", get(get_rollout))
-        .route("/api/v1/rollouts/{model}/promote", post(promote_rollout))
-        .route("/api/v1/rollouts/{model}/abort", post(abort_rollout))
-        .route("/api/v1/gateways/{id}/report", post(gateway_report))
-        .route("/api/v1/replicas", post(register))
-        .route("/api/v1/replicas/{id}", axum::routing::delete(deregister))
-        .route("/api/v1/replicas/{id}/heartbeat", post(heartbeat))
-        .route("/api/v1/replicas/{id}/desired", get(desired))
-        .route("/api/v1/replicas/{id}/watch", get(watch))
-        .route("/api/v1/routing", get(routing))
-        .route("/api/v1/routing/watch", get(watch_routing))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/audit", get(audit))
+        .route(
+            "/api/v1/deployments/{model}/traffic",
+            put(set_traffic).route_layer(needs(Deploy)),
+        )
+        .route(
+            "/api/v1/rollouts/{model}",
+            get(get_rollout).route_layer(needs(Read)),
+        )
+        .route(
+            "/api/v1/rollouts/{model}/promote",
+            post(promote_rollout).route_layer(needs(Deploy)),
+        )
+        .route(
+            "/api/v1/rollouts/{model}/abort",
+            post(abort_rollout).route_layer(needs(Deploy)),
+        )
+        .route(
+            "/api/v1/gateways/{id}/report",
+            post(gateway_report).route_layer(needs(Fleet)),
+        )
+        .route("/api/v1/replicas", post(register).route_layer(needs(Fleet)))
+        .route(
+            "/api/v1/replicas/{id}",
+            axum::routing::delete(deregister).route_layer(needs(Admin)),
+        )
+        .route(
+            "/api/v1/replicas/{id}/heartbeat",
+            post(heartbeat).route_layer(needs(Fleet)),
+        )
+        .route(
+            "/api/v1/replicas/{id}/desired",
+            get(desired).route_layer(needs(Fleet)),
+        )
+        .route(
+            "/api/v1/replicas/{id}/watch",
+            get(watch).route_layer(needs(Fleet)),
+        )
+        .route("/api/v1/routing", get(routing).route_layer(needs(Fleet)))
+        .route(
+            "/api/v1/routing/watch",
+            get(watch_routing).route_layer(needs(Fleet)),
+        )
+        .route("/api/v1/status", get(status).route_layer(needs(Read)))
+        .route("/api/v1/audit", get(audit).route_layer(needs(Read)))
+        .route(
+            "/api/v1/tokens",
+            get(crate::tokens::list_tokens)
+                .route_layer(needs(Admin))
+                .merge(post(crate::tokens::create_token).route_layer(needs(Admin))),
+        )
+        .route(
+            "/api/v1/tokens/{name}",
+            axum::routing::delete(crate::tokens::revoke_token).route_layer(needs(Admin)),
+        )
+        .route(
+            "/api/v1/auth/whoami",
+            get(crate::tokens::whoami).route_layer(needs(Any)),
+        )
         .route("/health", get(health))
         .route("/ready", get(health))
         .route("/metrics", get(metrics));
     shoal_http::with_fallbacks(api)
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(control)
 }
 
-fn registry_error(e: RegistryError) -> ApiError {
+pub(crate) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::NotFound(m) => ApiError::not_found(m),
         RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
@@ -105,11 +189,6 @@ fn artifact_error(e: ArtifactError) -> ApiError {
         ArtifactError::Invalid(m) => ApiError::bad_request(m),
         other => ApiError::internal(other.to_string()),
     }
-}
-
-fn json_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|axum::Json(b)| b)
-        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 fn model_name(model: &str) -> Result<ModelName, ApiError> {
@@ -144,56 +223,63 @@ pub(crate) async fn upload_artifact(
     let limit = control.config.upload_limit;
     shoal_http::check_content_length(&headers, usize::try_from(limit).unwrap_or(usize::MAX))?;
     // Spool to disk: models can be far larger than memory should hold.
-    let tmp = control.config.data_dir.join("tmp").join(format!(
-        "upload-{}-{}",
-        std::process::id(),
-        shoal_api::now_millis()
-    ));
-    let result = async {
-        let mut file = tokio::fs::File::create(&tmp)
+    // A random name, so concurrent uploads never share a file; removed
+    // when the upload ends, however it ends (a client that goes away
+    // drops this future, and the guard with it).
+    let tmp = SpoolFile(control.config.data_dir.join("tmp").join(format!(
+        "upload-{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )));
+    let mut file = tokio::fs::File::create(&tmp.0)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
+    let mut stream = body.into_data_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("artifact is larger than the upload limit of {limit} bytes"),
+            ));
+        }
+        file.write_all(&chunk)
             .await
             .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
-        let mut stream = body.into_data_stream();
-        let mut size = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
-            size += chunk.len() as u64;
-            if size > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("artifact is larger than the upload limit of {limit} bytes"),
-                ));
-            }
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
-        }
-        file.sync_all()
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
-        if size == 0 {
-            return Err(ApiError::bad_request("the artifact is empty"));
-        }
-        let stored = control
-            .artifacts
-            .put_file(&tmp)
-            .await
-            .map_err(artifact_error)?;
-        Ok(json_response(
-            StatusCode::CREATED,
-            &UploadedArtifact {
-                sha256: stored.manifest.sha256.clone(),
-                size: stored.manifest.size,
-                chunks: stored.manifest.chunks.len(),
-                new_chunks: stored.new_chunks,
-                stored_bytes: stored.new_bytes,
-            },
-        ))
     }
-    .await;
-    let _ = tokio::fs::remove_file(&tmp).await;
-    result
+    file.sync_all()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
+    drop(file);
+    if size == 0 {
+        return Err(ApiError::bad_request("the artifact is empty"));
+    }
+    let stored = control
+        .artifacts
+        .put_file(&tmp.0)
+        .await
+        .map_err(artifact_error)?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &UploadedArtifact {
+            sha256: stored.manifest.sha256.clone(),
+            size: stored.manifest.size,
+            chunks: stored.manifest.chunks.len(),
+            new_chunks: stored.new_chunks,
+            stored_bytes: stored.new_bytes,
+        },
+    ))
+}
+
+/// An upload's spool file, removed when dropped.
+struct SpoolFile(std::path::PathBuf);
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// An artifact's manifest: its chunks and whole-file SHA-256.
@@ -281,10 +367,10 @@ pub(crate) async fn get_model(
 pub(crate) async fn create_version(
     State(control): Shared,
     Path(model): Path<String>,
-    body: Result<axum::Json<NewVersion>, JsonRejection>,
+    Extension(caller): Extension<Caller>,
+    Json(new): Json<NewVersion>,
 ) -> Result<Response, ApiError> {
     let model = model_name(&model)?;
-    let new = json_body(body)?;
     if let Some(v) = &new.version {
         Version::new(v.as_str()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
@@ -321,7 +407,7 @@ pub(crate) async fn create_version(
             model.as_str(),
             draft,
             Audit::by(
-                ANONYMOUS,
+                &caller.name,
                 format!("sha256 {}; checked: {}", manifest.sha256, checks.describe()),
             ),
         )
@@ -387,14 +473,11 @@ pub(crate) struct RollbackBody {
 pub(crate) async fn rollback(
     State(control): Shared,
     Path(model): Path<String>,
-    body: Result<axum::Json<RollbackBody>, JsonRejection>,
+    Extension(caller): Extension<Caller>,
+    OptionalJson(body): OptionalJson<RollbackBody>,
 ) -> Result<Response, ApiError> {
-    let body = match body {
-        Err(JsonRejection::MissingJsonContentType(_)) => RollbackBody::default(),
-        other => json_body(other)?,
-    };
     let deployment = control
-        .rollback(&model, body.reason, ANONYMOUS)
+        .rollback(&model, body.reason, &caller.name)
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &deployment))
@@ -434,12 +517,12 @@ pub(crate) async fn get_deployment(
 pub(crate) async fn deploy(
     State(control): Shared,
     Path(model): Path<String>,
-    body: Result<axum::Json<DeployRequest>, JsonRejection>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<DeployRequest>,
 ) -> Result<Response, ApiError> {
     let model = model_name(&model)?;
-    let request = json_body(body)?;
     let deployment = control
-        .deploy(model.as_str(), request, ANONYMOUS)
+        .deploy(model.as_str(), request, &caller.name)
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::ACCEPTED, &deployment))
@@ -449,12 +532,12 @@ pub(crate) async fn deploy(
 #[utoipa::path(put, path = "/api/v1/deployments/{model}/traffic", request_body = shoal_api::deploy::TrafficRequest, responses((status = 200, body = Deployment), (status = 409, description = "a rollout is in progress")))]
 pub(crate) async fn set_traffic(
     State(control): Shared,
+    Extension(caller): Extension<Caller>,
     Path(model): Path<String>,
-    body: Result<axum::Json<shoal_api::deploy::TrafficRequest>, JsonRejection>,
+    Json(request): Json<shoal_api::deploy::TrafficRequest>,
 ) -> Result<Response, ApiError> {
-    let request = json_body(body)?;
     let deployment = control
-        .set_traffic(&model, request, ANONYMOUS)
+        .set_traffic(&model, request, &caller.name)
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &deployment))
@@ -500,10 +583,11 @@ pub(crate) async fn get_rollout(
 #[utoipa::path(post, path = "/api/v1/rollouts/{model}/promote", responses((status = 200, body = Deployment), (status = 409, description = "no rollout in progress")))]
 pub(crate) async fn promote_rollout(
     State(control): Shared,
+    Extension(caller): Extension<Caller>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let d = control
-        .promote(&model, ANONYMOUS)
+        .promote(&model, &caller.name)
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &d))
@@ -513,10 +597,11 @@ pub(crate) async fn promote_rollout(
 #[utoipa::path(post, path = "/api/v1/rollouts/{model}/abort", responses((status = 200, body = Deployment), (status = 409, description = "no rollout in progress")))]
 pub(crate) async fn abort_rollout(
     State(control): Shared,
+    Extension(caller): Extension<Caller>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let d = control
-        .abort(&model, ANONYMOUS)
+        .abort(&model, &caller.name)
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &d))
@@ -527,9 +612,8 @@ pub(crate) async fn abort_rollout(
 pub(crate) async fn gateway_report(
     State(control): Shared,
     Path(id): Path<String>,
-    body: Result<axum::Json<shoal_api::traffic::GatewayReport>, JsonRejection>,
+    Json(report): Json<shoal_api::traffic::GatewayReport>,
 ) -> Result<Response, ApiError> {
-    let report = json_body(body)?;
     control.traffic.report(&id, report);
     Ok(json_response(
         StatusCode::OK,
@@ -541,9 +625,8 @@ pub(crate) async fn gateway_report(
 #[utoipa::path(post, path = "/api/v1/replicas", request_body = Registration, responses((status = 200, body = Registered)))]
 pub(crate) async fn register(
     State(control): Shared,
-    body: Result<axum::Json<Registration>, JsonRejection>,
+    Json(registration): Json<Registration>,
 ) -> Result<Response, ApiError> {
-    let registration = json_body(body)?;
     if registration.id.is_empty()
         || registration.address.is_empty()
         || registration.region.is_empty()
@@ -579,11 +662,12 @@ pub(crate) async fn register(
 #[utoipa::path(delete, path = "/api/v1/replicas/{id}", responses((status = 200), (status = 404)))]
 pub(crate) async fn deregister(
     State(control): Shared,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let removed = control
         .store
-        .remove_replica(&id, Audit::by(ANONYMOUS, "deregistered"))
+        .remove_replica(&id, Audit::by(&caller.name, "deregistered"))
         .await
         .map_err(registry_error)?;
     if !removed {
@@ -613,9 +697,8 @@ fn is_registered(control: &Control, id: &str) -> bool {
 pub(crate) async fn heartbeat(
     State(control): Shared,
     Path(id): Path<String>,
-    body: Result<axum::Json<Heartbeat>, JsonRejection>,
+    Json(report): Json<Heartbeat>,
 ) -> Result<Response, ApiError> {
-    let report = json_body(body)?;
     if !is_registered(&control, &id) {
         return Err(ApiError::not_found(format!(
             "unknown replica {id:?}; register first"

@@ -7,6 +7,9 @@
 //! - [`api`] is the REST API under `/api/v1/` (OpenAPI at
 //!   `/api/v1/openapi.json`), including the per-replica watch stream and
 //!   the conditional `desired` endpoint that polling replicas call.
+//! - [`auth`] checks every API call's bearer token against the registry
+//!   and the route's permission; the caller's token name is the audit log's
+//!   actor.
 //! - [`controller`] drives rollouts: it feeds the pure state machines of
 //!   `shoal-rollout` with what replicas report and persists their decisions.
 //!
@@ -15,10 +18,12 @@
 //! is down; nothing here is called per prediction.
 
 pub mod api;
+pub mod auth;
 pub mod controller;
 mod fleet;
 mod metrics;
 mod openapi;
+mod tokens;
 mod traffic;
 
 use std::net::SocketAddr;
@@ -58,6 +63,8 @@ pub struct ControlConfig {
     pub upload_limit: u64,
     /// How often the rollout controller re-evaluates without a trigger.
     pub controller_interval: Duration,
+    /// Require tokens on the API (on unless turned off on purpose).
+    pub auth: bool,
 }
 
 impl Default for ControlConfig {
@@ -71,6 +78,7 @@ impl Default for ControlConfig {
             skew_threshold: Duration::from_secs(60),
             upload_limit: 8 << 30,
             controller_interval: Duration::from_millis(500),
+            auth: true,
         }
     }
 }
@@ -141,6 +149,14 @@ impl Control {
         store: Arc<dyn RegistryStore>,
         artifacts: ArtifactStore,
     ) -> anyhow::Result<Arc<Control>> {
+        if config.auth {
+            auth::ensure_admin_token(store.as_ref(), &config.data_dir).await?;
+        } else {
+            tracing::warn!(
+                "authentication is OFF (--no-auth): anyone who can reach this control plane can \
+                 change what the fleet serves and download model weights"
+            );
+        }
         let registry = MetricsRegistry::new();
         let metrics = ControlMetrics::new(&registry);
         let revision = store.revision().await?;

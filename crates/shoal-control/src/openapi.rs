@@ -38,9 +38,28 @@ use crate::api;
         api::watch_routing,
         api::status,
         api::audit,
-    )
+        crate::tokens::create_token,
+        crate::tokens::list_tokens,
+        crate::tokens::revoke_token,
+        crate::tokens::whoami,
+    ),
+    modifiers(&BearerAuth)
 )]
 struct ApiDoc;
+
+/// Declares the bearer-token scheme every guarded operation uses.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// The document.
 pub(crate) fn document() -> utoipa::openapi::OpenApi {

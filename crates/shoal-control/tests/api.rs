@@ -57,7 +57,29 @@ async fn json_call(app: &Router, method: Method, uri: &str, body: Value) -> Repl
     .await
 }
 
+/// A control plane in `tmp`, and its router as the first admin calls it:
+/// every request without an `authorization` header gets the admin token
+/// the control plane wrote at its first start.
 async fn setup(tmp: &TempDir, upload_limit: u64) -> (Arc<Control>, Router) {
+    let (control, app) = bare(tmp, upload_limit).await;
+    let bearer = format!("Bearer {}", admin_token(tmp));
+    let app = app.layer(axum::middleware::map_request(
+        move |mut req: Request<Body>| {
+            let bearer = bearer.clone();
+            async move {
+                if !req.headers().contains_key("authorization") {
+                    req.headers_mut()
+                        .insert("authorization", bearer.parse().unwrap());
+                }
+                req
+            }
+        },
+    ));
+    (control, app)
+}
+
+/// A control plane in `tmp` and its router as is.
+async fn bare(tmp: &TempDir, upload_limit: u64) -> (Arc<Control>, Router) {
     let config = ControlConfig {
         data_dir: tmp.0.clone(),
         upload_limit,
@@ -66,6 +88,13 @@ async fn setup(tmp: &TempDir, upload_limit: u64) -> (Arc<Control>, Router) {
     let control = Control::open(config).await.unwrap();
     let app = shoal_control::api::router(control.clone());
     (control, app)
+}
+
+fn admin_token(tmp: &TempDir) -> String {
+    std::fs::read_to_string(tmp.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 async fn upload(app: &Router, file: &str) -> String {
@@ -457,6 +486,56 @@ async fn manifests_travel_zstd_compressed_to_clients_that_accept_it() {
     assert_eq!(raw(Some("gzip")).await.0, None);
 }
 
+/// Every `/api/v1/` operation and the permission it needs (`None`: open).
+/// The OpenAPI document must list exactly these, so a new route cannot
+/// land without saying who may call it.
+const ROUTES: &[(&str, &str, Option<&str>)] = &[
+    ("put", "/api/v1/artifacts", Some("deploy")),
+    ("get", "/api/v1/artifacts/{sha256}/manifest", Some("fleet")),
+    ("get", "/api/v1/chunks/{id}", Some("fleet")),
+    ("get", "/api/v1/models", Some("read")),
+    ("get", "/api/v1/models/{model}", Some("read")),
+    ("post", "/api/v1/models/{model}/versions", Some("deploy")),
+    (
+        "get",
+        "/api/v1/models/{model}/versions/{version}",
+        Some("read"),
+    ),
+    ("post", "/api/v1/models/{model}/rollback", Some("deploy")),
+    ("get", "/api/v1/deployments", Some("read")),
+    ("get", "/api/v1/deployments/{model}", Some("read")),
+    ("post", "/api/v1/deployments/{model}", Some("deploy")),
+    ("put", "/api/v1/deployments/{model}/traffic", Some("deploy")),
+    ("get", "/api/v1/rollouts/{model}", Some("read")),
+    ("post", "/api/v1/rollouts/{model}/promote", Some("deploy")),
+    ("post", "/api/v1/rollouts/{model}/abort", Some("deploy")),
+    ("post", "/api/v1/gateways/{id}/report", Some("fleet")),
+    ("post", "/api/v1/replicas", Some("fleet")),
+    ("delete", "/api/v1/replicas/{id}", Some("admin")),
+    ("post", "/api/v1/replicas/{id}/heartbeat", Some("fleet")),
+    ("get", "/api/v1/replicas/{id}/desired", Some("fleet")),
+    ("get", "/api/v1/replicas/{id}/watch", Some("fleet")),
+    ("get", "/api/v1/routing", Some("fleet")),
+    ("get", "/api/v1/routing/watch", Some("fleet")),
+    ("get", "/api/v1/status", Some("read")),
+    ("get", "/api/v1/audit", Some("read")),
+    ("post", "/api/v1/tokens", Some("admin")),
+    ("get", "/api/v1/tokens", Some("admin")),
+    ("delete", "/api/v1/tokens/{name}", Some("admin")),
+    ("get", "/api/v1/auth/whoami", Some("any")),
+];
+
+/// The roles that may call an operation needing `permission`.
+fn granted(permission: &str, role: &str) -> bool {
+    match (permission, role) {
+        ("any", _) | (_, "admin") => true,
+        ("read", "viewer" | "deployer") => true,
+        ("deploy", "deployer") => true,
+        ("fleet", "fleet") => true,
+        _ => false,
+    }
+}
+
 #[tokio::test]
 async fn openapi_document_covers_every_route() {
     let tmp = TempDir::new("control-openapi");
@@ -471,16 +550,298 @@ async fn openapi_document_covers_every_route() {
     .await
     .body;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut table: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p, _)| ((*m).to_owned(), (*p).to_owned()))
+        .collect();
+    table.sort();
+    assert_eq!(
+        documented, table,
+        "OpenAPI operations vs. the permission table"
+    );
+    // And the router serves no /api/v1/ path the document lacks.
     let source = include_str!("../src/api.rs");
-    for line in source
-        .lines()
-        .filter(|l| l.trim_start().starts_with(".route(\"/api/v1/"))
-    {
-        let route = line.split('"').nth(1).unwrap();
-        if route == "/api/v1/openapi.json" {
+    let router = &source[source.find("pub fn router(").unwrap()..];
+    let router = &router[..router.find("\n}\n").unwrap()];
+    for literal in router.split('"').filter(|s| s.starts_with("/api/v1/")) {
+        if literal == "/api/v1/openapi.json" {
             continue;
         }
-        assert!(paths.contains_key(route), "OpenAPI lacks {route}");
+        assert!(
+            table.iter().any(|(_, p)| p == literal),
+            "the router serves {literal}, which the OpenAPI document lacks"
+        );
     }
+}
+
+/// Every operation refuses no token (401) and a role without its
+/// permission (403), in JSON, and lets the right roles through.
+#[tokio::test]
+async fn every_route_needs_a_token_with_the_right_role() {
+    let tmp = TempDir::new("control-auth");
+    let (_control, admin) = setup(&tmp, 1 << 20).await;
+    let (_, app) = bare(&tmp, 1 << 20).await;
+    let mut tokens = Vec::new();
+    for role in ["viewer", "deployer", "fleet", "admin"] {
+        let r = json_call(
+            &admin,
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"name": format!("t-{role}"), "role": role}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(r.body["role"], role);
+        tokens.push((role, r.body["token"].as_str().unwrap().to_owned()));
+    }
+    for (method, path, permission) in ROUTES {
+        let permission = permission.unwrap();
+        let uri = path
+            .replace("{sha256}", &"0".repeat(64))
+            .replace("{id}", "r1")
+            .replace("{model}", "digits")
+            .replace("{version}", "1")
+            .replace("{name}", "nobody");
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        // Watch streams never end: read the status, and a body only when
+        // the request was refused.
+        let send = |auth: Option<String>| {
+            let (app, method, uri) = (app.clone(), method.clone(), uri.clone());
+            async move {
+                let mut req = Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("content-type", "application/json");
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
+                let response = app
+                    .oneshot(req.body(Body::from("{}")).unwrap())
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let headers = response.headers().clone();
+                let body = if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+                {
+                    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                } else {
+                    Value::Null
+                };
+                Reply {
+                    status,
+                    headers,
+                    body,
+                }
+            }
+        };
+        for auth in [
+            None,
+            Some("Bearer shoal_unknown".to_owned()),
+            Some("Token x".to_owned()),
+        ] {
+            let r = send(auth.clone()).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri} with {auth:?}"
+            );
+            assert!(
+                r.body["error"].as_str().is_some(),
+                "{method} {uri}: {}",
+                r.body
+            );
+            assert!(r.headers.contains_key("www-authenticate"));
+        }
+        for (role, token) in &tokens {
+            let r = send(Some(format!("Bearer {token}"))).await;
+            if granted(permission, role) {
+                assert!(
+                    r.status != StatusCode::UNAUTHORIZED && r.status != StatusCode::FORBIDDEN,
+                    "{method} {uri} refused {role}: {} {}",
+                    r.status,
+                    r.body
+                );
+            } else {
+                assert_eq!(
+                    r.status,
+                    StatusCode::FORBIDDEN,
+                    "{method} {uri} let {role} in"
+                );
+                let error = r.body["error"].as_str().unwrap();
+                assert!(
+                    error.contains(&format!("has role {role}")) && error.contains("this needs"),
+                    "{error}"
+                );
+            }
+        }
+    }
+    // Health, readiness, metrics and the API document stay open.
+    for uri in ["/health", "/ready", "/metrics", "/api/v1/openapi.json"] {
+        let r = call(&app, Method::GET, uri, &[], Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_named_in_the_audit_log_and_stop_working_when_revoked() {
+    let tmp = TempDir::new("control-tokens");
+    let (_control, admin) = setup(&tmp, 1 << 20).await;
+    let (_, app) = bare(&tmp, 1 << 20).await;
+    let created = json_call(
+        &admin,
+        Method::POST,
+        "/api/v1/tokens",
+        json!({"name": "ci-bot", "role": "deployer"}),
+    )
+    .await;
+    let bearer = format!("Bearer {}", created.body["token"].as_str().unwrap());
+    // Only the hash is stored: the secret appears nowhere in the data directory.
+    let secret = created.body["token"].as_str().unwrap().to_owned();
+    for entry in std::fs::read_dir(&tmp.0).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+    let r = call(
+        &app,
+        Method::PUT,
+        "/api/v1/artifacts",
+        &[("authorization", &bearer)],
+        model_bytes("digits-v1.onnx"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let sha = r.body["sha256"].as_str().unwrap().to_owned();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/models/digits/versions",
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        json!({"sha256": sha}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let whoami = call(
+        &app,
+        Method::GET,
+        "/api/v1/auth/whoami",
+        &[("authorization", &bearer)],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(whoami.body, json!({"name": "ci-bot", "role": "deployer"}));
+    let audit = call(&admin, Method::GET, "/api/v1/audit", &[], Body::empty()).await;
+    let created_version = audit
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "version.create")
+        .unwrap()
+        .clone();
+    assert_eq!(created_version["actor"], "ci-bot");
+    assert!(audit.body.as_array().unwrap().iter().any(|e| {
+        e["action"] == "token.create" && e["target"] == "ci-bot" && e["actor"] == "admin"
+    }));
+    // Listed by name and role, never the secret.
+    let list = call(&admin, Method::GET, "/api/v1/tokens", &[], Body::empty()).await;
+    assert!(!list.body.to_string().contains(&secret));
+    assert!(
+        list.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "ci-bot" && t["role"] == "deployer")
+    );
+    // Revoked: refused on the very next request.
+    let r = call(
+        &admin,
+        Method::DELETE,
+        "/api/v1/tokens/ci-bot",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/models",
+        &[("authorization", &bearer)],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown or revoked")
+    );
+    // Bad requests about tokens.
+    let r = json_call(
+        &admin,
+        Method::POST,
+        "/api/v1/tokens",
+        json!({"name": "a b", "role": "viewer"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = json_call(
+        &admin,
+        Method::POST,
+        "/api/v1/tokens",
+        json!({"name": "x", "role": "root"}),
+    )
+    .await;
+    assert!(r.status.is_client_error());
+    assert!(
+        r.body["error"].as_str().unwrap().contains("role"),
+        "{}",
+        r.body
+    );
+    let r = json_call(
+        &admin,
+        Method::POST,
+        "/api/v1/tokens",
+        json!({"name": "admin", "role": "viewer"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = call(
+        &admin,
+        Method::DELETE,
+        "/api/v1/tokens/nobody",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The last admin token cannot be revoked: nobody could manage tokens.
+    let r = call(
+        &admin,
+        Method::DELETE,
+        "/api/v1/tokens/admin",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 }

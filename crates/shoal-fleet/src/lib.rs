@@ -74,6 +74,40 @@ fn gateway_addr(first: SocketAddr, index: usize) -> SocketAddr {
     SocketAddr::new(first.ip(), first.port() + u16::try_from(index).unwrap_or(0))
 }
 
+/// Name of the fleet token `shoal up` gives its replicas and gateways.
+const FLEET_TOKEN: &str = "shoal-up-fleet";
+
+/// The fleet token file under `data_dir`: the one kept from an earlier run
+/// while the control plane still accepts it, else a new `fleet` token
+/// (replacing a revoked or lost one of the same name).
+async fn fleet_token(admin: &ControlClient, data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("fleet.token");
+    if let Ok(token) = shoal_client::secret::read(&path) {
+        let check = ControlClient::new(admin.base(), Some(token));
+        if check
+            .whoami()
+            .await
+            .is_ok_and(|w| w.role == shoal_api::auth::Role::Fleet)
+        {
+            return Ok(path);
+        }
+    }
+    let new = shoal_api::auth::NewToken {
+        name: FLEET_TOKEN.into(),
+        role: shoal_api::auth::Role::Fleet,
+    };
+    let created = match admin.create_token(&new).await {
+        Err(e) if e.status() == Some(http::StatusCode::CONFLICT) => {
+            admin.revoke_token(FLEET_TOKEN).await?;
+            admin.create_token(&new).await?
+        }
+        other => other?,
+    };
+    shoal_client::secret::write(&path, &created.token)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
 /// Pushes and deploys the bundled model when the registry is empty.
 async fn seed(client: &ControlClient) -> anyhow::Result<bool> {
     if !client.list_models().await?.is_empty() {
@@ -143,7 +177,14 @@ pub async fn run(
         .context("the control plane did not start")?;
     let control_url = format!("http://{control_addr}");
     state.lock().await.control = control_url.clone();
-    let client = ControlClient::new(&control_url, None);
+    let admin = shoal_client::secret::read(&config.data_dir.join("control").join("admin.token"))
+        .context("the control plane did not leave its admin token")?;
+    let admin_file = config.data_dir.join("admin.token");
+    shoal_client::secret::write(&admin_file, &admin)
+        .with_context(|| format!("cannot write {}", admin_file.display()))?;
+    let client = ControlClient::new(&control_url, Some(admin));
+    let fleet_file = fleet_token(&client, &config.data_dir).await?;
+    let fleet_file = fleet_file.display().to_string();
 
     let mut children = vec![control];
     for i in 0..config.replicas {
@@ -163,6 +204,8 @@ pub async fn run(
                 region.clone(),
                 "--poll-interval".into(),
                 "5".into(),
+                "--token-file".into(),
+                fleet_file.clone(),
             ],
             state.clone(),
             config.data_dir.clone(),
@@ -185,6 +228,8 @@ pub async fn run(
                 region.clone(),
                 "--health-interval-ms".into(),
                 "250".into(),
+                "--token-file".into(),
+                fleet_file.clone(),
             ],
             state.clone(),
             config.data_dir.clone(),
@@ -228,6 +273,11 @@ pub async fn run(
         config.regions.join(", ")
     );
     println!("  control plane  {control_url}   (shoal status, shoal model list)");
+    println!(
+        "  admin token    {}   (the CLI reads .shoal/admin.token under its working directory; \
+         elsewhere use --token-file)",
+        admin_file.display()
+    );
     for (region, url) in &gateways {
         println!("  gateway        {url}   ({region})");
     }

@@ -21,8 +21,12 @@ async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
         .health_interval
         .max(Duration::from_millis(200));
     let started = tokio::time::Instant::now();
-    let request = http::Request::get(format!("http://{}/admin/models", endpoint.address))
-        .body(Full::new(Bytes::new()));
+    let mut request = http::Request::get(format!("http://{}/admin/models", endpoint.address));
+    // Replicas keep their admin API behind the fleet token.
+    if let Some(token) = &gateway.config.token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::new()));
     let Ok(request) = request else { return };
     let answer = tokio::time::timeout(timeout, async {
         let response = gateway.client.request(request).await.ok()?;

@@ -10,6 +10,10 @@
 //!   methods in the same JSON error shape.
 //! - [`serve`] runs a router on a bound listener with `TCP_NODELAY` and
 //!   graceful shutdown.
+//! - [`extract`] has `Path`, `Query` and `Json` extractors whose rejections
+//!   are JSON errors too.
+
+pub mod extract;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -72,12 +76,15 @@ impl ApiError {
         }
     }
 
-    /// 500: our fault. The client gets a generic message; `cause` is logged.
+    /// 500: our fault. The client gets a generic message; `cause` is
+    /// logged, never sent (it may hold database text, paths or internals).
     pub fn internal(cause: impl Into<String>) -> ApiError {
-        let cause = cause.into();
         ApiError {
-            cause: Some(cause.clone()),
-            ..ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, cause)
+            cause: Some(cause.into()),
+            ..ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error; the cause is in the server's log",
+            )
         }
     }
 }
@@ -159,6 +166,25 @@ pub fn header_text<'a>(
             })
         })
         .transpose()
+}
+
+/// The bearer token of a request: `None` without an `Authorization`
+/// header, an error when it is not `Bearer TOKEN`.
+pub fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, String> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| "the Authorization header must be plain ASCII".to_owned())?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err("the Authorization header must be `Bearer TOKEN`".to_owned()),
+    }
 }
 
 /// Rejects a declared `Content-Length` over `limit` before reading anything.
@@ -312,6 +338,11 @@ mod tests {
         assert_eq!(text, r#"{"error":"bad \"thing\""}"#);
         let response = ApiError::unavailable("busy", 1).into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        // Internal causes stay in the log.
+        let (status, text) =
+            body_text(ApiError::internal("database is locked at /var/x").into_response()).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!text.contains("database"), "{text}");
     }
 
     #[tokio::test]
@@ -325,6 +356,20 @@ mod tests {
         let (status, text) = body_text(app.oneshot(req).await.unwrap()).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(text, r#"{"error":"POST is not allowed on /x"}"#);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_strictly() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer(&h), Ok(None));
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Ok(Some("abc")));
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Ok(Some("abc")));
+        for bad in ["Basic abc", "Bearer", "abc", "Bearer  "] {
+            h.insert(header::AUTHORIZATION, bad.parse().unwrap());
+            assert!(bearer(&h).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

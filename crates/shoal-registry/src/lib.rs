@@ -19,6 +19,7 @@ pub mod suite;
 
 use async_trait::async_trait;
 use shoal_api::UnixMillis;
+use shoal_api::auth::{Role, TokenInfo};
 use shoal_api::deploy::Deployment;
 use shoal_api::fleet::Registration;
 use shoal_api::registry::{AuditEntry, ModelDetail, ModelSummary, VersionRecord, VersionStatus};
@@ -106,6 +107,31 @@ pub struct ReplicaRecord {
     pub registered_at: UnixMillis,
 }
 
+/// A token as stored: its hash, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Name, role and provenance.
+    pub info: TokenInfo,
+    /// SHA-256 of the secret (hex).
+    pub hash: String,
+}
+
+impl TokenRecord {
+    /// A record for a token named `name` with `role`, created now by
+    /// `created_by`, whose secret hashes to `hash`.
+    pub fn new(name: &str, role: Role, hash: String, created_by: &str) -> TokenRecord {
+        TokenRecord {
+            info: TokenInfo {
+                name: name.to_owned(),
+                role,
+                created_at: shoal_api::now_millis(),
+                created_by: created_by.to_owned(),
+            },
+            hash,
+        }
+    }
+}
+
 /// Storage for the registry. Implementations must be durable: a call that
 /// returned `Ok` survives a crash of the process.
 #[async_trait]
@@ -169,6 +195,20 @@ pub trait RegistryStore: Send + Sync + 'static {
 
     /// The fleet revision.
     async fn revision(&self) -> Result<u64>;
+
+    /// Stores a new token; `Conflict` when the name or hash is taken.
+    async fn create_token(&self, token: TokenRecord, audit: Audit) -> Result<()>;
+
+    /// Every token, by name.
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
+
+    /// The token whose secret hashes to `hash`, if any. Asked on every
+    /// authenticated request, so a revoked token stops working at once on
+    /// every control plane sharing the registry.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>>;
+
+    /// Deletes the token named `name`; `false` if there was none.
+    async fn revoke_token(&self, name: &str, audit: Audit) -> Result<bool>;
 }
 
 /// The newest version that reached production and was not rolled back;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
+use shoal_api::auth::TokenInfo;
 use shoal_api::deploy::Deployment;
 use shoal_api::fleet::Registration;
 use shoal_api::registry::{AuditEntry, ModelDetail, ModelSummary, VersionRecord, VersionStatus};
@@ -17,8 +18,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use crate::{
-    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, VersionDraft,
-    last_known_good,
+    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
+    VersionDraft, last_known_good,
 };
 
 const SCHEMA: &[&str] = &[
@@ -54,6 +55,13 @@ const SCHEMA: &[&str] = &[
         id TEXT PRIMARY KEY,
         registration TEXT NOT NULL,
         registered_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS audit (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -152,6 +160,18 @@ impl SqliteRegistry {
             reached_production: row.get::<i64, _>("reached_production") != 0,
             rolled_back: row.get::<i64, _>("rolled_back") != 0,
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
+        })
+    }
+
+    fn token_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<TokenInfo> {
+        let role: String = row.get("role");
+        Ok(TokenInfo {
+            name: row.get("name"),
+            role: role
+                .parse()
+                .map_err(|e| RegistryError::Database(format!("tokens.role: {e}")))?,
+            created_at: row.get("created_at"),
+            created_by: row.get("created_by"),
         })
     }
 
@@ -505,5 +525,70 @@ impl RegistryStore for SqliteRegistry {
             .fetch_one(&self.pool)
             .await?;
         Ok(u64::try_from(row.get::<i64, _>(0)).unwrap_or(0))
+    }
+
+    async fn create_token(&self, token: TokenRecord, audit: Audit) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let taken = sqlx::query("SELECT name FROM tokens WHERE name = ? OR hash = ?")
+            .bind(&token.info.name)
+            .bind(&token.hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(RegistryError::Conflict(format!(
+                "a token named {:?} exists; revoke it first or pick another name",
+                token.info.name
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO tokens (name, role, hash, created_at, created_by) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&token.info.name)
+        .bind(token.info.role.as_str())
+        .bind(&token.hash)
+        .bind(token.info.created_at)
+        .bind(&token.info.created_by)
+        .execute(&mut *tx)
+        .await?;
+        let audit = Audit {
+            detail: format!("role {} ({})", token.info.role, audit.detail),
+            ..audit
+        };
+        Self::append_audit(&mut tx, "token.create", &token.info.name, &audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows =
+            sqlx::query("SELECT name, role, created_at, created_by FROM tokens ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(Self::token_from_row).collect()
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>> {
+        sqlx::query("SELECT name, role, created_at, created_by FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(Self::token_from_row)
+            .transpose()
+    }
+
+    async fn revoke_token(&self, name: &str, audit: Audit) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let removed = sqlx::query("DELETE FROM tokens WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if removed {
+            Self::append_audit(&mut tx, "token.revoke", name, &audit).await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
     }
 }

@@ -6,7 +6,7 @@ use shoal_api::deploy::{Deployment, RolloutState, RolloutView, Strategy, Traffic
 use shoal_api::fleet::Registration;
 use shoal_api::registry::VersionStatus;
 
-use crate::{Audit, RegistryError, RegistryStore, StoredDeployment, VersionDraft};
+use crate::{Audit, RegistryError, RegistryStore, StoredDeployment, TokenRecord, VersionDraft};
 
 fn draft(sha: char) -> VersionDraft {
     VersionDraft {
@@ -26,7 +26,58 @@ pub async fn test_all(store: &dyn RegistryStore) {
     statuses_and_last_known_good(store).await;
     deployments_bump_the_revision(store).await;
     replicas_register_and_leave(store).await;
+    tokens_are_found_by_hash_until_revoked(store).await;
     audit_log_records_every_mutation(store).await;
+}
+
+async fn tokens_are_found_by_hash_until_revoked(store: &dyn RegistryStore) {
+    use shoal_api::auth::Role;
+    assert!(store.list_tokens().await.unwrap().is_empty());
+    let hash = |c: char| c.to_string().repeat(64);
+    let ops = TokenRecord::new("ops", Role::Deployer, hash('1'), "admin");
+    store.create_token(ops.clone(), who()).await.unwrap();
+    store
+        .create_token(
+            TokenRecord::new("ci", Role::Viewer, hash('2'), "admin"),
+            who(),
+        )
+        .await
+        .unwrap();
+    // Names and secrets are unique.
+    for dup in [
+        TokenRecord::new("ops", Role::Admin, hash('3'), "admin"),
+        TokenRecord::new("other", Role::Admin, hash('1'), "admin"),
+    ] {
+        assert!(matches!(
+            store.create_token(dup, who()).await,
+            Err(RegistryError::Conflict(_))
+        ));
+    }
+    assert_eq!(
+        store.token_by_hash(&hash('1')).await.unwrap(),
+        Some(ops.info.clone())
+    );
+    assert_eq!(store.token_by_hash(&hash('9')).await.unwrap(), None);
+    let names: Vec<String> = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["ci", "ops"]);
+    assert!(store.revoke_token("ops", who()).await.unwrap());
+    assert!(!store.revoke_token("ops", who()).await.unwrap());
+    assert_eq!(store.token_by_hash(&hash('1')).await.unwrap(), None);
+    let log = store.audit_log(0, 10_000).await.unwrap();
+    let created = log
+        .iter()
+        .find(|e| e.action == "token.create" && e.target == "ops")
+        .expect("token.create in the audit log");
+    assert!(
+        !created.detail.contains(&hash('1')),
+        "the hash is not logged"
+    );
 }
 
 async fn versions_number_and_conflict(store: &dyn RegistryStore) {
@@ -209,6 +260,8 @@ async fn audit_log_records_every_mutation(store: &dyn RegistryStore) {
         "deploy.step",
         "replica.register",
         "replica.remove",
+        "token.create",
+        "token.revoke",
     ] {
         assert!(
             actions.contains(&expected),

@@ -7,7 +7,9 @@
 //! - Admin (`/admin/models…`): load a version (verify, warm, switch), set
 //!   the default version, unload a version, list what is loaded. The sync
 //!   agent calls [`Replica::load`] directly; these routes serve standalone
-//!   replicas and operators.
+//!   replicas and operators, and need one of the replica's admin tokens
+//!   ([`require_admin`]). `/admin/faults` exists only with
+//!   `--allow-fault-injection`.
 //!
 //! Every error is `{"error": "…"}` via [`shoal_http::ApiError`].
 
@@ -61,19 +63,71 @@ pub fn router(replica: Arc<Replica>) -> Router {
         )
         .route("/health", get(live))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    let mut admin = Router::new()
         .route("/admin/models", get(admin_list))
         .route(
             "/admin/models/{model}/versions/{version}",
             put(admin_load).delete(admin_unload),
         )
-        .route("/admin/models/{model}/default", put(admin_set_default))
-        .route("/admin/faults", get(admin_faults))
-        .route(
+        .route("/admin/models/{model}/default", put(admin_set_default));
+    if replica.fault_injection_allowed() {
+        admin = admin.route("/admin/faults", get(admin_faults)).route(
             "/admin/faults/{model}/{version}",
             put(admin_set_fault).delete(admin_clear_fault),
         );
-    shoal_http::with_fallbacks(routes).with_state(replica)
+    }
+    let admin = admin.route_layer(axum::middleware::from_fn_with_state(
+        replica.clone(),
+        require_admin,
+    ));
+    shoal_http::with_fallbacks(routes.merge(admin)).with_state(replica)
+}
+
+/// Guards the admin API (and the sync agent's peer routes, which hand out
+/// model weights): the request must carry one of the replica's admin
+/// tokens as `Authorization: Bearer TOKEN`. A replica given no token at all
+/// (standalone, no `--admin-token-file`) keeps only the read-only model
+/// listing open, which gateways health-check.
+pub async fn require_admin(
+    State(replica): Shared,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = match shoal_http::bearer(request.headers()) {
+        Ok(token) => token,
+        Err(why) => return unauthorized(why),
+    };
+    match token {
+        Some(token) if replica.admits(token) => next.run(request).await,
+        _ if !replica.admin_enabled()
+            && request.method() == http::Method::GET
+            && request.uri().path() == "/admin/models" =>
+        {
+            next.run(request).await
+        }
+        _ if !replica.admin_enabled() => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the admin API is off on this replica: start it with --admin-token-file FILE \
+             (or with --control and a fleet token) to use it",
+        )
+        .into_response(),
+        Some(_) => unauthorized("the token is not one this replica accepts".into()),
+        None => unauthorized(
+            "the replica's admin API needs a token: send `Authorization: Bearer TOKEN` with the \
+             fleet token or one from its --admin-token-file"
+                .into(),
+        ),
+    }
+}
+
+fn unauthorized(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"shoal-replica\""),
+    );
+    response
 }
 
 fn lookup_error(e: LookupError) -> ApiError {
@@ -393,7 +447,7 @@ async fn admin_list(State(replica): Shared) -> Response {
 pub struct LoadBody {
     /// ONNX file on the replica's filesystem.
     pub path: PathBuf,
-    /// Expected SHA-256 (hex); the load is refused on mismatch.
+    /// Expected SHA-256 (hex), required; the load is refused on mismatch.
     #[serde(default)]
     pub sha256: Option<String>,
     /// Make it the default version (default true).
@@ -420,6 +474,13 @@ async fn admin_load(
 ) -> Result<Response, ApiError> {
     let (model, version) = names(&model, &version)?;
     let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if body.sha256.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "loading {} needs its sha256: the replica serves only bytes whose digest it was \
+             told (sha256sum FILE gives it)",
+            body.path.display()
+        )));
+    }
     let options = LoadOptions::from_dims(&body.input_shapes).map_err(ApiError::bad_request)?;
     let spec = LoadSpec {
         model,

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use sha2::Digest;
 use shoal_api::fleet::{FailureKind, LoadFailureReport};
 use shoal_core::{ModelName, Version};
 use shoal_oip::Limits;
@@ -98,6 +99,13 @@ pub struct ReplicaConfig {
     pub threads: Option<usize>,
     /// Inferences allowed to wait for a thread before requests are shed.
     pub max_queue: Option<usize>,
+    /// Tokens the admin API (`/admin/…`, and the sync agent's peer routes)
+    /// accepts: the fleet token the replica itself holds, and those of
+    /// `--admin-token-file`. Without any, only the model listing is open.
+    pub admin_tokens: Vec<String>,
+    /// Serve `/admin/faults` (latency, errors, hangs on demand): for
+    /// drills, tests and benchmarks only.
+    pub allow_fault_injection: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -111,6 +119,8 @@ impl Default for ReplicaConfig {
             limits: Limits::default(),
             threads: None,
             max_queue: None,
+            admin_tokens: Vec::new(),
+            allow_fault_injection: false,
         }
     }
 }
@@ -142,6 +152,9 @@ pub struct Replica {
     changes: tokio::sync::watch::Sender<u64>,
     /// Injected faults by `model:version`.
     faults: std::sync::RwLock<BTreeMap<String, shoal_api::fleet::Fault>>,
+    /// SHA-256 of each token the admin API accepts.
+    admin_hashes: Vec<[u8; 32]>,
+    allow_fault_injection: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -189,7 +202,33 @@ impl Replica {
             started_at: SystemTime::now(),
             changes: tokio::sync::watch::Sender::new(0),
             faults: std::sync::RwLock::new(BTreeMap::new()),
+            admin_hashes: config
+                .admin_tokens
+                .iter()
+                .map(|t| sha2::Sha256::digest(t.as_bytes()).into())
+                .collect(),
+            allow_fault_injection: config.allow_fault_injection,
         }
+    }
+
+    /// Whether `token` opens the admin API (compared in constant time).
+    pub fn admits(&self, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        self.admin_hashes
+            .iter()
+            .fold(subtle::Choice::from(0), |found, h| found | h.ct_eq(&hash))
+            .into()
+    }
+
+    /// True when some token opens the admin API.
+    pub fn admin_enabled(&self) -> bool {
+        !self.admin_hashes.is_empty()
+    }
+
+    /// True when `/admin/faults` is served.
+    pub fn fault_injection_allowed(&self) -> bool {
+        self.allow_fault_injection
     }
 
     /// The replica id.

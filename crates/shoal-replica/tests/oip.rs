@@ -458,17 +458,27 @@ async fn metrics_are_prometheus_text() {
     }
 }
 
+const ADMIN: &str = "shoal_test_admin_token";
+
 #[tokio::test]
 async fn admin_loads_verifies_and_switches() {
-    let (replica, app) = digits_replica().await;
+    let config = ReplicaConfig {
+        admin_tokens: vec![ADMIN.into()],
+        ..ReplicaConfig::default()
+    };
+    let (replica, app) = replica_with(config, &[("digits", "1", "digits-v1.onnx")]).await;
+    let bearer = format!("Bearer {ADMIN}");
     let put = |uri: &'static str, body: Value| {
-        let app = app.clone();
+        let (app, bearer) = (app.clone(), bearer.clone());
         async move {
             call(
                 &app,
                 Method::PUT,
                 uri,
-                &[("content-type", "application/json")],
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &bearer),
+                ],
                 body.to_string(),
             )
             .await
@@ -507,7 +517,12 @@ async fn admin_loads_verifies_and_switches() {
     // Not a model, a missing file, a malformed checksum, a bad body.
     let garbage = std::env::temp_dir().join(format!("shoal-garbage-{}.onnx", std::process::id()));
     std::fs::write(&garbage, b"this is not an onnx file").unwrap();
-    let r = put("/admin/models/digits/versions/2", json!({"path": garbage})).await;
+    let garbage_sha = shoal_replica::sha256_hex(b"this is not an onnx file");
+    let r = put(
+        "/admin/models/digits/versions/2",
+        json!({"path": garbage, "sha256": garbage_sha}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         r.error().starts_with("cannot parse the model"),
@@ -517,7 +532,7 @@ async fn admin_loads_verifies_and_switches() {
     std::fs::remove_file(&garbage).unwrap();
     let r = put(
         "/admin/models/digits/versions/2",
-        json!({"path": "/nonexistent/m.onnx"}),
+        json!({"path": "/nonexistent/m.onnx", "sha256": v2_sha}),
     )
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -538,10 +553,14 @@ async fn admin_loads_verifies_and_switches() {
     assert!(r.error().contains("unknown field `pth`"), "{}", r.error());
     let r = put(
         "/admin/models/digits/versions/..%2F2",
-        json!({"path": v2_path}),
+        json!({"path": v2_path, "sha256": v2_sha}),
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Loading by path without the digest is refused before the file is read.
+    let r = put("/admin/models/digits/versions/2", json!({"path": v2_path})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("needs its sha256"), "{}", r.error());
     assert_eq!(
         post(
             &app,
@@ -594,9 +613,11 @@ async fn admin_loads_verifies_and_switches() {
     );
 
     // Load v1 beside v2 without switching; pin by version; switch default.
+    let v1_path = model_path("digits-v1.onnx");
+    let v1_sha = shoal_replica::sha256_hex(&std::fs::read(&v1_path).unwrap());
     let r = put(
         "/admin/models/digits/versions/1",
-        json!({"path": model_path("digits-v1.onnx"), "default": false, "retire_others": false}),
+        json!({"path": v1_path, "sha256": v1_sha, "default": false, "retire_others": false}),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -636,7 +657,15 @@ async fn admin_loads_verifies_and_switches() {
         .headers["x-shoal-model-version"],
         "1"
     );
-    let listing = get(&app, "/admin/models").await.json();
+    let listing = call(
+        &app,
+        Method::GET,
+        "/admin/models",
+        &[("authorization", &bearer)],
+        Body::empty(),
+    )
+    .await
+    .json();
     assert_eq!(listing["models"][0]["default"], "1");
     assert_eq!(
         listing["models"][0]["versions"].as_array().unwrap().len(),
@@ -648,7 +677,7 @@ async fn admin_loads_verifies_and_switches() {
         &app,
         Method::DELETE,
         "/admin/models/digits/versions/1",
-        &[],
+        &[("authorization", &bearer)],
         Body::empty(),
     )
     .await;
@@ -667,11 +696,96 @@ async fn admin_loads_verifies_and_switches() {
         &app,
         Method::DELETE,
         "/admin/models/digits/versions/1",
-        &[],
+        &[("authorization", &bearer)],
         Body::empty(),
     )
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_a_token_and_faults_need_the_flag() {
+    let with_token = ReplicaConfig {
+        admin_tokens: vec![ADMIN.into()],
+        ..ReplicaConfig::default()
+    };
+    let (_, app) = replica_with(with_token, &[("digits", "1", "digits-v1.onnx")]).await;
+    let v2 = model_path("digits-v2.onnx");
+    let body = json!({"path": v2, "sha256": "0".repeat(64)}).to_string();
+    let json_ct = ("content-type", "application/json");
+    let uri = "/admin/models/digits/versions/2";
+    // No token, a wrong one, a malformed header: 401, in JSON, and nothing loads.
+    for auth in [None, Some("Bearer nope"), Some("Basic abc")] {
+        let headers: Vec<(&str, &str)> = [json_ct]
+            .into_iter()
+            .chain(auth.map(|a| ("authorization", a)))
+            .collect();
+        let r = call(&app, Method::PUT, uri, &headers, body.clone()).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert!(!r.error().is_empty());
+        assert!(r.headers.contains_key("www-authenticate"));
+        let r = call(
+            &app,
+            Method::GET,
+            "/admin/models",
+            &headers[1..],
+            Body::empty(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}");
+    }
+    // Inference, health and metrics stay open.
+    for uri in ["/health", "/ready", "/metrics", "/v2/models/digits"] {
+        assert_eq!(get(&app, uri).await.status, StatusCode::OK, "{uri}");
+    }
+    // Faults are not even a route without --allow-fault-injection.
+    let bearer = format!("Bearer {ADMIN}");
+    let r = call(
+        &app,
+        Method::PUT,
+        "/admin/faults/digits/1",
+        &[json_ct, ("authorization", &bearer)],
+        json!({"hang": true}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let allowed = ReplicaConfig {
+        admin_tokens: vec![ADMIN.into()],
+        allow_fault_injection: true,
+        ..ReplicaConfig::default()
+    };
+    let (replica, app) = replica_with(allowed, &[("digits", "1", "digits-v1.onnx")]).await;
+    let fault = json!({"error_rate": 1.0}).to_string();
+    let r = call(
+        &app,
+        Method::PUT,
+        "/admin/faults/digits/1",
+        &[json_ct],
+        fault.clone(),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "faults need the token too"
+    );
+    let r = call(
+        &app,
+        Method::PUT,
+        "/admin/faults/digits/1",
+        &[json_ct, ("authorization", &bearer)],
+        fault,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(replica.faults().contains_key("digits:1"));
+    // A standalone replica with no token: the listing gateways read is
+    // open, everything else is off.
+    let (_, app) = digits_replica().await;
+    assert_eq!(get(&app, "/admin/models").await.status, StatusCode::OK);
+    let r = call(&app, Method::PUT, uri, &[json_ct], body).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.error().contains("--admin-token-file"), "{}", r.error());
 }
 
 #[tokio::test]

@@ -30,6 +30,8 @@ impl Seen {
     }
 }
 
+const ADMIN: &str = "shoal_swap_admin";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_swaps_under_load_fail_no_request() {
     let config = ReplicaConfig {
@@ -39,6 +41,7 @@ async fn twenty_swaps_under_load_fail_no_request() {
             path: model_path("digits-v1.onnx"),
         }],
         threads: Some(2),
+        admin_tokens: vec![ADMIN.into()],
         ..ReplicaConfig::default()
     };
     let server = ReplicaServer::start(config, Arc::new(TractBackend::default()))
@@ -89,30 +92,51 @@ async fn twenty_swaps_under_load_fail_no_request() {
         })
         .collect();
 
-    let admin = HttpClient::new();
+    let http = HttpClient::new();
+    let admin = |url: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            let bearer = format!("Bearer {ADMIN}");
+            http.send(
+                http::Method::PUT,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &bearer),
+                ],
+                body.to_string(),
+            )
+            .await
+            .unwrap()
+        }
+    };
     let v1 = model_path("digits-v1.onnx");
     let v2 = model_path("digits-v2.onnx");
+    let sha = |p: &std::path::Path| shoal_replica::sha256_hex(&std::fs::read(p).unwrap());
+    let (v1_sha, v2_sha) = (sha(&v1), sha(&v2));
     let mut versions = Vec::new();
     for swap in 0..20 {
         let version = (swap + 2).to_string();
-        let path = if swap % 2 == 0 { &v2 } else { &v1 };
+        let (path, digest) = if swap % 2 == 0 {
+            (&v2, &v2_sha)
+        } else {
+            (&v1, &v1_sha)
+        };
         if swap == 10 {
             // A tampered artifact mid-way is refused; the serving version
             // keeps serving.
-            let r = admin
-                .put_json(
-                    &format!("{base}/admin/models/digits/versions/bad"),
-                    json!({"path": path, "sha256": "f".repeat(64)}).to_string(),
-                )
-                .await;
-            assert_eq!(r.status, 422, "{}", r.text());
-        }
-        let r = admin
-            .put_json(
-                &format!("{base}/admin/models/digits/versions/{version}"),
-                json!({"path": path}).to_string(),
+            let r = admin(
+                format!("{base}/admin/models/digits/versions/bad"),
+                json!({"path": path, "sha256": "f".repeat(64)}),
             )
             .await;
+            assert_eq!(r.status, 422, "{}", r.text());
+        }
+        let r = admin(
+            format!("{base}/admin/models/digits/versions/{version}"),
+            json!({"path": path, "sha256": digest}),
+        )
+        .await;
         assert_eq!(r.status, 200, "swap {swap}: {}", r.text());
         // Let traffic reach the new version before the next swap.
         while seen.count(&version) < 5 {

@@ -108,12 +108,22 @@ impl Agent {
     }
 
     /// The endpoints the agent adds to the replica's server.
+    /// Chunks (model weights) and the agent's status need one of the
+    /// replica's admin tokens, as its admin API does; a nudge only makes
+    /// the agent poll sooner, so it stays open for the control plane's push.
     pub fn routes(self: &Arc<Self>) -> Router {
-        Router::new()
+        let guarded = Router::new()
             .route("/peer/chunks/{id}", get(serve_chunk))
-            .route("/sync/nudge", post(nudge))
             .route("/sync/status", get(status))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.replica.clone(),
+                shoal_replica::http::require_admin,
+            ))
+            .with_state(self.clone());
+        Router::new()
+            .route("/sync/nudge", post(nudge))
             .with_state(self.clone())
+            .merge(guarded)
     }
 
     fn desired_path(&self) -> PathBuf {

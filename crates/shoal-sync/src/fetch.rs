@@ -218,8 +218,11 @@ impl Fetcher {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(peer.address.clone())
             .or_insert_with(|| {
-                ControlClient::new(&format!("http://{}", peer.address), None)
-                    .with_timeout(std::time::Duration::from_secs(30))
+                ControlClient::new(
+                    &format!("http://{}", peer.address),
+                    self.origin.token().map(str::to_owned),
+                )
+                .with_timeout(std::time::Duration::from_secs(30))
             })
             .clone()
     }

@@ -33,10 +33,12 @@ use shoal_runtime::Backend;
 /// Starts a replica with its sync agent on the same port. The agent
 /// advertises `sync.advertise`, or the bound address when that is empty.
 pub async fn start_replica(
-    config: ReplicaConfig,
+    mut config: ReplicaConfig,
     mut sync: SyncConfig,
     backend: Arc<dyn Backend>,
 ) -> std::io::Result<ReplicaServer> {
+    // Peers and gateways present the fleet token the replica holds itself.
+    config.admin_tokens.extend(sync.token.clone());
     let mut agent_error = None;
     let server = ReplicaServer::start_with(config, backend, |replica, addr| {
         if sync.advertise.is_empty() {

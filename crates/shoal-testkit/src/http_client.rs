@@ -63,8 +63,33 @@ impl HttpClient {
         }
     }
 
-    /// Sends a request; transport errors come back as `Err(text)`.
+    /// Sends a request; transport errors come back as `Err(text)`. A
+    /// request to a control plane the test registered carries its admin
+    /// token ([`crate::tokens`]) unless `headers` set `authorization`.
     pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
+        let explicit = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        let token = (!explicit)
+            .then(|| crate::tokens::admin_token_for(url))
+            .flatten();
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(b) = &bearer {
+            all.push(("authorization", b));
+        }
+        self.send_as(method, url, &all, body).await
+    }
+
+    /// Sends exactly these headers (no token added): for tests of
+    /// authentication itself.
+    pub async fn send_as(
         &self,
         method: Method,
         url: &str,

@@ -10,9 +10,12 @@
 //! - [`S3Server`] is a real S3-compatible server (moto) on loopback.
 //! - [`CutProxy`] is a TCP proxy that cuts the link after so many bytes,
 //!   for tests of interrupted transfers.
+//! - [`tokens`] remembers the tokens of the control planes a test started,
+//!   so its requests authenticate.
 
 mod cut_proxy;
 mod http_client;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::process::Child;
@@ -279,9 +282,12 @@ impl Drop for TempDir {
 /// returns its output as JSON (`null` for none); panics with its stderr if
 /// it fails.
 pub fn cli_json(program: &std::path::Path, control: &str, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .args(["--json", "--control", control])
+    let mut command = std::process::Command::new(program);
+    command.args(args).args(["--json", "--control", control]);
+    if let Some(token) = tokens::admin_token_for(control) {
+        command.args(["--token", &token]);
+    }
+    let out = command
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     assert!(

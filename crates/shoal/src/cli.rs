@@ -28,9 +28,15 @@ pub(crate) struct Global {
     /// with it when given; without it, a replica serves its --model files.
     #[arg(long, global = true, env = "SHOAL_CONTROL")]
     pub(crate) control: Option<String>,
-    /// Bearer token for the control plane.
+    /// Bearer token for the control plane [default: the file given with
+    /// --token-file, else .shoal/admin.token under the working directory
+    /// for client commands].
     #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// Read the bearer token from this file (e.g. a fleet token for
+    /// replicas and gateways), so it is not on the command line.
+    #[arg(long, global = true, env = "SHOAL_TOKEN_FILE")]
+    pub(crate) token_file: Option<std::path::PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -60,6 +66,9 @@ enum Command {
     Rollout(cmd::client::RolloutCommand),
     /// The fleet: every replica, what it serves and what it should.
     Status,
+    /// API tokens: create (shown once), list, revoke. Needs an admin token.
+    #[command(subcommand)]
+    Token(cmd::client::TokenCommand),
     /// Benchmarks, side by side with reference systems (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -92,6 +101,7 @@ pub(crate) fn main() -> ExitCode {
             Command::Rollback(a) => cmd::client::rollback(a, &global).await,
             Command::Rollout(c) => cmd::client::rollout(c, &global).await,
             Command::Status => cmd::client::status(&global).await,
+            Command::Token(c) => cmd::client::token(c, &global).await,
             Command::Bench(c) => cmd::bench::run(c, global.json).await,
         }
     });
@@ -104,7 +114,38 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// Where `shoal up` and a control plane started in the working directory
+/// leave the admin token, relative to it.
+pub(crate) const LOCAL_ADMIN_TOKEN: &str = ".shoal/admin.token";
+
 impl Global {
+    /// The token a role (replica, gateway) presents: `--token`, else the
+    /// contents of `--token-file`.
+    pub(crate) fn role_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        self.token_file
+            .as_deref()
+            .map(shoal_client::secret::read)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The token a client command presents: as [`Global::role_token`],
+    /// else `.shoal/admin.token` under the working directory when it
+    /// exists (what `shoal up` writes), so the tour needs no extra step.
+    pub(crate) fn client_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = self.role_token()? {
+            return Ok(Some(token));
+        }
+        let local = std::path::Path::new(LOCAL_ADMIN_TOKEN);
+        if local.is_file() {
+            return Ok(Some(shoal_client::secret::read(local)?));
+        }
+        Ok(None)
+    }
+
     /// The control plane URL, defaulted.
     pub(crate) fn control_url(&self) -> String {
         self.control

@@ -346,6 +346,7 @@ async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
     // The replica reaches the control plane only through a link the test
     // can cut.
     let link = CutProxy::start(control.trim_start_matches("http://")).await;
+    shoal_testkit::tokens::remember_admin_token(&link.url(), &common::admin_token(&control));
     let replica_dir = tmp.join("r0");
     let (_replica, addr) = start_replica(&link.url(), &replica_dir);
     let http = HttpClient::new();
@@ -380,7 +381,17 @@ async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
         || std::future::ready((link.refused() >= 3).then_some(())),
     )
     .await;
-    let cached = http.get(&format!("{addr}/sync/status")).await.json()["cache_bytes"]
+    let fleet = format!("Bearer {}", common::fleet_token(&link.url()));
+    let cached = http
+        .send(
+            http::Method::GET,
+            &format!("{addr}/sync/status"),
+            &[("authorization", &fleet)],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap()
+        .json()["cache_bytes"]
         .as_u64()
         .unwrap();
     assert!(

@@ -539,6 +539,9 @@ async fn hedging_cuts_off_a_slow_replica() {
             &v1,
         ],
     );
+    // Fault injection is a flag of its own, behind an admin token.
+    let tokens = tmp.join("admin-tokens");
+    std::fs::write(&tokens, "shoal_hedge_test\n").unwrap();
     let (_slow, slow) = spawn_server(
         shoal(),
         &[
@@ -549,16 +552,25 @@ async fn hedging_cuts_off_a_slow_replica() {
             tmp.join("s").to_str().unwrap(),
             "--model",
             &v1,
+            "--allow-fault-injection",
+            "--admin-token-file",
+            tokens.to_str().unwrap(),
         ],
     );
     let http = HttpClient::new();
     let r = http
-        .put_json(
+        .send(
+            http::Method::PUT,
             &format!("http://{slow}/admin/faults/digits/1"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer shoal_hedge_test"),
+            ],
             serde_json::json!({"latency_ms": 3000, "latency_rate": 0.06}).to_string(),
         )
-        .await;
-    assert_eq!(r.status, 200);
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
     // Round robin, so the slow replica keeps getting its share.
     let (_gateway, gateway) = spawn_server(
         shoal(),
@@ -577,6 +589,9 @@ async fn hedging_cuts_off_a_slow_replica() {
             "round-robin",
             "--health-interval-ms",
             "100",
+            // Health checks read the replicas' admin listing.
+            "--token",
+            "shoal_hedge_test",
         ],
     );
     let url = format!("http://{gateway}/v2/models/digits/infer");

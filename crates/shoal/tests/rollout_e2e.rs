@@ -93,7 +93,13 @@ async fn canaries_and_blue_green_with_live_traffic() {
     let (control_child, control) = start_control("127.0.0.1:0");
     let addr = control.trim_start_matches("http://").to_owned();
     let replicas: Vec<(ChildGuard, String)> = (0..3)
-        .map(|i| common::replica(&control, &tmp.join(&format!("r{i}")), &[]))
+        .map(|i| {
+            common::replica(
+                &control,
+                &tmp.join(&format!("r{i}")),
+                &["--allow-fault-injection"],
+            )
+        })
         .collect();
     let (_gateway, gateway) = common::gateway(&tmp.join("gw"), &["--control", &control]);
     let v1 = model_path("digits-v1.onnx");
@@ -201,14 +207,21 @@ async fn canaries_and_blue_green_with_live_traffic() {
             "note=faulty",
         ],
     );
+    let fleet = format!("Bearer {}", common::fleet_token(&control));
     for (_, addr) in &replicas {
         let r = http
-            .put_json(
+            .send(
+                http::Method::PUT,
                 &format!("{addr}/admin/faults/digits/4"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &fleet),
+                ],
                 serde_json::json!({"error_rate": 0.6}).to_string(),
             )
-            .await;
-        assert_eq!(r.status, 200);
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
     }
     let traffic = Traffic::start(&gateway, 3);
     cli(

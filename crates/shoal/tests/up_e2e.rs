@@ -33,7 +33,9 @@ fn replicas_serving(status: &Value, key: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_up_end_to_end() {
     let tmp = TempDir::new("up-e2e");
-    let data = tmp.join("fleet");
+    // As in the README: `.shoal` under the directory the CLI runs in, so
+    // the CLI finds the admin token there with no flag.
+    let data = tmp.join(".shoal");
     let (mut up, ready) = spawn_until(
         shoal(),
         &[
@@ -52,6 +54,9 @@ async fn shoal_up_end_to_end() {
     let words: Vec<&str> = ready.split_whitespace().collect();
     let gateway = words[4].to_owned();
     let control = words[6].to_owned();
+    // Leaked so the closure is Copy and goes into blocking tasks.
+    let home: &'static std::path::Path = Box::leak(tmp.join("").into_boxed_path());
+    let cli = move |control: &str, args: &[&str]| common::cli_in(home, control, args);
     let http = HttpClient::new();
 
     // The bundled model answers through the gateway as trained.
@@ -251,6 +256,12 @@ async fn regions_chaos_and_resume() {
         &[&args[..], &["--chaos", "120"]].concat(),
         "shoal up ready:",
     );
+    shoal_testkit::tokens::remember_admin_token(
+        ready.split_whitespace().nth(6).unwrap(),
+        std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim(),
+    );
     let words: Vec<&str> = ready.split_whitespace().collect();
     let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
 
@@ -338,6 +349,13 @@ async fn regions_chaos_and_resume() {
     // holds digits:1 and nothing is pushed again.
     let (mut again, ready) = spawn_until(shoal(), &args, "shoal up ready:");
     let control = ready.split_whitespace().nth(6).unwrap().to_owned();
+    // The same admin token still works: it lives in the registry.
+    shoal_testkit::tokens::remember_admin_token(
+        &control,
+        std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim(),
+    );
     let models = cli(&control, &["model", "list"]);
     assert_eq!(models[0]["name"], "digits");
     assert_eq!(models[0]["versions"], 1);

@@ -29,6 +29,27 @@ pub(crate) enum ModelCommand {
     },
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a token; its secret is printed once (with --json: {"token": …}).
+    Create {
+        /// Name, as the audit log will show it (letters, digits, . _ -).
+        #[arg(long)]
+        name: String,
+        /// viewer (reads), deployer (push, deploy, traffic, rollouts,
+        /// rollback), admin (everything) or fleet (replicas and gateways).
+        #[arg(long)]
+        role: shoal_api::auth::Role,
+    },
+    /// Every token: name, role, when and by whom it was created.
+    List,
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct PushArgs {
     /// Model name.
@@ -181,8 +202,11 @@ pub(crate) enum RolloutCommand {
     },
 }
 
-fn client(global: &Global) -> ControlClient {
-    ControlClient::new(&global.control_url(), global.token.clone())
+fn client(global: &Global) -> anyhow::Result<ControlClient> {
+    Ok(ControlClient::new(
+        &global.control_url(),
+        global.client_token()?,
+    ))
 }
 
 fn table(header: &[&str]) -> Table {
@@ -277,7 +301,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
         }
         chunk
     });
-    let client = client(global);
+    let client = client(global)?;
     let uploaded = client.upload_artifact(size, stream).await?;
     bar.finish_and_clear();
     let record = client
@@ -322,7 +346,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
     match command {
         ModelCommand::Push(args) => push(args, global).await,
         ModelCommand::List => {
-            let models = client(global).list_models().await?;
+            let models = client(global)?.list_models().await?;
             if global.json {
                 return print_json(&models);
             }
@@ -350,7 +374,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
             Ok(())
         }
         ModelCommand::Show { model } => {
-            let c = client(global);
+            let c = client(global)?;
             if let Some(version) = model.version {
                 let v = c
                     .get_version(model.model.as_str(), version.as_str())
@@ -541,7 +565,7 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         against: args.against,
         floor: args.floor,
     };
-    let d = client(global)
+    let d = client(global)?
         .deploy(args.target.model.as_str(), &request)
         .await?;
     print_deployment(&d, global)?;
@@ -590,12 +614,12 @@ pub(crate) async fn traffic(args: TrafficArgs, global: &Global) -> anyhow::Resul
         split_header: args.split_header.map(|h| h.to_ascii_lowercase()),
         reason: args.reason,
     };
-    let d = client(global).set_traffic(&args.name, &request).await?;
+    let d = client(global)?.set_traffic(&args.name, &request).await?;
     print_deployment(&d, global)
 }
 
 pub(crate) async fn rollback(args: RollbackArgs, global: &Global) -> anyhow::Result<()> {
-    let d = client(global)
+    let d = client(global)?
         .rollback(&args.name, args.reason.as_deref())
         .await?;
     print_deployment(&d, global)
@@ -604,7 +628,7 @@ pub(crate) async fn rollback(args: RollbackArgs, global: &Global) -> anyhow::Res
 pub(crate) async fn rollout(command: RolloutCommand, global: &Global) -> anyhow::Result<()> {
     match command {
         RolloutCommand::Status { name } => {
-            let r = client(global).rollout(&name).await?;
+            let r = client(global)?.rollout(&name).await?;
             if global.json {
                 return print_json(&r);
             }
@@ -612,18 +636,66 @@ pub(crate) async fn rollout(command: RolloutCommand, global: &Global) -> anyhow:
             Ok(())
         }
         RolloutCommand::Promote { name } => {
-            let d = client(global).promote(&name).await?;
+            let d = client(global)?.promote(&name).await?;
             print_deployment(&d, global)
         }
         RolloutCommand::Abort { name } => {
-            let d = client(global).abort(&name).await?;
+            let d = client(global)?.abort(&name).await?;
             print_deployment(&d, global)
         }
     }
 }
 
+pub(crate) async fn token(command: TokenCommand, global: &Global) -> anyhow::Result<()> {
+    let client = client(global)?;
+    match command {
+        TokenCommand::Create { name, role } => {
+            let created = client
+                .create_token(&shoal_api::auth::NewToken { name, role })
+                .await?;
+            if global.json {
+                return print_json(&created);
+            }
+            println!(
+                "created token {:?} with role {}:",
+                created.name, created.role
+            );
+            println!("{}", created.token);
+            println!(
+                "It is shown only now; keep it secret. Use it with --token, SHOAL_TOKEN or --token-file."
+            );
+            Ok(())
+        }
+        TokenCommand::List => {
+            let tokens = client.list_tokens().await?;
+            if global.json {
+                return print_json(&tokens);
+            }
+            let mut t = table(&["name", "role", "created", "by"]);
+            for token in &tokens {
+                t.add_row(vec![
+                    token.name.clone(),
+                    token.role.to_string(),
+                    when(token.created_at),
+                    token.created_by.clone(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        TokenCommand::Revoke { name } => {
+            client.revoke_token(&name).await?;
+            if global.json {
+                return print_json(&serde_json::json!({"revoked": name}));
+            }
+            println!("revoked token {name:?}");
+            Ok(())
+        }
+    }
+}
+
 pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
-    let status = client(global).status().await?;
+    let status = client(global)?.status().await?;
     if global.json {
         return print_json(&status);
     }

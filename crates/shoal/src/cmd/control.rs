@@ -23,6 +23,10 @@ pub(crate) struct ControlArgs {
     /// Seconds a replica may serve other versions than desired before it is flagged as behind.
     #[arg(long, default_value_t = 60)]
     skew_threshold_secs: u64,
+    /// Turn authentication off: anyone who can reach the API may change
+    /// what the fleet serves. For throwaway experiments only.
+    #[arg(long)]
+    no_auth: bool,
 }
 
 pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
         heartbeat_interval: heartbeat,
         dead_after: heartbeat * 3,
         skew_threshold: Duration::from_secs(args.skew_threshold_secs),
+        auth: !args.no_auth,
         ..ControlConfig::default()
     };
     let mut server = ControlServer::start(config).await?;

@@ -81,7 +81,7 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
         data_dir: args.data_dir,
         region: args.region,
         control: global.control.clone(),
-        token: global.token.clone(),
+        token: global.role_token()?,
         static_replicas: args.replicas,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         health_interval: Duration::from_millis(args.health_interval_ms.max(50)),

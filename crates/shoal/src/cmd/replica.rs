@@ -64,6 +64,36 @@ pub(crate) struct ReplicaArgs {
     /// Inferences run at once [default: number of cores].
     #[arg(long)]
     threads: Option<usize>,
+
+    /// Tokens (one per line) that open the replica's admin API, besides the
+    /// fleet token it holds when synced with a control plane.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+
+    /// Serve /admin/faults, which makes the replica slow, fail or hang on
+    /// demand: for drills, tests and benchmarks, never in production.
+    #[arg(long)]
+    allow_fault_injection: bool,
+}
+
+/// The tokens of `--admin-token-file`: one per line, blank lines and
+/// `#` comments skipped.
+fn admin_tokens(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --admin-token-file {}", path.display()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        bail!("--admin-token-file {} holds no token", path.display());
+    }
+    Ok(tokens)
 }
 
 /// Parses `NAME:INPUT=D,D,…` flags into per-model load options.
@@ -145,14 +175,21 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         },
         threads: args.threads,
         max_queue: None,
+        admin_tokens: admin_tokens(args.admin_token_file.as_deref())?,
+        allow_fault_injection: args.allow_fault_injection,
     };
+    if args.allow_fault_injection {
+        tracing::warn!(
+            "fault injection is on: /admin/faults can make this replica slow, fail or hang"
+        );
+    }
     let backend = Arc::new(TractBackend::default());
     let mut server = match global.control.clone() {
         None => ReplicaServer::start(config, backend).await?,
         Some(control) => {
             let sync = SyncConfig {
                 control,
-                token: global.token.clone(),
+                token: global.role_token()?,
                 id: id.clone(),
                 region: args.region.clone(),
                 advertise: args.advertise.clone().unwrap_or_default(),

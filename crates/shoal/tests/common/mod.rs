@@ -43,20 +43,42 @@ pub(crate) fn control(
 ) -> (ChildGuard, String) {
     let mut all = vec!["--heartbeat-ms", "200"];
     all.extend_from_slice(args);
-    start("control", addr, dir, &all, envs)
+    let (child, url) = start("control", addr, dir, &all, envs);
+    // The first start wrote the admin token; requests and CLI calls of
+    // the test present it (shoal_testkit::tokens).
+    if let Ok(token) = std::fs::read_to_string(dir.join("admin.token")) {
+        shoal_testkit::tokens::remember_admin_token(&url, token.trim());
+    }
+    (child, url)
 }
 
-/// `shoal replica` syncing with `control`, plus `args`.
+/// The admin token of the control plane at `control`.
+pub(crate) fn admin_token(control: &str) -> String {
+    shoal_testkit::tokens::admin_token_for(control).expect("a control plane started by the test")
+}
+
+/// A fleet token of `control`, as replicas and gateways get.
+pub(crate) fn fleet_token(control: &str) -> String {
+    shoal_testkit::tokens::fleet_token(shoal(), control)
+}
+
+/// `shoal replica` syncing with `control` with a fleet token, plus `args`.
 pub(crate) fn replica(control: &str, dir: &Path, args: &[&str]) -> (ChildGuard, String) {
-    let mut all = vec!["--control", control];
+    let token = fleet_token(control);
+    let mut all = vec!["--control", control, "--token", &token];
     all.extend_from_slice(args);
     start("replica", "127.0.0.1:0", dir, &all, &[])
 }
 
 /// `shoal gateway` with 200 ms health checks, plus `args` (`--control URL`
-/// or `--replica ADDR`…).
+/// or `--replica ADDR`…); with `--control`, it presents a fleet token.
 pub(crate) fn gateway(dir: &Path, args: &[&str]) -> (ChildGuard, String) {
     let mut all = vec!["--health-interval-ms", "200"];
+    let token;
+    if let Some(i) = args.iter().position(|a| *a == "--control") {
+        token = fleet_token(args[i + 1]);
+        all.extend_from_slice(&["--token", &token]);
+    }
     all.extend_from_slice(args);
     start("gateway", "127.0.0.1:0", dir, &all, &[])
 }
@@ -73,9 +95,12 @@ pub(crate) async fn digits_rollout_until(
 /// Runs a CLI client command against `control` that must fail; returns
 /// what it printed on stderr.
 pub(crate) fn cli_fails(control: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(shoal())
-        .args(args)
-        .args(["--control", control])
+    let mut command = std::process::Command::new(shoal());
+    command.args(args).args(["--control", control]);
+    if let Some(token) = shoal_testkit::tokens::admin_token_for(control) {
+        command.args(["--token", &token]);
+    }
+    let out = command
         .output()
         .unwrap_or_else(|e| panic!("cannot run shoal: {e}"));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -85,4 +110,24 @@ pub(crate) fn cli_fails(control: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     stderr
+}
+
+/// Runs a CLI client command against `control` from the directory `dir`,
+/// with no token given: the CLI finds `.shoal/admin.token` there, as after
+/// `shoal up` in the README's tour.
+pub(crate) fn cli_in(dir: &Path, control: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(shoal())
+        .current_dir(dir)
+        .env_remove("SHOAL_TOKEN")
+        .args(args)
+        .args(["--json", "--control", control])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shoal: {e}"));
+    assert!(
+        out.status.success(),
+        "shoal {args:?} (in {}) failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }

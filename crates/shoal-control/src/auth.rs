@@ -1,0 +1,165 @@
+//! Who is calling: every `/api/v1/` route but the OpenAPI document needs a
+//! bearer token whose role grants the route's [`Permission`]. Tokens live
+//! in the registry as SHA-256 hashes and are looked up on every request,
+//! so a revoked token stops working at once on every control plane that
+//! shares the registry. The caller's token name is what the audit log
+//! records.
+//!
+//! At its first start (no token in the registry) a control plane creates
+//! an `admin` token and writes it to `DATA_DIR/admin.token` (mode 0600).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use shoal_api::auth::{Permission, Role, new_token, token_hash};
+use shoal_client::secret;
+use shoal_http::ApiError;
+use shoal_registry::{Audit, RegistryStore, TokenRecord};
+
+use crate::Control;
+
+/// The caller of a request, as the route's guard found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Token name (what the audit log records).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Name of the token a control plane creates at its first start.
+pub const FIRST_ADMIN: &str = "admin";
+
+/// The file the first admin token is written to.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// Creates the first admin token when the registry has none: written to
+/// `DATA_DIR/admin.token` first, then stored, so a crash in between leaves
+/// a file the next start adopts rather than a token nobody holds.
+pub async fn ensure_admin_token(store: &dyn RegistryStore, data_dir: &Path) -> anyhow::Result<()> {
+    if !store.list_tokens().await?.is_empty() {
+        return Ok(());
+    }
+    let path = admin_token_path(data_dir);
+    let token = match secret::read(&path) {
+        Ok(token) => token,
+        Err(_) => {
+            let token = new_token();
+            secret::write(&path, &token)
+                .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+            token
+        }
+    };
+    store
+        .create_token(
+            TokenRecord::new(
+                FIRST_ADMIN,
+                Role::Admin,
+                token_hash(&token),
+                "control plane",
+            ),
+            Audit::by("control plane", "first start: the admin token"),
+        )
+        .await?;
+    tracing::info!(
+        file = %path.display(),
+        "created the first admin token; the CLI reads it from .shoal/admin.token under the \
+         working directory, or pass it with --token / SHOAL_TOKEN"
+    );
+    Ok(())
+}
+
+/// What a route needs, and the control plane to check it against.
+#[derive(Clone)]
+pub(crate) struct Guard {
+    pub(crate) control: Arc<Control>,
+    pub(crate) permission: Permission,
+}
+
+fn unauthorized(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"shoal\""),
+    );
+    response
+}
+
+/// Finds the caller of `headers`, or the response refusing it: 401 for no
+/// token or an unknown one, 403 for a role without `permission`.
+pub(crate) async fn authenticate(
+    control: &Control,
+    headers: &http::HeaderMap,
+    permission: Permission,
+) -> Result<Caller, Response> {
+    if !control.config.auth {
+        return Ok(Caller {
+            name: "anonymous".into(),
+            role: Role::Admin,
+        });
+    }
+    let token = match shoal_http::bearer(headers) {
+        Ok(Some(token)) => token,
+        Ok(None) => {
+            return Err(unauthorized(format!(
+                "this needs a token with role {}: pass --token or set SHOAL_TOKEN (the CLI also \
+                 reads .shoal/admin.token under its working directory), or send \
+                 `Authorization: Bearer TOKEN`",
+                Role::granting(permission)
+            )));
+        }
+        Err(why) => return Err(unauthorized(why)),
+    };
+    let info = match control.store.token_by_hash(&token_hash(token)).await {
+        Ok(Some(info)) => info,
+        Ok(None) => {
+            return Err(unauthorized(
+                "the token is not valid: unknown or revoked; ask an admin for a new one \
+                 (shoal token create)"
+                    .into(),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::internal(format!("token lookup: {e}")).into_response());
+        }
+    };
+    if !info.role.allows(permission) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} has role {}; this needs {}",
+                info.name,
+                info.role,
+                Role::granting(permission)
+            ),
+        )
+        .into_response());
+    }
+    Ok(Caller {
+        name: info.name,
+        role: info.role,
+    })
+}
+
+/// Middleware: lets the request through with its [`Caller`] in the
+/// extensions, or answers 401/403.
+pub(crate) async fn require(
+    State(guard): State<Guard>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match authenticate(&guard.control, request.headers(), guard.permission).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(refused) => refused,
+    }
+}
