@@ -8,7 +8,10 @@ and exits non-zero, with the reason, on the first mismatch. It infers
 with JSON tensors (binary_data=False) and with the client's defaults,
 which send inputs and ask for outputs as binary tensor data.
 
-Usage: tritonclient_check.py HOST:PORT MODEL SAMPLES_JSON MIN_ACCURACY
+Usage: tritonclient_check.py HOST:PORT MODEL SAMPLES_JSON MIN_ACCURACY [CA_PEM]
+
+With CA_PEM the client speaks https (`ssl=True`) and verifies the server's
+certificate against that CA, as a user of a TLS-terminating gateway would.
 """
 
 import json
@@ -26,7 +29,13 @@ def fail(msg):
 
 def main():
     url, model, samples_path, min_accuracy = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    client = httpclient.InferenceServerClient(url=url)
+    ca = sys.argv[5] if len(sys.argv) > 5 else None
+    if ca:
+        client = httpclient.InferenceServerClient(
+            url=url, ssl=True, ssl_options={"ca_certs": ca}
+        )
+    else:
+        client = httpclient.InferenceServerClient(url=url)
     if not client.is_server_live():
         fail("server is not live")
     if not client.is_server_ready():

@@ -22,6 +22,17 @@ pub mod registry;
 pub mod replica;
 pub mod traffic;
 
+/// The URL of `path` on a fleet member reached at `address`: an address
+/// is `host:port` (plain HTTP) or carries its scheme (`https://host:port`,
+/// what members serving TLS advertise).
+pub fn member_url(address: &str, path: &str) -> String {
+    if address.contains("://") {
+        format!("{address}{path}")
+    } else {
+        format!("http://{address}{path}")
+    }
+}
+
 /// Milliseconds since the Unix epoch, the timestamp unit of every document.
 pub type UnixMillis = i64;
 

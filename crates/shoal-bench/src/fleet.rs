@@ -66,7 +66,10 @@ async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClien
         if probe.get_raw("/health").await.is_ok() {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the control plane at {url} did not start");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the control plane at {url} did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let token = shoal_client::secret::read(&data_dir.join("admin.token"))?;

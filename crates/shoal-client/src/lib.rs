@@ -5,9 +5,11 @@
 //! documents. Errors keep the server's `{"error": …}` message and say
 //! whether the server could be reached at all, so callers (the CLI, the
 //! sync agent) can tell "fix your request" from "try again later".
-//! [`secret`] reads and writes token files.
+//! [`secret`] reads and writes token files; [`tls`] is what clients trust
+//! over `https://`.
 
 pub mod secret;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -91,7 +93,7 @@ type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 pub struct ControlClient {
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Body>,
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
     timeout: Duration,
 }
 
@@ -121,7 +123,7 @@ impl ControlClient {
             token,
             http: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
+                .build(tls::connector(connector)),
             timeout: Duration::from_secs(30),
         }
     }
@@ -175,7 +177,7 @@ impl ControlClient {
                 .http
                 .request(request)
                 .await
-                .map_err(|e| unreachable(format!("{e}")))?;
+                .map_err(|e| unreachable(transport_error(&e)))?;
             let (parts, body) = response.into_parts();
             let bytes = body
                 .collect()
@@ -622,6 +624,25 @@ impl ControlClient {
             .await?;
         Self::check(status, &body)
     }
+}
+
+/// A transport error in words, with its causes (hyper's own message is
+/// only "client error (Connect)"), and what to do about a certificate the
+/// client does not trust.
+fn transport_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if text.contains("certificate") {
+        text.push_str(
+            " (pass --ca, or set SHOAL_CA, with the CA certificate that signed the server's)",
+        );
+    }
+    text
 }
 
 /// Splits a streamed body into newline-delimited JSON documents; blank

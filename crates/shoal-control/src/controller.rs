@@ -724,8 +724,9 @@ impl Control {
         let one = |r: &ReplicaFacts| {
             let (id, address) = (r.id.clone(), r.address.clone());
             async move {
-                let client = shoal_client::ControlClient::new(&format!("http://{address}"), None)
-                    .with_timeout(Duration::from_secs(10));
+                let client =
+                    shoal_client::ControlClient::new(&shoal_api::member_url(&address, ""), None)
+                        .with_timeout(Duration::from_secs(10));
                 let meta = client
                     .get_raw(&format!("/v2/models/{model}/versions/{version}"))
                     .await

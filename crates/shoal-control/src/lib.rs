@@ -65,6 +65,8 @@ pub struct ControlConfig {
     pub controller_interval: Duration,
     /// Require tokens on the API (on unless turned off on purpose).
     pub auth: bool,
+    /// Serve over TLS.
+    pub tls: Option<shoal_http::tls::ServerTls>,
 }
 
 impl Default for ControlConfig {
@@ -79,6 +81,7 @@ impl Default for ControlConfig {
             upload_limit: 8 << 30,
             controller_interval: Duration::from_millis(500),
             auth: true,
+            tls: None,
         }
     }
 }
@@ -296,7 +299,7 @@ impl Control {
                 continue;
             }
             let client = shoal_client::ControlClient::new(
-                &format!("http://{}", r.registration.address),
+                &shoal_api::member_url(&r.registration.address, ""),
                 None,
             )
             .with_timeout(Duration::from_secs(2));
@@ -357,16 +360,26 @@ pub struct ControlServer {
 impl ControlServer {
     /// Opens the stores, binds, and starts serving and the controller.
     pub async fn start(config: ControlConfig) -> anyhow::Result<ControlServer> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(shoal_http::tls::ServerTls::config)
+            .transpose()?;
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let control = Control::open(config).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = api::router(control.clone());
         let stopping = control.clone();
-        let task = tokio::spawn(shoal_http::serve(listener, router, async move {
-            let _ = rx.await;
-            stopping.stopping.send_replace(true);
-        }));
+        let task = tokio::spawn(shoal_http::serve(
+            listener,
+            router,
+            async move {
+                let _ = rx.await;
+                stopping.stopping.send_replace(true);
+            },
+            tls,
+        ));
         let controller = tokio::spawn(controller::run(control.clone()));
         Ok(ControlServer {
             addr,

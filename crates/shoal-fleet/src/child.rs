@@ -171,7 +171,8 @@ impl Supervised {
                 tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        if let Some((_, a)) = line.split_once("listening on http://") {
+                        if let Some((_, url)) = line.split_once("listening on ") {
+                            let a = url.split_once("://").map_or(url, |(_, a)| a);
                             addr.send_replace(Some(a.trim().to_owned()));
                         }
                     }

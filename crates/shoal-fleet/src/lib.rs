@@ -12,6 +12,7 @@
 //! parent), so even a `kill -9` of `shoal up` leaves nothing behind.
 
 mod child;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub struct UpConfig {
     pub control_addr: SocketAddr,
     /// Chaos monkey: random replica kills per minute.
     pub chaos_per_minute: Option<f64>,
+    /// Run every member on https with a local CA (`DATA_DIR/tls`).
+    pub tls: bool,
 }
 
 /// Where everything runs, written to `<data-dir>/fleet.json` on each change.
@@ -155,6 +158,43 @@ pub async fn run(
     let state = Arc::new(tokio::sync::Mutex::new(FleetState::default()));
     let exe = config.exe.clone();
     let dir = |name: &str| config.data_dir.join(name).display().to_string();
+    // With --tls every member serves https with the local CA's certificate
+    // and trusts that CA as a client; so does this process.
+    let tls = if config.tls {
+        let hosts: Vec<String> = [config.gateway_addr.ip(), config.control_addr.ip()]
+            .iter()
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .map(ToString::to_string)
+            .collect();
+        let files = tls::ensure(&config.data_dir, &hosts)?;
+        shoal_client::tls::configure(&shoal_client::tls::ClientTls {
+            ca: Some(files.ca.clone()),
+            cert: Some(files.cert.clone()),
+            key: Some(files.key.clone()),
+        })
+        .context("shoal up --tls makes its own CA; do not pass --ca with it")?;
+        Some(files)
+    } else {
+        None
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let tls_args: Vec<String> = tls
+        .iter()
+        .flat_map(|f| {
+            [
+                "--tls-cert".into(),
+                f.cert.display().to_string(),
+                "--tls-key".into(),
+                f.key.display().to_string(),
+                "--ca".into(),
+                f.ca.display().to_string(),
+                "--client-cert".into(),
+                f.cert.display().to_string(),
+                "--client-key".into(),
+                f.key.display().to_string(),
+            ]
+        })
+        .collect();
 
     let control = Supervised::spawn(
         "control".into(),
@@ -167,7 +207,10 @@ pub async fn run(
             dir("control"),
             "--heartbeat-ms".into(),
             "500".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(tls_args.iter().cloned())
+        .collect(),
         state.clone(),
         config.data_dir.clone(),
     );
@@ -175,7 +218,7 @@ pub async fn run(
         .address()
         .await
         .context("the control plane did not start")?;
-    let control_url = format!("http://{control_addr}");
+    let control_url = format!("{scheme}://{control_addr}");
     state.lock().await.control = control_url.clone();
     let admin = shoal_client::secret::read(&config.data_dir.join("control").join("admin.token"))
         .context("the control plane did not leave its admin token")?;
@@ -206,7 +249,10 @@ pub async fn run(
                 "5".into(),
                 "--token-file".into(),
                 fleet_file.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_args.iter().cloned())
+            .collect(),
             state.clone(),
             config.data_dir.clone(),
         ));
@@ -230,7 +276,10 @@ pub async fn run(
                 "250".into(),
                 "--token-file".into(),
                 fleet_file.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_args.iter().cloned())
+            .collect(),
             state.clone(),
             config.data_dir.clone(),
         );
@@ -238,7 +287,7 @@ pub async fn run(
             .address()
             .await
             .with_context(|| format!("the {region} gateway did not start"))?;
-        gateways.push((region.clone(), format!("http://{addr}")));
+        gateways.push((region.clone(), format!("{scheme}://{addr}")));
         children.push(g);
     }
     state.lock().await.gateways = gateways.clone();
@@ -283,8 +332,20 @@ pub async fn run(
     }
     println!();
     println!("Get a prediction:");
-    println!("  curl -s {infer_url} -H 'content-type: application/json' \\");
+    let cacert = tls
+        .as_ref()
+        .map(|f| format!("--cacert {} ", f.ca.display()))
+        .unwrap_or_default();
+    println!("  curl -s {cacert}{infer_url} -H 'content-type: application/json' \\");
     println!("    -d '{body}'");
+    if let Some(f) = &tls {
+        println!();
+        println!("Every member serves https with a local CA; for the CLI:");
+        println!(
+            "  export SHOAL_CONTROL={control_url} SHOAL_CA={}",
+            f.ca.display()
+        );
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     // Tests and tools read this line.

@@ -21,7 +21,7 @@ async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
         .health_interval
         .max(Duration::from_millis(200));
     let started = tokio::time::Instant::now();
-    let mut request = http::Request::get(format!("http://{}/admin/models", endpoint.address));
+    let mut request = http::Request::get(shoal_api::member_url(&endpoint.address, "/admin/models"));
     // Replicas keep their admin API behind the fleet token.
     if let Some(token) = &gateway.config.token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));

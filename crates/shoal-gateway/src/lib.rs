@@ -84,6 +84,8 @@ pub struct GatewayConfig {
     pub health_policy: HealthPolicy,
     /// API keys and rate limits.
     pub protection: protect::ProtectionConfig,
+    /// Serve over TLS.
+    pub tls: Option<shoal_http::tls::ServerTls>,
 }
 
 impl Default for GatewayConfig {
@@ -108,11 +110,12 @@ impl Default for GatewayConfig {
             body_limit: 16 << 20,
             health_policy: HealthPolicy::default(),
             protection: protect::ProtectionConfig::default(),
+            tls: None,
         }
     }
 }
 
-pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The gateway's state.
 pub struct Gateway {
@@ -150,7 +153,7 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .build(connector);
+            .build(shoal_client::tls::connector(connector));
         let registry = MetricsRegistry::new();
         let metrics = GatewayMetrics::new(&registry);
         let protection = Protection::new(&config.protection)?;
@@ -206,6 +209,12 @@ pub struct GatewayServer {
 impl GatewayServer {
     /// Binds, starts discovery and health checks, and serves.
     pub async fn start(config: GatewayConfig) -> std::io::Result<GatewayServer> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(shoal_http::tls::ServerTls::config)
+            .transpose()
+            .map_err(std::io::Error::other)?;
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let config = GatewayConfig {
@@ -223,9 +232,14 @@ impl GatewayServer {
         ];
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = proxy::router(gateway.clone());
-        let task = tokio::spawn(shoal_http::serve_with_peers(listener, router, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(shoal_http::serve_with_peers(
+            listener,
+            router,
+            async move {
+                let _ = rx.await;
+            },
+            tls,
+        ));
         Ok(GatewayServer {
             addr,
             gateway,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
 use shoal_balance::health::Failure;
+use shoal_http::extract::Path;
 use shoal_http::{ApiError, json_response};
 use shoal_oip::ServerMetadata;
 use tokio::time::Instant;
@@ -165,7 +166,7 @@ async fn send(
     let started = Instant::now();
     let mut request = http::Request::builder()
         .method(method)
-        .uri(format!("http://{}{path}", endpoint.address));
+        .uri(shoal_api::member_url(&endpoint.address, path));
     request = match &payload.json_len {
         None => request.header(header::CONTENT_TYPE, "application/json"),
         Some(len) => request

@@ -12,11 +12,15 @@
 //!   graceful shutdown.
 //! - [`extract`] has `Path`, `Query` and `Json` extractors whose rejections
 //!   are JSON errors too.
+//! - [`tls`] serves any of them over TLS (rustls), optionally requiring
+//!   client certificates.
 
 pub mod extract;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -266,17 +270,28 @@ fn nodelay(
     })
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then lets
-/// requests in flight finish for up to [`SHUTDOWN_GRACE`].
+/// Serves `router` on `listener` (over TLS when `tls` is given) until
+/// `shutdown` completes, then lets requests in flight finish for up to
+/// [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let (signal, deadline) = grace(shutdown);
-    tokio::select! {
-        result = axum::serve(nodelay(listener), router).with_graceful_shutdown(signal) => result,
-        () = deadline => Ok(()),
+    match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config)?;
+            tokio::select! {
+                result = axum::serve(listener, router).with_graceful_shutdown(signal) => result,
+                () = deadline => Ok(()),
+            }
+        }
+        None => tokio::select! {
+            result = axum::serve(nodelay(listener), router).with_graceful_shutdown(signal) => result,
+            () = deadline => Ok(()),
+        },
     }
 }
 
@@ -286,12 +301,25 @@ pub async fn serve_with_peers(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let (signal, deadline) = grace(shutdown);
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    tokio::select! {
-        result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
-        () = deadline => Ok(()),
+    match tls {
+        Some(config) => {
+            use axum::serve::ListenerExt;
+            // Tapped (with nothing to do) for axum's `ConnectInfo` impl,
+            // which covers tapped listeners with socket addresses.
+            let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| ());
+            tokio::select! {
+                result = axum::serve(listener, service).with_graceful_shutdown(signal) => result,
+                () = deadline => Ok(()),
+            }
+        }
+        None => tokio::select! {
+            result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
+            () = deadline => Ok(()),
+        },
     }
 }
 

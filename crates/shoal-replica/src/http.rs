@@ -20,8 +20,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -30,6 +29,7 @@ use shoal_api::replica::{
     AdminListing, LoadedModel, LoadedVersion, REPLICA_HEADER, VERSION_HEADER,
 };
 use shoal_core::{ModelName, Tensor, Version};
+use shoal_http::extract::{Json, Path};
 use shoal_http::{ApiError, json_bytes_response, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
 use shoal_runtime::{LoadOptions, RunError};
@@ -470,10 +470,9 @@ fn names(model: &str, version: &str) -> Result<(ModelName, Version), ApiError> {
 async fn admin_load(
     State(replica): Shared,
     Path((model, version)): Path<(String, String)>,
-    body: Result<axum::Json<LoadBody>, JsonRejection>,
+    Json(body): Json<LoadBody>,
 ) -> Result<Response, ApiError> {
     let (model, version) = names(&model, &version)?;
-    let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if body.sha256.is_none() {
         return Err(ApiError::bad_request(format!(
             "loading {} needs its sha256: the replica serves only bytes whose digest it was \
@@ -528,9 +527,8 @@ struct DefaultBody {
 async fn admin_set_default(
     State(replica): Shared,
     Path(model): Path<String>,
-    body: Result<axum::Json<DefaultBody>, JsonRejection>,
+    Json(body): Json<DefaultBody>,
 ) -> Result<Response, ApiError> {
-    let axum::Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     replica
         .store()
         .set_default(&model, &body.version)
@@ -548,10 +546,10 @@ async fn admin_faults(State(replica): Shared) -> Response {
 async fn admin_set_fault(
     State(replica): Shared,
     Path((model, version)): Path<(String, String)>,
-    body: Result<axum::Json<shoal_api::fleet::Fault>, JsonRejection>,
+    Json(body): Json<shoal_api::fleet::Fault>,
 ) -> Result<Response, ApiError> {
     let (model, version) = names(&model, &version)?;
-    let axum::Json(fault) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let fault = body;
     if !(0.0..=1.0).contains(&fault.error_rate) || !(0.0..=1.0).contains(&fault.latency_rate) {
         return Err(ApiError::bad_request(
             "error_rate and latency_rate must be between 0 and 1",

@@ -106,6 +106,8 @@ pub struct ReplicaConfig {
     /// Serve `/admin/faults` (latency, errors, hangs on demand): for
     /// drills, tests and benchmarks only.
     pub allow_fault_injection: bool,
+    /// Serve over TLS.
+    pub tls: Option<shoal_http::tls::ServerTls>,
 }
 
 impl Default for ReplicaConfig {
@@ -121,6 +123,7 @@ impl Default for ReplicaConfig {
             max_queue: None,
             admin_tokens: Vec::new(),
             allow_fault_injection: false,
+            tls: None,
         }
     }
 }
@@ -536,6 +539,12 @@ impl ReplicaServer {
         backend: Arc<dyn Backend>,
         extend: impl FnOnce(Arc<Replica>, SocketAddr) -> axum::Router,
     ) -> std::io::Result<ReplicaServer> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(shoal_http::tls::ServerTls::config)
+            .transpose()
+            .map_err(std::io::Error::other)?;
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let id = config
@@ -553,10 +562,15 @@ impl ReplicaServer {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = http::router(replica.clone()).merge(extend(replica.clone(), addr));
         let server_replica = replica.clone();
-        let task = tokio::spawn(shoal_http::serve(listener, router, async move {
-            let _ = rx.await;
-            server_replica.begin_shutdown();
-        }));
+        let task = tokio::spawn(shoal_http::serve(
+            listener,
+            router,
+            async move {
+                let _ = rx.await;
+                server_replica.begin_shutdown();
+            },
+            tls,
+        ));
         let loader = replica.clone();
         tokio::spawn(async move {
             for m in config.models {

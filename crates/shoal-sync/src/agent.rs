@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,6 +18,7 @@ use shoal_api::fleet::{DesiredState, FailureKind, Heartbeat, Registration, Servi
 use shoal_artifacts::{ChunkCache, ChunkId};
 use shoal_client::{ClientError, Conditional, ControlClient, reconnect_backoff as backoff};
 use shoal_core::{ModelName, Version};
+use shoal_http::extract::Path;
 use shoal_http::{ApiError, json_response};
 use shoal_replica::store::InstallPolicy;
 use shoal_replica::{ArtifactSource, LoadSpec, Replica};

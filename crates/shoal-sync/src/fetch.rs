@@ -219,7 +219,7 @@ impl Fetcher {
             .entry(peer.address.clone())
             .or_insert_with(|| {
                 ControlClient::new(
-                    &format!("http://{}", peer.address),
+                    &shoal_api::member_url(&peer.address, ""),
                     self.origin.token().map(str::to_owned),
                 )
                 .with_timeout(std::time::Duration::from_secs(30))

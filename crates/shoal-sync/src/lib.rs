@@ -39,10 +39,16 @@ pub async fn start_replica(
 ) -> std::io::Result<ReplicaServer> {
     // Peers and gateways present the fleet token the replica holds itself.
     config.admin_tokens.extend(sync.token.clone());
+    let tls = config.tls.is_some();
     let mut agent_error = None;
     let server = ReplicaServer::start_with(config, backend, |replica, addr| {
         if sync.advertise.is_empty() {
-            sync.advertise = addr.to_string();
+            // Members serving TLS say so in the address they advertise.
+            sync.advertise = if tls {
+                format!("https://{addr}")
+            } else {
+                addr.to_string()
+            };
         }
         match Agent::new(sync, replica) {
             Ok(agent) => {

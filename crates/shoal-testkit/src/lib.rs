@@ -347,14 +347,38 @@ pub async fn until_routed(gateway: &str, model: &str) {
 /// passes and the accuracy on the held-out samples is at least
 /// `min_accuracy`.
 pub async fn tritonclient_check(addr: &str, model: &str, min_accuracy: f64) {
+    run_tritonclient_check(addr, model, min_accuracy, None).await;
+}
+
+/// [`tritonclient_check`] over https (`ssl=True`), trusting `ca`.
+pub async fn tritonclient_check_tls(
+    addr: &str,
+    model: &str,
+    min_accuracy: f64,
+    ca: &std::path::Path,
+) {
+    run_tritonclient_check(addr, model, min_accuracy, Some(ca)).await;
+}
+
+async fn run_tritonclient_check(
+    addr: &str,
+    model: &str,
+    min_accuracy: f64,
+    ca: Option<&std::path::Path>,
+) {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/tritonclient_check.py");
-    let output = tokio::process::Command::new("python3")
+    let mut command = tokio::process::Command::new("python3");
+    command
         .arg(script)
         .arg(addr)
         .arg(model)
         .arg(model_path("digits-samples.json"))
-        .arg(min_accuracy.to_string())
+        .arg(min_accuracy.to_string());
+    if let Some(ca) = ca {
+        command.arg(ca);
+    }
+    let output = command
         .kill_on_drop(true)
         .output()
         .await

@@ -40,6 +40,75 @@ pub(crate) struct Global {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Trust these PEM CA certificates for https:// (control plane,
+    /// replicas, peers, gateways) instead of the system's roots.
+    #[arg(long, global = true, env = "SHOAL_CA")]
+    pub(crate) ca: Option<std::path::PathBuf>,
+    /// Present this PEM client certificate to https:// servers that ask
+    /// for one (mutual TLS between fleet members).
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub(crate) client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's PEM private key.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub(crate) client_key: Option<std::path::PathBuf>,
+}
+
+/// TLS for a role's own server (`shoal control|replica|gateway`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServeTls {
+    /// Serve https with this PEM certificate chain (leaf first).
+    #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's PEM private key.
+    #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require clients to present a certificate signed by --ca (mutual
+    /// TLS between fleet members).
+    #[arg(long, requires = "tls_cert")]
+    require_client_cert: bool,
+}
+
+impl ServeTls {
+    /// The server's TLS files, if it serves https.
+    pub(crate) fn server(
+        &self,
+        global: &Global,
+    ) -> anyhow::Result<Option<shoal_http::tls::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let client_ca = match (self.require_client_cert, &global.ca) {
+            (false, _) => None,
+            (true, Some(ca)) => Some(ca.clone()),
+            (true, None) => anyhow::bail!(
+                "--require-client-cert needs --ca: the CA that signs the clients' certificates"
+            ),
+        };
+        Ok(Some(shoal_http::tls::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca,
+        }))
+    }
+
+    /// `https` when serving TLS, else `http`.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,11 +157,22 @@ pub(crate) fn main() -> ExitCode {
         }
     };
     let global = cli.global.clone();
+    let client_tls = shoal_client::tls::ClientTls {
+        ca: global.ca.clone(),
+        cert: global.client_cert.clone(),
+        key: global.client_key.clone(),
+    };
+    if client_tls != shoal_client::tls::ClientTls::default()
+        && let Err(e) = shoal_client::tls::configure(&client_tls)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = runtime.block_on(async move {
         cmd::exit_with_parent();
         match cli.command {
             Command::Up(args) => cmd::up::run(args).await,
-            Command::Control(args) => cmd::control::run(args).await,
+            Command::Control(args) => cmd::control::run(args, &global).await,
             Command::Replica(args) => cmd::replica::run(args, &global).await,
             Command::Gateway(args) => cmd::gateway::run(args, &global).await,
             Command::Traffic(a) => cmd::client::traffic(a, &global).await,

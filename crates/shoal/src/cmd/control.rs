@@ -27,9 +27,13 @@ pub(crate) struct ControlArgs {
     /// what the fleet serves. For throwaway experiments only.
     #[arg(long)]
     no_auth: bool,
+
+    #[command(flatten)]
+    tls: crate::cli::ServeTls,
 }
 
-pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyhow::Result<()> {
+    let args_scheme = args.tls.scheme();
     let heartbeat = Duration::from_millis(args.heartbeat_ms.max(100));
     let config = ControlConfig {
         addr: args.addr,
@@ -39,11 +43,15 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
         dead_after: heartbeat * 3,
         skew_threshold: Duration::from_secs(args.skew_threshold_secs),
         auth: !args.no_auth,
+        tls: args.tls.server(global)?,
         ..ControlConfig::default()
     };
     let mut server = ControlServer::start(config).await?;
     tracing::info!(addr = %server.addr, "control plane listening");
-    println!("shoal control listening on http://{}", server.addr);
+    println!(
+        "shoal control listening on {}://{}",
+        args_scheme, server.addr
+    );
     let ended = tokio::select! {
         () = super::shutdown_requested() => None,
         result = server.join() => Some(result),

@@ -59,9 +59,13 @@ pub(crate) struct GatewayArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     body_limit: usize,
+
+    #[command(flatten)]
+    tls: crate::cli::ServeTls,
 }
 
 pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()> {
+    let args_scheme = args.tls.scheme();
     if global.control.is_none() && args.replicas.is_empty() {
         bail!("nothing to route to: give --control URL, or --replica HOST:PORT for each replica");
     }
@@ -100,11 +104,15 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
             burst: args.burst,
             log_payloads: args.log_payloads,
         },
+        tls: args.tls.server(global)?,
         ..GatewayConfig::default()
     };
     let mut server = GatewayServer::start(config).await?;
     tracing::info!(addr = %server.addr, "gateway listening");
-    println!("shoal gateway listening on http://{}", server.addr);
+    println!(
+        "shoal gateway listening on {}://{}",
+        args_scheme, server.addr
+    );
     let ended = tokio::select! {
         () = super::shutdown_requested() => None,
         result = server.join() => Some(result),

@@ -74,6 +74,9 @@ pub(crate) struct ReplicaArgs {
     /// demand: for drills, tests and benchmarks, never in production.
     #[arg(long)]
     allow_fault_injection: bool,
+
+    #[command(flatten)]
+    tls: crate::cli::ServeTls,
 }
 
 /// The tokens of `--admin-token-file`: one per line, blank lines and
@@ -146,6 +149,7 @@ fn replica_id(given: Option<String>, data_dir: &Path) -> anyhow::Result<String> 
 }
 
 pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()> {
+    let args_scheme = args.tls.scheme();
     if args.models.is_empty() && global.control.is_none() {
         bail!(
             "nothing to serve: give --control URL to serve what the control plane deploys, \
@@ -177,6 +181,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         max_queue: None,
         admin_tokens: admin_tokens(args.admin_token_file.as_deref())?,
         allow_fault_injection: args.allow_fault_injection,
+        tls: args.tls.server(global)?,
     };
     if args.allow_fault_injection {
         tracing::warn!(
@@ -202,7 +207,10 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
     };
     tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
     // Tools that start replicas on port 0 read the address from this line.
-    println!("shoal replica listening on http://{}", server.addr);
+    println!(
+        "shoal replica listening on {}://{}",
+        args_scheme, server.addr
+    );
     let ended = tokio::select! {
         () = super::shutdown_requested() => None,
         result = server.join() => Some(result),

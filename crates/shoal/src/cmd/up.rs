@@ -26,6 +26,9 @@ pub(crate) struct UpArgs {
     /// Chaos monkey: kill a random replica this many times per minute, on average.
     #[arg(long, value_name = "KILLS_PER_MINUTE")]
     chaos: Option<f64>,
+    /// Serve everything over https with a local CA made under DATA_DIR/tls.
+    #[arg(long)]
+    tls: bool,
 }
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         gateway_addr: args.gateway_addr,
         control_addr: args.control_addr,
         chaos_per_minute: args.chaos,
+        tls: args.tls,
     };
     shoal_fleet::run(config, super::shutdown_requested()).await
 }
