@@ -131,11 +131,47 @@ pub enum InputError {
         /// What exactly is wrong, starting with "; " (or empty).
         detail: String,
     },
+    /// A floating-point input holds NaN or an infinity (a JSON number
+    /// beyond the type's range, or such bits in a binary tensor).
+    #[error(
+        "input {name:?} element {index} is {value}: {datatype} inputs must be finite numbers \
+         (JSON numbers beyond the type's range become infinite)"
+    )]
+    NotFinite {
+        /// The input.
+        name: String,
+        /// Its datatype.
+        datatype: DataType,
+        /// Flat index of the first such element.
+        index: usize,
+        /// `NaN`, `inf` or `-inf`.
+        value: String,
+    },
+}
+
+/// The first NaN or infinite element of floating-point data, if any.
+fn first_not_finite(data: &crate::TensorData) -> Option<(usize, String)> {
+    use crate::TensorData;
+    match data {
+        TensorData::Fp16(v) => v
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i].to_string())),
+        TensorData::Fp32(v) => v
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i].to_string())),
+        TensorData::Fp64(v) => v
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i].to_string())),
+        _ => None,
+    }
 }
 
 impl Signature {
     /// Checks `inputs` against the declared inputs and returns them in the
-    /// model's order.
+    /// model's order. Floating-point values must be finite.
     pub fn check_inputs(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InputError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         for tensor in inputs {
@@ -200,6 +236,14 @@ impl Signature {
                     }
                     _ => {}
                 }
+            }
+            if let Some((index, value)) = first_not_finite(tensor.data()) {
+                return Err(InputError::NotFinite {
+                    name: spec.name.clone(),
+                    datatype: spec.datatype,
+                    index,
+                    value,
+                });
             }
             ordered.push(tensor);
         }
@@ -334,6 +378,30 @@ mod tests {
             Err(
                 "input \"b\" has shape [4] but the model expects [n]; dimension 0 (n) is 4 but input \"a\" has n = 3",
             ),
+        );
+    }
+
+    #[test]
+    fn non_finite_floats_are_refused_naming_the_input_and_element() {
+        let with = |value: f32| {
+            let mut data = vec![0.5; 64];
+            data[7] = value;
+            vec![Tensor::new("input", vec![1, 64], TensorData::Fp32(data)).unwrap()]
+        };
+        let refusal = |v: &str| {
+            format!(
+                "input \"input\" element 7 is {v}: FP32 inputs must be finite numbers (JSON numbers beyond the type's range become infinite)"
+            )
+        };
+        check(&digits(), with(f32::NAN), Err(&refusal("NaN")));
+        check(&digits(), with(f32::INFINITY), Err(&refusal("inf")));
+        check(&digits(), with(f32::NEG_INFINITY), Err(&refusal("-inf")));
+        check(&digits(), with(f32::MAX), Ok(vec!["input"]));
+        // Integers have no such values; other inputs are not scanned.
+        check(
+            &two_inputs(),
+            vec![f32s("a", &[1, 2]), i64s("b", &[1])],
+            Ok(vec!["a", "b"]),
         );
     }
 

@@ -38,8 +38,14 @@ pub(crate) struct Protection {
 pub(crate) enum Refusal {
     /// No key, or an unknown one.
     Unauthorized(String),
-    /// Over the rate; retry after this many seconds.
-    RateLimited { key: String, retry_after: u64 },
+    /// Over the rate; retry after this many seconds. `label` is what
+    /// metrics count it under: the API key's name, or `anonymous` when
+    /// callers are told apart only by address.
+    RateLimited {
+        key: String,
+        label: String,
+        retry_after: u64,
+    },
 }
 
 impl Protection {
@@ -79,6 +85,8 @@ impl Protection {
                     .and_then(|v| v.strip_prefix("Bearer "))
             });
         let who = if self.keys.is_empty() {
+            // Without API keys, each client address has its own limit;
+            // the address is never a metric label (see `Refusal::label`).
             peer.map_or_else(|| "anonymous".to_owned(), |p| p.ip().to_string())
         } else {
             let key = presented.ok_or_else(|| {
@@ -93,8 +101,14 @@ impl Protection {
             && let Err(not_until) = limiter.check_key(&who)
         {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let label = if self.keys.is_empty() {
+                "anonymous".to_owned()
+            } else {
+                who.clone()
+            };
             return Err(Refusal::RateLimited {
                 key: who,
+                label,
                 retry_after: wait.max(Duration::from_secs(1)).as_secs_f64().ceil() as u64,
             });
         }

@@ -522,8 +522,12 @@ async fn feedback(
 fn refusal_error(gateway: &Gateway, refusal: Refusal) -> ApiError {
     match refusal {
         Refusal::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
-        Refusal::RateLimited { key, retry_after } => {
-            gateway.metrics.limited(&key);
+        Refusal::RateLimited {
+            key,
+            label,
+            retry_after,
+        } => {
+            gateway.metrics.limited(&label);
             ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(
@@ -569,13 +573,47 @@ async fn infer_common(
         Ok(r) => r,
         Err(e) => (e.into_response(), pinned.clone().unwrap_or_default()),
     };
+    // Labels come from the routing state, never from the request alone:
+    // a scanner asking for random model names must not mint a time series
+    // per name.
+    let state = gateway.routes.snapshot();
+    let (model_label, version_label) = metric_labels(&state, &model, &version);
     gateway.metrics.answered(
-        &model,
-        &version,
+        model_label,
+        version_label,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+/// Label for requests to models or versions the gateway does not route.
+pub(crate) const OTHER: &str = "other";
+
+/// The metric labels of a request for `model`/`version`: themselves when
+/// the routing state knows them (a policy names them or an endpoint serves
+/// them), else [`OTHER`].
+pub(crate) fn metric_labels<'a>(
+    state: &crate::routes::RoutingState,
+    model: &'a str,
+    version: &'a str,
+) -> (&'a str, &'a str) {
+    let policy = state.policies.get(model);
+    let known_model = policy.is_some() || state.endpoints.iter().any(|e| e.serves_model(model));
+    if !known_model {
+        return (OTHER, OTHER);
+    }
+    if version.is_empty() {
+        return (model, version);
+    }
+    let known_version = policy.is_some_and(|p| {
+        p.targets.iter().any(|t| t.version == version)
+            || p.shadow.as_ref().is_some_and(|s| s.version == version)
+    }) || {
+        let key = format!("{model}:{version}");
+        state.endpoints.iter().any(|e| e.serves_key(&key))
+    };
+    (model, if known_version { version } else { OTHER })
 }
 
 async fn route_inference(

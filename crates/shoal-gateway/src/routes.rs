@@ -63,6 +63,16 @@ impl Endpoint {
 
     /// True when it serves `key` (`model:version`), or with no key any
     /// version of `model`.
+    /// True when it serves some version of `model`.
+    pub(crate) fn serves_model(&self, model: &str) -> bool {
+        self.serves(model, None)
+    }
+
+    /// True when it serves `key` (`model:version`).
+    pub(crate) fn serves_key(&self, key: &str) -> bool {
+        self.serves("", Some(key))
+    }
+
     fn serves(&self, model: &str, key: Option<&str>) -> bool {
         let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
         match key {
@@ -699,5 +709,25 @@ mod tests {
                 first.id
             );
         }
+    }
+
+    #[test]
+    fn metric_labels_come_from_the_routing_state_not_the_request() {
+        let routes = Routes::new("r".into(), HealthPolicy::default());
+        routes.apply(
+            &table(&[("a", "r", &["m:1", "m:2"]), ("b", "r", &["n:7"])], None),
+            Duration::ZERO,
+        );
+        let state = routes.snapshot();
+        let labels = |m, v| crate::proxy::metric_labels(&state, m, v);
+        assert_eq!(labels("m", "1"), ("m", "1"));
+        // Served though not in the split: a pinned request may ask for it.
+        assert_eq!(labels("m", "2"), ("m", "2"));
+        // A model only an endpoint serves (static replicas, no policy).
+        assert_eq!(labels("n", "7"), ("n", "7"));
+        // Whatever a scanner makes up counts under one label.
+        assert_eq!(labels("m", "999999"), ("m", "other"));
+        assert_eq!(labels("wp-login.php", ""), ("other", "other"));
+        assert_eq!(labels("x%00y", "1"), ("other", "other"));
     }
 }

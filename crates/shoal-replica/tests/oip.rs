@@ -367,6 +367,8 @@ async fn bad_input_gets_a_clear_error_and_harms_nothing() {
         ("/v2/models/digits/infer", json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.inputs[0]}], "outputs": [{"name": "logits"}]}).to_string(), StatusCode::BAD_REQUEST, "unknown output \"logits\"; the model's outputs are \"probabilities\", \"label\""),
         ("/v2/models/digits/infer", format!("{{\"inputs\": [], \"pad\": \"{}\"}}", "x".repeat(70 * 1024)), StatusCode::PAYLOAD_TOO_LARGE, "larger than the limit of 65536 bytes"),
         ("/v2/models/a%20b/infer", good.clone(), StatusCode::NOT_FOUND, "unknown model \"a b\""),
+        ("/v2/models/%ff/infer", good.clone(), StatusCode::BAD_REQUEST, "bad path"),
+        ("/v2/models/digits/infer", input("input", json!([1, 64]), "FP32", json!(vec![1e39; 64])), StatusCode::BAD_REQUEST, "input \"input\" element 0 is inf: FP32 inputs must be finite numbers"),
     ];
     for (uri, body, status, message) in cases {
         let r = post(&app, uri, body.clone()).await;
@@ -421,7 +423,7 @@ async fn bad_input_gets_a_clear_error_and_harms_nothing() {
     let metrics = replica.encode_metrics();
     assert!(metrics.contains(r#"model_predictions_total{model="digits",model_version="1",replica_id="r-test",outcome="success"} 1"#), "{metrics}");
     assert!(
-        metrics.contains(r#"outcome="invalid_input"} 17"#),
+        metrics.contains(r#"outcome="invalid_input"} 18"#),
         "{metrics}"
     );
 }
