@@ -194,6 +194,9 @@ pub struct DesiredVersion {
     /// Input shape overrides.
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// Bounds on request shapes.
+    #[serde(default)]
+    pub max_shapes: BTreeMap<String, Vec<i64>>,
     /// Keep it if it is loaded, but do not load it (and do not wait for it
     /// to be ready): versions kept warm or draining after traffic left them.
     #[serde(default)]

@@ -74,6 +74,10 @@ pub struct VersionRecord {
     /// dimensions, -1 = dynamic), like a Triton model configuration.
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// The largest size of each input dimension a request may use (input
+    /// name to dimensions, -1 = the default bound of 4096).
+    #[serde(default)]
+    pub max_shapes: BTreeMap<String, Vec<i64>>,
 }
 
 /// Body of `POST /api/v1/models/{model}/versions`: register an uploaded
@@ -98,6 +102,10 @@ pub struct NewVersion {
     /// Input shape overrides (input name to dimensions, -1 = dynamic).
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// Bounds on request shapes (input name to the largest size of each
+    /// dimension, -1 = the default bound).
+    #[serde(default)]
+    pub max_shapes: BTreeMap<String, Vec<i64>>,
     /// Check only that the artifact is an ONNX model, not that the default
     /// engine can prepare and warm it up (for artifacts meant for another
     /// engine).

@@ -381,6 +381,11 @@ pub(crate) async fn create_version(
             )));
         }
     }
+    // Both parse here, so a bad shape or bound is a 400 before the
+    // artifact is read.
+    let options = LoadOptions::from_dims(&new.input_shapes)
+        .and_then(|o| o.with_max_shapes(&new.max_shapes))
+        .map_err(ApiError::bad_request)?;
     let manifest = control
         .artifacts
         .get_manifest(&new.sha256)
@@ -391,7 +396,7 @@ pub(crate) async fn create_version(
     } else {
         Checks::Engine
     };
-    check_artifact(&control, &manifest.sha256, &new.input_shapes, checks).await?;
+    check_artifact(&control, &manifest.sha256, options, checks).await?;
     let draft = VersionDraft {
         version: new.version,
         sha256: manifest.sha256.clone(),
@@ -400,6 +405,7 @@ pub(crate) async fn create_version(
         metrics: new.metrics,
         lineage: new.lineage,
         input_shapes: new.input_shapes,
+        max_shapes: new.max_shapes,
     };
     let record = control
         .store
@@ -421,10 +427,9 @@ pub(crate) async fn create_version(
 async fn check_artifact(
     control: &Control,
     sha256: &str,
-    input_shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    options: LoadOptions,
     checks: Checks,
 ) -> Result<(), ApiError> {
-    let options = LoadOptions::from_dims(input_shapes).map_err(ApiError::bad_request)?;
     let bytes = control
         .artifacts
         .read_artifact(sha256)

@@ -274,6 +274,20 @@ async fn bad_requests_get_clear_errors() {
         ),
         (
             Method::POST,
+            "/api/v1/models/digits/versions",
+            json!({"sha256": sha, "max_shapes": {"pixels": [1, 64]}}),
+            StatusCode::BAD_REQUEST,
+            "bounds name input \"pixels\", which the model does not have",
+        ),
+        (
+            Method::POST,
+            "/api/v1/models/digits/versions",
+            json!({"sha256": sha, "max_shapes": {"input": [0, 64]}}),
+            StatusCode::BAD_REQUEST,
+            "must be -1 (the default bound) or at least 1",
+        ),
+        (
+            Method::POST,
             "/api/v1/deployments/digits",
             json!({"version": "9"}),
             StatusCode::NOT_FOUND,
@@ -317,6 +331,16 @@ async fn bad_requests_get_clear_errors() {
             "{method} {uri}: {error:?} lacks {message:?}"
         );
     }
+    // Bounds that fit the model are kept with the version.
+    let bounded = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/models/digits/versions",
+        json!({"sha256": sha, "version": "b", "max_shapes": {"input": [16, -1]}}),
+    )
+    .await;
+    assert_eq!(bounded.status, StatusCode::CREATED, "{}", bounded.body);
+    assert_eq!(bounded.body["max_shapes"]["input"], json!([16, -1]));
     // Versions are immutable: the same name twice is a conflict.
     let ok = json_call(
         &app,

@@ -12,5 +12,5 @@ pub mod signature;
 pub mod tensor;
 
 pub use names::{ModelName, ModelRef, NameError, Version};
-pub use signature::{Dim, InputError, Signature, TensorSpec};
+pub use signature::{DEFAULT_MAX_DIM, Dim, InputBounds, InputError, Signature, TensorSpec};
 pub use tensor::{DataType, Tensor, TensorData, TensorError};

@@ -72,6 +72,54 @@ impl TensorSpec {
     }
 }
 
+/// How large each dynamic dimension of an input may be, unless a model's
+/// bounds say otherwise: enough for batches, sequences and images, and
+/// small enough that one request cannot ask for a million-pixel-wide
+/// image.
+pub const DEFAULT_MAX_DIM: usize = 4096;
+
+/// The largest size each dynamic dimension of a model's inputs may take,
+/// as the registry records them for a version (`--max-shape` at push);
+/// dimensions not named get [`DEFAULT_MAX_DIM`]. Fixed dimensions are
+/// fixed: a bound on them changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InputBounds {
+    /// Per input, per axis: the bound, or `None` for the default.
+    pub per_input: std::collections::BTreeMap<String, Vec<Option<usize>>>,
+}
+
+impl InputBounds {
+    /// The bound of `input`'s dimension `axis`.
+    pub fn max(&self, input: &str, axis: usize) -> usize {
+        self.per_input
+            .get(input)
+            .and_then(|dims| dims.get(axis).copied().flatten())
+            .unwrap_or(DEFAULT_MAX_DIM)
+    }
+
+    /// Checks that every input these bounds name exists in `signature`
+    /// with as many dimensions as bounds are given.
+    pub fn fit(&self, signature: &Signature) -> Result<(), String> {
+        for (name, dims) in &self.per_input {
+            let Some(spec) = signature.inputs.iter().find(|s| &s.name == name) else {
+                return Err(format!(
+                    "bounds name input {name:?}, which the model does not have; its inputs are {}",
+                    signature.input_names()
+                ));
+            };
+            if dims.len() != spec.shape.len() {
+                return Err(format!(
+                    "bounds give {} dimensions for input {name:?}, which has {} ({})",
+                    dims.len(),
+                    spec.shape.len(),
+                    spec.shape_text()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A model's inputs and outputs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Signature {
@@ -131,6 +179,22 @@ pub enum InputError {
         /// What exactly is wrong, starting with "; " (or empty).
         detail: String,
     },
+    /// A dynamic dimension is over the model's bound.
+    #[error(
+        "input {name:?} dimension {axis} is {size}, over this model's bound of {max}; send smaller \
+         requests, or push the model with a larger bound (shoal model push --max-shape \
+         {name}=D,D,…)"
+    )]
+    TooLarge {
+        /// The input.
+        name: String,
+        /// The dimension.
+        axis: usize,
+        /// Its size in the request.
+        size: usize,
+        /// The bound.
+        max: usize,
+    },
     /// A floating-point input holds NaN or an infinity (a JSON number
     /// beyond the type's range, or such bits in a binary tensor).
     #[error(
@@ -170,9 +234,19 @@ fn first_not_finite(data: &crate::TensorData) -> Option<(usize, String)> {
 }
 
 impl Signature {
-    /// Checks `inputs` against the declared inputs and returns them in the
-    /// model's order. Floating-point values must be finite.
+    /// Checks `inputs` against the declared inputs, with the default
+    /// bounds on dynamic dimensions, and returns them in the model's order.
+    /// Floating-point values must be finite.
     pub fn check_inputs(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InputError> {
+        self.check_inputs_within(inputs, &InputBounds::default())
+    }
+
+    /// [`Signature::check_inputs`] with a model's own bounds.
+    pub fn check_inputs_within(
+        &self,
+        inputs: Vec<Tensor>,
+        bounds: &InputBounds,
+    ) -> Result<Vec<Tensor>, InputError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         for tensor in inputs {
             let Some(index) = self.inputs.iter().position(|s| s.name == tensor.name) else {
@@ -217,6 +291,14 @@ impl Signature {
                 )));
             }
             for (axis, (dim, &size)) in spec.shape.iter().zip(tensor.shape()).enumerate() {
+                if matches!(dim, Dim::Dynamic(_)) && size > bounds.max(&spec.name, axis) {
+                    return Err(InputError::TooLarge {
+                        name: spec.name.clone(),
+                        axis,
+                        size,
+                        max: bounds.max(&spec.name, axis),
+                    });
+                }
                 match dim {
                     Dim::Fixed(n) if *n != size => {
                         return Err(wrong_shape(format!(
@@ -378,6 +460,53 @@ mod tests {
             Err(
                 "input \"b\" has shape [4] but the model expects [n]; dimension 0 (n) is 4 but input \"a\" has n = 3",
             ),
+        );
+    }
+
+    #[test]
+    fn dynamic_dimensions_are_bounded() {
+        let big = |n| vec![f32s("input", &[n, 64])];
+        check(&digits(), big(DEFAULT_MAX_DIM), Ok(vec!["input"]));
+        check(
+            &digits(),
+            big(DEFAULT_MAX_DIM + 1),
+            Err(&format!(
+                "input \"input\" dimension 0 is {}, over this model's bound of {DEFAULT_MAX_DIM}; send smaller requests, or push the model with a larger bound (shoal model push --max-shape input=D,D,…)",
+                DEFAULT_MAX_DIM + 1
+            )),
+        );
+        let bounds = InputBounds {
+            per_input: [("input".to_owned(), vec![Some(8), Some(1)])].into(),
+        };
+        let within = |n| digits().check_inputs_within(big(n), &bounds);
+        assert!(within(8).is_ok());
+        assert!(matches!(
+            within(9),
+            Err(InputError::TooLarge {
+                axis: 0,
+                size: 9,
+                max: 8,
+                ..
+            })
+        ));
+        // A bound on a fixed dimension changes nothing.
+        assert!(within(1).is_ok());
+        assert_eq!(bounds.fit(&digits()), Ok(()));
+        let wrong = InputBounds {
+            per_input: [("pixels".to_owned(), vec![Some(1)])].into(),
+        };
+        assert!(wrong.fit(&digits()).unwrap_err().contains("does not have"));
+        let rank = InputBounds {
+            per_input: [("input".to_owned(), vec![Some(1)])].into(),
+        };
+        assert!(
+            rank.fit(&digits())
+                .unwrap_err()
+                .contains("gives 1 dimensions")
+                || rank
+                    .fit(&digits())
+                    .unwrap_err()
+                    .contains("give 1 dimensions")
         );
     }
 

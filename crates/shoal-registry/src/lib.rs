@@ -68,6 +68,8 @@ pub struct VersionDraft {
     pub lineage: Option<String>,
     /// Input shape overrides.
     pub input_shapes: std::collections::BTreeMap<String, Vec<i64>>,
+    /// Bounds on request shapes.
+    pub max_shapes: std::collections::BTreeMap<String, Vec<i64>>,
 }
 
 /// A deployment with the rollout controller's own persisted state.

@@ -41,6 +41,7 @@ const SCHEMA: &[&str] = &[
         metrics TEXT NOT NULL,
         lineage TEXT,
         input_shapes TEXT NOT NULL,
+        max_shapes TEXT NOT NULL DEFAULT '{}',
         status TEXT NOT NULL,
         reached_production INTEGER NOT NULL DEFAULT 0,
         rolled_back INTEGER NOT NULL DEFAULT 0,
@@ -102,14 +103,48 @@ impl SqliteRegistry {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(10));
+        // Schema and upgrades on one connection, closed before the pool
+        // opens: no pooled connection ever prepared a statement against
+        // the schema as it was before an upgrade.
+        {
+            use sqlx::Connection;
+            let mut setup = sqlx::SqliteConnection::connect_with(&options).await?;
+            for statement in SCHEMA {
+                sqlx::query(*statement).execute(&mut setup).await?;
+            }
+            Self::upgrade(&mut setup).await?;
+            setup.close().await?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        for statement in SCHEMA {
-            sqlx::query(*statement).execute(&pool).await?;
-        }
         Ok(SqliteRegistry { pool })
+    }
+
+    /// Brings a registry written by an older Shoal up to this schema:
+    /// columns added since are added with their defaults.
+    async fn upgrade(db: &mut sqlx::SqliteConnection) -> Result<()> {
+        const ADDED: &[(&str, &str, &str)] =
+            &[("versions", "max_shapes", "TEXT NOT NULL DEFAULT '{}'")];
+        for (table, column, definition) in ADDED {
+            let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
+                .bind(table)
+                .bind(column)
+                .fetch_optional(&mut *db)
+                .await?
+                .is_some();
+            if !present {
+                // Names from the constant list above, never from input.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                )))
+                .execute(&mut *db)
+                .await?;
+                tracing::info!(table, column, "registry upgraded: column added");
+            }
+        }
+        Ok(())
     }
 
     /// A write transaction that takes the write lock up front (`BEGIN
@@ -160,6 +195,7 @@ impl SqliteRegistry {
             reached_production: row.get::<i64, _>("reached_production") != 0,
             rolled_back: row.get::<i64, _>("rolled_back") != 0,
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
+            max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
         })
     }
 
@@ -264,8 +300,8 @@ impl RegistryStore for SqliteRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, status)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -277,6 +313,7 @@ impl RegistryStore for SqliteRegistry {
         .bind(json(&draft.metrics))
         .bind(&draft.lineage)
         .bind(json(&draft.input_shapes))
+        .bind(json(&draft.max_shapes))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

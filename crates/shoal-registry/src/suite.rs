@@ -93,11 +93,13 @@ async fn versions_number_and_conflict(store: &dyn RegistryStore) {
     named.metrics.insert("accuracy".into(), 0.98);
     named.lineage = Some("1".into());
     named.input_shapes.insert("x".into(), vec![-1, 3]);
+    named.max_shapes.insert("x".into(), vec![64, -1]);
     let v3 = store.create_version("alpha", named, who()).await.unwrap();
     assert_eq!(v3.labels["team"], "vision");
     assert_eq!(v3.metrics["accuracy"], 0.98);
     assert_eq!(v3.lineage.as_deref(), Some("1"));
     assert_eq!(v3.input_shapes["x"], vec![-1, 3]);
+    assert_eq!(v3.max_shapes["x"], vec![64, -1]);
     // Numbering continues after the highest number.
     let v4 = store
         .create_version("alpha", draft('c'), who())

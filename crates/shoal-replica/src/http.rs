@@ -371,15 +371,31 @@ async fn run_inference(
                 .collect::<Result<_, _>>()?,
         ),
     };
+    // One model's requests may not take every thread from the others, and
+    // none may wait or run past the replica's deadline.
+    let share = shoal_runtime::Share {
+        key: serving.model.as_str(),
+        cap: replica
+            .pool()
+            .cap_for(replica.store().snapshot().models.len()),
+        deadline: replica.inference_timeout(),
+    };
     let outputs = replica
         .pool()
-        .run(&serving.loaded, std::mem::take(&mut request.inputs))
+        .run_shared(&serving.loaded, std::mem::take(&mut request.inputs), share)
         .await
         .map_err(|e| match e {
             RunError::Input(e) => invalid(e.to_string()),
-            RunError::Overloaded { .. } => {
+            RunError::Overloaded { .. } | RunError::Busy { .. } => {
                 (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
             }
+            RunError::DeadlineExceeded { .. } => (
+                Outcome::Error,
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+                },
+            ),
             RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
         })?;
     let outputs: Vec<Tensor> = match selected {

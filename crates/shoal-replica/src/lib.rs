@@ -108,7 +108,13 @@ pub struct ReplicaConfig {
     pub allow_fault_injection: bool,
     /// Serve over TLS.
     pub tls: Option<shoal_http::tls::ServerTls>,
+    /// Longest an inference may wait for a thread and run: past it the
+    /// request is answered 503 (never started) or 504 (abandoned).
+    pub inference_timeout: std::time::Duration,
 }
+
+/// Default of [`ReplicaConfig::inference_timeout`].
+pub const DEFAULT_INFERENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for ReplicaConfig {
     fn default() -> Self {
@@ -124,6 +130,7 @@ impl Default for ReplicaConfig {
             admin_tokens: Vec::new(),
             allow_fault_injection: false,
             tls: None,
+            inference_timeout: DEFAULT_INFERENCE_TIMEOUT,
         }
     }
 }
@@ -158,6 +165,7 @@ pub struct Replica {
     /// SHA-256 of each token the admin API accepts.
     admin_hashes: Vec<[u8; 32]>,
     allow_fault_injection: bool,
+    inference_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Replica {
@@ -211,7 +219,13 @@ impl Replica {
                 .map(|t| sha2::Sha256::digest(t.as_bytes()).into())
                 .collect(),
             allow_fault_injection: config.allow_fault_injection,
+            inference_timeout: config.inference_timeout,
         }
+    }
+
+    /// Longest an inference may take, waiting and running.
+    pub fn inference_timeout(&self) -> std::time::Duration {
+        self.inference_timeout
     }
 
     /// Whether `token` opens the admin API (compared in constant time).

@@ -77,3 +77,102 @@ async fn triton_python_client_works_unchanged() {
     shoal_testkit::tritonclient_check(&server.addr.to_string(), "digits", min_accuracy).await;
     server.stop().await.unwrap();
 }
+
+/// One model's expensive requests cannot take a replica down for the
+/// others: an oversized dynamic shape is refused with a 400 naming the
+/// bound, and while a model's slow (valid) requests occupy it, a request
+/// to another model is answered without waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_models_slow_requests_cannot_starve_another() {
+    let config = ReplicaConfig {
+        id: Some("bounded".into()),
+        models: vec![
+            ModelSpec {
+                name: "digits".parse().unwrap(),
+                version: "1".parse().unwrap(),
+                path: model_path("digits-v1.onnx"),
+            },
+            // Height and width left dynamic: any image size is a valid request.
+            ModelSpec {
+                name: "ocr".parse().unwrap(),
+                version: "1".parse().unwrap(),
+                path: model_path("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            },
+        ],
+        threads: Some(2),
+        ..ReplicaConfig::default()
+    };
+    let server = ReplicaServer::start(config, Arc::new(TractBackend::default()))
+        .await
+        .unwrap();
+    server.replica.wait_ready().await;
+    let base = format!("http://{}", server.addr);
+    let http = HttpClient::new();
+    let image = |n: usize, h: usize, w: usize| {
+        serde_json::json!({"inputs": [{"name": "x", "shape": [n, 3, h, w], "datatype": "FP32",
+            "data": vec![0.5f32; n * 3 * h * w]}]})
+        .to_string()
+    };
+
+    // A million pixels wide: refused before it runs, naming the bound.
+    let r = http
+        .post_json(
+            &format!("{base}/v2/models/ocr/infer"),
+            image(1, 1, 1_000_000),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("dimension 3 is 1000000, over this model's bound of 4096"),
+        "{error}"
+    );
+
+    // Slow but valid: wide images, more of them than the replica has threads.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url, body) = (
+                http.clone(),
+                format!("{base}/v2/models/ocr/infer"),
+                image(8, 48, 2048),
+            );
+            let done = done.clone();
+            tokio::spawn(async move {
+                let status = http.post_json(&url, body).await.status;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                status
+            })
+        })
+        .collect();
+    let pool = server.replica.pool().clone();
+    shoal_testkit::eventually(
+        "the slow requests to occupy the replica",
+        std::time::Duration::from_secs(20),
+        || {
+            let stats = pool.stats();
+            std::future::ready((stats.running >= 1 && stats.queued >= 1).then_some(()))
+        },
+    )
+    .await;
+    // The other model is served at once on the thread the slow model may
+    // not take: its answer comes back before even the first slow request
+    // is done. (Without the cap both threads would run slow requests, and
+    // digits would queue behind the next one.)
+    let r = http
+        .post_json(
+            &format!("{base}/v2/models/digits/infer"),
+            Samples::load().request(0..1),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        done.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "digits waited for a slow request to finish"
+    );
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    server.stop().await.unwrap();
+}

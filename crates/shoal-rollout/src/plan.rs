@@ -194,6 +194,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
                 sha256: record.sha256.clone(),
                 size: record.size,
                 input_shapes: record.input_shapes.clone(),
+                max_shapes: record.max_shapes.clone(),
                 optional: optional(&record.version),
             })
             .collect();
@@ -310,6 +311,7 @@ mod tests {
             reached_production: true,
             rolled_back: false,
             input_shapes: Default::default(),
+            max_shapes: Default::default(),
         }
     }
 

@@ -36,6 +36,20 @@ pub enum RunError {
         /// Requests already waiting.
         queued: usize,
     },
+    /// The request waited its whole deadline for a thread without
+    /// starting; retrying elsewhere may help.
+    #[error("replica busy: no inference thread for this model within {waited_ms} ms")]
+    Busy {
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The inference started but did not finish within the deadline; the
+    /// answer is abandoned (the thread finishes it and is then free).
+    #[error("inference did not finish within its deadline of {deadline_ms} ms")]
+    DeadlineExceeded {
+        /// The deadline.
+        deadline_ms: u64,
+    },
 }
 
 impl RunError {

@@ -26,8 +26,8 @@ pub mod tract;
 use std::sync::Arc;
 
 pub use error::{LoadError, RunError};
-pub use pool::{InferencePool, PoolStats};
-use shoal_core::{Signature, Tensor, TensorData};
+pub use pool::{InferencePool, PoolStats, Share};
+use shoal_core::{InputBounds, Signature, Tensor, TensorData};
 
 /// An inference engine that can load models.
 pub trait Backend: Send + Sync + 'static {
@@ -46,6 +46,9 @@ pub struct LoadOptions {
     /// leaves a dimension unknown that the engine must know, e.g. the height
     /// and width of PaddleOCR's classifier (`x`: `[-1, 3, 48, 192]`).
     pub input_shapes: std::collections::BTreeMap<String, Vec<Option<usize>>>,
+    /// The largest size each dynamic input dimension may take in a
+    /// request (see [`InputBounds`]).
+    pub bounds: InputBounds,
 }
 
 impl LoadOptions {
@@ -70,6 +73,28 @@ impl LoadOptions {
         }
         Ok(options)
     }
+
+    /// These options with the registry's input bounds (input name to the
+    /// largest size of each dimension, -1 = the default bound).
+    pub fn with_max_shapes(
+        mut self,
+        max_shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    ) -> Result<LoadOptions, String> {
+        for (input, dims) in max_shapes {
+            let dims = dims
+                .iter()
+                .map(|&d| match d {
+                    -1 => Ok(None),
+                    d if d >= 1 => usize::try_from(d).map(Some).map_err(|e| e.to_string()),
+                    d => Err(format!(
+                        "max shape of input {input:?}: {d} must be -1 (the default bound) or at least 1"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.bounds.per_input.insert(input.clone(), dims);
+        }
+        Ok(self)
+    }
 }
 
 /// A model prepared by a backend, ready to run. Implementations must be safe
@@ -83,11 +108,13 @@ pub trait Model: Send + Sync + 'static {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
 }
 
-/// A model loaded through a backend, with the platform that runs it.
+/// A model loaded through a backend, with the platform that runs it and
+/// the bounds requests must keep to.
 #[derive(Clone)]
 pub struct LoadedModel {
     model: Arc<dyn Model>,
     platform: &'static str,
+    bounds: Arc<InputBounds>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -106,10 +133,22 @@ impl LoadedModel {
         bytes: &[u8],
         options: &LoadOptions,
     ) -> Result<LoadedModel, LoadError> {
+        let model = backend.load(bytes, options)?;
+        options
+            .bounds
+            .fit(model.signature())
+            .map_err(LoadError::Prepare)?;
         Ok(LoadedModel {
-            model: backend.load(bytes, options)?,
+            model,
             platform: backend.platform(),
+            bounds: Arc::new(options.bounds.clone()),
         })
+    }
+
+    /// Checks `inputs` against the signature and the bounds, in the
+    /// model's order.
+    pub fn check(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, shoal_core::InputError> {
+        self.signature().check_inputs_within(inputs, &self.bounds)
     }
 
     /// The model's inputs and outputs.
@@ -125,7 +164,7 @@ impl LoadedModel {
     /// Checks `inputs` against the signature and runs the model on the
     /// calling thread. Use [`InferencePool::run`] from async code.
     pub fn infer_blocking(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        let inputs = self.signature().check_inputs(inputs)?;
+        let inputs = self.check(inputs)?;
         self.model.run(inputs)
     }
 

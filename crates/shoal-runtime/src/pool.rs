@@ -6,12 +6,22 @@
 //! engine never oversubscribes the cores. Waiting calls queue, up to
 //! `max_queue`; past that, calls fail fast with [`RunError::Overloaded`] so a
 //! gateway can retry on a less busy replica instead of timing out here.
+//!
+//! [`InferencePool::run_shared`] adds two bounds on what one request, or
+//! one model, can cost the others ([`Share`]): each model may hold at most
+//! `cap` threads (a replica serving several models leaves one thread for
+//! the others, so a model of slow requests cannot starve a fast one), and
+//! each request has a deadline: waiting past it is [`RunError::Busy`]
+//! (retry elsewhere), running past it is [`RunError::DeadlineExceeded`]
+//! (the answer is abandoned; the thread finishes and is then free).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use shoal_core::Tensor;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{LoadedModel, RunError};
 
@@ -27,6 +37,46 @@ struct Inner {
     threads: usize,
     max_queue: usize,
     queued: AtomicUsize,
+    /// Threads held per model key.
+    held: Mutex<HashMap<String, usize>>,
+    /// Woken whenever a model gives a thread back.
+    returned: Notify,
+}
+
+/// How one inference shares the pool with the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share<'a> {
+    /// Whose inference it is (the model's name).
+    pub key: &'a str,
+    /// At most this many of the pool's threads for `key` at once.
+    pub cap: usize,
+    /// Longest the request may take, waiting and running.
+    pub deadline: Duration,
+}
+
+/// A model's hold on one thread, returned on drop (also when the caller
+/// went away while the inference ran on).
+struct Held {
+    inner: Arc<Inner>,
+    key: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+        drop(held);
+        self.inner.returned.notify_waiters();
+    }
 }
 
 /// A snapshot of the pool's occupancy.
@@ -61,7 +111,50 @@ impl InferencePool {
                 threads,
                 max_queue,
                 queued: AtomicUsize::new(0),
+                held: Mutex::new(HashMap::new()),
+                returned: Notify::new(),
             }),
+        }
+    }
+
+    /// How many threads one of `models` models should hold at most: all
+    /// of them for a single model, else all but one (at least one).
+    pub fn cap_for(&self, models: usize) -> usize {
+        if models > 1 {
+            (self.inner.threads - 1).max(1)
+        } else {
+            self.inner.threads
+        }
+    }
+
+    /// Takes a thread for `key` if it holds fewer than `cap`.
+    fn try_hold(&self, key: &str, cap: usize) -> Option<Held> {
+        let mut held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = held.entry(key.to_owned()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            inner: self.inner.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Waits until `key` holds fewer than `cap` threads, and takes one.
+    async fn hold(&self, key: &str, cap: usize) -> Held {
+        loop {
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(h) = self.try_hold(key, cap) {
+                return h;
+            }
+            returned.await;
         }
     }
 
@@ -71,40 +164,88 @@ impl InferencePool {
         InferencePool::new(cores, cores * 64)
     }
 
-    /// Checks `inputs` against the model's signature and runs it on a pool
-    /// thread.
+    /// Checks `inputs` against the model's signature and bounds and runs
+    /// it on a pool thread, with no per-model cap and no deadline.
     pub async fn run(
         &self,
         model: &LoadedModel,
         inputs: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, RunError> {
-        let inputs = model.signature().check_inputs(inputs)?;
-        let permit = match self.inner.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let share = Share {
+            key: "",
+            cap: self.inner.threads,
+            deadline: Duration::MAX,
+        };
+        self.run_shared(model, inputs, share).await
+    }
+
+    /// Checks `inputs` against the model's signature and bounds and runs
+    /// it on a pool thread, within `share`'s cap and deadline.
+    pub async fn run_shared(
+        &self,
+        model: &LoadedModel,
+        inputs: Vec<Tensor>,
+        share: Share<'_>,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let inputs = model.check(inputs)?;
+        let started = tokio::time::Instant::now();
+        let deadline = started.checked_add(share.deadline);
+        let ready = match (
+            self.try_hold(share.key, share.cap),
+            self.inner.permits.clone().try_acquire_owned(),
+        ) {
+            (Some(held), Ok(permit)) => (held, permit),
+            (held, permit) => {
+                // Not both at once: wait in the queue, if there is room.
+                drop(permit);
+                drop(held);
                 let queued = self.inner.queued.fetch_add(1, Ordering::Relaxed);
                 let slot = QueueSlot(&self.inner.queued);
                 if queued >= self.inner.max_queue {
                     return Err(RunError::Overloaded { queued });
                 }
-                let permit = self
-                    .inner
-                    .permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| RunError::Engine("inference pool closed".into()))?;
+                let wait = async {
+                    let held = self.hold(share.key, share.cap).await;
+                    let permit = self
+                        .inner
+                        .permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| RunError::Engine("inference pool closed".into()))?;
+                    Ok::<_, RunError>((held, permit))
+                };
+                let waited = match deadline {
+                    Some(at) => {
+                        tokio::time::timeout_at(at, wait)
+                            .await
+                            .map_err(|_| RunError::Busy {
+                                waited_ms: millis(share.deadline),
+                            })?
+                    }
+                    None => wait.await,
+                }?;
                 drop(slot);
-                permit
+                waited
             }
         };
+        let (held, permit) = ready;
         let model = model.model.clone();
-        tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _held = held;
             model.run(inputs)
-        })
-        .await
-        .map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
+        });
+        let finished =
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, task).await.map_err(|_| {
+                    RunError::DeadlineExceeded {
+                        deadline_ms: millis(share.deadline),
+                    }
+                })?,
+                None => task.await,
+            };
+        finished.map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
     }
 
     /// Current occupancy.
@@ -115,6 +256,10 @@ impl InferencePool {
             queued: self.inner.queued.load(Ordering::Relaxed),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -164,6 +309,7 @@ mod tests {
         let loaded = LoadedModel {
             model: Arc::new(model),
             platform: "test",
+            bounds: Arc::default(),
         };
         (loaded, started_rx, release_tx)
     }
@@ -229,5 +375,109 @@ mod tests {
         let err = pool.run(&model, wrong).await.unwrap_err();
         assert!(err.is_client_error());
         assert_eq!(pool.stats().running, 0);
+    }
+
+    fn share(key: &str, cap: usize, secs: u64) -> Share<'_> {
+        Share {
+            key,
+            cap,
+            deadline: Duration::from_secs(secs),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_of_slow_requests_leaves_a_thread_for_the_others() {
+        let pool = InferencePool::new(2, 16);
+        assert_eq!((pool.cap_for(1), pool.cap_for(2)), (2, 1));
+        let (slow, slow_started, slow_release) = gate();
+        let (fast, fast_started, fast_release) = gate();
+        let cap = pool.cap_for(2);
+        // Two slow requests: one runs, the other waits for the slow
+        // model's only thread although a thread is free.
+        let slow_calls: Vec<_> = (0..2)
+            .map(|_| {
+                let (pool, slow) = (pool.clone(), slow.clone());
+                tokio::spawn(
+                    async move { pool.run_shared(&slow, x(), share("slow", cap, 60)).await },
+                )
+            })
+            .collect();
+        let slow_started = tokio::task::spawn_blocking(move || {
+            slow_started.recv().unwrap();
+            slow_started
+        })
+        .await
+        .unwrap();
+        while pool.stats().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.stats().running, 1);
+        // The fast model gets the free thread at once.
+        let fast_call = tokio::spawn({
+            let (pool, fast) = (pool.clone(), fast.clone());
+            async move { pool.run_shared(&fast, x(), share("fast", cap, 60)).await }
+        });
+        tokio::task::spawn_blocking(move || fast_started.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(pool.stats().running, 2);
+        fast_release.send(()).unwrap();
+        assert!(fast_call.await.unwrap().is_ok());
+        // The slow ones finish in turn.
+        slow_release.send(()).unwrap();
+        tokio::task::spawn_blocking(move || slow_started.recv().unwrap())
+            .await
+            .unwrap();
+        slow_release.send(()).unwrap();
+        for c in slow_calls {
+            assert!(c.await.unwrap().is_ok());
+        }
+        assert_eq!(pool.stats().running, 0);
+        assert_eq!(pool.stats().queued, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_past_their_deadline_are_refused_or_abandoned() {
+        let pool = InferencePool::new(1, 16);
+        let (model, started, release) = gate();
+        let running = tokio::spawn({
+            let (pool, model) = (pool.clone(), model.clone());
+            async move { pool.run_shared(&model, x(), share("m", 1, 5)).await }
+        });
+        let started = tokio::task::spawn_blocking(move || {
+            started.recv().unwrap();
+            started
+        })
+        .await
+        .unwrap();
+        // A second request waits for the only thread past its deadline.
+        // (While a blocking task runs, tokio's paused clock does not move
+        // by itself: the test moves it.)
+        let waiting = tokio::spawn({
+            let (pool, model) = (pool.clone(), model.clone());
+            async move { pool.run_shared(&model, x(), share("m", 1, 2)).await }
+        });
+        while pool.stats().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_millis(2_001)).await;
+        assert_eq!(
+            waiting.await.unwrap(),
+            Err(RunError::Busy { waited_ms: 2000 })
+        );
+        assert_eq!(pool.stats().queued, 0, "a refused request leaves the queue");
+        // The running one overruns its own deadline: abandoned, while the
+        // thread stays busy until the engine returns.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            running.await.unwrap(),
+            Err(RunError::DeadlineExceeded { deadline_ms: 5000 })
+        );
+        assert_eq!(pool.stats().running, 1);
+        release.send(()).unwrap();
+        drop(started);
+        while pool.stats().running > 0 {
+            tokio::task::yield_now().await;
+        }
     }
 }

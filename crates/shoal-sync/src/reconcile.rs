@@ -119,6 +119,7 @@ mod tests {
             sha256: format!("sha{version}"),
             size: 1,
             input_shapes: Default::default(),
+            max_shapes: Default::default(),
             optional: false,
         }
     }

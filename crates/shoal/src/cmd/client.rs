@@ -71,6 +71,10 @@ pub(crate) struct PushArgs {
     /// Input shape the replicas should use: INPUT=D,D,… (-1 dynamic). Repeat for more.
     #[arg(long = "input-shape", value_name = "INPUT=DIMS")]
     input_shapes: Vec<String>,
+    /// The largest request shape an input takes: INPUT=D,D,… (-1 for the
+    /// default bound of 4096 on a dynamic dimension). Repeat for more.
+    #[arg(long = "max-shape", value_name = "INPUT=DIMS")]
+    max_shapes: Vec<String>,
     /// Check only that the file is an ONNX model, not that the default
     /// engine (tract) can prepare and warm it up: for models meant for
     /// another engine.
@@ -233,6 +237,24 @@ fn key_values(flags: &[String], what: &str) -> anyhow::Result<BTreeMap<String, S
         .collect()
 }
 
+/// `INPUT=D,D,…` flags as the registry takes them; `what` names the flag.
+fn shapes(
+    flags: &[String],
+    what: &str,
+    minus_one: &str,
+) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
+    key_values(flags, what)?
+        .into_iter()
+        .map(|(k, v)| {
+            v.split(',')
+                .map(|d| d.trim().parse::<i64>())
+                .collect::<Result<Vec<_>, _>>()
+                .map(|dims| (k.clone(), dims))
+                .with_context(|| format!("--{what} {k}={v}: expected D,D,… ({minus_one})"))
+        })
+        .collect()
+}
+
 fn when(millis: i64) -> String {
     let secs = millis / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -271,16 +293,8 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 .with_context(|| format!("--metric {k}={v}: the value must be a number"))
         })
         .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
-    let input_shapes = key_values(&args.input_shapes, "input-shape")?
-        .into_iter()
-        .map(|(k, v)| {
-            v.split(',')
-                .map(|d| d.trim().parse::<i64>())
-                .collect::<Result<Vec<_>, _>>()
-                .map(|dims| (k.clone(), dims))
-                .with_context(|| format!("--input-shape {k}={v}: expected D,D,… (-1 for dynamic)"))
-        })
-        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+    let input_shapes = shapes(&args.input_shapes, "input-shape", "-1 for dynamic")?;
+    let max_shapes = shapes(&args.max_shapes, "max-shape", "-1 for the default bound")?;
 
     let bar = if global.json {
         indicatif::ProgressBar::hidden()
@@ -314,6 +328,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 metrics,
                 lineage: args.lineage,
                 input_shapes,
+                max_shapes,
                 skip_engine_check: args.skip_engine_check,
             },
         )

@@ -70,6 +70,11 @@ pub(crate) struct ReplicaArgs {
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
 
+    /// Longest an inference may wait for a thread and run, in milliseconds:
+    /// past it the request gets 503 (never started) or 504 (abandoned).
+    #[arg(long, default_value_t = 30_000)]
+    inference_timeout_ms: u64,
+
     /// Serve /admin/faults, which makes the replica slow, fail or hang on
     /// demand: for drills, tests and benchmarks, never in production.
     #[arg(long)]
@@ -182,6 +187,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         admin_tokens: admin_tokens(args.admin_token_file.as_deref())?,
         allow_fault_injection: args.allow_fault_injection,
         tls: args.tls.server(global)?,
+        inference_timeout: Duration::from_millis(args.inference_timeout_ms.max(1)),
     };
     if args.allow_fault_injection {
         tracing::warn!(
