@@ -51,4 +51,35 @@ mod tests {
         accumulate(&mut total, Some(&r(2, 1.0)), &r(2, 1.0));
         assert_eq!(total.count, 7);
     }
+
+    #[test]
+    fn reports_at_the_limit_saturate_rather_than_overflow() {
+        use crate::fleet::VersionStats;
+        use crate::traffic::ShadowStats;
+        let mut rewards = r(u64::MAX - 1, 1.0);
+        accumulate(&mut rewards, None, &r(u64::MAX, 1.0));
+        assert_eq!(rewards.count, u64::MAX);
+        let mut shadow = ShadowStats::default();
+        let huge = ShadowStats {
+            mirrored: u64::MAX,
+            rows: u64::MAX,
+            ..ShadowStats::default()
+        };
+        accumulate(&mut shadow, None, &huge);
+        accumulate(&mut shadow, None, &huge);
+        assert_eq!(shadow.mirrored, u64::MAX);
+        let mut stats = VersionStats::default();
+        let flood = VersionStats {
+            requests: u64::MAX,
+            errors: 1,
+            latency: vec![u64::MAX; 100_000],
+        };
+        accumulate(&mut stats, None, &flood);
+        accumulate(&mut stats, None, &flood);
+        assert_eq!(stats.requests, u64::MAX);
+        assert_eq!(
+            stats.latency.len(),
+            crate::fleet::LATENCY_BOUNDS_MS.len() + 1
+        );
+    }
 }

@@ -388,13 +388,17 @@ impl crate::counters::Counters for VersionStats {
 
     /// Adds `other` into `self`.
     fn add(&mut self, other: &VersionStats) {
-        self.requests += other.requests;
-        self.errors += other.errors;
-        if self.latency.len() < other.latency.len() {
-            self.latency.resize(other.latency.len(), 0);
+        // Saturating: heartbeats are input, and a counter that cannot grow
+        // must not take the control plane down.
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        // At most one count per latency bucket, however long the report.
+        let buckets = other.latency.len().min(LATENCY_BOUNDS_MS.len() + 1);
+        if self.latency.len() < buckets {
+            self.latency.resize(buckets, 0);
         }
-        for (i, c) in other.latency.iter().enumerate() {
-            self.latency[i] += c;
+        for (i, c) in other.latency.iter().take(buckets).enumerate() {
+            self.latency[i] = self.latency[i].saturating_add(*c);
         }
     }
 

@@ -28,11 +28,13 @@ pub struct ShadowStats {
 impl crate::counters::Counters for ShadowStats {
     /// Adds `other`.
     fn add(&mut self, other: &ShadowStats) {
-        self.mirrored += other.mirrored;
-        self.candidate_errors += other.candidate_errors;
-        self.compared += other.compared;
-        self.rows += other.rows;
-        self.agreeing += other.agreeing;
+        // Saturating: reports are input, and a counter that cannot grow
+        // must not take the control plane down.
+        self.mirrored = self.mirrored.saturating_add(other.mirrored);
+        self.candidate_errors = self.candidate_errors.saturating_add(other.candidate_errors);
+        self.compared = self.compared.saturating_add(other.compared);
+        self.rows = self.rows.saturating_add(other.rows);
+        self.agreeing = self.agreeing.saturating_add(other.agreeing);
         self.max_abs_diff = self.max_abs_diff.max(other.max_abs_diff);
         self.latency_diff_ms_sum += other.latency_diff_ms_sum;
     }
@@ -59,7 +61,7 @@ impl crate::counters::Counters for ShadowStats {
 
 impl crate::counters::Counters for RewardStats {
     fn add(&mut self, other: &RewardStats) {
-        self.count += other.count;
+        self.count = self.count.saturating_add(other.count);
         self.sum += other.sum;
         self.sum_sq += other.sum_sq;
     }
@@ -91,7 +93,7 @@ pub struct RewardStats {
 impl RewardStats {
     /// Records one reward.
     pub fn record(&mut self, reward: f64) {
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         self.sum += reward;
         self.sum_sq += reward * reward;
     }

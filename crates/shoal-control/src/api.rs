@@ -912,7 +912,7 @@ fn default_limit() -> u32 {
 }
 
 /// The audit log, oldest first.
-#[utoipa::path(get, path = "/api/v1/audit", params(("after" = i64, Query), ("limit" = u32, Query)), responses((status = 200, body = Vec<AuditEntry>)))]
+#[utoipa::path(get, path = "/api/v1/audit", params(("after" = Option<i64>, Query, description = "entries after this position (default 0)"), ("limit" = Option<u32>, Query, description = "at most this many, up to 1000 (default 100)")), responses((status = 200, body = Vec<AuditEntry>)))]
 pub(crate) async fn audit(
     State(control): Shared,
     Query(query): Query<AuditQuery>,
