@@ -21,7 +21,7 @@
 
 pub mod cache;
 pub mod chunk;
-mod pack;
+pub mod pack;
 pub mod store;
 
 pub use cache::{Assembly, ChunkCache};

@@ -23,19 +23,22 @@
 //! pack back to its last whole record. Chunk contents are not checked
 //! here: the cache verifies each chunk's BLAKE3 when it assembles an
 //! artifact, as it always did.
+//!
+//! Public so the fuzz targets (`shoal-fuzz`) can drive [`scan`] over
+//! garbled packs; the cache is its only user in Shoal.
 
 use std::io::{Read, Seek};
 
 use crate::chunk::ChunkId;
 
 /// Bytes before a record's data.
-pub(crate) const HEADER: usize = 48;
+pub const HEADER: usize = 48;
 
 const MAGIC: &[u8; 4] = b"SHC1";
 
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// A chunk follows.
     Chunk,
     /// The chunk is withdrawn.
@@ -44,11 +47,13 @@ pub(crate) enum Kind {
 
 /// A decoded record header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Header {
-    pub(crate) kind: Kind,
-    pub(crate) id: ChunkId,
+pub struct Header {
+    /// A chunk or a tombstone.
+    pub kind: Kind,
+    /// The chunk it is about.
+    pub id: ChunkId,
     /// Length of the data after the header.
-    pub(crate) len: u32,
+    pub len: u32,
 }
 
 fn check(fields: &[u8]) -> [u8; 4] {
@@ -59,7 +64,7 @@ fn check(fields: &[u8]) -> [u8; 4] {
 }
 
 /// The header of a record for `id` with `len` bytes of data.
-pub(crate) fn encode_header(kind: Kind, id: &ChunkId, len: u32) -> [u8; HEADER] {
+pub fn encode_header(kind: Kind, id: &ChunkId, len: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[..4].copy_from_slice(MAGIC);
     h[4] = match kind {
@@ -76,7 +81,7 @@ pub(crate) fn encode_header(kind: Kind, id: &ChunkId, len: u32) -> [u8; HEADER] 
 }
 
 /// Decodes a header; `None` when it is not one (a torn or garbled tail).
-pub(crate) fn decode_header(h: &[u8; HEADER]) -> Option<Header> {
+pub fn decode_header(h: &[u8; HEADER]) -> Option<Header> {
     if &h[..4] != MAGIC || h[44..] != check(&h[4..44]) {
         return None;
     }
@@ -95,7 +100,7 @@ pub(crate) fn decode_header(h: &[u8; HEADER]) -> Option<Header> {
 /// whole records: where a torn or garbled tail, if any, begins. Data is
 /// skipped by seeking, not read, so opening a large cache reads only its
 /// headers.
-pub(crate) fn scan(
+pub fn scan(
     pack: impl Read + Seek,
     file_len: u64,
     mut record: impl FnMut(Header, u64),

@@ -266,7 +266,8 @@ pub enum NoRoute {
 }
 
 impl Routes {
-    pub(crate) fn new(region: String, policy: HealthPolicy) -> Routes {
+    /// Empty routes for a gateway in `region` with health `policy`.
+    pub fn new(region: String, policy: HealthPolicy) -> Routes {
         Routes {
             region,
             policy,
