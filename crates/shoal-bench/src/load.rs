@@ -100,9 +100,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         workers.push(tokio::spawn(async move {
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
+            // https with the process's TLS (`--ca`) as well as http.
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1)
-                .build(connector);
+                .build(shoal_client::tls::connector(connector));
             while let Some((i, intended)) = rx.recv().await {
                 let url = &spec.urls[i as usize % spec.urls.len()];
                 let request = http::Request::post(url)
