@@ -549,7 +549,7 @@ pub(crate) async fn set_traffic(
 }
 
 /// A model's current or last rollout.
-#[utoipa::path(get, path = "/api/v1/rollouts/{model}", responses((status = 200, body = RolloutView), (status = 404)))]
+#[utoipa::path(get, path = "/api/v1/rollouts/{model}", responses((status = 200, body = RolloutView), (status = 404), (status = 409, description = "the stored rollout state cannot be read")))]
 pub(crate) async fn get_rollout(
     State(control): Shared,
     Path(model): Path<String>,
@@ -562,7 +562,9 @@ pub(crate) async fn get_rollout(
         .ok_or_else(|| ApiError::not_found(format!("model {model:?} is not deployed")))?;
     // Recompute the view so progress counts are current.
     let facts = control.facts();
-    let view = match shoal_rollout::Controller::from_json(&stored.controller) {
+    let controller = shoal_rollout::Controller::from_json(&stored.controller)
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, format!("{model}: {why}")))?;
+    let view = match controller {
         Some(mut c) => {
             let replicas: Vec<_> = facts
                 .replicas

@@ -69,6 +69,17 @@ impl From<anyhow::Error> for DeployError {
     }
 }
 
+/// `model`'s stored controller, or a refusal that says why it cannot be
+/// read: nothing changes on a model whose rollout state is unreadable.
+fn readable(model: &str, stored: &serde_json::Value) -> Result<Option<Controller>, DeployError> {
+    Controller::from_json(stored).map_err(|why| {
+        DeployError::Conflict(format!(
+            "{why}; no deploy, traffic change, promote, abort or rollback of {model} is possible \
+             until it is repaired (was the registry written by a newer Shoal?)"
+        ))
+    })
+}
+
 fn eligible<'a>(deployment: &Deployment, replicas: &'a [ReplicaFacts]) -> Vec<&'a ReplicaFacts> {
     replicas
         .iter()
@@ -129,7 +140,7 @@ impl Control {
             .get_deployment(model)
             .await?
             .ok_or_else(|| DeployError::NotFound(format!("model {model} is not deployed")))?;
-        let controller = Controller::from_json(&stored.controller);
+        let controller = readable(model, &stored.controller)?;
         Ok((stored.deployment, controller))
     }
 
@@ -152,11 +163,11 @@ impl Control {
                 ))
             })?;
         let current = self.store.get_deployment(model).await?;
-        if let Some(c) = current
-            .as_ref()
-            .and_then(|c| Controller::from_json(&c.controller))
-            .filter(Controller::is_active)
-        {
+        let current_controller = match &current {
+            Some(c) => readable(model, &c.controller)?,
+            None => None,
+        };
+        if let Some(c) = current_controller.filter(Controller::is_active) {
             return Err(DeployError::Conflict(format!(
                 "a rollout of {model} to version {} is in progress; wait for it, or abort it with `shoal rollout abort {model}`",
                 c.to()
@@ -507,6 +518,16 @@ impl Control {
         reason: String,
     ) -> Result<Deployment, DeployError> {
         let _guard = self.deploy_lock.lock().await;
+        self.abort_locked(model, actor, reason).await
+    }
+
+    /// [`Control::abort_with`] for a caller that holds the deploy lock.
+    async fn abort_locked(
+        self: &Arc<Self>,
+        model: &str,
+        actor: &str,
+        reason: String,
+    ) -> Result<Deployment, DeployError> {
         let (deployment, controller) = self.controller_of(model).await?;
         let Some(mut controller) = controller.filter(Controller::is_active) else {
             return Err(DeployError::Conflict(format!(
@@ -529,16 +550,15 @@ impl Control {
         actor: &str,
     ) -> Result<Deployment, DeployError> {
         let reason = reason.unwrap_or_else(|| "rollback requested".into());
-        {
-            let (_, controller) = self.controller_of(model).await?;
-            if controller.filter(Controller::is_active).is_some() {
-                return self
-                    .abort_with(model, actor, format!("rolled back: {reason}"))
-                    .await;
-            }
-        }
+        // One lock for the whole decision: a deploy landing between "no
+        // rollout is active" and the write would otherwise be overwritten.
         let _guard = self.deploy_lock.lock().await;
-        let (mut deployment, _) = self.controller_of(model).await?;
+        let (mut deployment, controller) = self.controller_of(model).await?;
+        if controller.filter(Controller::is_active).is_some() {
+            return self
+                .abort_locked(model, actor, format!("rolled back: {reason}"))
+                .await;
+        }
         let current = primary(&deployment);
         let detail = self
             .store
@@ -646,7 +666,7 @@ impl Control {
                 "model {model} is not deployed; deploy a version first"
             ))
         })?;
-        if let Some(c) = Controller::from_json(&stored.controller).filter(Controller::is_active) {
+        if let Some(c) = readable(model, &stored.controller)?.filter(Controller::is_active) {
             return Err(DeployError::Conflict(format!(
                 "a rollout of {model} to {} is in progress; traffic follows it until it ends",
                 c.to()
@@ -776,10 +796,14 @@ impl Control {
     /// One pass of the controller over every active rollout; also lets
     /// warm versions expire.
     pub async fn tick(self: &Arc<Self>) -> Result<(), DeployError> {
-        let _guard = self.deploy_lock.lock().await;
+        let guard = self.deploy_lock.lock().await;
         let facts = self.facts();
         let now = now_millis();
         let (mut changed, mut stale) = (false, false);
+        // Blue-green rollouts ready for their smoke test: run after the
+        // lock is released (HTTP calls with 10 s timeouts must not hold up
+        // every deploy, abort and rollback), then re-validated.
+        let mut smoke: Vec<SmokeTest> = Vec::new();
         for (deployment, controller) in facts.deployments.iter() {
             let model = deployment.model.clone();
             if deployment.warm.iter().any(|w| w.until <= now) {
@@ -808,14 +832,19 @@ impl Control {
                 continue;
             };
             let replicas = eligible(deployment, &facts.replicas);
-            let mut step = controller.tick(&model, &replicas, &facts, &mut rand::rng(), now);
-            if let (Step::SmokeTest, Controller::BlueGreen(b)) = (step, &mut controller) {
-                let result = self.smoke_test(&model, &b.to.clone(), &replicas).await;
-                b.smoke_result(result, now_millis());
-                step = Step::Ended;
-            }
+            let step = controller.tick(&model, &replicas, &facts, &mut rand::rng(), now);
             match step {
-                Step::Unchanged | Step::SmokeTest => {}
+                Step::SmokeTest => {
+                    if let Controller::BlueGreen(b) = &controller {
+                        smoke.push(SmokeTest {
+                            model: model.clone(),
+                            version: b.to.clone(),
+                            started_at: b.progress.started_at,
+                            replicas: replicas.iter().map(|r| (*r).clone()).collect(),
+                        });
+                    }
+                }
+                Step::Unchanged => {}
                 Step::Changed => {
                     let reason = controller.view(&model, &replicas, &facts).reason;
                     self.persist(
@@ -835,17 +864,68 @@ impl Control {
                 }
             }
         }
-        drop(_guard);
+        drop(guard);
         // `persist` (and so `conclude`) has reloaded the snapshot already;
         // only a direct store write leaves it stale.
         if stale {
             self.refresh().await?;
+        }
+        if !smoke.is_empty() {
+            changed |= self.smoke_tests(smoke).await?;
         }
         if changed {
             self.push_to_replicas();
         }
         Ok(())
     }
+
+    /// Runs blue-green smoke tests with no lock held, then, under the
+    /// deploy lock, feeds each result to its rollout if that rollout is
+    /// still the one tested and still waiting for it (an abort, rollback or
+    /// new deploy may have come meanwhile: then the result is dropped).
+    /// True when a rollout ended.
+    async fn smoke_tests(self: &Arc<Self>, tests: Vec<SmokeTest>) -> Result<bool, DeployError> {
+        let results = futures::future::join_all(tests.iter().map(|t| {
+            let replicas: Vec<&ReplicaFacts> = t.replicas.iter().collect();
+            let this = self.clone();
+            async move { this.smoke_test(&t.model, &t.version, &replicas).await }
+        }))
+        .await;
+        let _guard = self.deploy_lock.lock().await;
+        let mut ended = false;
+        for (test, result) in tests.into_iter().zip(results) {
+            let (deployment, controller) = self.controller_of(&test.model).await?;
+            match controller {
+                Some(Controller::BlueGreen(mut b))
+                    if !b.progress.state.is_terminal()
+                        && b.progress.state != RolloutState::Paused
+                        && b.to == test.version
+                        && b.progress.started_at == test.started_at =>
+                {
+                    b.smoke_result(result, now_millis());
+                    let controller = Controller::BlueGreen(b);
+                    let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
+                    self.conclude(deployment, &controller, "controller", keep)
+                        .await?;
+                    ended = true;
+                }
+                _ => tracing::info!(
+                    model = %test.model,
+                    version = %test.version,
+                    "the rollout changed while it was smoke-tested; the result is dropped"
+                ),
+            }
+        }
+        Ok(ended)
+    }
+}
+
+/// A blue-green smoke test to run outside the deploy lock.
+struct SmokeTest {
+    model: String,
+    version: String,
+    started_at: i64,
+    replicas: Vec<ReplicaFacts>,
 }
 
 /// Runs the controller until the task is aborted: on every kick (a deploy,

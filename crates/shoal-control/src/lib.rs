@@ -105,6 +105,9 @@ pub struct Control {
     /// Serialises changes to deployments (deploy, rollback, controller
     /// steps), so two of them never interleave on one model.
     deploy_lock: tokio::sync::Mutex<()>,
+    /// Serialises snapshot refreshes: a slow one started earlier must not
+    /// publish an older snapshot over a newer one.
+    refresh_lock: tokio::sync::Mutex<()>,
     registry: MetricsRegistry,
     metrics: ControlMetrics,
     /// Set on shutdown: watch streams end so connections can close.
@@ -172,6 +175,7 @@ impl Control {
             revision: tokio::sync::watch::Sender::new(revision),
             kick: tokio::sync::Notify::new(),
             deploy_lock: tokio::sync::Mutex::new(()),
+            refresh_lock: tokio::sync::Mutex::new(()),
             registry,
             metrics,
             stopping: tokio::sync::watch::Sender::new(false),
@@ -198,14 +202,25 @@ impl Control {
     }
 
     /// Re-reads what planning needs from the registry and publishes the
-    /// revision to watchers.
+    /// revision to watchers. Refreshes run one at a time, and the revision
+    /// watchers see only ever goes forward.
     pub async fn refresh(&self) -> anyhow::Result<()> {
+        let _one_at_a_time = self.refresh_lock.lock().await;
         let revision = self.store.revision().await?;
         let registrations = self.store.list_replicas().await?;
         let mut deployments = Vec::new();
         let mut versions = std::collections::BTreeMap::new();
         for stored in self.store.list_deployments().await? {
-            let rolling = shoal_rollout::Controller::from_json(&stored.controller);
+            // An unreadable controller is left out of planning (the
+            // deployment's own targets keep serving) and refused by every
+            // action on the model, which says why.
+            let rolling = match shoal_rollout::Controller::from_json(&stored.controller) {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::error!(model = %stored.deployment.model, %why, "rollout state unreadable; the model keeps its targets and takes no action");
+                    None
+                }
+            };
             if let Some(detail) = self.store.get_model(&stored.deployment.model).await? {
                 for v in detail.versions {
                     versions.insert((v.model.clone(), v.version.clone()), v);
@@ -231,9 +246,11 @@ impl Control {
             registrations,
         });
         self.revision.send_if_modified(|r| {
-            let changed = *r != revision;
-            *r = revision;
-            changed
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
         });
         self.metrics
             .revision
@@ -380,7 +397,10 @@ impl ControlServer {
             },
             tls,
         ));
-        let controller = tokio::spawn(controller::run(control.clone()));
+        let supervised = control.clone();
+        let controller = shoal_http::supervise("rollout controller", move || {
+            controller::run(supervised.clone())
+        });
         Ok(ControlServer {
             addr,
             control,

@@ -900,3 +900,74 @@ async fn tokens_are_named_in_the_audit_log_and_stop_working_when_revoked() {
     .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 }
+
+/// A rollout state the control plane cannot read (written by another
+/// Shoal, or damaged) never vanishes: every action on the model is refused
+/// with the reason, and the model keeps serving its targets.
+#[tokio::test]
+async fn an_unreadable_rollout_stops_actions_on_its_model_and_says_why() {
+    let tmp = TempDir::new("control-unreadable");
+    let (control, app) = setup(&tmp, 1 << 30).await;
+    let sha = upload(&app, "digits-v1.onnx").await;
+    for v in ["1", "2"] {
+        let r = json_call(
+            &app,
+            Method::POST,
+            "/api/v1/models/digits/versions",
+            json!({"sha256": sha, "version": v}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/deployments/digits",
+        json!({"version": "1"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    // The stored controller becomes something this Shoal cannot read.
+    let mut stored = control
+        .store()
+        .get_deployment("digits")
+        .await
+        .unwrap()
+        .unwrap();
+    stored.controller = json!({"kind": "teleport", "state": "progressing"});
+    control
+        .store()
+        .put_deployment(stored, "test", shoal_registry::Audit::by("test", "garble"))
+        .await
+        .unwrap();
+    control.refresh().await.unwrap();
+    for (method, uri, body) in [
+        (
+            Method::POST,
+            "/api/v1/deployments/digits",
+            json!({"version": "2"}),
+        ),
+        (Method::POST, "/api/v1/rollouts/digits/abort", json!(null)),
+        (Method::POST, "/api/v1/rollouts/digits/promote", json!(null)),
+        (Method::POST, "/api/v1/models/digits/rollback", json!({})),
+        (
+            Method::PUT,
+            "/api/v1/deployments/digits/traffic",
+            json!({"targets": [{"version": "2", "weight": 100}]}),
+        ),
+        (Method::GET, "/api/v1/rollouts/digits", json!(null)),
+    ] {
+        let r = json_call(&app, method.clone(), uri, body).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{method} {uri}: {}", r.body);
+        let error = r.body["error"].as_str().unwrap();
+        assert!(
+            error.contains("cannot be read") && error.contains("teleport"),
+            "{error}"
+        );
+    }
+    // The controller's pass skips it without failing, and the deployment's
+    // own targets still plan.
+    control.tick().await.unwrap();
+    let plan = control.routing_table();
+    assert_eq!(plan.models[0].targets[0].version, "1");
+}

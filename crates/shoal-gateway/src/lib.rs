@@ -226,9 +226,18 @@ impl GatewayServer {
         };
         let gateway = Gateway::new(config).map_err(std::io::Error::other)?;
         let background = vec![
-            tokio::spawn(discovery::run(gateway.clone())),
-            tokio::spawn(health::run(gateway.clone())),
-            tokio::spawn(learn::report_loop(gateway.clone())),
+            shoal_http::supervise("routing discovery", {
+                let g = gateway.clone();
+                move || discovery::run(g.clone())
+            }),
+            shoal_http::supervise("health checks", {
+                let g = gateway.clone();
+                move || health::run(g.clone())
+            }),
+            shoal_http::supervise("traffic reports", {
+                let g = gateway.clone();
+                move || learn::report_loop(g.clone())
+            }),
         ];
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = proxy::router(gateway.clone());

@@ -12,11 +12,16 @@
 //!   graceful shutdown.
 //! - [`extract`] has `Path`, `Query` and `Json` extractors whose rejections
 //!   are JSON errors too.
+//! - [`supervise`] keeps background loops running: a panic is logged and
+//!   the loop restarted, never silently lost.
 //! - [`tls`] serves any of them over TLS (rustls), optionally requiring
 //!   client certificates.
 
 pub mod extract;
+pub mod supervise;
 pub mod tls;
+
+pub use supervise::supervise;
 
 use std::future::Future;
 use std::net::SocketAddr;

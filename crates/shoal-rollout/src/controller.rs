@@ -300,16 +300,22 @@ impl Controller {
         self.progress_mut().abort(reason, now);
     }
 
-    /// Parses a persisted snapshot; snapshots written before controllers
-    /// had a kind are rolling updates.
-    pub fn from_json(value: &serde_json::Value) -> Option<Controller> {
-        serde_json::from_value::<Controller>(value.clone())
-            .ok()
-            .or_else(|| {
-                serde_json::from_value::<Rolling>(value.clone())
-                    .ok()
-                    .map(Controller::Rolling)
-            })
+    /// Parses a persisted snapshot: `None` when the deployment has none
+    /// (`null`); snapshots written before controllers had a kind are
+    /// rolling updates. A snapshot that cannot be read (written by another
+    /// Shoal, or damaged) is an error that says why: a rollout must never
+    /// vanish silently, or a second one could start beside it.
+    pub fn from_json(value: &serde_json::Value) -> Result<Option<Controller>, String> {
+        if value.is_null() {
+            return Ok(None);
+        }
+        match serde_json::from_value::<Controller>(value.clone()) {
+            Ok(c) => Ok(Some(c)),
+            Err(tagged) => match serde_json::from_value::<Rolling>(value.clone()) {
+                Ok(r) if value.get("kind").is_none() => Ok(Some(Controller::Rolling(r))),
+                _ => Err(format!("the stored rollout cannot be read: {tagged}")),
+            },
+        }
     }
 }
 
@@ -388,14 +394,21 @@ mod tests {
             for field in ["state", "reason", "started_at", "updated_at"] {
                 assert!(json.get(field).is_some(), "{field} in {json}");
             }
-            assert_eq!(Controller::from_json(&json), Some(c), "{json}");
+            assert_eq!(Controller::from_json(&json), Ok(Some(c)), "{json}");
         }
         let stored = serde_json::json!({
             "kind": "blue-green", "from": "1", "to": "2", "keep_warm_ms": 1000,
             "phase": "loading", "state": "progressing", "reason": "loading 2",
             "started_at": 5, "updated_at": 6,
         });
-        let parsed = Controller::from_json(&stored).expect("a snapshot stored before Progress");
+        let parsed = Controller::from_json(&stored)
+            .unwrap()
+            .expect("a snapshot stored before Progress");
+        // No snapshot, and one that cannot be read.
+        assert_eq!(Controller::from_json(&serde_json::Value::Null), Ok(None));
+        let future = serde_json::json!({"kind": "teleport", "state": "progressing"});
+        let err = Controller::from_json(&future).unwrap_err();
+        assert!(err.contains("teleport"), "{err}");
         assert_eq!(parsed.progress().reason, "loading 2");
         assert_eq!(parsed.progress().updated_at, 6);
     }

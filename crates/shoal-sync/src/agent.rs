@@ -143,9 +143,12 @@ impl Agent {
             );
             self.submit(desired);
         }
-        tokio::spawn(self.clone().reconcile_worker());
-        tokio::spawn(self.clone().control_loop());
-        tokio::spawn(self.clone().poll_loop());
+        let agent = self.clone();
+        shoal_http::supervise("reconcile worker", move || agent.clone().reconcile_worker());
+        let agent = self.clone();
+        shoal_http::supervise("control-plane link", move || agent.clone().control_loop());
+        let agent = self.clone();
+        shoal_http::supervise("poll loop", move || agent.clone().poll_loop());
     }
 
     /// Tells the replica what it must serve to be ready: every version of
@@ -431,9 +434,16 @@ impl Agent {
     /// restart after failures without ever blocking serving.
     async fn control_loop(self: Arc<Self>) {
         self.register().await;
-        let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
+        // Heartbeats end with this loop, however it ends (a panic too: the
+        // supervisor starts a new loop with heartbeats of its own).
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _heartbeats = Abort(tokio::spawn(self.clone().heartbeat_loop()));
         self.watch_loop().await;
-        heartbeats.abort();
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {

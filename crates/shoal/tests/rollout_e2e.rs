@@ -496,3 +496,102 @@ async fn a_version_that_cannot_load_is_refused_or_rolled_back() {
     }
     assert!(counted >= 1, "no replica counted the load failure");
 }
+
+/// A blue-green smoke test runs outside the deploy lock: while it waits on
+/// a replica that does not answer, an operator's abort goes through, and
+/// the smoke test's late result is dropped rather than promoting a rollout
+/// that was aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_is_not_held_up_by_a_smoke_test_and_wins_over_its_result() {
+    let tmp = TempDir::new("smoke-unlocked");
+    let (_control_child, control) = common::control(&tmp.join("control"), "127.0.0.1:0", &[], &[]);
+    let (_replica, addr) = common::replica(&control, &tmp.join("r0"), &["--allow-fault-injection"]);
+    cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&control, &["deploy", "digits:1"]);
+    rollout_reaches(&control, "promoted").await;
+    cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+        ],
+    );
+    // Version 2 hangs every inference: the smoke test will wait on it.
+    let fleet = format!("Bearer {}", common::fleet_token(&control));
+    let http = HttpClient::new();
+    let r = http
+        .send(
+            http::Method::PUT,
+            &format!("{addr}/admin/faults/digits/2"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &fleet),
+            ],
+            serde_json::json!({"hang": true}).to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    cli(
+        &control,
+        &["deploy", "digits:2", "--strategy", "blue-green"],
+    );
+    // The smoke test's request is in flight on the replica (it holds
+    // version 2 while it hangs).
+    let in_flight = |http: HttpClient, addr: String, fleet: String| async move {
+        let listing = http
+            .send(
+                http::Method::GET,
+                &format!("{addr}/admin/models"),
+                &[("authorization", &fleet)],
+                bytes::Bytes::new(),
+            )
+            .await
+            .unwrap()
+            .json();
+        listing["models"][0]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == "2")
+            .and_then(|v| v["in_flight"].as_u64())
+            .unwrap_or(0)
+    };
+    eventually(
+        "the smoke test to wait on the replica",
+        Duration::from_secs(30),
+        || {
+            let f = in_flight(http.clone(), addr.clone(), fleet.clone());
+            async move { (f.await >= 1).then_some(()) }
+        },
+    )
+    .await;
+    // The abort is answered while the smoke test still waits (under the
+    // old locking it waited for the smoke test, which then ended the
+    // rollout, and the abort failed: "no rollout in progress").
+    let aborted = cli(&control, &["rollout", "abort", "digits"]);
+    assert_eq!(aborted["rollout"]["state"], "aborted", "{aborted}");
+    assert!(in_flight(http.clone(), addr.clone(), fleet.clone()).await >= 1);
+    // The smoke test gives up (10 s); its result changes nothing.
+    eventually("the smoke test to give up", Duration::from_secs(30), || {
+        let f = in_flight(http.clone(), addr.clone(), fleet.clone());
+        async move { (f.await == 0).then_some(()) }
+    })
+    .await;
+    let r = cli(&control, &["rollout", "status", "digits"]);
+    assert_eq!(r["state"], "aborted", "{r}");
+    assert_eq!(
+        cli(&control, &["model", "show", "digits"])["model"]["production"],
+        "1"
+    );
+}
