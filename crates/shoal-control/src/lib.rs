@@ -67,6 +67,31 @@ pub struct ControlConfig {
     pub auth: bool,
     /// Serve over TLS.
     pub tls: Option<shoal_http::tls::ServerTls>,
+    /// The registry: `sqlite` (default: `DATA_DIR/registry.db`),
+    /// `sqlite:///path/to/registry.db`, or `postgres://…` (what several
+    /// control planes share).
+    pub registry: Option<String>,
+}
+
+/// Opens the registry `url` names (see [`ControlConfig::registry`]).
+pub async fn open_registry(
+    url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn RegistryStore>> {
+    match url {
+        None | Some("sqlite") => Ok(Arc::new(
+            SqliteRegistry::open(&data_dir.join("registry.db")).await?,
+        )),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(
+            Arc::new(shoal_registry::postgres::PostgresRegistry::open(url).await?),
+        ),
+        Some(url) if url.starts_with("sqlite://") => Ok(Arc::new(
+            SqliteRegistry::open(std::path::Path::new(url.trim_start_matches("sqlite://"))).await?,
+        )),
+        Some(other) => anyhow::bail!(
+            "--registry {other:?}: expected sqlite (the default), sqlite:///path/registry.db or postgres://user@host/database"
+        ),
+    }
 }
 
 impl Default for ControlConfig {
@@ -82,6 +107,7 @@ impl Default for ControlConfig {
             controller_interval: Duration::from_millis(500),
             auth: true,
             tls: None,
+            registry: None,
         }
     }
 }
@@ -131,7 +157,7 @@ impl Control {
         std::fs::create_dir_all(config.data_dir.join("tmp")).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
-        let store = SqliteRegistry::open(&config.data_dir.join("registry.db")).await?;
+        let store = open_registry(config.registry.as_deref(), &config.data_dir).await?;
         let artifacts = match &config.artifact_store {
             Some(url) => {
                 let store = ArtifactStore::from_url(url)?;
@@ -146,7 +172,7 @@ impl Control {
             }
             None => ArtifactStore::local(&config.data_dir.join("artifacts"))?,
         };
-        Control::with_stores(config, Arc::new(store), artifacts).await
+        Control::with_stores(config, store, artifacts).await
     }
 
     /// A control plane on the given stores.

@@ -8,12 +8,14 @@
 //!
 //! [`RegistryStore`] is the seam; [`sqlite::SqliteRegistry`] is the embedded
 //! default (WAL, `synchronous=FULL`: a write that returned success survives
-//! a crash of the process). [`suite`] is the conformance suite every
+//! a crash of the process); [`postgres::PostgresRegistry`] is what several
+//! control planes share. [`suite`] is the conformance suite every
 //! implementation must pass.
 //!
 //! Architecture invariant: every mutation writes its audit entry in the same
 //! transaction, so the log and the state never disagree.
 
+pub mod postgres;
 pub mod sqlite;
 pub mod suite;
 

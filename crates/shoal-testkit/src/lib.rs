@@ -10,11 +10,14 @@
 //! - [`S3Server`] is a real S3-compatible server (moto) on loopback.
 //! - [`CutProxy`] is a TCP proxy that cuts the link after so many bytes,
 //!   for tests of interrupted transfers.
+//! - [`PostgresServer`] is a real PostgreSQL server in a temporary
+//!   directory on a free port.
 //! - [`tokens`] remembers the tokens of the control planes a test started,
 //!   so its requests authenticate.
 
 mod cut_proxy;
 mod http_client;
+mod postgres;
 pub mod tokens;
 
 use std::path::PathBuf;
@@ -24,6 +27,7 @@ use serde::Deserialize;
 
 pub use crate::cut_proxy::CutProxy;
 pub use crate::http_client::{HttpClient, Reply};
+pub use crate::postgres::PostgresServer;
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {

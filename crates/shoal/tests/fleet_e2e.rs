@@ -428,3 +428,77 @@ async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// The registry on a real PostgreSQL server (started by the test): a
+/// control plane is killed (-9) and another one, with a data directory of
+/// its own, takes over on the same database and artifact store. Everything
+/// acknowledged is there, the same tokens work (they live in the
+/// registry), and the fleet follows the new control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_on_postgres_is_replaced_by_another_with_nothing_lost() {
+    let tmp = TempDir::new("fleet-postgres");
+    let pg = shoal_testkit::PostgresServer::start();
+    let registry = pg.database("registry");
+    let artifacts = format!("file://{}", tmp.join("artifacts").display());
+    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
+    let args = [
+        "--registry",
+        registry.as_str(),
+        "--artifact-store",
+        artifacts.as_str(),
+    ];
+    let (first, control) = common::control(&tmp.join("a"), "127.0.0.1:0", &args, &[]);
+    let addr = control.trim_start_matches("http://").to_owned();
+    let (_replica, replica) = start_replica(&control, &tmp.join("r0"));
+    let v1 = cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&control, &["deploy", "digits:1"]);
+    converged_on(&control, "digits:1", 1).await;
+
+    first.signal(Signal::SIGKILL);
+    drop(first);
+    // Another control plane, another data directory, the same database.
+    let (_second, again) = common::control(&tmp.join("b"), &addr, &args, &[]);
+    assert_eq!(again, control);
+    assert!(
+        !tmp.join("b/admin.token").exists(),
+        "the registry has tokens: no new admin token is made"
+    );
+    let shown = cli(&control, &["model", "show", "digits:1"]);
+    assert_eq!(shown["sha256"], v1["sha256"]);
+    cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&control, &["deploy", "digits:2"]);
+    converged_on(&control, "digits:2", 1).await;
+    let http = HttpClient::new();
+    assert_eq!(predict(&http, &replica).await, (200, "2".to_owned()));
+    let audit = http
+        .get(&format!("{control}/api/v1/audit?limit=1000"))
+        .await
+        .json();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "version.create").count(),
+        2,
+        "{actions:?}"
+    );
+}

@@ -23,6 +23,10 @@ pub(crate) struct ControlArgs {
     /// Seconds a replica may serve other versions than desired before it is flagged as behind.
     #[arg(long, default_value_t = 60)]
     skew_threshold_secs: u64,
+    /// The registry: sqlite (in DATA_DIR), sqlite:///path/registry.db, or
+    /// postgres://user@host/database, which several control planes share.
+    #[arg(long, env = "SHOAL_REGISTRY")]
+    registry: Option<String>,
     /// Turn authentication off: anyone who can reach the API may change
     /// what the fleet serves. For throwaway experiments only.
     #[arg(long)]
@@ -44,6 +48,7 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         skew_threshold: Duration::from_secs(args.skew_threshold_secs),
         auth: !args.no_auth,
         tls: args.tls.server(global)?,
+        registry: args.registry,
         ..ControlConfig::default()
     };
     let mut server = ControlServer::start(config).await?;

@@ -1,0 +1,585 @@
+//! The registry on PostgreSQL: what several control planes share.
+//!
+//! The same semantics as the SQLite store (the conformance suite runs
+//! against both), with PostgreSQL's concurrency in mind: every write is one
+//! transaction; the fleet revision and the audit sequence are counter rows
+//! updated in that transaction, so their row locks order concurrent writers
+//! and a number is visible only once its transaction commits — readers that
+//! follow `revision` or `audit_log(after)` never skip an entry that commits
+//! late. A model's row is locked (`FOR UPDATE`) while a version is numbered.
+//!
+//! The schema is versioned with sqlx migrations (`migrations/postgres`),
+//! applied at open: a newer control plane upgrades an older database.
+
+use async_trait::async_trait;
+use shoal_api::auth::TokenInfo;
+use shoal_api::deploy::Deployment;
+use shoal_api::fleet::Registration;
+use shoal_api::registry::{AuditEntry, ModelDetail, ModelSummary, VersionRecord, VersionStatus};
+use shoal_api::{UnixMillis, now_millis};
+use shoal_core::{ModelName, Version};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::{
+    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
+    VersionDraft, last_known_good,
+};
+
+/// The schema's migrations, compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The PostgreSQL registry.
+#[derive(Debug, Clone)]
+pub struct PostgresRegistry {
+    pool: PgPool,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| RegistryError::Database(format!("corrupt JSON column: {e}")))
+}
+
+fn unsigned(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl PostgresRegistry {
+    /// Connects to `url` (`postgres://…`) and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<PostgresRegistry> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| {
+                RegistryError::Database(format!("cannot connect to {}: {e}", redact(url)))
+            })?;
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            RegistryError::Database(format!("cannot migrate the registry schema: {e}"))
+        })?;
+        Ok(PostgresRegistry { pool })
+    }
+
+    /// The connection pool (for leadership, which lives beside the
+    /// registry in the same database).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn append_audit(
+        tx: &mut Transaction<'_, Postgres>,
+        action: &str,
+        target: &str,
+        audit: &Audit,
+    ) -> Result<()> {
+        let seq: i64 =
+            sqlx::query("UPDATE meta SET value = value + 1 WHERE key = 'audit' RETURNING value")
+                .fetch_one(&mut **tx)
+                .await?
+                .get(0);
+        sqlx::query(
+            "INSERT INTO audit (seq, at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(seq)
+        .bind(now_millis())
+        .bind(&audit.actor)
+        .bind(action)
+        .bind(target)
+        .bind(&audit.detail)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn bump(tx: &mut Transaction<'_, Postgres>) -> Result<u64> {
+        let row =
+            sqlx::query("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value")
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(unsigned(row.get::<i64, _>(0)))
+    }
+
+    fn version_from_row(row: &PgRow) -> Result<VersionRecord> {
+        let status: String = row.get("status");
+        Ok(VersionRecord {
+            model: row.get("model"),
+            version: row.get("version"),
+            sha256: row.get("sha256"),
+            size: unsigned(row.get::<i64, _>("size")),
+            created_at: row.get("created_at"),
+            labels: parse(row.get::<&str, _>("labels"))?,
+            metrics: parse(row.get::<&str, _>("metrics"))?,
+            lineage: row.get("lineage"),
+            status: VersionStatus::parse(&status)
+                .ok_or_else(|| RegistryError::Database(format!("unknown status {status:?}")))?,
+            reached_production: row.get("reached_production"),
+            rolled_back: row.get("rolled_back"),
+            input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
+            max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
+        })
+    }
+
+    fn token_from_row(row: &PgRow) -> Result<TokenInfo> {
+        let role: String = row.get("role");
+        Ok(TokenInfo {
+            name: row.get("name"),
+            role: role
+                .parse()
+                .map_err(|e| RegistryError::Database(format!("tokens.role: {e}")))?,
+            created_at: row.get("created_at"),
+            created_by: row.get("created_by"),
+        })
+    }
+
+    async fn versions_of(&self, model: &str) -> Result<Vec<VersionRecord>> {
+        let rows = sqlx::query("SELECT * FROM versions WHERE model = $1 ORDER BY seq")
+            .bind(model)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Self::version_from_row).collect()
+    }
+
+    fn summary(name: String, created_at: UnixMillis, versions: &[VersionRecord]) -> ModelSummary {
+        ModelSummary {
+            name,
+            created_at,
+            versions: versions.len() as u64,
+            latest: versions.last().map(|v| v.version.clone()),
+            production: versions
+                .iter()
+                .rev()
+                .find(|v| v.status == VersionStatus::Production)
+                .map(|v| v.version.clone()),
+            last_known_good: last_known_good(versions).map(|v| v.version.clone()),
+        }
+    }
+}
+
+/// `url` without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (creds, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[async_trait]
+impl RegistryStore for PostgresRegistry {
+    async fn create_version(
+        &self,
+        model: &str,
+        draft: VersionDraft,
+        audit: Audit,
+    ) -> Result<VersionRecord> {
+        ModelName::new(model).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if let Some(v) = &draft.version {
+            Version::new(v.as_str()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        }
+        let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO models (name, created_at, next_number) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(model)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Numbering is per model: lock its row until the version is in.
+        let next: i64 = sqlx::query("SELECT next_number FROM models WHERE name = $1 FOR UPDATE")
+            .bind(model)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let seq: i64 =
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE model = $1")
+                .bind(model)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        let mut number = next;
+        let version = match draft.version.clone() {
+            Some(v) => v,
+            None => loop {
+                let taken: i64 =
+                    sqlx::query("SELECT COUNT(*) FROM versions WHERE model = $1 AND version = $2")
+                        .bind(model)
+                        .bind(number.to_string())
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .get(0);
+                if taken == 0 {
+                    break number.to_string();
+                }
+                number += 1;
+            },
+        };
+        if let Some(lineage) = &draft.lineage {
+            let exists: i64 =
+                sqlx::query("SELECT COUNT(*) FROM versions WHERE model = $1 AND version = $2")
+                    .bind(model)
+                    .bind(lineage)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
+            if exists == 0 {
+                return Err(RegistryError::Invalid(format!(
+                    "lineage names {model}:{lineage}, which does not exist"
+                )));
+            }
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'registered')",
+        )
+        .bind(model)
+        .bind(&version)
+        .bind(seq)
+        .bind(&draft.sha256)
+        .bind(i64::try_from(draft.size).unwrap_or(i64::MAX))
+        .bind(now)
+        .bind(json(&draft.labels))
+        .bind(json(&draft.metrics))
+        .bind(&draft.lineage)
+        .bind(json(&draft.input_shapes))
+        .bind(json(&draft.max_shapes))
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(e)) = &inserted
+            && e.is_unique_violation()
+        {
+            return Err(RegistryError::Conflict(format!(
+                "{model}:{version} already exists; versions are immutable, push a new one"
+            )));
+        }
+        inserted?;
+        if let Ok(n) = version.parse::<i64>() {
+            sqlx::query(
+                "UPDATE models SET next_number = GREATEST(next_number, $1) WHERE name = $2",
+            )
+            .bind(n + 1)
+            .bind(model)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let target = format!("{model}:{version}");
+        Self::append_audit(&mut tx, "version.create", &target, &audit).await?;
+        tx.commit().await?;
+        self.get_version(model, &version)
+            .await?
+            .ok_or_else(|| RegistryError::Database(format!("{target} vanished after insert")))
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelSummary>> {
+        let rows = sqlx::query("SELECT name, created_at FROM models ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.get(0);
+            let versions = self.versions_of(&name).await?;
+            out.push(Self::summary(name, row.get(1), &versions));
+        }
+        Ok(out)
+    }
+
+    async fn get_model(&self, model: &str) -> Result<Option<ModelDetail>> {
+        let Some(row) = sqlx::query("SELECT name, created_at FROM models WHERE name = $1")
+            .bind(model)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let versions = self.versions_of(model).await?;
+        Ok(Some(ModelDetail {
+            model: Self::summary(row.get(0), row.get(1), &versions),
+            versions,
+        }))
+    }
+
+    async fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>> {
+        let row = sqlx::query("SELECT * FROM versions WHERE model = $1 AND version = $2")
+            .bind(model)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::version_from_row).transpose()
+    }
+
+    async fn set_status(
+        &self,
+        model: &str,
+        version: &str,
+        status: VersionStatus,
+        rolled_back: bool,
+        audit: Audit,
+    ) -> Result<VersionRecord> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE versions SET status = $1,
+                reached_production = reached_production OR $2,
+                rolled_back = rolled_back OR $3
+             WHERE model = $4 AND version = $5",
+        )
+        .bind(status.as_str())
+        .bind(status == VersionStatus::Production)
+        .bind(rolled_back)
+        .bind(model)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(RegistryError::NotFound(format!(
+                "no version {model}:{version}"
+            )));
+        }
+        let action = if rolled_back {
+            "version.rolled_back"
+        } else {
+            "version.status"
+        };
+        let audit = Audit {
+            detail: format!("{} ({})", status.as_str(), audit.detail),
+            ..audit
+        };
+        Self::append_audit(&mut tx, action, &format!("{model}:{version}"), &audit).await?;
+        tx.commit().await?;
+        self.get_version(model, version)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))
+    }
+
+    async fn put_deployment(
+        &self,
+        mut stored: StoredDeployment,
+        action: &str,
+        audit: Audit,
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let revision = Self::bump(&mut tx).await?;
+        stored.deployment.revision = revision;
+        stored.deployment.updated_at = now_millis();
+        sqlx::query(
+            "INSERT INTO deployments (model, deployment, controller) VALUES ($1, $2, $3)
+             ON CONFLICT (model) DO UPDATE SET deployment = excluded.deployment, controller = excluded.controller",
+        )
+        .bind(&stored.deployment.model)
+        .bind(json(&stored.deployment))
+        .bind(json(&stored.controller))
+        .execute(&mut *tx)
+        .await?;
+        Self::append_audit(&mut tx, action, &stored.deployment.model, &audit).await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    async fn get_deployment(&self, model: &str) -> Result<Option<StoredDeployment>> {
+        let row = sqlx::query("SELECT deployment, controller FROM deployments WHERE model = $1")
+            .bind(model)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(StoredDeployment {
+                deployment: parse::<Deployment>(r.get::<&str, _>(0))?,
+                controller: parse(r.get::<&str, _>(1))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn list_deployments(&self) -> Result<Vec<StoredDeployment>> {
+        let rows = sqlx::query("SELECT deployment, controller FROM deployments ORDER BY model")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredDeployment {
+                    deployment: parse(r.get::<&str, _>(0))?,
+                    controller: parse(r.get::<&str, _>(1))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn register_replica(&self, registration: &Registration) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query("SELECT registration FROM replicas WHERE id = $1 FOR UPDATE")
+            .bind(&registration.id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| parse::<Registration>(r.get::<&str, _>(0)))
+            .transpose()?;
+        let changed = existing.as_ref().is_none_or(|old| {
+            old.address != registration.address || old.region != registration.region
+        });
+        sqlx::query(
+            "INSERT INTO replicas (id, registration, registered_at) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET registration = excluded.registration",
+        )
+        .bind(&registration.id)
+        .bind(json(registration))
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        let revision = if changed {
+            let audit = Audit::by(
+                "replica",
+                format!("{} in {}", registration.address, registration.region),
+            );
+            Self::append_audit(&mut tx, "replica.register", &registration.id, &audit).await?;
+            Self::bump(&mut tx).await?
+        } else {
+            let row = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+                .fetch_one(&mut *tx)
+                .await?;
+            unsigned(row.get::<i64, _>(0))
+        };
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRecord>> {
+        let rows = sqlx::query("SELECT registration, registered_at FROM replicas ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReplicaRecord {
+                    registration: parse(r.get::<&str, _>(0))?,
+                    registered_at: r.get(1),
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_replica(&self, id: &str, audit: Audit) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if removed {
+            Self::append_audit(&mut tx, "replica.remove", id, &audit).await?;
+            Self::bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn audit_log(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, detail FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                seq: r.get(0),
+                at: r.get(1),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                detail: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn revision(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(unsigned(row.get::<i64, _>(0)))
+    }
+
+    async fn create_token(&self, token: TokenRecord, audit: Audit) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tokens (name, role, hash, created_at, created_by) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&token.info.name)
+        .bind(token.info.role.as_str())
+        .bind(&token.hash)
+        .bind(token.info.created_at)
+        .bind(&token.info.created_by)
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(e)) = &inserted
+            && e.is_unique_violation()
+        {
+            return Err(RegistryError::Conflict(format!(
+                "a token named {:?} exists; revoke it first or pick another name",
+                token.info.name
+            )));
+        }
+        inserted?;
+        let audit = Audit {
+            detail: format!("role {} ({})", token.info.role, audit.detail),
+            ..audit
+        };
+        Self::append_audit(&mut tx, "token.create", &token.info.name, &audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows =
+            sqlx::query("SELECT name, role, created_at, created_by FROM tokens ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(Self::token_from_row).collect()
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>> {
+        sqlx::query("SELECT name, role, created_at, created_by FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(Self::token_from_row)
+            .transpose()
+    }
+
+    async fn revoke_token(&self, name: &str, audit: Audit) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM tokens WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if removed {
+            Self::append_audit(&mut tx, "token.revoke", name, &audit).await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_lose_their_password_in_errors() {
+        assert_eq!(
+            super::redact("postgres://shoal:secret@db:5432/registry"),
+            "postgres://shoal@db:5432/registry"
+        );
+        assert_eq!(
+            super::redact("postgres://db/registry"),
+            "postgres://db/registry"
+        );
+    }
+}
