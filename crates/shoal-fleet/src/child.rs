@@ -36,7 +36,12 @@ pub struct Supervised {
     name: String,
     pid: Mutex<Option<u32>>,
     stopping: AtomicBool,
+    /// Wakes a supervisor waiting out a restart backoff when it must stop.
+    stop: tokio::sync::Notify,
     addr: tokio::sync::watch::Sender<Option<String>>,
+    /// Set when the child exited before it was ever listening: it cannot
+    /// start (an address taken, a bad flag), and restarting will not help.
+    never_started: tokio::sync::watch::Sender<Option<String>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -61,7 +66,9 @@ impl Supervised {
             name,
             pid: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
             addr: tokio::sync::watch::Sender::new(None),
+            never_started: tokio::sync::watch::Sender::new(None),
             task: Mutex::new(None),
         });
         let task = tokio::spawn(me.clone().supervise(exe, args, state, data_dir));
@@ -74,13 +81,20 @@ impl Supervised {
         &self.name
     }
 
-    /// The address the child announced on its first start.
-    pub async fn address(&self) -> Option<String> {
-        let mut rx = self.addr.subscribe();
-        let wait = rx.wait_for(Option::is_some);
+    /// The address the child announced on its first start, or why it
+    /// never started (it exited before listening, or took over a minute).
+    pub async fn address(&self) -> Result<String, String> {
+        let mut addr = self.addr.subscribe();
+        let mut failed = self.never_started.subscribe();
+        let wait = async {
+            tokio::select! {
+                a = addr.wait_for(Option::is_some) => a.ok().and_then(|a| a.clone()).ok_or_else(|| "gone".to_owned()),
+                f = failed.wait_for(Option::is_some) => Err(f.ok().and_then(|f| f.clone()).unwrap_or_default()),
+            }
+        };
         match tokio::time::timeout(Duration::from_secs(60), wait).await {
-            Ok(Ok(addr)) => addr.clone(),
-            _ => None,
+            Ok(result) => result,
+            Err(_) => Err(format!("{} did not start listening within 60 s", self.name)),
         }
     }
 
@@ -100,6 +114,8 @@ impl Supervised {
             self.stopping.store(true, Ordering::SeqCst);
             *pid
         };
+        // A supervisor waiting out a restart backoff stops waiting.
+        self.stop.notify_one();
         if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
@@ -188,19 +204,30 @@ impl Supervised {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            if self.addr.borrow().is_none() {
+                // It never got as far as listening: restarting will not help.
+                self.never_started.send_replace(Some(format!(
+                    "{} exited ({status}) before it was listening; its error is above",
+                    self.name
+                )));
+                return;
+            }
             if started.elapsed() > STABLE_AFTER {
                 attempt = 0;
             }
             let wait = backoff(attempt);
             attempt += 1;
-            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             tracing::warn!(child = %self.name, %status, "exited; restarting in {wait:?}");
             println!(
                 "{} exited ({status}); restarting in {:.1}s",
                 self.name,
                 wait.as_secs_f64()
             );
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.stop.notified() => return,
+            }
         }
     }
 }

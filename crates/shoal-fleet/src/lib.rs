@@ -16,7 +16,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -70,11 +70,51 @@ pub struct FleetState {
     pub pids: Vec<(String, u32)>,
 }
 
-fn gateway_addr(first: SocketAddr, index: usize) -> SocketAddr {
-    if first.port() == 0 || index == 0 {
-        return first;
+/// One gateway address per region: the first as given, the others on the
+/// next ports, skipping the control plane's (with the defaults, 8080 and
+/// 8082 around the control plane's 8081). Port 0 means any, for each.
+fn gateway_addrs(first: SocketAddr, control: SocketAddr, regions: usize) -> Vec<SocketAddr> {
+    if first.port() == 0 {
+        return vec![first; regions];
     }
-    SocketAddr::new(first.ip(), first.port() + u16::try_from(index).unwrap_or(0))
+    let mut addrs = Vec::with_capacity(regions);
+    let mut port = first.port();
+    while addrs.len() < regions {
+        let candidate = SocketAddr::new(first.ip(), port);
+        let clashes = candidate.port() == control.port()
+            && (candidate.ip() == control.ip()
+                || control.ip().is_unspecified()
+                || candidate.ip().is_unspecified());
+        if !clashes {
+            addrs.push(candidate);
+        }
+        port = port.saturating_add(1);
+    }
+    addrs
+}
+
+/// Empties the list of started children.
+fn take(spawned: &std::sync::Mutex<Vec<Arc<Supervised>>>) -> Vec<Arc<Supervised>> {
+    std::mem::take(&mut *spawned.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Stops children in order: gateways, then replicas, then the control plane.
+async fn stop_all(mut children: Vec<Arc<Supervised>>) {
+    let order = |c: &Arc<Supervised>| match c.name() {
+        n if n.starts_with("gateway-") => 0,
+        n if n.starts_with("replica-") => 1,
+        _ => 2,
+    };
+    children.sort_by_key(order);
+    for group in 0..3 {
+        futures::future::join_all(
+            children
+                .iter()
+                .filter(|c| order(c) == group)
+                .map(|c| c.stop()),
+        )
+        .await;
+    }
 }
 
 /// Name of the fleet token `shoal up` gives its replicas and gateways.
@@ -196,86 +236,28 @@ pub async fn run(
         })
         .collect();
 
-    let control = Supervised::spawn(
-        "control".into(),
-        exe.clone(),
-        vec![
-            "control".into(),
-            "--addr".into(),
-            config.control_addr.to_string(),
-            "--data-dir".into(),
-            dir("control"),
-            "--heartbeat-ms".into(),
-            "500".into(),
-        ]
-        .into_iter()
-        .chain(tls_args.iter().cloned())
-        .collect(),
-        state.clone(),
-        config.data_dir.clone(),
+    // Children as they are started, so that however start-up ends (an
+    // error, or Ctrl-C while a child is still coming up) every one is
+    // stopped.
+    let spawned: Arc<std::sync::Mutex<Vec<Arc<Supervised>>>> = Arc::default();
+    let gateway_addrs = gateway_addrs(
+        config.gateway_addr,
+        config.control_addr,
+        config.regions.len(),
     );
-    let control_addr = control
-        .address()
-        .await
-        .context("the control plane did not start")?;
-    let control_url = format!("{scheme}://{control_addr}");
-    state.lock().await.control = control_url.clone();
-    let admin = shoal_client::secret::read(&config.data_dir.join("control").join("admin.token"))
-        .context("the control plane did not leave its admin token")?;
-    let admin_file = config.data_dir.join("admin.token");
-    shoal_client::secret::write(&admin_file, &admin)
-        .with_context(|| format!("cannot write {}", admin_file.display()))?;
-    let client = ControlClient::new(&control_url, Some(admin));
-    let fleet_file = fleet_token(&client, &config.data_dir).await?;
-    let fleet_file = fleet_file.display().to_string();
-
-    let mut children = vec![control];
-    for i in 0..config.replicas {
-        let region = &config.regions[i % config.regions.len()];
-        children.push(Supervised::spawn(
-            format!("replica-{i}"),
+    let mut shutdown = std::pin::pin!(shutdown);
+    let startup = async {
+        let control = Supervised::spawn(
+            "control".into(),
             exe.clone(),
             vec![
-                "replica".into(),
-                "--control".into(),
-                control_url.clone(),
+                "control".into(),
                 "--addr".into(),
-                "127.0.0.1:0".into(),
+                config.control_addr.to_string(),
                 "--data-dir".into(),
-                dir(&format!("replica-{i}")),
-                "--region".into(),
-                region.clone(),
-                "--poll-interval".into(),
-                "5".into(),
-                "--token-file".into(),
-                fleet_file.clone(),
-            ]
-            .into_iter()
-            .chain(tls_args.iter().cloned())
-            .collect(),
-            state.clone(),
-            config.data_dir.clone(),
-        ));
-    }
-    let mut gateways = Vec::new();
-    for (i, region) in config.regions.iter().enumerate() {
-        let g = Supervised::spawn(
-            format!("gateway-{region}"),
-            exe.clone(),
-            vec![
-                "gateway".into(),
-                "--control".into(),
-                control_url.clone(),
-                "--addr".into(),
-                gateway_addr(config.gateway_addr, i).to_string(),
-                "--data-dir".into(),
-                dir(&format!("gateway-{region}")),
-                "--region".into(),
-                region.clone(),
-                "--health-interval-ms".into(),
-                "250".into(),
-                "--token-file".into(),
-                fleet_file.clone(),
+                dir("control"),
+                "--heartbeat-ms".into(),
+                "500".into(),
             ]
             .into_iter()
             .chain(tls_args.iter().cloned())
@@ -283,36 +265,136 @@ pub async fn run(
             state.clone(),
             config.data_dir.clone(),
         );
-        let addr = g
+        spawned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(control.clone());
+        let control_addr = control
             .address()
             .await
-            .with_context(|| format!("the {region} gateway did not start"))?;
-        gateways.push((region.clone(), format!("{scheme}://{addr}")));
-        children.push(g);
-    }
-    state.lock().await.gateways = gateways.clone();
-    child::write_state(&state, &config.data_dir).await;
+            .map_err(anyhow::Error::msg)
+            .context("the control plane did not start")?;
+        let control_url = format!("{scheme}://{control_addr}");
+        state.lock().await.control = control_url.clone();
+        let admin =
+            shoal_client::secret::read(&config.data_dir.join("control").join("admin.token"))
+                .context("the control plane did not leave its admin token")?;
+        let admin_file = config.data_dir.join("admin.token");
+        shoal_client::secret::write(&admin_file, &admin)
+            .with_context(|| format!("cannot write {}", admin_file.display()))?;
+        let client = ControlClient::new(&control_url, Some(admin));
+        let fleet_file = fleet_token(&client, &config.data_dir).await?;
+        let fleet_file = fleet_file.display().to_string();
 
-    if seed(&client).await? {
-        tracing::info!("registry was empty: pushed and deployed the bundled digits model");
-    }
-    // Ready when a prediction goes through the first gateway.
+        for i in 0..config.replicas {
+            let region = &config.regions[i % config.regions.len()];
+            spawned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Supervised::spawn(
+                    format!("replica-{i}"),
+                    exe.clone(),
+                    vec![
+                        "replica".into(),
+                        "--control".into(),
+                        control_url.clone(),
+                        "--addr".into(),
+                        "127.0.0.1:0".into(),
+                        "--data-dir".into(),
+                        dir(&format!("replica-{i}")),
+                        "--region".into(),
+                        region.clone(),
+                        "--poll-interval".into(),
+                        "5".into(),
+                        "--token-file".into(),
+                        fleet_file.clone(),
+                    ]
+                    .into_iter()
+                    .chain(tls_args.iter().cloned())
+                    .collect(),
+                    state.clone(),
+                    config.data_dir.clone(),
+                ));
+        }
+        let mut gateways = Vec::new();
+        for (i, region) in config.regions.iter().enumerate() {
+            let g = Supervised::spawn(
+                format!("gateway-{region}"),
+                exe.clone(),
+                vec![
+                    "gateway".into(),
+                    "--control".into(),
+                    control_url.clone(),
+                    "--addr".into(),
+                    gateway_addrs[i].to_string(),
+                    "--data-dir".into(),
+                    dir(&format!("gateway-{region}")),
+                    "--region".into(),
+                    region.clone(),
+                    "--health-interval-ms".into(),
+                    "250".into(),
+                    "--token-file".into(),
+                    fleet_file.clone(),
+                ]
+                .into_iter()
+                .chain(tls_args.iter().cloned())
+                .collect(),
+                state.clone(),
+                config.data_dir.clone(),
+            );
+            spawned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(g.clone());
+            let addr = g
+                .address()
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("the {region} gateway did not start"))?;
+            gateways.push((region.clone(), format!("{scheme}://{addr}")));
+        }
+        state.lock().await.gateways = gateways.clone();
+        child::write_state(&state, &config.data_dir).await;
+
+        if seed(&client).await? {
+            tracing::info!("registry was empty: pushed and deployed the bundled digits model");
+        }
+        // Ready when a prediction goes through the first gateway.
+        let gateway = gateways[0].1.clone();
+        let infer_url = format!("{gateway}/v2/models/digits/infer");
+        let body = format!(
+            r#"{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":{SAMPLE_ZERO}}}]}}"#
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let probe = ControlClient::new(&gateway, None).with_timeout(Duration::from_secs(2));
+        loop {
+            if post_ok(&probe, &infer_url, &body).await {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the fleet did not become ready within 60 s; see the log above");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, anyhow::Error>((control_url, admin_file, gateways, infer_url, body))
+    };
+    let ready = tokio::select! {
+        ready = startup => ready,
+        () = &mut shutdown => {
+            tracing::info!("stopping before the fleet was ready");
+            stop_all(take(&spawned)).await;
+            return Ok(());
+        }
+    };
+    let (control_url, admin_file, gateways, infer_url, body) = match ready {
+        Ok(ready) => ready,
+        Err(e) => {
+            stop_all(take(&spawned)).await;
+            return Err(e);
+        }
+    };
+    let children = take(&spawned);
     let gateway = gateways[0].1.clone();
-    let infer_url = format!("{gateway}/v2/models/digits/infer");
-    let body = format!(
-        r#"{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":{SAMPLE_ZERO}}}]}}"#
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let probe = ControlClient::new(&gateway, None).with_timeout(Duration::from_secs(2));
-    loop {
-        if post_ok(&probe, &infer_url, &body).await {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the fleet did not become ready within 60 s; see the log above");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let elapsed = started.elapsed();
     println!();
     println!(
@@ -365,22 +447,7 @@ pub async fn run(
     }
     tracing::info!("stopping: gateways first, then replicas, then the control plane");
     // Gateways stop taking traffic first; replicas drain; the control plane last.
-    let order = |c: &Arc<Supervised>| match c.name() {
-        n if n.starts_with("gateway-") => 0,
-        n if n.starts_with("replica-") => 1,
-        _ => 2,
-    };
-    let mut children = children;
-    children.sort_by_key(order);
-    for group in 0..3 {
-        futures::future::join_all(
-            children
-                .iter()
-                .filter(|c| order(c) == group)
-                .map(|c| c.stop()),
-        )
-        .await;
-    }
+    stop_all(children).await;
     state.lock().await.pids.clear();
     child::write_state(&state, &config.data_dir).await;
     Ok(())
@@ -408,5 +475,29 @@ async fn chaos_monkey(replicas: Vec<Arc<Supervised>>, rate: f64) {
             );
             println!("chaos: killed {} (pid {pid})", replicas[i].name());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_gateways_never_take_the_control_planes_port() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ports = |first, control, n| {
+            gateway_addrs(addr(first), addr(control), n)
+                .iter()
+                .map(SocketAddr::port)
+                .collect::<Vec<_>>()
+        };
+        // The defaults: 8080, then 8082 around the control plane's 8081.
+        assert_eq!(
+            ports("127.0.0.1:8080", "127.0.0.1:8081", 3),
+            [8080, 8082, 8083]
+        );
+        assert_eq!(ports("0.0.0.0:8080", "127.0.0.1:8081", 2), [8080, 8082]);
+        assert_eq!(ports("127.0.0.1:9000", "127.0.0.1:8081", 2), [9000, 9001]);
+        assert_eq!(ports("127.0.0.1:0", "127.0.0.1:0", 2), [0, 0]);
     }
 }

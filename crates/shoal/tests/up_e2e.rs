@@ -364,3 +364,177 @@ async fn regions_chaos_and_resume() {
         .await
         .unwrap();
 }
+
+/// Two free ports in a row: the gateway's, and the control plane's after it
+/// (the layout of the defaults, 8080 and 8081).
+fn consecutive_ports() -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        let next = port.checked_add(2).and_then(|p| {
+            let a = std::net::TcpListener::bind(("127.0.0.1", p - 1)).ok()?;
+            let b = std::net::TcpListener::bind(("127.0.0.1", p)).ok()?;
+            Some((a, b))
+        });
+        if next.is_some() {
+            return port;
+        }
+    }
+}
+
+/// `shoal up --regions` with the default layout (gateway port, control
+/// plane on the next): the second region's gateway used to take the
+/// control plane's port and crash-loop. It now takes the port after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_gateways_skip_the_control_planes_port() {
+    let tmp = TempDir::new("up-regions-ports");
+    let port = consecutive_ports();
+    let (gateway, control) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+    );
+    let (mut up, ready) = spawn_until(
+        shoal(),
+        &[
+            "up",
+            "--gateway-addr",
+            &gateway,
+            "--control-addr",
+            &control,
+            "--data-dir",
+            tmp.join("fleet").to_str().unwrap(),
+            "--replicas",
+            "2",
+            "--regions",
+            "us-east,eu-west",
+        ],
+        "shoal up ready:",
+    );
+    assert!(
+        ready.contains(&format!("control http://{control}")),
+        "{ready}"
+    );
+    let http = HttpClient::new();
+    let samples = Samples::load();
+    for p in [port, port + 2] {
+        let url = format!("http://127.0.0.1:{p}/v2/models/digits/infer");
+        eventually(
+            "both regions' gateways to answer",
+            Duration::from_secs(30),
+            || {
+                let (http, url, body) = (http.clone(), url.clone(), samples.request(0..1));
+                async move { (http.post_json(&url, body).await.status == 200).then_some(()) }
+            },
+        )
+        .await;
+    }
+    up.signal(Signal::SIGINT);
+    let (status, _) =
+        tokio::task::spawn_blocking(move || (up.wait_timeout(Duration::from_secs(60)), up))
+            .await
+            .unwrap();
+    assert!(status.expect("shoal up exits on SIGINT").success());
+}
+
+/// A child that can never start (its address is taken) stops `shoal up` at
+/// start-up with the child's error, rather than restarting it forever; and
+/// no child is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_address_fails_shoal_up_at_start() {
+    let tmp = TempDir::new("up-taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gateway = taken.local_addr().unwrap().to_string();
+    let data = tmp.join("fleet");
+    let child = std::process::Command::new(shoal())
+        .args([
+            "up",
+            "--gateway-addr",
+            &gateway,
+            "--control-addr",
+            "127.0.0.1:0",
+            "--replicas",
+            "1",
+        ])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = shoal_testkit::ChildGuard(child);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = up.wait_timeout(Duration::from_secs(120));
+        let mut stderr = String::new();
+        use std::io::Read;
+        if let Some(mut e) = up.0.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    let (status, stderr) = status;
+    let status = status.expect("shoal up gives up instead of restarting the gateway forever");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("Address already in use") && stderr.contains("did not start"),
+        "{stderr}"
+    );
+    // Nothing left running.
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    for pid in fleet["pids"].as_array().into_iter().flatten() {
+        let pid = pid[1].as_u64().unwrap() as u32;
+        assert!(!alive(pid), "child {pid} outlived shoal up");
+    }
+    drop(taken);
+}
+
+/// Ctrl-C while the fleet is still starting stops everything, children
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_start_up_stops_everything() {
+    let tmp = TempDir::new("up-early-sigint");
+    let data = tmp.join("fleet");
+    let child = std::process::Command::new(shoal())
+        .args([
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--replicas", "2", "--data-dir", data.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = shoal_testkit::ChildGuard(child);
+    // As soon as the control plane is up (a child is recorded), interrupt.
+    let fleet_json = data.join("fleet.json");
+    let pids = eventually("a child to start", Duration::from_secs(30), || {
+        let text = std::fs::read(&fleet_json).ok();
+        let pids: Vec<u32> = text
+            .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+            .map(|v| {
+                v["pids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p[1].as_u64().map(|p| p as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        std::future::ready((!pids.is_empty()).then_some(pids))
+    })
+    .await;
+    up.signal(Signal::SIGINT);
+    let (status, _) =
+        tokio::task::spawn_blocking(move || (up.wait_timeout(Duration::from_secs(60)), up))
+            .await
+            .unwrap();
+    assert!(status.expect("shoal up exits on SIGINT").success());
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} outlived shoal up");
+    }
+}
