@@ -3,6 +3,7 @@
 //! CLI (client), so all of them agree on one definition.
 //!
 //! - [`auth`]: token roles, the permission each endpoint needs, tokens.
+//! - [`backup`]: what a backup records about itself, and its progress.
 //! - [`registry`]: models, versions, statuses, the audit log.
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
@@ -15,6 +16,7 @@
 //! hashing and generation among them). No I/O.
 
 pub mod auth;
+pub mod backup;
 pub mod counters;
 pub mod deploy;
 pub mod fleet;

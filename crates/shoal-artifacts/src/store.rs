@@ -213,4 +213,85 @@ impl ArtifactStore {
         crate::cache::verify_sha256(&manifest.sha256, &out)?;
         Ok(Bytes::from(out))
     }
+
+    /// Stores a chunk in its stored encoding after checking it is the
+    /// content `chunk` names; `false` when the store already had it.
+    pub async fn put_chunk(&self, chunk: &ChunkRef, stored: Bytes) -> Result<bool, ArtifactError> {
+        chunk::verify(&chunk.id, &stored, Some(chunk.size))?;
+        if self.has_chunk(&chunk.id).await? {
+            return Ok(false);
+        }
+        self.store
+            .put(&chunk_path(&chunk.id), PutPayload::from(stored))
+            .await?;
+        Ok(true)
+    }
+
+    /// Stores a manifest (content-addressed: writing it twice is harmless).
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<(), ArtifactError> {
+        self.store
+            .put(
+                &manifest_path(&manifest.sha256),
+                PutPayload::from(manifest.to_json()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The names of every chunk in the store (one listing).
+    pub async fn chunk_ids(&self) -> Result<std::collections::HashSet<ChunkId>, ArtifactError> {
+        use futures::TryStreamExt;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&StorePath::from("chunks")))
+            .try_collect()
+            .await?;
+        Ok(listed
+            .iter()
+            .filter_map(|meta| meta.location.filename())
+            .filter_map(|name| ChunkId::parse(name).ok())
+            .collect())
+    }
+
+    /// The artifacts (SHA-256) whose manifests are in the store.
+    pub async fn manifest_ids(&self) -> Result<Vec<String>, ArtifactError> {
+        use futures::TryStreamExt;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&StorePath::from("manifests")))
+            .try_collect()
+            .await?;
+        let mut ids: Vec<String> = listed
+            .iter()
+            .filter_map(|meta| meta.location.filename())
+            .filter_map(|name| name.strip_suffix(".json"))
+            .filter(|id| is_hex_digest(id))
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Deletes a chunk (absent is fine).
+    pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), ArtifactError> {
+        ignore_absent(self.store.delete(&chunk_path(id)).await)
+    }
+
+    /// Deletes a manifest (absent is fine).
+    pub async fn delete_manifest(&self, sha256: &str) -> Result<(), ArtifactError> {
+        ignore_absent(self.store.delete(&manifest_path(sha256)).await)
+    }
+
+    /// The object store underneath, for neighbours that keep their own
+    /// objects beside the artifacts (backups keep `backups/…`).
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+}
+
+fn ignore_absent(result: object_store::Result<()>) -> Result<(), ArtifactError> {
+    match result {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

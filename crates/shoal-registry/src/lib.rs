@@ -15,6 +15,7 @@
 //! Architecture invariant: every mutation writes its audit entry in the same
 //! transaction, so the log and the state never disagree.
 
+pub mod dump;
 pub mod postgres;
 pub mod sqlite;
 pub mod suite;
@@ -213,6 +214,19 @@ pub trait RegistryStore: Send + Sync + 'static {
 
     /// Deletes the token named `name`; `false` if there was none.
     async fn revoke_token(&self, name: &str, audit: Audit) -> Result<bool>;
+
+    /// Every row, read in one transaction: the registry at one revision.
+    async fn dump(&self) -> Result<dump::RegistryDump>;
+
+    /// Loads `dump` into this registry, which must be empty (`Conflict`
+    /// otherwise), in one transaction; the revision and audit positions
+    /// are the dump's. Nothing is written when the dump is invalid.
+    async fn load_dump(&self, dump: &dump::RegistryDump) -> Result<()>;
+}
+
+/// True for 64 lowercase or uppercase hex digits.
+pub(crate) fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The newest version that reached production and was not rolled back;

@@ -21,6 +21,7 @@ use shoal_core::{ModelName, Version};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
+use crate::dump::{self, RegistryDump};
 use crate::{
     Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
     VersionDraft, last_known_good,
@@ -566,6 +567,54 @@ impl RegistryStore for PostgresRegistry {
         }
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn dump(&self) -> Result<RegistryDump> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let revision = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&mut *tx)
+            .await?
+            .get::<i64, _>(0);
+        let mut tables: [Vec<PgRow>; 6] = Default::default();
+        for (rows, select) in tables.iter_mut().zip(dump::SELECTS) {
+            *rows = sqlx::query(select).fetch_all(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        dump::decode(unsigned(revision), tables)
+    }
+
+    async fn load_dump(&self, dump: &RegistryDump) -> Result<()> {
+        dump.validate()?;
+        let mut tx = self.pool.begin().await?;
+        // The counter rows are locked first, as every writer locks them.
+        let revision: i64 =
+            sqlx::query("SELECT value FROM meta WHERE key = 'revision' FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        let rows: i64 = sqlx::query(dump::OCCUPIED).fetch_one(&mut *tx).await?.get(0);
+        dump::occupied(rows, unsigned(revision))?;
+        for insert in dump::inserts::<Postgres>(dump, |n| {
+            (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+        }) {
+            insert.execute(&mut *tx).await?;
+        }
+        let audit = dump.audit.iter().map(|a| a.seq).max().unwrap_or(0);
+        for (key, value) in [
+            ("revision", i64::try_from(dump.revision).unwrap_or(i64::MAX)),
+            ("audit", audit),
+        ] {
+            sqlx::query("UPDATE meta SET value = $1 WHERE key = $2")
+                .bind(value)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }
 

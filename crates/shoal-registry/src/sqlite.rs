@@ -17,6 +17,7 @@ use shoal_core::{ModelName, Version};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
+use crate::dump::{self, RegistryDump};
 use crate::{
     Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
     VersionDraft, last_known_good,
@@ -627,5 +628,42 @@ impl RegistryStore for SqliteRegistry {
         }
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn dump(&self) -> Result<RegistryDump> {
+        // A deferred transaction in WAL mode reads one snapshot throughout.
+        let mut tx = self.pool.begin().await?;
+        let revision = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&mut *tx)
+            .await?
+            .get::<i64, _>(0);
+        let mut tables: [Vec<sqlx::sqlite::SqliteRow>; 6] = Default::default();
+        for (rows, select) in tables.iter_mut().zip(dump::SELECTS) {
+            *rows = sqlx::query(select).fetch_all(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        dump::decode(u64::try_from(revision).unwrap_or(0), tables)
+    }
+
+    async fn load_dump(&self, dump: &RegistryDump) -> Result<()> {
+        dump.validate()?;
+        let mut tx = self.begin_write().await?;
+        let rows: i64 = sqlx::query(dump::OCCUPIED).fetch_one(&mut *tx).await?.get(0);
+        let revision: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        dump::occupied(rows, u64::try_from(revision).unwrap_or(0))?;
+        for insert in dump::inserts::<Sqlite>(dump, |n| {
+            (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+        }) {
+            insert.execute(&mut *tx).await?;
+        }
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'revision'")
+            .bind(i64::try_from(dump.revision).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -21,6 +21,18 @@ async fn postgres_passes_the_conformance_suite_and_keeps_concurrent_writers_apar
         .await
         .unwrap();
     shoal_registry::suite::test_all(&store).await;
+    // A dump loads into another database, and moves between engines.
+    let copy = PostgresRegistry::open(&server.database("copy")).await.unwrap();
+    shoal_registry::suite::dump_and_load(&store, &copy).await;
+    let dir = std::env::temp_dir().join(format!("shoal-pg-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sqlite = shoal_registry::sqlite::SqliteRegistry::open(&dir.join("registry.db"))
+        .await
+        .unwrap();
+    shoal_registry::suite::dump_and_load(&store, &sqlite).await;
+    let back = PostgresRegistry::open(&server.database("back")).await.unwrap();
+    shoal_registry::suite::dump_and_load(&sqlite, &back).await;
+    let _ = std::fs::remove_dir_all(&dir);
 
     // Sixteen pushes of one new model at once: sixteen distinct numbers,
     // and an audit log whose positions are gapless and in commit order.

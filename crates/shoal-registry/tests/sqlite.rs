@@ -15,7 +15,10 @@ async fn sqlite_passes_the_conformance_suite() {
     let path = temp_db("suite");
     let store = SqliteRegistry::open(&path).await.unwrap();
     shoal_registry::suite::test_all(&store).await;
+    let copy = SqliteRegistry::open(&temp_db("suite-copy")).await.unwrap();
+    shoal_registry::suite::dump_and_load(&store, &copy).await;
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    let _ = std::fs::remove_dir_all(temp_db("suite-copy").parent().unwrap());
 }
 
 #[tokio::test]
