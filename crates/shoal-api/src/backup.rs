@@ -113,7 +113,7 @@ pub enum BackupEvent {
     /// Progress.
     Progress(BackupProgress),
     /// The backup is complete.
-    Done(BackupRecord),
+    Done(Box<BackupRecord>),
     /// The backup failed; nothing at the destination names it.
     Error(String),
 }

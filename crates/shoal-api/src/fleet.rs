@@ -89,6 +89,11 @@ pub struct Heartbeat {
     pub serving: Vec<ServingVersion>,
     /// The desired-state revision it has converged on.
     pub applied_revision: u64,
+    /// The newest desired-state revision it has received. A control plane
+    /// restored from an older backup moves its revision past this, so the
+    /// replica takes what it says next.
+    #[serde(default)]
+    pub seen_revision: u64,
     /// Versions it failed to load, with why and whether it will try again
     /// (`model:version` → failure).
     #[serde(default)]

@@ -99,6 +99,9 @@ impl Destination {
                 "no backup destination: give a directory or s3://bucket/prefix".into(),
             ));
         }
+        if !url.contains("://") {
+            refuse_foreign_directory(std::path::Path::new(url))?;
+        }
         Ok(Destination {
             url: url.to_owned(),
             store: ArtifactStore::from_url(url)?,
@@ -135,6 +138,21 @@ impl Destination {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A backup never writes into a directory that holds something else: an
+/// existing directory must be empty or already hold Shoal backups.
+fn refuse_foreign_directory(dir: &std::path::Path) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if entries.next().is_none() || dir.join("backups").is_dir() || dir.join("chunks").is_dir() {
+        return Ok(());
+    }
+    Err(BackupError::Invalid(format!(
+        "{} is not empty and holds no Shoal backup; give a new or empty directory",
+        dir.display()
+    )))
 }
 
 fn record_path(id: &str) -> String {
@@ -189,12 +207,13 @@ pub async fn create(
         done: 0,
         total,
     });
-    futures::stream::iter(missing.iter())
-        .map(|c| async {
+    let done = &done;
+    futures::stream::iter(missing.clone())
+        .map(|c| async move {
             let stored = artifacts.get_chunk(&c.id).await?;
             // Checked against its name before it is written: a chunk that
             // rotted in the origin fails the backup rather than hiding in it.
-            dest.store.put_chunk(c, stored).await?;
+            dest.store.put_chunk(&c, stored).await?;
             let now = done.fetch_add(u64::from(c.stored), std::sync::atomic::Ordering::Relaxed)
                 + u64::from(c.stored);
             progress(BackupProgress {
@@ -297,7 +316,9 @@ pub async fn list(dest: &Destination) -> Result<Vec<BackupRecord>> {
         };
         match serde_json::from_slice::<BackupRecord>(&bytes) {
             Ok(record) => records.push(record),
-            Err(e) => tracing::warn!(file = %meta.location, error = %e, "unreadable backup record skipped"),
+            Err(e) => {
+                tracing::warn!(file = %meta.location, error = %e, "unreadable backup record skipped")
+            }
         }
     }
     records.sort_by(|a, b| a.id.cmp(&b.id));
@@ -321,9 +342,10 @@ pub async fn open(dest: &Destination, id: Option<&str>) -> Result<(BackupRecord,
                 what: format!("backup.json is unreadable: {e}"),
             })?
         }
-        None => list(dest).await?.pop().ok_or_else(|| {
-            BackupError::NotFound(format!("no backup at {}", dest.url()))
-        })?,
+        None => list(dest)
+            .await?
+            .pop()
+            .ok_or_else(|| BackupError::NotFound(format!("no backup at {}", dest.url())))?,
     };
     let damaged = |what: String| BackupError::Damaged {
         id: record.id.clone(),
@@ -349,12 +371,19 @@ pub async fn open(dest: &Destination, id: Option<&str>) -> Result<(BackupRecord,
     let mut json = Vec::new();
     zstd::Decoder::new(&bytes[..])
         .and_then(|mut d| d.read_to_end(&mut json))
-        .map_err(|e| damaged(format!("{} cannot be decompressed: {e}", record.registry.path)))?;
+        .map_err(|e| {
+            damaged(format!(
+                "{} cannot be decompressed: {e}",
+                record.registry.path
+            ))
+        })?;
     let dump: RegistryDump = serde_json::from_slice(&json)
         .map_err(|e| damaged(format!("the registry snapshot is unreadable: {e}")))?;
     dump.validate()
         .map_err(|e| damaged(format!("the registry snapshot is invalid: {e}")))?;
-    if dump.revision != record.revision || dump.artifacts() != record.artifacts.iter().cloned().collect::<BTreeSet<_>>() {
+    if dump.revision != record.revision
+        || dump.artifacts() != record.artifacts.iter().cloned().collect::<BTreeSet<_>>()
+    {
         return Err(damaged(
             "the registry snapshot does not match its record (revision or artifacts)".into(),
         ));
@@ -382,7 +411,11 @@ pub struct Checked {
 /// Reads backup `id` (the newest when `None`) back and checks everything:
 /// the snapshot's checksum and content, every manifest, every chunk
 /// against its name, every artifact against its SHA-256 and size.
-pub async fn verify(dest: &Destination, id: Option<&str>, progress: Progress<'_>) -> Result<Checked> {
+pub async fn verify(
+    dest: &Destination,
+    id: Option<&str>,
+    progress: Progress<'_>,
+) -> Result<Checked> {
     let (record, dump) = open(dest, id).await?;
     check_artifacts(&record, &dump, dest, None, BackupPhase::Verifying, progress).await
 }
@@ -405,15 +438,23 @@ async fn check_artifacts(
     let mut manifests = Vec::new();
     for sha256 in &record.artifacts {
         let manifest = dest.store.get_manifest(sha256).await.map_err(|e| {
-            damaged(format!("the manifest of artifact {sha256} is missing or unreadable: {e}"))
+            damaged(format!(
+                "the manifest of artifact {sha256} is missing or unreadable: {e}"
+            ))
         })?;
         if &manifest.sha256 != sha256 {
-            return Err(damaged(format!("manifests/{sha256}.json describes {}", manifest.sha256)));
+            return Err(damaged(format!(
+                "manifests/{sha256}.json describes {}",
+                manifest.sha256
+            )));
         }
         manifests.push(manifest);
     }
-    let sizes: BTreeMap<&str, i64> =
-        dump.versions.iter().map(|v| (v.sha256.as_str(), v.size)).collect();
+    let sizes: BTreeMap<&str, i64> = dump
+        .versions
+        .iter()
+        .map(|v| (v.sha256.as_str(), v.size))
+        .collect();
     let total: u64 = manifests.iter().map(|m| m.size).sum();
     let mut done = 0u64;
     let mut seen = HashSet::new();
@@ -426,16 +467,22 @@ async fn check_artifacts(
             )));
         }
         let mut hasher = sha2::Sha256::new();
-        let mut fetched = futures::stream::iter(manifest.chunks.iter())
-            .map(|c| async move { (c, dest.store.get_chunk(&c.id).await) })
+        let mut fetched = futures::stream::iter(manifest.chunks.clone())
+            .map(|c| async move {
+                let stored = dest.store.get_chunk(&c.id).await;
+                (c, stored)
+            })
             .buffered(PARALLEL);
         while let Some((c, stored)) = fetched.next().await {
+            let c = &c;
             let stored = stored.map_err(|e| {
-                damaged(format!("chunk {} of artifact {}: {e}", c.id, manifest.sha256))
+                damaged(format!(
+                    "chunk {} of artifact {}: {e}",
+                    c.id, manifest.sha256
+                ))
             })?;
-            let content = chunk::decode(&c.id, &stored, Some(c.size)).map_err(|e| {
-                damaged(format!("artifact {}: {e}", manifest.sha256))
-            })?;
+            let content = chunk::decode(&c.id, &stored, Some(c.size))
+                .map_err(|e| damaged(format!("artifact {}: {e}", manifest.sha256)))?;
             hasher.update(&content);
             let first = seen.insert(c.id.clone());
             if first
@@ -494,7 +541,11 @@ pub async fn restore(
 ) -> Result<Checked> {
     let (record, dump) = open(dest, id).await?;
     let here = registry.dump().await?;
-    if !(here.models.is_empty() && here.tokens.is_empty() && here.audit.is_empty() && here.revision == 0) {
+    if !(here.models.is_empty()
+        && here.tokens.is_empty()
+        && here.audit.is_empty()
+        && here.revision == 0)
+    {
         return Err(BackupError::Invalid(format!(
             "the registry to restore into is not empty ({} models, {} tokens, revision {}); \
              restore into an empty data directory or a new database",

@@ -22,7 +22,9 @@ fn temp(name: &str) -> PathBuf {
 
 /// Deterministic pseudo-random bytes (incompressible, like weights).
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -41,7 +43,11 @@ struct Plane {
 
 async fn plane(dir: &Path) -> Plane {
     Plane {
-        registry: Arc::new(SqliteRegistry::open(&dir.join("registry.db")).await.unwrap()),
+        registry: Arc::new(
+            SqliteRegistry::open(&dir.join("registry.db"))
+                .await
+                .unwrap(),
+        ),
         artifacts: ArtifactStore::local(&dir.join("artifacts")).unwrap(),
         dir: dir.to_owned(),
     }
@@ -113,7 +119,12 @@ async fn a_backup_restores_to_the_same_registry_and_bytes_and_the_next_one_copie
     source
         .registry
         .create_token(
-            TokenRecord::new("ops", shoal_api::auth::Role::Deployer, "c".repeat(64), "test"),
+            TokenRecord::new(
+                "ops",
+                shoal_api::auth::Role::Deployer,
+                "c".repeat(64),
+                "test",
+            ),
             Audit::by("test", "token"),
         )
         .await
@@ -121,24 +132,30 @@ async fn a_backup_restores_to_the_same_registry_and_bytes_and_the_next_one_copie
 
     let dest = Destination::open(root.join("backups").to_str().unwrap()).unwrap();
     let seen = std::sync::Mutex::new(Vec::<BackupProgress>::new());
-    let first = shoal_backup::create(
-        source.registry.as_ref(),
-        &source.artifacts,
-        &dest,
-        &|p| seen.lock().unwrap().push(p),
-    )
+    let first = shoal_backup::create(source.registry.as_ref(), &source.artifacts, &dest, &|p| {
+        seen.lock().unwrap().push(p)
+    })
     .await
     .unwrap();
     assert_eq!(first.counts.versions, 2);
     assert_eq!(first.artifacts.len(), 2);
-    assert_eq!(first.copied_chunks, first.chunks, "a first backup copies everything");
+    assert_eq!(
+        first.copied_chunks, first.chunks,
+        "a first backup copies everything"
+    );
     let last = *seen.lock().unwrap().last().unwrap();
-    assert_eq!((last.done, last.total), (first.copied_bytes, first.copied_bytes));
+    assert_eq!(
+        (last.done, last.total),
+        (first.copied_bytes, first.copied_bytes)
+    );
 
     let checked = shoal_backup::verify(&dest, None, &shoal_backup::quiet)
         .await
         .unwrap();
-    assert_eq!((checked.id.as_str(), checked.artifacts), (first.id.as_str(), 2));
+    assert_eq!(
+        (checked.id.as_str(), checked.artifacts),
+        (first.id.as_str(), 2)
+    );
 
     // Restore into an empty data directory: the same rows, the same bytes.
     let target = plane(&root.join("target")).await;
@@ -156,7 +173,10 @@ async fn a_backup_restores_to_the_same_registry_and_bytes_and_the_next_one_copie
         source.registry.dump().await.unwrap()
     );
     for (sha, content) in [(&sha1, &v1), (&sha2, &v2)] {
-        assert_eq!(&target.artifacts.read_artifact(sha).await.unwrap()[..], &content[..]);
+        assert_eq!(
+            &target.artifacts.read_artifact(sha).await.unwrap()[..],
+            &content[..]
+        );
         assert_eq!(
             target.artifacts.get_manifest(sha).await.unwrap(),
             source.artifacts.get_manifest(sha).await.unwrap()
@@ -222,8 +242,11 @@ async fn a_backup_restores_to_the_same_registry_and_bytes_and_the_next_one_copie
     // Pruning to the newest keeps every chunk it needs, so it verifies.
     let chunks_before = chunk_files(&root.join("backups")).len();
     let pruned = shoal_backup::prune(&dest, 1).await.unwrap();
-    assert_eq!(pruned.backups, [first.id.clone()]);
-    assert_eq!(pruned.chunks, 0, "the newest backup needs every older chunk");
+    assert_eq!(pruned.backups, std::slice::from_ref(&first.id));
+    assert_eq!(
+        pruned.chunks, 0,
+        "the newest backup needs every older chunk"
+    );
     assert_eq!(chunk_files(&root.join("backups")).len(), chunks_before);
     shoal_backup::verify(&dest, None, &shoal_backup::quiet)
         .await
@@ -247,7 +270,9 @@ async fn a_damaged_backup_is_refused_with_what_is_wrong_and_restores_nothing() {
     .unwrap();
 
     // One flipped byte in one chunk.
-    let chunk = source.artifacts.get_manifest(&sha).await.unwrap().chunks[1].id.clone();
+    let chunk = source.artifacts.get_manifest(&sha).await.unwrap().chunks[1]
+        .id
+        .clone();
     let path = root.join("backups").join("chunks").join(chunk.as_str());
     let mut stored = std::fs::read(&path).unwrap();
     let last = stored.len() - 1;
@@ -271,7 +296,10 @@ async fn a_damaged_backup_is_refused_with_what_is_wrong_and_restores_nothing() {
         &shoal_backup::quiet,
     )
     .await;
-    assert!(matches!(refused, Err(BackupError::Damaged { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(BackupError::Damaged { .. })),
+        "{refused:?}"
+    );
     assert_eq!(target.registry.revision().await.unwrap(), 0);
     assert!(target.registry.list_models().await.unwrap().is_empty());
     assert!(chunk_files(&root.join("target").join("artifacts")).is_empty());
@@ -336,10 +364,18 @@ async fn a_backup_taken_during_deploys_is_of_one_revision() {
         let newest = dump
             .deployments
             .iter()
-            .map(|d| serde_json::from_str::<Deployment>(&d.deployment).unwrap().revision)
+            .map(|d| {
+                serde_json::from_str::<Deployment>(&d.deployment)
+                    .unwrap()
+                    .revision
+            })
             .max()
             .unwrap();
-        assert_eq!(newest, dump.revision, "backup {} mixes revisions", record.id);
+        assert_eq!(
+            newest, dump.revision,
+            "backup {} mixes revisions",
+            record.id
+        );
     }
     let restored = plane(&root.join("target")).await;
     let last = records.last().unwrap();

@@ -340,6 +340,14 @@ impl Fleet {
         }
     }
 
+    /// The control plane, when it runs in this process.
+    pub fn control(&self) -> Option<&std::sync::Arc<shoal_control::Control>> {
+        match &self.members {
+            Members::InProcess { control, .. } => Some(&control.control),
+            Members::Lab { .. } => None,
+        }
+    }
+
     /// Stops everything.
     pub async fn stop(self) -> anyhow::Result<()> {
         match self.members {
@@ -386,7 +394,12 @@ pub struct Convergence {
     pub isolation: Option<HostSpec>,
 }
 
-fn make_model(out: &Path, layers: usize, seed: u64, perturb: Option<usize>) -> anyhow::Result<()> {
+pub(crate) fn make_model(
+    out: &Path,
+    layers: usize,
+    seed: u64,
+    perturb: Option<usize>,
+) -> anyhow::Result<()> {
     let script = crate::models_dir().join("../tools/make_mlp_model.py");
     let mut cmd = std::process::Command::new("python3");
     cmd.arg(&script)

@@ -4,6 +4,8 @@
 //! shared and noisy, so only ratios taken together mean anything.
 //!
 //! - [`runtime`]: tract against ONNX Runtime on the same inputs.
+//! - [`backup`]: backup and restore of many versions against tar + zstd of
+//!   the same data directory.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
 //!   raw in-process inference p50.
 //! - [`fleet`]: convergence of many replicas against one, delta-update wire
@@ -15,6 +17,7 @@
 //! - [`lab`]: emulated hosts (network namespaces with rate-limited links
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
+pub mod backup;
 pub mod fleet;
 pub mod herd;
 pub mod lab;

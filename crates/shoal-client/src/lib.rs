@@ -447,13 +447,27 @@ impl ControlClient {
     /// Sends a GET and returns the body of a successful answer unread;
     /// an error status is read and turned into its error.
     async fn open(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
+        self.open_with(Method::GET, path, None).await
+    }
+
+    /// Sends `method` (with a JSON body, if any) and returns the body of a
+    /// successful answer unread.
+    async fn open_with(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Incoming, ClientError> {
         let url = self.url(path);
-        let mut builder = Request::builder().method(Method::GET).uri(&url);
+        let mut builder = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
+        if json.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
         let request = builder
-            .body(full(Bytes::new()))
+            .body(full(json.map(Bytes::from).unwrap_or_default()))
             .map_err(|e| ClientError::Decode {
                 url: url.clone(),
                 reason: e.to_string(),
@@ -490,6 +504,22 @@ impl ControlClient {
         path: &str,
     ) -> Result<impl futures::Stream<Item = Result<T, ClientError>> + use<T>, ClientError> {
         let body = self.open(path).await?;
+        Ok(ndjson(body, self.url(path)))
+    }
+
+    /// Asks the control plane to take a backup to `to` (as it sees the
+    /// path); each item is progress, then the record or the error.
+    pub async fn backup(
+        &self,
+        to: &str,
+    ) -> Result<
+        impl futures::Stream<Item = Result<shoal_api::backup::BackupEvent, ClientError>> + use<>,
+        ClientError,
+    > {
+        let path = "/api/v1/backups";
+        let body = serde_json::to_vec(&shoal_api::backup::BackupRequest { to: to.to_owned() })
+            .unwrap_or_default();
+        let body = self.open_with(Method::POST, path, Some(body)).await?;
         Ok(ndjson(body, self.url(path)))
     }
 

@@ -38,6 +38,11 @@ use crate::controller::DeployError;
 
 type Shared = State<Arc<Control>>;
 
+/// The largest revision a replica may report having seen: revisions stay
+/// exact in JSON numbers, and a report cannot push the counter to where
+/// the next write would overflow it.
+const MAX_REVISION: u64 = 1 << 53;
+
 /// Body limit of every route but the artifact upload (which streams to
 /// disk under `--upload-limit`): heartbeats, reports and deploys are small.
 pub const BODY_LIMIT: usize = 256 << 10;
@@ -143,6 +148,10 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/api/v1/status", get(status).route_layer(needs(Read)))
         .route("/api/v1/audit", get(audit).route_layer(needs(Read)))
+        .route(
+            "/api/v1/backups",
+            post(crate::backups::create_backup).route_layer(needs(Admin)),
+        )
         .route(
             "/api/v1/tokens",
             get(crate::tokens::list_tokens)
@@ -711,6 +720,36 @@ pub(crate) async fn heartbeat(
             "unknown replica {id:?}; register first"
         )));
     }
+    // A replica that has seen a newer revision than this control plane
+    // holds (restored from an older backup) would ignore what it says
+    // next: move the revision past what the replica saw.
+    let seen = report.seen_revision.max(report.applied_revision);
+    if seen > MAX_REVISION {
+        return Err(ApiError::bad_request(format!(
+            "revision {seen} is beyond any this control plane issues (at most 2^53)"
+        )));
+    }
+    if seen > control.revision() {
+        control
+            .store
+            .advance_revision(
+                seen.saturating_add(1),
+                Audit::by(
+                    "control plane",
+                    format!("replica {id} had seen revision {seen}; revisions continue past it"),
+                ),
+            )
+            .await
+            .map_err(registry_error)?;
+        control
+            .fast_forwards
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        control
+            .refresh()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        control.kick();
+    }
     if control.live.heartbeat(&id, report) {
         control.kick();
         control.fleet_changed();
@@ -784,12 +823,22 @@ pub(crate) async fn watch(
     let guard = Guard(watchers);
     let mut last: Option<DesiredState> = None;
     let mut after = query.after;
+    let mut fast_forwards = control
+        .fast_forwards
+        .load(std::sync::atomic::Ordering::SeqCst);
     ndjson_watch(control, move |control| {
         let _ = &guard;
         let desired = control.desired_for(&id);
-        let changed = last
-            .as_ref()
-            .is_none_or(|l| l.models != desired.models || l.peers != desired.peers);
+        // After a fast-forward the same content goes out again at the new
+        // revision: the replica may have ignored it at the old one.
+        let forwarded = control
+            .fast_forwards
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let changed = forwarded != fast_forwards
+            || last
+                .as_ref()
+                .is_none_or(|l| l.models != desired.models || l.peers != desired.peers);
+        fast_forwards = forwarded;
         if desired.revision <= after || !changed {
             return None;
         }

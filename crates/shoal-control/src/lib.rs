@@ -10,6 +10,8 @@
 //! - [`auth`] checks every API call's bearer token against the registry
 //!   and the route's permission; the caller's token name is the audit log's
 //!   actor.
+//! - [`backups`] takes backups of this control plane on request
+//!   (`POST /api/v1/backups`) and on a schedule.
 //! - [`controller`] drives rollouts: it feeds the pure state machines of
 //!   `shoal-rollout` with what replicas report and persists their decisions.
 //!
@@ -19,6 +21,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backups;
 pub mod controller;
 mod fleet;
 mod metrics;
@@ -71,6 +74,8 @@ pub struct ControlConfig {
     /// `sqlite:///path/to/registry.db`, or `postgres://…` (what several
     /// control planes share).
     pub registry: Option<String>,
+    /// Scheduled backups, if any.
+    pub backup: Option<backups::BackupSchedule>,
 }
 
 /// Opens the registry `url` names (see [`ControlConfig::registry`]).
@@ -94,6 +99,28 @@ pub async fn open_registry(
     }
 }
 
+/// Opens the artifact store `url` names (see
+/// [`ControlConfig::artifact_store`]), checking that it can be read.
+pub async fn open_artifacts(
+    url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ArtifactStore> {
+    Ok(match url {
+        Some(url) => {
+            let store = ArtifactStore::from_url(url)?;
+            store.check().await.with_context(|| {
+                format!(
+                    "cannot read the artifact store {url}; check that the bucket exists and \
+                     that AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and \
+                     AWS_REGION are set for it"
+                )
+            })?;
+            store
+        }
+        None => ArtifactStore::local(&data_dir.join("artifacts"))?,
+    })
+}
+
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
@@ -108,6 +135,7 @@ impl Default for ControlConfig {
             auth: true,
             tls: None,
             registry: None,
+            backup: None,
         }
     }
 }
@@ -143,6 +171,11 @@ pub struct Control {
     fleet_changes: tokio::sync::watch::Sender<u64>,
     /// What gateways report.
     traffic: traffic::TrafficTotals,
+    /// One backup at a time (and no pruning during one).
+    backup_lock: tokio::sync::Mutex<()>,
+    /// Times the revision was moved past what a replica had seen (after a
+    /// restore from an older backup); watch streams resend on a change.
+    fast_forwards: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Control {
@@ -158,20 +191,7 @@ impl Control {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
         let store = open_registry(config.registry.as_deref(), &config.data_dir).await?;
-        let artifacts = match &config.artifact_store {
-            Some(url) => {
-                let store = ArtifactStore::from_url(url)?;
-                store.check().await.with_context(|| {
-                    format!(
-                        "cannot read the artifact store {url}; check that the bucket exists and \
-                         that AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and \
-                         AWS_REGION are set for it"
-                    )
-                })?;
-                store
-            }
-            None => ArtifactStore::local(&config.data_dir.join("artifacts"))?,
-        };
+        let artifacts = open_artifacts(config.artifact_store.as_deref(), &config.data_dir).await?;
         Control::with_stores(config, store, artifacts).await
     }
 
@@ -207,6 +227,8 @@ impl Control {
             stopping: tokio::sync::watch::Sender::new(false),
             fleet_changes: tokio::sync::watch::Sender::new(0),
             traffic: traffic::TrafficTotals::default(),
+            backup_lock: tokio::sync::Mutex::new(()),
+            fast_forwards: std::sync::atomic::AtomicU64::new(0),
         });
         control.refresh().await?;
         Ok(control)
@@ -398,6 +420,7 @@ pub struct ControlServer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     controller: tokio::task::JoinHandle<()>,
+    schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlServer {
@@ -427,12 +450,19 @@ impl ControlServer {
         let controller = shoal_http::supervise("rollout controller", move || {
             controller::run(supervised.clone())
         });
+        let schedule = control.config.backup.clone().map(|schedule| {
+            let control = control.clone();
+            shoal_http::supervise("scheduled backups", move || {
+                backups::run_schedule(control.clone(), schedule.clone())
+            })
+        });
         Ok(ControlServer {
             addr,
             control,
             shutdown: Some(tx),
             task,
             controller,
+            schedule,
         })
     }
 
@@ -442,6 +472,9 @@ impl ControlServer {
             let _ = tx.send(());
         }
         self.controller.abort();
+        if let Some(schedule) = &self.schedule {
+            schedule.abort();
+        }
         self.join().await
     }
 

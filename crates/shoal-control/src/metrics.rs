@@ -19,8 +19,8 @@ struct KindLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
+pub(crate) struct ResultLabels {
+    pub(crate) result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +39,8 @@ pub(crate) struct ControlMetrics {
     egress: Family<KindLabels, Counter>,
     polls: Family<ResultLabels, Counter>,
     pub(crate) watchers: Gauge,
+    pub(crate) backups: Family<ResultLabels, Counter>,
+    pub(crate) last_backup: Gauge,
 }
 
 impl ControlMetrics {
@@ -52,7 +54,19 @@ impl ControlMetrics {
             egress: Family::default(),
             polls: Family::default(),
             watchers: Gauge::default(),
+            backups: Family::default(),
+            last_backup: Gauge::default(),
         };
+        registry.register(
+            "shoal_backups",
+            "Backups taken, by result (ok, failed)",
+            m.backups.clone(),
+        );
+        registry.register(
+            "shoal_backup_last_success_timestamp_seconds",
+            "When the last successful backup was taken (Unix seconds; 0: none since start)",
+            m.last_backup.clone(),
+        );
         registry.register(
             "shoal_fleet_revision",
             "Current fleet revision",

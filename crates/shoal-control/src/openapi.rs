@@ -42,6 +42,7 @@ use crate::api;
         crate::tokens::list_tokens,
         crate::tokens::revoke_token,
         crate::tokens::whoami,
+        crate::backups::create_backup,
     ),
     modifiers(&BearerAuth, &Uniform)
 )]

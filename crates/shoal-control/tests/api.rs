@@ -213,6 +213,47 @@ async fn push_register_deploy_and_poll() {
     let status = call(&app, Method::GET, "/api/v1/status", &[], Body::empty()).await;
     assert_eq!(status.body["replicas"][0]["skew"], false);
     assert_eq!(status.body["replicas"][0]["healthy"], true);
+
+    // A replica that has seen a newer revision than the registry holds (a
+    // control plane restored from an older backup) moves it past that;
+    // an absurd one is refused and moves nothing.
+    let revision = status.body["revision"].as_u64().unwrap();
+    let ahead = |seen: u64| json!({"serving": [{"model": "digits", "version": "1", "sha256": sha}], "applied_revision": 1, "seen_revision": seen, "ready": true});
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/replicas/r1/heartbeat",
+        ahead(1 << 60),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/replicas/r1/heartbeat",
+        ahead(revision + 5),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(control.revision(), revision + 6);
+    let audit = call(
+        &app,
+        Method::GET,
+        "/api/v1/audit?limit=1000",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert!(
+        audit
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "revision.advance"),
+        "{}",
+        audit.body
+    );
     let audit = call(&app, Method::GET, "/api/v1/audit", &[], Body::empty()).await;
     let actions: Vec<&str> = audit
         .body
@@ -536,6 +577,7 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("post", "/api/v1/gateways/{id}/report", Some("fleet")),
     ("post", "/api/v1/replicas", Some("fleet")),
     ("delete", "/api/v1/replicas/{id}", Some("admin")),
+    ("post", "/api/v1/backups", Some("admin")),
     ("post", "/api/v1/replicas/{id}/heartbeat", Some("fleet")),
     ("get", "/api/v1/replicas/{id}/desired", Some("fleet")),
     ("get", "/api/v1/replicas/{id}/watch", Some("fleet")),

@@ -215,6 +215,10 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// Deletes the token named `name`; `false` if there was none.
     async fn revoke_token(&self, name: &str, audit: Audit) -> Result<bool>;
 
+    /// Moves the fleet revision up to `at_least` if it is below (never
+    /// down), with an audit entry saying why; returns the revision.
+    async fn advance_revision(&self, at_least: u64, audit: Audit) -> Result<u64>;
+
     /// Every row, read in one transaction: the registry at one revision.
     async fn dump(&self) -> Result<dump::RegistryDump>;
 

@@ -569,6 +569,25 @@ impl RegistryStore for PostgresRegistry {
         Ok(removed)
     }
 
+    async fn advance_revision(&self, at_least: u64, audit: Audit) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let before: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let target = i64::try_from(at_least).unwrap_or(i64::MAX);
+        if before >= target {
+            return Ok(u64::try_from(before).unwrap_or(0));
+        }
+        sqlx::query("UPDATE meta SET value = GREATEST(value, $1) WHERE key = 'revision'")
+            .bind(target)
+            .execute(&mut *tx)
+            .await?;
+        Self::append_audit(&mut tx, "revision.advance", &at_least.to_string(), &audit).await?;
+        tx.commit().await?;
+        Ok(at_least)
+    }
+
     async fn dump(&self) -> Result<RegistryDump> {
         let mut tx = self
             .pool
@@ -590,15 +609,20 @@ impl RegistryStore for PostgresRegistry {
         dump.validate()?;
         let mut tx = self.pool.begin().await?;
         // The counter rows are locked first, as every writer locks them.
-        let revision: i64 =
-            sqlx::query("SELECT value FROM meta WHERE key = 'revision' FOR UPDATE")
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
-        let rows: i64 = sqlx::query(dump::OCCUPIED).fetch_one(&mut *tx).await?.get(0);
+        let revision: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'revision' FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let rows: i64 = sqlx::query(dump::OCCUPIED)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
         dump::occupied(rows, unsigned(revision))?;
         for insert in dump::inserts::<Postgres>(dump, |n| {
-            (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+            (1..=n)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         }) {
             insert.execute(&mut *tx).await?;
         }

@@ -630,6 +630,25 @@ impl RegistryStore for SqliteRegistry {
         Ok(removed)
     }
 
+    async fn advance_revision(&self, at_least: u64, audit: Audit) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let before: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let target = i64::try_from(at_least).unwrap_or(i64::MAX);
+        if before >= target {
+            return Ok(u64::try_from(before).unwrap_or(0));
+        }
+        sqlx::query("UPDATE meta SET value = MAX(value, ?) WHERE key = 'revision'")
+            .bind(target)
+            .execute(&mut *tx)
+            .await?;
+        Self::append_audit(&mut tx, "revision.advance", &at_least.to_string(), &audit).await?;
+        tx.commit().await?;
+        Ok(at_least)
+    }
+
     async fn dump(&self) -> Result<RegistryDump> {
         // A deferred transaction in WAL mode reads one snapshot throughout.
         let mut tx = self.pool.begin().await?;
@@ -648,14 +667,20 @@ impl RegistryStore for SqliteRegistry {
     async fn load_dump(&self, dump: &RegistryDump) -> Result<()> {
         dump.validate()?;
         let mut tx = self.begin_write().await?;
-        let rows: i64 = sqlx::query(dump::OCCUPIED).fetch_one(&mut *tx).await?.get(0);
+        let rows: i64 = sqlx::query(dump::OCCUPIED)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
         let revision: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'revision'")
             .fetch_one(&mut *tx)
             .await?
             .get(0);
         dump::occupied(rows, u64::try_from(revision).unwrap_or(0))?;
         for insert in dump::inserts::<Sqlite>(dump, |n| {
-            (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+            (1..=n)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         }) {
             insert.execute(&mut *tx).await?;
         }

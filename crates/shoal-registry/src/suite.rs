@@ -28,6 +28,24 @@ pub async fn test_all(store: &dyn RegistryStore) {
     replicas_register_and_leave(store).await;
     tokens_are_found_by_hash_until_revoked(store).await;
     audit_log_records_every_mutation(store).await;
+    the_revision_advances_but_never_goes_back(store).await;
+}
+
+async fn the_revision_advances_but_never_goes_back(store: &dyn RegistryStore) {
+    let now = store.revision().await.unwrap();
+    assert_eq!(store.advance_revision(now, who()).await.unwrap(), now);
+    assert_eq!(
+        store.advance_revision(now + 10, who()).await.unwrap(),
+        now + 10
+    );
+    assert_eq!(store.revision().await.unwrap(), now + 10);
+    assert_eq!(store.advance_revision(1, who()).await.unwrap(), now + 10);
+    let log = store.audit_log(0, 10_000).await.unwrap();
+    let advanced: Vec<_> = log
+        .iter()
+        .filter(|e| e.action == "revision.advance")
+        .collect();
+    assert_eq!(advanced.len(), 1, "only a move is recorded");
 }
 
 async fn tokens_are_found_by_hash_until_revoked(store: &dyn RegistryStore) {
@@ -326,10 +344,7 @@ pub async fn dump_and_load(source: &dyn RegistryStore, target: &dyn RegistryStor
     assert_eq!(log[0].seq, last_seq + 1);
     let stored = target.list_deployments().await.unwrap();
     if let Some(first) = stored.into_iter().next() {
-        let revision = target
-            .put_deployment(first, "deploy", who())
-            .await
-            .unwrap();
+        let revision = target.put_deployment(first, "deploy", who()).await.unwrap();
         assert_eq!(revision, dump.revision + 1);
     }
 }

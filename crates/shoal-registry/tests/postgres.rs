@@ -22,7 +22,9 @@ async fn postgres_passes_the_conformance_suite_and_keeps_concurrent_writers_apar
         .unwrap();
     shoal_registry::suite::test_all(&store).await;
     // A dump loads into another database, and moves between engines.
-    let copy = PostgresRegistry::open(&server.database("copy")).await.unwrap();
+    let copy = PostgresRegistry::open(&server.database("copy"))
+        .await
+        .unwrap();
     shoal_registry::suite::dump_and_load(&store, &copy).await;
     let dir = std::env::temp_dir().join(format!("shoal-pg-dump-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -30,7 +32,9 @@ async fn postgres_passes_the_conformance_suite_and_keeps_concurrent_writers_apar
         .await
         .unwrap();
     shoal_registry::suite::dump_and_load(&store, &sqlite).await;
-    let back = PostgresRegistry::open(&server.database("back")).await.unwrap();
+    let back = PostgresRegistry::open(&server.database("back"))
+        .await
+        .unwrap();
     shoal_registry::suite::dump_and_load(&sqlite, &back).await;
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -390,6 +390,7 @@ impl Agent {
                 })
                 .collect(),
             applied_revision: self.applied.load(Ordering::SeqCst),
+            seen_revision: self.seen.load(Ordering::SeqCst),
             failures: self.replica.failures(),
             in_flight: (stats.running + stats.queued) as u64,
             ready: self.replica.ready_state().ready,

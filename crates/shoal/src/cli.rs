@@ -138,6 +138,11 @@ enum Command {
     /// API tokens: create (shown once), list, revoke. Needs an admin token.
     #[command(subcommand)]
     Token(cmd::client::TokenCommand),
+    /// Back up the control plane (registry and artifacts) to a directory or
+    /// S3; `list` and `verify` read backups. Needs an admin token.
+    Backup(cmd::backup::BackupArgs),
+    /// Rebuild a control plane's data directory (or database) from a backup.
+    Restore(cmd::backup::RestoreArgs),
     /// Benchmarks, side by side with reference systems (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -182,6 +187,8 @@ pub(crate) fn main() -> ExitCode {
             Command::Rollout(c) => cmd::client::rollout(c, &global).await,
             Command::Status => cmd::client::status(&global).await,
             Command::Token(c) => cmd::client::token(c, &global).await,
+            Command::Backup(args) => cmd::backup::backup(args, &global).await,
+            Command::Restore(args) => cmd::backup::restore(args, &global).await,
             Command::Bench(c) => cmd::bench::run(c, global.json).await,
         }
     });

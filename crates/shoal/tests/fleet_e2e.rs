@@ -8,13 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use serde_json::Value;
 use shoal_testkit::{
     ChildGuard, CutProxy, HttpClient, S3Server, Samples, TempDir, eventually, model_path,
 };
 
 mod common;
-use common::{cli, shoal};
+use common::{cli, converged_on, shoal};
 
 fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
     common::control(dir, addr, &[], &[])
@@ -22,56 +21,6 @@ fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
 
 fn start_replica(control: &str, dir: &Path) -> (ChildGuard, String) {
     common::replica(control, dir, &["--poll-interval", "1"])
-}
-
-fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
-    status["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let list = |k: &str| {
-                r[k].as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_owned())
-                    .collect::<Vec<_>>()
-            };
-            (
-                r["id"].as_str().unwrap().to_owned(),
-                list("serving"),
-                list("desired"),
-                r["skew"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until `replicas` replicas serve exactly `target` (`MODEL:VERSION`)
-/// with no skew.
-async fn converged_on(control: &str, target: &str, replicas: usize) {
-    let want = vec![target.to_owned()];
-    let control = control.to_owned();
-    eventually(
-        &format!("{replicas} replicas serving {target} with no skew"),
-        Duration::from_secs(30),
-        || {
-            let control = control.clone();
-            let want = want.clone();
-            async move {
-                let status = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
-                    .await
-                    .unwrap();
-                let rows = serving_of(&status);
-                (rows.len() == replicas
-                    && rows
-                        .iter()
-                        .all(|(_, s, d, skew)| s == &want && d == &want && !skew))
-                .then_some(())
-            }
-        },
-    )
-    .await;
 }
 
 /// The value of the Prometheus series `series` (name and labels, as

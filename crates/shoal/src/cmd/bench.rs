@@ -68,6 +68,18 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         size_mb: usize,
     },
+    /// Backup and restore of many versions against tar + zstd of the same data directory.
+    Backup {
+        /// Versions in the registry (each trained anew: no shared chunks).
+        #[arg(long, default_value_t = 50)]
+        versions: usize,
+        /// Model size in MiB.
+        #[arg(long, default_value_t = 20)]
+        size_mb: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Simulated control-plane request rate under many polling replicas.
     Herd {
         /// Polling replicas.
@@ -231,6 +243,45 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 println!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
                 println!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
                 println!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
+            }
+        }
+        BenchCommand::Backup {
+            versions,
+            size_mb,
+            rounds,
+        } => {
+            let r = shoal_bench::backup::run(versions, size_mb, rounds, &scratch()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let mib = |b: u64| b as f64 / f64::from(1 << 20);
+                let med = shoal_bench::stats::median;
+                println!(
+                    "{} versions, {:.0} MiB of artifacts, data directory {:.0} MiB",
+                    r.versions,
+                    mib(r.artifact_bytes),
+                    mib(r.data_dir_bytes)
+                );
+                println!(
+                    "  backup   {:.2} s ({:.0} MiB/s, {:.0} MiB written)   tar+zstd {:.2} s ({:.0} MiB/s, {:.0} MiB)",
+                    med(&r.backup_s),
+                    r.backup_mib_s,
+                    mib(r.backup_bytes),
+                    med(&r.tar_s),
+                    r.tar_mib_s,
+                    mib(r.tar_bytes)
+                );
+                println!(
+                    "  restore  {:.2} s (every chunk and SHA-256 checked)   untar {:.2} s",
+                    med(&r.restore_s),
+                    med(&r.untar_s)
+                );
+                println!("  verify   {:.2} s", r.verify_s);
+                println!(
+                    "  one more version: backup {:.2} s copying {:.1} MiB; tar starts again",
+                    r.incremental_s,
+                    mib(r.incremental_bytes)
+                );
             }
         }
         BenchCommand::Herd {

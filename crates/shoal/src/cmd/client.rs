@@ -141,7 +141,7 @@ pub(crate) struct DeployArgs {
 }
 
 /// Parses `30s`, `2m`, `1h` or plain seconds into seconds.
-fn parse_duration(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
     let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => (&s[..i], &s[i..]),
         None => (s, "s"),
@@ -213,7 +213,7 @@ fn client(global: &Global) -> anyhow::Result<ControlClient> {
     ))
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
@@ -221,7 +221,7 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -32,8 +32,28 @@ pub(crate) struct ControlArgs {
     #[arg(long)]
     no_auth: bool,
 
+    /// Back up to this destination on a schedule: a directory or
+    /// s3://bucket/prefix (see `shoal backup`).
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    backup_to: Option<String>,
+    /// Time between scheduled backups (e.g. 5m, 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_every)]
+    backup_every: Duration,
+    /// Scheduled backups kept at the destination; older ones, and chunks
+    /// only they needed, are deleted.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    backup_keep: u32,
+
     #[command(flatten)]
     tls: crate::cli::ServeTls,
+}
+
+fn parse_every(s: &str) -> Result<Duration, String> {
+    let seconds = super::client::parse_duration(s)?;
+    if seconds < 1.0 {
+        return Err(format!("{s:?} is too often; back up at most once a second"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyhow::Result<()> {
@@ -49,6 +69,13 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         auth: !args.no_auth,
         tls: args.tls.server(global)?,
         registry: args.registry,
+        backup: args
+            .backup_to
+            .map(|to| shoal_control::backups::BackupSchedule {
+                to,
+                every: args.backup_every,
+                keep: args.backup_keep as usize,
+            }),
         ..ControlConfig::default()
     };
     let mut server = ControlServer::start(config).await?;

@@ -1,6 +1,7 @@
 //! One module per command family; each turns arguments into calls on the
 //! library crates and formats what comes back.
 
+pub(crate) mod backup;
 pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod control;

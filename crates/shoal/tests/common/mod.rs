@@ -131,3 +131,55 @@ pub(crate) fn cli_in(dir: &Path, control: &str, args: &[&str]) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
+
+/// What each replica serves and should serve in `shoal status --json`:
+/// (id, serving, desired, skew).
+pub(crate) fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| {
+                r[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                list("serving"),
+                list("desired"),
+                r["skew"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `replicas` replicas serve exactly `target` (`MODEL:VERSION`)
+/// with no skew.
+pub(crate) async fn converged_on(control: &str, target: &str, replicas: usize) {
+    let want = vec![target.to_owned()];
+    let control = control.to_owned();
+    shoal_testkit::eventually(
+        &format!("{replicas} replicas serving {target} with no skew"),
+        std::time::Duration::from_secs(30),
+        || {
+            let control = control.clone();
+            let want = want.clone();
+            async move {
+                let status = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+                    .await
+                    .unwrap();
+                let rows = serving_of(&status);
+                (rows.len() == replicas
+                    && rows
+                        .iter()
+                        .all(|(_, s, d, skew)| s == &want && d == &want && !skew))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
