@@ -24,6 +24,10 @@ pub struct Registration {
     /// Process id, for local fleets.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// A standby: it loads what it should like any replica but takes
+    /// traffic only while its region is short of active replicas.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// What the control plane answers to a registration.
@@ -295,6 +299,9 @@ pub struct ReplicaView {
     pub faults: BTreeMap<String, Fault>,
     /// Process id (local fleets).
     pub pid: Option<u32>,
+    /// A standby (see [`Registration::standby`]).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// `GET /api/v1/status`: the fleet.
@@ -326,6 +333,9 @@ pub struct RouteEndpoint {
     pub alive: bool,
     /// `model:version` it reports serving.
     pub serving: Vec<String>,
+    /// A standby (see [`Registration::standby`]).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// How a gateway splits one model's traffic.

@@ -112,6 +112,7 @@ impl Fleet {
                 data_dir: dir.join(format!("r{i}")),
                 poll_interval: Duration::from_secs(10),
                 labels: Default::default(),
+                standby: false,
             };
             let config = ReplicaConfig {
                 id: Some(format!("bench-r{i}")),

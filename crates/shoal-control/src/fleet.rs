@@ -140,6 +140,7 @@ impl LiveFleet {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    standby: r.registration.standby,
                 }
             })
             .collect()
@@ -222,6 +223,7 @@ impl LiveFleet {
                     failures,
                     faults,
                     pid: r.registration.pid,
+                    standby: r.registration.standby,
                 }
             })
             .collect()
@@ -242,6 +244,7 @@ mod tests {
                 region: "r".into(),
                 labels: Default::default(),
                 pid: None,
+                standby: false,
             },
             registered_at: 0,
         }

@@ -47,6 +47,9 @@ pub struct UpConfig {
     pub data_dir: PathBuf,
     /// Replicas to run.
     pub replicas: usize,
+    /// Standby replicas to run besides them (spread over the regions):
+    /// loaded and warm, routed to only while a region is short of actives.
+    pub standby: usize,
     /// Regions; replicas are spread over them, one gateway each.
     pub regions: Vec<String>,
     /// Address of the first region's gateway; the others take the next ports.
@@ -286,13 +289,16 @@ pub async fn run(
         let fleet_file = fleet_token(&client, &config.data_dir).await?;
         let fleet_file = fleet_file.display().to_string();
 
-        for i in 0..config.replicas {
+        let members = (0..config.replicas)
+            .map(|i| (format!("replica-{i}"), i, false))
+            .chain((0..config.standby).map(|i| (format!("standby-{i}"), i, true)));
+        for (name, i, standby) in members {
             let region = &config.regions[i % config.regions.len()];
             spawned
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(Supervised::spawn(
-                    format!("replica-{i}"),
+                    name.clone(),
                     exe.clone(),
                     vec![
                         "replica".into(),
@@ -301,7 +307,7 @@ pub async fn run(
                         "--addr".into(),
                         "127.0.0.1:0".into(),
                         "--data-dir".into(),
-                        dir(&format!("replica-{i}")),
+                        dir(&name),
                         "--region".into(),
                         region.clone(),
                         "--poll-interval".into(),
@@ -310,6 +316,7 @@ pub async fn run(
                         fleet_file.clone(),
                     ]
                     .into_iter()
+                    .chain(standby.then(|| "--standby".to_owned()))
                     .chain(tls_args.iter().cloned())
                     .collect(),
                     state.clone(),
@@ -397,8 +404,13 @@ pub async fn run(
     let gateway = gateways[0].1.clone();
     let elapsed = started.elapsed();
     println!();
+    let standby = if config.standby > 0 {
+        format!(" and {} standby", config.standby)
+    } else {
+        String::new()
+    };
     println!(
-        "Shoal is up in {:.1}s: {} replica(s) in {}.",
+        "Shoal is up in {:.1}s: {} replica(s){standby} in {}.",
         elapsed.as_secs_f64(),
         config.replicas,
         config.regions.join(", ")

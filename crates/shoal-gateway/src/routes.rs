@@ -26,6 +26,9 @@ pub struct Endpoint {
     pub address: String,
     /// Region.
     pub region: String,
+    /// A standby: a candidate only while its region is short of active
+    /// replicas (see [`Routes::candidates`]).
+    pub standby: bool,
     serving: RwLock<Arc<BTreeSet<String>>>,
     routable: AtomicBool,
     checked: AtomicBool,
@@ -51,6 +54,7 @@ impl Endpoint {
             id,
             address,
             region,
+            standby: false,
             serving: RwLock::new(Arc::new(serving)),
             routable: AtomicBool::new(routable),
             checked: AtomicBool::new(false),
@@ -256,6 +260,22 @@ pub struct Routes {
     writer: Mutex<()>,
 }
 
+/// Regions with fewer active (not standby) replicas available now than
+/// registered: where standbys stand in.
+fn short_regions(state: &RoutingState, now: Duration) -> BTreeSet<&str> {
+    let mut counts: HashMap<&str, (usize, usize)> = HashMap::new();
+    for e in state.endpoints.iter().filter(|e| !e.standby) {
+        let (registered, up) = counts.entry(e.region.as_str()).or_default();
+        *registered += 1;
+        *up += usize::from(e.available(now));
+    }
+    counts
+        .into_iter()
+        .filter(|(_, (registered, up))| up < registered)
+        .map(|(region, _)| region)
+        .collect()
+}
+
 /// Why no replica could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoRoute {
@@ -307,7 +327,7 @@ impl Routes {
                 match old
                     .endpoints
                     .iter()
-                    .find(|o| o.id == e.id && o.address == e.address)
+                    .find(|o| o.id == e.id && o.address == e.address && o.standby == e.standby)
                 {
                     Some(existing) => {
                         // Health checks know better once they have run, but
@@ -331,14 +351,17 @@ impl Routes {
                         drop(current);
                         existing.clone()
                     }
-                    None => Arc::new(Endpoint::new(
-                        e.id.clone(),
-                        e.address.clone(),
-                        e.region.clone(),
-                        serving,
-                        e.alive,
-                        now,
-                    )),
+                    None => Arc::new(Endpoint {
+                        standby: e.standby,
+                        ..Endpoint::new(
+                            e.id.clone(),
+                            e.address.clone(),
+                            e.region.clone(),
+                            serving,
+                            e.alive,
+                            now,
+                        )
+                    }),
                 }
             })
             .collect();
@@ -397,6 +420,9 @@ impl Routes {
     /// Endpoints that may serve `model` (`version`, if given) now, minus
     /// `exclude`: those in this gateway's region when any is available
     /// there, else any region; never outside the model's pinned regions.
+    /// Standbys stand in for missing actives: one is a candidate while its
+    /// region has fewer active replicas available than registered (one
+    /// died or was ejected), or when no active one can serve at all.
     pub fn candidates(
         &self,
         state: &RoutingState,
@@ -430,6 +456,17 @@ impl Routes {
                 .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst))
                 .map(|e| (*e).clone())
                 .collect();
+        }
+        if available.iter().any(|e| e.standby) {
+            let short = short_regions(state, now);
+            let standing_in: Vec<Arc<Endpoint>> = available
+                .iter()
+                .filter(|e| !e.standby || short.contains(e.region.as_str()))
+                .cloned()
+                .collect();
+            if !standing_in.is_empty() {
+                available = standing_in;
+            }
         }
         let local: Vec<Arc<Endpoint>> = available
             .iter()
@@ -499,6 +536,7 @@ mod tests {
                     region: (*region).into(),
                     alive: true,
                     serving: serving.iter().map(|s| (*s).to_owned()).collect(),
+                    standby: id.starts_with("standby"),
                 })
                 .collect(),
             models: vec![ModelPolicy {
@@ -543,6 +581,67 @@ mod tests {
             turns.push(first.id.clone());
         }
         assert_eq!(turns, ["a", "b", "a", "b"], "hedges left the turns alone");
+    }
+
+    #[test]
+    fn a_standby_stands_in_only_while_its_region_is_short_of_actives() {
+        let policy = HealthPolicy::default();
+        let routes = Routes::new("us".into(), policy);
+        routes.apply(
+            &table(
+                &[
+                    ("a", "us", &["m:1"]),
+                    ("b", "us", &["m:1"]),
+                    ("standby-us", "us", &["m:1"]),
+                    ("e", "eu", &["m:1"]),
+                    ("standby-eu", "eu", &["m:1"]),
+                ],
+                None,
+            ),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        let now = Duration::from_secs(1);
+        let picked = |exclude: &[String]| {
+            let mut v = ids(&routes.candidates(&s, "m", Some("1"), exclude, now).unwrap())
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>();
+            v.sort();
+            v
+        };
+        assert_eq!(picked(&[]), ["a", "b"], "actives only while all are up");
+        // One active dies: the standby of its region stands in, at once.
+        let a = s.endpoints.iter().find(|e| e.id == "a").unwrap();
+        a.failed(Failure::Connect, Duration::ZERO, now, &policy);
+        assert_eq!(picked(&[]), ["b", "standby-us"]);
+        // The region's last active gone too: its standby, still not eu.
+        let b = s.endpoints.iter().find(|e| e.id == "b").unwrap();
+        b.failed(Failure::Connect, Duration::ZERO, now, &policy);
+        assert_eq!(picked(&[]), ["standby-us"]);
+        // Back: the standby steps aside.
+        let later = now + Duration::from_secs(600);
+        for e in [a, b] {
+            e.succeeded(Duration::from_millis(1), later, &policy);
+        }
+        let back = ids(&routes.candidates(&s, "m", Some("1"), &[], later).unwrap())
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(back, ["a", "b"]);
+        // A standby serving what no active serves is used rather than none.
+        routes.apply(
+            &table(
+                &[("a", "us", &["m:1"]), ("standby-us", "us", &["m:1", "m:2"])],
+                None,
+            ),
+            Duration::ZERO,
+        );
+        let s = routes.snapshot();
+        assert_eq!(
+            ids(&routes.candidates(&s, "m", Some("2"), &[], now).unwrap()),
+            ["standby-us"]
+        );
     }
 
     #[test]

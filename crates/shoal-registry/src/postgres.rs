@@ -420,7 +420,9 @@ impl RegistryStore for PostgresRegistry {
             .map(|r| parse::<Registration>(r.get::<&str, _>(0)))
             .transpose()?;
         let changed = existing.as_ref().is_none_or(|old| {
-            old.address != registration.address || old.region != registration.region
+            old.address != registration.address
+                || old.region != registration.region
+                || old.standby != registration.standby
         });
         sqlx::query(
             "INSERT INTO replicas (id, registration, registered_at) VALUES ($1, $2, $3)

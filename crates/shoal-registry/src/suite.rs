@@ -251,6 +251,7 @@ async fn replicas_register_and_leave(store: &dyn RegistryStore) {
         region: "us-east".into(),
         labels: Default::default(),
         pid: Some(42),
+        standby: false,
     };
     let r1 = store.register_replica(&reg).await.unwrap();
     // Re-registering unchanged does not move the revision…
@@ -260,7 +261,15 @@ async fn replicas_register_and_leave(store: &dyn RegistryStore) {
         address: "127.0.0.1:9002".into(),
         ..reg.clone()
     };
-    assert!(store.register_replica(&moved).await.unwrap() > r1);
+    let r2 = store.register_replica(&moved).await.unwrap();
+    assert!(r2 > r1);
+    // …and so does becoming a standby (gateways route to it differently).
+    let standby = Registration {
+        standby: true,
+        ..moved.clone()
+    };
+    assert!(store.register_replica(&standby).await.unwrap() > r2);
+    let moved = standby;
     let listed = store.list_replicas().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].registration, moved);

@@ -135,6 +135,7 @@ mod tests {
     fn replica(id: &str, serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: id.into(),
             address: String::new(),
             region: "x".into(),

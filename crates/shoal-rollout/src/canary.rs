@@ -485,6 +485,7 @@ mod tests {
     fn replica(serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: "r".into(),
             address: String::new(),
             region: "x".into(),

@@ -416,6 +416,7 @@ mod tests {
     fn serving_both(id: &str) -> ReplicaFacts {
         ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: id.into(),
             address: String::new(),
             region: "x".into(),
@@ -503,6 +504,7 @@ mod tests {
         let replicas: Vec<ReplicaFacts> = (0..4)
             .map(|i| ReplicaFacts {
                 failures: Default::default(),
+                standby: false,
                 id: format!("r{i}"),
                 address: String::new(),
                 region: "x".into(),

@@ -24,6 +24,9 @@ pub struct ReplicaFacts {
     pub serving: BTreeSet<(String, String)>,
     /// Versions it could not load, by `(model, version)`, and why.
     pub failures: BTreeMap<(String, String), LoadFailureReport>,
+    /// A standby: loads like the others, routed to only while its region
+    /// is short of active replicas (gateways decide).
+    pub standby: bool,
 }
 
 impl ReplicaFacts {
@@ -239,6 +242,7 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
             region: r.region.clone(),
             alive: r.alive,
             serving: r.serving.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
+            standby: r.standby,
         })
         .collect();
     let models = facts
@@ -289,6 +293,7 @@ mod tests {
     fn replica(id: &str, region: &str) -> ReplicaFacts {
         ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: id.into(),
             address: format!("{id}:1"),
             region: region.into(),

@@ -233,6 +233,7 @@ mod tests {
     fn replica(id: &str, serving: &[&str]) -> ReplicaFacts {
         ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: id.into(),
             address: String::new(),
             region: "r".into(),

@@ -147,6 +147,7 @@ mod tests {
         let mut s = Shadow::start("1".into(), "2".into(), 20, earlier.clone(), 0);
         let loading = ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             id: "a".into(),
             address: String::new(),
             region: "r".into(),
@@ -156,6 +157,7 @@ mod tests {
         assert!(!s.tick("m", &[&loading], 1));
         let both = ReplicaFacts {
             failures: Default::default(),
+            standby: false,
             serving: [
                 ("m".to_owned(), "1".to_owned()),
                 ("m".to_owned(), "2".to_owned()),

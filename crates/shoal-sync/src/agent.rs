@@ -45,6 +45,8 @@ pub struct SyncConfig {
     pub poll_interval: Duration,
     /// Labels to register with.
     pub labels: BTreeMap<String, String>,
+    /// Register as a standby (see [`Registration::standby`]).
+    pub standby: bool,
 }
 
 /// How a reconcile ended.
@@ -374,6 +376,7 @@ impl Agent {
             region: self.config.region.clone(),
             labels: self.config.labels.clone(),
             pid: Some(std::process::id()),
+            standby: self.config.standby,
         }
     }
 

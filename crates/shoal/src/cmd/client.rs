@@ -722,6 +722,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         "replica",
         "address",
         "region",
+        "role",
         "health",
         "serving",
         "desired",
@@ -738,6 +739,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             r.id.clone(),
             r.address.clone(),
             r.region.clone(),
+            if r.standby { "standby" } else { "active" }.to_owned(),
             if r.healthy {
                 "healthy".into()
             } else {

@@ -29,6 +29,11 @@ pub(crate) struct ReplicaArgs {
     /// Region this replica runs in.
     #[arg(long, default_value = "default", env = "SHOAL_REGION")]
     region: String,
+    /// Be a standby: load and warm what the fleet serves, but take traffic
+    /// only while the region is short of active replicas (one is dead or
+    /// ejected). Needs --control.
+    #[arg(long)]
+    standby: bool,
 
     /// Address other processes reach this replica at [default: the bound address].
     #[arg(long)]
@@ -195,6 +200,11 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         );
     }
     let backend = Arc::new(TractBackend::default());
+    if args.standby && global.control.is_none() {
+        anyhow::bail!(
+            "--standby needs --control: gateways learn which replicas are standbys from the control plane"
+        );
+    }
     let mut server = match global.control.clone() {
         None => ReplicaServer::start(config, backend).await?,
         Some(control) => {
@@ -207,6 +217,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
                 data_dir: args.data_dir.clone(),
                 poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.05)),
                 labels: BTreeMap::new(),
+                standby: args.standby,
             };
             shoal_sync::start_replica(config, sync, backend).await?
         }

@@ -11,6 +11,15 @@ pub(crate) struct UpArgs {
     /// Replicas to run.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// Standby replicas besides them: they load and warm everything but
+    /// take traffic only while their region is short of active replicas.
+    #[arg(long, default_value_t = 0)]
+    standby: usize,
+    /// One of the three shapes of the DR study, instead of --replicas and
+    /// --standby: single (1 replica), active-standby (2 + 1 standby),
+    /// active-active (3).
+    #[arg(long, conflicts_with_all = ["replicas", "standby"])]
+    topology: Option<Topology>,
     /// Regions to spread replicas over (comma-separated); one gateway each.
     #[arg(long, value_delimiter = ',', default_value = "local")]
     regions: Vec<String>,
@@ -31,13 +40,39 @@ pub(crate) struct UpArgs {
     tls: bool,
 }
 
+/// The fleet shapes `--topology` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Topology {
+    /// One replica.
+    Single,
+    /// Two active replicas and one standby.
+    ActiveStandby,
+    /// Three active replicas.
+    ActiveActive,
+}
+
+impl Topology {
+    /// (active replicas, standbys).
+    fn shape(self) -> (usize, usize) {
+        match self {
+            Topology::Single => (1, 0),
+            Topology::ActiveStandby => (2, 1),
+            Topology::ActiveActive => (3, 0),
+        }
+    }
+}
+
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe =
         std::env::current_exe().context("cannot find the shoal binary to start children from")?;
+    let (replicas, standby) = args
+        .topology
+        .map_or((args.replicas, args.standby), Topology::shape);
     let config = UpConfig {
         exe,
         data_dir: args.data_dir,
-        replicas: args.replicas,
+        replicas,
+        standby,
         regions: args.regions,
         gateway_addr: args.gateway_addr,
         control_addr: args.control_addr,

@@ -1,0 +1,176 @@
+//! Active-passive with real processes: `shoal up --topology
+//! active-standby` runs two active replicas and a standby that loads and
+//! warms the model but takes no traffic; when both actives die, the
+//! gateway sends every request to the standby within a second, with no
+//! failed request; when the actives come back (shoal up restarts them),
+//! the standby steps aside.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde_json::Value;
+use shoal_api::replica::REPLICA_HEADER;
+use shoal_testkit::{HttpClient, Samples, TempDir, eventually, spawn_until};
+
+mod common;
+use common::{cli, shoal};
+
+/// Replica id → (standby, pid, healthy and serving digits:1).
+fn roles(status: &Value) -> BTreeMap<String, (bool, u32, bool)> {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                (
+                    r["standby"] == true,
+                    u32::try_from(r["pid"].as_u64().unwrap_or(0)).unwrap(),
+                    r["healthy"] == true && r["serving"] == serde_json::json!(["digits:1"]),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn status(control: &str) -> Value {
+    let control = control.to_owned();
+    tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+        .await
+        .unwrap()
+}
+
+/// Who answered one prediction through the gateway (`None`: it failed).
+async fn answered_by(http: &HttpClient, gateway: &str) -> Option<String> {
+    let r = http
+        .post_json(
+            &format!("{gateway}/v2/models/digits/infer"),
+            Samples::load().request(0..1),
+        )
+        .await;
+    (r.status.as_u16() == 200).then(|| r.header(REPLICA_HEADER).unwrap_or("").to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_traffic_only_while_its_region_has_lost_its_actives() {
+    let tmp = TempDir::new("standby-e2e");
+    let data = tmp.join("fleet");
+    let (mut up, ready) = spawn_until(
+        shoal(),
+        &[
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--topology",
+            "active-standby",
+        ],
+        "shoal up ready:",
+    );
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
+    shoal_testkit::tokens::remember_admin_token(
+        &control,
+        std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim(),
+    );
+    let c = control.clone();
+    let fleet = eventually(
+        "two actives and a standby serving digits:1",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move {
+                let roles = roles(&status(&c).await);
+                let actives = roles.values().filter(|(s, _, ok)| !s && *ok).count();
+                let standbys = roles.values().filter(|(s, _, ok)| *s && *ok).count();
+                (actives == 2 && standbys == 1).then_some(roles)
+            }
+        },
+    )
+    .await;
+    let standby = fleet
+        .iter()
+        .find(|(_, (s, _, _))| *s)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+
+    // While the actives are up, the standby takes nothing.
+    let http = HttpClient::new();
+    for _ in 0..60 {
+        let who = answered_by(&http, &gateway).await.expect("answered");
+        assert_ne!(
+            who, standby,
+            "the standby answered while the actives were up"
+        );
+    }
+
+    // Both actives die: the standby answers within a second, and nothing fails.
+    let killed = Instant::now();
+    for (_, (_, pid, _)) in fleet.iter().filter(|(_, (s, _, _))| !s) {
+        nix::sys::signal::kill(Pid::from_raw(i32::try_from(*pid).unwrap()), Signal::SIGKILL)
+            .unwrap();
+    }
+    let mut took_over = None;
+    for _ in 0..200 {
+        let who = answered_by(&http, &gateway).await;
+        assert!(who.is_some(), "a request failed after the actives died");
+        if who.as_deref() == Some(standby.as_str()) {
+            took_over = Some(killed.elapsed());
+            break;
+        }
+    }
+    let took_over = took_over.expect("the standby never answered");
+    eprintln!("the standby took traffic {took_over:?} after the kill");
+    assert!(
+        took_over < Duration::from_secs(1),
+        "the standby took {took_over:?} to take traffic"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            answered_by(&http, &gateway).await.as_deref(),
+            Some(standby.as_str())
+        );
+    }
+
+    // shoal up restarts the actives; once they serve, the standby steps aside.
+    let c = control.clone();
+    eventually("the actives back", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move {
+            let roles = roles(&status(&c).await);
+            (roles.values().filter(|(s, _, ok)| !s && *ok).count() == 2).then_some(())
+        }
+    })
+    .await;
+    let (h, g, s) = (http.clone(), gateway.clone(), standby.clone());
+    eventually(
+        "twenty answers in a row from actives",
+        Duration::from_secs(30),
+        || {
+            let (h, g, s) = (h.clone(), g.clone(), s.clone());
+            async move {
+                for _ in 0..20 {
+                    if answered_by(&h, &g).await.as_deref() == Some(s.as_str()) {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+
+    up.signal(Signal::SIGINT);
+    let exited = tokio::task::spawn_blocking(move || up.wait_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(exited.expect("shoal up exits on SIGINT").success());
+}
