@@ -4,6 +4,7 @@
 //! shared and noisy, so only ratios taken together mean anything.
 //!
 //! - [`runtime`]: tract against ONNX Runtime on the same inputs.
+//! - [`drill`]: disaster drills against a running fleet (RTO, RPO).
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
 //!   the same data directory.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
@@ -18,6 +19,7 @@
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
 pub mod backup;
+pub mod drill;
 pub mod fleet;
 pub mod herd;
 pub mod lab;
@@ -38,7 +40,24 @@ pub fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
 }
 
-/// `n` digits samples from `models/digits-samples.json`, as rows of 64.
+/// One digits sample as an OIP request body (compiled in: works from any
+/// directory).
+pub fn digits_request() -> anyhow::Result<bytes::Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Samples {
+        inputs: Vec<Vec<f32>>,
+    }
+    let samples: Samples =
+        serde_json::from_str(include_str!("../../../models/digits-samples.json"))?;
+    let row = samples.inputs.into_iter().next().unwrap_or_default();
+    let request = serde_json::json!({
+        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]
+    });
+    Ok(bytes::Bytes::from(request.to_string()))
+}
+
+/// `n` digits samples from `models/digits-samples.json` (cycled), as rows
+/// of 64.
 pub fn digits_rows(n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
     #[derive(serde::Deserialize)]
     struct Samples {

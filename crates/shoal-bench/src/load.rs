@@ -42,6 +42,9 @@ pub struct LoadSpec {
     pub kill: Option<(i32, Duration)>,
     /// Substring of the upstream header that identifies the killed upstream.
     pub dead_upstream: Option<String>,
+    /// On a failure (no answer, or 502/503/504), send the request once more
+    /// to the next URL, as a client holding several gateways does.
+    pub failover: bool,
 }
 
 /// What happened.
@@ -65,6 +68,10 @@ pub struct LoadResult {
     pub dead_seen_until_ms: Option<f64>,
     /// A few error messages.
     pub errors: Vec<String>,
+    /// When each failed request ended (the first 10,000), for drills that
+    /// time recovery.
+    #[serde(skip)]
+    pub failure_times: Vec<Instant>,
 }
 
 struct Shared {
@@ -75,6 +82,7 @@ struct Shared {
     failed_after_kill: u64,
     dead_seen_until: Option<Duration>,
     errors: Vec<String>,
+    failure_times: Vec<Instant>,
 }
 
 /// Runs the load.
@@ -90,6 +98,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         failed_after_kill: 0,
         dead_seen_until: None,
         errors: Vec::new(),
+        failure_times: Vec::new(),
     }));
     let start = Instant::now() + Duration::from_millis(50);
     let kill_at = spec.kill.map(|(_, at)| start + at);
@@ -105,29 +114,44 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                 .pool_max_idle_per_host(1)
                 .build(shoal_client::tls::connector(connector));
             while let Some((i, intended)) = rx.recv().await {
-                let url = &spec.urls[i as usize % spec.urls.len()];
-                let request = http::Request::post(url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(spec.body.clone()));
-                let Ok(request) = request else { continue };
+                let send = |url: &str| {
+                    let request = http::Request::post(url)
+                        .header("content-type", "application/json")
+                        .body(Full::new(spec.body.clone()));
+                    let client = &client;
+                    let spec = &spec;
+                    async move {
+                        let request = request.map_err(|e| e.to_string())?;
+                        let response = client
+                            .request(request)
+                            .await
+                            .map_err(|e| format!("{e:?}"))?;
+                        let status = response.status();
+                        let upstream = spec
+                            .upstream_header
+                            .as_ref()
+                            .and_then(|h| response.headers().get(h.as_str()))
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        let _ = response
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>((status, upstream))
+                    }
+                };
+                let urls = &spec.urls;
                 let outcome = tokio::time::timeout(spec.timeout, async {
-                    let response = client
-                        .request(request)
-                        .await
-                        .map_err(|e| format!("{e:?}"))?;
-                    let status = response.status();
-                    let upstream = spec
-                        .upstream_header
-                        .as_ref()
-                        .and_then(|h| response.headers().get(h.as_str()))
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    let _ = response
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok::<_, String>((status, upstream))
+                    let first = send(&urls[i as usize % urls.len()]).await;
+                    let failed_over = match &first {
+                        Err(_) => true,
+                        Ok((status, _)) => matches!(status.as_u16(), 502..=504),
+                    };
+                    if spec.failover && failed_over && urls.len() > 1 {
+                        return send(&urls[(i as usize + 1) % urls.len()]).await;
+                    }
+                    first
                 })
                 .await;
                 let done = Instant::now();
@@ -149,6 +173,9 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                     }
                     other => {
                         s.failed += 1;
+                        if s.failure_times.len() < 10_000 {
+                            s.failure_times.push(done);
+                        }
                         if after_kill {
                             s.failed_after_kill += 1;
                         }
@@ -217,6 +244,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         failed_after_kill: s.failed_after_kill,
         dead_seen_until_ms: s.dead_seen_until.map(|d| d.as_secs_f64() * 1e3),
         errors: s.errors.clone(),
+        failure_times: s.failure_times.clone(),
     })
 }
 

@@ -652,12 +652,19 @@ pub(crate) async fn register(
         ));
     }
     let before = control.revision();
+    // A replica restarted on the same address (new pid, say) changes no
+    // revision but must not show its old registration in status.
+    let known = control
+        .snapshot()
+        .registrations
+        .iter()
+        .any(|r| r.registration == registration);
     let revision = control
         .store
         .register_replica(&registration)
         .await
         .map_err(registry_error)?;
-    if revision != before {
+    if revision != before || !known {
         control
             .refresh()
             .await

@@ -141,13 +141,12 @@ impl utoipa::Modify for Uniform {
                 }
                 // Documented error responses carry the error body.
                 for (code, response) in operation.responses.responses.iter_mut() {
-                    if code.starts_with('4') || code.starts_with('5') {
-                        if let utoipa::openapi::RefOr::T(r) = response
-                            && r.content.is_empty()
-                        {
-                            let description = r.description.clone();
-                            *response = error(&description).into();
-                        }
+                    if (code.starts_with('4') || code.starts_with('5'))
+                        && let utoipa::openapi::RefOr::T(r) = response
+                        && r.content.is_empty()
+                    {
+                        let description = r.description.clone();
+                        *response = error(&description).into();
                     }
                 }
             }

@@ -593,13 +593,14 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
 
 /// The roles that may call an operation needing `permission`.
 fn granted(permission: &str, role: &str) -> bool {
-    match (permission, role) {
-        ("any", _) | (_, "admin") => true,
-        ("read", "viewer" | "deployer") => true,
-        ("deploy", "deployer") => true,
-        ("fleet", "fleet") => true,
-        _ => false,
-    }
+    matches!(
+        (permission, role),
+        ("any", _)
+            | (_, "admin")
+            | ("read", "viewer" | "deployer")
+            | ("deploy", "deployer")
+            | ("fleet", "fleet")
+    )
 }
 
 #[tokio::test]

@@ -23,6 +23,17 @@ fn backoff(attempt: u32) -> Duration {
     (Duration::from_millis(200) * 2u32.saturating_pow(attempt.min(6))).min(Duration::from_secs(10))
 }
 
+/// Replaces an `--addr HOST:0` in `args` with `listened`, the address the
+/// child got: a restart must come back where the others look for it.
+fn pin_port(args: &mut [String], listened: &str) {
+    if let Some(i) = args.iter().position(|a| a == "--addr")
+        && let Some(value) = args.get_mut(i + 1)
+        && value.ends_with(":0")
+    {
+        *value = listened.to_owned();
+    }
+}
+
 /// Writes the fleet state to `<data-dir>/fleet.json`.
 pub(crate) async fn write_state(state: &tokio::sync::Mutex<FleetState>, data_dir: &Path) {
     let json = serde_json::to_vec_pretty(&*state.lock().await).unwrap_or_default();
@@ -136,7 +147,7 @@ impl Supervised {
     async fn supervise(
         self: Arc<Self>,
         exe: PathBuf,
-        args: Vec<String>,
+        mut args: Vec<String>,
         state: Arc<tokio::sync::Mutex<FleetState>>,
         data_dir: PathBuf,
     ) {
@@ -216,6 +227,11 @@ impl Supervised {
             if started.elapsed() > STABLE_AFTER {
                 attempt = 0;
             }
+            // Started on any port (`--addr …:0`): come back on the one it
+            // had, where the rest of the fleet knows to find it.
+            if let Some(listened) = self.addr.borrow().clone() {
+                pin_port(&mut args, &listened);
+            }
             let wait = backoff(attempt);
             attempt += 1;
             tracing::warn!(child = %self.name, %status, "exited; restarting in {wait:?}");
@@ -229,5 +245,23 @@ impl Supervised {
                 () = self.stop.notified() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_child_started_on_any_port_comes_back_on_the_one_it_had() {
+        let mut args: Vec<String> = ["control", "--addr", "127.0.0.1:0", "--data-dir", "d"]
+            .map(str::to_owned)
+            .to_vec();
+        super::pin_port(&mut args, "127.0.0.1:40123");
+        assert_eq!(args[2], "127.0.0.1:40123");
+        // A fixed port stays as it was.
+        let mut fixed: Vec<String> = ["gateway", "--addr", "127.0.0.1:8080"]
+            .map(str::to_owned)
+            .to_vec();
+        super::pin_port(&mut fixed, "127.0.0.1:9999");
+        assert_eq!(fixed[2], "127.0.0.1:8080");
     }
 }

@@ -131,8 +131,11 @@ pub fn routing_table(data: &[u8]) {
     }
 }
 
+/// A fuzz target: a name and the function that takes its input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name, for the corpus tests and `scripts/fuzz`.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [Target; 5] = [
     ("oip_json", oip_json),
     ("oip_binary", oip_binary),
     ("manifest", manifest),

@@ -730,7 +730,7 @@ mod tests {
         use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut c = Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 1, 0));
-        let mut fleet = vec![serving_one("a"), serving_one("b"), serving_one("c")];
+        let mut fleet = [serving_one("a"), serving_one("b"), serving_one("c")];
         let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
         assert_eq!(
             c.tick("m", &refs, &FleetFacts::default(), &mut rng, 1),

@@ -143,6 +143,9 @@ enum Command {
     Backup(cmd::backup::BackupArgs),
     /// Rebuild a control plane's data directory (or database) from a backup.
     Restore(cmd::backup::RestoreArgs),
+    /// A disaster drill on a `shoal up` fleet under load: kills a replica, a
+    /// region, the control plane or a gateway and measures RTO and RPO.
+    Drill(cmd::drill::DrillArgs),
     /// Benchmarks, side by side with reference systems (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -189,6 +192,7 @@ pub(crate) fn main() -> ExitCode {
             Command::Token(c) => cmd::client::token(c, &global).await,
             Command::Backup(args) => cmd::backup::backup(args, &global).await,
             Command::Restore(args) => cmd::backup::restore(args, &global).await,
+            Command::Drill(args) => cmd::drill::run(args, &global).await,
             Command::Bench(c) => cmd::bench::run(c, global.json).await,
         }
     });

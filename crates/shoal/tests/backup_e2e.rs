@@ -350,3 +350,60 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     cli(&control, &["deploy", "digits:2"]);
     converged_on(&control, "digits:2", 1).await;
 }
+
+/// Backups to an S3-compatible bucket (moto's server, as for artifacts):
+/// taken by the control plane, listed and verified by the CLI, restored
+/// into a new data directory, and served from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_in_an_s3_bucket_restores() {
+    let s3 = shoal_testkit::S3Server::start(&["shoal-backups"]);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tmp = TempDir::new("backup-s3");
+    let (_ctl, control) = common::control(&tmp.join("control"), "127.0.0.1:0", &[], &env);
+    cli(
+        &control,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&control, &["deploy", "digits:1"]);
+    let record = cli(&control, &["backup", "--to", "s3://shoal-backups/nightly"]);
+    assert_eq!(record["counts"]["versions"], 1);
+
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::shoal())
+            .args(args)
+            .arg("--json")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "shoal {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let listed = run(&["backup", "list", "--from", "s3://shoal-backups/nightly"]);
+    assert_eq!(listed[0]["id"], record["id"]);
+    run(&["backup", "verify", "--from", "s3://shoal-backups/nightly"]);
+    let restored = tmp.join("restored");
+    run(&[
+        "restore",
+        "--from",
+        "s3://shoal-backups/nightly",
+        "--data-dir",
+        restored.to_str().unwrap(),
+    ]);
+    let (_again, again) = common::control(&restored, "127.0.0.1:0", &[], &[]);
+    let token = std::fs::read_to_string(tmp.join("control").join("admin.token")).unwrap();
+    shoal_testkit::tokens::remember_admin_token(&again, token.trim());
+    let shown = cli(&again, &["model", "show", "digits:1"]);
+    assert_eq!(shown["status"], "production");
+    let deployments = cli(&again, &["rollout", "status", "digits"]);
+    assert!(deployments.is_object(), "{deployments}");
+}

@@ -132,10 +132,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
         } => {
             let body = match body {
                 Some(p) => bytes::Bytes::from(std::fs::read(&p)?),
-                None => {
-                    let row = shoal_bench::digits_rows(1)?.remove(0);
-                    bytes::Bytes::from(serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]}).to_string())
-                }
+                None => shoal_bench::digits_request()?,
             };
             let r = shoal_bench::load::run(shoal_bench::load::LoadSpec {
                 urls,
@@ -147,6 +144,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 upstream_header,
                 kill: kill_pid.map(|p| (p, std::time::Duration::from_secs_f64(kill_at))),
                 dead_upstream,
+                failover: false,
             })
             .await?;
             if json {

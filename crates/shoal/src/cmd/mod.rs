@@ -5,6 +5,7 @@ pub(crate) mod backup;
 pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod control;
+pub(crate) mod drill;
 pub(crate) mod gateway;
 pub(crate) mod replica;
 pub(crate) mod up;

@@ -1,0 +1,127 @@
+//! `shoal drill`: a disaster drill against the `shoal up` fleet in a data
+//! directory, under load; prints what clients saw, the recovery time and
+//! the recovery point.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::Global;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DrillArgs {
+    /// What goes wrong: replica-loss, region-loss (with --region),
+    /// control-plane-loss, gateway-loss (needs two gateways: shoal up
+    /// --regions a,b).
+    scenario: ScenarioName,
+    /// The region to lose (region-loss).
+    #[arg(long)]
+    region: Option<String>,
+    /// The data directory of the `shoal up` fleet to drill.
+    #[arg(long, default_value = ".shoal")]
+    data_dir: PathBuf,
+    /// Requests per second through the gateway.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// How long the load runs (the fault comes a third of the way in), e.g. 15s.
+    #[arg(long, default_value = "15s", value_parser = parse_seconds)]
+    duration: Duration,
+    /// How long to wait after the load for the fleet to be whole again.
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    recovery_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[allow(clippy::enum_variant_names)] // the scenarios' names, as users type them
+enum ScenarioName {
+    ReplicaLoss,
+    RegionLoss,
+    ControlPlaneLoss,
+    GatewayLoss,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let seconds = super::client::parse_duration(s)?;
+    if seconds <= 0.0 {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> {
+    use shoal_bench::drill::Scenario;
+    let scenario = match (args.scenario, args.region) {
+        (ScenarioName::RegionLoss, Some(region)) => Scenario::RegionLoss(region),
+        (ScenarioName::RegionLoss, None) => {
+            anyhow::bail!("region-loss needs --region REGION (the one to lose)")
+        }
+        (_, Some(_)) => anyhow::bail!("--region goes with region-loss only"),
+        (ScenarioName::ReplicaLoss, None) => Scenario::ReplicaLoss,
+        (ScenarioName::ControlPlaneLoss, None) => Scenario::ControlPlaneLoss,
+        (ScenarioName::GatewayLoss, None) => Scenario::GatewayLoss,
+    };
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate <= 10_000.0,
+        "--rate must be between 0 and 10000 requests per second"
+    );
+    if !global.json {
+        eprintln!(
+            "drill {}: {} rps for {:?}, fault at {:?}…",
+            scenario.name(),
+            args.rate,
+            args.duration,
+            args.duration / 3
+        );
+    }
+    let report = shoal_bench::drill::run(shoal_bench::drill::DrillSpec {
+        scenario,
+        data_dir: args.data_dir,
+        rate: args.rate,
+        duration: args.duration,
+        recovery_timeout: args.recovery_timeout,
+    })
+    .await?;
+    if global.json {
+        return super::client::print_json(&report);
+    }
+    let ms =
+        |v: Option<f64>| v.map_or_else(|| "not recovered".to_owned(), |v| format!("{v:.0} ms"));
+    let mut t = super::client::table(&["drill", &report.scenario]);
+    let killed: Vec<String> = report
+        .killed
+        .iter()
+        .map(|(name, pid)| format!("{name} (pid {pid})"))
+        .collect();
+    t.add_row(vec!["killed".to_owned(), killed.join(", ")]);
+    t.add_row(vec![
+        "requests".to_owned(),
+        format!(
+            "{} sent, {} failed ({:.3} % answered)",
+            report.sent, report.failed, report.success_percent
+        ),
+    ]);
+    t.add_row(vec![
+        "latency".to_owned(),
+        format!("p50 {:.2} ms, p99 {:.2} ms", report.p50_ms, report.p99_ms),
+    ]);
+    t.add_row(vec!["RTO".to_owned(), ms(report.rto_ms)]);
+    t.add_row(vec![
+        "  members back".to_owned(),
+        ms(report.capacity_back_ms),
+    ]);
+    t.add_row(vec![
+        "  last failure".to_owned(),
+        report.last_failure_ms.map_or_else(
+            || "none".to_owned(),
+            |v| format!("{v:.0} ms after the fault"),
+        ),
+    ]);
+    t.add_row(vec![
+        "RPO".to_owned(),
+        format!(
+            "{} of {} acknowledged writes lost ({} refused while down)",
+            report.writes_lost, report.writes_acknowledged, report.writes_refused
+        ),
+    ]);
+    println!("{t}");
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `shoal drill` against a real `shoal up` fleet in two regions (two
+//! gateways, four replicas), each scenario in turn with short durations:
+//! losing a replica, a whole region, the control plane or a gateway costs
+//! no request and no acknowledged write, and the fleet is whole again.
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_testkit::{TempDir, spawn_until};
+
+mod common;
+use common::shoal;
+
+fn drill(data: &std::path::Path, args: &[&str]) -> Value {
+    let out = std::process::Command::new(shoal())
+        .arg("drill")
+        .args(args)
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--rate",
+            "50",
+            "--duration",
+            "4s",
+            "--recovery-timeout",
+            "30s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal drill {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn every_drill_costs_no_request_and_no_acknowledged_write() {
+    let tmp = TempDir::new("drill-e2e");
+    let data = tmp.join("fleet");
+    let (mut up, _ready) = spawn_until(
+        shoal(),
+        &[
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--replicas",
+            "4",
+            "--regions",
+            "us-east,eu-west",
+        ],
+        "shoal up ready:",
+    );
+    for args in [
+        &["replica-loss"][..],
+        &["region-loss", "--region", "us-east"],
+        &["control-plane-loss"],
+        &["gateway-loss"],
+    ] {
+        let report = drill(&data, args);
+        eprintln!("{args:?}: {report}");
+        assert_eq!(report["failed"], 0, "{args:?}: {report}");
+        assert_eq!(report["writes_lost"], 0, "{args:?}: {report}");
+        assert!(
+            report["writes_acknowledged"].as_u64().unwrap() > 0,
+            "{args:?}: {report}"
+        );
+        assert!(
+            report["rto_ms"].is_number(),
+            "{args:?}: the fleet came back: {report}"
+        );
+        assert!(!report["killed"].as_array().unwrap().is_empty());
+    }
+
+    // Asked wrongly, it says what to give.
+    let out = std::process::Command::new(shoal())
+        .args(["drill", "region-loss", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--region"));
+    let out = std::process::Command::new(shoal())
+        .args([
+            "drill",
+            "replica-loss",
+            "--data-dir",
+            tmp.join("nothing").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `shoal up --data-dir"));
+
+    up.signal(Signal::SIGINT);
+    let exited = up.wait_timeout(std::time::Duration::from_secs(30));
+    assert!(exited.expect("shoal up exits on SIGINT").success());
+}
