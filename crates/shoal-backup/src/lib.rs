@@ -473,6 +473,24 @@ async fn check_artifacts(
                 (c, stored)
             })
             .buffered(PARALLEL);
+        // Writes run beside the hashing, up to PARALLEL at a time.
+        let mut writes = futures::stream::FuturesUnordered::new();
+        let write = |c: ChunkRef, stored: Bytes| async move {
+            let wrote = match into {
+                Some((store, _)) => store.put_chunk(&c, stored).await?,
+                None => false,
+            };
+            Ok::<_, BackupError>((c.id, wrote))
+        };
+        let record_write = |done: Option<Result<(ChunkId, bool)>>| -> Result<()> {
+            if let Some(done) = done {
+                let (id, wrote) = done?;
+                if wrote && let Some((_, written)) = into {
+                    lock(written).chunks.push(id);
+                }
+            }
+            Ok(())
+        };
         while let Some((c, stored)) = fetched.next().await {
             let c = &c;
             let stored = stored.map_err(|e| {
@@ -485,14 +503,18 @@ async fn check_artifacts(
                 .map_err(|e| damaged(format!("artifact {}: {e}", manifest.sha256)))?;
             hasher.update(&content);
             let first = seen.insert(c.id.clone());
-            if first
-                && let Some((store, written)) = into
-                && store.put_chunk(c, stored).await?
-            {
-                lock(written).chunks.push(c.id.clone());
+            if first && into.is_some() {
+                while writes.len() >= PARALLEL {
+                    record_write(writes.next().await)?;
+                }
+                writes.push(write(c.clone(), stored));
             }
             done += u64::from(c.size);
             progress(BackupProgress { phase, done, total });
+        }
+        drop(fetched);
+        while !writes.is_empty() {
+            record_write(writes.next().await)?;
         }
         let actual = hex::encode(hasher.finalize());
         if actual != manifest.sha256 {

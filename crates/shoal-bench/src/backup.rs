@@ -3,7 +3,8 @@
 //! a full backup to an empty destination against `tar -I zstd -cf`, a
 //! restore into an empty data directory (every chunk and SHA-256 checked)
 //! against `tar -xf`, and what one more version costs each: Shoal copies
-//! only its new chunks, tar starts again.
+//! only its new chunks, tar starts again. Dirty pages are flushed before
+//! each timed step, so none pays for the previous one's writes.
 
 use std::path::Path;
 use std::process::Command;
@@ -66,7 +67,14 @@ fn du(dir: &Path) -> u64 {
     total
 }
 
+/// Flushes dirty pages, so no timed step pays for the previous one's
+/// writes.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 fn timed(what: &str, mut command: Command) -> anyhow::Result<f64> {
+    settle();
     let started = Instant::now();
     let status = command
         .status()
@@ -123,6 +131,7 @@ pub async fn run(
         let _ = std::fs::remove_dir_all(&dest_dir);
         let _ = std::fs::remove_file(&archive);
         let dest = shoal_backup::Destination::open(dest_dir.to_str().context("path")?)?;
+        settle();
         let started = Instant::now();
         control.backup(&dest, &shoal_backup::quiet).await?;
         bench.backup_s.push(started.elapsed().as_secs_f64());
@@ -142,6 +151,7 @@ pub async fn run(
         std::fs::create_dir_all(&target)?;
         let registry = shoal_control::open_registry(None, &target).await?;
         let artifacts = shoal_control::open_artifacts(None, &target).await?;
+        settle();
         let started = Instant::now();
         shoal_backup::restore(
             &dest,
