@@ -93,6 +93,203 @@ pub struct DrillReport {
     pub writes_refused: u64,
     /// Recovery point: acknowledged writes missing afterwards.
     pub writes_lost: u64,
+    /// What clients saw over time, in 250 ms buckets from the start of
+    /// the load (the fault at `fault_ms`).
+    pub timeline: Vec<Bucket>,
+    /// When the fault came, ms after the start of the load.
+    pub fault_ms: f64,
+}
+
+/// Requests that ended within one slice of a drill.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bucket {
+    /// Start of the slice, ms after the start of the load.
+    pub at_ms: f64,
+    /// Requests that ended in it.
+    pub requests: u64,
+    /// Of which failed.
+    pub failed: u64,
+    /// Median latency of the answered ones (ms).
+    pub p50_ms: f64,
+    /// p99 of the answered ones (ms).
+    pub p99_ms: f64,
+}
+
+/// Width of a [`Bucket`].
+pub const BUCKET_MS: f64 = 250.0;
+
+/// Buckets `samples` — (ms after the start, latency ms, answered) — into
+/// [`BUCKET_MS`] slices from 0 to the last sample.
+pub fn buckets(samples: &[(f64, f64, bool)]) -> Vec<Bucket> {
+    let end = samples.iter().map(|s| s.0).fold(0.0, f64::max);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n = (end / BUCKET_MS).floor() as usize + 1;
+    let mut slices: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); n];
+    for &(at, latency, ok) in samples {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let i = ((at.max(0.0) / BUCKET_MS).floor() as usize).min(n - 1);
+        if ok {
+            slices[i].0.push(latency);
+        } else {
+            slices[i].1 += 1;
+        }
+    }
+    slices
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut ok, failed))| {
+            ok.sort_by(f64::total_cmp);
+            let q = |p: f64| -> f64 {
+                if ok.is_empty() {
+                    return 0.0;
+                }
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let at = ((ok.len() as f64 - 1.0) * p).round() as usize;
+                ok[at]
+            };
+            #[allow(clippy::cast_precision_loss)]
+            Bucket {
+                at_ms: i as f64 * BUCKET_MS,
+                requests: ok.len() as u64 + failed,
+                failed,
+                p50_ms: q(0.5),
+                p99_ms: q(0.99),
+            }
+        })
+        .collect()
+}
+
+/// The drill as a markdown record, naming the chart beside it.
+pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
+    let ms =
+        |v: Option<f64>| v.map_or_else(|| "not recovered".to_owned(), |v| format!("{v:.0} ms"));
+    let killed: Vec<String> = report
+        .killed
+        .iter()
+        .map(|(name, pid)| format!("`{name}` (pid {pid})"))
+        .collect();
+    format!(
+        "# Drill: {scenario}\n\n\
+         Run {when} with `shoal drill {scenario}`.\n\n\
+         | | |\n|---|---|\n\
+         | killed | {killed} |\n\
+         | requests | {sent} sent, {failed} failed ({success:.3} % answered) |\n\
+         | latency | p50 {p50:.2} ms, p99 {p99:.2} ms |\n\
+         | RTO | {rto} (members back: {back}; last failure: {last}) |\n\
+         | RPO | {lost} of {acked} acknowledged writes lost ({refused} refused while down) |\n\n\
+         ![latency over time]({chart})\n\n\
+         The chart shows the median and p99 latency of answered requests per \
+         {bucket:.0} ms, failed requests in red, the fault and the moment every \
+         killed member was back.\n",
+        scenario = report.scenario,
+        killed = killed.join(", "),
+        sent = report.sent,
+        failed = report.failed,
+        success = report.success_percent,
+        p50 = report.p50_ms,
+        p99 = report.p99_ms,
+        rto = ms(report.rto_ms),
+        back = ms(report.capacity_back_ms),
+        last = report.last_failure_ms.map_or_else(
+            || "none".to_owned(),
+            |v| format!("{v:.0} ms after the fault")
+        ),
+        lost = report.writes_lost,
+        acked = report.writes_acknowledged,
+        refused = report.writes_refused,
+        bucket = BUCKET_MS,
+    )
+}
+
+/// Draws the drill's latency over time to a PNG at `path`.
+pub fn chart(report: &DrillReport, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    static FONT: std::sync::Once = std::sync::Once::new();
+    FONT.call_once(|| {
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            plotters::style::FontStyle::Normal,
+            include_bytes!("../../../assets/fonts/DejaVuSansMono.ttf"),
+        );
+    });
+    let seconds = |ms: f64| ms / 1000.0;
+    let end = report
+        .timeline
+        .last()
+        .map_or(1.0, |b| seconds(b.at_ms + BUCKET_MS));
+    let top = report.timeline.iter().map(|b| b.p99_ms).fold(1.0, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (960, 480)).into_drawing_area();
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("shoal drill {}", report.scenario),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..end, 0.0..top)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the load started")
+        .y_desc("latency (ms)")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    let answered: Vec<&Bucket> = report
+        .timeline
+        .iter()
+        .filter(|b| b.requests > b.failed)
+        .collect();
+    let mid = |b: &Bucket| seconds(b.at_ms + BUCKET_MS / 2.0);
+    chart
+        .draw_series(LineSeries::new(
+            answered.iter().map(|b| (mid(b), b.p50_ms)),
+            &BLUE,
+        ))
+        .map_err(|e| fail(&e))?
+        .label("p50")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            answered.iter().map(|b| (mid(b), b.p99_ms)),
+            &MAGENTA,
+        ))
+        .map_err(|e| fail(&e))?
+        .label("p99")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], MAGENTA));
+    chart
+        .draw_series(
+            report
+                .timeline
+                .iter()
+                .filter(|b| b.failed > 0)
+                .map(|b| Circle::new((mid(b), top * 0.95), 4, RED.filled())),
+        )
+        .map_err(|e| fail(&e))?
+        .label("failed requests")
+        .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
+    let fault = seconds(report.fault_ms);
+    let mut marks = vec![(fault, "fault", BLACK)];
+    if let Some(back) = report.capacity_back_ms {
+        marks.push((fault + seconds(back), "whole again", GREEN));
+    }
+    for (x, label, color) in marks {
+        chart
+            .draw_series(LineSeries::new([(x, 0.0), (x, top)], color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(label)
+            .legend(move |(lx, ly)| PathElement::new(vec![(lx, ly), (lx + 16, ly)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))?;
+    Ok(())
 }
 
 /// The recovery time from what was observed (all times in ms after the
@@ -104,15 +301,38 @@ pub fn rto_ms(capacity_back_ms: Option<f64>, failures_after_fault_ms: &[f64]) ->
     Some(back.max(last_failure))
 }
 
+/// What a drill saw besides the load's own counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// What was killed (name and pid).
+    pub killed: Vec<(String, u32)>,
+    /// When requests failed, ms after the fault.
+    pub failures_after_fault_ms: Vec<f64>,
+    /// When every killed member was back, ms after the fault.
+    pub capacity_back_ms: Option<f64>,
+    /// Writes acknowledged, refused and lost.
+    pub writes: (u64, u64, u64),
+    /// Requests over time.
+    pub timeline: Vec<Bucket>,
+    /// When the fault came, ms after the start of the load.
+    pub fault_ms: f64,
+}
+
 /// The figures of a drill from what was observed.
 pub fn outcome(
     scenario: &Scenario,
-    killed: Vec<(String, u32)>,
     load: &crate::load::LoadResult,
-    failures_after_fault_ms: &[f64],
-    capacity_back_ms: Option<f64>,
-    writes: (u64, u64, u64),
+    observed: Observed,
 ) -> DrillReport {
+    let Observed {
+        killed,
+        failures_after_fault_ms,
+        capacity_back_ms,
+        writes,
+        timeline,
+        fault_ms,
+    } = observed;
+    let failures_after_fault_ms = &failures_after_fault_ms[..];
     let (writes_acknowledged, writes_refused, writes_lost) = writes;
     #[allow(clippy::cast_precision_loss)]
     let success_percent = if load.sent == 0 {
@@ -134,6 +354,8 @@ pub fn outcome(
         writes_acknowledged,
         writes_refused,
         writes_lost,
+        timeline,
+        fault_ms,
     }
 }
 
@@ -386,16 +608,33 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         .filter(|t| **t >= fault)
         .map(|t| (*t - fault).as_secs_f64() * 1000.0)
         .collect();
+    let samples: Vec<(f64, f64, bool)> = result
+        .timeline
+        .iter()
+        .map(|(at, latency, ok)| {
+            (
+                at.saturating_duration_since(started).as_secs_f64() * 1000.0,
+                latency.as_secs_f64() * 1000.0,
+                *ok,
+            )
+        })
+        .collect();
+    let failed_before_fault = result.failed > failures.len() as u64;
     let mut report = outcome(
         &spec.scenario,
-        killed,
         &result,
-        &failures,
-        capacity_back.map(|d| d.as_secs_f64() * 1000.0),
-        (acknowledged.len() as u64, refused, lost),
+        Observed {
+            killed,
+            failures_after_fault_ms: failures,
+            capacity_back_ms: capacity_back.map(|d| d.as_secs_f64() * 1000.0),
+            writes: (acknowledged.len() as u64, refused, lost),
+            timeline: buckets(&samples),
+            fault_ms: (fault - started).as_secs_f64() * 1000.0,
+        },
     );
-    if report.failed > 0 && failures.is_empty() {
-        // Failures before the fault: the fleet was not healthy to begin with.
+    if failed_before_fault {
+        // Failures before the fault: the fleet was not healthy to begin
+        // with, so the recovery time means nothing.
         report.rto_ms = None;
     }
     Ok(report)
@@ -404,6 +643,55 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_bucketed_by_when_they_ended() {
+        let samples = [
+            (10.0, 1.0, true),
+            (20.0, 3.0, true),
+            (260.0, 2.0, true),
+            (270.0, 9.0, false),
+            (760.0, 1.0, true),
+        ];
+        let b = buckets(&samples);
+        assert_eq!(b.len(), 4);
+        assert_eq!((b[0].requests, b[0].failed, b[0].p99_ms), (2, 0, 3.0));
+        assert_eq!((b[1].requests, b[1].failed, b[1].p50_ms), (2, 1, 2.0));
+        assert_eq!(b[2].requests, 0, "an empty slice stays, so time is even");
+        assert_eq!(b[3].at_ms, 750.0);
+    }
+
+    #[test]
+    fn a_report_is_markdown_with_its_chart_and_the_chart_draws() {
+        let report = DrillReport {
+            scenario: "replica-loss".into(),
+            killed: vec![("replica-1".into(), 42)],
+            sent: 100,
+            failed: 1,
+            success_percent: 99.0,
+            p50_ms: 1.0,
+            p99_ms: 4.0,
+            rto_ms: Some(300.0),
+            last_failure_ms: Some(12.0),
+            capacity_back_ms: Some(300.0),
+            writes_acknowledged: 10,
+            writes_refused: 0,
+            writes_lost: 0,
+            timeline: buckets(&[(10.0, 1.0, true), (600.0, 9.0, false), (900.0, 2.0, true)]),
+            fault_ms: 500.0,
+        };
+        let md = markdown(&report, "drill.png", "2026-12-03T10:00:00Z");
+        assert!(md.starts_with("# Drill: replica-loss"));
+        assert!(md.contains("![latency over time](drill.png)"));
+        assert!(md.contains("| RTO | 300 ms"));
+        let dir = std::env::temp_dir().join(format!("shoal-drill-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("drill.png");
+        chart(&report, &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn recovery_ends_with_the_later_of_capacity_and_the_last_failure() {

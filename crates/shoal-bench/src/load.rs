@@ -72,6 +72,10 @@ pub struct LoadResult {
     /// time recovery.
     #[serde(skip)]
     pub failure_times: Vec<Instant>,
+    /// Every request (the first 500,000): when it ended, its latency from
+    /// its intended send time, and whether it succeeded.
+    #[serde(skip)]
+    pub timeline: Vec<(Instant, Duration, bool)>,
 }
 
 struct Shared {
@@ -83,6 +87,7 @@ struct Shared {
     dead_seen_until: Option<Duration>,
     errors: Vec<String>,
     failure_times: Vec<Instant>,
+    timeline: Vec<(Instant, Duration, bool)>,
 }
 
 /// Runs the load.
@@ -99,6 +104,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         dead_seen_until: None,
         errors: Vec::new(),
         failure_times: Vec::new(),
+        timeline: Vec::new(),
     }));
     let start = Instant::now() + Duration::from_millis(50);
     let kill_at = spec.kill.map(|(_, at)| start + at);
@@ -157,6 +163,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                 let done = Instant::now();
                 let mut s = shared.lock().await;
                 let after_kill = kill_at.is_some_and(|k| intended >= k);
+                if s.timeline.len() < 500_000 {
+                    let ok = matches!(&outcome, Ok(Ok((status, _))) if status.is_success());
+                    s.timeline.push((done, done - intended, ok));
+                }
                 match outcome {
                     Ok(Ok((status, upstream))) if status.is_success() => {
                         s.ok += 1;
@@ -233,7 +243,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     if let Some(k) = killer {
         let _ = k.await;
     }
-    let s = shared.lock().await;
+    let mut s = shared.lock().await;
     Ok(LoadResult {
         sent: total,
         ok: s.ok,
@@ -245,6 +255,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         dead_seen_until_ms: s.dead_seen_until.map(|d| d.as_secs_f64() * 1e3),
         errors: s.errors.clone(),
         failure_times: s.failure_times.clone(),
+        timeline: std::mem::take(&mut s.timeline),
     })
 }
 

@@ -56,8 +56,10 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
         ],
         "shoal up ready:",
     );
+    let reports = tmp.join("reports");
+    let reports_arg = reports.to_str().unwrap().to_owned();
     for args in [
-        &["replica-loss"][..],
+        &["replica-loss", "--report", reports_arg.as_str()][..],
         &["region-loss", "--region", "us-east"],
         &["control-plane-loss"],
         &["gateway-loss"],
@@ -76,6 +78,24 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
         );
         assert!(!report["killed"].as_array().unwrap().is_empty());
     }
+
+    // The first drill left its record: markdown naming a PNG chart.
+    let written: Vec<std::path::PathBuf> = std::fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let md = written
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .unwrap();
+    let text = std::fs::read_to_string(md).unwrap();
+    assert!(text.starts_with("# Drill: replica-loss"), "{text}");
+    let png = written
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    assert!(text.contains(png.file_name().unwrap().to_str().unwrap()));
+    assert_eq!(&std::fs::read(png).unwrap()[..4], b"\x89PNG");
 
     // Asked wrongly, it says what to give.
     let out = std::process::Command::new(shoal())

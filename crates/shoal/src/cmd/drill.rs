@@ -28,6 +28,10 @@ pub(crate) struct DrillArgs {
     /// How long to wait after the load for the fleet to be whole again.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     recovery_timeout: Duration,
+    /// Also write a markdown record with a latency-over-time chart (PNG)
+    /// into this directory, for the drill log.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -80,6 +84,9 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         recovery_timeout: args.recovery_timeout,
     })
     .await?;
+    if let Some(dir) = &args.report {
+        write_report(&report, dir)?;
+    }
     if global.json {
         return super::client::print_json(&report);
     }
@@ -123,5 +130,31 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         ),
     ]);
     println!("{t}");
+    Ok(())
+}
+
+/// Writes `DIR/drill-SCENARIO-TIME.md` and its chart beside it.
+fn write_report(
+    report: &shoal_bench::drill::DrillReport,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let now = std::time::SystemTime::now();
+    let stamp = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = format!("drill-{}-{stamp}", report.scenario);
+    let png = dir.join(format!("{name}.png"));
+    shoal_bench::drill::chart(report, &png)?;
+    let md = dir.join(format!("{name}.md"));
+    let when = humantime::format_rfc3339_seconds(now).to_string();
+    std::fs::write(
+        &md,
+        shoal_bench::drill::markdown(report, &format!("{name}.png"), &when),
+    )
+    .with_context(|| format!("cannot write {}", md.display()))?;
+    eprintln!("report: {} (chart {})", md.display(), png.display());
     Ok(())
 }
