@@ -59,7 +59,7 @@ pub struct Isolation {
 /// A client of the control plane at `url` holding the admin token it
 /// wrote to `data_dir` at its first start (waiting up to 30 s for it to
 /// start listening).
-async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClient> {
+pub(crate) async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
@@ -77,7 +77,7 @@ async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClien
 }
 
 /// A new fleet token for the bench's replicas.
-async fn fleet_token(admin: &ControlClient) -> anyhow::Result<String> {
+pub(crate) async fn fleet_token(admin: &ControlClient) -> anyhow::Result<String> {
     let created = admin
         .create_token(&shoal_api::auth::NewToken {
             name: format!("bench-fleet-{:08x}", rand::random::<u32>()),

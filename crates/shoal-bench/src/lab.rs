@@ -190,6 +190,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The pids of the processes started, in the order they were.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     /// How long each host has been held back by its CPU quota so far
     /// (cgroup `cpu.stat`), in milliseconds.
     pub fn throttled_ms(&self) -> Vec<u64> {

@@ -15,6 +15,8 @@
 //!   time), used against Shoal's gateway, nginx and HAProxy alike.
 //! - [`herd`]: the control plane's request rate under 1,000 polling
 //!   replicas (a simulation driven by the agent's own jitter code).
+//! - [`topology`]: the DR study's three fleet shapes ramped to failure, with
+//!   and without a replica killed, on emulated hosts.
 //! - [`lab`]: emulated hosts (network namespaces with rate-limited links
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
@@ -27,6 +29,7 @@ pub mod load;
 pub mod overhead;
 pub mod runtime;
 pub mod stats;
+pub mod topology;
 
 use std::path::PathBuf;
 

@@ -39,10 +39,11 @@ impl Latencies {
         self.0.len()
     }
 
-    /// p50, p99 and p99.9 in microseconds.
+    /// p50, p95, p99 and p99.9 in microseconds.
     pub fn summary(&self) -> Summary {
         Summary {
             p50_us: self.quantile_us(0.5),
+            p95_us: self.quantile_us(0.95),
             p99_us: self.quantile_us(0.99),
             p999_us: self.quantile_us(0.999),
             count: self.count(),
@@ -55,6 +56,8 @@ impl Latencies {
 pub struct Summary {
     /// Median, µs.
     pub p50_us: f64,
+    /// 95th percentile, µs.
+    pub p95_us: f64,
     /// 99th percentile, µs.
     pub p99_us: f64,
     /// 99.9th percentile, µs.

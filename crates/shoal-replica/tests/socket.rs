@@ -156,9 +156,12 @@ async fn one_models_slow_requests_cannot_starve_another() {
     )
     .await;
     // The other model is served at once on the thread the slow model may
-    // not take: its answer comes back before even the first slow request
-    // is done. (Without the cap both threads would run slow requests, and
-    // digits would queue behind the next one.)
+    // not take: it overtakes the slow requests still queued. (Without the
+    // cap both threads would run slow requests, and digits would wait
+    // behind the queue until two of them finished.) Either no slow request
+    // has finished yet, or slow work is still queued when digits answers —
+    // not a race against the clock: the queue holds work for two slow
+    // requests' time.
     let r = http
         .post_json(
             &format!("{base}/v2/models/digits/infer"),
@@ -166,10 +169,11 @@ async fn one_models_slow_requests_cannot_starve_another() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        done.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "digits waited for a slow request to finish"
+    let queued = pool.stats().queued;
+    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        finished == 0 || queued >= 1,
+        "digits waited for the slow requests: {finished} finished, {queued} still queued"
     );
     for s in slow {
         assert_eq!(s.await.unwrap(), 200);

@@ -68,6 +68,22 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         size_mb: usize,
     },
+    /// The DR study's topologies (single, active-standby, active-active) on emulated hosts,
+    /// ramped to failure with and without a replica killed (needs root).
+    Topology {
+        /// Each host's CPU quota, in cores.
+        #[arg(long, default_value_t = 0.25)]
+        cpu: f64,
+        /// Seconds per ramp step.
+        #[arg(long, default_value_t = 5.0)]
+        step_seconds: f64,
+        /// A step fails above this p95, in milliseconds.
+        #[arg(long, default_value_t = 500.0)]
+        max_p95_ms: f64,
+        /// A step fails above this share of failed requests, in percent.
+        #[arg(long, default_value_t = 1.0)]
+        max_error_percent: f64,
+    },
     /// Backup and restore of many versions against tar + zstd of the same data directory.
     Backup {
         /// Versions in the registry (each trained anew: no shared chunks).
@@ -241,6 +257,45 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 println!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
                 println!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
                 println!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
+            }
+        }
+        BenchCommand::Topology {
+            cpu,
+            step_seconds,
+            max_p95_ms,
+            max_error_percent,
+        } => {
+            let results = shoal_bench::topology::run(
+                &std::env::current_exe()?,
+                &scratch(),
+                shoal_bench::lab::HostSpec {
+                    link_mbit: 1000,
+                    cpu,
+                },
+                shoal_bench::topology::Bounds {
+                    max_error_ratio: max_error_percent / 100.0,
+                    max_p95_ms,
+                },
+                step_seconds,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                println!(
+                    "every member on its own host with {cpu} cores; a step fails above {max_error_percent} % errors or p95 {max_p95_ms} ms"
+                );
+                for r in &results {
+                    println!(
+                        "  {:<15} max {:>6.0} rps, p95 at half {:>5.1} ms | kill at {:>5.0} rps: {} failed, then max {:>6.0} rps",
+                        r.topology.name(),
+                        r.max_rate,
+                        r.p95_at_half_ms,
+                        r.kill_rate,
+                        r.failed_at_kill,
+                        r.max_rate_after_kill
+                    );
+                }
             }
         }
         BenchCommand::Backup {
