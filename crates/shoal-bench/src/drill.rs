@@ -20,6 +20,8 @@ use serde::Serialize;
 use shoal_client::ControlClient;
 use tokio::time::Instant;
 
+use nix::sys::signal::Signal;
+
 use crate::load::{LoadSpec, run as load};
 
 /// What goes wrong.
@@ -27,6 +29,11 @@ use crate::load::{LoadSpec, run as load};
 pub enum Scenario {
     /// One active replica is SIGKILLed.
     ReplicaLoss,
+    /// One active replica stops (SIGSTOP) without dying: it accepts
+    /// connections and answers nothing until it is resumed (SIGCONT) when
+    /// the load ends. Recovery is its ejection: from then on no request
+    /// may fail.
+    ReplicaHang,
     /// Every replica of a region is SIGKILLed (another region must exist).
     RegionLoss(String),
     /// The control plane is SIGKILLed.
@@ -40,6 +47,7 @@ impl Scenario {
     pub fn name(&self) -> &'static str {
         match self {
             Scenario::ReplicaLoss => "replica-loss",
+            Scenario::ReplicaHang => "replica-hang",
             Scenario::RegionLoss(_) => "region-loss",
             Scenario::ControlPlaneLoss => "control-plane-loss",
             Scenario::GatewayLoss => "gateway-loss",
@@ -85,8 +93,11 @@ pub struct DrillReport {
     pub rto_ms: Option<f64>,
     /// Of which: until the last failed request (ms after the fault).
     pub last_failure_ms: Option<f64>,
-    /// Of which: until every killed member was back (ms after the fault).
+    /// Of which: until every killed member was back (ms after the fault);
+    /// for a hang, until the gateways ejected the hung replica.
     pub capacity_back_ms: Option<f64>,
+    /// Requests sent after that moment that still failed (must be 0).
+    pub failed_after_recovery: u64,
     /// Registry writes acknowledged during the drill.
     pub writes_acknowledged: u64,
     /// Writes attempted but not acknowledged (the control plane was down).
@@ -349,6 +360,12 @@ pub fn outcome(
         p50_ms: load.latency.p50_us / 1000.0,
         p99_ms: load.latency.p99_us / 1000.0,
         rto_ms: rto_ms(capacity_back_ms, failures_after_fault_ms),
+        failed_after_recovery: capacity_back_ms.map_or(0, |back| {
+            failures_after_fault_ms
+                .iter()
+                .filter(|f| **f > back)
+                .count() as u64
+        }),
         last_failure_ms: failures_after_fault_ms.iter().copied().reduce(f64::max),
         capacity_back_ms,
         writes_acknowledged,
@@ -380,13 +397,27 @@ fn read_fleet(data_dir: &Path) -> anyhow::Result<FleetFile> {
         .with_context(|| format!("{} is not a fleet file", path.display()))
 }
 
-fn sigkill(pid: u32) {
+fn signal(pid: u32, signal: Signal) {
     if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
     }
+}
+
+/// Ejections the gateways have made so far (`gateway_endpoint_ejections`).
+async fn ejections(gateways: &[(String, String)]) -> u64 {
+    let mut total = 0;
+    for (_, url) in gateways {
+        let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+        let Ok(text) = probe.get_raw("/metrics").await else {
+            continue;
+        };
+        total += String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.starts_with("gateway_endpoint_ejections_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
 }
 
 /// What must be true for the fleet to be whole again: each killed member
@@ -394,24 +425,42 @@ fn sigkill(pid: u32) {
 struct Whole<'a> {
     killed: &'a [(String, u32)],
     healthy_before: usize,
+    /// Killed members come back as new processes (not after a hang).
+    replaced: bool,
 }
 
 impl Whole<'_> {
+    /// Polls until the fleet is whole or `deadline` passes.
+    async fn wait(&self, data_dir: &Path, client: &ControlClient, deadline: Instant) -> Option<()> {
+        while Instant::now() < deadline {
+            if self.now(data_dir, client).await {
+                return Some(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     async fn now(&self, data_dir: &Path, client: &ControlClient) -> bool {
         let Ok(fleet) = read_fleet(data_dir) else {
             return false;
         };
-        let replaced = self
-            .killed
-            .iter()
-            .all(|(name, old)| fleet.pids.iter().any(|(n, pid)| n == name && pid != old));
+        let replaced = !self.replaced
+            || self
+                .killed
+                .iter()
+                .all(|(name, old)| fleet.pids.iter().any(|(n, pid)| n == name && pid != old));
         if !replaced {
             return false;
         }
         let Ok(status) = client.status().await else {
             return false;
         };
-        let killed_pids: Vec<u32> = self.killed.iter().map(|(_, p)| *p).collect();
+        let killed_pids: Vec<u32> = if self.replaced {
+            self.killed.iter().map(|(_, p)| *p).collect()
+        } else {
+            Vec::new()
+        };
         let healthy = status
             .replicas
             .iter()
@@ -457,13 +506,16 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         .map(|(_, url)| url.clone())
         .context("the fleet has no gateway")?;
     let (killed, urls, failover): (Vec<(String, u32)>, Vec<String>, bool) = match &spec.scenario {
-        Scenario::ReplicaLoss => {
+        Scenario::ReplicaLoss | Scenario::ReplicaHang => {
+            // A replica the loaded gateway routes to: one in its region.
+            let region = fleet.gateways.first().map(|(r, _)| r.as_str());
             let victim = status
                 .replicas
                 .iter()
                 .filter(|r| r.healthy && !r.standby)
+                .filter(|r| region.is_none_or(|g| r.region == g))
                 .find_map(|r| r.pid)
-                .context("no healthy active replica with a known pid")?;
+                .context("no healthy active replica with a known pid in the gateway's region")?;
             let name = name_of_pid(victim).context("the replica is not one of shoal up's")?;
             (vec![(name, victim)], vec![first_gateway], false)
         }
@@ -562,24 +614,59 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     };
 
     tokio::time::sleep_until(started + spec.duration / 3).await;
+    let hang = spec.scenario == Scenario::ReplicaHang;
+    let ejections_before = if hang {
+        ejections(&fleet.gateways).await
+    } else {
+        0
+    };
     let fault = Instant::now();
     for (_, pid) in &killed {
-        sigkill(*pid);
+        signal(
+            *pid,
+            if hang {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGKILL
+            },
+        );
     }
     let whole = Whole {
         killed: &killed,
         healthy_before,
+        replaced: !hang,
     };
-    let mut capacity_back = None;
     let deadline = started + spec.duration + spec.recovery_timeout;
-    while Instant::now() < deadline {
-        if whole.now(&spec.data_dir, &client).await {
-            capacity_back = Some(fault.elapsed());
-            break;
+    let mut capacity_back = None;
+    if hang {
+        // Back in service once the gateways have ejected the hung replica;
+        // it is resumed when the load ends.
+        while Instant::now() < started + spec.duration {
+            if ejections(&fleet.gateways).await > ejections_before {
+                capacity_back = Some(fault.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        capacity_back = whole
+            .wait(&spec.data_dir, &client, deadline)
+            .await
+            .map(|()| fault.elapsed());
     }
     let result = traffic.await.context("the load generator stopped")??;
+    if hang {
+        for (_, pid) in &killed {
+            signal(*pid, Signal::SIGCONT);
+        }
+        anyhow::ensure!(
+            whole
+                .wait(&spec.data_dir, &client, deadline)
+                .await
+                .is_some(),
+            "the hung replica did not come back after SIGCONT"
+        );
+    }
     let (acknowledged, refused) = writer.await.context("the writer stopped")?;
 
     // The recovery point: every acknowledged write must still be there.
@@ -602,12 +689,21 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     {
         let _ = client.revoke_token(name).await;
     }
+    // Failures by when they were sent: a request sent after service was
+    // restored must not fail, whenever a hung one times out.
+    let sent_at = |done: Instant, latency: Duration| done.checked_sub(latency).unwrap_or(done);
     let failures: Vec<f64> = result
-        .failure_times
+        .timeline
         .iter()
-        .filter(|t| **t >= fault)
-        .map(|t| (*t - fault).as_secs_f64() * 1000.0)
+        .filter(|(_, _, ok)| !ok)
+        .map(|(done, latency, _)| sent_at(*done, *latency))
+        .filter(|t| *t >= fault)
+        .map(|t| (t - fault).as_secs_f64() * 1000.0)
         .collect();
+    let failed_before_fault = result
+        .timeline
+        .iter()
+        .any(|(done, latency, ok)| !ok && sent_at(*done, *latency) < fault);
     let samples: Vec<(f64, f64, bool)> = result
         .timeline
         .iter()
@@ -619,7 +715,6 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
             )
         })
         .collect();
-    let failed_before_fault = result.failed > failures.len() as u64;
     let mut report = outcome(
         &spec.scenario,
         &result,
@@ -674,6 +769,7 @@ mod tests {
             rto_ms: Some(300.0),
             last_failure_ms: Some(12.0),
             capacity_back_ms: Some(300.0),
+            failed_after_recovery: 0,
             writes_acknowledged: 10,
             writes_refused: 0,
             writes_lost: 0,

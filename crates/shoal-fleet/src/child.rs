@@ -227,9 +227,15 @@ impl Supervised {
             if started.elapsed() > STABLE_AFTER {
                 attempt = 0;
             }
-            // Started on any port (`--addr …:0`): come back on the one it
-            // had, where the rest of the fleet knows to find it.
-            if let Some(listened) = self.addr.borrow().clone() {
+            // Started on any port (`--addr …:0`): the control plane and
+            // gateways come back on the one they had, where the rest of the
+            // fleet and clients find them. Replicas take a new one: they
+            // register wherever they come back, and gateways meet them as
+            // new endpoints rather than ones still serving out an ejection.
+            if !self.name.starts_with("replica-")
+                && !self.name.starts_with("standby-")
+                && let Some(listened) = self.addr.borrow().clone()
+            {
                 pin_port(&mut args, &listened);
             }
             let wait = backoff(attempt);

@@ -35,14 +35,13 @@ async fn apply(gateway: &Gateway, table: &RoutingTable) {
     }
 }
 
-/// Runs discovery until the task is aborted.
-pub async fn run(gateway: Arc<Gateway>) {
-    let Some(control) = gateway.config.control.clone() else {
-        gateway
-            .routes
-            .set_static(&gateway.config.static_replicas, gateway.now());
+/// Applies the table kept in `<data-dir>/routing.json` by an earlier run,
+/// if any. Called before the gateway serves, so a restarted gateway never
+/// answers a request with no table at all.
+pub(crate) async fn load_saved(gateway: &Gateway) {
+    if gateway.config.control.is_none() {
         return;
-    };
+    }
     let path = gateway.config.data_dir.join("routing.json");
     if let Ok(bytes) = tokio::fs::read(&path).await
         && let Ok(table) = serde_json::from_slice::<RoutingTable>(&bytes)
@@ -53,6 +52,16 @@ pub async fn run(gateway: Arc<Gateway>) {
         );
         gateway.routes.apply(&table, gateway.now());
     }
+}
+
+/// Runs discovery until the task is aborted.
+pub async fn run(gateway: Arc<Gateway>) {
+    let Some(control) = gateway.config.control.clone() else {
+        gateway
+            .routes
+            .set_static(&gateway.config.static_replicas, gateway.now());
+        return;
+    };
     let client = ControlClient::new(&control, gateway.config.token.clone());
     let mut attempt = 0;
     loop {

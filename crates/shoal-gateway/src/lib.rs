@@ -225,6 +225,7 @@ impl GatewayServer {
             ..config
         };
         let gateway = Gateway::new(config).map_err(std::io::Error::other)?;
+        discovery::load_saved(&gateway).await;
         let background = vec![
             shoal_http::supervise("routing discovery", {
                 let g = gateway.clone();

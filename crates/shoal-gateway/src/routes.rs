@@ -431,6 +431,11 @@ impl Routes {
         exclude: &[String],
         now: Duration,
     ) -> Result<Vec<Arc<Endpoint>>, NoRoute> {
+        if state.endpoints.is_empty() && state.policies.is_empty() {
+            // Nothing known yet (a first start before the control plane
+            // answered): unavailable for now, not unknown.
+            return Err(NoRoute::NoneAvailable);
+        }
         let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
         let key = version.map(|v| format!("{model}:{v}"));
         let serving: Vec<&Arc<Endpoint>> = state

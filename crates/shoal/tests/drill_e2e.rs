@@ -1,7 +1,8 @@
 //! `shoal drill` against a real `shoal up` fleet in two regions (two
 //! gateways, four replicas), each scenario in turn with short durations:
 //! losing a replica, a whole region, the control plane or a gateway costs
-//! no request and no acknowledged write, and the fleet is whole again.
+//! no request and no acknowledged write, and the fleet is whole again; a
+//! hung replica costs no request sent after the gateways ejected it.
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -58,6 +59,14 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
     );
     let reports = tmp.join("reports");
     let reports_arg = reports.to_str().unwrap().to_owned();
+    // A hung replica: the requests it holds when it stops may fail; once
+    // the gateways have ejected it, none does.
+    let report = drill(&data, &["replica-hang"]);
+    eprintln!("replica-hang: {report}");
+    assert_eq!(report["failed_after_recovery"], 0, "{report}");
+    assert!(report["capacity_back_ms"].is_number(), "ejected: {report}");
+    assert_eq!(report["writes_lost"], 0, "{report}");
+
     for args in [
         &["replica-loss", "--report", reports_arg.as_str()][..],
         &["region-loss", "--region", "us-east"],

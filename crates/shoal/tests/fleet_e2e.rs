@@ -451,3 +451,53 @@ async fn a_control_plane_on_postgres_is_replaced_by_another_with_nothing_lost() 
         "{actions:?}"
     );
 }
+
+/// Two control planes on one PostgreSQL registry accept the same tokens,
+/// and a token revoked through one stops working on the other at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_on_one_control_plane_stops_working_on_another_at_once() {
+    let tmp = TempDir::new("fleet-tokens-pg");
+    let pg = shoal_testkit::PostgresServer::start();
+    let registry = pg.database("registry");
+    let artifacts = format!("file://{}", tmp.join("artifacts").display());
+    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
+    let args = [
+        "--registry",
+        registry.as_str(),
+        "--artifact-store",
+        artifacts.as_str(),
+    ];
+    let (_a, a) = common::control(&tmp.join("a"), "127.0.0.1:0", &args, &[]);
+    let (_b, b) = common::control(&tmp.join("b"), "127.0.0.1:0", &args, &[]);
+    // b made no admin token of its own: the registry had one.
+    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token")).unwrap();
+    shoal_testkit::tokens::remember_admin_token(&b, admin.trim());
+
+    let created = cli(&a, &["token", "create", "--name", "ci", "--role", "viewer"]);
+    let secret = created["token"].as_str().unwrap().to_owned();
+    let http = HttpClient::new();
+    let whoami = |url: String| {
+        let (http, secret) = (http.clone(), secret.clone());
+        async move {
+            let bearer = format!("Bearer {secret}");
+            http.send_as(
+                http::Method::GET,
+                &format!("{url}/api/v1/auth/whoami"),
+                &[("authorization", bearer.as_str())],
+                bytes::Bytes::new(),
+            )
+            .await
+            .unwrap()
+            .status
+            .as_u16()
+        }
+    };
+    assert_eq!(whoami(b.clone()).await, 200, "a token made on a works on b");
+    cli(&a, &["token", "revoke", "ci"]);
+    assert_eq!(
+        whoami(b.clone()).await,
+        401,
+        "revoked on a: refused on b at once"
+    );
+    assert_eq!(whoami(a.clone()).await, 401);
+}

@@ -9,7 +9,7 @@ use crate::cli::Global;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DrillArgs {
-    /// What goes wrong: replica-loss, region-loss (with --region),
+    /// What goes wrong: replica-loss, replica-hang, region-loss (with --region),
     /// control-plane-loss, gateway-loss (needs two gateways: shoal up
     /// --regions a,b).
     scenario: ScenarioName,
@@ -38,6 +38,7 @@ pub(crate) struct DrillArgs {
 #[allow(clippy::enum_variant_names)] // the scenarios' names, as users type them
 enum ScenarioName {
     ReplicaLoss,
+    ReplicaHang,
     RegionLoss,
     ControlPlaneLoss,
     GatewayLoss,
@@ -60,6 +61,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         }
         (_, Some(_)) => anyhow::bail!("--region goes with region-loss only"),
         (ScenarioName::ReplicaLoss, None) => Scenario::ReplicaLoss,
+        (ScenarioName::ReplicaHang, None) => Scenario::ReplicaHang,
         (ScenarioName::ControlPlaneLoss, None) => Scenario::ControlPlaneLoss,
         (ScenarioName::GatewayLoss, None) => Scenario::GatewayLoss,
     };
@@ -114,6 +116,10 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
     t.add_row(vec![
         "  members back".to_owned(),
         ms(report.capacity_back_ms),
+    ]);
+    t.add_row(vec![
+        "  failed after".to_owned(),
+        format!("{} requests sent after that", report.failed_after_recovery),
     ]);
     t.add_row(vec![
         "  last failure".to_owned(),
