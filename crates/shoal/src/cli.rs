@@ -143,8 +143,9 @@ enum Command {
     Backup(cmd::backup::BackupArgs),
     /// Rebuild a control plane's data directory (or database) from a backup.
     Restore(cmd::backup::RestoreArgs),
-    /// A disaster drill on a `shoal up` fleet under load: kills a replica, a
-    /// region, the control plane or a gateway and measures RTO and RPO.
+    /// A disaster drill on a `shoal up` fleet under load: kills or hangs a
+    /// replica, kills a region, the control plane or a gateway, and
+    /// measures RTO and RPO.
     Drill(cmd::drill::DrillArgs),
     /// Benchmarks, side by side with reference systems (see BENCHMARKS.md).
     #[command(subcommand)]
