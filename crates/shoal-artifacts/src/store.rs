@@ -215,15 +215,28 @@ impl ArtifactStore {
     }
 
     /// Stores a chunk in its stored encoding after checking it is the
-    /// content `chunk` names; `false` when the store already had it.
-    pub async fn put_chunk(&self, chunk: &ChunkRef, stored: Bytes) -> Result<bool, ArtifactError> {
+    /// content `chunk` names. Content-addressed: writing one the store has
+    /// is harmless, so callers that know it is missing ask nothing first.
+    pub async fn put_chunk(&self, chunk: &ChunkRef, stored: Bytes) -> Result<(), ArtifactError> {
         chunk::verify(&chunk.id, &stored, Some(chunk.size))?;
-        if self.has_chunk(&chunk.id).await? {
-            return Ok(false);
-        }
         self.store
             .put(&chunk_path(&chunk.id), PutPayload::from(stored))
             .await?;
+        Ok(())
+    }
+
+    /// Like [`ArtifactStore::put_chunk`], but leaves a chunk the store has
+    /// alone; `false` when it had it (so a caller undoing its writes never
+    /// deletes what was there before).
+    pub async fn put_new_chunk(
+        &self,
+        chunk: &ChunkRef,
+        stored: Bytes,
+    ) -> Result<bool, ArtifactError> {
+        if self.has_chunk(&chunk.id).await? {
+            return Ok(false);
+        }
+        self.put_chunk(chunk, stored).await?;
         Ok(true)
     }
 

@@ -208,7 +208,8 @@ pub async fn create(
         total,
     });
     let done = &done;
-    futures::stream::iter(missing.clone())
+    let copied_chunks = missing.len() as u64;
+    futures::stream::iter(missing)
         .map(|c| async move {
             let stored = artifacts.get_chunk(&c.id).await?;
             // Checked against its name before it is written: a chunk that
@@ -251,7 +252,7 @@ pub async fn create(
         artifacts: wanted.into_iter().collect(),
         chunks: chunks.len() as u64,
         chunk_bytes: chunks.values().map(|c| u64::from(c.stored)).sum(),
-        copied_chunks: missing.len() as u64,
+        copied_chunks,
         copied_bytes: total,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
@@ -477,7 +478,7 @@ async fn check_artifacts(
         let mut writes = futures::stream::FuturesUnordered::new();
         let write = |c: ChunkRef, stored: Bytes| async move {
             let wrote = match into {
-                Some((store, _)) => store.put_chunk(&c, stored).await?,
+                Some((store, _)) => store.put_new_chunk(&c, stored).await?,
                 None => false,
             };
             Ok::<_, BackupError>((c.id, wrote))

@@ -68,10 +68,6 @@ pub struct LoadResult {
     pub dead_seen_until_ms: Option<f64>,
     /// A few error messages.
     pub errors: Vec<String>,
-    /// When each failed request ended (the first 10,000), for drills that
-    /// time recovery.
-    #[serde(skip)]
-    pub failure_times: Vec<Instant>,
     /// Every request (the first 500,000): when it ended, its latency from
     /// its intended send time, and whether it succeeded.
     #[serde(skip)]
@@ -86,7 +82,6 @@ struct Shared {
     failed_after_kill: u64,
     dead_seen_until: Option<Duration>,
     errors: Vec<String>,
-    failure_times: Vec<Instant>,
     timeline: Vec<(Instant, Duration, bool)>,
 }
 
@@ -103,7 +98,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         failed_after_kill: 0,
         dead_seen_until: None,
         errors: Vec::new(),
-        failure_times: Vec::new(),
         timeline: Vec::new(),
     }));
     let start = Instant::now() + Duration::from_millis(50);
@@ -183,9 +177,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
                     }
                     other => {
                         s.failed += 1;
-                        if s.failure_times.len() < 10_000 {
-                            s.failure_times.push(done);
-                        }
                         if after_kill {
                             s.failed_after_kill += 1;
                         }
@@ -254,7 +245,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
         failed_after_kill: s.failed_after_kill,
         dead_seen_until_ms: s.dead_seen_until.map(|d| d.as_secs_f64() * 1e3),
         errors: s.errors.clone(),
-        failure_times: s.failure_times.clone(),
         timeline: std::mem::take(&mut s.timeline),
     })
 }

@@ -45,6 +45,7 @@ pub(crate) async fn write_state(state: &tokio::sync::Mutex<FleetState>, data_dir
 /// One supervised child.
 pub struct Supervised {
     name: String,
+    keep_address: bool,
     pid: Mutex<Option<u32>>,
     stopping: AtomicBool,
     /// Wakes a supervisor waiting out a restart backoff when it must stop.
@@ -65,15 +66,22 @@ impl std::fmt::Debug for Supervised {
 }
 
 impl Supervised {
-    /// Starts `exe args` under supervision.
+    /// Starts `exe args` under supervision. With `keep_address`, a child
+    /// started on any port (`--addr …:0`) comes back on the one it first
+    /// had, where the rest of the fleet and clients find it (the control
+    /// plane, gateways); without, it takes a new one (replicas, which
+    /// register wherever they come back, and which gateways then meet as
+    /// new endpoints rather than ones still serving out an ejection).
     pub fn spawn(
         name: String,
         exe: PathBuf,
         args: Vec<String>,
+        keep_address: bool,
         state: Arc<tokio::sync::Mutex<FleetState>>,
         data_dir: PathBuf,
     ) -> Arc<Supervised> {
         let me = Arc::new(Supervised {
+            keep_address,
             name,
             pid: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -227,13 +235,7 @@ impl Supervised {
             if started.elapsed() > STABLE_AFTER {
                 attempt = 0;
             }
-            // Started on any port (`--addr …:0`): the control plane and
-            // gateways come back on the one they had, where the rest of the
-            // fleet and clients find them. Replicas take a new one: they
-            // register wherever they come back, and gateways meet them as
-            // new endpoints rather than ones still serving out an ejection.
-            if !self.name.starts_with("replica-")
-                && !self.name.starts_with("standby-")
+            if self.keep_address
                 && let Some(listened) = self.addr.borrow().clone()
             {
                 pin_port(&mut args, &listened);

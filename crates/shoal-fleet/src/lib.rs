@@ -265,6 +265,7 @@ pub async fn run(
             .into_iter()
             .chain(tls_args.iter().cloned())
             .collect(),
+            true,
             state.clone(),
             config.data_dir.clone(),
         );
@@ -319,6 +320,7 @@ pub async fn run(
                     .chain(standby.then(|| "--standby".to_owned()))
                     .chain(tls_args.iter().cloned())
                     .collect(),
+                    false,
                     state.clone(),
                     config.data_dir.clone(),
                 ));
@@ -346,6 +348,7 @@ pub async fn run(
                 .into_iter()
                 .chain(tls_args.iter().cloned())
                 .collect(),
+                true,
                 state.clone(),
                 config.data_dir.clone(),
             );

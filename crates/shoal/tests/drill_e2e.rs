@@ -6,7 +6,7 @@
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use shoal_testkit::{TempDir, spawn_until};
+use shoal_testkit::TempDir;
 
 mod common;
 use common::shoal;
@@ -40,23 +40,8 @@ fn drill(data: &std::path::Path, args: &[&str]) -> Value {
 fn every_drill_costs_no_request_and_no_acknowledged_write() {
     let tmp = TempDir::new("drill-e2e");
     let data = tmp.join("fleet");
-    let (mut up, _ready) = spawn_until(
-        shoal(),
-        &[
-            "up",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--control-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--replicas",
-            "4",
-            "--regions",
-            "us-east,eu-west",
-        ],
-        "shoal up ready:",
-    );
+    let (mut up, _, _) =
+        common::shoal_up(&data, &["--replicas", "4", "--regions", "us-east,eu-west"]);
     let reports = tmp.join("reports");
     let reports_arg = reports.to_str().unwrap().to_owned();
     // A hung replica: the requests it holds when it stops may fail; once

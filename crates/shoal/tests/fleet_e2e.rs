@@ -15,6 +15,18 @@ use shoal_testkit::{
 mod common;
 use common::{cli, converged_on, shoal};
 
+/// Flags for control planes that share one PostgreSQL registry and one
+/// artifact directory under `tmp`: several of them are one control plane.
+fn shared_stores(pg: &shoal_testkit::PostgresServer, tmp: &TempDir) -> Vec<String> {
+    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
+    vec![
+        "--registry".into(),
+        pg.database("registry"),
+        "--artifact-store".into(),
+        format!("file://{}", tmp.join("artifacts").display()),
+    ]
+}
+
 fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
     common::control(dir, addr, &[], &[])
 }
@@ -387,15 +399,8 @@ async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
 async fn a_control_plane_on_postgres_is_replaced_by_another_with_nothing_lost() {
     let tmp = TempDir::new("fleet-postgres");
     let pg = shoal_testkit::PostgresServer::start();
-    let registry = pg.database("registry");
-    let artifacts = format!("file://{}", tmp.join("artifacts").display());
-    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
-    let args = [
-        "--registry",
-        registry.as_str(),
-        "--artifact-store",
-        artifacts.as_str(),
-    ];
+    let shared = shared_stores(&pg, &tmp);
+    let args: Vec<&str> = shared.iter().map(String::as_str).collect();
     let (first, control) = common::control(&tmp.join("a"), "127.0.0.1:0", &args, &[]);
     let addr = control.trim_start_matches("http://").to_owned();
     let (_replica, replica) = start_replica(&control, &tmp.join("r0"));
@@ -458,15 +463,8 @@ async fn a_control_plane_on_postgres_is_replaced_by_another_with_nothing_lost() 
 async fn a_token_revoked_on_one_control_plane_stops_working_on_another_at_once() {
     let tmp = TempDir::new("fleet-tokens-pg");
     let pg = shoal_testkit::PostgresServer::start();
-    let registry = pg.database("registry");
-    let artifacts = format!("file://{}", tmp.join("artifacts").display());
-    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
-    let args = [
-        "--registry",
-        registry.as_str(),
-        "--artifact-store",
-        artifacts.as_str(),
-    ];
+    let shared = shared_stores(&pg, &tmp);
+    let args: Vec<&str> = shared.iter().map(String::as_str).collect();
     let (_a, a) = common::control(&tmp.join("a"), "127.0.0.1:0", &args, &[]);
     let (_b, b) = common::control(&tmp.join("b"), "127.0.0.1:0", &args, &[]);
     // b made no admin token of its own: the registry had one.

@@ -12,10 +12,10 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde_json::Value;
 use shoal_api::replica::REPLICA_HEADER;
-use shoal_testkit::{HttpClient, Samples, TempDir, eventually, spawn_until};
+use shoal_testkit::{HttpClient, Samples, TempDir, eventually};
 
 mod common;
-use common::{cli, shoal};
+use common::cli;
 
 /// Replica id → (standby, pid, healthy and serving digits:1).
 fn roles(status: &Value) -> BTreeMap<String, (bool, u32, bool)> {
@@ -58,29 +58,7 @@ async fn answered_by(http: &HttpClient, gateway: &str) -> Option<String> {
 async fn a_standby_takes_traffic_only_while_its_region_has_lost_its_actives() {
     let tmp = TempDir::new("standby-e2e");
     let data = tmp.join("fleet");
-    let (mut up, ready) = spawn_until(
-        shoal(),
-        &[
-            "up",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--control-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--topology",
-            "active-standby",
-        ],
-        "shoal up ready:",
-    );
-    let words: Vec<&str> = ready.split_whitespace().collect();
-    let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
-    shoal_testkit::tokens::remember_admin_token(
-        &control,
-        std::fs::read_to_string(data.join("admin.token"))
-            .unwrap()
-            .trim(),
-    );
+    let (mut up, gateway, control) = common::shoal_up(&data, &["--topology", "active-standby"]);
     let c = control.clone();
     let fleet = eventually(
         "two actives and a standby serving digits:1",

@@ -183,3 +183,29 @@ pub(crate) async fn converged_on(control: &str, target: &str, replicas: usize) {
     )
     .await;
 }
+
+/// `shoal up` on any ports with its data in `data`, plus `args`; returns
+/// the child, the first gateway's URL and the control plane's URL, with
+/// the fleet's admin token remembered for CLI calls.
+pub(crate) fn shoal_up(data: &Path, args: &[&str]) -> (ChildGuard, String, String) {
+    let mut all = vec![
+        "up",
+        "--gateway-addr",
+        "127.0.0.1:0",
+        "--control-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let (up, ready) = shoal_testkit::spawn_until(shoal(), &all, "shoal up ready:");
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
+    shoal_testkit::tokens::remember_admin_token(
+        &control,
+        std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim(),
+    );
+    (up, gateway, control)
+}
