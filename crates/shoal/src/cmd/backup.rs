@@ -155,10 +155,15 @@ fn print_record(record: &BackupRecord, to: &str) {
             HumanBytes(record.chunk_bytes)
         ),
     ]);
+    let rest = if record.copied_chunks == record.chunks {
+        "all of them: the first backup here"
+    } else {
+        "the rest were there from earlier backups"
+    };
     t.add_row(vec![
         "copied".to_owned(),
         format!(
-            "{} chunks ({}); the rest were there already",
+            "{} chunks ({}); {rest}",
             record.copied_chunks,
             HumanBytes(record.copied_bytes)
         ),
