@@ -315,6 +315,34 @@ pub struct FleetStatus {
     /// [`RECENT_ROLLOUT_MS`], by model.
     #[serde(default)]
     pub rollouts: BTreeMap<String, crate::deploy::RolloutView>,
+    /// The control plane's members and its leader.
+    #[serde(default)]
+    pub control: Option<Leadership>,
+}
+
+/// `GET /api/v1/leader`: who leads the control plane, and its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Leadership {
+    /// The member holding the lease, if any holds a live one.
+    pub leader: Option<String>,
+    /// Its advertised address.
+    pub address: Option<String>,
+    /// The lease's fencing term: it grows by one each time the lease
+    /// changes hands.
+    pub term: u64,
+    /// Members seen recently.
+    pub members: Vec<Member>,
+}
+
+/// A control-plane member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    /// Its `--id`.
+    pub id: String,
+    /// Its `--advertise` address.
+    pub address: String,
+    /// When it last renewed its membership (Unix ms).
+    pub last_seen: UnixMillis,
 }
 
 /// How long `shoal status` keeps showing a rollout after it ended.

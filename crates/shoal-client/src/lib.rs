@@ -88,10 +88,15 @@ impl ClientError {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-/// A client for one control plane.
+/// A client for one control plane, which may be several members: each
+/// call goes to the member that answered last, and to the next ones in
+/// turn when it cannot be reached.
 #[derive(Debug, Clone)]
 pub struct ControlClient {
-    base: String,
+    bases: std::sync::Arc<[String]>,
+    /// Index into `bases` of the member that answered last; shared by
+    /// clones, so a whole process sticks to one member.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
     timeout: Duration,
@@ -113,13 +118,24 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 impl ControlClient {
-    /// A client for the control plane at `base` (e.g. `http://127.0.0.1:8081`).
+    /// A client for the control plane at `base` (e.g. `http://127.0.0.1:8081`),
+    /// or at any of several comma-separated members of one control plane
+    /// (`http://a:8081,http://b:8081`).
     pub fn new(base: &str, token: Option<String>) -> ControlClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        let mut bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(String::new());
+        }
         ControlClient {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: bases.into(),
+            current: std::sync::Arc::default(),
             token,
             http: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -128,9 +144,30 @@ impl ControlClient {
         }
     }
 
-    /// The base URL.
+    /// The base URL of the member calls go to now.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.member()]
+    }
+
+    /// Every member's base URL, as given.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
+    }
+
+    fn member(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()
+    }
+
+    /// The members in the order to try them: the one that answered last
+    /// first.
+    fn rotation(&self) -> impl Iterator<Item = usize> + use<> {
+        let (start, n) = (self.member(), self.bases.len());
+        (0..n).map(move |i| (start + i) % n)
+    }
+
+    fn stick_to(&self, member: usize) {
+        self.current
+            .store(member, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bearer token it presents, if any.
@@ -145,18 +182,51 @@ impl ControlClient {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base())
     }
 
-    /// Sends a request and returns the status, headers and whole body.
+    /// Sends a request and returns the status, headers and whole body. A
+    /// member that cannot be reached is passed over for the next: on any
+    /// method when the connection failed (nothing was sent), on GET also
+    /// when the exchange broke off.
     async fn send(
         &self,
         method: Method,
         path: &str,
         headers: &[(&str, String)],
-        body: Body,
+        body: Bytes,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), ClientError> {
-        let url = self.url(path);
+        let mut last = None;
+        for member in self.rotation() {
+            match self
+                .send_to(member, method.clone(), path, headers, full(body.clone()))
+                .await
+            {
+                Err(Failure::Connect(e)) => last = Some(e),
+                Err(Failure::Exchange(e)) if method == Method::GET => last = Some(e),
+                Err(Failure::Exchange(e) | Failure::Other(e)) => return Err(e),
+                Ok(answer) => {
+                    self.stick_to(member);
+                    return Ok(answer);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            url: self.url(path),
+            reason: "no control plane address".into(),
+        }))
+    }
+
+    /// One exchange with member `member`.
+    async fn send_to(
+        &self,
+        member: usize,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Body,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
+        let url = format!("{}{path}", self.bases[member]);
         let mut builder = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -164,31 +234,38 @@ impl ControlClient {
         for (k, v) in headers {
             builder = builder.header(*k, v);
         }
-        let request = builder.body(body).map_err(|e| ClientError::Decode {
-            url: url.clone(),
-            reason: e.to_string(),
+        let request = builder.body(body).map_err(|e| {
+            Failure::Other(ClientError::Decode {
+                url: url.clone(),
+                reason: e.to_string(),
+            })
         })?;
         let unreachable = |reason: String| ClientError::Unreachable {
             url: url.clone(),
             reason,
         };
         let exchange = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| unreachable(transport_error(&e)))?;
+            let response = self.http.request(request).await.map_err(|e| {
+                let error = unreachable(transport_error(&e));
+                if e.is_connect() {
+                    Failure::Connect(error)
+                } else {
+                    Failure::Exchange(error)
+                }
+            })?;
             let (parts, body) = response.into_parts();
             let bytes = body
                 .collect()
                 .await
-                .map_err(|e| unreachable(e.to_string()))?
+                .map_err(|e| Failure::Exchange(unreachable(e.to_string())))?
                 .to_bytes();
             Ok((parts.status, parts.headers, bytes))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|_| {
+                Failure::Exchange(unreachable(format!("no answer within {:?}", self.timeout)))
+            })?
     }
 
     fn check(status: StatusCode, body: &Bytes) -> Result<(), ClientError> {
@@ -210,9 +287,7 @@ impl ControlClient {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let (status, _, body) = self
-            .send(Method::GET, path, &[], full(Bytes::new()))
-            .await?;
+        let (status, _, body) = self.send(Method::GET, path, &[], Bytes::new()).await?;
         Self::check(status, &body)?;
         self.decode(path, &body)
     }
@@ -228,7 +303,9 @@ impl ControlClient {
             reason: e.to_string(),
         })?;
         let headers = [("content-type", "application/json".to_owned())];
-        let (status, _, body) = self.send(method, path, &headers, full(bytes)).await?;
+        let (status, _, body) = self
+            .send(method, path, &headers, Bytes::from(bytes))
+            .await?;
         Self::check(status, &body)?;
         if body.is_empty() {
             return self.decode(path, &Bytes::from_static(b"null"));
@@ -255,7 +332,17 @@ impl ControlClient {
         // Uploads of large models take longer than API calls.
         let slow = self.clone().with_timeout(Duration::from_secs(3600));
         let path = "/api/v1/artifacts";
-        let (status, _, body) = slow.send(Method::PUT, path, &headers, body).await?;
+        let member = self.member();
+        let (status, _, body) = slow
+            .send_to(member, Method::PUT, path, &headers, body)
+            .await
+            .map_err(|f| {
+                // The next call tries another member.
+                if matches!(f, Failure::Connect(_)) {
+                    self.stick_to(member + 1);
+                }
+                f.into_error()
+            })?;
         Self::check(status, &body)?;
         self.decode(path, &body)
     }
@@ -371,6 +458,11 @@ impl ControlClient {
         self.get_json("/api/v1/status").await
     }
 
+    /// Who leads the control plane, and its members.
+    pub async fn leader(&self) -> Result<shoal_api::fleet::Leadership, ClientError> {
+        self.get_json("/api/v1/leader").await
+    }
+
     /// The audit log after `after`.
     pub async fn audit(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>, ClientError> {
         self.get_json(&format!("/api/v1/audit?after={after}&limit={limit}"))
@@ -422,7 +514,7 @@ impl ControlClient {
             .map(|r| vec![("if-none-match", format!("\"{r}\""))])
             .unwrap_or_default();
         let (status, _, body) = self
-            .send(Method::GET, &path, &headers, full(Bytes::new()))
+            .send(Method::GET, &path, &headers, Bytes::new())
             .await?;
         if status == StatusCode::NOT_MODIFIED {
             return Ok(Conditional::NotModified);
@@ -458,7 +550,36 @@ impl ControlClient {
         path: &str,
         json: Option<Vec<u8>>,
     ) -> Result<hyper::body::Incoming, ClientError> {
-        let url = self.url(path);
+        let json = json.map(Bytes::from);
+        let mut last = None;
+        for member in self.rotation() {
+            match self
+                .open_on(member, method.clone(), path, json.clone())
+                .await
+            {
+                Err(Failure::Connect(e)) => last = Some(e),
+                Err(Failure::Exchange(e)) if method == Method::GET => last = Some(e),
+                Err(f) => return Err(f.into_error()),
+                Ok(body) => {
+                    self.stick_to(member);
+                    return Ok(body);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            url: self.url(path),
+            reason: "no control plane address".into(),
+        }))
+    }
+
+    async fn open_on(
+        &self,
+        member: usize,
+        method: Method,
+        path: &str,
+        json: Option<Bytes>,
+    ) -> Result<hyper::body::Incoming, Failure> {
+        let url = format!("{}{path}", self.bases[member]);
         let mut builder = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -466,21 +587,30 @@ impl ControlClient {
         if json.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
-        let request = builder
-            .body(full(json.map(Bytes::from).unwrap_or_default()))
-            .map_err(|e| ClientError::Decode {
+        let request = builder.body(full(json.unwrap_or_default())).map_err(|e| {
+            Failure::Other(ClientError::Decode {
                 url: url.clone(),
                 reason: e.to_string(),
-            })?;
+            })
+        })?;
         let response = tokio::time::timeout(self.timeout, self.http.request(request))
             .await
-            .map_err(|_| ClientError::Unreachable {
-                url: url.clone(),
-                reason: "no answer".into(),
+            .map_err(|_| {
+                Failure::Exchange(ClientError::Unreachable {
+                    url: url.clone(),
+                    reason: "no answer".into(),
+                })
             })?
-            .map_err(|e| ClientError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                let error = ClientError::Unreachable {
+                    url: url.clone(),
+                    reason: transport_error(&e),
+                };
+                if e.is_connect() {
+                    Failure::Connect(error)
+                } else {
+                    Failure::Exchange(error)
+                }
             })?;
         let status = response.status();
         let body = response.into_body();
@@ -490,11 +620,11 @@ impl ControlClient {
                 .await
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            Self::check(status, &bytes)?;
-            return Err(ClientError::Status {
+            Self::check(status, &bytes).map_err(Failure::Other)?;
+            return Err(Failure::Other(ClientError::Status {
                 status,
                 message: String::from_utf8_lossy(&bytes).into_owned(),
-            });
+            }));
         }
         Ok(body)
     }
@@ -585,9 +715,7 @@ impl ControlClient {
         const MAX_MANIFEST: usize = 64 << 20;
         let path = format!("/api/v1/artifacts/{sha256}/manifest");
         let accept = [("accept-encoding", "zstd".to_owned())];
-        let (status, headers, body) = self
-            .send(Method::GET, &path, &accept, full(Bytes::new()))
-            .await?;
+        let (status, headers, body) = self.send(Method::GET, &path, &accept, Bytes::new()).await?;
         Self::check(status, &body)?;
         if headers
             .get(header::CONTENT_ENCODING)
@@ -619,9 +747,7 @@ impl ControlClient {
     /// Revokes a token (admin).
     pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
         let path = format!("/api/v1/tokens/{name}");
-        let (status, _, body) = self
-            .send(Method::DELETE, &path, &[], full(Bytes::new()))
-            .await?;
+        let (status, _, body) = self.send(Method::DELETE, &path, &[], Bytes::new()).await?;
         Self::check(status, &body)
     }
 
@@ -632,9 +758,7 @@ impl ControlClient {
 
     /// GET of any path on this base, whole body (for peers' chunk endpoint).
     pub async fn get_raw(&self, path: &str) -> Result<Bytes, ClientError> {
-        let (status, _, body) = self
-            .send(Method::GET, path, &[], full(Bytes::new()))
-            .await?;
+        let (status, _, body) = self.send(Method::GET, path, &[], Bytes::new()).await?;
         Self::check(status, &body)?;
         Ok(body)
     }
@@ -642,17 +766,37 @@ impl ControlClient {
     /// POST a JSON body to any path on this base; the whole answer.
     pub async fn post_json_raw(&self, path: &str, body: String) -> Result<Bytes, ClientError> {
         let headers = [("content-type", "application/json".to_owned())];
-        let (status, _, body) = self.send(Method::POST, path, &headers, full(body)).await?;
+        let (status, _, body) = self
+            .send(Method::POST, path, &headers, Bytes::from(body))
+            .await?;
         Self::check(status, &body)?;
         Ok(body)
     }
 
     /// POST with an empty body to any path on this base (push nudges).
     pub async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
-        let (status, _, body) = self
-            .send(Method::POST, path, &[], full(Bytes::new()))
-            .await?;
+        let (status, _, body) = self.send(Method::POST, path, &[], Bytes::new()).await?;
         Self::check(status, &body)
+    }
+}
+
+/// Why one exchange with one member failed, which decides whether the
+/// next member is tried.
+enum Failure {
+    /// No connection: nothing was sent, any request may go elsewhere.
+    Connect(ClientError),
+    /// The exchange broke off or timed out: the request may have been
+    /// applied.
+    Exchange(ClientError),
+    /// Not the member's fault.
+    Other(ClientError),
+}
+
+impl Failure {
+    fn into_error(self) -> ClientError {
+        match self {
+            Failure::Connect(e) | Failure::Exchange(e) | Failure::Other(e) => e,
+        }
     }
 }
 

@@ -147,6 +147,7 @@ pub fn router(control: Arc<Control>) -> Router {
             get(watch_routing).route_layer(needs(Fleet)),
         )
         .route("/api/v1/status", get(status).route_layer(needs(Read)))
+        .route("/api/v1/leader", get(leader).route_layer(needs(Read)))
         .route("/api/v1/audit", get(audit).route_layer(needs(Read)))
         .route(
             "/api/v1/backups",
@@ -179,6 +180,9 @@ pub(crate) fn registry_error(e: RegistryError) -> ApiError {
         RegistryError::NotFound(m) => ApiError::not_found(m),
         RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
         RegistryError::Invalid(m) => ApiError::bad_request(m),
+        RegistryError::Stale(m) | RegistryError::Fenced(m) => {
+            ApiError::new(StatusCode::CONFLICT, m)
+        }
         RegistryError::Database(m) => ApiError::internal(m),
     }
 }
@@ -188,6 +192,7 @@ fn deploy_error(e: DeployError) -> ApiError {
         DeployError::NotFound(m) => ApiError::not_found(m),
         DeployError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
         DeployError::Invalid(m) => ApiError::bad_request(m),
+        DeployError::Stale(m) | DeployError::Deposed(m) => ApiError::new(StatusCode::CONFLICT, m),
         DeployError::Internal(m) => ApiError::internal(m),
     }
 }
@@ -757,6 +762,7 @@ pub(crate) async fn heartbeat(
             .map_err(|e| ApiError::internal(e.to_string()))?;
         control.kick();
     }
+    crate::leader::publish_heartbeat(&control, &id, &report).await;
     if control.live.heartbeat(&id, report) {
         control.kick();
         control.fleet_changed();
@@ -953,8 +959,26 @@ where
 /// The fleet: every replica with region, health, serving and desired
 /// versions, skew.
 #[utoipa::path(get, path = "/api/v1/status", responses((status = 200, body = FleetStatus)))]
-pub(crate) async fn status(State(control): Shared) -> Response {
-    json_response(StatusCode::OK, &control.fleet_status())
+pub(crate) async fn status(State(control): Shared) -> Result<Response, ApiError> {
+    let mut status = control.fleet_status();
+    status.control = Some(
+        control
+            .leadership()
+            .await
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?,
+    );
+    Ok(json_response(StatusCode::OK, &status))
+}
+
+/// Who leads the control plane (runs the rollout controller), its term,
+/// and the members seen recently. Every member answers the same.
+#[utoipa::path(get, path = "/api/v1/leader", responses((status = 200, body = shoal_api::fleet::Leadership)))]
+pub(crate) async fn leader(State(control): Shared) -> Result<Response, ApiError> {
+    let leadership = control
+        .leadership()
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok(json_response(StatusCode::OK, &leadership))
 }
 
 #[derive(Debug, Deserialize)]

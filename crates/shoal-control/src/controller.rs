@@ -14,7 +14,7 @@ use shoal_api::deploy::{
 };
 use shoal_api::now_millis;
 use shoal_api::registry::VersionStatus;
-use shoal_registry::{Audit, RegistryError, StoredDeployment};
+use shoal_registry::{Audit, Fence, Precondition, RegistryError, StoredDeployment};
 use shoal_rollout::bluegreen::BlueGreen;
 use shoal_rollout::canary::{Canary, CanaryConfig};
 use shoal_rollout::controller::Step;
@@ -35,6 +35,11 @@ pub enum DeployError {
     Conflict(String),
     /// Invalid request.
     Invalid(String),
+    /// Another member changed the deployment between this one's read and
+    /// its write (the write was refused): read again and decide again.
+    Stale(String),
+    /// This member was deposed as leader; its controller write was refused.
+    Deposed(String),
     /// The registry failed.
     Internal(String),
 }
@@ -45,6 +50,8 @@ impl std::fmt::Display for DeployError {
             DeployError::NotFound(m)
             | DeployError::Conflict(m)
             | DeployError::Invalid(m)
+            | DeployError::Stale(m)
+            | DeployError::Deposed(m)
             | DeployError::Internal(m) => f.write_str(m),
         }
     }
@@ -58,6 +65,8 @@ impl From<RegistryError> for DeployError {
             RegistryError::NotFound(m) => DeployError::NotFound(m),
             RegistryError::Conflict(m) => DeployError::Conflict(m),
             RegistryError::Invalid(m) => DeployError::Invalid(m),
+            RegistryError::Stale(m) => DeployError::Stale(m),
+            RegistryError::Fenced(m) => DeployError::Deposed(m),
             RegistryError::Database(m) => DeployError::Internal(m),
         }
     }
@@ -109,12 +118,15 @@ fn keep_warm_ms(secs: Option<f64>) -> i64 {
 }
 
 impl Control {
+    /// Writes `deployment` (as read: its revision is the precondition) with
+    /// `controller`'s state; `fence` for the controller's own writes.
     async fn persist(
         &self,
         mut deployment: Deployment,
         controller: &Controller,
         action: &str,
         audit: Audit,
+        fence: Option<&Fence>,
     ) -> Result<Deployment, DeployError> {
         let facts = self.facts();
         deployment.rollout = Some(controller.view(
@@ -126,7 +138,14 @@ impl Control {
             controller: serde_json::to_value(controller).unwrap_or_default(),
             deployment: deployment.clone(),
         };
-        deployment.revision = self.store.put_deployment(stored, action, audit).await?;
+        let precondition = Precondition {
+            revision: Some(deployment.revision),
+            fence: fence.cloned(),
+        };
+        deployment.revision = self
+            .store
+            .put_deployment_if(stored, &precondition, action, audit)
+            .await?;
         self.refresh().await?;
         Ok(deployment)
     }
@@ -146,6 +165,15 @@ impl Control {
 
     /// Starts rolling `model` out to `request.version` with the requested strategy.
     pub async fn deploy(
+        self: &Arc<Self>,
+        model: &str,
+        request: DeployRequest,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        retrying(|| self.deploy_once(model, request.clone(), actor)).await
+    }
+
+    async fn deploy_once(
         self: &Arc<Self>,
         model: &str,
         request: DeployRequest,
@@ -208,7 +236,8 @@ impl Control {
                 .map(|c| c.deployment.warm.clone())
                 .unwrap_or_default(),
             rollout: None,
-            revision: 0,
+            // What was read: the write is refused if it changed meanwhile.
+            revision: current.as_ref().map_or(0, |c| c.deployment.revision),
             updated_at: 0,
         };
         let controller = match request.strategy {
@@ -380,6 +409,7 @@ impl Control {
                         version.version
                     ),
                 ),
+                None,
             )
             .await?;
         self.after_change();
@@ -395,6 +425,7 @@ impl Control {
         controller: &Controller,
         actor: &str,
         keep_warm: i64,
+        fence: Option<&Fence>,
     ) -> Result<Deployment, DeployError> {
         let model = deployment.model.clone();
         let to = controller.to().to_owned();
@@ -405,7 +436,14 @@ impl Control {
         match controller.state() {
             RolloutState::Promoted => {
                 self.store
-                    .set_status(&model, &to, VersionStatus::Production, false, audit())
+                    .set_status_if(
+                        &model,
+                        &to,
+                        VersionStatus::Production,
+                        false,
+                        fence,
+                        audit(),
+                    )
                     .await?;
                 deployment.targets = vec![TrafficTarget {
                     version: to.clone(),
@@ -415,7 +453,14 @@ impl Control {
                     let old = self.store.get_version(&model, from).await?;
                     if old.is_some_and(|v| !v.rolled_back) {
                         self.store
-                            .set_status(&model, from, VersionStatus::Deprecated, false, audit())
+                            .set_status_if(
+                                &model,
+                                from,
+                                VersionStatus::Deprecated,
+                                false,
+                                fence,
+                                audit(),
+                            )
                             .await?;
                     }
                     deployment
@@ -428,12 +473,12 @@ impl Control {
                         });
                     }
                 }
-                self.persist(deployment, controller, "deploy.promoted", audit())
+                self.persist(deployment, controller, "deploy.promoted", audit(), fence)
                     .await
             }
             _ => {
                 self.store
-                    .set_status(&model, &to, VersionStatus::Deprecated, true, audit())
+                    .set_status_if(&model, &to, VersionStatus::Deprecated, true, fence, audit())
                     .await?;
                 // Traffic returns to what served before. A first
                 // deployment that was rolled back (its version could not
@@ -461,13 +506,22 @@ impl Control {
                 } else {
                     "deploy.rolled_back"
                 };
-                self.persist(deployment, controller, action, audit()).await
+                self.persist(deployment, controller, action, audit(), fence)
+                    .await
             }
         }
     }
 
     /// An operator's promote: finishes the rollout in progress now.
     pub async fn promote(
+        self: &Arc<Self>,
+        model: &str,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        retrying(|| self.promote_once(model, actor)).await
+    }
+
+    async fn promote_once(
         self: &Arc<Self>,
         model: &str,
         actor: &str,
@@ -495,7 +549,7 @@ impl Control {
             }
         }
         let d = self
-            .conclude(deployment, &controller, actor, DEFAULT_KEEP_WARM_MS)
+            .conclude(deployment, &controller, actor, DEFAULT_KEEP_WARM_MS, None)
             .await?;
         self.after_change();
         Ok(d)
@@ -517,8 +571,11 @@ impl Control {
         actor: &str,
         reason: String,
     ) -> Result<Deployment, DeployError> {
-        let _guard = self.deploy_lock.lock().await;
-        self.abort_locked(model, actor, reason).await
+        retrying(|| async {
+            let _guard = self.deploy_lock.lock().await;
+            self.abort_locked(model, actor, reason.clone()).await
+        })
+        .await
     }
 
     /// [`Control::abort_with`] for a caller that holds the deploy lock.
@@ -535,7 +592,9 @@ impl Control {
             )));
         };
         controller.abort(reason, now_millis());
-        let d = self.conclude(deployment, &controller, actor, 0).await?;
+        let d = self
+            .conclude(deployment, &controller, actor, 0, None)
+            .await?;
         self.after_change();
         Ok(d)
     }
@@ -550,6 +609,15 @@ impl Control {
         actor: &str,
     ) -> Result<Deployment, DeployError> {
         let reason = reason.unwrap_or_else(|| "rollback requested".into());
+        retrying(|| self.rollback_once(model, reason.clone(), actor)).await
+    }
+
+    async fn rollback_once(
+        self: &Arc<Self>,
+        model: &str,
+        reason: String,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
         // One lock for the whole decision: a deploy landing between "no
         // rollout is active" and the write would otherwise be overwritten.
         let _guard = self.deploy_lock.lock().await;
@@ -646,7 +714,7 @@ impl Control {
                 .await?;
         }
         let deployment = self
-            .persist(deployment, &controller, "rollback", audit)
+            .persist(deployment, &controller, "rollback", audit, None)
             .await?;
         self.after_change();
         Ok(deployment)
@@ -658,6 +726,15 @@ impl Control {
         self: &Arc<Self>,
         model: &str,
         request: shoal_api::deploy::TrafficRequest,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        retrying(|| self.set_traffic_once(model, &request, actor)).await
+    }
+
+    async fn set_traffic_once(
+        self: &Arc<Self>,
+        model: &str,
+        request: &shoal_api::deploy::TrafficRequest,
         actor: &str,
     ) -> Result<Deployment, DeployError> {
         let _guard = self.deploy_lock.lock().await;
@@ -718,9 +795,13 @@ impl Control {
             controller: stored.controller,
             deployment: deployment.clone(),
         };
+        let precondition = Precondition {
+            revision: Some(deployment.revision),
+            fence: None,
+        };
         deployment.revision = self
             .store
-            .put_deployment(stored, "traffic", Audit::by(actor, detail))
+            .put_deployment_if(stored, &precondition, "traffic", Audit::by(actor, detail))
             .await?;
         self.refresh().await?;
         self.after_change();
@@ -796,6 +877,31 @@ impl Control {
     /// One pass of the controller over every active rollout; also lets
     /// warm versions expire.
     pub async fn tick(self: &Arc<Self>) -> Result<(), DeployError> {
+        let result = self.tick_as_leader().await;
+        match result {
+            Err(DeployError::Deposed(why)) => {
+                tracing::warn!(%why, "a controller write was fenced off; stepping down");
+                self.step_down();
+                self.refresh().await?;
+                Ok(())
+            }
+            Err(DeployError::Stale(why)) => {
+                // Another member changed a deployment since the snapshot
+                // this pass planned with: plan again with a fresh one.
+                tracing::info!(%why, "re-reading the registry");
+                self.refresh().await?;
+                self.kick();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn tick_as_leader(self: &Arc<Self>) -> Result<(), DeployError> {
+        let Some(fence) = self.fence() else {
+            return Ok(());
+        };
+        let fence = Some(&fence);
         let guard = self.deploy_lock.lock().await;
         let facts = self.facts();
         let now = now_millis();
@@ -816,9 +922,14 @@ impl Control {
                         .unwrap_or_default(),
                     deployment: d,
                 };
+                let precondition = Precondition {
+                    revision: Some(deployment.revision),
+                    fence: fence.cloned(),
+                };
                 self.store
-                    .put_deployment(
+                    .put_deployment_if(
                         stored,
+                        &precondition,
                         "warm.expired",
                         Audit::by("controller", "replaced version no longer kept warm"),
                     )
@@ -852,13 +963,14 @@ impl Control {
                         &controller,
                         "deploy.step",
                         Audit::by("controller", reason),
+                        fence,
                     )
                     .await?;
                     changed = true;
                 }
                 Step::Ended => {
                     let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
-                    self.conclude(deployment.clone(), &controller, "controller", keep)
+                    self.conclude(deployment.clone(), &controller, "controller", keep, fence)
                         .await?;
                     changed = true;
                 }
@@ -891,6 +1003,9 @@ impl Control {
             async move { this.smoke_test(&t.model, &t.version, &replicas).await }
         }))
         .await;
+        let Some(fence) = self.fence() else {
+            return Ok(false);
+        };
         let _guard = self.deploy_lock.lock().await;
         let mut ended = false;
         for (test, result) in tests.into_iter().zip(results) {
@@ -905,7 +1020,7 @@ impl Control {
                     b.smoke_result(result, now_millis());
                     let controller = Controller::BlueGreen(b);
                     let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
-                    self.conclude(deployment, &controller, "controller", keep)
+                    self.conclude(deployment, &controller, "controller", keep, Some(&fence))
                         .await?;
                     ended = true;
                 }
@@ -918,6 +1033,24 @@ impl Control {
         }
         Ok(ended)
     }
+}
+
+/// Runs a user's action again when another member changed the deployment
+/// between its read and its write (the write was refused as stale): the
+/// action reads again and decides again, so it is refused for the right
+/// reason (a rollout now in progress) or applied to what is there now.
+async fn retrying<T, F, Fut>(mut action: F) -> Result<T, DeployError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DeployError>>,
+{
+    for _ in 0..4 {
+        match action().await {
+            Err(DeployError::Stale(why)) => tracing::info!(%why, "trying again"),
+            other => return other,
+        }
+    }
+    action().await
 }
 
 /// A blue-green smoke test to run outside the deploy lock.

@@ -1,6 +1,7 @@
 //! What replicas report, kept in memory: heartbeats, liveness and version
 //! skew. Heartbeats change every few seconds and mean nothing after a
-//! restart, so they are never written to the registry.
+//! restart; members of a control plane that share a registry pass them to
+//! each other through it (`leader::share_heartbeats` merges them here).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
@@ -46,7 +47,21 @@ impl LiveFleet {
 
     /// Records a heartbeat; returns true when what the replica serves changed.
     pub fn heartbeat(&self, id: &str, report: Heartbeat) -> bool {
+        self.record(id, report, Duration::ZERO)
+    }
+
+    /// Records a heartbeat another member received `age` ago, unless a
+    /// newer one is known; true when what the replica serves changed.
+    pub fn merge(&self, id: &str, report: Heartbeat, age: Duration) -> bool {
+        self.record(id, report, age)
+    }
+
+    fn record(&self, id: &str, report: Heartbeat, age: Duration) -> bool {
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(id).is_some_and(|old| old.at > at) {
+            return false;
+        }
         let serving = |h: &Heartbeat| -> BTreeSet<(String, String)> {
             h.serving
                 .iter()
@@ -72,8 +87,8 @@ impl LiveFleet {
         live.insert(
             id.to_owned(),
             Live {
-                at: Instant::now(),
-                at_millis: now_millis(),
+                at,
+                at_millis: now_millis() - i64::try_from(age.as_millis()).unwrap_or(0),
                 report,
                 skew_since,
             },
@@ -277,6 +292,26 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!fleet.is_alive("a"));
         assert!(!fleet.facts(&[record("a")])[0].alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn merged_heartbeats_keep_their_age_and_never_replace_newer_ones() {
+        let fleet = LiveFleet::new(Duration::from_secs(6), Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(100)).await;
+        // Another member received it 5 s ago: alive for one more second.
+        assert!(fleet.merge("a", serving("1"), Duration::from_secs(5)));
+        assert!(fleet.is_alive("a"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!fleet.is_alive("a"));
+        fleet.heartbeat("a", serving("2"));
+        // An older report (stored before the one received here) is ignored.
+        assert!(!fleet.merge("a", serving("1"), Duration::from_secs(1)));
+        assert_eq!(fleet.facts(&[record("a")])[0].serving.len(), 1);
+        assert!(
+            fleet.facts(&[record("a")])[0]
+                .serving
+                .contains(&("m".to_owned(), "2".to_owned()))
+        );
     }
 
     #[tokio::test(start_paused = true)]

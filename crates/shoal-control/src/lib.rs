@@ -24,6 +24,7 @@ pub mod auth;
 pub mod backups;
 pub mod controller;
 mod fleet;
+pub mod leader;
 mod metrics;
 mod openapi;
 mod tokens;
@@ -76,6 +77,15 @@ pub struct ControlConfig {
     pub registry: Option<String>,
     /// Scheduled backups, if any.
     pub backup: Option<backups::BackupSchedule>,
+    /// This member's id among control planes sharing a registry; default:
+    /// generated once and kept in `DATA_DIR/member.id`.
+    pub id: Option<String>,
+    /// The `HOST:PORT` other members and clients reach this one at;
+    /// default: the address it listens on.
+    pub advertise: Option<String>,
+    /// How long a leader's lease lasts unrenewed: after a leader dies,
+    /// another member leads within about this long.
+    pub lease_ttl: Duration,
 }
 
 /// Opens the registry `url` names (see [`ControlConfig::registry`]).
@@ -136,6 +146,9 @@ impl Default for ControlConfig {
             tls: None,
             registry: None,
             backup: None,
+            id: None,
+            advertise: None,
+            lease_ttl: Duration::from_millis(1500),
         }
     }
 }
@@ -176,6 +189,37 @@ pub struct Control {
     /// Times the revision was moved past what a replica had seen (after a
     /// restore from an older backup); watch streams resend on a change.
     fast_forwards: std::sync::atomic::AtomicU64,
+    /// Who this member is among those sharing the registry.
+    member: Me,
+    /// Whether (and until when) this member leads.
+    leader: tokio::sync::watch::Sender<leader::LeaderState>,
+}
+
+/// This member's identity.
+#[derive(Debug, Clone)]
+struct Me {
+    id: String,
+    address: String,
+}
+
+/// `config.id`, else the id kept in the data directory (made on first
+/// start).
+fn member_id(config: &ControlConfig) -> anyhow::Result<String> {
+    if let Some(id) = &config.id {
+        shoal_core::ModelName::new(id).map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?;
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("member.id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = format!("control-{:08x}", rand::random::<u32>());
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 impl std::fmt::Debug for Control {
@@ -212,7 +256,16 @@ impl Control {
         let registry = MetricsRegistry::new();
         let metrics = ControlMetrics::new(&registry);
         let revision = store.revision().await?;
+        let member = Me {
+            id: member_id(&config)?,
+            address: config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| config.addr.to_string()),
+        };
         let control = Arc::new(Control {
+            member,
+            leader: tokio::sync::watch::Sender::new(leader::LeaderState::default()),
             live: LiveFleet::new(config.dead_after, config.skew_threshold),
             config,
             store,
@@ -394,6 +447,7 @@ impl Control {
             revision: facts.revision,
             replicas: views,
             rollouts,
+            control: None,
         }
     }
 
@@ -419,7 +473,9 @@ pub struct ControlServer {
     pub control: Arc<Control>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    controller: tokio::task::JoinHandle<()>,
+    /// The controller, the campaign and (on a shared registry) the
+    /// followers of the other members.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -433,6 +489,8 @@ impl ControlServer {
             .transpose()?;
         let listener = shoal_http::bind(config.addr).await?;
         let addr = listener.local_addr()?;
+        let mut config = config;
+        config.addr = addr;
         let control = Control::open(config).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = api::router(control.clone());
@@ -447,9 +505,24 @@ impl ControlServer {
             tls,
         ));
         let supervised = control.clone();
-        let controller = shoal_http::supervise("rollout controller", move || {
+        let mut tasks = vec![shoal_http::supervise("rollout controller", move || {
             controller::run(supervised.clone())
-        });
+        })];
+        let campaigner = control.clone();
+        tasks.push(shoal_http::supervise("leader campaign", move || {
+            leader::run(campaigner.clone())
+        }));
+        if control.store.shared() {
+            let follower = control.clone();
+            tasks.push(shoal_http::supervise("registry follower", move || {
+                leader::follow(follower.clone(), Duration::from_secs(2))
+            }));
+            let sharer = control.clone();
+            let every = (control.config.heartbeat_interval / 4).max(Duration::from_millis(100));
+            tasks.push(shoal_http::supervise("shared heartbeats", move || {
+                leader::share_heartbeats(sharer.clone(), every)
+            }));
+        }
         let schedule = control.config.backup.clone().map(|schedule| {
             let control = control.clone();
             shoal_http::supervise("scheduled backups", move || {
@@ -461,7 +534,7 @@ impl ControlServer {
             control,
             shutdown: Some(tx),
             task,
-            controller,
+            tasks,
             schedule,
         })
     }
@@ -471,7 +544,10 @@ impl ControlServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.controller.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.control.resign().await;
         if let Some(schedule) = &self.schedule {
             schedule.abort();
         }

@@ -41,6 +41,8 @@ pub(crate) struct ControlMetrics {
     pub(crate) watchers: Gauge,
     pub(crate) backups: Family<ResultLabels, Counter>,
     pub(crate) last_backup: Gauge,
+    pub(crate) leader: Gauge,
+    pub(crate) term: Gauge,
 }
 
 impl ControlMetrics {
@@ -56,7 +58,19 @@ impl ControlMetrics {
             watchers: Gauge::default(),
             backups: Family::default(),
             last_backup: Gauge::default(),
+            leader: Gauge::default(),
+            term: Gauge::default(),
         };
+        registry.register(
+            "shoal_control_leader",
+            "1 while this control plane leads (runs the rollout controller), else 0",
+            m.leader.clone(),
+        );
+        registry.register(
+            "shoal_control_leader_term",
+            "The leader lease's term as this control plane last saw it",
+            m.term.clone(),
+        );
         registry.register(
             "shoal_backups",
             "Backups taken, by result (ok, failed)",

@@ -37,6 +37,7 @@ use crate::api;
         api::routing,
         api::watch_routing,
         api::status,
+        api::leader,
         api::audit,
         crate::tokens::create_token,
         crate::tokens::list_tokens,

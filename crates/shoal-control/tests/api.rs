@@ -191,6 +191,7 @@ async fn push_register_deploy_and_poll() {
             .status,
         StatusCode::OK
     );
+    assert!(control.campaign().await, "the only member leads");
     control.tick().await.unwrap();
     let r = call(
         &app,
@@ -584,6 +585,7 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/api/v1/routing", Some("fleet")),
     ("get", "/api/v1/routing/watch", Some("fleet")),
     ("get", "/api/v1/status", Some("read")),
+    ("get", "/api/v1/leader", Some("read")),
     ("get", "/api/v1/audit", Some("read")),
     ("post", "/api/v1/tokens", Some("admin")),
     ("get", "/api/v1/tokens", Some("admin")),
@@ -1010,6 +1012,7 @@ async fn an_unreadable_rollout_stops_actions_on_its_model_and_says_why() {
     }
     // The controller's pass skips it without failing, and the deployment's
     // own targets still plan.
+    assert!(control.campaign().await, "the only member leads");
     control.tick().await.unwrap();
     let plan = control.routing_table();
     assert_eq!(plan.models[0].targets[0].version, "1");

@@ -60,6 +60,28 @@ pub struct UpConfig {
     pub chaos_per_minute: Option<f64>,
     /// Run every member on https with a local CA (`DATA_DIR/tls`).
     pub tls: bool,
+    /// Control-plane members (they share `registry` and an artifact store
+    /// under the data directory).
+    pub control_planes: usize,
+    /// The registry URL (`postgres://…` for several members).
+    pub registry: Option<String>,
+}
+
+impl UpConfig {
+    /// Refuses what cannot run, saying what to do instead.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let postgres = self
+            .registry
+            .as_deref()
+            .is_some_and(|r| r.starts_with("postgres://") || r.starts_with("postgresql://"));
+        if self.control_planes > 1 && !postgres {
+            bail!(
+                "--control-planes {} needs a registry they share: pass --registry postgres://user@host/database (SQLite serves one control plane)",
+                self.control_planes
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Where everything runs, written to `<data-dir>/fleet.json` on each change.
@@ -189,6 +211,7 @@ pub async fn run(
     config: UpConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    config.check()?;
     if config.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
@@ -250,35 +273,65 @@ pub async fn run(
     );
     let mut shutdown = std::pin::pin!(shutdown);
     let startup = async {
-        let control = Supervised::spawn(
-            "control".into(),
-            exe.clone(),
-            vec![
+        // The first member starts alone (it makes the first admin token in
+        // an empty registry); the others join it on any free port.
+        let shared_store = {
+            let path = std::path::absolute(config.data_dir.join("artifacts"))?;
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            format!("file://{}", path.display())
+        };
+        let mut control_addrs = Vec::new();
+        for i in 0..config.control_planes.max(1) {
+            let (name, addr, data) = if i == 0 {
+                ("control".to_owned(), config.control_addr, dir("control"))
+            } else {
+                (
+                    format!("control-{i}"),
+                    SocketAddr::new(config.control_addr.ip(), 0),
+                    dir(&format!("control-{i}")),
+                )
+            };
+            let mut args: Vec<String> = vec![
                 "control".into(),
                 "--addr".into(),
-                config.control_addr.to_string(),
+                addr.to_string(),
                 "--data-dir".into(),
-                dir("control"),
+                data,
                 "--heartbeat-ms".into(),
                 "500".into(),
-            ]
-            .into_iter()
-            .chain(tls_args.iter().cloned())
-            .collect(),
-            true,
-            state.clone(),
-            config.data_dir.clone(),
-        );
-        spawned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(control.clone());
-        let control_addr = control
-            .address()
-            .await
-            .map_err(anyhow::Error::msg)
-            .context("the control plane did not start")?;
-        let control_url = format!("{scheme}://{control_addr}");
+            ];
+            if let Some(registry) = &config.registry {
+                args.extend(["--registry".into(), registry.clone()]);
+            }
+            if config.control_planes > 1 {
+                args.extend([
+                    "--id".into(),
+                    name.clone(),
+                    "--artifact-store".into(),
+                    shared_store.clone(),
+                ]);
+            }
+            let control = Supervised::spawn(
+                name.clone(),
+                exe.clone(),
+                args.into_iter().chain(tls_args.iter().cloned()).collect(),
+                true,
+                state.clone(),
+                config.data_dir.clone(),
+            );
+            spawned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(control.clone());
+            let control_addr = control
+                .address()
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("the control plane {name} did not start"))?;
+            control_addrs.push(format!("{scheme}://{control_addr}"));
+        }
+        let control_url = control_addrs.join(",");
         state.lock().await.control = control_url.clone();
         let admin =
             shoal_client::secret::read(&config.data_dir.join("control").join("admin.token"))

@@ -40,6 +40,14 @@ pub enum RegistryError {
     /// The request is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// A conditional write found the deployment changed since it was read
+    /// (another member wrote it): read again and decide again.
+    #[error("{0}")]
+    Stale(String),
+    /// A write made as leader under a term that is no longer the lease's:
+    /// this member was deposed, and its write is refused.
+    #[error("{0}")]
+    Fenced(String),
     /// The database failed.
     #[error("registry database: {0}")]
     Database(String),
@@ -137,6 +145,61 @@ impl TokenRecord {
     }
 }
 
+/// What must still hold for a deployment write to be applied; checked in
+/// the write's own transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Precondition {
+    /// The deployment's revision as it was read (`Some(0)`: there was
+    /// none); `None` writes whatever is stored.
+    pub revision: Option<u64>,
+    /// The leader's lease this write is made under, for the controller's
+    /// own writes: refused unless that lease is still the current one.
+    pub fence: Option<Fence>,
+}
+
+/// A leader's claim: the lease holder and the term it holds it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// Holder id.
+    pub holder: String,
+    /// Its term.
+    pub term: u64,
+}
+
+/// The leader lease as a campaign left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The holder's id (empty: never held).
+    pub holder: String,
+    /// The holder's advertised address.
+    pub address: String,
+    /// Fencing term: grows by one each time the lease changes hands.
+    pub term: u64,
+    /// Milliseconds until it lapses by the database's clock (≤ 0: lapsed).
+    pub expires_in_ms: i64,
+}
+
+impl Lease {
+    /// True when `id` holds a live lease.
+    pub fn held_by(&self, id: &str) -> bool {
+        self.holder == id && self.expires_in_ms > 0
+    }
+}
+
+/// A replica's heartbeat as one member of the control plane stored it for
+/// the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedHeartbeat {
+    /// Replica id.
+    pub replica: String,
+    /// The heartbeat document (JSON).
+    pub body: String,
+    /// How long ago it was stored, by the database's clock.
+    pub age_ms: i64,
+    /// Its position: ask for those after the highest seen.
+    pub seq: i64,
+}
+
 /// Storage for the registry. Implementations must be durable: a call that
 /// returned `Ok` survives a crash of the process.
 #[async_trait]
@@ -168,6 +231,21 @@ pub trait RegistryStore: Send + Sync + 'static {
         status: VersionStatus,
         rolled_back: bool,
         audit: Audit,
+    ) -> Result<VersionRecord> {
+        self.set_status_if(model, version, status, rolled_back, None, audit)
+            .await
+    }
+
+    /// [`RegistryStore::set_status`] made under a leader's `fence`:
+    /// `Fenced`, and nothing written, unless that lease is the current one.
+    async fn set_status_if(
+        &self,
+        model: &str,
+        version: &str,
+        status: VersionStatus,
+        rolled_back: bool,
+        fence: Option<&Fence>,
+        audit: Audit,
     ) -> Result<VersionRecord>;
 
     /// Stores a deployment and bumps the fleet revision; returns the new
@@ -175,6 +253,20 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn put_deployment(
         &self,
         deployment: StoredDeployment,
+        action: &str,
+        audit: Audit,
+    ) -> Result<u64> {
+        self.put_deployment_if(deployment, &Precondition::default(), action, audit)
+            .await
+    }
+
+    /// [`RegistryStore::put_deployment`] if `precondition` holds: `Stale`
+    /// when the deployment's revision is not the one read, `Fenced` when
+    /// the fence is not the current lease. Nothing is written then.
+    async fn put_deployment_if(
+        &self,
+        deployment: StoredDeployment,
+        precondition: &Precondition,
         action: &str,
         audit: Audit,
     ) -> Result<u64>;
@@ -219,6 +311,42 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// down), with an audit entry saying why; returns the revision.
     async fn advance_revision(&self, at_least: u64, audit: Audit) -> Result<u64>;
 
+    /// Records member `id` (reachable at `address`) as seen now, and
+    /// campaigns for the leader lease: renews it (same term) when `id`
+    /// holds it, takes it (next term) when it lapsed, else leaves it.
+    /// Returns the lease as it is afterwards.
+    async fn campaign(&self, id: &str, address: &str, ttl: std::time::Duration) -> Result<Lease>;
+
+    /// Lets the lease lapse now if `id` holds it (a clean shutdown hands
+    /// over at once).
+    async fn resign(&self, id: &str) -> Result<()>;
+
+    /// The lease and the members seen within `seen_within`.
+    async fn leadership(
+        &self,
+        seen_within: std::time::Duration,
+    ) -> Result<(Lease, Vec<shoal_api::fleet::Member>)>;
+
+    /// Stores replica `replica`'s latest heartbeat (JSON) for the other
+    /// members.
+    async fn put_heartbeat(&self, replica: &str, body: &str) -> Result<()>;
+
+    /// Heartbeats stored after position `seq`, oldest first.
+    async fn heartbeats_after(&self, seq: i64) -> Result<Vec<SharedHeartbeat>>;
+
+    /// True when other processes may share this registry and write to it
+    /// (several control planes): they then exchange heartbeats through it
+    /// and follow its [`RegistryStore::changes`].
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// New fleet revisions as other processes commit them, if the store
+    /// can announce them (PostgreSQL `LISTEN/NOTIFY`); `None` otherwise.
+    async fn changes(&self) -> Result<Option<futures::stream::BoxStream<'static, Result<u64>>>> {
+        Ok(None)
+    }
+
     /// Every row, read in one transaction: the registry at one revision.
     async fn dump(&self) -> Result<dump::RegistryDump>;
 
@@ -226,6 +354,42 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// otherwise), in one transaction; the revision and audit positions
     /// are the dump's. Nothing is written when the dump is invalid.
     async fn load_dump(&self, dump: &dump::RegistryDump) -> Result<()>;
+}
+
+/// Checks `precondition` against what the write's transaction read: the
+/// stored deployment's revision (`None`: no deployment) and the lease's
+/// holder and term.
+pub(crate) fn check_precondition(
+    model: &str,
+    precondition: &Precondition,
+    stored_revision: Option<u64>,
+    lease: (&str, u64),
+) -> Result<()> {
+    if let Some(fence) = &precondition.fence
+        && (fence.holder != lease.0 || fence.term != lease.1)
+    {
+        return Err(RegistryError::Fenced(format!(
+            "{} is no longer the leader (its term {} ended; the lease is {}'s, term {})",
+            fence.holder,
+            fence.term,
+            if lease.0.is_empty() {
+                "nobody"
+            } else {
+                lease.0
+            },
+            lease.1
+        )));
+    }
+    match precondition.revision {
+        Some(expected) if expected != stored_revision.unwrap_or(0) => {
+            Err(RegistryError::Stale(format!(
+                "the deployment of {model} changed meanwhile (revision {} → {}); try again",
+                expected,
+                stored_revision.unwrap_or(0)
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// True for 64 lowercase or uppercase hex digits.

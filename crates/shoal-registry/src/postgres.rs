@@ -23,12 +23,19 @@ use sqlx::{Postgres, Row, Transaction};
 
 use crate::dump::{self, RegistryDump};
 use crate::{
-    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
-    VersionDraft, last_known_good,
+    Audit, Fence, Lease, Precondition, RegistryError, RegistryStore, ReplicaRecord, Result,
+    SharedHeartbeat, StoredDeployment, TokenRecord, VersionDraft, last_known_good,
 };
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use shoal_api::fleet::Member;
+use std::time::Duration;
 
 /// The schema's migrations, compiled in.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The `LISTEN/NOTIFY` channel new revisions are announced on.
+const CHANNEL: &str = "shoal_revision";
 
 /// The PostgreSQL registry.
 #[derive(Debug, Clone)]
@@ -50,6 +57,21 @@ fn unsigned(n: i64) -> u64 {
 }
 
 impl PostgresRegistry {
+    async fn lease(tx: &mut Transaction<'_, Postgres>) -> Result<Lease> {
+        let row = sqlx::query(
+            "SELECT holder, address, term, (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT
+             FROM leader_lease WHERE id = 1",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(Lease {
+            holder: row.get(0),
+            address: row.get(1),
+            term: unsigned(row.get(2)),
+            expires_in_ms: row.get(3),
+        })
+    }
+
     /// Connects to `url` (`postgres://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<PostgresRegistry> {
         let pool = PgPoolOptions::new()
@@ -102,7 +124,20 @@ impl PostgresRegistry {
             sqlx::query("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value")
                 .fetch_one(&mut **tx)
                 .await?;
-        Ok(unsigned(row.get::<i64, _>(0)))
+        let revision = row.get::<i64, _>(0);
+        Self::announce(tx, revision).await?;
+        Ok(unsigned(revision))
+    }
+
+    /// Tells every listening member of the new revision when `tx` commits
+    /// (notifications are transactional).
+    async fn announce(tx: &mut Transaction<'_, Postgres>, revision: i64) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(revision.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     fn version_from_row(row: &PgRow) -> Result<VersionRecord> {
@@ -316,15 +351,34 @@ impl RegistryStore for PostgresRegistry {
         row.as_ref().map(Self::version_from_row).transpose()
     }
 
-    async fn set_status(
+    async fn set_status_if(
         &self,
         model: &str,
         version: &str,
         status: VersionStatus,
         rolled_back: bool,
+        fence: Option<&Fence>,
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.pool.begin().await?;
+        if let Some(fence) = fence {
+            let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
+                .fetch_one(&mut *tx)
+                .await?;
+            let precondition = Precondition {
+                revision: None,
+                fence: Some(fence.clone()),
+            };
+            crate::check_precondition(
+                model,
+                &precondition,
+                None,
+                (
+                    lease.get::<&str, _>(0),
+                    u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
+                ),
+            )?;
+        }
         let updated = sqlx::query(
             "UPDATE versions SET status = $1,
                 reached_production = reached_production OR $2,
@@ -359,26 +413,47 @@ impl RegistryStore for PostgresRegistry {
             .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))
     }
 
-    async fn put_deployment(
+    async fn put_deployment_if(
         &self,
         mut stored: StoredDeployment,
+        precondition: &Precondition,
         action: &str,
         audit: Audit,
     ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
+        // The lease row is read-locked: a takeover (which updates it) waits
+        // for this write to commit, or this write sees the new term.
+        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut *tx)
+            .await?;
+        // Bumping first takes the revision row's lock, which orders every
+        // deployment write: the deployment read below is the latest.
         let revision = Self::bump(&mut tx).await?;
+        let model = stored.deployment.model.clone();
+        let current = sqlx::query("SELECT deployment FROM deployments WHERE model = $1")
+            .bind(&model)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| parse::<Deployment>(r.get::<&str, _>(0)))
+            .transpose()?;
+        crate::check_precondition(
+            &model,
+            precondition,
+            current.map(|d| d.revision),
+            (lease.get::<&str, _>(0), unsigned(lease.get::<i64, _>(1))),
+        )?;
         stored.deployment.revision = revision;
         stored.deployment.updated_at = now_millis();
         sqlx::query(
             "INSERT INTO deployments (model, deployment, controller) VALUES ($1, $2, $3)
              ON CONFLICT (model) DO UPDATE SET deployment = excluded.deployment, controller = excluded.controller",
         )
-        .bind(&stored.deployment.model)
+        .bind(&model)
         .bind(json(&stored.deployment))
         .bind(json(&stored.controller))
         .execute(&mut *tx)
         .await?;
-        Self::append_audit(&mut tx, action, &stored.deployment.model, &audit).await?;
+        Self::append_audit(&mut tx, action, &model, &audit).await?;
         tx.commit().await?;
         Ok(revision)
     }
@@ -472,6 +547,10 @@ impl RegistryStore for PostgresRegistry {
             .await?
             .rows_affected()
             > 0;
+        sqlx::query("DELETE FROM heartbeats WHERE replica = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         if removed {
             Self::append_audit(&mut tx, "replica.remove", id, &audit).await?;
             Self::bump(&mut tx).await?;
@@ -585,9 +664,122 @@ impl RegistryStore for PostgresRegistry {
             .bind(target)
             .execute(&mut *tx)
             .await?;
+        Self::announce(&mut tx, target).await?;
         Self::append_audit(&mut tx, "revision.advance", &at_least.to_string(), &audit).await?;
         tx.commit().await?;
         Ok(at_least)
+    }
+
+    async fn campaign(&self, id: &str, address: &str, ttl: Duration) -> Result<Lease> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO members (id, address, last_seen) VALUES ($1, $2, now())
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, last_seen = now()",
+        )
+        .bind(id)
+        .bind(address)
+        .execute(&mut *tx)
+        .await?;
+        // Renew when held, take (next term) when lapsed; the row lock
+        // orders campaigns, and the database's clock alone judges expiry.
+        sqlx::query(
+            "UPDATE leader_lease SET
+                 term = CASE WHEN holder = $1 THEN term ELSE term + 1 END,
+                 holder = $1, address = $2,
+                 expires_at = now() + make_interval(secs => $3::double precision / 1000)
+             WHERE id = 1 AND (holder = $1 OR expires_at <= now())",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(ttl_ms as f64)
+        .execute(&mut *tx)
+        .await?;
+        let lease = Self::lease(&mut tx).await?;
+        tx.commit().await?;
+        Ok(lease)
+    }
+
+    async fn resign(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE leader_lease SET expires_at = now() WHERE id = 1 AND holder = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn leadership(&self, seen_within: Duration) -> Result<(Lease, Vec<Member>)> {
+        let mut tx = self.pool.begin().await?;
+        let lease = Self::lease(&mut tx).await?;
+        let within = i64::try_from(seen_within.as_millis()).unwrap_or(i64::MAX);
+        let members = sqlx::query(
+            "SELECT id, address, (EXTRACT(EPOCH FROM last_seen) * 1000)::BIGINT FROM members
+             WHERE last_seen > now() - make_interval(secs => $1::double precision / 1000)
+             ORDER BY id",
+        )
+        .bind(within as f64)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Member {
+            id: r.get(0),
+            address: r.get(1),
+            last_seen: r.get(2),
+        })
+        .collect();
+        tx.commit().await?;
+        Ok((lease, members))
+    }
+
+    async fn put_heartbeat(&self, replica: &str, body: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO heartbeats (replica, body, at, seq) VALUES ($1, $2, now(), nextval('heartbeat_seq'))
+             ON CONFLICT (replica) DO UPDATE SET body = excluded.body, at = excluded.at, seq = excluded.seq",
+        )
+        .bind(replica)
+        .bind(body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeats_after(&self, seq: i64) -> Result<Vec<SharedHeartbeat>> {
+        let rows = sqlx::query(
+            "SELECT replica, body, (EXTRACT(EPOCH FROM (now() - at)) * 1000)::BIGINT, seq
+             FROM heartbeats WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SharedHeartbeat {
+                replica: r.get(0),
+                body: r.get(1),
+                age_ms: r.get(2),
+                seq: r.get(3),
+            })
+            .collect())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn changes(&self) -> Result<Option<BoxStream<'static, Result<u64>>>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Some(
+            listener
+                .into_stream()
+                .map(|n| {
+                    let n = n?;
+                    n.payload().parse::<u64>().map_err(|e| {
+                        RegistryError::Database(format!("bad revision notification: {e}"))
+                    })
+                })
+                .boxed(),
+        ))
     }
 
     async fn dump(&self) -> Result<RegistryDump> {

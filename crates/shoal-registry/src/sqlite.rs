@@ -19,9 +19,11 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use crate::dump::{self, RegistryDump};
 use crate::{
-    Audit, RegistryError, RegistryStore, ReplicaRecord, Result, StoredDeployment, TokenRecord,
-    VersionDraft, last_known_good,
+    Audit, Fence, Lease, Precondition, RegistryError, RegistryStore, ReplicaRecord, Result,
+    SharedHeartbeat, StoredDeployment, TokenRecord, VersionDraft, last_known_good,
 };
+use shoal_api::fleet::Member;
+use std::time::Duration;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -65,6 +67,26 @@ const SCHEMA: &[&str] = &[
         created_at INTEGER NOT NULL,
         created_by TEXT NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS leader_lease (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        address TEXT NOT NULL,
+        term INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )",
+    "INSERT OR IGNORE INTO leader_lease (id, holder, address, term, expires_at) VALUES (1, '', '', 0, 0)",
+    "CREATE TABLE IF NOT EXISTS members (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        last_seen INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS heartbeats (
+        replica TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        seq INTEGER NOT NULL
+    )",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('heartbeat', 0)",
     "CREATE TABLE IF NOT EXISTS audit (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         at INTEGER NOT NULL,
@@ -170,6 +192,19 @@ impl SqliteRegistry {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    async fn lease(tx: &mut Transaction<'_, Sqlite>, now: UnixMillis) -> Result<Lease> {
+        let row =
+            sqlx::query("SELECT holder, address, term, expires_at FROM leader_lease WHERE id = 1")
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(Lease {
+            holder: row.get(0),
+            address: row.get(1),
+            term: u64::try_from(row.get::<i64, _>(2)).unwrap_or(0),
+            expires_in_ms: row.get::<i64, _>(3) - now,
+        })
     }
 
     async fn bump(tx: &mut Transaction<'_, Sqlite>) -> Result<u64> {
@@ -377,15 +412,34 @@ impl RegistryStore for SqliteRegistry {
         row.as_ref().map(Self::version_from_row).transpose()
     }
 
-    async fn set_status(
+    async fn set_status_if(
         &self,
         model: &str,
         version: &str,
         status: VersionStatus,
         rolled_back: bool,
+        fence: Option<&Fence>,
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.begin_write().await?;
+        if let Some(fence) = fence {
+            let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+            let precondition = Precondition {
+                revision: None,
+                fence: Some(fence.clone()),
+            };
+            crate::check_precondition(
+                model,
+                &precondition,
+                None,
+                (
+                    lease.get::<&str, _>(0),
+                    u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
+                ),
+            )?;
+        }
         let updated = sqlx::query(
             "UPDATE versions SET status = ?,
                 reached_production = reached_production OR ?,
@@ -420,13 +474,33 @@ impl RegistryStore for SqliteRegistry {
             .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))
     }
 
-    async fn put_deployment(
+    async fn put_deployment_if(
         &self,
         mut stored: StoredDeployment,
+        precondition: &Precondition,
         action: &str,
         audit: Audit,
     ) -> Result<u64> {
         let mut tx = self.begin_write().await?;
+        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let model = stored.deployment.model.clone();
+        let current = sqlx::query("SELECT deployment FROM deployments WHERE model = ?")
+            .bind(&model)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| parse::<Deployment>(r.get::<&str, _>(0)))
+            .transpose()?;
+        crate::check_precondition(
+            &model,
+            precondition,
+            current.map(|d| d.revision),
+            (
+                lease.get::<&str, _>(0),
+                u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
+            ),
+        )?;
         let revision = Self::bump(&mut tx).await?;
         stored.deployment.revision = revision;
         stored.deployment.updated_at = now_millis();
@@ -434,12 +508,12 @@ impl RegistryStore for SqliteRegistry {
             "INSERT INTO deployments (model, deployment, controller) VALUES (?, ?, ?)
              ON CONFLICT (model) DO UPDATE SET deployment = excluded.deployment, controller = excluded.controller",
         )
-        .bind(&stored.deployment.model)
+        .bind(&model)
         .bind(json(&stored.deployment))
         .bind(json(&stored.controller))
         .execute(&mut *tx)
         .await?;
-        Self::append_audit(&mut tx, action, &stored.deployment.model, &audit).await?;
+        Self::append_audit(&mut tx, action, &model, &audit).await?;
         tx.commit().await?;
         Ok(revision)
     }
@@ -533,6 +607,10 @@ impl RegistryStore for SqliteRegistry {
             .await?
             .rows_affected()
             > 0;
+        sqlx::query("DELETE FROM heartbeats WHERE replica = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         if removed {
             Self::append_audit(&mut tx, "replica.remove", id, &audit).await?;
             Self::bump(&mut tx).await?;
@@ -649,6 +727,107 @@ impl RegistryStore for SqliteRegistry {
         Self::append_audit(&mut tx, "revision.advance", &at_least.to_string(), &audit).await?;
         tx.commit().await?;
         Ok(at_least)
+    }
+
+    async fn campaign(&self, id: &str, address: &str, ttl: Duration) -> Result<Lease> {
+        let now = now_millis();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO members (id, address, last_seen) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, last_seen = excluded.last_seen",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE leader_lease SET
+                 term = CASE WHEN holder = ?1 THEN term ELSE term + 1 END,
+                 holder = ?1, address = ?2, expires_at = ?3 + ?4
+             WHERE id = 1 AND (holder = ?1 OR expires_at <= ?3)",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(now)
+        .bind(ttl_ms)
+        .execute(&mut *tx)
+        .await?;
+        let lease = Self::lease(&mut tx, now).await?;
+        tx.commit().await?;
+        Ok(lease)
+    }
+
+    async fn resign(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE leader_lease SET expires_at = ? WHERE id = 1 AND holder = ?")
+            .bind(now_millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn leadership(&self, seen_within: Duration) -> Result<(Lease, Vec<Member>)> {
+        let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        let lease = Self::lease(&mut tx, now).await?;
+        let within = i64::try_from(seen_within.as_millis()).unwrap_or(i64::MAX);
+        let members = sqlx::query(
+            "SELECT id, address, last_seen FROM members WHERE last_seen > ? ORDER BY id",
+        )
+        .bind(now.saturating_sub(within))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Member {
+            id: r.get(0),
+            address: r.get(1),
+            last_seen: r.get(2),
+        })
+        .collect();
+        tx.commit().await?;
+        Ok((lease, members))
+    }
+
+    async fn put_heartbeat(&self, replica: &str, body: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let seq: i64 = sqlx::query(
+            "UPDATE meta SET value = value + 1 WHERE key = 'heartbeat' RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        sqlx::query(
+            "INSERT INTO heartbeats (replica, body, at, seq) VALUES (?, ?, ?, ?)
+             ON CONFLICT (replica) DO UPDATE SET body = excluded.body, at = excluded.at, seq = excluded.seq",
+        )
+        .bind(replica)
+        .bind(body)
+        .bind(now_millis())
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn heartbeats_after(&self, seq: i64) -> Result<Vec<SharedHeartbeat>> {
+        let now = now_millis();
+        let rows =
+            sqlx::query("SELECT replica, body, at, seq FROM heartbeats WHERE seq > ? ORDER BY seq")
+                .bind(seq)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SharedHeartbeat {
+                replica: r.get(0),
+                body: r.get(1),
+                age_ms: now - r.get::<i64, _>(2),
+                seq: r.get(3),
+            })
+            .collect())
     }
 
     async fn dump(&self) -> Result<RegistryDump> {

@@ -6,7 +6,10 @@ use shoal_api::deploy::{Deployment, RolloutState, RolloutView, Strategy, Traffic
 use shoal_api::fleet::Registration;
 use shoal_api::registry::VersionStatus;
 
-use crate::{Audit, RegistryError, RegistryStore, StoredDeployment, TokenRecord, VersionDraft};
+use crate::{
+    Audit, Fence, Precondition, RegistryError, RegistryStore, StoredDeployment, TokenRecord,
+    VersionDraft,
+};
 
 fn draft(sha: char) -> VersionDraft {
     VersionDraft {
@@ -29,6 +32,182 @@ pub async fn test_all(store: &dyn RegistryStore) {
     tokens_are_found_by_hash_until_revoked(store).await;
     audit_log_records_every_mutation(store).await;
     the_revision_advances_but_never_goes_back(store).await;
+    one_lease_whose_terms_fence_deposed_leaders(store).await;
+    conditional_writes_refuse_a_changed_deployment(store).await;
+    heartbeats_are_shared_newest_last(store).await;
+}
+
+fn plain(model: &str) -> StoredDeployment {
+    StoredDeployment {
+        deployment: Deployment {
+            model: model.into(),
+            targets: vec![TrafficTarget {
+                version: "1".into(),
+                weight: 100,
+            }],
+            regions: None,
+            shadow: None,
+            split_header: None,
+            warm: Vec::new(),
+            rollout: None,
+            revision: 0,
+            updated_at: 0,
+        },
+        controller: serde_json::Value::Null,
+    }
+}
+
+async fn one_lease_whose_terms_fence_deposed_leaders(store: &dyn RegistryStore) {
+    use std::time::Duration;
+    let long = Duration::from_secs(600);
+    let a = store.campaign("a", "a:1", long).await.unwrap();
+    assert!(a.held_by("a"), "{a:?}");
+    let term = a.term;
+    assert!(term >= 1);
+    // Another candidate finds it held; the holder renews in the same term.
+    let b = store.campaign("b", "b:1", long).await.unwrap();
+    assert!(b.held_by("a") && !b.held_by("b") && b.term == term, "{b:?}");
+    assert_eq!(store.campaign("a", "a:1", long).await.unwrap().term, term);
+    let (lease, members) = store.leadership(long).await.unwrap();
+    assert_eq!(
+        (lease.holder.as_str(), lease.address.as_str()),
+        ("a", "a:1")
+    );
+    let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(members.iter().all(|m| m.last_seen > 0));
+
+    // The leader's fenced write goes through.
+    let fence = |holder: &str, term: u64| Precondition {
+        revision: None,
+        fence: Some(Fence {
+            holder: holder.into(),
+            term,
+        }),
+    };
+    store
+        .put_deployment_if(plain("fenced"), &fence("a", term), "deploy", who())
+        .await
+        .unwrap();
+    // A lease that lapses (here: renewed for no time) is taken in the
+    // next term; the deposed holder's writes are refused from then on.
+    store.campaign("a", "a:1", Duration::ZERO).await.unwrap();
+    let b = store.campaign("b", "b:1", long).await.unwrap();
+    assert!(b.held_by("b") && b.term == term + 1, "{b:?}");
+    let before = store.revision().await.unwrap();
+    match store
+        .put_deployment_if(plain("fenced"), &fence("a", term), "deploy", who())
+        .await
+    {
+        Err(RegistryError::Fenced(why)) => assert!(why.contains("no longer the leader"), "{why}"),
+        other => panic!("a deposed leader wrote: {other:?}"),
+    }
+    assert_eq!(store.revision().await.unwrap(), before, "nothing written");
+    store
+        .create_version("fenced", draft('f'), who())
+        .await
+        .unwrap();
+    let stale_fence = Fence {
+        holder: "a".into(),
+        term,
+    };
+    assert!(matches!(
+        store
+            .set_status_if(
+                "fenced",
+                "1",
+                VersionStatus::Production,
+                false,
+                Some(&stale_fence),
+                who()
+            )
+            .await,
+        Err(RegistryError::Fenced(_))
+    ));
+    let kept = store.get_version("fenced", "1").await.unwrap().unwrap();
+    assert_eq!(kept.status, VersionStatus::Registered);
+    let current = Fence {
+        holder: "b".into(),
+        term: term + 1,
+    };
+    store
+        .set_status_if(
+            "fenced",
+            "1",
+            VersionStatus::Production,
+            false,
+            Some(&current),
+            who(),
+        )
+        .await
+        .unwrap();
+    // A holder that resigns hands over at once, in a new term.
+    store.resign("b").await.unwrap();
+    let a = store.campaign("a", "a:2", long).await.unwrap();
+    assert!(
+        a.held_by("a") && a.term == term + 2 && a.address == "a:2",
+        "{a:?}"
+    );
+    store.resign("a").await.unwrap();
+    // Resigning a lease one does not hold changes nothing.
+    store.campaign("b", "b:1", long).await.unwrap();
+    store.resign("a").await.unwrap();
+    assert!(store.leadership(long).await.unwrap().0.held_by("b"));
+    store.resign("b").await.unwrap();
+}
+
+async fn conditional_writes_refuse_a_changed_deployment(store: &dyn RegistryStore) {
+    let absent = Precondition {
+        revision: Some(0),
+        fence: None,
+    };
+    let first = store
+        .put_deployment_if(plain("cas"), &absent, "deploy", who())
+        .await
+        .unwrap();
+    // A second "first deploy" lost the race.
+    assert!(matches!(
+        store
+            .put_deployment_if(plain("cas"), &absent, "deploy", who())
+            .await,
+        Err(RegistryError::Stale(_))
+    ));
+    let read = Precondition {
+        revision: Some(first),
+        fence: None,
+    };
+    let second = store
+        .put_deployment_if(plain("cas"), &read, "deploy", who())
+        .await
+        .unwrap();
+    // Another write based on the same read is refused and changes nothing.
+    match store
+        .put_deployment_if(plain("cas"), &read, "deploy", who())
+        .await
+    {
+        Err(RegistryError::Stale(why)) => assert!(why.contains("changed meanwhile"), "{why}"),
+        other => panic!("a stale write went through: {other:?}"),
+    }
+    let stored = store.get_deployment("cas").await.unwrap().unwrap();
+    assert_eq!(stored.deployment.revision, second);
+    assert_eq!(store.revision().await.unwrap(), second);
+}
+
+async fn heartbeats_are_shared_newest_last(store: &dyn RegistryStore) {
+    assert!(store.heartbeats_after(0).await.unwrap().is_empty());
+    store.put_heartbeat("r1", "{\"n\":1}").await.unwrap();
+    store.put_heartbeat("r2", "{\"n\":2}").await.unwrap();
+    store.put_heartbeat("r1", "{\"n\":3}").await.unwrap();
+    let all = store.heartbeats_after(0).await.unwrap();
+    let seen: Vec<(&str, &str)> = all
+        .iter()
+        .map(|h| (h.replica.as_str(), h.body.as_str()))
+        .collect();
+    assert_eq!(seen, [("r2", "{\"n\":2}"), ("r1", "{\"n\":3}")]);
+    assert!(all.iter().all(|h| (-1000..60_000).contains(&h.age_ms)));
+    let later = store.heartbeats_after(all[0].seq).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert!(store.heartbeats_after(all[1].seq).await.unwrap().is_empty());
 }
 
 async fn the_revision_advances_but_never_goes_back(store: &dyn RegistryStore) {

@@ -101,3 +101,54 @@ async fn a_database_from_the_previous_schema_is_upgraded() {
     let second = PostgresRegistry::open(&url).await.unwrap();
     assert_eq!(second.get_version("m", "2").await.unwrap().unwrap(), new);
 }
+
+/// Every member learns of a revision another member committed, by
+/// `LISTEN/NOTIFY`, in commit order and only once it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_hear_of_each_others_revisions() {
+    use futures::StreamExt;
+    let server = PostgresServer::start();
+    let url = server.database("notify");
+    let listener = PostgresRegistry::open(&url).await.unwrap();
+    let writer = PostgresRegistry::open(&url).await.unwrap();
+    assert!(listener.shared());
+    let mut changes = listener
+        .changes()
+        .await
+        .unwrap()
+        .expect("PostgreSQL announces");
+    for c in ['a', 'b', 'c'] {
+        // Versions are not desired state: no revision, no announcement.
+        writer
+            .create_version("m", draft(c), Audit::by("t", "x"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        writer
+            .advance_revision(40, Audit::by("t", "x"))
+            .await
+            .unwrap(),
+        40
+    );
+    let registration = shoal_api::fleet::Registration {
+        id: "r1".into(),
+        address: "127.0.0.1:1".into(),
+        region: "local".into(),
+        labels: Default::default(),
+        pid: None,
+        standby: false,
+    };
+    let second = writer.register_replica(&registration).await.unwrap();
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), changes.next())
+            .await
+            .expect("a notification")
+            .unwrap()
+            .unwrap();
+        heard.push(next);
+    }
+    assert_eq!(heard, [40, second]);
+    assert_eq!(listener.revision().await.unwrap(), second);
+}

@@ -4,74 +4,14 @@
 //! blue-green switch and instant switch back with no failed request; the
 //! good canary survives kill -9 of the control plane halfway through.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, eventually, model_path};
-use tokio::sync::Mutex;
+use shoal_testkit::{ChildGuard, HttpClient, TempDir, eventually, model_path};
 
 mod common;
-use common::cli;
-
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    versions: Arc<Mutex<Vec<String>>>,
-    failures: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(gateway: &str, clients: usize) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let versions = Arc::new(Mutex::new(Vec::new()));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (stop, ok, versions, failures) =
-                    (stop.clone(), ok.clone(), versions.clone(), failures.clone());
-                let url = format!("{gateway}/v2/models/digits/infer");
-                tokio::spawn(async move {
-                    let http = HttpClient::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        match http.post_json(&url, Samples::load().request(0..1)).await {
-                            r if r.status == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                versions.lock().await.push(
-                                    r.header("x-shoal-model-version").unwrap_or("").to_owned(),
-                                );
-                            }
-                            r => failures
-                                .lock()
-                                .await
-                                .push(format!("{}: {}", r.status, r.text())),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Traffic {
-            stop,
-            ok,
-            versions,
-            failures,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (Vec<String>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let versions = self.versions.lock().await.clone();
-        let failures = self.failures.lock().await.clone();
-        (versions, failures)
-    }
-}
+use common::{Traffic, cli};
 
 async fn rollout_reaches(control: &str, state: &str) -> Value {
     common::digits_rollout_until(control, &format!("the rollout to be {state}"), |r| {

@@ -714,6 +714,9 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
     if global.json {
         return print_json(&status);
     }
+    if let Some(control) = &status.control {
+        print_members(control);
+    }
     if status.replicas.is_empty() {
         println!("no replicas registered (revision {})", status.revision);
         return Ok(());
@@ -789,6 +792,32 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The control plane's members, the leader first marked, as a table.
+fn print_members(control: &shoal_api::fleet::Leadership) {
+    let now = shoal_api::now_millis();
+    let mut t = table(&["control plane", "address", "role", "last seen"]);
+    for m in &control.members {
+        let leads = control.leader.as_deref() == Some(m.id.as_str());
+        t.add_row(vec![
+            m.id.clone(),
+            m.address.clone(),
+            if leads {
+                format!("LEADER (term {})", control.term)
+            } else {
+                "member".into()
+            },
+            format!("{:.1}s ago", (now - m.last_seen).max(0) as f64 / 1000.0),
+        ]);
+    }
+    println!("{t}");
+    if control.leader.is_none() {
+        println!(
+            "no leader: rollouts wait until a member takes the lease (term {})",
+            control.term
+        );
+    }
 }
 
 /// Reads a file as a stream of 1 MiB pieces.

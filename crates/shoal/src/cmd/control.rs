@@ -44,6 +44,19 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
     backup_keep: u32,
 
+    /// This member's id among control planes sharing a registry
+    /// [default: generated once, kept in DATA_DIR/member.id].
+    #[arg(long, env = "SHOAL_ID")]
+    id: Option<String>,
+    /// HOST:PORT other members and clients reach this one at
+    /// [default: the address it listens on].
+    #[arg(long, env = "SHOAL_ADVERTISE")]
+    advertise: Option<String>,
+    /// How long the leader's lease lasts unrenewed, in milliseconds: when
+    /// a leader dies, another member leads within about this long.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    lease_ttl_ms: u64,
+
     #[command(flatten)]
     tls: crate::cli::ServeTls,
 }
@@ -69,6 +82,9 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         auth: !args.no_auth,
         tls: args.tls.server(global)?,
         registry: args.registry,
+        id: args.id,
+        advertise: args.advertise,
+        lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         backup: args
             .backup_to
             .map(|to| shoal_control::backups::BackupSchedule {

@@ -38,6 +38,15 @@ pub(crate) struct UpArgs {
     /// Serve everything over https with a local CA made under DATA_DIR/tls.
     #[arg(long)]
     tls: bool,
+    /// Control-plane members to run (one leads; the others answer the API
+    /// and take over when it dies). More than one needs --registry
+    /// postgres://…, which they share.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    control_planes: u64,
+    /// The registry: sqlite (in DATA_DIR/control, the default) or
+    /// postgres://user@host/database.
+    #[arg(long, env = "SHOAL_REGISTRY")]
+    registry: Option<String>,
 }
 
 /// The fleet shapes `--topology` names.
@@ -78,6 +87,8 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         control_addr: args.control_addr,
         chaos_per_minute: args.chaos,
         tls: args.tls,
+        control_planes: usize::try_from(args.control_planes).unwrap_or(1),
+        registry: args.registry,
     };
     shoal_fleet::run(config, super::shutdown_requested()).await
 }

@@ -7,8 +7,12 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use serde_json::Value;
-use shoal_testkit::{ChildGuard, spawn_server_env};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, spawn_server_env};
+use tokio::sync::Mutex;
 
 /// The `shoal` binary under test.
 pub(crate) fn shoal() -> &'static Path {
@@ -208,4 +212,71 @@ pub(crate) fn shoal_up(data: &Path, args: &[&str]) -> (ChildGuard, String, Strin
             .trim(),
     );
     (up, gateway, control)
+}
+
+/// Clients sending digits predictions through a gateway until finished,
+/// keeping which version answered each and every failure.
+pub(crate) struct Traffic {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) ok: Arc<AtomicUsize>,
+    pub(crate) versions: Arc<Mutex<Vec<String>>>,
+    pub(crate) failures: Arc<Mutex<Vec<String>>>,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// `clients` clients, each one request after another.
+    pub(crate) fn start(gateway: &str, clients: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let versions = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, ok, versions, failures) =
+                    (stop.clone(), ok.clone(), versions.clone(), failures.clone());
+                let url = format!("{gateway}/v2/models/digits/infer");
+                tokio::spawn(async move {
+                    let http = HttpClient::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match http.post_json(&url, Samples::load().request(0..1)).await {
+                            r if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                versions.lock().await.push(
+                                    r.header("x-shoal-model-version").unwrap_or("").to_owned(),
+                                );
+                            }
+                            r => failures
+                                .lock()
+                                .await
+                                .push(format!("{}: {}", r.status, r.text())),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            ok,
+            versions,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Successful requests so far.
+    pub(crate) fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients: the versions that answered, and the failures.
+    pub(crate) async fn finish(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let versions = self.versions.lock().await.clone();
+        let failures = self.failures.lock().await.clone();
+        (versions, failures)
+    }
 }
