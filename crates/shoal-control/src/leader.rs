@@ -86,7 +86,11 @@ impl Control {
     /// shutdown).
     pub async fn resign(&self) {
         self.step_down();
-        if let Err(e) = self.store.resign(&self.member.id).await {
+        if let Err(e) = self
+            .store
+            .resign(&self.member.id, &self.member.incarnation)
+            .await
+        {
             tracing::warn!(error = %e, "could not hand the leader lease over; it lapses by itself");
         }
     }
@@ -116,7 +120,11 @@ impl Control {
         let ttl = self.config.lease_ttl;
         let asked = Instant::now();
         let member = &self.member;
-        let lease = match self.store.campaign(&member.id, &member.address, ttl).await {
+        let lease = match self
+            .store
+            .campaign(&member.id, &member.incarnation, &member.address, ttl)
+            .await
+        {
             Ok(lease) => lease,
             // A lease held runs out on its own: `fence` checks the
             // deadline on every use.
@@ -129,7 +137,7 @@ impl Control {
         self.metrics
             .term
             .set(i64::try_from(lease.term).unwrap_or(i64::MAX));
-        if !lease.held_by(&member.id) {
+        if !lease.held_by(&member.id, &member.incarnation) {
             self.leader.send_replace(LeaderState {
                 term: lease.term,
                 until: None,
@@ -150,6 +158,26 @@ impl Control {
         self.metrics.leader.set(1);
         if was.is_none_or(|f| f.term != lease.term) {
             tracing::info!(id = %member.id, term = lease.term, "leading the control plane");
+            // The leader's first act: on the record, under its fence.
+            let fence = self.fence();
+            let audit = shoal_registry::Audit::by(
+                member.id.clone(),
+                format!(
+                    "{} leads the control plane in term {}",
+                    member.id, lease.term
+                ),
+            );
+            if let Err(e) = self
+                .store
+                .note("leader.elected", &member.id, fence.as_ref(), audit)
+                .await
+            {
+                tracing::warn!(error = %e, "could not record taking the lead");
+                if matches!(e, shoal_registry::RegistryError::Fenced(_)) {
+                    self.step_down();
+                    return false;
+                }
+            }
             // Re-read what the previous leader wrote before acting.
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "refresh on taking the lead failed");

@@ -199,6 +199,9 @@ pub struct Control {
 #[derive(Debug, Clone)]
 struct Me {
     id: String,
+    /// This process among the member's starts: a restarted member is a
+    /// new holder, so it takes the lease in a new term.
+    incarnation: String,
     address: String,
 }
 
@@ -258,6 +261,7 @@ impl Control {
         let revision = store.revision().await?;
         let member = Me {
             id: member_id(&config)?,
+            incarnation: format!("{:016x}", rand::random::<u64>()),
             address: config
                 .advertise
                 .clone()

@@ -171,6 +171,8 @@ pub struct Fence {
 pub struct Lease {
     /// The holder's id (empty: never held).
     pub holder: String,
+    /// Which process of that member holds it (each start is a new one).
+    pub incarnation: String,
     /// The holder's advertised address.
     pub address: String,
     /// Fencing term: grows by one each time the lease changes hands.
@@ -180,9 +182,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// True when `id` holds a live lease.
-    pub fn held_by(&self, id: &str) -> bool {
-        self.holder == id && self.expires_in_ms > 0
+    /// True when incarnation `incarnation` of member `id` holds a live
+    /// lease.
+    pub fn held_by(&self, id: &str, incarnation: &str) -> bool {
+        self.holder == id && self.incarnation == incarnation && self.expires_in_ms > 0
     }
 }
 
@@ -312,14 +315,33 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn advance_revision(&self, at_least: u64, audit: Audit) -> Result<u64>;
 
     /// Records member `id` (reachable at `address`) as seen now, and
-    /// campaigns for the leader lease: renews it (same term) when `id`
-    /// holds it, takes it (next term) when it lapsed, else leaves it.
-    /// Returns the lease as it is afterwards.
-    async fn campaign(&self, id: &str, address: &str, ttl: std::time::Duration) -> Result<Lease>;
+    /// campaigns for the leader lease on behalf of its process
+    /// `incarnation`: renews it (same term) when that process holds it,
+    /// takes it (next term) when it lapsed, else leaves it — a restarted
+    /// member waits for its previous process's lease to lapse like anyone
+    /// else. Returns the lease as it is afterwards.
+    async fn campaign(
+        &self,
+        id: &str,
+        incarnation: &str,
+        address: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Lease>;
 
-    /// Lets the lease lapse now if `id` holds it (a clean shutdown hands
-    /// over at once).
-    async fn resign(&self, id: &str) -> Result<()>;
+    /// Appends an audit entry that changes nothing else (who took the
+    /// lead, and when), under `fence` when given: `Fenced` unless that
+    /// lease is the current one.
+    async fn note(
+        &self,
+        action: &str,
+        target: &str,
+        fence: Option<&Fence>,
+        audit: Audit,
+    ) -> Result<()>;
+
+    /// Lets the lease lapse now if process `incarnation` of `id` holds it
+    /// (a clean shutdown hands over at once).
+    async fn resign(&self, id: &str, incarnation: &str) -> Result<()>;
 
     /// The lease and the members seen within `seen_within`.
     async fn leadership(

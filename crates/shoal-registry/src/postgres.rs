@@ -59,16 +59,18 @@ fn unsigned(n: i64) -> u64 {
 impl PostgresRegistry {
     async fn lease(tx: &mut Transaction<'_, Postgres>) -> Result<Lease> {
         let row = sqlx::query(
-            "SELECT holder, address, term, (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT
+            "SELECT holder, incarnation, address, term,
+                    (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT
              FROM leader_lease WHERE id = 1",
         )
         .fetch_one(&mut **tx)
         .await?;
         Ok(Lease {
             holder: row.get(0),
-            address: row.get(1),
-            term: unsigned(row.get(2)),
-            expires_in_ms: row.get(3),
+            incarnation: row.get(1),
+            address: row.get(2),
+            term: unsigned(row.get(3)),
+            expires_in_ms: row.get(4),
         })
     }
 
@@ -117,6 +119,34 @@ impl PostgresRegistry {
         .execute(&mut **tx)
         .await?;
         Ok(())
+    }
+
+    /// Refuses (`Fenced`) unless `fence`, when given, is the current
+    /// lease; the lease row stays locked against a takeover until `tx` ends.
+    async fn check_fence(
+        tx: &mut Transaction<'_, Postgres>,
+        fence: Option<&Fence>,
+        what: &str,
+    ) -> Result<()> {
+        let Some(fence) = fence else {
+            return Ok(());
+        };
+        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut **tx)
+            .await?;
+        let precondition = Precondition {
+            revision: None,
+            fence: Some(fence.clone()),
+        };
+        crate::check_precondition(
+            what,
+            &precondition,
+            None,
+            (
+                lease.get::<&str, _>(0),
+                u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
+            ),
+        )
     }
 
     async fn bump(tx: &mut Transaction<'_, Postgres>) -> Result<u64> {
@@ -361,24 +391,7 @@ impl RegistryStore for PostgresRegistry {
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.pool.begin().await?;
-        if let Some(fence) = fence {
-            let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
-                .fetch_one(&mut *tx)
-                .await?;
-            let precondition = Precondition {
-                revision: None,
-                fence: Some(fence.clone()),
-            };
-            crate::check_precondition(
-                model,
-                &precondition,
-                None,
-                (
-                    lease.get::<&str, _>(0),
-                    u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
-                ),
-            )?;
-        }
+        Self::check_fence(&mut tx, fence, model).await?;
         let updated = sqlx::query(
             "UPDATE versions SET status = $1,
                 reached_production = reached_production OR $2,
@@ -670,7 +683,13 @@ impl RegistryStore for PostgresRegistry {
         Ok(at_least)
     }
 
-    async fn campaign(&self, id: &str, address: &str, ttl: Duration) -> Result<Lease> {
+    async fn campaign(
+        &self,
+        id: &str,
+        incarnation: &str,
+        address: &str,
+        ttl: Duration,
+    ) -> Result<Lease> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -685,14 +704,15 @@ impl RegistryStore for PostgresRegistry {
         // orders campaigns, and the database's clock alone judges expiry.
         sqlx::query(
             "UPDATE leader_lease SET
-                 term = CASE WHEN holder = $1 THEN term ELSE term + 1 END,
-                 holder = $1, address = $2,
+                 term = CASE WHEN holder = $1 AND incarnation = $4 THEN term ELSE term + 1 END,
+                 holder = $1, incarnation = $4, address = $2,
                  expires_at = now() + make_interval(secs => $3::double precision / 1000)
-             WHERE id = 1 AND (holder = $1 OR expires_at <= now())",
+             WHERE id = 1 AND ((holder = $1 AND incarnation = $4) OR expires_at <= now())",
         )
         .bind(id)
         .bind(address)
         .bind(ttl_ms as f64)
+        .bind(incarnation)
         .execute(&mut *tx)
         .await?;
         let lease = Self::lease(&mut tx).await?;
@@ -700,9 +720,26 @@ impl RegistryStore for PostgresRegistry {
         Ok(lease)
     }
 
-    async fn resign(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE leader_lease SET expires_at = now() WHERE id = 1 AND holder = $1")
-            .bind(id)
+    async fn note(
+        &self,
+        action: &str,
+        target: &str,
+        fence: Option<&Fence>,
+        audit: Audit,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        Self::check_fence(&mut tx, fence, target).await?;
+        Self::append_audit(&mut tx, action, target, &audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn resign(&self, id: &str, incarnation: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE leader_lease SET expires_at = now() WHERE id = 1 AND holder = $1 AND incarnation = $2",
+        )
+        .bind(id)
+        .bind(incarnation)
             .execute(&self.pool)
             .await?;
         Ok(())

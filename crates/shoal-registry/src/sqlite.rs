@@ -70,11 +70,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS leader_lease (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         holder TEXT NOT NULL,
+        incarnation TEXT NOT NULL,
         address TEXT NOT NULL,
         term INTEGER NOT NULL,
         expires_at INTEGER NOT NULL
     )",
-    "INSERT OR IGNORE INTO leader_lease (id, holder, address, term, expires_at) VALUES (1, '', '', 0, 0)",
+    "INSERT OR IGNORE INTO leader_lease (id, holder, incarnation, address, term, expires_at) VALUES (1, '', '', '', 0, 0)",
     "CREATE TABLE IF NOT EXISTS members (
         id TEXT PRIMARY KEY,
         address TEXT NOT NULL,
@@ -195,16 +196,46 @@ impl SqliteRegistry {
     }
 
     async fn lease(tx: &mut Transaction<'_, Sqlite>, now: UnixMillis) -> Result<Lease> {
-        let row =
-            sqlx::query("SELECT holder, address, term, expires_at FROM leader_lease WHERE id = 1")
-                .fetch_one(&mut **tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT holder, incarnation, address, term, expires_at FROM leader_lease WHERE id = 1",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
         Ok(Lease {
             holder: row.get(0),
-            address: row.get(1),
-            term: u64::try_from(row.get::<i64, _>(2)).unwrap_or(0),
-            expires_in_ms: row.get::<i64, _>(3) - now,
+            incarnation: row.get(1),
+            address: row.get(2),
+            term: u64::try_from(row.get::<i64, _>(3)).unwrap_or(0),
+            expires_in_ms: row.get::<i64, _>(4) - now,
         })
+    }
+
+    /// Refuses (`Fenced`) unless `fence`, when given, is the current
+    /// lease; the lease row stays locked against a takeover until `tx` ends.
+    async fn check_fence(
+        tx: &mut Transaction<'_, Sqlite>,
+        fence: Option<&Fence>,
+        what: &str,
+    ) -> Result<()> {
+        let Some(fence) = fence else {
+            return Ok(());
+        };
+        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
+            .fetch_one(&mut **tx)
+            .await?;
+        let precondition = Precondition {
+            revision: None,
+            fence: Some(fence.clone()),
+        };
+        crate::check_precondition(
+            what,
+            &precondition,
+            None,
+            (
+                lease.get::<&str, _>(0),
+                u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
+            ),
+        )
     }
 
     async fn bump(tx: &mut Transaction<'_, Sqlite>) -> Result<u64> {
@@ -422,24 +453,7 @@ impl RegistryStore for SqliteRegistry {
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.begin_write().await?;
-        if let Some(fence) = fence {
-            let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-            let precondition = Precondition {
-                revision: None,
-                fence: Some(fence.clone()),
-            };
-            crate::check_precondition(
-                model,
-                &precondition,
-                None,
-                (
-                    lease.get::<&str, _>(0),
-                    u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
-                ),
-            )?;
-        }
+        Self::check_fence(&mut tx, fence, model).await?;
         let updated = sqlx::query(
             "UPDATE versions SET status = ?,
                 reached_production = reached_production OR ?,
@@ -729,7 +743,13 @@ impl RegistryStore for SqliteRegistry {
         Ok(at_least)
     }
 
-    async fn campaign(&self, id: &str, address: &str, ttl: Duration) -> Result<Lease> {
+    async fn campaign(
+        &self,
+        id: &str,
+        incarnation: &str,
+        address: &str,
+        ttl: Duration,
+    ) -> Result<Lease> {
         let now = now_millis();
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let mut tx = self.begin_write().await?;
@@ -744,14 +764,15 @@ impl RegistryStore for SqliteRegistry {
         .await?;
         sqlx::query(
             "UPDATE leader_lease SET
-                 term = CASE WHEN holder = ?1 THEN term ELSE term + 1 END,
-                 holder = ?1, address = ?2, expires_at = ?3 + ?4
-             WHERE id = 1 AND (holder = ?1 OR expires_at <= ?3)",
+                 term = CASE WHEN holder = ?1 AND incarnation = ?5 THEN term ELSE term + 1 END,
+                 holder = ?1, incarnation = ?5, address = ?2, expires_at = ?3 + ?4
+             WHERE id = 1 AND ((holder = ?1 AND incarnation = ?5) OR expires_at <= ?3)",
         )
         .bind(id)
         .bind(address)
         .bind(now)
         .bind(ttl_ms)
+        .bind(incarnation)
         .execute(&mut *tx)
         .await?;
         let lease = Self::lease(&mut tx, now).await?;
@@ -759,10 +780,27 @@ impl RegistryStore for SqliteRegistry {
         Ok(lease)
     }
 
-    async fn resign(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE leader_lease SET expires_at = ? WHERE id = 1 AND holder = ?")
-            .bind(now_millis())
-            .bind(id)
+    async fn note(
+        &self,
+        action: &str,
+        target: &str,
+        fence: Option<&Fence>,
+        audit: Audit,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        Self::check_fence(&mut tx, fence, target).await?;
+        Self::append_audit(&mut tx, action, target, &audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn resign(&self, id: &str, incarnation: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE leader_lease SET expires_at = ? WHERE id = 1 AND holder = ? AND incarnation = ?",
+        )
+        .bind(now_millis())
+        .bind(id)
+        .bind(incarnation)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -60,14 +60,24 @@ fn plain(model: &str) -> StoredDeployment {
 async fn one_lease_whose_terms_fence_deposed_leaders(store: &dyn RegistryStore) {
     use std::time::Duration;
     let long = Duration::from_secs(600);
-    let a = store.campaign("a", "a:1", long).await.unwrap();
-    assert!(a.held_by("a"), "{a:?}");
+    let a = store.campaign("a", "1", "a:1", long).await.unwrap();
+    assert!(a.held_by("a", "1"), "{a:?}");
     let term = a.term;
     assert!(term >= 1);
     // Another candidate finds it held; the holder renews in the same term.
-    let b = store.campaign("b", "b:1", long).await.unwrap();
-    assert!(b.held_by("a") && !b.held_by("b") && b.term == term, "{b:?}");
-    assert_eq!(store.campaign("a", "a:1", long).await.unwrap().term, term);
+    let b = store.campaign("b", "1", "b:1", long).await.unwrap();
+    assert!(
+        b.held_by("a", "1") && !b.held_by("b", "1") && b.term == term,
+        "{b:?}"
+    );
+    assert_eq!(
+        store.campaign("a", "1", "a:1", long).await.unwrap().term,
+        term
+    );
+    // A restarted a (another process) waits for the lease of the one it
+    // replaces to lapse.
+    let restarted = store.campaign("a", "2", "a:1", long).await.unwrap();
+    assert!(!restarted.held_by("a", "2") && restarted.held_by("a", "1"));
     let (lease, members) = store.leadership(long).await.unwrap();
     assert_eq!(
         (lease.holder.as_str(), lease.address.as_str()),
@@ -91,9 +101,12 @@ async fn one_lease_whose_terms_fence_deposed_leaders(store: &dyn RegistryStore) 
         .unwrap();
     // A lease that lapses (here: renewed for no time) is taken in the
     // next term; the deposed holder's writes are refused from then on.
-    store.campaign("a", "a:1", Duration::ZERO).await.unwrap();
-    let b = store.campaign("b", "b:1", long).await.unwrap();
-    assert!(b.held_by("b") && b.term == term + 1, "{b:?}");
+    store
+        .campaign("a", "1", "a:1", Duration::ZERO)
+        .await
+        .unwrap();
+    let b = store.campaign("b", "1", "b:1", long).await.unwrap();
+    assert!(b.held_by("b", "1") && b.term == term + 1, "{b:?}");
     let before = store.revision().await.unwrap();
     match store
         .put_deployment_if(plain("fenced"), &fence("a", term), "deploy", who())
@@ -124,6 +137,12 @@ async fn one_lease_whose_terms_fence_deposed_leaders(store: &dyn RegistryStore) 
             .await,
         Err(RegistryError::Fenced(_))
     ));
+    assert!(matches!(
+        store
+            .note("leader.elected", "a", Some(&stale_fence), who())
+            .await,
+        Err(RegistryError::Fenced(_))
+    ));
     let kept = store.get_version("fenced", "1").await.unwrap().unwrap();
     assert_eq!(kept.status, VersionStatus::Registered);
     let current = Fence {
@@ -141,19 +160,30 @@ async fn one_lease_whose_terms_fence_deposed_leaders(store: &dyn RegistryStore) 
         )
         .await
         .unwrap();
+    store
+        .note("leader.elected", "b", Some(&current), who())
+        .await
+        .unwrap();
+    let log = store.audit_log(0, 10_000).await.unwrap();
+    let elected: Vec<&str> = log
+        .iter()
+        .filter(|e| e.action == "leader.elected")
+        .map(|e| e.target.as_str())
+        .collect();
+    assert_eq!(elected, ["b"], "only the current leader's note is kept");
     // A holder that resigns hands over at once, in a new term.
-    store.resign("b").await.unwrap();
-    let a = store.campaign("a", "a:2", long).await.unwrap();
+    store.resign("b", "1").await.unwrap();
+    let a = store.campaign("a", "1", "a:2", long).await.unwrap();
     assert!(
-        a.held_by("a") && a.term == term + 2 && a.address == "a:2",
+        a.held_by("a", "1") && a.term == term + 2 && a.address == "a:2",
         "{a:?}"
     );
-    store.resign("a").await.unwrap();
+    store.resign("a", "1").await.unwrap();
     // Resigning a lease one does not hold changes nothing.
-    store.campaign("b", "b:1", long).await.unwrap();
-    store.resign("a").await.unwrap();
-    assert!(store.leadership(long).await.unwrap().0.held_by("b"));
-    store.resign("b").await.unwrap();
+    store.campaign("b", "1", "b:1", long).await.unwrap();
+    store.resign("a", "1").await.unwrap();
+    assert!(store.leadership(long).await.unwrap().0.held_by("b", "1"));
+    store.resign("b", "1").await.unwrap();
 }
 
 async fn conditional_writes_refuse_a_changed_deployment(store: &dyn RegistryStore) {

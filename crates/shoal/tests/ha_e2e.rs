@@ -244,3 +244,290 @@ async fn the_leader_dies_mid_canary_and_another_member_finishes_it() {
     assert_eq!(status["control"]["leader"], leader.as_str(), "{status}");
     assert_eq!(status["control"]["members"].as_array().unwrap().len(), 3);
 }
+
+/// What one client saw acknowledged.
+#[derive(Debug, Default)]
+struct Acknowledged {
+    /// (model, version, sha256) of every push that returned success.
+    pushes: Vec<(String, String, String)>,
+    /// (model, version) of every deploy that returned success.
+    deploys: Vec<(String, String)>,
+    /// Answers that were neither success nor an expected refusal.
+    unexpected: Vec<String>,
+}
+
+/// One client: `ops` random operations on `models`, through members in
+/// the order of `urls`.
+async fn client(urls: String, token: String, sha: String, seed: u64, ops: usize) -> Acknowledged {
+    use rand::{Rng, SeedableRng};
+    use shoal_api::deploy::{DeployRequest, Strategy};
+    use shoal_client::ClientError;
+    let client =
+        shoal_client::ControlClient::new(&urls, Some(token)).with_timeout(Duration::from_secs(10));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut seen = Acknowledged::default();
+    let mut latest: std::collections::BTreeMap<String, String> = Default::default();
+    for _ in 0..ops {
+        let model = format!("m{}", rng.random_range(0..3));
+        let outcome: Result<(), ClientError> = match rng.random_range(0..10) {
+            0..=2 => {
+                let new = shoal_api::registry::NewVersion {
+                    sha256: sha.clone(),
+                    ..Default::default()
+                };
+                client.create_version(&model, &new).await.map(|v| {
+                    latest.insert(model.clone(), v.version.clone());
+                    seen.pushes.push((model.clone(), v.version, v.sha256));
+                })
+            }
+            3..=5 => match latest.get(&model).cloned() {
+                None => Ok(()),
+                Some(version) => {
+                    // Canaries with no replicas never finish by themselves:
+                    // they stay active until aborted or rolled back.
+                    let strategy = if rng.random_bool(0.5) {
+                        Strategy::Canary
+                    } else {
+                        Strategy::Rolling
+                    };
+                    let request = DeployRequest {
+                        version: version.clone(),
+                        strategy,
+                        ..Default::default()
+                    };
+                    client
+                        .deploy(&model, &request)
+                        .await
+                        .map(|_| seen.deploys.push((model.clone(), version)))
+                }
+            },
+            6..=7 => client.abort(&model).await.map(|_| ()),
+            _ => client
+                .rollback(&model, Some("history test"))
+                .await
+                .map(|_| ()),
+        };
+        match outcome {
+            Ok(()) => {}
+            // Refusals (a rollout in progress, none to abort, nothing to
+            // roll back to, not deployed) and members being killed.
+            Err(ClientError::Status { status, .. }) if status.as_u16() == 409 => {}
+            Err(ClientError::Status { status, .. }) if status.as_u16() == 404 => {}
+            Err(ClientError::Unreachable { .. }) => {}
+            Err(e) => seen.unexpected.push(e.to_string()),
+        }
+    }
+    seen
+}
+
+/// Follows replica `id`'s watch stream on one member, reconnecting after
+/// the member dies, until `stop`; every revision seen, in order.
+async fn watcher(
+    url: String,
+    token: String,
+    id: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<u64> {
+    use futures::StreamExt;
+    let client = shoal_client::ControlClient::new(&url, Some(token));
+    let mut seen: Vec<u64> = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let after = seen.last().copied().unwrap_or(0);
+        if let Ok(stream) = client.watch(&id, after).await {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+                match next {
+                    Ok(Some(Ok(state))) => seen.push(state.revision),
+                    Ok(Some(Err(_)) | None) => break,
+                    Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
+/// In the spirit of Jepsen: clients push, deploy, abort and roll back
+/// concurrently through different members while members are killed and
+/// restarted. Afterwards every acknowledged write is in the registry, no
+/// model ever had two rollouts active at once (by the audit log, which is
+/// in commit order), and every watcher saw revisions only increase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = TempDir::new("ha-history");
+    let pg = PostgresServer::start();
+    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
+    let registry = pg.database("registry");
+    let store = format!("file://{}", tmp.join("artifacts").display());
+    let ids = ["a", "b", "c"];
+    let start = |id: &str, addr: &str| {
+        let args = [
+            "--registry",
+            &registry,
+            "--artifact-store",
+            &store,
+            "--id",
+            id,
+        ];
+        common::control(&tmp.join(id), addr, &args, &[])
+    };
+    let mut members: Vec<(Option<ChildGuard>, String)> = ids
+        .iter()
+        .map(|id| {
+            let (child, url) = start(id, "127.0.0.1:0");
+            (Some(child), url)
+        })
+        .collect();
+    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let urls: Vec<String> = members.iter().map(|m| m.1.clone()).collect();
+    for url in &urls {
+        shoal_testkit::tokens::remember_admin_token(url, &admin);
+    }
+    let (_, first_term) = agreed_leader(&urls, 3, None).await;
+
+    // The artifact every push registers, uploaded once.
+    let setup = shoal_client::ControlClient::new(&urls[0], Some(admin.clone()));
+    let bytes = std::fs::read(model_path("digits-v1.onnx")).unwrap();
+    let size = bytes.len() as u64;
+    let uploaded = setup
+        .upload_artifact(size, futures::stream::iter([Ok(bytes::Bytes::from(bytes))]))
+        .await
+        .unwrap();
+    // A replica that never serves, whose watch streams the watchers follow.
+    setup
+        .register(&shoal_api::fleet::Registration {
+            id: "watched".into(),
+            address: "127.0.0.1:9".into(),
+            region: "local".into(),
+            labels: Default::default(),
+            pid: None,
+            standby: false,
+        })
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watchers: Vec<_> = urls
+        .iter()
+        .map(|url| {
+            tokio::spawn(watcher(
+                url.clone(),
+                admin.clone(),
+                "watched".into(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            // Each client starts at a different member.
+            let order: Vec<String> = (0..3).map(|k| urls[(i + k) % 3].clone()).collect();
+            tokio::spawn(client(
+                order.join(","),
+                admin.clone(),
+                uploaded.sha256.clone(),
+                i as u64,
+                60,
+            ))
+        })
+        .collect();
+    // Meanwhile: kill a member with SIGKILL, bring it back, five times.
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let victim = round % 3;
+        let (child, url) = &mut members[victim];
+        child.take().unwrap().signal(Signal::SIGKILL);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        *child = Some(start(ids[victim], url.trim_start_matches("http://")).0);
+    }
+    let mut acknowledged = Vec::new();
+    for c in clients {
+        acknowledged.push(c.await.unwrap());
+    }
+    // Let the members converge, then stop watching.
+    let (_, last_term) = agreed_leader(&urls, 3, None).await;
+    assert!(
+        last_term > first_term,
+        "the lead changed hands under the kills"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut watched = Vec::new();
+    for w in watchers {
+        watched.push(w.await.unwrap());
+    }
+
+    // 1. Every acknowledged write is there.
+    let unexpected: Vec<&String> = acknowledged.iter().flat_map(|a| &a.unexpected).collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    let pushes: Vec<&(String, String, String)> =
+        acknowledged.iter().flat_map(|a| &a.pushes).collect();
+    assert!(
+        pushes.len() >= 10,
+        "too few pushes went through: {}",
+        pushes.len()
+    );
+    for (model, version, sha) in &pushes {
+        let v = setup.get_version(model, version).await.unwrap();
+        assert_eq!(&v.sha256, sha, "{model}:{version}");
+    }
+    let mut audit = Vec::new();
+    loop {
+        let after = audit
+            .last()
+            .map_or(0, |e: &shoal_api::registry::AuditEntry| e.seq);
+        let page = setup.audit(after, 1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        audit.extend(page);
+    }
+    let seqs: Vec<i64> = audit.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let deploys: Vec<&(String, String)> = acknowledged.iter().flat_map(|a| &a.deploys).collect();
+    assert!(!deploys.is_empty(), "no deploy went through");
+    for (model, version) in &deploys {
+        assert!(
+            audit.iter().any(|e| e.action == "deploy"
+                && &e.target == model
+                && e.detail.contains(&format!(" to {version}:"))),
+            "acknowledged deploy of {model}:{version} is not in the audit log"
+        );
+    }
+
+    // 2. Never two rollouts of one model at once.
+    let mut active: std::collections::BTreeMap<&str, u64> = Default::default();
+    for e in &audit {
+        match e.action.as_str() {
+            "deploy" | "rollback" => {
+                if let Some(since) = active.insert(&e.target, e.seq as u64) {
+                    panic!(
+                        "{} started a rollout of {} (audit {}) while the one from audit {since} was active",
+                        e.actor, e.target, e.seq
+                    );
+                }
+            }
+            "deploy.promoted" | "deploy.rolled_back" | "deploy.aborted" => {
+                active.remove(e.target.as_str());
+            }
+            _ => {}
+        }
+    }
+
+    // 3. Watchers saw revisions only increase, across reconnects.
+    for (url, revisions) in urls.iter().zip(&watched) {
+        assert!(!revisions.is_empty(), "the watcher on {url} saw nothing");
+        assert!(
+            revisions.windows(2).all(|w| w[0] < w[1]),
+            "revisions went backwards on {url}: {revisions:?}"
+        );
+    }
+}
