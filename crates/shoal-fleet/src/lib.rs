@@ -118,6 +118,18 @@ fn gateway_addrs(first: SocketAddr, control: SocketAddr, regions: usize) -> Vec<
     addrs
 }
 
+/// `url` without a password, for printing.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Empties the list of started children.
 fn take(spawned: &std::sync::Mutex<Vec<Arc<Supervised>>>) -> Vec<Arc<Supervised>> {
     std::mem::take(&mut *spawned.lock().unwrap_or_else(PoisonError::into_inner))
@@ -472,6 +484,13 @@ pub async fn run(
         config.regions.join(", ")
     );
     println!("  control plane  {control_url}   (shoal status, shoal model list)");
+    if config.control_planes > 1 {
+        println!(
+            "                 {} members sharing {}: one leads, any answers; pass them all with --control",
+            config.control_planes,
+            config.registry.as_deref().map_or("the registry".into(), redact_url)
+        );
+    }
     println!(
         "  admin token    {}   (the CLI reads .shoal/admin.token under its working directory; \
          elsewhere use --token-file)",
@@ -549,6 +568,43 @@ async fn chaos_monkey(replicas: Vec<Arc<Supervised>>, rate: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn up(control_planes: usize, registry: Option<&str>) -> UpConfig {
+        UpConfig {
+            exe: PathBuf::from("shoal"),
+            data_dir: PathBuf::from(".shoal"),
+            replicas: 3,
+            standby: 0,
+            regions: vec!["local".into()],
+            gateway_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            control_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            chaos_per_minute: None,
+            tls: false,
+            control_planes,
+            registry: registry.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn several_control_planes_need_a_registry_they_share() {
+        assert!(up(1, None).check().is_ok());
+        let err = up(3, None).check().unwrap_err().to_string();
+        assert!(
+            err.contains("--control-planes 3") && err.contains("--registry postgres://"),
+            "{err}"
+        );
+        assert!(up(3, Some("sqlite")).check().is_err());
+        assert!(up(3, Some("postgres://shoal@db/shoal")).check().is_ok());
+    }
+
+    #[test]
+    fn printed_registry_urls_lose_their_password() {
+        assert_eq!(
+            redact_url("postgres://shoal:secret@db:5432/shoal"),
+            "postgres://shoal@db:5432/shoal"
+        );
+        assert_eq!(redact_url("postgres://db/shoal"), "postgres://db/shoal");
+    }
 
     #[test]
     fn regions_gateways_never_take_the_control_planes_port() {

@@ -11,18 +11,22 @@ use std::sync::{Mutex, PoisonError};
 static ADMIN: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 static FLEET: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 
+/// The `host:port` of `url`, or of its first member when it names several
+/// members of one control plane (`http://a:1,http://b:2`).
 fn base(url: &str) -> String {
+    let url = url.split(',').next().unwrap_or(url);
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host = rest.split('/').next().unwrap_or(rest);
     host.to_owned()
 }
 
-/// Remembers `token` as the admin token of the control plane at `url`.
+/// Remembers `token` as the admin token of the control plane at `url`
+/// (of each member, when it names several).
 pub fn remember_admin_token(url: &str, token: &str) {
-    ADMIN
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(base(url), token.to_owned());
+    let mut admin = ADMIN.lock().unwrap_or_else(PoisonError::into_inner);
+    for member in url.split(',') {
+        admin.insert(base(member), token.to_owned());
+    }
 }
 
 /// The admin token of the control plane `url` points into, if a test

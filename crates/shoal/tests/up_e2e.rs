@@ -538,3 +538,114 @@ async fn sigint_during_start_up_stops_everything() {
         assert!(!alive(pid), "child {pid} outlived shoal up");
     }
 }
+
+/// `shoal up --control-planes 3` on a PostgreSQL registry: three members,
+/// one leader, every member answering. SIGKILL the leader: another member
+/// leads in a new term while `shoal up` brings the killed one back,
+/// predictions never fail, and a deploy through the member list goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_control_planes_under_shoal_up_survive_losing_the_leader() {
+    let tmp = TempDir::new("up-ha");
+    let pg = shoal_testkit::PostgresServer::start();
+    let registry = pg.database("registry");
+    let data = tmp.join("fleet");
+    let (_up, gateway, control) = common::shoal_up(
+        &data,
+        &[
+            "--control-planes",
+            "3",
+            "--registry",
+            &registry,
+            "--replicas",
+            "2",
+        ],
+    );
+    let urls: Vec<&str> = control.split(',').collect();
+    assert_eq!(urls.len(), 3, "{control}");
+    let status = cli(&control, &["status"]);
+    let leader = status["control"]["leader"].as_str().unwrap().to_owned();
+    let term = status["control"]["term"].as_u64().unwrap();
+    assert_eq!(
+        status["control"]["members"].as_array().unwrap().len(),
+        3,
+        "{status}"
+    );
+    let http = HttpClient::new();
+    for url in &urls {
+        let l = http.get(&format!("{url}/api/v1/leader")).await.json();
+        assert_eq!(l["leader"], leader.as_str(), "{url}: {l}");
+    }
+
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let pid = fleet["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p[0] == leader.as_str())
+        .and_then(|p| p[1].as_u64())
+        .unwrap_or_else(|| panic!("no process for the leader {leader}: {fleet}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let url = format!("{gateway}/v2/models/digits/infer");
+        tokio::spawn(async move {
+            let http = HttpClient::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http.post_json(&url, Samples::load().request(0..1)).await;
+                if r.status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    nix::sys::signal::kill(
+        Pid::from_raw(i32::try_from(pid).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    // Any member may answer (the killed one too, once restarted): the
+    // lease is in the registry they share.
+    let others: Vec<String> = urls.iter().map(|u| (*u).to_owned()).collect();
+    let (new_leader, new_term) = eventually(
+        "a new term of leadership",
+        Duration::from_secs(30),
+        || {
+            let (http, others) = (http.clone(), others.clone());
+            async move {
+                for url in &others {
+                    let Ok(r) = http
+                        .send(
+                            http::Method::GET,
+                            &format!("{url}/api/v1/leader"),
+                            &[],
+                            bytes::Bytes::new(),
+                        )
+                        .await
+                    else {
+                        continue;
+                    };
+                    if r.status != 200 {
+                        continue;
+                    }
+                    let l = r.json();
+                    if l["term"].as_u64()? > term {
+                        return Some((l["leader"].as_str()?.to_owned(), l["term"].as_u64()?));
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
+    assert!(new_term > term && !new_leader.is_empty());
+
+    // A deploy through the member list goes out under the new leader.
+    let v2 = model_path("digits-v2.onnx");
+    cli(&control, &["model", "push", "digits", v2.to_str().unwrap()]);
+    cli(&control, &["deploy", "digits:2"]);
+    common::converged_on(&control, "digits:2", 2).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions");
+    assert!(ok.load(Ordering::Relaxed) > 0);
+}
