@@ -40,6 +40,9 @@ pub enum Scenario {
     ControlPlaneLoss,
     /// One of two gateways is SIGKILLed; clients hold both.
     GatewayLoss,
+    /// The leading control plane of several (`shoal up --control-planes
+    /// 3`) is SIGKILLed. Recovery is another member's first act as leader.
+    LeaderLoss,
 }
 
 impl Scenario {
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::RegionLoss(_) => "region-loss",
             Scenario::ControlPlaneLoss => "control-plane-loss",
             Scenario::GatewayLoss => "gateway-loss",
+            Scenario::LeaderLoss => "leader-loss",
         }
     }
 }
@@ -479,6 +483,151 @@ impl Whole<'_> {
     }
 }
 
+/// The leading member of the fleet's control plane, and its pid.
+async fn leader_and_pid(
+    client: &ControlClient,
+    fleet: &FleetFile,
+) -> anyhow::Result<(String, u32)> {
+    let leadership = client.leader().await.context("GET /api/v1/leader")?;
+    anyhow::ensure!(
+        leadership.members.len() >= 2,
+        "leader-loss needs several control planes: shoal up --control-planes 3 --registry postgres://…"
+    );
+    let leader = leadership
+        .leader
+        .context("no member leads now; wait a moment and try again")?;
+    let pid = fleet
+        .pids
+        .iter()
+        .find(|(n, _)| *n == leader)
+        .map(|(_, p)| *p)
+        .with_context(|| format!("the leader {leader} is not one of shoal up's processes"))?;
+    Ok((leader, pid))
+}
+
+/// The audit log's last position.
+async fn last_audit_seq(client: &ControlClient) -> anyhow::Result<i64> {
+    let mut after = 0;
+    loop {
+        let page = client.audit(after, 1000).await.context("the audit log")?;
+        match page.last() {
+            Some(e) => after = e.seq,
+            None => return Ok(after),
+        }
+    }
+}
+
+/// The first member other than `deposed` to record taking the lead after
+/// audit position `after`, and when: ms after `fault_at` (Unix ms, this
+/// machine's clock, which the members of `shoal up` share). Polls until
+/// `deadline`.
+async fn new_leader_after(
+    client: &ControlClient,
+    mut after: i64,
+    fault_at: shoal_api::UnixMillis,
+    deposed: &str,
+    deadline: Instant,
+) -> Option<(String, f64)> {
+    while Instant::now() < deadline {
+        if let Ok(page) = client.audit(after, 1000).await {
+            if let Some(e) = page
+                .iter()
+                .find(|e| e.action == "leader.elected" && e.target != deposed)
+            {
+                return Some((e.target.clone(), (e.at - fault_at) as f64));
+            }
+            if let Some(last) = page.last() {
+                after = last.seq;
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Leader failovers measured one after another.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailoverReport {
+    /// Control-plane members.
+    pub members: usize,
+    /// Per trial: SIGKILL of the leader to another member's first act as
+    /// leader (its fenced `leader.elected` record), ms.
+    pub trials_ms: Vec<f64>,
+    /// Median of the trials (ms).
+    pub median_ms: f64,
+    /// Slowest trial (ms).
+    pub max_ms: f64,
+    /// Who took over, per trial.
+    pub new_leaders: Vec<String>,
+}
+
+/// `trials` leader failovers of the `shoal up --control-planes N` fleet in
+/// `data_dir`: each SIGKILLs the leader, times the next leader's first act,
+/// and waits for `shoal up` to bring the killed member back and for every
+/// member to be seen again before the next.
+pub async fn failover(data_dir: &Path, trials: usize) -> anyhow::Result<FailoverReport> {
+    let fleet = read_fleet(data_dir)?;
+    let token = shoal_client::secret::read(&data_dir.join("admin.token"))
+        .context("the fleet's admin token (DATA_DIR/admin.token)")?;
+    let client =
+        ControlClient::new(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
+    let members = client
+        .leader()
+        .await
+        .context("the control plane does not answer; is the fleet up?")?
+        .members
+        .len();
+    let mut report = FailoverReport {
+        members,
+        trials_ms: Vec::new(),
+        median_ms: 0.0,
+        max_ms: 0.0,
+        new_leaders: Vec::new(),
+    };
+    let mut after = last_audit_seq(&client).await?;
+    for trial in 0..trials {
+        let fleet = read_fleet(data_dir)?;
+        let (leader, pid) = leader_and_pid(&client, &fleet).await?;
+        let fault_at = shoal_api::now_millis();
+        signal(pid, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (next, ms) = new_leader_after(&client, after, fault_at, &leader, deadline)
+            .await
+            .with_context(|| format!("trial {}: no member took the lead within 30 s", trial + 1))?;
+        report.trials_ms.push(ms);
+        report.new_leaders.push(next);
+        // Before the next trial: the killed member back under a new pid
+        // and every member campaigning again.
+        loop {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "trial {}: {leader} did not come back within 30 s",
+                trial + 1
+            );
+            let back = read_fleet(data_dir)
+                .is_ok_and(|f| f.pids.iter().any(|(n, p)| *n == leader && *p != pid));
+            let seen = client.leader().await.ok().is_some_and(|l| {
+                let now = shoal_api::now_millis();
+                l.leader.is_some()
+                    && l.members
+                        .iter()
+                        .filter(|m| now - m.last_seen < 1000)
+                        .count()
+                        >= members
+            });
+            if back && seen {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        after = last_audit_seq(&client).await?;
+    }
+    report.median_ms = crate::stats::median(&report.trials_ms);
+    report.max_ms = report.trials_ms.iter().copied().fold(0.0, f64::max);
+    Ok(report)
+}
+
 /// Runs a drill against the `shoal up` fleet in `spec.data_dir`.
 pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     let fleet = read_fleet(&spec.data_dir)?;
@@ -552,6 +701,10 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
                 false,
             )
         }
+        Scenario::LeaderLoss => {
+            let (leader, pid) = leader_and_pid(&client, &fleet).await?;
+            (vec![(leader, pid)], vec![first_gateway], false)
+        }
         Scenario::GatewayLoss => {
             anyhow::ensure!(
                 fleet.gateways.len() >= 2,
@@ -620,7 +773,9 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     } else {
         0
     };
+    let audit_before = last_audit_seq(&client).await?;
     let fault = Instant::now();
+    let fault_at = shoal_api::now_millis();
     for (_, pid) in &killed {
         signal(
             *pid,
@@ -648,6 +803,13 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    } else if spec.scenario == Scenario::LeaderLoss {
+        // Back in service when another member acts as leader; the killed
+        // one is then awaited like any other member.
+        capacity_back = new_leader_after(&client, audit_before, fault_at, &killed[0].0, deadline)
+            .await
+            .map(|(_, ms)| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        whole.wait(&spec.data_dir, &client, deadline).await;
     } else {
         capacity_back = whole
             .wait(&spec.data_dir, &client, deadline)

@@ -4,7 +4,10 @@
 //! shared and noisy, so only ratios taken together mean anything.
 //!
 //! - [`runtime`]: tract against ONNX Runtime on the same inputs.
-//! - [`drill`]: disaster drills against a running fleet (RTO, RPO).
+//! - [`drill`]: disaster drills against a running fleet (RTO, RPO), and
+//!   leader failovers of several control planes, trial after trial.
+//! - [`registry`]: registry write throughput and latency, SQLite against
+//!   PostgreSQL.
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
 //!   the same data directory.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
@@ -27,6 +30,7 @@ pub mod herd;
 pub mod lab;
 pub mod load;
 pub mod overhead;
+pub mod registry;
 pub mod runtime;
 pub mod stats;
 pub mod topology;

@@ -488,7 +488,10 @@ pub async fn run(
         println!(
             "                 {} members sharing {}: one leads, any answers; pass them all with --control",
             config.control_planes,
-            config.registry.as_deref().map_or("the registry".into(), redact_url)
+            config
+                .registry
+                .as_deref()
+                .map_or("the registry".into(), redact_url)
         );
     }
     println!(

@@ -114,3 +114,49 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
     let exited = up.wait_timeout(std::time::Duration::from_secs(30));
     assert!(exited.expect("shoal up exits on SIGINT").success());
 }
+
+/// Losing the leader of three control planes on PostgreSQL: no request and
+/// no acknowledged write is lost, another member leads (the recovery time
+/// is its first act as leader), and `shoal bench failover` times the same
+/// thing trial after trial.
+#[test]
+fn losing_the_leader_of_three_control_planes_costs_nothing() {
+    let tmp = TempDir::new("drill-leader");
+    let pg = shoal_testkit::PostgresServer::start();
+    let registry = pg.database("registry");
+    let data = tmp.join("fleet");
+    let (_up, _, _) = common::shoal_up(
+        &data,
+        &[
+            "--replicas",
+            "2",
+            "--control-planes",
+            "3",
+            "--registry",
+            &registry,
+        ],
+    );
+    let report = drill(&data, &["leader-loss"]);
+    eprintln!("leader-loss: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["writes_lost"], 0, "{report}");
+    assert!(report["writes_acknowledged"].as_u64().unwrap() > 0);
+    let failover = report["capacity_back_ms"].as_f64().expect("a new leader");
+    assert!(failover > 0.0, "{report}");
+    assert!(report["rto_ms"].is_number(), "{report}");
+
+    let out = std::process::Command::new(shoal())
+        .args(["bench", "failover", "--trials", "2", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bench: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(bench["members"], 3, "{bench}");
+    assert_eq!(bench["trials_ms"].as_array().unwrap().len(), 2, "{bench}");
+    assert!(bench["max_ms"].as_f64().unwrap() >= bench["median_ms"].as_f64().unwrap());
+}

@@ -598,18 +598,12 @@ async fn three_control_planes_under_shoal_up_survive_losing_the_leader() {
             }
         })
     };
-    nix::sys::signal::kill(
-        Pid::from_raw(i32::try_from(pid).unwrap()),
-        Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
     // Any member may answer (the killed one too, once restarted): the
     // lease is in the registry they share.
     let others: Vec<String> = urls.iter().map(|u| (*u).to_owned()).collect();
-    let (new_leader, new_term) = eventually(
-        "a new term of leadership",
-        Duration::from_secs(30),
-        || {
+    let (new_leader, new_term) =
+        eventually("a new term of leadership", Duration::from_secs(30), || {
             let (http, others) = (http.clone(), others.clone());
             async move {
                 for url in &others {
@@ -634,9 +628,8 @@ async fn three_control_planes_under_shoal_up_survive_losing_the_leader() {
                 }
                 None
             }
-        },
-    )
-    .await;
+        })
+        .await;
     assert!(new_term > term && !new_leader.is_empty());
 
     // A deploy through the member list goes out under the new leader.

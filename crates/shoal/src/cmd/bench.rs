@@ -84,6 +84,33 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         max_error_percent: f64,
     },
+    /// Leader failover of a `shoal up --control-planes N` fleet: SIGKILL of
+    /// the leader to another member's first act as leader, trial after trial.
+    Failover {
+        /// The data directory of the running fleet.
+        #[arg(long, default_value = ".shoal")]
+        data_dir: PathBuf,
+        /// Leaders to kill, one after another.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        trials: u64,
+    },
+    /// Registry writes (deployments: revision, audit, one durable
+    /// transaction each), SQLite against PostgreSQL, alternating rounds.
+    Registry {
+        /// The PostgreSQL registry to write to (a scratch database: the
+        /// benchmark leaves its deployments there).
+        #[arg(long, env = "SHOAL_REGISTRY")]
+        registry: String,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// Writes per writer per round.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Backup and restore of many versions against tar + zstd of the same data directory.
     Backup {
         /// Versions in the registry (each trained anew: no shared chunks).
@@ -296,6 +323,71 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         r.max_rate_after_kill
                     );
                 }
+            }
+        }
+        BenchCommand::Registry {
+            registry,
+            writers,
+            writes,
+            rounds,
+        } => {
+            anyhow::ensure!(
+                registry.starts_with("postgres://") || registry.starts_with("postgresql://"),
+                "--registry must be a postgres:// URL (SQLite is measured beside it in a scratch directory)"
+            );
+            anyhow::ensure!(
+                (1..=256).contains(&writers) && writes >= 1 && rounds >= 1,
+                "--writers must be 1 to 256, --writes and --rounds at least 1"
+            );
+            let r = shoal_bench::registry::run(
+                &scratch().join("registry"),
+                &registry,
+                writers,
+                writes,
+                rounds,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} writers × {} deployment writes per round, {} rounds",
+                    r.writers,
+                    r.writes,
+                    r.stores[0].writes_per_s.len()
+                );
+                for s in &r.stores {
+                    println!(
+                        "  {:<9} {:>7.0} writes/s (median of rounds)   p50 {:>6.2} ms   p99 {:>6.2} ms",
+                        s.store,
+                        shoal_bench::stats::median(&s.writes_per_s),
+                        s.latency.p50_us / 1000.0,
+                        s.latency.p99_us / 1000.0
+                    );
+                }
+            }
+        }
+        BenchCommand::Failover { data_dir, trials } => {
+            let r = shoal_bench::drill::failover(
+                &data_dir,
+                usize::try_from(trials).unwrap_or(usize::MAX),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} leader failovers among {} control planes (SIGKILL to the next leader's first act)",
+                    r.trials_ms.len(),
+                    r.members
+                );
+                for (i, (ms, who)) in r.trials_ms.iter().zip(&r.new_leaders).enumerate() {
+                    println!("  trial {:>2}: {ms:>6.0} ms  → {who}", i + 1);
+                }
+                println!(
+                    "  median {:.0} ms, max {:.0} ms (goal: median ≤ 2000 ms, max ≤ 5000 ms)",
+                    r.median_ms, r.max_ms
+                );
             }
         }
         BenchCommand::Backup {

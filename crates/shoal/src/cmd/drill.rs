@@ -11,7 +11,8 @@ use crate::cli::Global;
 pub(crate) struct DrillArgs {
     /// What goes wrong: replica-loss, replica-hang, region-loss (with --region),
     /// control-plane-loss, gateway-loss (needs two gateways: shoal up
-    /// --regions a,b).
+    /// --regions a,b), leader-loss (needs several control planes: shoal up
+    /// --control-planes 3 --registry postgres://…).
     scenario: ScenarioName,
     /// The region to lose (region-loss).
     #[arg(long)]
@@ -42,6 +43,7 @@ enum ScenarioName {
     RegionLoss,
     ControlPlaneLoss,
     GatewayLoss,
+    LeaderLoss,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -64,6 +66,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         (ScenarioName::ReplicaHang, None) => Scenario::ReplicaHang,
         (ScenarioName::ControlPlaneLoss, None) => Scenario::ControlPlaneLoss,
         (ScenarioName::GatewayLoss, None) => Scenario::GatewayLoss,
+        (ScenarioName::LeaderLoss, None) => Scenario::LeaderLoss,
     };
     anyhow::ensure!(
         args.rate > 0.0 && args.rate <= 10_000.0,
