@@ -635,6 +635,7 @@ pub(crate) async fn gateway_report(
     Path(id): Path<String>,
     Json(report): Json<shoal_api::traffic::GatewayReport>,
 ) -> Result<Response, ApiError> {
+    crate::leader::publish_gateway_report(&control, &id, &report).await;
     control.traffic.report(&id, report);
     Ok(json_response(
         StatusCode::OK,

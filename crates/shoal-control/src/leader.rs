@@ -13,9 +13,10 @@
 //!
 //! Members that share the registry also follow each other: new revisions
 //! arrive by the registry's change feed (PostgreSQL `LISTEN/NOTIFY`, with
-//! a slow poll beside it), and the heartbeats each member receives are
-//! stored for the others ([`share_heartbeats`]), so the leader plans with
-//! the whole fleet whichever member a replica talks to.
+//! a slow poll beside it), and the heartbeats and gateway reports each
+//! member receives are stored for the others ([`share_heartbeats`]), so
+//! the leader plans with the whole fleet whichever member a replica or a
+//! gateway talks to.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,14 +244,32 @@ pub(crate) async fn follow(control: Arc<Control>, every: Duration) {
     }
 }
 
-/// Stores `report` for the other members (when the registry is shared).
+/// Where a gateway's reports are kept among replicas' heartbeats: names
+/// never contain `/`, so the two never meet.
+const GATEWAY: &str = "gateway/";
+
+/// Stores replica `id`'s heartbeat for the other members (when the
+/// registry is shared).
 pub(crate) async fn publish_heartbeat(control: &Control, id: &str, report: &Heartbeat) {
+    publish(control, id, report).await;
+}
+
+/// Stores gateway `id`'s report for the other members.
+pub(crate) async fn publish_gateway_report(
+    control: &Control,
+    id: &str,
+    report: &shoal_api::traffic::GatewayReport,
+) {
+    publish(control, &format!("{GATEWAY}{id}"), report).await;
+}
+
+async fn publish(control: &Control, key: &str, report: &impl serde::Serialize) {
     if !control.store.shared() {
         return;
     }
     let body = serde_json::to_string(report).unwrap_or_default();
-    if let Err(e) = control.store.put_heartbeat(id, &body).await {
-        tracing::warn!(replica = %id, error = %e, "cannot share a heartbeat with the other members");
+    if let Err(e) = control.store.put_heartbeat(key, &body).await {
+        tracing::warn!(from = %key, error = %e, "cannot share a report with the other members");
     }
 }
 
@@ -272,11 +291,18 @@ pub(crate) async fn share_heartbeats(control: Arc<Control>, every: Duration) {
         let mut changed = false;
         for row in rows {
             after = after.max(row.seq);
+            let age = Duration::from_millis(u64::try_from(row.age_ms).unwrap_or(0));
+            if let Some(gateway) = row.replica.strip_prefix(GATEWAY) {
+                match serde_json::from_str(&row.body) {
+                    Ok(report) => control.traffic.merge(gateway, report, age),
+                    Err(_) => tracing::warn!(%gateway, "unreadable shared gateway report; skipped"),
+                }
+                continue;
+            }
             let Ok(report) = serde_json::from_str::<Heartbeat>(&row.body) else {
                 tracing::warn!(replica = %row.replica, "unreadable shared heartbeat; skipped");
                 continue;
             };
-            let age = Duration::from_millis(u64::try_from(row.age_ms).unwrap_or(0));
             changed |= control.live.merge(&row.replica, report, age);
         }
         if changed {

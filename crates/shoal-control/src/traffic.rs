@@ -1,12 +1,15 @@
 //! What gateways report (shadow comparisons, rewards), summed over
 //! gateways and kept monotonic across gateway restarts, the way replica
-//! heartbeats are.
+//! heartbeats are. Members of a control plane that share a registry pass
+//! these reports to each other through it, like heartbeats.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use shoal_api::counters::accumulate;
 use shoal_api::traffic::{GatewayReport, RewardStats, ShadowStats};
+use tokio::time::Instant;
 
 /// Totals over every gateway.
 #[derive(Debug, Default)]
@@ -16,7 +19,7 @@ pub(crate) struct TrafficTotals {
 
 #[derive(Debug, Default)]
 struct Inner {
-    last: BTreeMap<String, GatewayReport>,
+    last: BTreeMap<String, (Instant, GatewayReport)>,
     shadow: BTreeMap<String, ShadowStats>,
     rewards: BTreeMap<String, RewardStats>,
 }
@@ -24,8 +27,18 @@ struct Inner {
 impl TrafficTotals {
     /// Adds what gateway `id` saw since its last report.
     pub(crate) fn report(&self, id: &str, report: GatewayReport) {
+        self.merge(id, report, Duration::ZERO);
+    }
+
+    /// Adds a report another member received `age` ago, unless a newer
+    /// one from that gateway is known.
+    pub(crate) fn merge(&self, id: &str, report: GatewayReport, age: Duration) {
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let previous = inner.last.remove(id).unwrap_or_default();
+        if inner.last.get(id).is_some_and(|(seen, _)| *seen > at) {
+            return;
+        }
+        let previous = inner.last.remove(id).map(|(_, r)| r).unwrap_or_default();
         // A gateway restarted counts from zero again.
         for (model, now) in &report.shadow {
             let total = inner.shadow.entry(model.clone()).or_default();
@@ -35,7 +48,7 @@ impl TrafficTotals {
             let total = inner.rewards.entry(key.clone()).or_default();
             accumulate(total, previous.rewards.get(key), now);
         }
-        inner.last.insert(id.to_owned(), report);
+        inner.last.insert(id.to_owned(), (at, report));
     }
 
     /// Shadow comparisons per model.
@@ -61,8 +74,33 @@ impl TrafficTotals {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sums_gateways_and_survives_their_restarts() {
+    #[tokio::test(start_paused = true)]
+    async fn reports_from_other_members_count_once_and_never_go_back() {
+        let t = TrafficTotals::default();
+        let report = |count: u64| GatewayReport {
+            rewards: [(
+                "m:1".to_owned(),
+                RewardStats {
+                    count,
+                    sum: count as f64,
+                    sum_sq: count as f64,
+                },
+            )]
+            .into(),
+            ..GatewayReport::default()
+        };
+        tokio::time::advance(Duration::from_secs(10)).await;
+        t.merge("g", report(5), Duration::from_secs(2));
+        t.report("g", report(8));
+        // The same report again, and an older one: nothing added (an older
+        // one would otherwise look like a restarted gateway).
+        t.merge("g", report(8), Duration::ZERO);
+        t.merge("g", report(5), Duration::from_secs(2));
+        assert_eq!(t.rewards()["m:1"].count, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sums_gateways_and_survives_their_restarts() {
         let t = TrafficTotals::default();
         let report = |count: u64, sum: f64| GatewayReport {
             rewards: [(
