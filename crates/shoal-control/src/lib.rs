@@ -23,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod backups;
 pub mod controller;
+mod events;
 mod fleet;
 pub mod leader;
 mod metrics;
@@ -86,6 +87,9 @@ pub struct ControlConfig {
     /// How long a leader's lease lasts unrenewed: after a leader dies,
     /// another member leads within about this long.
     pub lease_ttl: Duration,
+    /// NATS server (`nats://HOST:PORT`) to publish desired states and
+    /// routing tables on, while this member leads.
+    pub events: Option<String>,
 }
 
 /// Opens the registry `url` names (see [`ControlConfig::registry`]).
@@ -149,6 +153,7 @@ impl Default for ControlConfig {
             id: None,
             advertise: None,
             lease_ttl: Duration::from_millis(1500),
+            events: None,
         }
     }
 }
@@ -516,6 +521,13 @@ impl ControlServer {
         tasks.push(shoal_http::supervise("leader campaign", move || {
             leader::run(campaigner.clone())
         }));
+        if let Some(url) = &control.config.events {
+            let events = shoal_events::Events::connect(url).await?;
+            let publisher = control.clone();
+            tasks.push(shoal_http::supervise("event publisher", move || {
+                events::run(publisher.clone(), events.clone())
+            }));
+        }
         if control.store.shared() {
             let follower = control.clone();
             tasks.push(shoal_http::supervise("registry follower", move || {

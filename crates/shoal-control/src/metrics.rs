@@ -43,9 +43,19 @@ pub(crate) struct ControlMetrics {
     pub(crate) last_backup: Gauge,
     pub(crate) leader: Gauge,
     pub(crate) term: Gauge,
+    events: Family<ResultLabels, Counter>,
 }
 
 impl ControlMetrics {
+    /// Counts one event published (or one failed attempt).
+    pub(crate) fn event(&self, ok: bool) {
+        self.events
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+
     pub(crate) fn new(registry: &MetricsRegistry) -> ControlMetrics {
         let m = ControlMetrics {
             revision: Gauge::default(),
@@ -60,7 +70,13 @@ impl ControlMetrics {
             last_backup: Gauge::default(),
             leader: Gauge::default(),
             term: Gauge::default(),
+            events: Family::default(),
         };
+        registry.register(
+            "shoal_events_published",
+            "Desired states and routing tables published on NATS JetStream, by result (ok, failed)",
+            m.events.clone(),
+        );
         registry.register(
             "shoal_control_leader",
             "1 while this control plane leads (runs the rollout controller), else 0",

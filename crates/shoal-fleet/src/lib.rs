@@ -65,6 +65,8 @@ pub struct UpConfig {
     pub control_planes: usize,
     /// The registry URL (`postgres://…` for several members).
     pub registry: Option<String>,
+    /// NATS server every member is given (`--events`).
+    pub events: Option<String>,
 }
 
 impl UpConfig {
@@ -287,6 +289,11 @@ pub async fn run(
     let startup = async {
         // The first member starts alone (it makes the first admin token in
         // an empty registry); the others join it on any free port.
+        let events_args: Vec<String> = config
+            .events
+            .iter()
+            .flat_map(|url| ["--events".to_owned(), url.clone()])
+            .collect();
         let shared_store = {
             let path = std::path::absolute(config.data_dir.join("artifacts"))?;
             std::fs::create_dir_all(&path)
@@ -316,6 +323,7 @@ pub async fn run(
             if let Some(registry) = &config.registry {
                 args.extend(["--registry".into(), registry.clone()]);
             }
+            args.extend(events_args.iter().cloned());
             if config.control_planes > 1 {
                 args.extend([
                     "--id".into(),
@@ -383,6 +391,7 @@ pub async fn run(
                     ]
                     .into_iter()
                     .chain(standby.then(|| "--standby".to_owned()))
+                    .chain(events_args.iter().cloned())
                     .chain(tls_args.iter().cloned())
                     .collect(),
                     false,
@@ -411,6 +420,7 @@ pub async fn run(
                     fleet_file.clone(),
                 ]
                 .into_iter()
+                .chain(events_args.iter().cloned())
                 .chain(tls_args.iter().cloned())
                 .collect(),
                 true,
@@ -585,6 +595,7 @@ mod tests {
             tls: false,
             control_planes,
             registry: registry.map(str::to_owned),
+            events: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //! applied and written to `<data-dir>/routing.json`, so a gateway started
 //! while the control plane is down routes with the last table it knew. The
 //! stream reconnects with backoff; nothing blocks serving meanwhile.
+//! With `--events nats://…`: the same tables from NATS JetStream instead
+//! of the watch stream (the latest first, then each new one).
 //! Without one: a static list of replicas, whose health checks say what
 //! each serves.
 
@@ -54,6 +56,55 @@ pub(crate) async fn load_saved(gateway: &Gateway) {
     }
 }
 
+/// Follows routing tables on NATS JetStream (`--events`), from the latest
+/// on, starting over after a pause whenever the consumer gives up. Tables
+/// older than the one routed by are ignored.
+async fn follow_events(gateway: &Gateway, url: &str) {
+    let mut attempt = 0;
+    let events = loop {
+        match shoal_events::Events::connect(url).await {
+            Ok(events) => break events,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the event stream");
+                attempt += 1;
+                tokio::time::sleep(shoal_client::reconnect_backoff(attempt)).await;
+            }
+        }
+    };
+    let mut newest = 0;
+    loop {
+        match events.follow_routing().await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(table) if table.revision >= newest => {
+                            attempt = 0;
+                            newest = table.revision;
+                            apply(gateway, &table).await;
+                        }
+                        Ok(_) => {}
+                        Err(e @ shoal_events::EventError::Decode { .. }) => {
+                            tracing::warn!(error = %e, "skipped");
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "routing events broke off");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "event stream unreachable; routing with the last known table");
+                }
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(shoal_client::reconnect_backoff(attempt)).await;
+    }
+}
+
 /// Runs discovery until the task is aborted.
 pub async fn run(gateway: Arc<Gateway>) {
     let Some(control) = gateway.config.control.clone() else {
@@ -62,6 +113,9 @@ pub async fn run(gateway: Arc<Gateway>) {
             .set_static(&gateway.config.static_replicas, gateway.now());
         return;
     };
+    if let Some(url) = gateway.config.events.clone() {
+        return follow_events(&gateway, &url).await;
+    }
     let client = ControlClient::new(&control, gateway.config.token.clone());
     let mut attempt = 0;
     loop {

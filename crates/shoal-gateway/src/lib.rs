@@ -58,6 +58,9 @@ pub struct GatewayConfig {
     pub control: Option<String>,
     /// Bearer token for the control plane.
     pub token: Option<String>,
+    /// NATS server (`nats://HOST:PORT`) to follow routing tables on instead
+    /// of the control plane's watch stream.
+    pub events: Option<String>,
     /// Replicas to route to without a control plane (`host:port`).
     pub static_replicas: Vec<String>,
     /// Time allowed for one attempt.
@@ -97,6 +100,7 @@ impl Default for GatewayConfig {
             region: "default".into(),
             control: None,
             token: None,
+            events: None,
             static_replicas: Vec::new(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_millis(500),

@@ -47,6 +47,10 @@ pub struct SyncConfig {
     pub labels: BTreeMap<String, String>,
     /// Register as a standby (see [`Registration::standby`]).
     pub standby: bool,
+    /// NATS server (`nats://HOST:PORT`) whose JetStream carries this
+    /// replica's desired states, instead of a watch stream to the control
+    /// plane; polling stays the fallback either way.
+    pub events: Option<String>,
 }
 
 /// How a reconcile ended.
@@ -447,7 +451,53 @@ impl Agent {
             }
         }
         let _heartbeats = Abort(tokio::spawn(self.clone().heartbeat_loop()));
-        self.watch_loop().await;
+        match self.config.events.clone() {
+            Some(url) => self.events_loop(&url).await,
+            None => self.watch_loop().await,
+        }
+    }
+
+    /// Follows this replica's desired states on NATS JetStream, from the
+    /// latest on; starts over after a pause whenever the consumer gives up
+    /// (NATS restarting, say). What arrives takes the same path as the
+    /// watch stream's and polls' (`submit`: only newer revisions count).
+    async fn events_loop(&self, url: &str) {
+        let mut attempt = 0;
+        let events = loop {
+            match shoal_events::Events::connect(url).await {
+                Ok(events) => break events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot use the event stream; polling only");
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        };
+        loop {
+            match events.follow_desired(&self.config.id).await {
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(desired) => {
+                                attempt = 0;
+                                self.submit(desired);
+                            }
+                            Err(e @ shoal_events::EventError::Decode { .. }) => {
+                                tracing::warn!(error = %e, "skipped");
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "event stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot follow the event stream"),
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        }
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {

@@ -12,11 +12,14 @@
 //!   for tests of interrupted transfers.
 //! - [`PostgresServer`] is a real PostgreSQL server in a temporary
 //!   directory on a free port.
+//! - [`NatsServer`] is a real NATS server with JetStream on a free port,
+//!   which can be killed and restarted on the same port and store.
 //! - [`tokens`] remembers the tokens of the control planes a test started,
 //!   so its requests authenticate.
 
 mod cut_proxy;
 mod http_client;
+mod nats;
 mod postgres;
 pub mod tokens;
 
@@ -27,6 +30,7 @@ use serde::Deserialize;
 
 pub use crate::cut_proxy::CutProxy;
 pub use crate::http_client::{HttpClient, Reply};
+pub use crate::nats::NatsServer;
 pub use crate::postgres::PostgresServer;
 
 /// The repository's `models/` directory.

@@ -246,6 +246,13 @@ impl Global {
     }
 }
 
+/// `--events`: a NATS URL, checked before anything starts.
+pub(crate) fn events_url(s: &str) -> Result<String, String> {
+    shoal_events::check_url(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;

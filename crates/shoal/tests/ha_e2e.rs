@@ -531,3 +531,191 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
         );
     }
 }
+
+/// Waits until all three replicas are desired to serve `target` (beside
+/// versions kept warm), serve it, and show no skew.
+async fn settled_on(control: &str, target: &str) {
+    let control = control.to_owned();
+    eventually(
+        &format!("every replica settled on {target}"),
+        Duration::from_secs(30),
+        || {
+            let control = control.clone();
+            async move {
+                let status = tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+                    .await
+                    .unwrap();
+                let rows = common::serving_of(&status);
+                (rows.len() == 3
+                    && rows.iter().all(|(_, serving, desired, skew)| {
+                        !skew
+                            && serving.iter().any(|s| s == target)
+                            && desired.iter().any(|d| d == target)
+                    }))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// The series `name` (no labels) in Prometheus text, 0 when absent.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The first test's flow with `--events` on NATS JetStream: replicas and
+/// the gateway follow desired states and routing tables there (no watch
+/// stream to any control plane; polling only every minute), the leader is
+/// killed mid-canary and NATS is killed and restarted in the middle too;
+/// the canary still finishes with no failed request, and a deploy after
+/// the restart reaches every replica through the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nats_events_a_leader_kill_and_a_nats_restart_lose_nothing() {
+    let tmp = TempDir::new("ha-events");
+    let pg = PostgresServer::start();
+    let mut nats = shoal_testkit::NatsServer::start();
+    let events = nats.url();
+    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
+    let registry = pg.database("registry");
+    let store = format!("file://{}", tmp.join("artifacts").display());
+    let start = |id: &str| {
+        let args = [
+            "--registry",
+            &registry,
+            "--artifact-store",
+            &store,
+            "--id",
+            id,
+            "--events",
+            &events,
+        ];
+        common::control(&tmp.join(id), "127.0.0.1:0", &args, &[])
+    };
+    let mut members: Vec<(&str, Option<ChildGuard>, String)> = ["a", "b", "c"]
+        .into_iter()
+        .map(|id| {
+            let (child, url) = start(id);
+            (id, Some(child), url)
+        })
+        .collect();
+    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token")).unwrap();
+    let urls: Vec<String> = members.iter().map(|m| m.2.clone()).collect();
+    let all = urls.join(",");
+    shoal_testkit::tokens::remember_admin_token(&all, admin.trim());
+    let (first_leader, first_term) = agreed_leader(&urls, 3, None).await;
+
+    let follow = ["--poll-interval", "60", "--events", events.as_str()];
+    let _replicas: Vec<(ChildGuard, String)> = (0..3)
+        .map(|i| common::replica(&all, &tmp.join(&format!("r{i}")), &follow))
+        .collect();
+    let (_gateway, gateway) =
+        common::gateway(&tmp.join("gw"), &["--control", &all, "--events", &events]);
+    cli(
+        &all,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v1.onnx").to_str().unwrap(),
+        ],
+    );
+    cli(&all, &["deploy", "digits:1"]);
+    common::converged_on(&all, "digits:1", 3).await;
+    shoal_testkit::until_routed(&gateway, "digits").await;
+    // Nobody holds a watch stream: desired states travel on NATS.
+    let http = HttpClient::new();
+    for url in &urls {
+        let metrics = http.get(&format!("{url}/metrics")).await.text();
+        assert_eq!(gauge(&metrics, "shoal_watch_streams"), 0.0, "{url}");
+    }
+
+    cli(
+        &all,
+        &[
+            "model",
+            "push",
+            "digits",
+            model_path("digits-v2.onnx").to_str().unwrap(),
+        ],
+    );
+    let traffic = Traffic::start(&gateway, 3);
+    cli(
+        &all,
+        &[
+            "deploy",
+            "digits:2",
+            "--strategy",
+            "canary",
+            "--steps",
+            "20,50,100",
+            "--bake",
+            "2s",
+            "--min-requests",
+            "50",
+            "--min-p99-increase",
+            "25ms",
+        ],
+    );
+    common::digits_rollout_until(&all, "the canary's second step", |r| {
+        r["step"].as_u64() >= Some(2)
+    })
+    .await;
+    // NATS dies, then the leader; NATS comes back a moment later.
+    nats.kill();
+    let dead = members.iter_mut().find(|m| m.0 == first_leader).unwrap();
+    dead.1.take().unwrap().signal(Signal::SIGKILL);
+    let dead_url = dead.2.clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+    let survivors: Vec<String> = urls.iter().filter(|u| **u != dead_url).cloned().collect();
+    let (_, term) = agreed_leader(&survivors, 3, Some(first_leader.as_str())).await;
+    assert!(term > first_term);
+    let survivors_url = survivors.join(",");
+    shoal_testkit::tokens::remember_admin_token(&survivors_url, admin.trim());
+    let done = common::digits_rollout_until(&survivors_url, "the canary to finish", |r| {
+        assert_ne!(r["state"], "rolled_back", "{r}");
+        r["state"] == "promoted"
+    })
+    .await;
+    assert!(
+        done["reason"].as_str().unwrap().starts_with("promoted"),
+        "{done}"
+    );
+    // Every replica converges on the promoted version by events alone.
+    settled_on(&survivors_url, "digits:2").await;
+    let (versions, failures) = traffic.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(versions.iter().any(|v| v == "2"));
+    let audit = http
+        .get(&format!("{}/api/v1/audit?limit=1000", survivors[0]))
+        .await
+        .json();
+    assert_eq!(judged_steps(&audit), [1, 2], "{audit}");
+
+    // After the restart, a new deploy still travels on NATS.
+    cli(
+        &survivors_url,
+        &["rollback", "digits", "--reason", "after the restart"],
+    );
+    settled_on(&survivors_url, "digits:1").await;
+    // The new leader published them.
+    let mut published = 0;
+    for url in &survivors {
+        let metrics = http.get(&format!("{url}/metrics")).await.text();
+        published += metrics
+            .lines()
+            .filter(|l| l.starts_with("shoal_events_published_total{result=\"ok\"}"))
+            .count();
+    }
+    assert!(published > 0, "no member published events");
+}

@@ -57,6 +57,11 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     lease_ttl_ms: u64,
 
+    /// NATS server with JetStream (nats://HOST:PORT) carrying desired
+    /// states and routing tables: published here while this member leads.
+    #[arg(long, env = "SHOAL_EVENTS", value_parser = crate::cli::events_url)]
+    events: Option<String>,
+
     #[command(flatten)]
     tls: crate::cli::ServeTls,
 }
@@ -85,6 +90,7 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         id: args.id,
         advertise: args.advertise,
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+        events: args.events,
         backup: args
             .backup_to
             .map(|to| shoal_control::backups::BackupSchedule {

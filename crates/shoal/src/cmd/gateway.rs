@@ -60,6 +60,11 @@ pub(crate) struct GatewayArgs {
     #[arg(long, default_value_t = 16 << 20)]
     body_limit: usize,
 
+    /// NATS server with JetStream (nats://HOST:PORT) carrying desired
+    /// states and routing tables: followed instead of the control plane's watch stream.
+    #[arg(long, env = "SHOAL_EVENTS", value_parser = crate::cli::events_url)]
+    events: Option<String>,
+
     #[command(flatten)]
     tls: crate::cli::ServeTls,
 }
@@ -86,6 +91,7 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
         region: args.region,
         control: global.control.clone(),
         token: global.role_token()?,
+        events: args.events,
         static_replicas: args.replicas,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         health_interval: Duration::from_millis(args.health_interval_ms.max(50)),

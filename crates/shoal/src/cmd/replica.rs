@@ -85,6 +85,11 @@ pub(crate) struct ReplicaArgs {
     #[arg(long)]
     allow_fault_injection: bool,
 
+    /// NATS server with JetStream (nats://HOST:PORT) carrying desired
+    /// states and routing tables: followed instead of the control plane's watch stream (polling stays the fallback).
+    #[arg(long, env = "SHOAL_EVENTS", value_parser = crate::cli::events_url)]
+    events: Option<String>,
+
     #[command(flatten)]
     tls: crate::cli::ServeTls,
 }
@@ -218,6 +223,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
                 poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.05)),
                 labels: BTreeMap::new(),
                 standby: args.standby,
+                events: args.events.clone(),
             };
             shoal_sync::start_replica(config, sync, backend).await?
         }

@@ -47,6 +47,10 @@ pub(crate) struct UpArgs {
     /// postgres://user@host/database.
     #[arg(long, env = "SHOAL_REGISTRY")]
     registry: Option<String>,
+    /// NATS server with JetStream (nats://HOST:PORT): desired states and
+    /// routing tables travel on it instead of watch streams.
+    #[arg(long, env = "SHOAL_EVENTS", value_parser = crate::cli::events_url)]
+    events: Option<String>,
 }
 
 /// The fleet shapes `--topology` names.
@@ -89,6 +93,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         tls: args.tls,
         control_planes: usize::try_from(args.control_planes).unwrap_or(1),
         registry: args.registry,
+        events: args.events,
     };
     shoal_fleet::run(config, super::shutdown_requested()).await
 }

@@ -1,0 +1,259 @@
+//! Model-update events on NATS JetStream.
+//!
+//! With `--events nats://HOST:PORT`, the leading control plane publishes
+//! each replica's desired state on `shoal.desired.<replica>` and the
+//! routing table on `shoal.routing`, in one JetStream stream (`SHOAL`,
+//! file storage) that keeps the latest message of each subject. Replicas
+//! and gateways follow their subject with an ordered consumer that starts
+//! from that latest message, so one that was away (or a NATS server that
+//! restarted) resumes from the newest state, not from the start of time,
+//! and no control plane holds a connection per replica. Every message
+//! carries its fleet revision; followers ignore what is not newer than
+//! what they have, so a late or repeated message changes nothing.
+//!
+//! [`subjects`] is the pure part (names); [`Events`] is the connection.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_api::fleet::{DesiredState, RoutingTable};
+
+/// Subject and stream names.
+pub mod subjects {
+    /// The stream every subject below lives in.
+    pub const STREAM: &str = "SHOAL";
+    /// Subjects the stream takes.
+    pub const ALL: &str = "shoal.>";
+    /// The routing table's subject.
+    pub const ROUTING: &str = "shoal.routing";
+
+    /// Replica `id`'s desired state (ids are `[A-Za-z0-9._-]`; a `.` would
+    /// add a token, which `shoal.desired.>` still matches, and nothing else
+    /// does).
+    pub fn desired(id: &str) -> String {
+        format!("shoal.desired.{id}")
+    }
+
+    /// The de-duplication id of a message: JetStream drops a second
+    /// message with the same id within its window, so two publishers of
+    /// one revision store it once.
+    pub fn message_id(subject: &str, revision: u64, content: u64) -> String {
+        format!("{subject}@{revision}#{content:016x}")
+    }
+}
+
+/// Why an event operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The URL is not one NATS takes.
+    #[error("--events {0}")]
+    Url(String),
+    /// NATS or JetStream refused or could not be reached.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// A message that is not what its subject carries.
+    #[error("unreadable event on {subject}: {reason}")]
+    Decode {
+        /// Where it came.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn nats(e: impl std::fmt::Display) -> EventError {
+    EventError::Nats(e.to_string())
+}
+
+/// A connection to NATS with the Shoal stream in place.
+#[derive(Debug, Clone)]
+pub struct Events {
+    js: jetstream::Context,
+    url: String,
+}
+
+/// Checks `url` names a NATS server: `nats://HOST:PORT` (user and password
+/// allowed), without connecting.
+pub fn check_url(url: &str) -> Result<(), EventError> {
+    let rest = url.strip_prefix("nats://").ok_or_else(|| {
+        EventError::Url(format!(
+            "{url:?}: expected nats://HOST:PORT (a NATS server with JetStream: nats-server -js)"
+        ))
+    })?;
+    let host = rest.rsplit('@').next().unwrap_or(rest);
+    if host.is_empty() || host.contains('/') {
+        return Err(EventError::Url(format!(
+            "{url:?}: expected nats://HOST:PORT"
+        )));
+    }
+    Ok(())
+}
+
+impl Events {
+    /// Connects to the NATS server at `url` (retrying in the background
+    /// when it is down: this returns at once) and makes sure the stream
+    /// exists once it can.
+    pub async fn connect(url: &str) -> Result<Events, EventError> {
+        check_url(url)?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await
+            .map_err(nats)?;
+        let js = jetstream::new(client);
+        Ok(Events {
+            js,
+            url: url.to_owned(),
+        })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The stream, created on first use: the latest message per subject,
+    /// on disk, de-duplicated over two minutes.
+    async fn stream(&self) -> Result<stream::Stream, EventError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: subjects::STREAM.to_owned(),
+                subjects: vec![subjects::ALL.to_owned()],
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)
+    }
+
+    /// Makes sure the stream exists (a control plane does at start, so
+    /// followers find it).
+    pub async fn ensure_stream(&self) -> Result<(), EventError> {
+        self.stream().await.map(|_| ())
+    }
+
+    /// Publishes `value` (of fleet revision `revision`) on `subject` and
+    /// waits for JetStream to store it.
+    async fn publish<T: Serialize>(
+        &self,
+        subject: String,
+        revision: u64,
+        value: &T,
+    ) -> Result<(), EventError> {
+        let payload = serde_json::to_vec(value).map_err(nats)?;
+        let id = subjects::message_id(&subject, revision, content_hash(&payload));
+        let ack = self
+            .js
+            .send_publish(
+                subject,
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(id),
+            )
+            .await
+            .map_err(nats)?;
+        ack.await.map_err(nats)?;
+        Ok(())
+    }
+
+    /// Publishes replica `id`'s desired state.
+    pub async fn publish_desired(&self, id: &str, state: &DesiredState) -> Result<(), EventError> {
+        self.publish(subjects::desired(id), state.revision, state)
+            .await
+    }
+
+    /// Publishes the routing table.
+    pub async fn publish_routing(&self, table: &RoutingTable) -> Result<(), EventError> {
+        self.publish(subjects::ROUTING.to_owned(), table.revision, table)
+            .await
+    }
+
+    /// Follows `subject` from its latest message on: each item is a message
+    /// decoded, or why it could not be. The stream ends when the consumer
+    /// cannot go on (the caller follows again after a pause).
+    async fn follow<T: DeserializeOwned>(
+        &self,
+        subject: String,
+    ) -> Result<impl Stream<Item = Result<T, EventError>> + use<T>, EventError> {
+        let stream = self.stream().await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let messages = consumer.messages().await.map_err(nats)?;
+        Ok(messages.map(move |m| {
+            let m = m.map_err(nats)?;
+            serde_json::from_slice(&m.payload).map_err(|e| EventError::Decode {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })
+        }))
+    }
+
+    /// Replica `id`'s desired states, from the latest on.
+    pub async fn follow_desired(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<DesiredState, EventError>> + use<>, EventError> {
+        self.follow(subjects::desired(id)).await
+    }
+
+    /// Routing tables, from the latest on.
+    pub async fn follow_routing(
+        &self,
+    ) -> Result<impl Stream<Item = Result<RoutingTable, EventError>> + use<>, EventError> {
+        self.follow(subjects::ROUTING.to_owned()).await
+    }
+}
+
+/// A 64-bit FNV-1a hash of `bytes`: tells apart two messages of one
+/// revision with different contents (routing tables change with liveness,
+/// not only with revisions).
+fn content_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_before_connecting() {
+        assert!(check_url("nats://127.0.0.1:4222").is_ok());
+        assert!(check_url("nats://user:pw@nats.internal:4222").is_ok());
+        let err = check_url("http://127.0.0.1:4222").unwrap_err().to_string();
+        assert!(err.contains("nats://HOST:PORT"), "{err}");
+        assert!(check_url("nats://").is_err());
+        assert!(check_url("nats://host:4222/x").is_err());
+    }
+
+    #[test]
+    fn message_ids_differ_by_subject_revision_and_content() {
+        let a = subjects::message_id("shoal.routing", 7, content_hash(b"a"));
+        assert_eq!(
+            a,
+            subjects::message_id("shoal.routing", 7, content_hash(b"a"))
+        );
+        assert_ne!(
+            a,
+            subjects::message_id("shoal.routing", 7, content_hash(b"b"))
+        );
+        assert_ne!(
+            a,
+            subjects::message_id("shoal.routing", 8, content_hash(b"a"))
+        );
+        assert_eq!(subjects::desired("r-1"), "shoal.desired.r-1");
+    }
+}
