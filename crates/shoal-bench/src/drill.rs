@@ -517,23 +517,20 @@ async fn last_audit_seq(client: &ControlClient) -> anyhow::Result<i64> {
     }
 }
 
-/// The first member other than `deposed` to record taking the lead after
-/// audit position `after`, and when: ms after `fault_at` (Unix ms, this
-/// machine's clock, which the members of `shoal up` share). Polls until
-/// `deadline`.
+/// The first member to record taking the lead after audit position
+/// `after` (taken before the kill, so by a process alive after it: another
+/// member, or the killed one restarted, whichever won the lapsed lease),
+/// and when: ms after `fault_at` (Unix ms, this machine's clock, which the
+/// members of `shoal up` share). Polls until `deadline`.
 async fn new_leader_after(
     client: &ControlClient,
     mut after: i64,
     fault_at: shoal_api::UnixMillis,
-    deposed: &str,
     deadline: Instant,
 ) -> Option<(String, f64)> {
     while Instant::now() < deadline {
         if let Ok(page) = client.audit(after, 1000).await {
-            if let Some(e) = page
-                .iter()
-                .find(|e| e.action == "leader.elected" && e.target != deposed)
-            {
+            if let Some(e) = page.iter().find(|e| e.action == "leader.elected") {
                 return Some((e.target.clone(), (e.at - fault_at) as f64));
             }
             if let Some(last) = page.last() {
@@ -592,7 +589,7 @@ pub async fn failover(data_dir: &Path, trials: usize) -> anyhow::Result<Failover
         let fault_at = shoal_api::now_millis();
         signal(pid, Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (next, ms) = new_leader_after(&client, after, fault_at, &leader, deadline)
+        let (next, ms) = new_leader_after(&client, after, fault_at, deadline)
             .await
             .with_context(|| format!("trial {}: no member took the lead within 30 s", trial + 1))?;
         report.trials_ms.push(ms);
@@ -806,7 +803,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     } else if spec.scenario == Scenario::LeaderLoss {
         // Back in service when another member acts as leader; the killed
         // one is then awaited like any other member.
-        capacity_back = new_leader_after(&client, audit_before, fault_at, &killed[0].0, deadline)
+        capacity_back = new_leader_after(&client, audit_before, fault_at, deadline)
             .await
             .map(|(_, ms)| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
         whole.wait(&spec.data_dir, &client, deadline).await;

@@ -8,6 +8,8 @@
 //!   leader failovers of several control planes, trial after trial.
 //! - [`registry`]: registry write throughput and latency, SQLite against
 //!   PostgreSQL.
+//! - [`watchers`]: a control plane keeping many replicas up to date by
+//!   watch streams against NATS JetStream.
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
 //!   the same data directory.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
@@ -34,6 +36,7 @@ pub mod registry;
 pub mod runtime;
 pub mod stats;
 pub mod topology;
+pub mod watchers;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,7 @@
 //! Publishing model-update events on NATS JetStream (`--events
-//! nats://…`): while this member leads, every replica's desired state and
-//! the routing table go out whenever they change — on each new revision,
+//! nats://…`): while this member leads, every replica's desired state (when
+//! what it should serve changed, as its watch stream would send it) and
+//! the routing table go out whenever they change — looked at on each new revision,
 //! each change of the live fleet, and when this member takes the lead
 //! (everything, once). Only the leader publishes, so a deploy made through
 //! any member reaches replicas by one path. What failed to go out is tried
@@ -75,16 +76,29 @@ async fn publish_changes(
     published: &mut Published,
 ) -> Result<(), shoal_events::EventError> {
     let registrations = control.snapshot().registrations.clone();
-    for r in &registrations {
-        let id = &r.registration.id;
-        let state = control.desired_for(id);
-        if published.desired.get(id) == Some(&state) {
-            continue;
-        }
-        events.publish_desired(id, &state).await?;
+    // One set of facts for every replica's state (not one per replica).
+    let facts = control.placement_facts();
+    let changed: Vec<(String, DesiredState)> = registrations
+        .iter()
+        .map(|r| {
+            let id = &r.registration.id;
+            (id.clone(), shoal_rollout::plan::desired_state(&facts, id))
+        })
+        .filter(|(id, state)| {
+            // What a replica serves, not the revision, decides whether it
+            // hears again (as on its watch stream).
+            published
+                .desired
+                .get(id)
+                .is_none_or(|p| p.models != state.models || p.peers != state.peers)
+        })
+        .collect();
+    let (stored, result) = events.publish_desired_all(&changed).await;
+    for (id, state) in changed.into_iter().take(stored) {
         control.metrics.event(true);
-        published.desired.insert(id.clone(), state);
+        published.desired.insert(id, state);
     }
+    result?;
     published
         .desired
         .retain(|id, _| registrations.iter().any(|r| &r.registration.id == id));

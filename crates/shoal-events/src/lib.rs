@@ -71,6 +71,7 @@ fn nats(e: impl std::fmt::Display) -> EventError {
 /// A connection to NATS with the Shoal stream in place.
 #[derive(Debug, Clone)]
 pub struct Events {
+    client: async_nats::Client,
     js: jetstream::Context,
     url: String,
 }
@@ -104,8 +105,9 @@ impl Events {
             .connect(url)
             .await
             .map_err(nats)?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         Ok(Events {
+            client,
             js,
             url: url.to_owned(),
         })
@@ -138,18 +140,17 @@ impl Events {
         self.stream().await.map(|_| ())
     }
 
-    /// Publishes `value` (of fleet revision `revision`) on `subject` and
-    /// waits for JetStream to store it.
-    async fn publish<T: Serialize>(
+    /// Sends `value` (of fleet revision `revision`) on `subject`; the
+    /// future resolves when JetStream has stored it.
+    async fn send<T: Serialize>(
         &self,
         subject: String,
         revision: u64,
         value: &T,
-    ) -> Result<(), EventError> {
+    ) -> Result<jetstream::context::PublishAckFuture, EventError> {
         let payload = serde_json::to_vec(value).map_err(nats)?;
         let id = subjects::message_id(&subject, revision, content_hash(&payload));
-        let ack = self
-            .js
+        self.js
             .send_publish(
                 subject,
                 jetstream::message::PublishMessage::build()
@@ -157,21 +158,52 @@ impl Events {
                     .message_id(id),
             )
             .await
+            .map_err(nats)
+    }
+
+    /// Publishes replica `id`'s desired state and waits until it is stored.
+    pub async fn publish_desired(&self, id: &str, state: &DesiredState) -> Result<(), EventError> {
+        self.send(subjects::desired(id), state.revision, state)
+            .await?
+            .await
             .map_err(nats)?;
-        ack.await.map_err(nats)?;
         Ok(())
     }
 
-    /// Publishes replica `id`'s desired state.
-    pub async fn publish_desired(&self, id: &str, state: &DesiredState) -> Result<(), EventError> {
-        self.publish(subjects::desired(id), state.revision, state)
-            .await
+    /// Publishes many replicas' desired states at once (sent back to back,
+    /// then every acknowledgement awaited); how many were stored before
+    /// the first failure, and that failure.
+    pub async fn publish_desired_all(
+        &self,
+        states: &[(String, DesiredState)],
+    ) -> (usize, Result<(), EventError>) {
+        let mut acks = Vec::new();
+        for (id, state) in states {
+            match self
+                .send(subjects::desired(id), state.revision, state)
+                .await
+            {
+                Ok(ack) => acks.push(ack),
+                Err(e) => return (0, Err(e)),
+            }
+        }
+        let mut stored = 0;
+        for ack in acks {
+            if let Err(e) = ack.await {
+                return (stored, Err(nats(e)));
+            }
+            stored += 1;
+        }
+        (stored, Ok(()))
     }
 
     /// Publishes the routing table.
     pub async fn publish_routing(&self, table: &RoutingTable) -> Result<(), EventError> {
-        self.publish(subjects::ROUTING.to_owned(), table.revision, table)
+        self.send(subjects::ROUTING.to_owned(), table.revision, table)
+            .await?
             .await
+            .map_err(nats)?;
+        Ok(())
     }
 
     /// Follows `subject` from its latest message on: each item is a message
@@ -182,8 +214,11 @@ impl Events {
         subject: String,
     ) -> Result<impl Stream<Item = Result<T, EventError>> + use<T>, EventError> {
         let stream = self.stream().await?;
+        // A push consumer: the server sends as messages are stored, with no
+        // pull requests to keep going for each follower.
         let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
                 filter_subject: subject.clone(),
                 deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 ..Default::default()

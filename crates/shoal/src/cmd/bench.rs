@@ -84,6 +84,19 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         max_error_percent: f64,
     },
+    /// A control plane keeping many simulated replicas up to date: watch
+    /// streams against NATS JetStream (starts its own nats-server).
+    Watchers {
+        /// Simulated replicas following their desired state.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+        replicas: u64,
+        /// Fleet changes per round, each reaching every replica.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Leader failover of a `shoal up --control-planes N` fleet: SIGKILL of
     /// the leader to another member's first act as leader, trial after trial.
     Failover {
@@ -363,6 +376,45 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         shoal_bench::stats::median(&s.writes_per_s),
                         s.latency.p50_us / 1000.0,
                         s.latency.p99_us / 1000.0
+                    );
+                }
+            }
+        }
+        BenchCommand::Watchers {
+            replicas,
+            changes,
+            rounds,
+        } => {
+            anyhow::ensure!(
+                changes >= 1 && rounds >= 1,
+                "--changes and --rounds must be at least 1"
+            );
+            let r = shoal_bench::watchers::run(
+                &std::env::current_exe()?,
+                &scratch().join("watchers"),
+                usize::try_from(replicas).unwrap_or(1000),
+                changes,
+                rounds,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let med = shoal_bench::stats::median;
+                println!(
+                    "{} simulated replicas, {} changes per round, each reaching every replica",
+                    r.replicas, r.changes
+                );
+                for m in &r.modes {
+                    let max = m.fanout_ms.iter().copied().fold(0.0, f64::max);
+                    println!(
+                        "  {:<6} control plane {:>6.2} CPU s per round (median), {:>5} sockets; NATS {:>6.2} CPU s; change reaches all in {:>6.0} ms median, {:>6.0} ms max",
+                        format!("{:?}", m.mode).to_lowercase(),
+                        med(&m.control_cpu_s),
+                        m.control_sockets,
+                        med(&m.nats_cpu_s),
+                        med(&m.fanout_ms),
+                        max
                     );
                 }
             }
