@@ -196,15 +196,32 @@ impl ControlClient {
         headers: &[(&str, String)],
         body: Bytes,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), ClientError> {
+        self.on_members(&method, path, |member| {
+            self.send_to(member, method.clone(), path, headers, full(body.clone()))
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the member that answered last, then on the next
+    /// ones while a member cannot be reached: always when the connection
+    /// failed (nothing was sent), for GETs also when the exchange broke off.
+    /// Sticks to the member whose attempt succeeded.
+    async fn on_members<T, F, Fut>(
+        &self,
+        method: &Method,
+        path: &str,
+        mut attempt: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
         let mut last = None;
         for member in self.rotation() {
-            match self
-                .send_to(member, method.clone(), path, headers, full(body.clone()))
-                .await
-            {
+            match attempt(member).await {
                 Err(Failure::Connect(e)) => last = Some(e),
                 Err(Failure::Exchange(e)) if method == Method::GET => last = Some(e),
-                Err(Failure::Exchange(e) | Failure::Other(e)) => return Err(e),
+                Err(f) => return Err(f.into_error()),
                 Ok(answer) => {
                     self.stick_to(member);
                     return Ok(answer);
@@ -551,25 +568,10 @@ impl ControlClient {
         json: Option<Vec<u8>>,
     ) -> Result<hyper::body::Incoming, ClientError> {
         let json = json.map(Bytes::from);
-        let mut last = None;
-        for member in self.rotation() {
-            match self
-                .open_on(member, method.clone(), path, json.clone())
-                .await
-            {
-                Err(Failure::Connect(e)) => last = Some(e),
-                Err(Failure::Exchange(e)) if method == Method::GET => last = Some(e),
-                Err(f) => return Err(f.into_error()),
-                Ok(body) => {
-                    self.stick_to(member);
-                    return Ok(body);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| ClientError::Unreachable {
-            url: self.url(path),
-            reason: "no control plane address".into(),
-        }))
+        self.on_members(&method, path, |member| {
+            self.open_on(member, method.clone(), path, json.clone())
+        })
+        .await
     }
 
     async fn open_on(

@@ -76,6 +76,20 @@ pub struct Events {
     url: String,
 }
 
+/// A connection to `url`, if one is given and usable; otherwise `None`,
+/// with a warning saying the caller follows the control plane's watch
+/// stream instead. (Connecting returns at once and retries in the
+/// background, so only a URL NATS cannot take fails here.)
+pub async fn connect_or_warn(url: Option<&str>) -> Option<Events> {
+    match Events::connect(url?).await {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot use the event stream; following the control plane's watch stream instead");
+            None
+        }
+    }
+}
+
 /// Checks `url` names a NATS server: `nats://HOST:PORT` (user and password
 /// allowed), without connecting.
 pub fn check_url(url: &str) -> Result<(), EventError> {

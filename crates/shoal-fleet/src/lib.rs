@@ -132,6 +132,19 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// Adds `child` to the started children (so it is stopped however
+/// start-up ends) and waits for the address it listens on.
+async fn listening(
+    spawned: &std::sync::Mutex<Vec<Arc<Supervised>>>,
+    child: Arc<Supervised>,
+) -> anyhow::Result<String> {
+    spawned
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(child.clone());
+    child.address().await.map_err(anyhow::Error::msg)
+}
+
 /// Empties the list of started children.
 fn take(spawned: &std::sync::Mutex<Vec<Arc<Supervised>>>) -> Vec<Arc<Supervised>> {
     std::mem::take(&mut *spawned.lock().unwrap_or_else(PoisonError::into_inner))
@@ -340,14 +353,8 @@ pub async fn run(
                 state.clone(),
                 config.data_dir.clone(),
             );
-            spawned
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(control.clone());
-            let control_addr = control
-                .address()
+            let control_addr = listening(&spawned, control)
                 .await
-                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("the control plane {name} did not start"))?;
             control_addrs.push(format!("{scheme}://{control_addr}"));
         }
@@ -427,14 +434,8 @@ pub async fn run(
                 state.clone(),
                 config.data_dir.clone(),
             );
-            spawned
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(g.clone());
-            let addr = g
-                .address()
+            let addr = listening(&spawned, g)
                 .await
-                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("the {region} gateway did not start"))?;
             gateways.push((region.clone(), format!("{scheme}://{addr}")));
         }

@@ -59,18 +59,8 @@ pub(crate) async fn load_saved(gateway: &Gateway) {
 /// Follows routing tables on NATS JetStream (`--events`), from the latest
 /// on, starting over after a pause whenever the consumer gives up. Tables
 /// older than the one routed by are ignored.
-async fn follow_events(gateway: &Gateway, url: &str) {
+async fn follow_events(gateway: &Gateway, events: &shoal_events::Events) {
     let mut attempt = 0;
-    let events = loop {
-        match shoal_events::Events::connect(url).await {
-            Ok(events) => break events,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot use the event stream");
-                attempt += 1;
-                tokio::time::sleep(shoal_client::reconnect_backoff(attempt)).await;
-            }
-        }
-    };
     let mut newest = 0;
     loop {
         match events.follow_routing().await {
@@ -113,8 +103,8 @@ pub async fn run(gateway: Arc<Gateway>) {
             .set_static(&gateway.config.static_replicas, gateway.now());
         return;
     };
-    if let Some(url) = gateway.config.events.clone() {
-        return follow_events(&gateway, &url).await;
+    if let Some(events) = shoal_events::connect_or_warn(gateway.config.events.as_deref()).await {
+        return follow_events(&gateway, &events).await;
     }
     let client = ControlClient::new(&control, gateway.config.token.clone());
     let mut attempt = 0;

@@ -378,38 +378,37 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn load_dump(&self, dump: &dump::RegistryDump) -> Result<()>;
 }
 
-/// Checks `precondition` against what the write's transaction read: the
-/// stored deployment's revision (`None`: no deployment) and the lease's
-/// holder and term.
-pub(crate) fn check_precondition(
-    model: &str,
-    precondition: &Precondition,
-    stored_revision: Option<u64>,
-    lease: (&str, u64),
-) -> Result<()> {
-    if let Some(fence) = &precondition.fence
-        && (fence.holder != lease.0 || fence.term != lease.1)
-    {
-        return Err(RegistryError::Fenced(format!(
-            "{} is no longer the leader (its term {} ended; the lease is {}'s, term {})",
-            fence.holder,
-            fence.term,
-            if lease.0.is_empty() {
-                "nobody"
-            } else {
-                lease.0
-            },
-            lease.1
-        )));
+/// `Fenced` unless `fence` is the lease as the write's transaction read
+/// it (holder and term).
+pub(crate) fn check_fence(fence: &Fence, lease: (&str, u64)) -> Result<()> {
+    if fence.holder == lease.0 && fence.term == lease.1 {
+        return Ok(());
     }
-    match precondition.revision {
-        Some(expected) if expected != stored_revision.unwrap_or(0) => {
-            Err(RegistryError::Stale(format!(
-                "the deployment of {model} changed meanwhile (revision {} → {}); try again",
-                expected,
-                stored_revision.unwrap_or(0)
-            )))
-        }
+    Err(RegistryError::Fenced(format!(
+        "{} is no longer the leader (its term {} ended; the lease is {}'s, term {})",
+        fence.holder,
+        fence.term,
+        if lease.0.is_empty() {
+            "nobody"
+        } else {
+            lease.0
+        },
+        lease.1
+    )))
+}
+
+/// `Stale` unless the deployment of `model` is still at `expected` (0: none)
+/// — `stored` is its revision as the write's transaction read it.
+pub(crate) fn check_revision(
+    model: &str,
+    expected: Option<u64>,
+    stored: Option<u64>,
+) -> Result<()> {
+    let stored = stored.unwrap_or(0);
+    match expected {
+        Some(expected) if expected != stored => Err(RegistryError::Stale(format!(
+            "the deployment of {model} changed meanwhile (revision {expected} → {stored}); try again"
+        ))),
         _ => Ok(()),
     }
 }

@@ -123,25 +123,15 @@ impl PostgresRegistry {
 
     /// Refuses (`Fenced`) unless `fence`, when given, is the current
     /// lease; the lease row stays locked against a takeover until `tx` ends.
-    async fn check_fence(
-        tx: &mut Transaction<'_, Postgres>,
-        fence: Option<&Fence>,
-        what: &str,
-    ) -> Result<()> {
+    async fn check_fence(tx: &mut Transaction<'_, Postgres>, fence: Option<&Fence>) -> Result<()> {
         let Some(fence) = fence else {
             return Ok(());
         };
         let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
             .fetch_one(&mut **tx)
             .await?;
-        let precondition = Precondition {
-            revision: None,
-            fence: Some(fence.clone()),
-        };
-        crate::check_precondition(
-            what,
-            &precondition,
-            None,
+        crate::check_fence(
+            fence,
             (
                 lease.get::<&str, _>(0),
                 u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
@@ -391,7 +381,7 @@ impl RegistryStore for PostgresRegistry {
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.pool.begin().await?;
-        Self::check_fence(&mut tx, fence, model).await?;
+        Self::check_fence(&mut tx, fence).await?;
         let updated = sqlx::query(
             "UPDATE versions SET status = $1,
                 reached_production = reached_production OR $2,
@@ -434,11 +424,9 @@ impl RegistryStore for PostgresRegistry {
         audit: Audit,
     ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        // The lease row is read-locked: a takeover (which updates it) waits
-        // for this write to commit, or this write sees the new term.
-        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1 FOR SHARE")
-            .fetch_one(&mut *tx)
-            .await?;
+        // The lease row is read-locked (a takeover, which updates it, waits
+        // for this write to commit, or this write sees the new term).
+        Self::check_fence(&mut tx, precondition.fence.as_ref()).await?;
         // Bumping first takes the revision row's lock, which orders every
         // deployment write: the deployment read below is the latest.
         let revision = Self::bump(&mut tx).await?;
@@ -449,12 +437,7 @@ impl RegistryStore for PostgresRegistry {
             .await?
             .map(|r| parse::<Deployment>(r.get::<&str, _>(0)))
             .transpose()?;
-        crate::check_precondition(
-            &model,
-            precondition,
-            current.map(|d| d.revision),
-            (lease.get::<&str, _>(0), unsigned(lease.get::<i64, _>(1))),
-        )?;
+        crate::check_revision(&model, precondition.revision, current.map(|d| d.revision))?;
         stored.deployment.revision = revision;
         stored.deployment.updated_at = now_millis();
         sqlx::query(
@@ -728,7 +711,7 @@ impl RegistryStore for PostgresRegistry {
         audit: Audit,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        Self::check_fence(&mut tx, fence, target).await?;
+        Self::check_fence(&mut tx, fence).await?;
         Self::append_audit(&mut tx, action, target, &audit).await?;
         tx.commit().await?;
         Ok(())

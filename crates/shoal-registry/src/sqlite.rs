@@ -212,25 +212,15 @@ impl SqliteRegistry {
 
     /// Refuses (`Fenced`) unless `fence`, when given, is the current
     /// lease; the lease row stays locked against a takeover until `tx` ends.
-    async fn check_fence(
-        tx: &mut Transaction<'_, Sqlite>,
-        fence: Option<&Fence>,
-        what: &str,
-    ) -> Result<()> {
+    async fn check_fence(tx: &mut Transaction<'_, Sqlite>, fence: Option<&Fence>) -> Result<()> {
         let Some(fence) = fence else {
             return Ok(());
         };
         let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
             .fetch_one(&mut **tx)
             .await?;
-        let precondition = Precondition {
-            revision: None,
-            fence: Some(fence.clone()),
-        };
-        crate::check_precondition(
-            what,
-            &precondition,
-            None,
+        crate::check_fence(
+            fence,
             (
                 lease.get::<&str, _>(0),
                 u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
@@ -453,7 +443,7 @@ impl RegistryStore for SqliteRegistry {
         audit: Audit,
     ) -> Result<VersionRecord> {
         let mut tx = self.begin_write().await?;
-        Self::check_fence(&mut tx, fence, model).await?;
+        Self::check_fence(&mut tx, fence).await?;
         let updated = sqlx::query(
             "UPDATE versions SET status = ?,
                 reached_production = reached_production OR ?,
@@ -496,9 +486,7 @@ impl RegistryStore for SqliteRegistry {
         audit: Audit,
     ) -> Result<u64> {
         let mut tx = self.begin_write().await?;
-        let lease = sqlx::query("SELECT holder, term FROM leader_lease WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
+        Self::check_fence(&mut tx, precondition.fence.as_ref()).await?;
         let model = stored.deployment.model.clone();
         let current = sqlx::query("SELECT deployment FROM deployments WHERE model = ?")
             .bind(&model)
@@ -506,15 +494,7 @@ impl RegistryStore for SqliteRegistry {
             .await?
             .map(|r| parse::<Deployment>(r.get::<&str, _>(0)))
             .transpose()?;
-        crate::check_precondition(
-            &model,
-            precondition,
-            current.map(|d| d.revision),
-            (
-                lease.get::<&str, _>(0),
-                u64::try_from(lease.get::<i64, _>(1)).unwrap_or(0),
-            ),
-        )?;
+        crate::check_revision(&model, precondition.revision, current.map(|d| d.revision))?;
         let revision = Self::bump(&mut tx).await?;
         stored.deployment.revision = revision;
         stored.deployment.updated_at = now_millis();
@@ -788,7 +768,7 @@ impl RegistryStore for SqliteRegistry {
         audit: Audit,
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        Self::check_fence(&mut tx, fence, target).await?;
+        Self::check_fence(&mut tx, fence).await?;
         Self::append_audit(&mut tx, action, target, &audit).await?;
         tx.commit().await?;
         Ok(())

@@ -451,8 +451,8 @@ impl Agent {
             }
         }
         let _heartbeats = Abort(tokio::spawn(self.clone().heartbeat_loop()));
-        match self.config.events.clone() {
-            Some(url) => self.events_loop(&url).await,
+        match shoal_events::connect_or_warn(self.config.events.as_deref()).await {
+            Some(events) => self.events_loop(&events).await,
             None => self.watch_loop().await,
         }
     }
@@ -461,18 +461,8 @@ impl Agent {
     /// latest on; starts over after a pause whenever the consumer gives up
     /// (NATS restarting, say). What arrives takes the same path as the
     /// watch stream's and polls' (`submit`: only newer revisions count).
-    async fn events_loop(&self, url: &str) {
+    async fn events_loop(&self, events: &shoal_events::Events) {
         let mut attempt = 0;
-        let events = loop {
-            match shoal_events::Events::connect(url).await {
-                Ok(events) => break events,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot use the event stream; polling only");
-                    attempt += 1;
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-            }
-        };
         loop {
             match events.follow_desired(&self.config.id).await {
                 Ok(stream) => {

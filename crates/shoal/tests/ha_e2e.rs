@@ -79,46 +79,93 @@ fn judged_steps(audit: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// The canary the tests roll out: judged at 20 % and 50 %, two seconds
+/// each, with enough slack on p99 for a shared two-core machine.
+const CANARY: [&str; 10] = [
+    "--strategy",
+    "canary",
+    "--steps",
+    "20,50,100",
+    "--bake",
+    "2s",
+    "--min-requests",
+    "50",
+    "--min-p99-increase",
+    "25ms",
+];
+
+/// Members `a`, `b` and `c` of one control plane: a PostgreSQL the test
+/// started, one artifact store, each member's data under the test's
+/// directory, plus `extra` flags for every member.
+struct Plane {
+    _pg: PostgresServer,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+    /// The admin token `a` made; the registry holds it for all.
+    admin: String,
+}
+
+impl Plane {
+    /// Starts the three members; their admin token is remembered for each
+    /// URL and for the list of all three.
+    fn start(tmp: &TempDir, extra: &[&str]) -> (Plane, Vec<Member>) {
+        let pg = PostgresServer::start();
+        let dir = tmp.join("plane");
+        std::fs::create_dir_all(dir.join("artifacts")).unwrap();
+        let mut args = vec![
+            "--registry".to_owned(),
+            pg.database("registry"),
+            "--artifact-store".to_owned(),
+            format!("file://{}", dir.join("artifacts").display()),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let mut plane = Plane {
+            _pg: pg,
+            dir,
+            args,
+            admin: String::new(),
+        };
+        let members: Vec<Member> = ["a", "b", "c"]
+            .into_iter()
+            .map(|id| {
+                let (child, url) = plane.member(id, "127.0.0.1:0");
+                Member {
+                    id,
+                    child: Some(child),
+                    url,
+                }
+            })
+            .collect();
+        plane.admin = std::fs::read_to_string(plane.dir.join("a").join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let urls: Vec<String> = members.iter().map(|m| m.url.clone()).collect();
+        for url in urls.iter().chain([&urls.join(",")]) {
+            shoal_testkit::tokens::remember_admin_token(url, &plane.admin);
+        }
+        (plane, members)
+    }
+
+    /// Member `id` on `addr` (again, after it was killed: same data).
+    fn member(&self, id: &str, addr: &str) -> (ChildGuard, String) {
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["--id", id]);
+        common::control(&self.dir.join(id), addr, &args, &[])
+    }
+}
+
+/// The members' URLs.
+fn urls_of(members: &[Member]) -> Vec<String> {
+    members.iter().map(|m| m.url.clone()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_dies_mid_canary_and_another_member_finishes_it() {
     let tmp = TempDir::new("ha-e2e");
-    let pg = PostgresServer::start();
-    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
-    let registry = pg.database("registry");
-    let store = format!("file://{}", tmp.join("artifacts").display());
-    let member_args = |id: &'static str| {
-        vec![
-            "--registry".to_owned(),
-            registry.clone(),
-            "--artifact-store".to_owned(),
-            store.clone(),
-            "--id".to_owned(),
-            id.to_owned(),
-        ]
-    };
-    let start = |id: &'static str, addr: &str| {
-        let args = member_args(id);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        common::control(&tmp.join(id), addr, &args, &[])
-    };
-    let mut members: Vec<Member> = ["a", "b", "c"]
-        .into_iter()
-        .map(|id| {
-            let (child, url) = start(id, "127.0.0.1:0");
-            Member {
-                id,
-                child: Some(child),
-                url,
-            }
-        })
-        .collect();
-    // a made the first admin token; the registry holds it for all.
-    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token")).unwrap();
-    let urls: Vec<String> = members.iter().map(|m| m.url.clone()).collect();
+    let (plane, mut members) = Plane::start(&tmp, &[]);
+    let urls = urls_of(&members);
     let all = urls.join(",");
-    for url in urls.iter().chain([&all]) {
-        shoal_testkit::tokens::remember_admin_token(url, admin.trim());
-    }
     let (first_leader, first_term) = agreed_leader(&urls, 3, None).await;
     assert!(first_term >= 1);
 
@@ -152,20 +199,7 @@ async fn the_leader_dies_mid_canary_and_another_member_finishes_it() {
     let traffic = Traffic::start(&gateway, 3);
     cli(
         &members[2].url,
-        &[
-            "deploy",
-            "digits:2",
-            "--strategy",
-            "canary",
-            "--steps",
-            "20,50,100",
-            "--bake",
-            "2s",
-            "--min-requests",
-            "50",
-            "--min-p99-increase",
-            "25ms",
-        ],
+        &[&["deploy", "digits:2"][..], &CANARY].concat(),
     );
     let before = common::digits_rollout_until(&all, "the canary's second step", |r| {
         r["step"].as_u64() >= Some(2)
@@ -188,7 +222,7 @@ async fn the_leader_dies_mid_canary_and_another_member_finishes_it() {
     assert!(term > first_term, "a new term: {term} after {first_term}");
     assert_ne!(leader, dead_id);
     let survivors_url = survivors.join(",");
-    shoal_testkit::tokens::remember_admin_token(&survivors_url, admin.trim());
+    shoal_testkit::tokens::remember_admin_token(&survivors_url, &plane.admin);
     let now = cli(&survivors_url, &["rollout", "status", "digits"]);
     assert!(
         now["step"].as_u64() >= Some(step),
@@ -234,7 +268,7 @@ async fn the_leader_dies_mid_canary_and_another_member_finishes_it() {
     );
 
     // The killed member comes back as a follower; all three agree.
-    let (child, url) = start(dead_id, dead_url.trim_start_matches("http://"));
+    let (child, url) = plane.member(dead_id, dead_url.trim_start_matches("http://"));
     assert_eq!(url, dead_url);
     let back = members.iter_mut().find(|m| m.id == dead_id).unwrap();
     back.child = Some(child);
@@ -360,37 +394,9 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let tmp = TempDir::new("ha-history");
-    let pg = PostgresServer::start();
-    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
-    let registry = pg.database("registry");
-    let store = format!("file://{}", tmp.join("artifacts").display());
-    let ids = ["a", "b", "c"];
-    let start = |id: &str, addr: &str| {
-        let args = [
-            "--registry",
-            &registry,
-            "--artifact-store",
-            &store,
-            "--id",
-            id,
-        ];
-        common::control(&tmp.join(id), addr, &args, &[])
-    };
-    let mut members: Vec<(Option<ChildGuard>, String)> = ids
-        .iter()
-        .map(|id| {
-            let (child, url) = start(id, "127.0.0.1:0");
-            (Some(child), url)
-        })
-        .collect();
-    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let urls: Vec<String> = members.iter().map(|m| m.1.clone()).collect();
-    for url in &urls {
-        shoal_testkit::tokens::remember_admin_token(url, &admin);
-    }
+    let (plane, mut members) = Plane::start(&tmp, &[]);
+    let admin = plane.admin.clone();
+    let urls = urls_of(&members);
     let (_, first_term) = agreed_leader(&urls, 3, None).await;
 
     // The artifact every push registers, uploaded once.
@@ -443,10 +449,11 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
     for round in 0..5 {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let victim = round % 3;
-        let (child, url) = &mut members[victim];
-        child.take().unwrap().signal(Signal::SIGKILL);
+        let member = &mut members[victim];
+        member.child.take().unwrap().signal(Signal::SIGKILL);
         tokio::time::sleep(Duration::from_millis(400)).await;
-        *child = Some(start(ids[victim], url.trim_start_matches("http://")).0);
+        let addr = member.url.trim_start_matches("http://");
+        member.child = Some(plane.member(member.id, addr).0);
     }
     let mut acknowledged = Vec::new();
     for c in clients {
@@ -577,36 +584,11 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_nats_events_a_leader_kill_and_a_nats_restart_lose_nothing() {
     let tmp = TempDir::new("ha-events");
-    let pg = PostgresServer::start();
     let mut nats = shoal_testkit::NatsServer::start();
     let events = nats.url();
-    std::fs::create_dir_all(tmp.join("artifacts")).unwrap();
-    let registry = pg.database("registry");
-    let store = format!("file://{}", tmp.join("artifacts").display());
-    let start = |id: &str| {
-        let args = [
-            "--registry",
-            &registry,
-            "--artifact-store",
-            &store,
-            "--id",
-            id,
-            "--events",
-            &events,
-        ];
-        common::control(&tmp.join(id), "127.0.0.1:0", &args, &[])
-    };
-    let mut members: Vec<(&str, Option<ChildGuard>, String)> = ["a", "b", "c"]
-        .into_iter()
-        .map(|id| {
-            let (child, url) = start(id);
-            (id, Some(child), url)
-        })
-        .collect();
-    let admin = std::fs::read_to_string(tmp.join("a").join("admin.token")).unwrap();
-    let urls: Vec<String> = members.iter().map(|m| m.2.clone()).collect();
+    let (plane, mut members) = Plane::start(&tmp, &["--events", &events]);
+    let urls = urls_of(&members);
     let all = urls.join(",");
-    shoal_testkit::tokens::remember_admin_token(&all, admin.trim());
     let (first_leader, first_term) = agreed_leader(&urls, 3, None).await;
 
     let follow = ["--poll-interval", "60", "--events", events.as_str()];
@@ -644,39 +626,23 @@ async fn on_nats_events_a_leader_kill_and_a_nats_restart_lose_nothing() {
         ],
     );
     let traffic = Traffic::start(&gateway, 3);
-    cli(
-        &all,
-        &[
-            "deploy",
-            "digits:2",
-            "--strategy",
-            "canary",
-            "--steps",
-            "20,50,100",
-            "--bake",
-            "2s",
-            "--min-requests",
-            "50",
-            "--min-p99-increase",
-            "25ms",
-        ],
-    );
+    cli(&all, &[&["deploy", "digits:2"][..], &CANARY].concat());
     common::digits_rollout_until(&all, "the canary's second step", |r| {
         r["step"].as_u64() >= Some(2)
     })
     .await;
     // NATS dies, then the leader; NATS comes back a moment later.
     nats.kill();
-    let dead = members.iter_mut().find(|m| m.0 == first_leader).unwrap();
-    dead.1.take().unwrap().signal(Signal::SIGKILL);
-    let dead_url = dead.2.clone();
+    let dead = members.iter_mut().find(|m| m.id == first_leader).unwrap();
+    dead.child.take().unwrap().signal(Signal::SIGKILL);
+    let dead_url = dead.url.clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart();
     let survivors: Vec<String> = urls.iter().filter(|u| **u != dead_url).cloned().collect();
     let (_, term) = agreed_leader(&survivors, 3, Some(first_leader.as_str())).await;
     assert!(term > first_term);
     let survivors_url = survivors.join(",");
-    shoal_testkit::tokens::remember_admin_token(&survivors_url, admin.trim());
+    shoal_testkit::tokens::remember_admin_token(&survivors_url, &plane.admin);
     let done = common::digits_rollout_until(&survivors_url, "the canary to finish", |r| {
         assert_ne!(r["state"], "rolled_back", "{r}");
         r["state"] == "promoted"
