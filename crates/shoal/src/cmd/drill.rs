@@ -117,7 +117,12 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
     ]);
     t.add_row(vec!["RTO".to_owned(), ms(report.rto_ms)]);
     t.add_row(vec![
-        "  members back".to_owned(),
+        match report.scenario.as_str() {
+            "leader-loss" => "  new leader acts",
+            "replica-hang" => "  ejected",
+            _ => "  members back",
+        }
+        .to_owned(),
         ms(report.capacity_back_ms),
     ]);
     t.add_row(vec![
