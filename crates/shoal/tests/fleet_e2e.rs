@@ -436,6 +436,13 @@ async fn a_control_plane_on_postgres_is_replaced_by_another_with_nothing_lost() 
             model_path("digits-v2.onnx").to_str().unwrap(),
         ],
     );
+    // The first rollout may have been killed before it was concluded; the
+    // new control plane (another member: it takes the lease once the dead
+    // one's lapses) concludes it, then the next deploy goes out.
+    common::digits_rollout_until(&control, "the first rollout to end", |r| {
+        r["state"] == "promoted"
+    })
+    .await;
     cli(&control, &["deploy", "digits:2"]);
     converged_on(&control, "digits:2", 1).await;
     let http = HttpClient::new();
