@@ -277,11 +277,26 @@ async fn followers(
                 let events = connections[i % connections.len()].clone();
                 tokio::spawn(async move {
                     loop {
-                        if let Ok(stream) = events.follow_desired(&id).await {
-                            let mut stream = std::pin::pin!(stream);
-                            while let Some(Ok(state)) = stream.next().await {
-                                seen[i].store(serving(&state), Ordering::Relaxed);
+                        match events.follow_desired(&id).await {
+                            Ok(stream) => {
+                                let mut stream = std::pin::pin!(stream);
+                                loop {
+                                    match stream.next().await {
+                                        Some(Ok(state)) => {
+                                            seen[i].store(serving(&state), Ordering::Relaxed);
+                                        }
+                                        Some(Err(e)) => {
+                                            tracing::warn!(follower = %id, error = %e, "follow broke off");
+                                            break;
+                                        }
+                                        None => {
+                                            tracing::warn!(follower = %id, "follow ended");
+                                            break;
+                                        }
+                                    }
+                                }
                             }
+                            Err(e) => tracing::warn!(follower = %id, error = %e, "cannot follow"),
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }

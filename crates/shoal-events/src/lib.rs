@@ -3,19 +3,24 @@
 //! With `--events nats://HOST:PORT`, the leading control plane publishes
 //! each replica's desired state on `shoal.desired.<replica>` and the
 //! routing table on `shoal.routing`, in one JetStream stream (`SHOAL`,
-//! file storage) that keeps the latest message of each subject. Replicas
-//! and gateways follow their subject with an ordered consumer that starts
-//! from that latest message, so one that was away (or a NATS server that
-//! restarted) resumes from the newest state, not from the start of time,
-//! and no control plane holds a connection per replica. Every message
-//! carries its fleet revision; followers ignore what is not newer than
-//! what they have, so a late or repeated message changes nothing.
+//! file storage) that keeps the latest message of each subject. A replica
+//! or gateway reads its subject's latest stored message by a direct get
+//! when it starts, after every reconnection, and whenever a plain
+//! subscription to the subject signals a new one (JetStream delivers what
+//! it stores to subscribers of the subject too), and passes on what it
+//! reads in the stream's order. So one that was away (or a NATS server
+//! that restarted) resumes from the newest state, not from the start of time;
+//! no control plane holds a connection per replica; and the server keeps
+//! no consumer per follower (a thousand ordered consumers were more than
+//! nats-server 2.9 would set up on one machine: see BENCHMARKS.md). Every
+//! message carries its fleet revision; followers ignore what is not newer
+//! than what they have, so a late or repeated message changes nothing.
 //!
 //! [`subjects`] is the pure part (names); [`Events`] is the connection.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -74,6 +79,8 @@ pub struct Events {
     client: async_nats::Client,
     js: jetstream::Context,
     url: String,
+    /// How many times the connection has been (re)established.
+    connections: tokio::sync::watch::Receiver<u64>,
 }
 
 /// A connection to `url`, if one is given and usable; otherwise `None`,
@@ -113,7 +120,15 @@ impl Events {
     /// exists once it can.
     pub async fn connect(url: &str) -> Result<Events, EventError> {
         check_url(url)?;
+        let (connected, connections) = tokio::sync::watch::channel(0u64);
+        let connected = std::sync::Arc::new(connected);
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    connected.send_modify(|n| *n += 1);
+                }
+                std::future::ready(())
+            })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(3))
             .connect(url)
@@ -124,6 +139,7 @@ impl Events {
             client,
             js,
             url: url.to_owned(),
+            connections,
         })
     }
 
@@ -133,25 +149,23 @@ impl Events {
     }
 
     /// The stream, created on first use: the latest message per subject,
-    /// on disk, de-duplicated over two minutes.
+    /// on disk, de-duplicated over two minutes, readable by direct gets.
     async fn stream(&self) -> Result<stream::Stream, EventError> {
         self.js
-            .get_or_create_stream(stream::Config {
-                name: subjects::STREAM.to_owned(),
-                subjects: vec![subjects::ALL.to_owned()],
-                max_messages_per_subject: 1,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
+            .get_or_create_stream(stream_config())
             .await
             .map_err(nats)
     }
 
-    /// Makes sure the stream exists (a control plane does at start, so
-    /// followers find it).
+    /// Makes sure the stream exists as this version wants it (a control
+    /// plane does at start, so followers find it; a stream made by an
+    /// older version is updated in place, its messages kept).
     pub async fn ensure_stream(&self) -> Result<(), EventError> {
-        self.stream().await.map(|_| ())
+        self.js
+            .create_or_update_stream(stream_config())
+            .await
+            .map(|_| ())
+            .map_err(nats)
     }
 
     /// Sends `value` (of fleet revision `revision`) on `subject`; the
@@ -221,32 +235,78 @@ impl Events {
     }
 
     /// Follows `subject` from its latest message on: each item is a message
-    /// decoded, or why it could not be. The stream ends when the consumer
-    /// cannot go on (the caller follows again after a pause).
+    /// decoded, or why it could not be. The subject's latest stored message
+    /// comes first; after that, each message delivered on a plain
+    /// subscription (and each reconnection: what was published while the
+    /// connection was down reached no subscriber) is a signal to read the
+    /// latest stored message again, one read at a time, and a message is
+    /// passed on only when its stream sequence differs from the last one
+    /// passed on. So messages come in the stream's order, never an older
+    /// one after a newer (a live delivery and a read's answer can overtake
+    /// each other on the wire; reads one after another cannot), signals
+    /// that pile up during a read are answered by one read, and a stream
+    /// made anew (sequences starting over) is followed too. An error item
+    /// means the stream could not be read: the caller follows again after
+    /// a pause.
     async fn follow<T: DeserializeOwned>(
         &self,
         subject: String,
     ) -> Result<impl Stream<Item = Result<T, EventError>> + use<T>, EventError> {
+        /// The follow's state between items.
+        struct Following {
+            stream: stream::Stream,
+            live: async_nats::Subscriber,
+            connections: tokio::sync::watch::Receiver<u64>,
+            subject: String,
+            last: Option<u64>,
+        }
         let stream = self.stream().await?;
-        // A push consumer: the server sends as messages are stored, with no
-        // pull requests to keep going for each follower.
-        let consumer = stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: subject.clone(),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats)?;
-        let messages = consumer.messages().await.map_err(nats)?;
-        Ok(messages.map(move |m| {
-            let m = m.map_err(nats)?;
-            serde_json::from_slice(&m.payload).map_err(|e| EventError::Decode {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })
-        }))
+        // Subscribed before the first read: whatever is stored after the
+        // read is signalled (the subscription is on the server before the
+        // read, the two going out in order on one connection; after a
+        // reconnection the client sends its subscriptions first).
+        let live = self.client.subscribe(subject.clone()).await.map_err(nats)?;
+        let mut connections = self.connections.clone();
+        connections.mark_changed();
+        let following = Following {
+            stream,
+            live,
+            connections,
+            subject: subject.clone(),
+            last: None,
+        };
+        let latest = futures::stream::unfold(following, |mut f| async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    changed = f.connections.changed() => changed.ok()?,
+                    message = f.live.next() => { message?; }
+                }
+                // Whatever else has arrived is answered by the same read.
+                while let Some(Some(_)) = futures::FutureExt::now_or_never(f.live.next()) {}
+                match f
+                    .stream
+                    .direct_get_last_for_subject(f.subject.clone())
+                    .await
+                {
+                    Ok(message) if Some(message.sequence) != f.last => {
+                        f.last = Some(message.sequence);
+                        return Some((Ok(message.payload), f));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                    Err(e) => return Some((Err(nats(e)), f)),
+                }
+            }
+        });
+        Ok(
+            latest.map(move |payload: Result<bytes::Bytes, EventError>| {
+                serde_json::from_slice(&payload?).map_err(|e| EventError::Decode {
+                    subject: subject.clone(),
+                    reason: e.to_string(),
+                })
+            }),
+        )
     }
 
     /// Replica `id`'s desired states, from the latest on.
@@ -262,6 +322,19 @@ impl Events {
         &self,
     ) -> Result<impl Stream<Item = Result<RoutingTable, EventError>> + use<>, EventError> {
         self.follow(subjects::ROUTING.to_owned()).await
+    }
+}
+
+/// The stream as this version wants it.
+fn stream_config() -> stream::Config {
+    stream::Config {
+        name: subjects::STREAM.to_owned(),
+        subjects: vec![subjects::ALL.to_owned()],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
     }
 }
 

@@ -62,10 +62,11 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
 
 /// Installs the global `tracing` subscriber: human-readable lines on stderr,
 /// or JSON lines when `json` is set; the level comes from `RUST_LOG`
-/// (default `info`). Safe to call more than once (later calls do nothing).
+/// (default `info`, the NATS client's connection chatter at `warn`). Safe to call more than once (later calls do nothing).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
