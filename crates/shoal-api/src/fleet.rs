@@ -123,9 +123,17 @@ pub enum FailureKind {
     /// Trying again cannot help: the artifact is not a model the engine
     /// can run, its SHA-256 does not match, or its warm-up failed.
     Definite,
-    /// It might load next time: the fetch was interrupted, the replica was
-    /// busy or restarting.
+    /// It might load next time: the replica was busy or restarting, its
+    /// disk failed a read.
     Transient,
+    /// The artifact could not be fetched from anywhere: the control plane
+    /// (its artifact store) and the peers did not answer or did not have
+    /// it. Nothing is wrong with the version, so the replica keeps trying
+    /// (with backoff) for as long as it is wanted and never gives up on
+    /// it, and a rollout bringing it in waits — a deploy made while the
+    /// artifact store is down resumes when the store is back (an operator
+    /// may abort it meanwhile).
+    Unavailable,
 }
 
 /// Transient failures of one version a replica tries before it gives up
@@ -151,10 +159,15 @@ pub struct LoadFailureReport {
 
 impl LoadFailureReport {
     /// True when the replica has given up: the failure is definite, or
-    /// transient failures reached [`TRANSIENT_LOAD_ATTEMPTS`]. A rollout
-    /// bringing the version in has failed.
+    /// transient failures reached [`TRANSIENT_LOAD_ATTEMPTS`] (an
+    /// unavailable artifact is never given up on). A rollout bringing the
+    /// version in has failed.
     pub fn gave_up(&self) -> bool {
-        self.kind == FailureKind::Definite || self.attempts >= TRANSIENT_LOAD_ATTEMPTS
+        match self.kind {
+            FailureKind::Definite => true,
+            FailureKind::Transient => self.attempts >= TRANSIENT_LOAD_ATTEMPTS,
+            FailureKind::Unavailable => false,
+        }
     }
 }
 
@@ -495,6 +508,10 @@ mod tests {
         assert!(report(FailureKind::Definite, 1).gave_up());
         assert!(!report(FailureKind::Transient, TRANSIENT_LOAD_ATTEMPTS - 1).gave_up());
         assert!(report(FailureKind::Transient, TRANSIENT_LOAD_ATTEMPTS).gave_up());
+        assert!(
+            !report(FailureKind::Unavailable, 10 * TRANSIENT_LOAD_ATTEMPTS).gave_up(),
+            "an artifact store that is down is waited for"
+        );
     }
 
     #[test]

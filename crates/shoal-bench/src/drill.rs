@@ -1,11 +1,13 @@
 //! Disaster drills against a running `shoal up` fleet: steady open-loop
 //! load through a gateway and a stream of acknowledged registry writes,
 //! a fault a third of the way in (SIGKILL of a replica, of every replica of
-//! a region, of the control plane, or of one of two gateways), and what the
-//! clients and the registry saw: success rate, failed requests, the
-//! recovery time (RTO: from the fault until every killed member is back,
-//! serving, and no request fails any more) and the recovery point (RPO:
-//! acknowledged writes that were lost).
+//! a region, of the control plane, or of one of two gateways; or the
+//! artifact store moved away for the middle third while a deploy is made),
+//! and what the clients and the registry saw: success rate, failed
+//! requests, the recovery time (RTO: from the fault until every killed
+//! member is back, serving, and no request fails any more; for the
+//! artifact store, until the deploy made without it is done) and the
+//! recovery point (RPO: acknowledged writes that were lost).
 //!
 //! [`outcome`] is the pure part: the figures from what was observed.
 //! [`run`] observes: it finds the fleet's processes in `fleet.json`, kills,
@@ -43,6 +45,12 @@ pub enum Scenario {
     /// The leading control plane of several (`shoal up --control-planes
     /// 3`) is SIGKILLed. Recovery is another member's first act as leader.
     LeaderLoss,
+    /// The artifact store (the fleet's local store directory) is moved
+    /// away, as a lost disk or mount would take it, for the middle third
+    /// of the load; a new version is deployed just after it goes. Replicas
+    /// keep serving; the deploy waits for the store and finishes once it
+    /// is back. Recovery is the deploy done.
+    ArtifactStoreLoss,
 }
 
 impl Scenario {
@@ -55,6 +63,7 @@ impl Scenario {
             Scenario::ControlPlaneLoss => "control-plane-loss",
             Scenario::GatewayLoss => "gateway-loss",
             Scenario::LeaderLoss => "leader-loss",
+            Scenario::ArtifactStoreLoss => "artifact-store-loss",
         }
     }
 }
@@ -113,6 +122,11 @@ pub struct DrillReport {
     pub timeline: Vec<Bucket>,
     /// When the fault came, ms after the start of the load.
     pub fault_ms: f64,
+    /// When the drill undid the fault itself (the artifact store put
+    /// back), ms after the fault.
+    pub restored_ms: Option<f64>,
+    /// What became of the deploy made during the fault (artifact-store-loss).
+    pub deploy: Option<String>,
 }
 
 /// Requests that ended within one slice of a drill.
@@ -191,7 +205,8 @@ pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
          | requests | {sent} sent, {failed} failed ({success:.3} % answered) |\n\
          | latency | p50 {p50:.2} ms, p99 {p99:.2} ms |\n\
          | RTO | {rto} (members back: {back}; last failure: {last}) |\n\
-         | RPO | {lost} of {acked} acknowledged writes lost ({refused} refused while down) |\n\n\
+         | RPO | {lost} of {acked} acknowledged writes lost ({refused} refused while down) |\n\
+         {deploy}\n\
          ![latency over time]({chart})\n\n\
          The chart shows the median and p99 latency of answered requests per \
          {bucket:.0} ms, failed requests in red, the fault and the moment every \
@@ -212,6 +227,12 @@ pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
         lost = report.writes_lost,
         acked = report.writes_acknowledged,
         refused = report.writes_refused,
+        deploy = report.deploy.as_ref().map_or_else(String::new, |d| {
+            format!(
+                "| store back | {} after the fault |\n| deploy | {d} |\n",
+                ms(report.restored_ms)
+            )
+        }),
         bucket = BUCKET_MS,
     )
 }
@@ -331,6 +352,10 @@ pub struct Observed {
     pub timeline: Vec<Bucket>,
     /// When the fault came, ms after the start of the load.
     pub fault_ms: f64,
+    /// When the drill undid the fault, ms after it.
+    pub restored_ms: Option<f64>,
+    /// What became of the deploy made during the fault.
+    pub deploy: Option<String>,
 }
 
 /// The figures of a drill from what was observed.
@@ -346,6 +371,8 @@ pub fn outcome(
         writes,
         timeline,
         fault_ms,
+        restored_ms,
+        deploy,
     } = observed;
     let failures_after_fault_ms = &failures_after_fault_ms[..];
     let (writes_acknowledged, writes_refused, writes_lost) = writes;
@@ -377,6 +404,8 @@ pub fn outcome(
         writes_lost,
         timeline,
         fault_ms,
+        restored_ms,
+        deploy,
     }
 }
 
@@ -386,6 +415,245 @@ struct FleetFile {
     control: String,
     gateways: Vec<(String, String)>,
     pids: Vec<(String, u32)>,
+    /// The local artifact store (absent from fleets of older versions).
+    #[serde(default)]
+    artifacts: Option<std::path::PathBuf>,
+}
+
+/// The model the drills load and deploy.
+const MODEL: &str = "digits";
+
+/// The artifact store's loss, staged: the store's directory moved aside
+/// (and put back when this is dropped, whatever happened: an interrupted
+/// drill leaves no store missing), a fresh version to deploy meanwhile,
+/// and the version to go back to after.
+struct StoreLoss {
+    dir: std::path::PathBuf,
+    aside: std::path::PathBuf,
+    away: std::sync::atomic::AtomicBool,
+    from: String,
+    to: String,
+}
+
+/// The bundled digits model with `tag` as its doc string: the same model
+/// under a digest no replica has cached, so deploying it needs the store.
+/// (A later value of a protobuf field replaces an earlier one, so
+/// appending `ModelProto.doc_string`, field 6, changes nothing else.)
+pub fn tagged_model(tag: &str) -> Vec<u8> {
+    let mut bytes = include_bytes!("../../../models/digits-v1.onnx").to_vec();
+    let doc = tag.as_bytes();
+    bytes.push(6 << 3 | 2);
+    let mut len = doc.len();
+    while len >= 0x80 {
+        #[allow(clippy::cast_possible_truncation)]
+        bytes.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    bytes.push(len as u8);
+    bytes.extend_from_slice(doc);
+    bytes
+}
+
+impl StoreLoss {
+    /// Checks the fleet's store can be moved and registers the version to
+    /// deploy while it is away (a push needs the store).
+    async fn prepare(
+        client: &ControlClient,
+        fleet: &FleetFile,
+        run_id: &str,
+    ) -> anyhow::Result<StoreLoss> {
+        let dir = fleet
+            .artifacts
+            .clone()
+            .filter(|d| d.is_dir())
+            .context("artifact-store-loss moves the fleet's local artifact store aside, and fleet.json names none (a fleet started by an older shoal up?)")?;
+        let aside = dir.with_extension(format!("drill-{run_id}"));
+        let deployments = client.list_deployments().await?;
+        let from = deployments
+            .iter()
+            .find(|d| d.model == MODEL)
+            .and_then(|d| d.targets.iter().max_by_key(|t| t.weight))
+            .map(|t| t.version.clone())
+            .context("artifact-store-loss deploys a new digits version; digits is not deployed")?;
+        let bytes = bytes::Bytes::from(tagged_model(&format!("shoal drill {run_id}")));
+        let size = bytes.len() as u64;
+        let uploaded = client
+            .upload_artifact(size, futures::stream::iter([Ok(bytes)]))
+            .await
+            .context("cannot push the drill's version before the drill")?;
+        let mut new = shoal_api::registry::NewVersion {
+            sha256: uploaded.sha256,
+            ..Default::default()
+        };
+        new.labels
+            .insert("source".into(), "shoal drill artifact-store-loss".into());
+        let to = client.create_version(MODEL, &new).await?.version;
+        Ok(StoreLoss {
+            dir,
+            aside,
+            away: std::sync::atomic::AtomicBool::new(false),
+            from,
+            to,
+        })
+    }
+
+    /// Moves the store aside.
+    fn lose(&self) -> anyhow::Result<()> {
+        std::fs::rename(&self.dir, &self.aside).with_context(|| {
+            format!(
+                "cannot move {} aside to {}",
+                self.dir.display(),
+                self.aside.display()
+            )
+        })?;
+        self.away.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Puts the store back.
+    fn restore(&self) -> anyhow::Result<()> {
+        if !self.away.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        std::fs::rename(&self.aside, &self.dir).with_context(|| {
+            format!(
+                "cannot put the artifact store back: move {} to {} by hand",
+                self.aside.display(),
+                self.dir.display()
+            )
+        })
+    }
+
+    /// The outage: deploys the new version right after the fault, keeps
+    /// the store away until `back_at`, puts it back and waits (until
+    /// `deadline`) for the deploy to end. When the store came back and
+    /// when the deploy was done (ms after the fault), and what became of
+    /// the deploy, in words.
+    async fn outage(
+        &self,
+        client: &ControlClient,
+        fault: Instant,
+        back_at: Instant,
+        deadline: Instant,
+    ) -> (f64, Option<f64>, String) {
+        let ms = |since: Instant| since.elapsed().as_secs_f64() * 1000.0;
+        let deployed = client
+            .deploy(
+                MODEL,
+                &shoal_api::deploy::DeployRequest {
+                    version: self.to.clone(),
+                    reason: Some(
+                        "shoal drill artifact-store-loss: deployed without the artifact store"
+                            .into(),
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let mut waited = false;
+        while Instant::now() < back_at {
+            if let Ok(r) = client.rollout(MODEL).await
+                && r.to == self.to
+            {
+                waited |= r.reason.contains("waiting for the artifact store");
+                if r.state.is_terminal() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let restored = match self.restore() {
+            Ok(()) => ms(fault),
+            Err(e) => {
+                return (
+                    ms(fault),
+                    None,
+                    format!("{e:#}; the deploy of {MODEL}:{} was not followed", self.to),
+                );
+            }
+        };
+        if let Err(e) = deployed {
+            return (
+                restored,
+                None,
+                format!("the deploy of {MODEL}:{} was refused: {e}", self.to),
+            );
+        }
+        loop {
+            if let Ok(r) = client.rollout(MODEL).await
+                && r.to == self.to
+                && r.state.is_terminal()
+            {
+                let how = if waited {
+                    "waited for the store"
+                } else {
+                    "did not need to wait"
+                };
+                return if r.state == shoal_api::deploy::RolloutState::Promoted {
+                    (
+                        restored,
+                        Some(ms(fault)),
+                        format!(
+                            "{MODEL}:{} deployed without the store: {how}, done {:.0} ms after it was back",
+                            self.to,
+                            ms(fault) - restored
+                        ),
+                    )
+                } else {
+                    (
+                        restored,
+                        None,
+                        format!("{MODEL}:{} {}: {}", self.to, r.state.as_str(), r.reason),
+                    )
+                };
+            }
+            if Instant::now() >= deadline {
+                return (
+                    restored,
+                    None,
+                    format!(
+                        "{MODEL}:{} was still rolling out when the drill gave up",
+                        self.to
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deploys the version served before the drill again, leaving the
+    /// fleet as it was found.
+    async fn go_back(&self, client: &ControlClient, deadline: Instant) {
+        let request = shoal_api::deploy::DeployRequest {
+            version: self.from.clone(),
+            reason: Some(
+                "shoal drill artifact-store-loss: back to the version before the drill".into(),
+            ),
+            ..Default::default()
+        };
+        if let Err(e) = client.deploy(MODEL, &request).await {
+            tracing::warn!(error = %e, "cannot deploy {MODEL}:{} again after the drill", self.from);
+            return;
+        }
+        while Instant::now() < deadline {
+            if let Ok(r) = client.rollout(MODEL).await
+                && r.to == self.from
+                && r.state.is_terminal()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for StoreLoss {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            eprintln!("{e:#}");
+        }
+    }
 }
 
 fn read_fleet(data_dir: &Path) -> anyhow::Result<FleetFile> {
@@ -713,6 +981,13 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
             let urls = fleet.gateways.iter().map(|(_, url)| url.clone()).collect();
             (vec![(name, pid)], urls, true)
         }
+        Scenario::ArtifactStoreLoss => (Vec::new(), vec![first_gateway], false),
+    };
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let store_loss = if spec.scenario == Scenario::ArtifactStoreLoss {
+        Some(StoreLoss::prepare(&client, &fleet, &run_id).await?)
+    } else {
+        None
     };
 
     let body = crate::digits_request()?;
@@ -736,7 +1011,6 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     let traffic = tokio::spawn(load(load_spec));
 
     // Acknowledged writes, every 200 ms, for as long as the load runs.
-    let run_id = format!("{:08x}", rand::random::<u32>());
     let writer = {
         let client = client.clone();
         let (run_id, until) = (run_id.clone(), started + spec.duration);
@@ -790,7 +1064,19 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     };
     let deadline = started + spec.duration + spec.recovery_timeout;
     let mut capacity_back = None;
-    if hang {
+    let (mut restored_ms, mut deploy) = (None, None);
+    if let Some(loss) = &store_loss {
+        if let Err(e) = loss.lose() {
+            traffic.abort();
+            writer.abort();
+            return Err(e);
+        }
+        let back_at = started + spec.duration * 2 / 3;
+        let (restored, done, what) = loss.outage(&client, fault, back_at, deadline).await;
+        restored_ms = Some(restored);
+        capacity_back = done.map(|ms| Duration::from_secs_f64(ms / 1000.0));
+        deploy = Some(what);
+    } else if hang {
         // Back in service once the gateways have ejected the hung replica;
         // it is resumed when the load ends.
         while Instant::now() < started + spec.duration {
@@ -827,6 +1113,9 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         );
     }
     let (acknowledged, refused) = writer.await.context("the writer stopped")?;
+    if let Some(loss) = &store_loss {
+        loss.go_back(&client, deadline).await;
+    }
 
     // The recovery point: every acknowledged write must still be there.
     let present: std::collections::BTreeSet<String> = loop {
@@ -884,6 +1173,8 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
             writes: (acknowledged.len() as u64, refused, lost),
             timeline: buckets(&samples),
             fault_ms: (fault - started).as_secs_f64() * 1000.0,
+            restored_ms,
+            deploy,
         },
     );
     if failed_before_fault {
@@ -934,6 +1225,8 @@ mod tests {
             writes_lost: 0,
             timeline: buckets(&[(10.0, 1.0, true), (600.0, 9.0, false), (900.0, 2.0, true)]),
             fault_ms: 500.0,
+            restored_ms: None,
+            deploy: None,
         };
         let md = markdown(&report, "drill.png", "2026-12-03T10:00:00Z");
         assert!(md.starts_with("# Drill: replica-loss"));
@@ -946,6 +1239,23 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tagged_model_is_the_same_model_under_a_new_digest() {
+        use shoal_runtime::tract::TractBackend;
+        use shoal_runtime::{LoadOptions, LoadedModel};
+        let original = include_bytes!("../../../models/digits-v1.onnx");
+        let tract = TractBackend::default();
+        let before = LoadedModel::load(&tract, original, &LoadOptions::default()).unwrap();
+        // Long enough for a two-byte length.
+        for tag in ["shoal drill 1234abcd", &"x".repeat(300)] {
+            let tagged = tagged_model(tag);
+            assert_ne!(&tagged[..], &original[..]);
+            let after = LoadedModel::load(&tract, &tagged, &LoadOptions::default()).unwrap();
+            assert_eq!(after.signature(), before.signature());
+            after.warm_up().unwrap();
+        }
     }
 
     #[test]

@@ -585,10 +585,17 @@ pub(crate) async fn get_rollout(
                 .iter()
                 .filter(|rep| shoal_rollout::plan::eligible(&stored.deployment, rep))
                 .collect();
-            // A dry tick refreshes the reason ("waiting for …") without
-            // deciding anything: the controller persists real decisions.
-            if let shoal_rollout::Controller::Rolling(r) = &mut c {
-                r.tick(&model, &replicas, shoal_api::now_millis());
+            // A dry tick refreshes the reason ("waiting for …", or why
+            // replicas cannot load the version) without deciding anything:
+            // the controller persists real decisions.
+            if matches!(c, shoal_rollout::Controller::Rolling(_)) {
+                c.tick(
+                    &model,
+                    &replicas,
+                    &facts,
+                    &mut rand::rng(),
+                    shoal_api::now_millis(),
+                );
             }
             c.view(&model, &replicas, &facts)
         }

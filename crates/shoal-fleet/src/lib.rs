@@ -95,6 +95,8 @@ pub struct FleetState {
     pub gateways: Vec<(String, String)>,
     /// Process ids of every child running now.
     pub pids: Vec<(String, u32)>,
+    /// The control planes' artifact store: a local directory.
+    pub artifacts: Option<std::path::PathBuf>,
 }
 
 /// One gateway address per region: the first as given, the others on the
@@ -307,12 +309,18 @@ pub async fn run(
             .iter()
             .flat_map(|url| ["--events".to_owned(), url.clone()])
             .collect();
+        let shared_path = std::path::absolute(config.data_dir.join("artifacts"))?;
         let shared_store = {
-            let path = std::path::absolute(config.data_dir.join("artifacts"))?;
-            std::fs::create_dir_all(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            format!("file://{}", path.display())
+            std::fs::create_dir_all(&shared_path)
+                .with_context(|| format!("cannot create {}", shared_path.display()))?;
+            format!("file://{}", shared_path.display())
         };
+        // One member keeps its store in its data directory; several share.
+        state.lock().await.artifacts = Some(if config.control_planes > 1 {
+            shared_path.clone()
+        } else {
+            std::path::absolute(config.data_dir.join("control").join("artifacts"))?
+        });
         let mut control_addrs = Vec::new();
         for i in 0..config.control_planes.max(1) {
             let (name, addr, data) = if i == 0 {

@@ -98,7 +98,7 @@ impl ReplicaMetrics {
         );
         registry.register(
             "model_load_failures",
-            "Versions that could not be made ready (fetch, verification, parse, prepare or warm-up), by kind: definite failures are not retried",
+            "Versions that could not be made ready (fetch, verification, parse, prepare or warm-up), by kind: definite failures are not retried, transient ones up to 5 times, unavailable artifacts until the store is back",
             metrics.load_failures.clone(),
         );
         registry.register(
@@ -304,6 +304,7 @@ impl VersionLoadFailed<'_> {
         let kind = match self.kind {
             FailureKind::Definite => "definite",
             FailureKind::Transient => "transient",
+            FailureKind::Unavailable => "unavailable",
         };
         tracing::warn!(
             model = %self.model,

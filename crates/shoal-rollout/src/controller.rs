@@ -109,16 +109,21 @@ impl Controller {
             return step;
         }
         // Replicas retrying a version they could not load: say so, once
-        // per attempt (each is worth persisting, and there are few).
+        // per attempt (each is worth persisting, and there are few), or
+        // once for an artifact nobody can fetch now (retried until the
+        // store is back, however long: no count to persist).
         let retrying: Vec<String> = failures
             .iter()
-            .map(|f| {
-                format!(
+            .map(|f| match f.report.kind {
+                FailureKind::Unavailable => {
+                    format!("{}; waiting for the artifact store", f.describe(model))
+                }
+                FailureKind::Definite | FailureKind::Transient => format!(
                     "{} (attempt {} of {}); retrying",
                     f.describe(model),
                     f.report.attempts,
                     TRANSIENT_LOAD_ATTEMPTS
-                )
+                ),
             })
             .collect();
         let progress = self.progress_mut();
@@ -338,7 +343,7 @@ impl LoadFailed<'_> {
             FailureKind::Transient if self.report.gave_up() => {
                 format!(" after {} attempts", self.report.attempts)
             }
-            FailureKind::Transient => String::new(),
+            FailureKind::Transient | FailureKind::Unavailable => String::new(),
         };
         format!(
             "{} could not load {model}:{}{kind}: {}",
@@ -722,6 +727,38 @@ mod tests {
                 "{name}: {}",
                 c.progress().reason
             );
+        }
+    }
+
+    #[test]
+    fn an_artifact_nobody_can_fetch_is_waited_for_without_rolling_back() {
+        for (name, mut c) in every_strategy() {
+            let unavailable = LoadFailureReport {
+                reason: "cannot fetch the artifact: 503".into(),
+                kind: FailureKind::Unavailable,
+                attempts: 1,
+                sha256: String::new(),
+            };
+            let (mut fleet, mut rng) = fail_every_load(&mut c, &unavailable);
+            let tick = |c: &mut Controller, fleet: &[ReplicaFacts], rng: &mut _, now| {
+                let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
+                c.tick("m", &refs, &FleetFacts::default(), rng, now)
+            };
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 2), Step::Changed, "{name}");
+            assert!(
+                c.progress().reason.starts_with("waiting: a could not load m:2: cannot fetch the artifact: 503; waiting for the artifact store"),
+                "{name}: {}",
+                c.progress().reason
+            );
+            // Far past the transient bound, the rollout still waits, and
+            // more attempts change nothing worth persisting.
+            for r in &mut fleet {
+                for f in r.failures.values_mut() {
+                    f.attempts = 40 * TRANSIENT_LOAD_ATTEMPTS;
+                }
+            }
+            assert_eq!(tick(&mut c, &fleet, &mut rng, 3), Step::Unchanged, "{name}");
+            assert!(c.is_active(), "{name}");
         }
     }
 

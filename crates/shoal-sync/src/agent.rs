@@ -330,8 +330,13 @@ impl Agent {
                     format!("integrity check failed: {m}"),
                     FailureKind::Definite,
                 ),
-                other => failed(
-                    format!("cannot fetch the artifact: {other}"),
+                // The store (or the way to it) is down: waited for.
+                FetchError::Origin(e) => failed(
+                    format!("cannot fetch the artifact (the control plane's artifact store and the peers do not have it now): {e}"),
+                    FailureKind::Unavailable,
+                ),
+                FetchError::Cache(e) => failed(
+                    format!("cannot keep the artifact in the local cache: {e}"),
                     FailureKind::Transient,
                 ),
             })?;

@@ -2,7 +2,8 @@
 //! gateways, four replicas), each scenario in turn with short durations:
 //! losing a replica, a whole region, the control plane or a gateway costs
 //! no request and no acknowledged write, and the fleet is whole again; a
-//! hung replica costs no request sent after the gateways ejected it.
+//! hung replica costs no request sent after the gateways ejected it; a
+//! deploy made while the artifact store is gone waits and finishes.
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -12,6 +13,10 @@ mod common;
 use common::shoal;
 
 fn drill(data: &std::path::Path, args: &[&str]) -> Value {
+    drill_for(data, args, "4s")
+}
+
+fn drill_for(data: &std::path::Path, args: &[&str], duration: &str) -> Value {
     let out = std::process::Command::new(shoal())
         .arg("drill")
         .args(args)
@@ -21,7 +26,7 @@ fn drill(data: &std::path::Path, args: &[&str]) -> Value {
             "--rate",
             "50",
             "--duration",
-            "4s",
+            duration,
             "--recovery-timeout",
             "30s",
             "--json",
@@ -72,6 +77,36 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
         );
         assert!(!report["killed"].as_array().unwrap().is_empty());
     }
+
+    // The artifact store goes for the middle third (2 s) and a new version
+    // is deployed meanwhile: nothing fails, the deploy waits for the store
+    // (replicas cannot fetch it: its digest is new) instead of rolling
+    // back, finishes once the store is back, and the store is where it was.
+    let report = drill_for(&data, &["artifact-store-loss"], "6s");
+    eprintln!("artifact-store-loss: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["writes_lost"], 0, "{report}");
+    assert!(
+        report["rto_ms"].is_number(),
+        "the deploy finished: {report}"
+    );
+    let deploy = report["deploy"].as_str().unwrap();
+    assert!(
+        deploy.contains("deployed without the store: waited for the store"),
+        "{report}"
+    );
+    assert!(
+        report["capacity_back_ms"].as_f64() >= report["restored_ms"].as_f64(),
+        "{report}"
+    );
+    let store = data.join("control").join("artifacts");
+    assert!(store.is_dir());
+    let left: Vec<_> = std::fs::read_dir(data.join("control"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("artifacts."))
+        .collect();
+    assert!(left.is_empty(), "moved aside and left: {left:?}");
 
     // The first drill left its record: markdown naming a PNG chart.
     let written: Vec<std::path::PathBuf> = std::fs::read_dir(&reports)

@@ -12,7 +12,9 @@ pub(crate) struct DrillArgs {
     /// What goes wrong: replica-loss, replica-hang, region-loss (with --region),
     /// control-plane-loss, gateway-loss (needs two gateways: shoal up
     /// --regions a,b), leader-loss (needs several control planes: shoal up
-    /// --control-planes 3 --registry postgres://…).
+    /// --control-planes 3 --registry postgres://…), artifact-store-loss
+    /// (moves the fleet's artifact store aside for the middle third and
+    /// deploys a new digits version meanwhile; puts it back, also on Ctrl-C).
     scenario: ScenarioName,
     /// The region to lose (region-loss).
     #[arg(long)]
@@ -44,6 +46,7 @@ enum ScenarioName {
     ControlPlaneLoss,
     GatewayLoss,
     LeaderLoss,
+    ArtifactStoreLoss,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -67,6 +70,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         (ScenarioName::ControlPlaneLoss, None) => Scenario::ControlPlaneLoss,
         (ScenarioName::GatewayLoss, None) => Scenario::GatewayLoss,
         (ScenarioName::LeaderLoss, None) => Scenario::LeaderLoss,
+        (ScenarioName::ArtifactStoreLoss, None) => Scenario::ArtifactStoreLoss,
     };
     anyhow::ensure!(
         args.rate > 0.0 && args.rate <= 10_000.0,
@@ -81,14 +85,18 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
             args.duration / 3
         );
     }
-    let report = shoal_bench::drill::run(shoal_bench::drill::DrillSpec {
+    let drill = shoal_bench::drill::run(shoal_bench::drill::DrillSpec {
         scenario,
         data_dir: args.data_dir,
         rate: args.rate,
         duration: args.duration,
         recovery_timeout: args.recovery_timeout,
-    })
-    .await?;
+    });
+    // Ctrl-C drops the drill, which puts back what it moved.
+    let report = tokio::select! {
+        report = drill => report?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the drill stopped"),
+    };
     if let Some(dir) = &args.report {
         write_report(&report, dir)?;
     }
@@ -103,7 +111,19 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         .iter()
         .map(|(name, pid)| format!("{name} (pid {pid})"))
         .collect();
-    t.add_row(vec!["killed".to_owned(), killed.join(", ")]);
+    if let Some(deploy) = &report.deploy {
+        t.add_row(vec![
+            "fault".to_owned(),
+            "artifact store moved aside".to_owned(),
+        ]);
+        t.add_row(vec![
+            "  store back".to_owned(),
+            format!("{} after the fault", ms(report.restored_ms)),
+        ]);
+        t.add_row(vec!["  deploy".to_owned(), deploy.clone()]);
+    } else {
+        t.add_row(vec!["killed".to_owned(), killed.join(", ")]);
+    }
     t.add_row(vec![
         "requests".to_owned(),
         format!(
@@ -120,6 +140,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         match report.scenario.as_str() {
             "leader-loss" => "  new leader acts",
             "replica-hang" => "  ejected",
+            "artifact-store-loss" => "  deploy done",
             _ => "  members back",
         }
         .to_owned(),
