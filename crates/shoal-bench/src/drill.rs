@@ -68,13 +68,45 @@ impl Scenario {
     }
 }
 
+/// The fleet a drill runs against.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A `shoal up` fleet: its data directory (`fleet.json`,
+    /// `admin.token`), where the drill finds the processes itself.
+    Up(std::path::PathBuf),
+    /// Any fleet, named by URL; faults come from [`Hooks`].
+    Remote {
+        /// The control plane: `URL[,URL…]`.
+        control: String,
+        /// The gateways' URLs (the load goes through the first, or all
+        /// of them for gateway-loss).
+        gateways: Vec<String>,
+        /// An admin token.
+        token: String,
+    },
+}
+
+/// Shell commands that make the fault and undo it, for fleets the drill
+/// cannot reach into (another machine, Kubernetes, a cloud store).
+#[derive(Debug, Clone)]
+pub struct Hooks {
+    /// Makes the fault (`sh -c`); must exit 0.
+    pub kill: String,
+    /// Undoes it (`sh -c`), two thirds of the way into the load (at the
+    /// end of it for replica-hang), or at once if the drill is
+    /// interrupted; none when the fleet recovers by itself.
+    pub restore: Option<String>,
+}
+
 /// How to run a drill.
 #[derive(Debug, Clone)]
 pub struct DrillSpec {
     /// What goes wrong.
     pub scenario: Scenario,
-    /// The `shoal up` data directory (`fleet.json`, `admin.token`).
-    pub data_dir: std::path::PathBuf,
+    /// The fleet.
+    pub target: Target,
+    /// How the fault is made, when not by the drill itself.
+    pub hooks: Option<Hooks>,
     /// Requests per second through the gateway.
     pub rate: f64,
     /// How long the load runs; the fault comes at a third of it.
@@ -88,6 +120,8 @@ pub struct DrillSpec {
 pub struct DrillReport {
     /// The scenario.
     pub scenario: String,
+    /// The fault, in words.
+    pub fault: String,
     /// What was killed (name and pid).
     pub killed: Vec<(String, u32)>,
     /// Requests sent.
@@ -192,16 +226,11 @@ pub fn buckets(samples: &[(f64, f64, bool)]) -> Vec<Bucket> {
 pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
     let ms =
         |v: Option<f64>| v.map_or_else(|| "not recovered".to_owned(), |v| format!("{v:.0} ms"));
-    let killed: Vec<String> = report
-        .killed
-        .iter()
-        .map(|(name, pid)| format!("`{name}` (pid {pid})"))
-        .collect();
     format!(
         "# Drill: {scenario}\n\n\
          Run {when} with `shoal drill {scenario}`.\n\n\
          | | |\n|---|---|\n\
-         | killed | {killed} |\n\
+         | fault | {fault} |\n\
          | requests | {sent} sent, {failed} failed ({success:.3} % answered) |\n\
          | latency | p50 {p50:.2} ms, p99 {p99:.2} ms |\n\
          | RTO | {rto} (members back: {back}; last failure: {last}) |\n\
@@ -212,7 +241,7 @@ pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
          {bucket:.0} ms, failed requests in red, the fault and the moment every \
          killed member was back.\n",
         scenario = report.scenario,
-        killed = killed.join(", "),
+        fault = report.fault,
         sent = report.sent,
         failed = report.failed,
         success = report.success_percent,
@@ -227,12 +256,17 @@ pub fn markdown(report: &DrillReport, chart: &str, when: &str) -> String {
         lost = report.writes_lost,
         acked = report.writes_acknowledged,
         refused = report.writes_refused,
-        deploy = report.deploy.as_ref().map_or_else(String::new, |d| {
-            format!(
-                "| store back | {} after the fault |\n| deploy | {d} |\n",
-                ms(report.restored_ms)
+        deploy = report
+            .restored_ms
+            .map(|r| format!("| undone | {r:.0} ms after the fault |\n"))
+            .into_iter()
+            .chain(
+                report
+                    .deploy
+                    .as_ref()
+                    .map(|d| format!("| deploy | {d} |\n"))
             )
-        }),
+            .collect::<String>(),
         bucket = BUCKET_MS,
     )
 }
@@ -340,6 +374,8 @@ pub fn rto_ms(capacity_back_ms: Option<f64>, failures_after_fault_ms: &[f64]) ->
 /// What a drill saw besides the load's own counts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
+    /// The fault, in words.
+    pub fault: String,
     /// What was killed (name and pid).
     pub killed: Vec<(String, u32)>,
     /// When requests failed, ms after the fault.
@@ -365,6 +401,7 @@ pub fn outcome(
     observed: Observed,
 ) -> DrillReport {
     let Observed {
+        fault,
         killed,
         failures_after_fault_ms,
         capacity_back_ms,
@@ -384,6 +421,7 @@ pub fn outcome(
     };
     DrillReport {
         scenario: scenario.name().to_owned(),
+        fault,
         killed,
         sent: load.sent,
         failed: load.failed,
@@ -423,14 +461,9 @@ struct FleetFile {
 /// The model the drills load and deploy.
 const MODEL: &str = "digits";
 
-/// The artifact store's loss, staged: the store's directory moved aside
-/// (and put back when this is dropped, whatever happened: an interrupted
-/// drill leaves no store missing), a fresh version to deploy meanwhile,
-/// and the version to go back to after.
+/// The artifact store's loss, staged: a fresh version to deploy while
+/// the store is away, and the version to go back to after.
 struct StoreLoss {
-    dir: std::path::PathBuf,
-    aside: std::path::PathBuf,
-    away: std::sync::atomic::AtomicBool,
     from: String,
     to: String,
 }
@@ -456,19 +489,9 @@ pub fn tagged_model(tag: &str) -> Vec<u8> {
 }
 
 impl StoreLoss {
-    /// Checks the fleet's store can be moved and registers the version to
-    /// deploy while it is away (a push needs the store).
-    async fn prepare(
-        client: &ControlClient,
-        fleet: &FleetFile,
-        run_id: &str,
-    ) -> anyhow::Result<StoreLoss> {
-        let dir = fleet
-            .artifacts
-            .clone()
-            .filter(|d| d.is_dir())
-            .context("artifact-store-loss moves the fleet's local artifact store aside, and fleet.json names none (a fleet started by an older shoal up?)")?;
-        let aside = dir.with_extension(format!("drill-{run_id}"));
+    /// Registers the version to deploy while the store is away (a push
+    /// needs the store).
+    async fn prepare(client: &ControlClient, run_id: &str) -> anyhow::Result<StoreLoss> {
         let deployments = client.list_deployments().await?;
         let from = deployments
             .iter()
@@ -489,54 +512,22 @@ impl StoreLoss {
         new.labels
             .insert("source".into(), "shoal drill artifact-store-loss".into());
         let to = client.create_version(MODEL, &new).await?.version;
-        Ok(StoreLoss {
-            dir,
-            aside,
-            away: std::sync::atomic::AtomicBool::new(false),
-            from,
-            to,
-        })
-    }
-
-    /// Moves the store aside.
-    fn lose(&self) -> anyhow::Result<()> {
-        std::fs::rename(&self.dir, &self.aside).with_context(|| {
-            format!(
-                "cannot move {} aside to {}",
-                self.dir.display(),
-                self.aside.display()
-            )
-        })?;
-        self.away.store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Puts the store back.
-    fn restore(&self) -> anyhow::Result<()> {
-        if !self.away.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
-        }
-        std::fs::rename(&self.aside, &self.dir).with_context(|| {
-            format!(
-                "cannot put the artifact store back: move {} to {} by hand",
-                self.aside.display(),
-                self.dir.display()
-            )
-        })
+        Ok(StoreLoss { from, to })
     }
 
     /// The outage: deploys the new version right after the fault, keeps
-    /// the store away until `back_at`, puts it back and waits (until
-    /// `deadline`) for the deploy to end. When the store came back and
-    /// when the deploy was done (ms after the fault), and what became of
-    /// the deploy, in words.
+    /// the store away until `back_at`, puts it back (`undo`) and waits
+    /// (until `deadline`) for the deploy to end. When the store came back
+    /// and when the deploy was done (ms after the fault), and what became
+    /// of the deploy, in words.
     async fn outage(
         &self,
         client: &ControlClient,
         fault: Instant,
         back_at: Instant,
         deadline: Instant,
-    ) -> (f64, Option<f64>, String) {
+        undo: &Undo,
+    ) -> (Option<f64>, Option<f64>, String) {
         let ms = |since: Instant| since.elapsed().as_secs_f64() * 1000.0;
         let deployed = client
             .deploy(
@@ -563,11 +554,11 @@ impl StoreLoss {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let restored = match self.restore() {
-            Ok(()) => ms(fault),
+        let restored = match undo.now_in_place() {
+            Ok(_) => ms(fault),
             Err(e) => {
                 return (
-                    ms(fault),
+                    None,
                     None,
                     format!("{e:#}; the deploy of {MODEL}:{} was not followed", self.to),
                 );
@@ -575,7 +566,7 @@ impl StoreLoss {
         };
         if let Err(e) = deployed {
             return (
-                restored,
+                Some(restored),
                 None,
                 format!("the deploy of {MODEL}:{} was refused: {e}", self.to),
             );
@@ -592,7 +583,7 @@ impl StoreLoss {
                 };
                 return if r.state == shoal_api::deploy::RolloutState::Promoted {
                     (
-                        restored,
+                        Some(restored),
                         Some(ms(fault)),
                         format!(
                             "{MODEL}:{} deployed without the store: {how}, done {:.0} ms after it was back",
@@ -602,7 +593,7 @@ impl StoreLoss {
                     )
                 } else {
                     (
-                        restored,
+                        Some(restored),
                         None,
                         format!("{MODEL}:{} {}: {}", self.to, r.state.as_str(), r.reason),
                     )
@@ -610,7 +601,7 @@ impl StoreLoss {
             }
             if Instant::now() >= deadline {
                 return (
-                    restored,
+                    Some(restored),
                     None,
                     format!(
                         "{MODEL}:{} was still rolling out when the drill gave up",
@@ -644,14 +635,6 @@ impl StoreLoss {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for StoreLoss {
-    fn drop(&mut self) {
-        if let Err(e) = self.restore() {
-            eprintln!("{e:#}");
         }
     }
 }
@@ -893,11 +876,292 @@ pub async fn failover(data_dir: &Path, trials: usize) -> anyhow::Result<Failover
     Ok(report)
 }
 
-/// Runs a drill against the `shoal up` fleet in `spec.data_dir`.
+/// The fleet's description, its admin token and its `shoal up` data
+/// directory (none for a remote fleet).
+fn fleet_of(target: &Target) -> anyhow::Result<(FleetFile, String, Option<&Path>)> {
+    match target {
+        Target::Up(dir) => {
+            let fleet = read_fleet(dir)?;
+            let token = shoal_client::secret::read(&dir.join("admin.token"))
+                .context("the fleet's admin token (DATA_DIR/admin.token)")?;
+            Ok((fleet, token, Some(dir)))
+        }
+        Target::Remote {
+            control,
+            gateways,
+            token,
+        } => {
+            anyhow::ensure!(
+                !gateways.is_empty(),
+                "a remote fleet needs --gateway URL (where the load goes)"
+            );
+            let fleet = FleetFile {
+                control: control.clone(),
+                gateways: gateways
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| (format!("gateway-{i}"), url.clone()))
+                    .collect(),
+                pids: Vec::new(),
+                artifacts: None,
+            };
+            Ok((fleet, token.clone(), None))
+        }
+    }
+}
+
+/// How the drill makes the fault.
+enum Fault {
+    /// Signals to `shoal up`'s processes.
+    Signal(Vec<(String, u32)>, Signal),
+    /// The artifact store's directory moved aside.
+    Move {
+        dir: std::path::PathBuf,
+        aside: std::path::PathBuf,
+    },
+    /// The user's hooks.
+    Hooks(Hooks),
+}
+
+impl Fault {
+    fn describe(&self) -> String {
+        match self {
+            Fault::Signal(victims, sig) => {
+                let names: Vec<String> = victims
+                    .iter()
+                    .map(|(name, pid)| format!("{name} (pid {pid})"))
+                    .collect();
+                format!("{sig} {}", names.join(", "))
+            }
+            Fault::Move { dir, .. } => {
+                format!("artifact store {} moved aside", dir.display())
+            }
+            Fault::Hooks(h) => format!("--kill-cmd {:?}", h.kill),
+        }
+    }
+
+    /// Makes the fault; what undoes it.
+    fn inflict(&self) -> anyhow::Result<Undo> {
+        let undo = match self {
+            Fault::Signal(victims, sig) => {
+                for (_, pid) in victims {
+                    signal(*pid, *sig);
+                }
+                (*sig == Signal::SIGSTOP)
+                    .then(|| Undoing::Resume(victims.iter().map(|(_, p)| *p).collect()))
+            }
+            Fault::Move { dir, aside } => {
+                std::fs::rename(dir, aside).with_context(|| {
+                    format!("cannot move {} aside to {}", dir.display(), aside.display())
+                })?;
+                Some(Undoing::MoveBack {
+                    from: aside.clone(),
+                    to: dir.clone(),
+                })
+            }
+            Fault::Hooks(h) => {
+                tokio::task::block_in_place(|| sh(&h.kill)).context("--kill-cmd")?;
+                h.restore.clone().map(Undoing::Command)
+            }
+        };
+        Ok(Undo(std::sync::Mutex::new(undo)))
+    }
+}
+
+/// What undoes a fault.
+enum Undoing {
+    /// SIGCONT to these.
+    Resume(Vec<u32>),
+    /// A directory moved back.
+    MoveBack {
+        from: std::path::PathBuf,
+        to: std::path::PathBuf,
+    },
+    /// `--restore-cmd`.
+    Command(String),
+}
+
+/// A fault's undoing, done once: by the drill when it is time, or when
+/// the drill ends early (an error, Ctrl-C), so that no fault outlives it.
+struct Undo(std::sync::Mutex<Option<Undoing>>);
+
+impl Undo {
+    /// Undoes the fault now, unless that was done (true when there was
+    /// something to undo).
+    fn now(&self) -> anyhow::Result<bool> {
+        let undoing = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match undoing {
+            None => Ok(false),
+            Some(Undoing::Resume(pids)) => {
+                for pid in pids {
+                    signal(pid, Signal::SIGCONT);
+                }
+                Ok(true)
+            }
+            Some(Undoing::MoveBack { from, to }) => {
+                std::fs::rename(&from, &to).with_context(|| {
+                    format!(
+                        "cannot put the artifact store back: move {} to {} by hand",
+                        from.display(),
+                        to.display()
+                    )
+                })?;
+                Ok(true)
+            }
+            Some(Undoing::Command(cmd)) => sh(&cmd).context("--restore-cmd").map(|()| true),
+        }
+    }
+
+    /// Whether nothing is left to undo.
+    fn is_done(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// [`Undo::now`] from async code (a hook may take a while).
+    fn now_in_place(&self) -> anyhow::Result<bool> {
+        tokio::task::block_in_place(|| self.now())
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Err(e) = self.now() {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
+/// Runs `cmd` with `sh -c`; an error carrying its output unless it exits 0.
+fn sh(cmd: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The fleet as seen from outside, for a drill that knows no processes
+/// (hooks): healthy replicas (id and pid), live control-plane members,
+/// gateways answering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Outside {
+    healthy: Vec<(String, Option<u32>)>,
+    members: usize,
+    gateways_up: bool,
+    control_up: bool,
+}
+
+impl Outside {
+    async fn now(client: &ControlClient, gateways: &[(String, String)]) -> Outside {
+        let mut gateways_up = true;
+        for (_, url) in gateways {
+            let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+            gateways_up &= probe.get_raw("/health").await.is_ok();
+        }
+        let Ok(status) = client.status().await else {
+            return Outside {
+                healthy: Vec::new(),
+                members: 0,
+                gateways_up,
+                control_up: false,
+            };
+        };
+        let now = shoal_api::now_millis();
+        Outside {
+            healthy: status
+                .replicas
+                .iter()
+                .filter(|r| r.healthy)
+                .map(|r| (r.id.clone(), r.pid))
+                .collect(),
+            members: status.control.as_ref().map_or(1, |c| {
+                c.members
+                    .iter()
+                    .filter(|m| now - m.last_seen < 1000)
+                    .count()
+            }),
+            gateways_up,
+            control_up: true,
+        }
+    }
+
+    /// Whether `scenario`'s fault shows, against the fleet `before` it:
+    /// a replica healthy before is gone or restarted (another pid), the
+    /// control plane does not answer, a member or a gateway is missing.
+    fn shows(&self, scenario: &Scenario, before: &Outside) -> bool {
+        match scenario {
+            Scenario::GatewayLoss => !self.gateways_up,
+            Scenario::ControlPlaneLoss => !self.control_up,
+            Scenario::LeaderLoss => self.control_up && self.members < before.members,
+            _ => self.control_up && before.healthy.iter().any(|r| !self.healthy.contains(r)),
+        }
+    }
+
+    /// Whether the fleet is as whole as `before`: as many healthy
+    /// replicas and live members, every gateway answering.
+    fn whole_as(&self, before: &Outside) -> bool {
+        self.control_up
+            && self.gateways_up
+            && self.healthy.len() >= before.healthy.len()
+            && self.members >= before.members
+    }
+}
+
+/// Recovery from a hooked fault: undoes it at `restore_at` (when there is
+/// a restore hook), and returns once the fault was seen and then the
+/// fleet whole again (ms after the fault), with when it was undone.
+#[allow(clippy::too_many_arguments)]
+async fn hooked_recovery(
+    scenario: &Scenario,
+    client: &ControlClient,
+    gateways: &[(String, String)],
+    before: &Outside,
+    undo: &Undo,
+    fault: Instant,
+    restore_at: Instant,
+    deadline: Instant,
+) -> (Option<Duration>, Option<f64>) {
+    let mut seen_fault = false;
+    let mut restored = None;
+    while Instant::now() < deadline {
+        if restored.is_none() && Instant::now() >= restore_at {
+            match undo.now_in_place() {
+                Ok(true) => restored = Some(fault.elapsed().as_secs_f64() * 1000.0),
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    return (None, None);
+                }
+            }
+        }
+        let now = Outside::now(client, gateways).await;
+        seen_fault |= now.shows(scenario, before);
+        if seen_fault && now.whole_as(before) && (restored.is_some() || undo.is_done()) {
+            return (Some(fault.elapsed()), restored);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (None, restored)
+}
+
+/// Runs a drill against `spec.target`.
+#[allow(clippy::too_many_lines)]
 pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
-    let fleet = read_fleet(&spec.data_dir)?;
-    let token = shoal_client::secret::read(&spec.data_dir.join("admin.token"))
-        .context("the fleet's admin token (DATA_DIR/admin.token)")?;
+    let (fleet, token, data_dir) = fleet_of(&spec.target)?;
     let client =
         ControlClient::new(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
     let status = client
@@ -906,6 +1170,8 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         .context("the control plane does not answer; is the fleet up?")?;
     let healthy_before = status.replicas.iter().filter(|r| r.healthy).count();
     anyhow::ensure!(healthy_before > 0, "no healthy replica to drill against");
+    let members_before = status.control.as_ref().map_or(1, |c| c.members.len());
+    let outside_before = Outside::now(&client, &fleet.gateways).await;
     let pid_of = |name: &str| fleet.pids.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
     let name_of_pid = |pid: u32| {
         fleet
@@ -919,7 +1185,13 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         .first()
         .map(|(_, url)| url.clone())
         .context("the fleet has no gateway")?;
+    let hooked = spec.hooks.is_some();
+    // Who is killed (none with hooks: they decide), where the load goes,
+    // and whether clients fail over between gateways.
     let (killed, urls, failover): (Vec<(String, u32)>, Vec<String>, bool) = match &spec.scenario {
+        Scenario::ReplicaLoss | Scenario::ReplicaHang if hooked => {
+            (Vec::new(), vec![first_gateway], false)
+        }
         Scenario::ReplicaLoss | Scenario::ReplicaHang => {
             // A replica the loaded gateway routes to: one in its region.
             let region = fleet.gateways.first().map(|(r, _)| r.as_str());
@@ -941,14 +1213,21 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
                     .any(|r| &r.region != region && r.healthy),
                 "region-loss needs another region with healthy replicas (shoal up --regions a,b)"
             );
-            let victims: Vec<(String, u32)> = status
-                .replicas
-                .iter()
-                .filter(|r| &r.region == region)
-                .filter_map(|r| r.pid)
-                .filter_map(|pid| Some((name_of_pid(pid)?, pid)))
-                .collect();
-            anyhow::ensure!(!victims.is_empty(), "no replica in region {region:?}");
+            let victims: Vec<(String, u32)> = if hooked {
+                Vec::new()
+            } else {
+                status
+                    .replicas
+                    .iter()
+                    .filter(|r| &r.region == region)
+                    .filter_map(|r| r.pid)
+                    .filter_map(|pid| Some((name_of_pid(pid)?, pid)))
+                    .collect()
+            };
+            anyhow::ensure!(
+                hooked || !victims.is_empty(),
+                "no replica in region {region:?}"
+            );
             // Clients of the lost region keep using its gateway, which must
             // send them elsewhere.
             let gateway = fleet
@@ -958,6 +1237,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
                 .map_or(first_gateway, |(_, url)| url.clone());
             (victims, vec![gateway], false)
         }
+        Scenario::ControlPlaneLoss if hooked => (Vec::new(), vec![first_gateway], false),
         Scenario::ControlPlaneLoss => {
             let pid = pid_of("control").context("no control plane in fleet.json")?;
             (
@@ -967,25 +1247,64 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
             )
         }
         Scenario::LeaderLoss => {
-            let (leader, pid) = leader_and_pid(&client, &fleet).await?;
-            (vec![(leader, pid)], vec![first_gateway], false)
+            let victims = if hooked {
+                anyhow::ensure!(
+                    members_before >= 2,
+                    "leader-loss needs several control planes"
+                );
+                Vec::new()
+            } else {
+                let (leader, pid) = leader_and_pid(&client, &fleet).await?;
+                vec![(leader, pid)]
+            };
+            (victims, vec![first_gateway], false)
         }
         Scenario::GatewayLoss => {
             anyhow::ensure!(
                 fleet.gateways.len() >= 2,
-                "gateway-loss needs two gateways (shoal up --regions a,b)"
+                "gateway-loss needs two gateways (shoal up --regions a,b, or --gateway URL twice)"
             );
-            let (region, _) = &fleet.gateways[0];
-            let name = format!("gateway-{region}");
-            let pid = pid_of(&name).context("the gateway's pid is not in fleet.json")?;
             let urls = fleet.gateways.iter().map(|(_, url)| url.clone()).collect();
-            (vec![(name, pid)], urls, true)
+            let victims = if hooked {
+                Vec::new()
+            } else {
+                let (region, _) = &fleet.gateways[0];
+                let name = format!("gateway-{region}");
+                let pid = pid_of(&name).context("the gateway's pid is not in fleet.json")?;
+                vec![(name, pid)]
+            };
+            (victims, urls, true)
         }
         Scenario::ArtifactStoreLoss => (Vec::new(), vec![first_gateway], false),
     };
+    let hang = spec.scenario == Scenario::ReplicaHang;
+    let fault_plan = match (&spec.hooks, &spec.scenario) {
+        (Some(hooks), _) => Fault::Hooks(hooks.clone()),
+        (None, Scenario::ArtifactStoreLoss) => {
+            let dir = fleet
+                .artifacts
+                .clone()
+                .filter(|d| d.is_dir())
+                .context("artifact-store-loss moves a shoal up fleet's local artifact store aside, and fleet.json names none; for any other store, give --kill-cmd and --restore-cmd")?;
+            let aside = dir.with_extension(format!("drill-{:08x}", rand::random::<u32>()));
+            Fault::Move { dir, aside }
+        }
+        (None, _) => Fault::Signal(
+            killed.clone(),
+            if hang {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGKILL
+            },
+        ),
+    };
     let run_id = format!("{:08x}", rand::random::<u32>());
     let store_loss = if spec.scenario == Scenario::ArtifactStoreLoss {
-        Some(StoreLoss::prepare(&client, &fleet, &run_id).await?)
+        anyhow::ensure!(
+            !hooked || spec.hooks.as_ref().is_some_and(|h| h.restore.is_some()),
+            "artifact-store-loss needs --restore-cmd too: the deploy made meanwhile waits for the store"
+        );
+        Some(StoreLoss::prepare(&client, &run_id).await?)
     } else {
         None
     };
@@ -993,7 +1312,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     let body = crate::digits_request()?;
     let urls = urls
         .into_iter()
-        .map(|u| format!("{u}/v2/models/digits/infer"))
+        .map(|u| format!("{u}/v2/models/{MODEL}/infer"))
         .collect();
     let load_spec = LoadSpec {
         urls,
@@ -1038,7 +1357,6 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     };
 
     tokio::time::sleep_until(started + spec.duration / 3).await;
-    let hang = spec.scenario == Scenario::ReplicaHang;
     let ejections_before = if hang {
         ejections(&fleet.gateways).await
     } else {
@@ -1047,33 +1365,28 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     let audit_before = last_audit_seq(&client).await?;
     let fault = Instant::now();
     let fault_at = shoal_api::now_millis();
-    for (_, pid) in &killed {
-        signal(
-            *pid,
-            if hang {
-                Signal::SIGSTOP
-            } else {
-                Signal::SIGKILL
-            },
-        );
-    }
+    let undo = match fault_plan.inflict() {
+        Ok(undo) => undo,
+        Err(e) => {
+            traffic.abort();
+            writer.abort();
+            return Err(e);
+        }
+    };
+    let deadline = started + spec.duration + spec.recovery_timeout;
+    let restore_at = started + spec.duration * 2 / 3;
     let whole = Whole {
         killed: &killed,
         healthy_before,
         replaced: !hang,
     };
-    let deadline = started + spec.duration + spec.recovery_timeout;
     let mut capacity_back = None;
     let (mut restored_ms, mut deploy) = (None, None);
     if let Some(loss) = &store_loss {
-        if let Err(e) = loss.lose() {
-            traffic.abort();
-            writer.abort();
-            return Err(e);
-        }
-        let back_at = started + spec.duration * 2 / 3;
-        let (restored, done, what) = loss.outage(&client, fault, back_at, deadline).await;
-        restored_ms = Some(restored);
+        let (restored, done, what) = loss
+            .outage(&client, fault, restore_at, deadline, &undo)
+            .await;
+        restored_ms = restored;
         capacity_back = done.map(|ms| Duration::from_secs_f64(ms / 1000.0));
         deploy = Some(what);
     } else if hang {
@@ -1092,26 +1405,56 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         capacity_back = new_leader_after(&client, audit_before, fault_at, deadline)
             .await
             .map(|(_, ms)| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-        whole.wait(&spec.data_dir, &client, deadline).await;
-    } else {
+        if let Some(dir) = data_dir.filter(|_| !hooked) {
+            whole.wait(dir, &client, deadline).await;
+        } else {
+            restored_ms = hooked_recovery(
+                &spec.scenario,
+                &client,
+                &fleet.gateways,
+                &outside_before,
+                &undo,
+                fault,
+                restore_at,
+                deadline,
+            )
+            .await
+            .1;
+        }
+    } else if let Some(dir) = data_dir.filter(|_| !hooked) {
         capacity_back = whole
-            .wait(&spec.data_dir, &client, deadline)
+            .wait(dir, &client, deadline)
             .await
             .map(|()| fault.elapsed());
+    } else {
+        let (back, restored) = hooked_recovery(
+            &spec.scenario,
+            &client,
+            &fleet.gateways,
+            &outside_before,
+            &undo,
+            fault,
+            restore_at,
+            deadline,
+        )
+        .await;
+        capacity_back = back;
+        restored_ms = restored;
     }
     let result = traffic.await.context("the load generator stopped")??;
     if hang {
-        for (_, pid) in &killed {
-            signal(*pid, Signal::SIGCONT);
+        // The hung replica resumes (SIGCONT, or --restore-cmd) now.
+        if let Ok(true) = undo.now_in_place() {
+            restored_ms = Some(fault.elapsed().as_secs_f64() * 1000.0);
         }
-        anyhow::ensure!(
-            whole
-                .wait(&spec.data_dir, &client, deadline)
-                .await
-                .is_some(),
-            "the hung replica did not come back after SIGCONT"
-        );
+        if let Some(dir) = data_dir.filter(|_| !hooked) {
+            anyhow::ensure!(
+                whole.wait(dir, &client, deadline).await.is_some(),
+                "the hung replica did not come back after SIGCONT"
+            );
+        }
     }
+    undo.now_in_place()?;
     let (acknowledged, refused) = writer.await.context("the writer stopped")?;
     if let Some(loss) = &store_loss {
         loss.go_back(&client, deadline).await;
@@ -1167,6 +1510,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         &spec.scenario,
         &result,
         Observed {
+            fault: fault_plan.describe(),
             killed,
             failures_after_fault_ms: failures,
             capacity_back_ms: capacity_back.map(|d| d.as_secs_f64() * 1000.0),
@@ -1210,6 +1554,7 @@ mod tests {
     fn a_report_is_markdown_with_its_chart_and_the_chart_draws() {
         let report = DrillReport {
             scenario: "replica-loss".into(),
+            fault: "SIGKILL replica-1 (pid 42)".into(),
             killed: vec![("replica-1".into(), 42)],
             sent: 100,
             failed: 1,
@@ -1232,6 +1577,7 @@ mod tests {
         assert!(md.starts_with("# Drill: replica-loss"));
         assert!(md.contains("![latency over time](drill.png)"));
         assert!(md.contains("| RTO | 300 ms"));
+        assert!(md.contains("| fault | SIGKILL replica-1 (pid 42) |"));
         let dir = std::env::temp_dir().join(format!("shoal-drill-chart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let png = dir.join("drill.png");

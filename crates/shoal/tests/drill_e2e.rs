@@ -108,6 +108,107 @@ fn every_drill_costs_no_request_and_no_acknowledged_write() {
         .collect();
     assert!(left.is_empty(), "moved aside and left: {left:?}");
 
+    // The same fleet drilled as if remote: named by URL, the fault made by
+    // --kill-cmd (a replica SIGKILLed; shoal up brings it back by itself)
+    // and, for the store, undone by --restore-cmd.
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let control = fleet["control"].as_str().unwrap().to_owned();
+    let gateway = fleet["gateways"][0][1].as_str().unwrap().to_owned();
+    let replica_pid = fleet["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p[0].as_str().unwrap().starts_with("replica-"))
+        .unwrap()[1]
+        .as_u64()
+        .unwrap();
+    let remote = |args: &[&str]| {
+        let mut all = vec![
+            "--control",
+            control.as_str(),
+            "--gateway",
+            gateway.as_str(),
+            "--token",
+            token.trim(),
+        ];
+        all.extend_from_slice(args);
+        drill_for(&tmp.join("not-a-fleet"), &all, "6s")
+    };
+    let kill = format!("kill -KILL {replica_pid}");
+    let report = remote(&["replica-loss", "--kill-cmd", &kill]);
+    eprintln!("replica-loss by hook: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(
+        report["rto_ms"].is_number(),
+        "seen gone, then whole: {report}"
+    );
+    assert!(
+        report["fault"].as_str().unwrap().contains(&kill),
+        "{report}"
+    );
+    let moved = store.with_extension("hooked");
+    let (lose, restore) = (
+        format!("mv {} {}", store.display(), moved.display()),
+        format!("mv {} {}", moved.display(), store.display()),
+    );
+    let report = remote(&[
+        "artifact-store-loss",
+        "--kill-cmd",
+        &lose,
+        "--restore-cmd",
+        &restore,
+    ]);
+    eprintln!("artifact-store-loss by hook: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["restored_ms"].is_number(), "{report}");
+    assert!(
+        report["deploy"]
+            .as_str()
+            .unwrap()
+            .contains("waited for the store"),
+        "{report}"
+    );
+    assert!(store.is_dir() && !moved.exists());
+
+    // A hook that fails stops the drill with its output; a remote fleet
+    // without a hook is refused with what to add.
+    let out = std::process::Command::new(shoal())
+        .args(["drill", "replica-loss", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--duration",
+            "3s",
+            "--kill-cmd",
+            "echo no such host >&2; false",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kill-cmd") && err.contains("no such host"),
+        "{err}"
+    );
+    let out = std::process::Command::new(shoal())
+        .args([
+            "drill",
+            "replica-loss",
+            "--control",
+            &control,
+            "--gateway",
+            &gateway,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs --kill-cmd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The first drill left its record: markdown naming a PNG chart.
     let written: Vec<std::path::PathBuf> = std::fs::read_dir(&reports)
         .unwrap()

@@ -1,6 +1,8 @@
-//! `shoal drill`: a disaster drill against the `shoal up` fleet in a data
-//! directory, under load; prints what clients saw, the recovery time and
-//! the recovery point.
+//! `shoal drill`: a disaster drill under load, against the `shoal up`
+//! fleet in a data directory (the drill finds its processes) or any fleet
+//! named by `--control` and `--gateway` (the fault made and undone by
+//! `--kill-cmd` and `--restore-cmd`); prints what clients saw, the
+//! recovery time and the recovery point.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +24,21 @@ pub(crate) struct DrillArgs {
     /// The data directory of the `shoal up` fleet to drill.
     #[arg(long, default_value = ".shoal")]
     data_dir: PathBuf,
+    /// Drill a fleet that `shoal up` did not start: its gateways' URLs
+    /// (repeat, or comma-separate; the load goes through the first, or all
+    /// for gateway-loss), with --control URL, --token and --kill-cmd.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    gateway: Vec<String>,
+    /// Make the fault with this shell command instead of signals to `shoal
+    /// up`'s processes, e.g. "ssh db1 systemctl kill shoal-replica" or
+    /// "kubectl delete pod -l app=shoal-replica --wait=false"; must exit 0.
+    #[arg(long, value_name = "CMD")]
+    kill_cmd: Option<String>,
+    /// Undo the fault with this shell command two thirds of the way in (at
+    /// the end of the load for replica-hang), and at once if the drill is
+    /// interrupted; leave it out when the fleet recovers by itself.
+    #[arg(long, value_name = "CMD", requires = "kill_cmd")]
+    restore_cmd: Option<String>,
     /// Requests per second through the gateway.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -76,6 +93,31 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         args.rate > 0.0 && args.rate <= 10_000.0,
         "--rate must be between 0 and 10000 requests per second"
     );
+    let target = if args.gateway.is_empty() {
+        shoal_bench::drill::Target::Up(args.data_dir)
+    } else {
+        let control = global.control.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--gateway drills a remote fleet: name its control plane with --control URL"
+            )
+        })?;
+        anyhow::ensure!(
+            args.kill_cmd.is_some(),
+            "a remote fleet (--gateway) needs --kill-cmd: the drill cannot reach its processes"
+        );
+        let token = global.client_token()?.ok_or_else(|| {
+            anyhow::anyhow!("a remote fleet needs an admin token: --token or --token-file")
+        })?;
+        shoal_bench::drill::Target::Remote {
+            control,
+            gateways: args.gateway,
+            token,
+        }
+    };
+    let hooks = args.kill_cmd.map(|kill| shoal_bench::drill::Hooks {
+        kill,
+        restore: args.restore_cmd,
+    });
     if !global.json {
         eprintln!(
             "drill {}: {} rps for {:?}, fault at {:?}…",
@@ -87,12 +129,14 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
     }
     let drill = shoal_bench::drill::run(shoal_bench::drill::DrillSpec {
         scenario,
-        data_dir: args.data_dir,
+        target,
+        hooks,
         rate: args.rate,
         duration: args.duration,
         recovery_timeout: args.recovery_timeout,
     });
-    // Ctrl-C drops the drill, which puts back what it moved.
+    // Ctrl-C drops the drill, which undoes its fault (puts the store back,
+    // resumes a hung replica, runs --restore-cmd).
     let report = tokio::select! {
         report = drill => report?,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the drill stopped"),
@@ -106,23 +150,15 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
     let ms =
         |v: Option<f64>| v.map_or_else(|| "not recovered".to_owned(), |v| format!("{v:.0} ms"));
     let mut t = super::client::table(&["drill", &report.scenario]);
-    let killed: Vec<String> = report
-        .killed
-        .iter()
-        .map(|(name, pid)| format!("{name} (pid {pid})"))
-        .collect();
-    if let Some(deploy) = &report.deploy {
+    t.add_row(vec!["fault".to_owned(), report.fault.clone()]);
+    if report.restored_ms.is_some() {
         t.add_row(vec![
-            "fault".to_owned(),
-            "artifact store moved aside".to_owned(),
-        ]);
-        t.add_row(vec![
-            "  store back".to_owned(),
+            "  undone".to_owned(),
             format!("{} after the fault", ms(report.restored_ms)),
         ]);
+    }
+    if let Some(deploy) = &report.deploy {
         t.add_row(vec!["  deploy".to_owned(), deploy.clone()]);
-    } else {
-        t.add_row(vec!["killed".to_owned(), killed.join(", ")]);
     }
     t.add_row(vec![
         "requests".to_owned(),
