@@ -219,6 +219,9 @@ pub struct DesiredVersion {
     /// Bounds on request shapes.
     #[serde(default)]
     pub max_shapes: BTreeMap<String, Vec<i64>>,
+    /// State inputs and the outputs feeding them (stateful models).
+    #[serde(default)]
+    pub state: BTreeMap<String, String>,
     /// Keep it if it is loaded, but do not load it (and do not wait for it
     /// to be ready): versions kept warm or draining after traffic left them.
     #[serde(default)]

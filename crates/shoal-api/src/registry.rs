@@ -78,6 +78,11 @@ pub struct VersionRecord {
     /// name to dimensions, -1 = the default bound of 4096).
     #[serde(default)]
     pub max_shapes: BTreeMap<String, Vec<i64>>,
+    /// A stateful model's state: each state input and the output that
+    /// feeds it at the next step of a sequence (`h` ← `hn`). Empty for a
+    /// stateless model.
+    #[serde(default)]
+    pub state: BTreeMap<String, String>,
 }
 
 /// Body of `POST /api/v1/models/{model}/versions`: register an uploaded
@@ -106,6 +111,10 @@ pub struct NewVersion {
     /// dimension, -1 = the default bound).
     #[serde(default)]
     pub max_shapes: BTreeMap<String, Vec<i64>>,
+    /// State inputs and the outputs that feed them at the next step of a
+    /// sequence (`{"h": "hn", "c": "cn"}`), for stateful models.
+    #[serde(default)]
+    pub state: BTreeMap<String, String>,
     /// Check only that the artifact is an ONNX model, not that the default
     /// engine can prepare and warm it up (for artifacts meant for another
     /// engine).

@@ -399,7 +399,13 @@ pub(crate) async fn create_version(
     // artifact is read.
     let options = LoadOptions::from_dims(&new.input_shapes)
         .and_then(|o| o.with_max_shapes(&new.max_shapes))
-        .map_err(ApiError::bad_request)?;
+        .map_err(ApiError::bad_request)?
+        .with_state(&new.state);
+    if new.skip_engine_check && !new.state.is_empty() {
+        return Err(ApiError::bad_request(
+            "state is checked against the model by the engine: drop --skip-engine-check, or the --state declarations",
+        ));
+    }
     let manifest = control
         .artifacts
         .get_manifest(&new.sha256)
@@ -420,6 +426,7 @@ pub(crate) async fn create_version(
         lineage: new.lineage,
         input_shapes: new.input_shapes,
         max_shapes: new.max_shapes,
+        state: new.state,
     };
     let record = control
         .store

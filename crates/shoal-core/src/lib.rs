@@ -1,7 +1,8 @@
 //! Shoal's domain vocabulary, shared by every other crate: model names and
 //! versions ([`names`]), tensors and their datatypes ([`tensor`]), and the
 //! signature a model declares for its inputs and outputs ([`signature`]),
-//! and the comparison of two models' answers ([`compare`]).
+//! the comparison of two models' answers ([`compare`]), and the state a
+//! stateful model carries between the steps of a sequence ([`state`]).
 //!
 //! This crate is pure: no I/O, no async, no HTTP, no inference engine. It is
 //! the innermost layer, so everything here must stay cheap to depend on.
@@ -9,8 +10,10 @@
 pub mod compare;
 pub mod names;
 pub mod signature;
+pub mod state;
 pub mod tensor;
 
 pub use names::{ModelName, ModelRef, NameError, Version};
 pub use signature::{DEFAULT_MAX_DIM, Dim, InputBounds, InputError, Signature, TensorSpec};
+pub use state::StateSpec;
 pub use tensor::{DataType, Tensor, TensorData, TensorError};

@@ -632,9 +632,13 @@ async fn route_inference(
     let json_len = headers.get(shoal_oip::BINARY_HEADER).cloned();
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
-    let request_id =
+    let prechecked =
         shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
             .map_err(|e| ApiError::bad_request(e.0))?;
+    let request_id = prechecked.id;
+    // Every step of a sequence goes to one replica, which holds its state
+    // (or, with a shared session store, whichever the hash picks).
+    let sequence_key = prechecked.sequence.map(|s| s.key());
     let payload = Payload { body, json_len };
     // Only the JSON part: binary tensors are not text.
     let (json_part, _) = shoal_oip::binary::split_body(&payload.body, json_len_text)
@@ -647,7 +651,9 @@ async fn route_inference(
         .and_then(|p| p.split_header.as_deref())
         .unwrap_or(&gateway.config.split_header);
     let split_key = header_value(headers, split_header);
-    let session_key = header_value(headers, &gateway.config.session_header);
+    let session_key = sequence_key
+        .as_deref()
+        .or_else(|| header_value(headers, &gateway.config.session_header));
     let version: Option<String> = match pinned {
         Some(v) => Some(v.to_owned()),
         None => gateway

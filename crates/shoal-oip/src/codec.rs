@@ -154,6 +154,8 @@ pub fn decode_request_parts(
 struct LiteRequest<'a> {
     #[serde(default)]
     id: Option<String>,
+    #[serde(default)]
+    parameters: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(borrow)]
     inputs: Vec<LiteTensor<'a>>,
 }
@@ -246,9 +248,20 @@ const MISSING_DATA: &str = "missing field `data` (or, with the binary tensor ext
 /// concrete shape and data, within the element budget. Cheap enough for a
 /// gateway to refuse malformed requests before they reach a replica, which
 /// checks the rest against the model.
-/// Returns the request's `id`, if it has one.
-pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Option<String>, DecodeError> {
+/// Returns the request's `id` and sequence, if it has them.
+pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Prechecked, DecodeError> {
     precheck_request_parts(body, None, limits)
+}
+
+/// What a precheck learns of a request on the way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Prechecked {
+    /// The caller's request id.
+    pub id: Option<String>,
+    /// The sequence the request is a step of (Triton's `sequence_id`), for
+    /// routing every step to one replica. Parameters a replica would
+    /// refuse are not refused here: they read as no sequence.
+    pub sequence: Option<crate::sequence::SequenceId>,
 }
 
 /// [`precheck_request`] for a body that may use the binary tensor data
@@ -257,7 +270,7 @@ pub fn precheck_request_parts(
     body: &[u8],
     json_len: Option<&str>,
     limits: &Limits,
-) -> Result<Option<String>, DecodeError> {
+) -> Result<Prechecked, DecodeError> {
     let (body, binary) = crate::binary::split_body(body, json_len)?;
     let mut binary_left = binary.len() as u64;
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
@@ -273,7 +286,13 @@ pub fn precheck_request_parts(
         ));
     }
     let mut budget = limits.max_elements;
-    let id = lite.id;
+    let prechecked = Prechecked {
+        id: lite.id,
+        sequence: crate::sequence::Step::from_parameters(lite.parameters.as_ref())
+            .ok()
+            .flatten()
+            .map(|step| step.id),
+    };
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
         let binary_size =
@@ -327,7 +346,7 @@ pub fn precheck_request_parts(
             "{binary_left} bytes of binary data are left over after the inputs that declared binary_data_size"
         )));
     }
-    Ok(id)
+    Ok(prechecked)
 }
 
 /// Where a tensor's data is.
@@ -1034,8 +1053,21 @@ mod tests {
         assert_eq!(
             precheck_request(good.as_bytes(), &limits)
                 .unwrap()
+                .id
                 .as_deref(),
             Some("r1")
+        );
+        // The sequence a step belongs to, for routing; parameters a
+        // replica would refuse read as none, never as a refusal here.
+        let step = r#"{"parameters":{"sequence_id":"call-1","sequence_start":true},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        assert_eq!(
+            precheck_request(step.as_bytes(), &limits).unwrap().sequence,
+            Some(crate::sequence::SequenceId::Text("call-1".into()))
+        );
+        let odd = r#"{"parameters":{"sequence_id":-4},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        assert_eq!(
+            precheck_request(odd.as_bytes(), &limits).unwrap().sequence,
+            None
         );
         for (body, message) in [
             ("{", "EOF while parsing"),
@@ -1100,6 +1132,7 @@ mod tests {
         assert_eq!(
             precheck_request_parts(&body, Some(&len), &limits)
                 .unwrap()
+                .id
                 .as_deref(),
             Some("b")
         );

@@ -3,7 +3,9 @@
 //! and model metadata ([`types`]), and the tensor codec that turns an
 //! inference request body into checked [`shoal_core::Tensor`]s and tensors
 //! back into a response body ([`codec`]), with Triton's binary tensor data
-//! extension ([`binary`]) for clients that send or want raw bytes.
+//! extension ([`binary`]) for clients that send or want raw bytes, and a
+//! request's place in a sequence as Triton's clients name it
+//! ([`sequence`]).
 //!
 //! Architecture invariant: this crate knows nothing about HTTP servers or
 //! inference engines. Replicas and gateways both use it, so a request is
@@ -11,12 +13,13 @@
 
 pub mod binary;
 pub mod codec;
+pub mod sequence;
 pub mod types;
 
 pub use binary::HEADER_LENGTH as BINARY_HEADER;
 pub use codec::{
-    DecodeError, DecodedRequest, DecodedResponse, EncodedResponse, Limits, decode_request,
-    decode_request_parts, decode_response, decode_response_parts, encode_response,
+    DecodeError, DecodedRequest, DecodedResponse, EncodedResponse, Limits, Prechecked,
+    decode_request, decode_request_parts, decode_response, decode_response_parts, encode_response,
     encode_response_parts, precheck_request, precheck_request_parts,
 };
 pub use types::{ErrorBody, MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};

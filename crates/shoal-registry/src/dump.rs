@@ -79,6 +79,9 @@ pub struct VersionRow {
     pub input_shapes: String,
     /// Request bounds (JSON).
     pub max_shapes: String,
+    /// State inputs and their outputs (JSON; absent from older dumps).
+    #[serde(default = "empty_object")]
+    pub state: String,
     /// Status name.
     pub status: String,
     /// Reached production once.
@@ -158,6 +161,7 @@ impl RegistryDump {
                 ("metrics", &v.metrics),
                 ("input_shapes", &v.input_shapes),
                 ("max_shapes", &v.max_shapes),
+                ("state", &v.state),
             ] {
                 if serde_json::from_str::<serde_json::Value>(text).is_err() {
                     return bad(format!("version {at}: {column} is not JSON"));
@@ -191,7 +195,7 @@ impl RegistryDump {
 /// registry are equal.
 pub(crate) const SELECTS: [&str; 6] = [
     "SELECT name, created_at, next_number FROM models ORDER BY name",
-    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
+    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
     "SELECT model, deployment, controller FROM deployments ORDER BY model",
     "SELECT id, registration, registered_at FROM replicas ORDER BY id",
     "SELECT name, role, hash, created_at, created_by FROM tokens ORDER BY name",
@@ -239,6 +243,7 @@ where
                     lineage: r.try_get("lineage")?,
                     input_shapes: r.try_get("input_shapes")?,
                     max_shapes: r.try_get("max_shapes")?,
+                    state: r.try_get("state")?,
                     status: r.try_get("status")?,
                     reached_production: r.try_get("reached_production")?,
                     rolled_back: r.try_get("rolled_back")?,
@@ -321,7 +326,7 @@ where
         out.push(
             statement(
                 "versions",
-                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status, reached_production, rolled_back",
+                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status, reached_production, rolled_back",
             )
             .bind(v.model.clone())
             .bind(v.version.clone())
@@ -334,6 +339,7 @@ where
             .bind(v.lineage.clone())
             .bind(v.input_shapes.clone())
             .bind(v.max_shapes.clone())
+            .bind(v.state.clone())
             .bind(v.status.clone())
             .bind(v.reached_production)
             .bind(v.rolled_back),
@@ -388,4 +394,9 @@ pub(crate) fn occupied(rows: i64, revision: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `{}`: what a column added later holds in rows dumped before it.
+fn empty_object() -> String {
+    "{}".to_owned()
 }

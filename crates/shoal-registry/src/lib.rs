@@ -81,6 +81,8 @@ pub struct VersionDraft {
     pub input_shapes: std::collections::BTreeMap<String, Vec<i64>>,
     /// Bounds on request shapes.
     pub max_shapes: std::collections::BTreeMap<String, Vec<i64>>,
+    /// State inputs and the outputs feeding them.
+    pub state: std::collections::BTreeMap<String, String>,
 }
 
 /// A deployment with the rollout controller's own persisted state.

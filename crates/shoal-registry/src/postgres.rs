@@ -177,6 +177,7 @@ impl PostgresRegistry {
             rolled_back: row.get("rolled_back"),
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
+            state: parse(row.get::<&str, _>("state"))?,
         })
     }
 
@@ -293,8 +294,8 @@ impl RegistryStore for PostgresRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -307,6 +308,7 @@ impl RegistryStore for PostgresRegistry {
         .bind(&draft.lineage)
         .bind(json(&draft.input_shapes))
         .bind(json(&draft.max_shapes))
+        .bind(json(&draft.state))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

@@ -45,6 +45,7 @@ const SCHEMA: &[&str] = &[
         lineage TEXT,
         input_shapes TEXT NOT NULL,
         max_shapes TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL DEFAULT '{}',
         status TEXT NOT NULL,
         reached_production INTEGER NOT NULL DEFAULT 0,
         rolled_back INTEGER NOT NULL DEFAULT 0,
@@ -149,8 +150,10 @@ impl SqliteRegistry {
     /// Brings a registry written by an older Shoal up to this schema:
     /// columns added since are added with their defaults.
     async fn upgrade(db: &mut sqlx::SqliteConnection) -> Result<()> {
-        const ADDED: &[(&str, &str, &str)] =
-            &[("versions", "max_shapes", "TEXT NOT NULL DEFAULT '{}'")];
+        const ADDED: &[(&str, &str, &str)] = &[
+            ("versions", "max_shapes", "TEXT NOT NULL DEFAULT '{}'"),
+            ("versions", "state", "TEXT NOT NULL DEFAULT '{}'"),
+        ];
         for (table, column, definition) in ADDED {
             let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
                 .bind(table)
@@ -253,6 +256,7 @@ impl SqliteRegistry {
             rolled_back: row.get::<i64, _>("rolled_back") != 0,
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
+            state: parse(row.get::<&str, _>("state"))?,
         })
     }
 
@@ -357,8 +361,8 @@ impl RegistryStore for SqliteRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, status)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -371,6 +375,7 @@ impl RegistryStore for SqliteRegistry {
         .bind(&draft.lineage)
         .bind(json(&draft.input_shapes))
         .bind(json(&draft.max_shapes))
+        .bind(json(&draft.state))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

@@ -271,7 +271,7 @@ async fn infer_common(
 ) -> Result<Response, ApiError> {
     let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
-    let serving = lookup(replica, model, version)?;
+    let mut serving = lookup(replica, model, version)?;
     let body = shoal_http::read_body(body, replica.body_limit).await?;
     let started = Instant::now();
     if let Some(fault) = replica.fault_for(serving.model.as_str(), serving.version.as_str()) {
@@ -295,7 +295,16 @@ async fn infer_common(
             ));
         }
     }
-    let result = run_inference(replica, &serving, &body, json_len).await;
+    let result = match shoal_oip::decode_request_parts(&body, json_len, &replica.limits) {
+        Err(e) => Err((Outcome::InvalidInput, ApiError::bad_request(e.0))),
+        Ok(request) if serving.loaded.state().is_empty() => {
+            run_inference(replica, &serving, request, None).await
+        }
+        Ok(request) => match begin_step(replica, &mut serving, version, &request).await {
+            Ok(step) => run_inference(replica, &serving, request, Some(step)).await,
+            Err(e) => Err(e),
+        },
+    };
     let (outcome, error) = match &result {
         Ok(_) => (Outcome::Success, None),
         Err((outcome, e)) => (*outcome, Some(e.message.as_str())),
@@ -334,18 +343,112 @@ async fn infer_common(
     Ok(response)
 }
 
+/// A step of a stateful model's sequence, begun: the sequence held (later
+/// steps wait), and whether it ends with this step.
+struct SequenceStep<'a> {
+    guard: crate::sequences::StepGuard<'a>,
+    end: bool,
+}
+
+/// Begins the sequence step `request` names, on the version the sequence
+/// started on (`serving` becomes that version: state is never fed to
+/// another one).
+async fn begin_step<'a>(
+    replica: &'a Replica,
+    serving: &mut Arc<ServingVersion>,
+    asked: Option<&str>,
+    request: &shoal_oip::DecodedRequest,
+) -> Result<SequenceStep<'a>, (Outcome, ApiError)> {
+    let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
+    let model = serving.model.to_string();
+    let step = shoal_oip::sequence::Step::from_parameters(request.parameters.as_ref())
+        .map_err(invalid)?
+        .ok_or_else(|| {
+            invalid(format!(
+                "{model} is a stateful model (state {}): name the sequence with parameters sequence_id, and sequence_start=true on its first step",
+                serving.loaded.state()
+            ))
+        })?;
+    if let Some(input) = request
+        .inputs
+        .iter()
+        .find(|t| serving.loaded.state().is_state_input(&t.name))
+    {
+        return Err(invalid(format!(
+            "input {:?} is state this replica keeps between steps (state {}); send only the other inputs",
+            input.name,
+            serving.loaded.state()
+        )));
+    }
+    let initial = || {
+        serving
+            .loaded
+            .state()
+            .initial(serving.loaded.signature())
+            .unwrap_or_default()
+    };
+    let guard = replica
+        .sequences()
+        .begin(&model, &step, serving.version.as_str(), initial)
+        .await
+        .map_err(|e| match e {
+            crate::sequences::SequenceError::Unknown { .. } => invalid(e.to_string()),
+            crate::sequences::SequenceError::TooMany { .. } => (
+                Outcome::Overloaded,
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+                },
+            ),
+        })?;
+    if guard.version() != serving.version.as_str() {
+        let started_on = guard.version().to_owned();
+        if asked.is_some() {
+            return Err((
+                Outcome::InvalidInput,
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "sequence {} began on {model}:{started_on}; its state cannot feed version {}",
+                        step.id, serving.version
+                    ),
+                ),
+            ));
+        }
+        match replica.store().lookup(&model, Some(&started_on)) {
+            Ok(pinned) => *serving = pinned,
+            Err(_) => {
+                drop(guard);
+                replica.sequences().forget(&model, &step.id);
+                return Err((
+                    Outcome::InvalidInput,
+                    ApiError::new(
+                        StatusCode::GONE,
+                        format!(
+                            "sequence {} began on {model}:{started_on}, which this replica no longer serves, and its state cannot feed another version: start the sequence again (sequence_start=true)",
+                            step.id
+                        ),
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(SequenceStep {
+        guard,
+        end: step.end,
+    })
+}
+
 async fn run_inference(
     replica: &Replica,
     serving: &ServingVersion,
-    body: &[u8],
-    json_len: Option<&str>,
+    mut request: shoal_oip::DecodedRequest,
+    step: Option<SequenceStep<'_>>,
 ) -> Result<shoal_oip::EncodedResponse, (Outcome, ApiError)> {
     let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
-    let mut request = shoal_oip::decode_request_parts(body, json_len, &replica.limits)
-        .map_err(|e| invalid(e.0))?;
     let signature = serving.loaded.signature();
     // Resolve requested outputs before running, so a typo costs no inference.
-    let selected: Option<Vec<usize>> = match &request.outputs {
+    let selected: Option<Vec<String>> = match &request.outputs {
         None => None,
         Some(wanted) => Some(
             wanted
@@ -354,7 +457,8 @@ async fn run_inference(
                     signature
                         .outputs
                         .iter()
-                        .position(|s| s.name == o.name)
+                        .find(|s| s.name == o.name)
+                        .map(|s| s.name.clone())
                         .ok_or_else(|| {
                             let names: Vec<String> = signature
                                 .outputs
@@ -380,9 +484,13 @@ async fn run_inference(
             .cap_for(replica.store().snapshot().models.len()),
         deadline: replica.inference_timeout(),
     };
+    let mut inputs = std::mem::take(&mut request.inputs);
+    if let Some(step) = &step {
+        inputs.extend(step.guard.state().iter().cloned());
+    }
     let outputs = replica
         .pool()
-        .run_shared(&serving.loaded, std::mem::take(&mut request.inputs), share)
+        .run_shared(&serving.loaded, inputs, share)
         .await
         .map_err(|e| match e {
             RunError::Input(e) => invalid(e.to_string()),
@@ -398,11 +506,32 @@ async fn run_inference(
             ),
             RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
         })?;
+    // A sequence's state goes to its next step, not to the client (unless
+    // asked for with parameters shoal_return_state=true, for debugging).
+    let outputs = match step {
+        None => outputs,
+        Some(SequenceStep { guard, end }) => {
+            let return_state = request
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("shoal_return_state"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+            let everything = return_state.then(|| outputs.clone());
+            let (answer, next) = serving
+                .loaded
+                .state()
+                .split(outputs)
+                .map_err(|e| (Outcome::Error, ApiError::internal(e)))?;
+            guard.finish(next, end);
+            everything.unwrap_or(answer)
+        }
+    };
     let outputs: Vec<Tensor> = match selected {
         None => outputs,
-        Some(indices) => indices
-            .into_iter()
-            .filter_map(|i| outputs.get(i).cloned())
+        Some(names) => names
+            .iter()
+            .filter_map(|n| outputs.iter().find(|t| &t.name == n).cloned())
             .collect(),
     };
     Ok(shoal_oip::encode_response_parts(
@@ -475,6 +604,9 @@ pub struct LoadBody {
     /// Input shape overrides: input name to dimensions, -1 for dynamic.
     #[serde(default)]
     pub input_shapes: BTreeMap<String, Vec<i64>>,
+    /// A stateful model's state: input name to the output feeding it.
+    #[serde(default)]
+    pub state: BTreeMap<String, String>,
 }
 
 fn names(model: &str, version: &str) -> Result<(ModelName, Version), ApiError> {
@@ -496,7 +628,9 @@ async fn admin_load(
             body.path.display()
         )));
     }
-    let options = LoadOptions::from_dims(&body.input_shapes).map_err(ApiError::bad_request)?;
+    let options = LoadOptions::from_dims(&body.input_shapes)
+        .map_err(ApiError::bad_request)?
+        .with_state(&body.state);
     let spec = LoadSpec {
         model,
         version,

@@ -16,6 +16,7 @@
 pub mod http;
 pub mod loader;
 mod metrics;
+pub mod sequences;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -111,6 +112,8 @@ pub struct ReplicaConfig {
     /// Longest an inference may wait for a thread and run: past it the
     /// request is answered 503 (never started) or 504 (abandoned).
     pub inference_timeout: std::time::Duration,
+    /// Live sequences of stateful models: how many, how long idle.
+    pub sequences: sequences::SequenceLimits,
 }
 
 /// Default of [`ReplicaConfig::inference_timeout`].
@@ -131,6 +134,7 @@ impl Default for ReplicaConfig {
             allow_fault_injection: false,
             tls: None,
             inference_timeout: DEFAULT_INFERENCE_TIMEOUT,
+            sequences: sequences::SequenceLimits::default(),
         }
     }
 }
@@ -166,6 +170,7 @@ pub struct Replica {
     admin_hashes: Vec<[u8; 32]>,
     allow_fault_injection: bool,
     inference_timeout: std::time::Duration,
+    sequences: sequences::Sequences,
 }
 
 impl std::fmt::Debug for Replica {
@@ -220,7 +225,13 @@ impl Replica {
                 .collect(),
             allow_fault_injection: config.allow_fault_injection,
             inference_timeout: config.inference_timeout,
+            sequences: sequences::Sequences::new(config.sequences),
         }
+    }
+
+    /// The live sequences of stateful models.
+    pub fn sequences(&self) -> &sequences::Sequences {
+        &self.sequences
     }
 
     /// Longest an inference may take, waiting and running.

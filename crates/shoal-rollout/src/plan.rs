@@ -198,6 +198,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
                 size: record.size,
                 input_shapes: record.input_shapes.clone(),
                 max_shapes: record.max_shapes.clone(),
+                state: record.state.clone(),
                 optional: optional(&record.version),
             })
             .collect();
@@ -317,6 +318,7 @@ mod tests {
             rolled_back: false,
             input_shapes: Default::default(),
             max_shapes: Default::default(),
+            state: Default::default(),
         }
     }
 

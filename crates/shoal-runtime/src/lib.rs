@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 pub use error::{LoadError, RunError};
 pub use pool::{InferencePool, PoolStats, Share};
-use shoal_core::{InputBounds, Signature, Tensor, TensorData};
+use shoal_core::{InputBounds, Signature, StateSpec, Tensor, TensorData};
 
 /// An inference engine that can load models.
 pub trait Backend: Send + Sync + 'static {
@@ -49,6 +49,8 @@ pub struct LoadOptions {
     /// The largest size each dynamic input dimension may take in a
     /// request (see [`InputBounds`]).
     pub bounds: InputBounds,
+    /// A stateful model's state inputs and the outputs feeding them.
+    pub state: StateSpec,
 }
 
 impl LoadOptions {
@@ -95,6 +97,13 @@ impl LoadOptions {
         }
         Ok(self)
     }
+
+    /// These options with the registry's state declaration (state input
+    /// to the output feeding it), checked against the model when it loads.
+    pub fn with_state(mut self, state: &std::collections::BTreeMap<String, String>) -> LoadOptions {
+        self.state = StateSpec::new(state);
+        self
+    }
 }
 
 /// A model prepared by a backend, ready to run. Implementations must be safe
@@ -115,6 +124,7 @@ pub struct LoadedModel {
     model: Arc<dyn Model>,
     platform: &'static str,
     bounds: Arc<InputBounds>,
+    state: Arc<StateSpec>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -138,10 +148,15 @@ impl LoadedModel {
             .bounds
             .fit(model.signature())
             .map_err(LoadError::Prepare)?;
+        options
+            .state
+            .check(model.signature())
+            .map_err(LoadError::Prepare)?;
         Ok(LoadedModel {
             model,
             platform: backend.platform(),
             bounds: Arc::new(options.bounds.clone()),
+            state: Arc::new(options.state.clone()),
         })
     }
 
@@ -156,6 +171,12 @@ impl LoadedModel {
         self.model.signature()
     }
 
+    /// The state it carries between the steps of a sequence (empty for a
+    /// stateless model).
+    pub fn state(&self) -> &StateSpec {
+        &self.state
+    }
+
     /// The engine running the model.
     pub fn platform(&self) -> &'static str {
         self.platform
@@ -166,6 +187,32 @@ impl LoadedModel {
     pub fn infer_blocking(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
         let inputs = self.check(inputs)?;
         self.model.run(inputs)
+    }
+
+    /// Runs the steps of one sequence on the calling thread, carrying the
+    /// state (see [`LoadedModel::state`]) from each step to the next from
+    /// the zero state, as a replica does across requests; each step's
+    /// outputs without the state. The reference a served sequence must
+    /// match.
+    pub fn run_sequence(
+        &self,
+        steps: impl IntoIterator<Item = Vec<Tensor>>,
+    ) -> Result<Vec<Vec<Tensor>>, RunError> {
+        let mut state = self
+            .state
+            .initial(self.signature())
+            .map_err(RunError::Engine)?;
+        let mut answers = Vec::new();
+        for mut inputs in steps {
+            inputs.append(&mut state);
+            let (answer, next) = self
+                .state
+                .split(self.infer_blocking(inputs)?)
+                .map_err(RunError::Engine)?;
+            answers.push(answer);
+            state = next;
+        }
+        Ok(answers)
     }
 
     /// Runs one inference on zero-valued inputs (dynamic dimensions set to

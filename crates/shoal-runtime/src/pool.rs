@@ -310,6 +310,7 @@ mod tests {
             model: Arc::new(model),
             platform: "test",
             bounds: Arc::default(),
+            state: Arc::default(),
         };
         (loaded, started_rx, release_tx)
     }

@@ -344,6 +344,7 @@ impl Agent {
         let size = bytes.len();
         let options = shoal_runtime::LoadOptions::from_dims(&version.input_shapes)
             .and_then(|o| o.with_max_shapes(&version.max_shapes))
+            .map(|o| o.with_state(&version.state))
             .map_err(|e| failed(e, FailureKind::Definite))?;
         let spec = LoadSpec {
             model: ModelName::new(model)

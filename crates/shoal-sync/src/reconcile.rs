@@ -120,6 +120,7 @@ mod tests {
             size: 1,
             input_shapes: Default::default(),
             max_shapes: Default::default(),
+            state: Default::default(),
             optional: false,
         }
     }

@@ -398,3 +398,22 @@ async fn run_tritonclient_check(
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Samples in one step of Silero VAD's sequence model (36 ms at 16 kHz).
+pub const VAD_FRAME: usize = 576;
+
+/// Frame `k` of a deterministic 16 kHz test signal for Silero VAD: a
+/// 220 Hz tone in every other run of eight frames, over faint noise.
+pub fn vad_frame(k: usize) -> Vec<f32> {
+    (0..VAD_FRAME)
+        .map(|i| {
+            let n = k * VAD_FRAME + i;
+            #[allow(clippy::cast_precision_loss)]
+            let t = n as f32 / 16_000.0;
+            let tone = if (k / 8) % 2 == 1 { 0.4 } else { 0.0 };
+            #[allow(clippy::cast_precision_loss)]
+            let noise = 0.01 * (n as f32 * 12.9898).sin();
+            tone * (t * 2.0 * std::f32::consts::PI * 220.0).sin() + noise
+        })
+        .collect()
+}

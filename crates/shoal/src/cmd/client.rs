@@ -75,6 +75,12 @@ pub(crate) struct PushArgs {
     /// default bound of 4096 on a dynamic dimension). Repeat for more.
     #[arg(long = "max-shape", value_name = "INPUT=DIMS")]
     max_shapes: Vec<String>,
+    /// A stateful model's state: INPUT=OUTPUT, the input fed from that
+    /// output of the previous step of a sequence (e.g. --state h=hn
+    /// --state c=cn). Clients then send sequence_id/sequence_start/
+    /// sequence_end and only the other inputs. Repeat for more.
+    #[arg(long = "state", value_name = "INPUT=OUTPUT")]
+    state: Vec<String>,
     /// Check only that the file is an ONNX model, not that the default
     /// engine (tract) can prepare and warm it up: for models meant for
     /// another engine.
@@ -295,6 +301,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
         .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
     let input_shapes = shapes(&args.input_shapes, "input-shape", "-1 for dynamic")?;
     let max_shapes = shapes(&args.max_shapes, "max-shape", "-1 for the default bound")?;
+    let state = key_values(&args.state, "state")?;
 
     let bar = if global.json {
         indicatif::ProgressBar::hidden()
@@ -329,6 +336,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 lineage: args.lineage,
                 input_shapes,
                 max_shapes,
+                state,
                 skip_engine_check: args.skip_engine_check,
             },
         )

@@ -79,6 +79,13 @@ pub(crate) struct ReplicaArgs {
     /// past it the request gets 503 (never started) or 504 (abandoned).
     #[arg(long, default_value_t = 30_000)]
     inference_timeout_ms: u64,
+    /// Live sequences of stateful models this replica holds at most; a
+    /// sequence_start beyond it is answered 429.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sequences: u64,
+    /// Seconds a sequence may go without a step before its state is freed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    sequence_idle_secs: u64,
 
     /// Serve /admin/faults, which makes the replica slow, fail or hang on
     /// demand: for drills, tests and benchmarks, never in production.
@@ -198,6 +205,10 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         allow_fault_injection: args.allow_fault_injection,
         tls: args.tls.server(global)?,
         inference_timeout: Duration::from_millis(args.inference_timeout_ms.max(1)),
+        sequences: shoal_replica::sequences::SequenceLimits {
+            max: usize::try_from(args.max_sequences).unwrap_or(usize::MAX),
+            idle: Duration::from_secs(args.sequence_idle_secs),
+        },
     };
     if args.allow_fault_injection {
         tracing::warn!(
