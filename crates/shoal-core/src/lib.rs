@@ -9,11 +9,13 @@
 
 pub mod compare;
 pub mod names;
+pub mod redact;
 pub mod signature;
 pub mod state;
 pub mod tensor;
 
 pub use names::{ModelName, ModelRef, NameError, Version};
+pub use redact::redact_url;
 pub use signature::{DEFAULT_MAX_DIM, Dim, InputBounds, InputError, Signature, TensorSpec};
 pub use state::StateSpec;
 pub use tensor::{DataType, Tensor, TensorData, TensorError};

@@ -67,6 +67,9 @@ pub struct UpConfig {
     pub registry: Option<String>,
     /// NATS server every member is given (`--events`).
     pub events: Option<String>,
+    /// Redis for sequences' state, given to every replica
+    /// (`--session-store`); none keeps it in each replica's memory.
+    pub session_store: Option<String>,
 }
 
 impl UpConfig {
@@ -122,17 +125,7 @@ fn gateway_addrs(first: SocketAddr, control: SocketAddr, regions: usize) -> Vec<
     addrs
 }
 
-/// `url` without a password, for printing.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
+use shoal_core::redact_url;
 
 /// Adds `child` to the started children (so it is stopped however
 /// start-up ends) and waits for the address it listens on.
@@ -407,6 +400,12 @@ pub async fn run(
                     .into_iter()
                     .chain(standby.then(|| "--standby".to_owned()))
                     .chain(events_args.iter().cloned())
+                    .chain(
+                        config
+                            .session_store
+                            .iter()
+                            .flat_map(|url| ["--session-store".to_owned(), url.clone()]),
+                    )
                     .chain(tls_args.iter().cloned())
                     .collect(),
                     false,
@@ -605,6 +604,7 @@ mod tests {
             control_planes,
             registry: registry.map(str::to_owned),
             events: None,
+            session_store: None,
         }
     }
 

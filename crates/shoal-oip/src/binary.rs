@@ -254,3 +254,100 @@ mod tests {
         assert_eq!(split_body(b"{}", None).unwrap(), (&b"{}"[..], &b""[..]));
     }
 }
+
+/// One tensor's place in a [`pack`]ed snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Packed {
+    name: String,
+    shape: Vec<usize>,
+    datatype: String,
+    bytes: usize,
+}
+
+/// Packs `tensors` into one byte string: a little-endian `u32` length, a
+/// JSON list of names, shapes, datatypes and sizes, then each tensor's
+/// data in the binary encoding. For keeping tensors outside the process
+/// (a sequence's state in Redis); [`unpack`] reads it back.
+pub fn pack(tensors: &[shoal_core::Tensor]) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut index = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let before = data.len();
+        encode(t.data(), &mut data);
+        index.push(Packed {
+            name: t.name.clone(),
+            shape: t.shape().to_vec(),
+            datatype: t.datatype().as_str().to_owned(),
+            bytes: data.len() - before,
+        });
+    }
+    let header = serde_json::to_vec(&index).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + header.len() + data.len());
+    out.extend_from_slice(
+        &u32::try_from(header.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Reads back what [`pack`] wrote; an error says what is wrong with it.
+pub fn unpack(bytes: &[u8]) -> Result<Vec<shoal_core::Tensor>, DecodeError> {
+    let bad = |why: &str| DecodeError(format!("packed tensors: {why}"));
+    let (len, rest) = bytes
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("shorter than its header length"))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(bad("shorter than its header"));
+    }
+    let (header, mut data) = rest.split_at(len);
+    let index: Vec<Packed> =
+        serde_json::from_slice(header).map_err(|e| bad(&format!("header: {e}")))?;
+    let mut tensors = Vec::with_capacity(index.len());
+    for p in index {
+        let datatype = DataType::parse(&p.datatype)
+            .ok_or_else(|| bad(&format!("unknown datatype {:?}", p.datatype)))?;
+        if data.len() < p.bytes {
+            return Err(bad(&format!("data of {:?} cut short", p.name)));
+        }
+        let (mine, after) = data.split_at(p.bytes);
+        data = after;
+        let count = p.shape.iter().product();
+        let values = decode(mine, datatype, count)?;
+        tensors.push(
+            shoal_core::Tensor::new(p.name, p.shape, values).map_err(|e| bad(&e.to_string()))?,
+        );
+    }
+    if !data.is_empty() {
+        return Err(bad("bytes left over"));
+    }
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use shoal_core::{Tensor, TensorData};
+
+    use super::*;
+
+    #[test]
+    fn packed_tensors_come_back_as_they_were() {
+        let tensors = vec![
+            Tensor::new("h", vec![1, 1, 3], TensorData::Fp32(vec![0.5, -1.0, 2.25])).unwrap(),
+            Tensor::new("n", vec![2], TensorData::Int64(vec![7, -9])).unwrap(),
+            Tensor::new("s", vec![1], TensorData::Bytes(vec![b"abc".to_vec()])).unwrap(),
+        ];
+        let packed = pack(&tensors);
+        assert_eq!(unpack(&packed).unwrap(), tensors);
+        assert_eq!(unpack(&pack(&[])).unwrap(), Vec::<Tensor>::new());
+        for cut in [0, 3, 10, packed.len() - 1] {
+            assert!(unpack(&packed[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert!(unpack(&longer).unwrap_err().0.contains("left over"));
+    }
+}

@@ -217,17 +217,7 @@ impl PostgresRegistry {
     }
 }
 
-/// `url` without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, rest)), Some(_)) => {
-            let (creds, host) = rest.rsplit_once('@').unwrap_or(("", rest));
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
+use shoal_core::redact_url as redact;
 
 #[async_trait]
 impl RegistryStore for PostgresRegistry {

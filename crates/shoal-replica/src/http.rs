@@ -347,7 +347,23 @@ async fn infer_common(
 /// steps wait), and whether it ends with this step.
 struct SequenceStep<'a> {
     guard: crate::sequences::StepGuard<'a>,
+    id: shoal_oip::sequence::SequenceId,
     end: bool,
+}
+
+fn sequence_error(e: crate::sequences::SequenceError) -> (Outcome, ApiError) {
+    match e {
+        crate::sequences::SequenceError::Unknown { .. } => {
+            (Outcome::InvalidInput, ApiError::bad_request(e.to_string()))
+        }
+        crate::sequences::SequenceError::TooMany { .. } => (
+            Outcome::Overloaded,
+            ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+            },
+        ),
+    }
 }
 
 /// Begins the sequence step `request` names, on the version the sequence
@@ -387,20 +403,50 @@ async fn begin_step<'a>(
             .initial(serving.loaded.signature())
             .unwrap_or_default()
     };
-    let guard = replica
-        .sequences()
+    let sequences = replica.sequences();
+    let guard = match sequences
         .begin(&model, &step, serving.version.as_str(), initial)
         .await
-        .map_err(|e| match e {
-            crate::sequences::SequenceError::Unknown { .. } => invalid(e.to_string()),
-            crate::sequences::SequenceError::TooMany { .. } => (
-                Outcome::Overloaded,
-                ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
-                },
-            ),
-        })?;
+    {
+        // Not held here: another replica may have left it in the store.
+        Err(unknown @ crate::sequences::SequenceError::Unknown { .. })
+            if replica.session_store().is_some() =>
+        {
+            let store = replica.session_store().unwrap_or_else(|| unreachable!());
+            match store.load(&model, &step.id).await {
+                Ok(Some(saved)) => {
+                    let held = crate::sequences::Held {
+                        state: saved.state,
+                        steps: saved.steps,
+                        run: saved.run,
+                    };
+                    if !sequences.adopt(&model, &step.id, &saved.version, held) {
+                        return Err(sequence_error(crate::sequences::SequenceError::TooMany {
+                            max: sequences.limits().max,
+                        }));
+                    }
+                    sequences
+                        .begin(&model, &step, serving.version.as_str(), Vec::new)
+                        .await
+                        .map_err(sequence_error)?
+                }
+                Ok(None) => return Err(sequence_error(unknown)),
+                Err(e) => {
+                    return Err((
+                        Outcome::Overloaded,
+                        ApiError::unavailable(
+                            format!(
+                                "sequence {} is not held by this replica and the session store cannot be read ({e}); retry",
+                                step.id
+                            ),
+                            1,
+                        ),
+                    ));
+                }
+            }
+        }
+        other => other.map_err(sequence_error)?,
+    };
     if guard.version() != serving.version.as_str() {
         let started_on = guard.version().to_owned();
         if asked.is_some() {
@@ -435,6 +481,7 @@ async fn begin_step<'a>(
     }
     Ok(SequenceStep {
         guard,
+        id: step.id,
         end: step.end,
     })
 }
@@ -484,47 +531,37 @@ async fn run_inference(
             .cap_for(replica.store().snapshot().models.len()),
         deadline: replica.inference_timeout(),
     };
-    let mut inputs = std::mem::take(&mut request.inputs);
-    if let Some(step) = &step {
-        inputs.extend(step.guard.state().iter().cloned());
-    }
-    let outputs = replica
-        .pool()
-        .run_shared(&serving.loaded, inputs, share)
-        .await
-        .map_err(|e| match e {
-            RunError::Input(e) => invalid(e.to_string()),
-            RunError::Overloaded { .. } | RunError::Busy { .. } => {
-                (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
-            }
-            RunError::DeadlineExceeded { .. } => (
-                Outcome::Error,
-                ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-                },
-            ),
-            RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
-        })?;
-    // A sequence's state goes to its next step, not to the client (unless
-    // asked for with parameters shoal_return_state=true, for debugging).
+    let inputs = std::mem::take(&mut request.inputs);
+    let run = |inputs: Vec<Tensor>| async {
+        replica
+            .pool()
+            .run_shared(&serving.loaded, inputs, share)
+            .await
+            .map_err(|e| match e {
+                RunError::Input(e) => invalid(e.to_string()),
+                RunError::Overloaded { .. } | RunError::Busy { .. } => {
+                    (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
+                }
+                RunError::DeadlineExceeded { .. } => (
+                    Outcome::Error,
+                    ApiError {
+                        retry_after: Some(1),
+                        ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+                    },
+                ),
+                RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
+            })
+    };
     let outputs = match step {
-        None => outputs,
-        Some(SequenceStep { guard, end }) => {
+        None => run(inputs).await?,
+        Some(step) => {
             let return_state = request
                 .parameters
                 .as_ref()
                 .and_then(|p| p.get("shoal_return_state"))
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false);
-            let everything = return_state.then(|| outputs.clone());
-            let (answer, next) = serving
-                .loaded
-                .state()
-                .split(outputs)
-                .map_err(|e| (Outcome::Error, ApiError::internal(e)))?;
-            guard.finish(next, end);
-            everything.unwrap_or(answer)
+            sequence_step(replica, serving, step, inputs, return_state, run).await?
         }
     };
     let outputs: Vec<Tensor> = match selected {
@@ -541,6 +578,93 @@ async fn run_inference(
         &outputs,
         |name| request.binary_output(name),
     ))
+}
+
+/// Runs one step of a sequence: the client's inputs with the sequence's
+/// state; the new state kept for the next step (and, with a shared store,
+/// written through: if another replica advanced the sequence meanwhile,
+/// the step runs again on the state it left, so the answer is the one the
+/// sequence's history gives). What the client gets: the outputs without
+/// the state, unless `return_state`.
+async fn sequence_step<F, Fut>(
+    replica: &Replica,
+    serving: &ServingVersion,
+    step: SequenceStep<'_>,
+    inputs: Vec<Tensor>,
+    return_state: bool,
+    run: F,
+) -> Result<Vec<Tensor>, (Outcome, ApiError)>
+where
+    F: Fn(Vec<Tensor>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Tensor>, (Outcome, ApiError)>>,
+{
+    use crate::session_store::{Saved, Written};
+    let SequenceStep { mut guard, id, end } = step;
+    let model = serving.model.as_str();
+    let state = serving.loaded.state();
+    let mut reruns = 0;
+    loop {
+        let mut all = inputs.clone();
+        all.extend(guard.state().iter().cloned());
+        let outputs = run(all).await?;
+        let everything = return_state.then(|| outputs.clone());
+        let (answer, next) = state
+            .split(outputs)
+            .map_err(|e| (Outcome::Error, ApiError::internal(e)))?;
+        if let Some(store) = replica.session_store() {
+            // A start replaces whatever the store holds under this id.
+            let saved = Saved {
+                version: guard.version().to_owned(),
+                run: guard.run(),
+                steps: guard.steps() + 1,
+                state: next.clone(),
+            };
+            let written = store
+                .save(model, &id, guard.steps(), guard.starts(), &saved)
+                .await;
+            if let Ok(Written::Ended) = written {
+                drop(guard);
+                replica.sequences().forget(model, &id);
+                return Err(sequence_error(crate::sequences::SequenceError::Unknown {
+                    model: model.to_owned(),
+                    id,
+                    idle_secs: replica.sequences().limits().idle.as_secs(),
+                }));
+            }
+            if let Ok(Written::Behind) = written {
+                let newer = store.load(model, &id).await.ok().flatten();
+                match newer {
+                    Some(newer) if reruns < 3 && newer.version == guard.version() => {
+                        tracing::info!(%model, sequence = %id, here = guard.steps(), store = newer.steps, "sequence advanced on another replica; running the step on its state");
+                        guard.catch_up(crate::sequences::Held {
+                            state: newer.state,
+                            steps: newer.steps,
+                            run: newer.run,
+                        });
+                        replica.metrics.sequence_steps_rerun.inc();
+                        reruns += 1;
+                        continue;
+                    }
+                    _ => {
+                        return Err((
+                            Outcome::Error,
+                            ApiError::new(
+                                StatusCode::CONFLICT,
+                                format!(
+                                    "sequence {id} moved on elsewhere while this step ran, and its newer state cannot be read back; retry the step"
+                                ),
+                            ),
+                        ));
+                    }
+                }
+            }
+            if end {
+                let _ = store.end(model, &id).await;
+            }
+        }
+        guard.finish(next, end);
+        return Ok(everything.unwrap_or(answer));
+    }
 }
 
 async fn admin_list(State(replica): Shared) -> Response {

@@ -17,6 +17,7 @@ pub mod http;
 pub mod loader;
 mod metrics;
 pub mod sequences;
+pub mod session_store;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -114,6 +115,9 @@ pub struct ReplicaConfig {
     pub inference_timeout: std::time::Duration,
     /// Live sequences of stateful models: how many, how long idle.
     pub sequences: sequences::SequenceLimits,
+    /// Where sequences' state is shared beyond this replica's memory:
+    /// Redis (`--session-store redis://…`), or none (memory only).
+    pub session_store: Option<Arc<session_store::RedisStore>>,
 }
 
 /// Default of [`ReplicaConfig::inference_timeout`].
@@ -135,6 +139,7 @@ impl Default for ReplicaConfig {
             tls: None,
             inference_timeout: DEFAULT_INFERENCE_TIMEOUT,
             sequences: sequences::SequenceLimits::default(),
+            session_store: None,
         }
     }
 }
@@ -171,6 +176,7 @@ pub struct Replica {
     allow_fault_injection: bool,
     inference_timeout: std::time::Duration,
     sequences: sequences::Sequences,
+    session_store: Option<Arc<session_store::RedisStore>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -193,6 +199,11 @@ pub struct ReadyState {
     pub failures: BTreeMap<String, String>,
     /// True after a shutdown signal: finishing requests, taking no new ones.
     pub shutting_down: bool,
+    /// What works less well than it should without making the replica
+    /// unready (the session store unreachable: sequences go on from
+    /// memory, and cannot move to another replica meanwhile).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 impl Replica {
@@ -226,7 +237,13 @@ impl Replica {
             allow_fault_injection: config.allow_fault_injection,
             inference_timeout: config.inference_timeout,
             sequences: sequences::Sequences::new(config.sequences),
+            session_store: config.session_store.clone(),
         }
+    }
+
+    /// The shared session store, if there is one.
+    pub fn session_store(&self) -> Option<&session_store::RedisStore> {
+        self.session_store.as_deref()
     }
 
     /// The live sequences of stateful models.
@@ -316,11 +333,23 @@ impl Replica {
             .map(|(k, v)| (k.clone(), v.reason.clone()))
             .collect();
         let shutting_down = self.shutting_down.load(Ordering::SeqCst);
+        let degraded = self
+            .session_store()
+            .filter(|s| s.degraded())
+            .map(|s| {
+                format!(
+                    "session store {} unreachable: sequences held here go on from memory; others cannot continue here",
+                    shoal_core::redact_url(s.url())
+                )
+            })
+            .into_iter()
+            .collect();
         ReadyState {
             ready: missing.is_empty() && !shutting_down,
             missing,
             failures,
             shutting_down,
+            degraded,
         }
     }
 
@@ -531,6 +560,13 @@ impl Replica {
         self.metrics
             .pool_queued
             .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
+        self.metrics
+            .sequences_live
+            .set(i64::try_from(self.sequences.len()).unwrap_or(i64::MAX));
+        self.metrics.session_store_up.set(
+            self.session_store()
+                .map_or(-1, |s| i64::from(!s.degraded())),
+        );
         self.registry.encode()
     }
 }

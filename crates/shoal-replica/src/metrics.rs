@@ -56,6 +56,9 @@ pub struct ReplicaMetrics {
     load_seconds: Family<VersionLabels, Histogram>,
     pub(crate) pool_running: Gauge,
     pub(crate) pool_queued: Gauge,
+    pub(crate) sequences_live: Gauge,
+    pub(crate) session_store_up: Gauge,
+    pub(crate) sequence_steps_rerun: Counter,
 }
 
 impl ReplicaMetrics {
@@ -75,6 +78,9 @@ impl ReplicaMetrics {
             }),
             pool_running: Gauge::default(),
             pool_queued: Gauge::default(),
+            sequences_live: Gauge::default(),
+            session_store_up: Gauge::default(),
+            sequence_steps_rerun: Counter::default(),
         };
         registry.register(
             "model_predictions",
@@ -115,6 +121,21 @@ impl ReplicaMetrics {
             "inference_pool_queued",
             "Inferences waiting for a pool thread",
             metrics.pool_queued.clone(),
+        );
+        registry.register(
+            "model_sequences_live",
+            "Sequences of stateful models held in this replica's memory",
+            metrics.sequences_live.clone(),
+        );
+        registry.register(
+            "session_store_up",
+            "1 while the shared session store (Redis) answers, 0 while steps go on from memory alone (-1: no shared store)",
+            metrics.session_store_up.clone(),
+        );
+        registry.register(
+            "model_sequence_steps_rerun",
+            "Sequence steps run again because another replica had advanced the sequence in the session store",
+            metrics.sequence_steps_rerun.clone(),
         );
         metrics
     }

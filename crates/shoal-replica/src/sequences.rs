@@ -69,11 +69,22 @@ pub enum SequenceError {
 
 type Key = (String, SequenceId);
 
+/// A sequence's state and how many steps made it.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// The state the next step takes.
+    pub state: Vec<Tensor>,
+    /// Steps taken.
+    pub steps: u64,
+    /// Which start of the sequence id this is (random per start).
+    pub run: u64,
+}
+
 /// One live sequence.
 #[derive(Debug)]
 struct Slot {
     version: String,
-    state: Arc<tokio::sync::Mutex<Vec<Tensor>>>,
+    state: Arc<tokio::sync::Mutex<Held>>,
     last_used: Mutex<Instant>,
     /// Steps running or waiting: a busy sequence never expires.
     busy: AtomicUsize,
@@ -107,7 +118,8 @@ pub struct StepGuard<'a> {
     table: &'a Sequences,
     key: Key,
     slot: Arc<Slot>,
-    state: tokio::sync::OwnedMutexGuard<Vec<Tensor>>,
+    held: tokio::sync::OwnedMutexGuard<Held>,
+    started: bool,
 }
 
 impl Sequences {
@@ -185,7 +197,11 @@ impl Sequences {
                 }
                 let slot = Arc::new(Slot {
                     version: version.to_owned(),
-                    state: Arc::new(tokio::sync::Mutex::new(initial())),
+                    state: Arc::new(tokio::sync::Mutex::new(Held {
+                        state: initial(),
+                        steps: 0,
+                        run: rand::random(),
+                    })),
                     last_used: Mutex::new(now),
                     busy: AtomicUsize::new(0),
                 });
@@ -209,13 +225,38 @@ impl Sequences {
                 slot
             }
         };
-        let state = slot.state.clone().lock_owned().await;
+        let held = slot.state.clone().lock_owned().await;
         Ok(StepGuard {
             table: self,
             key,
             slot,
-            state,
+            held,
+            started: step.start,
         })
+    }
+
+    /// Takes in `model`'s sequence `id` as another replica left it (read
+    /// from the shared store), unless it is live here already or there is
+    /// no room; true when it is live here now.
+    pub fn adopt(&self, model: &str, id: &SequenceId, version: &str, held: Held) -> bool {
+        let key = (model.to_owned(), id.clone());
+        let mut table = self.table();
+        if table.contains_key(&key) {
+            return true;
+        }
+        if table.len() >= self.limits.max {
+            return false;
+        }
+        table.insert(
+            key,
+            Arc::new(Slot {
+                version: version.to_owned(),
+                state: Arc::new(tokio::sync::Mutex::new(held)),
+                last_used: Mutex::new(Instant::now()),
+                busy: AtomicUsize::new(0),
+            }),
+        );
+        true
     }
 
     /// Forgets `model`'s sequence `id` (its version went away).
@@ -232,13 +273,35 @@ impl StepGuard<'_> {
 
     /// The state this step takes.
     pub fn state(&self) -> &[Tensor] {
-        &self.state
+        &self.held.state
+    }
+
+    /// Steps the state this step takes came from.
+    pub fn steps(&self) -> u64 {
+        self.held.steps
+    }
+
+    /// Which start of the sequence id this is.
+    pub fn run(&self) -> u64 {
+        self.held.run
+    }
+
+    /// Whether this step starts the sequence.
+    pub fn starts(&self) -> bool {
+        self.started
+    }
+
+    /// Replaces the state this step takes with a newer one (another
+    /// replica advanced the sequence).
+    pub fn catch_up(&mut self, held: Held) {
+        *self.held = held;
     }
 
     /// The step succeeded: `next` is the state the next step takes; with
     /// `end`, the sequence is freed.
     pub fn finish(mut self, next: Vec<Tensor>, end: bool) {
-        *self.state = next;
+        self.held.state = next;
+        self.held.steps += 1;
         *self
             .slot
             .last_used

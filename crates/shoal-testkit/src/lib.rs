@@ -14,6 +14,8 @@
 //!   directory on a free port.
 //! - [`NatsServer`] is a real NATS server with JetStream on a free port,
 //!   which can be killed and restarted on the same port and store.
+//! - [`RedisServer`] is a real Redis server on a free port, which can be
+//!   killed and restarted (empty) on the same port.
 //! - [`tokens`] remembers the tokens of the control planes a test started,
 //!   so its requests authenticate.
 
@@ -21,6 +23,7 @@ mod cut_proxy;
 mod http_client;
 mod nats;
 mod postgres;
+mod redis;
 pub mod tokens;
 
 use std::path::PathBuf;
@@ -32,6 +35,7 @@ pub use crate::cut_proxy::CutProxy;
 pub use crate::http_client::{HttpClient, Reply};
 pub use crate::nats::NatsServer;
 pub use crate::postgres::PostgresServer;
+pub use crate::redis::RedisServer;
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {

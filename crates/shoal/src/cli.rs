@@ -253,6 +253,15 @@ pub(crate) fn events_url(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `--session-store`: `memory` or a Redis URL.
+pub(crate) fn session_store_url(s: &str) -> Result<String, String> {
+    if s == "memory" || s.starts_with("redis://") {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: expected memory or redis://HOST:PORT[/DB]"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;

@@ -51,10 +51,13 @@ fn step_body(k: usize, parameters: Value) -> String {
     .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
-    let tmp = TempDir::new("sequence-e2e");
-    let (_up, gateway, control) = common::shoal_up(&tmp.join("fleet"), &["--replicas", "2"]);
+/// `shoal up` with `args`, Silero VAD pushed as a stateful model and
+/// deployed; the child, the gateway, the control plane and the infer URL.
+async fn fleet_with_vad(
+    tmp: &TempDir,
+    args: &[&str],
+) -> (shoal_testkit::ChildGuard, String, String, String) {
+    let (up, gateway, control) = common::shoal_up(&tmp.join("fleet"), args);
     let file = model_path(FILE);
     let file = file.to_str().unwrap();
     // A declaration that does not fit the model is refused at push.
@@ -88,6 +91,27 @@ async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
         },
     )
     .await;
+    (up, gateway, control, infer)
+}
+
+/// The pid of the replica with `id`, from `shoal status`.
+fn pid_of(control: &str, id: &str) -> i32 {
+    let status = common::cli(control, &["status"]);
+    let pid = status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .and_then(|r| r["pid"].as_i64())
+        .unwrap();
+    i32::try_from(pid).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
+    let tmp = TempDir::new("sequence-e2e");
+    let (_up, gateway, control, infer) = fleet_with_vad(&tmp, &["--replicas", "2"]).await;
+    let http = HttpClient::new();
 
     // Triton's client, unchanged, gets the numbers of one process.
     let frames: Vec<Vec<f32>> = (0..24).map(vad_frame).collect();
@@ -136,15 +160,7 @@ async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
         holder = Some(replica);
     }
     let holder = holder.unwrap();
-    let status = common::cli(&control, &["status"]);
-    let pid = status["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == holder.as_str())
-        .and_then(|r| r["pid"].as_i64())
-        .unwrap();
-    kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(pid_of(&control, &holder)), Signal::SIGKILL).unwrap();
     let r = http
         .post_json(&infer, step_body(12, json!({"sequence_id": 77})))
         .await;
@@ -162,4 +178,40 @@ async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// With Redis as the session store, the replica holding a sequence is
+/// SIGKILLed halfway: every step still answers 200, on another replica,
+/// and the whole series equals the one of a single uninterrupted process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_sequence_survives_its_replica() {
+    let tmp = TempDir::new("sequence-redis");
+    let redis = shoal_testkit::RedisServer::start();
+    let url = redis.url();
+    let (_up, _gateway, control, infer) =
+        fleet_with_vad(&tmp, &["--replicas", "3", "--session-store", &url]).await;
+    let http = HttpClient::new();
+    let frames: Vec<Vec<f32>> = (0..40).map(vad_frame).collect();
+    let expected = reference(&frames);
+    let mut served_by: Vec<String> = Vec::new();
+    for (k, want) in expected.iter().enumerate() {
+        if k == 20 {
+            let holder = served_by.last().cloned().unwrap();
+            kill(Pid::from_raw(pid_of(&control, &holder)), Signal::SIGKILL).unwrap();
+        }
+        let params =
+            json!({"sequence_id": 4242, "sequence_start": k == 0, "sequence_end": k == 39});
+        let r = http.post_json(&infer, step_body(k, params)).await;
+        assert_eq!(r.status, 200, "step {k}: {}", r.text());
+        let got = r.json()["outputs"][0]["data"][0].as_f64().unwrap();
+        assert!(
+            (got - f64::from(*want)).abs() <= 1e-5,
+            "step {k}: {got} against {want}"
+        );
+        served_by.push(r.header("x-shoal-replica").unwrap().to_owned());
+    }
+    assert_ne!(
+        served_by[19], served_by[20],
+        "another replica took over: {served_by:?}"
+    );
 }

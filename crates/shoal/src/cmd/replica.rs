@@ -86,6 +86,11 @@ pub(crate) struct ReplicaArgs {
     /// Seconds a sequence may go without a step before its state is freed.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     sequence_idle_secs: u64,
+    /// Where sequences' state lives: memory (this replica only: a sequence
+    /// dies with its replica) or redis://HOST:PORT[/DB], written through
+    /// after every step so that any replica can continue it.
+    #[arg(long, default_value = "memory", env = "SHOAL_SESSION_STORE", value_parser = crate::cli::session_store_url)]
+    session_store: String,
 
     /// Serve /admin/faults, which makes the replica slow, fail or hang on
     /// demand: for drills, tests and benchmarks, never in production.
@@ -208,6 +213,15 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         sequences: shoal_replica::sequences::SequenceLimits {
             max: usize::try_from(args.max_sequences).unwrap_or(usize::MAX),
             idle: Duration::from_secs(args.sequence_idle_secs),
+        },
+        session_store: match args.session_store.as_str() {
+            "memory" => None,
+            url => Some(std::sync::Arc::new(
+                shoal_replica::session_store::RedisStore::new(
+                    url,
+                    Duration::from_secs(args.sequence_idle_secs),
+                )?,
+            )),
         },
     };
     if args.allow_fault_injection {

@@ -51,6 +51,11 @@ pub(crate) struct UpArgs {
     /// routing tables travel on it instead of watch streams.
     #[arg(long, env = "SHOAL_EVENTS", value_parser = crate::cli::events_url)]
     events: Option<String>,
+    /// Where replicas keep sequences' state: memory (each replica its own:
+    /// a sequence dies with its replica) or redis://HOST:PORT[/DB] (shared:
+    /// any replica continues a sequence).
+    #[arg(long, default_value = "memory", env = "SHOAL_SESSION_STORE", value_parser = crate::cli::session_store_url)]
+    session_store: String,
 }
 
 /// The fleet shapes `--topology` names.
@@ -94,6 +99,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         control_planes: usize::try_from(args.control_planes).unwrap_or(1),
         registry: args.registry,
         events: args.events,
+        session_store: (args.session_store != "memory").then_some(args.session_store),
     };
     shoal_fleet::run(config, super::shutdown_requested()).await
 }
