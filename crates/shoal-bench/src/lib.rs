@@ -8,6 +8,8 @@
 //!   leader failovers of several control planes, trial after trial.
 //! - [`registry`]: registry write throughput and latency, SQLite against
 //!   PostgreSQL.
+//! - [`sequences`]: a stateful model's steps with the state in a
+//!   replica's memory against Redis, takeovers, memory per sequence.
 //! - [`watchers`]: a control plane keeping many replicas up to date by
 //!   watch streams against NATS JetStream.
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
@@ -34,6 +36,7 @@ pub mod load;
 pub mod overhead;
 pub mod registry;
 pub mod runtime;
+pub mod sequences;
 pub mod stats;
 pub mod topology;
 pub mod watchers;

@@ -197,14 +197,16 @@ fn metadata_for(
             .map(|e| e.version_names())
             .unwrap_or_default(),
     };
+    // What clients send and get: a stateful model's state stays here.
+    let state = serving.loaded.state();
+    let mut signature = serving.loaded.signature().clone();
+    signature.inputs.retain(|s| !state.is_state_input(&s.name));
+    signature
+        .outputs
+        .retain(|s| !state.is_state_output(&s.name));
     Ok(json_response(
         StatusCode::OK,
-        &ModelMetadata::new(
-            model,
-            versions,
-            serving.loaded.platform(),
-            serving.loaded.signature(),
-        ),
+        &ModelMetadata::new(model, versions, serving.loaded.platform(), &signature),
     ))
 }
 

@@ -215,6 +215,22 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
         &["1"],
     )
     .await;
+    // The metadata shows what clients send and get, not the state.
+    let r = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v2/models/vad")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let meta: Value =
+        serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(meta["inputs"].as_array().unwrap().len(), 1, "{meta}");
+    assert_eq!(meta["inputs"][0]["name"], "input");
+    assert_eq!(meta["outputs"].as_array().unwrap().len(), 1, "{meta}");
     // No sequence named.
     let (status, body, _) = step(&app, 0, json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

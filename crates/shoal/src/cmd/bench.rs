@@ -97,6 +97,23 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// A stateful model's sequence steps with the state in a replica's
+    /// memory against Redis (starts its own redis-server): latency,
+    /// throughput, Redis traffic per step, takeovers, memory per sequence.
+    Sequences {
+        /// Steps per round per store.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        steps: u64,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Steps each taken over by the replica that did not take the last.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        takeovers: u64,
+        /// Sequences started on one replica to measure memory per sequence.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        held: u64,
+    },
     /// Leader failover of a `shoal up --control-planes N` fleet: SIGKILL of
     /// the leader to another member's first act as leader, trial after trial.
     Failover {
@@ -417,6 +434,47 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         max
                     );
                 }
+            }
+        }
+        BenchCommand::Sequences {
+            steps,
+            rounds,
+            takeovers,
+            held,
+        } => {
+            let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+            let r = shoal_bench::sequences::run(n(steps), n(rounds), n(takeovers), n(held)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let ms = |us: f64| us / 1000.0;
+                println!(
+                    "Silero VAD sequence steps, {} per round × {} rounds per store",
+                    r.steps, r.rounds
+                );
+                println!(
+                    "  memory  p50 {:.2} ms  p99 {:.2} ms  {:.0} steps/s",
+                    ms(r.memory.p50_us),
+                    ms(r.memory.p99_us),
+                    r.steps_per_s.0
+                );
+                println!(
+                    "  redis   p50 {:.2} ms  p99 {:.2} ms  {:.0} steps/s  ({:.1} commands, {:.0} bytes per step)",
+                    ms(r.redis.p50_us),
+                    ms(r.redis.p99_us),
+                    r.steps_per_s.1,
+                    r.redis_commands_per_step,
+                    r.redis_bytes_per_step
+                );
+                println!(
+                    "  takeover (a replica resumes a sequence it does not hold) p50 {:.2} ms  p99 {:.2} ms",
+                    ms(r.takeover.p50_us),
+                    ms(r.takeover.p99_us)
+                );
+                println!(
+                    "  memory per live sequence {:.0} bytes: {:.0} sequences per GiB",
+                    r.bytes_per_sequence, r.sequences_per_gib
+                );
             }
         }
         BenchCommand::Failover { data_dir, trials } => {
