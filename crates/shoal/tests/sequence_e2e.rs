@@ -139,6 +139,41 @@ async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The README's demo: a sentence spoken by espeak-ng, streamed through
+    // the gateway; the model hears speech where the sentence is, and none
+    // in the silence around it.
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/vad_demo.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(demo)
+        .args(["--gateway", &gateway, "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let demo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let spoken = (
+        demo["spoken"][0].as_f64().unwrap(),
+        demo["spoken"][1].as_f64().unwrap(),
+    );
+    let speech: Vec<(f64, f64)> = demo["speech"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s[0].as_f64().unwrap(), s[1].as_f64().unwrap()))
+        .collect();
+    let heard: f64 = speech.iter().map(|(a, b)| b - a).sum();
+    assert!(heard > 0.5 * (spoken.1 - spoken.0), "{demo}");
+    assert!(
+        speech
+            .iter()
+            .all(|(a, b)| *a >= spoken.0 - 0.1 && *b <= spoken.1 + 0.3),
+        "speech heard in the silence: {demo}"
+    );
+
     // Plain HTTP: half a sequence, then its replica dies. Every step
     // before answered with the right number; the next one is refused,
     // saying the state is gone, and never answered with other numbers.
