@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 
 /// Response header naming the replica that answered.
 pub const REPLICA_HEADER: &str = "x-shoal-replica";
+
+/// Added by a gateway to a step of a sequence whose last step another
+/// replica answered (that replica's id): a replica without the sequence's
+/// state then answers 410, naming where the state was.
+pub const SEQUENCE_FROM_HEADER: &str = "x-shoal-sequence-from";
 /// Response header naming the model version that answered.
 pub const VERSION_HEADER: &str = "x-shoal-model-version";
 

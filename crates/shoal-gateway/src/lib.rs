@@ -20,6 +20,7 @@
 
 pub mod discovery;
 pub mod health;
+pub mod homes;
 mod learn;
 mod metrics;
 pub mod protect;
@@ -133,6 +134,7 @@ pub struct Gateway {
     registry: MetricsRegistry,
     metrics: GatewayMetrics,
     latencies: proxy::LatencyWindows,
+    homes: homes::Homes,
     epoch: tokio::time::Instant,
 }
 
@@ -177,6 +179,7 @@ impl Gateway {
             registry,
             metrics,
             latencies: proxy::LatencyWindows::default(),
+            homes: homes::Homes::default(),
             epoch: tokio::time::Instant::now(),
         }))
     }

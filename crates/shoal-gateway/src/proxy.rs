@@ -143,6 +143,9 @@ impl Attempt {
 struct Payload {
     body: Bytes,
     json_len: Option<HeaderValue>,
+    /// The replica that answered the sequence's last step, when this
+    /// attempt goes to another (`x-shoal-sequence-from`).
+    sequence_from: Option<HeaderValue>,
 }
 
 /// The `Inference-Header-Content-Length` of a response, if it has binary
@@ -173,6 +176,9 @@ async fn send(
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(shoal_oip::BINARY_HEADER, len.clone()),
     };
+    if let Some(from) = &payload.sequence_from {
+        request = request.header(crate::homes::SEQUENCE_FROM, from.clone());
+    }
     let request = request.body(Full::new(payload.body.clone()));
     let Ok(request) = request else {
         return Attempt::Failed(Failure::Reset, "cannot build the upstream request".into());
@@ -638,8 +644,13 @@ async fn route_inference(
     let request_id = prechecked.id;
     // Every step of a sequence goes to one replica, which holds its state
     // (or, with a shared session store, whichever the hash picks).
-    let sequence_key = prechecked.sequence.map(|s| s.key());
-    let payload = Payload { body, json_len };
+    let sequence_end = prechecked.sequence.as_ref().is_some_and(|s| s.end);
+    let sequence_key = prechecked.sequence.map(|s| s.id.key());
+    let payload = Payload {
+        body,
+        json_len,
+        sequence_from: None,
+    };
     // Only the JSON part: binary tensors are not text.
     let (json_part, _) = shoal_oip::binary::split_body(&payload.body, json_len_text)
         .map_err(|e| ApiError::bad_request(e.0))?;
@@ -715,8 +726,28 @@ async fn route_inference(
             None => format!("/v2/models/{model}/infer"),
         };
         gateway.metrics.attempt(model);
+        // A sequence whose last step another replica answered: say which,
+        // so that a replica without its state can say the state was lost.
+        let moved = sequence_key.as_deref().and_then(|key| {
+            gateway
+                .homes
+                .home(key, now)
+                .filter(|home| *home != endpoint.id)
+                .and_then(|home| HeaderValue::from_str(&home).ok())
+        });
+        let moved_payload;
+        let attempt_payload = match moved {
+            None => &payload,
+            Some(from) => {
+                moved_payload = Payload {
+                    sequence_from: Some(from),
+                    ..payload.clone()
+                };
+                &moved_payload
+            }
+        };
         let (outcome, answered_by) =
-            hedged(gateway, model, &endpoint, hedge_to, &path, &payload).await;
+            hedged(gateway, model, &endpoint, hedge_to, &path, attempt_payload).await;
         let reason = match outcome {
             Attempt::Answer(mut response, rtt) => {
                 if gateway.config.hedge {
@@ -749,6 +780,13 @@ async fn route_inference(
                 gateway
                     .learning
                     .served(model, &version, request_id.as_deref(), split_key);
+                if let Some(key) = &sequence_key
+                    && response.status().is_success()
+                {
+                    gateway
+                        .homes
+                        .answered(key, &answered_by.id, sequence_end, gateway.now());
+                }
                 return Ok((response, version));
             }
             Attempt::Stale(response) => {

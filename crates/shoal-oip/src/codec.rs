@@ -261,7 +261,7 @@ pub struct Prechecked {
     /// The sequence the request is a step of (Triton's `sequence_id`), for
     /// routing every step to one replica. Parameters a replica would
     /// refuse are not refused here: they read as no sequence.
-    pub sequence: Option<crate::sequence::SequenceId>,
+    pub sequence: Option<crate::sequence::Step>,
 }
 
 /// [`precheck_request`] for a body that may use the binary tensor data
@@ -290,8 +290,7 @@ pub fn precheck_request_parts(
         id: lite.id,
         sequence: crate::sequence::Step::from_parameters(lite.parameters.as_ref())
             .ok()
-            .flatten()
-            .map(|step| step.id),
+            .flatten(),
     };
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
@@ -1061,7 +1060,10 @@ mod tests {
         // replica would refuse read as none, never as a refusal here.
         let step = r#"{"parameters":{"sequence_id":"call-1","sequence_start":true},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
         assert_eq!(
-            precheck_request(step.as_bytes(), &limits).unwrap().sequence,
+            precheck_request(step.as_bytes(), &limits)
+                .unwrap()
+                .sequence
+                .map(|s| s.id),
             Some(crate::sequence::SequenceId::Text("call-1".into()))
         );
         let odd = r#"{"parameters":{"sequence_id":-4},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;

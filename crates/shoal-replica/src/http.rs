@@ -302,7 +302,7 @@ async fn infer_common(
         Ok(request) if serving.loaded.state().is_empty() => {
             run_inference(replica, &serving, request, None).await
         }
-        Ok(request) => match begin_step(replica, &mut serving, version, &request).await {
+        Ok(request) => match begin_step(replica, &mut serving, version, headers, &request).await {
             Ok(step) => run_inference(replica, &serving, request, Some(step)).await,
             Err(e) => Err(e),
         },
@@ -375,6 +375,7 @@ async fn begin_step<'a>(
     replica: &'a Replica,
     serving: &mut Arc<ServingVersion>,
     asked: Option<&str>,
+    headers: &HeaderMap,
     request: &shoal_oip::DecodedRequest,
 ) -> Result<SequenceStep<'a>, (Outcome, ApiError)> {
     let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
@@ -405,13 +406,37 @@ async fn begin_step<'a>(
             .initial(serving.loaded.signature())
             .unwrap_or_default()
     };
+    // The gateway says when the sequence's last step was answered by
+    // another replica: a sequence unknown here was then lost with it.
+    let moved_from = headers
+        .get(shoal_api::replica::SEQUENCE_FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|from| *from != replica.id());
+    let unknown = |e: crate::sequences::SequenceError| match (moved_from, &e) {
+        (Some(from), crate::sequences::SequenceError::Unknown { .. }) => (
+            Outcome::InvalidInput,
+            ApiError::new(
+                StatusCode::GONE,
+                format!(
+                    "sequence {} of {model}: its state was held by replica {from}, which did not take this step (gone or ejected), and is not here{}: start the sequence again with sequence_start=true",
+                    step.id,
+                    if replica.session_store().is_some() {
+                        " nor in the session store"
+                    } else {
+                        " (the memory session store keeps it in one replica; --session-store redis://… lets any replica continue)"
+                    }
+                ),
+            ),
+        ),
+        _ => sequence_error(e),
+    };
     let sequences = replica.sequences();
     let guard = match sequences
         .begin(&model, &step, serving.version.as_str(), initial)
         .await
     {
         // Not held here: another replica may have left it in the store.
-        Err(unknown @ crate::sequences::SequenceError::Unknown { .. })
+        Err(unknown_error @ crate::sequences::SequenceError::Unknown { .. })
             if replica.session_store().is_some() =>
         {
             let store = replica.session_store().unwrap_or_else(|| unreachable!());
@@ -432,7 +457,7 @@ async fn begin_step<'a>(
                         .await
                         .map_err(sequence_error)?
                 }
-                Ok(None) => return Err(sequence_error(unknown)),
+                Ok(None) => return Err(unknown(unknown_error)),
                 Err(e) => {
                     return Err((
                         Outcome::Overloaded,
@@ -447,7 +472,7 @@ async fn begin_step<'a>(
                 }
             }
         }
-        other => other.map_err(sequence_error)?,
+        other => other.map_err(unknown)?,
     };
     if guard.version() != serving.version.as_str() {
         let started_on = guard.version().to_owned();

@@ -264,6 +264,33 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let bytes = r.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&bytes).contains("input \\\"h\\\" is state"));
+    // A sequence the gateway says another replica held: its state is gone
+    // with that replica (410, naming it), not merely unknown (400).
+    let r = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v2/models/vad/infer")
+                .header(shoal_api::replica::SEQUENCE_FROM_HEADER, "r-dead")
+                .body(Body::from(
+                    json!({
+                        "parameters": {"sequence_id": 99},
+                        "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(0)}],
+                    })
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GONE);
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("held by replica r-dead") && text.contains("sequence_start=true"),
+        "{text}"
+    );
     // The one sequence allowed, then a second: 429 with Retry-After.
     let (status, _, _) = step(&app, 0, json!({"sequence_id": 1, "sequence_start": true})).await;
     assert_eq!(status, StatusCode::OK);
