@@ -388,13 +388,15 @@ async fn begin_step<'a>(
                 serving.loaded.state()
             ))
         })?;
+    // State inputs may come with a start (the sequence's initial state,
+    // zeros otherwise), never with a later step.
     if let Some(input) = request
         .inputs
         .iter()
-        .find(|t| serving.loaded.state().is_state_input(&t.name))
+        .find(|t| !step.start && serving.loaded.state().is_state_input(&t.name))
     {
         return Err(invalid(format!(
-            "input {:?} is state this replica keeps between steps (state {}); send only the other inputs",
+            "input {:?} is state this replica keeps between steps (state {}); send only the other inputs (state inputs may come with sequence_start=true, as the initial state)",
             input.name,
             serving.loaded.state()
         )));
@@ -632,7 +634,14 @@ where
     let mut reruns = 0;
     loop {
         let mut all = inputs.clone();
-        all.extend(guard.state().iter().cloned());
+        // Given state (with a start) replaces the initial zeros.
+        all.extend(
+            guard
+                .state()
+                .iter()
+                .filter(|t| !inputs.iter().any(|i| i.name == t.name))
+                .cloned(),
+        );
         let outputs = run(all).await?;
         let everything = return_state.then(|| outputs.clone());
         let (answer, next) = state

@@ -242,9 +242,9 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
     // A bad id.
     let (status, body, _) = step(&app, 0, json!({"sequence_id": -1, "sequence_start": true})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    // State sent by the client.
+    // State sent by the client with a step that is not a start.
     let body = json!({
-        "parameters": {"sequence_id": 1, "sequence_start": true},
+        "parameters": {"sequence_id": 1},
         "inputs": [
             {"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(0)},
             {"name": "h", "shape": [1, 1, 128], "datatype": "FP32", "data": vec![0.0; 128]},
@@ -314,6 +314,46 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
     // Ended: room for another.
     let (status, _, _) = step(&app, 0, json!({"sequence_id": 2, "sequence_start": true})).await;
     assert_eq!(status, StatusCode::OK);
+    // An initial state given with the start replaces the zeros: starting
+    // from the state step 1 of a sequence left gives step 2's numbers.
+    let (_, body, _) = step(
+        &app,
+        0,
+        json!({"sequence_id": 2, "sequence_start": true, "shoal_return_state": true}),
+    )
+    .await;
+    let after_one = |name: &str| {
+        body["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap()["data"]
+            .clone()
+    };
+    let given = json!({
+        "parameters": {"sequence_id": 2, "sequence_start": true},
+        "inputs": [
+            {"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(1)},
+            {"name": "h", "shape": [1, 1, 128], "datatype": "FP32", "data": after_one("hn")},
+            {"name": "c", "shape": [1, 1, 128], "datatype": "FP32", "data": after_one("cn")},
+        ],
+    });
+    let r = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v2/models/vad/infer")
+                .body(Body::from(given.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!((prob(&body) - reference(2)[1]).abs() <= 1e-5, "{body}");
     // The state itself, on request.
     let (status, body, _) = step(
         &app,
