@@ -9,6 +9,7 @@ silence on each side, and sent through the gateway as one sequence of
 parameters); the replica keeps the model's state (h, c) between steps.
 
 Usage: tools/vad_demo.py [--gateway URL] [--model vad] [--text TEXT] [--json]
+       tools/vad_demo.py --save-frames FILE [--text TEXT]   (the frames as JSON, nothing sent)
 
 The model must be pushed as a stateful model and deployed first:
   shoal model push vad models/silero_vad_16k_sequence.onnx --state h=hn --state c=cn
@@ -87,10 +88,15 @@ def main():
     parser.add_argument("--model", default="vad")
     parser.add_argument("--text", default="Shoal keeps models available everywhere, all the time.")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save-frames", metavar="FILE")
     args = parser.parse_args()
     audio, spoken = speak(args.text)
     url = f"{args.gateway}/v2/models/{args.model}/infer"
     frames = [audio[i:i + FRAME] for i in range(0, len(audio) - FRAME + 1, FRAME)]
+    if args.save_frames:
+        with open(args.save_frames, "w") as out:
+            json.dump([[float(x) for x in f] for f in frames], out)
+        return
     sequence_id = f"demo-{os.getpid()}"
     probs = [step(url, sequence_id, f, k == 0, k == len(frames) - 1) for k, f in enumerate(frames)]
     found = segments(probs)

@@ -594,15 +594,20 @@ pub(crate) async fn get_rollout(
                 .collect();
             // A dry tick refreshes the reason ("waiting for …", or why
             // replicas cannot load the version) without deciding anything:
-            // the controller persists real decisions.
+            // the controller persists real decisions, and a rollout shows
+            // as ended only once one has (a deploy is refused until then).
             if matches!(c, shoal_rollout::Controller::Rolling(_)) {
-                c.tick(
+                let mut dry = c.clone();
+                dry.tick(
                     &model,
                     &replicas,
                     &facts,
                     &mut rand::rng(),
                     shoal_api::now_millis(),
                 );
+                if !dry.state().is_terminal() {
+                    c = dry;
+                }
             }
             c.view(&model, &replicas, &facts)
         }

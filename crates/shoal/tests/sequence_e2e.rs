@@ -220,9 +220,11 @@ async fn sequences_through_the_gateway_and_their_loss_with_the_memory_store() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// With Redis as the session store, the replica holding a sequence is
-/// SIGKILLed halfway: every step still answers 200, on another replica,
-/// and the whole series equals the one of a single uninterrupted process.
+/// With Redis as the session store, a spoken sentence (espeak-ng, 16 kHz,
+/// 576-sample steps) is streamed as one sequence and the replica holding
+/// it is SIGKILLed halfway: every step still answers 200, on another
+/// replica, and the whole series equals the one of a single uninterrupted
+/// process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_a_sequence_survives_its_replica() {
     let tmp = TempDir::new("sequence-redis");
@@ -231,17 +233,37 @@ async fn with_redis_a_sequence_survives_its_replica() {
     let (_up, _gateway, control, infer) =
         fleet_with_vad(&tmp, &["--replicas", "3", "--session-store", &url]).await;
     let http = HttpClient::new();
-    let frames: Vec<Vec<f32>> = (0..40).map(vad_frame).collect();
+    let clip = tmp.join("clip.json");
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/vad_demo.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(demo)
+        .arg("--save-frames")
+        .arg(&clip)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<Vec<f32>> = serde_json::from_slice(&std::fs::read(&clip).unwrap()).unwrap();
+    assert!(frames.len() > 100 && frames.iter().all(|f| f.len() == VAD_FRAME));
     let expected = reference(&frames);
+    assert!(expected.iter().any(|p| *p > 0.5), "the sentence is heard");
+    let half = frames.len() / 2;
+    let last = frames.len() - 1;
     let mut served_by: Vec<String> = Vec::new();
     for (k, want) in expected.iter().enumerate() {
-        if k == 20 {
+        if k == half {
             let holder = served_by.last().cloned().unwrap();
             kill(Pid::from_raw(pid_of(&control, &holder)), Signal::SIGKILL).unwrap();
         }
-        let params =
-            json!({"sequence_id": 4242, "sequence_start": k == 0, "sequence_end": k == 39});
-        let r = http.post_json(&infer, step_body(k, params)).await;
+        let body = json!({
+            "parameters": {"sequence_id": 4242, "sequence_start": k == 0, "sequence_end": k == last},
+            "inputs": [{"name": "input", "shape": [1, VAD_FRAME], "datatype": "FP32", "data": frames[k]}],
+        });
+        let r = http.post_json(&infer, body.to_string()).await;
         assert_eq!(r.status, 200, "step {k}: {}", r.text());
         let got = r.json()["outputs"][0]["data"][0].as_f64().unwrap();
         assert!(
@@ -251,7 +273,8 @@ async fn with_redis_a_sequence_survives_its_replica() {
         served_by.push(r.header("x-shoal-replica").unwrap().to_owned());
     }
     assert_ne!(
-        served_by[19], served_by[20],
+        served_by[half - 1],
+        served_by[half],
         "another replica took over: {served_by:?}"
     );
 }
