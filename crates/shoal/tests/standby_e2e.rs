@@ -111,10 +111,14 @@ async fn a_standby_takes_traffic_only_while_its_region_has_lost_its_actives() {
         took_over < Duration::from_secs(1),
         "the standby took {took_over:?} to take traffic"
     );
+    // Until the actives are back every request is answered (by the
+    // standby, or by an active shoal up has already restarted: it restarts
+    // them within a few hundred milliseconds, so which one answers next is
+    // a race the test does not judge).
     for _ in 0..20 {
-        assert_eq!(
-            answered_by(&http, &gateway).await.as_deref(),
-            Some(standby.as_str())
+        assert!(
+            answered_by(&http, &gateway).await.is_some(),
+            "a request failed while the standby served"
         );
     }
 
