@@ -71,7 +71,7 @@ if ARGV[6] ~= '1' then
   if held[2] and held[2] ~= ARGV[7] then return tonumber(held[1]) end
   if held[1] and tonumber(held[1]) > tonumber(ARGV[1]) then return tonumber(held[1]) end
 end
-redis.call('HDEL', KEYS[1], 'ended')
+if held[3] then redis.call('HDEL', KEYS[1], 'ended') end
 redis.call('HSET', KEYS[1], 'steps', ARGV[2], 'version', ARGV[3], 'data', ARGV[4], 'run', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return -1

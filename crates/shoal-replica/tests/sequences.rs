@@ -125,16 +125,26 @@ async fn step_with(
         "parameters": parameters,
         "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": samples}],
     });
+    post(app, "/v2/models/vad/infer", &[], &body).await
+}
+
+/// POSTs `body` to `uri` with `headers`: status, JSON body, headers.
+async fn post(
+    app: &Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (StatusCode, Value, http::HeaderMap) {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
     let response = app
         .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v2/models/vad/infer")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -250,43 +260,25 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
             {"name": "h", "shape": [1, 1, 128], "datatype": "FP32", "data": vec![0.0; 128]},
         ],
     });
-    let r = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v2/models/vad/infer")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let bytes = r.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&bytes).contains("input \\\"h\\\" is state"));
+    let (status, body, _) = post(&app, "/v2/models/vad/infer", &[], &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("input \"h\" is state"),
+        "{body}"
+    );
     // A sequence the gateway says another replica held: its state is gone
     // with that replica (410, naming it), not merely unknown (400).
-    let r = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v2/models/vad/infer")
-                .header(shoal_api::replica::SEQUENCE_FROM_HEADER, "r-dead")
-                .body(Body::from(
-                    json!({
-                        "parameters": {"sequence_id": 99},
-                        "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(0)}],
-                    })
-                    .to_string(),
-                ))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::GONE);
-    let bytes = r.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes);
+    let moved = json!({
+        "parameters": {"sequence_id": 99},
+        "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(0)}],
+    });
+    let from = [(shoal_api::replica::SEQUENCE_FROM_HEADER, "r-dead")];
+    let (status, body, _) = post(&app, "/v2/models/vad/infer", &from, &moved).await;
+    assert_eq!(status, StatusCode::GONE);
+    let text = body["error"].as_str().unwrap();
     assert!(
         text.contains("held by replica r-dead") && text.contains("sequence_start=true"),
         "{text}"
@@ -339,20 +331,8 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
             {"name": "c", "shape": [1, 1, 128], "datatype": "FP32", "data": after_one("cn")},
         ],
     });
-    let r = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v2/models/vad/infer")
-                .body(Body::from(given.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let bytes = r.into_body().collect().await.unwrap().to_bytes();
-    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    let (status, body, _) = post(&app, "/v2/models/vad/infer", &[], &given).await;
+    assert_eq!(status, StatusCode::OK);
     assert!((prob(&body) - reference(2)[1]).abs() <= 1e-5, "{body}");
     // The state itself, on request.
     let (status, body, _) = step(
@@ -409,24 +389,12 @@ async fn a_sequence_stays_on_the_version_it_started_on() {
     let (_, body, _) = step(&app, 0, json!({"sequence_id": 6, "sequence_start": true})).await;
     assert_eq!(body["model_version"], "2", "{body}");
     // Asked for by another version explicitly: refused, not fed across.
-    let r = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v2/models/vad/versions/2/infer")
-                .body(Body::from(
-                    json!({
-                        "parameters": {"sequence_id": 5},
-                        "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(2)}],
-                    })
-                    .to_string(),
-                ))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let other = json!({
+        "parameters": {"sequence_id": 5},
+        "inputs": [{"name": "input", "shape": [1, FRAME], "datatype": "FP32", "data": frame(2)}],
+    });
+    let (status, _, _) = post(&app, "/v2/models/vad/versions/2/infer", &[], &other).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     // Version 1 goes: the sequence cannot go on, and says so (410).
     replica.store().remove("vad", "1").unwrap();
     let (status, body, _) = step(&app, 2, json!({"sequence_id": 5})).await;

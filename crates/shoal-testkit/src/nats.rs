@@ -4,10 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::ChildGuard;
-use crate::postgres::{free_port, rand_u32};
+use crate::postgres::{free_port, rand_u32, wait_for_port};
 
 /// A running `nats-server -js`; stopped and its store removed on drop.
 #[derive(Debug)]
@@ -51,11 +50,7 @@ impl NatsServer {
             .spawn()
             .expect("nats-server (Debian's nats-server package: run scripts/setup)");
         self.child = Some(ChildGuard(child));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(self.port, "nats-server");
     }
 
     /// Its URL, `nats://127.0.0.1:PORT`.

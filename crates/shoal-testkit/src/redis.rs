@@ -3,10 +3,9 @@
 //! killed and started again on the same port (empty).
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::ChildGuard;
-use crate::postgres::free_port;
+use crate::postgres::{free_port, wait_for_port};
 
 /// A running `redis-server`; stopped on drop.
 #[derive(Debug)]
@@ -43,11 +42,7 @@ impl RedisServer {
             .spawn()
             .expect("redis-server (Debian's redis-server package: run scripts/setup)");
         self.child = Some(ChildGuard(child));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(self.port, "redis-server");
     }
 
     /// Its URL, `redis://127.0.0.1:PORT`.
