@@ -295,6 +295,9 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// The audit log, newest last: entries after `after_seq`, at most `limit`.
     async fn audit_log(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEntry>>;
 
+    /// The newest `limit` entries of the audit log, newest last.
+    async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+
     /// The fleet revision.
     async fn revision(&self) -> Result<u64>;
 

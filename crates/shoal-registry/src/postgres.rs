@@ -555,17 +555,19 @@ impl RegistryStore for PostgresRegistry {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditEntry {
-                seq: r.get(0),
-                at: r.get(1),
-                actor: r.get(2),
-                action: r.get(3),
-                target: r.get(4),
-                detail: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(audit_entry).collect())
+    }
+
+    async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, detail FROM \
+             (SELECT seq, at, actor, action, target, detail FROM audit ORDER BY seq DESC LIMIT $1) AS tail \
+             ORDER BY seq",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_entry).collect())
     }
 
     async fn revision(&self) -> Result<u64> {
@@ -845,6 +847,18 @@ impl RegistryStore for PostgresRegistry {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// An audit log row (`seq, at, actor, action, target, detail`).
+fn audit_entry(r: &sqlx::postgres::PgRow) -> AuditEntry {
+    AuditEntry {
+        seq: r.get(0),
+        at: r.get(1),
+        actor: r.get(2),
+        action: r.get(3),
+        target: r.get(4),
+        detail: r.get(5),
     }
 }
 

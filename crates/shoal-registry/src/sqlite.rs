@@ -619,22 +619,26 @@ impl RegistryStore for SqliteRegistry {
     }
 
     async fn audit_log(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEntry>> {
-        let rows = sqlx::query("SELECT seq, at, actor, action, target, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?")
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditEntry {
-                seq: r.get(0),
-                at: r.get(1),
-                actor: r.get(2),
-                action: r.get(3),
-                target: r.get(4),
-                detail: r.get(5),
-            })
-            .collect())
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_entry).collect())
+    }
+
+    async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, detail FROM \
+             (SELECT seq, at, actor, action, target, detail FROM audit ORDER BY seq DESC LIMIT ?) AS tail \
+             ORDER BY seq",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_entry).collect())
     }
 
     async fn revision(&self) -> Result<u64> {
@@ -894,5 +898,17 @@ impl RegistryStore for SqliteRegistry {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// An audit log row (`seq, at, actor, action, target, detail`).
+fn audit_entry(r: &sqlx::sqlite::SqliteRow) -> AuditEntry {
+    AuditEntry {
+        seq: r.get(0),
+        at: r.get(1),
+        actor: r.get(2),
+        action: r.get(3),
+        target: r.get(4),
+        detail: r.get(5),
     }
 }

@@ -509,6 +509,13 @@ async fn audit_log_records_every_mutation(store: &dyn RegistryStore) {
     assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
     let tail = store.audit_log(log[log.len() - 3].seq, 10).await.unwrap();
     assert_eq!(tail.len(), 2);
+    let newest = store.audit_tail(3).await.unwrap();
+    assert_eq!(
+        newest,
+        log[log.len() - 3..],
+        "the newest three, oldest first"
+    );
+    assert_eq!(store.audit_tail(100_000).await.unwrap(), log);
     assert!(
         log.iter()
             .any(|e| e.target == "alpha:3" && e.actor == "suite")
