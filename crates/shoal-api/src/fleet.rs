@@ -308,6 +308,9 @@ pub struct ReplicaView {
     pub last_heartbeat: Option<UnixMillis>,
     /// Requests in flight at the last heartbeat.
     pub in_flight: u64,
+    /// Inference requests per second between its last two heartbeats.
+    #[serde(default)]
+    pub rps: f64,
     /// Load failures reported, by `model:version`.
     pub failures: BTreeMap<String, LoadFailureReport>,
     /// Faults injected, by `model:version`.
@@ -334,6 +337,18 @@ pub struct FleetStatus {
     /// The control plane's members and its leader.
     #[serde(default)]
     pub control: Option<Leadership>,
+    /// Gateways that reported to this control plane.
+    #[serde(default)]
+    pub gateways: Vec<GatewayView>,
+}
+
+/// A gateway as the control plane knows it: by its reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GatewayView {
+    /// Id.
+    pub id: String,
+    /// When its last report arrived.
+    pub last_report: UnixMillis,
 }
 
 /// `GET /api/v1/leader`: who leads the control plane, and its members.

@@ -7,6 +7,7 @@
 //! - [`registry`]: models, versions, statuses, the audit log.
 //! - [`deploy`]: deployments and the rollout state users see.
 //! - [`fleet`]: replica registration, heartbeats, desired state, status.
+//! - [`history`]: the per-version time series the dashboard charts.
 //! - [`traffic`]: what gateways report: shadow comparisons, rewards.
 //! - [`replica`]: what replicas tell gateways directly: the admin listing,
 //!   the headers naming who answered.
@@ -20,6 +21,7 @@ pub mod backup;
 pub mod counters;
 pub mod deploy;
 pub mod fleet;
+pub mod history;
 pub mod registry;
 pub mod replica;
 pub mod traffic;

@@ -20,6 +20,8 @@ struct Live {
     at_millis: UnixMillis,
     report: Heartbeat,
     skew_since: Option<(Instant, UnixMillis)>,
+    /// Requests per second between this heartbeat and the one before.
+    rps: f64,
 }
 
 /// Heartbeats and liveness of every replica.
@@ -31,6 +33,17 @@ pub struct LiveFleet {
     /// Inference counts per `model:version`, summed over replicas and kept
     /// monotonic across replica restarts (a counter that went down restarted).
     totals: Mutex<BTreeMap<String, shoal_api::fleet::VersionStats>>,
+}
+
+/// Requests a replica answered per second between two of its heartbeats
+/// (0 across a restart, when its counters went down).
+fn requests_per_second(old: &Live, new: &Heartbeat, at: Instant) -> f64 {
+    let seconds = at.saturating_duration_since(old.at).as_secs_f64();
+    if seconds <= 0.0 {
+        return old.rps;
+    }
+    let sum = |h: &Heartbeat| h.stats.values().map(|s| s.requests).sum::<u64>();
+    sum(new).saturating_sub(sum(&old.report)) as f64 / seconds
 }
 
 impl LiveFleet {
@@ -75,6 +88,9 @@ impl LiveFleet {
                 || old.report.failures != report.failures
         });
         let skew_since = live.get(id).and_then(|l| l.skew_since);
+        let rps = live
+            .get(id)
+            .map_or(0.0, |old| requests_per_second(old, &report, at));
         {
             let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
             for (key, now) in &report.stats {
@@ -91,6 +107,7 @@ impl LiveFleet {
                 at_millis: now_millis() - i64::try_from(age.as_millis()).unwrap_or(0),
                 report,
                 skew_since,
+                rps,
             },
         );
         changed
@@ -191,6 +208,7 @@ impl LiveFleet {
                     .as_ref()
                     .map(|l| l.report.faults.clone())
                     .unwrap_or_default();
+                let entry_rps = entry.as_ref().filter(|_| alive).map_or(0.0, |l| l.rps);
                 let (serving, ready, last, in_flight, failures) = match &entry {
                     Some(l) => {
                         let mut s: Vec<String> = l
@@ -235,6 +253,7 @@ impl LiveFleet {
                     skew_since,
                     last_heartbeat: last,
                     in_flight,
+                    rps: entry_rps,
                     failures,
                     faults,
                     pid: r.registration.pid,

@@ -22,6 +22,8 @@ struct Inner {
     last: BTreeMap<String, (Instant, GatewayReport)>,
     shadow: BTreeMap<String, ShadowStats>,
     rewards: BTreeMap<String, RewardStats>,
+    /// When each gateway's newest report was received (wall clock).
+    seen: BTreeMap<String, shoal_api::UnixMillis>,
 }
 
 impl TrafficTotals {
@@ -49,6 +51,24 @@ impl TrafficTotals {
             accumulate(total, previous.rewards.get(key), now);
         }
         inner.last.insert(id.to_owned(), (at, report));
+        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        inner
+            .seen
+            .insert(id.to_owned(), shoal_api::now_millis().saturating_sub(age));
+    }
+
+    /// Every gateway that reported, with when.
+    pub(crate) fn gateways(&self) -> Vec<shoal_api::fleet::GatewayView> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .seen
+            .iter()
+            .map(|(id, at)| shoal_api::fleet::GatewayView {
+                id: id.clone(),
+                last_report: *at,
+            })
+            .collect()
     }
 
     /// Shadow comparisons per model.

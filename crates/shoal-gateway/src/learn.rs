@@ -143,23 +143,31 @@ impl Learning {
     }
 }
 
-/// Reports to the control plane every second, when something changed.
+/// How often a gateway reports with nothing new: the control plane (and
+/// its dashboard) see it is there.
+const REPORT_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+
+/// Reports to the control plane every second when something changed, and
+/// every [`REPORT_AT_LEAST_EVERY`] regardless.
 pub(crate) async fn report_loop(gateway: Arc<Gateway>) {
     let Some(control) = gateway.config.control.clone() else {
         return;
     };
     let client = shoal_client::ControlClient::new(&control, gateway.config.token.clone())
         .with_timeout(Duration::from_secs(5));
-    let mut last = GatewayReport::default();
+    let mut last: Option<(GatewayReport, tokio::time::Instant)> = None;
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
         let report = gateway.learning.report();
-        if report == last {
+        if last
+            .as_ref()
+            .is_some_and(|(r, at)| *r == report && at.elapsed() < REPORT_AT_LEAST_EVERY)
+        {
             continue;
         }
         match client.gateway_report(&gateway.id, &report).await {
-            Ok(()) => last = report,
+            Ok(()) => last = Some((report, tokio::time::Instant::now())),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot report shadow comparisons and rewards to the control plane")
             }
