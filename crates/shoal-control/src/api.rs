@@ -1,4 +1,5 @@
-//! The REST API under `/api/v1/`, plus `/health`, `/ready` and `/metrics`.
+//! The REST API under `/api/v1/`, plus `/health`, `/ready` and `/metrics`
+//! (and the dashboard's page and sign-in, from [`crate::dashboard`]).
 //!
 //! Errors are `{"error": "…"}` via [`shoal_http::ApiError`]: 400 for bad
 //! requests, 404 for unknown things, 409 for conflicts with the current
@@ -146,6 +147,14 @@ pub fn router(control: Arc<Control>) -> Router {
             "/api/v1/routing/watch",
             get(watch_routing).route_layer(needs(Fleet)),
         )
+        .route(
+            "/api/v1/rollouts/{model}/history",
+            get(crate::dashboard::history).route_layer(needs(Read)),
+        )
+        .route(
+            "/api/v1/stream",
+            get(crate::dashboard::stream).route_layer(needs(Read)),
+        )
         .route("/api/v1/status", get(status).route_layer(needs(Read)))
         .route("/api/v1/leader", get(leader).route_layer(needs(Read)))
         .route("/api/v1/audit", get(audit).route_layer(needs(Read)))
@@ -169,7 +178,8 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/health", get(health))
         .route("/ready", get(health))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .merge(crate::dashboard::routes());
     shoal_http::with_fallbacks(api)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(control)
@@ -1007,6 +1017,8 @@ pub(crate) struct AuditQuery {
     after: i64,
     #[serde(default = "default_limit")]
     limit: u32,
+    /// The newest this many instead (the dashboard's view).
+    last: Option<u32>,
 }
 
 fn default_limit() -> u32 {
@@ -1014,15 +1026,20 @@ fn default_limit() -> u32 {
 }
 
 /// The audit log, oldest first.
-#[utoipa::path(get, path = "/api/v1/audit", params(("after" = Option<i64>, Query, description = "entries after this position (default 0)"), ("limit" = Option<u32>, Query, description = "at most this many, up to 1000 (default 100)")), responses((status = 200, body = Vec<AuditEntry>)))]
+#[utoipa::path(get, path = "/api/v1/audit", params(("after" = Option<i64>, Query, description = "entries after this position (default 0)"), ("limit" = Option<u32>, Query, description = "at most this many, up to 1000 (default 100)"), ("last" = Option<u32>, Query, description = "instead: the newest this many, up to 1000, oldest first")), responses((status = 200, body = Vec<AuditEntry>)))]
 pub(crate) async fn audit(
     State(control): Shared,
     Query(query): Query<AuditQuery>,
 ) -> Result<Response, ApiError> {
-    let entries = control
-        .store
-        .audit_log(query.after, query.limit.min(1000))
-        .await
-        .map_err(registry_error)?;
+    let entries = match query.last {
+        Some(last) => control.store.audit_tail(last.min(1000)).await,
+        None => {
+            control
+                .store
+                .audit_log(query.after, query.limit.min(1000))
+                .await
+        }
+    }
+    .map_err(registry_error)?;
     Ok(json_response(StatusCode::OK, &entries))
 }

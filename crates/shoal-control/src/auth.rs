@@ -5,6 +5,11 @@
 //! shares the registry. The caller's token name is what the audit log
 //! records.
 //!
+//! The dashboard signs in with the same tokens: it trades one for a
+//! session cookie ([`crate::dashboard`]) that stands for the token's hash,
+//! so a revoked token ends its sessions too. A change made with a session
+//! must carry the dashboard's header (no other site can send it).
+//!
 //! At its first start (no token in the registry) a control plane creates
 //! an `admin` token and writes it to `DATA_DIR/admin.token` (mode 0600).
 
@@ -92,32 +97,48 @@ fn unauthorized(message: String) -> Response {
     response
 }
 
-/// Finds the caller of `headers`, or the response refusing it: 401 for no
-/// token or an unknown one, 403 for a role without `permission`.
+/// How a request proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// `Authorization: Bearer TOKEN` (the CLI, replicas, gateways, scripts).
+    Bearer,
+    /// The dashboard's session cookie.
+    Session,
+    /// Authentication is off.
+    None,
+}
+
+/// Finds the caller of `headers` — by its bearer token, else by the
+/// dashboard's session cookie — or the response refusing it: 401 for no
+/// credential or an unknown one, 403 for a role without `permission`.
 pub(crate) async fn authenticate(
     control: &Control,
     headers: &http::HeaderMap,
     permission: Permission,
-) -> Result<Caller, Response> {
+) -> Result<(Caller, Credential), Response> {
     if !control.config.auth {
-        return Ok(Caller {
+        let caller = Caller {
             name: "anonymous".into(),
             role: Role::Admin,
-        });
+        };
+        return Ok((caller, Credential::None));
     }
-    let token = match shoal_http::bearer(headers) {
-        Ok(Some(token)) => token,
-        Ok(None) => {
-            return Err(unauthorized(format!(
-                "this needs a token with role {}: pass --token or set SHOAL_TOKEN (the CLI also \
-                 reads .shoal/admin.token under its working directory), or send \
-                 `Authorization: Bearer TOKEN`",
-                Role::granting(permission)
-            )));
-        }
+    let (hash, credential) = match shoal_http::bearer(headers) {
+        Ok(Some(token)) => (token_hash(token), Credential::Bearer),
+        Ok(None) => match control.sessions.token_hash(headers) {
+            Some(hash) => (hash, Credential::Session),
+            None => {
+                return Err(unauthorized(format!(
+                    "this needs a token with role {}: pass --token or set SHOAL_TOKEN (the CLI \
+                     also reads .shoal/admin.token under its working directory), or send \
+                     `Authorization: Bearer TOKEN`",
+                    Role::granting(permission)
+                )));
+            }
+        },
         Err(why) => return Err(unauthorized(why)),
     };
-    let info = match control.store.token_by_hash(&token_hash(token)).await {
+    let info = match control.store.token_by_hash(&hash).await {
         Ok(Some(info)) => info,
         Ok(None) => {
             return Err(unauthorized(
@@ -142,10 +163,11 @@ pub(crate) async fn authenticate(
         )
         .into_response());
     }
-    Ok(Caller {
+    let caller = Caller {
         name: info.name,
         role: info.role,
-    })
+    };
+    Ok((caller, credential))
 }
 
 /// Middleware: lets the request through with its [`Caller`] in the
@@ -156,7 +178,24 @@ pub(crate) async fn require(
     next: Next,
 ) -> Response {
     match authenticate(&guard.control, request.headers(), guard.permission).await {
-        Ok(caller) => {
+        Ok((_, Credential::Session))
+            if !request.method().is_safe()
+                && !request
+                    .headers()
+                    .contains_key(crate::dashboard::CSRF_HEADER) =>
+        {
+            // A cookie travels with requests other sites make; a custom
+            // header cannot be sent cross-site without a CORS grant.
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "a change made with the dashboard's session must carry the {} header",
+                    crate::dashboard::CSRF_HEADER
+                ),
+            )
+            .into_response()
+        }
+        Ok((caller, _)) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
         }

@@ -12,6 +12,9 @@
 //!   actor.
 //! - [`backups`] takes backups of this control plane on request
 //!   (`POST /api/v1/backups`) and on a schedule.
+//! - [`dashboard`] is the page at `/`, its sign-in (sessions standing for
+//!   tokens), its live stream and the time series it charts
+//!   ([`history`]).
 //! - [`controller`] drives rollouts: it feeds the pure state machines of
 //!   `shoal-rollout` with what replicas report and persists their decisions.
 //!
@@ -23,8 +26,10 @@ pub mod api;
 pub mod auth;
 pub mod backups;
 pub mod controller;
+pub mod dashboard;
 mod events;
 mod fleet;
+pub mod history;
 pub mod leader;
 mod metrics;
 mod openapi;
@@ -198,6 +203,10 @@ pub struct Control {
     member: Me,
     /// Whether (and until when) this member leads.
     leader: tokio::sync::watch::Sender<leader::LeaderState>,
+    /// The dashboard's sign-ins.
+    sessions: dashboard::Sessions,
+    /// What the dashboard charts.
+    history: std::sync::Mutex<history::History>,
 }
 
 /// This member's identity.
@@ -291,6 +300,11 @@ impl Control {
             traffic: traffic::TrafficTotals::default(),
             backup_lock: tokio::sync::Mutex::new(()),
             fast_forwards: std::sync::atomic::AtomicU64::new(0),
+            sessions: dashboard::Sessions::default(),
+            history: std::sync::Mutex::new(history::History::new(
+                dashboard::HISTORY_POINTS,
+                dashboard::HISTORY_WINDOW_MS,
+            )),
         });
         control.refresh().await?;
         Ok(control)
@@ -457,6 +471,7 @@ impl Control {
             replicas: views,
             rollouts,
             control: None,
+            gateways: self.traffic.gateways(),
         }
     }
 
@@ -517,6 +532,10 @@ impl ControlServer {
         let mut tasks = vec![shoal_http::supervise("rollout controller", move || {
             controller::run(supervised.clone())
         })];
+        let sampler = control.clone();
+        tasks.push(shoal_http::supervise("dashboard history", move || {
+            dashboard::sample(sampler.clone())
+        }));
         let campaigner = control.clone();
         tasks.push(shoal_http::supervise("leader campaign", move || {
             leader::run(campaigner.clone())

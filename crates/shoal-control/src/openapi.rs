@@ -36,6 +36,8 @@ use crate::api;
         api::watch,
         api::routing,
         api::watch_routing,
+        crate::dashboard::history,
+        crate::dashboard::stream,
         api::status,
         api::leader,
         api::audit,

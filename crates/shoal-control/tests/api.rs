@@ -1,6 +1,6 @@
 //! The control plane's API called in-process: registry flows, bad requests
-//! with clear errors, conditional polling, and the OpenAPI document
-//! covering every route.
+//! with clear errors, conditional polling, the OpenAPI document covering
+//! every route, and the dashboard's sign-in, stream and series.
 
 use std::sync::Arc;
 
@@ -584,6 +584,8 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/api/v1/replicas/{id}/watch", Some("fleet")),
     ("get", "/api/v1/routing", Some("fleet")),
     ("get", "/api/v1/routing/watch", Some("fleet")),
+    ("get", "/api/v1/rollouts/{model}/history", Some("read")),
+    ("get", "/api/v1/stream", Some("read")),
     ("get", "/api/v1/status", Some("read")),
     ("get", "/api/v1/leader", Some("read")),
     ("get", "/api/v1/audit", Some("read")),
@@ -1016,4 +1018,229 @@ async fn an_unreadable_rollout_stops_actions_on_its_model_and_says_why() {
     control.tick().await.unwrap();
     let plan = control.routing_table();
     assert_eq!(plan.models[0].targets[0].version, "1");
+}
+
+/// The session cookie a sign-in set, as a `Cookie` header value.
+fn session_cookie(r: &Reply) -> String {
+    let set = r
+        .headers
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attribute), "{set} lacks {attribute}");
+    }
+    set.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
+    let tmp = TempDir::new("control-dashboard");
+    let (_control, admin) = setup(&tmp, 1 << 20).await;
+    let (_, app) = bare(&tmp, 1 << 20).await;
+    let mut tokens = std::collections::BTreeMap::new();
+    for role in ["viewer", "deployer"] {
+        let r = json_call(
+            &admin,
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"name": format!("t-{role}"), "role": role}),
+        )
+        .await;
+        tokens.insert(role, r.body["token"].as_str().unwrap().to_owned());
+    }
+
+    // The page and its assets are open, under a strict content policy.
+    for (uri, kind) in [
+        ("/", "text/html"),
+        ("/assets/app.js", "text/javascript"),
+        ("/assets/app.css", "text/css"),
+    ] {
+        let r = call(&app, Method::GET, uri, &[], Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}");
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind)
+        );
+        let csp = r.headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert_eq!(r.headers["referrer-policy"], "no-referrer");
+    }
+
+    // A wrong token: back to the form with the reason, no cookie.
+    let r = call(&app, Method::GET, "/?token=shoal_nope", &[], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.headers["location"], "/#signin=invalid");
+    assert!(!r.headers.contains_key("set-cookie"));
+
+    // The viewer's link: a session cookie, and the token out of the URL.
+    let uri = format!("/?token={}", tokens["viewer"]);
+    let r = call(&app, Method::GET, &uri, &[], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.headers["location"], "/");
+    let viewer = session_cookie(&r);
+    let with = |cookie: &str| vec![("cookie", cookie.to_owned())];
+    let as_headers = |h: &Vec<(&'static str, String)>| -> Vec<(&'static str, String)> { h.clone() };
+    let send = |method: Method, uri: &str, headers: Vec<(&'static str, String)>| {
+        let (app, uri) = (app.clone(), uri.to_owned());
+        async move {
+            let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            call(&app, method, &uri, &pairs, Body::from("{}")).await
+        }
+    };
+    let r = send(Method::GET, "/api/v1/auth/whoami", with(&viewer)).await;
+    assert_eq!(
+        (r.status, r.body["name"].as_str()),
+        (StatusCode::OK, Some("t-viewer"))
+    );
+    let r = send(Method::GET, "/api/v1/status", with(&viewer)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // The role still decides.
+    let mut csrf = with(&viewer);
+    csrf.push(("x-shoal-dashboard", "1".into()));
+    let r = send(
+        Method::POST,
+        "/api/v1/rollouts/digits/abort",
+        as_headers(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+
+    // A deployer signed in with the form: a change needs the dashboard's
+    // header (no other site can send it with the cookie).
+    let r = call(
+        &app,
+        Method::POST,
+        "/session",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={}", tokens["deployer"]),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let deployer = session_cookie(&r);
+    let r = send(
+        Method::POST,
+        "/api/v1/rollouts/digits/abort",
+        with(&deployer),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("x-shoal-dashboard"),
+        "{}",
+        r.body
+    );
+    let mut csrf = with(&deployer);
+    csrf.push(("x-shoal-dashboard", "1".into()));
+    let r = send(
+        Method::POST,
+        "/api/v1/rollouts/digits/abort",
+        as_headers(&csrf),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "past the guard: {}",
+        r.body
+    );
+
+    // Signing out ends the session; revoking the token ends the other.
+    let r = send(Method::POST, "/session/end", with(&deployer)).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(
+        r.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let r = send(Method::GET, "/api/v1/status", with(&deployer)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = call(
+        &admin,
+        Method::DELETE,
+        "/api/v1/tokens/t-viewer",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = send(Method::GET, "/api/v1/status", with(&viewer)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // The newest audit entries, oldest first, as the dashboard reads them.
+    let all = call(
+        &admin,
+        Method::GET,
+        "/api/v1/audit?limit=1000",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    let all = all.body.as_array().unwrap().clone();
+    let r = call(
+        &admin,
+        Method::GET,
+        "/api/v1/audit?last=2",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.body.as_array().unwrap()[..], all[all.len() - 2..]);
+
+    // The series of a model nobody deployed is empty; a bad name is a 400.
+    let r = call(
+        &admin,
+        Method::GET,
+        "/api/v1/rollouts/digits/history?after=0",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["points"], json!([]));
+    assert_eq!(r.body["model"], "digits");
+    let r = call(
+        &admin,
+        Method::GET,
+        "/api/v1/rollouts/bad%20name/history",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+
+    // The live stream opens with a snapshot of the fleet.
+    let response = admin
+        .clone()
+        .oneshot(Request::get("/api/v1/stream").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut body = response.into_body();
+    let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let text = String::from_utf8(frame.to_vec()).unwrap();
+    assert!(text.starts_with("event: snapshot\ndata: {"), "{text}");
+    let data: Value =
+        serde_json::from_str(text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert!(
+        data["status"]["replicas"].is_array() && data["deployments"].is_array(),
+        "{data}"
+    );
 }

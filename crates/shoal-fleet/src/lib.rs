@@ -520,6 +520,14 @@ pub async fn run(
     for (region, url) in &gateways {
         println!("  gateway        {url}   ({region})");
     }
+    // As Jupyter does: a link that signs the browser in (the token leaves
+    // the address bar at once, traded for a session cookie).
+    match shoal_client::secret::read(&admin_file) {
+        Ok(token) => {
+            println!("  dashboard      {control_url}/?token={token}   (open in a browser)")
+        }
+        Err(_) => println!("  dashboard      {control_url}/   (sign in with the admin token)"),
+    }
     println!();
     println!("Get a prediction:");
     let cacert = tls

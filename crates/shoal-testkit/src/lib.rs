@@ -151,10 +151,18 @@ pub fn spawn_until(program: &std::path::Path, args: &[&str], marker: &str) -> (C
 /// Spawns `command` with stdout and stdin piped (a child that watches its
 /// stdin sees it close when the test process dies), and waits for the
 /// first stdout line containing `marker`.
-pub fn spawn_command_until(
+pub fn spawn_command_until(command: std::process::Command, marker: &str) -> (ChildGuard, String) {
+    let (guard, mut lines) = spawn_command_collect(command, marker);
+    let line = lines.pop().expect("the marker line");
+    (guard, line)
+}
+
+/// [`spawn_command_until`], returning every stdout line up to and
+/// including the marker's.
+pub fn spawn_command_collect(
     mut command: std::process::Command,
     marker: &str,
-) -> (ChildGuard, String) {
+) -> (ChildGuard, Vec<String>) {
     use std::io::BufRead;
     if std::env::var_os("RUST_LOG").is_none() {
         // Quiet children unless asked: test output is for failures.
@@ -170,12 +178,15 @@ pub fn spawn_command_until(
     let stdout = child.stdout.take().expect("piped stdout");
     let guard = ChildGuard(child);
     let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.expect("read child stdout");
-        if line.contains(marker) {
+        let done = line.contains(marker);
+        seen.push(line);
+        if done {
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return (guard, line);
+            return (guard, seen);
         }
     }
     panic!("{program} exited before printing {marker:?}");

@@ -1,0 +1,223 @@
+// The dashboard in a real browser (Debian's Chromium, driven by
+// playwright-core; no browser is downloaded). Run by
+// crates/shoal/tests/dashboard_e2e.rs against a `shoal up` fleet:
+//
+//   DASHBOARD_URL  the URL `shoal up` printed (with its admin token)
+//   CONTROL        the control plane's URL
+//   GATEWAY        a gateway's URL (for traffic)
+//   SHOAL_BIN      the shoal binary (CLI steps), SHOAL_TOKEN for it
+//   MODELS         the bundled models' directory
+//   ARTIFACTS      where screenshots go
+//   CHROMIUM       the browser (default /usr/bin/chromium)
+//
+// Exits non-zero, naming the step, when the page does not show what it
+// should within the step's deadline.
+import { execFileSync } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const DASHBOARD_URL = env("DASHBOARD_URL");
+const CONTROL = env("CONTROL");
+const GATEWAY = env("GATEWAY");
+const SHOAL_BIN = env("SHOAL_BIN");
+const MODELS = env("MODELS");
+const ARTIFACTS = env("ARTIFACTS");
+mkdirSync(ARTIFACTS, { recursive: true });
+
+const log = (...args) => console.log("[dashboard test]", ...args);
+const shoal = (...args) => {
+  log("shoal", args.join(" "));
+  return execFileSync(SHOAL_BIN, [...args, "--control", CONTROL], { encoding: "utf8", env: process.env });
+};
+const shoalJson = (...args) => JSON.parse(shoal(...args, "--json"));
+
+let step = "start";
+const shot = async (page, name) => {
+  const path = join(ARTIFACTS, `${name}.png`);
+  await page.screenshot({ path, fullPage: true });
+  log("screenshot", path);
+};
+
+// Inference traffic through the gateway, `clients` at a time, until stopped.
+function traffic(clients) {
+  let running = true;
+  let ok = 0;
+  let failed = 0;
+  const body = JSON.stringify({
+    inputs: [{ name: "input", shape: [1, 64], datatype: "FP32", data: Array.from({ length: 64 }, (_, i) => (i % 16) / 16) }],
+  });
+  const loops = Array.from({ length: clients }, async () => {
+    while (running) {
+      try {
+        const r = await fetch(`${GATEWAY}/v2/models/digits/infer`, { method: "POST", headers: { "content-type": "application/json" }, body });
+        await r.arrayBuffer();
+        if (r.ok) ok++;
+        else failed++;
+      } catch {
+        failed++;
+      }
+    }
+  });
+  return {
+    stop: async () => {
+      running = false;
+      await Promise.all(loops);
+      return { ok, failed };
+    },
+  };
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  // The machine's network is closed: no background calls to Google.
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+let load;
+let page;
+try {
+  // 1. The URL shoal up printed signs in and shows three healthy replicas.
+  step = "open the printed URL";
+  const signedIn = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  page = await signedIn.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => m.type() === "error" && problems.push(`console: ${m.text()}`));
+  await page.goto(DASHBOARD_URL);
+  if (page.url().includes("token")) throw new Error(`the token stayed in the address bar: ${page.url()}`);
+  step = "three healthy replicas";
+  await page.waitForFunction(() => document.querySelectorAll('[data-replica][data-healthy="true"]').length === 3, null, { timeout: 30000 });
+  await page.locator("#who").filter({ hasText: "admin" }).waitFor();
+  await page.locator('#models article[data-model="digits"]').waitFor();
+  await shot(page, "01-fleet");
+
+  // 2. Without a session: the sign-in form and no fleet data.
+  step = "sign-in form without a token";
+  const anonymous = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  const stranger = await anonymous.newPage();
+  await stranger.goto(`${CONTROL}/`);
+  await stranger.locator("#signin").waitFor({ state: "visible" });
+  if (await stranger.locator("#app").isVisible()) throw new Error("the app shows without a session");
+  if ((await stranger.locator("[data-replica]").count()) !== 0) throw new Error("fleet data shown without a session");
+  const status = await stranger.evaluate(async () => (await fetch("/api/v1/status")).status);
+  if (status !== 401) throw new Error(`the API answered ${status} without a session`);
+  await shot(stranger, "02-sign-in");
+  step = "a wrong token is refused";
+  await stranger.goto(`${CONTROL}/?token=not-a-token`);
+  await stranger.locator("#signin-error").filter({ hasText: "not valid" }).waitFor();
+  if (stranger.url().includes("token=")) throw new Error("the wrong token stayed in the address bar");
+  step = "sign in from the keyboard";
+  const token = env("SHOAL_TOKEN");
+  await stranger.locator("#token").focus();
+  await stranger.keyboard.type(token);
+  await stranger.keyboard.press("Enter");
+  await stranger.locator("#app").waitFor({ state: "visible" });
+  await stranger.waitForFunction(() => document.querySelectorAll('[data-replica][data-healthy="true"]').length === 3);
+  step = "sign out";
+  await stranger.locator("#signout button").click();
+  await stranger.locator("#signin").waitFor({ state: "visible" });
+  await anonymous.close();
+
+  // 3. A slow canary: the page shows it, its p99 above the baseline's,
+  //    then the automatic rollback with its reason.
+  step = "slow canary deployed";
+  load = traffic(4);
+  const slow = shoalJson("model", "push", "digits", join(MODELS, "digits-slow.onnx"));
+  const slowVersion = String(slow.version);
+  shoal("deploy", `digits:${slowVersion}`, "--strategy", "canary", "--steps", "50,100", "--bake", "4s", "--min-requests", "30");
+  const card = page.locator('article.rollout[data-model="digits"]');
+  await page.waitForFunction(
+    (v) => {
+      const c = document.querySelector('article.rollout[data-model="digits"]');
+      return c && c.dataset.state === "progressing" && c.querySelector(".title").textContent.includes(`→ ${v}`);
+    },
+    slowVersion,
+    { timeout: 30000 },
+  );
+  await shot(page, "03-canary");
+  step = "automatic rollback shown with its reason";
+  await page.waitForFunction(() => document.querySelector('article.rollout[data-model="digits"]')?.dataset.state === "rolled_back", null, {
+    timeout: 90000,
+  });
+  const reason = await card.locator(".reason-text").textContent();
+  if (!/p99/.test(reason)) throw new Error(`the rollback reason does not name p99: ${reason}`);
+  await card.locator('.decisions li[data-action="deploy.rolled_back"]').waitFor();
+  step = "the canary's p99 above the baseline's";
+  await page.waitForFunction(
+    (v) => {
+      const chart = document.querySelector('article.rollout[data-model="digits"] [data-chart="p99"]');
+      const max = (version) => Number(chart?.querySelector(`path[data-version="${version}"]`)?.dataset.max || "NaN");
+      return max(v) > max("1");
+    },
+    slowVersion,
+    { timeout: 20000 },
+  );
+  if ((await card.locator('[data-chart="p99"] line.decision').count()) === 0) throw new Error("no decision marked on the p99 chart");
+  step = "the canary's traffic charted at its step's weight";
+  const canaryWeight = await card.locator(`[data-chart="Traffic weight"] path[data-version="${slowVersion}"]`).getAttribute("data-max");
+  if (canaryWeight !== "50") throw new Error(`the canary's weight peaked at ${canaryWeight} %, not its step's 50 %`);
+  await card.scrollIntoViewIfNeeded();
+  await shot(page, "04-rolled-back");
+  await card.screenshot({ path: join(ARTIFACTS, "04-rolled-back-card.png") });
+  const counts = await load.stop();
+  load = undefined;
+  log("traffic during the canary:", counts);
+
+  // 4. A second rollout, aborted by clicking; the API agrees.
+  step = "second rollout progressing";
+  const good = shoalJson("model", "push", "digits", join(MODELS, "digits-v2.onnx"));
+  const goodVersion = String(good.version);
+  shoal("deploy", `digits:${goodVersion}`, "--strategy", "canary", "--steps", "10,50,100", "--bake", "10m");
+  await page.waitForFunction(
+    (v) => {
+      const c = document.querySelector('article.rollout[data-model="digits"]');
+      return c && c.dataset.state === "progressing" && c.querySelector(".title").textContent.includes(`→ ${v}`);
+    },
+    goodVersion,
+    { timeout: 30000 },
+  );
+  step = "abort by clicking";
+  await card.locator('button[data-action="abort"]').click();
+  await page.locator("#confirm").waitFor({ state: "visible" });
+  await shot(page, "05-abort-confirm");
+  await page.locator("#confirm-ok").click();
+  await page.waitForFunction(() => document.querySelector('article.rollout[data-model="digits"]')?.dataset.state === "aborted", null, {
+    timeout: 30000,
+  });
+  const rollout = shoalJson("rollout", "status", "digits");
+  if (rollout.state !== "aborted") throw new Error(`the API says ${JSON.stringify(rollout)}`);
+  await page.locator("#audit-filter").fill("aborted");
+  await page.locator("#audit-rows tr").first().waitFor();
+  const actor = await page.locator("#audit-rows tr").first().locator("td").nth(1).textContent();
+  if (actor !== "admin") throw new Error(`the abort was recorded as ${actor}`);
+  await card.scrollIntoViewIfNeeded();
+  await shot(page, "06-aborted");
+
+  // 5. A viewer sees the same rollout and no button to change it.
+  step = "a viewer sees no actions";
+  const viewerToken = shoalJson("token", "create", "--name", "dashboard-viewer", "--role", "viewer").token;
+  const viewing = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  const viewer = await viewing.newPage();
+  await viewer.goto(`${CONTROL}/?token=${viewerToken}`);
+  await viewer.locator("#who").filter({ hasText: "viewer" }).waitFor();
+  await viewer.locator('article.rollout[data-model="digits"]').waitFor();
+  await viewer.locator('#models article[data-model="digits"]').waitFor();
+  const buttons = await viewer.locator("button[data-action]").count();
+  if (buttons !== 0) throw new Error(`a viewer is offered ${buttons} action buttons`);
+  await shot(viewer, "07-viewer");
+  await viewing.close();
+  if (problems.length) throw new Error(problems.join("\n"));
+  log("all steps passed");
+} catch (e) {
+  console.error(`[dashboard test] FAILED at step "${step}": ${e.stack || e}`);
+  process.exitCode = 1;
+  if (page) await shot(page, "failed").catch(() => {});
+} finally {
+  if (load) await load.stop();
+  await browser.close();
+}
