@@ -211,6 +211,28 @@ try {
   if (buttons !== 0) throw new Error(`a viewer is offered ${buttons} action buttons`);
   await shot(viewer, "07-viewer");
   await viewing.close();
+
+  // 6. One event stream per open page, none left behind by closed ones,
+  //    and a page that does not grow as updates arrive.
+  step = "no stream left behind";
+  const streams = async () => {
+    const text = await (await fetch(`${CONTROL}/metrics`)).text();
+    const line = text.split("\n").find((l) => l.startsWith("shoal_dashboard_streams "));
+    return Number(line?.split(" ")[1]);
+  };
+  const deadline = Date.now() + 15000;
+  while ((await streams()) !== 1) {
+    if (Date.now() > deadline) throw new Error(`${await streams()} dashboard streams open with one page left`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  step = "the page does not grow";
+  const snapshots = () => page.evaluate(() => Number(document.body.dataset.snapshots || 0));
+  const nodes = () => page.evaluate(() => document.getElementsByTagName("*").length);
+  const first = await snapshots();
+  const before = await nodes();
+  await page.waitForFunction((n) => Number(document.body.dataset.snapshots) >= n + 5, first, { timeout: 20000 });
+  const after = await nodes();
+  if (after !== before) throw new Error(`the page went from ${before} to ${after} elements over 5 updates`);
   if (problems.length) throw new Error(problems.join("\n"));
   log("all steps passed");
 } catch (e) {

@@ -153,6 +153,8 @@ async function onSnapshot(snapshot) {
 }
 
 async function apply(snapshot) {
+  // How many snapshots this page has shown (the browser test waits on it).
+  document.body.dataset.snapshots = String(Number(document.body.dataset.snapshots || 0) + 1);
   state.status = snapshot.status;
   state.deployments = snapshot.deployments || [];
   renderFleet();

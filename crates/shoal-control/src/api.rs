@@ -855,15 +855,7 @@ pub(crate) async fn watch(
     Path(id): Path<String>,
     Query(query): Query<WatchQuery>,
 ) -> Response {
-    let watchers = control.metrics.watchers.clone();
-    watchers.inc();
-    struct Guard(prometheus_client::metrics::gauge::Gauge);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            self.0.dec();
-        }
-    }
-    let guard = Guard(watchers);
+    let guard = crate::metrics::Open::on(&control.metrics.watchers);
     let mut last: Option<DesiredState> = None;
     let mut after = query.after;
     let mut fast_forwards = control

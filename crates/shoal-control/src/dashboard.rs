@@ -303,9 +303,11 @@ pub(crate) async fn stream(State(control): State<Arc<Control>>) -> Response {
         control.revision.subscribe(),
         control.stopping.subscribe(),
         tokio::time::interval(Duration::from_secs(1)),
+        crate::metrics::Open::on(&control.metrics.dashboard_streams),
     );
-    let events =
-        futures::stream::unfold(state, |(control, mut rev, mut stop, mut tick)| async move {
+    let events = futures::stream::unfold(
+        state,
+        |(control, mut rev, mut stop, mut tick, open)| async move {
             if *stop.borrow() {
                 return None;
             }
@@ -321,9 +323,10 @@ pub(crate) async fn stream(State(control): State<Arc<Control>>) -> Response {
             let event = snapshot(&control).await;
             Some((
                 Ok::<_, std::convert::Infallible>(event),
-                (control, rev, stop, tick),
+                (control, rev, stop, tick, open),
             ))
-        });
+        },
+    );
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -28,6 +28,24 @@ struct ReplicaLabels {
     replica_id: String,
 }
 
+/// Counts one open stream for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Open(Gauge);
+
+impl Open {
+    /// Counts one more on `gauge` until dropped.
+    pub(crate) fn on(gauge: &Gauge) -> Open {
+        gauge.inc();
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric family the control plane exports.
 #[derive(Debug, Clone)]
 pub(crate) struct ControlMetrics {
@@ -39,6 +57,7 @@ pub(crate) struct ControlMetrics {
     egress: Family<KindLabels, Counter>,
     polls: Family<ResultLabels, Counter>,
     pub(crate) watchers: Gauge,
+    pub(crate) dashboard_streams: Gauge,
     pub(crate) backups: Family<ResultLabels, Counter>,
     pub(crate) last_backup: Gauge,
     pub(crate) leader: Gauge,
@@ -66,6 +85,7 @@ impl ControlMetrics {
             egress: Family::default(),
             polls: Family::default(),
             watchers: Gauge::default(),
+            dashboard_streams: Gauge::default(),
             backups: Family::default(),
             last_backup: Gauge::default(),
             leader: Gauge::default(),
@@ -136,6 +156,11 @@ impl ControlMetrics {
             "shoal_watch_streams",
             "Open watch streams",
             m.watchers.clone(),
+        );
+        registry.register(
+            "shoal_dashboard_streams",
+            "Open dashboard event streams (one per open dashboard page)",
+            m.dashboard_streams.clone(),
         );
         m
     }
