@@ -27,6 +27,10 @@
 //! - [`lab`]: emulated hosts (network namespaces with rate-limited links
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
+// Benchmarks measure real time on purpose (clippy.toml steers other code
+// to tokio's clock, which paused-time tests control).
+#![allow(clippy::disallowed_types)]
+
 pub mod backup;
 pub mod drill;
 pub mod fleet;

@@ -319,7 +319,7 @@ impl Agent {
                 .record_failure(model, &version.version, &version.sha256, &reason, kind);
             reason
         };
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let bytes = self
             .fetcher
             .artifact(&version.sha256, &desired.peers)

@@ -99,11 +99,11 @@ impl ChildGuard {
         &mut self,
         timeout: std::time::Duration,
     ) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.0.try_wait() {
                 Ok(Some(status)) => return Some(status),
-                Ok(None) if std::time::Instant::now() < deadline => {
+                Ok(None) if tokio::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 _ => return None,

@@ -6,7 +6,8 @@
 //! the standby steps aside.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
