@@ -222,6 +222,9 @@ pub struct DesiredVersion {
     /// State inputs and the outputs feeding them (stateful models).
     #[serde(default)]
     pub state: BTreeMap<String, String>,
+    /// Dynamic batching of its requests.
+    #[serde(default)]
+    pub batching: Option<crate::registry::Batching>,
     /// Keep it if it is loaded, but do not load it (and do not wait for it
     /// to be ready): versions kept warm or draining after traffic left them.
     #[serde(default)]

@@ -83,6 +83,9 @@ pub struct VersionRecord {
     /// stateless model.
     #[serde(default)]
     pub state: BTreeMap<String, String>,
+    /// How replicas batch its requests (none: each runs alone).
+    #[serde(default)]
+    pub batching: Option<Batching>,
 }
 
 /// Body of `POST /api/v1/models/{model}/versions`: register an uploaded
@@ -115,11 +118,42 @@ pub struct NewVersion {
     /// sequence (`{"h": "hn", "c": "cn"}`), for stateful models.
     #[serde(default)]
     pub state: BTreeMap<String, String>,
+    /// Dynamic batching on replicas (checked against the model: every
+    /// input and output needs a batch dimension first).
+    #[serde(default)]
+    pub batching: Option<Batching>,
     /// Check only that the artifact is an ONNX model, not that the default
     /// engine can prepare and warm it up (for artifacts meant for another
     /// engine).
     #[serde(default)]
     pub skip_engine_check: bool,
+}
+
+/// How replicas batch a version's requests, as Triton's dynamic batcher
+/// does: requests arriving within `delay_us` of the oldest waiting one run
+/// as one inference of up to `max_batch` rows, at once when the rows reach
+/// `max_batch` or a `preferred` size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Batching {
+    /// Rows per batch at most (1–4096).
+    pub max_batch: u32,
+    /// Longest a request waits for others, µs (at most 1 s).
+    pub delay_us: u64,
+    /// Batch sizes that run at once when reached.
+    #[serde(default)]
+    pub preferred: Vec<u32>,
+}
+
+impl Batching {
+    /// The checked policy.
+    pub fn policy(&self) -> Result<shoal_core::batch::BatchPolicy, String> {
+        shoal_core::batch::BatchPolicy::new(
+            self.max_batch as usize,
+            std::time::Duration::from_micros(self.delay_us),
+            self.preferred.iter().map(|p| *p as usize).collect(),
+        )
+    }
 }
 
 /// A model and where its versions stand.

@@ -24,6 +24,8 @@
 //!   replicas (a simulation driven by the agent's own jitter code).
 //! - [`topology`]: the DR study's three fleet shapes ramped to failure, with
 //!   and without a replica killed, on emulated hosts.
+//! - [`batching`]: dynamic batching against each request alone, closed
+//!   loop at several concurrencies.
 //! - [`lab`]: emulated hosts (network namespaces with rate-limited links
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
@@ -32,6 +34,7 @@
 #![allow(clippy::disallowed_types)]
 
 pub mod backup;
+pub mod batching;
 pub mod drill;
 pub mod fleet;
 pub mod herd;

@@ -34,6 +34,11 @@ impl Latencies {
         ns / 1e3
     }
 
+    /// Adds `other`'s observations.
+    pub fn merge(&mut self, other: &Latencies) {
+        let _ = self.0.add(&other.0);
+    }
+
     /// Number of observations.
     pub fn count(&self) -> u64 {
         self.0.len()

@@ -411,6 +411,18 @@ pub(crate) async fn create_version(
         .and_then(|o| o.with_max_shapes(&new.max_shapes))
         .map_err(ApiError::bad_request)?
         .with_state(&new.state);
+    let batching = new
+        .batching
+        .as_ref()
+        .map(|b| b.policy())
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("batching: {e}")))?;
+    let options = options.with_batching(batching);
+    if new.skip_engine_check && new.batching.is_some() {
+        return Err(ApiError::bad_request(
+            "batching is checked against the model by the engine: drop --skip-engine-check, or --max-batch",
+        ));
+    }
     if new.skip_engine_check && !new.state.is_empty() {
         return Err(ApiError::bad_request(
             "state is checked against the model by the engine: drop --skip-engine-check, or the --state declarations",
@@ -437,6 +449,7 @@ pub(crate) async fn create_version(
         input_shapes: new.input_shapes,
         max_shapes: new.max_shapes,
         state: new.state,
+        batching: new.batching,
     };
     let record = control
         .store

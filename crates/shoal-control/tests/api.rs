@@ -1244,3 +1244,108 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
         "{data}"
     );
 }
+
+#[tokio::test]
+async fn batching_is_checked_at_push_recorded_and_sent_to_replicas() {
+    let tmp = TempDir::new("control-batching");
+    let (_control, app) = setup(&tmp, 1 << 30).await;
+    let digits = upload(&app, "digits-v1.onnx").await;
+    let vad = upload(&app, "silero_vad_16k_sequence.onnx").await;
+    let push = |sha: &str, extra: Value| {
+        let mut body = json!({"sha256": sha});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let app = app.clone();
+        async move { json_call(&app, Method::POST, "/api/v1/models/digits/versions", body).await }
+    };
+    for (sha, extra, says) in [
+        (
+            &digits,
+            json!({"batching": {"max_batch": 0, "delay_us": 500}}),
+            "max batch 0",
+        ),
+        (
+            &digits,
+            json!({"batching": {"max_batch": 8, "delay_us": 5_000_000}}),
+            "at most",
+        ),
+        (
+            &digits,
+            json!({"batching": {"max_batch": 8, "delay_us": 500, "preferred": [16]}}),
+            "preferred",
+        ),
+        (
+            &digits,
+            json!({"batching": {"max_batch": 8, "delay": 500}}),
+            "delay",
+        ),
+        (
+            &digits,
+            json!({"batching": {"max_batch": 8, "delay_us": 500}, "skip_engine_check": true}),
+            "skip-engine-check",
+        ),
+        (
+            &vad,
+            json!({"batching": {"max_batch": 8, "delay_us": 500}}),
+            "first (batch) dimension",
+        ),
+        (
+            &vad,
+            json!({"batching": {"max_batch": 8, "delay_us": 500}, "state": {"h": "hn", "c": "cn"}}),
+            "batch",
+        ),
+    ] {
+        let r = push(sha, extra.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{extra}: {}", r.body);
+        let error = r.body["error"].as_str().unwrap();
+        assert!(error.contains(says), "{extra}: {error}");
+    }
+    let batching = json!({"max_batch": 16, "delay_us": 500, "preferred": [8]});
+    let r = push(&digits, json!({"batching": batching})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["batching"], batching);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/models/digits/versions/1",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        r.body["batching"], batching,
+        "nothing refused before was stored"
+    );
+
+    // A replica told to serve it is told how to batch it.
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/replicas",
+        json!({"id": "r1", "address": "127.0.0.1:1", "region": "local"}),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/deployments/digits",
+        json!({"version": "1"}),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/replicas/r1/desired",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        r.body["models"][0]["versions"][0]["batching"], batching,
+        "{}",
+        r.body
+    );
+}

@@ -1,12 +1,14 @@
 //! Shoal's domain vocabulary, shared by every other crate: model names and
 //! versions ([`names`]), tensors and their datatypes ([`tensor`]), and the
 //! signature a model declares for its inputs and outputs ([`signature`]),
-//! the comparison of two models' answers ([`compare`]), and the state a
-//! stateful model carries between the steps of a sequence ([`state`]).
+//! the comparison of two models' answers ([`compare`]), the state a
+//! stateful model carries between the steps of a sequence ([`state`]), and
+//! dynamic batching's policy and tensor joins ([`batch`]).
 //!
 //! This crate is pure: no I/O, no async, no HTTP, no inference engine. It is
 //! the innermost layer, so everything here must stay cheap to depend on.
 
+pub mod batch;
 pub mod compare;
 pub mod names;
 pub mod redact;

@@ -171,6 +171,52 @@ impl TensorData {
         self.len() == 0
     }
 
+    /// Appends `other`'s elements; `Err` with `other`'s datatype when it
+    /// differs from this one's (nothing appended).
+    pub fn extend(&mut self, other: TensorData) -> Result<(), DataType> {
+        macro_rules! same {
+            ($($variant:ident),*) => {
+                match (self, other) {
+                    $((TensorData::$variant(a), TensorData::$variant(b)) => {
+                        a.extend(b);
+                        Ok(())
+                    })*
+                    (_, other) => Err(other.datatype()),
+                }
+            };
+        }
+        same!(
+            Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Fp16, Fp32, Fp64, Bytes
+        )
+    }
+
+    /// Consecutive pieces of `lens[i]` elements each; the last piece
+    /// takes what is left beyond their sum (lens that sum past the end
+    /// give empty pieces past it).
+    pub fn split(self, lens: &[usize]) -> Vec<TensorData> {
+        macro_rules! pieces {
+            ($($variant:ident),*) => {
+                match self {
+                    $(TensorData::$variant(mut rest) => {
+                        let mut out = Vec::with_capacity(lens.len());
+                        for (i, &n) in lens.iter().enumerate() {
+                            if i + 1 == lens.len() {
+                                out.push(TensorData::$variant(std::mem::take(&mut rest)));
+                            } else {
+                                let tail = rest.split_off(n.min(rest.len()));
+                                out.push(TensorData::$variant(std::mem::replace(&mut rest, tail)));
+                            }
+                        }
+                        out
+                    })*
+                }
+            };
+        }
+        pieces!(
+            Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Fp16, Fp32, Fp64, Bytes
+        )
+    }
+
     /// `len` zero-valued elements of `datatype` (empty strings for `BYTES`).
     pub fn zeros(datatype: DataType, len: usize) -> TensorData {
         match datatype {

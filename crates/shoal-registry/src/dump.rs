@@ -82,6 +82,9 @@ pub struct VersionRow {
     /// State inputs and their outputs (JSON; absent from older dumps).
     #[serde(default = "empty_object")]
     pub state: String,
+    /// Dynamic batching (JSON, `null` when none; absent from older dumps).
+    #[serde(default = "json_null")]
+    pub batching: String,
     /// Status name.
     pub status: String,
     /// Reached production once.
@@ -162,6 +165,7 @@ impl RegistryDump {
                 ("input_shapes", &v.input_shapes),
                 ("max_shapes", &v.max_shapes),
                 ("state", &v.state),
+                ("batching", &v.batching),
             ] {
                 if serde_json::from_str::<serde_json::Value>(text).is_err() {
                     return bad(format!("version {at}: {column} is not JSON"));
@@ -195,7 +199,7 @@ impl RegistryDump {
 /// registry are equal.
 pub(crate) const SELECTS: [&str; 6] = [
     "SELECT name, created_at, next_number FROM models ORDER BY name",
-    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
+    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
     "SELECT model, deployment, controller FROM deployments ORDER BY model",
     "SELECT id, registration, registered_at FROM replicas ORDER BY id",
     "SELECT name, role, hash, created_at, created_by FROM tokens ORDER BY name",
@@ -244,6 +248,7 @@ where
                     input_shapes: r.try_get("input_shapes")?,
                     max_shapes: r.try_get("max_shapes")?,
                     state: r.try_get("state")?,
+                    batching: r.try_get("batching")?,
                     status: r.try_get("status")?,
                     reached_production: r.try_get("reached_production")?,
                     rolled_back: r.try_get("rolled_back")?,
@@ -326,7 +331,7 @@ where
         out.push(
             statement(
                 "versions",
-                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status, reached_production, rolled_back",
+                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status, reached_production, rolled_back",
             )
             .bind(v.model.clone())
             .bind(v.version.clone())
@@ -340,6 +345,7 @@ where
             .bind(v.input_shapes.clone())
             .bind(v.max_shapes.clone())
             .bind(v.state.clone())
+            .bind(v.batching.clone())
             .bind(v.status.clone())
             .bind(v.reached_production)
             .bind(v.rolled_back),
@@ -399,4 +405,9 @@ pub(crate) fn occupied(rows: i64, revision: u64) -> Result<()> {
 /// `{}`: what a column added later holds in rows dumped before it.
 fn empty_object() -> String {
     "{}".to_owned()
+}
+
+/// `null`: what the batching column holds in rows dumped before it.
+fn json_null() -> String {
+    "null".to_owned()
 }

@@ -83,6 +83,8 @@ pub struct VersionDraft {
     pub max_shapes: std::collections::BTreeMap<String, Vec<i64>>,
     /// State inputs and the outputs feeding them.
     pub state: std::collections::BTreeMap<String, String>,
+    /// Dynamic batching.
+    pub batching: Option<shoal_api::registry::Batching>,
 }
 
 /// A deployment with the rollout controller's own persisted state.

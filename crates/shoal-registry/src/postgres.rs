@@ -178,6 +178,7 @@ impl PostgresRegistry {
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
             state: parse(row.get::<&str, _>("state"))?,
+            batching: parse(row.get::<&str, _>("batching"))?,
         })
     }
 
@@ -284,8 +285,8 @@ impl RegistryStore for PostgresRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -299,6 +300,7 @@ impl RegistryStore for PostgresRegistry {
         .bind(json(&draft.input_shapes))
         .bind(json(&draft.max_shapes))
         .bind(json(&draft.state))
+        .bind(json(&draft.batching))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

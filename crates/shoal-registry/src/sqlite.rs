@@ -46,6 +46,7 @@ const SCHEMA: &[&str] = &[
         input_shapes TEXT NOT NULL,
         max_shapes TEXT NOT NULL DEFAULT '{}',
         state TEXT NOT NULL DEFAULT '{}',
+        batching TEXT NOT NULL DEFAULT 'null',
         status TEXT NOT NULL,
         reached_production INTEGER NOT NULL DEFAULT 0,
         rolled_back INTEGER NOT NULL DEFAULT 0,
@@ -153,6 +154,7 @@ impl SqliteRegistry {
         const ADDED: &[(&str, &str, &str)] = &[
             ("versions", "max_shapes", "TEXT NOT NULL DEFAULT '{}'"),
             ("versions", "state", "TEXT NOT NULL DEFAULT '{}'"),
+            ("versions", "batching", "TEXT NOT NULL DEFAULT 'null'"),
         ];
         for (table, column, definition) in ADDED {
             let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
@@ -257,6 +259,7 @@ impl SqliteRegistry {
             input_shapes: parse(row.get::<&str, _>("input_shapes"))?,
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
             state: parse(row.get::<&str, _>("state"))?,
+            batching: parse(row.get::<&str, _>("batching"))?,
         })
     }
 
@@ -361,8 +364,8 @@ impl RegistryStore for SqliteRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, status)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -376,6 +379,7 @@ impl RegistryStore for SqliteRegistry {
         .bind(json(&draft.input_shapes))
         .bind(json(&draft.max_shapes))
         .bind(json(&draft.state))
+        .bind(json(&draft.batching))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

@@ -274,6 +274,9 @@ async fn infer_common(
     let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
     let mut serving = lookup(replica, model, version)?;
+    // A batched version's batches wait for requests still being received
+    // and decoded (not for nothing: a lone caller never waits).
+    let arrival = serving.batcher.as_ref().map(|b| b.announce());
     let body = shoal_http::read_body(body, replica.body_limit).await?;
     let started = Instant::now();
     if let Some(fault) = replica.fault_for(serving.model.as_str(), serving.version.as_str()) {
@@ -300,10 +303,10 @@ async fn infer_common(
     let result = match shoal_oip::decode_request_parts(&body, json_len, &replica.limits) {
         Err(e) => Err((Outcome::InvalidInput, ApiError::bad_request(e.0))),
         Ok(request) if serving.loaded.state().is_empty() => {
-            run_inference(replica, &serving, request, None).await
+            run_inference(replica, &serving, request, None, arrival).await
         }
         Ok(request) => match begin_step(replica, &mut serving, version, headers, &request).await {
-            Ok(step) => run_inference(replica, &serving, request, Some(step)).await,
+            Ok(step) => run_inference(replica, &serving, request, Some(step), None).await,
             Err(e) => Err(e),
         },
     };
@@ -520,6 +523,7 @@ async fn run_inference(
     serving: &ServingVersion,
     mut request: shoal_oip::DecodedRequest,
     step: Option<SequenceStep<'_>>,
+    arrival: Option<shoal_runtime::batcher::Arrival>,
 ) -> Result<shoal_oip::EncodedResponse, (Outcome, ApiError)> {
     let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
     let signature = serving.loaded.signature();
@@ -561,25 +565,37 @@ async fn run_inference(
         deadline: replica.inference_timeout(),
     };
     let inputs = std::mem::take(&mut request.inputs);
+    let arrival = std::sync::Mutex::new(arrival);
     let run = |inputs: Vec<Tensor>| async {
-        replica
-            .pool()
-            .run_shared(&serving.loaded, inputs, share)
-            .await
-            .map_err(|e| match e {
-                RunError::Input(e) => invalid(e.to_string()),
-                RunError::Overloaded { .. } | RunError::Busy { .. } => {
-                    (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
-                }
-                RunError::DeadlineExceeded { .. } => (
-                    Outcome::Error,
-                    ApiError {
-                        retry_after: Some(1),
-                        ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-                    },
-                ),
-                RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
-            })
+        let ran = match &serving.batcher {
+            Some(batcher) => {
+                let arrival = arrival
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                batcher.run(inputs, arrival).await
+            }
+            None => {
+                replica
+                    .pool()
+                    .run_shared(&serving.loaded, inputs, share)
+                    .await
+            }
+        };
+        ran.map_err(|e| match e {
+            RunError::Input(e) => invalid(e.to_string()),
+            RunError::Overloaded { .. } | RunError::Busy { .. } => {
+                (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
+            }
+            RunError::DeadlineExceeded { .. } => (
+                Outcome::Error,
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+                },
+            ),
+            RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
+        })
     };
     let outputs = match step {
         None => run(inputs).await?,

@@ -519,12 +519,55 @@ impl Replica {
             warm: prepared.warm,
         }
         .emit(&self.metrics, &version_metrics);
+        // Batched versions queue their requests for the pool; dropping
+        // the version (once its last request is answered) stops the queue.
+        let pays = match prepared.batch_costs {
+            Some((alone, batched)) => {
+                let pays = shoal_core::batch::pays(alone, batched);
+                if !pays {
+                    tracing::warn!(
+                        model = %spec.model,
+                        version = %spec.version,
+                        alone_us_per_row = alone.as_secs_f64() * 1e6,
+                        batched_us_per_row = batched.as_secs_f64() * 1e6,
+                        "batching does not pay on this engine (a row costs more in a batch than \
+                         alone): serving each request alone"
+                    );
+                }
+                pays
+            }
+            None => true,
+        };
+        let batcher = prepared
+            .loaded
+            .batching()
+            .cloned()
+            .filter(|_| pays)
+            .map(|policy| {
+                shoal_runtime::batcher::Batcher::start(
+                    prepared.loaded.clone(),
+                    policy,
+                    shoal_runtime::batcher::BatchRunner {
+                        pool: self.pool.clone(),
+                        key: spec.model.to_string(),
+                        cap: self.pool.stats().threads,
+                        deadline: self.inference_timeout,
+                        queue: self.pool.queue_bound(),
+                        on_batch: Some({
+                            let histogram = version_metrics.batch_rows.clone();
+                            #[allow(clippy::cast_precision_loss)]
+                            Arc::new(move |rows: usize| histogram.observe(rows as f64))
+                        }),
+                    },
+                )
+            });
         let serving = Arc::new(ServingVersion {
             model: spec.model.clone(),
             version: spec.version.clone(),
             sha256: prepared.sha256.clone(),
             loaded: prepared.loaded,
             loaded_at: SystemTime::now(),
+            batcher,
             metrics: version_metrics,
         });
         let retired = self.store.install(serving, policy);

@@ -117,6 +117,8 @@ pub(crate) struct Prepared {
     pub(crate) bytes: u64,
     pub(crate) load: Duration,
     pub(crate) warm: Duration,
+    /// Per-row cost alone and in a trial batch, for batched versions.
+    pub(crate) batch_costs: Option<(Duration, Duration)>,
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -164,12 +166,23 @@ pub(crate) async fn prepare(
         let load = started.elapsed();
         let warm_started = Instant::now();
         loaded.warm_up()?;
+        let warm = warm_started.elapsed();
+        // Whether batching pays on this engine is measured, not assumed.
+        let batch_costs = match loaded.batching() {
+            Some(policy) if policy.max_rows > 1 => Some(
+                loaded
+                    .batch_costs(policy.max_rows.min(shoal_core::batch::TRIAL_ROWS))
+                    .map_err(|e| LoadFailure::Model(LoadError::WarmUp(e.to_string())))?,
+            ),
+            _ => None,
+        };
         Ok(Prepared {
             loaded,
             sha256,
             bytes: bytes.len() as u64,
             load,
-            warm: warm_started.elapsed(),
+            warm,
+            batch_costs,
         })
     })
     .await

@@ -54,6 +54,7 @@ pub struct ReplicaMetrics {
     loads: Family<LoadLabels, Counter>,
     load_failures: Family<LoadFailureLabels, Counter>,
     load_seconds: Family<VersionLabels, Histogram>,
+    batch_rows: Family<VersionLabels, Histogram>,
     pub(crate) pool_running: Gauge,
     pub(crate) pool_queued: Gauge,
     pub(crate) sequences_live: Gauge,
@@ -74,6 +75,11 @@ impl ReplicaMetrics {
             load_seconds: Family::new_with_constructor(|| {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                     0.001, 2.0, 16,
+                ))
+            }),
+            batch_rows: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1.0, 2.0, 13,
                 ))
             }),
             pool_running: Gauge::default(),
@@ -111,6 +117,11 @@ impl ReplicaMetrics {
             "model_load_duration_seconds",
             "Time to read, verify, prepare and warm a model version",
             metrics.load_seconds.clone(),
+        );
+        registry.register(
+            "model_batch_rows",
+            "Rows per batch a batched version ran (dynamic batching): the count is batches run, the sum rows",
+            metrics.batch_rows.clone(),
         );
         registry.register(
             "inference_pool_running",
@@ -163,6 +174,7 @@ impl ReplicaMetrics {
             overloaded: outcome(Outcome::Overloaded.as_str()),
             latency: self.latency.get_or_create(&labels).clone(),
             loaded: self.loaded.get_or_create(&labels).clone(),
+            batch_rows: self.batch_rows.get_or_create(&labels).clone(),
             counts: std::sync::Arc::new(VersionCounts::default()),
         }
     }
@@ -201,6 +213,7 @@ pub(crate) struct VersionMetrics {
     overloaded: Counter,
     latency: Histogram,
     loaded: Gauge,
+    pub(crate) batch_rows: Histogram,
     pub(crate) counts: std::sync::Arc<VersionCounts>,
 }
 

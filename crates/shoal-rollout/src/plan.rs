@@ -199,6 +199,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
                 input_shapes: record.input_shapes.clone(),
                 max_shapes: record.max_shapes.clone(),
                 state: record.state.clone(),
+                batching: record.batching.clone(),
                 optional: optional(&record.version),
             })
             .collect();
@@ -319,6 +320,7 @@ mod tests {
             input_shapes: Default::default(),
             max_shapes: Default::default(),
             state: Default::default(),
+            batching: None,
         }
     }
 

@@ -8,6 +8,8 @@
 //!   signature, which checks every request before the engine sees it.
 //! - [`InferencePool`] runs inference off the async executor on a bounded
 //!   number of blocking threads, and refuses work when its queue is full.
+//! - [`batcher::Batcher`] queues a version's requests and runs them as
+//!   dynamic batches on the pool (the policy is `shoal_core::batch`).
 //! - [`LoadedModel::warm_up`] runs one inference before a model is declared
 //!   ready, so the first real request does not pay for lazy initialisation.
 //! - [`check`] is what the registry runs on an artifact before it accepts
@@ -16,6 +18,7 @@
 //! Architecture invariant: this crate knows nothing about HTTP, JSON or the
 //! control plane. It deals in [`shoal_core::Tensor`]s.
 
+pub mod batcher;
 pub mod check;
 mod error;
 #[cfg(feature = "ort")]
@@ -24,9 +27,11 @@ mod pool;
 pub mod tract;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use error::{LoadError, RunError};
 pub use pool::{InferencePool, PoolStats, Share};
+use shoal_core::batch::BatchPolicy;
 use shoal_core::{InputBounds, Signature, StateSpec, Tensor, TensorData};
 
 /// An inference engine that can load models.
@@ -51,6 +56,8 @@ pub struct LoadOptions {
     pub bounds: InputBounds,
     /// A stateful model's state inputs and the outputs feeding them.
     pub state: StateSpec,
+    /// How its requests are batched, if they are.
+    pub batching: Option<BatchPolicy>,
 }
 
 impl LoadOptions {
@@ -98,6 +105,13 @@ impl LoadOptions {
         Ok(self)
     }
 
+    /// These options with a batching policy (checked against the model
+    /// when it loads: every input and output needs a batch dimension).
+    pub fn with_batching(mut self, batching: Option<BatchPolicy>) -> LoadOptions {
+        self.batching = batching;
+        self
+    }
+
     /// These options with the registry's state declaration (state input
     /// to the output feeding it), checked against the model when it loads.
     pub fn with_state(mut self, state: &std::collections::BTreeMap<String, String>) -> LoadOptions {
@@ -125,6 +139,7 @@ pub struct LoadedModel {
     platform: &'static str,
     bounds: Arc<InputBounds>,
     state: Arc<StateSpec>,
+    batching: Option<Arc<BatchPolicy>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -152,11 +167,24 @@ impl LoadedModel {
             .state
             .check(model.signature())
             .map_err(LoadError::Prepare)?;
+        if let Some(policy) = &options.batching {
+            if !options.state.is_empty() {
+                return Err(LoadError::Prepare(
+                    "a stateful model's steps cannot be batched: push it with --state or with \
+                     --max-batch, not both"
+                        .into(),
+                ));
+            }
+            policy
+                .check(model.signature())
+                .map_err(LoadError::Prepare)?;
+        }
         Ok(LoadedModel {
             model,
             platform: backend.platform(),
             bounds: Arc::new(options.bounds.clone()),
             state: Arc::new(options.state.clone()),
+            batching: options.batching.clone().map(Arc::new),
         })
     }
 
@@ -175,6 +203,11 @@ impl LoadedModel {
     /// stateless model).
     pub fn state(&self) -> &StateSpec {
         &self.state
+    }
+
+    /// How its requests are batched (`None`: each runs alone).
+    pub fn batching(&self) -> Option<&BatchPolicy> {
+        self.batching.as_deref()
     }
 
     /// The engine running the model.
@@ -219,18 +252,47 @@ impl LoadedModel {
     /// 1), so that lazily built engine state exists before real traffic.
     pub fn warm_up(&self) -> Result<(), LoadError> {
         let inputs = self
-            .signature()
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape = spec.example_shape();
-                let data = TensorData::zeros(spec.datatype, shape.iter().product());
-                Tensor::new(spec.name.clone(), shape, data)
-            })
-            .collect::<Result<Vec<_>, _>>()
+            .example(1)
             .map_err(|e| LoadError::WarmUp(e.to_string()))?;
         self.infer_blocking(inputs)
             .map(drop)
             .map_err(|e| LoadError::WarmUp(e.to_string()))
+    }
+
+    /// Zero-valued inputs with `rows` in the first dimension (other
+    /// dynamic dimensions 1).
+    fn example(&self, rows: usize) -> Result<Vec<Tensor>, shoal_core::TensorError> {
+        self.signature()
+            .inputs
+            .iter()
+            .map(|spec| {
+                let mut shape = spec.example_shape();
+                if let Some(first) = shape.first_mut() {
+                    *first = rows;
+                }
+                let data = TensorData::zeros(spec.datatype, shape.iter().product());
+                Tensor::new(spec.name.clone(), shape, data)
+            })
+            .collect()
+    }
+
+    /// What a row costs run alone and in a batch of `rows`: the best of
+    /// three timings of each, per row. Blocks; for deciding whether
+    /// batching pays on this engine ([`shoal_core::batch::pays`]).
+    pub fn batch_costs(&self, rows: usize) -> Result<(Duration, Duration), RunError> {
+        let per_row = |n: usize| -> Result<Duration, RunError> {
+            let inputs = self
+                .example(n)
+                .map_err(|e| RunError::Engine(e.to_string()))?;
+            self.infer_blocking(inputs.clone())?;
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let started = tokio::time::Instant::now();
+                self.infer_blocking(inputs.clone())?;
+                best = best.min(started.elapsed());
+            }
+            Ok(best / u32::try_from(n.max(1)).unwrap_or(u32::MAX))
+        };
+        Ok((per_row(1)?, per_row(rows)?))
     }
 }

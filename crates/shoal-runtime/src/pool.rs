@@ -248,6 +248,11 @@ impl InferencePool {
         finished.map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
     }
 
+    /// Inferences that may wait for a thread before more are refused.
+    pub fn queue_bound(&self) -> usize {
+        self.inner.max_queue
+    }
+
     /// Current occupancy.
     pub fn stats(&self) -> PoolStats {
         PoolStats {
@@ -311,6 +316,7 @@ mod tests {
             platform: "test",
             bounds: Arc::default(),
             state: Arc::default(),
+            batching: None,
         };
         (loaded, started_rx, release_tx)
     }

@@ -345,6 +345,10 @@ impl Agent {
         let options = shoal_runtime::LoadOptions::from_dims(&version.input_shapes)
             .and_then(|o| o.with_max_shapes(&version.max_shapes))
             .map(|o| o.with_state(&version.state))
+            .and_then(|o| {
+                let batching = version.batching.as_ref().map(|b| b.policy()).transpose()?;
+                Ok(o.with_batching(batching))
+            })
             .map_err(|e| failed(e, FailureKind::Definite))?;
         let spec = LoadSpec {
             model: ModelName::new(model)

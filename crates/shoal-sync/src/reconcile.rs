@@ -121,6 +121,7 @@ mod tests {
             input_shapes: Default::default(),
             max_shapes: Default::default(),
             state: Default::default(),
+            batching: None,
             optional: false,
         }
     }

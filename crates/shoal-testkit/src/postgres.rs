@@ -192,7 +192,10 @@ impl Drop for PostgresServer {
 pub(crate) fn wait_for_port(port: u16, what: &str) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not start"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

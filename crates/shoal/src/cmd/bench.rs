@@ -114,6 +114,32 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         held: u64,
     },
+    /// Dynamic batching against each request alone: two replicas serving
+    /// one bundled model, closed-loop clients at each concurrency,
+    /// alternating rounds.
+    Batching {
+        /// Bundled model: digits (the MLP) or cls (the text-orientation convnet).
+        #[arg(long, default_value = "digits")]
+        model: String,
+        /// Concurrent clients, one figure each.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,64")]
+        clients: Vec<usize>,
+        /// Rows per request.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+        rows: u64,
+        /// Seconds per replica per round.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// The batched replica's largest batch, in rows.
+        #[arg(long, default_value_t = 64)]
+        max_batch: usize,
+        /// How long its requests may wait for others.
+        #[arg(long, value_parser = super::client::parse_duration, default_value = "1ms")]
+        batch_delay: f64,
+    },
     /// Leader failover of a `shoal up --control-planes N` fleet: SIGKILL of
     /// the leader to another member's first act as leader, trial after trial.
     Failover {
@@ -475,6 +501,99 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     "  memory per live sequence {:.0} bytes: {:.0} sequences per GiB",
                     r.bytes_per_sequence, r.sequences_per_gib
                 );
+            }
+        }
+        BenchCommand::Batching {
+            model,
+            clients,
+            rows,
+            seconds,
+            rounds,
+            max_batch,
+            batch_delay,
+        } => {
+            let (file, input, options) = match model.as_str() {
+                "digits" => (
+                    "digits-v2.onnx",
+                    ("input".to_owned(), vec![64]),
+                    shoal_runtime::LoadOptions::default(),
+                ),
+                "cls" => (
+                    "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                    ("x".to_owned(), vec![3, 48, 192]),
+                    shoal_runtime::LoadOptions::from_dims(
+                        &[("x".to_owned(), vec![-1, 3, 48, 192])].into(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                ),
+                other => anyhow::bail!("--model {other:?}: use digits or cls"),
+            };
+            anyhow::ensure!(
+                seconds > 0.0 && seconds <= 600.0,
+                "--seconds {seconds}: between 0 and 600"
+            );
+            anyhow::ensure!(
+                !clients.is_empty() && clients.iter().all(|c| (1..=1024).contains(c)),
+                "--clients: each between 1 and 1024"
+            );
+            let policy = shoal_core::batch::BatchPolicy::new(
+                max_batch,
+                std::time::Duration::from_secs_f64(batch_delay),
+                Vec::new(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let spec = shoal_bench::batching::BatchingSpec {
+                model: file.to_owned(),
+                input,
+                options,
+                rows: usize::try_from(rows).unwrap_or(1),
+                clients,
+                seconds,
+                rounds: usize::try_from(rounds).unwrap_or(1),
+                policy,
+            };
+            let r = shoal_bench::batching::run(&spec).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let ms = |us: f64| us / 1000.0;
+                println!(
+                    "{model}, {rows} row(s) a request, batches of up to {max_batch} rows within {:.2} ms; {} rounds of {seconds} s",
+                    batch_delay * 1000.0,
+                    spec.rounds
+                );
+                println!(
+                    "  {:>7}  {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>6}   {:>7}",
+                    "clients",
+                    "alone r/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "batch r/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "rows",
+                    "ratio"
+                );
+                for row in &r {
+                    println!(
+                        "  {:>7}  {:>10.0} {:>8.2} {:>8.2}   {:>10.0} {:>8.2} {:>8.2} {:>6}   {:>6.2}×{}",
+                        row.clients,
+                        row.alone_rps,
+                        ms(row.alone.p50_us),
+                        ms(row.alone.p99_us),
+                        row.batched_rps,
+                        ms(row.batched.p50_us),
+                        ms(row.batched.p99_us),
+                        row.rows_per_batch
+                            .map_or_else(|| "off".to_owned(), |r| format!("{r:.1}")),
+                        row.ratio,
+                        if row.failed > 0 {
+                            format!("  ({} failed)", row.failed)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
         }
         BenchCommand::Failover { data_dir, trials } => {

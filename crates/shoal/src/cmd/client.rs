@@ -10,7 +10,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
 use futures::StreamExt;
 use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
-use shoal_api::registry::NewVersion;
+use shoal_api::registry::{Batching, NewVersion};
 use shoal_client::ControlClient;
 use shoal_core::ModelRef;
 
@@ -19,7 +19,7 @@ use crate::cli::Global;
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ModelCommand {
     /// Upload a model file as a new version; prints the version and its SHA-256.
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// Every model in the registry.
     List,
     /// One model and its versions, or one version: NAME[:VERSION].
@@ -81,6 +81,24 @@ pub(crate) struct PushArgs {
     /// sequence_end and only the other inputs. Repeat for more.
     #[arg(long = "state", value_name = "INPUT=OUTPUT")]
     state: Vec<String>,
+    /// Dynamic batching: requests that arrive together run as one
+    /// inference of up to N rows, each answered with its own rows. For
+    /// models whose inputs and outputs all have a batch dimension first.
+    #[arg(long, value_name = "N")]
+    max_batch: Option<u32>,
+    /// With --max-batch: how long a request may wait for others
+    /// (e.g. 500us, 2ms).
+    #[arg(long, value_parser = parse_duration, requires = "max_batch", default_value = "500us")]
+    batch_delay: f64,
+    /// With --max-batch: batch sizes that run at once when reached
+    /// (e.g. 8,16).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "max_batch",
+        value_name = "N,N"
+    )]
+    preferred_batch: Vec<u32>,
     /// Check only that the file is an ONNX model, not that the default
     /// engine (tract) can prepare and warm it up: for models meant for
     /// another engine.
@@ -157,11 +175,16 @@ pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 30s, 2m or 1h"))?;
     let scale = match unit {
+        "us" | "µs" => 0.000_001,
         "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use us, ms, s, m or h"
+            ));
+        }
     };
     Ok(n * scale)
 }
@@ -337,6 +360,11 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 input_shapes,
                 max_shapes,
                 state,
+                batching: args.max_batch.map(|max_batch| Batching {
+                    max_batch,
+                    delay_us: (args.batch_delay * 1e6).round() as u64,
+                    preferred: args.preferred_batch.clone(),
+                }),
                 skip_engine_check: args.skip_engine_check,
             },
         )
@@ -367,7 +395,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
 
 pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Result<()> {
     match command {
-        ModelCommand::Push(args) => push(args, global).await,
+        ModelCommand::Push(args) => push(*args, global).await,
         ModelCommand::List => {
             let models = client(global)?.list_models().await?;
             if global.json {

@@ -1,0 +1,237 @@
+//! Dynamic batching against none: two replicas in this process serve the
+//! same model, one with its requests batched, one running each alone; `C`
+//! clients each send one request after another (closed loop: the
+//! throughput a replica sustains at that concurrency) for a fixed time, in
+//! rounds that alternate which replica goes first. Reports requests per
+//! second and p50/p99 of each per concurrency, and the median of the
+//! per-round throughput ratios.
+//!
+//! Closed loop on purpose: the question is how many requests a replica
+//! answers with `C` callers waiting on it; the latency figures say what
+//! each caller paid for that.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use shoal_core::batch::BatchPolicy;
+use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
+use shoal_runtime::LoadOptions;
+use shoal_runtime::tract::TractBackend;
+
+use crate::stats::{Latencies, Summary, median};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct BatchingSpec {
+    /// Bundled model file (e.g. `digits-v2.onnx`).
+    pub model: String,
+    /// Its input's name and row shape (every dimension but the first).
+    pub input: (String, Vec<usize>),
+    /// How both replicas load it (input shapes the file leaves open).
+    pub options: LoadOptions,
+    /// Rows per request.
+    pub rows: usize,
+    /// Concurrencies to measure.
+    pub clients: Vec<usize>,
+    /// Seconds per replica per round.
+    pub seconds: f64,
+    /// Rounds.
+    pub rounds: usize,
+    /// The batched replica's policy.
+    pub policy: BatchPolicy,
+}
+
+/// One concurrency's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchingRow {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Each request alone: requests per second (median over rounds).
+    pub alone_rps: f64,
+    /// Batched: requests per second (median over rounds).
+    pub batched_rps: f64,
+    /// Median of the per-round ratios batched ÷ alone.
+    pub ratio: f64,
+    /// Latencies of every request, each alone.
+    pub alone: Summary,
+    /// Latencies of every request, batched.
+    pub batched: Summary,
+    /// Mean rows per batch the batched replica ran (`None`: it batched
+    /// nothing; batching does not pay on the engine for this model).
+    pub rows_per_batch: Option<f64>,
+    /// Failed requests (both replicas).
+    pub failed: u64,
+}
+
+async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaServer> {
+    let config = ReplicaConfig {
+        models: vec![ModelSpec {
+            name: "m".parse()?,
+            version: "1".parse()?,
+            path: crate::models_dir().join(model),
+        }],
+        load_options: [("m".parse()?, options)].into(),
+        ..ReplicaConfig::default()
+    };
+    let server = ReplicaServer::start(config, Arc::new(TractBackend::default())).await?;
+    server.replica.wait_ready().await;
+    Ok(server)
+}
+
+/// One request body: `rows` rows of a fixed pattern.
+fn body(input: &str, row: &[usize], rows: usize) -> Bytes {
+    let width: usize = row.iter().product();
+    #[allow(clippy::cast_precision_loss)]
+    let data: Vec<f32> = (0..rows * width).map(|i| (i % 17) as f32 / 17.0).collect();
+    let mut shape = vec![rows];
+    shape.extend_from_slice(row);
+    Bytes::from(
+        serde_json::json!({
+            "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
+        })
+        .to_string(),
+    )
+}
+
+/// `clients` closed-loop callers for `seconds`: requests answered, failed,
+/// and every latency.
+async fn closed_loop(
+    client: &HttpClient,
+    url: &str,
+    body: &Bytes,
+    clients: usize,
+    seconds: f64,
+) -> (u64, u64, Latencies) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+            let (stop, failed) = (stop.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut latencies = Latencies::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let ok = match http::Request::post(&url)
+                        .header("content-type", "application/json")
+                        .body(Full::new(body.clone()))
+                    {
+                        Ok(request) => match client.request(request).await {
+                            Ok(response) => {
+                                let ok = response.status() == 200;
+                                ok && response.into_body().collect().await.is_ok()
+                            }
+                            Err(_) => false,
+                        },
+                        Err(_) => false,
+                    };
+                    if ok {
+                        latencies.record(started.elapsed());
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Latencies::default();
+    for t in tasks {
+        if let Ok(l) = t.await {
+            all.merge(&l);
+        }
+    }
+    (all.count(), failed.load(Ordering::Relaxed), all)
+}
+
+/// Runs the comparison.
+pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
+    let alone = replica(&spec.model, spec.options.clone()).await?;
+    let batched = replica(
+        &spec.model,
+        spec.options
+            .clone()
+            .with_batching(Some(spec.policy.clone())),
+    )
+    .await?;
+    let url = |s: &ReplicaServer| format!("http://{}/v2/models/m/infer", s.addr);
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector);
+    let body = body(&spec.input.0, &spec.input.1, spec.rows);
+    // A replica that cannot serve the model is a setup error, not a figure.
+    let (n, _, _) = closed_loop(&client, &url(&alone), &body, 1, 0.1).await;
+    anyhow::ensure!(n > 0, "the replicas do not answer {}", spec.model);
+    let batch_stats = || {
+        let snapshot = batched.replica.store().snapshot();
+        snapshot
+            .models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .filter_map(|v| v.batcher.as_ref())
+            .map(|b| (b.stats().batches(), b.stats().rows()))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let mut rows = Vec::new();
+    for &clients in &spec.clients {
+        // Warm both (connections, threads, caches) before measuring.
+        for s in [&alone, &batched] {
+            closed_loop(&client, &url(s), &body, clients, 0.3).await;
+        }
+        let (mut all_alone, mut all_batched) = (Latencies::default(), Latencies::default());
+        let (mut rps_alone, mut rps_batched, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut failed = 0;
+        let before = batch_stats();
+        for round in 0..spec.rounds {
+            let mut rates = [0.0; 2];
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let server = if which == 0 { &alone } else { &batched };
+                let (n, f, l) =
+                    closed_loop(&client, &url(server), &body, clients, spec.seconds).await;
+                failed += f;
+                #[allow(clippy::cast_precision_loss)]
+                let rate = n as f64 / spec.seconds;
+                rates[which] = rate;
+                if which == 0 {
+                    all_alone.merge(&l);
+                    rps_alone.push(rate);
+                } else {
+                    all_batched.merge(&l);
+                    rps_batched.push(rate);
+                }
+            }
+            ratios.push(rates[1] / rates[0].max(1e-9));
+        }
+        let after = batch_stats();
+        #[allow(clippy::cast_precision_loss)]
+        let rows_per_batch =
+            (after.0 > before.0).then(|| (after.1 - before.1) as f64 / (after.0 - before.0) as f64);
+        rows.push(BatchingRow {
+            clients,
+            alone_rps: median(&rps_alone),
+            batched_rps: median(&rps_batched),
+            ratio: median(&ratios),
+            alone: all_alone.summary(),
+            batched: all_batched.summary(),
+            rows_per_batch,
+            failed,
+        });
+    }
+    alone.stop().await?;
+    batched.stop().await?;
+    Ok(rows)
+}
