@@ -274,9 +274,28 @@ async fn infer_common(
     let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
     let mut serving = lookup(replica, model, version)?;
-    // A batched version's batches wait for requests still being received
-    // and decoded (not for nothing: a lone caller never waits).
-    let arrival = serving.batcher.as_ref().map(|b| b.announce());
+    // Admitted before the body is read: an overload is shed before it is
+    // paid for in reading and parsing. A batched version's batches also
+    // wait for requests admitted and not yet decoded (a lone caller never
+    // waits).
+    let admitted = match &serving.batcher {
+        Some(batcher) => batcher.admit().map(Admitted::Batch),
+        None => replica.pool().admit().map(Admitted::Pool),
+    };
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            PredictionServed {
+                model: &serving.model,
+                version: &serving.version,
+                outcome: Outcome::Overloaded,
+                elapsed: std::time::Duration::ZERO,
+                error: Some("refused before decoding: overloaded"),
+            }
+            .emit(&serving.metrics);
+            return Err(ApiError::unavailable(e.to_string(), 1));
+        }
+    };
     let body = shoal_http::read_body(body, replica.body_limit).await?;
     let started = Instant::now();
     if let Some(fault) = replica.fault_for(serving.model.as_str(), serving.version.as_str()) {
@@ -300,13 +319,13 @@ async fn infer_common(
             ));
         }
     }
-    let result = match shoal_oip::decode_request_parts(&body, json_len, &replica.limits) {
-        Err(e) => Err((Outcome::InvalidInput, ApiError::bad_request(e.0))),
+    let result = match decode(body, json_len, replica.limits).await {
+        Err(e) => Err((Outcome::InvalidInput, ApiError::bad_request(e))),
         Ok(request) if serving.loaded.state().is_empty() => {
-            run_inference(replica, &serving, request, None, arrival).await
+            run_inference(replica, &serving, request, None, admitted).await
         }
         Ok(request) => match begin_step(replica, &mut serving, version, headers, &request).await {
-            Ok(step) => run_inference(replica, &serving, request, Some(step), None).await,
+            Ok(step) => run_inference(replica, &serving, request, Some(step), admitted).await,
             Err(e) => Err(e),
         },
     };
@@ -346,6 +365,37 @@ async fn infer_common(
         headers.insert(VERSION_HEADER, v);
     }
     Ok(response)
+}
+
+/// Bodies up to this size are decoded on the async worker; larger ones on
+/// a blocking thread, so a big request never stalls the others.
+const DECODE_INLINE_BYTES: usize = 64 << 10;
+
+/// Decodes an OIP request body (JSON, or JSON plus binary tensors).
+async fn decode(
+    body: bytes::Bytes,
+    json_len: Option<&str>,
+    limits: shoal_oip::Limits,
+) -> Result<shoal_oip::DecodedRequest, String> {
+    if body.len() <= DECODE_INLINE_BYTES {
+        return shoal_oip::decode_request_parts(&body, json_len, &limits).map_err(|e| e.0);
+    }
+    let json_len = json_len.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        shoal_oip::decode_request_parts(&body, json_len.as_deref(), &limits).map_err(|e| e.0)
+    })
+    .await
+    .map_err(|e| format!("decoding failed: {e}"))?
+}
+
+/// A request's place, taken before its body was read: in the pool's
+/// queue, or on its way to its version's batcher.
+enum Admitted {
+    Pool(
+        #[expect(dead_code, reason = "held for its Drop: the admission ends with it")]
+        shoal_runtime::Admission,
+    ),
+    Batch(shoal_runtime::batcher::Arrival),
 }
 
 /// A step of a stateful model's sequence, begun: the sequence held (later
@@ -523,7 +573,7 @@ async fn run_inference(
     serving: &ServingVersion,
     mut request: shoal_oip::DecodedRequest,
     step: Option<SequenceStep<'_>>,
-    arrival: Option<shoal_runtime::batcher::Arrival>,
+    admitted: Admitted,
 ) -> Result<shoal_oip::EncodedResponse, (Outcome, ApiError)> {
     let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
     let signature = serving.loaded.signature();
@@ -565,17 +615,21 @@ async fn run_inference(
         deadline: replica.inference_timeout(),
     };
     let inputs = std::mem::take(&mut request.inputs);
-    let arrival = std::sync::Mutex::new(arrival);
+    // The admission ends when the request reaches the pool or the batcher
+    // (a sequence step may run again: only its first run holds it).
+    let admitted = std::sync::Mutex::new(Some(admitted));
     let run = |inputs: Vec<Tensor>| async {
-        let ran = match &serving.batcher {
-            Some(batcher) => {
-                let arrival = arrival
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                batcher.run(inputs, arrival).await
+        let admitted = admitted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let ran = match (&serving.batcher, admitted) {
+            (Some(batcher), Some(Admitted::Batch(arrival))) => {
+                batcher.run(inputs, Some(arrival)).await
             }
-            None => {
+            (Some(batcher), _) => batcher.run(inputs, None).await,
+            (None, admitted) => {
+                drop(admitted);
                 replica
                     .pool()
                     .run_shared(&serving.loaded, inputs, share)

@@ -13,9 +13,10 @@
 //! - The queue is bounded: past it a request is refused at once as
 //!   overloaded (the HTTP layer answers 503 with `Retry-After`).
 //! - A request whose caller went away before its batch formed is dropped.
-//! - Callers [`Batcher::announce`] a request as soon as they start
-//!   receiving it; a batch waits for more only while some are announced
-//!   and not yet queued (see [`shoal_core::batch`]).
+//! - Callers [`Batcher::admit`] a request as soon as they start
+//!   receiving it (refused at once when the queue is full); a batch waits
+//!   for more only while some are admitted and not yet queued (see
+//!   [`shoal_core::batch`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -153,11 +154,20 @@ impl Batcher {
         }
     }
 
-    /// Tells the batcher a request is on its way; keep the [`Arrival`]
-    /// until [`Batcher::run`] takes it.
-    pub fn announce(&self) -> Arrival {
-        self.shared.arriving.fetch_add(1, Ordering::AcqRel);
-        Arrival(self.shared.clone())
+    /// Admits a request on its way (before it is read and decoded) and
+    /// tells the batcher it is coming; keep the [`Arrival`] until
+    /// [`Batcher::run`] takes it. Refused at once (`Overloaded`) when the
+    /// requests queued and on their way already fill the queue.
+    pub fn admit(&self) -> Result<Arrival, RunError> {
+        let arriving = self.shared.arriving.fetch_add(1, Ordering::AcqRel);
+        let arrival = Arrival(self.shared.clone());
+        let pending = self.shared.pending.load(Ordering::Acquire);
+        if pending + arriving >= self.runner.queue.max(1) {
+            return Err(RunError::Overloaded {
+                queued: pending + arriving,
+            });
+        }
+        Ok(arrival)
     }
 
     /// What it has done.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{LoadError, RunError};
-pub use pool::{InferencePool, PoolStats, Share};
+pub use pool::{Admission, InferencePool, PoolStats, Share};
 use shoal_core::batch::BatchPolicy;
 use shoal_core::{InputBounds, Signature, StateSpec, Tensor, TensorData};
 

@@ -37,10 +37,23 @@ struct Inner {
     threads: usize,
     max_queue: usize,
     queued: AtomicUsize,
+    /// Requests admitted (see [`InferencePool::admit`]) and not yet run.
+    admitted: AtomicUsize,
     /// Threads held per model key.
     held: Mutex<HashMap<String, usize>>,
     /// Woken whenever a model gives a thread back.
     returned: Notify,
+}
+
+/// A request admitted to the pool before it was decoded (see
+/// [`InferencePool::admit`]); counts against the queue until dropped.
+#[derive(Debug)]
+pub struct Admission(Arc<Inner>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How one inference shares the pool with the others.
@@ -111,6 +124,7 @@ impl InferencePool {
                 threads,
                 max_queue,
                 queued: AtomicUsize::new(0),
+                admitted: AtomicUsize::new(0),
                 held: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
             }),
@@ -246,6 +260,24 @@ impl InferencePool {
                 None => task.await,
             };
         finished.map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
+    }
+
+    /// Admits one request before it is read and decoded, or refuses it at
+    /// once (`Overloaded`) when the inferences running, waiting and
+    /// admitted already fill the threads and the queue: an overload is
+    /// shed before its body is parsed. Hold the [`Admission`] until the
+    /// request is handed to [`InferencePool::run_shared`].
+    pub fn admit(&self) -> Result<Admission, RunError> {
+        let admitted = self.inner.admitted.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission(self.inner.clone());
+        let running = self.inner.threads - self.inner.permits.available_permits();
+        let queued = self.inner.queued.load(Ordering::Relaxed);
+        if running + queued + admitted >= self.inner.threads + self.inner.max_queue {
+            return Err(RunError::Overloaded {
+                queued: queued + admitted,
+            });
+        }
+        Ok(admission)
     }
 
     /// Inferences that may wait for a thread before more are refused.

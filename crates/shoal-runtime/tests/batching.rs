@@ -96,7 +96,7 @@ async fn batched_answers_equal_unbatched_ones_under_concurrent_mixed_load() {
                 let batcher = batcher.clone();
                 // Announced at once, as requests still being decoded are:
                 // batches wait for them (within the delay).
-                let arrival = batcher.announce();
+                let arrival = batcher.admit().unwrap();
                 tokio::spawn(async move { batcher.run(inputs, Some(arrival)).await })
             })
             .collect();
