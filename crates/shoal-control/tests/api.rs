@@ -595,6 +595,24 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/api/v1/auth/whoami", Some("any")),
 ];
 
+/// A token `t-ROLE` for each role, created by the admin: (role, token).
+async fn role_tokens<'a>(admin: &Router, roles: &[&'a str]) -> Vec<(&'a str, String)> {
+    let mut tokens = Vec::new();
+    for role in roles {
+        let r = json_call(
+            admin,
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"name": format!("t-{role}"), "role": role}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(r.body["role"], *role);
+        tokens.push((*role, r.body["token"].as_str().unwrap().to_owned()));
+    }
+    tokens
+}
+
 /// The roles that may call an operation needing `permission`.
 fn granted(permission: &str, role: &str) -> bool {
     matches!(
@@ -690,19 +708,7 @@ async fn every_route_needs_a_token_with_the_right_role() {
     let tmp = TempDir::new("control-auth");
     let (_control, admin) = setup(&tmp, 1 << 20).await;
     let (_, app) = bare(&tmp, 1 << 20).await;
-    let mut tokens = Vec::new();
-    for role in ["viewer", "deployer", "fleet", "admin"] {
-        let r = json_call(
-            &admin,
-            Method::POST,
-            "/api/v1/tokens",
-            json!({"name": format!("t-{role}"), "role": role}),
-        )
-        .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-        assert_eq!(r.body["role"], role);
-        tokens.push((role, r.body["token"].as_str().unwrap().to_owned()));
-    }
+    let tokens = role_tokens(&admin, &["viewer", "deployer", "fleet", "admin"]).await;
     for (method, path, permission) in ROUTES {
         let permission = permission.unwrap();
         let uri = path
@@ -1040,17 +1046,10 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
     let tmp = TempDir::new("control-dashboard");
     let (_control, admin) = setup(&tmp, 1 << 20).await;
     let (_, app) = bare(&tmp, 1 << 20).await;
-    let mut tokens = std::collections::BTreeMap::new();
-    for role in ["viewer", "deployer"] {
-        let r = json_call(
-            &admin,
-            Method::POST,
-            "/api/v1/tokens",
-            json!({"name": format!("t-{role}"), "role": role}),
-        )
-        .await;
-        tokens.insert(role, r.body["token"].as_str().unwrap().to_owned());
-    }
+    let tokens: std::collections::BTreeMap<_, _> = role_tokens(&admin, &["viewer", "deployer"])
+        .await
+        .into_iter()
+        .collect();
 
     // The page and its assets are open, under a strict content policy.
     for (uri, kind) in [
@@ -1086,31 +1085,26 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert_eq!(r.headers["location"], "/");
     let viewer = session_cookie(&r);
-    let with = |cookie: &str| vec![("cookie", cookie.to_owned())];
-    let as_headers = |h: &Vec<(&'static str, String)>| -> Vec<(&'static str, String)> { h.clone() };
-    let send = |method: Method, uri: &str, headers: Vec<(&'static str, String)>| {
-        let (app, uri) = (app.clone(), uri.to_owned());
+    let send = |method: Method, uri: &'static str, cookie: &str, csrf: bool| {
+        let app = app.clone();
+        let cookie = cookie.to_owned();
         async move {
-            let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            call(&app, method, &uri, &pairs, Body::from("{}")).await
+            let mut headers = vec![("cookie", cookie.as_str())];
+            if csrf {
+                headers.push(("x-shoal-dashboard", "1"));
+            }
+            call(&app, method, uri, &headers, Body::from("{}")).await
         }
     };
-    let r = send(Method::GET, "/api/v1/auth/whoami", with(&viewer)).await;
+    let r = send(Method::GET, "/api/v1/auth/whoami", &viewer, false).await;
     assert_eq!(
         (r.status, r.body["name"].as_str()),
         (StatusCode::OK, Some("t-viewer"))
     );
-    let r = send(Method::GET, "/api/v1/status", with(&viewer)).await;
+    let r = send(Method::GET, "/api/v1/status", &viewer, false).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     // The role still decides.
-    let mut csrf = with(&viewer);
-    csrf.push(("x-shoal-dashboard", "1".into()));
-    let r = send(
-        Method::POST,
-        "/api/v1/rollouts/digits/abort",
-        as_headers(&csrf),
-    )
-    .await;
+    let r = send(Method::POST, "/api/v1/rollouts/digits/abort", &viewer, true).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
 
     // A deployer signed in with the form: a change needs the dashboard's
@@ -1128,7 +1122,8 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
     let r = send(
         Method::POST,
         "/api/v1/rollouts/digits/abort",
-        with(&deployer),
+        &deployer,
+        false,
     )
     .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
@@ -1140,12 +1135,11 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
         "{}",
         r.body
     );
-    let mut csrf = with(&deployer);
-    csrf.push(("x-shoal-dashboard", "1".into()));
     let r = send(
         Method::POST,
         "/api/v1/rollouts/digits/abort",
-        as_headers(&csrf),
+        &deployer,
+        true,
     )
     .await;
     assert_eq!(
@@ -1156,7 +1150,7 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
     );
 
     // Signing out ends the session; revoking the token ends the other.
-    let r = send(Method::POST, "/session/end", with(&deployer)).await;
+    let r = send(Method::POST, "/session/end", &deployer, false).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert!(
         r.headers["set-cookie"]
@@ -1164,7 +1158,7 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
             .unwrap()
             .contains("Max-Age=0")
     );
-    let r = send(Method::GET, "/api/v1/status", with(&deployer)).await;
+    let r = send(Method::GET, "/api/v1/status", &deployer, false).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = call(
         &admin,
@@ -1175,7 +1169,7 @@ async fn the_dashboard_signs_in_with_tokens_and_reads_through_the_api() {
     )
     .await;
     assert!(r.status.is_success(), "{}", r.body);
-    let r = send(Method::GET, "/api/v1/status", with(&viewer)).await;
+    let r = send(Method::GET, "/api/v1/status", &viewer, false).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
     // The newest audit entries, oldest first, as the dashboard reads them.

@@ -30,44 +30,22 @@ async fn a_version_pushed_with_batching_is_served_in_batches() {
     let v2 = v2.to_str().unwrap();
 
     // Bad flags: refused before anything is stored.
-    let e = cli_fails(
-        &control,
-        &["model", "push", "digits", v2, "--batch-delay", "1ms"],
-    );
-    assert!(e.contains("--max-batch"), "{e}");
-    let e = cli_fails(
-        &control,
-        &["model", "push", "digits", v2, "--max-batch", "0"],
-    );
-    assert!(e.contains("max batch 0"), "{e}");
-    let e = cli_fails(
-        &control,
-        &[
-            "model",
-            "push",
-            "digits",
-            v2,
-            "--max-batch",
-            "8",
-            "--preferred-batch",
-            "16",
-        ],
-    );
-    assert!(e.contains("preferred batch size 16"), "{e}");
-    let e = cli_fails(
-        &control,
-        &[
-            "model",
-            "push",
-            "digits",
-            v2,
-            "--max-batch",
-            "8",
-            "--batch-delay",
-            "5 parsecs",
-        ],
-    );
-    assert!(e.contains("unknown unit"), "{e}");
+    for (flags, says) in [
+        (&["--batch-delay", "1ms"][..], "--max-batch"),
+        (&["--max-batch", "0"][..], "max batch 0"),
+        (
+            &["--max-batch", "8", "--preferred-batch", "16"][..],
+            "preferred batch size 16",
+        ),
+        (
+            &["--max-batch", "8", "--batch-delay", "5 parsecs"][..],
+            "unknown unit",
+        ),
+    ] {
+        let args = [&["model", "push", "digits", v2][..], flags].concat();
+        let e = cli_fails(&control, &args);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
 
     let pushed = cli(
         &control,

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use shoal_testkit::{ChildGuard, TempDir, models_dir, spawn_command_collect};
+use shoal_testkit::{ChildGuard, TempDir, models_dir};
 
 mod common;
 use common::shoal;
@@ -45,21 +45,7 @@ fn the_dashboard_in_a_real_browser() {
     let (chromium, script) = browser_tools();
     let tmp = TempDir::new("dashboard-e2e");
     let data = tmp.join("up");
-    let mut up = Command::new(shoal());
-    up.args([
-        "up",
-        "--gateway-addr",
-        "127.0.0.1:0",
-        "--control-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--replicas",
-        "3",
-    ]);
-    let (_up, lines) = spawn_command_collect(up, "shoal up ready:");
-    let words: Vec<&str> = lines.last().unwrap().split_whitespace().collect();
-    let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
+    let (_up, gateway, control, lines) = common::shoal_up_printing(&data, &["--replicas", "3"]);
     let dashboard = lines
         .iter()
         .find_map(|l| l.trim().strip_prefix("dashboard"))

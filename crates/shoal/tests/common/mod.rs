@@ -192,6 +192,15 @@ pub(crate) async fn converged_on(control: &str, target: &str, replicas: usize) {
 /// the child, the first gateway's URL and the control plane's URL, with
 /// the fleet's admin token remembered for CLI calls.
 pub(crate) fn shoal_up(data: &Path, args: &[&str]) -> (ChildGuard, String, String) {
+    let (up, gateway, control, _) = shoal_up_printing(data, args);
+    (up, gateway, control)
+}
+
+/// [`shoal_up`], also returning every line it printed up to its ready line.
+pub(crate) fn shoal_up_printing(
+    data: &Path,
+    args: &[&str],
+) -> (ChildGuard, String, String, Vec<String>) {
     let mut all = vec![
         "up",
         "--gateway-addr",
@@ -202,7 +211,10 @@ pub(crate) fn shoal_up(data: &Path, args: &[&str]) -> (ChildGuard, String, Strin
         data.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
-    let (up, ready) = shoal_testkit::spawn_until(shoal(), &all, "shoal up ready:");
+    let mut command = std::process::Command::new(shoal());
+    command.args(&all);
+    let (up, lines) = shoal_testkit::spawn_command_collect(command, "shoal up ready:");
+    let ready = lines.last().expect("the ready line");
     let words: Vec<&str> = ready.split_whitespace().collect();
     let (gateway, control) = (words[4].to_owned(), words[6].to_owned());
     shoal_testkit::tokens::remember_admin_token(
@@ -211,7 +223,7 @@ pub(crate) fn shoal_up(data: &Path, args: &[&str]) -> (ChildGuard, String, Strin
             .unwrap()
             .trim(),
     );
-    (up, gateway, control)
+    (up, gateway, control, lines)
 }
 
 /// Clients sending digits predictions through a gateway until finished,
