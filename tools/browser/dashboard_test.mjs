@@ -9,13 +9,15 @@
 //   MODELS         the bundled models' directory
 //   ARTIFACTS      where screenshots go
 //   CHROMIUM       the browser (default /usr/bin/chromium)
+//   FIREFOX        Firefox, for the second pass (default /usr/bin/firefox-esr;
+//                  driven over WebDriver BiDi)
 //
 // Exits non-zero, naming the step, when the page does not show what it
 // should within the step's deadline.
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { chromium, firefox } from "playwright-core";
 
 const env = (name) => {
   const value = process.env[name];
@@ -148,11 +150,14 @@ try {
   if (!/p99/.test(reason)) throw new Error(`the rollback reason does not name p99: ${reason}`);
   await card.locator('.decisions li[data-action="deploy.rolled_back"]').waitFor();
   step = "the canary's p99 above the baseline's";
+  // The lines' last points: the canary's last window before it lost its
+  // traffic, the baseline's now (the first seconds of traffic are slow on
+  // every version while connections open, so peaks say little).
   await page.waitForFunction(
     (v) => {
       const chart = document.querySelector('article.rollout[data-model="digits"] [data-chart="p99"]');
-      const max = (version) => Number(chart?.querySelector(`path[data-version="${version}"]`)?.dataset.max || "NaN");
-      return max(v) > max("1");
+      const last = (version) => Number(chart?.querySelector(`path[data-version="${version}"]`)?.dataset.last || "NaN");
+      return last(v) > last("1");
     },
     slowVersion,
     { timeout: 20000 },
@@ -234,6 +239,47 @@ try {
   const after = await nodes();
   if (after !== before) throw new Error(`the page went from ${before} to ${after} elements over 5 updates`);
   if (problems.length) throw new Error(problems.join("\n"));
+
+  // 7. The same page in Firefox: signed in through the printed URL, the
+  //    fleet, the rollout with its charts and decisions, the registry; the
+  //    sign-in form without a session.
+  step = "Firefox";
+  const fox = await firefox.launch({
+    executablePath: process.env.FIREFOX || "/usr/bin/firefox-esr",
+    channel: "moz-firefox",
+    headless: true,
+  });
+  try {
+    const foxPage = await fox.newPage({ viewport: { width: 1366, height: 900 } });
+    const foxProblems = [];
+    // Playwright's BiDi client inserts a <style> of its own, which the
+    // page's policy (no inline style) refuses and Firefox reports as a page
+    // error; the page itself has none (Chromium, over CDP, reports nothing).
+    const harness = (m) => m.includes("blocked an inline style (style-src-elem)");
+    foxPage.on("pageerror", (e) => harness(e.message) || foxProblems.push(`page error: ${e.message}`));
+    await foxPage.goto(DASHBOARD_URL);
+    if (foxPage.url().includes("token")) throw new Error(`Firefox kept the token in the address bar: ${foxPage.url()}`);
+    await foxPage.waitForFunction(() => document.querySelectorAll('[data-replica][data-healthy="true"]').length === 3, null, { timeout: 30000 });
+    const foxCard = foxPage.locator('article.rollout[data-model="digits"]');
+    await foxCard.waitFor();
+    if ((await foxCard.getAttribute("data-state")) !== "aborted") throw new Error("Firefox shows another rollout state");
+    await foxPage.waitForFunction(
+      () => document.querySelectorAll('article.rollout[data-model="digits"] [data-chart="p99"] path[data-version]').length > 0,
+      null,
+      { timeout: 20000 },
+    );
+    await foxCard.locator('.decisions li[data-action="deploy.aborted"]').waitFor();
+    await foxPage.locator('#models article[data-model="digits"] tr[data-version="1"]').waitFor();
+    await foxCard.scrollIntoViewIfNeeded();
+    await foxPage.screenshot({ path: join(ARTIFACTS, "08-firefox.png"), fullPage: true });
+    const foxStranger = await fox.newPage();
+    await foxStranger.goto(`${CONTROL}/`);
+    await foxStranger.locator("#signin").waitFor({ state: "visible" });
+    if ((await foxStranger.locator("[data-replica]").count()) !== 0) throw new Error("Firefox shows fleet data without a session");
+    if (foxProblems.length) throw new Error(foxProblems.join("\n"));
+  } finally {
+    await fox.close();
+  }
   log("all steps passed");
 } catch (e) {
   console.error(`[dashboard test] FAILED at step "${step}": ${e.stack || e}`);

@@ -1,4 +1,5 @@
-//! The dashboard in a real browser: headless Chromium from Debian, driven
+//! The dashboard in real browsers: headless Chromium from Debian (and a
+//! second pass in Debian's Firefox ESR over WebDriver BiDi), driven
 //! by `tools/browser/dashboard_test.mjs` (playwright-core from npm, which
 //! `scripts/setup` installs), against a `shoal up` fleet opened through
 //! the URL it prints. Screenshots of each step go to
@@ -25,24 +26,34 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The browser and the driver, or a panic that says how to get them.
-fn browser_tools() -> (PathBuf, PathBuf) {
-    let chromium = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+/// The browsers and the driver, or a panic that says how to get them.
+fn browser_tools() -> (PathBuf, PathBuf, PathBuf) {
+    let path = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(default))
+    };
+    let chromium = path("CHROMIUM", "/usr/bin/chromium");
+    let firefox = path("FIREFOX", "/usr/bin/firefox-esr");
     let driver = repo().join("tools/browser/node_modules/playwright-core");
-    assert!(
-        chromium.exists() && driver.exists(),
-        "the browser tests need Debian's chromium ({}) and playwright-core ({}): run scripts/setup",
-        chromium.display(),
-        driver.display()
-    );
-    (chromium, repo().join("tools/browser/dashboard_test.mjs"))
+    for needed in [&chromium, &firefox, &driver] {
+        assert!(
+            needed.exists(),
+            "the browser tests need Debian's chromium and firefox-esr and playwright-core \
+             ({} is missing): run scripts/setup",
+            needed.display()
+        );
+    }
+    (
+        chromium,
+        firefox,
+        repo().join("tools/browser/dashboard_test.mjs"),
+    )
 }
 
 #[test]
 fn the_dashboard_in_a_real_browser() {
-    let (chromium, script) = browser_tools();
+    let (chromium, firefox, script) = browser_tools();
     let tmp = TempDir::new("dashboard-e2e");
     let data = tmp.join("up");
     let (_up, gateway, control, lines) = common::shoal_up_printing(&data, &["--replicas", "3"]);
@@ -67,7 +78,8 @@ fn the_dashboard_in_a_real_browser() {
         .env("SHOAL_TOKEN", token.trim())
         .env("MODELS", models_dir())
         .env("ARTIFACTS", &artifacts)
-        .env("CHROMIUM", &chromium);
+        .env("CHROMIUM", &chromium)
+        .env("FIREFOX", &firefox);
     let mut driver = ChildGuard(
         node.spawn()
             .unwrap_or_else(|e| panic!("cannot start node (scripts/setup installs it): {e}")),
