@@ -995,13 +995,10 @@ where
 /// versions, skew.
 #[utoipa::path(get, path = "/api/v1/status", responses((status = 200, body = FleetStatus)))]
 pub(crate) async fn status(State(control): Shared) -> Result<Response, ApiError> {
-    let mut status = control.fleet_status();
-    status.control = Some(
-        control
-            .leadership()
-            .await
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?,
-    );
+    let status = control
+        .status()
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(json_response(StatusCode::OK, &status))
 }
 

@@ -333,13 +333,14 @@ pub(crate) async fn stream(State(control): State<Arc<Control>>) -> Response {
 }
 
 async fn snapshot(control: &Control) -> Event {
-    let mut status = control.fleet_status();
-    match control.leadership().await {
-        Ok(leadership) => status.control = Some(leadership),
-        Err(e) => tracing::debug!(error = %format!("{e:#}"), "dashboard stream: leadership"),
-    }
+    // The page still shows the fleet when the registry cannot say who leads.
+    let status = control.status().await.unwrap_or_else(|e| {
+        tracing::debug!(error = %format!("{e:#}"), "dashboard stream: leadership");
+        control.fleet_status()
+    });
     let deployments = control
-        .facts()
+        .snapshot()
+        .facts
         .deployments
         .iter()
         .map(|(d, _)| d.clone())

@@ -475,6 +475,14 @@ impl Control {
         }
     }
 
+    /// [`Control::fleet_status`] with the control plane's members and leader
+    /// (read from the registry): what `GET /api/v1/status` answers.
+    pub async fn status(&self) -> anyhow::Result<shoal_api::fleet::FleetStatus> {
+        let mut status = self.fleet_status();
+        status.control = Some(self.leadership().await?);
+        Ok(status)
+    }
+
     /// Artifact bytes (chunks and manifests) the origin has served since
     /// start: what replicas pulled from it rather than from peers.
     pub fn origin_egress_bytes(&self) -> u64 {

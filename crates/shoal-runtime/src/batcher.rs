@@ -199,7 +199,7 @@ impl Batcher {
             let outputs = self
                 .runner
                 .pool
-                .run_shared(&self.model, inputs, share)
+                .run_checked(&self.model, inputs, share)
                 .await;
             drop(permit);
             self.shared.stats.count(&self.runner, &[rows]);
@@ -346,7 +346,7 @@ async fn run_one(model: &LoadedModel, runner: &BatchRunner, jobs: Vec<Job>, stat
     let answers = match batch::concat(inputs) {
         Ok(joined) => runner
             .pool
-            .run_shared(model, joined, share)
+            .run_checked(model, joined, share)
             .await
             .and_then(|outputs| batch::split(outputs, &rows).map_err(RunError::Engine)),
         Err(e) => Err(RunError::Engine(e)),

@@ -259,15 +259,17 @@ impl LoadedModel {
             .map_err(|e| LoadError::WarmUp(e.to_string()))
     }
 
-    /// Zero-valued inputs with `rows` in the first dimension (other
-    /// dynamic dimensions 1).
+    /// Zero-valued inputs with `rows` in a dynamic first dimension (other
+    /// dynamic dimensions 1; fixed ones as declared).
     fn example(&self, rows: usize) -> Result<Vec<Tensor>, shoal_core::TensorError> {
         self.signature()
             .inputs
             .iter()
             .map(|spec| {
                 let mut shape = spec.example_shape();
-                if let Some(first) = shape.first_mut() {
+                if let (Some(first), Some(shoal_core::Dim::Dynamic(_))) =
+                    (shape.first_mut(), spec.shape.first())
+                {
                     *first = rows;
                 }
                 let data = TensorData::zeros(spec.datatype, shape.iter().product());

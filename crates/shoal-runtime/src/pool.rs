@@ -202,6 +202,17 @@ impl InferencePool {
         share: Share<'_>,
     ) -> Result<Vec<Tensor>, RunError> {
         let inputs = model.check(inputs)?;
+        self.run_checked(model, inputs, share).await
+    }
+
+    /// [`InferencePool::run_shared`] for inputs already checked against
+    /// the model (the batcher checks each request as it queues).
+    pub(crate) async fn run_checked(
+        &self,
+        model: &LoadedModel,
+        inputs: Vec<Tensor>,
+        share: Share<'_>,
+    ) -> Result<Vec<Tensor>, RunError> {
         let started = tokio::time::Instant::now();
         let deadline = started.checked_add(share.deadline);
         let ready = match (

@@ -175,7 +175,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 30s, 2m or 1h"))?;
     let scale = match unit {
-        "us" | "µs" => 0.000_001,
+        "us" => 0.000_001,
         "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
