@@ -11,6 +11,7 @@
 //! - [`traffic`]: what gateways report: shadow comparisons, rewards.
 //! - [`replica`]: what replicas tell gateways directly: the admin listing,
 //!   the headers naming who answered.
+//! - [`scale`]: placement specs, tiers, autoscaler recommendations.
 //! - [`counters`]: summing cumulative counters over reporters that restart.
 //!
 //! Architecture invariant: pure serde types and tiny pure helpers (token
@@ -24,6 +25,7 @@ pub mod fleet;
 pub mod history;
 pub mod registry;
 pub mod replica;
+pub mod scale;
 pub mod traffic;
 
 /// The URL of `path` on a fleet member reached at `address`: an address
