@@ -257,6 +257,14 @@ pub struct Deployment {
     pub warm: Vec<WarmVersion>,
     /// The rollout in progress or the last one.
     pub rollout: Option<RolloutView>,
+    /// How many replicas serve the model (`shoal scale`); every eligible
+    /// one when absent.
+    #[serde(default)]
+    pub scale: Option<crate::scale::ScaleSpec>,
+    /// The replicas the model is placed on (by the control plane, from
+    /// `scale`); every eligible one when absent.
+    #[serde(default)]
+    pub placement: Option<Vec<String>>,
     /// Fleet revision when this last changed.
     pub revision: u64,
     /// When this last changed.

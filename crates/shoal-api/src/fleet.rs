@@ -28,6 +28,10 @@ pub struct Registration {
     /// traffic only while its region is short of active replicas.
     #[serde(default)]
     pub standby: bool,
+    /// What kind of capacity it runs on (`--tier`): placement keeps a
+    /// model's on-demand minimum off spot replicas.
+    #[serde(default)]
+    pub tier: crate::scale::Tier,
 }
 
 /// What the control plane answers to a registration.
@@ -114,6 +118,15 @@ pub struct Heartbeat {
     /// Inference counts since each version was loaded, by `model:version`.
     #[serde(default)]
     pub stats: BTreeMap<String, VersionStats>,
+    /// Memory each loaded version took when it loaded (resident set
+    /// growth over its load and warm-up), bytes, by `model:version`:
+    /// placement balances by it.
+    #[serde(default)]
+    pub memory: BTreeMap<String, u64>,
+    /// How long each loaded version took from wanted to ready (fetch,
+    /// load, warm-up), ms, by `model:version`: prediction scales ahead by it.
+    #[serde(default)]
+    pub load_ms: BTreeMap<String, u64>,
 }
 
 /// Whether trying again could load a version that failed to load.
@@ -324,6 +337,12 @@ pub struct ReplicaView {
     /// A standby (see [`Registration::standby`]).
     #[serde(default)]
     pub standby: bool,
+    /// Its capacity kind (see [`Registration::tier`]).
+    #[serde(default)]
+    pub tier: crate::scale::Tier,
+    /// Memory its loaded versions took, bytes (see [`Heartbeat::memory`]).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// `GET /api/v1/status`: the fleet.
@@ -343,6 +362,10 @@ pub struct FleetStatus {
     /// Gateways that reported to this control plane.
     #[serde(default)]
     pub gateways: Vec<GatewayView>,
+    /// Models placed on some replicas (`shoal scale`), with those
+    /// replicas' ids; models absent here are served by every replica.
+    #[serde(default)]
+    pub placements: BTreeMap<String, Vec<String>>,
 }
 
 /// A gateway as the control plane knows it: by its reports.

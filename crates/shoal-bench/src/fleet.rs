@@ -113,6 +113,7 @@ impl Fleet {
                 poll_interval: Duration::from_secs(10),
                 labels: Default::default(),
                 standby: false,
+                tier: Default::default(),
                 events: None,
             };
             let config = ReplicaConfig {

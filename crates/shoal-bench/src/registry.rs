@@ -39,6 +39,8 @@ pub struct RegistryReport {
 fn deployment(model: &str, n: usize) -> StoredDeployment {
     StoredDeployment {
         deployment: Deployment {
+            placement: None,
+            scale: None,
             model: model.to_owned(),
             targets: vec![TrafficTarget {
                 version: (n % 7 + 1).to_string(),

@@ -170,6 +170,7 @@ async fn start_control(
 
 fn registration(id: &str) -> shoal_api::fleet::Registration {
     shoal_api::fleet::Registration {
+        tier: Default::default(),
         id: id.to_owned(),
         address: "127.0.0.1:9".into(),
         region: "sim".into(),

@@ -445,6 +445,34 @@ impl ControlClient {
         .await
     }
 
+    /// Sets how many replicas serve a model (`shoal scale`).
+    pub async fn set_scale(
+        &self,
+        model: &str,
+        spec: &shoal_api::scale::ScaleSpec,
+    ) -> Result<Deployment, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/api/v1/deployments/{model}/scale"),
+            spec,
+        )
+        .await
+    }
+
+    /// A model's scale: placement and the autoscaler's recommendations.
+    pub async fn scale_status(
+        &self,
+        model: &str,
+    ) -> Result<shoal_api::scale::ScaleStatus, ClientError> {
+        self.get_json(&format!("/api/v1/deployments/{model}/scale"))
+            .await
+    }
+
+    /// The replica count the fleet should run.
+    pub async fn fleet_scale(&self) -> Result<shoal_api::scale::FleetScale, ClientError> {
+        self.get_json("/api/v1/scale").await
+    }
+
     /// A model's current or last rollout.
     pub async fn rollout(&self, model: &str) -> Result<RolloutView, ClientError> {
         self.get_json(&format!("/api/v1/rollouts/{model}")).await
@@ -744,6 +772,13 @@ impl ControlClient {
     /// Every token (admin).
     pub async fn list_tokens(&self) -> Result<Vec<shoal_api::auth::TokenInfo>, ClientError> {
         self.get_json("/api/v1/tokens").await
+    }
+
+    /// Forgets a replica (admin): one stopped for good.
+    pub async fn deregister_replica(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/api/v1/replicas/{id}");
+        let (status, _, body) = self.send(Method::DELETE, &path, &[], Bytes::new()).await?;
+        Self::check(status, &body)
     }
 
     /// Revokes a token (admin).

@@ -110,6 +110,13 @@ pub fn router(control: Arc<Control>) -> Router {
             put(set_traffic).route_layer(needs(Deploy)),
         )
         .route(
+            "/api/v1/deployments/{model}/scale",
+            get(get_scale)
+                .route_layer(needs(Read))
+                .merge(put(set_scale).route_layer(needs(Deploy))),
+        )
+        .route("/api/v1/scale", get(fleet_scale).route_layer(needs(Read)))
+        .route(
             "/api/v1/rollouts/{model}",
             get(get_rollout).route_layer(needs(Read)),
         )
@@ -590,6 +597,46 @@ pub(crate) async fn set_traffic(
         .await
         .map_err(deploy_error)?;
     Ok(json_response(StatusCode::OK, &deployment))
+}
+
+/// Set how many replicas serve a model: a fixed count, autoscaling
+/// bounds with a target, or every replica (an empty spec).
+#[utoipa::path(put, path = "/api/v1/deployments/{model}/scale", request_body = shoal_api::scale::ScaleSpec, responses((status = 200, body = Deployment)))]
+pub(crate) async fn set_scale(
+    State(control): Shared,
+    Extension(caller): Extension<Caller>,
+    Path(model): Path<String>,
+    Json(spec): Json<shoal_api::scale::ScaleSpec>,
+) -> Result<Response, ApiError> {
+    let model = model_name(&model)?;
+    let deployment = control
+        .set_scale(model.as_str(), spec, &caller.name)
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &deployment))
+}
+
+/// A model's scale: spec, placement, the autoscaler's reactive and
+/// predicted recommendations, right-sizing and the next predicted change.
+#[utoipa::path(get, path = "/api/v1/deployments/{model}/scale", responses((status = 200, body = shoal_api::scale::ScaleStatus)))]
+pub(crate) async fn get_scale(
+    State(control): Shared,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let model = model_name(&model)?;
+    let status = control
+        .scale_status(model.as_str())
+        .await
+        .map_err(deploy_error)?;
+    Ok(json_response(StatusCode::OK, &status))
+}
+
+/// The replica count the fleet should run (`desired_replicas`: the most
+/// any scaled model wants), for Kubernetes' scaler and `shoal up
+/// --autoscale`, with every scaled model's status.
+#[utoipa::path(get, path = "/api/v1/scale", responses((status = 200, body = shoal_api::scale::FleetScale)))]
+pub(crate) async fn fleet_scale(State(control): Shared) -> Result<Response, ApiError> {
+    Ok(json_response(StatusCode::OK, &control.fleet_scale()))
 }
 
 /// A model's current or last rollout.

@@ -221,6 +221,8 @@ impl Control {
             .clone()
             .or_else(|| current.as_ref().and_then(|c| c.deployment.regions.clone()));
         let deployment = Deployment {
+            placement: None,
+            scale: None,
             model: model.to_owned(),
             targets: vec![TrafficTarget {
                 version: version.version.clone(),
@@ -808,6 +810,68 @@ impl Control {
         Ok(deployment)
     }
 
+    /// Records how many replicas serve `model` (`shoal scale`); the next
+    /// controller pass places it.
+    pub async fn set_scale(
+        self: &Arc<Self>,
+        model: &str,
+        spec: shoal_api::scale::ScaleSpec,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        spec.check().map_err(DeployError::Invalid)?;
+        retrying(|| self.set_scale_once(model, &spec, actor)).await
+    }
+
+    async fn set_scale_once(
+        self: &Arc<Self>,
+        model: &str,
+        spec: &shoal_api::scale::ScaleSpec,
+        actor: &str,
+    ) -> Result<Deployment, DeployError> {
+        let _guard = self.deploy_lock.lock().await;
+        let stored = self.store.get_deployment(model).await?.ok_or_else(|| {
+            DeployError::NotFound(format!(
+                "model {model} is not deployed; deploy a version first (shoal deploy {model}:VERSION)"
+            ))
+        })?;
+        let mut deployment = stored.deployment;
+        let detail = match (spec.replicas, spec.min, spec.max) {
+            (Some(n), _, _) => format!("{n} replicas"),
+            (None, Some(min), Some(max)) => format!(
+                "{min} to {max} replicas on {} {}",
+                spec.target_or_default().signal(),
+                spec.target_or_default().value()
+            ),
+            _ => "every replica".to_owned(),
+        };
+        let detail = if spec.min_on_demand > 0 {
+            format!("{detail}, at least {} on-demand", spec.min_on_demand)
+        } else {
+            detail
+        };
+        if spec.is_everywhere() {
+            deployment.scale = None;
+            deployment.placement = None;
+        } else {
+            deployment.scale = Some(spec.clone());
+        }
+        let stored = StoredDeployment {
+            controller: stored.controller,
+            deployment: deployment.clone(),
+        };
+        let precondition = Precondition {
+            revision: Some(deployment.revision),
+            fence: None,
+        };
+        deployment.revision = self
+            .store
+            .put_deployment_if(stored, &precondition, "scale", Audit::by(actor, detail))
+            .await?;
+        self.refresh().await?;
+        self.after_change();
+        Ok(deployment)
+    }
+
     fn after_change(self: &Arc<Self>) {
         self.push_to_replicas();
         self.kick();
@@ -898,6 +962,14 @@ impl Control {
     }
 
     async fn tick_as_leader(self: &Arc<Self>) -> Result<(), DeployError> {
+        // Every member runs the autoscalers (for `shoal scale status`);
+        // only the leader writes placements.
+        let placements = self.capacity.pass(
+            &self.facts(),
+            &self.snapshot().registrations,
+            &self.live.capacity_reports(),
+            now_millis(),
+        );
         let Some(fence) = self.fence() else {
             return Ok(());
         };
@@ -974,6 +1046,43 @@ impl Control {
                         .await?;
                     changed = true;
                 }
+            }
+        }
+        // Placements, unless a rollout step changed a deployment in this
+        // pass (the placement was planned on what it replaced: next pass).
+        if !changed {
+            for change in placements {
+                let Some((deployment, controller)) = facts
+                    .deployments
+                    .iter()
+                    .find(|(d, _)| d.model == change.model)
+                else {
+                    continue;
+                };
+                let mut d = deployment.clone();
+                d.placement = change.placement;
+                let stored = StoredDeployment {
+                    controller: controller
+                        .as_ref()
+                        .map(|c| serde_json::to_value(c).unwrap_or_default())
+                        .unwrap_or_default(),
+                    deployment: d,
+                };
+                let precondition = Precondition {
+                    revision: Some(deployment.revision),
+                    fence: fence.cloned(),
+                };
+                tracing::info!(model = %change.model, reason = %change.reason, "placement changed");
+                self.store
+                    .put_deployment_if(
+                        stored,
+                        &precondition,
+                        "scale.placed",
+                        Audit::by("controller", format!("{}: {}", change.model, change.reason)),
+                    )
+                    .await?;
+                changed = true;
+                stale = true;
             }
         }
         drop(guard);

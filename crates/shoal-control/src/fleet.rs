@@ -24,6 +24,17 @@ struct Live {
     rps: f64,
 }
 
+/// A live replica's figures that capacity decisions read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapacityReport {
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Memory per loaded `model:version`, bytes.
+    pub memory: BTreeMap<String, u64>,
+    /// Time from wanted to ready per loaded `model:version`, ms.
+    pub load_ms: BTreeMap<String, u64>,
+}
+
 /// Heartbeats and liveness of every replica.
 #[derive(Debug)]
 pub struct LiveFleet {
@@ -122,6 +133,27 @@ impl LiveFleet {
             .clone()
     }
 
+    /// What placement and the autoscaler read of each live replica's last
+    /// heartbeat, by id.
+    pub fn capacity_reports(&self) -> BTreeMap<String, CapacityReport> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, l)| l.at.elapsed() < self.dead_after)
+            .map(|(id, l)| {
+                (
+                    id.clone(),
+                    CapacityReport {
+                        in_flight: l.report.in_flight,
+                        memory: l.report.memory.clone(),
+                        load_ms: l.report.load_ms.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Forgets a replica.
     pub fn forget(&self, id: &str) {
         self.live
@@ -209,6 +241,9 @@ impl LiveFleet {
                     .map(|l| l.report.faults.clone())
                     .unwrap_or_default();
                 let entry_rps = entry.as_ref().filter(|_| alive).map_or(0.0, |l| l.rps);
+                let memory_bytes = entry
+                    .as_ref()
+                    .map_or(0, |l| l.report.memory.values().sum::<u64>());
                 let (serving, ready, last, in_flight, failures) = match &entry {
                     Some(l) => {
                         let mut s: Vec<String> = l
@@ -242,6 +277,8 @@ impl LiveFleet {
                     }
                 }
                 ReplicaView {
+                    memory_bytes,
+                    tier: r.registration.tier,
                     id: id.clone(),
                     address: r.registration.address.clone(),
                     region: r.registration.region.clone(),
@@ -273,6 +310,7 @@ mod tests {
     fn record(id: &str) -> ReplicaRecord {
         ReplicaRecord {
             registration: Registration {
+                tier: Default::default(),
                 id: id.into(),
                 address: "a:1".into(),
                 region: "r".into(),

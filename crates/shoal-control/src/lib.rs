@@ -17,6 +17,8 @@
 //!   ([`history`]).
 //! - [`controller`] drives rollouts: it feeds the pure state machines of
 //!   `shoal-rollout` with what replicas report and persists their decisions.
+//! - [`capacity`] places scaled models on replicas and runs their
+//!   autoscalers (`shoal-scale`), in the controller's passes.
 //!
 //! Architecture invariant: the control plane is never on the inference
 //! path. Replicas and gateways keep serving their last known state when it
@@ -25,6 +27,7 @@
 pub mod api;
 pub mod auth;
 pub mod backups;
+pub mod capacity;
 pub mod controller;
 pub mod dashboard;
 mod events;
@@ -95,6 +98,8 @@ pub struct ControlConfig {
     /// NATS server (`nats://HOST:PORT`) to publish desired states and
     /// routing tables on, while this member leads.
     pub events: Option<String>,
+    /// How the autoscalers behave (the HPA's defaults, a 24-hour day).
+    pub capacity: capacity::CapacityConfig,
 }
 
 /// Opens the registry `url` names (see [`ControlConfig::registry`]).
@@ -159,6 +164,7 @@ impl Default for ControlConfig {
             advertise: None,
             lease_ttl: Duration::from_millis(1500),
             events: None,
+            capacity: capacity::CapacityConfig::default(),
         }
     }
 }
@@ -207,6 +213,8 @@ pub struct Control {
     sessions: dashboard::Sessions,
     /// What the dashboard charts.
     history: std::sync::Mutex<history::History>,
+    /// Placement and the autoscalers.
+    capacity: capacity::Capacity,
 }
 
 /// This member's identity.
@@ -285,6 +293,7 @@ impl Control {
             member,
             leader: tokio::sync::watch::Sender::new(leader::LeaderState::default()),
             live: LiveFleet::new(config.dead_after, config.skew_threshold),
+            capacity: capacity::Capacity::new(config.capacity),
             config,
             store,
             artifacts,
@@ -472,6 +481,11 @@ impl Control {
             rollouts,
             control: None,
             gateways: self.traffic.gateways(),
+            placements: facts
+                .deployments
+                .iter()
+                .filter_map(|(d, _)| Some((d.model.clone(), d.placement.clone()?)))
+                .collect(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! Children exit on their own if `shoal up` disappears (they watch their
 //! parent), so even a `kill -9` of `shoal up` leaves nothing behind.
 
+pub mod autoscale;
 mod child;
 pub mod tls;
 
@@ -70,6 +71,15 @@ pub struct UpConfig {
     /// Redis for sequences' state, given to every replica
     /// (`--session-store`); none keeps it in each replica's memory.
     pub session_store: Option<String>,
+    /// Of `replicas`, this many (the last ones) run as spot capacity
+    /// (`--tier spot`).
+    pub spot: usize,
+    /// Follow the control plane's desired replica count, up to this many
+    /// replicas (`--autoscale --max-replicas M`).
+    pub autoscale: Option<usize>,
+    /// Flags every control plane is started with besides the fleet's own
+    /// (the autoscalers' tuning).
+    pub control_args: Vec<String>,
 }
 
 impl UpConfig {
@@ -79,6 +89,22 @@ impl UpConfig {
             .registry
             .as_deref()
             .is_some_and(|r| r.starts_with("postgres://") || r.starts_with("postgresql://"));
+        if self.spot > self.replicas {
+            bail!(
+                "--spot {} is more than the {} replicas: spot replicas are some of them",
+                self.spot,
+                self.replicas
+            );
+        }
+        if let Some(max) = self.autoscale
+            && max < self.replicas
+        {
+            bail!(
+                "--max-replicas {max} is below --replicas {}: the fleet starts with --replicas and \
+                 grows up to --max-replicas",
+                self.replicas
+            );
+        }
         if self.control_planes > 1 && !postgres {
             bail!(
                 "--control-planes {} needs a registry they share: pass --registry postgres://user@host/database (SQLite serves one control plane)",
@@ -337,6 +363,7 @@ pub async fn run(
             if let Some(registry) = &config.registry {
                 args.extend(["--registry".into(), registry.clone()]);
             }
+            args.extend(config.control_args.iter().cloned());
             args.extend(events_args.iter().cloned());
             if config.control_planes > 1 {
                 args.extend([
@@ -371,47 +398,37 @@ pub async fn run(
         let fleet_file = fleet_token(&client, &config.data_dir).await?;
         let fleet_file = fleet_file.display().to_string();
 
+        let launcher = Arc::new(ReplicaLauncher {
+            exe: exe.clone(),
+            data_dir: config.data_dir.clone(),
+            control_url: control_url.clone(),
+            fleet_file: fleet_file.clone(),
+            extra: events_args
+                .iter()
+                .cloned()
+                .chain(
+                    config
+                        .session_store
+                        .iter()
+                        .flat_map(|url| ["--session-store".to_owned(), url.clone()]),
+                )
+                .chain(tls_args.iter().cloned())
+                .collect(),
+            state: state.clone(),
+        });
         let members = (0..config.replicas)
-            .map(|i| (format!("replica-{i}"), i, false))
-            .chain((0..config.standby).map(|i| (format!("standby-{i}"), i, true)));
-        for (name, i, standby) in members {
+            .map(|i| {
+                let spot = i >= config.replicas - config.spot;
+                (format!("replica-{i}"), i, false, spot)
+            })
+            .chain((0..config.standby).map(|i| (format!("standby-{i}"), i, true, false)));
+        for (name, i, standby, spot) in members {
             let region = &config.regions[i % config.regions.len()];
+            let child = launcher.spawn(&name, region, standby, spot);
             spawned
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(Supervised::spawn(
-                    name.clone(),
-                    exe.clone(),
-                    vec![
-                        "replica".into(),
-                        "--control".into(),
-                        control_url.clone(),
-                        "--addr".into(),
-                        "127.0.0.1:0".into(),
-                        "--data-dir".into(),
-                        dir(&name),
-                        "--region".into(),
-                        region.clone(),
-                        "--poll-interval".into(),
-                        "5".into(),
-                        "--token-file".into(),
-                        fleet_file.clone(),
-                    ]
-                    .into_iter()
-                    .chain(standby.then(|| "--standby".to_owned()))
-                    .chain(events_args.iter().cloned())
-                    .chain(
-                        config
-                            .session_store
-                            .iter()
-                            .flat_map(|url| ["--session-store".to_owned(), url.clone()]),
-                    )
-                    .chain(tls_args.iter().cloned())
-                    .collect(),
-                    false,
-                    state.clone(),
-                    config.data_dir.clone(),
-                ));
+                .push(child);
         }
         let mut gateways = Vec::new();
         for (i, region) in config.regions.iter().enumerate() {
@@ -469,7 +486,15 @@ pub async fn run(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok::<_, anyhow::Error>((control_url, admin_file, gateways, infer_url, body))
+        Ok::<_, anyhow::Error>((
+            control_url,
+            admin_file,
+            gateways,
+            infer_url,
+            body,
+            launcher,
+            client,
+        ))
     };
     let ready = tokio::select! {
         ready = startup => ready,
@@ -479,14 +504,17 @@ pub async fn run(
             return Ok(());
         }
     };
-    let (control_url, admin_file, gateways, infer_url, body) = match ready {
+    let (control_url, admin_file, gateways, infer_url, body, launcher, admin) = match ready {
         Ok(ready) => ready,
         Err(e) => {
             stop_all(take(&spawned)).await;
             return Err(e);
         }
     };
-    let children = take(&spawned);
+    let children: Vec<Arc<Supervised>> = spawned
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let gateway = gateways[0].1.clone();
     let elapsed = started.elapsed();
     println!();
@@ -557,16 +585,92 @@ pub async fn run(
             .collect();
         tokio::spawn(chaos_monkey(replicas, rate))
     });
+    let autoscaler = config.autoscale.map(|max| {
+        println!(
+            "autoscale: following the control plane's desired replica count, {} to {max} replicas",
+            config.replicas
+        );
+        let regions = config.regions.clone();
+        let launch: autoscale::Launch = Box::new(move |name: &str| {
+            let n: usize = name
+                .trim_start_matches("replica-")
+                .parse()
+                .unwrap_or_default();
+            launcher.spawn(name, &regions[n % regions.len()], false, false)
+        });
+        tokio::spawn(autoscale::run(
+            admin,
+            launch,
+            config.replicas,
+            max,
+            spawned.clone(),
+            config.data_dir.clone(),
+        ))
+    });
     shutdown.await;
     if let Some(c) = chaos {
         c.abort();
     }
+    if let Some(a) = autoscaler {
+        a.abort();
+    }
     tracing::info!("stopping: gateways first, then replicas, then the control plane");
     // Gateways stop taking traffic first; replicas drain; the control plane last.
-    stop_all(children).await;
+    drop(children);
+    stop_all(take(&spawned)).await;
     state.lock().await.pids.clear();
     child::write_state(&state, &config.data_dir).await;
     Ok(())
+}
+
+/// Starts replica processes of the fleet, at start-up and for the
+/// autoscaler.
+struct ReplicaLauncher {
+    exe: PathBuf,
+    data_dir: PathBuf,
+    control_url: String,
+    fleet_file: String,
+    /// Events, session store and TLS flags every replica gets.
+    extra: Vec<String>,
+    state: Arc<tokio::sync::Mutex<FleetState>>,
+}
+
+impl ReplicaLauncher {
+    fn spawn(&self, name: &str, region: &str, standby: bool, spot: bool) -> Arc<Supervised> {
+        let args: Vec<String> = [
+            "replica",
+            "--control",
+            &self.control_url,
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &self.data_dir.join(name).display().to_string(),
+            "--region",
+            region,
+            "--poll-interval",
+            "5",
+            "--token-file",
+            &self.fleet_file,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(standby.then(|| "--standby".to_owned()))
+        .chain(
+            spot.then(|| ["--tier".to_owned(), "spot".to_owned()])
+                .into_iter()
+                .flatten(),
+        )
+        .chain(self.extra.iter().cloned())
+        .collect();
+        Supervised::spawn(
+            name.to_owned(),
+            self.exe.clone(),
+            args,
+            false,
+            self.state.clone(),
+            self.data_dir.clone(),
+        )
+    }
 }
 
 async fn post_ok(client: &ControlClient, url: &str, body: &str) -> bool {
@@ -613,6 +717,9 @@ mod tests {
             registry: registry.map(str::to_owned),
             events: None,
             session_store: None,
+            spot: 0,
+            autoscale: None,
+            control_args: Vec::new(),
         }
     }
 
@@ -626,6 +733,27 @@ mod tests {
         );
         assert!(up(3, Some("sqlite")).check().is_err());
         assert!(up(3, Some("postgres://shoal@db/shoal")).check().is_ok());
+    }
+
+    #[test]
+    fn spot_and_autoscale_bounds_are_checked() {
+        let mut config = up(1, None);
+        config.spot = 4;
+        let err = config.check().unwrap_err().to_string();
+        assert!(
+            err.contains("--spot 4 is more than the 3 replicas"),
+            "{err}"
+        );
+        config.spot = 3;
+        assert!(config.check().is_ok());
+        config.autoscale = Some(2);
+        let err = config.check().unwrap_err().to_string();
+        assert!(
+            err.contains("--max-replicas 2 is below --replicas 3"),
+            "{err}"
+        );
+        config.autoscale = Some(3);
+        assert!(config.check().is_ok());
     }
 
     #[test]

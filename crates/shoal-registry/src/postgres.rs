@@ -488,6 +488,7 @@ impl RegistryStore for PostgresRegistry {
             old.address != registration.address
                 || old.region != registration.region
                 || old.standby != registration.standby
+                || old.tier != registration.tier
         });
         sqlx::query(
             "INSERT INTO replicas (id, registration, registered_at) VALUES ($1, $2, $3)

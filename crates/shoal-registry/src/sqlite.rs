@@ -561,6 +561,7 @@ impl RegistryStore for SqliteRegistry {
             old.address != registration.address
                 || old.region != registration.region
                 || old.standby != registration.standby
+                || old.tier != registration.tier
         });
         sqlx::query(
             "INSERT INTO replicas (id, registration, registered_at) VALUES (?, ?, ?)

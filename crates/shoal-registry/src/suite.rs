@@ -40,6 +40,8 @@ pub async fn test_all(store: &dyn RegistryStore) {
 fn plain(model: &str) -> StoredDeployment {
     StoredDeployment {
         deployment: Deployment {
+            placement: None,
+            scale: None,
             model: model.into(),
             targets: vec![TrafficTarget {
                 version: "1".into(),
@@ -401,6 +403,8 @@ async fn statuses_and_last_known_good(store: &dyn RegistryStore) {
 async fn deployments_bump_the_revision(store: &dyn RegistryStore) {
     let before = store.revision().await.unwrap();
     let deployment = Deployment {
+        placement: None,
+        scale: None,
         model: "alpha".into(),
         targets: vec![TrafficTarget {
             version: "3".into(),
@@ -455,6 +459,7 @@ async fn deployments_bump_the_revision(store: &dyn RegistryStore) {
 
 async fn replicas_register_and_leave(store: &dyn RegistryStore) {
     let reg = Registration {
+        tier: Default::default(),
         id: "r1".into(),
         address: "127.0.0.1:9001".into(),
         region: "us-east".into(),

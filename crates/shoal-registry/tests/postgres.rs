@@ -132,6 +132,7 @@ async fn members_hear_of_each_others_revisions() {
         40
     );
     let registration = shoal_api::fleet::Registration {
+        tier: Default::default(),
         id: "r1".into(),
         address: "127.0.0.1:1".into(),
         region: "local".into(),

@@ -567,6 +567,7 @@ impl Replica {
             sha256: prepared.sha256.clone(),
             loaded: prepared.loaded,
             loaded_at: SystemTime::now(),
+            memory_bytes: prepared.memory,
             batcher,
             metrics: version_metrics,
         });
@@ -590,6 +591,7 @@ impl Replica {
             bytes: prepared.bytes,
             load_ms: prepared.load.as_secs_f64() * 1e3,
             warm_ms: prepared.warm.as_secs_f64() * 1e3,
+            memory_bytes: prepared.memory,
             retired: retired.iter().map(ToString::to_string).collect(),
         })
     }

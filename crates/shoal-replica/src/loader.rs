@@ -106,6 +106,9 @@ pub struct LoadReport {
     pub load_ms: f64,
     /// Time of the warm-up inference, in milliseconds.
     pub warm_ms: f64,
+    /// Memory it took, bytes: resident set growth over load and warm-up,
+    /// at least the artifact's size.
+    pub memory_bytes: u64,
     /// Versions retired by this load; they drain and are freed.
     pub retired: Vec<String>,
 }
@@ -119,6 +122,30 @@ pub(crate) struct Prepared {
     pub(crate) warm: Duration,
     /// Per-row cost alone and in a trial batch, for batched versions.
     pub(crate) batch_costs: Option<(Duration, Duration)>,
+    /// What loading and warming it took in memory (see [`memory_taken`]).
+    pub(crate) memory: u64,
+}
+
+/// This process's resident set, bytes (Linux; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The memory a version takes, as placement balances by it: the resident
+/// set's growth over its load and warm-up, and never less than the
+/// artifact (its weights are held). Loads are serialised, but requests
+/// running meanwhile also move the resident set: a measurement, not an
+/// accounting.
+fn memory_taken(before: u64, after: u64, artifact: u64) -> u64 {
+    after.saturating_sub(before).max(artifact)
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -162,6 +189,7 @@ pub(crate) async fn prepare(
                 actual: sha256,
             });
         }
+        let resident = resident_bytes();
         let loaded = LoadedModel::load(backend.as_ref(), &bytes, &options)?;
         let load = started.elapsed();
         let warm_started = Instant::now();
@@ -176,7 +204,9 @@ pub(crate) async fn prepare(
             ),
             _ => None,
         };
+        let memory = memory_taken(resident, resident_bytes(), bytes.len() as u64);
         Ok(Prepared {
+            memory,
             loaded,
             sha256,
             bytes: bytes.len() as u64,

@@ -30,6 +30,8 @@ pub struct ServingVersion {
     pub loaded: LoadedModel,
     /// When it was loaded.
     pub loaded_at: SystemTime,
+    /// Memory it took to load and warm, bytes (reported for placement).
+    pub memory_bytes: u64,
     /// Its batching queue, when its requests are batched.
     pub batcher: Option<shoal_runtime::batcher::Batcher>,
     pub(crate) metrics: VersionMetrics,

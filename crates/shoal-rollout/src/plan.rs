@@ -124,12 +124,18 @@ impl FleetFacts {
     }
 }
 
-/// True when `replica` may serve `deployment` (data residency).
+/// True when `replica` may serve `deployment`: in one of its regions
+/// (data residency) and, when the model is placed, among its placement.
+/// Rollouts move only these replicas.
 pub fn eligible(deployment: &Deployment, replica: &ReplicaFacts) -> bool {
     deployment
         .regions
         .as_ref()
         .is_none_or(|regions| regions.iter().any(|r| r == &replica.region))
+        && deployment
+            .placement
+            .as_ref()
+            .is_none_or(|placed| placed.iter().any(|id| id == &replica.id))
 }
 
 /// The versions `replica` should have loaded for `deployment`, with the
@@ -326,6 +332,8 @@ mod tests {
 
     fn deployment(model: &str, targets: &[(&str, u32)], regions: Option<&[&str]>) -> Deployment {
         Deployment {
+            placement: None,
+            scale: None,
             model: model.into(),
             targets: targets
                 .iter()

@@ -14,6 +14,8 @@
 //!   request rate, forecasting ahead by the time a replica takes to load.
 //! - [`recommend`]: the two together (the larger wins), the right-sizing
 //!   figure and the next predicted change.
+//! - [`signals::LoadWindow`]: requests per second and p99 over a sliding
+//!   window, from the fleet's cumulative counters.
 //!
 //! Time is [`shoal_api::UnixMillis`]: the predictor needs the time of day.
 
@@ -21,3 +23,4 @@ pub mod placement;
 pub mod predict;
 pub mod reactive;
 pub mod recommend;
+pub mod signals;

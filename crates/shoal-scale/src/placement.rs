@@ -9,6 +9,9 @@
 //! beyond it, and a spot replica holding an on-demand place is swapped
 //! out once an on-demand one serves the model.
 //!
+//! Copies leave newest first (by registration), so the replicas an
+//! autoscaler added last are the first freed.
+//!
 //! A copy that would leave never leaves while another copy of the model
 //! is still loading (unless it is itself not serving): the model never has
 //! fewer serving copies because placement moved.
@@ -30,6 +33,10 @@ pub struct Candidate {
     pub standby: bool,
     /// Alive and not draining: may hold placements.
     pub available: bool,
+    /// When it first registered (ms): the newest copies leave first, as a
+    /// StatefulSet removes its highest ordinals (so an autoscaler that
+    /// stops the replicas it added last finds them free).
+    pub registered_at: i64,
     /// Models it serves now.
     pub serving: BTreeSet<String>,
 }
@@ -162,7 +169,14 @@ fn place_one(need: &Need, candidates: &[Candidate], memory: &BTreeMap<&str, u64>
             .iter()
             .copied()
             .filter(|&i| !serves(keep[i]))
-            .max_by_key(|&i| (keep[i].standby, mem(keep[i]), keep[i].id.as_str()));
+            .max_by_key(|&i| {
+                (
+                    keep[i].standby,
+                    keep[i].registered_at,
+                    mem(keep[i]),
+                    keep[i].id.as_str(),
+                )
+            });
         let victim = match idle {
             Some(i) => i,
             None if keep.iter().any(|c| !serves(c)) => break,
@@ -171,6 +185,7 @@ fn place_one(need: &Need, candidates: &[Candidate], memory: &BTreeMap<&str, u64>
                     keep[i].standby,
                     keep[i].tier == Tier::Spot,
                     per_region(&keep, &keep[i].region),
+                    keep[i].registered_at,
                     mem(keep[i]),
                     keep[i].id.as_str(),
                 )
@@ -197,6 +212,7 @@ mod tests {
             tier,
             standby: false,
             available: true,
+            registered_at: 0,
             serving: BTreeSet::new(),
         }
     }
@@ -334,6 +350,23 @@ mod tests {
             &[need("m", 2, &["a1", "a2", "b1", "b2"])],
             &fleet,
             &[("m", &["a1", "b1"])],
+        );
+    }
+
+    #[test]
+    fn the_newest_copies_leave_first() {
+        let mut fleet: Vec<Candidate> = ["r0", "r1", "r2", "r3"]
+            .iter()
+            .map(|id| serving(replica(id, "us", Tier::OnDemand), "m"))
+            .collect();
+        // r0 registered last (an autoscaler added it), r3 first.
+        for (i, c) in fleet.iter_mut().enumerate() {
+            c.registered_at = 100 - i as i64;
+        }
+        check(
+            &[need("m", 1, &["r0", "r1", "r2", "r3"])],
+            &fleet,
+            &[("m", &["r3"])],
         );
     }
 

@@ -1,7 +1,10 @@
 //! The reactive autoscaler: the Kubernetes HPA algorithm, on one model.
 //!
-//! `desired = ceil(current × observed ÷ target)`, unchanged while the
-//! ratio is within the tolerance (10 %). The raw recommendation then goes
+//! `desired = ceil(ready × observed ÷ target)`, unchanged while the
+//! ratio is within the tolerance (10 %). As in Kubernetes, `current` is the
+//! count the autoscaler last set (the scale target's), and the formula
+//! multiplies by the replicas that are ready and measured, so replicas
+//! still loading neither count as capacity nor inflate the rate limits. The raw recommendation then goes
 //! through the HPA's behaviour rules, with its defaults:
 //! - stabilisation: scale down to the *highest* recommendation of the last
 //!   5 minutes, scale up to the lowest of the up window (0: at once), so a
@@ -71,9 +74,12 @@ impl Default for Config {
 pub struct Observation {
     /// Now.
     pub now: UnixMillis,
-    /// Replicas serving the model now.
+    /// The count the autoscaler last set (or found, at the start).
     pub current: u32,
-    /// The signal (per replica, or the model's p99), if measured.
+    /// Of them, replicas ready and measured (the per-replica signal is
+    /// their average).
+    pub ready: u32,
+    /// The signal (per ready replica, or the model's p99), if measured.
     pub observed: Option<f64>,
     /// The target value of the signal.
     pub target: f64,
@@ -122,7 +128,7 @@ impl Reactive {
                         ),
                     )
                 } else {
-                    let base = o.current.max(1);
+                    let base = o.ready.max(1);
                     let raw = (f64::from(base) * ratio).ceil().min(f64::from(u32::MAX)) as u32;
                     (
                         raw,
@@ -249,6 +255,7 @@ mod tests {
         Observation {
             now,
             current,
+            ready: current,
             observed: Some(observed),
             target: 10.0,
             min: 1,
@@ -335,6 +342,32 @@ mod tests {
         assert_eq!(r.recommend(obs(5000, 6, 100.0 / 3.0)).replicas, 6);
         // Next period: from 6, up to 12.
         assert_eq!(r.recommend(obs(17_000, 6, 100.0 / 3.0)).replicas, 12);
+    }
+
+    #[test]
+    fn replicas_still_loading_are_not_capacity() {
+        // 4 set, 2 ready carrying 30 each against 10: ceil(2 × 3) = 6.
+        let mut r = Reactive::new(Config::default(), 0, 4);
+        let out = r.recommend(Observation {
+            ready: 2,
+            ..obs(1000, 4, 30.0)
+        });
+        assert_eq!(out.replicas, 6, "{}", out.reason);
+        // Asked again while they load: the same answer, and the rate
+        // limit still counts one change of +2.
+        for t in 2..10 {
+            let out = r.recommend(Observation {
+                ready: 2,
+                ..obs(t * 1000, 6, 30.0)
+            });
+            assert_eq!(out.replicas, 6, "{}", out.reason);
+        }
+        let out = r.recommend(Observation {
+            ready: 2,
+            ..obs(11_000, 6, 60.0)
+        });
+        // 2 × 6 = 12, limited to the period's start (4) + max(4, 100 %) = 8.
+        assert_eq!(out.replicas, 8, "{}", out.reason);
     }
 
     #[test]

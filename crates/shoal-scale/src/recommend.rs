@@ -23,8 +23,10 @@ pub const SAFETY_FACTOR: f64 = 1.2;
 pub struct Facts {
     /// Now.
     pub now: UnixMillis,
-    /// Replicas serving the model now.
+    /// The count the autoscaler last set (or found, at the start).
     pub current: u32,
+    /// Of them, replicas serving and measured.
+    pub ready: u32,
     /// Lower bound.
     pub min: u32,
     /// Upper bound.
@@ -94,6 +96,7 @@ impl Autoscaler {
         let reactive = self.reactive.recommend(Observation {
             now: f.now,
             current: f.current,
+            ready: f.ready,
             observed: f.signal,
             target: f.target.value(),
             min: f.min,
@@ -218,6 +221,7 @@ mod tests {
         Facts {
             now,
             current,
+            ready: current,
             min: 1,
             max: 10,
             target: ScaleTarget::Rps(50.0),

@@ -47,6 +47,8 @@ pub struct SyncConfig {
     pub labels: BTreeMap<String, String>,
     /// Register as a standby (see [`Registration::standby`]).
     pub standby: bool,
+    /// What kind of capacity it runs on (see [`Registration::tier`]).
+    pub tier: shoal_api::scale::Tier,
     /// NATS server (`nats://HOST:PORT`) whose JetStream carries this
     /// replica's desired states, instead of a watch stream to the control
     /// plane; polling stays the fallback either way.
@@ -80,6 +82,9 @@ pub struct Agent {
     /// Revision fully applied.
     applied: AtomicU64,
     heartbeat_ms: AtomicU64,
+    /// How long each loaded `model:version` took to fetch, load and warm
+    /// (ms), for the heartbeat: the predictive autoscaler leads by it.
+    load_ms: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -110,6 +115,7 @@ impl Agent {
             nudge: tokio::sync::Notify::new(),
             seen: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            load_ms: std::sync::Mutex::new(BTreeMap::new()),
             heartbeat_ms: AtomicU64::new(2000),
         }))
     }
@@ -378,13 +384,22 @@ impl Agent {
             fetch_ms = fetched.as_millis() as u64,
             load_ms = report.load_ms.round() as u64,
             warm_ms = report.warm_ms.round() as u64,
+            memory_bytes = report.memory_bytes,
             "fetched, verified, loaded and warmed"
         );
+        self.load_ms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                format!("{model}:{}", version.version),
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            );
         Ok(())
     }
 
     fn registration(&self) -> Registration {
         Registration {
+            tier: self.config.tier,
             id: self.config.id.clone(),
             address: self.config.advertise.clone(),
             region: self.config.region.clone(),
@@ -397,7 +412,27 @@ impl Agent {
     fn heartbeat_report(&self) -> Heartbeat {
         let loaded = self.loaded();
         let stats = self.replica.pool().stats();
+        let memory: BTreeMap<String, u64> = self
+            .replica
+            .store()
+            .snapshot()
+            .models
+            .values()
+            .flat_map(|entry| entry.versions.values())
+            .map(|v| (format!("{}:{}", v.model, v.version), v.memory_bytes))
+            .collect();
+        let load_ms = {
+            let mut times = self
+                .load_ms
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Forget what is no longer loaded.
+            times.retain(|key, _| memory.contains_key(key));
+            times.clone()
+        };
         Heartbeat {
+            load_ms,
+            memory,
             serving: loaded
                 .into_iter()
                 .map(|l| ServingVersion {

@@ -133,6 +133,9 @@ enum Command {
     /// Rollouts in progress.
     #[command(subcommand)]
     Rollout(cmd::client::RolloutCommand),
+    /// How many replicas serve a model (`--replicas N`, or `--min N --max M`
+    /// autoscaled), and `status`: its placement and the autoscaler's view.
+    Scale(cmd::scale::ScaleArgs),
     /// The fleet: every replica, what it serves and what it should.
     Status,
     /// API tokens: create (shown once), list, revoke. Needs an admin token.
@@ -189,6 +192,7 @@ pub(crate) fn main() -> ExitCode {
             Command::Deploy(a) => cmd::client::deploy(a, &global).await,
             Command::Rollback(a) => cmd::client::rollback(a, &global).await,
             Command::Rollout(c) => cmd::client::rollout(c, &global).await,
+            Command::Scale(args) => cmd::scale::run(args, &global).await,
             Command::Status => cmd::client::status(&global).await,
             Command::Token(c) => cmd::client::token(c, &global).await,
             Command::Backup(args) => cmd::backup::backup(args, &global).await,

@@ -410,6 +410,7 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
     // A replica that never serves, whose watch streams the watchers follow.
     setup
         .register(&shoal_api::fleet::Registration {
+            tier: Default::default(),
             id: "watched".into(),
             address: "127.0.0.1:9".into(),
             region: "local".into(),

@@ -235,7 +235,7 @@ pub(crate) enum RolloutCommand {
     },
 }
 
-fn client(global: &Global) -> anyhow::Result<ControlClient> {
+pub(crate) fn client(global: &Global) -> anyhow::Result<ControlClient> {
     Ok(ControlClient::new(
         &global.control_url(),
         global.client_token()?,
@@ -762,6 +762,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         "address",
         "region",
         "role",
+        "tier",
         "health",
         "serving",
         "desired",
@@ -779,6 +780,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             r.address.clone(),
             r.region.clone(),
             if r.standby { "standby" } else { "active" }.to_owned(),
+            r.tier.to_string(),
             if r.healthy {
                 "healthy".into()
             } else {
@@ -808,6 +810,16 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             };
             println!("  {}: cannot load {k} ({retry}): {}", r.id, f.reason);
         }
+    }
+    for (model, ids) in &status.placements {
+        println!(
+            "  {model} placed on {}",
+            if ids.is_empty() {
+                "no replica".to_owned()
+            } else {
+                ids.join(", ")
+            }
+        );
     }
     for (model, r) in &status.rollouts {
         println!(

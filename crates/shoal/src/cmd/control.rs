@@ -63,7 +63,68 @@ pub(crate) struct ControlArgs {
     events: Option<String>,
 
     #[command(flatten)]
+    autoscale: AutoscaleArgs,
+
+    #[command(flatten)]
     tls: crate::cli::ServeTls,
+}
+
+/// How the autoscalers behave; `shoal up` passes these to its control
+/// planes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct AutoscaleArgs {
+    /// Autoscaling: a scale-down takes the highest recommendation of this
+    /// window (the HPA's stabilisation window), so a dip sheds nothing.
+    #[arg(long, default_value = "5m", value_parser = parse_window)]
+    pub(crate) scale_down_window: Duration,
+    /// Autoscaling: the day the predictor learns load over (a shorter one
+    /// replays a compressed day, as the autoscaling benchmark does).
+    #[arg(long, default_value = "24h", value_parser = parse_window)]
+    pub(crate) season_day: Duration,
+    /// Autoscaling: the predictor's time slot (the day holds whole slots).
+    #[arg(long, default_value = "5m", value_parser = parse_window)]
+    pub(crate) season_slot: Duration,
+}
+
+impl AutoscaleArgs {
+    /// The control plane's configuration, checked.
+    pub(crate) fn config(&self) -> anyhow::Result<shoal_control::capacity::CapacityConfig> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let (day, slot) = (ms(self.season_day), ms(self.season_slot));
+        if slot == 0 || day % slot != 0 || day / slot < 2 {
+            anyhow::bail!(
+                "--season-day must hold two or more whole --season-slot (got {:?} and {:?})",
+                self.season_day,
+                self.season_slot
+            );
+        }
+        let mut config = shoal_control::capacity::CapacityConfig::default();
+        config.reactive.down_window_ms = ms(self.scale_down_window);
+        config.season.day_ms = day;
+        config.season.slot_ms = slot;
+        Ok(config)
+    }
+
+    /// The same flags for a child control plane.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        vec![
+            "--scale-down-window".into(),
+            secs(self.scale_down_window),
+            "--season-day".into(),
+            secs(self.season_day),
+            "--season-slot".into(),
+            secs(self.season_slot),
+        ]
+    }
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let seconds = super::client::parse_duration(s)?;
+    if seconds < 0.0 {
+        return Err(format!("{s:?}: a window cannot be negative"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 fn parse_every(s: &str) -> Result<Duration, String> {
@@ -91,6 +152,7 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         advertise: args.advertise,
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         events: args.events,
+        capacity: args.autoscale.config()?,
         backup: args
             .backup_to
             .map(|to| shoal_control::backups::BackupSchedule {

@@ -8,6 +8,7 @@ pub(crate) mod control;
 pub(crate) mod drill;
 pub(crate) mod gateway;
 pub(crate) mod replica;
+pub(crate) mod scale;
 pub(crate) mod up;
 
 /// Resolves after SIGINT or SIGTERM, logging that shutdown started.

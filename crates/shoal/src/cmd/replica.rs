@@ -34,6 +34,11 @@ pub(crate) struct ReplicaArgs {
     /// ejected). Needs --control.
     #[arg(long)]
     standby: bool,
+    /// What kind of capacity this replica runs on: spot (preemptible,
+    /// may vanish at any time) or on-demand. Placement keeps a model's
+    /// `--min-on-demand` copies on on-demand replicas.
+    #[arg(long, default_value = "on-demand", env = "SHOAL_TIER")]
+    tier: shoal_api::scale::Tier,
 
     /// Address other processes reach this replica at [default: the bound address].
     #[arg(long)]
@@ -248,6 +253,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
                 poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.05)),
                 labels: BTreeMap::new(),
                 standby: args.standby,
+                tier: args.tier,
                 events: args.events.clone(),
             };
             shoal_sync::start_replica(config, sync, backend).await?

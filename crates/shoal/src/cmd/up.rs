@@ -56,6 +56,20 @@ pub(crate) struct UpArgs {
     /// any replica continues a sequence).
     #[arg(long, default_value = "memory", env = "SHOAL_SESSION_STORE", value_parser = crate::cli::session_store_url)]
     session_store: String,
+    /// Of the replicas, run this many as spot capacity (`--tier spot`):
+    /// models keep their `shoal scale --min-on-demand` copies off them.
+    #[arg(long, default_value_t = 0)]
+    spot: usize,
+    /// Start and stop replicas to follow the control plane's desired count
+    /// (`shoal scale NAME --min N --max M`), from --replicas up to
+    /// --max-replicas.
+    #[arg(long, requires = "max_replicas")]
+    autoscale: bool,
+    /// The most replicas --autoscale runs.
+    #[arg(long, requires = "autoscale")]
+    max_replicas: Option<usize>,
+    #[command(flatten)]
+    tuning: super::control::AutoscaleArgs,
 }
 
 /// The fleet shapes `--topology` names.
@@ -100,6 +114,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         registry: args.registry,
         events: args.events,
         session_store: (args.session_store != "memory").then_some(args.session_store),
+        spot: args.spot,
+        autoscale: args.max_replicas.filter(|_| args.autoscale),
+        control_args: {
+            args.tuning.config()?;
+            args.tuning.to_args()
+        },
     };
     shoal_fleet::run(config, super::shutdown_requested()).await
 }
