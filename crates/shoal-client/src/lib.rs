@@ -810,6 +810,16 @@ impl ControlClient {
         Ok(body)
     }
 
+    /// PUT a JSON body to any path on this base; the whole answer.
+    pub async fn put_json_raw(&self, path: &str, body: String) -> Result<Bytes, ClientError> {
+        let headers = [("content-type", "application/json".to_owned())];
+        let (status, _, body) = self
+            .send(Method::PUT, path, &headers, Bytes::from(body))
+            .await?;
+        Self::check(status, &body)?;
+        Ok(body)
+    }
+
     /// POST with an empty body to any path on this base (push nudges).
     pub async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
         let (status, _, body) = self.send(Method::POST, path, &[], Bytes::new()).await?;

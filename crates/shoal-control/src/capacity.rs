@@ -33,6 +33,11 @@ pub struct CapacityConfig {
     pub reactive: shoal_scale::reactive::Config,
     /// The predictive part (slot, day length).
     pub season: SeasonConfig,
+    /// Act on predictions (otherwise they are shown, not acted on).
+    pub reactive_only: bool,
+    /// The window load signals (rps, p99) are measured over, ms; 0 means
+    /// the default (10 s).
+    pub signal_window_ms: i64,
 }
 
 /// A placement that changed, to be written.
@@ -49,6 +54,12 @@ struct Scaler {
     autoscaler: Option<Autoscaler>,
     /// The count the autoscaler last set.
     set: Option<u32>,
+    /// Since when fewer placed replicas serve the model than it wants.
+    short_since: Option<UnixMillis>,
+    /// How long the last shortfall took to close (ms): the time from
+    /// wanting another replica to its serving, process start included
+    /// when an autoscaler starts one.
+    provision_ms: Option<u64>,
     window: LoadWindow,
     status: Option<ScaleStatus>,
 }
@@ -147,7 +158,13 @@ impl Capacity {
                 spec: spec.clone(),
                 autoscaler: None,
                 set: None,
-                window: LoadWindow::default(),
+                short_since: None,
+                provision_ms: None,
+                window: if self.config.signal_window_ms > 0 {
+                    LoadWindow::new(self.config.signal_window_ms)
+                } else {
+                    LoadWindow::default()
+                },
                 status: None,
             });
             if scaler.spec != spec {
@@ -167,7 +184,10 @@ impl Capacity {
                 .count();
             let current = u32::try_from(live_placed.len()).unwrap_or(u32::MAX);
             let rps = scaler.window.rps();
-            let load_ms = model_figure(reports, &model, |r| &r.load_ms);
+            // What a replica takes to join: its own report of fetch, load
+            // and warm-up, or the last shortfall measured here (which also
+            // counts starting the process), whichever is longer.
+            let load_ms = model_figure(reports, &model, |r| &r.load_ms).max(scaler.provision_ms);
             let mut status = ScaleStatus {
                 model: model.clone(),
                 spec: spec.clone(),
@@ -203,9 +223,11 @@ impl Capacity {
                     let season = self.config.season;
                     let reactive = self.config.reactive;
                     let set = scaler.set.unwrap_or(current).clamp(min, max.max(min));
-                    let autoscaler = scaler
-                        .autoscaler
-                        .get_or_insert_with(|| Autoscaler::new(now, set, reactive, season));
+                    let reactive_only = self.config.reactive_only;
+                    let autoscaler = scaler.autoscaler.get_or_insert_with(|| {
+                        let a = Autoscaler::new(now, set, reactive, season);
+                        if reactive_only { a.reactive_only() } else { a }
+                    });
                     let outcome = autoscaler.tick(Facts {
                         now,
                         current: set,
@@ -229,6 +251,18 @@ impl Capacity {
                 _ => continue,
             };
             status.desired = wanted;
+            // A shortfall opens when fewer serve than are wanted and
+            // closes when enough serve: its length is a measured
+            // provisioning time.
+            let served = u32::try_from(serving).unwrap_or(u32::MAX);
+            match (scaler.short_since, served < wanted) {
+                (None, true) => scaler.short_since = Some(now),
+                (Some(since), false) => {
+                    scaler.short_since = None;
+                    scaler.provision_ms = Some(u64::try_from(now - since).unwrap_or(0));
+                }
+                _ => {}
+            }
             scaler.status = Some(status);
             needs.push(Need {
                 model: model.clone(),

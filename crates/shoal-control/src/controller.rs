@@ -96,6 +96,13 @@ fn eligible<'a>(deployment: &Deployment, replicas: &'a [ReplicaFacts]) -> Vec<&'
         .collect()
 }
 
+/// A controller as the registry stores it (null when there is none).
+fn stored_controller(controller: Option<&Controller>) -> serde_json::Value {
+    controller
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .unwrap_or_default()
+}
+
 /// The version serving most of a deployment's traffic.
 fn primary(deployment: &Deployment) -> Option<String> {
     deployment
@@ -118,6 +125,31 @@ fn keep_warm_ms(secs: Option<f64>) -> i64 {
 }
 
 impl Control {
+    /// Writes `deployment` with the stored `controller` state, conditional
+    /// on the revision it was read at (and on `fence`, for the leader's
+    /// own writes); answers the new revision.
+    async fn write_deployment(
+        &self,
+        deployment: Deployment,
+        controller: serde_json::Value,
+        action: &str,
+        audit: Audit,
+        fence: Option<&Fence>,
+    ) -> Result<u64, DeployError> {
+        let precondition = Precondition {
+            revision: Some(deployment.revision),
+            fence: fence.cloned(),
+        };
+        let stored = StoredDeployment {
+            controller,
+            deployment,
+        };
+        Ok(self
+            .store
+            .put_deployment_if(stored, &precondition, action, audit)
+            .await?)
+    }
+
     /// Writes `deployment` (as read: its revision is the precondition) with
     /// `controller`'s state; `fence` for the controller's own writes.
     async fn persist(
@@ -134,17 +166,14 @@ impl Control {
             &eligible(&deployment, &facts.replicas),
             &facts,
         ));
-        let stored = StoredDeployment {
-            controller: serde_json::to_value(controller).unwrap_or_default(),
-            deployment: deployment.clone(),
-        };
-        let precondition = Precondition {
-            revision: Some(deployment.revision),
-            fence: fence.cloned(),
-        };
         deployment.revision = self
-            .store
-            .put_deployment_if(stored, &precondition, action, audit)
+            .write_deployment(
+                deployment.clone(),
+                serde_json::to_value(controller).unwrap_or_default(),
+                action,
+                audit,
+                fence,
+            )
             .await?;
         self.refresh().await?;
         Ok(deployment)
@@ -793,17 +822,14 @@ impl Control {
                 .unwrap_or_default(),
             request.reason.as_deref().unwrap_or("traffic set by hand")
         );
-        let stored = StoredDeployment {
-            controller: stored.controller,
-            deployment: deployment.clone(),
-        };
-        let precondition = Precondition {
-            revision: Some(deployment.revision),
-            fence: None,
-        };
         deployment.revision = self
-            .store
-            .put_deployment_if(stored, &precondition, "traffic", Audit::by(actor, detail))
+            .write_deployment(
+                deployment.clone(),
+                stored.controller,
+                "traffic",
+                Audit::by(actor, detail),
+                None,
+            )
             .await?;
         self.refresh().await?;
         self.after_change();
@@ -855,17 +881,14 @@ impl Control {
         } else {
             deployment.scale = Some(spec.clone());
         }
-        let stored = StoredDeployment {
-            controller: stored.controller,
-            deployment: deployment.clone(),
-        };
-        let precondition = Precondition {
-            revision: Some(deployment.revision),
-            fence: None,
-        };
         deployment.revision = self
-            .store
-            .put_deployment_if(stored, &precondition, "scale", Audit::by(actor, detail))
+            .write_deployment(
+                deployment.clone(),
+                stored.controller,
+                "scale",
+                Audit::by(actor, detail),
+                None,
+            )
             .await?;
         self.refresh().await?;
         self.after_change();
@@ -987,25 +1010,14 @@ impl Control {
             if deployment.warm.iter().any(|w| w.until <= now) {
                 let mut d = deployment.clone();
                 d.warm.retain(|w| w.until > now);
-                let stored = StoredDeployment {
-                    controller: controller
-                        .as_ref()
-                        .map(|c| serde_json::to_value(c).unwrap_or_default())
-                        .unwrap_or_default(),
-                    deployment: d,
-                };
-                let precondition = Precondition {
-                    revision: Some(deployment.revision),
-                    fence: fence.cloned(),
-                };
-                self.store
-                    .put_deployment_if(
-                        stored,
-                        &precondition,
-                        "warm.expired",
-                        Audit::by("controller", "replaced version no longer kept warm"),
-                    )
-                    .await?;
+                self.write_deployment(
+                    d,
+                    stored_controller(controller.as_ref()),
+                    "warm.expired",
+                    Audit::by("controller", "replaced version no longer kept warm"),
+                    fence,
+                )
+                .await?;
                 changed = true;
                 // Written straight to the store, not through `persist`.
                 stale = true;
@@ -1061,26 +1073,15 @@ impl Control {
                 };
                 let mut d = deployment.clone();
                 d.placement = change.placement;
-                let stored = StoredDeployment {
-                    controller: controller
-                        .as_ref()
-                        .map(|c| serde_json::to_value(c).unwrap_or_default())
-                        .unwrap_or_default(),
-                    deployment: d,
-                };
-                let precondition = Precondition {
-                    revision: Some(deployment.revision),
-                    fence: fence.cloned(),
-                };
                 tracing::info!(model = %change.model, reason = %change.reason, "placement changed");
-                self.store
-                    .put_deployment_if(
-                        stored,
-                        &precondition,
-                        "scale.placed",
-                        Audit::by("controller", format!("{}: {}", change.model, change.reason)),
-                    )
-                    .await?;
+                self.write_deployment(
+                    d,
+                    stored_controller(controller.as_ref()),
+                    "scale.placed",
+                    Audit::by("controller", format!("{}: {}", change.model, change.reason)),
+                    fence,
+                )
+                .await?;
                 changed = true;
                 stale = true;
             }

@@ -80,6 +80,8 @@ pub struct UpConfig {
     /// Flags every control plane is started with besides the fleet's own
     /// (the autoscalers' tuning).
     pub control_args: Vec<String>,
+    /// Flags every replica is started with besides the fleet's own.
+    pub replica_args: Vec<String>,
 }
 
 impl UpConfig {
@@ -413,6 +415,7 @@ pub async fn run(
                         .flat_map(|url| ["--session-store".to_owned(), url.clone()]),
                 )
                 .chain(tls_args.iter().cloned())
+                .chain(config.replica_args.iter().cloned())
                 .collect(),
             state: state.clone(),
         });
@@ -720,6 +723,7 @@ mod tests {
             spot: 0,
             autoscale: None,
             control_args: Vec::new(),
+            replica_args: Vec::new(),
         }
     }
 

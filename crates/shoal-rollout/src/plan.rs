@@ -406,6 +406,28 @@ mod tests {
     }
 
     #[test]
+    fn a_placed_model_is_loaded_and_routed_only_on_its_replicas() {
+        let mut f = facts();
+        Arc::make_mut(&mut f.deployments)[0].0.placement = Some(vec!["c".into()]);
+        assert!(desired_state(&f, "a").version_keys().is_empty());
+        assert_eq!(
+            desired_state(&f, "c").version_keys(),
+            ["digits:1", "digits:2"]
+        );
+        // Placement and residency both hold: eu-only is untouched.
+        assert_eq!(desired_state(&f, "b").version_keys(), ["eu-only:1"]);
+        // A rolling update moves the placed replicas only.
+        let (deployment, _) = &f.deployments[0];
+        let moved: Vec<&str> = f
+            .replicas
+            .iter()
+            .filter(|r| eligible(deployment, r))
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(moved, ["c"]);
+    }
+
+    #[test]
     fn peers_are_live_replicas_of_the_same_region() {
         let mut f = facts();
         let peers: Vec<String> = desired_state(&f, "a")

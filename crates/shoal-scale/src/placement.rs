@@ -119,44 +119,40 @@ fn place_one(need: &Need, candidates: &[Candidate], memory: &BTreeMap<&str, u64>
         |keep: &[&Candidate], region: &str| keep.iter().filter(|c| c.region == region).count();
     let mem = |c: &Candidate| memory.get(c.id.as_str()).copied().unwrap_or(0);
 
-    // Grow to the target, on-demand first while short of the minimum.
-    while keep.len() < target {
-        let short = on_demand(&keep) < want_on_demand;
-        let Some(best) = eligible
+    // The best replica to add: on-demand first while short of the
+    // minimum, then the region with the fewest copies, then the least
+    // memory, standbys last.
+    let best = |keep: &[&Candidate], only_on_demand: bool| -> Option<&Candidate> {
+        let short = on_demand(keep) < want_on_demand;
+        eligible
             .iter()
+            .copied()
             .filter(|c| !keep.iter().any(|k| k.id == c.id))
+            .filter(|c| !only_on_demand || c.tier == Tier::OnDemand)
             .min_by_key(|c| {
                 (
                     short && c.tier == Tier::Spot,
                     c.standby,
-                    per_region(&keep, &c.region),
+                    per_region(keep, &c.region),
                     mem(c),
                     c.id.as_str(),
                 )
             })
-        else {
+    };
+    // Grow to the target.
+    while keep.len() < target {
+        let Some(c) = best(&keep, false) else {
             break;
         };
-        keep.push(best);
+        keep.push(c);
     }
     // At the target but short of on-demand copies: bring one in beside a
     // spot copy, which leaves once the on-demand one serves.
     while on_demand(&keep) < want_on_demand {
-        let Some(best) = eligible
-            .iter()
-            .filter(|c| c.tier == Tier::OnDemand && !keep.iter().any(|k| k.id == c.id))
-            .min_by_key(|c| {
-                (
-                    c.standby,
-                    per_region(&keep, &c.region),
-                    mem(c),
-                    c.id.as_str(),
-                )
-            })
-        else {
+        let Some(c) = best(&keep, true) else {
             break;
         };
-        keep.push(best);
+        keep.push(c);
     }
     // Shrink to the target: copies not serving go first; a serving copy
     // leaves only once every other copy serves; never below the

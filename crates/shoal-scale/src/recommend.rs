@@ -66,6 +66,8 @@ pub struct Autoscaler {
     reactive: Reactive,
     seasonal: Seasonal,
     rps_per_replica: Option<f64>,
+    predictive: bool,
+    tolerance: f64,
 }
 
 impl Autoscaler {
@@ -80,7 +82,16 @@ impl Autoscaler {
             reactive: Reactive::new(reactive, now, current),
             seasonal: Seasonal::new(season),
             rps_per_replica: None,
+            predictive: true,
+            tolerance: reactive.tolerance,
         }
+    }
+
+    /// Learns and shows the prediction but acts on the reactive part
+    /// alone (for comparison: `shoal control --no-predict`).
+    pub fn reactive_only(mut self) -> Autoscaler {
+        self.predictive = false;
+        self
     }
 
     /// The learned load profile.
@@ -118,15 +129,46 @@ impl Autoscaler {
         };
         let lead = i64::try_from(f.load_ms.unwrap_or(0)).unwrap_or(i64::MAX / 2);
         let predicted = self.rps_per_replica.and_then(|per| {
-            let expected = self.expected(f.now, lead)?;
-            let replicas = replicas_for(expected, per, f.min, f.max);
-            Some(Recommendation {
-                replicas,
-                reason: format!(
-                    "expects {expected:.1} req/s within {} (a replica loads in {}): ceil({expected:.1} ÷ {per:.1}) = {replicas}",
-                    human_ms(lead + self.seasonal.config().slot_ms),
-                    human_ms(lead),
-                ),
+            let ahead = self.expected(f.now, lead)?;
+            let tol = self.tolerance;
+            let absolute = replicas_for(ahead, per, tol, f.min, f.max);
+            let within = format!(
+                "expects {ahead:.1} req/s within {} (a replica loads in {})",
+                human_ms(lead + self.seasonal.config().slot_ms),
+                human_ms(lead),
+            );
+            // The forecast's shape scaled onto what the reactive part
+            // finds right now, so forecast noise does not add replicas in
+            // steady load; the absolute figure caps it (and is all there
+            // is when the forecast for now is near nothing).
+            let relative = self
+                .seasonal
+                .forecast(f.now)
+                .filter(|now| *now >= 1.0)
+                .map(|now| {
+                    let ratio = ahead / now;
+                    let n = if (ratio - 1.0).abs() <= tol {
+                        reactive.replicas
+                    } else {
+                        (f64::from(reactive.replicas) * ratio)
+                            .ceil()
+                            .min(f64::from(f.max)) as u32
+                    };
+                    (n.clamp(f.min, f.max.max(f.min)), now, ratio)
+                })
+                .filter(|(n, _, _)| *n < absolute);
+            Some(match relative {
+                Some((replicas, now, ratio)) => Recommendation {
+                    replicas,
+                    reason: format!(
+                        "{within}, {now:.1} now (×{ratio:.2}): {} × {ratio:.2} → {replicas}",
+                        reactive.replicas
+                    ),
+                },
+                None => Recommendation {
+                    replicas: absolute,
+                    reason: format!("{within}: ceil({ahead:.1} ÷ {per:.1} − {tol}) = {absolute}"),
+                },
             })
         });
         let next_change = match (&predicted, self.rps_per_replica) {
@@ -135,6 +177,7 @@ impl Autoscaler {
         };
         let desired = predicted
             .as_ref()
+            .filter(|_| self.predictive)
             .map_or(reactive.replicas, |p| p.replicas.max(reactive.replicas));
         let peak_rps = self.seasonal.peak();
         let right_size = self
@@ -164,14 +207,18 @@ impl Autoscaler {
         let first = c.slot_of(f.now) + 1;
         (first..first + c.slots_per_day() as i64).find_map(|slot| {
             let at = c.start_of(slot);
-            let replicas = replicas_for(self.expected(at, lead)?, per, f.min, f.max);
+            let replicas =
+                replicas_for(self.expected(at, lead)?, per, self.tolerance, f.min, f.max);
             (replicas != now).then_some(PredictedChange { at, replicas })
         })
     }
 }
 
-fn replicas_for(rps: f64, per_replica: f64, min: u32, max: u32) -> u32 {
-    let n = (rps / per_replica).ceil();
+/// Replicas for `rps` at `per_replica` each, a load within the tolerance
+/// above a whole count rounding down to it (as the HPA leaves a count
+/// alone within its tolerance).
+fn replicas_for(rps: f64, per_replica: f64, tolerance: f64, min: u32, max: u32) -> u32 {
+    let n = (rps / per_replica - tolerance).ceil();
     (if n.is_finite() {
         n.min(f64::from(u32::MAX)) as u32
     } else {
@@ -257,6 +304,11 @@ mod tests {
         assert_eq!(predicted.replicas, 4, "{}", predicted.reason);
         assert_eq!(out.desired, 4);
         // With a 1-minute load time the same moment is too early to act.
+        // Told to act on the reactive part alone, it still says what it
+        // expects.
+        let (a, _) = run(3, 10 * 60_000);
+        let out = a.reactive_only().tick(facts(before, 1, 10.0, 10 * 60_000));
+        assert_eq!((out.desired, out.predicted.unwrap().replicas), (1, 4));
         let (mut quick, _) = run(3, 60_000);
         let out = quick.tick(facts(before, 1, 10.0, 60_000));
         assert_eq!(out.desired, 1, "{:?}", out.predicted);
@@ -279,6 +331,22 @@ mod tests {
         assert_eq!(out.predicted.unwrap().replicas, 1);
         // ceil(1 × 400/50) = 8, limited to +4 in the first 15 s.
         assert_eq!(out.desired, 5, "{}", out.reactive.reason);
+    }
+
+    #[test]
+    fn forecast_noise_in_steady_load_adds_no_replica() {
+        // Noon of day 4: 200 req/s, 4 replicas at 50; a forecast a little
+        // above the load must not make it 5.
+        let (mut a, _) = run(3, 60_000);
+        let noon = 3 * DAY + 12 * HOUR;
+        let out = a.tick(facts(noon, 4, 205.0, 60_000));
+        assert_eq!(out.reactive.replicas, 4);
+        assert_eq!(out.predicted.unwrap().replicas, 4);
+        assert_eq!(out.desired, 4);
+        // At night, 10 req/s on one replica stays one.
+        let night = 3 * DAY + 3 * HOUR;
+        let (mut a, _) = run(3, 60_000);
+        assert_eq!(a.tick(facts(night, 1, 11.0, 60_000)).desired, 1);
     }
 
     #[test]

@@ -8,16 +8,31 @@ use shoal_api::UnixMillis;
 use shoal_api::counters::Counters;
 use shoal_api::fleet::VersionStats;
 
-/// The window signals are measured over.
+/// The window signals are measured over by default.
 pub const WINDOW_MS: i64 = 10_000;
 
 /// Cumulative totals of one model, sampled.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadWindow {
+    window_ms: i64,
     samples: VecDeque<(UnixMillis, VersionStats)>,
 }
 
+impl Default for LoadWindow {
+    fn default() -> Self {
+        LoadWindow::new(WINDOW_MS)
+    }
+}
+
 impl LoadWindow {
+    /// Signals over the last `window_ms`.
+    pub fn new(window_ms: i64) -> LoadWindow {
+        LoadWindow {
+            window_ms: window_ms.max(1),
+            samples: VecDeque::new(),
+        }
+    }
+
     /// Takes the model's cumulative totals at `now`.
     pub fn push(&mut self, now: UnixMillis, totals: VersionStats) {
         if self
@@ -29,7 +44,7 @@ impl LoadWindow {
         }
         self.samples.push_back((now, totals));
         // Keep the newest sample at least a window old, to measure from.
-        while self.samples.len() > 2 && self.samples[1].0 <= now - WINDOW_MS {
+        while self.samples.len() > 2 && self.samples[1].0 <= now - self.window_ms {
             self.samples.pop_front();
         }
     }
@@ -77,6 +92,19 @@ mod tests {
         // The last 10 s carried 20/s.
         assert_eq!(w.rps(), Some(20.0));
         assert!(w.p99_ms().is_some());
+        // A shorter window follows faster.
+        let mut short = LoadWindow::new(2000);
+        for s in 0..=10 {
+            short.push(
+                s * 1000,
+                totals(if s < 8 {
+                    s as u64 * 10
+                } else {
+                    70 + (s as u64 - 7) * 100
+                }),
+            );
+        }
+        assert_eq!(short.rps(), Some(100.0));
         // Counters went down: start again.
         w.push(31_000, totals(3));
         assert_eq!(w.rps(), None);

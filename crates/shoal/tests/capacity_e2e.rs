@@ -8,17 +8,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, eventually, model_path};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, eventually};
 
 mod common;
-use common::{Traffic, cli, cli_fails};
-
-async fn status(control: &str) -> Value {
-    let control = control.to_owned();
-    tokio::task::spawn_blocking(move || cli(&control, &["status"]))
-        .await
-        .unwrap()
-}
+use common::{Traffic, cli, cli_fails, status};
 
 /// The ids `digits` is placed on (empty: not placed).
 fn placement(status: &Value) -> BTreeSet<String> {
@@ -119,16 +112,7 @@ async fn fleet(replicas: &[(&str, &str)]) -> Fleet {
         })
         .collect();
     let (gateway_child, gateway) = common::gateway(&tmp.join("gateway"), &["--control", &control]);
-    cli(
-        &control,
-        &[
-            "model",
-            "push",
-            "digits",
-            model_path("digits-v1.onnx").to_str().unwrap(),
-        ],
-    );
-    cli(&control, &["deploy", "digits:1"]);
+    common::push_and_deploy_digits(&control);
     let c = control.clone();
     let n = replicas.len();
     eventually("digits:1 everywhere", Duration::from_secs(30), || {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_testkit::{ChildGuard, HttpClient, TempDir, eventually, model_path, spawn_server_env};
+use shoal_testkit::{ChildGuard, HttpClient, TempDir, eventually, spawn_server_env};
 
 mod common;
 use common::cli;
@@ -173,16 +173,7 @@ async fn the_roles_start_with_their_manifests_arguments_and_answer_the_probes_an
     );
     let (_gateway, gateway) = start(&facts, "gateway", args);
 
-    cli(
-        &control,
-        &[
-            "model",
-            "push",
-            "digits",
-            model_path("digits-v1.onnx").to_str().unwrap(),
-        ],
-    );
-    cli(&control, &["deploy", "digits:1"]);
+    common::push_and_deploy_digits(&control);
     probes_answer(&facts, "replica", &replica).await;
     probes_answer(&facts, "gateway", &gateway).await;
     // The replica registered under the id its manifest gives it.

@@ -84,6 +84,17 @@ pub(crate) struct AutoscaleArgs {
     /// Autoscaling: the predictor's time slot (the day holds whole slots).
     #[arg(long, default_value = "5m", value_parser = parse_window)]
     pub(crate) season_slot: Duration,
+    /// Autoscaling: learn and show predictions but scale on the reactive
+    /// recommendation alone.
+    #[arg(long)]
+    pub(crate) no_predict: bool,
+    /// Autoscaling: the window request rates and p99 are measured over.
+    #[arg(long, default_value = "10s", value_parser = parse_window)]
+    pub(crate) signal_window: Duration,
+    /// Autoscaling: the period of the HPA's rate limits (up by at most 4
+    /// replicas or 100 %, down by at most 100 %, per period).
+    #[arg(long, default_value = "15s", value_parser = parse_window)]
+    pub(crate) rate_limit_period: Duration,
 }
 
 impl AutoscaleArgs {
@@ -102,6 +113,10 @@ impl AutoscaleArgs {
         config.reactive.down_window_ms = ms(self.scale_down_window);
         config.season.day_ms = day;
         config.season.slot_ms = slot;
+        config.reactive_only = self.no_predict;
+        config.signal_window_ms = ms(self.signal_window).max(1);
+        config.reactive.up.period_ms = ms(self.rate_limit_period).max(1);
+        config.reactive.down.period_ms = ms(self.rate_limit_period).max(1);
         Ok(config)
     }
 
@@ -115,7 +130,14 @@ impl AutoscaleArgs {
             secs(self.season_day),
             "--season-slot".into(),
             secs(self.season_slot),
+            "--signal-window".into(),
+            secs(self.signal_window),
+            "--rate-limit-period".into(),
+            secs(self.rate_limit_period),
         ]
+        .into_iter()
+        .chain(self.no_predict.then(|| "--no-predict".to_owned()))
+        .collect()
     }
 }
 

@@ -75,6 +75,12 @@ pub(crate) struct ReplicaArgs {
     #[arg(long)]
     threads: Option<usize>,
 
+    /// Requests admitted beyond those running; past it a request is
+    /// answered 503 with Retry-After before its body is read [default:
+    /// 64 per thread].
+    #[arg(long)]
+    max_queue: Option<usize>,
+
     /// Tokens (one per line) that open the replica's admin API, besides the
     /// fleet token it holds when synced with a control plane.
     #[arg(long)]
@@ -210,7 +216,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
             max_elements: args.max_elements,
         },
         threads: args.threads,
-        max_queue: None,
+        max_queue: args.max_queue,
         admin_tokens: admin_tokens(args.admin_token_file.as_deref())?,
         allow_fault_injection: args.allow_fault_injection,
         tls: args.tls.server(global)?,

@@ -70,6 +70,10 @@ pub(crate) struct UpArgs {
     max_replicas: Option<usize>,
     #[command(flatten)]
     tuning: super::control::AutoscaleArgs,
+    /// An extra flag for every replica, repeated per flag (e.g.
+    /// --replica-arg=--threads=1); benchmarks shape replicas with it.
+    #[arg(long, allow_hyphen_values = true)]
+    replica_arg: Vec<String>,
 }
 
 /// The fleet shapes `--topology` names.
@@ -116,6 +120,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         session_store: (args.session_store != "memory").then_some(args.session_store),
         spot: args.spot,
         autoscale: args.max_replicas.filter(|_| args.autoscale),
+        replica_args: args.replica_arg,
         control_args: {
             args.tuning.config()?;
             args.tuning.to_args()

@@ -136,6 +136,30 @@ pub(crate) fn cli_in(dir: &Path, control: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// Pushes the bundled `digits-v1.onnx` as `digits` and deploys version 1.
+pub(crate) fn push_and_deploy_digits(control: &str) {
+    cli(
+        control,
+        &[
+            "model",
+            "push",
+            "digits",
+            shoal_testkit::model_path("digits-v1.onnx")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    cli(control, &["deploy", "digits:1"]);
+}
+
+/// `shoal status --json` of `control`, off the async workers.
+pub(crate) async fn status(control: &str) -> Value {
+    let control = control.to_owned();
+    tokio::task::spawn_blocking(move || cli(&control, &["status"]))
+        .await
+        .unwrap()
+}
+
 /// What each replica serves and should serve in `shoal status --json`:
 /// (id, serving, desired, skew).
 pub(crate) fn serving_of(status: &Value) -> Vec<(String, Vec<String>, Vec<String>, bool)> {
