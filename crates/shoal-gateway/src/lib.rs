@@ -23,6 +23,7 @@ pub mod health;
 pub mod homes;
 mod learn;
 mod metrics;
+mod policy;
 pub mod protect;
 pub mod proxy;
 pub mod routes;
@@ -133,7 +134,7 @@ pub struct Gateway {
     protection: Protection,
     registry: MetricsRegistry,
     metrics: GatewayMetrics,
-    latencies: proxy::LatencyWindows,
+    latencies: policy::LatencyWindows,
     homes: homes::Homes,
     epoch: tokio::time::Instant,
 }
@@ -178,7 +179,7 @@ impl Gateway {
             protection,
             registry,
             metrics,
-            latencies: proxy::LatencyWindows::default(),
+            latencies: policy::LatencyWindows::default(),
             homes: homes::Homes::default(),
             epoch: tokio::time::Instant::now(),
         }))

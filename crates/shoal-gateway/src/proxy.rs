@@ -8,11 +8,13 @@
 //! retried on another one while the retry budget (a share of requests plus
 //! a floor per second) allows. With hedging on, a second copy goes to
 //! another replica once the model's p95 has passed; the first good answer
-//! wins and the other is cancelled.
+//! wins and the other is cancelled. The policies themselves are in
+//! [`crate::policy`]. Answers name the replica that answered
+//! (`x-shoal-replica`), those that failed before it (`x-shoal-retried-from`)
+//! and the one a winning hedge beat (`x-shoal-hedged-from`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -33,6 +35,7 @@ use tower::retry::budget::Budget;
 
 use crate::Gateway;
 use crate::learn::Mirrored;
+use crate::policy::{self, Answered, Next, Retry, Step};
 use crate::protect::Refusal;
 use crate::routes::{Endpoint, NoRoute, RoutingState};
 
@@ -268,50 +271,6 @@ fn model_of(path: &str) -> Option<&str> {
     path.strip_prefix("/v2/models/")?.split('/').next()
 }
 
-/// Latencies per model over a sliding pair of windows, for the hedge delay.
-/// A model's latency window: when it started, what it saw, and the p95
-/// of the window before (µs).
-type Window = (Instant, hdrhistogram::Histogram<u64>, Option<u64>);
-
-#[derive(Default)]
-pub(crate) struct LatencyWindows {
-    windows: Mutex<HashMap<String, Window>>,
-}
-
-const WINDOW: Duration = Duration::from_secs(10);
-
-impl LatencyWindows {
-    fn record(&self, model: &str, rtt: Duration) {
-        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = windows.entry(model.to_owned()).or_insert_with(|| {
-            (
-                Instant::now(),
-                hdrhistogram::Histogram::new(2)
-                    .unwrap_or_else(|_| unreachable!("2 digits is valid")),
-                None,
-            )
-        });
-        if entry.0.elapsed() >= WINDOW {
-            // The finished window's p95 becomes the hedge delay, if it saw
-            // enough requests to mean anything.
-            entry.2 = (entry.1.len() >= 50).then(|| entry.1.value_at_quantile(0.95));
-            entry.1.reset();
-            entry.0 = Instant::now();
-        }
-        let _ = entry
-            .1
-            .record(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1));
-    }
-
-    fn p95(&self, model: &str) -> Option<Duration> {
-        let windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        let (_, current, previous) = windows.get(model)?;
-        previous
-            .or_else(|| (current.len() >= 50).then(|| current.value_at_quantile(0.95)))
-            .map(Duration::from_micros)
-    }
-}
-
 fn no_route(model: &str, version: Option<&str>, why: NoRoute) -> ApiError {
     let what = match version {
         Some(v) => format!("{model}:{v}"),
@@ -334,8 +293,7 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Sends to `first`, and after the hedge delay to a second replica too,
 /// picked from `others` by load at that moment (so hedges spread like
-/// requests do); the first final answer wins and the other request is
-/// cancelled.
+/// requests do) if the retry budget allows; see [`policy::hedge`].
 async fn hedged(
     gateway: &Gateway,
     model: &str,
@@ -344,39 +302,38 @@ async fn hedged(
     path: &str,
     payload: &Payload,
 ) -> (Attempt, Arc<Endpoint>) {
-    let primary = send(gateway, first, Method::POST, path, payload);
-    tokio::pin!(primary);
-    let delay = if gateway.config.hedge {
-        gateway.latencies.p95(model)
-    } else {
-        None
+    let delay = gateway
+        .config
+        .hedge
+        .then(|| gateway.latencies.p95(model))
+        .flatten()
+        .filter(|_| others.iter().any(|e| e.id != first.id));
+    let mut second = None;
+    let backup = || {
+        let others: Vec<Arc<Endpoint>> = others
+            .iter()
+            .filter(|e| e.id != first.id)
+            .cloned()
+            .collect();
+        let picked = gateway
+            .routes
+            .least_loaded(&others, &mut rand::rng(), gateway.now())
+            .filter(|_| gateway.budget.withdraw())?;
+        gateway.metrics.hedge(model);
+        gateway.metrics.attempt(model);
+        second = Some(picked.clone());
+        Some(async move { send(gateway, &picked, Method::POST, path, payload).await })
     };
-    let Some(delay) = delay.filter(|_| others.iter().any(|e| e.id != first.id)) else {
-        return (primary.await, first.clone());
-    };
-    tokio::select! {
-        a = &mut primary => return (a, first.clone()),
-        () = tokio::time::sleep(delay) => {}
-    }
-    let others: Vec<Arc<Endpoint>> = others
-        .iter()
-        .filter(|e| e.id != first.id)
-        .cloned()
-        .collect();
-    let second = gateway
-        .routes
-        .least_loaded(&others, &mut rand::rng(), gateway.now());
-    let Some(second) = second.filter(|_| gateway.budget.withdraw()) else {
-        return (primary.await, first.clone());
-    };
-    gateway.metrics.hedge(model);
-    gateway.metrics.attempt(model);
-    let second_ref = second.clone();
-    let backup = send(gateway, &second_ref, Method::POST, path, payload);
-    tokio::pin!(backup);
-    tokio::select! {
-        a = &mut primary => if a.is_final() { (a, first.clone()) } else { (backup.await, second) },
-        b = &mut backup => if b.is_final() { (b, second) } else { (primary.await, first.clone()) },
+    let (attempt, answered) = policy::hedge(
+        send(gateway, first, Method::POST, path, payload),
+        delay,
+        backup,
+        Attempt::is_final,
+    )
+    .await;
+    match (answered, second) {
+        (Answered::Backup, Some(second)) => (attempt, second),
+        _ => (attempt, first.clone()),
     }
 }
 
@@ -677,195 +634,197 @@ async fn route_inference(
         .flatten()
         .map(|shadow| mirror(gateway, model, shadow, payload.clone()));
 
-    gateway.budget.deposit();
     let mut tried: Vec<String> = Vec::new();
-    let mut last_error: Option<ApiError> = None;
-    let mut stale: Option<Response> = None;
-    for attempt in 0..MAX_ATTEMPTS {
-        let now = gateway.now();
-        // The chosen version first; if no replica can take it and the
-        // request did not pin one, any version of the model rather than
-        // failing the request.
-        let candidates =
-            match gateway
-                .routes
-                .candidates(&state, model, version.as_deref(), &tried, now)
-            {
-                Ok(c) => (c, version.clone()),
-                Err(why) if pinned.is_none() && version.is_some() => {
-                    match gateway.routes.candidates(&state, model, None, &tried, now) {
-                        Ok(c) => (c, None),
-                        Err(_) => {
-                            return Err(last_error
-                                .unwrap_or_else(|| no_route(model, version.as_deref(), why)));
+    let mut retry = Retry::new(MAX_ATTEMPTS, Some(&gateway.budget));
+    loop {
+        let step: Step<(Response, String), ApiError> = 'attempt: {
+            let now = gateway.now();
+            // The chosen version first; if no replica can take it and the
+            // request did not pin one, any version of the model rather than
+            // failing the request.
+            let (candidates, target) =
+                match gateway
+                    .routes
+                    .candidates(&state, model, version.as_deref(), &tried, now)
+                {
+                    Ok(c) => (c, version.clone()),
+                    Err(why) if pinned.is_none() && version.is_some() => {
+                        match gateway.routes.candidates(&state, model, None, &tried, now) {
+                            Ok(c) => (c, None),
+                            Err(_) => {
+                                break 'attempt Step::Stop(no_route(
+                                    model,
+                                    version.as_deref(),
+                                    why,
+                                ));
+                            }
                         }
                     }
-                }
-                Err(why) => {
-                    return Err(
-                        last_error.unwrap_or_else(|| no_route(model, version.as_deref(), why))
-                    );
+                    Err(why) => {
+                        break 'attempt Step::Stop(no_route(model, version.as_deref(), why));
+                    }
+                };
+            let Some(endpoint) =
+                gateway
+                    .routes
+                    .pick(&candidates, session_key, &mut rand::rng(), now)
+            else {
+                break 'attempt Step::Stop(no_route(
+                    model,
+                    target.as_deref(),
+                    NoRoute::NoneAvailable,
+                ));
+            };
+            // Sticky sessions are not hedged: the session lives on one replica.
+            let hedge_to: &[Arc<Endpoint>] = if session_key.is_none() {
+                &candidates
+            } else {
+                &[]
+            };
+            let path = match &target {
+                Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
+                None => format!("/v2/models/{model}/infer"),
+            };
+            gateway.metrics.attempt(model);
+            // A sequence whose last step another replica answered: say which,
+            // so that a replica without its state can say the state was lost.
+            let moved = sequence_key.as_deref().and_then(|key| {
+                gateway
+                    .homes
+                    .home(key, now)
+                    .filter(|home| *home != endpoint.id)
+                    .and_then(|home| HeaderValue::from_str(&home).ok())
+            });
+            let moved_payload;
+            let attempt_payload = match moved {
+                None => &payload,
+                Some(from) => {
+                    moved_payload = Payload {
+                        sequence_from: Some(from),
+                        ..payload.clone()
+                    };
+                    &moved_payload
                 }
             };
-        let (candidates, target) = candidates;
-        let Some(endpoint) = gateway
-            .routes
-            .pick(&candidates, session_key, &mut rand::rng(), now)
-        else {
-            return Err(last_error
-                .unwrap_or_else(|| no_route(model, target.as_deref(), NoRoute::NoneAvailable)));
-        };
-        // Sticky sessions are not hedged: the session lives on one replica.
-        let hedge_to: &[Arc<Endpoint>] = if session_key.is_none() {
-            &candidates
-        } else {
-            &[]
-        };
-        let path = match &target {
-            Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
-            None => format!("/v2/models/{model}/infer"),
-        };
-        gateway.metrics.attempt(model);
-        // A sequence whose last step another replica answered: say which,
-        // so that a replica without its state can say the state was lost.
-        let moved = sequence_key.as_deref().and_then(|key| {
-            gateway
-                .homes
-                .home(key, now)
-                .filter(|home| *home != endpoint.id)
-                .and_then(|home| HeaderValue::from_str(&home).ok())
-        });
-        let moved_payload;
-        let attempt_payload = match moved {
-            None => &payload,
-            Some(from) => {
-                moved_payload = Payload {
-                    sequence_from: Some(from),
-                    ..payload.clone()
-                };
-                &moved_payload
-            }
-        };
-        let (outcome, answered_by) =
-            hedged(gateway, model, &endpoint, hedge_to, &path, attempt_payload).await;
-        let reason = match outcome {
-            Attempt::Answer(mut response, rtt) => {
-                if gateway.config.hedge {
-                    // Only hedging reads the latency windows.
-                    gateway.latencies.record(model, rtt);
-                }
-                if !tried.is_empty() {
-                    // Which replicas failed this request before the one that
-                    // answered: retries are visible to whoever looks.
-                    if let Ok(v) = HeaderValue::from_str(&tried.join(",")) {
-                        response.headers_mut().insert("x-shoal-retried-from", v);
+            let (outcome, answered_by) =
+                hedged(gateway, model, &endpoint, hedge_to, &path, attempt_payload).await;
+            let step = match outcome {
+                Attempt::Answer(mut response, rtt) => {
+                    if gateway.config.hedge {
+                        // Only hedging reads the latency windows.
+                        gateway.latencies.record(model, rtt);
                     }
-                }
-                let version = response
-                    .headers()
-                    .get(VERSION_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-                    .or(target)
-                    .unwrap_or_default();
-                if let Some(tx) = primary_answer.take()
-                    && response.status().is_success()
-                {
-                    let json_len = json_len_of(&response);
-                    let (rebuilt, bytes) = body_bytes(response).await;
-                    response = rebuilt;
-                    let _ = tx.send((bytes, json_len, rtt));
-                }
-                // Remembered for feedback to find the version it rewards.
-                gateway
-                    .learning
-                    .served(model, &version, request_id.as_deref(), split_key);
-                if let Some(key) = &sequence_key
-                    && response.status().is_success()
-                {
+                    if !tried.is_empty() {
+                        // Which replicas failed this request before the one that
+                        // answered: retries are visible to whoever looks.
+                        if let Ok(v) = HeaderValue::from_str(&tried.join(",")) {
+                            response.headers_mut().insert("x-shoal-retried-from", v);
+                        }
+                    }
+                    if answered_by.id != endpoint.id {
+                        // A hedge answered: which replica it beat.
+                        if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
+                            response.headers_mut().insert("x-shoal-hedged-from", v);
+                        }
+                    }
+                    let version = response
+                        .headers()
+                        .get(VERSION_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                        .or(target)
+                        .unwrap_or_default();
+                    if let Some(tx) = primary_answer.take()
+                        && response.status().is_success()
+                    {
+                        let json_len = json_len_of(&response);
+                        let (rebuilt, bytes) = body_bytes(response).await;
+                        response = rebuilt;
+                        let _ = tx.send((bytes, json_len, rtt));
+                    }
+                    // Remembered for feedback to find the version it rewards.
                     gateway
-                        .homes
-                        .answered(key, &answered_by.id, sequence_end, gateway.now());
+                        .learning
+                        .served(model, &version, request_id.as_deref(), split_key);
+                    if let Some(key) = &sequence_key
+                        && response.status().is_success()
+                    {
+                        gateway
+                            .homes
+                            .answered(key, &answered_by.id, sequence_end, gateway.now());
+                    }
+                    break 'attempt Step::Done((response, version));
                 }
-                return Ok((response, version));
-            }
-            Attempt::Stale(response) => {
-                // Not the replica's fault: forget that it serves this
-                // version and try another, without spending retry budget.
-                if let Some(v) = &target {
-                    answered_by.forget(&format!("{model}:{v}"));
+                Attempt::Stale(response) => {
+                    // Not the replica's fault: forget that it serves this
+                    // version and try another.
+                    if let Some(v) = &target {
+                        answered_by.forget(&format!("{model}:{v}"));
+                    }
+                    gateway.metrics.retry(model, "stale_route");
+                    Step::Stale((response, version.clone().unwrap_or_default()))
                 }
-                tried.push(answered_by.id.clone());
-                last_error = None;
-                stale = Some(response);
-                gateway.metrics.retry(model, "stale_route");
-                continue;
-            }
-            Attempt::ServerError(response) => {
-                let status = response.status();
-                let bytes = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|c| c.to_bytes())
-                    .unwrap_or_default();
-                let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| status.to_string());
-                last_error = Some(ApiError {
-                    retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
-                    ..ApiError::new(
+                Attempt::ServerError(response) => Step::Failed(
+                    "server_error",
+                    server_error(&answered_by.id, response).await,
+                ),
+                Attempt::Failed(kind, detail) => {
+                    let status = if kind == Failure::Timeout {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    let error = ApiError::new(
                         status,
-                        format!("replica {} answered {status}: {message}", answered_by.id),
-                    )
-                });
-                "server_error"
-            }
-            Attempt::Failed(kind, detail) => {
-                let status = if kind == Failure::Timeout {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                last_error = Some(ApiError::new(
-                    status,
-                    format!("replica {} failed: {detail}", answered_by.id),
-                ));
-                match kind {
-                    Failure::Timeout => "timeout",
-                    Failure::Connect => "connect",
-                    _ => "reset",
+                        format!("replica {} failed: {detail}", answered_by.id),
+                    );
+                    let reason = match kind {
+                        Failure::Timeout => "timeout",
+                        Failure::Connect => "connect",
+                        _ => "reset",
+                    };
+                    Step::Failed(reason, error)
                 }
+            };
+            if let Step::Failed(reason, _) = &step {
+                tracing::debug!(model, replica = %answered_by.id, reason, "attempt failed");
             }
+            tried.push(answered_by.id.clone());
+            step
         };
-        tried.push(answered_by.id.clone());
-        if attempt + 1 == MAX_ATTEMPTS || !gateway.budget.withdraw() {
-            break;
+        match retry.next(step) {
+            Next::Again(Some(reason)) => gateway.metrics.retry(model, reason),
+            Next::Again(None) => {}
+            Next::Finish(result) => return result,
         }
-        gateway.metrics.retry(model, reason);
-        tracing::debug!(model, replica = %answered_by.id, reason, "retrying on another replica");
-    }
-    stale_or(
-        stale,
-        last_error.unwrap_or_else(|| ApiError::internal("no attempt was made")),
-        version.as_deref(),
-    )
-}
-
-/// The replica's own 404, when the only answers were stale routes; else `error`.
-fn stale_or(
-    stale: Option<Response>,
-    error: ApiError,
-    version: Option<&str>,
-) -> Result<(Response, String), ApiError> {
-    match stale {
-        Some(r) => Ok((r, version.unwrap_or_default().to_owned())),
-        None => Err(error),
     }
 }
 
-/// Metadata and readiness: any replica serving the model answers.
+/// The error a replica's 5xx becomes: its status (503 asks the client to
+/// come back in a second) and its message, naming the replica.
+async fn server_error(replica: &str, response: Response) -> ApiError {
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| status.to_string());
+    ApiError {
+        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
+        ..ApiError::new(
+            status,
+            format!("replica {replica} answered {status}: {message}"),
+        )
+    }
+}
+
+/// Metadata and readiness: any replica serving the model answers (retried
+/// on others without budget: reads are cheap).
 async fn forward_get(
     gateway: &Gateway,
     model: &str,
@@ -874,40 +833,45 @@ async fn forward_get(
 ) -> Response {
     let state = gateway.routes.snapshot();
     let mut tried = Vec::new();
-    let mut last = None;
-    for _ in 0..MAX_ATTEMPTS {
-        let now = gateway.now();
-        let candidates = match gateway
-            .routes
-            .candidates(&state, model, version, &tried, now)
-        {
-            Ok(c) => c,
-            Err(why) => {
-                return last.unwrap_or_else(|| no_route(model, version, why).into_response());
-            }
-        };
-        let Some(endpoint) = gateway
-            .routes
-            .pick(&candidates, None, &mut rand::rng(), now)
-        else {
-            break;
-        };
-        match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
-            Attempt::Answer(response, _) | Attempt::Stale(response) => return response,
-            Attempt::ServerError(response) => last = Some(response),
-            Attempt::Failed(_, detail) => {
-                last = Some(
+    let mut retry = Retry::new(MAX_ATTEMPTS, None);
+    loop {
+        let step: Step<Response, Response> = 'attempt: {
+            let now = gateway.now();
+            let candidates = match gateway
+                .routes
+                .candidates(&state, model, version, &tried, now)
+            {
+                Ok(c) => c,
+                Err(why) => {
+                    break 'attempt Step::Stop(no_route(model, version, why).into_response());
+                }
+            };
+            let Some(endpoint) = gateway
+                .routes
+                .pick(&candidates, None, &mut rand::rng(), now)
+            else {
+                break 'attempt Step::Stop(
+                    no_route(model, version, NoRoute::NoneAvailable).into_response(),
+                );
+            };
+            tried.push(endpoint.id.clone());
+            match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
+                Attempt::Answer(response, _) | Attempt::Stale(response) => Step::Done(response),
+                Attempt::ServerError(response) => Step::Failed("server_error", response),
+                Attempt::Failed(_, detail) => Step::Failed(
+                    "reset",
                     ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         format!("replica {} failed: {detail}", endpoint.id),
                     )
                     .into_response(),
-                );
+                ),
             }
+        };
+        if let Next::Finish(result) = retry.next(step) {
+            return result.unwrap_or_else(|response| response);
         }
-        tried.push(endpoint.id.clone());
     }
-    last.unwrap_or_else(|| no_route(model, version, NoRoute::NoneAvailable).into_response())
 }
 
 async fn model_get(State(gateway): Shared, Path(model): Path<String>, uri: http::Uri) -> Response {

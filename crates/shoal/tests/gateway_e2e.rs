@@ -621,17 +621,20 @@ async fn hedging_cuts_off_a_slow_replica() {
             200
         );
     }
-    let started = tokio::time::Instant::now();
-    let mut slowest = Duration::ZERO;
+    // A hedge that beats the slow replica says so in its answer; the
+    // policy's timing (fired at the p95, loser cancelled) is unit-tested
+    // with paused time in shoal-gateway.
+    let mut hedge_wins = 0;
     for _ in 0..400 {
-        let t = tokio::time::Instant::now();
-        assert_eq!(
-            http.post_json(&url, Samples::load().request(0..1))
-                .await
-                .status,
-            200
-        );
-        slowest = slowest.max(t.elapsed());
+        let r = http.post_json(&url, Samples::load().request(0..1)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if let Some(from) = r.header("x-shoal-hedged-from") {
+            let by = r
+                .header("x-shoal-replica")
+                .expect("the answering replica is named");
+            assert_ne!(from, by, "a hedge answers from another replica");
+            hedge_wins += 1;
+        }
     }
     let metrics = http
         .get(&url.replace("/v2/models/digits/infer", "/metrics"))
@@ -644,9 +647,10 @@ async fn hedging_cuts_off_a_slow_replica() {
         .and_then(|n| n.parse().ok())
         .expect("hedges are counted");
     assert!(hedges >= 3.0, "only {hedges} hedges");
+    // About 3 % of requests meet the 3 s fault; each is hedged at the p95
+    // (milliseconds) and the fast replica's answer wins.
     assert!(
-        slowest < Duration::from_millis(1500),
-        "a request waited for the tail: {slowest:?} (400 in {:?})",
-        started.elapsed()
+        hedge_wins >= 3,
+        "only {hedge_wins} answers came from a hedge"
     );
 }
