@@ -167,7 +167,10 @@ impl Autoscaler {
                 },
                 None => Recommendation {
                     replicas: absolute,
-                    reason: format!("{within}: ceil({ahead:.1} ÷ {per:.1} − {tol}) = {absolute}"),
+                    reason: format!(
+                        "{within}: ceil({ahead:.1} ÷ ({per:.1} × {:.2})) = {absolute}",
+                        1.0 + tol
+                    ),
                 },
             })
         });
@@ -214,11 +217,13 @@ impl Autoscaler {
     }
 }
 
-/// Replicas for `rps` at `per_replica` each, a load within the tolerance
-/// above a whole count rounding down to it (as the HPA leaves a count
-/// alone within its tolerance).
+/// Replicas for `rps` at `per_replica` each, counting a replica as full
+/// only past the tolerance above its target: no more than the HPA would
+/// keep once that load arrives (it leaves a count alone while each replica
+/// carries within the tolerance of the target), so a prediction never
+/// leaves a replica the reactive part would not have removed.
 fn replicas_for(rps: f64, per_replica: f64, tolerance: f64, min: u32, max: u32) -> u32 {
-    let n = (rps / per_replica - tolerance).ceil();
+    let n = (rps / (per_replica * (1.0 + tolerance))).ceil();
     (if n.is_finite() {
         n.min(f64::from(u32::MAX)) as u32
     } else {
