@@ -1315,6 +1315,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         .map(|u| format!("{u}/v2/models/{MODEL}/infer"))
         .collect();
     let load_spec = LoadSpec {
+        schedule: Vec::new(),
         urls,
         body,
         rate: spec.rate,

@@ -33,6 +33,7 @@
 // to tokio's clock, which paused-time tests control).
 #![allow(clippy::disallowed_types)]
 
+pub mod autoscale;
 pub mod backup;
 pub mod batching;
 pub mod drill;

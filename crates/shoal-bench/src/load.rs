@@ -30,6 +30,9 @@ pub struct LoadSpec {
     pub body: Bytes,
     /// Requests per second.
     pub rate: f64,
+    /// A rate that changes over the run: `(from, rate)` pairs, sorted,
+    /// each rate holding until the next (before the first: `rate`).
+    pub schedule: Vec<(Duration, f64)>,
     /// How long to send.
     pub duration: Duration,
     /// Concurrent connections.
@@ -87,7 +90,8 @@ struct Shared {
 
 /// Runs the load.
 pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
-    let total = (spec.rate * spec.duration.as_secs_f64()).round() as u64;
+    let offsets = send_offsets(spec.rate, &spec.schedule, spec.duration);
+    let total = offsets.len() as u64;
     anyhow::ensure!(!spec.urls.is_empty(), "give at least one URL");
     let (tx, rx) = async_channel_like::channel(total as usize + 1);
     let shared = Arc::new(tokio::sync::Mutex::new(Shared {
@@ -213,11 +217,11 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     // where tokio's timer ticks in milliseconds. It hands each request to
     // the workers at its intended time; if every worker is busy the request
     // waits in the queue, and that wait counts in its latency.
-    let rate = spec.rate;
     let std_start = start.into_std();
     let pacer = std::thread::spawn(move || {
-        for i in 0..total {
-            let intended = std_start + Duration::from_secs_f64(i as f64 / rate);
+        for (i, offset) in offsets.into_iter().enumerate() {
+            let i = i as u64;
+            let intended = std_start + offset;
             let now = std::time::Instant::now();
             if intended > now {
                 std::thread::sleep(intended - now);
@@ -249,6 +253,26 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     })
 }
 
+/// When each request is due, from the start: evenly spaced at each
+/// moment's rate.
+fn send_offsets(rate: f64, schedule: &[(Duration, f64)], duration: Duration) -> Vec<Duration> {
+    // Each segment starts its own clock, so a change of rate lands exactly
+    // where the schedule says rather than one old-rate gap late.
+    let end = duration.as_secs_f64();
+    let mut bounds = vec![(0.0, rate)];
+    bounds.extend(schedule.iter().map(|(from, r)| (from.as_secs_f64(), *r)));
+    let mut offsets = Vec::new();
+    for (i, &(from, r)) in bounds.iter().enumerate() {
+        let until = bounds.get(i + 1).map_or(end, |(next, _)| *next).min(end);
+        if r <= 0.0 || until <= from {
+            continue;
+        }
+        let count = ((until - from) * r).round() as u64;
+        offsets.extend((0..count).map(|k| Duration::from_secs_f64(from + k as f64 / r)));
+    }
+    offsets
+}
+
 /// A multi-consumer queue of send times (tokio's mpsc has one consumer).
 mod async_channel_like {
     use std::sync::Arc;
@@ -275,5 +299,26 @@ mod async_channel_like {
         pub(super) async fn recv(&self) -> Option<(u64, Instant)> {
             self.0.lock().await.recv().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_changes_the_rate_where_it_says() {
+        let s = |secs: u64, rate: f64| (Duration::from_secs(secs), rate);
+        let offsets = send_offsets(
+            10.0,
+            &[s(1, 100.0), s(2, 0.0), s(3, 10.0)],
+            Duration::from_secs(4),
+        );
+        let in_second = |k: u64| offsets.iter().filter(|o| o.as_secs() == k).count();
+        assert_eq!(
+            [in_second(0), in_second(1), in_second(2), in_second(3)],
+            [10, 100, 0, 10]
+        );
+        assert_eq!(send_offsets(5.0, &[], Duration::from_secs(2)).len(), 10);
     }
 }

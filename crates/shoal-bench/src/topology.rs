@@ -272,6 +272,7 @@ async fn step(
     kill: Option<u32>,
 ) -> anyhow::Result<crate::load::LoadResult> {
     load(LoadSpec {
+        schedule: Vec::new(),
         urls: vec![url.to_owned()],
         body: crate::digits_request()?,
         rate,

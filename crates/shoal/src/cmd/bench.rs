@@ -140,6 +140,44 @@ pub(crate) enum BenchCommand {
         #[arg(long, value_parser = super::client::parse_duration, default_value = "1ms")]
         batch_delay: f64,
     },
+    /// Autoscaling over a compressed day (night, a sharp morning ramp, a
+    /// plateau, an evening, one unannounced spike) through `shoal up`:
+    /// fixed at the peak, reactive only, reactive + predictive; reports
+    /// SLO-violation seconds and replica-seconds of the measured day.
+    Autoscale {
+        /// One compressed day.
+        #[arg(long, value_parser = super::client::parse_duration, default_value = "120s")]
+        day: f64,
+        /// Days replayed (without the spike) before the measured one, for
+        /// the predictor to learn.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
+        learn: u32,
+        /// The daily peak, requests per second.
+        #[arg(long, default_value_t = 200.0)]
+        peak_rps: f64,
+        /// Requests per second a replica should carry (the target).
+        #[arg(long, default_value_t = 20.0)]
+        per_replica_rps: f64,
+        /// Emulated service time per request.
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// Requests a replica holds at once (capacity = slots ÷ service time).
+        #[arg(long, default_value_t = 8)]
+        slots: usize,
+        /// The p99 to stay under, ms.
+        #[arg(long, default_value_t = 500.0)]
+        slo_ms: f64,
+        /// The most replicas the autoscaler may run.
+        #[arg(long, default_value_t = 16)]
+        max_replicas: usize,
+        /// Modes: fixed, reactive, predictive.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "fixed,reactive,predictive"
+        )]
+        modes: Vec<String>,
+    },
     /// Leader failover of a `shoal up --control-planes N` fleet: SIGKILL of
     /// the leader to another member's first act as leader, trial after trial.
     Failover {
@@ -234,6 +272,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 None => shoal_bench::digits_request()?,
             };
             let r = shoal_bench::load::run(shoal_bench::load::LoadSpec {
+                schedule: Vec::new(),
                 urls,
                 body,
                 rate,
@@ -592,6 +631,71 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         } else {
                             String::new()
                         }
+                    );
+                }
+            }
+        }
+        BenchCommand::Autoscale {
+            day,
+            learn,
+            peak_rps,
+            per_replica_rps,
+            latency_ms,
+            slots,
+            slo_ms,
+            max_replicas,
+            modes,
+        } => {
+            use shoal_bench::autoscale::{AutoscaleBench, Mode};
+            anyhow::ensure!(
+                (10.0..=86_400.0).contains(&day),
+                "--day: between 10 s and 24 h"
+            );
+            anyhow::ensure!(
+                peak_rps > 0.0 && per_replica_rps > 0.0,
+                "--peak-rps and --per-replica-rps must be positive"
+            );
+            let modes = modes
+                .iter()
+                .map(|m| match m.as_str() {
+                    "fixed" => Ok(Mode::Fixed),
+                    "reactive" => Ok(Mode::Reactive),
+                    "predictive" => Ok(Mode::Predictive),
+                    other => Err(anyhow::anyhow!(
+                        "--modes {other:?}: use fixed, reactive or predictive"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let bench = AutoscaleBench {
+                exe: std::env::current_exe()?,
+                day: std::time::Duration::from_secs_f64(day),
+                learn,
+                peak_rps,
+                per_replica_rps,
+                latency_ms,
+                slots: slots.max(1),
+                slo_ms,
+                max_replicas,
+                modes,
+            };
+            let scratch =
+                std::env::temp_dir().join(format!("shoal-bench-autoscale-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
+            let results = bench.run(&scratch).await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            let results = results?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                println!(
+                    "a {day:.0} s day at up to {peak_rps} req/s, {per_replica_rps} req/s per replica, SLO p99 ≤ {slo_ms} ms"
+                );
+                print!("{}", shoal_bench::autoscale::markdown(&results));
+                for r in &results {
+                    println!(
+                        "  {}: violations at seconds {:?}",
+                        r.mode.as_str(),
+                        r.violation_at
                     );
                 }
             }
