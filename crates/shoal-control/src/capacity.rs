@@ -339,9 +339,7 @@ impl crate::Control {
         &self,
         model: &str,
     ) -> Result<ScaleStatus, crate::controller::DeployError> {
-        let stored = self.store.get_deployment(model).await?.ok_or_else(|| {
-            crate::controller::DeployError::NotFound(format!("model {model} is not deployed"))
-        })?;
+        let stored = self.deployed(model).await?;
         let deployment = stored.deployment;
         if let Some(mut status) = self.capacity.status(model)
             && deployment.scale.as_ref() == Some(&status.spec)

@@ -751,6 +751,15 @@ impl Control {
         Ok(deployment)
     }
 
+    /// The model's stored deployment, or a 404 that says how to make one.
+    pub(crate) async fn deployed(&self, model: &str) -> Result<StoredDeployment, DeployError> {
+        self.store.get_deployment(model).await?.ok_or_else(|| {
+            DeployError::NotFound(format!(
+                "model {model} is not deployed; deploy a version first (shoal deploy {model}:VERSION)"
+            ))
+        })
+    }
+
     /// Sets a model's traffic policy by hand: weights across versions, a
     /// shadow share, the split header. Refused while a rollout runs.
     pub async fn set_traffic(
@@ -769,11 +778,7 @@ impl Control {
         actor: &str,
     ) -> Result<Deployment, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let stored = self.store.get_deployment(model).await?.ok_or_else(|| {
-            DeployError::NotFound(format!(
-                "model {model} is not deployed; deploy a version first"
-            ))
-        })?;
+        let stored = self.deployed(model).await?;
         if let Some(c) = readable(model, &stored.controller)?.filter(Controller::is_active) {
             return Err(DeployError::Conflict(format!(
                 "a rollout of {model} to {} is in progress; traffic follows it until it ends",
@@ -855,11 +860,7 @@ impl Control {
         actor: &str,
     ) -> Result<Deployment, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let stored = self.store.get_deployment(model).await?.ok_or_else(|| {
-            DeployError::NotFound(format!(
-                "model {model} is not deployed; deploy a version first (shoal deploy {model}:VERSION)"
-            ))
-        })?;
+        let stored = self.deployed(model).await?;
         let mut deployment = stored.deployment;
         let detail = match (spec.replicas, spec.min, spec.max) {
             (Some(n), _, _) => format!("{n} replicas"),

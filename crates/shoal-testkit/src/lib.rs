@@ -314,13 +314,19 @@ pub fn cli_json(program: &std::path::Path, control: &str, args: &[&str]) -> serd
     if let Some(token) = tokens::admin_token_for(control) {
         command.args(["--token", &token]);
     }
+    output_json(&mut command)
+}
+
+/// Runs `command`, which must succeed (else panics with its arguments and
+/// standard error), and parses its standard output as JSON (`Null` when it
+/// is not JSON).
+pub fn output_json(command: &mut std::process::Command) -> serde_json::Value {
     let out = command
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     assert!(
         out.status.success(),
-        "{} {args:?} failed: {}",
-        program.display(),
+        "{command:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)

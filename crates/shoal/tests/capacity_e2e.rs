@@ -320,16 +320,7 @@ async fn load(gateway: &str, rate: u32, seconds: u32) -> Value {
         "--json".to_owned(),
     ];
     tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(common::shoal())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        shoal_testkit::output_json(std::process::Command::new(common::shoal()).args(&args))
     })
     .await
     .unwrap()

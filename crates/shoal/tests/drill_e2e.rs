@@ -17,28 +17,22 @@ fn drill(data: &std::path::Path, args: &[&str]) -> Value {
 }
 
 fn drill_for(data: &std::path::Path, args: &[&str], duration: &str) -> Value {
-    let out = std::process::Command::new(shoal())
-        .arg("drill")
-        .args(args)
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--rate",
-            "50",
-            "--duration",
-            duration,
-            "--recovery-timeout",
-            "30s",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "shoal drill {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    shoal_testkit::output_json(
+        std::process::Command::new(shoal())
+            .arg("drill")
+            .args(args)
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--rate",
+                "50",
+                "--duration",
+                duration,
+                "--recovery-timeout",
+                "30s",
+                "--json",
+            ]),
+    )
 }
 
 /// No request failed while the artifact store was away (from the fault

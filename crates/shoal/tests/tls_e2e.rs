@@ -98,18 +98,12 @@ async fn shoal_up_serves_every_member_over_https() {
     // The CLI, from the fleet's directory, with the CA: both replicas
     // registered with their https addresses, and healthy.
     let status = |control: String, home: std::path::PathBuf, ca: String| {
-        let out = Command::new(shoal())
-            .current_dir(home)
-            .env("SHOAL_CA", ca)
-            .args(["status", "--json", "--control", &control])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        shoal_testkit::output_json(
+            Command::new(shoal())
+                .current_dir(home)
+                .env("SHOAL_CA", ca)
+                .args(["status", "--json", "--control", &control]),
+        )
     };
     let (c, home, ca_owned) = (control.clone(), tmp.join(""), ca.to_owned());
     let status = shoal_testkit::eventually(
