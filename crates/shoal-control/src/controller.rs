@@ -827,18 +827,13 @@ impl Control {
                 .unwrap_or_default(),
             request.reason.as_deref().unwrap_or("traffic set by hand")
         );
-        deployment.revision = self
-            .write_deployment(
-                deployment.clone(),
-                stored.controller,
-                "traffic",
-                Audit::by(actor, detail),
-                None,
-            )
-            .await?;
-        self.refresh().await?;
-        self.after_change();
-        Ok(deployment)
+        self.write_by_hand(
+            deployment,
+            stored.controller,
+            "traffic",
+            Audit::by(actor, detail),
+        )
+        .await
     }
 
     /// Records how many replicas serve `model` (`shoal scale`); the next
@@ -882,14 +877,26 @@ impl Control {
         } else {
             deployment.scale = Some(spec.clone());
         }
+        self.write_by_hand(
+            deployment,
+            stored.controller,
+            "scale",
+            Audit::by(actor, detail),
+        )
+        .await
+    }
+
+    /// Writes a deployment changed by hand (under the deploy lock, so no
+    /// fence), reloads, tells the replicas, and returns it as stored.
+    async fn write_by_hand(
+        self: &Arc<Self>,
+        mut deployment: Deployment,
+        controller: serde_json::Value,
+        action: &str,
+        audit: Audit,
+    ) -> Result<Deployment, DeployError> {
         deployment.revision = self
-            .write_deployment(
-                deployment.clone(),
-                stored.controller,
-                "scale",
-                Audit::by(actor, detail),
-                None,
-            )
+            .write_deployment(deployment.clone(), controller, action, audit, None)
             .await?;
         self.refresh().await?;
         self.after_change();
