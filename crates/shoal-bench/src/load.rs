@@ -93,7 +93,8 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     let offsets = send_offsets(spec.rate, &spec.schedule, spec.duration);
     let total = offsets.len() as u64;
     anyhow::ensure!(!spec.urls.is_empty(), "give at least one URL");
-    let (tx, rx) = async_channel_like::channel(total as usize + 1);
+    // Many workers take from one queue of send times.
+    let (tx, rx) = flume::bounded::<(u64, Instant)>(total as usize + 1);
     let shared = Arc::new(tokio::sync::Mutex::new(Shared {
         latencies: Latencies::default(),
         ok: 0,
@@ -117,7 +118,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1)
                 .build(shoal_client::tls::connector(connector));
-            while let Some((i, intended)) = rx.recv().await {
+            while let Ok((i, intended)) = rx.recv_async().await {
                 let send = |url: &str| {
                     let request = http::Request::post(url)
                         .header("content-type", "application/json")
@@ -226,7 +227,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
             if intended > now {
                 std::thread::sleep(intended - now);
             }
-            if tx.blocking_send((i, Instant::from_std(intended))).is_err() {
+            if tx.send((i, Instant::from_std(intended))).is_err() {
                 break;
             }
         }
@@ -271,35 +272,6 @@ fn send_offsets(rate: f64, schedule: &[(Duration, f64)], duration: Duration) -> 
         offsets.extend((0..count).map(|k| Duration::from_secs_f64(from + k as f64 / r)));
     }
     offsets
-}
-
-/// A multi-consumer queue of send times (tokio's mpsc has one consumer).
-mod async_channel_like {
-    use std::sync::Arc;
-
-    use tokio::sync::Mutex;
-    use tokio::time::Instant;
-
-    pub(super) struct Sender(tokio::sync::mpsc::Sender<(u64, Instant)>);
-    #[derive(Clone)]
-    pub(super) struct Receiver(Arc<Mutex<tokio::sync::mpsc::Receiver<(u64, Instant)>>>);
-
-    pub(super) fn channel(capacity: usize) -> (Sender, Receiver) {
-        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        (Sender(tx), Receiver(Arc::new(Mutex::new(rx))))
-    }
-
-    impl Sender {
-        pub(super) fn blocking_send(&self, at: (u64, Instant)) -> Result<(), ()> {
-            self.0.blocking_send(at).map_err(|_| ())
-        }
-    }
-
-    impl Receiver {
-        pub(super) async fn recv(&self) -> Option<(u64, Instant)> {
-            self.0.lock().await.recv().await
-        }
-    }
 }
 
 #[cfg(test)]

@@ -339,7 +339,8 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
     );
     let file = tokio::fs::File::open(&args.file).await?;
     let progress = bar.clone();
-    let stream = tokio_util_like::chunks(file).map(move |chunk| {
+    // 1 MiB pieces.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
         if let Ok(c) = &chunk {
             progress.inc(c.len() as u64);
         }
@@ -865,29 +866,6 @@ fn print_members(control: &shoal_api::fleet::Leadership) {
             "no leader: rollouts wait until a member takes the lease (term {})",
             control.term
         );
-    }
-}
-
-/// Reads a file as a stream of 1 MiB pieces.
-mod tokio_util_like {
-    use bytes::Bytes;
-    use tokio::io::AsyncReadExt;
-
-    pub(super) fn chunks(
-        file: tokio::fs::File,
-    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
-        futures::stream::unfold(Some(file), |file| async move {
-            let mut file = file?;
-            let mut buf = vec![0u8; 1 << 20];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Bytes::from(buf)), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        })
     }
 }
 
