@@ -238,6 +238,10 @@ pub struct DesiredVersion {
     /// Dynamic batching of its requests.
     #[serde(default)]
     pub batching: Option<crate::registry::Batching>,
+    /// The engine to run it on.
+    #[serde(default)]
+    #[schema(value_type = String, example = "tract")]
+    pub engine: shoal_core::Engine,
     /// Keep it if it is loaded, but do not load it (and do not wait for it
     /// to be ready): versions kept warm or draining after traffic left them.
     #[serde(default)]

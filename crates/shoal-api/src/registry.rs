@@ -86,6 +86,11 @@ pub struct VersionRecord {
     /// How replicas batch its requests (none: each runs alone).
     #[serde(default)]
     pub batching: Option<Batching>,
+    /// The engine replicas run it on: `tract`, `ort` (ONNX Runtime) or
+    /// `auto` (both timed at load, the faster kept).
+    #[serde(default)]
+    #[schema(value_type = String, example = "tract")]
+    pub engine: shoal_core::Engine,
 }
 
 /// Body of `POST /api/v1/models/{model}/versions`: register an uploaded
@@ -122,9 +127,15 @@ pub struct NewVersion {
     /// input and output needs a batch dimension first).
     #[serde(default)]
     pub batching: Option<Batching>,
-    /// Check only that the artifact is an ONNX model, not that the default
-    /// engine can prepare and warm it up (for artifacts meant for another
-    /// engine).
+    /// The engine replicas run it on: `tract` (default), `ort` (ONNX
+    /// Runtime) or `auto` (both timed at load, the faster kept). The
+    /// control plane prepares and warms it with that engine.
+    #[serde(default)]
+    #[schema(value_type = String, example = "tract")]
+    pub engine: shoal_core::Engine,
+    /// Check only that the artifact is an ONNX model, not that the
+    /// engine can prepare and warm it up (for artifacts meant for an
+    /// engine the control plane does not have).
     #[serde(default)]
     pub skip_engine_check: bool,
 }

@@ -145,16 +145,11 @@ fn check_same(a: &[Tensor], b: &[Tensor]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads ONNX Runtime from `libonnxruntime.so` at `path`.
-#[cfg(feature = "ort")]
-pub fn ort_backend(path: &Path) -> anyhow::Result<Box<dyn Backend>> {
-    Ok(Box::new(shoal_runtime::ort::OrtBackend::from_library(
-        path,
-    )?))
-}
-
-/// Without the `ort` feature there is no reference engine.
-#[cfg(not(feature = "ort"))]
-pub fn ort_backend(_path: &Path) -> anyhow::Result<Box<dyn Backend>> {
-    anyhow::bail!("this build has no ONNX Runtime backend; rebuild with `--features ort`")
+/// ONNX Runtime from `libonnxruntime.so` at `path`, or found as replicas
+/// find it.
+pub fn ort_backend(path: Option<&Path>) -> anyhow::Result<std::sync::Arc<dyn Backend>> {
+    Ok(match path {
+        Some(path) => shoal_runtime::ort::OrtBackend::from_library(path)?,
+        None => shoal_runtime::ort::OrtBackend::shared()?,
+    })
 }

@@ -28,9 +28,9 @@ use shoal_core::{ModelName, Version};
 use shoal_http::extract::{Json, OptionalJson, Path, Query};
 use shoal_http::{ApiError, json_response};
 use shoal_registry::{Audit, RegistryError, VersionDraft};
-use shoal_runtime::LoadOptions;
 use shoal_runtime::check::{Checks, check_model};
-use shoal_runtime::tract::TractBackend;
+use shoal_runtime::engines::Engines;
+use shoal_runtime::{LoadError, LoadOptions};
 use tokio::io::AsyncWriteExt;
 
 use crate::Control;
@@ -424,7 +424,7 @@ pub(crate) async fn create_version(
         .map(|b| b.policy())
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("batching: {e}")))?;
-    let options = options.with_batching(batching);
+    let options = options.with_batching(batching).with_engine(new.engine);
     if new.skip_engine_check && new.batching.is_some() {
         return Err(ApiError::bad_request(
             "batching is checked against the model by the engine: drop --skip-engine-check, or --max-batch",
@@ -457,6 +457,7 @@ pub(crate) async fn create_version(
         max_shapes: new.max_shapes,
         state: new.state,
         batching: new.batching,
+        engine: new.engine,
     };
     let record = control
         .store
@@ -487,11 +488,18 @@ async fn check_artifact(
         .await
         .map_err(artifact_error)?;
     tokio::task::spawn_blocking(move || {
-        check_model(&bytes, &options, checks, &TractBackend::default())
+        check_model(&bytes, &options, checks, &Engines::default())
     })
     .await
     .map_err(|e| ApiError::internal(format!("model check task failed: {e}")))?
     .map_err(|e| {
+        if let LoadError::EngineUnavailable(why) = &e {
+            return ApiError::bad_request(format!(
+                "the control plane checks a version with the engine it asks for, and cannot \
+                 here: {why}. No version was created; push with --skip-engine-check to register \
+                 it unchecked"
+            ));
+        }
         let hint = if checks == Checks::Engine {
             "; no version was created. If the model is meant for another engine, push it with --skip-engine-check"
         } else {

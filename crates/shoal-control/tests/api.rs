@@ -1346,3 +1346,74 @@ async fn batching_is_checked_at_push_recorded_and_sent_to_replicas() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn the_engine_is_checked_at_push_recorded_and_sent_to_replicas() {
+    let tmp = TempDir::new("control-engine");
+    let (_control, app) = setup(&tmp, 1 << 30).await;
+    let digits = upload(&app, "digits-v1.onnx").await;
+    let push = |version: &str, extra: Value| {
+        let mut body = json!({"sha256": digits, "version": version});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let app = app.clone();
+        async move { json_call(&app, Method::POST, "/api/v1/models/digits/versions", body).await }
+    };
+    let r = push("9", json!({"engine": "onnx"})).await;
+    assert!(r.status.is_client_error(), "{}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("engine"),
+        "{}",
+        r.body
+    );
+    // Without a word the version runs on tract, and says so.
+    let r = push("1", json!({})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["engine"], "tract");
+    // ONNX Runtime (installed by scripts/setup) prepares and warms it here.
+    for (version, engine) in [("2", "ort"), ("3", "auto")] {
+        let r = push(version, json!({"engine": engine})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(r.body["engine"], engine);
+    }
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/models/digits/versions/2",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.body["engine"], "ort", "{}", r.body);
+
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/replicas",
+        json!({"id": "r1", "address": "127.0.0.1:1", "region": "local"}),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/deployments/digits",
+        json!({"version": "2"}),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/replicas/r1/desired",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        r.body["models"][0]["versions"][0]["engine"], "ort",
+        "{}",
+        r.body
+    );
+}

@@ -85,6 +85,9 @@ pub struct VersionRow {
     /// Dynamic batching (JSON, `null` when none; absent from older dumps).
     #[serde(default = "json_null")]
     pub batching: String,
+    /// The engine (`tract` in dumps older than the column).
+    #[serde(default = "default_engine")]
+    pub engine: String,
     /// Status name.
     pub status: String,
     /// Reached production once.
@@ -159,6 +162,9 @@ impl RegistryDump {
             if VersionStatus::parse(&v.status).is_none() {
                 return bad(format!("version {at} has unknown status {:?}", v.status));
             }
+            if let Err(e) = v.engine.parse::<shoal_core::Engine>() {
+                return bad(format!("version {at}: {e}"));
+            }
             for (column, text) in [
                 ("labels", &v.labels),
                 ("metrics", &v.metrics),
@@ -199,7 +205,7 @@ impl RegistryDump {
 /// registry are equal.
 pub(crate) const SELECTS: [&str; 6] = [
     "SELECT name, created_at, next_number FROM models ORDER BY name",
-    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
+    "SELECT model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, engine, status, reached_production, rolled_back FROM versions ORDER BY model, seq",
     "SELECT model, deployment, controller FROM deployments ORDER BY model",
     "SELECT id, registration, registered_at FROM replicas ORDER BY id",
     "SELECT name, role, hash, created_at, created_by FROM tokens ORDER BY name",
@@ -249,6 +255,7 @@ where
                     max_shapes: r.try_get("max_shapes")?,
                     state: r.try_get("state")?,
                     batching: r.try_get("batching")?,
+                    engine: r.try_get("engine")?,
                     status: r.try_get("status")?,
                     reached_production: r.try_get("reached_production")?,
                     rolled_back: r.try_get("rolled_back")?,
@@ -331,7 +338,7 @@ where
         out.push(
             statement(
                 "versions",
-                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status, reached_production, rolled_back",
+                "model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, engine, status, reached_production, rolled_back",
             )
             .bind(v.model.clone())
             .bind(v.version.clone())
@@ -346,6 +353,7 @@ where
             .bind(v.max_shapes.clone())
             .bind(v.state.clone())
             .bind(v.batching.clone())
+            .bind(v.engine.clone())
             .bind(v.status.clone())
             .bind(v.reached_production)
             .bind(v.rolled_back),
@@ -405,6 +413,11 @@ pub(crate) fn occupied(rows: i64, revision: u64) -> Result<()> {
 /// `{}`: what a column added later holds in rows dumped before it.
 fn empty_object() -> String {
     "{}".to_owned()
+}
+
+/// `tract`: the engine of versions dumped before the column.
+fn default_engine() -> String {
+    shoal_core::Engine::default().to_string()
 }
 
 /// `null`: what the batching column holds in rows dumped before it.

@@ -53,6 +53,12 @@ pub enum RegistryError {
     Database(String),
 }
 
+/// A version's engine as its column holds it.
+pub(crate) fn engine(text: &str) -> Result<shoal_core::Engine> {
+    text.parse()
+        .map_err(|e| RegistryError::Database(format!("corrupt engine column: {e}")))
+}
+
 impl From<sqlx::Error> for RegistryError {
     fn from(e: sqlx::Error) -> Self {
         RegistryError::Database(e.to_string())
@@ -85,6 +91,8 @@ pub struct VersionDraft {
     pub state: std::collections::BTreeMap<String, String>,
     /// Dynamic batching.
     pub batching: Option<shoal_api::registry::Batching>,
+    /// The engine replicas run it on.
+    pub engine: shoal_core::Engine,
 }
 
 /// A deployment with the rollout controller's own persisted state.

@@ -179,6 +179,7 @@ impl PostgresRegistry {
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
             state: parse(row.get::<&str, _>("state"))?,
             batching: parse(row.get::<&str, _>("batching"))?,
+            engine: crate::engine(row.get::<&str, _>("engine"))?,
         })
     }
 
@@ -285,8 +286,8 @@ impl RegistryStore for PostgresRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, engine, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -301,6 +302,7 @@ impl RegistryStore for PostgresRegistry {
         .bind(json(&draft.max_shapes))
         .bind(json(&draft.state))
         .bind(json(&draft.batching))
+        .bind(draft.engine.as_str())
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

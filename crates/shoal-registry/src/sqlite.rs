@@ -47,6 +47,7 @@ const SCHEMA: &[&str] = &[
         max_shapes TEXT NOT NULL DEFAULT '{}',
         state TEXT NOT NULL DEFAULT '{}',
         batching TEXT NOT NULL DEFAULT 'null',
+        engine TEXT NOT NULL DEFAULT 'tract',
         status TEXT NOT NULL,
         reached_production INTEGER NOT NULL DEFAULT 0,
         rolled_back INTEGER NOT NULL DEFAULT 0,
@@ -155,6 +156,7 @@ impl SqliteRegistry {
             ("versions", "max_shapes", "TEXT NOT NULL DEFAULT '{}'"),
             ("versions", "state", "TEXT NOT NULL DEFAULT '{}'"),
             ("versions", "batching", "TEXT NOT NULL DEFAULT 'null'"),
+            ("versions", "engine", "TEXT NOT NULL DEFAULT 'tract'"),
         ];
         for (table, column, definition) in ADDED {
             let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
@@ -260,6 +262,7 @@ impl SqliteRegistry {
             max_shapes: parse(row.get::<&str, _>("max_shapes"))?,
             state: parse(row.get::<&str, _>("state"))?,
             batching: parse(row.get::<&str, _>("batching"))?,
+            engine: crate::engine(row.get::<&str, _>("engine"))?,
         })
     }
 
@@ -364,8 +367,8 @@ impl RegistryStore for SqliteRegistry {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, status)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
+            "INSERT INTO versions (model, version, seq, sha256, size, created_at, labels, metrics, lineage, input_shapes, max_shapes, state, batching, engine, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'registered')",
         )
         .bind(model)
         .bind(&version)
@@ -380,6 +383,7 @@ impl RegistryStore for SqliteRegistry {
         .bind(json(&draft.max_shapes))
         .bind(json(&draft.state))
         .bind(json(&draft.batching))
+        .bind(draft.engine.as_str())
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &inserted

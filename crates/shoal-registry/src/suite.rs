@@ -323,12 +323,17 @@ async fn versions_number_and_conflict(store: &dyn RegistryStore) {
     named.lineage = Some("1".into());
     named.input_shapes.insert("x".into(), vec![-1, 3]);
     named.max_shapes.insert("x".into(), vec![64, -1]);
+    named.engine = shoal_core::Engine::Auto;
     let v3 = store.create_version("alpha", named, who()).await.unwrap();
+    assert_eq!(v3.engine, shoal_core::Engine::Auto);
+    assert_eq!(v1.engine, shoal_core::Engine::Tract);
     assert_eq!(v3.labels["team"], "vision");
     assert_eq!(v3.metrics["accuracy"], 0.98);
     assert_eq!(v3.lineage.as_deref(), Some("1"));
     assert_eq!(v3.input_shapes["x"], vec![-1, 3]);
     assert_eq!(v3.max_shapes["x"], vec![64, -1]);
+    let read = store.get_version("alpha", "3").await.unwrap().unwrap();
+    assert_eq!(read.engine, shoal_core::Engine::Auto, "read back");
     // Numbering continues after the highest number.
     let v4 = store
         .create_version("alpha", draft('c'), who())

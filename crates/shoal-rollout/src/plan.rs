@@ -206,6 +206,7 @@ pub fn desired_state(facts: &FleetFacts, replica_id: &str) -> DesiredState {
                 max_shapes: record.max_shapes.clone(),
                 state: record.state.clone(),
                 batching: record.batching.clone(),
+                engine: record.engine,
                 optional: optional(&record.version),
             })
             .collect();
@@ -327,6 +328,7 @@ mod tests {
             max_shapes: Default::default(),
             state: Default::default(),
             batching: None,
+            engine: Default::default(),
         }
     }
 

@@ -19,6 +19,10 @@ pub enum LoadError {
     /// The warm-up inference failed.
     #[error("warm-up inference failed: {0}")]
     WarmUp(String),
+    /// The engine the version asks for is not available on this machine
+    /// (ONNX Runtime's library not found); the message says how to get it.
+    #[error("{0}")]
+    EngineUnavailable(String),
 }
 
 /// Why an inference failed.

@@ -3,7 +3,10 @@
 //! - [`Backend`] and [`Model`] are the seam between Shoal and an inference
 //!   engine: a backend loads a model from bytes and reads its [`Signature`];
 //!   a model runs checked inputs. [`tract::TractBackend`] (pure Rust) is the
-//!   default engine; ONNX Runtime is available behind the `ort` feature.
+//!   default engine; [`ort::OrtBackend`] runs ONNX Runtime from a library
+//!   found at run time; [`engines::Engines`] is the backend replicas use,
+//!   choosing per version (`tract`, `ort`, or `auto`: both measured, the
+//!   faster kept).
 //! - [`LoadedModel`] is what the rest of Shoal holds: a model plus its
 //!   signature, which checks every request before the engine sees it.
 //! - [`InferencePool`] runs inference off the async executor on a bounded
@@ -20,8 +23,8 @@
 
 pub mod batcher;
 pub mod check;
+pub mod engines;
 mod error;
-#[cfg(feature = "ort")]
 pub mod ort;
 mod pool;
 pub mod tract;
@@ -32,7 +35,7 @@ use std::time::Duration;
 pub use error::{LoadError, RunError};
 pub use pool::{Admission, InferencePool, PoolStats, Share};
 use shoal_core::batch::BatchPolicy;
-use shoal_core::{InputBounds, Signature, StateSpec, Tensor, TensorData};
+use shoal_core::{Engine, InputBounds, Signature, StateSpec, Tensor, TensorData};
 
 /// An inference engine that can load models.
 pub trait Backend: Send + Sync + 'static {
@@ -58,6 +61,9 @@ pub struct LoadOptions {
     pub state: StateSpec,
     /// How its requests are batched, if they are.
     pub batching: Option<BatchPolicy>,
+    /// The engine it asks for (what [`engines::Engines`] loads it with;
+    /// a single backend ignores it).
+    pub engine: Engine,
 }
 
 impl LoadOptions {
@@ -112,6 +118,12 @@ impl LoadOptions {
         self
     }
 
+    /// These options with the engine the version asks for.
+    pub fn with_engine(mut self, engine: Engine) -> LoadOptions {
+        self.engine = engine;
+        self
+    }
+
     /// These options with the registry's state declaration (state input
     /// to the output feeding it), checked against the model when it loads.
     pub fn with_state(mut self, state: &std::collections::BTreeMap<String, String>) -> LoadOptions {
@@ -125,6 +137,10 @@ impl LoadOptions {
 pub trait Model: Send + Sync + 'static {
     /// Inputs and outputs as read from the model file.
     fn signature(&self) -> &Signature;
+
+    /// The engine running it, as Triton names platforms (`tract_onnx`,
+    /// `onnxruntime_onnx`).
+    fn platform(&self) -> &'static str;
 
     /// Runs the model. `inputs` have already been checked against
     /// [`Model::signature`] and are in its order. Blocks the calling thread.
@@ -180,8 +196,8 @@ impl LoadedModel {
                 .map_err(LoadError::Prepare)?;
         }
         Ok(LoadedModel {
+            platform: model.platform(),
             model,
-            platform: backend.platform(),
             bounds: Arc::new(options.bounds.clone()),
             state: Arc::new(options.state.clone()),
             batching: options.batching.clone().map(Arc::new),
@@ -259,23 +275,9 @@ impl LoadedModel {
             .map_err(|e| LoadError::WarmUp(e.to_string()))
     }
 
-    /// Zero-valued inputs with `rows` in a dynamic first dimension (other
-    /// dynamic dimensions 1; fixed ones as declared).
+    /// Zero-valued inputs with `rows` in a dynamic first dimension.
     fn example(&self, rows: usize) -> Result<Vec<Tensor>, shoal_core::TensorError> {
-        self.signature()
-            .inputs
-            .iter()
-            .map(|spec| {
-                let mut shape = spec.example_shape();
-                if let (Some(first), Some(shoal_core::Dim::Dynamic(_))) =
-                    (shape.first_mut(), spec.shape.first())
-                {
-                    *first = rows;
-                }
-                let data = TensorData::zeros(spec.datatype, shape.iter().product());
-                Tensor::new(spec.name.clone(), shape, data)
-            })
-            .collect()
+        example_inputs(self.signature(), rows)
     }
 
     /// What a row costs run alone and in a batch of `rows`: the best of
@@ -297,4 +299,27 @@ impl LoadedModel {
         };
         Ok((per_row(1)?, per_row(rows)?))
     }
+}
+
+/// Zero-valued inputs for `signature` with `rows` in a dynamic first
+/// dimension (other dynamic dimensions 1; fixed ones as declared): the
+/// warm-up input.
+pub(crate) fn example_inputs(
+    signature: &Signature,
+    rows: usize,
+) -> Result<Vec<Tensor>, shoal_core::TensorError> {
+    signature
+        .inputs
+        .iter()
+        .map(|spec| {
+            let mut shape = spec.example_shape();
+            if let (Some(first), Some(shoal_core::Dim::Dynamic(_))) =
+                (shape.first_mut(), spec.shape.first())
+            {
+                *first = rows;
+            }
+            let data = TensorData::zeros(spec.datatype, shape.iter().product());
+            Tensor::new(spec.name.clone(), shape, data)
+        })
+        .collect()
 }

@@ -332,6 +332,9 @@ mod tests {
         fn signature(&self) -> &Signature {
             &self.signature
         }
+        fn platform(&self) -> &'static str {
+            "gate"
+        }
         fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
             self.started.lock().unwrap().send(()).unwrap();
             self.release.lock().unwrap().recv().unwrap();

@@ -67,9 +67,12 @@ fn prepare_err(e: impl std::fmt::Display) -> LoadError {
     LoadError::Prepare(format!("{e:#}"))
 }
 
+/// What a model run by tract reports as its platform.
+pub const PLATFORM: &str = "tract_onnx";
+
 impl Backend for TractBackend {
     fn platform(&self) -> &'static str {
-        "tract_onnx"
+        PLATFORM
     }
 
     fn load(&self, bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, LoadError> {
@@ -110,7 +113,8 @@ impl Backend for TractBackend {
                         LoadError::Parse(m)
                         | LoadError::Prepare(m)
                         | LoadError::Unsupported(m)
-                        | LoadError::WarmUp(m) => m,
+                        | LoadError::WarmUp(m)
+                        | LoadError::EngineUnavailable(m) => m,
                     };
                     let symbolic = format!("{symbolic_err:#}");
                     if detail == symbolic {
@@ -456,6 +460,10 @@ fn from_tract(name: String, value: &tract_onnx::prelude::Tensor) -> Result<Tenso
 impl Model for TractModel {
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn platform(&self) -> &'static str {
+        PLATFORM
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {

@@ -353,7 +353,7 @@ impl Agent {
             .map(|o| o.with_state(&version.state))
             .and_then(|o| {
                 let batching = version.batching.as_ref().map(|b| b.policy()).transpose()?;
-                Ok(o.with_batching(batching))
+                Ok(o.with_batching(batching).with_engine(version.engine))
             })
             .map_err(|e| failed(e, FailureKind::Definite))?;
         let spec = LoadSpec {

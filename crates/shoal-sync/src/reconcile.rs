@@ -122,6 +122,7 @@ mod tests {
             max_shapes: Default::default(),
             state: Default::default(),
             batching: None,
+            engine: Default::default(),
             optional: false,
         }
     }

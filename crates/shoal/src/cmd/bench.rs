@@ -229,11 +229,12 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 600.0)]
         duration: f64,
     },
-    /// tract against ONNX Runtime on the bundled models (build with --features ort).
+    /// tract against ONNX Runtime on the bundled models.
     Runtime {
-        /// Path of libonnxruntime.so (from the onnxruntime wheel).
-        #[arg(long, env = "ORT_DYLIB_PATH")]
-        ort_lib: PathBuf,
+        /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, else the
+        /// onnxruntime Python package).
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
         /// Alternating rounds per model.
         #[arg(long, default_value_t = 7)]
         rounds: usize,
@@ -788,7 +789,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             }
         }
         BenchCommand::Runtime { ort_lib, rounds } => {
-            let ort = shoal_bench::runtime::ort_backend(&ort_lib)?;
+            let ort = shoal_bench::runtime::ort_backend(ort_lib.as_deref())?;
             let results = tokio::task::spawn_blocking(move || {
                 shoal_bench::runtime::compare(ort.as_ref(), rounds)
             })

@@ -99,9 +99,15 @@ pub(crate) struct PushArgs {
         value_name = "N,N"
     )]
     preferred_batch: Vec<u32>,
-    /// Check only that the file is an ONNX model, not that the default
-    /// engine (tract) can prepare and warm it up: for models meant for
-    /// another engine.
+    /// The engine replicas run it on: tract (built in), ort (ONNX Runtime,
+    /// from the onnxruntime Python package or ORT_DYLIB_PATH), or auto
+    /// (both timed at load, the faster kept; tract where ONNX Runtime is
+    /// missing).
+    #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
+    engine: shoal_core::Engine,
+    /// Check only that the file is an ONNX model, not that the engine
+    /// can prepare and warm it up: for models meant for an engine the
+    /// control plane does not have.
     #[arg(long)]
     skip_engine_check: bool,
 }
@@ -366,6 +372,7 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                     delay_us: (args.batch_delay * 1e6).round() as u64,
                     preferred: args.preferred_batch.clone(),
                 }),
+                engine: args.engine,
                 skip_engine_check: args.skip_engine_check,
             },
         )
@@ -375,14 +382,14 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
     }
     println!("pushed {}:{}", record.model, record.version);
     println!("  sha256  {}", record.sha256);
-    println!(
-        "  checked {}",
-        if args.skip_engine_check {
-            "ONNX structure (engine check skipped)"
-        } else {
-            "ONNX structure, engine prepare and warm-up"
-        }
-    );
+    if args.skip_engine_check {
+        println!("  checked ONNX structure (engine check skipped)");
+    } else {
+        println!(
+            "  checked ONNX structure, {} prepare and warm-up",
+            record.engine
+        );
+    }
     println!(
         "  size    {} bytes in {} chunks ({} new, {} bytes stored)",
         uploaded.size, uploaded.chunks, uploaded.new_chunks, uploaded.stored_bytes
@@ -447,6 +454,14 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                 ]);
                 t.add_row(vec!["labels".to_owned(), format!("{:?}", v.labels)]);
                 t.add_row(vec!["metrics".to_owned(), format!("{:?}", v.metrics)]);
+                t.add_row(vec!["engine".to_owned(), v.engine.to_string()]);
+                t.add_row(vec![
+                    "batching".to_owned(),
+                    v.batching.as_ref().map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("up to {} rows within {} µs", b.max_batch, b.delay_us),
+                    ),
+                ]);
                 t.add_row(vec!["rolled back".to_owned(), v.rolled_back.to_string()]);
                 println!("{t}");
                 return Ok(());

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use shoal_core::ModelName;
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 use shoal_runtime::LoadOptions;
-use shoal_runtime::tract::TractBackend;
+use shoal_runtime::engines::Engines;
 use shoal_sync::SyncConfig;
 
 use crate::cli::Global;
@@ -52,6 +52,13 @@ pub(crate) struct ReplicaArgs {
     /// A model to serve standalone: NAME=PATH[@VERSION] (version defaults to 1). Repeat for more.
     #[arg(long = "model", value_name = "NAME=PATH[@VERSION]")]
     models: Vec<ModelSpec>,
+
+    /// The engine that runs the --model models: tract (built in), ort
+    /// (ONNX Runtime, from the onnxruntime Python package or
+    /// ORT_DYLIB_PATH), or auto (both timed at load, the faster kept).
+    /// Versions from a control plane carry their own.
+    #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
+    engine: shoal_core::Engine,
 
     /// Override a model input's shape: NAME:INPUT=D,D,… with -1 for a dynamic
     /// dimension, e.g. ocr:x=-1,3,48,192. Repeat for more.
@@ -206,10 +213,14 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let id = replica_id(args.id.clone(), &args.data_dir)?;
+    let mut load_options = parse_input_shapes(&args.input_shapes)?;
+    for m in &args.models {
+        load_options.entry(m.name.clone()).or_default().engine = args.engine;
+    }
     let config = ReplicaConfig {
         id: Some(id.clone()),
         addr: args.addr,
-        load_options: parse_input_shapes(&args.input_shapes)?,
+        load_options,
         models: args.models,
         body_limit: args.body_limit,
         limits: shoal_oip::Limits {
@@ -240,7 +251,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
             "fault injection is on: /admin/faults can make this replica slow, fail or hang"
         );
     }
-    let backend = Arc::new(TractBackend::default());
+    let backend = Arc::new(Engines::default());
     if args.standby && global.control.is_none() {
         anyhow::bail!(
             "--standby needs --control: gateways learn which replicas are standbys from the control plane"
