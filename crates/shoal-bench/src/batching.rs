@@ -23,7 +23,7 @@ use serde::Serialize;
 use shoal_core::batch::BatchPolicy;
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 use shoal_runtime::LoadOptions;
-use shoal_runtime::tract::TractBackend;
+use shoal_runtime::engines::Engines;
 
 use crate::stats::{Latencies, Summary, median};
 
@@ -36,7 +36,8 @@ pub struct BatchingSpec {
     pub model: String,
     /// Its input's name and row shape (every dimension but the first).
     pub input: (String, Vec<usize>),
-    /// How both replicas load it (input shapes the file leaves open).
+    /// How both replicas load it (input shapes the file leaves open, the
+    /// engine).
     pub options: LoadOptions,
     /// Rows per request.
     pub rows: usize,
@@ -82,7 +83,7 @@ async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaSer
         load_options: [("m".parse()?, options)].into(),
         ..ReplicaConfig::default()
     };
-    let server = ReplicaServer::start(config, Arc::new(TractBackend::default())).await?;
+    let server = ReplicaServer::start(config, Arc::new(Engines::default())).await?;
     server.replica.wait_ready().await;
     Ok(server)
 }

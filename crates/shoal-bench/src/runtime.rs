@@ -1,5 +1,7 @@
 //! tract against ONNX Runtime on the same inputs, in the same process,
-//! alternating rounds: single-sample p50 per model, and the ratio.
+//! alternating rounds: single-sample p50 per model, and the ratio; and
+//! `auto` (the engine replicas keep after timing both at load) against
+//! ONNX Runtime alone.
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,6 +26,12 @@ pub struct EngineComparison {
     pub onnxruntime: Summary,
     /// Median over rounds of tract p50 ÷ ORT p50.
     pub p50_ratio: f64,
+    /// `--engine auto`, loaded as a replica loads it, all rounds pooled.
+    pub auto: Summary,
+    /// The engine `auto` kept.
+    pub auto_kept: String,
+    /// Median over rounds of auto p50 ÷ ORT p50.
+    pub auto_over_ort: f64,
 }
 
 struct Case {
@@ -103,17 +111,28 @@ pub fn compare(ort: &dyn Backend, rounds: usize) -> anyhow::Result<Vec<EngineCom
         let bytes = std::fs::read(dir.join(case.file))?;
         let a = LoadedModel::load(&tract, &bytes, &case.options)?;
         let b = LoadedModel::load(ort, &bytes, &case.options)?;
+        let c = LoadedModel::load(
+            &shoal_runtime::engines::Engines::default(),
+            &bytes,
+            &case.options.clone().with_engine(shoal_core::Engine::Auto),
+        )?;
         // Same inputs, same answers (to float tolerance) before timing.
         check_same(
             &a.infer_blocking(case.inputs.clone())?,
             &b.infer_blocking(case.inputs.clone())?,
         )?;
-        let (mut all_a, mut all_b, mut ratios) =
-            (Latencies::default(), Latencies::default(), Vec::new());
+        let (mut all_a, mut all_b, mut all_c) = (
+            Latencies::default(),
+            Latencies::default(),
+            Latencies::default(),
+        );
+        let (mut ratios, mut auto_ratios) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let pa = time(&a, &case.inputs, case.iterations, &mut all_a)?;
             let pb = time(&b, &case.inputs, case.iterations, &mut all_b)?;
+            let pc = time(&c, &case.inputs, case.iterations, &mut all_c)?;
             ratios.push(pa / pb);
+            auto_ratios.push(pc / pb);
         }
         results.push(EngineComparison {
             model: case.file.to_owned(),
@@ -121,6 +140,9 @@ pub fn compare(ort: &dyn Backend, rounds: usize) -> anyhow::Result<Vec<EngineCom
             tract: all_a.summary(),
             onnxruntime: all_b.summary(),
             p50_ratio: median(&ratios),
+            auto: all_c.summary(),
+            auto_kept: c.platform().to_owned(),
+            auto_over_ort: median(&auto_ratios),
         });
     }
     Ok(results)

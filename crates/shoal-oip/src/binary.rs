@@ -41,12 +41,9 @@ pub fn split_body<'a>(
     Ok(body.split_at(len))
 }
 
-/// Decodes `bytes` as `count` elements of `datatype`.
-pub(crate) fn decode(
-    bytes: &[u8],
-    datatype: DataType,
-    count: usize,
-) -> Result<TensorData, DecodeError> {
+/// Decodes `bytes` as `count` elements of `datatype` (also the layout of
+/// the gRPC protocol's `raw_input_contents`).
+pub fn decode(bytes: &[u8], datatype: DataType, count: usize) -> Result<TensorData, DecodeError> {
     if let Some(size) = datatype.size_of() {
         let expected = count.saturating_mul(size);
         if bytes.len() != expected {
@@ -131,7 +128,7 @@ pub(crate) fn decode(
 
 /// True when `data` can be sent as binary: every `BYTES` element's length
 /// fits the 4-byte prefix.
-pub(crate) fn fits(data: &TensorData) -> bool {
+pub fn fits(data: &TensorData) -> bool {
     match data {
         TensorData::Bytes(v) => v.iter().all(|e| u32::try_from(e.len()).is_ok()),
         _ => true,
@@ -139,7 +136,7 @@ pub(crate) fn fits(data: &TensorData) -> bool {
 }
 
 /// Appends `data` to `out` in the binary encoding (see [`fits`]).
-pub(crate) fn encode(data: &TensorData, out: &mut Vec<u8>) {
+pub fn encode(data: &TensorData, out: &mut Vec<u8>) {
     match data {
         TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
         TensorData::Uint8(v) => out.extend_from_slice(v),

@@ -16,7 +16,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -28,13 +27,13 @@ use serde::{Deserialize, Serialize};
 use shoal_api::replica::{
     AdminListing, LoadedModel, LoadedVersion, REPLICA_HEADER, VERSION_HEADER,
 };
-use shoal_core::{ModelName, Tensor, Version};
+use shoal_core::{ModelName, Version};
 use shoal_http::extract::{Json, Path};
 use shoal_http::{ApiError, json_bytes_response, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
-use shoal_runtime::{LoadOptions, RunError};
+use shoal_runtime::LoadOptions;
 
-use crate::metrics::{Outcome, PredictionServed};
+use crate::inference::{self, Call};
 use crate::store::{InstallPolicy, LookupError, ServingVersion};
 use crate::{ArtifactSource, LoadFailure, LoadSpec, Replica};
 
@@ -181,11 +180,13 @@ async fn metrics(State(replica): Shared) -> Response {
     response
 }
 
-fn metadata_for(
+/// A model's metadata as both protocols answer it: what clients send and
+/// get (a stateful model's state stays on the replica).
+pub(crate) fn model_metadata_of(
     replica: &Replica,
     model: &str,
     version: Option<&str>,
-) -> Result<Response, ApiError> {
+) -> Result<ModelMetadata, ApiError> {
     let serving = lookup(replica, model, version)?;
     let versions = match version {
         Some(v) => vec![v.to_owned()],
@@ -197,16 +198,28 @@ fn metadata_for(
             .map(|e| e.version_names())
             .unwrap_or_default(),
     };
-    // What clients send and get: a stateful model's state stays here.
     let state = serving.loaded.state();
     let mut signature = serving.loaded.signature().clone();
     signature.inputs.retain(|s| !state.is_state_input(&s.name));
     signature
         .outputs
         .retain(|s| !state.is_state_output(&s.name));
+    Ok(ModelMetadata::new(
+        model,
+        versions,
+        serving.loaded.platform(),
+        &signature,
+    ))
+}
+
+fn metadata_for(
+    replica: &Replica,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
     Ok(json_response(
         StatusCode::OK,
-        &ModelMetadata::new(model, versions, serving.loaded.platform(), &signature),
+        &model_metadata_of(replica, model, version)?,
     ))
 }
 
@@ -273,95 +286,52 @@ async fn infer_common(
 ) -> Result<Response, ApiError> {
     let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
-    let mut serving = lookup(replica, model, version)?;
-    // Admitted before the body is read: an overload is shed before it is
-    // paid for in reading and parsing. A batched version's batches also
-    // wait for requests admitted and not yet decoded (a lone caller never
-    // waits).
-    let admitted = match &serving.batcher {
-        Some(batcher) => batcher.admit().map(Admitted::Batch),
-        None => replica.pool().admit().map(Admitted::Pool),
+    // The gateway says when the sequence's last step was answered by
+    // another replica.
+    let moved_from = headers
+        .get(shoal_api::replica::SEQUENCE_FROM_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let call = Call {
+        model,
+        version,
+        moved_from,
     };
-    let admitted = match admitted {
-        Ok(admitted) => admitted,
-        Err(e) => {
-            PredictionServed {
-                model: &serving.model,
-                version: &serving.version,
-                outcome: Outcome::Overloaded,
-                elapsed: std::time::Duration::ZERO,
-                error: Some("refused before decoding: overloaded"),
+    // Read and decoded only once admitted (see `inference::infer`).
+    let served = inference::infer(replica, call, || async {
+        let body = shoal_http::read_body(body, replica.body_limit).await?;
+        Ok(decode(body, json_len, replica.limits).await)
+    })
+    .await?;
+    let mut response = match served.answer {
+        Ok((request, outputs)) => {
+            let encoded = shoal_oip::encode_response_parts(
+                served.serving.model.as_str(),
+                Some(served.serving.version.as_str()),
+                request.id.as_deref(),
+                &outputs,
+                |name| request.binary_output(name),
+            );
+            match encoded.json_len {
+                None => json_bytes_response(StatusCode::OK, encoded.body),
+                Some(len) => {
+                    let mut response = (StatusCode::OK, encoded.body).into_response();
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(len));
+                    response
+                }
             }
-            .emit(&serving.metrics);
-            return Err(ApiError::unavailable(e.to_string(), 1));
         }
-    };
-    let body = shoal_http::read_body(body, replica.body_limit).await?;
-    let started = Instant::now();
-    if let Some(fault) = replica.fault_for(serving.model.as_str(), serving.version.as_str()) {
-        if fault.hang {
-            std::future::pending::<()>().await;
-        }
-        if fault.latency_ms > 0 && rand::random::<f64>() < fault.latency_rate {
-            tokio::time::sleep(std::time::Duration::from_millis(fault.latency_ms)).await;
-        }
-        if fault.error_rate > 0.0 && rand::random::<f64>() < fault.error_rate {
-            PredictionServed {
-                model: &serving.model,
-                version: &serving.version,
-                outcome: Outcome::Error,
-                elapsed: started.elapsed(),
-                error: Some("injected fault"),
-            }
-            .emit(&serving.metrics);
-            return Err(ApiError::internal(
-                "injected fault: this replica is configured to fail this share of requests",
-            ));
-        }
-    }
-    let result = match decode(body, json_len, replica.limits).await {
-        Err(e) => Err((Outcome::InvalidInput, ApiError::bad_request(e))),
-        Ok(request) if serving.loaded.state().is_empty() => {
-            run_inference(replica, &serving, request, None, admitted).await
-        }
-        Ok(request) => match begin_step(replica, &mut serving, version, headers, &request).await {
-            Ok(step) => run_inference(replica, &serving, request, Some(step), admitted).await,
-            Err(e) => Err(e),
-        },
-    };
-    let (outcome, error) = match &result {
-        Ok(_) => (Outcome::Success, None),
-        Err((outcome, e)) => (*outcome, Some(e.message.as_str())),
-    };
-    PredictionServed {
-        model: &serving.model,
-        version: &serving.version,
-        outcome,
-        elapsed: started.elapsed(),
-        error,
-    }
-    .emit(&serving.metrics);
-    let mut response = match result {
-        Ok(encoded) => match encoded.json_len {
-            None => json_bytes_response(StatusCode::OK, encoded.body),
-            Some(len) => {
-                let mut response = (StatusCode::OK, encoded.body).into_response();
-                let headers = response.headers_mut();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(len));
-                response
-            }
-        },
-        Err((_, e)) => e.into_response(),
+        Err(e) => e.into_response(),
     };
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(replica.id()) {
         headers.insert(REPLICA_HEADER, v);
     }
-    if let Ok(v) = HeaderValue::from_str(serving.version.as_str()) {
+    if let Ok(v) = HeaderValue::from_str(served.serving.version.as_str()) {
         headers.insert(VERSION_HEADER, v);
     }
     Ok(response)
@@ -386,391 +356,6 @@ async fn decode(
     })
     .await
     .map_err(|e| format!("decoding failed: {e}"))?
-}
-
-/// A request's place, taken before its body was read: in the pool's
-/// queue, or on its way to its version's batcher.
-enum Admitted {
-    Pool(
-        #[expect(dead_code, reason = "held for its Drop: the admission ends with it")]
-        shoal_runtime::Admission,
-    ),
-    Batch(shoal_runtime::batcher::Arrival),
-}
-
-/// A step of a stateful model's sequence, begun: the sequence held (later
-/// steps wait), and whether it ends with this step.
-struct SequenceStep<'a> {
-    guard: crate::sequences::StepGuard<'a>,
-    id: shoal_oip::sequence::SequenceId,
-    end: bool,
-}
-
-fn sequence_error(e: crate::sequences::SequenceError) -> (Outcome, ApiError) {
-    match e {
-        crate::sequences::SequenceError::Unknown { .. } => {
-            (Outcome::InvalidInput, ApiError::bad_request(e.to_string()))
-        }
-        crate::sequences::SequenceError::TooMany { .. } => (
-            Outcome::Overloaded,
-            ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
-            },
-        ),
-    }
-}
-
-/// Begins the sequence step `request` names, on the version the sequence
-/// started on (`serving` becomes that version: state is never fed to
-/// another one).
-async fn begin_step<'a>(
-    replica: &'a Replica,
-    serving: &mut Arc<ServingVersion>,
-    asked: Option<&str>,
-    headers: &HeaderMap,
-    request: &shoal_oip::DecodedRequest,
-) -> Result<SequenceStep<'a>, (Outcome, ApiError)> {
-    let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
-    let model = serving.model.to_string();
-    let step = shoal_oip::sequence::Step::from_parameters(request.parameters.as_ref())
-        .map_err(invalid)?
-        .ok_or_else(|| {
-            invalid(format!(
-                "{model} is a stateful model (state {}): name the sequence with parameters sequence_id, and sequence_start=true on its first step",
-                serving.loaded.state()
-            ))
-        })?;
-    // State inputs may come with a start (the sequence's initial state,
-    // zeros otherwise), never with a later step.
-    if let Some(input) = request
-        .inputs
-        .iter()
-        .find(|t| !step.start && serving.loaded.state().is_state_input(&t.name))
-    {
-        return Err(invalid(format!(
-            "input {:?} is state this replica keeps between steps (state {}); send only the other inputs (state inputs may come with sequence_start=true, as the initial state)",
-            input.name,
-            serving.loaded.state()
-        )));
-    }
-    let initial = || {
-        serving
-            .loaded
-            .state()
-            .initial(serving.loaded.signature())
-            .unwrap_or_default()
-    };
-    // The gateway says when the sequence's last step was answered by
-    // another replica: a sequence unknown here was then lost with it.
-    let moved_from = headers
-        .get(shoal_api::replica::SEQUENCE_FROM_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|from| *from != replica.id());
-    let unknown = |e: crate::sequences::SequenceError| match (moved_from, &e) {
-        (Some(from), crate::sequences::SequenceError::Unknown { .. }) => (
-            Outcome::InvalidInput,
-            ApiError::new(
-                StatusCode::GONE,
-                format!(
-                    "sequence {} of {model}: its state was held by replica {from}, which did not take this step (gone or ejected), and is not here{}: start the sequence again with sequence_start=true",
-                    step.id,
-                    if replica.session_store().is_some() {
-                        " nor in the session store"
-                    } else {
-                        " (the memory session store keeps it in one replica; --session-store redis://… lets any replica continue)"
-                    }
-                ),
-            ),
-        ),
-        _ => sequence_error(e),
-    };
-    let sequences = replica.sequences();
-    let guard = match sequences
-        .begin(&model, &step, serving.version.as_str(), initial)
-        .await
-    {
-        // Not held here: another replica may have left it in the store.
-        Err(unknown_error @ crate::sequences::SequenceError::Unknown { .. })
-            if replica.session_store().is_some() =>
-        {
-            let store = replica.session_store().unwrap_or_else(|| unreachable!());
-            match store.load(&model, &step.id).await {
-                Ok(Some(saved)) => {
-                    let held = crate::sequences::Held {
-                        state: saved.state,
-                        steps: saved.steps,
-                        run: saved.run,
-                    };
-                    if !sequences.adopt(&model, &step.id, &saved.version, held) {
-                        return Err(sequence_error(crate::sequences::SequenceError::TooMany {
-                            max: sequences.limits().max,
-                        }));
-                    }
-                    sequences
-                        .begin(&model, &step, serving.version.as_str(), Vec::new)
-                        .await
-                        .map_err(sequence_error)?
-                }
-                Ok(None) => return Err(unknown(unknown_error)),
-                Err(e) => {
-                    return Err((
-                        Outcome::Overloaded,
-                        ApiError::unavailable(
-                            format!(
-                                "sequence {} is not held by this replica and the session store cannot be read ({e}); retry",
-                                step.id
-                            ),
-                            1,
-                        ),
-                    ));
-                }
-            }
-        }
-        other => other.map_err(unknown)?,
-    };
-    if guard.version() != serving.version.as_str() {
-        let started_on = guard.version().to_owned();
-        if asked.is_some() {
-            return Err((
-                Outcome::InvalidInput,
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "sequence {} began on {model}:{started_on}; its state cannot feed version {}",
-                        step.id, serving.version
-                    ),
-                ),
-            ));
-        }
-        match replica.store().lookup(&model, Some(&started_on)) {
-            Ok(pinned) => *serving = pinned,
-            Err(_) => {
-                drop(guard);
-                replica.sequences().forget(&model, &step.id);
-                return Err((
-                    Outcome::InvalidInput,
-                    ApiError::new(
-                        StatusCode::GONE,
-                        format!(
-                            "sequence {} began on {model}:{started_on}, which this replica no longer serves, and its state cannot feed another version: start the sequence again (sequence_start=true)",
-                            step.id
-                        ),
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(SequenceStep {
-        guard,
-        id: step.id,
-        end: step.end,
-    })
-}
-
-async fn run_inference(
-    replica: &Replica,
-    serving: &ServingVersion,
-    mut request: shoal_oip::DecodedRequest,
-    step: Option<SequenceStep<'_>>,
-    admitted: Admitted,
-) -> Result<shoal_oip::EncodedResponse, (Outcome, ApiError)> {
-    let invalid = |e: String| (Outcome::InvalidInput, ApiError::bad_request(e));
-    let signature = serving.loaded.signature();
-    // Resolve requested outputs before running, so a typo costs no inference.
-    let selected: Option<Vec<String>> = match &request.outputs {
-        None => None,
-        Some(wanted) => Some(
-            wanted
-                .iter()
-                .map(|o| {
-                    signature
-                        .outputs
-                        .iter()
-                        .find(|s| s.name == o.name)
-                        .map(|s| s.name.clone())
-                        .ok_or_else(|| {
-                            let names: Vec<String> = signature
-                                .outputs
-                                .iter()
-                                .map(|s| format!("{:?}", s.name))
-                                .collect();
-                            invalid(format!(
-                                "unknown output {:?}; the model's outputs are {}",
-                                o.name,
-                                names.join(", ")
-                            ))
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-    };
-    // One model's requests may not take every thread from the others, and
-    // none may wait or run past the replica's deadline.
-    let share = shoal_runtime::Share {
-        key: serving.model.as_str(),
-        cap: replica
-            .pool()
-            .cap_for(replica.store().snapshot().models.len()),
-        deadline: replica.inference_timeout(),
-    };
-    let inputs = std::mem::take(&mut request.inputs);
-    // The admission ends when the request reaches the pool or the batcher
-    // (a sequence step may run again: only its first run holds it).
-    let admitted = std::sync::Mutex::new(Some(admitted));
-    let run = |inputs: Vec<Tensor>| async {
-        let admitted = admitted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let ran = match (&serving.batcher, admitted) {
-            (Some(batcher), Some(Admitted::Batch(arrival))) => {
-                batcher.run(inputs, Some(arrival)).await
-            }
-            (Some(batcher), _) => batcher.run(inputs, None).await,
-            (None, admitted) => {
-                drop(admitted);
-                replica
-                    .pool()
-                    .run_shared(&serving.loaded, inputs, share)
-                    .await
-            }
-        };
-        ran.map_err(|e| match e {
-            RunError::Input(e) => invalid(e.to_string()),
-            RunError::Overloaded { .. } | RunError::Busy { .. } => {
-                (Outcome::Overloaded, ApiError::unavailable(e.to_string(), 1))
-            }
-            RunError::DeadlineExceeded { .. } => (
-                Outcome::Error,
-                ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-                },
-            ),
-            RunError::Engine(cause) => (Outcome::Error, ApiError::internal(cause)),
-        })
-    };
-    let outputs = match step {
-        None => run(inputs).await?,
-        Some(step) => {
-            let return_state = request
-                .parameters
-                .as_ref()
-                .and_then(|p| p.get("shoal_return_state"))
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            sequence_step(replica, serving, step, inputs, return_state, run).await?
-        }
-    };
-    let outputs: Vec<Tensor> = match selected {
-        None => outputs,
-        Some(names) => names
-            .iter()
-            .filter_map(|n| outputs.iter().find(|t| &t.name == n).cloned())
-            .collect(),
-    };
-    Ok(shoal_oip::encode_response_parts(
-        serving.model.as_str(),
-        Some(serving.version.as_str()),
-        request.id.as_deref(),
-        &outputs,
-        |name| request.binary_output(name),
-    ))
-}
-
-/// Runs one step of a sequence: the client's inputs with the sequence's
-/// state; the new state kept for the next step (and, with a shared store,
-/// written through: if another replica advanced the sequence meanwhile,
-/// the step runs again on the state it left, so the answer is the one the
-/// sequence's history gives). What the client gets: the outputs without
-/// the state, unless `return_state`.
-async fn sequence_step<F, Fut>(
-    replica: &Replica,
-    serving: &ServingVersion,
-    step: SequenceStep<'_>,
-    inputs: Vec<Tensor>,
-    return_state: bool,
-    run: F,
-) -> Result<Vec<Tensor>, (Outcome, ApiError)>
-where
-    F: Fn(Vec<Tensor>) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Tensor>, (Outcome, ApiError)>>,
-{
-    use crate::session_store::{Saved, Written};
-    let SequenceStep { mut guard, id, end } = step;
-    let model = serving.model.as_str();
-    let state = serving.loaded.state();
-    let mut reruns = 0;
-    loop {
-        let mut all = inputs.clone();
-        // Given state (with a start) replaces the initial zeros.
-        all.extend(
-            guard
-                .state()
-                .iter()
-                .filter(|t| !inputs.iter().any(|i| i.name == t.name))
-                .cloned(),
-        );
-        let outputs = run(all).await?;
-        let everything = return_state.then(|| outputs.clone());
-        let (answer, next) = state
-            .split(outputs)
-            .map_err(|e| (Outcome::Error, ApiError::internal(e)))?;
-        if let Some(store) = replica.session_store() {
-            // A start replaces whatever the store holds under this id.
-            let saved = Saved {
-                version: guard.version().to_owned(),
-                run: guard.run(),
-                steps: guard.steps() + 1,
-                state: next.clone(),
-            };
-            let written = store
-                .save(model, &id, guard.steps(), guard.starts(), &saved)
-                .await;
-            if let Ok(Written::Ended) = written {
-                drop(guard);
-                replica.sequences().forget(model, &id);
-                return Err(sequence_error(crate::sequences::SequenceError::Unknown {
-                    model: model.to_owned(),
-                    id,
-                    idle_secs: replica.sequences().limits().idle.as_secs(),
-                }));
-            }
-            if let Ok(Written::Behind) = written {
-                let newer = store.load(model, &id).await.ok().flatten();
-                match newer {
-                    Some(newer) if reruns < 3 && newer.version == guard.version() => {
-                        tracing::info!(%model, sequence = %id, here = guard.steps(), store = newer.steps, "sequence advanced on another replica; running the step on its state");
-                        guard.catch_up(crate::sequences::Held {
-                            state: newer.state,
-                            steps: newer.steps,
-                            run: newer.run,
-                        });
-                        replica.metrics.sequence_steps_rerun.inc();
-                        reruns += 1;
-                        continue;
-                    }
-                    _ => {
-                        return Err((
-                            Outcome::Error,
-                            ApiError::new(
-                                StatusCode::CONFLICT,
-                                format!(
-                                    "sequence {id} moved on elsewhere while this step ran, and its newer state cannot be read back; retry the step"
-                                ),
-                            ),
-                        ));
-                    }
-                }
-            }
-            if end {
-                let _ = store.end(model, &id).await;
-            }
-        }
-        guard.finish(next, end);
-        return Ok(everything.unwrap_or(answer));
-    }
 }
 
 async fn admin_list(State(replica): Shared) -> Response {

@@ -13,7 +13,9 @@
 //! Architecture invariant: a replica serves from its own memory. Nothing on
 //! the request path talks to another process.
 
+pub mod grpc;
 pub mod http;
+mod inference;
 pub mod loader;
 mod metrics;
 pub mod sequences;
@@ -89,6 +91,9 @@ pub struct ReplicaConfig {
     pub id: Option<String>,
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
+    /// Address to serve the Open Inference Protocol's gRPC service on
+    /// (port 0 picks a free one); none: REST only.
+    pub grpc_addr: Option<SocketAddr>,
     /// Models to load at start; the replica is ready once all are loaded.
     pub models: Vec<ModelSpec>,
     /// Input shape overrides per model name.
@@ -128,6 +133,7 @@ impl Default for ReplicaConfig {
         ReplicaConfig {
             id: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_addr: None,
             models: Vec::new(),
             load_options: BTreeMap::new(),
             body_limit: DEFAULT_BODY_LIMIT,
@@ -621,6 +627,8 @@ impl Replica {
 pub struct ReplicaServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The address its gRPC service listens on, when it has one.
+    pub grpc_addr: Option<SocketAddr>,
     /// Its state.
     pub replica: Arc<Replica>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -668,15 +676,49 @@ impl ReplicaServer {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = http::router(replica.clone()).merge(extend(replica.clone(), addr));
         let server_replica = replica.clone();
-        let task = tokio::spawn(shoal_http::serve(
+        // Both protocols stop together: REST when told, gRPC once REST has
+        // begun shutting down.
+        let (grpc_stop, mut grpc_stopped) = tokio::sync::watch::channel(false);
+        let grpc = match config.grpc_addr {
+            None => None,
+            Some(grpc_addr) => {
+                let listener = shoal_http::bind(grpc_addr).await?;
+                let bound = listener.local_addr()?;
+                let service = grpc::GrpcReplica::service(replica.clone());
+                let task = tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(listener)
+                                .with_nodelay(Some(true)),
+                            async move {
+                                let _ = grpc_stopped.wait_for(|stop| *stop).await;
+                            },
+                        ),
+                );
+                Some((bound, task))
+            }
+        };
+        let grpc_addr = grpc.as_ref().map(|(a, _)| *a);
+        let served = shoal_http::serve(
             listener,
             router,
             async move {
                 let _ = rx.await;
                 server_replica.begin_shutdown();
+                let _ = grpc_stop.send(true);
             },
             tls,
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let rest = served.await;
+            if let Some((_, task)) = grpc {
+                task.await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .map_err(std::io::Error::other)?;
+            }
+            rest
+        });
         let loader = replica.clone();
         tokio::spawn(async move {
             for m in config.models {
@@ -697,6 +739,7 @@ impl ReplicaServer {
         });
         Ok(ReplicaServer {
             addr,
+            grpc_addr,
             replica,
             shutdown: Some(tx),
             task,

@@ -424,6 +424,43 @@ async fn run_tritonclient_check(
     );
 }
 
+/// Runs `tools/tritonclient_grpc_check.py`: Triton's own gRPC client
+/// against `grpc_addr`, its HTTP client against `http_addr` with the same
+/// requests (answers must be equal), on the digits samples. Returns the
+/// script's JSON summary.
+pub async fn tritonclient_grpc_check(
+    grpc_addr: &str,
+    http_addr: &str,
+    model: &str,
+    min_accuracy: f64,
+) -> serde_json::Value {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/tritonclient_grpc_check.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(grpc_addr)
+        .arg(http_addr)
+        .arg(model)
+        .arg(model_path("digits-samples.json"))
+        .arg(min_accuracy.to_string())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python3 runs (install the test dependencies with scripts/setup-python)");
+    assert!(
+        output.status.success(),
+        "tritonclient.grpc check failed (scripts/setup-python installs tritonclient[grpc]):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the check printed no JSON summary ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 /// Samples in one step of Silero VAD's sequence model (36 ms at 16 kHz).
 pub const VAD_FRAME: usize = 576;
 

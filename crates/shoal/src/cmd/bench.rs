@@ -139,6 +139,9 @@ pub(crate) enum BenchCommand {
         /// How long its requests may wait for others.
         #[arg(long, value_parser = super::client::parse_duration, default_value = "1ms")]
         batch_delay: f64,
+        /// The engine both replicas run the model on.
+        #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
+        engine: shoal_core::Engine,
     },
     /// Autoscaling over a compressed day (night, a sharp morning ramp, a
     /// plateau, an evening, one unannounced spike) through `shoal up`:
@@ -551,6 +554,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             rounds,
             max_batch,
             batch_delay,
+            engine,
         } => {
             let (file, input, options) = match model.as_str() {
                 "digits" => (
@@ -568,6 +572,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 ),
                 other => anyhow::bail!("--model {other:?}: use digits or cls"),
             };
+            let options = options.with_engine(engine);
             anyhow::ensure!(
                 seconds > 0.0 && seconds <= 600.0,
                 "--seconds {seconds}: between 0 and 600"
@@ -798,19 +803,31 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
                 println!(
-                    "{:<38} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10}",
-                    "model", "shape", "tract p50", "tract p99", "ORT p50", "ORT p99", "p50 ratio"
+                    "{:<38} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>9} {:>10}",
+                    "model",
+                    "shape",
+                    "tract p50",
+                    "tract p99",
+                    "ORT p50",
+                    "ORT p99",
+                    "p50 ratio",
+                    "auto p50",
+                    "auto kept",
+                    "auto/ORT"
                 );
                 for r in results {
                     println!(
-                        "{:<38} {:>14} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>9.2}×",
+                        "{:<38} {:>14} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>9.2}× {:>10.1}µs {:>9} {:>9.2}×",
                         r.model,
                         format!("{:?}", r.shape),
                         r.tract.p50_us,
                         r.tract.p99_us,
                         r.onnxruntime.p50_us,
                         r.onnxruntime.p99_us,
-                        r.p50_ratio
+                        r.p50_ratio,
+                        r.auto.p50_us,
+                        r.auto_kept,
+                        r.auto_over_ort
                     );
                 }
             }

@@ -22,6 +22,12 @@ pub(crate) struct ReplicaArgs {
     #[arg(long, default_value = "127.0.0.1:8090", env = "SHOAL_ADDR")]
     addr: SocketAddr,
 
+    /// Also serve the Open Inference Protocol over gRPC
+    /// (inference.GRPCInferenceService, as tritonclient.grpc speaks it) on
+    /// this address (port 0: any free port).
+    #[arg(long, env = "SHOAL_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+
     /// Directory for the replica's state: its id, artifact cache and last desired state.
     #[arg(long, default_value = ".shoal/replica", env = "SHOAL_DATA_DIR")]
     data_dir: PathBuf,
@@ -220,6 +226,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
     let config = ReplicaConfig {
         id: Some(id.clone()),
         addr: args.addr,
+        grpc_addr: args.grpc_addr,
         load_options,
         models: args.models,
         body_limit: args.body_limit,
@@ -277,6 +284,9 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         }
     };
     tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
+    if let Some(grpc) = server.grpc_addr {
+        println!("shoal replica gRPC listening on {grpc}");
+    }
     // Tools that start replicas on port 0 read the address from this line.
     println!(
         "shoal replica listening on {}://{}",

@@ -1,0 +1,158 @@
+//! The replica's gRPC surface: the Open Inference Protocol's
+//! `inference.GRPCInferenceService` (`shoal-grpc`), on its own port
+//! (`--grpc-addr`), so `tritonclient.grpc` and KServe's gRPC clients work
+//! unchanged. Every request takes the same path as a REST one
+//! ([`crate::inference`]); failures carry the gRPC code for the HTTP status
+//! REST would answer ([`shoal_grpc::status`]), with `retry-after` when
+//! retrying elsewhere may help. Answers carry the replica and the version
+//! that served them as `x-shoal-replica` and `x-shoal-model-version` metadata.
+//!
+//! Unlike REST, tonic decodes the protobuf message before the handler
+//! runs, so a gRPC request is admitted after its bytes are parsed (into
+//! tensors: the check and the copy into Shoal's tensors come after
+//! admission).
+
+use std::sync::Arc;
+
+use shoal_api::replica::{REPLICA_HEADER, SEQUENCE_FROM_HEADER, VERSION_HEADER};
+use shoal_grpc::pb::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use shoal_grpc::pb::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+};
+use shoal_http::ApiError;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::Replica;
+use crate::inference::{self, Call};
+
+/// The service over one replica.
+#[derive(Debug, Clone)]
+pub struct GrpcReplica {
+    replica: Arc<Replica>,
+}
+
+impl GrpcReplica {
+    /// The tonic service for `replica`, with messages up to its body limit.
+    pub fn service(replica: Arc<Replica>) -> GrpcInferenceServiceServer<GrpcReplica> {
+        let limit = replica.body_limit;
+        GrpcInferenceServiceServer::new(GrpcReplica { replica })
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX)
+    }
+}
+
+/// The gRPC status for a failure REST answers with `e`.
+pub fn status_of(e: &ApiError) -> Status {
+    let mut status = Status::new(
+        shoal_grpc::status::code_for_http(e.status.as_u16()),
+        e.message.clone(),
+    );
+    if let Some(after) = e.retry_after
+        && let Ok(v) = MetadataValue::try_from(after.to_string())
+    {
+        status.metadata_mut().insert("retry-after", v);
+    }
+    status
+}
+
+/// `Some(version)` unless empty (the protocol's "any version").
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcReplica {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.replica.ready_state().ready,
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let ready = self
+            .replica
+            .store()
+            .lookup(&r.name, version(&r.version))
+            .is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(shoal_grpc::codec::server_metadata(
+            &shoal_oip::ServerMetadata::shoal(),
+        )))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let metadata = crate::http::model_metadata_of(&self.replica, &r.name, version(&r.version))
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let moved_from = request
+            .metadata()
+            .get(SEQUENCE_FROM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut request = request.into_inner();
+        let model = std::mem::take(&mut request.model_name);
+        let asked = std::mem::take(&mut request.model_version);
+        let call = Call {
+            model: &model,
+            version: version(&asked),
+            moved_from: moved_from.as_deref(),
+        };
+        let limits = self.replica.limits;
+        let served = inference::infer(&self.replica, call, || async move {
+            Ok(shoal_grpc::codec::decode_request(request, &limits).map_err(|e| e.0))
+        })
+        .await
+        .map_err(|e| status_of(&e))?;
+        let version = served.serving.version.as_str();
+        let (request, outputs) = served.answer.map_err(|e| status_of(&e))?;
+        let mut response = Response::new(shoal_grpc::codec::encode_response(
+            served.serving.model.as_str(),
+            version,
+            request.id.as_deref(),
+            &outputs,
+        ));
+        let metadata = response.metadata_mut();
+        if let Ok(v) = MetadataValue::try_from(self.replica.id()) {
+            metadata.insert(REPLICA_HEADER, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(version) {
+            metadata.insert(VERSION_HEADER, v);
+        }
+        Ok(response)
+    }
+}
