@@ -19,6 +19,7 @@
 //! to answer a request.
 
 pub mod discovery;
+pub mod grpc;
 pub mod health;
 pub mod homes;
 mod learn;
@@ -52,6 +53,9 @@ pub struct GatewayConfig {
     pub id: Option<String>,
     /// Address to listen on.
     pub addr: SocketAddr,
+    /// Address to serve the Open Inference Protocol's gRPC service on
+    /// (port 0: any free port); none: REST only.
+    pub grpc_addr: Option<SocketAddr>,
     /// Directory for the last known routing table.
     pub data_dir: PathBuf,
     /// This gateway's region: replicas there are preferred.
@@ -98,6 +102,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             id: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: None,
             data_dir: PathBuf::from(".shoal/gateway"),
             region: "default".into(),
             control: None,
@@ -207,6 +212,8 @@ impl Gateway {
 pub struct GatewayServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The address its gRPC service listens on, when it has one.
+    pub grpc_addr: Option<SocketAddr>,
     /// Its state.
     pub gateway: Arc<Gateway>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -250,16 +257,49 @@ impl GatewayServer {
         ];
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let router = proxy::router(gateway.clone());
-        let task = tokio::spawn(shoal_http::serve_with_peers(
+        // gRPC stops when REST is told to.
+        let (grpc_stop, mut grpc_stopped) = tokio::sync::watch::channel(false);
+        let grpc = match gateway.config.grpc_addr {
+            None => None,
+            Some(grpc_addr) => {
+                let listener = shoal_http::bind(grpc_addr).await?;
+                let bound = listener.local_addr()?;
+                let task = tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(grpc::GrpcGateway::service(gateway.clone()))
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(listener)
+                                .with_nodelay(Some(true)),
+                            async move {
+                                let _ = grpc_stopped.wait_for(|stop| *stop).await;
+                            },
+                        ),
+                );
+                Some((bound, task))
+            }
+        };
+        let grpc_addr = grpc.as_ref().map(|(a, _)| *a);
+        let served = shoal_http::serve_with_peers(
             listener,
             router,
             async move {
                 let _ = rx.await;
+                let _ = grpc_stop.send(true);
             },
             tls,
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let rest = served.await;
+            if let Some((_, task)) = grpc {
+                task.await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .map_err(std::io::Error::other)?;
+            }
+            rest
+        });
         Ok(GatewayServer {
             addr,
+            grpc_addr,
             gateway,
             shutdown: Some(tx),
             task,

@@ -77,7 +77,7 @@ async fn live() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"live": true}))
 }
 
-fn any_available(gateway: &Gateway) -> bool {
+pub(crate) fn any_available(gateway: &Gateway) -> bool {
     let now = gateway.now();
     gateway
         .routes
@@ -509,7 +509,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(gateway, model, None, peer, headers, body).await
+    infer_common(gateway, model, None, peer, headers, Ok(body)).await
 }
 
 async fn infer_version(
@@ -519,19 +519,27 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(gateway, model, Some(version), peer, headers, body).await
+    infer_common(gateway, model, Some(version), peer, headers, Ok(body)).await
 }
 
-async fn infer_common(
+/// Routes one inference and counts its answer. `body` is the REST body,
+/// or why a request that came another way (gRPC) could not become one:
+/// answered and counted like any refused request.
+pub(crate) async fn infer_common(
     gateway: Arc<Gateway>,
     model: String,
     pinned: Option<String>,
     peer: SocketAddr,
     headers: HeaderMap,
-    body: Body,
+    body: Result<Body, ApiError>,
 ) -> Response {
     let started = Instant::now();
-    let result = route_inference(&gateway, &model, pinned.as_deref(), peer, &headers, body).await;
+    let result = match body {
+        Ok(body) => {
+            route_inference(&gateway, &model, pinned.as_deref(), peer, &headers, body).await
+        }
+        Err(e) => Err(e),
+    };
     let (response, version) = match result {
         Ok(r) => r,
         Err(e) => (e.into_response(), pinned.clone().unwrap_or_default()),
@@ -825,7 +833,7 @@ async fn server_error(replica: &str, response: Response) -> ApiError {
 
 /// Metadata and readiness: any replica serving the model answers (retried
 /// on others without budget: reads are cheap).
-async fn forward_get(
+pub(crate) async fn forward_get(
     gateway: &Gateway,
     model: &str,
     version: Option<&str>,

@@ -261,6 +261,48 @@ struct Packed {
     bytes: usize,
 }
 
+/// An inference request body with every input as binary data and every
+/// output asked for as binary data: the JSON part, then the inputs' bytes.
+/// Returns the body and the JSON part's length (the value of
+/// [`HEADER_LENGTH`]). What a gateway sends on for a request that arrived
+/// as raw bytes (gRPC), so nothing is turned into JSON numbers.
+pub fn encode_request(request: &crate::DecodedRequest) -> (Vec<u8>, usize) {
+    let mut data = Vec::new();
+    let inputs: Vec<serde_json::Value> = request
+        .inputs
+        .iter()
+        .map(|t| {
+            let before = data.len();
+            encode(t.data(), &mut data);
+            serde_json::json!({
+                "name": t.name,
+                "shape": t.shape(),
+                "datatype": t.datatype().as_str(),
+                "parameters": {"binary_data_size": data.len() - before},
+            })
+        })
+        .collect();
+    let mut parameters = request.parameters.clone().unwrap_or_default();
+    parameters.insert("binary_data_output".into(), serde_json::Value::Bool(true));
+    let mut json = serde_json::json!({
+        "parameters": parameters,
+        "inputs": inputs,
+    });
+    if let Some(id) = &request.id {
+        json["id"] = serde_json::Value::String(id.clone());
+    }
+    if let Some(outputs) = &request.outputs {
+        json["outputs"] = outputs
+            .iter()
+            .map(|o| serde_json::json!({"name": o.name, "parameters": {"binary_data": true}}))
+            .collect();
+    }
+    let mut body = serde_json::to_vec(&json).unwrap_or_default();
+    let json_len = body.len();
+    body.extend_from_slice(&data);
+    (body, json_len)
+}
+
 /// Packs `tensors` into one byte string: a little-endian `u32` length, a
 /// JSON list of names, shapes, datatypes and sizes, then each tensor's
 /// data in the binary encoding. For keeping tensors outside the process
@@ -346,5 +388,47 @@ mod pack_tests {
         let mut longer = packed.clone();
         longer.push(0);
         assert!(unpack(&longer).unwrap_err().0.contains("left over"));
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use shoal_core::{Tensor, TensorData};
+
+    use super::*;
+    use crate::{DecodedRequest, Limits, RequestOutput};
+
+    #[test]
+    fn an_encoded_binary_request_decodes_to_itself_and_asks_for_binary_outputs() {
+        let request = DecodedRequest {
+            id: Some("r-1".into()),
+            parameters: Some(
+                [("sequence_id".to_owned(), serde_json::json!(9))]
+                    .into_iter()
+                    .collect(),
+            ),
+            inputs: vec![
+                Tensor::new("x", vec![2, 2], TensorData::Fp32(vec![1.0, -2.0, 0.5, 3.0])).unwrap(),
+                Tensor::new(
+                    "s",
+                    vec![2],
+                    TensorData::Bytes(vec![b"ab".to_vec(), vec![]]),
+                )
+                .unwrap(),
+            ],
+            outputs: Some(vec![RequestOutput {
+                name: "label".into(),
+                parameters: None,
+            }]),
+        };
+        let (body, json_len) = encode_request(&request);
+        let decoded =
+            crate::decode_request_parts(&body, Some(&json_len.to_string()), &Limits::default())
+                .unwrap();
+        assert_eq!(decoded.inputs, request.inputs);
+        assert_eq!(decoded.id.as_deref(), Some("r-1"));
+        assert_eq!(decoded.parameters.as_ref().unwrap()["sequence_id"], 9);
+        assert!(decoded.binary_output("label") && decoded.binary_output("other"));
+        assert_eq!(decoded.outputs.unwrap()[0].name, "label");
     }
 }

@@ -16,6 +16,11 @@ pub(crate) struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080", env = "SHOAL_ADDR")]
     addr: SocketAddr,
+    /// Also serve the Open Inference Protocol over gRPC
+    /// (inference.GRPCInferenceService, as tritonclient.grpc speaks it) on
+    /// this address (port 0: any free port), routed like REST.
+    #[arg(long, env = "SHOAL_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
     /// Directory for the last known routing table.
     #[arg(long, default_value = ".shoal/gateway", env = "SHOAL_DATA_DIR")]
     data_dir: PathBuf,
@@ -87,6 +92,7 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let config = GatewayConfig {
         addr: args.addr,
+        grpc_addr: args.grpc_addr,
         data_dir: args.data_dir,
         region: args.region,
         control: global.control.clone(),
@@ -115,6 +121,10 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
     };
     let mut server = GatewayServer::start(config).await?;
     tracing::info!(addr = %server.addr, "gateway listening");
+    // Before the REST line, which tools starting gateways wait for.
+    if let Some(grpc) = server.grpc_addr {
+        println!("shoal gateway gRPC listening on {grpc}");
+    }
     println!(
         "shoal gateway listening on {}://{}",
         args_scheme, server.addr

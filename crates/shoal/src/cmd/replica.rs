@@ -284,6 +284,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         }
     };
     tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
+    // Before the REST line, which tools starting replicas wait for.
     if let Some(grpc) = server.grpc_addr {
         println!("shoal replica gRPC listening on {grpc}");
     }
