@@ -49,6 +49,9 @@ pub struct BatchingSpec {
     pub rounds: usize,
     /// The batched replica's policy.
     pub policy: BatchPolicy,
+    /// Send tensors as binary data (Triton's binary tensor extension, what
+    /// its clients send by default) instead of JSON numbers.
+    pub binary: bool,
 }
 
 /// One concurrency's figures.
@@ -88,19 +91,43 @@ async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaSer
     Ok(server)
 }
 
-/// One request body: `rows` rows of a fixed pattern.
-fn body(input: &str, row: &[usize], rows: usize) -> Bytes {
+/// A request body: `rows` rows of a fixed pattern, as JSON or as binary
+/// tensor data (then with the JSON part's length for its header).
+#[derive(Clone)]
+struct RequestBody {
+    bytes: Bytes,
+    json_len: Option<usize>,
+}
+
+fn body(input: &str, row: &[usize], rows: usize, binary: bool) -> anyhow::Result<RequestBody> {
     let width: usize = row.iter().product();
     #[allow(clippy::cast_precision_loss)]
     let data: Vec<f32> = (0..rows * width).map(|i| (i % 17) as f32 / 17.0).collect();
     let mut shape = vec![rows];
     shape.extend_from_slice(row);
-    Bytes::from(
-        serde_json::json!({
-            "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
-        })
-        .to_string(),
-    )
+    if binary {
+        let tensor = shoal_core::Tensor::new(input, shape, shoal_core::TensorData::Fp32(data))?;
+        let request = shoal_oip::DecodedRequest {
+            id: None,
+            parameters: None,
+            inputs: vec![tensor],
+            outputs: None,
+        };
+        let (bytes, json_len) = shoal_oip::binary::encode_request(&request);
+        return Ok(RequestBody {
+            bytes: Bytes::from(bytes),
+            json_len: Some(json_len),
+        });
+    }
+    Ok(RequestBody {
+        bytes: Bytes::from(
+            serde_json::json!({
+                "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
+            })
+            .to_string(),
+        ),
+        json_len: None,
+    })
 }
 
 /// `clients` closed-loop callers for `seconds`: requests answered, failed,
@@ -108,7 +135,7 @@ fn body(input: &str, row: &[usize], rows: usize) -> Bytes {
 async fn closed_loop(
     client: &HttpClient,
     url: &str,
-    body: &Bytes,
+    body: &RequestBody,
     clients: usize,
     seconds: f64,
 ) -> (u64, u64, Latencies) {
@@ -122,10 +149,14 @@ async fn closed_loop(
                 let mut latencies = Latencies::default();
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
-                    let ok = match http::Request::post(&url)
-                        .header("content-type", "application/json")
-                        .body(Full::new(body.clone()))
-                    {
+                    let mut request = http::Request::post(&url);
+                    request = match body.json_len {
+                        None => request.header("content-type", "application/json"),
+                        Some(len) => request
+                            .header("content-type", "application/octet-stream")
+                            .header(shoal_oip::BINARY_HEADER, len),
+                    };
+                    let ok = match request.body(Full::new(body.bytes.clone())) {
                         Ok(request) => match client.request(request).await {
                             Ok(response) => {
                                 let ok = response.status() == 200;
@@ -172,7 +203,7 @@ pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1024)
         .build(connector);
-    let body = body(&spec.input.0, &spec.input.1, spec.rows);
+    let body = body(&spec.input.0, &spec.input.1, spec.rows, spec.binary)?;
     // A replica that cannot serve the model is a setup error, not a figure.
     let (n, _, _) = closed_loop(&client, &url(&alone), &body, 1, 0.1).await;
     anyhow::ensure!(n > 0, "the replicas do not answer {}", spec.model);

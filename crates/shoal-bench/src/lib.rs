@@ -26,6 +26,8 @@
 //!   and without a replica killed, on emulated hosts.
 //! - [`batching`]: dynamic batching against each request alone, closed
 //!   loop at several concurrencies.
+//! - [`protocols`]: REST with JSON, REST with binary tensors and gRPC on
+//!   the same replica.
 //! - [`lab`]: emulated hosts (network namespaces with rate-limited links
 //!   and CPU quotas) for fleet benchmarks that need separate machines.
 
@@ -42,6 +44,7 @@ pub mod herd;
 pub mod lab;
 pub mod load;
 pub mod overhead;
+pub mod protocols;
 pub mod registry;
 pub mod runtime;
 pub mod sequences;

@@ -142,6 +142,27 @@ pub(crate) enum BenchCommand {
         /// The engine both replicas run the model on.
         #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
         engine: shoal_core::Engine,
+        /// Send tensors as binary data (as tritonclient does by default)
+        /// instead of JSON numbers.
+        #[arg(long)]
+        binary: bool,
+    },
+    /// REST with JSON numbers, REST with binary tensor data and gRPC
+    /// against one replica serving digits, at each request size; closed
+    /// loop, rounds rotating the order.
+    Protocols {
+        /// Rows per request, one figure each.
+        #[arg(long, value_delimiter = ',', default_value = "1,256")]
+        rows: Vec<usize>,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        clients: u64,
+        /// Seconds per protocol per round.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Rounds.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
     },
     /// Autoscaling over a compressed day (night, a sharp morning ramp, a
     /// plateau, an evening, one unannounced spike) through `shoal up`:
@@ -546,6 +567,48 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 );
             }
         }
+        BenchCommand::Protocols {
+            rows,
+            clients,
+            seconds,
+            rounds,
+        } => {
+            anyhow::ensure!(
+                seconds > 0.0 && seconds <= 600.0,
+                "--seconds {seconds}: between 0 and 600"
+            );
+            anyhow::ensure!(
+                !rows.is_empty() && rows.iter().all(|r| (1..=4096).contains(r)),
+                "--rows: each between 1 and 4096"
+            );
+            let r = shoal_bench::protocols::run(
+                &rows,
+                usize::try_from(clients).unwrap_or(1),
+                seconds,
+                usize::try_from(rounds).unwrap_or(1),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{:<12} {:>5} {:>10} {:>10} {:>10} {:>10} {:>7}",
+                    "protocol", "rows", "req/s", "vs JSON", "p50", "p99", "failed"
+                );
+                for row in r {
+                    println!(
+                        "{:<12} {:>5} {:>10.0} {:>9.2}× {:>8.0}µs {:>8.0}µs {:>7}",
+                        row.protocol,
+                        row.rows,
+                        row.rps,
+                        row.over_json,
+                        row.latency.p50_us,
+                        row.latency.p99_us,
+                        row.failed
+                    );
+                }
+            }
+        }
         BenchCommand::Batching {
             model,
             clients,
@@ -555,6 +618,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             max_batch,
             batch_delay,
             engine,
+            binary,
         } => {
             let (file, input, options) = match model.as_str() {
                 "digits" => (
@@ -596,6 +660,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 seconds,
                 rounds: usize::try_from(rounds).unwrap_or(1),
                 policy,
+                binary,
             };
             let r = shoal_bench::batching::run(&spec).await?;
             if json {
