@@ -92,6 +92,7 @@ fn local_args(
                 );
                 args.push("--addr=127.0.0.1:0".to_owned());
             }
+            "--grpc-addr" => args.push("--grpc-addr=127.0.0.1:0".to_owned()),
             "--data-dir" => args.push(format!("--data-dir={}", dir.display())),
             "--control" => {
                 let service = &facts["services"]["shoal-control"];
