@@ -190,11 +190,20 @@ pub(crate) async fn prepare(
             });
         }
         let resident = resident_bytes();
-        let loaded = LoadedModel::load(backend.as_ref(), &bytes, &options)?;
+        let mut loaded = LoadedModel::load(backend.as_ref(), &bytes, &options)?;
         let load = started.elapsed();
         let warm_started = Instant::now();
         loaded.warm_up()?;
         let warm = warm_started.elapsed();
+        // Cheap models run small requests inline: measured, not assumed.
+        let row_cost = loaded
+            .measure_row_cost()
+            .map_err(|e| LoadFailure::Model(LoadError::WarmUp(e.to_string())))?;
+        tracing::debug!(
+            row_cost_us = row_cost.as_secs_f64() * 1e6,
+            inline = row_cost <= shoal_runtime::INLINE_MAX,
+            "measured a row's cost"
+        );
         // Whether batching pays on this engine is measured, not assumed.
         let batch_costs = match loaded.batching() {
             Some(policy) if policy.max_rows > 1 => Some(

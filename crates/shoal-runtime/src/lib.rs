@@ -156,7 +156,16 @@ pub struct LoadedModel {
     bounds: Arc<InputBounds>,
     state: Arc<StateSpec>,
     batching: Option<Arc<BatchPolicy>>,
+    /// What the warm-up input costs, measured at load, and how many
+    /// elements it holds (`None`: not measured, never inline).
+    row_cost: Option<(Duration, usize)>,
 }
+
+/// Requests a model runs in at most this long (by its measured cost per
+/// row) run on the calling task rather than a blocking thread. Tokio's
+/// guidance is to yield every 10–100 µs; a blocking hand-off costs tens of
+/// microseconds on these machines.
+pub const INLINE_MAX: Duration = Duration::from_micros(25);
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,7 +210,40 @@ impl LoadedModel {
             bounds: Arc::new(options.bounds.clone()),
             state: Arc::new(options.state.clone()),
             batching: options.batching.clone().map(Arc::new),
+            row_cost: None,
         })
+    }
+
+    /// Measures what one row costs (the best of a few runs on the warm-up
+    /// input), so that cheap requests run inline ([`LoadedModel::runs_inline`]).
+    /// Blocks; call after [`LoadedModel::warm_up`]. Answers the cost.
+    pub fn measure_row_cost(&mut self) -> Result<Duration, RunError> {
+        let inputs = self
+            .example(1)
+            .map_err(|e| RunError::Engine(e.to_string()))?;
+        let mut best = Duration::MAX;
+        for _ in 0..5 {
+            let started = tokio::time::Instant::now();
+            self.infer_blocking(inputs.clone())?;
+            best = best.min(started.elapsed());
+        }
+        let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
+        self.row_cost = Some((best, elements.max(1)));
+        Ok(best)
+    }
+
+    /// True when `inputs` (checked) should run on the calling task: the
+    /// measured cost of the warm-up input, scaled by how many times more
+    /// elements `inputs` hold (rows, and any other dynamic dimension), is
+    /// within [`INLINE_MAX`]. A batch counts all its rows.
+    pub fn runs_inline(&self, inputs: &[Tensor]) -> bool {
+        let Some((cost, measured)) = self.row_cost else {
+            return false;
+        };
+        let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
+        let times = elements.div_ceil(measured).max(1);
+        cost.checked_mul(u32::try_from(times).unwrap_or(u32::MAX))
+            .is_some_and(|total| total <= INLINE_MAX)
     }
 
     /// Checks `inputs` against the signature and the bounds, in the

@@ -7,6 +7,12 @@
 //! `max_queue`; past that, calls fail fast with [`RunError::Overloaded`] so a
 //! gateway can retry on a less busy replica instead of timing out here.
 //!
+//! A model measured at load to run a row in a few microseconds runs small
+//! requests on the calling task instead ([`crate::LoadedModel::runs_inline`]):
+//! the hand-off to a blocking thread and back costs more than such an
+//! inference, and so little work does not stall the executor. It still
+//! takes a permit and its model's share first.
+//!
 //! [`InferencePool::run_shared`] adds two bounds on what one request, or
 //! one model, can cost the others ([`Share`]): each model may hold at most
 //! `cap` threads (a replica serving several models leaves one thread for
@@ -215,46 +221,16 @@ impl InferencePool {
     ) -> Result<Vec<Tensor>, RunError> {
         let started = tokio::time::Instant::now();
         let deadline = started.checked_add(share.deadline);
-        let ready = match (
-            self.try_hold(share.key, share.cap),
-            self.inner.permits.clone().try_acquire_owned(),
-        ) {
-            (Some(held), Ok(permit)) => (held, permit),
-            (held, permit) => {
-                // Not both at once: wait in the queue, if there is room.
-                drop(permit);
-                drop(held);
-                let queued = self.inner.queued.fetch_add(1, Ordering::Relaxed);
-                let slot = QueueSlot(&self.inner.queued);
-                if queued >= self.inner.max_queue {
-                    return Err(RunError::Overloaded { queued });
-                }
-                let wait = async {
-                    let held = self.hold(share.key, share.cap).await;
-                    let permit = self
-                        .inner
-                        .permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|_| RunError::Engine("inference pool closed".into()))?;
-                    Ok::<_, RunError>((held, permit))
-                };
-                let waited = match deadline {
-                    Some(at) => {
-                        tokio::time::timeout_at(at, wait)
-                            .await
-                            .map_err(|_| RunError::Busy {
-                                waited_ms: millis(share.deadline),
-                            })?
-                    }
-                    None => wait.await,
-                }?;
-                drop(slot);
-                waited
-            }
-        };
-        let (held, permit) = ready;
+        let (held, permit) = self.acquire(share, deadline).await?;
+        // Cheap enough to run where we are: the hand-off to a blocking
+        // thread would cost more than the inference (see
+        // `LoadedModel::runs_inline`). It still holds its thread and the
+        // model's share, so the bounds hold.
+        if model.runs_inline(&inputs) {
+            let answer = model.model.run(inputs);
+            drop((held, permit));
+            return answer;
+        }
         let model = model.model.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -271,6 +247,56 @@ impl InferencePool {
                 None => task.await,
             };
         finished.map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
+    }
+
+    /// A thread of the pool and of `share`'s model, at once when both are
+    /// free, else after waiting in the queue (refused when it is full,
+    /// `Busy` past the deadline).
+    async fn acquire(
+        &self,
+        share: Share<'_>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Held, tokio::sync::OwnedSemaphorePermit), RunError> {
+        Ok(
+            match (
+                self.try_hold(share.key, share.cap),
+                self.inner.permits.clone().try_acquire_owned(),
+            ) {
+                (Some(held), Ok(permit)) => (held, permit),
+                (held, permit) => {
+                    // Not both at once: wait in the queue, if there is room.
+                    drop(permit);
+                    drop(held);
+                    let queued = self.inner.queued.fetch_add(1, Ordering::Relaxed);
+                    let slot = QueueSlot(&self.inner.queued);
+                    if queued >= self.inner.max_queue {
+                        return Err(RunError::Overloaded { queued });
+                    }
+                    let wait = async {
+                        let held = self.hold(share.key, share.cap).await;
+                        let permit = self
+                            .inner
+                            .permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| RunError::Engine("inference pool closed".into()))?;
+                        Ok::<_, RunError>((held, permit))
+                    };
+                    let waited =
+                        match deadline {
+                            Some(at) => tokio::time::timeout_at(at, wait).await.map_err(|_| {
+                                RunError::Busy {
+                                    waited_ms: millis(share.deadline),
+                                }
+                            })?,
+                            None => wait.await,
+                        }?;
+                    drop(slot);
+                    waited
+                }
+            },
+        )
     }
 
     /// Admits one request before it is read and decoded, or refuses it at
@@ -363,6 +389,7 @@ mod tests {
             bounds: Arc::default(),
             state: Arc::default(),
             batching: None,
+            row_cost: None,
         };
         (loaded, started_rx, release_tx)
     }
@@ -532,5 +559,75 @@ mod tests {
         while pool.stats().running > 0 {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// An engine that notes the thread each run happens on.
+    struct Where {
+        signature: Signature,
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl Model for Where {
+        fn signature(&self) -> &Signature {
+            &self.signature
+        }
+        fn platform(&self) -> &'static str {
+            "where"
+        }
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+            self.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            Ok(inputs)
+        }
+    }
+
+    fn rows(n: usize) -> Vec<Tensor> {
+        vec![Tensor::new("x", vec![n, 1], TensorData::Fp32(vec![0.0; n])).unwrap()]
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_requests_of_a_cheap_model_run_on_the_calling_thread() {
+        let engine = Arc::new(Where {
+            signature: Signature {
+                inputs: vec![TensorSpec {
+                    name: "x".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![Dim::Dynamic(None), Dim::Fixed(1)],
+                }],
+                outputs: vec![],
+            },
+            threads: Mutex::new(Vec::new()),
+        });
+        // Costs measured on a one-row input (one element).
+        let model = |row_cost: Option<Duration>| LoadedModel {
+            model: engine.clone(),
+            platform: "where",
+            bounds: Arc::default(),
+            state: Arc::default(),
+            batching: None,
+            row_cost: row_cost.map(|c| (c, 1)),
+        };
+        let pool = InferencePool::new(2, 8);
+        let here = std::thread::current().id();
+        let cheap = model(Some(Duration::from_micros(2)));
+        // 1 and 10 rows at 2 µs a row: within INLINE_MAX, here.
+        for n in [1, 10] {
+            assert!(cheap.runs_inline(&rows(n)));
+            pool.run(&cheap, rows(n)).await.unwrap();
+        }
+        // 100 rows (200 µs), a model never measured, a slow one: a pool thread.
+        assert!(!cheap.runs_inline(&rows(100)));
+        pool.run(&cheap, rows(100)).await.unwrap();
+        pool.run(&model(None), rows(1)).await.unwrap();
+        pool.run(&model(Some(Duration::from_millis(1))), rows(1))
+            .await
+            .unwrap();
+        let threads = engine.threads.lock().unwrap().clone();
+        let inline: Vec<bool> = threads.iter().map(|t| *t == here).collect();
+        assert_eq!(inline, [true, true, false, false, false]);
+        // Inline runs hold their thread while they run and give it back.
+        assert_eq!(pool.stats().running, 0);
     }
 }
