@@ -118,6 +118,10 @@ pub struct ReplicaConfig {
     /// Longest an inference may wait for a thread and run: past it the
     /// request is answered 503 (never started) or 504 (abandoned).
     pub inference_timeout: std::time::Duration,
+    /// Requests a model runs in at most this long (its cost measured at
+    /// load) run on the calling task instead of a blocking thread; zero:
+    /// never.
+    pub inline_max: std::time::Duration,
     /// Live sequences of stateful models: how many, how long idle.
     pub sequences: sequences::SequenceLimits,
     /// Where sequences' state is shared beyond this replica's memory:
@@ -144,6 +148,7 @@ impl Default for ReplicaConfig {
             allow_fault_injection: false,
             tls: None,
             inference_timeout: DEFAULT_INFERENCE_TIMEOUT,
+            inline_max: shoal_runtime::INLINE_MAX,
             sequences: sequences::SequenceLimits::default(),
             session_store: None,
         }
@@ -181,6 +186,7 @@ pub struct Replica {
     admin_hashes: Vec<[u8; 32]>,
     allow_fault_injection: bool,
     inference_timeout: std::time::Duration,
+    inline_max: std::time::Duration,
     sequences: sequences::Sequences,
     session_store: Option<Arc<session_store::RedisStore>>,
 }
@@ -242,6 +248,7 @@ impl Replica {
                 .collect(),
             allow_fault_injection: config.allow_fault_injection,
             inference_timeout: config.inference_timeout,
+            inline_max: config.inline_max,
             sequences: sequences::Sequences::new(config.sequences),
             session_store: config.session_store.clone(),
         }
@@ -503,7 +510,7 @@ impl Replica {
     ) -> Result<LoadReport, LoadFailure> {
         let _one_at_a_time = self.load_lock.lock().await;
         let key = format!("{}:{}", spec.model, spec.version);
-        let prepared = match loader::prepare(self.backend.clone(), &spec).await {
+        let prepared = match loader::prepare(self.backend.clone(), &spec, self.inline_max).await {
             Ok(p) => p,
             Err(failure) => {
                 self.record_failure(

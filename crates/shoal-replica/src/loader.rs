@@ -157,6 +157,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub(crate) async fn prepare(
     backend: Arc<dyn Backend>,
     spec: &LoadSpec,
+    inline_max: Duration,
 ) -> Result<Prepared, LoadFailure> {
     let expected = match &spec.sha256 {
         Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
@@ -197,11 +198,11 @@ pub(crate) async fn prepare(
         let warm = warm_started.elapsed();
         // Cheap models run small requests inline: measured, not assumed.
         let row_cost = loaded
-            .measure_row_cost()
+            .measure_row_cost(inline_max)
             .map_err(|e| LoadFailure::Model(LoadError::WarmUp(e.to_string())))?;
         tracing::debug!(
             row_cost_us = row_cost.as_secs_f64() * 1e6,
-            inline = row_cost <= shoal_runtime::INLINE_MAX,
+            inline = !inline_max.is_zero() && row_cost <= inline_max,
             "measured a row's cost"
         );
         // Whether batching pays on this engine is measured, not assumed.

@@ -156,13 +156,15 @@ pub struct LoadedModel {
     bounds: Arc<InputBounds>,
     state: Arc<StateSpec>,
     batching: Option<Arc<BatchPolicy>>,
-    /// What the warm-up input costs, measured at load, and how many
-    /// elements it holds (`None`: not measured, never inline).
-    row_cost: Option<(Duration, usize)>,
+    /// What the warm-up input costs, measured at load, how many elements
+    /// it holds, and the most a request may cost to run inline (`None`:
+    /// not measured, never inline).
+    row_cost: Option<(Duration, usize, Duration)>,
 }
 
 /// Requests a model runs in at most this long (by its measured cost per
-/// row) run on the calling task rather than a blocking thread. Tokio's
+/// row) run on the calling task rather than a blocking thread, by default
+/// (`shoal replica --inline-max-us`). Tokio's
 /// guidance is to yield every 10–100 µs; a blocking hand-off costs tens of
 /// microseconds on these machines.
 pub const INLINE_MAX: Duration = Duration::from_micros(25);
@@ -215,9 +217,10 @@ impl LoadedModel {
     }
 
     /// Measures what one row costs (the best of a few runs on the warm-up
-    /// input), so that cheap requests run inline ([`LoadedModel::runs_inline`]).
-    /// Blocks; call after [`LoadedModel::warm_up`]. Answers the cost.
-    pub fn measure_row_cost(&mut self) -> Result<Duration, RunError> {
+    /// input), so that requests costing at most `inline_max` run inline
+    /// ([`LoadedModel::runs_inline`]; zero: never). Blocks; call after
+    /// [`LoadedModel::warm_up`]. Answers the cost.
+    pub fn measure_row_cost(&mut self, inline_max: Duration) -> Result<Duration, RunError> {
         let inputs = self
             .example(1)
             .map_err(|e| RunError::Engine(e.to_string()))?;
@@ -228,22 +231,26 @@ impl LoadedModel {
             best = best.min(started.elapsed());
         }
         let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
-        self.row_cost = Some((best, elements.max(1)));
+        self.row_cost = Some((best, elements.max(1), inline_max));
         Ok(best)
     }
 
     /// True when `inputs` (checked) should run on the calling task: the
     /// measured cost of the warm-up input, scaled by how many times more
     /// elements `inputs` hold (rows, and any other dynamic dimension), is
-    /// within [`INLINE_MAX`]. A batch counts all its rows.
+    /// within the limit it was measured with (see [`INLINE_MAX`]). A batch
+    /// counts all its rows.
     pub fn runs_inline(&self, inputs: &[Tensor]) -> bool {
-        let Some((cost, measured)) = self.row_cost else {
+        let Some((cost, measured, inline_max)) = self.row_cost else {
             return false;
         };
+        if inline_max.is_zero() {
+            return false;
+        }
         let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
         let times = elements.div_ceil(measured).max(1);
         cost.checked_mul(u32::try_from(times).unwrap_or(u32::MAX))
-            .is_some_and(|total| total <= INLINE_MAX)
+            .is_some_and(|total| total <= inline_max)
     }
 
     /// Checks `inputs` against the signature and the bounds, in the

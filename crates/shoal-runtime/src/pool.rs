@@ -607,7 +607,7 @@ mod tests {
             bounds: Arc::default(),
             state: Arc::default(),
             batching: None,
-            row_cost: row_cost.map(|c| (c, 1)),
+            row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
         };
         let pool = InferencePool::new(2, 8);
         let here = std::thread::current().id();

@@ -103,6 +103,11 @@ pub(crate) struct ReplicaArgs {
     /// past it the request gets 503 (never started) or 504 (abandoned).
     #[arg(long, default_value_t = 30_000)]
     inference_timeout_ms: u64,
+    /// Requests a model runs in at most this many microseconds (its cost
+    /// measured at load) run on the request's own task instead of being
+    /// handed to an inference thread; 0: always hand off.
+    #[arg(long, default_value_t = 25)]
+    inline_max_us: u64,
     /// Live sequences of stateful models this replica holds at most; a
     /// sequence_start beyond it is answered 429.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -239,6 +244,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
         allow_fault_injection: args.allow_fault_injection,
         tls: args.tls.server(global)?,
         inference_timeout: Duration::from_millis(args.inference_timeout_ms.max(1)),
+        inline_max: Duration::from_micros(args.inline_max_us),
         sequences: shoal_replica::sequences::SequenceLimits {
             max: usize::try_from(args.max_sequences).unwrap_or(usize::MAX),
             idle: Duration::from_secs(args.sequence_idle_secs),
