@@ -11,23 +11,16 @@
 //! each caller paid for that.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use shoal_core::batch::BatchPolicy;
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 use shoal_runtime::LoadOptions;
 use shoal_runtime::engines::Engines;
 
+use crate::protocols::{Sender, closed_loop};
 use crate::stats::{Latencies, Summary, median};
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -93,13 +86,12 @@ async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaSer
 
 /// A request body: `rows` rows of a fixed pattern, as JSON or as binary
 /// tensor data (then with the JSON part's length for its header).
-#[derive(Clone)]
-struct RequestBody {
-    bytes: Bytes,
-    json_len: Option<usize>,
-}
-
-fn body(input: &str, row: &[usize], rows: usize, binary: bool) -> anyhow::Result<RequestBody> {
+fn body(
+    input: &str,
+    row: &[usize],
+    rows: usize,
+    binary: bool,
+) -> anyhow::Result<(Bytes, Option<usize>)> {
     let width: usize = row.iter().product();
     #[allow(clippy::cast_precision_loss)]
     let data: Vec<f32> = (0..rows * width).map(|i| (i % 17) as f32 / 17.0).collect();
@@ -114,77 +106,12 @@ fn body(input: &str, row: &[usize], rows: usize, binary: bool) -> anyhow::Result
             outputs: None,
         };
         let (bytes, json_len) = shoal_oip::binary::encode_request(&request);
-        return Ok(RequestBody {
-            bytes: Bytes::from(bytes),
-            json_len: Some(json_len),
-        });
+        return Ok((Bytes::from(bytes), Some(json_len)));
     }
-    Ok(RequestBody {
-        bytes: Bytes::from(
-            serde_json::json!({
-                "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
-            })
-            .to_string(),
-        ),
-        json_len: None,
-    })
-}
-
-/// `clients` closed-loop callers for `seconds`: requests answered, failed,
-/// and every latency.
-async fn closed_loop(
-    client: &HttpClient,
-    url: &str,
-    body: &RequestBody,
-    clients: usize,
-    seconds: f64,
-) -> (u64, u64, Latencies) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
-            let (stop, failed) = (stop.clone(), failed.clone());
-            tokio::spawn(async move {
-                let mut latencies = Latencies::default();
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let mut request = http::Request::post(&url);
-                    request = match body.json_len {
-                        None => request.header("content-type", "application/json"),
-                        Some(len) => request
-                            .header("content-type", "application/octet-stream")
-                            .header(shoal_oip::BINARY_HEADER, len),
-                    };
-                    let ok = match request.body(Full::new(body.bytes.clone())) {
-                        Ok(request) => match client.request(request).await {
-                            Ok(response) => {
-                                let ok = response.status() == 200;
-                                ok && response.into_body().collect().await.is_ok()
-                            }
-                            Err(_) => false,
-                        },
-                        Err(_) => false,
-                    };
-                    if ok {
-                        latencies.record(started.elapsed());
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Latencies::default();
-    for t in tasks {
-        if let Ok(l) = t.await {
-            all.merge(&l);
-        }
-    }
-    (all.count(), failed.load(Ordering::Relaxed), all)
+    let json = serde_json::json!({
+        "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
+    });
+    Ok((Bytes::from(json.to_string()), None))
 }
 
 /// Runs the comparison.
@@ -197,15 +124,16 @@ pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
             .with_batching(Some(spec.policy.clone())),
     )
     .await?;
-    let url = |s: &ReplicaServer| format!("http://{}/v2/models/m/infer", s.addr);
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(connector);
-    let body = body(&spec.input.0, &spec.input.1, spec.rows, spec.binary)?;
+    let client = crate::protocols::http_client();
+    let (body, json_len) = body(&spec.input.0, &spec.input.1, spec.rows, spec.binary)?;
+    let sender = |s: &ReplicaServer| Sender::Rest {
+        client: client.clone(),
+        url: format!("http://{}/v2/models/m/infer", s.addr),
+        body: body.clone(),
+        json_len,
+    };
     // A replica that cannot serve the model is a setup error, not a figure.
-    let (n, _, _) = closed_loop(&client, &url(&alone), &body, 1, 0.1).await;
+    let (n, _, _) = closed_loop(&sender(&alone), 1, 0.1).await;
     anyhow::ensure!(n > 0, "the replicas do not answer {}", spec.model);
     let batch_stats = || {
         let snapshot = batched.replica.store().snapshot();
@@ -221,7 +149,7 @@ pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
     for &clients in &spec.clients {
         // Warm both (connections, threads, caches) before measuring.
         for s in [&alone, &batched] {
-            closed_loop(&client, &url(s), &body, clients, 0.3).await;
+            closed_loop(&sender(s), clients, 0.3).await;
         }
         let (mut all_alone, mut all_batched) = (Latencies::default(), Latencies::default());
         let (mut rps_alone, mut rps_batched, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
@@ -232,8 +160,7 @@ pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for which in order {
                 let server = if which == 0 { &alone } else { &batched };
-                let (n, f, l) =
-                    closed_loop(&client, &url(server), &body, clients, spec.seconds).await;
+                let (n, f, l) = closed_loop(&sender(server), clients, spec.seconds).await;
                 failed += f;
                 #[allow(clippy::cast_precision_loss)]
                 let rate = n as f64 / spec.seconds;

@@ -45,11 +45,21 @@ pub struct ProtocolRow {
     pub failed: u64,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// How one protocol sends the request.
+/// A pooled HTTP/1.1 client with Nagle off, for closed-loop callers.
+pub(crate) fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+/// How one caller sends its request: REST (JSON, or binary tensors with
+/// the JSON part's length) or gRPC.
 #[derive(Clone)]
-enum Sender {
+pub(crate) enum Sender {
     Rest {
         client: HttpClient,
         url: String,
@@ -91,8 +101,13 @@ impl Sender {
     }
 }
 
-/// `clients` closed-loop callers with `sender` for `seconds`.
-async fn closed_loop(sender: &Sender, clients: usize, seconds: f64) -> (u64, u64, Latencies) {
+/// `clients` closed-loop callers with `sender` for `seconds`: requests
+/// answered, failed, and every latency.
+pub(crate) async fn closed_loop(
+    sender: &Sender,
+    clients: usize,
+    seconds: f64,
+) -> (u64, u64, Latencies) {
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..clients)
@@ -128,11 +143,7 @@ async fn closed_loop(sender: &Sender, clients: usize, seconds: f64) -> (u64, u64
 async fn senders(server: &ReplicaServer, rows: usize) -> anyhow::Result<Vec<Sender>> {
     let data: Vec<f32> = crate::digits_rows(rows)?.into_iter().flatten().collect();
     let url = format!("http://{}/v2/models/digits/infer", server.addr);
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(connector);
+    let client = http_client();
     let json = serde_json::json!({
         "inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": data}],
     });

@@ -66,18 +66,8 @@ const FORWARDED: [&str; 4] = [
 /// The gRPC status for a REST answer that is not a success: the code for
 /// its HTTP status, its `{"error": …}` message, its `Retry-After`.
 async fn status_of(response: HttpResponse) -> Status {
-    let status = response.status();
     let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| status.to_string());
+    let (status, message) = proxy::error_of(response).await;
     let mut grpc = Status::new(shoal_grpc::status::code_for_http(status.as_u16()), message);
     if let Some(v) = retry_after.and_then(|v| v.to_str().ok().map(str::to_owned))
         && let Ok(v) = MetadataValue::try_from(v)

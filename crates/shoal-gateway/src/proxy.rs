@@ -811,6 +811,19 @@ async fn route_inference(
 /// The error a replica's 5xx becomes: its status (503 asks the client to
 /// come back in a second) and its message, naming the replica.
 async fn server_error(replica: &str, response: Response) -> ApiError {
+    let (status, message) = error_of(response).await;
+    ApiError {
+        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
+        ..ApiError::new(
+            status,
+            format!("replica {replica} answered {status}: {message}"),
+        )
+    }
+}
+
+/// A failed answer's status and the message of its `{"error": …}` body
+/// (the status's own text when the body has none).
+pub(crate) async fn error_of(response: Response) -> (StatusCode, String) {
     let status = response.status();
     let bytes = response
         .into_body()
@@ -822,13 +835,7 @@ async fn server_error(replica: &str, response: Response) -> ApiError {
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_owned))
         .unwrap_or_else(|| status.to_string());
-    ApiError {
-        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
-        ..ApiError::new(
-            status,
-            format!("replica {replica} answered {status}: {message}"),
-        )
-    }
+    (status, message)
 }
 
 /// Metadata and readiness: any replica serving the model answers (retried

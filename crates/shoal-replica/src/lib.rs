@@ -685,44 +685,33 @@ impl ReplicaServer {
         let server_replica = replica.clone();
         // Both protocols stop together: REST when told, gRPC once REST has
         // begun shutting down.
-        let (grpc_stop, mut grpc_stopped) = tokio::sync::watch::channel(false);
-        let grpc = match config.grpc_addr {
-            None => None,
+        let (grpc, stop_grpc) = match config.grpc_addr {
+            None => (None, None),
             Some(grpc_addr) => {
-                let listener = shoal_http::bind(grpc_addr).await?;
-                let bound = listener.local_addr()?;
-                let service = grpc::GrpcReplica::service(replica.clone());
-                let task = tokio::spawn(
-                    tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(
-                            tonic::transport::server::TcpIncoming::from(listener)
-                                .with_nodelay(Some(true)),
-                            async move {
-                                let _ = grpc_stopped.wait_for(|stop| *stop).await;
-                            },
-                        ),
-                );
-                Some((bound, task))
+                let (grpc, stop) = shoal_grpc::Beside::serve(
+                    shoal_http::bind(grpc_addr).await?,
+                    grpc::GrpcReplica::service(replica.clone()),
+                )?;
+                (Some(grpc), Some(stop))
             }
         };
-        let grpc_addr = grpc.as_ref().map(|(a, _)| *a);
+        let grpc_addr = grpc.as_ref().map(|g| g.addr);
         let served = shoal_http::serve(
             listener,
             router,
             async move {
                 let _ = rx.await;
                 server_replica.begin_shutdown();
-                let _ = grpc_stop.send(true);
+                if let Some(stop) = stop_grpc {
+                    stop.stop();
+                }
             },
             tls,
         );
         let task = tokio::spawn(async move {
             let rest = served.await;
-            if let Some((_, task)) = grpc {
-                task.await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?
-                    .map_err(std::io::Error::other)?;
+            if let Some(grpc) = grpc {
+                grpc.join().await?;
             }
             rest
         });
