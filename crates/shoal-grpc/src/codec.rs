@@ -115,35 +115,9 @@ fn tensor(
 ) -> Result<Tensor, DecodeError> {
     let name = input.name;
     let err = |msg: String| DecodeError(format!("input {name:?}: {msg}"));
-    let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
-        err(format!(
-            "unknown datatype {:?}; use one of {}",
-            input.datatype,
-            known.join(", ")
-        ))
-    })?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<Result<Vec<usize>, _>>()
-        .map_err(|_| {
-            err(format!(
-                "shape {:?} has a negative dimension; request shapes must be concrete",
-                input.shape
-            ))
-        })?;
-    let count = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= *budget)
-        .ok_or_else(|| {
-            err(format!(
-                "shape {shape:?} holds more elements than the server accepts in one request ({max_elements})"
-            ))
-        })?;
-    *budget -= count;
+    let (datatype, shape, count) =
+        shoal_oip::codec::tensor_header(&input.datatype, &input.shape, budget, max_elements)
+            .map_err(err)?;
     let data = match raw {
         Some(bytes) => shoal_oip::binary::decode(bytes, datatype, count)
             .map_err(|e| err(format!("raw_input_contents: {}", e.0)))?,

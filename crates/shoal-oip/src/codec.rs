@@ -368,6 +368,41 @@ struct Header<'a> {
     data: Payload<'a>,
 }
 
+/// A request tensor's datatype and concrete shape, checked, and its
+/// element count taken from `budget` (what the whole request may hold, at
+/// most `max_elements`). Errors say what is wrong, for the caller to prefix
+/// with the tensor's name. Shared by every protocol's decoder.
+pub fn tensor_header(
+    datatype: &str,
+    shape: &[i64],
+    budget: &mut usize,
+    max_elements: usize,
+) -> Result<(DataType, Vec<usize>, usize), String> {
+    let parsed = DataType::parse(datatype).ok_or_else(|| {
+        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
+        format!(
+            "unknown datatype {datatype:?}; use one of {}",
+            known.join(", ")
+        )
+    })?;
+    let dims = shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            format!("shape {shape:?} has a negative dimension; request shapes must be concrete")
+        })?;
+    let count = element_count(&dims)
+        .filter(|&n| n <= *budget)
+        .ok_or_else(|| {
+            format!(
+                "shape {dims:?} holds more elements than the server accepts in one request ({max_elements})"
+            )
+        })?;
+    *budget -= count;
+    Ok((parsed, dims, count))
+}
+
 fn check_header<'a>(
     wire: WireTensor<'a>,
     budget: &mut usize,
@@ -377,33 +412,8 @@ fn check_header<'a>(
 ) -> Result<Header<'a>, DecodeError> {
     let name = wire.name;
     let err = |msg: String| DecodeError(format!("{what} {name:?}: {msg}"));
-    let datatype = DataType::parse(&wire.datatype).ok_or_else(|| {
-        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
-        err(format!(
-            "unknown datatype {:?}; use one of {}",
-            wire.datatype,
-            known.join(", ")
-        ))
-    })?;
-    let shape = wire
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<Result<Vec<usize>, _>>()
-        .map_err(|_| {
-            err(format!(
-                "shape {:?} has a negative dimension; request shapes must be concrete",
-                wire.shape
-            ))
-        })?;
-    let count = element_count(&shape)
-        .filter(|&n| n <= *budget)
-        .ok_or_else(|| {
-            err(format!(
-                "shape {shape:?} holds more elements than the server accepts in one request ({max_elements})"
-            ))
-        })?;
-    *budget -= count;
+    let (datatype, shape, count) =
+        tensor_header(&wire.datatype, &wire.shape, budget, max_elements).map_err(err)?;
     let binary = declared_binary(
         wire.data.is_some(),
         wire.parameters.as_ref(),
