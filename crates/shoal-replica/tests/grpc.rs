@@ -160,26 +160,35 @@ async fn a_sequence_carries_its_state_over_grpc() {
         .unwrap();
 
     let mut client = client(&server).await;
-    let p = |c| InferParameter {
-        parameter_choice: Some(c),
-    };
-    for (k, expected) in expected.iter().enumerate() {
+    // Step `k` of sequence 7 with these flags, as raw bytes or typed contents.
+    let request = |k: usize, start: Option<bool>, end: Option<bool>, raw: bool| {
+        let p = |c| InferParameter {
+            parameter_choice: Some(c),
+        };
         let mut parameters = std::collections::HashMap::new();
         parameters.insert("sequence_id".to_owned(), p(ParameterChoice::Int64Param(7)));
-        parameters.insert(
-            "sequence_start".to_owned(),
-            p(ParameterChoice::BoolParam(k == 0)),
-        );
-        parameters.insert(
-            "sequence_end".to_owned(),
-            p(ParameterChoice::BoolParam(k + 1 == frames)),
-        );
+        for (name, flag) in [("sequence_start", start), ("sequence_end", end)] {
+            if let Some(flag) = flag {
+                parameters.insert(name.to_owned(), p(ParameterChoice::BoolParam(flag)));
+            }
+        }
         let (name, shape, data) = step(k).into_parts();
         let TensorData::Fp32(data) = data else {
             unreachable!()
         };
-        let raw: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let request = ModelInferRequest {
+        let (contents, raw_input_contents) = if raw {
+            (
+                None,
+                vec![data.iter().flat_map(|x| x.to_le_bytes()).collect()],
+            )
+        } else {
+            let contents = InferTensorContents {
+                fp32_contents: data,
+                ..Default::default()
+            };
+            (Some(contents), Vec::new())
+        };
+        ModelInferRequest {
             model_name: "vad".into(),
             parameters,
             inputs: vec![InferInputTensor {
@@ -187,37 +196,20 @@ async fn a_sequence_carries_its_state_over_grpc() {
                 datatype: "FP32".into(),
                 shape: shape.iter().map(|&d| d as i64).collect(),
                 parameters: Default::default(),
-                contents: None,
+                contents,
             }],
-            raw_input_contents: vec![raw],
+            raw_input_contents,
             ..Default::default()
-        };
-        let answer = client.model_infer(request).await.unwrap().into_inner();
+        }
+    };
+    for (k, expected) in expected.iter().enumerate() {
+        let step = request(k, Some(k == 0), Some(k + 1 == frames), true);
+        let answer = client.model_infer(step).await.unwrap().into_inner();
         let outputs = shoal_grpc::codec::decode_response(answer).unwrap();
         assert_eq!(&outputs, expected, "step {k}");
     }
     // A later step of a sequence that ended is refused, as over REST.
-    let mut parameters = std::collections::HashMap::new();
-    parameters.insert("sequence_id".to_owned(), p(ParameterChoice::Int64Param(7)));
-    let (name, shape, data) = step(0).into_parts();
-    let TensorData::Fp32(data) = data else {
-        unreachable!()
-    };
-    let request = ModelInferRequest {
-        model_name: "vad".into(),
-        parameters,
-        inputs: vec![InferInputTensor {
-            name,
-            datatype: "FP32".into(),
-            shape: shape.iter().map(|&d| d as i64).collect(),
-            parameters: Default::default(),
-            contents: Some(InferTensorContents {
-                fp32_contents: data,
-                ..Default::default()
-            }),
-        }],
-        ..Default::default()
-    };
+    let request = request(0, None, None, false);
     let status = client.model_infer(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("sequence"), "{status:?}");

@@ -12,7 +12,7 @@ use shoal_core::Engine;
 
 use crate::ort::OrtBackend;
 use crate::tract::TractBackend;
-use crate::{Backend, LoadError, LoadOptions, Model, RunError, example_inputs};
+use crate::{Backend, LoadError, LoadOptions, Model, RunError, best_of, example_inputs};
 
 /// tract, and ONNX Runtime when this machine has it.
 #[derive(Debug, Default)]
@@ -107,13 +107,7 @@ fn time(model: &dyn Model) -> Result<Duration, RunError> {
     let inputs =
         example_inputs(model.signature(), 1).map_err(|e| RunError::Engine(e.to_string()))?;
     model.run(inputs.clone())?;
-    let mut best = Duration::MAX;
-    for _ in 0..TIMED_RUNS {
-        let started = tokio::time::Instant::now();
-        model.run(inputs.clone())?;
-        best = best.min(started.elapsed());
-    }
-    Ok(best)
+    best_of(TIMED_RUNS, || model.run(inputs.clone()).map(drop))
 }
 
 impl Backend for Engines {

@@ -224,12 +224,7 @@ impl LoadedModel {
         let inputs = self
             .example(1)
             .map_err(|e| RunError::Engine(e.to_string()))?;
-        let mut best = Duration::MAX;
-        for _ in 0..5 {
-            let started = tokio::time::Instant::now();
-            self.infer_blocking(inputs.clone())?;
-            best = best.min(started.elapsed());
-        }
+        let best = best_of(5, || self.infer_blocking(inputs.clone()).map(drop))?;
         let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
         self.row_cost = Some((best, elements.max(1), inline_max));
         Ok(best)
@@ -338,16 +333,26 @@ impl LoadedModel {
                 .example(n)
                 .map_err(|e| RunError::Engine(e.to_string()))?;
             self.infer_blocking(inputs.clone())?;
-            let mut best = Duration::MAX;
-            for _ in 0..3 {
-                let started = tokio::time::Instant::now();
-                self.infer_blocking(inputs.clone())?;
-                best = best.min(started.elapsed());
-            }
+            let best = best_of(3, || self.infer_blocking(inputs.clone()).map(drop))?;
             Ok(best / u32::try_from(n.max(1)).unwrap_or(u32::MAX))
         };
         Ok((per_row(1)?, per_row(rows)?))
     }
+}
+
+/// The shortest of `runs` timed calls of `run` (the figure least disturbed
+/// by the rest of the machine). Blocks.
+pub(crate) fn best_of(
+    runs: usize,
+    mut run: impl FnMut() -> Result<(), RunError>,
+) -> Result<Duration, RunError> {
+    let mut best = Duration::MAX;
+    for _ in 0..runs {
+        let started = tokio::time::Instant::now();
+        run()?;
+        best = best.min(started.elapsed());
+    }
+    Ok(best)
 }
 
 /// Zero-valued inputs for `signature` with `rows` in a dynamic first

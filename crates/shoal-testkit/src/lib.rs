@@ -399,29 +399,42 @@ async fn run_tritonclient_check(
     min_accuracy: f64,
     ca: Option<&std::path::Path>,
 ) {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/tritonclient_check.py");
-    let mut command = tokio::process::Command::new("python3");
-    command
-        .arg(script)
-        .arg(addr)
-        .arg(model)
-        .arg(model_path("digits-samples.json"))
-        .arg(min_accuracy.to_string());
+    let samples = model_path("digits-samples.json");
+    let accuracy = min_accuracy.to_string();
+    let mut args = vec![
+        std::ffi::OsStr::new(addr),
+        std::ffi::OsStr::new(model),
+        samples.as_os_str(),
+        std::ffi::OsStr::new(&accuracy),
+    ];
     if let Some(ca) = ca {
-        command.arg(ca);
+        args.push(ca.as_os_str());
     }
-    let output = command
+    run_tool("tritonclient_check.py", &args, "tritonclient[http]").await;
+}
+
+/// Runs `tools/SCRIPT` with `args` under python3 and answers its stdout;
+/// panics with both outputs when it fails (`package` names what
+/// scripts/setup-python installs for it).
+async fn run_tool(script: &str, args: &[&std::ffi::OsStr], package: &str) -> Vec<u8> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools")
+        .join(script);
+    let output = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args(args)
         .kill_on_drop(true)
         .output()
         .await
         .expect("python3 runs (install the test dependencies with scripts/setup-python)");
     assert!(
         output.status.success(),
-        "tritonclient check failed (scripts/setup-python installs tritonclient):\n{}{}",
+        "{} failed (scripts/setup-python installs {package}):\n{}{}",
+        script.display(),
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    output.stdout
 }
 
 /// Runs `tools/tritonclient_grpc_check.py`: Triton's own gRPC client
@@ -434,29 +447,20 @@ pub async fn tritonclient_grpc_check(
     model: &str,
     min_accuracy: f64,
 ) -> serde_json::Value {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/tritonclient_grpc_check.py");
-    let output = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(grpc_addr)
-        .arg(http_addr)
-        .arg(model)
-        .arg(model_path("digits-samples.json"))
-        .arg(min_accuracy.to_string())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python3 runs (install the test dependencies with scripts/setup-python)");
-    assert!(
-        output.status.success(),
-        "tritonclient.grpc check failed (scripts/setup-python installs tritonclient[grpc]):\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    let samples = model_path("digits-samples.json");
+    let accuracy = min_accuracy.to_string();
+    let args = [
+        std::ffi::OsStr::new(grpc_addr),
+        std::ffi::OsStr::new(http_addr),
+        std::ffi::OsStr::new(model),
+        samples.as_os_str(),
+        std::ffi::OsStr::new(&accuracy),
+    ];
+    let stdout = run_tool("tritonclient_grpc_check.py", &args, "tritonclient[grpc]").await;
+    serde_json::from_slice(&stdout).unwrap_or_else(|e| {
         panic!(
             "the check printed no JSON summary ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
+            String::from_utf8_lossy(&stdout)
         )
     })
 }
