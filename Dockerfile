@@ -7,7 +7,7 @@
 # Models are not in the image: replicas fetch what the control plane deploys.
 # (`shoal up`'s demo model is compiled into the binary.)
 
-ARG RUST_IMAGE=rust:1-bookworm
+ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build

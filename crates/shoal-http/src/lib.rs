@@ -33,8 +33,7 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use serde::Serialize;
-use shoal_oip::ErrorBody;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 /// An error on its way to becoming an HTTP response.
@@ -96,6 +95,14 @@ impl ApiError {
             )
         }
     }
+}
+
+/// Every error response of every Shoal server: `{"error": "<message>"}`, the
+/// Open Inference Protocol's error shape, used by the control plane's API too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read.
+    pub error: String,
 }
 
 impl std::fmt::Display for ApiError {

@@ -22,4 +22,4 @@ pub use codec::{
     decode_request, decode_request_parts, decode_response, decode_response_parts, encode_response,
     encode_response_parts, precheck_request, precheck_request_parts,
 };
-pub use types::{ErrorBody, MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};
+pub use types::{MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};

@@ -88,10 +88,3 @@ pub struct RequestOutput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
-
-/// Every error response: `{"error": "<message>"}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong, for a person to read.
-    pub error: String,
-}
