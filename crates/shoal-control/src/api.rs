@@ -956,30 +956,46 @@ pub(crate) async fn watch(
 /// after every change (fleet revision, what replicas serve), and what it
 /// returns is sent; blank keep-alive lines go out in between. The stream
 /// ends when the client leaves or the control plane shuts down.
-fn ndjson_watch<F>(control: Arc<Control>, mut next: F) -> Response
+fn ndjson_watch<F>(control: Arc<Control>, next: F) -> Response
 where
     F: FnMut(&Control) -> Option<Vec<u8>> + Send + 'static,
 {
-    let mut revisions = control.revision.subscribe();
-    let mut fleet = control.fleet_changes.subscribe();
-    let mut stopping = control.stopping.subscribe();
-    let stream = async_stream_like(move |tx| async move {
+    /// The stream's state: it owns `next` (and whatever that captures), so
+    /// both are dropped as soon as the client goes away.
+    struct Watch<F> {
+        control: Arc<Control>,
+        next: F,
+        revisions: tokio::sync::watch::Receiver<u64>,
+        fleet: tokio::sync::watch::Receiver<u64>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        /// Whether `next` is asked before waiting (not right after a line).
+        ask: bool,
+    }
+    let watch = Watch {
+        ask: true,
+        revisions: control.revision.subscribe(),
+        fleet: control.fleet_changes.subscribe(),
+        stopping: control.stopping.subscribe(),
+        control,
+        next,
+    };
+    let stream = futures::stream::unfold(watch, |mut w| async move {
         loop {
-            if let Some(mut line) = next(&control) {
+            if std::mem::replace(&mut w.ask, true)
+                && let Some(mut line) = (w.next)(&w.control)
+            {
                 line.push(b'\n');
-                if tx.send(Ok(Bytes::from(line))).await.is_err() {
-                    return;
-                }
+                w.ask = false;
+                return Some((Ok::<_, std::io::Error>(Bytes::from(line)), w));
             }
-            tokio::select! {
-                changed = revisions.changed() => if changed.is_err() { return },
-                changed = fleet.changed() => if changed.is_err() { return },
-                _ = stopping.changed() => return,
-                () = tokio::time::sleep(KEEPALIVE) => {
-                    if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
-                        return;
-                    }
-                }
+            let keep_alive = tokio::select! {
+                changed = w.revisions.changed() => if changed.is_err() { return None } else { false },
+                changed = w.fleet.changed() => if changed.is_err() { return None } else { false },
+                _ = w.stopping.changed() => return None,
+                () = tokio::time::sleep(KEEPALIVE) => true,
+            };
+            if keep_alive {
+                return Some((Ok(Bytes::from_static(b"\n")), w));
             }
         }
     });
@@ -1028,21 +1044,6 @@ pub(crate) async fn watch_routing(State(control): Shared) -> Response {
         let line = serde_json::to_vec(&table).ok();
         last = Some(table);
         line
-    })
-}
-
-/// Runs `producer` with a channel sender; the receiver is the stream.
-fn async_stream_like<F, Fut>(
-    producer: F,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(producer(tx));
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
     })
 }
 
