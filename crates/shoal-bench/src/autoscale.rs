@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
@@ -299,7 +299,7 @@ async fn tend(
     latency_ms: u64,
     until: Instant,
 ) -> anyhow::Result<Vec<(Instant, usize, u32)>> {
-    let admin = ControlClient::new(
+    let admin = ApiClient::control(
         &up_control,
         Some(shoal_client::secret::read(&data.join("admin.token"))?),
     );
@@ -317,7 +317,7 @@ async fn tend(
                 continue;
             }
             let client =
-                ControlClient::new(&shoal_api::member_url(&r.address, ""), Some(fleet.clone()));
+                ApiClient::replica(&shoal_api::member_url(&r.address, ""), Some(fleet.clone()));
             let fault = serde_json::json!({ "latency_ms": latency_ms });
             if client
                 .put_json_raw("/admin/faults/digits/1", fault.to_string())
@@ -386,7 +386,7 @@ impl AutoscaleBench {
             args.push("--no-predict".into());
         }
         let up = start_up(&self.exe, &data, &args).await?;
-        let admin = ControlClient::new(
+        let admin = ApiClient::control(
             &up.control,
             Some(shoal_client::secret::read(&up.data.join("admin.token"))?),
         );

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 use tokio::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -491,7 +491,7 @@ pub fn tagged_model(tag: &str) -> Vec<u8> {
 impl StoreLoss {
     /// Registers the version to deploy while the store is away (a push
     /// needs the store).
-    async fn prepare(client: &ControlClient, run_id: &str) -> anyhow::Result<StoreLoss> {
+    async fn prepare(client: &ApiClient, run_id: &str) -> anyhow::Result<StoreLoss> {
         let deployments = client.list_deployments().await?;
         let from = deployments
             .iter()
@@ -522,7 +522,7 @@ impl StoreLoss {
     /// of the deploy, in words.
     async fn outage(
         &self,
-        client: &ControlClient,
+        client: &ApiClient,
         fault: Instant,
         back_at: Instant,
         deadline: Instant,
@@ -615,7 +615,7 @@ impl StoreLoss {
 
     /// Deploys the version served before the drill again, leaving the
     /// fleet as it was found.
-    async fn go_back(&self, client: &ControlClient, deadline: Instant) {
+    async fn go_back(&self, client: &ApiClient, deadline: Instant) {
         let request = shoal_api::deploy::DeployRequest {
             version: self.from.clone(),
             reason: Some(
@@ -662,7 +662,7 @@ fn signal(pid: u32, signal: Signal) {
 async fn ejections(gateways: &[(String, String)]) -> u64 {
     let mut total = 0;
     for (_, url) in gateways {
-        let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+        let probe = ApiClient::gateway(url, None).with_timeout(Duration::from_secs(1));
         let Ok(text) = probe.get_raw("/metrics").await else {
             continue;
         };
@@ -686,7 +686,7 @@ struct Whole<'a> {
 
 impl Whole<'_> {
     /// Polls until the fleet is whole or `deadline` passes.
-    async fn wait(&self, data_dir: &Path, client: &ControlClient, deadline: Instant) -> Option<()> {
+    async fn wait(&self, data_dir: &Path, client: &ApiClient, deadline: Instant) -> Option<()> {
         while Instant::now() < deadline {
             if self.now(data_dir, client).await {
                 return Some(());
@@ -696,7 +696,7 @@ impl Whole<'_> {
         None
     }
 
-    async fn now(&self, data_dir: &Path, client: &ControlClient) -> bool {
+    async fn now(&self, data_dir: &Path, client: &ApiClient) -> bool {
         let Ok(fleet) = read_fleet(data_dir) else {
             return false;
         };
@@ -725,7 +725,7 @@ impl Whole<'_> {
             return false;
         }
         for (_, url) in &fleet.gateways {
-            let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+            let probe = ApiClient::gateway(url, None).with_timeout(Duration::from_secs(1));
             if probe.get_raw("/health").await.is_err() {
                 return false;
             }
@@ -735,10 +735,7 @@ impl Whole<'_> {
 }
 
 /// The leading member of the fleet's control plane, and its pid.
-async fn leader_and_pid(
-    client: &ControlClient,
-    fleet: &FleetFile,
-) -> anyhow::Result<(String, u32)> {
+async fn leader_and_pid(client: &ApiClient, fleet: &FleetFile) -> anyhow::Result<(String, u32)> {
     let leadership = client.leader().await.context("GET /api/v1/leader")?;
     anyhow::ensure!(
         leadership.members.len() >= 2,
@@ -757,7 +754,7 @@ async fn leader_and_pid(
 }
 
 /// The audit log's last position.
-async fn last_audit_seq(client: &ControlClient) -> anyhow::Result<i64> {
+async fn last_audit_seq(client: &ApiClient) -> anyhow::Result<i64> {
     let mut after = 0;
     loop {
         let page = client.audit(after, 1000).await.context("the audit log")?;
@@ -774,7 +771,7 @@ async fn last_audit_seq(client: &ControlClient) -> anyhow::Result<i64> {
 /// and when: ms after `fault_at` (Unix ms, this machine's clock, which the
 /// members of `shoal up` share). Polls until `deadline`.
 async fn new_leader_after(
-    client: &ControlClient,
+    client: &ApiClient,
     mut after: i64,
     fault_at: shoal_api::UnixMillis,
     deadline: Instant,
@@ -819,7 +816,7 @@ pub async fn failover(data_dir: &Path, trials: usize) -> anyhow::Result<Failover
     let token = shoal_client::secret::read(&data_dir.join("admin.token"))
         .context("the fleet's admin token (DATA_DIR/admin.token)")?;
     let client =
-        ControlClient::new(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
+        ApiClient::control(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
     let members = client
         .leader()
         .await
@@ -1066,10 +1063,10 @@ struct Outside {
 }
 
 impl Outside {
-    async fn now(client: &ControlClient, gateways: &[(String, String)]) -> Outside {
+    async fn now(client: &ApiClient, gateways: &[(String, String)]) -> Outside {
         let mut gateways_up = true;
         for (_, url) in gateways {
-            let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+            let probe = ApiClient::gateway(url, None).with_timeout(Duration::from_secs(1));
             gateways_up &= probe.get_raw("/health").await.is_ok();
         }
         let Ok(status) = client.status().await else {
@@ -1127,7 +1124,7 @@ impl Outside {
 #[allow(clippy::too_many_arguments)]
 async fn hooked_recovery(
     scenario: &Scenario,
-    client: &ControlClient,
+    client: &ApiClient,
     gateways: &[(String, String)],
     before: &Outside,
     undo: &Undo,
@@ -1163,7 +1160,7 @@ async fn hooked_recovery(
 pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
     let (fleet, token, data_dir) = fleet_of(&spec.target)?;
     let client =
-        ControlClient::new(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
+        ApiClient::control(&fleet.control, Some(token)).with_timeout(Duration::from_secs(2));
     let status = client
         .status()
         .await

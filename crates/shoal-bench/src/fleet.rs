@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use shoal_api::deploy::DeployRequest;
 use shoal_api::registry::NewVersion;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 use shoal_control::{ControlConfig, ControlServer};
 use shoal_replica::{ReplicaConfig, ReplicaServer};
 use shoal_runtime::tract::TractBackend;
@@ -42,7 +42,7 @@ enum Members {
 /// emulated hosts.
 pub struct Fleet {
     members: Members,
-    client: ControlClient,
+    client: ApiClient,
     dir: PathBuf,
 }
 
@@ -59,10 +59,10 @@ pub struct Isolation {
 /// A client of the control plane at `url` holding the admin token it
 /// wrote to `data_dir` at its first start (waiting up to 30 s for it to
 /// start listening).
-pub(crate) async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ControlClient> {
+pub(crate) async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<ApiClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let probe = ControlClient::new(url, None).with_timeout(Duration::from_secs(1));
+        let probe = ApiClient::control(url, None).with_timeout(Duration::from_secs(1));
         if probe.get_raw("/health").await.is_ok() {
             break;
         }
@@ -73,11 +73,11 @@ pub(crate) async fn admin_client(url: &str, data_dir: &Path) -> anyhow::Result<C
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let token = shoal_client::secret::read(&data_dir.join("admin.token"))?;
-    Ok(ControlClient::new(url, Some(token)))
+    Ok(ApiClient::control(url, Some(token)))
 }
 
 /// A new fleet token for the bench's replicas.
-pub(crate) async fn fleet_token(admin: &ControlClient) -> anyhow::Result<String> {
+pub(crate) async fn fleet_token(admin: &ApiClient) -> anyhow::Result<String> {
     let created = admin
         .create_token(&shoal_api::auth::NewToken {
             name: format!("bench-fleet-{:08x}", rand::random::<u32>()),
@@ -287,7 +287,7 @@ impl Fleet {
                 let times = futures::future::try_join_all(replicas.iter().map(|url| {
                     let ready = ready.clone();
                     async move {
-                        let replica = ControlClient::new(url, None);
+                        let replica = ApiClient::replica(url, None);
                         while replica.get_raw(&ready).await.is_err() {
                             anyhow::ensure!(
                                 Instant::now() < deadline,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde::Serialize;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 use tokio::time::Instant;
 
 /// How followers learn of changes.
@@ -140,7 +140,7 @@ async fn start_control(
     exe: &Path,
     dir: &Path,
     events: Option<&str>,
-) -> anyhow::Result<(Child, ControlClient)> {
+) -> anyhow::Result<(Child, ApiClient)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut command = tokio::process::Command::new(exe);
     command
@@ -154,7 +154,7 @@ async fn start_control(
     }
     let child = Child(command.spawn().context("start shoal control")?);
     let client =
-        ControlClient::new(&format!("http://{addr}"), None).with_timeout(Duration::from_secs(10));
+        ApiClient::control(&format!("http://{addr}"), None).with_timeout(Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.get_raw("/health").await.is_err() {
         if Instant::now() > deadline {
@@ -182,7 +182,7 @@ fn registration(id: &str) -> shoal_api::fleet::Registration {
 
 /// Pushes the bundled digits model twice and deploys version 1 (with no
 /// live replica the rollout ends at once).
-async fn deploy_digits(client: &ControlClient) -> anyhow::Result<()> {
+async fn deploy_digits(client: &ApiClient) -> anyhow::Result<()> {
     for file in ["digits-v1.onnx", "digits-v2.onnx"] {
         let path = crate::models_dir().join(file);
         let bytes = bytes::Bytes::from(
@@ -242,7 +242,7 @@ fn serving(state: &shoal_api::fleet::DesiredState) -> u64 {
 async fn followers(
     mode: Mode,
     n: usize,
-    client: &ControlClient,
+    client: &ApiClient,
     events_url: Option<&str>,
     seen: &Seen,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {

@@ -1,6 +1,9 @@
-//! A typed client for the control plane's API (`/api/v1/…`).
+//! A typed client for Shoal's HTTP APIs: the control plane's (`/api/v1/…`),
+//! and the endpoints replicas and gateways serve to each other (peer chunks,
+//! admin listings, `/health`, `/metrics`). Each client knows which kind of
+//! server it calls ([`Server`]), so an error names it.
 //!
-//! [`ControlClient`] wraps one pooled HTTP/1 client (hyper) and a base URL;
+//! [`ApiClient`] wraps one pooled HTTP/1 client (hyper) and a base URL;
 //! each method maps to one endpoint and returns the shared `shoal-api`
 //! documents. Errors keep the server's `{"error": …}` message and say
 //! whether the server could be reached at all, so callers (the CLI, the
@@ -37,12 +40,39 @@ use shoal_api::registry::{
     AuditEntry, ModelDetail, ModelSummary, NewVersion, UploadedArtifact, VersionRecord,
 };
 
+/// Which kind of Shoal server a client calls: named in its errors, so a
+/// failing peer fetch does not read as a control-plane outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The control plane (one or several members).
+    ControlPlane,
+    /// A replica (its admin and inference endpoints).
+    Replica,
+    /// A replica serving artifact chunks to another.
+    PeerReplica,
+    /// A gateway.
+    Gateway,
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Server::ControlPlane => "the control plane",
+            Server::Replica => "replica",
+            Server::PeerReplica => "peer replica",
+            Server::Gateway => "gateway",
+        })
+    }
+}
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached (refused, reset, timed out).
-    #[error("cannot reach the control plane at {url}: {reason}")]
+    #[error("cannot reach {server} at {url}: {reason}")]
     Unreachable {
+        /// Which kind of server.
+        server: Server,
         /// The URL called.
         url: String,
         /// Transport error.
@@ -88,11 +118,12 @@ impl ClientError {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-/// A client for one control plane, which may be several members: each
-/// call goes to the member that answered last, and to the next ones in
-/// turn when it cannot be reached.
+/// A client for one Shoal server, which may be several members (of one
+/// control plane): each call goes to the member that answered last, and to
+/// the next ones in turn when it cannot be reached.
 #[derive(Debug, Clone)]
-pub struct ControlClient {
+pub struct ApiClient {
+    server: Server,
     bases: std::sync::Arc<[String]>,
     /// Index into `bases` of the member that answered last; shared by
     /// clones, so a whole process sticks to one member.
@@ -117,11 +148,31 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-impl ControlClient {
+impl ApiClient {
     /// A client for the control plane at `base` (e.g. `http://127.0.0.1:8081`),
     /// or at any of several comma-separated members of one control plane
     /// (`http://a:8081,http://b:8081`).
-    pub fn new(base: &str, token: Option<String>) -> ControlClient {
+    pub fn control(base: &str, token: Option<String>) -> ApiClient {
+        Self::new(Server::ControlPlane, base, token)
+    }
+
+    /// A client for the replica at `base`.
+    pub fn replica(base: &str, token: Option<String>) -> ApiClient {
+        Self::new(Server::Replica, base, token)
+    }
+
+    /// A client for a peer replica serving artifact chunks at `base`.
+    pub fn peer(base: &str, token: Option<String>) -> ApiClient {
+        Self::new(Server::PeerReplica, base, token)
+    }
+
+    /// A client for the gateway at `base`.
+    pub fn gateway(base: &str, token: Option<String>) -> ApiClient {
+        Self::new(Server::Gateway, base, token)
+    }
+
+    /// A client for `server` at `base` (comma-separated members allowed).
+    pub fn new(server: Server, base: &str, token: Option<String>) -> ApiClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
@@ -133,7 +184,8 @@ impl ControlClient {
         if bases.is_empty() {
             bases.push(String::new());
         }
-        ControlClient {
+        ApiClient {
+            server,
             bases: bases.into(),
             current: std::sync::Arc::default(),
             token,
@@ -176,7 +228,7 @@ impl ControlClient {
     }
 
     /// A copy with a different per-request timeout.
-    pub fn with_timeout(mut self, timeout: Duration) -> ControlClient {
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
         self.timeout = timeout;
         self
     }
@@ -229,8 +281,9 @@ impl ControlClient {
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            server: self.server,
             url: self.url(path),
-            reason: "no control plane address".into(),
+            reason: "no address".into(),
         }))
     }
 
@@ -258,6 +311,7 @@ impl ControlClient {
             })
         })?;
         let unreachable = |reason: String| ClientError::Unreachable {
+            server: self.server,
             url: url.clone(),
             reason,
         };
@@ -627,12 +681,14 @@ impl ControlClient {
             .await
             .map_err(|_| {
                 Failure::Exchange(ClientError::Unreachable {
+                    server: self.server,
                     url: url.clone(),
                     reason: "no answer".into(),
                 })
             })?
             .map_err(|e| {
                 let error = ClientError::Unreachable {
+                    server: self.server,
                     url: url.clone(),
                     reason: transport_error(&e),
                 };
@@ -664,7 +720,7 @@ impl ControlClient {
         path: &str,
     ) -> Result<impl futures::Stream<Item = Result<T, ClientError>> + use<T>, ClientError> {
         let body = self.open(path).await?;
-        Ok(ndjson(body, self.url(path)))
+        Ok(ndjson(body, self.server, self.url(path)))
     }
 
     /// Asks the control plane to take a backup to `to` (as it sees the
@@ -680,7 +736,7 @@ impl ControlClient {
         let body = serde_json::to_vec(&shoal_api::backup::BackupRequest { to: to.to_owned() })
             .unwrap_or_default();
         let body = self.open_with(Method::POST, path, Some(body)).await?;
-        Ok(ndjson(body, self.url(path)))
+        Ok(ndjson(body, self.server, self.url(path)))
     }
 
     /// The routing table.
@@ -709,6 +765,7 @@ impl ControlClient {
         let url = self.url(&path);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let body = self.open(&path).await?;
+        let server = self.server;
         Ok(futures::stream::unfold(
             Some((body, url)),
             move |state| async move {
@@ -717,6 +774,7 @@ impl ControlClient {
                     let fail = |reason: String| {
                         Some((
                             Err(ClientError::Unreachable {
+                                server,
                                 url: url.clone(),
                                 reason,
                             }),
@@ -870,11 +928,12 @@ fn transport_error(e: &(dyn std::error::Error + 'static)) -> String {
 /// lines are keep-alives.
 fn ndjson<T: DeserializeOwned>(
     body: hyper::body::Incoming,
+    server: Server,
     url: String,
 ) -> impl futures::Stream<Item = Result<T, ClientError>> {
     futures::stream::unfold(
         (body, Vec::<u8>::new(), url, false),
-        |(mut body, mut buf, url, done)| async move {
+        move |(mut body, mut buf, url, done)| async move {
             if done {
                 return None;
             }
@@ -899,6 +958,7 @@ fn ndjson<T: DeserializeOwned>(
                     }
                     Some(Err(e)) => {
                         let err = ClientError::Unreachable {
+                            server,
                             url: url.clone(),
                             reason: e.to_string(),
                         };

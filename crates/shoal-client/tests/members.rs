@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::routing::{get, post};
-use shoal_client::{ClientError, ControlClient};
+use shoal_client::{ApiClient, ClientError};
 
 /// A member answering its name on GET and POST.
 async fn member(name: &'static str) -> String {
@@ -27,14 +27,14 @@ async fn dead() -> String {
 #[tokio::test]
 async fn calls_pass_over_unreachable_members_and_stick_to_the_one_that_answers() {
     let (down, a, b) = (dead().await, member("a").await, member("b").await);
-    let client = ControlClient::new(&format!("{down}, {a},{b}/"), None);
+    let client = ApiClient::control(&format!("{down}, {a},{b}/"), None);
     assert_eq!(client.bases(), [down.clone(), a.clone(), b.clone()]);
     assert_eq!(client.base(), down);
     assert_eq!(&client.get_raw("/who").await.unwrap()[..], b"a");
     assert_eq!(client.base(), a, "sticks to the member that answered");
     // A clone shares the choice; a write whose connection failed (nothing
     // was sent) goes to the next member too.
-    let writer = ControlClient::new(&format!("{down},{b}"), None);
+    let writer = ApiClient::control(&format!("{down},{b}"), None);
     assert_eq!(
         &writer.post_json_raw("/act", "{}".into()).await.unwrap()[..],
         b"b"
@@ -51,11 +51,29 @@ async fn calls_pass_over_unreachable_members_and_stick_to_the_one_that_answers()
 #[tokio::test]
 async fn with_every_member_down_the_error_names_one_and_is_transient() {
     let (x, y) = (dead().await, dead().await);
-    let client = ControlClient::new(&format!("{x},{y}"), None);
+    let client = ApiClient::control(&format!("{x},{y}"), None);
     let err = client.get_raw("/who").await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(
         err.to_string().contains("cannot reach the control plane"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn errors_name_the_kind_of_server_called() {
+    let down = dead().await;
+    for (client, says) in [
+        (ApiClient::peer(&down, None), "cannot reach peer replica at"),
+        (ApiClient::replica(&down, None), "cannot reach replica at"),
+        (ApiClient::gateway(&down, None), "cannot reach gateway at"),
+    ] {
+        let err = client.get_raw("/health").await.unwrap_err();
+        assert!(err.to_string().starts_with(says), "{err}");
+        assert!(!err.to_string().contains("control plane"), "{err}");
+        let Err(err) = client.chunk_stream("abc").await else {
+            panic!("a chunk stream from nothing");
+        };
+        assert!(err.to_string().starts_with(says), "{err}");
+    }
 }

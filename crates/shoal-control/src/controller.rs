@@ -921,7 +921,7 @@ impl Control {
             let (id, address) = (r.id.clone(), r.address.clone());
             async move {
                 let client =
-                    shoal_client::ControlClient::new(&shoal_api::member_url(&address, ""), None)
+                    shoal_client::ApiClient::replica(&shoal_api::member_url(&address, ""), None)
                         .with_timeout(Duration::from_secs(10));
                 let meta = client
                     .get_raw(&format!("/v2/models/{model}/versions/{version}"))

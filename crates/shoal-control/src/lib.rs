@@ -448,7 +448,7 @@ impl Control {
             if !self.live.is_alive(&r.registration.id) {
                 continue;
             }
-            let client = shoal_client::ControlClient::new(
+            let client = shoal_client::ApiClient::replica(
                 &shoal_api::member_url(&r.registration.address, ""),
                 None,
             )

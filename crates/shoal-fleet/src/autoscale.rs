@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 
 use crate::Supervised;
 
@@ -57,7 +57,7 @@ pub type Launch = Box<dyn Fn(&str) -> Arc<Supervised> + Send + Sync>;
 
 /// The loop: one pass a second until the task is aborted.
 pub(crate) async fn run(
-    client: ControlClient,
+    client: ApiClient,
     launch: Launch,
     base: usize,
     max: usize,

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use shoal_api::deploy::DeployRequest;
 use shoal_api::registry::NewVersion;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 
 pub use crate::child::Supervised;
 
@@ -198,10 +198,10 @@ const FLEET_TOKEN: &str = "shoal-up-fleet";
 /// The fleet token file under `data_dir`: the one kept from an earlier run
 /// while the control plane still accepts it, else a new `fleet` token
 /// (replacing a revoked or lost one of the same name).
-async fn fleet_token(admin: &ControlClient, data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+async fn fleet_token(admin: &ApiClient, data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     let path = data_dir.join("fleet.token");
     if let Ok(token) = shoal_client::secret::read(&path) {
-        let check = ControlClient::new(admin.base(), Some(token));
+        let check = ApiClient::control(admin.base(), Some(token));
         if check
             .whoami()
             .await
@@ -227,7 +227,7 @@ async fn fleet_token(admin: &ControlClient, data_dir: &std::path::Path) -> anyho
 }
 
 /// Pushes and deploys the bundled model when the registry is empty.
-async fn seed(client: &ControlClient) -> anyhow::Result<bool> {
+async fn seed(client: &ApiClient) -> anyhow::Result<bool> {
     if !client.list_models().await?.is_empty() {
         return Ok(false);
     }
@@ -396,7 +396,7 @@ pub async fn run(
         let admin_file = config.data_dir.join("admin.token");
         shoal_client::secret::write(&admin_file, &admin)
             .with_context(|| format!("cannot write {}", admin_file.display()))?;
-        let client = ControlClient::new(&control_url, Some(admin));
+        let client = ApiClient::control(&control_url, Some(admin));
         let fleet_file = fleet_token(&client, &config.data_dir).await?;
         let fleet_file = fleet_file.display().to_string();
 
@@ -479,7 +479,7 @@ pub async fn run(
             r#"{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":{SAMPLE_ZERO}}}]}}"#
         );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let probe = ControlClient::new(&gateway, None).with_timeout(Duration::from_secs(2));
+        let probe = ApiClient::gateway(&gateway, None).with_timeout(Duration::from_secs(2));
         loop {
             if post_ok(&probe, &infer_url, &body).await {
                 break;
@@ -676,7 +676,7 @@ impl ReplicaLauncher {
     }
 }
 
-async fn post_ok(client: &ControlClient, url: &str, body: &str) -> bool {
+async fn post_ok(client: &ApiClient, url: &str, body: &str) -> bool {
     let path = url.trim_start_matches(client.base());
     client.post_json_raw(path, body.to_owned()).await.is_ok()
 }

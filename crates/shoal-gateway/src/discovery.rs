@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use shoal_api::fleet::RoutingTable;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 
 use crate::Gateway;
 
@@ -106,7 +106,7 @@ pub async fn run(gateway: Arc<Gateway>) {
     if let Some(events) = shoal_events::connect_or_warn(gateway.config.events.as_deref()).await {
         return follow_events(&gateway, &events).await;
     }
-    let client = ControlClient::new(&control, gateway.config.token.clone());
+    let client = ApiClient::control(&control, gateway.config.token.clone());
     let mut attempt = 0;
     loop {
         match client.watch_routing().await {

@@ -153,7 +153,7 @@ pub(crate) async fn report_loop(gateway: Arc<Gateway>) {
     let Some(control) = gateway.config.control.clone() else {
         return;
     };
-    let client = shoal_client::ControlClient::new(&control, gateway.config.token.clone())
+    let client = shoal_client::ApiClient::control(&control, gateway.config.token.clone())
         .with_timeout(Duration::from_secs(5));
     let mut last: Option<(GatewayReport, tokio::time::Instant)> = None;
     let mut interval = tokio::time::interval(Duration::from_secs(1));

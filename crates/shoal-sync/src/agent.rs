@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use shoal_api::fleet::{DesiredState, FailureKind, Heartbeat, Registration, ServingVersion};
 use shoal_artifacts::{ChunkCache, ChunkId};
-use shoal_client::{ClientError, Conditional, ControlClient, reconnect_backoff as backoff};
+use shoal_client::{ApiClient, ClientError, Conditional, reconnect_backoff as backoff};
 use shoal_core::{ModelName, Version};
 use shoal_http::extract::Path;
 use shoal_http::{ApiError, json_response};
@@ -74,7 +74,7 @@ pub struct Agent {
     config: SyncConfig,
     replica: Arc<Replica>,
     fetcher: Arc<Fetcher>,
-    client: ControlClient,
+    client: ApiClient,
     latest: tokio::sync::watch::Sender<Option<DesiredState>>,
     nudge: tokio::sync::Notify,
     /// Highest revision received from the control plane (or the cache).
@@ -99,7 +99,7 @@ impl Agent {
     /// An agent for `replica`; opens the artifact cache in the data directory.
     pub fn new(config: SyncConfig, replica: Arc<Replica>) -> Result<Arc<Agent>, String> {
         let cache = ChunkCache::open(&config.data_dir.join("cache")).map_err(|e| e.to_string())?;
-        let client = ControlClient::new(&config.control, config.token.clone());
+        let client = ApiClient::control(&config.control, config.token.clone());
         let fetcher = Fetcher::new(
             Arc::new(cache),
             client.clone(),

@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use shoal_api::fleet::Peer;
 use shoal_artifacts::{ChunkCache, ChunkId, ChunkRef, Manifest};
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 
 use crate::owners::{fetch_order, owners};
 
@@ -170,11 +170,11 @@ struct SourceLabels {
 /// Fetches into the cache; shared by reconcile and the peer endpoint.
 pub(crate) struct Fetcher {
     pub(crate) cache: Arc<ChunkCache>,
-    origin: ControlClient,
+    origin: ApiClient,
     self_id: String,
     inflight: Mutex<HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>>,
     relays: Mutex<HashMap<ChunkId, Arc<Relay>>>,
-    peers: Mutex<HashMap<String, ControlClient>>,
+    peers: Mutex<HashMap<String, ApiClient>>,
     recent: Arc<Mutex<Recent>>,
     fetched: Family<SourceLabels, Counter>,
     served: Counter,
@@ -183,7 +183,7 @@ pub(crate) struct Fetcher {
 impl Fetcher {
     pub(crate) fn new(
         cache: Arc<ChunkCache>,
-        origin: ControlClient,
+        origin: ApiClient,
         self_id: String,
         registry: &shoal_telemetry::MetricsRegistry,
     ) -> Fetcher {
@@ -212,13 +212,13 @@ impl Fetcher {
         }
     }
 
-    fn peer_client(&self, peer: &Peer) -> ControlClient {
+    fn peer_client(&self, peer: &Peer) -> ApiClient {
         self.peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(peer.address.clone())
             .or_insert_with(|| {
-                ControlClient::new(
+                ApiClient::peer(
                     &shoal_api::member_url(&peer.address, ""),
                     self.origin.token().map(str::to_owned),
                 )

@@ -297,7 +297,7 @@ async fn client(urls: String, token: String, sha: String, seed: u64, ops: usize)
     use shoal_api::deploy::{DeployRequest, Strategy};
     use shoal_client::ClientError;
     let client =
-        shoal_client::ControlClient::new(&urls, Some(token)).with_timeout(Duration::from_secs(10));
+        shoal_client::ApiClient::control(&urls, Some(token)).with_timeout(Duration::from_secs(10));
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut seen = Acknowledged::default();
     let mut latest: std::collections::BTreeMap<String, String> = Default::default();
@@ -363,7 +363,7 @@ async fn watcher(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<u64> {
     use futures::StreamExt;
-    let client = shoal_client::ControlClient::new(&url, Some(token));
+    let client = shoal_client::ApiClient::control(&url, Some(token));
     let mut seen: Vec<u64> = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let after = seen.last().copied().unwrap_or(0);
@@ -400,7 +400,7 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
     let (_, first_term) = agreed_leader(&urls, 3, None).await;
 
     // The artifact every push registers, uploaded once.
-    let setup = shoal_client::ControlClient::new(&urls[0], Some(admin.clone()));
+    let setup = shoal_client::ApiClient::control(&urls[0], Some(admin.clone()));
     let bytes = std::fs::read(model_path("digits-v1.onnx")).unwrap();
     let size = bytes.len() as u64;
     let uploaded = setup

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use shoal_api::backup::{BackupEvent, BackupPhase, BackupProgress, BackupRecord};
 use shoal_backup::Destination;
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 
 use super::client::print_json;
 use crate::cli::Global;
@@ -105,7 +105,7 @@ pub(crate) async fn backup(args: BackupArgs, global: &Global) -> anyhow::Result<
 }
 
 async fn take(to: &str, global: &Global) -> anyhow::Result<()> {
-    let client = ControlClient::new(&global.control_url(), global.client_token()?)
+    let client = ApiClient::control(&global.control_url(), global.client_token()?)
         .with_timeout(Duration::from_secs(30));
     let mut events = std::pin::pin!(client.backup(to).await?);
     let bar = bar(global, "copying");

@@ -11,7 +11,7 @@ use comfy_table::{ContentArrangement, Table};
 use futures::StreamExt;
 use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
 use shoal_api::registry::{Batching, NewVersion};
-use shoal_client::ControlClient;
+use shoal_client::ApiClient;
 use shoal_core::ModelRef;
 
 use crate::cli::Global;
@@ -241,8 +241,8 @@ pub(crate) enum RolloutCommand {
     },
 }
 
-pub(crate) fn client(global: &Global) -> anyhow::Result<ControlClient> {
-    Ok(ControlClient::new(
+pub(crate) fn client(global: &Global) -> anyhow::Result<ApiClient> {
+    Ok(ApiClient::control(
         &global.control_url(),
         global.client_token()?,
     ))
