@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use shoal_core::VersionKey;
+
 use crate::UnixMillis;
 
 /// Body of `POST /api/v1/replicas`: a replica announces itself.
@@ -105,7 +107,8 @@ pub struct Heartbeat {
     /// Versions it failed to load, with why and whether it will try again
     /// (`model:version` → failure).
     #[serde(default)]
-    pub failures: BTreeMap<String, LoadFailureReport>,
+    #[schema(value_type = BTreeMap<String, LoadFailureReport>)]
+    pub failures: BTreeMap<VersionKey, LoadFailureReport>,
     /// Inference requests in flight.
     #[serde(default)]
     pub in_flight: u64,
@@ -114,19 +117,23 @@ pub struct Heartbeat {
     pub ready: bool,
     /// Faults injected, by `model:version`.
     #[serde(default)]
-    pub faults: BTreeMap<String, Fault>,
+    #[schema(value_type = BTreeMap<String, Fault>)]
+    pub faults: BTreeMap<VersionKey, Fault>,
     /// Inference counts since each version was loaded, by `model:version`.
     #[serde(default)]
-    pub stats: BTreeMap<String, VersionStats>,
+    #[schema(value_type = BTreeMap<String, VersionStats>)]
+    pub stats: BTreeMap<VersionKey, VersionStats>,
     /// Memory each loaded version took when it loaded (resident set
     /// growth over its load and warm-up), bytes, by `model:version`:
     /// placement balances by it.
     #[serde(default)]
-    pub memory: BTreeMap<String, u64>,
+    #[schema(value_type = BTreeMap<String, u64>)]
+    pub memory: BTreeMap<VersionKey, u64>,
     /// How long each loaded version took from wanted to ready (fetch,
     /// load, warm-up), ms, by `model:version`: prediction scales ahead by it.
     #[serde(default)]
-    pub load_ms: BTreeMap<String, u64>,
+    #[schema(value_type = BTreeMap<String, u64>)]
+    pub load_ms: BTreeMap<VersionKey, u64>,
 }
 
 /// Whether trying again could load a version that failed to load.
@@ -292,11 +299,12 @@ impl DesiredState {
         })
     }
 
-    /// `model:version` of everything that must be served, sorted.
-    pub fn version_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
+    /// Everything that must be served, sorted. Versions whose names are not
+    /// valid (no control plane sends those) are left out.
+    pub fn version_keys(&self) -> Vec<VersionKey> {
+        let mut keys: Vec<VersionKey> = self
             .required()
-            .map(|(model, version)| format!("{model}:{version}"))
+            .filter_map(|(model, version)| VersionKey::parse(model, version).ok())
             .collect();
         keys.sort();
         keys
@@ -314,10 +322,12 @@ pub struct ReplicaView {
     pub region: String,
     /// Heartbeating and ready.
     pub healthy: bool,
-    /// `model:version` it serves.
-    pub serving: Vec<String>,
-    /// `model:version` it should serve.
-    pub desired: Vec<String>,
+    /// What it serves.
+    #[schema(value_type = Vec<String>)]
+    pub serving: Vec<VersionKey>,
+    /// What it should serve.
+    #[schema(value_type = Vec<String>)]
+    pub desired: Vec<VersionKey>,
     /// Serving differs from desired.
     pub skew: bool,
     /// Skewed for longer than the threshold: flagged.
@@ -332,10 +342,12 @@ pub struct ReplicaView {
     #[serde(default)]
     pub rps: f64,
     /// Load failures reported, by `model:version`.
-    pub failures: BTreeMap<String, LoadFailureReport>,
+    #[schema(value_type = BTreeMap<String, LoadFailureReport>)]
+    pub failures: BTreeMap<VersionKey, LoadFailureReport>,
     /// Faults injected, by `model:version`.
     #[serde(default)]
-    pub faults: BTreeMap<String, Fault>,
+    #[schema(value_type = BTreeMap<String, Fault>)]
+    pub faults: BTreeMap<VersionKey, Fault>,
     /// Process id (local fleets).
     pub pid: Option<u32>,
     /// A standby (see [`Registration::standby`]).
@@ -420,8 +432,9 @@ pub struct RouteEndpoint {
     pub region: String,
     /// Heartbeating and ready, as the control plane last saw it.
     pub alive: bool,
-    /// `model:version` it reports serving.
-    pub serving: Vec<String>,
+    /// What it reports serving (`model:version`).
+    #[schema(value_type = Vec<String>)]
+    pub serving: Vec<VersionKey>,
     /// A standby (see [`Registration::standby`]).
     #[serde(default)]
     pub standby: bool,
@@ -570,7 +583,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            old.failures["m:2"],
+            old.failures[&"m:2".parse().unwrap()],
             LoadFailureReport {
                 reason: "cannot parse the model".into(),
                 kind: FailureKind::Transient,
@@ -580,7 +593,7 @@ mod tests {
         );
         let new = Heartbeat {
             failures: [(
-                "m:2".into(),
+                "m:2".parse().unwrap(),
                 LoadFailureReport {
                     reason: "bad".into(),
                     kind: FailureKind::Definite,

@@ -28,6 +28,10 @@ pub mod replica;
 pub mod scale;
 pub mod traffic;
 
+/// The key of one version of one model (`digits:2`), as every document
+/// here writes it.
+pub use shoal_core::VersionKey;
+
 /// The URL of `path` on a fleet member reached at `address`: an address
 /// is `host:port` (plain HTTP) or carries its scheme (`https://host:port`,
 /// what members serving TLS advertise).

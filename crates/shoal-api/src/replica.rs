@@ -57,12 +57,12 @@ pub struct AdminListing {
 }
 
 impl AdminListing {
-    /// `model:version` of every loaded version (draining ones left out).
-    pub fn serving_keys(&self) -> impl Iterator<Item = String> + '_ {
+    /// Every loaded version (draining ones left out).
+    pub fn serving_keys(&self) -> impl Iterator<Item = shoal_core::VersionKey> + '_ {
         self.models.iter().flat_map(|m| {
             m.versions
                 .iter()
-                .map(move |v| format!("{}:{}", m.model, v.version))
+                .filter_map(move |v| shoal_core::VersionKey::parse(&m.model, &v.version).ok())
         })
     }
 }

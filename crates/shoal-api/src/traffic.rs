@@ -126,7 +126,8 @@ pub struct GatewayReport {
     pub shadow: BTreeMap<String, ShadowStats>,
     /// Rewards by `model:version`.
     #[serde(default)]
-    pub rewards: BTreeMap<String, RewardStats>,
+    #[schema(value_type = BTreeMap<String, RewardStats>)]
+    pub rewards: BTreeMap<shoal_core::VersionKey, RewardStats>,
 }
 
 /// Body of `POST /v2/models/{model}/feedback` at a gateway: the outcome of

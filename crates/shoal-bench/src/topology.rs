@@ -234,7 +234,7 @@ async fn start(
             },
         )
         .await?;
-    let want = format!("digits:{version}");
+    let want: shoal_api::VersionKey = format!("digits:{version}").parse()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let status = admin.status().await?;

@@ -73,10 +73,9 @@ pub(crate) struct Capacity {
 
 /// The model's cumulative counters over all its versions.
 fn model_totals(facts: &FleetFacts, model: &str) -> VersionStats {
-    let prefix = format!("{model}:");
     let mut total = VersionStats::default();
     for (key, stats) in &facts.stats {
-        if key.starts_with(&prefix) {
+        if key.is_of(model) {
             total.add(stats);
         }
     }
@@ -88,13 +87,12 @@ fn model_totals(facts: &FleetFacts, model: &str) -> VersionStats {
 fn model_figure(
     reports: &BTreeMap<String, CapacityReport>,
     model: &str,
-    figure: impl Fn(&CapacityReport) -> &BTreeMap<String, u64>,
+    figure: impl Fn(&CapacityReport) -> &BTreeMap<shoal_core::VersionKey, u64>,
 ) -> Option<u64> {
-    let prefix = format!("{model}:");
     reports
         .values()
         .flat_map(|r| figure(r).iter())
-        .filter(|(key, _)| key.starts_with(&prefix))
+        .filter(|(key, _)| key.is_of(model))
         .map(|(_, v)| *v)
         .max()
 }

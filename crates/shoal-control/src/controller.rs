@@ -391,10 +391,8 @@ impl Control {
                 let baseline = arms
                     .iter()
                     .filter_map(|a| {
-                        facts
-                            .rewards
-                            .get(&format!("{model}:{a}"))
-                            .map(|r| (a.clone(), r.clone()))
+                        let key = shoal_core::VersionKey::parse(model, a).ok()?;
+                        facts.rewards.get(&key).map(|r| (a.clone(), r.clone()))
                     })
                     .collect();
                 Controller::Experiment(Experiment::start(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use shoal_api::counters::accumulate;
 use shoal_api::fleet::{Heartbeat, ReplicaView};
 use shoal_api::{UnixMillis, now_millis};
+use shoal_core::VersionKey;
 use shoal_registry::ReplicaRecord;
 use shoal_rollout::{FleetFacts, ReplicaFacts};
 use tokio::time::Instant;
@@ -30,9 +31,9 @@ pub struct CapacityReport {
     /// Requests in flight.
     pub in_flight: u64,
     /// Memory per loaded `model:version`, bytes.
-    pub memory: BTreeMap<String, u64>,
+    pub memory: BTreeMap<VersionKey, u64>,
     /// Time from wanted to ready per loaded `model:version`, ms.
-    pub load_ms: BTreeMap<String, u64>,
+    pub load_ms: BTreeMap<VersionKey, u64>,
 }
 
 /// Heartbeats and liveness of every replica.
@@ -43,7 +44,7 @@ pub struct LiveFleet {
     live: Mutex<BTreeMap<String, Live>>,
     /// Inference counts per `model:version`, summed over replicas and kept
     /// monotonic across replica restarts (a counter that went down restarted).
-    totals: Mutex<BTreeMap<String, shoal_api::fleet::VersionStats>>,
+    totals: Mutex<BTreeMap<VersionKey, shoal_api::fleet::VersionStats>>,
 }
 
 /// Requests a replica answered per second between two of its heartbeats
@@ -126,7 +127,7 @@ impl LiveFleet {
 
     /// Inference counts per `model:version` over the fleet since the
     /// control plane started.
-    pub fn totals(&self) -> BTreeMap<String, shoal_api::fleet::VersionStats> {
+    pub fn totals(&self) -> BTreeMap<VersionKey, shoal_api::fleet::VersionStats> {
         self.totals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -184,9 +185,9 @@ impl LiveFleet {
                             l.report
                                 .failures
                                 .iter()
-                                .filter_map(|(key, f)| {
-                                    let (m, v) = key.split_once(':')?;
-                                    Some(((m.to_owned(), v.to_owned()), f.clone()))
+                                .map(|(key, f)| {
+                                    let at = (key.model.to_string(), key.version.to_string());
+                                    (at, f.clone())
                                 })
                                 .collect()
                         })
@@ -223,13 +224,13 @@ impl LiveFleet {
                 let state = shoal_rollout::plan::desired_state(facts, id);
                 let desired = state.version_keys();
                 // Versions kept warm or draining may be served or not.
-                let allowed: BTreeSet<String> = state
+                let allowed: BTreeSet<VersionKey> = state
                     .models
                     .iter()
                     .flat_map(|m| {
                         m.versions
                             .iter()
-                            .map(move |v| format!("{}:{}", m.model, v.version))
+                            .filter_map(move |v| VersionKey::parse(&m.model, &v.version).ok())
                     })
                     .collect();
                 let entry = live.get_mut(id);
@@ -246,11 +247,11 @@ impl LiveFleet {
                     .map_or(0, |l| l.report.memory.values().sum::<u64>());
                 let (serving, ready, last, in_flight, failures) = match &entry {
                     Some(l) => {
-                        let mut s: Vec<String> = l
+                        let mut s: Vec<VersionKey> = l
                             .report
                             .serving
                             .iter()
-                            .map(|s| format!("{}:{}", s.model, s.version))
+                            .filter_map(|s| VersionKey::parse(&s.model, &s.version).ok())
                             .collect();
                         s.sort();
                         (
@@ -377,7 +378,7 @@ mod tests {
         let fleet = LiveFleet::new(Duration::from_secs(6), Duration::from_secs(60));
         let hb = |requests: u64, errors: u64| Heartbeat {
             stats: [(
-                "m:1".to_owned(),
+                "m:1".parse().unwrap(),
                 VersionStats {
                     requests,
                     errors,
@@ -392,7 +393,7 @@ mod tests {
         fleet.heartbeat("a", hb(15, 1));
         // a restarts: its counter starts again from 0.
         fleet.heartbeat("a", hb(3, 0));
-        let t = &fleet.totals()["m:1"];
+        let t = &fleet.totals()[&"m:1".parse().unwrap()];
         assert_eq!((t.requests, t.errors), (10 + 5 + 5 + 3, 1));
         assert_eq!(t.latency, vec![23]);
     }

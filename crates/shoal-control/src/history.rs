@@ -61,15 +61,15 @@ impl History {
     pub fn record(
         &mut self,
         at: UnixMillis,
-        totals: &BTreeMap<String, VersionStats>,
+        totals: &BTreeMap<shoal_core::VersionKey, VersionStats>,
         models: &BTreeMap<String, ModelSample>,
     ) {
         self.models.retain(|m, _| models.contains_key(m));
         for (model, sample) in models {
-            let prefix = format!("{model}:");
             let now: BTreeMap<String, VersionStats> = totals
                 .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
+                .filter(|(k, _)| k.is_of(model))
+                .map(|(k, v)| (k.version.to_string(), v.clone()))
                 .collect();
             let series = self.models.entry(model.clone()).or_default();
             if series.raw.back().is_some_and(|(t, _)| *t >= at) {
@@ -190,9 +190,9 @@ mod tests {
         let mut totals = BTreeMap::new();
         for s in 0..=4i64 {
             let n = s as u64;
-            totals.insert("digits:1".to_owned(), stats(100 * n, 0, 1.0));
-            totals.insert("digits:2".to_owned(), stats(10 * n, n, 50.0));
-            totals.insert("other:1".to_owned(), stats(999 * n, 0, 1.0));
+            totals.insert("digits:1".parse().unwrap(), stats(100 * n, 0, 1.0));
+            totals.insert("digits:2".parse().unwrap(), stats(10 * n, n, 50.0));
+            totals.insert("other:1".parse().unwrap(), stats(999 * n, 0, 1.0));
             h.record(s * 1_000, &totals, &models);
         }
         let points = h.points("digits", -1);
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn a_version_without_traffic_weight_or_reward_is_left_out() {
         let mut h = History::new(10, 1_000);
-        let totals = BTreeMap::from([("digits:old".to_owned(), stats(5, 0, 1.0))]);
+        let totals = BTreeMap::from([("digits:old".parse().unwrap(), stats(5, 0, 1.0))]);
         h.record(0, &totals, &weights(&[("new", 100)]));
         h.record(1_000, &totals, &weights(&[("new", 100)]));
         let last = h.points("digits", 0).pop().unwrap();
@@ -243,7 +243,7 @@ mod tests {
     fn a_replica_restart_never_shows_negative_rates_and_a_clock_step_back_is_skipped() {
         let mut h = History::new(10, 1_000);
         let models = weights(&[("1", 100)]);
-        let at = |n| BTreeMap::from([("digits:1".to_owned(), stats(n, 0, 1.0))]);
+        let at = |n| BTreeMap::from([("digits:1".parse().unwrap(), stats(n, 0, 1.0))]);
         h.record(0, &at(500), &models);
         h.record(1_000, &at(20), &models);
         h.record(500, &at(40), &models);

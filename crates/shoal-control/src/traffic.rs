@@ -21,7 +21,7 @@ pub(crate) struct TrafficTotals {
 struct Inner {
     last: BTreeMap<String, (Instant, GatewayReport)>,
     shadow: BTreeMap<String, ShadowStats>,
-    rewards: BTreeMap<String, RewardStats>,
+    rewards: BTreeMap<shoal_core::VersionKey, RewardStats>,
     /// When each gateway's newest report was received (wall clock).
     seen: BTreeMap<String, shoal_api::UnixMillis>,
 }
@@ -81,7 +81,7 @@ impl TrafficTotals {
     }
 
     /// Rewards per `model:version`.
-    pub(crate) fn rewards(&self) -> BTreeMap<String, RewardStats> {
+    pub(crate) fn rewards(&self) -> BTreeMap<shoal_core::VersionKey, RewardStats> {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -99,7 +99,7 @@ mod tests {
         let t = TrafficTotals::default();
         let report = |count: u64| GatewayReport {
             rewards: [(
-                "m:1".to_owned(),
+                "m:1".parse().unwrap(),
                 RewardStats {
                     count,
                     sum: count as f64,
@@ -116,7 +116,7 @@ mod tests {
         // one would otherwise look like a restarted gateway).
         t.merge("g", report(8), Duration::ZERO);
         t.merge("g", report(5), Duration::from_secs(2));
-        assert_eq!(t.rewards()["m:1"].count, 8);
+        assert_eq!(t.rewards()[&"m:1".parse().unwrap()].count, 8);
     }
 
     #[tokio::test(start_paused = true)]
@@ -124,7 +124,7 @@ mod tests {
         let t = TrafficTotals::default();
         let report = |count: u64, sum: f64| GatewayReport {
             rewards: [(
-                "m:1".to_owned(),
+                "m:1".parse().unwrap(),
                 RewardStats {
                     count,
                     sum,
@@ -138,7 +138,7 @@ mod tests {
         t.report("b", report(4, 4.0));
         t.report("a", report(12, 6.0));
         t.report("a", report(1, 1.0)); // restarted
-        let r = &t.rewards()["m:1"];
+        let r = &t.rewards()[&"m:1".parse().unwrap()];
         assert_eq!(r.count, 12 + 4 + 1);
         assert!((r.sum - 11.0).abs() < 1e-9);
     }

@@ -19,7 +19,7 @@ pub mod state;
 pub mod tensor;
 
 pub use engine::Engine;
-pub use names::{ModelName, ModelRef, NameError, Version};
+pub use names::{ModelName, ModelRef, NameError, Version, VersionKey};
 pub use redact::redact_url;
 pub use signature::{DEFAULT_MAX_DIM, Dim, InputBounds, InputError, Signature, TensorSpec};
 pub use state::StateSpec;

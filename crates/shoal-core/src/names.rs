@@ -39,6 +39,12 @@ pub enum NameError {
         /// The refused name.
         value: String,
     },
+    /// A `model:version` key without its version.
+    #[error("{value:?} must name a model and a version, as in digits:2")]
+    NoVersion {
+        /// The refused key.
+        value: String,
+    },
 }
 
 fn validate(what: &'static str, value: &str) -> Result<(), NameError> {
@@ -183,6 +189,88 @@ impl fmt::Display for ModelRef {
     }
 }
 
+/// One version of one model, written `digits:2`: the key by which
+/// replicas, gateways and the control plane index what they know per
+/// version (load failures, faults, inference counts, memory), on the wire
+/// (as a JSON object key) and in memory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VersionKey {
+    /// The model.
+    pub model: ModelName,
+    /// Its version.
+    pub version: Version,
+}
+
+impl VersionKey {
+    /// The key of `model`'s `version`.
+    pub fn new(model: ModelName, version: Version) -> Self {
+        Self { model, version }
+    }
+
+    /// The key of `model`'s `version`, given as unchecked strings.
+    pub fn parse(model: &str, version: &str) -> Result<Self, NameError> {
+        Ok(Self::new(model.parse()?, version.parse()?))
+    }
+
+    /// True when this is a version of `model`.
+    pub fn is_of(&self, model: &str) -> bool {
+        self.model.as_str() == model
+    }
+}
+
+impl FromStr for VersionKey {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (model, version) = s.split_once(':').ok_or_else(|| NameError::NoVersion {
+            value: s.to_owned(),
+        })?;
+        Self::parse(model, version)
+    }
+}
+
+impl fmt::Display for VersionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.model, self.version)
+    }
+}
+
+// A key equals its written form, so tests and lookups can say "digits:2".
+impl PartialEq<str> for VersionKey {
+    fn eq(&self, other: &str) -> bool {
+        other
+            .split_once(':')
+            .is_some_and(|(m, v)| self.model.as_str() == m && self.version.as_str() == v)
+    }
+}
+
+impl PartialEq<&str> for VersionKey {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl From<VersionKey> for ModelRef {
+    fn from(key: VersionKey) -> Self {
+        Self {
+            model: key.model,
+            version: Some(key.version),
+        }
+    }
+}
+
+impl Serialize for VersionKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +313,32 @@ mod tests {
         let r: ModelRef = "digits".parse().unwrap();
         assert!(r.version.is_none());
         assert!("digits:".parse::<ModelRef>().is_err());
+    }
+
+    #[test]
+    fn version_keys() {
+        let k: VersionKey = "digits:2".parse().unwrap();
+        assert_eq!((k.model.as_str(), k.version.as_str()), ("digits", "2"));
+        assert_eq!(k.to_string(), "digits:2");
+        assert!(k.is_of("digits") && !k.is_of("digit"));
+        assert!(k == "digits:2" && k != "digits:20" && k != "digits");
+        assert_eq!(VersionKey::parse("digits", "2").unwrap(), k);
+        assert_eq!(
+            "digits".parse::<VersionKey>().unwrap_err().to_string(),
+            "\"digits\" must name a model and a version, as in digits:2"
+        );
+        assert!("digits:".parse::<VersionKey>().is_err());
+        assert!("a/b:1".parse::<VersionKey>().is_err());
+        // As a JSON object key, the way heartbeats carry per-version facts.
+        let map: std::collections::BTreeMap<VersionKey, u32> = [(k.clone(), 7)].into();
+        let json = serde_json::to_string(&map).unwrap();
+        assert_eq!(json, r#"{"digits:2":7}"#);
+        let back: std::collections::BTreeMap<VersionKey, u32> =
+            serde_json::from_str(&json).unwrap();
+        assert_eq!(back, map);
+        assert!(serde_json::from_str::<VersionKey>(r#""digits""#).is_err());
+        let r: ModelRef = k.into();
+        assert_eq!(r.to_string(), "digits:2");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use shoal_api::VersionKey;
 use shoal_api::replica::AdminListing;
 use shoal_balance::health::Failure;
 
@@ -42,7 +43,7 @@ async fn check(gateway: &Gateway, endpoint: &Arc<Endpoint>) {
     let now = gateway.now();
     match answer {
         Some(listing) => {
-            let serving: BTreeSet<String> = listing.serving_keys().collect();
+            let serving: BTreeSet<VersionKey> = listing.serving_keys().collect();
             endpoint.checked(serving, !listing.shutting_down);
         }
         None => {

@@ -51,7 +51,7 @@ pub(crate) enum Mirrored {
 #[derive(Debug, Default)]
 pub(crate) struct Learning {
     shadow: Mutex<BTreeMap<String, ShadowStats>>,
-    rewards: Mutex<BTreeMap<String, RewardStats>>,
+    rewards: Mutex<BTreeMap<shoal_core::VersionKey, RewardStats>>,
     by_id: Mutex<Recent>,
     by_user: Mutex<Recent>,
 }
@@ -100,10 +100,13 @@ impl Learning {
 
     /// Records a reward for `model:version`.
     pub(crate) fn reward(&self, model: &str, version: &str, reward: f64) {
+        let Ok(key) = shoal_core::VersionKey::parse(model, version) else {
+            return; // the feedback handler answers bad names with 400 first
+        };
         self.rewards
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(format!("{model}:{version}"))
+            .entry(key)
             .or_default()
             .record(reward);
     }
@@ -193,7 +196,7 @@ mod tests {
         assert_eq!(l.version_of("other", Some("r1"), None), None);
         l.reward("m", "2", 1.0);
         l.reward("m", "2", 0.0);
-        let r = &l.report().rewards["m:2"];
+        let r = &l.report().rewards[&"m:2".parse().unwrap()];
         assert_eq!((r.count, r.sum), (2, 1.0));
     }
 

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use shoal_api::VersionKey;
 use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
 use shoal_balance::health::Failure;
 use shoal_http::extract::Path;
@@ -242,7 +243,7 @@ async fn send(
                 .headers()
                 .get(VERSION_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| model_of(path).map(|m| format!("{m}:{v}")));
+                .and_then(|v| model_of(path).and_then(|m| VersionKey::parse(m, v).ok()));
             if response.status() == StatusCode::NOT_FOUND {
                 return Attempt::Stale(response);
             }
@@ -581,8 +582,10 @@ pub(crate) fn metric_labels<'a>(
         p.targets.iter().any(|t| t.version == version)
             || p.shadow.as_ref().is_some_and(|s| s.version == version)
     }) || {
-        let key = format!("{model}:{version}");
-        state.endpoints.iter().any(|e| e.serves_key(&key))
+        state
+            .endpoints
+            .iter()
+            .any(|e| e.serves_version(model, version))
     };
     (model, if known_version { version } else { OTHER })
 }
@@ -767,7 +770,7 @@ async fn route_inference(
                     // Not the replica's fault: forget that it serves this
                     // version and try another.
                     if let Some(v) = &target {
-                        answered_by.forget(&format!("{model}:{v}"));
+                        answered_by.forget(model, v);
                     }
                     gateway.metrics.retry(model, "stale_route");
                     Step::Stale((response, version.clone().unwrap_or_default()))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rand::Rng;
+use shoal_api::VersionKey;
 use shoal_api::fleet::{ModelPolicy, RoutingTable};
 use shoal_balance::ewma::PeakEwma;
 use shoal_balance::health::{Failure, Health, HealthPolicy};
@@ -29,7 +30,7 @@ pub struct Endpoint {
     /// A standby: a candidate only while its region is short of active
     /// replicas (see [`Routes::candidates`]).
     pub standby: bool,
-    serving: RwLock<Arc<BTreeSet<String>>>,
+    serving: RwLock<Arc<BTreeSet<VersionKey>>>,
     routable: AtomicBool,
     checked: AtomicBool,
     load: Mutex<PeakEwma>,
@@ -38,7 +39,7 @@ pub struct Endpoint {
     /// Health of each `model:version` on this endpoint: a model version that
     /// answers 5xx is ejected from this endpoint alone, while the endpoint
     /// keeps serving its other versions.
-    version_health: Mutex<HashMap<String, Health>>,
+    version_health: Mutex<HashMap<VersionKey, Health>>,
 }
 
 impl Endpoint {
@@ -46,7 +47,7 @@ impl Endpoint {
         id: String,
         address: String,
         region: String,
-        serving: BTreeSet<String>,
+        serving: BTreeSet<VersionKey>,
         routable: bool,
         now: Duration,
     ) -> Endpoint {
@@ -65,41 +66,40 @@ impl Endpoint {
         }
     }
 
-    /// True when it serves `key` (`model:version`), or with no key any
-    /// version of `model`.
     /// True when it serves some version of `model`.
     pub(crate) fn serves_model(&self, model: &str) -> bool {
         self.serves(model, None)
     }
 
-    /// True when it serves `key` (`model:version`).
-    pub(crate) fn serves_key(&self, key: &str) -> bool {
-        self.serves("", Some(key))
+    /// True when it serves `version` of `model`.
+    pub(crate) fn serves_version(&self, model: &str, version: &str) -> bool {
+        self.serves(model, Some(version))
     }
 
-    fn serves(&self, model: &str, key: Option<&str>) -> bool {
+    /// True when it serves `version` of `model`, or with no version any
+    /// version of it. A scan without allocating: a replica serves a few
+    /// versions, and this runs for every request.
+    fn serves(&self, model: &str, version: Option<&str>) -> bool {
         let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
-        match key {
-            Some(k) => serving.contains(k),
-            None => serving
-                .iter()
-                .any(|k| k.split_once(':').is_some_and(|(m, _)| m == model)),
-        }
+        serving
+            .iter()
+            .any(|k| k.is_of(model) && version.is_none_or(|v| k.version.as_str() == v))
     }
 
-    /// Stops believing it serves `key` (`model:version`) until the next
-    /// health check or routing update says otherwise.
-    pub(crate) fn forget(&self, key: &str) {
+    /// Stops believing it serves `version` of `model` until the next health
+    /// check or routing update says otherwise.
+    pub(crate) fn forget(&self, model: &str, version: &str) {
         let mut serving = self.serving.write().unwrap_or_else(PoisonError::into_inner);
-        if serving.contains(key) {
+        let gone = |k: &VersionKey| k.is_of(model) && k.version.as_str() == version;
+        if serving.iter().any(gone) {
             let mut next = BTreeSet::clone(&serving);
-            next.remove(key);
+            next.retain(|k| !gone(k));
             *serving = Arc::new(next);
         }
     }
 
     /// Records what an active health check learnt.
-    pub(crate) fn checked(&self, serving: BTreeSet<String>, routable: bool) {
+    pub(crate) fn checked(&self, serving: BTreeSet<VersionKey>, routable: bool) {
         *self.serving.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(serving);
         self.routable.store(routable, Ordering::SeqCst);
         self.checked.store(true, Ordering::SeqCst);
@@ -115,8 +115,9 @@ impl Endpoint {
                 .is_ejected(now)
     }
 
-    /// True when it may receive traffic for `key` (`model:version`) now.
-    pub fn available_for(&self, now: Duration, key: Option<&str>) -> bool {
+    /// True when it may receive traffic for version `key` (or, with none,
+    /// for any version) now.
+    pub fn available_for(&self, now: Duration, key: Option<&VersionKey>) -> bool {
         self.available(now)
             && key.is_none_or(|k| {
                 !self
@@ -128,11 +129,11 @@ impl Endpoint {
             })
     }
 
-    /// Records a 5xx from `key` (`model:version`); returns true when it
-    /// ejected that version from this endpoint.
+    /// Records a 5xx from version `key`; returns true when it ejected that
+    /// version from this endpoint.
     pub(crate) fn version_failed(
         &self,
-        key: &str,
+        key: &VersionKey,
         rtt: Duration,
         now: Duration,
         policy: &HealthPolicy,
@@ -144,13 +145,13 @@ impl Endpoint {
         self.version_health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.to_owned())
+            .entry(key.clone())
             .or_default()
             .on_failure(Failure::ServerError, now, policy)
     }
 
     /// Records a good answer from `key`.
-    pub(crate) fn version_succeeded(&self, key: &str, now: Duration, policy: &HealthPolicy) {
+    pub(crate) fn version_succeeded(&self, key: &VersionKey, now: Duration, policy: &HealthPolicy) {
         let mut map = self
             .version_health
             .lock()
@@ -323,7 +324,7 @@ impl Routes {
             .endpoints
             .iter()
             .map(|e| {
-                let serving: BTreeSet<String> = e.serving.iter().cloned().collect();
+                let serving: BTreeSet<VersionKey> = e.serving.iter().cloned().collect();
                 match old
                     .endpoints
                     .iter()
@@ -437,11 +438,15 @@ impl Routes {
             return Err(NoRoute::NoneAvailable);
         }
         let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
-        let key = version.map(|v| format!("{model}:{v}"));
+        let key = match version {
+            // A version no replica could serve (an invalid name).
+            Some(v) => Some(VersionKey::parse(model, v).map_err(|_| NoRoute::UnknownModel)?),
+            None => None,
+        };
         let serving: Vec<&Arc<Endpoint>> = state
             .endpoints
             .iter()
-            .filter(|e| e.serves(model, key.as_deref()))
+            .filter(|e| e.serves(model, version))
             .filter(|e| pinned.is_none_or(|regions| regions.contains(&e.region)))
             .collect();
         if serving.is_empty() {
@@ -449,7 +454,7 @@ impl Routes {
         }
         let mut available: Vec<Arc<Endpoint>> = serving
             .iter()
-            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, key.as_deref()))
+            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, key.as_ref()))
             .map(|e| (*e).clone())
             .collect();
         if available.is_empty() {
@@ -540,7 +545,7 @@ mod tests {
                     address: format!("{id}:1"),
                     region: (*region).into(),
                     alive: true,
-                    serving: serving.iter().map(|s| (*s).to_owned()).collect(),
+                    serving: serving.iter().map(|s| s.parse().unwrap()).collect(),
                     standby: id.starts_with("standby"),
                 })
                 .collect(),
@@ -755,7 +760,12 @@ mod tests {
         );
         let s = routes.snapshot();
         for _ in 0..3 {
-            s.endpoints[0].version_failed("m:2", Duration::ZERO, Duration::ZERO, routes.policy());
+            s.endpoints[0].version_failed(
+                &"m:2".parse().unwrap(),
+                Duration::ZERO,
+                Duration::ZERO,
+                routes.policy(),
+            );
         }
         assert_eq!(
             ids(&routes

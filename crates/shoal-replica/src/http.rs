@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use shoal_api::replica::{
     AdminListing, LoadedModel, LoadedVersion, REPLICA_HEADER, VERSION_HEADER,
 };
-use shoal_core::{ModelName, Version};
+use shoal_core::{ModelName, Version, VersionKey};
 use shoal_http::extract::{Json, Path};
 use shoal_http::{ApiError, json_bytes_response, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
@@ -520,17 +520,19 @@ async fn admin_set_fault(
             "error_rate and latency_rate must be between 0 and 1",
         ));
     }
-    replica.set_fault(&format!("{model}:{version}"), Some(fault.clone()));
+    replica.set_fault(&VersionKey::new(model, version), Some(fault.clone()));
     Ok(json_response(StatusCode::OK, &fault))
 }
 
 async fn admin_clear_fault(
     State(replica): Shared,
     Path((model, version)): Path<(String, String)>,
-) -> Response {
-    replica.set_fault(&format!("{model}:{version}"), None);
-    json_response(
+) -> Result<Response, ApiError> {
+    let (model, version) = names(&model, &version)?;
+    let key = VersionKey::new(model, version);
+    replica.set_fault(&key, None);
+    Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({"cleared": format!("{model}:{version}")}),
-    )
+        &serde_json::json!({ "cleared": key }),
+    ))
 }

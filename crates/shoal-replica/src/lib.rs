@@ -31,7 +31,7 @@ use std::time::SystemTime;
 
 use sha2::Digest;
 use shoal_api::fleet::{FailureKind, LoadFailureReport};
-use shoal_core::{ModelName, Version};
+use shoal_core::{ModelName, Version, VersionKey};
 use shoal_oip::Limits;
 use shoal_runtime::{Backend, InferencePool, LoadOptions};
 use shoal_telemetry::MetricsRegistry;
@@ -160,7 +160,7 @@ impl Default for ReplicaConfig {
 #[derive(Debug, Default)]
 struct Readiness {
     required: Vec<(ModelName, Version)>,
-    failures: BTreeMap<String, LoadFailureReport>,
+    failures: BTreeMap<VersionKey, LoadFailureReport>,
 }
 
 /// A replica's state, shared by its HTTP handlers.
@@ -181,7 +181,7 @@ pub struct Replica {
     /// re-check readiness without polling.
     changes: tokio::sync::watch::Sender<u64>,
     /// Injected faults by `model:version`.
-    faults: std::sync::RwLock<BTreeMap<String, shoal_api::fleet::Fault>>,
+    faults: std::sync::RwLock<BTreeMap<VersionKey, shoal_api::fleet::Fault>>,
     /// SHA-256 of each token the admin API accepts.
     admin_hashes: Vec<[u8; 32]>,
     allow_fault_injection: bool,
@@ -205,10 +205,10 @@ pub struct ReadyState {
     /// True when every required version is loaded and the replica is not
     /// shutting down.
     pub ready: bool,
-    /// Required versions not loaded (`model:version`).
-    pub missing: Vec<String>,
+    /// Required versions not loaded.
+    pub missing: Vec<VersionKey>,
     /// Why each missing version failed to load, when it did.
-    pub failures: BTreeMap<String, String>,
+    pub failures: BTreeMap<VersionKey, String>,
     /// True after a shutdown signal: finishing requests, taking no new ones.
     pub shutting_down: bool,
     /// What works less well than it should without making the replica
@@ -333,11 +333,11 @@ impl Replica {
             .readiness
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let missing: Vec<String> = readiness
+        let missing: Vec<VersionKey> = readiness
             .required
             .iter()
             .filter(|(m, v)| !self.store.has(m.as_str(), v.as_str()))
-            .map(|(m, v)| format!("{m}:{v}"))
+            .map(|(m, v)| VersionKey::new(m.clone(), v.clone()))
             .collect();
         let failures = readiness
             .failures
@@ -378,7 +378,11 @@ impl Replica {
         reason: &str,
         kind: FailureKind,
     ) {
-        let key = format!("{model}:{version}");
+        let Ok(key) = VersionKey::parse(model, version) else {
+            // Desired states and load specs carry checked names.
+            tracing::warn!(model, version, reason, "load failure of an invalid name");
+            return;
+        };
         let mut readiness = self
             .readiness
             .lock()
@@ -419,14 +423,13 @@ impl Replica {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .failures
-            .get(&format!("{model}:{version}"))
+            .get(&VersionKey::parse(model, version).ok()?)
             .cloned()
     }
 
-    /// Forgets the failures of versions `keep` does not name
-    /// (`model:version`): a version that left the desired state is tried
-    /// afresh if it comes back.
-    pub fn forget_failures_except(&self, keep: &std::collections::BTreeSet<String>) {
+    /// Forgets the failures of versions `keep` does not name: a version
+    /// that left the desired state is tried afresh if it comes back.
+    pub fn forget_failures_except(&self, keep: &std::collections::BTreeSet<VersionKey>) {
         self.readiness
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -435,7 +438,7 @@ impl Replica {
     }
 
     /// Every recorded failure of a version not loaded now.
-    pub fn failures(&self) -> BTreeMap<String, LoadFailureReport> {
+    pub fn failures(&self) -> BTreeMap<VersionKey, LoadFailureReport> {
         let readiness = self
             .readiness
             .lock()
@@ -443,18 +446,18 @@ impl Replica {
         readiness
             .failures
             .iter()
-            .filter(|(k, _)| k.split_once(':').is_none_or(|(m, v)| !self.store.has(m, v)))
+            .filter(|(k, _)| !self.store.has(k.model.as_str(), k.version.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    /// Injects (or, with `None`, clears) a fault for `model:version`.
-    pub fn set_fault(&self, key: &str, fault: Option<shoal_api::fleet::Fault>) {
+    /// Injects (or, with `None`, clears) a fault for a version.
+    pub fn set_fault(&self, key: &VersionKey, fault: Option<shoal_api::fleet::Fault>) {
         let mut faults = self.faults.write().unwrap_or_else(PoisonError::into_inner);
         match fault {
             Some(f) => {
-                tracing::warn!(version = key, fault = ?f, "fault injected");
-                faults.insert(key.to_owned(), f);
+                tracing::warn!(version = %key, fault = ?f, "fault injected");
+                faults.insert(key.clone(), f);
             }
             None => {
                 faults.remove(key);
@@ -465,7 +468,7 @@ impl Replica {
     }
 
     /// The injected faults.
-    pub fn faults(&self) -> BTreeMap<String, shoal_api::fleet::Fault> {
+    pub fn faults(&self) -> BTreeMap<VersionKey, shoal_api::fleet::Fault> {
         self.faults
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -477,7 +480,9 @@ impl Replica {
         if faults.is_empty() {
             return None;
         }
-        faults.get(&format!("{model}:{version}")).cloned()
+        faults
+            .get(&VersionKey::parse(model, version).ok()?)
+            .cloned()
     }
 
     /// Waits until the replica is ready. Returns at once if it is.
@@ -509,7 +514,7 @@ impl Replica {
         policy: InstallPolicy,
     ) -> Result<LoadReport, LoadFailure> {
         let _one_at_a_time = self.load_lock.lock().await;
-        let key = format!("{}:{}", spec.model, spec.version);
+        let key = VersionKey::new(spec.model.clone(), spec.version.clone());
         let prepared = match loader::prepare(self.backend.clone(), &spec, self.inline_max).await {
             Ok(p) => p,
             Err(failure) => {
@@ -837,7 +842,7 @@ mod tests {
         assert_eq!((f.attempts, f.gave_up()), (2, false));
         assert_eq!(replica.failures().len(), 2);
         // Versions that left the desired state are forgotten.
-        replica.forget_failures_except(&["m:3".to_owned()].into());
+        replica.forget_failures_except(&["m:3".parse().unwrap()].into());
         assert_eq!(replica.failure("m", "2"), None);
         assert!(replica.encode_metrics().contains(
             "model_load_failures_total{model=\"m\",model_version=\"2\",kind=\"definite\"} 3"

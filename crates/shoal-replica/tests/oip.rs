@@ -780,7 +780,7 @@ async fn the_admin_api_needs_a_token_and_faults_need_the_flag() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(replica.faults().contains_key("digits:1"));
+    assert!(replica.faults().contains_key(&"digits:1".parse().unwrap()));
     // A standalone replica with no token: the listing gateways read is
     // open, everything else is off.
     let (_, app) = digits_replica().await;

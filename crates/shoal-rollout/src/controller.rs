@@ -178,10 +178,18 @@ impl Controller {
                 rolling::Decision::Promoted => Step::Ended,
             },
             Controller::Canary(c) => {
-                let key = |v: &str| format!("{model}:{v}");
+                let key = |v: &str| shoal_api::VersionKey::parse(model, v).ok();
                 let (no_stats, no_rewards) = Default::default();
-                let stats = |v: &str| facts.stats.get(&key(v)).unwrap_or(&no_stats);
-                let rewards = |v: &str| facts.rewards.get(&key(v)).unwrap_or(&no_rewards);
+                let stats = |v: &str| {
+                    key(v)
+                        .and_then(|k| facts.stats.get(&k))
+                        .unwrap_or(&no_stats)
+                };
+                let rewards = |v: &str| {
+                    key(v)
+                        .and_then(|k| facts.rewards.get(&k))
+                        .unwrap_or(&no_rewards)
+                };
                 let totals = (stats(&c.from), stats(&c.to));
                 let feedback = (rewards(&c.from), rewards(&c.to));
                 match c.tick_with(model, replicas, totals, feedback, now) {
@@ -461,8 +469,8 @@ mod tests {
         };
         let failing = FleetFacts {
             stats: [
-                ("m:1".into(), counts(5_000, 0)),
-                ("m:2".into(), counts(600, 300)),
+                ("m:1".parse().unwrap(), counts(5_000, 0)),
+                ("m:2".parse().unwrap(), counts(600, 300)),
             ]
             .into(),
             ..FleetFacts::default()

@@ -102,11 +102,11 @@ pub struct FleetFacts {
     /// control plane hands the same registry snapshot to every poll.
     pub deployments: Arc<Vec<(Deployment, Option<Controller>)>>,
     /// Inference counts per `model:version` over the fleet.
-    pub stats: BTreeMap<String, shoal_api::fleet::VersionStats>,
+    pub stats: BTreeMap<shoal_api::VersionKey, shoal_api::fleet::VersionStats>,
     /// Shadow comparisons per model, as gateways reported them.
     pub shadow: BTreeMap<String, shoal_api::traffic::ShadowStats>,
     /// Rewards per `model:version`, as gateways reported them.
-    pub rewards: BTreeMap<String, shoal_api::traffic::RewardStats>,
+    pub rewards: BTreeMap<shoal_api::VersionKey, shoal_api::traffic::RewardStats>,
     /// Registered replicas.
     pub replicas: Vec<ReplicaFacts>,
     /// Version records by `(model, version)`. Shared, like `deployments`.
@@ -116,10 +116,10 @@ pub struct FleetFacts {
 impl FleetFacts {
     /// Rewards of `model`'s versions, by version.
     pub fn rewards_of(&self, model: &str) -> BTreeMap<String, shoal_api::traffic::RewardStats> {
-        let prefix = format!("{model}:");
         self.rewards
             .iter()
-            .filter_map(|(k, r)| k.strip_prefix(&prefix).map(|v| (v.to_owned(), r.clone())))
+            .filter(|(k, _)| k.is_of(model))
+            .map(|(k, r)| (k.version.to_string(), r.clone()))
             .collect()
     }
 }
@@ -250,7 +250,11 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
             address: r.address.clone(),
             region: r.region.clone(),
             alive: r.alive,
-            serving: r.serving.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
+            serving: r
+                .serving
+                .iter()
+                .filter_map(|(m, v)| shoal_api::VersionKey::parse(m, v).ok())
+                .collect(),
             standby: r.standby,
         })
         .collect();
@@ -403,7 +407,7 @@ mod tests {
         assert!(
             !desired_state(&facts(), "c")
                 .version_keys()
-                .contains(&"eu-only:1".to_owned())
+                .contains(&"eu-only:1".parse().unwrap())
         );
     }
 

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use shoal_api::fleet::{DesiredState, FailureKind, Heartbeat, Registration, ServingVersion};
 use shoal_artifacts::{ChunkCache, ChunkId};
 use shoal_client::{ApiClient, ClientError, Conditional, reconnect_backoff as backoff};
-use shoal_core::{ModelName, Version};
+use shoal_core::{ModelName, Version, VersionKey};
 use shoal_http::extract::Path;
 use shoal_http::{ApiError, json_response};
 use shoal_replica::store::InstallPolicy;
@@ -84,7 +84,7 @@ pub struct Agent {
     heartbeat_ms: AtomicU64,
     /// How long each loaded `model:version` took to fetch, load and warm
     /// (ms), for the heartbeat: the predictive autoscaler leads by it.
-    load_ms: std::sync::Mutex<BTreeMap<String, u64>>,
+    load_ms: std::sync::Mutex<BTreeMap<VersionKey, u64>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,13 +166,13 @@ impl Agent {
     /// Tells the replica what it must serve to be ready: every version of
     /// `desired` that is not optional.
     fn require(&self, desired: &DesiredState) {
-        let named: std::collections::BTreeSet<String> = desired
+        let named: std::collections::BTreeSet<VersionKey> = desired
             .models
             .iter()
             .flat_map(|m| {
                 m.versions
                     .iter()
-                    .map(|v| format!("{}:{}", m.model, v.version))
+                    .filter_map(|v| VersionKey::parse(&m.model, &v.version).ok())
             })
             .collect();
         self.replica.forget_failures_except(&named);
@@ -372,6 +372,7 @@ impl Agent {
             make_default: default,
             retire_others: false,
         };
+        let key = VersionKey::new(spec.model.clone(), spec.version.clone());
         let report = self
             .replica
             .load(spec, policy)
@@ -391,7 +392,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(
-                format!("{model}:{}", version.version),
+                key,
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             );
         Ok(())
@@ -412,14 +413,19 @@ impl Agent {
     fn heartbeat_report(&self) -> Heartbeat {
         let loaded = self.loaded();
         let stats = self.replica.pool().stats();
-        let memory: BTreeMap<String, u64> = self
+        let memory: BTreeMap<VersionKey, u64> = self
             .replica
             .store()
             .snapshot()
             .models
             .values()
             .flat_map(|entry| entry.versions.values())
-            .map(|v| (format!("{}:{}", v.model, v.version), v.memory_bytes))
+            .map(|v| {
+                (
+                    VersionKey::new(v.model.clone(), v.version.clone()),
+                    v.memory_bytes,
+                )
+            })
             .collect();
         let load_ms = {
             let mut times = self
@@ -456,7 +462,7 @@ impl Agent {
                 .flat_map(|(m, e)| {
                     e.versions
                         .values()
-                        .map(move |v| (format!("{m}:{}", v.version), v.stats()))
+                        .map(move |v| (VersionKey::new(m.clone(), v.version.clone()), v.stats()))
                 })
                 .collect(),
         }

@@ -802,8 +802,8 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             } else {
                 "DOWN".into()
             },
-            r.serving.join(" "),
-            r.desired.join(" "),
+            spaced(&r.serving),
+            spaced(&r.desired),
             skew,
             r.in_flight.to_string(),
         ]);
@@ -905,4 +905,10 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(3600.0));
         assert!(parse_duration("5 parsecs").is_err());
     }
+}
+
+/// Versions as the status table shows them: `digits:1 digits:2`.
+fn spaced(keys: &[shoal_api::VersionKey]) -> String {
+    let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+    keys.join(" ")
 }
