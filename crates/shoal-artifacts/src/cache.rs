@@ -375,12 +375,16 @@ impl ChunkCache {
         self.location(id).is_some()
     }
 
-    /// A cached chunk in its stored encoding.
-    pub fn get_stored(&self, id: &ChunkId) -> Option<Bytes> {
-        let at = self.location(id)?;
+    /// A cached chunk in its stored encoding; `None` when it is not
+    /// cached. A failed read is an error, not a missing chunk.
+    pub fn get_stored(&self, id: &ChunkId) -> Result<Option<Bytes>, ArtifactError> {
+        let Some(at) = self.location(id) else {
+            return Ok(None);
+        };
         let mut buf = Vec::new();
-        self.read_into(at, &mut buf).ok()?;
-        Some(Bytes::from(buf))
+        self.read_into(at, &mut buf)
+            .map_err(ArtifactError::io(format!("cannot read cached chunk {id}")))?;
+        Ok(Some(Bytes::from(buf)))
     }
 
     /// Verifies and caches a chunk received in its stored encoding.
@@ -416,14 +420,25 @@ impl ChunkCache {
         self.write_atomically(&self.manifest_path(&manifest.sha256), &manifest.to_json())
     }
 
-    /// A cached manifest.
-    pub fn get_manifest(&self, sha256: &str) -> Option<Manifest> {
+    /// A cached manifest; `None` when it is not cached (or its file is
+    /// damaged: fetched and written again). A failed read is an error.
+    pub fn get_manifest(&self, sha256: &str) -> Result<Option<Manifest>, ArtifactError> {
         if !is_hex_digest(sha256) {
-            return None;
+            return Ok(None);
         }
-        std::fs::read(self.manifest_path(sha256))
-            .ok()
-            .and_then(|b| Manifest::from_json(&b).ok())
+        let path = self.manifest_path(sha256);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ArtifactError::io(format!("cannot read {}", path.display()))(e)),
+        };
+        match Manifest::from_json(&bytes) {
+            Ok(manifest) => Ok(Some(manifest)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "a cached manifest is damaged; fetching it again");
+                Ok(None)
+            }
+        }
     }
 
     /// Chunks of `manifest` not in the cache, without duplicates.
@@ -460,7 +475,10 @@ impl ChunkCache {
                 return Ok(());
             };
             self.read_into(at, &mut assembly.stored)
-                .map_err(|_| ArtifactError::NotFound(format!("cached chunk {}", c.id)))?;
+                .map_err(ArtifactError::io(format!(
+                    "cannot read cached chunk {}",
+                    c.id
+                )))?;
             let start = assembly.out.len();
             if let Err(e) =
                 chunk::decode_into(&c.id, &assembly.stored, Some(c.size), &mut assembly.out)
@@ -502,6 +520,102 @@ impl ChunkCache {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .bytes
+    }
+}
+
+/// The cache as async code uses it: what only consults the in-memory index
+/// (`has`, `missing`) answers at once, and everything that touches the disk
+/// runs on tokio's blocking pool, so no caller decides that for itself and
+/// no runtime thread waits on a disk. Clones share one cache.
+#[derive(Debug, Clone)]
+pub struct AsyncCache(Arc<ChunkCache>);
+
+impl AsyncCache {
+    /// Opens (creating) the cache in `dir`, off the runtime.
+    pub async fn open(dir: &Path) -> Result<AsyncCache, ArtifactError> {
+        let dir = dir.to_owned();
+        Self::blocking_task(move || ChunkCache::open(&dir))
+            .await
+            .map(|cache| AsyncCache(Arc::new(cache)))
+    }
+
+    async fn blocking_task<R: Send + 'static>(
+        f: impl FnOnce() -> Result<R, ArtifactError> + Send + 'static,
+    ) -> Result<R, ArtifactError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ArtifactError::io("a cache task failed")(std::io::Error::other(e)))?
+    }
+
+    /// Runs `f` with the cache on the blocking pool. It runs to the end even
+    /// if the caller stops waiting, so work done together with a write
+    /// (counting what was stored) happens exactly when the write does.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ChunkCache) -> Result<R, ArtifactError> + Send + 'static,
+    ) -> Result<R, ArtifactError> {
+        let cache = self.0.clone();
+        Self::blocking_task(move || f(&cache)).await
+    }
+
+    /// True when chunk `id` is cached.
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.0.has(id)
+    }
+
+    /// Chunks of `manifest` not in the cache, without duplicates.
+    pub fn missing(&self, manifest: &Manifest) -> Vec<ChunkRef> {
+        self.0.missing(manifest)
+    }
+
+    /// Bytes used by cached chunks (as stored).
+    pub fn chunk_bytes(&self) -> u64 {
+        self.0.chunk_bytes()
+    }
+
+    /// Starts putting an artifact together; see [`AsyncCache::advance`].
+    pub fn assembly(&self, manifest: Manifest) -> Assembly {
+        self.0.assembly(manifest)
+    }
+
+    /// A cached chunk in its stored encoding ([`ChunkCache::get_stored`]).
+    pub async fn get_stored(&self, id: &ChunkId) -> Result<Option<Bytes>, ArtifactError> {
+        let id = id.clone();
+        self.run(move |c| c.get_stored(&id)).await
+    }
+
+    /// Verifies and caches a chunk ([`ChunkCache::put_verified`]).
+    pub async fn put_verified(
+        &self,
+        id: &ChunkId,
+        size: Option<u32>,
+        stored: Bytes,
+    ) -> Result<(), ArtifactError> {
+        let id = id.clone();
+        self.run(move |c| c.put_verified(&id, size, &stored)).await
+    }
+
+    /// A cached manifest ([`ChunkCache::get_manifest`]).
+    pub async fn get_manifest(&self, sha256: &str) -> Result<Option<Manifest>, ArtifactError> {
+        let sha256 = sha256.to_owned();
+        self.run(move |c| c.get_manifest(&sha256)).await
+    }
+
+    /// Caches a manifest.
+    pub async fn put_manifest(&self, manifest: Manifest) -> Result<(), ArtifactError> {
+        self.run(move |c| c.put_manifest(&manifest)).await
+    }
+
+    /// Appends every cached chunk from where `assembly` stands
+    /// ([`ChunkCache::advance`]) and hands it back.
+    pub async fn advance(&self, mut assembly: Assembly) -> Result<Assembly, ArtifactError> {
+        self.run(move |c| c.advance(&mut assembly).map(|()| assembly))
+            .await
+    }
+
+    /// Completes `assembly` ([`ChunkCache::finish`]).
+    pub async fn finish(&self, assembly: Assembly) -> Result<Bytes, ArtifactError> {
+        self.run(move |c| c.finish(assembly)).await
     }
 }
 
@@ -549,7 +663,10 @@ mod tests {
         assert!(cache.missing(&manifest).is_empty());
         assert_eq!(cache.assemble(&manifest).unwrap().as_ref(), data.as_slice());
         cache.put_manifest(&manifest).unwrap();
-        assert_eq!(cache.get_manifest(&manifest.sha256), Some(manifest.clone()));
+        assert_eq!(
+            cache.get_manifest(&manifest.sha256).unwrap(),
+            Some(manifest.clone())
+        );
 
         // A manifest lying about the whole-file hash is caught.
         let mut lying = manifest.clone();
@@ -563,6 +680,47 @@ mod tests {
         corrupt_on_disk(&cache, &dir, &manifest.chunks[1].id);
         assert!(cache.assemble(&manifest).is_err());
         assert_eq!(cache.missing(&manifest), vec![manifest.chunks[1].clone()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_async_face_keeps_disk_errors_as_errors() {
+        let dir = temp_dir("async");
+        let cache = AsyncCache::open(&dir).await.unwrap();
+        let (c, stored) = some_chunks(1, 4096).pop().unwrap();
+        assert_eq!(cache.get_stored(&c.id).await.unwrap(), None);
+        cache
+            .put_verified(&c.id, Some(c.size), Bytes::from(stored.clone()))
+            .await
+            .unwrap();
+        assert!(cache.has(&c.id));
+        assert_eq!(cache.get_stored(&c.id).await.unwrap().unwrap(), stored);
+        // The pack cut short under the cache: a read error, not "vanished".
+        let at = cache.0.location(&c.id).unwrap();
+        let pack = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("packs").join(pack_name(at.pack)))
+            .unwrap();
+        pack.set_len(at.offset).unwrap();
+        let err = cache.get_stored(&c.id).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot read cached chunk"),
+            "{err}"
+        );
+        // A manifest that cannot be read is an error; one never cached or
+        // damaged is not there.
+        let sha = "ab".repeat(32);
+        assert_eq!(cache.get_manifest(&sha).await.unwrap(), None);
+        std::fs::write(
+            dir.join("manifests").join(format!("{sha}.json")),
+            b"{not json",
+        )
+        .unwrap();
+        assert_eq!(cache.get_manifest(&sha).await.unwrap(), None);
+        std::fs::remove_file(dir.join("manifests").join(format!("{sha}.json"))).unwrap();
+        std::fs::create_dir(dir.join("manifests").join(format!("{sha}.json"))).unwrap();
+        let err = cache.get_manifest(&sha).await.unwrap_err();
+        assert!(err.to_string().starts_with("cannot read"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -632,7 +790,7 @@ mod tests {
         for (i, (c, s)) in chunks.iter().enumerate() {
             assert_eq!(cache.has(&c.id), i == 0 || i == 2 || i == 3, "chunk {i}");
             if cache.has(&c.id) {
-                assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+                assert_eq!(cache.get_stored(&c.id).unwrap().unwrap(), s.as_slice());
             }
         }
         let live: u64 = [0, 2, 3]
@@ -647,7 +805,7 @@ mod tests {
         drop(cache);
         let cache = ChunkCache::open(&dir).unwrap();
         for (c, s) in &chunks {
-            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+            assert_eq!(cache.get_stored(&c.id).unwrap().unwrap(), s.as_slice());
         }
         drop(cache);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -698,7 +856,7 @@ mod tests {
         assert!(packs >= 3, "{packs} packs");
         let cache = ChunkCache::open_with(&dir, 25_000).unwrap();
         for (c, s) in &chunks {
-            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+            assert_eq!(cache.get_stored(&c.id).unwrap().unwrap(), s.as_slice());
         }
         drop(cache);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -727,7 +885,7 @@ mod tests {
         let cache = ChunkCache::open(&dir).unwrap();
         assert!(!dir.join("chunks").exists());
         for (c, s) in &chunks {
-            assert_eq!(cache.get_stored(&c.id).unwrap(), s.as_slice());
+            assert_eq!(cache.get_stored(&c.id).unwrap().unwrap(), s.as_slice());
         }
         drop(cache);
         std::fs::remove_dir_all(&dir).unwrap();

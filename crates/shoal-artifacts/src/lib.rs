@@ -13,7 +13,8 @@
 //! - [`cache::ChunkCache`]: a replica's local cache. It accepts a chunk only
 //!   after checking its BLAKE3, and assembles an artifact only when the
 //!   whole file's SHA-256 matches the manifest. Chunks live in append-only
-//!   pack files (`pack`), not a file each.
+//!   pack files (`pack`), not a file each. [`cache::AsyncCache`] is its
+//!   face for async code: disk work on tokio's blocking pool.
 //!
 //! Architecture invariant: nothing here speaks HTTP; fetching from origins
 //! and peers is the sync agent's job. Every byte that leaves this crate as
@@ -24,7 +25,7 @@ pub mod chunk;
 pub mod pack;
 pub mod store;
 
-pub use cache::{Assembly, ChunkCache};
+pub use cache::{Assembly, AsyncCache, ChunkCache};
 pub use chunk::{ChunkId, ChunkRef, Manifest};
 pub use store::ArtifactStore;
 

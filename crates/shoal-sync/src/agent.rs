@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use shoal_api::fleet::{DesiredState, FailureKind, Heartbeat, Registration, ServingVersion};
-use shoal_artifacts::{ChunkCache, ChunkId};
+use shoal_artifacts::{AsyncCache, ChunkId};
 use shoal_client::{ApiClient, ClientError, Conditional, reconnect_backoff as backoff};
 use shoal_core::{ModelName, Version, VersionKey};
 use shoal_http::extract::Path;
@@ -96,17 +96,24 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// An agent for `replica`; opens the artifact cache in the data directory.
-    pub fn new(config: SyncConfig, replica: Arc<Replica>) -> Result<Arc<Agent>, String> {
-        let cache = ChunkCache::open(&config.data_dir.join("cache")).map_err(|e| e.to_string())?;
+    /// The artifact cache in `config`'s data directory, opened (creating it)
+    /// off the runtime, for [`Agent::new`].
+    pub async fn open_cache(config: &SyncConfig) -> Result<AsyncCache, String> {
+        AsyncCache::open(&config.data_dir.join("cache"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// An agent for `replica`, keeping artifacts in `cache`.
+    pub fn new(config: SyncConfig, replica: Arc<Replica>, cache: AsyncCache) -> Arc<Agent> {
         let client = ApiClient::control(&config.control, config.token.clone());
         let fetcher = Fetcher::new(
-            Arc::new(cache),
+            cache,
             client.clone(),
             config.id.clone(),
             replica.metrics_registry(),
         );
-        Ok(Arc::new(Agent {
+        Arc::new(Agent {
             config,
             replica,
             fetcher: Arc::new(fetcher),
@@ -117,7 +124,7 @@ impl Agent {
             applied: AtomicU64::new(0),
             load_ms: std::sync::Mutex::new(BTreeMap::new()),
             heartbeat_ms: AtomicU64::new(2000),
-        }))
+        })
     }
 
     /// The endpoints the agent adds to the replica's server.
@@ -627,6 +634,7 @@ async fn serve_chunk(
     match agent
         .fetcher
         .serve(&id)
+        .await
         .map_err(|e| ApiError::unavailable(e.to_string(), 1))?
     {
         Served::Whole(bytes) => Ok(bytes.into_response()),

@@ -19,7 +19,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use shoal_api::fleet::Peer;
-use shoal_artifacts::{ChunkCache, ChunkId, ChunkRef, Manifest};
+use shoal_artifacts::{AsyncCache, ChunkId, ChunkRef, Manifest};
 use shoal_client::ApiClient;
 
 use crate::owners::{fetch_order, owners};
@@ -169,7 +169,7 @@ struct SourceLabels {
 
 /// Fetches into the cache; shared by reconcile and the peer endpoint.
 pub(crate) struct Fetcher {
-    pub(crate) cache: Arc<ChunkCache>,
+    pub(crate) cache: AsyncCache,
     origin: ApiClient,
     self_id: String,
     inflight: Mutex<HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>>,
@@ -182,7 +182,7 @@ pub(crate) struct Fetcher {
 
 impl Fetcher {
     pub(crate) fn new(
-        cache: Arc<ChunkCache>,
+        cache: AsyncCache,
         origin: ApiClient,
         self_id: String,
         registry: &shoal_telemetry::MetricsRegistry,
@@ -244,8 +244,8 @@ impl Fetcher {
     }
 
     /// Verifies and caches a chunk that arrived from `source`, and counts
-    /// it. Both happen on the blocking thread, so a chunk that lands in the
-    /// cache is counted even if the fetch that wanted it was cancelled.
+    /// it. Both happen in one cache task, so a chunk that lands in the cache
+    /// is counted even if the fetch that wanted it was cancelled.
     async fn store(
         &self,
         id: &ChunkId,
@@ -253,30 +253,29 @@ impl Fetcher {
         bytes: Bytes,
         source: &'static str,
     ) -> Result<(), FetchError> {
-        let cache = self.cache.clone();
         let id = id.clone();
         let fetched = self.fetched.clone();
         let recent = self.recent.clone();
-        tokio::task::spawn_blocking(move || {
-            cache.put_verified(&id, size, &bytes)?;
-            fetched
-                .get_or_create(&SourceLabels { source })
-                .inc_by(bytes.len() as u64);
-            recent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, bytes);
-            Ok(())
-        })
-        .await
-        .map_err(|e| FetchError::Cache(e.to_string()))?
-        .map_err(|e| match e {
-            shoal_artifacts::ArtifactError::CorruptChunk { .. }
-            | shoal_artifacts::ArtifactError::BadEncoding { .. } => {
-                FetchError::Corrupt(e.to_string())
-            }
-            other => FetchError::Cache(other.to_string()),
-        })
+        self.cache
+            .run(move |cache| {
+                cache.put_verified(&id, size, &bytes)?;
+                fetched
+                    .get_or_create(&SourceLabels { source })
+                    .inc_by(bytes.len() as u64);
+                recent
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, bytes);
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                shoal_artifacts::ArtifactError::CorruptChunk { .. }
+                | shoal_artifacts::ArtifactError::BadEncoding { .. } => {
+                    FetchError::Corrupt(e.to_string())
+                }
+                other => FetchError::Cache(other.to_string()),
+            })
     }
 
     /// Ensures chunk `id` is cached: from its owning peer when that is not
@@ -372,7 +371,13 @@ impl Fetcher {
 
     /// The manifest of `sha256`, from the cache or the origin.
     async fn manifest(&self, sha256: &str) -> Result<Manifest, FetchError> {
-        if let Some(m) = self.cache.get_manifest(sha256) {
+        let cache_trouble = |e: shoal_artifacts::ArtifactError| FetchError::Cache(e.to_string());
+        if let Some(m) = self
+            .cache
+            .get_manifest(sha256)
+            .await
+            .map_err(cache_trouble)?
+        {
             return Ok(m);
         }
         let bytes = self
@@ -389,8 +394,9 @@ impl Fetcher {
             )));
         }
         self.cache
-            .put_manifest(&manifest)
-            .map_err(|e| FetchError::Cache(e.to_string()))?;
+            .put_manifest(manifest.clone())
+            .await
+            .map_err(cache_trouble)?;
         Ok(manifest)
     }
 
@@ -434,36 +440,30 @@ impl Fetcher {
                 .try_collect::<Vec<()>>()
                 .await
         };
-        let blocking = |e: tokio::task::JoinError| FetchError::Cache(e.to_string());
-        let corrupt = |e: shoal_artifacts::ArtifactError| FetchError::Corrupt(e.to_string());
+        // A chunk or artifact that does not hash right is corrupt; a disk
+        // that fails is the cache's trouble.
+        let assembly_error = |e: shoal_artifacts::ArtifactError| match e {
+            shoal_artifacts::ArtifactError::Io { .. } => FetchError::Cache(e.to_string()),
+            other => FetchError::Corrupt(other.to_string()),
+        };
         let assembling = async {
             let mut assembly = self.cache.assembly(manifest);
             while arrivals.recv().await.is_some() {
                 while arrivals.try_recv().is_ok() {}
-                let cache = self.cache.clone();
-                assembly = tokio::task::spawn_blocking(move || {
-                    cache.advance(&mut assembly).map(|()| assembly)
-                })
-                .await
-                .map_err(blocking)?
-                .map_err(corrupt)?;
+                assembly = self.cache.advance(assembly).await.map_err(assembly_error)?;
             }
             Ok(assembly)
         };
         let ((), assembly) =
             futures::future::try_join(async { fetching.await.map(|_| ()) }, assembling).await?;
         tracing::debug!(sha256, "every chunk cached; finishing the assembly");
-        let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || cache.finish(assembly))
-            .await
-            .map_err(blocking)?
-            .map_err(corrupt)
+        self.cache.finish(assembly).await.map_err(assembly_error)
     }
 
     /// For a peer: chunk `id` from memory or the cache, or as it arrives
     /// from the origin (fetched through when missing: this replica owns
     /// it).
-    pub(crate) fn serve(self: &Arc<Self>, id: &ChunkId) -> Result<Served, FetchError> {
+    pub(crate) async fn serve(self: &Arc<Self>, id: &ChunkId) -> Result<Served, FetchError> {
         let recent = self
             .recent
             .lock()
@@ -485,7 +485,10 @@ impl Fetcher {
         let bytes = self
             .cache
             .get_stored(id)
-            .ok_or_else(|| FetchError::Cache(format!("chunk {id} vanished from the cache")))?;
+            .await
+            .map_err(|e| FetchError::Cache(e.to_string()))?
+            // Dropped since (found corrupt): the peer asks the origin.
+            .ok_or_else(|| FetchError::Cache(format!("chunk {id} is no longer cached")))?;
         self.served.inc_by(bytes.len() as u64);
         Ok(Served::Whole(bytes))
     }

@@ -40,8 +40,10 @@ pub async fn start_replica(
     // Peers and gateways present the fleet token the replica holds itself.
     config.admin_tokens.extend(sync.token.clone());
     let tls = config.tls.is_some();
-    let mut agent_error = None;
-    let server = ReplicaServer::start_with(config, backend, |replica, addr| {
+    let cache = Agent::open_cache(&sync)
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot start the sync agent: {e}")))?;
+    ReplicaServer::start_with(config, backend, |replica, addr| {
         if sync.advertise.is_empty() {
             // Members serving TLS say so in the address they advertise.
             sync.advertise = if tls {
@@ -50,22 +52,9 @@ pub async fn start_replica(
                 addr.to_string()
             };
         }
-        match Agent::new(sync, replica) {
-            Ok(agent) => {
-                agent.spawn();
-                agent.routes()
-            }
-            Err(e) => {
-                agent_error = Some(e);
-                axum::Router::new()
-            }
-        }
+        let agent = Agent::new(sync, replica, cache);
+        agent.spawn();
+        agent.routes()
     })
-    .await?;
-    match agent_error {
-        Some(e) => Err(std::io::Error::other(format!(
-            "cannot start the sync agent: {e}"
-        ))),
-        None => Ok(server),
-    }
+    .await
 }
