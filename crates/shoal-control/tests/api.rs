@@ -10,7 +10,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use shoal_control::{Control, ControlConfig};
-use shoal_testkit::{TempDir, model_bytes};
+use shoal_testkit::{TempDir, call_router, model_bytes};
 use tower::ServiceExt;
 
 struct Reply {
@@ -26,23 +26,11 @@ async fn call(
     headers: &[(&str, &str)],
     body: impl Into<Body>,
 ) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let response = app
-        .clone()
-        .oneshot(req.body(body.into()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let reply = call_router(app, method, uri, headers, body).await;
     Reply {
-        status,
-        headers,
-        body,
+        body: serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
+        status: reply.status,
+        headers: reply.headers,
     }
 }
 

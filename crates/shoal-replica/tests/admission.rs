@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use serde_json::json;
 use shoal_core::{ModelName, Version};
 use shoal_replica::loader::{ArtifactSource, LoadSpec};
@@ -18,24 +16,12 @@ use shoal_replica::store::InstallPolicy;
 use shoal_replica::{Replica, ReplicaConfig};
 use shoal_runtime::LoadOptions;
 use shoal_runtime::tract::TractBackend;
-use shoal_testkit::{eventually, model_path};
-use tower::ServiceExt;
+use shoal_testkit::{call_router, eventually, model_path};
 
 async fn post(app: &Router, body: String) -> (StatusCode, http::HeaderMap, String) {
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri("/v2/models/slow/infer")
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (status, headers) = (response.status(), response.headers().clone());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    let json = [("content-type", "application/json")];
+    let reply = call_router(app, Method::POST, "/v2/models/slow/infer", &json, body).await;
+    (reply.status, reply.headers.clone(), reply.text())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

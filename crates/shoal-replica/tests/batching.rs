@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use shoal_core::batch::BatchPolicy;
 use shoal_core::{ModelName, Version};
@@ -20,8 +18,7 @@ use shoal_replica::store::InstallPolicy;
 use shoal_replica::{Replica, ReplicaConfig};
 use shoal_runtime::LoadOptions;
 use shoal_runtime::tract::TractBackend;
-use shoal_testkit::{Samples, model_path};
-use tower::ServiceExt;
+use shoal_testkit::{Samples, call_router, model_path};
 
 async fn replica(name: &str, file: &str, options: LoadOptions) -> (Arc<Replica>, Router) {
     let replica = Arc::new(Replica::new(
@@ -50,16 +47,10 @@ async fn replica(name: &str, file: &str, options: LoadOptions) -> (Arc<Replica>,
 }
 
 async fn infer(app: &Router, body: Value) -> (StatusCode, Value) {
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri("/v2/models/digits/infer")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
+    let json = [("content-type", "application/json")];
+    let uri = "/v2/models/digits/infer";
+    let reply = call_router(app, Method::POST, uri, &json, body.to_string()).await;
+    (reply.status, reply.json())
 }
 
 /// Request `i`: 1–4 digits samples, every fifth malformed.

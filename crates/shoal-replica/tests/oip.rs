@@ -6,38 +6,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use shoal_core::{ModelName, Version};
 use shoal_replica::store::InstallPolicy;
 use shoal_replica::{ArtifactSource, LoadSpec, Replica, ReplicaConfig};
 use shoal_runtime::LoadOptions;
 use shoal_runtime::tract::TractBackend;
-use shoal_testkit::{Samples, model_path};
-use tower::ServiceExt;
-
-struct Reply {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-    fn error(&self) -> String {
-        let v = self.json();
-        assert_eq!(
-            v.as_object().map(|o| o.len()),
-            Some(1),
-            "error body has one field: {v}"
-        );
-        v["error"].as_str().expect("error is a string").to_owned()
-    }
-}
+use shoal_testkit::{Reply, Samples, call_router, model_path};
 
 async fn call(
     app: &Router,
@@ -46,29 +22,7 @@ async fn call(
     headers: &[(&str, &str)],
     body: impl Into<Body>,
 ) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let response = app
-        .clone()
-        .oneshot(req.body(body.into()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    call_router(app, method, uri, headers, body).await
 }
 
 async fn get(app: &Router, uri: &str) -> Reply {
@@ -445,7 +399,7 @@ async fn metrics_are_prometheus_text() {
             .unwrap()
             .starts_with("application/openmetrics-text")
     );
-    let text = String::from_utf8(r.body).unwrap();
+    let text = r.text();
     for needle in [
         "# TYPE model_predictions counter",
         r#"model_predictions_total{model="digits",model_version="1",replica_id="r-test",outcome="success"} 1"#,

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use shoal_core::{ModelName, Tensor, TensorData, Version};
 use shoal_replica::sequences::SequenceLimits;
@@ -18,8 +17,7 @@ use shoal_replica::store::InstallPolicy;
 use shoal_replica::{ArtifactSource, LoadSpec, Replica, ReplicaConfig};
 use shoal_runtime::tract::TractBackend;
 use shoal_runtime::{LoadOptions, LoadedModel};
-use shoal_testkit::model_path;
-use tower::ServiceExt;
+use shoal_testkit::{call_router, model_path};
 
 const FILE: &str = "silero_vad_16k_sequence.onnx";
 const FRAME: usize = shoal_testkit::VAD_FRAME;
@@ -135,22 +133,10 @@ async fn post(
     headers: &[(&str, &str)],
     body: &Value,
 ) -> (StatusCode, Value, http::HeaderMap) {
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap(), headers)
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let reply = call_router(app, Method::POST, uri, &all, body.to_string()).await;
+    (reply.status, reply.json(), reply.headers)
 }
 
 fn prob(body: &Value) -> f32 {
@@ -226,18 +212,9 @@ async fn every_mistake_gets_a_clear_error_and_harms_nothing() {
     )
     .await;
     // The metadata shows what clients send and get, not the state.
-    let r = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .uri("/v2/models/vad")
-                .body(Body::empty())
-                .unwrap(),
-        )
+    let meta = call_router(&app, Method::GET, "/v2/models/vad", &[], Body::empty())
         .await
-        .unwrap();
-    let meta: Value =
-        serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        .json();
     assert_eq!(meta["inputs"].as_array().unwrap().len(), 1, "{meta}");
     assert_eq!(meta["inputs"][0]["name"], "input");
     assert_eq!(meta["outputs"].as_array().unwrap().len(), 1, "{meta}");

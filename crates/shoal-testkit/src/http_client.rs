@@ -45,6 +45,45 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The message of a Shoal error body, checking its shape
+    /// (`{"error": "…"}`, nothing else).
+    pub fn error(&self) -> String {
+        let v = self.json();
+        assert_eq!(
+            v.as_object().map(|o| o.len()),
+            Some(1),
+            "error body has one field: {v}"
+        );
+        v["error"].as_str().expect("error is a string").to_owned()
+    }
+}
+
+/// Calls `app` in-process (the router as a tower service, no socket) and
+/// collects the whole response.
+pub async fn call_router(
+    app: &axum::Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<axum::body::Body>,
+) -> Reply {
+    use tower::ServiceExt;
+    let mut request = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(body.into()).expect("a valid request"))
+        .await
+        .expect("routers do not fail");
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("a whole body").to_bytes(),
+    }
 }
 
 impl Default for HttpClient {

@@ -32,10 +32,33 @@ use std::process::Child;
 use serde::Deserialize;
 
 pub use crate::cut_proxy::CutProxy;
-pub use crate::http_client::{HttpClient, Reply};
+pub use crate::http_client::{HttpClient, Reply, call_router};
 pub use crate::nats::NatsServer;
 pub use crate::postgres::PostgresServer;
 pub use crate::redis::RedisServer;
+
+/// The sum of every series of metric `name` in Prometheus text whose labels
+/// include all of `labels` (`[("reason", "timeout")]`); 0 when none does.
+/// `name` is matched whole (`gateway_hedges_total` is not
+/// `gateway_hedges_total_x`).
+pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (series_labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let has = |(k, v): &(&str, &str)| series_labels.contains(&format!("{k}=\"{v}\""));
+            labels
+                .iter()
+                .all(has)
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {

@@ -7,20 +7,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shoal_testkit::{HttpClient, TempDir, eventually, model_path};
+use shoal_testkit::{HttpClient, TempDir, eventually, metric_sum, model_path};
 
 mod common;
 use common::{Traffic, cli, cli_fails, converged_on, shoal_up};
-
-/// `name{labels…} value` summed over every line of `metrics` whose name
-/// and labels match.
-fn sum_of(metrics: &str, name: &str, labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_pushed_with_batching_is_served_in_batches() {
@@ -86,9 +76,9 @@ async fn a_version_pushed_with_batching_is_served_in_batches() {
         let url = format!("http://{}/metrics", r["address"].as_str().unwrap());
         let reply = http.get(&url).await;
         let metrics = String::from_utf8_lossy(&reply.body);
-        let labels = "model=\"digits\",model_version=\"2\"";
-        batches += sum_of(&metrics, "model_batch_rows_count", labels);
-        rows += sum_of(&metrics, "model_batch_rows_sum", labels);
+        let labels = [("model", "digits"), ("model_version", "2")];
+        batches += metric_sum(&metrics, "model_batch_rows_count", &labels);
+        rows += metric_sum(&metrics, "model_batch_rows_sum", &labels);
     }
     assert!(batches > 0.0, "no batch ran");
     assert!(

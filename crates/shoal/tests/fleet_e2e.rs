@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use shoal_testkit::{
-    ChildGuard, CutProxy, HttpClient, S3Server, Samples, TempDir, eventually, model_path,
+    ChildGuard, CutProxy, HttpClient, S3Server, Samples, TempDir, eventually, metric_sum,
+    model_path,
 };
 
 mod common;
@@ -33,17 +34,6 @@ fn start_control(dir: &Path, addr: &str) -> (ChildGuard, String) {
 
 fn start_replica(control: &str, dir: &Path) -> (ChildGuard, String) {
     common::replica(control, dir, &["--poll-interval", "1"])
-}
-
-/// The value of the Prometheus series `series` (name and labels, as
-/// exposed) in `metrics`; 0 when absent.
-fn counter(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Sum of the stored (wire) sizes of artifact `sha256`'s chunks.
@@ -110,8 +100,13 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         v2["sha256"],
         "cb588faad879a2350064f49a06a5846b747e6934c3b91c108233706752934ebb"
     );
-    let egress =
-        |metrics: &str| counter(metrics, "shoal_artifact_egress_bytes_total{kind=\"chunk\"}");
+    let egress = |metrics: &str| {
+        metric_sum(
+            metrics,
+            "shoal_artifact_egress_bytes_total",
+            &[("kind", "chunk")],
+        ) as u64
+    };
     let before = egress(&http.get(&format!("{control}/metrics")).await.text());
     cli(&control, &["deploy", "digits:2"]);
     converged_on(&control, "digits:2", 3).await;
@@ -374,10 +369,11 @@ async fn an_interrupted_download_resumes_fetching_only_missing_chunks() {
     // the artifact exactly.
     let metrics = http.get(&format!("{addr}/metrics")).await.text();
     assert_eq!(
-        counter(
+        metric_sum(
             &metrics,
-            "shoal_sync_fetched_bytes_total{source=\"origin\"}"
-        ),
+            "shoal_sync_fetched_bytes_total",
+            &[("source", "origin")]
+        ) as u64,
         total
     );
     // And the model it assembled serves.

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use shoal_testkit::{ChildGuard, HttpClient, PostgresServer, TempDir, eventually, model_path};
+use shoal_testkit::{
+    ChildGuard, HttpClient, PostgresServer, TempDir, eventually, metric_sum, model_path,
+};
 
 mod common;
 use common::{Traffic, cli};
@@ -361,6 +363,7 @@ async fn watcher(
     token: String,
     id: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    last: tokio::sync::watch::Sender<Option<shoal_api::fleet::DesiredState>>,
 ) -> Vec<u64> {
     use futures::StreamExt;
     let client = shoal_client::ApiClient::control(&url, Some(token));
@@ -372,7 +375,10 @@ async fn watcher(
             loop {
                 let next = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
                 match next {
-                    Ok(Some(Ok(state))) => seen.push(state.revision),
+                    Ok(Some(Ok(state))) => {
+                        seen.push(state.revision);
+                        last.send_replace(Some(state));
+                    }
                     Ok(Some(Err(_)) | None) => break,
                     Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
                     Err(_) => {}
@@ -422,14 +428,20 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
         .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let lasts: Vec<_> = urls
+        .iter()
+        .map(|_| tokio::sync::watch::Sender::new(None))
+        .collect();
     let watchers: Vec<_> = urls
         .iter()
-        .map(|url| {
+        .zip(&lasts)
+        .map(|(url, last)| {
             tokio::spawn(watcher(
                 url.clone(),
                 admin.clone(),
                 "watched".into(),
                 stop.clone(),
+                last.clone(),
             ))
         })
         .collect();
@@ -466,7 +478,20 @@ async fn concurrent_writes_through_dying_members_keep_a_consistent_history() {
         last_term > first_term,
         "the lead changed hands under the kills"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Stop watching once every watcher has the final desired state.
+    let shoal_client::Conditional::Fresh(last) = setup.desired("watched", None).await.unwrap()
+    else {
+        panic!("no desired state for the watched replica");
+    };
+    for (url, seen) in urls.iter().zip(&lasts) {
+        let mut seen = seen.subscribe();
+        let caught_up =
+            seen.wait_for(|state| state.as_ref().is_some_and(|s| s.models == last.models));
+        tokio::time::timeout(Duration::from_secs(30), caught_up)
+            .await
+            .unwrap_or_else(|_| panic!("the watcher on {url} never saw the final desired state"))
+            .unwrap();
+    }
     stop.store(true, Ordering::Relaxed);
     let mut watched = Vec::new();
     for w in watchers {
@@ -567,15 +592,6 @@ async fn settled_on(control: &str, target: &str) {
     .await;
 }
 
-/// The series `name` (no labels) in Prometheus text, 0 when absent.
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The first test's flow with `--events` on NATS JetStream: replicas and
 /// the gateway follow desired states and routing tables there (no watch
 /// stream to any control plane; polling only every minute), the leader is
@@ -614,7 +630,11 @@ async fn on_nats_events_a_leader_kill_and_a_nats_restart_lose_nothing() {
     let http = HttpClient::new();
     for url in &urls {
         let metrics = http.get(&format!("{url}/metrics")).await.text();
-        assert_eq!(gauge(&metrics, "shoal_watch_streams"), 0.0, "{url}");
+        assert_eq!(
+            metric_sum(&metrics, "shoal_watch_streams", &[]),
+            0.0,
+            "{url}"
+        );
     }
 
     cli(
