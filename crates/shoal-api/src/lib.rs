@@ -21,6 +21,7 @@ pub mod auth;
 pub mod backup;
 pub mod counters;
 pub mod deploy;
+pub mod duration;
 pub mod fleet;
 pub mod history;
 pub mod registry;

@@ -114,14 +114,18 @@ fn primary(deployment: &Deployment) -> Option<String> {
 }
 
 /// Keep-warm period when a deploy does not say.
-const DEFAULT_KEEP_WARM_MS: i64 = 300_000;
+const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(300);
 
 /// A version traffic has just left stays loaded this long, so gateways
 /// that have not heard yet still find it: drained, not cut.
-const DRAIN_MS: i64 = 30_000;
+const DRAIN: Duration = Duration::from_secs(30);
 
-fn keep_warm_ms(secs: Option<f64>) -> i64 {
-    secs.map_or(DEFAULT_KEEP_WARM_MS, |s| (s.max(0.0) * 1000.0) as i64)
+/// A request's seconds as a duration, `default` when it gives none; a 400
+/// naming the field when they are negative or not a number.
+fn secs_or(what: &str, secs: Option<f64>, default: Duration) -> Result<Duration, DeployError> {
+    secs.map_or(Ok(default), |s| {
+        shoal_api::duration::from_secs(what, s).map_err(DeployError::Invalid)
+    })
 }
 
 impl Control {
@@ -300,16 +304,17 @@ impl Control {
                     ));
                 }
                 let judged = steps.iter().filter(|&&s| s < 100).count();
-                let bakes_ms = match &request.bakes_secs {
+                let bakes = match &request.bakes_secs {
                     None => Vec::new(),
-                    Some(b)
-                        if b.len() != judged || b.iter().any(|s| !s.is_finite() || *s < 0.0) =>
-                    {
-                        return Err(DeployError::Invalid(format!(
+                    Some(b) => b
+                        .iter()
+                        .map(|&s| shoal_api::duration::from_secs("each bake", s))
+                        .collect::<Result<Vec<Duration>, String>>()
+                        .ok()
+                        .filter(|b| b.len() == judged)
+                        .ok_or_else(|| DeployError::Invalid(format!(
                             "give one bake time per step before 100% ({judged} for steps {steps:?}), each a non-negative number of seconds"
-                        )));
-                    }
-                    Some(b) => b.iter().map(|s| (s * 1000.0) as i64).collect(),
+                        )))?,
                 };
                 if request
                     .min_reward_ratio
@@ -321,11 +326,9 @@ impl Control {
                 }
                 let config = CanaryConfig {
                     min_reward_ratio: request.min_reward_ratio,
-                    bakes_ms,
+                    bakes,
                     steps,
-                    bake_ms: request
-                        .bake_secs
-                        .map_or(defaults.bake_ms, |s| (s.max(0.0) * 1000.0) as i64),
+                    bake: secs_or("bake_secs", request.bake_secs, defaults.bake)?,
                     max_error_ratio: request.max_error_ratio.unwrap_or(defaults.max_error_ratio),
                     max_p99_ratio: request.max_p99_ratio.unwrap_or(defaults.max_p99_ratio),
                     min_requests: request.min_requests.unwrap_or(defaults.min_requests),
@@ -339,7 +342,7 @@ impl Control {
             Strategy::BlueGreen => Controller::BlueGreen(BlueGreen::start(
                 from.clone(),
                 version.version.clone(),
-                keep_warm_ms(request.keep_warm_secs),
+                secs_or("keep_warm_secs", request.keep_warm_secs, DEFAULT_KEEP_WARM)?,
                 now,
             )),
             Strategy::Shadow => {
@@ -453,7 +456,7 @@ impl Control {
         mut deployment: Deployment,
         controller: &Controller,
         actor: &str,
-        keep_warm: i64,
+        keep_warm: Duration,
         fence: Option<&Fence>,
     ) -> Result<Deployment, DeployError> {
         let model = deployment.model.clone();
@@ -495,10 +498,10 @@ impl Control {
                     deployment
                         .warm
                         .retain(|w| &w.version != from && w.version != to);
-                    if keep_warm > 0 {
+                    if !keep_warm.is_zero() {
                         deployment.warm.push(WarmVersion {
                             version: from.clone(),
-                            until: now + keep_warm,
+                            until: shoal_api::duration::after(now, keep_warm),
                         });
                     }
                 }
@@ -528,7 +531,7 @@ impl Control {
                 deployment.warm.retain(|w| w.version != to);
                 deployment.warm.push(WarmVersion {
                     version: to.clone(),
-                    until: now + DRAIN_MS,
+                    until: shoal_api::duration::after(now, DRAIN),
                 });
                 let action = if controller.state() == RolloutState::Aborted {
                     "deploy.aborted"
@@ -578,7 +581,7 @@ impl Control {
             }
         }
         let d = self
-            .conclude(deployment, &controller, actor, DEFAULT_KEEP_WARM_MS, None)
+            .conclude(deployment, &controller, actor, DEFAULT_KEEP_WARM, None)
             .await?;
         self.after_change();
         Ok(d)
@@ -622,7 +625,7 @@ impl Control {
         };
         controller.abort(reason, now_millis());
         let d = self
-            .conclude(deployment, &controller, actor, 0, None)
+            .conclude(deployment, &controller, actor, Duration::ZERO, None)
             .await?;
         self.after_change();
         Ok(d)
@@ -696,8 +699,7 @@ impl Control {
         let controller = if warm {
             // Still loaded everywhere: switch traffic at once, and keep the
             // version we leave warm in case the rollback was the mistake.
-            let mut b =
-                BlueGreen::start(current.clone(), target.clone(), DEFAULT_KEEP_WARM_MS, now);
+            let mut b = BlueGreen::start(current.clone(), target.clone(), DEFAULT_KEEP_WARM, now);
             b.smoke_result(Ok(0), now);
             b.progress.reason = format!(
                 "warm rollback: {target} was still loaded; all traffic switched back at once"
@@ -729,7 +731,7 @@ impl Control {
             if let Some(current) = &current {
                 deployment.warm.push(WarmVersion {
                     version: current.clone(),
-                    until: now + DEFAULT_KEEP_WARM_MS,
+                    until: shoal_api::duration::after(now, DEFAULT_KEEP_WARM),
                 });
             }
             self.store
@@ -1059,7 +1061,7 @@ impl Control {
                     changed = true;
                 }
                 Step::Ended => {
-                    let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
+                    let keep = controller.keep_warm(DEFAULT_KEEP_WARM);
                     self.conclude(deployment.clone(), &controller, "controller", keep, fence)
                         .await?;
                     changed = true;
@@ -1135,7 +1137,7 @@ impl Control {
                 {
                     b.smoke_result(result, now_millis());
                     let controller = Controller::BlueGreen(b);
-                    let keep = controller.keep_warm_ms(DEFAULT_KEEP_WARM_MS);
+                    let keep = controller.keep_warm(DEFAULT_KEEP_WARM);
                     self.conclude(deployment, &controller, "controller", keep, Some(&fence))
                         .await?;
                     ended = true;

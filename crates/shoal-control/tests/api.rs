@@ -436,6 +436,18 @@ async fn bad_requests_get_clear_errors() {
             "steps must be increasing",
         ),
         (
+            json!({"version": "8", "strategy": "canary", "steps": [5, 100], "bakes_secs": [-3]}),
+            "each a non-negative number of seconds",
+        ),
+        (
+            json!({"version": "8", "strategy": "canary", "bake_secs": -1}),
+            "bake_secs must be a non-negative number of seconds",
+        ),
+        (
+            json!({"version": "8", "strategy": "blue-green", "keep_warm_secs": 1e300}),
+            "keep_warm_secs must be a non-negative number of seconds",
+        ),
+        (
             json!({"version": "8", "strategy": "shadow", "percent": 0}),
             "percent must be between 1 and 100",
         ),

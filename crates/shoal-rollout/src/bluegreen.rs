@@ -3,6 +3,8 @@
 //! switches at once. The old version stays loaded for a while (see
 //! `Deployment::warm`), so switching back is instant.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView, Strategy};
 
@@ -26,8 +28,10 @@ pub struct BlueGreen {
     pub from: Option<String>,
     /// The version switched to.
     pub to: String,
-    /// How long the old version stays loaded after the switch (ms).
-    pub keep_warm_ms: i64,
+    /// How long the old version stays loaded after the switch (stored as
+    /// `keep_warm_ms`).
+    #[serde(rename = "keep_warm_ms", with = "shoal_api::duration::millis")]
+    pub keep_warm: Duration,
     /// Loading or smoke-testing.
     pub phase: Phase,
     /// State, reason, when.
@@ -50,12 +54,12 @@ pub enum Decision {
 
 impl BlueGreen {
     /// A blue-green rollout from `from` to `to`.
-    pub fn start(from: Option<String>, to: String, keep_warm_ms: i64, now: i64) -> BlueGreen {
+    pub fn start(from: Option<String>, to: String, keep_warm: Duration, now: i64) -> BlueGreen {
         let reason = format!("loading {to} on every replica");
         BlueGreen {
             from,
             to,
-            keep_warm_ms,
+            keep_warm,
             phase: Phase::Loading,
             progress: Progress::start(reason, now),
         }
@@ -149,7 +153,7 @@ mod tests {
 
     #[test]
     fn loads_everywhere_then_smoke_tests_then_switches() {
-        let mut b = BlueGreen::start(Some("1".into()), "2".into(), 60_000, 0);
+        let mut b = BlueGreen::start(Some("1".into()), "2".into(), Duration::from_secs(60), 0);
         let (a, c) = (replica("a", &["1", "2"]), replica("c", &["1"]));
         assert_eq!(b.tick("m", &[&a, &c], 1), Decision::Unchanged);
         assert!(b.progress.reason.contains("waiting for c"));
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_failed_smoke_test_keeps_the_old_version() {
-        let mut b = BlueGreen::start(Some("1".into()), "2".into(), 60_000, 0);
+        let mut b = BlueGreen::start(Some("1".into()), "2".into(), Duration::from_secs(60), 0);
         let a = replica("a", &["1", "2"]);
         assert_eq!(b.tick("m", &[&a], 1), Decision::SmokeTest);
         assert_eq!(

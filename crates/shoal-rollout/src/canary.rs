@@ -9,11 +9,13 @@
 //! data. Passing the step before 100 % promotes.
 //!
 //! A gradual schedule is a canary whose steps bake for different times
-//! (`bakes_ms`, e.g. 5, 10, 25, 50 % over hours). Steps that bake for a
+//! (`bakes`, e.g. 5, 10, 25, 50 % over hours). Steps that bake for a
 //! minute or more are also judged while they bake, on the window so far:
 //! a bad version on a slow ramp is stopped as soon as the evidence is in,
 //! not at the end of the hour. Interim checks only ever roll back; passing
 //! still waits for the bake time.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_api::counters::Counters;
@@ -29,8 +31,9 @@ use crate::progress::Progress;
 pub struct CanaryConfig {
     /// Traffic percentages of the steps.
     pub steps: Vec<u32>,
-    /// Bake time of each step, ms.
-    pub bake_ms: i64,
+    /// Bake time of each step (stored as `bake_ms`).
+    #[serde(rename = "bake_ms", with = "shoal_api::duration::millis")]
+    pub bake: Duration,
     /// Roll back above this multiple of the baseline's error rate.
     pub max_error_ratio: f64,
     /// Roll back above this multiple of the baseline's p99.
@@ -44,10 +47,10 @@ pub struct CanaryConfig {
     /// scheduling noise moves a sub-millisecond p99 by more than 20 %.
     #[serde(default = "default_min_p99_increase")]
     pub min_p99_increase_ms: f64,
-    /// Bake time of each step, ms, when they differ (a gradual schedule);
-    /// steps beyond the list bake for `bake_ms`.
-    #[serde(default)]
-    pub bakes_ms: Vec<i64>,
+    /// Bake time of each step when they differ (a gradual schedule; stored
+    /// as `bakes_ms`); steps beyond the list bake for `bake`.
+    #[serde(rename = "bakes_ms", default, with = "shoal_api::duration::millis_vec")]
+    pub bakes: Vec<Duration>,
     /// The business metric: roll back when the canary's mean reward
     /// (feedback) falls below this multiple of the baseline's and the
     /// difference is significant. With it set, a window needs
@@ -59,13 +62,13 @@ pub struct CanaryConfig {
 /// Rewards each side needs in a window when the business metric is judged.
 pub const MIN_REWARDS: u64 = 30;
 
-/// Steps that bake at least this long (ms) are also judged while baking.
-pub const INTERIM_CHECKS_FROM_MS: i64 = 60_000;
+/// Steps that bake at least this long are also judged while baking.
+pub const INTERIM_CHECKS_FROM: Duration = Duration::from_secs(60);
 
 impl CanaryConfig {
-    /// How long step `step` (0-based) bakes, ms.
-    pub fn bake_of(&self, step: usize) -> i64 {
-        self.bakes_ms.get(step).copied().unwrap_or(self.bake_ms)
+    /// How long step `step` (0-based) bakes.
+    pub fn bake_of(&self, step: usize) -> Duration {
+        self.bakes.get(step).copied().unwrap_or(self.bake)
     }
 }
 
@@ -77,13 +80,13 @@ impl Default for CanaryConfig {
     fn default() -> Self {
         CanaryConfig {
             steps: vec![1, 10, 50, 100],
-            bake_ms: 30_000,
+            bake: Duration::from_secs(30),
             max_error_ratio: 1.5,
             max_p99_ratio: 1.2,
             min_requests: 100,
             min_error_rate: 0.01,
             min_p99_increase_ms: 1.0,
-            bakes_ms: Vec::new(),
+            bakes: Vec::new(),
             min_reward_ratio: None,
         }
     }
@@ -149,9 +152,10 @@ fn ms(x: Option<f64>) -> String {
     }
 }
 
-/// `ms` as people say it: 500ms, 30s, 10m, 1h30m.
-fn human(ms: i64) -> String {
-    let s = ms / 1000;
+/// `d` as people say it: 500ms, 30s, 10m, 1h30m.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    let s = d.as_secs();
     match s {
         _ if ms < 1000 => format!("{ms}ms"),
         0..60 => format!("{s}s"),
@@ -359,17 +363,17 @@ impl Canary {
         };
         let step_name = format!("step {} ({}%)", self.step + 1, self.canary_weight());
         let bake = self.config.bake_of(self.step);
-        let baked = now - self.window_started;
+        let baked = shoal_api::duration::between(self.window_started, now);
         if baked < bake {
-            if bake >= INTERIM_CHECKS_FROM_MS
+            if bake >= INTERIM_CHECKS_FROM
                 && let Verdict::ErrorRate(why) | Verdict::P99(why) | Verdict::Reward(why) = &verdict
             {
                 self.progress.decide(
                     RolloutState::RolledBack,
                     format!(
                         "rolled back at {step_name}, {}s into its {}s bake: {why}",
-                        baked / 1000,
-                        bake / 1000
+                        baked.as_secs(),
+                        bake.as_secs()
                     ),
                     now,
                 );
@@ -500,7 +504,7 @@ mod tests {
     fn config() -> CanaryConfig {
         CanaryConfig {
             steps: vec![10, 50, 100],
-            bake_ms: 1000,
+            bake: Duration::from_secs(1),
             min_requests: 50,
             ..CanaryConfig::default()
         }
@@ -663,7 +667,7 @@ mod tests {
             (5_400_000, "1h30m"),
         ];
         for (ms, text) in cases {
-            assert_eq!(human(ms), text);
+            assert_eq!(human(Duration::from_millis(ms)), text);
         }
     }
 
@@ -671,7 +675,7 @@ mod tests {
     fn a_gradual_schedule_bakes_each_step_for_its_own_time() {
         let config = CanaryConfig {
             steps: vec![5, 25, 100],
-            bakes_ms: vec![3_600_000, 7_200_000],
+            bakes: vec![Duration::from_secs(3600), Duration::from_secs(7200)],
             ..config()
         };
         let mut c = Canary::start("1".into(), "2".into(), config, 0);
@@ -705,7 +709,7 @@ mod tests {
     fn a_long_step_is_stopped_as_soon_as_the_evidence_is_in() {
         let config = CanaryConfig {
             steps: vec![5, 100],
-            bakes_ms: vec![3_600_000],
+            bakes: vec![Duration::from_secs(3600)],
             ..config()
         };
         let mut c = Canary::start("1".into(), "2".into(), config, 0);
@@ -742,7 +746,7 @@ mod tests {
             "1".into(),
             "2".into(),
             CanaryConfig {
-                bake_ms: 30_000,
+                bake: Duration::from_secs(30),
                 ..CanaryConfig::default()
             },
             0,

@@ -2,6 +2,8 @@
 //! one pass of whichever it is ([`Controller::tick`]): what the control
 //! plane must do next, decided from the fleet's facts.
 
+use std::time::Duration;
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use shoal_api::deploy::{RolloutState, RolloutView};
@@ -213,13 +215,13 @@ impl Controller {
         }
     }
 
-    /// How long the replaced version stays loaded after a promotion (ms):
+    /// How long the replaced version stays loaded after a promotion:
     /// blue-green says so itself, a rolling update has already replaced it
-    /// everywhere, the others keep it `default` ms.
-    pub fn keep_warm_ms(&self, default: i64) -> i64 {
+    /// everywhere, the others keep it for `default`.
+    pub fn keep_warm(&self, default: Duration) -> Duration {
         match self {
-            Controller::BlueGreen(b) => b.keep_warm_ms,
-            Controller::Rolling(_) => 0,
+            Controller::BlueGreen(b) => b.keep_warm,
+            Controller::Rolling(_) => Duration::ZERO,
             _ => default,
         }
     }
@@ -450,7 +452,12 @@ mod tests {
 
         // Blue-green: every replica has the new version, so smoke-test it;
         // once the outcome is in, it has ended and never moves again.
-        let mut b = Controller::BlueGreen(BlueGreen::start(Some("1".into()), "2".into(), 1, 0));
+        let mut b = Controller::BlueGreen(BlueGreen::start(
+            Some("1".into()),
+            "2".into(),
+            Duration::from_millis(1),
+            0,
+        ));
         assert_eq!(b.tick("m", &refs, &quiet, &mut rng, 1), Step::SmokeTest);
         if let Controller::BlueGreen(b) = &mut b {
             b.smoke_result(Ok(2), 2);
@@ -508,8 +515,8 @@ mod tests {
             .collect();
         assert_eq!(steps.last(), Some(&Step::Unchanged), "{steps:?}");
         assert!(steps.contains(&Step::Ended), "{steps:?}");
-        assert_eq!(r.keep_warm_ms(9), 0);
-        assert_eq!(c.keep_warm_ms(9), 9);
+        assert_eq!(r.keep_warm(Duration::from_secs(9)), Duration::ZERO);
+        assert_eq!(c.keep_warm(Duration::from_secs(9)), Duration::from_secs(9));
     }
 
     #[test]
@@ -540,7 +547,7 @@ mod tests {
             Controller::BlueGreen(crate::bluegreen::BlueGreen::start(
                 Some("1".into()),
                 "2".into(),
-                1_000,
+                Duration::from_secs(1),
                 0,
             )),
             Controller::Shadow(Shadow::start(
@@ -574,7 +581,7 @@ mod tests {
     fn every_strategy() -> Vec<(&'static str, Controller)> {
         let gradual = crate::canary::CanaryConfig {
             steps: vec![5, 10, 25, 50, 100],
-            bakes_ms: vec![600_000; 4],
+            bakes: vec![Duration::from_secs(600); 4],
             ..Default::default()
         };
         vec![
@@ -592,7 +599,12 @@ mod tests {
             ),
             (
                 "blue-green",
-                Controller::BlueGreen(BlueGreen::start(Some("1".into()), "2".into(), 1_000, 0)),
+                Controller::BlueGreen(BlueGreen::start(
+                    Some("1".into()),
+                    "2".into(),
+                    Duration::from_secs(1),
+                    0,
+                )),
             ),
             (
                 "shadow",
