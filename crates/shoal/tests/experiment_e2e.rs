@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, model_path};
+use shoal_testkit::{ChildGuard, HttpClient, Samples, TempDir, eventually, model_path};
 
 mod common;
 use common::cli;
@@ -106,8 +106,10 @@ fn reward(version: &str, rng: &mut StdRng) -> f64 {
     if rng.random::<f64>() < p { 1.0 } else { 0.0 }
 }
 
+/// Shadow: every request is mirrored to version 2 and compared, in the
+/// rollout view and as metrics; an abort leaves version 1 alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shadow_bandit_and_ab_test_on_live_traffic() {
+async fn a_shadow_mirrors_every_request_and_compares_the_answers() {
     let f = fleet().await;
     let (control, gateway) = (f.control.as_str(), f.gateway.as_str());
     let http = HttpClient::new();
@@ -222,13 +224,22 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
     let aborted = cli(control, &["rollout", "abort", "digits"]);
     assert_eq!(aborted["targets"], json!([{"version": "1", "weight": 100}]));
     assert!(aborted["shadow"].is_null(), "{aborted}");
+}
+
+/// Bandit: version 2 earns more reward and gets most of the traffic;
+/// feedback that cannot be credited is refused and harms nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandit_sends_most_traffic_to_the_version_that_earns_more() {
+    let f = fleet().await;
+    let (control, gateway) = (f.control.as_str(), f.gateway.as_str());
+    let http = HttpClient::new();
+    let mut rng = StdRng::seed_from_u64(7);
 
     // 2. Bandit: version 2 earns more reward and gets most of the traffic.
     cli(
         control,
         &["deploy", "digits:2", "--strategy", "bandit", "--floor", "5"],
     );
-    let mut rng = StdRng::seed_from_u64(7);
     let mut i = 0;
     let s = loop {
         let id = format!("bandit-{i}");
@@ -281,10 +292,38 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
         "{metrics}"
     );
     cli(control, &["rollout", "abort", "digits"]);
+}
+
+/// A/B test by user: a fixed 50/50 split, intervals, significance, and
+/// the better version promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ab_test_splits_by_user_and_promotes_the_better_version() {
+    let f = fleet().await;
+    let (control, gateway) = (f.control.as_str(), f.gateway.as_str());
+    let http = HttpClient::new();
+    let mut rng = StdRng::seed_from_u64(7);
 
     // 3. A/B test by user: a fixed 50/50 split, intervals, significance,
     // and the better version promoted.
     cli(control, &["deploy", "digits:2", "--strategy", "ab"]);
+    // Until the gateway has the split, every user gets version 1.
+    eventually(
+        "the gateway to split users",
+        Duration::from_secs(20),
+        || {
+            let http = http.clone();
+            async move {
+                for k in 0..20 {
+                    let user = format!("probe-{k}");
+                    if predict(&http, gateway, &format!("probe-{k}"), Some(&user)).await == "2" {
+                        return Some(());
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
     let mut i = 0;
     let s = loop {
         let user = format!("user-{i}");
@@ -345,6 +384,23 @@ async fn shadow_bandit_and_ab_test_on_live_traffic() {
         cli(control, &["model", "show", "digits:2"])["status"],
         "production"
     );
+}
+
+/// A canary judged on the business metric too: version 1 is as fast and
+/// error-free as version 2, but earns less reward, so it is rolled back
+/// naming the reward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_earns_less_reward_is_rolled_back() {
+    let f = fleet().await;
+    let (control, gateway) = (f.control.as_str(), f.gateway.as_str());
+    let http = HttpClient::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    // The baseline is version 2 (the one that earns more).
+    cli(control, &["deploy", "digits:2"]);
+    common::digits_rollout_until(control, "version 2 to be deployed", |s| {
+        s["state"] == "promoted" && s["to"] == "2"
+    })
+    .await;
 
     // 4. A canary judged on the business metric too: version 1 is as fast
     // and error-free as version 2, but earns less reward, so it is rolled
