@@ -61,31 +61,60 @@ async fn predict(http: &HttpClient, replica: &str) -> (u16, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
-    let tmp = TempDir::new("fleet-e2e");
-    let ctl_dir = tmp.join("control");
-    let (ctl, control) = start_control(&ctl_dir, "127.0.0.1:0");
-    let mut replicas: Vec<(ChildGuard, String)> = (0..3)
-        .map(|i| start_replica(&control, &tmp.join(&format!("r{i}"))))
-        .collect();
-    let http = HttpClient::new();
+/// A control plane on SQLite and three replicas serving `digits:1`.
+struct Fleet {
+    ctl: Option<ChildGuard>,
+    ctl_dir: std::path::PathBuf,
+    control: String,
+    replicas: Vec<(ChildGuard, String)>,
+    http: HttpClient,
+    tmp: TempDir,
+}
 
-    // v1, then v2: every replica converges, no skew.
-    let v1 = cli(
-        &control,
-        &[
-            "model",
-            "push",
-            "digits",
-            model_path("digits-v1.onnx").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(v1["version"], "1");
-    cli(&control, &["deploy", "digits:1"]);
-    converged_on(&control, "digits:1", 3).await;
+impl Fleet {
+    async fn start(name: &str) -> Fleet {
+        let tmp = TempDir::new(name);
+        let ctl_dir = tmp.join("control");
+        let (ctl, control) = start_control(&ctl_dir, "127.0.0.1:0");
+        let replicas: Vec<(ChildGuard, String)> = (0..3)
+            .map(|i| start_replica(&control, &tmp.join(&format!("r{i}"))))
+            .collect();
+        let v1 = cli(
+            &control,
+            &[
+                "model",
+                "push",
+                "digits",
+                model_path("digits-v1.onnx").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(v1["version"], "1");
+        cli(&control, &["deploy", "digits:1"]);
+        converged_on(&control, "digits:1", 3).await;
+        Fleet {
+            ctl: Some(ctl),
+            ctl_dir,
+            control,
+            replicas,
+            http: HttpClient::new(),
+            tmp,
+        }
+    }
+
+    /// kill -9 of the control plane.
+    fn kill_control(&mut self) {
+        let ctl = self.ctl.take().expect("a control plane");
+        ctl.signal(Signal::SIGKILL);
+    }
+}
+
+/// v2 reaches every replica with no skew, and its chunks leave the origin
+/// once: the replicas take them from the chunks' owners among their peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_converges_and_its_chunks_leave_the_origin_once() {
+    let f = Fleet::start("fleet-converge").await;
     let v2 = cli(
-        &control,
+        &f.control,
         &[
             "model",
             "push",
@@ -107,27 +136,31 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
             &[("kind", "chunk")],
         ) as u64
     };
-    let before = egress(&http.get(&format!("{control}/metrics")).await.text());
-    cli(&control, &["deploy", "digits:2"]);
-    converged_on(&control, "digits:2", 3).await;
+    let before = egress(&f.http.get(&format!("{}/metrics", f.control)).await.text());
+    cli(&f.control, &["deploy", "digits:2"]);
+    converged_on(&f.control, "digits:2", 3).await;
     // Three replicas fetched v2, but its chunks left the origin once: the
     // others took them from the chunks' owner among their peers.
-    let after = egress(&http.get(&format!("{control}/metrics")).await.text());
-    let stored = stored_bytes(&http, &control, v2["sha256"].as_str().unwrap()).await;
+    let after = egress(&f.http.get(&format!("{}/metrics", f.control)).await.text());
+    let stored = stored_bytes(&f.http, &f.control, v2["sha256"].as_str().unwrap()).await;
     assert_eq!(after - before, stored, "origin egress for v2");
-    for (_, addr) in &replicas {
-        assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
+    for (_, addr) in &f.replicas {
+        assert_eq!(predict(&f.http, addr).await, (200, "2".to_owned()));
     }
-    let shown = cli(&control, &["model", "show", "digits"]);
+    let shown = cli(&f.control, &["model", "show", "digits"]);
     assert_eq!(shown["model"]["production"], "2");
-    let rollout = cli(&control, &["rollout", "status", "digits"]);
+    let rollout = cli(&f.control, &["rollout", "status", "digits"]);
     assert_eq!(rollout["state"], "promoted");
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_chunk_is_refused_and_the_rollout_rolls_back() {
+    let f = Fleet::start("fleet-tampered").await;
     // A tampered chunk in the store: refused by the replica that fetches it,
-    // which keeps serving v2; nobody else moves, and since the same bytes
+    // which keeps serving v1; nobody else moves, and since the same bytes
     // would be refused again, the rollout rolls back by itself.
     let v3 = cli(
-        &control,
+        &f.control,
         &[
             "model",
             "push",
@@ -136,18 +169,19 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         ],
     );
     let sha = v3["sha256"].as_str().unwrap();
-    let manifest = http
-        .get(&format!("{control}/api/v1/artifacts/{sha}/manifest"))
+    let manifest = f
+        .http
+        .get(&format!("{}/api/v1/artifacts/{sha}/manifest", f.control))
         .await
         .json();
     let victim = manifest["chunks"][5]["id"].as_str().unwrap().to_owned();
-    let chunk_path = ctl_dir.join("artifacts/chunks").join(&victim);
+    let chunk_path = f.ctl_dir.join("artifacts/chunks").join(&victim);
     let mut bytes = std::fs::read(&chunk_path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&chunk_path, bytes).unwrap();
-    cli(&control, &["deploy", "digits:3", "--max-surge", "1"]);
-    let control2 = control.clone();
+    cli(&f.control, &["deploy", "digits:2", "--max-surge", "1"]);
+    let control2 = f.control.clone();
     let failed = eventually(
         "a replica to report the corrupt chunk",
         Duration::from_secs(30),
@@ -158,7 +192,7 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
                     .await
                     .unwrap();
                 status["replicas"].as_array().unwrap().iter().find_map(|r| {
-                    let reason = r["failures"]["digits:3"]["reason"].as_str()?;
+                    let reason = r["failures"]["digits:2"]["reason"].as_str()?;
                     Some((r["id"].as_str().unwrap().to_owned(), reason.to_owned()))
                 })
             }
@@ -167,14 +201,14 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
     .await;
     assert!(failed.1.contains("integrity check failed"), "{failed:?}");
     assert!(failed.1.contains(&victim), "{failed:?}");
-    for (_, addr) in &replicas {
+    for (_, addr) in &f.replicas {
         assert_eq!(
-            predict(&http, addr).await,
-            (200, "2".to_owned()),
-            "v2 keeps serving"
+            predict(&f.http, addr).await,
+            (200, "1".to_owned()),
+            "v1 keeps serving"
         );
     }
-    let rollout = common::digits_rollout_until(&control, "the rollout to roll back", |r| {
+    let rollout = common::digits_rollout_until(&f.control, "the rollout to roll back", |r| {
         r["state"] == "rolled_back"
     })
     .await;
@@ -183,13 +217,17 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         reason.contains(&failed.0) && reason.contains("integrity check failed"),
         "{rollout}"
     );
-    converged_on(&control, "digits:2", 3).await;
-    let v3 = cli(&control, &["model", "show", "digits:3"]);
+    converged_on(&f.control, "digits:1", 3).await;
+    let v3 = cli(&f.control, &["model", "show", "digits:2"]);
     assert_eq!(v3["rolled_back"], true);
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_push_survives_kill_9_of_the_control_plane() {
+    let mut f = Fleet::start("fleet-push-crash").await;
     // An acknowledged push survives kill -9 of the control plane.
     let v4 = cli(
-        &control,
+        &f.control,
         &[
             "model",
             "push",
@@ -199,25 +237,27 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
             "note=after-crash",
         ],
     );
-    assert_eq!(v4["version"], "4");
-    ctl.signal(Signal::SIGKILL);
-    drop(ctl);
-    let port = control.rsplit(':').next().unwrap().to_owned();
-    let (ctl, control_again) = start_control(&ctl_dir, &format!("127.0.0.1:{port}"));
-    assert_eq!(control_again, control);
-    let v4 = cli(&control, &["model", "show", "digits:4"]);
+    assert_eq!(v4["version"], "2");
+    f.kill_control();
+    let port = f.control.rsplit(':').next().unwrap().to_owned();
+    let (_ctl, control_again) = start_control(&f.ctl_dir, &format!("127.0.0.1:{port}"));
+    assert_eq!(control_again, f.control);
+    let v4 = cli(&f.control, &["model", "show", "digits:2"]);
     assert_eq!(v4["labels"]["note"], "after-crash");
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_control_plane_a_restarted_replica_serves_from_its_cache() {
+    let mut f = Fleet::start("fleet-cache").await;
     // With the control plane gone, a replica killed and restarted comes
     // back serving from its cache; the others never stopped.
-    ctl.signal(Signal::SIGKILL);
-    drop(ctl);
-    let (old, _) = replicas.remove(0);
+    f.kill_control();
+    let (old, _) = f.replicas.remove(0);
     old.signal(Signal::SIGKILL);
     drop(old);
-    let (restarted, addr) = start_replica(&control, &tmp.join("r0"));
+    let (restarted, addr) = start_replica(&f.control, &f.tmp.join("r0"));
     let ready = format!("{addr}/ready");
-    let http2 = http.clone();
+    let http2 = f.http.clone();
     eventually(
         "the restarted replica to be ready from its cache",
         Duration::from_secs(20),
@@ -227,9 +267,9 @@ async fn push_deploy_converge_refuse_corruption_and_survive_restarts() {
         },
     )
     .await;
-    assert_eq!(predict(&http, &addr).await, (200, "2".to_owned()));
-    for (_, addr) in &replicas {
-        assert_eq!(predict(&http, addr).await, (200, "2".to_owned()));
+    assert_eq!(predict(&f.http, &addr).await, (200, "1".to_owned()));
+    for (_, addr) in &f.replicas {
+        assert_eq!(predict(&f.http, addr).await, (200, "1".to_owned()));
     }
     drop(restarted);
 }
