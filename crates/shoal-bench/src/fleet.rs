@@ -282,7 +282,7 @@ impl Fleet {
             }
             Members::Lab { lab, replicas } => {
                 let throttled_before = lab.throttled_ms();
-                let machine_before = crate::lab::machine_cpu();
+                let machine_before = crate::lab::CpuReading::now();
                 let ready = format!("/v2/models/{model}/versions/{version}/ready");
                 let times = futures::future::try_join_all(replicas.iter().map(|url| {
                     let ready = ready.clone();
@@ -306,18 +306,12 @@ impl Fleet {
                         .zip(&throttled_before)
                         .map(|(after, before)| after - before)
                         .collect();
-                    let machine = match (machine_before, crate::lab::machine_cpu()) {
-                        (Some((t0, i0, s0)), Some((t1, i1, s1))) if t1 > t0 => {
-                            #[allow(clippy::cast_precision_loss)]
-                            let pct = |v: u64| 100.0 * v as f64 / (t1 - t0) as f64;
-                            format!(
-                                "; machine {:.0} % busy, {:.0} points of it stolen by the hypervisor",
-                                100.0 - pct(i1 - i0),
-                                pct(s1 - s0)
-                            )
-                        }
-                        _ => String::new(),
-                    };
+                    let machine = machine_before.load_since().map_or(String::new(), |l| {
+                        format!(
+                            "; machine {:.0} % busy, {:.0} points of it stolen by the hypervisor",
+                            l.busy_pct, l.steal_pct
+                        )
+                    });
                     eprintln!(
                         "ready after {times:.2?} s; ms held back by the CPU quota \
                          (control, replicas…): {throttled:?}{machine}"
@@ -395,6 +389,16 @@ pub struct Convergence {
     pub egress_ratio: Vec<f64>,
     /// Each host's link and CPU when members ran on emulated hosts.
     pub isolation: Option<HostSpec>,
+    /// How busy the machine was while N replicas converged, per round.
+    pub fleet_load: Vec<Option<crate::lab::MachineLoad>>,
+    /// Rounds left out of the verdict: the machine was saturated
+    /// ([`crate::lab::MachineLoad::saturated`]), so the emulated hosts
+    /// cannot all have had their quotas.
+    pub saturated_rounds: Vec<usize>,
+    /// False when most rounds were saturated: `ratio` and
+    /// `median_over_goal_s` then describe the machine, not Shoal, and no
+    /// verdict should be drawn.
+    pub verdict: bool,
 }
 
 pub(crate) fn make_model(
@@ -458,6 +462,9 @@ pub async fn convergence(
         median_over_goal_s: 0.0,
         egress_ratio: Vec::new(),
         isolation: isolation.map(|i| i.host),
+        fleet_load: Vec::new(),
+        saturated_rounds: Vec::new(),
+        verdict: true,
     };
     let mut ratios = Vec::new();
     for round in 0..rounds {
@@ -472,7 +479,13 @@ pub async fn convergence(
         let t1 = single.deploy_and_wait("m", &va).await?;
         let vb = many.push("m", &b).await?;
         let before = many.egress().await?;
+        let reading = crate::lab::CpuReading::now();
         let tn = many.deploy_and_wait("m", &vb).await?;
+        let load = reading.load_since();
+        if load.is_some_and(|l| l.saturated()) {
+            result.saturated_rounds.push(round);
+        }
+        result.fleet_load.push(load);
         #[allow(clippy::cast_precision_loss)]
         result
             .egress_ratio
@@ -484,17 +497,38 @@ pub async fn convergence(
         let _ = std::fs::remove_file(&a);
         let _ = std::fs::remove_file(&b);
     }
-    result.ratio = median(&ratios);
-    let over: Vec<f64> = result
-        .fleet_s
-        .iter()
-        .zip(&result.goal_s)
-        .map(|(fleet, goal)| fleet - goal)
-        .collect();
-    result.median_over_goal_s = median(&over);
+    (result.ratio, result.median_over_goal_s, result.verdict) = judge(
+        &ratios,
+        &result.fleet_s,
+        &result.goal_s,
+        &result.saturated_rounds,
+    );
     single.stop().await?;
     many.stop().await?;
     Ok(result)
+}
+
+/// The medians of fleet ÷ single and of fleet − goal over the rounds the
+/// machine could give every host its quota, and whether those were most
+/// rounds (the verdict holds); otherwise the medians over all rounds, with
+/// no verdict.
+fn judge(ratios: &[f64], fleet: &[f64], goal: &[f64], saturated: &[usize]) -> (f64, f64, bool) {
+    let rounds = ratios.len();
+    let clear: Vec<usize> = (0..rounds).filter(|r| !saturated.contains(r)).collect();
+    let verdict = clear.len() * 2 > rounds;
+    let judged: Vec<usize> = if verdict {
+        clear
+    } else {
+        (0..rounds).collect()
+    };
+    let ratio = median(&judged.iter().map(|&r| ratios[r]).collect::<Vec<_>>());
+    let over = median(
+        &judged
+            .iter()
+            .map(|&r| fleet[r] - goal[r])
+            .collect::<Vec<_>>(),
+    );
+    (ratio, over, verdict)
 }
 
 /// Delta update results.
@@ -573,4 +607,25 @@ pub async fn delta(layers: usize, dir: &Path) -> anyhow::Result<Delta> {
         rsync_wire_bytes: rsync,
         ratio: shoal as f64 / rsync as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saturated_rounds_are_left_out_of_the_verdict() {
+        let ratios = [1.1, 1.5, 1.2];
+        let fleet = [2.2, 3.0, 2.4];
+        let goal = [2.4, 2.4, 2.5];
+        // Round 2 saturated: judged on rounds 1 and 3.
+        let (ratio, over, verdict) = judge(&ratios, &fleet, &goal, &[1]);
+        assert!(verdict);
+        assert!((ratio - 1.15).abs() < 1e-9, "{ratio}");
+        assert!((over - (-0.15)).abs() < 1e-9, "{over}");
+        // Most rounds saturated: every round, and no verdict.
+        let (ratio, _, verdict) = judge(&ratios, &fleet, &goal, &[0, 1]);
+        assert!(!verdict);
+        assert!((ratio - 1.2).abs() < 1e-9, "{ratio}");
+    }
 }

@@ -262,3 +262,54 @@ pub fn machine_cpu() -> Option<(u64, u64, u64)> {
     let total = (0..8).map(get).sum();
     Some((total, get(3) + get(4), get(7)))
 }
+
+/// How busy the whole machine was over a span, in percent of its CPU time:
+/// not idle, and taken by the hypervisor for others (steal).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MachineLoad {
+    /// Share of CPU time not idle.
+    pub busy_pct: f64,
+    /// Share stolen by the hypervisor.
+    pub steal_pct: f64,
+}
+
+/// At or above this share busy, the emulated hosts compete for the two
+/// cores and cannot all have had their quotas: a round measured so says
+/// more about the machine than about Shoal.
+pub const SATURATED_BUSY_PCT: f64 = 90.0;
+/// At or above this share stolen, the same.
+pub const SATURATED_STEAL_PCT: f64 = 10.0;
+
+impl MachineLoad {
+    /// True when the hosts cannot all have had their quotas.
+    pub fn saturated(&self) -> bool {
+        self.busy_pct >= SATURATED_BUSY_PCT || self.steal_pct >= SATURATED_STEAL_PCT
+    }
+}
+
+/// The machine's CPU counters at one moment, to compare with later.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuReading(Option<(u64, u64, u64)>);
+
+impl CpuReading {
+    /// The counters now.
+    pub fn now() -> CpuReading {
+        CpuReading(machine_cpu())
+    }
+
+    /// How busy the machine was since this reading (`None` without
+    /// `/proc/stat` or when no time passed).
+    pub fn load_since(&self) -> Option<MachineLoad> {
+        match (self.0, machine_cpu()) {
+            (Some((t0, i0, s0)), Some((t1, i1, s1))) if t1 > t0 => {
+                #[allow(clippy::cast_precision_loss)]
+                let pct = |v: u64| 100.0 * v as f64 / (t1 - t0) as f64;
+                Some(MachineLoad {
+                    busy_pct: 100.0 - pct(i1 - i0),
+                    steal_pct: pct(s1 - s0),
+                })
+            }
+            _ => None,
+        }
+    }
+}

@@ -366,8 +366,19 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     );
                 }
                 for (i, (a, b)) in r.single_s.iter().zip(&r.fleet_s).enumerate() {
+                    let machine = r.fleet_load[i].map_or(String::new(), |l| {
+                        format!(
+                            "   machine {:.0} % busy{}",
+                            l.busy_pct,
+                            if l.saturated() {
+                                " (saturated: left out)"
+                            } else {
+                                ""
+                            }
+                        )
+                    });
                     println!(
-                        "  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   goal ≤ {:.3}s {}   origin egress {:.2}x artifact",
+                        "  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   goal ≤ {:.3}s {}   origin egress {:.2}x artifact{machine}",
                         i + 1,
                         a,
                         r.replicas,
@@ -378,18 +389,28 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         r.egress_ratio[i]
                     );
                 }
-                let met = r
-                    .fleet_s
+                let judged: Vec<usize> = (0..r.fleet_s.len())
+                    .filter(|i| !r.verdict || !r.saturated_rounds.contains(i))
+                    .collect();
+                let met = judged
                     .iter()
-                    .zip(&r.goal_s)
-                    .filter(|(b, g)| b <= g)
+                    .filter(|&&i| r.fleet_s[i] <= r.goal_s[i])
                     .count();
                 println!(
                     "median ratio {:.2}; goal (1.2 × one replica + 100 ms, PERF.md) met in {met} of {} rounds, median {:+.3}s against it",
                     r.ratio,
-                    r.fleet_s.len(),
+                    judged.len(),
                     r.median_over_goal_s
                 );
+                if !r.verdict {
+                    println!(
+                        "no verdict: the machine was at least {:.0} % busy in {} of {} rounds, so the emulated hosts \
+                         did not all get their quotas; close other work or give each host less (--cpu, with --link-mbit scaled to match)",
+                        shoal_bench::lab::SATURATED_BUSY_PCT,
+                        r.saturated_rounds.len(),
+                        r.fleet_s.len()
+                    );
+                }
             }
         }
         BenchCommand::Delta { size_mb } => {
