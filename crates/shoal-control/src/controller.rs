@@ -337,7 +337,12 @@ impl Control {
                         .min_p99_increase_ms
                         .unwrap_or(defaults.min_p99_increase_ms),
                 };
-                Controller::Canary(Canary::start(from, version.version.clone(), config, now))
+                Controller::Canary(Box::new(Canary::start(
+                    from,
+                    version.version.clone(),
+                    config,
+                    now,
+                )))
             }
             Strategy::BlueGreen => Controller::BlueGreen(BlueGreen::start(
                 from.clone(),

@@ -159,9 +159,9 @@ fn human(d: Duration) -> String {
     match s {
         _ if ms < 1000 => format!("{ms}ms"),
         0..60 => format!("{s}s"),
-        60..3600 if s % 60 == 0 => format!("{}m", s / 60),
+        60..3600 if s.is_multiple_of(60) => format!("{}m", s / 60),
         60..3600 => format!("{}m{}s", s / 60, s % 60),
-        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
         _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
     }
 }

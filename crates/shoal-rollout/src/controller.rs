@@ -42,8 +42,8 @@ pub enum Step {
 pub enum Controller {
     /// Rolling update.
     Rolling(Rolling),
-    /// Canary with analysis.
-    Canary(Canary),
+    /// Canary with analysis (boxed: by far the largest state).
+    Canary(Box<Canary>),
     /// Blue-green switch.
     BlueGreen(BlueGreen),
     /// Shadow comparison.
@@ -466,8 +466,12 @@ mod tests {
 
         // A canary reads the fleet's counts of `model:version`: the canary
         // failing half its requests ends the rollout (rolled back).
-        let mut c =
-            Controller::Canary(Canary::start("1".into(), "2".into(), Default::default(), 0));
+        let mut c = Controller::Canary(Box::new(Canary::start(
+            "1".into(),
+            "2".into(),
+            Default::default(),
+            0,
+        )));
         assert_eq!(c.tick("m", &refs, &quiet, &mut rng, 0), Step::Changed);
         let counts = |requests, errors| shoal_api::fleet::VersionStats {
             requests,
@@ -488,7 +492,7 @@ mod tests {
         // A paused rollout does not move, whatever the fleet says.
         let mut paused = Canary::start("1".into(), "2".into(), Default::default(), 0);
         paused.progress.state = RolloutState::Paused;
-        let mut paused = Controller::Canary(paused);
+        let mut paused = Controller::Canary(Box::new(paused));
         assert_eq!(
             paused.tick("m", &refs, &failing, &mut rng, 600_000),
             Step::Unchanged
@@ -538,12 +542,12 @@ mod tests {
         let refs: Vec<&ReplicaFacts> = replicas.iter().collect();
         let running = [
             Controller::Rolling(Rolling::start(Some("1".into()), "2".into(), 2, 0)),
-            Controller::Canary(crate::canary::Canary::start(
+            Controller::Canary(Box::new(crate::canary::Canary::start(
                 "1".into(),
                 "2".into(),
                 Default::default(),
                 0,
-            )),
+            ))),
             Controller::BlueGreen(crate::bluegreen::BlueGreen::start(
                 Some("1".into()),
                 "2".into(),
@@ -591,11 +595,16 @@ mod tests {
             ),
             (
                 "canary",
-                Controller::Canary(Canary::start("1".into(), "2".into(), Default::default(), 0)),
+                Controller::Canary(Box::new(Canary::start(
+                    "1".into(),
+                    "2".into(),
+                    Default::default(),
+                    0,
+                ))),
             ),
             (
                 "gradual",
-                Controller::Canary(Canary::start("1".into(), "2".into(), gradual, 0)),
+                Controller::Canary(Box::new(Canary::start("1".into(), "2".into(), gradual, 0))),
             ),
             (
                 "blue-green",

@@ -492,7 +492,7 @@ mod tests {
         );
         Arc::make_mut(&mut f.deployments)[0] = (
             deployment("digits", &[("2", 100)], None),
-            Some(Controller::Canary(canary)),
+            Some(Controller::Canary(Box::new(canary))),
         );
         let d = desired_state(&f, "a");
         assert_eq!(d.version_keys(), ["digits:1", "digits:2"]);

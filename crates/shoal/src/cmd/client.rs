@@ -884,6 +884,12 @@ fn print_members(control: &shoal_api::fleet::Leadership) {
     }
 }
 
+/// Versions as the status table shows them: `digits:1 digits:2`.
+fn spaced(keys: &[shoal_api::VersionKey]) -> String {
+    let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+    keys.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -905,10 +911,4 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(3600.0));
         assert!(parse_duration("5 parsecs").is_err());
     }
-}
-
-/// Versions as the status table shows them: `digits:1 digits:2`.
-fn spaced(keys: &[shoal_api::VersionKey]) -> String {
-    let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-    keys.join(" ")
 }

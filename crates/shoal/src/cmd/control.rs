@@ -185,18 +185,6 @@ pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyho
         ..ControlConfig::default()
     };
     let mut server = ControlServer::start(config).await?;
-    tracing::info!(addr = %server.addr, "control plane listening");
-    println!(
-        "shoal control listening on {}://{}",
-        args_scheme, server.addr
-    );
-    let ended = tokio::select! {
-        () = super::shutdown_requested() => None,
-        result = server.join() => Some(result),
-    };
-    match ended {
-        Some(result) => result?,
-        None => server.stop().await?,
-    }
-    Ok(())
+    super::announce("control", args_scheme, server.addr, None);
+    run_until_signal!(server)
 }

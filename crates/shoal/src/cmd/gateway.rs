@@ -121,22 +121,6 @@ pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()
         ..GatewayConfig::default()
     };
     let mut server = GatewayServer::start(config).await?;
-    tracing::info!(addr = %server.addr, "gateway listening");
-    // Before the REST line, which tools starting gateways wait for.
-    if let Some(grpc) = server.grpc_addr {
-        println!("shoal gateway gRPC listening on {grpc}");
-    }
-    println!(
-        "shoal gateway listening on {}://{}",
-        args_scheme, server.addr
-    );
-    let ended = tokio::select! {
-        () = super::shutdown_requested() => None,
-        result = server.join() => Some(result),
-    };
-    match ended {
-        Some(result) => result?,
-        None => server.stop().await?,
-    }
-    Ok(())
+    super::announce("gateway", args_scheme, server.addr, server.grpc_addr);
+    run_until_signal!(server)
 }

@@ -1,6 +1,23 @@
 //! One module per command family; each turns arguments into calls on the
 //! library crates and formats what comes back.
 
+/// Serves with `$server` (a role's server: `join` and `stop`) until it
+/// ends by itself or SIGINT/SIGTERM asks for a graceful stop; evaluates to
+/// the command's result.
+macro_rules! run_until_signal {
+    ($server:ident) => {{
+        let ended = tokio::select! {
+            () = $crate::cmd::shutdown_requested() => None,
+            result = $server.join() => Some(result),
+        };
+        match ended {
+            Some(result) => result?,
+            None => $server.stop().await?,
+        }
+        Ok(())
+    }};
+}
+
 pub(crate) mod backup;
 pub(crate) mod bench;
 pub(crate) mod client;
@@ -15,6 +32,22 @@ pub(crate) mod up;
 pub(crate) async fn shutdown_requested() {
     shoal_http::shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// Prints the lines tools starting a role wait for: the gRPC address first
+/// (when served), then `shoal ROLE listening on SCHEME://ADDR`, which
+/// `shoal up`, the testkit and scripts read a port-0 address from.
+pub(crate) fn announce(
+    role: &str,
+    scheme: &str,
+    addr: std::net::SocketAddr,
+    grpc: Option<std::net::SocketAddr>,
+) {
+    tracing::info!(%addr, "{role} listening");
+    if let Some(grpc) = grpc {
+        println!("shoal {role} gRPC listening on {grpc}");
+    }
+    println!("shoal {role} listening on {scheme}://{addr}");
 }
 
 /// When started by `shoal up` (which sets [`shoal_fleet::PARENT_ENV`]),

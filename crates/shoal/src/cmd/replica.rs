@@ -290,23 +290,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
             shoal_sync::start_replica(config, sync, backend).await?
         }
     };
-    tracing::info!(addr = %server.addr, id = server.replica.id(), "replica listening");
-    // Before the REST line, which tools starting replicas wait for.
-    if let Some(grpc) = server.grpc_addr {
-        println!("shoal replica gRPC listening on {grpc}");
-    }
-    // Tools that start replicas on port 0 read the address from this line.
-    println!(
-        "shoal replica listening on {}://{}",
-        args_scheme, server.addr
-    );
-    let ended = tokio::select! {
-        () = super::shutdown_requested() => None,
-        result = server.join() => Some(result),
-    };
-    match ended {
-        Some(result) => result?,
-        None => server.stop().await?,
-    }
-    Ok(())
+    tracing::info!(id = server.replica.id(), "replica id");
+    super::announce("replica", args_scheme, server.addr, server.grpc_addr);
+    run_until_signal!(server)
 }
