@@ -51,6 +51,9 @@ pub struct Supervised {
     /// Wakes a supervisor waiting out a restart backoff when it must stop.
     stop: tokio::sync::Notify,
     addr: tokio::sync::watch::Sender<Option<String>>,
+    /// The gRPC address it announced (`shoal gateway … gRPC listening on`),
+    /// printed before the REST line.
+    grpc_addr: tokio::sync::watch::Sender<Option<String>>,
     /// Set when the child exited before it was ever listening: it cannot
     /// start (an address taken, a bad flag), and restarting will not help.
     never_started: tokio::sync::watch::Sender<Option<String>>,
@@ -87,6 +90,7 @@ impl Supervised {
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             addr: tokio::sync::watch::Sender::new(None),
+            grpc_addr: tokio::sync::watch::Sender::new(None),
             never_started: tokio::sync::watch::Sender::new(None),
             task: Mutex::new(None),
         });
@@ -115,6 +119,12 @@ impl Supervised {
             Ok(result) => result,
             Err(_) => Err(format!("{} did not start listening within 60 s", self.name)),
         }
+    }
+
+    /// The gRPC address the child announced, if it serves gRPC: known once
+    /// [`Supervised::address`] is, since the gRPC line comes first.
+    pub fn grpc_address(&self) -> Option<String> {
+        self.grpc_addr.borrow().clone()
     }
 
     /// Sends SIGKILL to the running process; returns its pid.
@@ -203,10 +213,13 @@ impl Supervised {
             }
             if let Some(stdout) = child.stdout.take() {
                 let addr = self.addr.clone();
+                let grpc_addr = self.grpc_addr.clone();
                 tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        if let Some((_, url)) = line.split_once("listening on ") {
+                        if let Some((_, a)) = line.split_once(" gRPC listening on ") {
+                            grpc_addr.send_replace(Some(a.trim().to_owned()));
+                        } else if let Some((_, url)) = line.split_once("listening on ") {
                             let a = url.split_once("://").map_or(url, |(_, a)| a);
                             addr.send_replace(Some(a.trim().to_owned()));
                         }

@@ -55,6 +55,9 @@ pub struct UpConfig {
     pub regions: Vec<String>,
     /// Address of the first region's gateway; the others take the next ports.
     pub gateway_addr: SocketAddr,
+    /// Where the first region's gateway serves the KServe v2 gRPC protocol,
+    /// if at all; the others take the next free ports.
+    pub grpc_addr: Option<SocketAddr>,
     /// Address of the control plane.
     pub control_addr: SocketAddr,
     /// Chaos monkey: random replica kills per minute.
@@ -107,6 +110,12 @@ impl UpConfig {
                 self.replicas
             );
         }
+        if self.tls && self.grpc_addr.is_some() {
+            bail!(
+                "--grpc-addr with --tls: gateways serve gRPC in plaintext only, so they refuse both; \
+                 drop one of them"
+            );
+        }
         if self.control_planes > 1 && !postgres {
             bail!(
                 "--control-planes {} needs a registry they share: pass --registry postgres://user@host/database (SQLite serves one control plane)",
@@ -124,6 +133,9 @@ pub struct FleetState {
     pub control: String,
     /// Gateway URLs by region.
     pub gateways: Vec<(String, String)>,
+    /// Gateways' gRPC addresses by region (with `--grpc-addr`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grpc: Vec<(String, String)>,
     /// Process ids of every child running now.
     pub pids: Vec<(String, u32)>,
     /// The control planes' artifact store: a local directory.
@@ -134,17 +146,25 @@ pub struct FleetState {
 /// next ports, skipping the control plane's (with the defaults, 8080 and
 /// 8082 around the control plane's 8081). Port 0 means any, for each.
 fn gateway_addrs(first: SocketAddr, control: SocketAddr, regions: usize) -> Vec<SocketAddr> {
+    spread(first, &[control], regions)
+}
+
+/// `n` addresses from `first` on, on successive ports, skipping any that
+/// clashes with one of `taken`. Port 0 means any, for each.
+fn spread(first: SocketAddr, taken: &[SocketAddr], n: usize) -> Vec<SocketAddr> {
     if first.port() == 0 {
-        return vec![first; regions];
+        return vec![first; n];
     }
-    let mut addrs = Vec::with_capacity(regions);
+    let mut addrs = Vec::with_capacity(n);
     let mut port = first.port();
-    while addrs.len() < regions {
+    while addrs.len() < n {
         let candidate = SocketAddr::new(first.ip(), port);
-        let clashes = candidate.port() == control.port()
-            && (candidate.ip() == control.ip()
-                || control.ip().is_unspecified()
-                || candidate.ip().is_unspecified());
+        let clashes = taken.iter().any(|t| {
+            candidate.port() == t.port()
+                && (candidate.ip() == t.ip()
+                    || t.ip().is_unspecified()
+                    || candidate.ip().is_unspecified())
+        });
         if !clashes {
             addrs.push(candidate);
         }
@@ -434,7 +454,18 @@ pub async fn run(
                 .push(child);
         }
         let mut gateways = Vec::new();
+        let mut grpc = Vec::new();
+        // gRPC ports follow the first one, clear of every REST port.
+        let grpc_addrs = config.grpc_addr.map(|first| {
+            let mut taken = gateway_addrs.clone();
+            taken.push(config.control_addr);
+            spread(first, &taken, config.regions.len())
+        });
         for (i, region) in config.regions.iter().enumerate() {
+            let grpc_args = grpc_addrs
+                .as_ref()
+                .map(|a| vec!["--grpc-addr".to_owned(), a[i].to_string()])
+                .unwrap_or_default();
             let g = Supervised::spawn(
                 format!("gateway-{region}"),
                 exe.clone(),
@@ -456,17 +487,22 @@ pub async fn run(
                 .into_iter()
                 .chain(events_args.iter().cloned())
                 .chain(tls_args.iter().cloned())
+                .chain(grpc_args)
                 .collect(),
                 true,
                 state.clone(),
                 config.data_dir.clone(),
             );
-            let addr = listening(&spawned, g)
+            let addr = listening(&spawned, g.clone())
                 .await
                 .with_context(|| format!("the {region} gateway did not start"))?;
             gateways.push((region.clone(), format!("{scheme}://{addr}")));
+            if let Some(a) = g.grpc_address() {
+                grpc.push((region.clone(), a));
+            }
         }
         state.lock().await.gateways = gateways.clone();
+        state.lock().await.grpc = grpc.clone();
         child::write_state(&state, &config.data_dir).await;
 
         if seed(&client).await? {
@@ -493,6 +529,7 @@ pub async fn run(
             control_url,
             admin_file,
             gateways,
+            grpc,
             infer_url,
             body,
             launcher,
@@ -507,7 +544,7 @@ pub async fn run(
             return Ok(());
         }
     };
-    let (control_url, admin_file, gateways, infer_url, body, launcher, admin) = match ready {
+    let (control_url, admin_file, gateways, grpc, infer_url, body, launcher, admin) = match ready {
         Ok(ready) => ready,
         Err(e) => {
             stop_all(take(&spawned)).await;
@@ -550,6 +587,9 @@ pub async fn run(
     );
     for (region, url) in &gateways {
         println!("  gateway        {url}   ({region})");
+    }
+    for (region, addr) in &grpc {
+        println!("  gateway gRPC   {addr}   ({region}; KServe v2, e.g. tritonclient.grpc)");
     }
     // As Jupyter does: a link that signs the browser in (the token leaves
     // the address bar at once, traded for a session cookie).
@@ -713,6 +753,7 @@ mod tests {
             standby: 0,
             regions: vec!["local".into()],
             gateway_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: None,
             control_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             chaos_per_minute: None,
             tls: false,
@@ -786,5 +827,26 @@ mod tests {
         assert_eq!(ports("0.0.0.0:8080", "127.0.0.1:8081", 2), [8080, 8082]);
         assert_eq!(ports("127.0.0.1:9000", "127.0.0.1:8081", 2), [9000, 9001]);
         assert_eq!(ports("127.0.0.1:0", "127.0.0.1:0", 2), [0, 0]);
+        // gRPC ports skip every REST gateway's and the control plane's.
+        let taken = [
+            addr("127.0.0.1:8080"),
+            addr("127.0.0.1:8082"),
+            addr("127.0.0.1:8081"),
+        ];
+        let grpc: Vec<u16> = spread(addr("127.0.0.1:8080"), &taken, 2)
+            .iter()
+            .map(SocketAddr::port)
+            .collect();
+        assert_eq!(grpc, [8083, 8084]);
+    }
+
+    #[test]
+    fn grpc_with_tls_is_refused_at_start() {
+        let mut config = up(1, None);
+        config.grpc_addr = Some("127.0.0.1:8001".parse().unwrap());
+        assert!(config.check().is_ok());
+        config.tls = true;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("--grpc-addr with --tls"), "{err}");
     }
 }

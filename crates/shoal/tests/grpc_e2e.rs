@@ -35,11 +35,17 @@ fn start(role: &str, dir: &std::path::Path, args: &[&str]) -> (ChildGuard, Strin
     (child, rest, grpc)
 }
 
-fn min_accuracy() -> f64 {
+/// The accuracy `model` (`digits-v1`, `digits-v2`) must reach on the
+/// held-out samples, less one sample's worth.
+fn min_accuracy_of(model: &str) -> f64 {
     let samples = Samples::load();
     #[allow(clippy::cast_precision_loss)]
     let slack = 1.0 / samples.labels.len() as f64;
-    samples.accuracy["digits-v2"] - slack - 1e-9
+    samples.accuracy[model] - slack - 1e-9
+}
+
+fn min_accuracy() -> f64 {
+    min_accuracy_of("digits-v2")
 }
 
 fn one_row(k: usize) -> ModelInferRequest {
@@ -142,4 +148,32 @@ async fn tritonclient_grpc_through_a_replica_and_a_gateway_and_a_replica_lost() 
     unknown.model_name = "nope".into();
     let status = client.model_infer(unknown).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+}
+
+/// `shoal up --grpc-addr`: the fleet's gateway serves gRPC at the address
+/// `shoal up` prints and writes to `fleet.json`, and `tritonclient.grpc`
+/// gets the same answers there as over REST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_serves_grpc_through_its_gateway() {
+    let tmp = TempDir::new("grpc-up");
+    let data = tmp.join("fleet");
+    let (_up, gateway, _control, lines) =
+        common::shoal_up_printing(&data, &["--grpc-addr", "127.0.0.1:0", "--replicas", "2"]);
+    let printed = lines
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("gateway gRPC"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("shoal up printed no gRPC address: {lines:?}"))
+        .to_owned();
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    assert_eq!(fleet["grpc"][0][1], printed.as_str(), "{fleet}");
+    assert_ne!(
+        printed, "127.0.0.1:0",
+        "the bound address, not the asked one"
+    );
+    let rest = gateway.trim_start_matches("http://");
+    // shoal up serves its bundled model, digits v1.
+    let accuracy = min_accuracy_of("digits-v1");
+    shoal_testkit::tritonclient_grpc_check(&printed, rest, "digits", accuracy).await;
 }

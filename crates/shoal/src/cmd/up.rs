@@ -32,6 +32,10 @@ pub(crate) struct UpArgs {
     /// Address of the control plane.
     #[arg(long, default_value = "127.0.0.1:8081")]
     control_addr: SocketAddr,
+    /// Also serve the KServe v2 gRPC protocol (tritonclient.grpc) at this
+    /// address on the first gateway; later regions take the next ports.
+    #[arg(long, value_name = "ADDR")]
+    grpc_addr: Option<SocketAddr>,
     /// Chaos monkey: kill a random replica this many times per minute, on average.
     #[arg(long, value_name = "KILLS_PER_MINUTE")]
     chaos: Option<f64>,
@@ -111,6 +115,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         standby,
         regions: args.regions,
         gateway_addr: args.gateway_addr,
+        grpc_addr: args.grpc_addr,
         control_addr: args.control_addr,
         chaos_per_minute: args.chaos,
         tls: args.tls,
