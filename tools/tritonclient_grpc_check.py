@@ -9,7 +9,10 @@ inputs as raw_input_contents), the outputs asked for, a request id, and the
 gRPC status codes of errors. Exits non-zero, with the reason, on the first
 mismatch; prints a JSON summary otherwise.
 
-Usage: tritonclient_grpc_check.py GRPC_HOST:PORT HTTP_HOST:PORT MODEL SAMPLES_JSON MIN_ACCURACY
+With CA_PEM both clients speak TLS (gRPC `ssl=True` with the CA as root
+certificates, https for REST) and verify the server's certificate by it.
+
+Usage: tritonclient_grpc_check.py GRPC_HOST:PORT HTTP_HOST:PORT MODEL SAMPLES_JSON MIN_ACCURACY [CA_PEM]
 """
 
 import json
@@ -41,8 +44,13 @@ def expect_error(call, status, says):
 def main():
     grpc_url, http_url, model = sys.argv[1], sys.argv[2], sys.argv[3]
     samples_path, min_accuracy = sys.argv[4], float(sys.argv[5])
-    client = grpcclient.InferenceServerClient(url=grpc_url)
-    rest = httpclient.InferenceServerClient(url=http_url)
+    ca = sys.argv[6] if len(sys.argv) > 6 else None
+    if ca:
+        client = grpcclient.InferenceServerClient(url=grpc_url, ssl=True, root_certificates=ca)
+        rest = httpclient.InferenceServerClient(url=http_url, ssl=True, ssl_options={"ca_certs": ca})
+    else:
+        client = grpcclient.InferenceServerClient(url=grpc_url)
+        rest = httpclient.InferenceServerClient(url=http_url)
 
     if not client.is_server_live():
         fail("server is not live")

@@ -110,12 +110,6 @@ impl UpConfig {
                 self.replicas
             );
         }
-        if self.tls && self.grpc_addr.is_some() {
-            bail!(
-                "--grpc-addr with --tls: gateways serve gRPC in plaintext only, so they refuse both; \
-                 drop one of them"
-            );
-        }
         if self.control_planes > 1 && !postgres {
             bail!(
                 "--control-planes {} needs a registry they share: pass --registry postgres://user@host/database (SQLite serves one control plane)",
@@ -838,15 +832,5 @@ mod tests {
             .map(SocketAddr::port)
             .collect();
         assert_eq!(grpc, [8083, 8084]);
-    }
-
-    #[test]
-    fn grpc_with_tls_is_refused_at_start() {
-        let mut config = up(1, None);
-        config.grpc_addr = Some("127.0.0.1:8001".parse().unwrap());
-        assert!(config.check().is_ok());
-        config.tls = true;
-        let err = config.check().unwrap_err().to_string();
-        assert!(err.contains("--grpc-addr with --tls"), "{err}");
     }
 }

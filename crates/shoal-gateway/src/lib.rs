@@ -261,8 +261,9 @@ impl GatewayServer {
         let (grpc, stop_grpc) = match gateway.config.grpc_addr {
             None => (None, None),
             Some(grpc_addr) => {
-                let (grpc, stop) = shoal_grpc::Beside::serve(
+                let (grpc, stop) = shoal_grpc::Beside::start(
                     shoal_http::bind(grpc_addr).await?,
+                    gateway.config.tls.as_ref(),
                     grpc::GrpcGateway::service(gateway.clone()),
                 )?;
                 (Some(grpc), Some(stop))

@@ -12,7 +12,9 @@
 //! - [`status`]: the gRPC status code for each HTTP status Shoal's REST
 //!   handlers answer with, so both protocols fail alike.
 //! - [`Beside`]: the service on a bound listener until told to stop, as
-//!   replicas and gateways run it beside their REST port.
+//!   replicas and gateways run it beside their REST port; over TLS with the
+//!   REST port's certificate (and client verification) when they serve
+//!   https.
 //!
 //! Architecture invariant: no server or inference here; replicas and
 //! gateways serve the service and run the requests.
@@ -41,24 +43,75 @@ impl StopBeside {
 }
 
 impl Beside {
+    /// Serves `service` on `listener`: over TLS with `tls`'s certificate
+    /// and client verification when given (a server on https serves gRPC
+    /// on TLS too), in plaintext otherwise.
+    pub fn start<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+        listener: tokio::net::TcpListener,
+        tls: Option<&shoal_http::tls::ServerTls>,
+        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+    ) -> std::io::Result<(Beside, StopBeside)> {
+        match tls {
+            Some(tls) => {
+                let config = tls.grpc_config().map_err(std::io::Error::other)?;
+                Self::serve_tls(listener, config, service)
+            }
+            None => Self::serve(listener, service),
+        }
+    }
+
     /// Serves `service` on `listener` (Nagle off).
     pub fn serve<T: pb::grpc_inference_service_server::GrpcInferenceService>(
         listener: tokio::net::TcpListener,
         service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        Ok(Self::serve_incoming(addr, incoming, service))
+    }
+
+    /// Serves `service` over TLS on `listener` with `config` (its ALPN must
+    /// offer `h2`: [`shoal_http::tls::ServerTls::grpc_config`]); handshakes
+    /// complete before tonic sees a connection, as for REST.
+    pub fn serve_tls<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+        listener: tokio::net::TcpListener,
+        config: std::sync::Arc<rustls::ServerConfig>,
+        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+    ) -> std::io::Result<(Beside, StopBeside)> {
+        let addr = listener.local_addr()?;
+        let tls = shoal_http::tls::TlsListener::new(listener, config)?;
+        let incoming = futures::stream::unfold(tls, |mut tls| async move {
+            let (connection, _peer) = tls.next().await;
+            Some((Ok::<_, std::io::Error>(TlsConnection(connection)), tls))
+        });
+        Ok(Self::serve_incoming(addr, incoming, service))
+    }
+
+    fn serve_incoming<T, S, IO>(
+        addr: std::net::SocketAddr,
+        incoming: S,
+        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+    ) -> (Beside, StopBeside)
+    where
+        T: pb::grpc_inference_service_server::GrpcInferenceService,
+        S: futures::Stream<Item = Result<IO, std::io::Error>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+    {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }),
         );
-        Ok((Beside { addr, task }, StopBeside(stop)))
+        (Beside { addr, task }, StopBeside(stop))
     }
 
     /// Waits until it has stopped.
@@ -67,6 +120,64 @@ impl Beside {
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?
             .map_err(std::io::Error::other)
+    }
+}
+
+/// A TLS connection as tonic serves it: the stream, with the TCP peer's
+/// address for handlers that ask (`Request::remote_addr`).
+struct TlsConnection(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

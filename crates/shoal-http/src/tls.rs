@@ -97,6 +97,16 @@ pub struct ServerTls {
 impl ServerTls {
     /// The rustls configuration (HTTP/1.1 by ALPN).
     pub fn config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.config_with_alpn(b"http/1.1")
+    }
+
+    /// The rustls configuration for gRPC (HTTP/2 by ALPN, which gRPC
+    /// clients insist on), same certificate and client verification.
+    pub fn grpc_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.config_with_alpn(b"h2")
+    }
+
+    fn config_with_alpn(&self, alpn: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -121,7 +131,7 @@ impl ServerTls {
                     self.cert.display()
                 ))
             })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(config))
     }
 }
@@ -186,16 +196,23 @@ impl Drop for TlsListener {
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl TlsListener {
+    /// The next connection whose handshake is done, with its peer.
+    pub async fn next(&mut self) -> (TlsStream<TcpStream>, SocketAddr) {
         match self.ready.recv().await {
             Some(connection) => connection,
             // The accept task only ends when the receiver is gone.
             None => std::future::pending().await,
         }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        self.next().await
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

@@ -693,8 +693,9 @@ impl ReplicaServer {
         let (grpc, stop_grpc) = match config.grpc_addr {
             None => (None, None),
             Some(grpc_addr) => {
-                let (grpc, stop) = shoal_grpc::Beside::serve(
+                let (grpc, stop) = shoal_grpc::Beside::start(
                     shoal_http::bind(grpc_addr).await?,
+                    config.tls.as_ref(),
                     grpc::GrpcReplica::service(replica.clone()),
                 )?;
                 (Some(grpc), Some(stop))

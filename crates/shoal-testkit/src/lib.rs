@@ -470,15 +470,40 @@ pub async fn tritonclient_grpc_check(
     model: &str,
     min_accuracy: f64,
 ) -> serde_json::Value {
+    run_tritonclient_grpc_check(grpc_addr, http_addr, model, min_accuracy, None).await
+}
+
+/// [`tritonclient_grpc_check`] over TLS on both protocols (`ssl=True`),
+/// trusting `ca`.
+pub async fn tritonclient_grpc_check_tls(
+    grpc_addr: &str,
+    http_addr: &str,
+    model: &str,
+    min_accuracy: f64,
+    ca: &std::path::Path,
+) -> serde_json::Value {
+    run_tritonclient_grpc_check(grpc_addr, http_addr, model, min_accuracy, Some(ca)).await
+}
+
+async fn run_tritonclient_grpc_check(
+    grpc_addr: &str,
+    http_addr: &str,
+    model: &str,
+    min_accuracy: f64,
+    ca: Option<&std::path::Path>,
+) -> serde_json::Value {
     let samples = model_path("digits-samples.json");
     let accuracy = min_accuracy.to_string();
-    let args = [
+    let mut args = vec![
         std::ffi::OsStr::new(grpc_addr),
         std::ffi::OsStr::new(http_addr),
         std::ffi::OsStr::new(model),
         samples.as_os_str(),
         std::ffi::OsStr::new(&accuracy),
     ];
+    if let Some(ca) = ca {
+        args.push(ca.as_os_str());
+    }
     let stdout = run_tool("tritonclient_grpc_check.py", &args, "tritonclient[grpc]").await;
     serde_json::from_slice(&stdout).unwrap_or_else(|e| {
         panic!(

@@ -79,23 +79,6 @@ pub(crate) struct ServeTls {
 }
 
 impl ServeTls {
-    /// Refuses `--grpc-addr` beside TLS: the gRPC port serves plaintext
-    /// only, and an operator who asked for TLS must not get a plaintext
-    /// port without knowing.
-    pub(crate) fn refuse_plain_grpc(
-        &self,
-        grpc: Option<std::net::SocketAddr>,
-    ) -> anyhow::Result<()> {
-        if let (Some(grpc), Some(_)) = (grpc, &self.tls_cert) {
-            anyhow::bail!(
-                "--grpc-addr {grpc} with --tls-cert: the gRPC port does not speak TLS yet, and \
-                 would carry requests in plaintext; drop --grpc-addr, or terminate TLS for gRPC \
-                 in front of it"
-            );
-        }
-        Ok(())
-    }
-
     /// The server's TLS files, if it serves https.
     pub(crate) fn server(
         &self,

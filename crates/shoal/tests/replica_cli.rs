@@ -116,34 +116,6 @@ fn bad_command_lines_say_what_is_wrong() {
     let (code, err) = run(&["replica", "--model", "digits"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("expected NAME=PATH[@VERSION]"), "{err}");
-    // The gRPC port speaks no TLS: asking for both is refused, not served
-    // in plaintext behind the operator's back.
-    let tls_and_grpc = [
-        "--addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--tls-cert",
-        "/nonexistent/cert.pem",
-        "--tls-key",
-        "/nonexistent/key.pem",
-    ];
-    for args in [
-        [&["replica"][..], &tls_and_grpc[..]].concat(),
-        [
-            &["gateway"][..],
-            &tls_and_grpc[..],
-            &["--replica", "127.0.0.1:1"][..],
-        ]
-        .concat(),
-    ] {
-        let (code, err) = run(&args);
-        assert_eq!(code, Some(1), "{args:?}: {err}");
-        assert!(
-            err.contains("the gRPC port does not speak TLS yet"),
-            "{args:?}: {err}"
-        );
-    }
     let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
     let (code, err) = run(&[
         "replica",

@@ -53,6 +53,8 @@ async fn shoal_up_serves_every_member_over_https() {
             data.to_str().unwrap(),
             "--replicas",
             "2",
+            "--grpc-addr",
+            "127.0.0.1:0",
         ],
         "shoal up ready:",
     );
@@ -88,6 +90,21 @@ async fn shoal_up_serves_every_member_over_https() {
     // Triton's client with ssl=True, JSON and binary tensors.
     let samples = Samples::load();
     shoal_testkit::tritonclient_check_tls(
+        gateway.trim_start_matches("https://"),
+        "digits",
+        samples.accuracy["digits-v1"] - 0.01,
+        Path::new(ca),
+    )
+    .await;
+    // And its gRPC client with ssl=True on the gateway's gRPC port, which
+    // serves TLS with the same certificate.
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("fleet.json")).unwrap()).unwrap();
+    let grpc = fleet["grpc"][0][1]
+        .as_str()
+        .expect("the gateway's gRPC address");
+    shoal_testkit::tritonclient_grpc_check_tls(
+        grpc,
         gateway.trim_start_matches("https://"),
         "digits",
         samples.accuracy["digits-v1"] - 0.01,

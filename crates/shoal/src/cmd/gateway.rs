@@ -75,7 +75,6 @@ pub(crate) struct GatewayArgs {
 }
 
 pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()> {
-    args.tls.refuse_plain_grpc(args.grpc_addr)?;
     let args_scheme = args.tls.scheme();
     if global.control.is_none() && args.replicas.is_empty() {
         bail!("nothing to route to: give --control URL, or --replica HOST:PORT for each replica");

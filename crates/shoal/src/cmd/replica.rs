@@ -206,7 +206,6 @@ fn replica_id(given: Option<String>, data_dir: &Path) -> anyhow::Result<String> 
 
 pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()> {
     let args_scheme = args.tls.scheme();
-    args.tls.refuse_plain_grpc(args.grpc_addr)?;
     if args.models.is_empty() && global.control.is_none() {
         bail!(
             "nothing to serve: give --control URL to serve what the control plane deploys, \
