@@ -31,6 +31,25 @@ pub fn after(at: UnixMillis, d: Duration) -> UnixMillis {
     at.saturating_add(as_millis(d))
 }
 
+/// A timestamp as a [`std::time::SystemTime`] (before the epoch: the epoch).
+pub fn as_system_time(at: UnixMillis) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + from_millis(at)
+}
+
+/// `d` as people say it in messages: 500ms, 30s, 10m, 1m30s, 1h, 1h30m.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    let s = d.as_secs();
+    match s {
+        _ if ms < 1000 => format!("{ms}ms"),
+        0..60 => format!("{s}s"),
+        60..3600 if s.is_multiple_of(60) => format!("{}m", s / 60),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 /// Time from `since` to `now`; zero if the clock went back.
 pub fn between(since: UnixMillis, now: UnixMillis) -> Duration {
     from_millis(now.saturating_sub(since))
@@ -104,6 +123,20 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(json, r#"{"bake_ms":30000,"bakes_ms":[1000,5]}"#);
         assert_eq!(serde_json::from_str::<Stored>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        for (ms, text) in [
+            (500, "500ms"),
+            (30_000, "30s"),
+            (600_000, "10m"),
+            (90_000, "1m30s"),
+            (3_600_000, "1h"),
+            (5_400_000, "1h30m"),
+        ] {
+            assert_eq!(human(Duration::from_millis(ms)), text);
+        }
     }
 
     #[test]

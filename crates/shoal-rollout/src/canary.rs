@@ -152,20 +152,6 @@ fn ms(x: Option<f64>) -> String {
     }
 }
 
-/// `d` as people say it: 500ms, 30s, 10m, 1h30m.
-fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    let s = d.as_secs();
-    match s {
-        _ if ms < 1000 => format!("{ms}ms"),
-        0..60 => format!("{s}s"),
-        60..3600 if s.is_multiple_of(60) => format!("{}m", s / 60),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
-        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
 /// The judgement of one window.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -326,7 +312,7 @@ impl Canary {
                     "step 1: {}% of traffic to {} for {}",
                     self.canary_weight(),
                     self.to,
-                    human(self.config.bake_of(0))
+                    shoal_api::duration::human(self.config.bake_of(0))
                 ),
                 now,
             );
@@ -425,7 +411,7 @@ impl Canary {
                     self.step + 1,
                     self.canary_weight(),
                     self.to,
-                    human(self.config.bake_of(self.step))
+                    shoal_api::duration::human(self.config.bake_of(self.step))
                 );
                 Decision::Changed
             }
@@ -654,21 +640,6 @@ mod tests {
             back.tick("m", &[&both], (&stats(6, 0, 1), &stats(6, 0, 1)), 1500),
             Decision::Unchanged
         );
-    }
-
-    #[test]
-    fn durations_read_naturally() {
-        let cases = [
-            (500, "500ms"),
-            (30_000, "30s"),
-            (600_000, "10m"),
-            (90_000, "1m30s"),
-            (3_600_000, "1h"),
-            (5_400_000, "1h30m"),
-        ];
-        for (ms, text) in cases {
-            assert_eq!(human(Duration::from_millis(ms)), text);
-        }
     }
 
     #[test]

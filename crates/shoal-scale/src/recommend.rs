@@ -134,8 +134,10 @@ impl Autoscaler {
             let absolute = replicas_for(ahead, per, tol, f.min, f.max);
             let within = format!(
                 "expects {ahead:.1} req/s within {} (a replica loads in {})",
-                human_ms(lead + self.seasonal.config().slot_ms),
-                human_ms(lead),
+                shoal_api::duration::human(shoal_api::duration::from_millis(
+                    lead + self.seasonal.config().slot_ms,
+                )),
+                shoal_api::duration::human(shoal_api::duration::from_millis(lead)),
             );
             // The forecast's shape scaled onto what the reactive part
             // finds right now, so forecast noise does not add replicas in
@@ -230,14 +232,6 @@ fn replicas_for(rps: f64, per_replica: f64, tolerance: f64, min: u32, max: u32) 
         max
     })
     .clamp(min, max.max(min))
-}
-
-fn human_ms(ms: i64) -> String {
-    if ms >= 60_000 {
-        format!("{:.1} min", ms as f64 / 60_000.0)
-    } else {
-        format!("{:.1} s", ms as f64 / 1000.0)
-    }
 }
 
 #[cfg(test)]

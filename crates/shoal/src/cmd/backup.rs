@@ -3,7 +3,7 @@
 //! directly: they need no control plane).
 
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -87,11 +87,6 @@ fn show(bar: &ProgressBar, p: BackupProgress) {
     bar.set_position(p.done);
 }
 
-fn when(millis: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0));
-    humantime::format_rfc3339_seconds(at).to_string()
-}
-
 pub(crate) async fn backup(args: BackupArgs, global: &Global) -> anyhow::Result<()> {
     match (args.command, args.to) {
         (Some(BackupCommand::List { from }), _) => list(&from, global).await,
@@ -135,7 +130,7 @@ async fn take(to: &str, global: &Global) -> anyhow::Result<()> {
 fn print_record(record: &BackupRecord, to: &str) {
     let c = &record.counts;
     let mut t = super::client::table(&["backup", &record.id]);
-    t.add_row(vec!["taken".to_owned(), when(record.created_at)]);
+    t.add_row(vec!["taken".to_owned(), super::when(record.created_at)]);
     t.add_row(vec!["at".to_owned(), to.to_owned()]);
     t.add_row(vec!["revision".to_owned(), record.revision.to_string()]);
     t.add_row(vec![
@@ -197,7 +192,7 @@ async fn list(from: &str, global: &Global) -> anyhow::Result<()> {
     for r in &records {
         t.add_row(vec![
             r.id.clone(),
-            when(r.created_at),
+            super::when(r.created_at),
             r.revision.to_string(),
             r.counts.versions.to_string(),
             r.artifacts.len().to_string(),

@@ -290,27 +290,6 @@ fn shapes(
         .collect()
 }
 
-fn when(millis: i64) -> String {
-    let secs = millis / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
     let metadata = tokio::fs::metadata(&args.file)
         .await
@@ -447,7 +426,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                 t.add_row(vec!["status".to_owned(), v.status.as_str().to_owned()]);
                 t.add_row(vec!["sha256".to_owned(), v.sha256.clone()]);
                 t.add_row(vec!["size".to_owned(), format!("{} bytes", v.size)]);
-                t.add_row(vec!["created".to_owned(), when(v.created_at)]);
+                t.add_row(vec!["created".to_owned(), super::when(v.created_at)]);
                 t.add_row(vec![
                     "lineage".to_owned(),
                     v.lineage.clone().unwrap_or_else(|| "-".into()),
@@ -488,7 +467,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                     status,
                     v.sha256[..12].to_owned(),
                     v.size.to_string(),
-                    when(v.created_at),
+                    super::when(v.created_at),
                     v.metrics
                         .iter()
                         .map(|(k, v)| format!("{k}={v}"))
@@ -743,7 +722,7 @@ pub(crate) async fn token(command: TokenCommand, global: &Global) -> anyhow::Res
                 t.add_row(vec![
                     token.name.clone(),
                     token.role.to_string(),
-                    when(token.created_at),
+                    super::when(token.created_at),
                     token.created_by.clone(),
                 ]);
             }

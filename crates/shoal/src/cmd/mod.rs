@@ -28,6 +28,11 @@ pub(crate) mod replica;
 pub(crate) mod scale;
 pub(crate) mod up;
 
+/// A document's timestamp as tables show it: RFC 3339 to the second, UTC.
+pub(crate) fn when(millis: shoal_api::UnixMillis) -> String {
+    humantime::format_rfc3339_seconds(shoal_api::duration::as_system_time(millis)).to_string()
+}
+
 /// Resolves after SIGINT or SIGTERM, logging that shutdown started.
 pub(crate) async fn shutdown_requested() {
     shoal_http::shutdown_signal().await;
