@@ -98,7 +98,7 @@ pub(crate) async fn run(
                 for _ in 0..n {
                     let name = format!("replica-{next}");
                     next += 1;
-                    println!(
+                    say!(
                         "autoscale: starting {name} ({} wanted)",
                         scale.desired_replicas
                     );
@@ -115,7 +115,7 @@ pub(crate) async fn run(
                     continue;
                 };
                 let child = extra.remove(i);
-                println!(
+                say!(
                     "autoscale: stopping {name} ({} wanted)",
                     scale.desired_replicas
                 );

@@ -256,7 +256,7 @@ impl Supervised {
             let wait = backoff(attempt);
             attempt += 1;
             tracing::warn!(child = %self.name, %status, "exited; restarting in {wait:?}");
-            println!(
+            say!(
                 "{} exited ({status}); restarting in {:.1}s",
                 self.name,
                 wait.as_secs_f64()

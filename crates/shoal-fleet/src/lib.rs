@@ -11,6 +11,16 @@
 //! Children exit on their own if `shoal up` disappears (they watch their
 //! parent), so even a `kill -9` of `shoal up` leaves nothing behind.
 
+/// Prints a line for the person running `shoal up`, like `println!`, but a
+/// closed stdout (`shoal up | head`, a test that stopped reading) is
+/// ignored instead of panicking and taking the fleet down with it.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 pub mod autoscale;
 mod child;
 pub mod tls;
@@ -551,21 +561,21 @@ pub async fn run(
         .clone();
     let gateway = gateways[0].1.clone();
     let elapsed = started.elapsed();
-    println!();
+    say!();
     let standby = if config.standby > 0 {
         format!(" and {} standby", config.standby)
     } else {
         String::new()
     };
-    println!(
+    say!(
         "Shoal is up in {:.1}s: {} replica(s){standby} in {}.",
         elapsed.as_secs_f64(),
         config.replicas,
         config.regions.join(", ")
     );
-    println!("  control plane  {control_url}   (shoal status, shoal model list)");
+    say!("  control plane  {control_url}   (shoal status, shoal model list)");
     if config.control_planes > 1 {
-        println!(
+        say!(
             "                 {} members sharing {}: one leads, any answers; pass them all with --control",
             config.control_planes,
             config
@@ -574,45 +584,45 @@ pub async fn run(
                 .map_or("the registry".into(), redact_url)
         );
     }
-    println!(
+    say!(
         "  admin token    {}   (the CLI reads .shoal/admin.token under its working directory; \
          elsewhere use --token-file)",
         admin_file.display()
     );
     for (region, url) in &gateways {
-        println!("  gateway        {url}   ({region})");
+        say!("  gateway        {url}   ({region})");
     }
     for (region, addr) in &grpc {
-        println!("  gateway gRPC   {addr}   ({region}; KServe v2, e.g. tritonclient.grpc)");
+        say!("  gateway gRPC   {addr}   ({region}; KServe v2, e.g. tritonclient.grpc)");
     }
     // As Jupyter does: a link that signs the browser in (the token leaves
     // the address bar at once, traded for a session cookie).
     match shoal_client::secret::read(&admin_file) {
         Ok(token) => {
-            println!("  dashboard      {control_url}/?token={token}   (open in a browser)")
+            say!("  dashboard      {control_url}/?token={token}   (open in a browser)")
         }
-        Err(_) => println!("  dashboard      {control_url}/   (sign in with the admin token)"),
+        Err(_) => say!("  dashboard      {control_url}/   (sign in with the admin token)"),
     }
-    println!();
-    println!("Get a prediction:");
+    say!();
+    say!("Get a prediction:");
     let cacert = tls
         .as_ref()
         .map(|f| format!("--cacert {} ", f.ca.display()))
         .unwrap_or_default();
-    println!("  curl -s {cacert}{infer_url} -H 'content-type: application/json' \\");
-    println!("    -d '{body}'");
+    say!("  curl -s {cacert}{infer_url} -H 'content-type: application/json' \\");
+    say!("    -d '{body}'");
     if let Some(f) = &tls {
-        println!();
-        println!("Every member serves https with a local CA; for the CLI:");
-        println!(
+        say!();
+        say!("Every member serves https with a local CA; for the CLI:");
+        say!(
             "  export SHOAL_CONTROL={control_url} SHOAL_CA={}",
             f.ca.display()
         );
     }
-    println!();
-    println!("Press Ctrl-C to stop.");
+    say!();
+    say!("Press Ctrl-C to stop.");
     // Tests and tools read this line.
-    println!("shoal up ready: gateway {gateway} control {control_url}");
+    say!("shoal up ready: gateway {gateway} control {control_url}");
 
     let chaos = config.chaos_per_minute.filter(|r| *r > 0.0).map(|rate| {
         let replicas: Vec<Arc<Supervised>> = children
@@ -623,7 +633,7 @@ pub async fn run(
         tokio::spawn(chaos_monkey(replicas, rate))
     });
     let autoscaler = config.autoscale.map(|max| {
-        println!(
+        say!(
             "autoscale: following the control plane's desired replica count, {} to {max} replicas",
             config.replicas
         );
@@ -730,7 +740,7 @@ async fn chaos_monkey(replicas: Vec<Arc<Supervised>>, rate: f64) {
                 pid,
                 "chaos monkey: killed replica (SIGKILL)"
             );
-            println!("chaos: killed {} (pid {pid})", replicas[i].name());
+            say!("chaos: killed {} (pid {pid})", replicas[i].name());
         }
     }
 }

@@ -652,3 +652,64 @@ async fn three_control_planes_under_shoal_up_survive_losing_the_leader() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions");
     assert!(ok.load(Ordering::Relaxed) > 0);
 }
+
+/// `shoal up | head`: once nobody reads its output, the next line it prints
+/// (a replica's restart) must not take the fleet down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_does_not_stop_the_fleet() {
+    use std::io::BufRead;
+    let tmp = TempDir::new("up-closed-stdout");
+    let data = tmp.join("fleet");
+    let mut child = std::process::Command::new(shoal())
+        .args([
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--replicas", "2"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut up = shoal_testkit::ChildGuard(child);
+    let ready = std::io::BufReader::new(stdout)
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("shoal up ready:"))
+        .expect("shoal up printed its ready line");
+    // The reader (and with it the pipe's read end) is gone now.
+    let gateway = ready.split_whitespace().nth(4).unwrap().to_owned();
+    let fleet_pid = |name: &str| -> Option<u64> {
+        let fleet: Value =
+            serde_json::from_slice(&std::fs::read(data.join("fleet.json")).ok()?).ok()?;
+        fleet["pids"]
+            .as_array()?
+            .iter()
+            .find(|p| p[0] == name)
+            .and_then(|p| p[1].as_u64())
+    };
+    let before = fleet_pid("replica-0").expect("replica-0 runs");
+    nix::sys::signal::kill(
+        Pid::from_raw(i32::try_from(before).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    // Restarted: shoal up printed its "exited; restarting" line into the
+    // closed pipe, and lived.
+    eventually("replica-0 to be restarted", Duration::from_secs(30), || {
+        let now = fleet_pid("replica-0");
+        async move { now.filter(|p| *p != before).map(|_| ()) }
+    })
+    .await;
+    // try_wait, not a signal probe: a dead child stays a zombie until reaped.
+    let running = |up: &mut shoal_testkit::ChildGuard| up.0.try_wait().unwrap().is_none();
+    assert!(running(&mut up), "shoal up died writing to a closed stdout");
+    shoal_testkit::until_routed(&gateway, "digits").await;
+    assert!(running(&mut up));
+}
