@@ -180,18 +180,7 @@ impl LiveFleet {
             .map(|r| {
                 let l = live.get(&r.registration.id);
                 ReplicaFacts {
-                    failures: l
-                        .map(|l| {
-                            l.report
-                                .failures
-                                .iter()
-                                .map(|(key, f)| {
-                                    let at = (key.model.to_string(), key.version.to_string());
-                                    (at, f.clone())
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    failures: l.map(|l| l.report.failures.clone()).unwrap_or_default(),
                     id: r.registration.id.clone(),
                     address: r.registration.address.clone(),
                     region: r.registration.region.clone(),

@@ -216,6 +216,12 @@ impl VersionKey {
     pub fn is_of(&self, model: &str) -> bool {
         self.model.as_str() == model
     }
+
+    /// True when this is `model`'s `version`: a comparison with unchecked
+    /// strings that builds no key (for lookups on the request path).
+    pub fn is(&self, model: &str, version: &str) -> bool {
+        self.is_of(model) && self.version.as_str() == version
+    }
 }
 
 impl FromStr for VersionKey {
@@ -321,6 +327,7 @@ mod tests {
         assert_eq!((k.model.as_str(), k.version.as_str()), ("digits", "2"));
         assert_eq!(k.to_string(), "digits:2");
         assert!(k.is_of("digits") && !k.is_of("digit"));
+        assert!(k.is("digits", "2") && !k.is("digits", "20") && !k.is("digit", "2"));
         assert!(k == "digits:2" && k != "digits:20" && k != "digits");
         assert_eq!(VersionKey::parse("digits", "2").unwrap(), k);
         assert_eq!(

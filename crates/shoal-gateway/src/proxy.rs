@@ -239,16 +239,18 @@ async fn send(
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
-            let version_key = response
+            let answered = response
                 .headers()
                 .get(VERSION_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| model_of(path).and_then(|m| VersionKey::parse(m, v).ok()));
+                .zip(model_of(path));
             if response.status() == StatusCode::NOT_FOUND {
                 return Attempt::Stale(response);
             }
             if response.status().is_server_error() {
-                let ejected = match &version_key {
+                // The key is built only here, on the failure path.
+                let key = answered.and_then(|(v, m)| VersionKey::parse(m, v).ok());
+                let ejected = match &key {
                     Some(key) => endpoint.version_failed(key, rtt, now, policy),
                     None => endpoint.failed(Failure::ServerError, rtt, now, policy),
                 };
@@ -258,8 +260,8 @@ async fn send(
                 Attempt::ServerError(response)
             } else {
                 endpoint.succeeded(rtt, now, policy);
-                if let Some(key) = &version_key {
-                    endpoint.version_succeeded(key, now, policy);
+                if let Some((version, model)) = answered {
+                    endpoint.version_succeeded(model, version, now, policy);
                 }
                 Attempt::Answer(response, rtt)
             }

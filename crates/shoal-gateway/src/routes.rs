@@ -83,14 +83,14 @@ impl Endpoint {
         let serving = self.serving.read().unwrap_or_else(PoisonError::into_inner);
         serving
             .iter()
-            .any(|k| k.is_of(model) && version.is_none_or(|v| k.version.as_str() == v))
+            .any(|k| version.map_or(k.is_of(model), |v| k.is(model, v)))
     }
 
     /// Stops believing it serves `version` of `model` until the next health
     /// check or routing update says otherwise.
     pub(crate) fn forget(&self, model: &str, version: &str) {
         let mut serving = self.serving.write().unwrap_or_else(PoisonError::into_inner);
-        let gone = |k: &VersionKey| k.is_of(model) && k.version.as_str() == version;
+        let gone = |k: &VersionKey| k.is(model, version);
         if serving.iter().any(gone) {
             let mut next = BTreeSet::clone(&serving);
             next.retain(|k| !gone(k));
@@ -115,17 +115,19 @@ impl Endpoint {
                 .is_ejected(now)
     }
 
-    /// True when it may receive traffic for version `key` (or, with none,
-    /// for any version) now.
-    pub fn available_for(&self, now: Duration, key: Option<&VersionKey>) -> bool {
+    /// True when it may receive traffic for `version` of `model` (or, with
+    /// none, for any version) now. Versions rarely have a health record
+    /// (only after a 5xx), so this scans a map that is almost always empty
+    /// rather than build a key per request.
+    pub fn available_for(&self, now: Duration, model: &str, version: Option<&str>) -> bool {
         self.available(now)
-            && key.is_none_or(|k| {
+            && version.is_none_or(|v| {
                 !self
                     .version_health
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .get(k)
-                    .is_some_and(|h| h.is_ejected(now))
+                    .iter()
+                    .any(|(k, h)| k.is(model, v) && h.is_ejected(now))
             })
     }
 
@@ -150,13 +152,20 @@ impl Endpoint {
             .on_failure(Failure::ServerError, now, policy)
     }
 
-    /// Records a good answer from `key`.
-    pub(crate) fn version_succeeded(&self, key: &VersionKey, now: Duration, policy: &HealthPolicy) {
+    /// Records a good answer from `version` of `model` (a scan of the
+    /// versions that have failed here, usually none).
+    pub(crate) fn version_succeeded(
+        &self,
+        model: &str,
+        version: &str,
+        now: Duration,
+        policy: &HealthPolicy,
+    ) {
         let mut map = self
             .version_health
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(h) = map.get_mut(key) {
+        if let Some((_, h)) = map.iter_mut().find(|(k, _)| k.is(model, version)) {
             h.on_success(now, policy);
         }
     }
@@ -438,11 +447,6 @@ impl Routes {
             return Err(NoRoute::NoneAvailable);
         }
         let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
-        let key = match version {
-            // A version no replica could serve (an invalid name).
-            Some(v) => Some(VersionKey::parse(model, v).map_err(|_| NoRoute::UnknownModel)?),
-            None => None,
-        };
         let serving: Vec<&Arc<Endpoint>> = state
             .endpoints
             .iter()
@@ -454,7 +458,7 @@ impl Routes {
         }
         let mut available: Vec<Arc<Endpoint>> = serving
             .iter()
-            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, key.as_ref()))
+            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, model, version))
             .map(|e| (*e).clone())
             .collect();
         if available.is_empty() {

@@ -61,7 +61,7 @@ impl Beside {
     }
 
     /// Serves `service` on `listener` (Nagle off).
-    pub fn serve<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+    fn serve<T: pb::grpc_inference_service_server::GrpcInferenceService>(
         listener: tokio::net::TcpListener,
         service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
     ) -> std::io::Result<(Beside, StopBeside)> {
@@ -74,7 +74,7 @@ impl Beside {
     /// Serves `service` over TLS on `listener` with `config` (its ALPN must
     /// offer `h2`: [`shoal_http::tls::ServerTls::grpc_config`]); handshakes
     /// complete before tonic sees a connection, as for REST.
-    pub fn serve_tls<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+    fn serve_tls<T: pb::grpc_inference_service_server::GrpcInferenceService>(
         listener: tokio::net::TcpListener,
         config: std::sync::Arc<rustls::ServerConfig>,
         service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,

@@ -680,7 +680,7 @@ mod tests {
         c.tick("m", &refs, &FleetFacts::default(), &mut rng, 1);
         for r in &mut fleet {
             if c.versions_for(r).iter().any(|v| v == "2") {
-                r.failures.insert(("m".into(), "2".into()), report.clone());
+                r.failures.insert("m:2".parse().unwrap(), report.clone());
             }
         }
         (fleet, rng)
@@ -806,27 +806,27 @@ mod tests {
         // c was not moved yet: its failure to load 2 is old news.
         fleet[2]
             .failures
-            .insert(("m".into(), "2".into()), definite.clone());
+            .insert("m:2".parse().unwrap(), definite.clone());
         // b cannot load the version being replaced: not this rollout's doing.
         fleet[1]
             .failures
-            .insert(("m".into(), "1".into()), definite.clone());
+            .insert("m:1".parse().unwrap(), definite.clone());
         // a is dead: whatever it said last does not count.
         fleet[0].alive = false;
         fleet[0]
             .failures
-            .insert(("m".into(), "2".into()), definite.clone());
+            .insert("m:2".parse().unwrap(), definite.clone());
         // Another model's failure.
         fleet[1]
             .failures
-            .insert(("other".into(), "2".into()), definite.clone());
+            .insert("other:2".parse().unwrap(), definite.clone());
         let refs: Vec<&ReplicaFacts> = fleet.iter().collect();
         c.tick("m", &refs, &FleetFacts::default(), &mut rng, 2);
         assert!(c.is_active(), "{:?}", c.progress());
         // A replica that serves the version after all has no failure.
         let mut served = serving_one("d");
         served.serving.insert(("m".into(), "2".into()));
-        served.failures.insert(("m".into(), "2".into()), definite);
+        served.failures.insert("m:2".parse().unwrap(), definite);
         assert_eq!(served.failure("m", "2"), None);
     }
 }

@@ -22,8 +22,8 @@ pub struct ReplicaFacts {
     pub alive: bool,
     /// `(model, version)` it reports serving.
     pub serving: BTreeSet<(String, String)>,
-    /// Versions it could not load, by `(model, version)`, and why.
-    pub failures: BTreeMap<(String, String), LoadFailureReport>,
+    /// Versions it could not load, and why (as its heartbeat reports them).
+    pub failures: BTreeMap<shoal_api::VersionKey, LoadFailureReport>,
     /// A standby: loads like the others, routed to only while its region
     /// is short of active replicas (gateways decide).
     pub standby: bool,
@@ -42,7 +42,9 @@ impl ReplicaFacts {
         if self.serves(model, version) {
             return None;
         }
-        self.failures.get(&(model.to_owned(), version.to_owned()))
+        self.failures
+            .iter()
+            .find_map(|(k, f)| k.is(model, version).then_some(f))
     }
 }
 
