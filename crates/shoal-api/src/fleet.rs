@@ -1,7 +1,7 @@
 //! Replicas: registration, heartbeats, the desired state each one converges
 //! on, and the fleet status shown by `shoal status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -285,6 +285,17 @@ pub struct DesiredState {
     pub models: Vec<DesiredModel>,
     /// Replicas in the same region, for artifact fan-out (self included).
     pub peers: Vec<Peer>,
+}
+
+impl Heartbeat {
+    /// What it serves, as keys. Versions whose names are not valid (no
+    /// replica reports those) are left out.
+    pub fn serving_keys(&self) -> BTreeSet<VersionKey> {
+        self.serving
+            .iter()
+            .filter_map(|s| VersionKey::parse(&s.model, &s.version).ok())
+            .collect()
+    }
 }
 
 impl DesiredState {

@@ -130,7 +130,7 @@ impl Capacity {
                 registered_at: record.map_or(0, |g| g.registered_at),
                 standby: r.standby,
                 available: r.alive,
-                serving: r.serving.iter().map(|(m, _)| m.clone()).collect(),
+                serving: r.serving.iter().map(|k| k.model.to_string()).collect(),
             })
             .collect();
         let mut needs = Vec::new();
@@ -353,7 +353,7 @@ impl crate::Control {
             .collect();
         let serving = eligible
             .iter()
-            .filter(|r| r.serving.iter().any(|(m, _)| m == model))
+            .filter(|r| r.serving.iter().any(|k| k.is_of(model)))
             .count();
         Ok(ScaleStatus {
             model: model.to_owned(),

@@ -87,15 +87,9 @@ impl LiveFleet {
         if live.get(id).is_some_and(|old| old.at > at) {
             return false;
         }
-        let serving = |h: &Heartbeat| -> BTreeSet<(String, String)> {
-            h.serving
-                .iter()
-                .map(|s| (s.model.clone(), s.version.clone()))
-                .collect()
-        };
         // A new load failure matters to the rollout controller at once.
         let changed = live.get(id).is_none_or(|old| {
-            serving(&old.report) != serving(&report)
+            old.report.serving_keys() != report.serving_keys()
                 || old.report.ready != report.ready
                 || old.report.failures != report.failures
         });
@@ -185,15 +179,7 @@ impl LiveFleet {
                     address: r.registration.address.clone(),
                     region: r.registration.region.clone(),
                     alive: l.is_some_and(|l| l.at.elapsed() < self.dead_after),
-                    serving: l
-                        .map(|l| {
-                            l.report
-                                .serving
-                                .iter()
-                                .map(|s| (s.model.clone(), s.version.clone()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    serving: l.map(|l| l.report.serving_keys()).unwrap_or_default(),
                     standby: r.registration.standby,
                 }
             })
@@ -235,22 +221,13 @@ impl LiveFleet {
                     .as_ref()
                     .map_or(0, |l| l.report.memory.values().sum::<u64>());
                 let (serving, ready, last, in_flight, failures) = match &entry {
-                    Some(l) => {
-                        let mut s: Vec<VersionKey> = l
-                            .report
-                            .serving
-                            .iter()
-                            .filter_map(|s| VersionKey::parse(&s.model, &s.version).ok())
-                            .collect();
-                        s.sort();
-                        (
-                            s,
-                            l.report.ready,
-                            Some(l.at_millis),
-                            l.report.in_flight,
-                            l.report.failures.clone(),
-                        )
-                    }
+                    Some(l) => (
+                        l.report.serving_keys().into_iter().collect(),
+                        l.report.ready,
+                        Some(l.at_millis),
+                        l.report.in_flight,
+                        l.report.failures.clone(),
+                    ),
                     None => (Vec::new(), false, None, 0, BTreeMap::new()),
                 };
                 let skew = !desired.iter().all(|d| serving.contains(d))
@@ -357,7 +334,7 @@ mod tests {
         assert!(
             fleet.facts(&[record("a")])[0]
                 .serving
-                .contains(&("m".to_owned(), "2".to_owned()))
+                .contains(&"m:2".parse().unwrap())
         );
     }
 

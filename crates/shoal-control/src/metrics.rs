@@ -190,11 +190,11 @@ impl ControlMetrics {
         let mut alive = 0;
         for r in facts.replicas.iter().filter(|r| r.alive) {
             alive += 1;
-            for (model, version) in &r.serving {
+            for key in &r.serving {
                 self.active
                     .get_or_create(&VersionLabels {
-                        model: model.clone(),
-                        model_version: version.clone(),
+                        model: key.model.to_string(),
+                        model_version: key.version.to_string(),
                     })
                     .inc();
             }

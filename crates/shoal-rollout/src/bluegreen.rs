@@ -146,7 +146,7 @@ mod tests {
             alive: true,
             serving: serving
                 .iter()
-                .map(|v| ("m".to_owned(), (*v).to_owned()))
+                .map(|v| shoal_api::VersionKey::parse("m", v).unwrap())
                 .collect(),
         }
     }

@@ -437,7 +437,7 @@ mod tests {
             region: "x".into(),
             alive: true,
             serving: [("m", "1"), ("m", "2")]
-                .map(|(m, v)| (m.to_owned(), v.to_owned()))
+                .map(|(m, v)| shoal_api::VersionKey::parse(m, v).unwrap())
                 .into(),
         }
     }
@@ -533,9 +533,9 @@ mod tests {
                 address: String::new(),
                 region: "x".into(),
                 alive: i != 3,
-                serving: [("m".to_owned(), "1".to_owned())]
+                serving: [shoal_api::VersionKey::parse("m", "1").unwrap()]
                     .into_iter()
-                    .chain((i < 2).then(|| ("m".to_owned(), "2".to_owned())))
+                    .chain((i < 2).then(|| shoal_api::VersionKey::parse("m", "2").unwrap()))
                     .collect(),
             })
             .collect();
@@ -653,7 +653,7 @@ mod tests {
             id: id.into(),
             region: "x".into(),
             alive: true,
-            serving: [("m".to_owned(), "1".to_owned())].into(),
+            serving: [shoal_api::VersionKey::parse("m", "1").unwrap()].into(),
             ..ReplicaFacts::default()
         }
     }
@@ -825,7 +825,9 @@ mod tests {
         assert!(c.is_active(), "{:?}", c.progress());
         // A replica that serves the version after all has no failure.
         let mut served = serving_one("d");
-        served.serving.insert(("m".into(), "2".into()));
+        served
+            .serving
+            .insert(shoal_api::VersionKey::parse("m", "2").unwrap());
         served.failures.insert("m:2".parse().unwrap(), definite);
         assert_eq!(served.failure("m", "2"), None);
     }

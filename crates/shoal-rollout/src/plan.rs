@@ -20,8 +20,8 @@ pub struct ReplicaFacts {
     pub region: String,
     /// Heartbeating recently.
     pub alive: bool,
-    /// `(model, version)` it reports serving.
-    pub serving: BTreeSet<(String, String)>,
+    /// What it reports serving.
+    pub serving: BTreeSet<shoal_api::VersionKey>,
     /// Versions it could not load, and why (as its heartbeat reports them).
     pub failures: BTreeMap<shoal_api::VersionKey, LoadFailureReport>,
     /// A standby: loads like the others, routed to only while its region
@@ -32,8 +32,7 @@ pub struct ReplicaFacts {
 impl ReplicaFacts {
     /// True when it reports serving `model:version`.
     pub fn serves(&self, model: &str, version: &str) -> bool {
-        self.serving
-            .contains(&(model.to_owned(), version.to_owned()))
+        self.serving.iter().any(|k| k.is(model, version))
     }
 
     /// Why it could not load `model:version`, when it reports that it
@@ -252,11 +251,7 @@ pub fn routing_table(facts: &FleetFacts) -> shoal_api::fleet::RoutingTable {
             address: r.address.clone(),
             region: r.region.clone(),
             alive: r.alive,
-            serving: r
-                .serving
-                .iter()
-                .filter_map(|(m, v)| shoal_api::VersionKey::parse(m, v).ok())
-                .collect(),
+            serving: r.serving.iter().cloned().collect(),
             standby: r.standby,
         })
         .collect();

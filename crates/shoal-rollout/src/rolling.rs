@@ -240,7 +240,7 @@ mod tests {
             alive: true,
             serving: serving
                 .iter()
-                .map(|v| ("m".to_owned(), (*v).to_owned()))
+                .map(|v| shoal_api::VersionKey::parse("m", v).unwrap())
                 .collect(),
         }
     }
@@ -250,7 +250,8 @@ mod tests {
     /// sequence of decisions.
     fn converge(r: &Rolling, fleet: &mut [ReplicaFacts]) {
         for rep in fleet.iter_mut() {
-            rep.serving = [("m".to_owned(), r.assignment(&rep.id).to_owned())].into();
+            rep.serving =
+                [shoal_api::VersionKey::parse("m", r.assignment(&rep.id)).unwrap()].into();
         }
     }
 

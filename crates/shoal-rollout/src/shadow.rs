@@ -152,15 +152,15 @@ mod tests {
             address: String::new(),
             region: "r".into(),
             alive: true,
-            serving: [("m".to_owned(), "1".to_owned())].into(),
+            serving: [shoal_api::VersionKey::parse("m", "1").unwrap()].into(),
         };
         assert!(!s.tick("m", &[&loading], 1));
         let both = ReplicaFacts {
             failures: Default::default(),
             standby: false,
             serving: [
-                ("m".to_owned(), "1".to_owned()),
-                ("m".to_owned(), "2".to_owned()),
+                shoal_api::VersionKey::parse("m", "1").unwrap(),
+                shoal_api::VersionKey::parse("m", "2").unwrap(),
             ]
             .into(),
             ..loading
