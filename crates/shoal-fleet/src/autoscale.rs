@@ -9,6 +9,7 @@
 //! it first, so stopping it costs no request), never one the fleet started
 //! with. A replica stopped is deregistered, so `shoal status` stays clean.
 
+use shoal_telemetry::say;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -2,6 +2,7 @@
 //! when it dies, and stopped gracefully (SIGTERM, then SIGKILL after a
 //! grace period).
 
+use shoal_telemetry::say;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};

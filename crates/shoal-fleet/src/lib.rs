@@ -11,16 +11,6 @@
 //! Children exit on their own if `shoal up` disappears (they watch their
 //! parent), so even a `kill -9` of `shoal up` leaves nothing behind.
 
-/// Prints a line for the person running `shoal up`, like `println!`, but a
-/// closed stdout (`shoal up | head`, a test that stopped reading) is
-/// ignored instead of panicking and taking the fleet down with it.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
-
 pub mod autoscale;
 mod child;
 pub mod tls;
@@ -36,6 +26,7 @@ use serde::Serialize;
 use shoal_api::deploy::DeployRequest;
 use shoal_api::registry::NewVersion;
 use shoal_client::ApiClient;
+use shoal_telemetry::say;
 
 pub use crate::child::Supervised;
 

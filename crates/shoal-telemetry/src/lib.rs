@@ -9,6 +9,18 @@
 //! writes the log line and updates the metric together, so the two never
 //! disagree; the events live next to the component that emits them.
 
+/// Prints a line for the person at the terminal, like `println!`, but a
+/// closed stdout is ignored instead of panicking: `shoal model list | head`
+/// ends quietly, and `shoal up | head` keeps its fleet running when it
+/// next has something to say. clippy.toml bans `println!` for this reason.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::sync::{Arc, Mutex, PoisonError};
 
 pub use prometheus_client;

@@ -124,8 +124,29 @@ fn bad_command_lines_say_what_is_wrong() {
         "--model",
         &v1,
         "--input-shape",
-        "digits=1,2",
+        "input=1,x",
     ]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("expected NAME:INPUT=D,D,"), "{err}");
+    assert!(
+        err.contains("--input-shape input=1,x: expected D,D,… (-1 for dynamic)"),
+        "{err}"
+    );
+    // With two models, a shape must say which one it is for.
+    let ocr = format!(
+        "ocr={}",
+        model_path("ch_ppocr_mobile_v2.0_cls_infer.onnx").display()
+    );
+    let (code, err) = run(&[
+        "replica",
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        &v1,
+        "--model",
+        &ocr,
+        "--input-shape",
+        "x=-1,3,48,192",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("say which model it is for"), "{err}");
 }

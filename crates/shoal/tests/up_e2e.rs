@@ -712,4 +712,26 @@ async fn a_closed_stdout_does_not_stop_the_fleet() {
     assert!(running(&mut up), "shoal up died writing to a closed stdout");
     shoal_testkit::until_routed(&gateway, "digits").await;
     assert!(running(&mut up));
+
+    // One-shot commands into a pipe nobody reads (`shoal model list |
+    // head` once head has exited) end quietly, not with a panic.
+    let control = ready.split_whitespace().nth(6).unwrap().to_owned();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    for args in [
+        &["model", "list"][..],
+        &["status"],
+        &["model", "list", "--json"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(shoal())
+            .args(args)
+            .args(["--control", &control, "--token", token.trim()])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
 }

@@ -2,6 +2,7 @@
 //! backup list|verify` and `shoal restore` (run here, on the destination
 //! directly: they need no control plane).
 
+use shoal_telemetry::say;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -167,7 +168,7 @@ fn print_record(record: &BackupRecord, to: &str) {
         "took".to_owned(),
         format!("{:.1} s", record.duration_ms as f64 / 1000.0),
     ]);
-    println!("{t}");
+    say!("{t}");
 }
 
 async fn list(from: &str, global: &Global) -> anyhow::Result<()> {
@@ -177,7 +178,7 @@ async fn list(from: &str, global: &Global) -> anyhow::Result<()> {
         return print_json(&records);
     }
     if records.is_empty() {
-        println!("no backups at {from}; take one with `shoal backup --to {from}`");
+        say!("no backups at {from}; take one with `shoal backup --to {from}`");
         return Ok(());
     }
     let mut t = super::client::table(&[
@@ -200,7 +201,7 @@ async fn list(from: &str, global: &Global) -> anyhow::Result<()> {
             HumanBytes(r.copied_bytes).to_string(),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     Ok(())
 }
 
@@ -214,7 +215,7 @@ async fn verify(from: &str, id: Option<&str>, global: &Global) -> anyhow::Result
     if global.json {
         return print_json(&checked);
     }
-    println!(
+    say!(
         "backup {} (revision {}) is sound: {} artifacts ({}) reassembled to their SHA-256, {} chunks checked, in {:.1} s",
         checked.id,
         checked.revision,
@@ -252,7 +253,7 @@ pub(crate) async fn restore(args: RestoreArgs, global: &Global) -> anyhow::Resul
     if global.json {
         return print_json(&restored);
     }
-    println!(
+    say!(
         "restored backup {} (revision {}) into {}: {} artifacts ({}) checked by SHA-256, {} chunks",
         restored.id,
         restored.revision,
@@ -261,7 +262,7 @@ pub(crate) async fn restore(args: RestoreArgs, global: &Global) -> anyhow::Resul
         HumanBytes(restored.bytes),
         restored.chunks
     );
-    println!(
+    say!(
         "start it with: shoal control --data-dir {}{}",
         args.data_dir.display(),
         args.registry

@@ -1,5 +1,6 @@
 //! `shoal bench`: benchmarks side by side with reference systems.
 
+use shoal_telemetry::say;
 use std::path::PathBuf;
 
 use clap::Subcommand;
@@ -311,9 +312,9 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             })
             .await?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                say!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
+                say!(
                     "sent {} ok {} failed {} | p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs | {:.0} ok/s",
                     r.sent,
                     r.ok,
@@ -324,7 +325,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     r.ok_per_sec
                 );
                 if !r.errors.is_empty() {
-                    println!("errors: {:?}", r.errors);
+                    say!("errors: {:?}", r.errors);
                 }
             }
         }
@@ -353,16 +354,19 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "artifact {} bytes; {} rounds, alternating 1 replica / {} replicas",
-                    r.artifact_bytes, rounds, r.replicas
+                    r.artifact_bytes,
+                    rounds,
+                    r.replicas
                 );
                 if let Some(host) = r.isolation {
-                    println!(
+                    say!(
                         "every member on its own emulated host: {} Mbit/s link, {} cores",
-                        host.link_mbit, host.cpu
+                        host.link_mbit,
+                        host.cpu
                     );
                 }
                 for (i, (a, b)) in r.single_s.iter().zip(&r.fleet_s).enumerate() {
@@ -377,7 +381,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                             }
                         )
                     });
-                    println!(
+                    say!(
                         "  round {}: 1 replica {:.3}s   {} replicas {:.3}s   ratio {:.2}   goal ≤ {:.3}s {}   origin egress {:.2}x artifact{machine}",
                         i + 1,
                         a,
@@ -396,14 +400,14 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     .iter()
                     .filter(|&&i| r.fleet_s[i] <= r.goal_s[i])
                     .count();
-                println!(
+                say!(
                     "median ratio {:.2}; goal (1.2 × one replica + 100 ms, PERF.md) met in {met} of {} rounds, median {:+.3}s against it",
                     r.ratio,
                     judged.len(),
                     r.median_over_goal_s
                 );
                 if !r.verdict {
-                    println!(
+                    say!(
                         "no verdict: the machine was at least {:.0} % busy in {} of {} rounds, so the emulated hosts \
                          did not all get their quotas; close other work or give each host less (--cpu, with --link-mbit scaled to match)",
                         shoal_bench::lab::SATURATED_BUSY_PCT,
@@ -416,15 +420,16 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
         BenchCommand::Delta { size_mb } => {
             let r = shoal_bench::fleet::delta(size_mb, &scratch()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "artifact {} bytes, changed tensor {} bytes",
-                    r.artifact_bytes, r.changed_bytes
+                    r.artifact_bytes,
+                    r.changed_bytes
                 );
-                println!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
-                println!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
-                println!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
+                say!("  shoal: {} bytes from the origin", r.shoal_wire_bytes);
+                say!("  rsync: {} bytes sent + received", r.rsync_wire_bytes);
+                say!("  shoal ÷ rsync = {:.3} (goal ≤ 1.1)", r.ratio);
             }
         }
         BenchCommand::Topology {
@@ -448,13 +453,13 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
+                say!("{}", serde_json::to_string_pretty(&results)?);
             } else {
-                println!(
+                say!(
                     "every member on its own host with {cpu} cores; a step fails above {max_error_percent} % errors or p95 {max_p95_ms} ms"
                 );
                 for r in &results {
-                    println!(
+                    say!(
                         "  {:<15} max {:>6.0} rps, p95 at half {:>5.1} ms | kill at {:>5.0} rps: {} failed, then max {:>6.0} rps",
                         r.topology.name(),
                         r.max_rate,
@@ -489,16 +494,16 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "{} writers × {} deployment writes per round, {} rounds",
                     r.writers,
                     r.writes,
                     r.stores[0].writes_per_s.len()
                 );
                 for s in &r.stores {
-                    println!(
+                    say!(
                         "  {:<9} {:>7.0} writes/s (median of rounds)   p50 {:>6.2} ms   p99 {:>6.2} ms",
                         s.store,
                         shoal_bench::stats::median(&s.writes_per_s),
@@ -526,16 +531,17 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 let med = shoal_bench::stats::median;
-                println!(
+                say!(
                     "{} simulated replicas, {} changes per round, each reaching every replica",
-                    r.replicas, r.changes
+                    r.replicas,
+                    r.changes
                 );
                 for m in &r.modes {
                     let max = m.fanout_ms.iter().copied().fold(0.0, f64::max);
-                    println!(
+                    say!(
                         "  {:<6} control plane {:>6.2} CPU s per round (median), {:>5} sockets; NATS {:>6.2} CPU s; change reaches all in {:>6.0} ms median, {:>6.0} ms max",
                         format!("{:?}", m.mode).to_lowercase(),
                         med(&m.control_cpu_s),
@@ -556,20 +562,21 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
             let r = shoal_bench::sequences::run(n(steps), n(rounds), n(takeovers), n(held)).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 let ms = |us: f64| us / 1000.0;
-                println!(
+                say!(
                     "Silero VAD sequence steps, {} per round × {} rounds per store",
-                    r.steps, r.rounds
+                    r.steps,
+                    r.rounds
                 );
-                println!(
+                say!(
                     "  memory  p50 {:.2} ms  p99 {:.2} ms  {:.0} steps/s",
                     ms(r.memory.p50_us),
                     ms(r.memory.p99_us),
                     r.steps_per_s.0
                 );
-                println!(
+                say!(
                     "  redis   p50 {:.2} ms  p99 {:.2} ms  {:.0} steps/s  ({:.1} commands, {:.0} bytes per step)",
                     ms(r.redis.p50_us),
                     ms(r.redis.p99_us),
@@ -577,14 +584,15 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     r.redis_commands_per_step,
                     r.redis_bytes_per_step
                 );
-                println!(
+                say!(
                     "  takeover (a replica resumes a sequence it does not hold) p50 {:.2} ms  p99 {:.2} ms",
                     ms(r.takeover.p50_us),
                     ms(r.takeover.p99_us)
                 );
-                println!(
+                say!(
                     "  memory per live sequence {:.0} bytes: {:.0} sequences per GiB",
-                    r.bytes_per_sequence, r.sequences_per_gib
+                    r.bytes_per_sequence,
+                    r.sequences_per_gib
                 );
             }
         }
@@ -610,14 +618,20 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "{:<12} {:>5} {:>10} {:>10} {:>10} {:>10} {:>7}",
-                    "protocol", "rows", "req/s", "vs JSON", "p50", "p99", "failed"
+                    "protocol",
+                    "rows",
+                    "req/s",
+                    "vs JSON",
+                    "p50",
+                    "p99",
+                    "failed"
                 );
                 for row in r {
-                    println!(
+                    say!(
                         "{:<12} {:>5} {:>10.0} {:>9.2}× {:>8.0}µs {:>8.0}µs {:>7}",
                         row.protocol,
                         row.rows,
@@ -685,15 +699,15 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             };
             let r = shoal_bench::batching::run(&spec).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 let ms = |us: f64| us / 1000.0;
-                println!(
+                say!(
                     "{model}, {rows} row(s) a request, batches of up to {max_batch} rows within {:.2} ms; {} rounds of {seconds} s",
                     batch_delay * 1000.0,
                     spec.rounds
                 );
-                println!(
+                say!(
                     "  {:>7}  {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>6}   {:>7}",
                     "clients",
                     "alone r/s",
@@ -706,7 +720,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     "ratio"
                 );
                 for row in &r {
-                    println!(
+                    say!(
                         "  {:>7}  {:>10.0} {:>8.2} {:>8.2}   {:>10.0} {:>8.2} {:>8.2} {:>6}   {:>6.2}×{}",
                         row.clients,
                         row.alone_rps,
@@ -777,14 +791,14 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             let _ = std::fs::remove_dir_all(&scratch);
             let results = results?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
+                say!("{}", serde_json::to_string_pretty(&results)?);
             } else {
-                println!(
+                say!(
                     "a {day:.0} s day at up to {peak_rps} req/s, {per_replica_rps} req/s per replica, SLO p99 ≤ {slo_ms} ms"
                 );
-                print!("{}", shoal_bench::autoscale::markdown(&results));
+                say!("{}", shoal_bench::autoscale::markdown(&results).trim_end());
                 for r in &results {
-                    println!(
+                    say!(
                         "  {}: violations at seconds {:?}",
                         r.mode.as_str(),
                         r.violation_at
@@ -799,19 +813,20 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "{} leader failovers among {} control planes (SIGKILL to the next leader's first act)",
                     r.trials_ms.len(),
                     r.members
                 );
                 for (i, (ms, who)) in r.trials_ms.iter().zip(&r.new_leaders).enumerate() {
-                    println!("  trial {:>2}: {ms:>6.0} ms  → {who}", i + 1);
+                    say!("  trial {:>2}: {ms:>6.0} ms  → {who}", i + 1);
                 }
-                println!(
+                say!(
                     "  median {:.0} ms, max {:.0} ms (goal: median ≤ 2000 ms, max ≤ 5000 ms)",
-                    r.median_ms, r.max_ms
+                    r.median_ms,
+                    r.max_ms
                 );
             }
         }
@@ -822,17 +837,17 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
         } => {
             let r = shoal_bench::backup::run(versions, size_mb, rounds, &scratch()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 let mib = |b: u64| b as f64 / f64::from(1 << 20);
                 let med = shoal_bench::stats::median;
-                println!(
+                say!(
                     "{} versions, {:.0} MiB of artifacts, data directory {:.0} MiB",
                     r.versions,
                     mib(r.artifact_bytes),
                     mib(r.data_dir_bytes)
                 );
-                println!(
+                say!(
                     "  backup   {:.2} s ({:.0} MiB/s, {:.0} MiB written)   tar+zstd {:.2} s ({:.0} MiB/s, {:.0} MiB)",
                     med(&r.backup_s),
                     r.backup_mib_s,
@@ -841,13 +856,13 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     r.tar_mib_s,
                     mib(r.tar_bytes)
                 );
-                println!(
+                say!(
                     "  restore  {:.2} s (every chunk and SHA-256 checked)   untar {:.2} s",
                     med(&r.restore_s),
                     med(&r.untar_s)
                 );
-                println!("  verify   {:.2} s", r.verify_s);
-                println!(
+                say!("  verify   {:.2} s", r.verify_s);
+                say!(
                     "  one more version: backup {:.2} s copying {:.1} MiB; tar starts again",
                     r.incremental_s,
                     mib(r.incremental_bytes)
@@ -866,9 +881,9 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 42,
             );
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "{} replicas polling every {}s (all started at once), {}s simulated: mean {:.1} req/s, peak {} req/s, peak/mean {:.2} (goal ≤ 1.5)",
                     r.replicas,
                     r.interval_s,
@@ -886,9 +901,9 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             })
             .await??;
             if json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
+                say!("{}", serde_json::to_string_pretty(&results)?);
             } else {
-                println!(
+                say!(
                     "{:<38} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>9} {:>10}",
                     "model",
                     "shape",
@@ -902,7 +917,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     "auto/ORT"
                 );
                 for r in results {
-                    println!(
+                    say!(
                         "{:<38} {:>14} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>9.2}× {:>10.1}µs {:>9} {:>9.2}×",
                         r.model,
                         format!("{:?}", r.shape),
@@ -925,25 +940,30 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
         } => {
             let r = shoal_bench::overhead::measure(&model, rounds, iterations).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                say!(
                     "model {}: {} rounds x {} requests",
-                    r.model, rounds, iterations
+                    r.model,
+                    rounds,
+                    iterations
                 );
-                println!(
+                say!(
                     "  raw inference  p50 {:>8.1}µs  p99 {:>8.1}µs",
-                    r.raw.p50_us, r.raw.p99_us
+                    r.raw.p50_us,
+                    r.raw.p99_us
                 );
-                println!(
+                say!(
                     "  HTTP end-to-end p50 {:>8.1}µs  p99 {:>8.1}µs",
-                    r.http.p50_us, r.http.p99_us
+                    r.http.p50_us,
+                    r.http.p99_us
                 );
-                println!(
+                say!(
                     "  GET /health     p50 {:>8.1}µs  p99 {:>8.1}µs  (HTTP floor, no work)",
-                    r.floor.p50_us, r.floor.p99_us
+                    r.floor.p50_us,
+                    r.floor.p99_us
                 );
-                println!(
+                say!(
                     "  serving overhead (median of per-round p50 differences): {:.1}µs",
                     r.overhead_p50_us
                 );

@@ -1,6 +1,7 @@
 //! Client commands: talk to the control plane's API and print tables (or
 //! JSON with `--json`).
 
+use shoal_telemetry::say;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -257,7 +258,7 @@ pub(crate) fn table(header: &[&str]) -> Table {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    say!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -273,7 +274,7 @@ fn key_values(flags: &[String], what: &str) -> anyhow::Result<BTreeMap<String, S
 }
 
 /// `INPUT=D,D,…` flags as the registry takes them; `what` names the flag.
-fn shapes(
+pub(crate) fn shapes(
     flags: &[String],
     what: &str,
     minus_one: &str,
@@ -359,23 +360,27 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
     if global.json {
         return print_json(&record);
     }
-    println!("pushed {}:{}", record.model, record.version);
-    println!("  sha256  {}", record.sha256);
+    say!("pushed {}:{}", record.model, record.version);
+    say!("  sha256  {}", record.sha256);
     if args.skip_engine_check {
-        println!("  checked ONNX structure (engine check skipped)");
+        say!("  checked ONNX structure (engine check skipped)");
     } else {
-        println!(
+        say!(
             "  checked ONNX structure, {} prepare and warm-up",
             record.engine
         );
     }
-    println!(
+    say!(
         "  size    {} bytes in {} chunks ({} new, {} bytes stored)",
-        uploaded.size, uploaded.chunks, uploaded.new_chunks, uploaded.stored_bytes
+        uploaded.size,
+        uploaded.chunks,
+        uploaded.new_chunks,
+        uploaded.stored_bytes
     );
-    println!(
+    say!(
         "deploy it with: shoal deploy {}:{}",
-        record.model, record.version
+        record.model,
+        record.version
     );
     Ok(())
 }
@@ -389,7 +394,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                 return print_json(&models);
             }
             if models.is_empty() {
-                println!("no models yet: push one with `shoal model push NAME FILE`");
+                say!("no models yet: push one with `shoal model push NAME FILE`");
                 return Ok(());
             }
             let mut t = table(&[
@@ -408,7 +413,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                     m.last_known_good.unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{t}");
+            say!("{t}");
             Ok(())
         }
         ModelCommand::Show { model } => {
@@ -442,14 +447,14 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                     ),
                 ]);
                 t.add_row(vec!["rolled back".to_owned(), v.rolled_back.to_string()]);
-                println!("{t}");
+                say!("{t}");
                 return Ok(());
             }
             let detail = c.get_model(model.model.as_str()).await?;
             if global.json {
                 return print_json(&detail);
             }
-            println!(
+            say!(
                 "{}: production {}, last known good {}",
                 detail.model.name,
                 detail.model.production.as_deref().unwrap_or("-"),
@@ -475,7 +480,7 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                         .join(" "),
                 ]);
             }
-            println!("{t}");
+            say!("{t}");
             Ok(())
         }
     }
@@ -490,7 +495,7 @@ fn print_deployment(d: &Deployment, global: &Global) -> anyhow::Result<()> {
         .iter()
         .map(|t| format!("{}@{}%", t.version, t.weight))
         .collect();
-    println!(
+    say!(
         "{}: {} (revision {})",
         d.model,
         targets.join(", "),
@@ -503,7 +508,7 @@ fn print_deployment(d: &Deployment, global: &Global) -> anyhow::Result<()> {
 }
 
 fn print_rollout_line(r: &RolloutView) {
-    println!(
+    say!(
         "  rollout {} {} → {}: {}, step {}, {}/{} replicas — {}",
         r.strategy.as_str(),
         r.from.as_deref().unwrap_or("-"),
@@ -516,7 +521,7 @@ fn print_rollout_line(r: &RolloutView) {
     );
     if !r.state.is_terminal() {
         let now: Vec<String> = r.weights.iter().map(|(v, w)| format!("{v}@{w}%")).collect();
-        println!("  traffic now: {}", now.join(", "));
+        say!("  traffic now: {}", now.join(", "));
     }
     if let Some(s) = &r.shadow {
         let agreement = s
@@ -525,9 +530,13 @@ fn print_rollout_line(r: &RolloutView) {
         let latency = s
             .latency_diff_ms
             .map_or("-".to_owned(), |l| format!("{l:+.2} ms"));
-        println!(
+        say!(
             "  shadow: {} mirrored, {} compared, agreement {agreement} over {} rows, max |diff| {:.3e}, latency {latency}, {} candidate errors",
-            s.mirrored, s.compared, s.rows, s.max_abs_diff, s.candidate_errors
+            s.mirrored,
+            s.compared,
+            s.rows,
+            s.max_abs_diff,
+            s.candidate_errors
         );
     }
     if !r.arms.is_empty() {
@@ -541,10 +550,10 @@ fn print_rollout_line(r: &RolloutView) {
                 format!("{:.4} – {:.4}", a.ci95.0, a.ci95.1),
             ]);
         }
-        println!("{t}");
+        say!("{t}");
         match r.significant {
-            Some(true) => println!("  the difference is significant (95%)"),
-            Some(false) => println!("  no significant difference yet"),
+            Some(true) => say!("  the difference is significant (95%)"),
+            Some(false) => say!("  no significant difference yet"),
             None => {}
         }
     }
@@ -616,7 +625,7 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         .await?;
     print_deployment(&d, global)?;
     if !global.json {
-        println!("follow it with: shoal rollout status {}", d.model);
+        say!("follow it with: shoal rollout status {}", d.model);
     }
     Ok(())
 }
@@ -702,12 +711,13 @@ pub(crate) async fn token(command: TokenCommand, global: &Global) -> anyhow::Res
             if global.json {
                 return print_json(&created);
             }
-            println!(
+            say!(
                 "created token {:?} with role {}:",
-                created.name, created.role
+                created.name,
+                created.role
             );
-            println!("{}", created.token);
-            println!(
+            say!("{}", created.token);
+            say!(
                 "It is shown only now; keep it secret. Use it with --token, SHOAL_TOKEN or --token-file."
             );
             Ok(())
@@ -726,7 +736,7 @@ pub(crate) async fn token(command: TokenCommand, global: &Global) -> anyhow::Res
                     token.created_by.clone(),
                 ]);
             }
-            println!("{t}");
+            say!("{t}");
             Ok(())
         }
         TokenCommand::Revoke { name } => {
@@ -734,7 +744,7 @@ pub(crate) async fn token(command: TokenCommand, global: &Global) -> anyhow::Res
             if global.json {
                 return print_json(&serde_json::json!({"revoked": name}));
             }
-            println!("revoked token {name:?}");
+            say!("revoked token {name:?}");
             Ok(())
         }
     }
@@ -749,7 +759,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         print_members(control);
     }
     if status.replicas.is_empty() {
-        println!("no replicas registered (revision {})", status.revision);
+        say!("no replicas registered (revision {})", status.revision);
         return Ok(());
     }
     let mut t = table(&[
@@ -787,9 +797,9 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             r.in_flight.to_string(),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     let behind = status.replicas.iter().filter(|r| r.behind).count();
-    println!(
+    say!(
         "{} replicas, {} healthy, {} behind (revision {})",
         status.replicas.len(),
         status.replicas.iter().filter(|r| r.healthy).count(),
@@ -803,11 +813,11 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
             } else {
                 format!("attempt {}, retrying", f.attempts)
             };
-            println!("  {}: cannot load {k} ({retry}): {}", r.id, f.reason);
+            say!("  {}: cannot load {k} ({retry}): {}", r.id, f.reason);
         }
     }
     for (model, ids) in &status.placements {
-        println!(
+        say!(
             "  {model} placed on {}",
             if ids.is_empty() {
                 "no replica".to_owned()
@@ -817,7 +827,7 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
         );
     }
     for (model, r) in &status.rollouts {
-        println!(
+        say!(
             "  rollout of {model} ({} {} → {}): {} — {}",
             r.strategy.as_str(),
             r.from.as_deref().unwrap_or("nothing"),
@@ -828,9 +838,12 @@ pub(crate) async fn status(global: &Global) -> anyhow::Result<()> {
     }
     for r in status.replicas.iter().filter(|r| !r.faults.is_empty()) {
         for (k, f) in &r.faults {
-            println!(
+            say!(
                 "  {}: FAULT INJECTED on {k}: latency {}ms, error rate {}, hang {}",
-                r.id, f.latency_ms, f.error_rate, f.hang
+                r.id,
+                f.latency_ms,
+                f.error_rate,
+                f.hang
             );
         }
     }
@@ -854,9 +867,9 @@ fn print_members(control: &shoal_api::fleet::Leadership) {
             format!("{:.1}s ago", (now - m.last_seen).max(0) as f64 / 1000.0),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     if control.leader.is_none() {
-        println!(
+        say!(
             "no leader: rollouts wait until a member takes the lease (term {})",
             control.term
         );

@@ -66,9 +66,10 @@ pub(crate) struct ReplicaArgs {
     #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
     engine: shoal_core::Engine,
 
-    /// Override a model input's shape: NAME:INPUT=D,D,… with -1 for a dynamic
-    /// dimension, e.g. ocr:x=-1,3,48,192. Repeat for more.
-    #[arg(long = "input-shape", value_name = "NAME:INPUT=DIMS")]
+    /// Override a model input's shape: MODEL:INPUT=D,D,… with -1 for a
+    /// dynamic dimension, e.g. ocr:x=-1,3,48,192; with one --model,
+    /// INPUT=D,D,… as `shoal model push` takes it. Repeat for more.
+    #[arg(long = "input-shape", value_name = "[MODEL:]INPUT=DIMS")]
     input_shapes: Vec<String>,
 
     /// Replica id shown in metrics, status and the x-shoal-replica header
@@ -155,36 +156,43 @@ fn admin_tokens(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
     Ok(tokens)
 }
 
-/// Parses `NAME:INPUT=D,D,…` flags into per-model load options.
-fn parse_input_shapes(flags: &[String]) -> anyhow::Result<BTreeMap<ModelName, LoadOptions>> {
-    let mut out: BTreeMap<ModelName, LoadOptions> = BTreeMap::new();
+/// Parses `--input-shape` flags into per-model load options. A flag is
+/// `MODEL:INPUT=D,D,…`, or `INPUT=D,D,…` (what `shoal model push` takes)
+/// when one `--model` is served; the dimensions are read as for a push.
+fn parse_input_shapes(
+    flags: &[String],
+    models: &[ModelSpec],
+) -> anyhow::Result<BTreeMap<ModelName, LoadOptions>> {
+    let mut per_model: BTreeMap<ModelName, Vec<String>> = BTreeMap::new();
     for flag in flags {
-        let parse = || -> anyhow::Result<(ModelName, String, Vec<Option<usize>>)> {
-            let (target, dims) = flag.split_once('=').context("missing '='")?;
-            let (model, input) = target
-                .split_once(':')
-                .context("missing ':' between model and input")?;
-            let dims = dims
-                .split(',')
-                .map(|d| match d.trim() {
-                    "-1" => Ok(None),
-                    d => d
-                        .parse::<usize>()
-                        .map(Some)
-                        .with_context(|| format!("bad dimension {d:?}")),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((ModelName::new(model)?, input.to_owned(), dims))
+        let target = flag.split_once('=').map_or(flag.as_str(), |(t, _)| t);
+        // An input name may hold ':' itself (TensorFlow's "input:0"): the
+        // part before it names a model only when it is a served one.
+        let named = target.split_once(':').and_then(|(model, _)| {
+            models
+                .iter()
+                .find(|m| m.name.as_str() == model)
+                .map(|m| (m.name.clone(), flag[model.len() + 1..].to_owned()))
+        });
+        let (model, shape) = match (named, models) {
+            (Some(named), _) => named,
+            (None, [only]) => (only.name.clone(), flag.clone()),
+            (None, _) => bail!(
+                "--input-shape {flag:?}: say which model it is for, as MODEL:INPUT=D,D,… \
+                 (e.g. ocr:x=-1,3,48,192), naming one of the --model models"
+            ),
         };
-        let (model, input, dims) = parse().with_context(|| {
-            format!("--input-shape {flag:?}: expected NAME:INPUT=D,D,… (e.g. ocr:x=-1,3,48,192)")
-        })?;
-        out.entry(model)
-            .or_default()
-            .input_shapes
-            .insert(input, dims);
+        per_model.entry(model).or_default().push(shape);
     }
-    Ok(out)
+    per_model
+        .into_iter()
+        .map(|(model, flags)| {
+            let dims = super::client::shapes(&flags, "input-shape", "-1 for dynamic")?;
+            let options = LoadOptions::from_dims(&dims)
+                .map_err(|e| anyhow::anyhow!("--input-shape for {model}: {e}"))?;
+            Ok((model, options))
+        })
+        .collect()
 }
 
 /// The replica id: given, or kept in the data directory across restarts.
@@ -224,7 +232,7 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let id = replica_id(args.id.clone(), &args.data_dir)?;
-    let mut load_options = parse_input_shapes(&args.input_shapes)?;
+    let mut load_options = parse_input_shapes(&args.input_shapes, &args.models)?;
     for m in &args.models {
         load_options.entry(m.name.clone()).or_default().engine = args.engine;
     }
@@ -292,4 +300,51 @@ pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()
     tracing::info!(id = server.replica.id(), "replica id");
     super::announce("replica", args_scheme, server.addr, server.grpc_addr);
     run_until_signal!(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn models(names: &[&str]) -> Vec<ModelSpec> {
+        names
+            .iter()
+            .map(|n| format!("{n}=/m/{n}.onnx").parse().unwrap())
+            .collect()
+    }
+
+    fn flags(f: &[&str]) -> Vec<String> {
+        f.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn one_model_takes_the_push_syntax() {
+        let out = parse_input_shapes(&flags(&["x=-1,3,48,192"]), &models(&["ocr"])).unwrap();
+        let ocr = ModelName::new("ocr").unwrap();
+        assert_eq!(
+            out[&ocr].input_shapes["x"],
+            vec![None, Some(3), Some(48), Some(192)]
+        );
+        // A colon belongs to the input's name unless it names a model.
+        let out = parse_input_shapes(&flags(&["input:0=1,64"]), &models(&["ocr"])).unwrap();
+        assert_eq!(out[&ocr].input_shapes["input:0"], vec![Some(1), Some(64)]);
+    }
+
+    #[test]
+    fn several_models_need_the_model_named() {
+        let two = models(&["ocr", "digits"]);
+        let out =
+            parse_input_shapes(&flags(&["ocr:x=-1,3,48,192", "digits:input=1,64"]), &two).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[&ModelName::new("digits").unwrap()].input_shapes["input"],
+            vec![Some(1), Some(64)]
+        );
+        let e = parse_input_shapes(&flags(&["x=1"]), &two).unwrap_err();
+        assert!(e.to_string().contains("say which model"), "{e}");
+        let e = parse_input_shapes(&flags(&["ocr:x=1,-2"]), &two).unwrap_err();
+        assert!(e.to_string().contains("-1 (dynamic) or a size"), "{e:#}");
+        let e = parse_input_shapes(&flags(&["ocr:x"]), &two).unwrap_err();
+        assert!(e.to_string().contains("expected K=V"), "{e:#}");
+    }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use shoal_api::scale::{ScaleSpec, ScaleStatus, ScaleTarget};
+use shoal_telemetry::say;
 
 use super::client::{print_json, table};
 use crate::cli::Global;
@@ -94,7 +95,7 @@ pub(crate) async fn run(args: ScaleArgs, global: &Global) -> anyhow::Result<()> 
     if global.json {
         return print_json(&deployment);
     }
-    println!(
+    say!(
         "{name}: {}; the control plane places it within a second (shoal scale status {name})",
         describe(&spec)
     );
@@ -125,11 +126,11 @@ fn describe(spec: &ScaleSpec) -> String {
 }
 
 fn print_status(s: &ScaleStatus) {
-    println!("{}: {}", s.model, describe(&s.spec));
+    say!("{}: {}", s.model, describe(&s.spec));
     match &s.placement {
-        Some(ids) if ids.is_empty() => println!("placed on no replica yet"),
-        Some(ids) => println!("placed on {} ({} serving)", ids.join(", "), s.current),
-        None => println!("served by every eligible replica ({} serving)", s.current),
+        Some(ids) if ids.is_empty() => say!("placed on no replica yet"),
+        Some(ids) => say!("placed on {} ({} serving)", ids.join(", "), s.current),
+        None => say!("served by every eligible replica ({} serving)", s.current),
     }
     let mut t = table(&["", "replicas", "why"]);
     t.add_row(vec![
@@ -184,11 +185,11 @@ fn print_status(s: &ScaleStatus) {
             format!("predicted in {}m{:02}s", in_s / 60, in_s % 60),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     let load = s.load_ms.map_or("not measured yet".to_owned(), |ms| {
         format!("{:.1} s", ms as f64 / 1000.0)
     });
-    println!(
+    say!(
         "load now {:.1} req/s; a replica takes {load} to fetch, load and warm it",
         s.rps
     );
