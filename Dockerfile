@@ -20,11 +20,12 @@ COPY crates ./crates
 COPY models ./models
 COPY assets ./assets
 # Cache mounts keep the registry and compiled dependencies between builds;
-# the binary is copied out of the cached target directory.
+# the binary is copied out of the cached target directory. Without the
+# default `bench` feature: the image serves, it does not benchmark.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p shoal \
+    cargo build --release --locked -p shoal --no-default-features \
     && install -m 0755 target/release/shoal /usr/local/bin/shoal
 
 FROM ${RUNTIME_IMAGE}

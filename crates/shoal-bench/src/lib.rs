@@ -4,8 +4,9 @@
 //! shared and noisy, so only ratios taken together mean anything.
 //!
 //! - [`runtime`]: tract against ONNX Runtime on the same inputs.
-//! - [`drill`]: disaster drills against a running fleet (RTO, RPO), and
-//!   leader failovers of several control planes, trial after trial.
+//! - [`drill`] (`shoal-drill`, re-exported): disaster drills against a
+//!   running fleet (RTO, RPO), and leader failovers of several control
+//!   planes, trial after trial.
 //! - [`registry`]: registry write throughput and latency, SQLite against
 //!   PostgreSQL.
 //! - [`sequences`]: a stateful model's steps with the state in a
@@ -18,8 +19,13 @@
 //!   raw in-process inference p50.
 //! - [`fleet`]: convergence of many replicas against one, delta-update wire
 //!   bytes against rsync, and origin egress with regional fan-out.
-//! - [`load`]: an open-loop load generator (latency from the intended send
-//!   time), used against Shoal's gateway, nginx and HAProxy alike.
+//! - [`load`] (`shoal-load`, re-exported): an open-loop load generator
+//!   (latency from the intended send time), used against Shoal's gateway,
+//!   nginx and HAProxy alike, and its latency [`stats`].
+//!
+//! The `shoal` binary links this crate only with its `bench` feature (on
+//! by default; the container image is built without it), so a production
+//! build carries no network-namespace or traffic-control code.
 //! - [`herd`]: the control plane's request rate under 1,000 polling
 //!   replicas (a simulation driven by the agent's own jitter code).
 //! - [`topology`]: the DR study's three fleet shapes ramped to failure, with
@@ -38,19 +44,20 @@
 pub mod autoscale;
 pub mod backup;
 pub mod batching;
-pub mod drill;
 pub mod fleet;
 pub mod herd;
 pub mod lab;
-pub mod load;
 pub mod overhead;
 pub mod protocols;
 pub mod registry;
 pub mod runtime;
 pub mod sequences;
-pub mod stats;
 pub mod topology;
 pub mod watchers;
+
+pub use shoal_drill as drill;
+pub use shoal_load as load;
+pub use shoal_load::{digits_request, stats};
 
 use std::path::PathBuf;
 
@@ -62,22 +69,6 @@ pub fn models_dir() -> PathBuf {
         return cwd;
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
-}
-
-/// One digits sample as an OIP request body (compiled in: works from any
-/// directory).
-pub fn digits_request() -> anyhow::Result<bytes::Bytes> {
-    #[derive(serde::Deserialize)]
-    struct Samples {
-        inputs: Vec<Vec<f32>>,
-    }
-    let samples: Samples =
-        serde_json::from_str(include_str!("../../../models/digits-samples.json"))?;
-    let row = samples.inputs.into_iter().next().unwrap_or_default();
-    let request = serde_json::json!({
-        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]
-    });
-    Ok(bytes::Bytes::from(request.to_string()))
 }
 
 /// `n` digits samples from `models/digits-samples.json` (cycled), as rows

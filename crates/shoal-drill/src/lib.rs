@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use nix::sys::signal::Signal;
 
-use crate::load::{LoadSpec, run as load};
+use shoal_load::{LoadSpec, run as load};
 
 /// What goes wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,7 +397,7 @@ pub struct Observed {
 /// The figures of a drill from what was observed.
 pub fn outcome(
     scenario: &Scenario,
-    load: &crate::load::LoadResult,
+    load: &shoal_load::LoadResult,
     observed: Observed,
 ) -> DrillReport {
     let Observed {
@@ -868,7 +868,7 @@ pub async fn failover(data_dir: &Path, trials: usize) -> anyhow::Result<Failover
         }
         after = last_audit_seq(&client).await?;
     }
-    report.median_ms = crate::stats::median(&report.trials_ms);
+    report.median_ms = shoal_load::stats::median(&report.trials_ms);
     report.max_ms = report.trials_ms.iter().copied().fold(0.0, f64::max);
     Ok(report)
 }
@@ -1306,7 +1306,7 @@ pub async fn run(spec: DrillSpec) -> anyhow::Result<DrillReport> {
         None
     };
 
-    let body = crate::digits_request()?;
+    let body = shoal_load::digits_request()?;
     let urls = urls
         .into_iter()
         .map(|u| format!("{u}/v2/models/{MODEL}/infer"))

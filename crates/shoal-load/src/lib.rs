@@ -6,6 +6,13 @@
 //! Optionally it SIGKILLs a process partway through and reports what the
 //! clients saw around it: failures, and how long after the kill responses
 //! still named the dead upstream (in a header the proxy sets).
+//!
+//! Shoal's drills (`shoal drill`) and benchmarks (`shoal bench`) both drive
+//! traffic with it; [`stats`] keeps their latencies.
+
+// The pacer thread schedules sends by the real clock on purpose: this is
+// a load generator, not code a paused-time test drives.
+#![allow(clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +27,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::stats::{Latencies, Summary};
+
+pub mod stats;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -272,6 +281,22 @@ fn send_offsets(rate: f64, schedule: &[(Duration, f64)], duration: Duration) -> 
         offsets.extend((0..count).map(|k| Duration::from_secs_f64(from + k as f64 / r)));
     }
     offsets
+}
+
+/// One digits sample as an OIP request body (compiled in: works from any
+/// directory).
+pub fn digits_request() -> anyhow::Result<bytes::Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Samples {
+        inputs: Vec<Vec<f32>>,
+    }
+    let samples: Samples =
+        serde_json::from_str(include_str!("../../../models/digits-samples.json"))?;
+    let row = samples.inputs.into_iter().next().unwrap_or_default();
+    let request = serde_json::json!({
+        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]
+    });
+    Ok(bytes::Bytes::from(request.to_string()))
 }
 
 #[cfg(test)]

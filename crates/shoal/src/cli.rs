@@ -151,7 +151,7 @@ enum Command {
     /// measures RTO and RPO.
     Drill(cmd::drill::DrillArgs),
     /// Benchmarks, side by side with reference systems (see BENCHMARKS.md).
-    #[command(subcommand)]
+    #[cfg_attr(feature = "bench", command(subcommand))]
     Bench(cmd::bench::BenchCommand),
 }
 

@@ -4,6 +4,7 @@
 //! `--kill-cmd` and `--restore-cmd`); prints what clients saw, the
 //! recovery time and the recovery point.
 
+use shoal_telemetry::say;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 }
 
 pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> {
-    use shoal_bench::drill::Scenario;
+    use shoal_drill::Scenario;
     let scenario = match (args.scenario, args.region) {
         (ScenarioName::RegionLoss, Some(region)) => Scenario::RegionLoss(region),
         (ScenarioName::RegionLoss, None) => {
@@ -94,7 +95,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         "--rate must be between 0 and 10000 requests per second"
     );
     let target = if args.gateway.is_empty() {
-        shoal_bench::drill::Target::Up(args.data_dir)
+        shoal_drill::Target::Up(args.data_dir)
     } else {
         let control = global.control.clone().ok_or_else(|| {
             anyhow::anyhow!(
@@ -108,13 +109,13 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
         let token = global.client_token()?.ok_or_else(|| {
             anyhow::anyhow!("a remote fleet needs an admin token: --token or --token-file")
         })?;
-        shoal_bench::drill::Target::Remote {
+        shoal_drill::Target::Remote {
             control,
             gateways: args.gateway,
             token,
         }
     };
-    let hooks = args.kill_cmd.map(|kill| shoal_bench::drill::Hooks {
+    let hooks = args.kill_cmd.map(|kill| shoal_drill::Hooks {
         kill,
         restore: args.restore_cmd,
     });
@@ -127,7 +128,7 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
             args.duration / 3
         );
     }
-    let drill = shoal_bench::drill::run(shoal_bench::drill::DrillSpec {
+    let drill = shoal_drill::run(shoal_drill::DrillSpec {
         scenario,
         target,
         hooks,
@@ -200,15 +201,12 @@ pub(crate) async fn run(args: DrillArgs, global: &Global) -> anyhow::Result<()> 
             report.writes_lost, report.writes_acknowledged, report.writes_refused
         ),
     ]);
-    println!("{t}");
+    say!("{t}");
     Ok(())
 }
 
 /// Writes `DIR/drill-SCENARIO-TIME.md` and its chart beside it.
-fn write_report(
-    report: &shoal_bench::drill::DrillReport,
-    dir: &std::path::Path,
-) -> anyhow::Result<()> {
+fn write_report(report: &shoal_drill::DrillReport, dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let now = std::time::SystemTime::now();
@@ -218,12 +216,12 @@ fn write_report(
         .unwrap_or(0);
     let name = format!("drill-{}-{stamp}", report.scenario);
     let png = dir.join(format!("{name}.png"));
-    shoal_bench::drill::chart(report, &png)?;
+    shoal_drill::chart(report, &png)?;
     let md = dir.join(format!("{name}.md"));
     let when = humantime::format_rfc3339_seconds(now).to_string();
     std::fs::write(
         &md,
-        shoal_bench::drill::markdown(report, &format!("{name}.png"), &when),
+        shoal_drill::markdown(report, &format!("{name}.png"), &when),
     )
     .with_context(|| format!("cannot write {}", md.display()))?;
     eprintln!("report: {} (chart {})", md.display(), png.display());

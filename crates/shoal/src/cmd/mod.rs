@@ -19,6 +19,10 @@ macro_rules! run_until_signal {
 }
 
 pub(crate) mod backup;
+#[cfg(feature = "bench")]
+pub(crate) mod bench;
+#[cfg(not(feature = "bench"))]
+#[path = "no_bench.rs"]
 pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod control;
@@ -50,9 +54,9 @@ pub(crate) fn announce(
 ) {
     tracing::info!(%addr, "{role} listening");
     if let Some(grpc) = grpc {
-        println!("shoal {role} gRPC listening on {grpc}");
+        shoal_telemetry::say!("shoal {role} gRPC listening on {grpc}");
     }
-    println!("shoal {role} listening on {scheme}://{addr}");
+    shoal_telemetry::say!("shoal {role} listening on {scheme}://{addr}");
 }
 
 /// When started by `shoal up` (which sets [`shoal_fleet::PARENT_ENV`]),
