@@ -270,3 +270,14 @@ pub struct Deployment {
     /// When this last changed.
     pub updated_at: UnixMillis,
 }
+
+impl Deployment {
+    /// The version most traffic goes to, if any.
+    pub fn primary(&self) -> Option<&str> {
+        self.targets
+            .iter()
+            .filter(|t| t.weight > 0)
+            .max_by_key(|t| t.weight)
+            .map(|t| t.version.as_str())
+    }
+}

@@ -140,6 +140,34 @@ pub struct NewVersion {
     pub skip_engine_check: bool,
 }
 
+/// Body of `PUT /api/v1/models/{model}/versions/{version}/options`: how
+/// replicas serve a version, set after its push (what `shoal deploy
+/// --max-batch/--batch-delay/--engine` changes). Replaces both options:
+/// no `batching` turns batching off. Replicas serving the version load it
+/// again with the new options and swap it in without failing a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VersionOptions {
+    /// Dynamic batching on replicas (checked against the model); none:
+    /// each request runs alone.
+    #[serde(default)]
+    pub batching: Option<Batching>,
+    /// The engine replicas run it on: `tract`, `ort` or `auto`.
+    #[serde(default)]
+    #[schema(value_type = String, example = "tract")]
+    pub engine: shoal_core::Engine,
+}
+
+impl VersionOptions {
+    /// The options a version record carries now.
+    pub fn of(record: &VersionRecord) -> VersionOptions {
+        VersionOptions {
+            batching: record.batching.clone(),
+            engine: record.engine,
+        }
+    }
+}
+
 /// How replicas batch a version's requests, as Triton's dynamic batcher
 /// does: requests arriving within `delay_us` of the oldest waiting one run
 /// as one inference of up to `max_batch` rows, at once when the rows reach

@@ -452,6 +452,21 @@ impl ApiClient {
             .await
     }
 
+    /// Replaces how replicas serve a version (batching, engine).
+    pub async fn set_version_options(
+        &self,
+        model: &str,
+        version: &str,
+        options: &shoal_api::registry::VersionOptions,
+    ) -> Result<VersionRecord, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/api/v1/models/{model}/versions/{version}/options"),
+            options,
+        )
+        .await
+    }
+
     /// Deploys a version.
     pub async fn deploy(
         &self,

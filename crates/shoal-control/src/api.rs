@@ -21,7 +21,8 @@ use serde::Deserialize;
 use shoal_api::deploy::{DeployRequest, Deployment, RolloutView};
 use shoal_api::fleet::{DesiredState, FleetStatus, Heartbeat, Registered, Registration};
 use shoal_api::registry::{
-    AuditEntry, ModelDetail, ModelSummary, NewVersion, UploadedArtifact, VersionRecord,
+    AuditEntry, ModelDetail, ModelSummary, NewVersion, UploadedArtifact, VersionOptions,
+    VersionRecord,
 };
 use shoal_artifacts::{ArtifactError, ChunkId};
 use shoal_core::{ModelName, Version};
@@ -90,6 +91,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route(
             "/api/v1/models/{model}/versions/{version}",
             get(get_version).route_layer(needs(Read)),
+        )
+        .route(
+            "/api/v1/models/{model}/versions/{version}/options",
+            put(set_version_options).route_layer(needs(Deploy)),
         )
         .route(
             "/api/v1/models/{model}/rollback",
@@ -412,19 +417,17 @@ pub(crate) async fn create_version(
             )));
         }
     }
-    // Both parse here, so a bad shape or bound is a 400 before the
+    // All parse here, so a bad shape, bound or policy is a 400 before the
     // artifact is read.
-    let options = LoadOptions::from_dims(&new.input_shapes)
-        .and_then(|o| o.with_max_shapes(&new.max_shapes))
-        .map_err(ApiError::bad_request)?
-        .with_state(&new.state);
-    let batching = new
-        .batching
-        .as_ref()
-        .map(|b| b.policy())
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("batching: {e}")))?;
-    let options = options.with_batching(batching).with_engine(new.engine);
+    let batching = batching_policy(new.batching.as_ref())?;
+    let options = LoadOptions::from_registry(
+        &new.input_shapes,
+        &new.max_shapes,
+        &new.state,
+        batching,
+        new.engine,
+    )
+    .map_err(ApiError::bad_request)?;
     if new.skip_engine_check && new.batching.is_some() {
         return Err(ApiError::bad_request(
             "batching is checked against the model by the engine: drop --skip-engine-check, or --max-batch",
@@ -445,7 +448,7 @@ pub(crate) async fn create_version(
     } else {
         Checks::Engine
     };
-    check_artifact(&control, &manifest.sha256, options, checks).await?;
+    check_artifact(&control, &manifest.sha256, options, checks, Checked::Push).await?;
     let draft = VersionDraft {
         version: new.version,
         sha256: manifest.sha256.clone(),
@@ -474,13 +477,33 @@ pub(crate) async fn create_version(
     Ok(json_response(StatusCode::CREATED, &record))
 }
 
+/// A version's batching policy, checked: a 400 that says what is wrong.
+fn batching_policy(
+    batching: Option<&shoal_api::registry::Batching>,
+) -> Result<Option<shoal_core::batch::BatchPolicy>, ApiError> {
+    batching
+        .map(shoal_api::registry::Batching::policy)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("batching: {e}")))
+}
+
+/// What a model check guards, for the message when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    /// A new version: refused, none is created.
+    Push,
+    /// New options for a version: refused, the old ones stay.
+    Options,
+}
+
 /// Refuses an artifact that is not a model the fleet can load (see
-/// [`shoal_runtime::check`]): a 400 that names the problem.
+/// [`shoal_runtime::check`]) with `options`: a 400 that names the problem.
 async fn check_artifact(
     control: &Control,
     sha256: &str,
     options: LoadOptions,
     checks: Checks,
+    checked: Checked,
 ) -> Result<(), ApiError> {
     let bytes = control
         .artifacts
@@ -493,21 +516,96 @@ async fn check_artifact(
     .await
     .map_err(|e| ApiError::internal(format!("model check task failed: {e}")))?
     .map_err(|e| {
+        let (unavailable_hint, hint) = match (checked, checks) {
+            (Checked::Push, _) => (
+                "No version was created; push with --skip-engine-check to register it unchecked",
+                if checks == Checks::Engine {
+                    "; no version was created. If the model is meant for another engine, push it with --skip-engine-check"
+                } else {
+                    "; no version was created"
+                },
+            ),
+            (Checked::Options, _) => (
+                "The version keeps its options",
+                "; the version keeps its options",
+            ),
+        };
         if let LoadError::EngineUnavailable(why) = &e {
             return ApiError::bad_request(format!(
                 "the control plane checks a version with the engine it asks for, and cannot \
-                 here: {why}. No version was created; push with --skip-engine-check to register \
-                 it unchecked"
+                 here: {why}. {unavailable_hint}"
             ));
         }
-        let hint = if checks == Checks::Engine {
-            "; no version was created. If the model is meant for another engine, push it with --skip-engine-check"
-        } else {
-            "; no version was created"
-        };
-        ApiError::bad_request(format!("the artifact is not a model Shoal can serve: {e}{hint}"))
+        ApiError::bad_request(format!(
+            "the artifact is not a model Shoal can serve {}: {e}{hint}",
+            match checked {
+                Checked::Push => "",
+                Checked::Options => "with these options",
+            }
+        ))
     })?;
     Ok(())
+}
+
+/// Set how replicas serve a version: its batching and engine. Replicas
+/// serving it load it again with them and swap it in, failing no request.
+#[utoipa::path(put, path = "/api/v1/models/{model}/versions/{version}/options", request_body = VersionOptions, responses((status = 200, body = VersionRecord), (status = 400, description = "options the model cannot be served with"), (status = 404, description = "no such version")))]
+pub(crate) async fn set_version_options(
+    State(control): Shared,
+    Path((model, version)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Json(options): Json<VersionOptions>,
+) -> Result<Response, ApiError> {
+    let record = control
+        .store
+        .get_version(&model, &version)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no version {model}:{version}; `shoal model show {model}` lists its versions"
+            ))
+        })?;
+    if VersionOptions::of(&record) == options {
+        return Ok(json_response(StatusCode::OK, &record));
+    }
+    let batching = batching_policy(options.batching.as_ref())?;
+    let load = LoadOptions::from_registry(
+        &record.input_shapes,
+        &record.max_shapes,
+        &record.state,
+        batching,
+        options.engine,
+    )
+    .map_err(ApiError::internal)?;
+    check_artifact(
+        &control,
+        &record.sha256,
+        load,
+        Checks::Engine,
+        Checked::Options,
+    )
+    .await?;
+    let detail = match &options.batching {
+        Some(b) => format!(
+            "engine {}, batches of up to {} within {} µs",
+            options.engine.as_str(),
+            b.max_batch,
+            b.delay_us
+        ),
+        None => format!("engine {}, no batching", options.engine.as_str()),
+    };
+    let (record, _) = control
+        .store
+        .set_options(&model, &version, &options, Audit::by(&caller.name, detail))
+        .await
+        .map_err(registry_error)?;
+    control
+        .refresh()
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    control.kick();
+    Ok(json_response(StatusCode::OK, &record))
 }
 
 /// One version.

@@ -105,12 +105,7 @@ fn stored_controller(controller: Option<&Controller>) -> serde_json::Value {
 
 /// The version serving most of a deployment's traffic.
 fn primary(deployment: &Deployment) -> Option<String> {
-    deployment
-        .targets
-        .iter()
-        .filter(|t| t.weight > 0)
-        .max_by_key(|t| t.weight)
-        .map(|t| t.version.clone())
+    deployment.primary().map(str::to_owned)
 }
 
 /// Keep-warm period when a deploy does not say.

@@ -20,6 +20,7 @@ use crate::api;
         api::get_model,
         api::create_version,
         api::get_version,
+        api::set_version_options,
         api::rollback,
         api::list_deployments,
         api::get_deployment,

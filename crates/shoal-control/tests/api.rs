@@ -567,6 +567,11 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
         "/api/v1/models/{model}/versions/{version}",
         Some("read"),
     ),
+    (
+        "put",
+        "/api/v1/models/{model}/versions/{version}/options",
+        Some("deploy"),
+    ),
     ("post", "/api/v1/models/{model}/rollback", Some("deploy")),
     ("get", "/api/v1/deployments", Some("read")),
     ("get", "/api/v1/deployments/{model}", Some("read")),

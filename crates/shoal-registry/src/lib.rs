@@ -263,6 +263,18 @@ pub trait RegistryStore: Send + Sync + 'static {
         audit: Audit,
     ) -> Result<VersionRecord>;
 
+    /// Replaces how replicas serve a version (batching, engine) and bumps
+    /// the fleet revision, so replicas serving it load it again with them;
+    /// returns the record and the new revision. The artifact and the name
+    /// stay as they were: those are what is immutable about a version.
+    async fn set_options(
+        &self,
+        model: &str,
+        version: &str,
+        options: &shoal_api::registry::VersionOptions,
+        audit: Audit,
+    ) -> Result<(VersionRecord, u64)>;
+
     /// Stores a deployment and bumps the fleet revision; returns the new
     /// revision (also written into the stored deployment).
     async fn put_deployment(

@@ -491,6 +491,44 @@ impl RegistryStore for SqliteRegistry {
             .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))
     }
 
+    async fn set_options(
+        &self,
+        model: &str,
+        version: &str,
+        options: &shoal_api::registry::VersionOptions,
+        audit: Audit,
+    ) -> Result<(VersionRecord, u64)> {
+        let mut tx = self.begin_write().await?;
+        let revision = Self::bump(&mut tx).await?;
+        let updated = sqlx::query(
+            "UPDATE versions SET batching = ?, engine = ? WHERE model = ? AND version = ?",
+        )
+        .bind(json(&options.batching))
+        .bind(options.engine.as_str())
+        .bind(model)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(RegistryError::NotFound(format!(
+                "no version {model}:{version}"
+            )));
+        }
+        Self::append_audit(
+            &mut tx,
+            "version.options",
+            &format!("{model}:{version}"),
+            &audit,
+        )
+        .await?;
+        tx.commit().await?;
+        let record = self
+            .get_version(model, version)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("no version {model}:{version}")))?;
+        Ok((record, revision))
+    }
+
     async fn put_deployment_if(
         &self,
         mut stored: StoredDeployment,

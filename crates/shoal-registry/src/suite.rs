@@ -35,6 +35,7 @@ pub async fn test_all(store: &dyn RegistryStore) {
     one_lease_whose_terms_fence_deposed_leaders(store).await;
     conditional_writes_refuse_a_changed_deployment(store).await;
     heartbeats_are_shared_newest_last(store).await;
+    options_change_and_bump_the_revision(store).await;
 }
 
 fn plain(model: &str) -> StoredDeployment {
@@ -363,6 +364,54 @@ async fn versions_number_and_conflict(store: &dyn RegistryStore) {
     assert!(store.get_model("nope").await.unwrap().is_none());
     assert!(store.get_version("alpha", "2").await.unwrap().is_none());
     assert_eq!(store.list_models().await.unwrap().len(), 1);
+}
+
+async fn options_change_and_bump_the_revision(store: &dyn RegistryStore) {
+    use shoal_api::registry::{Batching, VersionOptions};
+    let v = store
+        .create_version("opts", draft('f'), who())
+        .await
+        .unwrap();
+    let before = store.revision().await.unwrap();
+    let options = VersionOptions {
+        batching: Some(Batching {
+            max_batch: 8,
+            delay_us: 500,
+            preferred: vec![4],
+        }),
+        engine: shoal_core::Engine::Ort,
+    };
+    let (record, revision) = store
+        .set_options("opts", &v.version, &options, who())
+        .await
+        .unwrap();
+    assert!(revision > before, "replicas must hear of it");
+    assert_eq!(store.revision().await.unwrap(), revision);
+    assert_eq!(VersionOptions::of(&record), options);
+    // Only the options changed.
+    assert_eq!(
+        (record.sha256.as_str(), record.size),
+        (v.sha256.as_str(), v.size)
+    );
+    let read = store
+        .get_version("opts", &v.version)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(VersionOptions::of(&read), options);
+    // Batching off again.
+    let (record, _) = store
+        .set_options("opts", &v.version, &VersionOptions::default(), who())
+        .await
+        .unwrap();
+    assert_eq!(record.batching, None);
+    assert_eq!(record.engine, shoal_core::Engine::Tract);
+    let tail = store.audit_tail(1).await.unwrap();
+    assert_eq!(tail[0].action, "version.options");
+    assert!(matches!(
+        store.set_options("opts", "99", &options, who()).await,
+        Err(RegistryError::NotFound(_))
+    ));
 }
 
 async fn statuses_and_last_known_good(store: &dyn RegistryStore) {

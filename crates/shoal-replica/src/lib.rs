@@ -580,6 +580,7 @@ impl Replica {
                 )
             });
         let serving = Arc::new(ServingVersion {
+            options: spec.options.clone(),
             model: spec.model.clone(),
             version: spec.version.clone(),
             sha256: prepared.sha256.clone(),

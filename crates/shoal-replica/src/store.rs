@@ -34,6 +34,9 @@ pub struct ServingVersion {
     pub memory_bytes: u64,
     /// Its batching queue, when its requests are batched.
     pub batcher: Option<shoal_runtime::batcher::Batcher>,
+    /// The options it was asked to load with: a version whose options
+    /// change is loaded again with the new ones.
+    pub options: shoal_runtime::LoadOptions,
     pub(crate) metrics: VersionMetrics,
 }
 

@@ -111,6 +111,23 @@ impl LoadOptions {
         Ok(self)
     }
 
+    /// Options as the registry records them for a version: input shapes
+    /// and bounds (-1 = dynamic, the default bound), state, batching and
+    /// engine. What a push is checked with and what replicas load with.
+    pub fn from_registry(
+        input_shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+        max_shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+        state: &std::collections::BTreeMap<String, String>,
+        batching: Option<BatchPolicy>,
+        engine: Engine,
+    ) -> Result<LoadOptions, String> {
+        Ok(LoadOptions::from_dims(input_shapes)?
+            .with_max_shapes(max_shapes)?
+            .with_state(state)
+            .with_batching(batching)
+            .with_engine(engine))
+    }
+
     /// These options with a batching policy (checked against the model
     /// when it loads: every input and output needs a batch dimension).
     pub fn with_batching(mut self, batching: Option<BatchPolicy>) -> LoadOptions {

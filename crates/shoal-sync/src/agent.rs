@@ -85,6 +85,10 @@ pub struct Agent {
     /// How long each loaded `model:version` took to fetch, load and warm
     /// (ms), for the heartbeat: the predictive autoscaler leads by it.
     load_ms: std::sync::Mutex<BTreeMap<VersionKey, u64>>,
+    /// Served versions that could not be loaded again with new options,
+    /// and those options (`None`: they did not parse): not tried again
+    /// until the options change (the old instance keeps serving).
+    failed_reloads: std::sync::Mutex<BTreeMap<VersionKey, Option<shoal_runtime::LoadOptions>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -123,6 +127,7 @@ impl Agent {
             seen: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             load_ms: std::sync::Mutex::new(BTreeMap::new()),
+            failed_reloads: std::sync::Mutex::new(BTreeMap::new()),
             heartbeat_ms: AtomicU64::new(2000),
         })
     }
@@ -183,6 +188,10 @@ impl Agent {
             })
             .collect();
         self.replica.forget_failures_except(&named);
+        self.failed_reloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|k, _| named.contains(k));
         let required: Vec<(ModelName, Version)> = desired
             .required()
             .filter_map(|(model, version)| {
@@ -255,6 +264,7 @@ impl Agent {
                     version: v.version.to_string(),
                     sha256: v.sha256.clone(),
                     default: v.version == entry.default,
+                    options: v.options.clone(),
                 })
             })
             .collect()
@@ -282,13 +292,49 @@ impl Agent {
                         ok = false;
                         continue;
                     }
-                    if let Err(reason) = self.load(&model, &version, default, desired).await {
-                        tracing::warn!(%model, version = %version.version, %reason, "cannot load; the serving version keeps serving");
+                    // A served version loaded again for new options.
+                    let reload = VersionKey::parse(&model, &version.version)
+                        .ok()
+                        .filter(|_| self.replica.store().has(&model, &version.version));
+                    let options = reconcile::load_options(&version).ok();
+                    if let Some(key) = &reload
+                        && self
+                            .failed_reloads
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(key)
+                            == Some(&options)
+                    {
                         ok = false;
-                        retry |= self
-                            .replica
-                            .failure(&model, &version.version)
-                            .is_none_or(|f| !f.gave_up());
+                        continue;
+                    }
+                    match self.load(&model, &version, default, desired).await {
+                        Ok(()) => {
+                            if let Some(key) = &reload {
+                                self.failed_reloads
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .remove(key);
+                            }
+                        }
+                        Err(reason) if reload.is_some() => {
+                            tracing::warn!(%model, version = %version.version, %reason, "cannot load it again with its new options; it keeps serving with the old ones until they change again");
+                            ok = false;
+                            if let Some(key) = reload {
+                                self.failed_reloads
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .insert(key, options);
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::warn!(%model, version = %version.version, %reason, "cannot load; the serving version keeps serving");
+                            ok = false;
+                            retry |= self
+                                .replica
+                                .failure(&model, &version.version)
+                                .is_none_or(|f| !f.gave_up());
+                        }
                     }
                 }
                 Step::SetDefault { model, version } => {
@@ -355,13 +401,7 @@ impl Agent {
             })?;
         let fetched = started.elapsed();
         let size = bytes.len();
-        let options = shoal_runtime::LoadOptions::from_dims(&version.input_shapes)
-            .and_then(|o| o.with_max_shapes(&version.max_shapes))
-            .map(|o| o.with_state(&version.state))
-            .and_then(|o| {
-                let batching = version.batching.as_ref().map(|b| b.policy()).transpose()?;
-                Ok(o.with_batching(batching).with_engine(version.engine))
-            })
+        let options = crate::reconcile::load_options(version)
             .map_err(|e| failed(e, FailureKind::Definite))?;
         let spec = LoadSpec {
             model: ModelName::new(model)

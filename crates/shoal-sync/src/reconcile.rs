@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use shoal_api::fleet::{DesiredState, DesiredVersion};
+use shoal_runtime::LoadOptions;
 
 /// A version loaded on the replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,25 @@ pub struct Loaded {
     pub sha256: String,
     /// Whether it is the model's default.
     pub default: bool,
+    /// The options it was loaded with.
+    pub options: LoadOptions,
+}
+
+/// The options a replica loads `version` with, from what the registry
+/// records for it.
+pub fn load_options(version: &DesiredVersion) -> Result<LoadOptions, String> {
+    let batching = version
+        .batching
+        .as_ref()
+        .map(shoal_api::registry::Batching::policy)
+        .transpose()?;
+    LoadOptions::from_registry(
+        &version.input_shapes,
+        &version.max_shapes,
+        &version.state,
+        batching,
+        version.engine,
+    )
 }
 
 /// One step of a reconcile.
@@ -67,11 +87,20 @@ pub fn plan(desired: &DesiredState, loaded: &[Loaded]) -> Vec<Step> {
                 None if v.optional => {}
                 // Same name, other bytes: reload (the registry never reuses
                 // a version name, but a replica's cache may predate a reset).
-                Some(l) if l.sha256 != v.sha256 => loads.push(Step::Load {
-                    model: m.model.clone(),
-                    version: v.clone(),
-                    default: is_default,
-                }),
+                // Same bytes, other options (a deploy changed its batching
+                // or engine): reload too; the new instance replaces the old
+                // once warm, as a new version would. Options that do not
+                // parse reload as well, and fail the load with the reason.
+                Some(l)
+                    if l.sha256 != v.sha256
+                        || load_options(v).as_ref().ok() != Some(&l.options) =>
+                {
+                    loads.push(Step::Load {
+                        model: m.model.clone(),
+                        version: v.clone(),
+                        default: is_default,
+                    });
+                }
                 Some(l) => {
                     if is_default && !l.default {
                         defaults.push(Step::SetDefault {
@@ -133,6 +162,7 @@ mod tests {
             version: version.into(),
             sha256: format!("sha{version}"),
             default,
+            options: LoadOptions::default(),
         }
     }
 
@@ -199,6 +229,51 @@ mod tests {
         l.sha256 = "other".into();
         let steps = plan(&desired("1", &["1"]), &[l]);
         assert!(matches!(&steps[..], [Step::Load { .. }]));
+    }
+
+    #[test]
+    fn changed_options_reload_the_same_bytes() {
+        let mut d = desired("1", &["1", "2"]);
+        d.models[0].versions[0].engine = shoal_core::Engine::Ort;
+        d.models[0].versions[1].batching = Some(shoal_api::registry::Batching {
+            max_batch: 8,
+            delay_us: 500,
+            preferred: vec![],
+        });
+        let steps = plan(&d, &[loaded("1", true), loaded("2", false)]);
+        let reloaded: Vec<(&str, bool)> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Load {
+                    version, default, ..
+                } => (version.version.as_str(), *default),
+                other => panic!("only loads expected, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(reloaded, [("1", true), ("2", false)]);
+        // Loaded with those options: converged.
+        let now: Vec<Loaded> = d.models[0]
+            .versions
+            .iter()
+            .map(|v| Loaded {
+                options: load_options(v).unwrap(),
+                ..loaded(&v.version, v.version == "1")
+            })
+            .collect();
+        assert!(plan(&d, &now).is_empty());
+    }
+
+    #[test]
+    fn options_that_do_not_parse_reload_and_fail_there() {
+        let mut d = desired("1", &["1"]);
+        d.models[0].versions[0]
+            .input_shapes
+            .insert("x".into(), vec![-7]);
+        assert!(load_options(&d.models[0].versions[0]).is_err());
+        assert!(matches!(
+            &plan(&d, &[loaded("1", true)])[..],
+            [Step::Load { .. }]
+        ));
     }
 
     #[test]

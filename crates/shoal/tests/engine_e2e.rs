@@ -3,7 +3,9 @@
 //! by it on every replica (the model's platform says so) with tract's
 //! answers, and `model show` records it; on a machine without ONNX
 //! Runtime, `ort` fails the load with a message saying how to install it
-//! and `auto` serves with tract.
+//! and `auto` serves with tract. `shoal deploy --engine/--max-batch`
+//! changes a served version's options, and replicas swap in the version
+//! loaded again with them without failing a request.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use shoal_testkit::{
 };
 
 mod common;
-use common::{cli, cli_fails, converged_on, shoal, shoal_up};
+use common::{Traffic, cli, cli_fails, converged_on, shoal, shoal_up};
 
 /// The labels tract gives the first `rows` digits samples.
 fn tract_labels(file: &str, rows: usize) -> Vec<i64> {
@@ -102,6 +104,134 @@ async fn a_version_pushed_for_onnx_runtime_is_served_by_it() {
     }
     let shown = cli(&control, &["model", "show", "digits:2"]);
     assert_eq!(shown["engine"], "ort", "{shown}");
+}
+
+/// The platform each replica serves `digits:1` on.
+async fn platforms(http: &HttpClient, control: &str) -> Vec<String> {
+    let status = cli(control, &["status"]);
+    let mut out = Vec::new();
+    for r in status["replicas"].as_array().unwrap() {
+        let address = r["address"].as_str().unwrap();
+        let reply = http
+            .get(&format!("http://{address}/v2/models/digits/versions/1"))
+            .await;
+        let meta: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        out.push(meta["platform"].as_str().unwrap_or("none").to_owned());
+    }
+    out
+}
+
+/// Batches the replicas ran of `digits:1`.
+async fn batches(http: &HttpClient, control: &str) -> f64 {
+    let status = cli(control, &["status"]);
+    let mut batches = 0.0;
+    for r in status["replicas"].as_array().unwrap() {
+        let url = format!("http://{}/metrics", r["address"].as_str().unwrap());
+        let metrics = String::from_utf8_lossy(&http.get(&url).await.body).into_owned();
+        batches += shoal_testkit::metric_sum(
+            &metrics,
+            "model_batch_rows_count",
+            &[("model", "digits"), ("model_version", "1")],
+        );
+    }
+    batches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_changes_a_served_versions_engine_and_batching_without_failing_a_request() {
+    let tmp = TempDir::new("engine-deploy");
+    let (_up, gateway, control) = shoal_up(&tmp.join("up"), &["--replicas", "2"]);
+    let http = HttpClient::new();
+    converged_on(&control, "digits:1", 2).await;
+    assert_eq!(
+        platforms(&http, &control).await,
+        ["tract_onnx", "tract_onnx"]
+    );
+
+    // Bad options: refused, nothing changes.
+    for (flags, says) in [
+        (&["--engine", "onnx"][..], "use tract, ort or auto"),
+        (&["--max-batch", "0"][..], "max batch 0"),
+        (
+            &["--max-batch", "8", "--no-batching"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let args = [&["deploy", "digits:1"][..], flags].concat();
+        let e = cli_fails(&control, &args);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
+    let e = cli_fails(&control, &["deploy", "digits:9", "--engine", "ort"]);
+    assert!(e.contains("no version digits:9"), "{e}");
+    let shown = cli(&control, &["model", "show", "digits:1"]);
+    assert_eq!(
+        (shown["engine"].as_str(), &shown["batching"]),
+        (Some("tract"), &Value::Null)
+    );
+
+    let traffic = Traffic::start(&gateway, 8);
+    // ONNX Runtime, batched: every replica loads digits:1 again and swaps.
+    cli(
+        &control,
+        &[
+            "deploy",
+            "digits:1",
+            "--engine",
+            "ort",
+            "--max-batch",
+            "16",
+            "--batch-delay",
+            "1ms",
+        ],
+    );
+    let shown = cli(&control, &["model", "show", "digits:1"]);
+    assert_eq!(shown["engine"], "ort", "{shown}");
+    assert_eq!(shown["batching"]["max_batch"], 16, "{shown}");
+    eventually(
+        "both replicas on ONNX Runtime",
+        Duration::from_secs(60),
+        || {
+            let (http, control) = (http.clone(), control.clone());
+            async move {
+                let p = platforms(&http, &control).await;
+                p.iter().all(|p| p == "onnxruntime_onnx").then_some(())
+            }
+        },
+    )
+    .await;
+    // Back to tract, keeping the batching: the replicas batch on tract.
+    cli(&control, &["deploy", "digits:1", "--engine", "tract"]);
+    eventually(
+        "both replicas back on tract",
+        Duration::from_secs(60),
+        || {
+            let (http, control) = (http.clone(), control.clone());
+            async move {
+                let p = platforms(&http, &control).await;
+                p.iter().all(|p| p == "tract_onnx").then_some(())
+            }
+        },
+    )
+    .await;
+    eventually("batches on tract", Duration::from_secs(60), || {
+        let (http, control) = (http.clone(), control.clone());
+        async move { (batches(&http, &control).await > 0.0).then_some(()) }
+    })
+    .await;
+    let shown = cli(&control, &["deploy", "digits:1", "--no-batching"]);
+    assert_eq!(shown["model"], "digits", "{shown}");
+    let shown = cli(&control, &["model", "show", "digits:1"]);
+    assert_eq!(
+        (shown["engine"].as_str(), &shown["batching"]),
+        (Some("tract"), &Value::Null)
+    );
+    converged_on(&control, "digits:1", 2).await;
+    let (versions, failures) = traffic.finish().await;
+    assert!(
+        failures.is_empty(),
+        "requests failed across the swaps: {failures:?}"
+    );
+    assert!(versions.iter().all(|v| v == "1"), "{versions:?}");
 }
 
 /// `shoal replica --model digits=… --engine ENGINE` on a machine where

@@ -51,6 +51,46 @@ pub(crate) enum TokenCommand {
     },
 }
 
+/// How replicas serve a version, set at push and changed at deploy.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServingFlags {
+    /// Dynamic batching: requests that arrive together run as one
+    /// inference of up to N rows, each answered with its own rows. For
+    /// models whose inputs and outputs all have a batch dimension first.
+    #[arg(long, value_name = "N")]
+    max_batch: Option<u32>,
+    /// With --max-batch: how long a request may wait for others
+    /// (e.g. 500us, 2ms).
+    #[arg(long, value_parser = parse_duration, requires = "max_batch", default_value = "500us")]
+    batch_delay: f64,
+    /// With --max-batch: batch sizes that run at once when reached
+    /// (e.g. 8,16).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "max_batch",
+        value_name = "N,N"
+    )]
+    preferred_batch: Vec<u32>,
+    /// The engine replicas run it on: tract (built in), ort (ONNX Runtime,
+    /// from the onnxruntime Python package or ORT_DYLIB_PATH), or auto
+    /// (both timed at load, the faster kept; tract where ONNX Runtime is
+    /// missing) [default: tract at push, unchanged at deploy].
+    #[arg(long, value_name = "tract|ort|auto")]
+    engine: Option<shoal_core::Engine>,
+}
+
+impl ServingFlags {
+    /// The batching the flags ask for, if any.
+    fn batching(&self) -> Option<Batching> {
+        self.max_batch.map(|max_batch| Batching {
+            max_batch,
+            delay_us: (self.batch_delay * 1e6).round() as u64,
+            preferred: self.preferred_batch.clone(),
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct PushArgs {
     /// Model name.
@@ -82,30 +122,8 @@ pub(crate) struct PushArgs {
     /// sequence_end and only the other inputs. Repeat for more.
     #[arg(long = "state", value_name = "INPUT=OUTPUT")]
     state: Vec<String>,
-    /// Dynamic batching: requests that arrive together run as one
-    /// inference of up to N rows, each answered with its own rows. For
-    /// models whose inputs and outputs all have a batch dimension first.
-    #[arg(long, value_name = "N")]
-    max_batch: Option<u32>,
-    /// With --max-batch: how long a request may wait for others
-    /// (e.g. 500us, 2ms).
-    #[arg(long, value_parser = parse_duration, requires = "max_batch", default_value = "500us")]
-    batch_delay: f64,
-    /// With --max-batch: batch sizes that run at once when reached
-    /// (e.g. 8,16).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        requires = "max_batch",
-        value_name = "N,N"
-    )]
-    preferred_batch: Vec<u32>,
-    /// The engine replicas run it on: tract (built in), ort (ONNX Runtime,
-    /// from the onnxruntime Python package or ORT_DYLIB_PATH), or auto
-    /// (both timed at load, the faster kept; tract where ONNX Runtime is
-    /// missing).
-    #[arg(long, default_value = "tract", value_name = "tract|ort|auto")]
-    engine: shoal_core::Engine,
+    #[command(flatten)]
+    serving: ServingFlags,
     /// Check only that the file is an ONNX model, not that the engine
     /// can prepare and warm it up: for models meant for an engine the
     /// control plane does not have.
@@ -117,6 +135,14 @@ pub(crate) struct PushArgs {
 pub(crate) struct DeployArgs {
     /// NAME:VERSION to deploy.
     target: ModelRef,
+    /// Change how replicas serve the version first (batching, engine):
+    /// replicas serving it load it again with the new options and swap it
+    /// in without failing a request.
+    #[command(flatten)]
+    serving: ServingFlags,
+    /// Turn the version's batching off first.
+    #[arg(long, conflicts_with = "max_batch")]
+    no_batching: bool,
     /// How to roll it out: rolling, canary, blue-green, shadow, ab or bandit.
     #[arg(long, default_value = "rolling")]
     strategy: String,
@@ -347,12 +373,8 @@ async fn push(args: PushArgs, global: &Global) -> anyhow::Result<()> {
                 input_shapes,
                 max_shapes,
                 state,
-                batching: args.max_batch.map(|max_batch| Batching {
-                    max_batch,
-                    delay_us: (args.batch_delay * 1e6).round() as u64,
-                    preferred: args.preferred_batch.clone(),
-                }),
-                engine: args.engine,
+                batching: args.serving.batching(),
+                engine: args.serving.engine.unwrap_or_default(),
                 skip_engine_check: args.skip_engine_check,
             },
         )
@@ -579,7 +601,7 @@ fn bake_schedule(
 }
 
 pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<()> {
-    let Some(version) = args.target.version else {
+    let Some(version) = args.target.version.clone() else {
         bail!(
             "name the version to deploy: shoal deploy {}:VERSION",
             args.target.model
@@ -598,6 +620,27 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
             )
         }
     };
+    let client = client(global)?;
+    if args.serving.max_batch.is_some() || args.serving.engine.is_some() || args.no_batching {
+        set_serving_options(&client, &args, version.as_str(), global).await?;
+        // Already the deployed version: its replicas load it again with
+        // the new options; there is nothing to roll out.
+        let model = args.target.model.as_str();
+        if let Some(d) = client
+            .list_deployments()
+            .await?
+            .into_iter()
+            .find(|d| d.model == model && d.primary() == Some(version.as_str()))
+        {
+            print_deployment(&d, global)?;
+            if !global.json {
+                say!(
+                    "replicas serving {model}:{version} load it again with these options and swap it in"
+                );
+            }
+            return Ok(());
+        }
+    }
     let (bake_secs, bakes_secs) =
         bake_schedule(args.bake.as_deref(), args.over, args.steps.as_deref());
     let request = DeployRequest {
@@ -620,12 +663,47 @@ pub(crate) async fn deploy(args: DeployArgs, global: &Global) -> anyhow::Result<
         against: args.against,
         floor: args.floor,
     };
-    let d = client(global)?
-        .deploy(args.target.model.as_str(), &request)
-        .await?;
+    let d = client.deploy(args.target.model.as_str(), &request).await?;
     print_deployment(&d, global)?;
     if !global.json {
         say!("follow it with: shoal rollout status {}", d.model);
+    }
+    Ok(())
+}
+
+/// `shoal deploy --max-batch/--no-batching/--engine`: the version's
+/// serving options with what the flags change, stored before the deploy.
+async fn set_serving_options(
+    client: &ApiClient,
+    args: &DeployArgs,
+    version: &str,
+    global: &Global,
+) -> anyhow::Result<()> {
+    let model = args.target.model.as_str();
+    let record = client.get_version(model, version).await?;
+    let mut options = shoal_api::registry::VersionOptions::of(&record);
+    if let Some(batching) = args.serving.batching() {
+        options.batching = Some(batching);
+    }
+    if args.no_batching {
+        options.batching = None;
+    }
+    if let Some(engine) = args.serving.engine {
+        options.engine = engine;
+    }
+    let record = client.set_version_options(model, version, &options).await?;
+    if !global.json {
+        say!(
+            "{model}:{version} serves with engine {}, {}",
+            record.engine,
+            record.batching.as_ref().map_or_else(
+                || "no batching".to_owned(),
+                |b| format!(
+                    "batches of up to {} rows within {} µs",
+                    b.max_batch, b.delay_us
+                )
+            )
+        );
     }
     Ok(())
 }
