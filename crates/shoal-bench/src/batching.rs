@@ -20,7 +20,7 @@ use shoal_runtime::LoadOptions;
 use shoal_runtime::engines::Engines;
 
 use crate::protocols::{Sender, closed_loop};
-use crate::stats::{Latencies, Summary, median};
+use crate::stats::{Latencies, Spread, Summary, median};
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -45,6 +45,9 @@ pub struct BatchingSpec {
     /// Send tensors as binary data (Triton's binary tensor extension, what
     /// its clients send by default) instead of JSON numbers.
     pub binary: bool,
+    /// Both replicas' `inline_max`: inferences this cheap run on the
+    /// request's task instead of an inference thread.
+    pub inline_max: std::time::Duration,
 }
 
 /// One concurrency's figures.
@@ -56,8 +59,8 @@ pub struct BatchingRow {
     pub alone_rps: f64,
     /// Batched: requests per second (median over rounds).
     pub batched_rps: f64,
-    /// Median of the per-round ratios batched ÷ alone.
-    pub ratio: f64,
+    /// Throughput batched ÷ alone over rounds.
+    pub ratio: Spread,
     /// Latencies of every request, each alone.
     pub alone: Summary,
     /// Latencies of every request, batched.
@@ -69,7 +72,11 @@ pub struct BatchingRow {
     pub failed: u64,
 }
 
-async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaServer> {
+async fn replica(
+    model: &str,
+    options: LoadOptions,
+    inline_max: std::time::Duration,
+) -> anyhow::Result<ReplicaServer> {
     let config = ReplicaConfig {
         models: vec![ModelSpec {
             name: "m".parse()?,
@@ -77,6 +84,7 @@ async fn replica(model: &str, options: LoadOptions) -> anyhow::Result<ReplicaSer
             path: crate::models_dir().join(model),
         }],
         load_options: [("m".parse()?, options)].into(),
+        inline_max,
         ..ReplicaConfig::default()
     };
     let server = ReplicaServer::start(config, Arc::new(Engines::default())).await?;
@@ -116,12 +124,13 @@ fn body(
 
 /// Runs the comparison.
 pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
-    let alone = replica(&spec.model, spec.options.clone()).await?;
+    let alone = replica(&spec.model, spec.options.clone(), spec.inline_max).await?;
     let batched = replica(
         &spec.model,
         spec.options
             .clone()
             .with_batching(Some(spec.policy.clone())),
+        spec.inline_max,
     )
     .await?;
     let client = crate::protocols::http_client();
@@ -183,7 +192,7 @@ pub async fn run(spec: &BatchingSpec) -> anyhow::Result<Vec<BatchingRow>> {
             clients,
             alone_rps: median(&rps_alone),
             batched_rps: median(&rps_batched),
-            ratio: median(&ratios),
+            ratio: Spread::of(&ratios),
             alone: all_alone.summary(),
             batched: all_batched.summary(),
             rows_per_batch,

@@ -16,7 +16,7 @@ use shoal_core::{Tensor, TensorData};
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 use shoal_runtime::tract::TractBackend;
 
-use crate::stats::{Latencies, Summary, median};
+use crate::stats::{Latencies, Spread, Summary};
 
 /// The overhead measurement.
 #[derive(Debug, Clone, Serialize)]
@@ -30,8 +30,8 @@ pub struct Overhead {
     /// `GET /health` end to end, all rounds: the HTTP floor on this
     /// machine, with no inference work at all.
     pub floor: Summary,
-    /// Median over rounds of (HTTP p50 − raw p50), µs.
-    pub overhead_p50_us: f64,
+    /// HTTP p50 − raw p50 over rounds, µs.
+    pub overhead_p50_us: Spread,
 }
 
 /// Measures `rounds` rounds of `iterations` requests each.
@@ -127,6 +127,6 @@ pub async fn measure(file: &str, rounds: usize, iterations: usize) -> anyhow::Re
         raw: all_raw.summary(),
         http: all_http.summary(),
         floor: all_floor.summary(),
-        overhead_p50_us: median(&overheads),
+        overhead_p50_us: Spread::of(&overheads),
     })
 }

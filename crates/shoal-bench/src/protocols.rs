@@ -23,7 +23,7 @@ use shoal_grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shoal_grpc::pb::model_infer_request::InferInputTensor;
 use shoal_replica::{ModelSpec, ReplicaConfig, ReplicaServer};
 
-use crate::stats::{Latencies, Summary, median};
+use crate::stats::{Latencies, Spread, Summary, median};
 
 /// The protocols compared, in the order reported.
 pub const PROTOCOLS: [&str; 3] = ["rest-json", "rest-binary", "grpc"];
@@ -37,8 +37,8 @@ pub struct ProtocolRow {
     pub rows: usize,
     /// Requests per second (median over rounds).
     pub rps: f64,
-    /// Median of per-round throughput ÷ REST JSON's.
-    pub over_json: f64,
+    /// Throughput ÷ REST JSON's over rounds.
+    pub over_json: Spread,
     /// Latencies, all rounds pooled.
     pub latency: Summary,
     /// Failed requests.
@@ -246,7 +246,7 @@ pub async fn run(
                 protocol: (*name).to_owned(),
                 rows,
                 rps: median(&rates[which]),
-                over_json: median(&ratios[which]),
+                over_json: Spread::of(&ratios[which]),
                 latency: latencies[which].summary(),
                 failed: failed[which],
             });

@@ -11,7 +11,7 @@ use shoal_core::{Tensor, TensorData};
 use shoal_runtime::tract::TractBackend;
 use shoal_runtime::{Backend, LoadOptions, LoadedModel};
 
-use crate::stats::{Latencies, Summary, median};
+use crate::stats::{Latencies, Spread, Summary};
 
 /// One model's comparison.
 #[derive(Debug, Clone, Serialize)]
@@ -24,14 +24,14 @@ pub struct EngineComparison {
     pub tract: Summary,
     /// ONNX Runtime, all rounds pooled.
     pub onnxruntime: Summary,
-    /// Median over rounds of tract p50 ÷ ORT p50.
-    pub p50_ratio: f64,
+    /// Tract p50 ÷ ORT p50 over rounds.
+    pub p50_ratio: Spread,
     /// `--engine auto`, loaded as a replica loads it, all rounds pooled.
     pub auto: Summary,
     /// The engine `auto` kept.
     pub auto_kept: String,
-    /// Median over rounds of auto p50 ÷ ORT p50.
-    pub auto_over_ort: f64,
+    /// Auto p50 ÷ ORT p50 over rounds.
+    pub auto_over_ort: Spread,
 }
 
 struct Case {
@@ -139,10 +139,10 @@ pub fn compare(ort: &dyn Backend, rounds: usize) -> anyhow::Result<Vec<EngineCom
             shape: case.inputs[0].shape().to_vec(),
             tract: all_a.summary(),
             onnxruntime: all_b.summary(),
-            p50_ratio: median(&ratios),
+            p50_ratio: Spread::of(&ratios),
             auto: all_c.summary(),
             auto_kept: c.platform().to_owned(),
-            auto_over_ort: median(&auto_ratios),
+            auto_over_ort: Spread::of(&auto_ratios),
         });
     }
     Ok(results)

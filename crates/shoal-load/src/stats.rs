@@ -82,6 +82,37 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A figure measured once per round: the median, which benchmarks report,
+/// and the lowest and highest round, which say how stable it was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Spread {
+    /// Median over rounds.
+    pub median: f64,
+    /// Lowest round.
+    pub min: f64,
+    /// Highest round.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of per-round `values` (all 0 when empty).
+    pub fn of(values: &[f64]) -> Spread {
+        Spread {
+            median: median(values),
+            min: values.iter().copied().reduce(f64::min).unwrap_or(0.0),
+            max: values.iter().copied().reduce(f64::max).unwrap_or(0.0),
+        }
+    }
+
+    /// `median unit (min–max)` with `decimals`, for tables.
+    pub fn show(&self, decimals: usize, unit: &str) -> String {
+        format!(
+            "{:.decimals$}{unit} ({:.decimals$}–{:.decimals$})",
+            self.median, self.min, self.max
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +122,15 @@ mod tests {
         assert_eq!(median(&[]), 0.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn spreads() {
+        let s = Spread::of(&[1.2, 1.0, 1.1, 1.5]);
+        assert_eq!((s.min, s.max), (1.0, 1.5));
+        assert!((s.median - 1.15).abs() < 1e-9);
+        assert_eq!(s.show(2, "×"), "1.15× (1.00–1.50)");
+        assert_eq!(Spread::of(&[]), Spread::default());
     }
 
     #[test]

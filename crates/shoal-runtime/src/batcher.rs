@@ -199,7 +199,7 @@ impl Batcher {
             let outputs = self
                 .runner
                 .pool
-                .run_checked(&self.model, inputs, share)
+                .run_on_pool(&self.model, inputs, share)
                 .await;
             drop(permit);
             self.shared.stats.count(&self.runner, &[rows]);
@@ -338,7 +338,8 @@ async fn run_batches(
     }
 }
 
-/// Runs one batch and answers each of its requests.
+/// Runs one batch of queued requests (on a pool thread, like a lone
+/// request: see [`InferencePool::run_on_pool`]) and answers each of them.
 async fn run_one(model: &LoadedModel, runner: &BatchRunner, jobs: Vec<Job>, stats: &BatchStats) {
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let (inputs, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
@@ -346,7 +347,7 @@ async fn run_one(model: &LoadedModel, runner: &BatchRunner, jobs: Vec<Job>, stat
     let answers = match batch::concat(inputs) {
         Ok(joined) => runner
             .pool
-            .run_checked(model, joined, share)
+            .run_on_pool(model, joined, share)
             .await
             .and_then(|outputs| batch::split(outputs, &rows).map_err(RunError::Engine)),
         Err(e) => Err(RunError::Engine(e)),

@@ -147,6 +147,11 @@ pub(crate) enum BenchCommand {
         /// instead of JSON numbers.
         #[arg(long)]
         binary: bool,
+        /// Both replicas run an inference costing up to this many µs on
+        /// the request's task (`shoal replica --inline-max-us`; 0: every
+        /// request handed to an inference thread).
+        #[arg(long, default_value_t = 25)]
+        inline_max_us: u64,
     },
     /// REST with JSON numbers, REST with binary tensor data and gRPC
     /// against one replica serving digits, at each request size; closed
@@ -621,7 +626,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 say!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 say!(
-                    "{:<12} {:>5} {:>10} {:>10} {:>10} {:>10} {:>7}",
+                    "{:<12} {:>5} {:>10} {:>20} {:>10} {:>10} {:>7}",
                     "protocol",
                     "rows",
                     "req/s",
@@ -632,11 +637,11 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 );
                 for row in r {
                     say!(
-                        "{:<12} {:>5} {:>10.0} {:>9.2}× {:>8.0}µs {:>8.0}µs {:>7}",
+                        "{:<12} {:>5} {:>10.0} {:>20} {:>8.0}µs {:>8.0}µs {:>7}",
                         row.protocol,
                         row.rows,
                         row.rps,
-                        row.over_json,
+                        row.over_json.show(2, "×"),
                         row.latency.p50_us,
                         row.latency.p99_us,
                         row.failed
@@ -654,6 +659,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
             batch_delay,
             engine,
             binary,
+            inline_max_us,
         } => {
             let (file, input, options) = match model.as_str() {
                 "digits" => (
@@ -696,6 +702,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 rounds: usize::try_from(rounds).unwrap_or(1),
                 policy,
                 binary,
+                inline_max: std::time::Duration::from_micros(inline_max_us),
             };
             let r = shoal_bench::batching::run(&spec).await?;
             if json {
@@ -708,7 +715,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     spec.rounds
                 );
                 say!(
-                    "  {:>7}  {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>6}   {:>7}",
+                    "  {:>7}  {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>6}   {:>19}",
                     "clients",
                     "alone r/s",
                     "p50 ms",
@@ -721,7 +728,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 );
                 for row in &r {
                     say!(
-                        "  {:>7}  {:>10.0} {:>8.2} {:>8.2}   {:>10.0} {:>8.2} {:>8.2} {:>6}   {:>6.2}×{}",
+                        "  {:>7}  {:>10.0} {:>8.2} {:>8.2}   {:>10.0} {:>8.2} {:>8.2} {:>6}   {:>19}{}",
                         row.clients,
                         row.alone_rps,
                         ms(row.alone.p50_us),
@@ -731,7 +738,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         ms(row.batched.p99_us),
                         row.rows_per_batch
                             .map_or_else(|| "off".to_owned(), |r| format!("{r:.1}")),
-                        row.ratio,
+                        row.ratio.show(2, "×"),
                         if row.failed > 0 {
                             format!("  ({} failed)", row.failed)
                         } else {
@@ -904,7 +911,7 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 say!("{}", serde_json::to_string_pretty(&results)?);
             } else {
                 say!(
-                    "{:<38} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>9} {:>10}",
+                    "{:<38} {:>14} {:>12} {:>12} {:>12} {:>12} {:>19} {:>12} {:>9} {:>19}",
                     "model",
                     "shape",
                     "tract p50",
@@ -918,17 +925,17 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                 );
                 for r in results {
                     say!(
-                        "{:<38} {:>14} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>9.2}× {:>10.1}µs {:>9} {:>9.2}×",
+                        "{:<38} {:>14} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>19} {:>10.1}µs {:>9} {:>19}",
                         r.model,
                         format!("{:?}", r.shape),
                         r.tract.p50_us,
                         r.tract.p99_us,
                         r.onnxruntime.p50_us,
                         r.onnxruntime.p99_us,
-                        r.p50_ratio,
+                        r.p50_ratio.show(2, "×"),
                         r.auto.p50_us,
                         r.auto_kept,
-                        r.auto_over_ort
+                        r.auto_over_ort.show(2, "×")
                     );
                 }
             }
@@ -964,8 +971,8 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                     r.floor.p99_us
                 );
                 say!(
-                    "  serving overhead (median of per-round p50 differences): {:.1}µs",
-                    r.overhead_p50_us
+                    "  serving overhead (per-round p50 differences, median (lowest–highest)): {}",
+                    r.overhead_p50_us.show(1, "µs")
                 );
             }
         }
