@@ -158,6 +158,22 @@ pub struct VersionOptions {
     pub engine: shoal_core::Engine,
 }
 
+impl std::fmt::Display for VersionOptions {
+    /// `engine ort, batches of up to 16 rows within 1000 µs`: for messages,
+    /// tables and the audit log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "engine {}, ", self.engine)?;
+        match &self.batching {
+            Some(b) => write!(
+                f,
+                "batches of up to {} rows within {} µs",
+                b.max_batch, b.delay_us
+            ),
+            None => f.write_str("no batching"),
+        }
+    }
+}
+
 impl VersionOptions {
     /// The options a version record carries now.
     pub fn of(record: &VersionRecord) -> VersionOptions {
@@ -251,4 +267,29 @@ pub struct UploadedArtifact {
     pub new_chunks: usize,
     /// Bytes written to the store (after compression).
     pub stored_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_options_read_as_a_sentence() {
+        let batched = VersionOptions {
+            batching: Some(Batching {
+                max_batch: 16,
+                delay_us: 1000,
+                preferred: vec![],
+            }),
+            engine: shoal_core::Engine::Ort,
+        };
+        assert_eq!(
+            batched.to_string(),
+            "engine ort, batches of up to 16 rows within 1000 µs"
+        );
+        assert_eq!(
+            VersionOptions::default().to_string(),
+            "engine tract, no batching"
+        );
+    }
 }

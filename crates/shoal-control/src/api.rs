@@ -516,8 +516,8 @@ async fn check_artifact(
     .await
     .map_err(|e| ApiError::internal(format!("model check task failed: {e}")))?
     .map_err(|e| {
-        let (unavailable_hint, hint) = match (checked, checks) {
-            (Checked::Push, _) => (
+        let (unavailable_hint, hint) = match checked {
+            Checked::Push => (
                 "No version was created; push with --skip-engine-check to register it unchecked",
                 if checks == Checks::Engine {
                     "; no version was created. If the model is meant for another engine, push it with --skip-engine-check"
@@ -525,7 +525,7 @@ async fn check_artifact(
                     "; no version was created"
                 },
             ),
-            (Checked::Options, _) => (
+            Checked::Options => (
                 "The version keeps its options",
                 "; the version keeps its options",
             ),
@@ -586,18 +586,14 @@ pub(crate) async fn set_version_options(
         Checked::Options,
     )
     .await?;
-    let detail = match &options.batching {
-        Some(b) => format!(
-            "engine {}, batches of up to {} within {} µs",
-            options.engine.as_str(),
-            b.max_batch,
-            b.delay_us
-        ),
-        None => format!("engine {}, no batching", options.engine.as_str()),
-    };
     let (record, _) = control
         .store
-        .set_options(&model, &version, &options, Audit::by(&caller.name, detail))
+        .set_options(
+            &model,
+            &version,
+            &options,
+            Audit::by(&caller.name, options.to_string()),
+        )
         .await
         .map_err(registry_error)?;
     control

@@ -69,6 +69,10 @@ pub enum Outcome {
     GaveUp,
 }
 
+/// What a reload tried: the artifact's SHA-256 and the options (`None`:
+/// they did not parse).
+type Reload = (String, Option<shoal_runtime::LoadOptions>);
+
 /// The sync agent of one replica.
 pub struct Agent {
     config: SyncConfig,
@@ -85,10 +89,10 @@ pub struct Agent {
     /// How long each loaded `model:version` took to fetch, load and warm
     /// (ms), for the heartbeat: the predictive autoscaler leads by it.
     load_ms: std::sync::Mutex<BTreeMap<VersionKey, u64>>,
-    /// Served versions that could not be loaded again with new options,
-    /// and those options (`None`: they did not parse): not tried again
-    /// until the options change (the old instance keeps serving).
-    failed_reloads: std::sync::Mutex<BTreeMap<VersionKey, Option<shoal_runtime::LoadOptions>>>,
+    /// Served versions that could not be loaded again, with what was
+    /// tried (bytes; options, `None` when they did not parse): not tried
+    /// again until that changes (the old instance keeps serving).
+    failed_reloads: std::sync::Mutex<BTreeMap<VersionKey, Reload>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -283,6 +287,7 @@ impl Agent {
                     model,
                     version,
                     default,
+                    reload,
                 } => {
                     if self
                         .replica
@@ -292,25 +297,32 @@ impl Agent {
                         ok = false;
                         continue;
                     }
-                    // A served version loaded again for new options.
+                    // A served version loaded again (new options or bytes):
+                    // what is tried, remembered if it fails.
                     let reload = VersionKey::parse(&model, &version.version)
                         .ok()
-                        .filter(|_| self.replica.store().has(&model, &version.version));
-                    let options = reconcile::load_options(&version).ok();
-                    if let Some(key) = &reload
+                        .filter(|_| reload)
+                        .map(|key| {
+                            let tried = (
+                                version.sha256.clone(),
+                                reconcile::load_options(&version).ok(),
+                            );
+                            (key, tried)
+                        });
+                    if let Some((key, tried)) = &reload
                         && self
                             .failed_reloads
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .get(key)
-                            == Some(&options)
+                            == Some(tried)
                     {
                         ok = false;
                         continue;
                     }
                     match self.load(&model, &version, default, desired).await {
                         Ok(()) => {
-                            if let Some(key) = &reload {
+                            if let Some((key, _)) = &reload {
                                 self.failed_reloads
                                     .lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -318,13 +330,13 @@ impl Agent {
                             }
                         }
                         Err(reason) if reload.is_some() => {
-                            tracing::warn!(%model, version = %version.version, %reason, "cannot load it again with its new options; it keeps serving with the old ones until they change again");
+                            tracing::warn!(%model, version = %version.version, %reason, "cannot load it again; the instance loaded before keeps serving until its options or bytes change again");
                             ok = false;
-                            if let Some(key) = reload {
+                            if let Some((key, tried)) = reload {
                                 self.failed_reloads
                                     .lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .insert(key, options);
+                                    .insert(key, tried);
                             }
                         }
                         Err(reason) => {

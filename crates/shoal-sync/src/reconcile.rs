@@ -54,6 +54,9 @@ pub enum Step {
         version: DesiredVersion,
         /// Make it the default once loaded.
         default: bool,
+        /// It is loaded now, with other bytes or options: the new
+        /// instance replaces the serving one once warm.
+        reload: bool,
     },
     /// Make a loaded version the default.
     SetDefault {
@@ -99,6 +102,7 @@ pub fn plan(desired: &DesiredState, loaded: &[Loaded]) -> Vec<Step> {
                         model: m.model.clone(),
                         version: v.clone(),
                         default: is_default,
+                        reload: true,
                     });
                 }
                 Some(l) => {
@@ -113,6 +117,7 @@ pub fn plan(desired: &DesiredState, loaded: &[Loaded]) -> Vec<Step> {
                     model: m.model.clone(),
                     version: v.clone(),
                     default: is_default,
+                    reload: false,
                 }),
             }
         }
@@ -187,7 +192,8 @@ mod tests {
                 Step::Load {
                     model: "m".into(),
                     version: dv("2"),
-                    default: true
+                    default: true,
+                    reload: false,
                 },
                 Step::Unload {
                     model: "m".into(),
@@ -228,7 +234,7 @@ mod tests {
         let mut l = loaded("1", true);
         l.sha256 = "other".into();
         let steps = plan(&desired("1", &["1"]), &[l]);
-        assert!(matches!(&steps[..], [Step::Load { .. }]));
+        assert!(matches!(&steps[..], [Step::Load { reload: true, .. }]));
     }
 
     #[test]
@@ -241,16 +247,19 @@ mod tests {
             preferred: vec![],
         });
         let steps = plan(&d, &[loaded("1", true), loaded("2", false)]);
-        let reloaded: Vec<(&str, bool)> = steps
+        let reloaded: Vec<(&str, bool, bool)> = steps
             .iter()
             .map(|s| match s {
                 Step::Load {
-                    version, default, ..
-                } => (version.version.as_str(), *default),
+                    version,
+                    default,
+                    reload,
+                    ..
+                } => (version.version.as_str(), *default, *reload),
                 other => panic!("only loads expected, got {other:?}"),
             })
             .collect();
-        assert_eq!(reloaded, [("1", true), ("2", false)]);
+        assert_eq!(reloaded, [("1", true, true), ("2", false, true)]);
         // Loaded with those options: converged.
         let now: Vec<Loaded> = d.models[0]
             .versions

@@ -460,13 +460,9 @@ pub(crate) async fn model(command: ModelCommand, global: &Global) -> anyhow::Res
                 ]);
                 t.add_row(vec!["labels".to_owned(), format!("{:?}", v.labels)]);
                 t.add_row(vec!["metrics".to_owned(), format!("{:?}", v.metrics)]);
-                t.add_row(vec!["engine".to_owned(), v.engine.to_string()]);
                 t.add_row(vec![
-                    "batching".to_owned(),
-                    v.batching.as_ref().map_or_else(
-                        || "-".to_owned(),
-                        |b| format!("up to {} rows within {} µs", b.max_batch, b.delay_us),
-                    ),
+                    "serving".to_owned(),
+                    shoal_api::registry::VersionOptions::of(&v).to_string(),
                 ]);
                 t.add_row(vec!["rolled back".to_owned(), v.rolled_back.to_string()]);
                 say!("{t}");
@@ -694,15 +690,8 @@ async fn set_serving_options(
     let record = client.set_version_options(model, version, &options).await?;
     if !global.json {
         say!(
-            "{model}:{version} serves with engine {}, {}",
-            record.engine,
-            record.batching.as_ref().map_or_else(
-                || "no batching".to_owned(),
-                |b| format!(
-                    "batches of up to {} rows within {} µs",
-                    b.max_batch, b.delay_us
-                )
-            )
+            "{model}:{version} serves with {}",
+            shoal_api::registry::VersionOptions::of(&record)
         );
     }
     Ok(())
