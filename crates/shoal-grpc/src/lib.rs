@@ -9,6 +9,8 @@
 //!   `raw_input_contents`, within the same [`shoal_oip::Limits`]), and
 //!   tensors back into a `ModelInferResponse` (`raw_output_contents`, as
 //!   Triton answers); metadata both ways.
+//! - [`admit`]: `ModelInfer` served from the message's bytes, so a server
+//!   admits (or refuses) a request before paying for its decoding.
 //! - [`status`]: the gRPC status code for each HTTP status Shoal's REST
 //!   handlers answer with, so both protocols fail alike.
 //! - [`Beside`]: the service on a bound listener until told to stop, as
@@ -19,8 +21,44 @@
 //! Architecture invariant: no server or inference here; replicas and
 //! gateways serve the service and run the requests.
 
+pub mod admit;
 pub mod codec;
 pub mod status;
+
+use std::convert::Infallible;
+
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+
+/// A gRPC service [`Beside`] can serve: the generated server, or one
+/// wrapped (as [`admit::DecodeAfterAdmission`] wraps it).
+pub trait GrpcService:
+    Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// The gRPC port a server runs beside its REST one, serving until its
 /// [`StopBeside`] is used, then letting calls in flight finish.
@@ -46,10 +84,10 @@ impl Beside {
     /// Serves `service` on `listener`: over TLS with `tls`'s certificate
     /// and client verification when given (a server on https serves gRPC
     /// on TLS too), in plaintext otherwise.
-    pub fn start<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+    pub fn start(
         listener: tokio::net::TcpListener,
         tls: Option<&shoal_http::tls::ServerTls>,
-        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+        service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         match tls {
             Some(tls) => {
@@ -61,9 +99,9 @@ impl Beside {
     }
 
     /// Serves `service` on `listener` (Nagle off).
-    fn serve<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+    fn serve(
         listener: tokio::net::TcpListener,
-        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+        service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
         let incoming =
@@ -74,10 +112,10 @@ impl Beside {
     /// Serves `service` over TLS on `listener` with `config` (its ALPN must
     /// offer `h2`: [`shoal_http::tls::ServerTls::grpc_config`]); handshakes
     /// complete before tonic sees a connection, as for REST.
-    fn serve_tls<T: pb::grpc_inference_service_server::GrpcInferenceService>(
+    fn serve_tls(
         listener: tokio::net::TcpListener,
         config: std::sync::Arc<rustls::ServerConfig>,
-        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+        service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
         let tls = shoal_http::tls::TlsListener::new(listener, config)?;
@@ -88,13 +126,12 @@ impl Beside {
         Ok(Self::serve_incoming(addr, incoming, service))
     }
 
-    fn serve_incoming<T, S, IO>(
+    fn serve_incoming<S, IO>(
         addr: std::net::SocketAddr,
         incoming: S,
-        service: pb::grpc_inference_service_server::GrpcInferenceServiceServer<T>,
+        service: impl GrpcService,
     ) -> (Beside, StopBeside)
     where
-        T: pb::grpc_inference_service_server::GrpcInferenceService,
         S: futures::Stream<Item = Result<IO, std::io::Error>> + Send + 'static,
         IO: tokio::io::AsyncRead
             + tokio::io::AsyncWrite

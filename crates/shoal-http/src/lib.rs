@@ -5,7 +5,8 @@
 //!   status, so every endpoint fails the same way; the internal cause is
 //!   logged, not sent.
 //! - [`read_body`] reads a request body up to a limit and answers 413 with a
-//!   message that names the limit.
+//!   message that names the limit; [`decode_off_worker`] parses a large one
+//!   on a blocking thread.
 //! - [`fallback`] and [`method_not_allowed`] keep unknown routes and wrong
 //!   methods in the same JSON error shape.
 //! - [`serve`] runs a router on a bound listener with `TCP_NODELAY` and
@@ -166,6 +167,25 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             "cannot read the request body: {e}"
         ))),
     }
+}
+
+/// Request bodies up to this size are decoded on the async worker; larger
+/// ones on a blocking thread, so a big request never stalls the others.
+pub const DECODE_INLINE_BYTES: usize = 64 << 10;
+
+/// Runs `decode` (the parsing of a request body of `len` bytes) where it
+/// belongs: inline when the body is small, on a blocking thread when it is
+/// larger than [`DECODE_INLINE_BYTES`]. `Err` only if that thread failed.
+pub async fn decode_off_worker<R: Send + 'static>(
+    len: usize,
+    decode: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, String> {
+    if len <= DECODE_INLINE_BYTES {
+        return Ok(decode());
+    }
+    tokio::task::spawn_blocking(decode)
+        .await
+        .map_err(|e| format!("decoding failed: {e}"))
 }
 
 /// The value of header `name` as text, if present; a 400 naming the header

@@ -7,23 +7,24 @@
 //! retrying elsewhere may help. Answers carry the replica and the version
 //! that served them as `x-shoal-replica` and `x-shoal-model-version` metadata.
 //!
-//! Unlike REST, tonic decodes the protobuf message before the handler
-//! runs, so a gRPC request is admitted after its bytes are parsed (into
-//! tensors: the check and the copy into Shoal's tensors come after
-//! admission).
+//! As for REST, a request is admitted before it is decoded: `ModelInfer`
+//! is served from the message's bytes ([`shoal_grpc::admit`]), whose
+//! model name and version are read without parsing the tensors; the
+//! protobuf decode and the check into Shoal's tensors come after
+//! admission, on a blocking thread when the message is large.
 
 use std::sync::Arc;
 
 use shoal_api::replica::{REPLICA_HEADER, SEQUENCE_FROM_HEADER, VERSION_HEADER};
-use shoal_grpc::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
+use shoal_grpc::admit::{DecodeAfterAdmission, InferBeforeDecode, RawInfer};
+use shoal_grpc::pb::grpc_inference_service_server::GrpcInferenceService;
 use shoal_grpc::pb::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use shoal_http::ApiError;
+use tonic::codegen::BoxFuture;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -37,12 +38,68 @@ pub struct GrpcReplica {
 }
 
 impl GrpcReplica {
-    /// The tonic service for `replica`, with messages up to its body limit.
-    pub fn service(replica: Arc<Replica>) -> GrpcInferenceServiceServer<GrpcReplica> {
+    /// The tonic service for `replica`, with messages up to its body limit,
+    /// decoding inference requests only once admitted.
+    pub fn service(replica: Arc<Replica>) -> DecodeAfterAdmission<GrpcReplica> {
         let limit = replica.body_limit;
-        GrpcInferenceServiceServer::new(GrpcReplica { replica })
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(usize::MAX)
+        DecodeAfterAdmission::new(GrpcReplica { replica }, limit)
+    }
+
+    /// Serves one inference for `model` (`asked`: its version, empty for
+    /// the default); `decode` gives the request once it is admitted.
+    async fn infer<F, Fut>(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        model: &str,
+        asked: &str,
+        decode: F,
+    ) -> Result<Response<ModelInferResponse>, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<shoal_oip::DecodedRequest, String>>,
+    {
+        let moved_from = metadata
+            .get(SEQUENCE_FROM_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let call = Call {
+            model,
+            version: version(asked),
+            moved_from,
+        };
+        let served = inference::infer(&self.replica, call, || async move { Ok(decode().await) })
+            .await
+            .map_err(|e| status_of(&e))?;
+        let version = served.serving.version.as_str();
+        let (request, outputs) = served.answer.map_err(|e| status_of(&e))?;
+        let mut response = Response::new(shoal_grpc::codec::encode_response(
+            served.serving.model.as_str(),
+            version,
+            request.id.as_deref(),
+            &outputs,
+        ));
+        let metadata = response.metadata_mut();
+        if let Ok(v) = MetadataValue::try_from(self.replica.id()) {
+            metadata.insert(REPLICA_HEADER, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(version) {
+            metadata.insert(VERSION_HEADER, v);
+        }
+        Ok(response)
+    }
+}
+
+impl InferBeforeDecode for GrpcReplica {
+    fn model_infer(
+        self: Arc<Self>,
+        request: Request<RawInfer>,
+    ) -> BoxFuture<Response<ModelInferResponse>, Status> {
+        Box::pin(async move {
+            let (metadata, _, raw) = request.into_parts();
+            let (model, asked) = raw.model()?;
+            let limits = self.replica.limits;
+            self.infer(&metadata, &model, &asked, || raw.decode(limits))
+                .await
+        })
     }
 }
 
@@ -115,44 +172,20 @@ impl GrpcInferenceService for GrpcReplica {
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
     }
 
+    /// Not reached through [`GrpcReplica::service`], which serves
+    /// `ModelInfer` before decoding ([`InferBeforeDecode`]); the same
+    /// path for an already decoded message.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let moved_from = request
-            .metadata()
-            .get(SEQUENCE_FROM_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let mut request = request.into_inner();
+        let (metadata, _, mut request) = request.into_parts();
         let model = std::mem::take(&mut request.model_name);
         let asked = std::mem::take(&mut request.model_version);
-        let call = Call {
-            model: &model,
-            version: version(&asked),
-            moved_from: moved_from.as_deref(),
-        };
         let limits = self.replica.limits;
-        let served = inference::infer(&self.replica, call, || async move {
-            Ok(shoal_grpc::codec::decode_request(request, &limits).map_err(|e| e.0))
+        self.infer(&metadata, &model, &asked, || async move {
+            shoal_grpc::codec::decode_request(request, &limits).map_err(|e| e.0)
         })
         .await
-        .map_err(|e| status_of(&e))?;
-        let version = served.serving.version.as_str();
-        let (request, outputs) = served.answer.map_err(|e| status_of(&e))?;
-        let mut response = Response::new(shoal_grpc::codec::encode_response(
-            served.serving.model.as_str(),
-            version,
-            request.id.as_deref(),
-            &outputs,
-        ));
-        let metadata = response.metadata_mut();
-        if let Ok(v) = MetadataValue::try_from(self.replica.id()) {
-            metadata.insert(REPLICA_HEADER, v);
-        }
-        if let Ok(v) = MetadataValue::try_from(version) {
-            metadata.insert(VERSION_HEADER, v);
-        }
-        Ok(response)
     }
 }

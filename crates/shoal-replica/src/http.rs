@@ -337,25 +337,18 @@ async fn infer_common(
     Ok(response)
 }
 
-/// Bodies up to this size are decoded on the async worker; larger ones on
-/// a blocking thread, so a big request never stalls the others.
-const DECODE_INLINE_BYTES: usize = 64 << 10;
-
-/// Decodes an OIP request body (JSON, or JSON plus binary tensors).
+/// Decodes an OIP request body (JSON, or JSON plus binary tensors), off
+/// the async workers when it is large.
 async fn decode(
     body: bytes::Bytes,
     json_len: Option<&str>,
     limits: shoal_oip::Limits,
 ) -> Result<shoal_oip::DecodedRequest, String> {
-    if body.len() <= DECODE_INLINE_BYTES {
-        return shoal_oip::decode_request_parts(&body, json_len, &limits).map_err(|e| e.0);
-    }
     let json_len = json_len.map(str::to_owned);
-    tokio::task::spawn_blocking(move || {
+    shoal_http::decode_off_worker(body.len(), move || {
         shoal_oip::decode_request_parts(&body, json_len.as_deref(), &limits).map_err(|e| e.0)
     })
-    .await
-    .map_err(|e| format!("decoding failed: {e}"))?
+    .await?
 }
 
 async fn admin_list(State(replica): Shared) -> Response {
