@@ -20,7 +20,9 @@ fn limits() -> Limits {
 }
 
 /// The OIP JSON request decoder (replicas), against the gateway's lighter
-/// precheck: what a replica would accept, a gateway must let through.
+/// precheck: what a replica would accept, a gateway must let through. And
+/// the precheck's scan ([`shoal_oip::skim`]) only ever empties the data
+/// arrays of inputs: the body it keeps is the body, those aside.
 pub fn oip_json(data: &[u8]) {
     let decoded = shoal_oip::decode_request(data, &limits());
     let prechecked = shoal_oip::precheck_request(data, &limits());
@@ -30,6 +32,26 @@ pub fn oip_json(data: &[u8]) {
             "the gateway refuses what a replica accepts: {prechecked:?}"
         );
     }
+    if let (Some(skimmed), Ok(original)) = (
+        shoal_oip::skim::without_data(data),
+        serde_json::from_slice::<serde_json::Value>(data),
+    ) {
+        let skimmed = serde_json::from_slice::<serde_json::Value>(&skimmed)
+            .expect("the scan keeps a JSON body JSON");
+        assert_eq!(without_input_data(skimmed), without_input_data(original));
+    }
+}
+
+/// `body` with every `inputs[i].data` array emptied.
+fn without_input_data(mut body: serde_json::Value) -> serde_json::Value {
+    if let Some(inputs) = body.get_mut("inputs").and_then(|i| i.as_array_mut()) {
+        for input in inputs {
+            if let Some(data) = input.get_mut("data").and_then(|d| d.as_array_mut()) {
+                data.clear();
+            }
+        }
+    }
+    body
 }
 
 /// Triton's binary tensor data extension: the first two bytes choose the

@@ -247,7 +247,8 @@ const MISSING_DATA: &str = "missing field `data` (or, with the binary tensor ext
 /// object with non-empty `inputs`, each with a name, a known datatype, a
 /// concrete shape and data, within the element budget. Cheap enough for a
 /// gateway to refuse malformed requests before they reach a replica, which
-/// checks the rest against the model.
+/// checks the rest against the model: the data arrays are not even read
+/// ([`crate::skim`]), so what is inside them is the replica's to refuse.
 /// Returns the request's `id` and sequence, if it has them.
 pub fn precheck_request(body: &[u8], limits: &Limits) -> Result<Prechecked, DecodeError> {
     precheck_request_parts(body, None, limits)
@@ -278,8 +279,17 @@ pub fn precheck_request_parts(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    let lite: LiteRequest<'_> =
-        serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?;
+    // Parsed without its tensor data when the scan finds it (the numbers
+    // are the replica's to read); as it came otherwise, or when that
+    // fails, so errors name the original body.
+    let skimmed = crate::skim::without_data(body);
+    let lite = match skimmed
+        .as_deref()
+        .and_then(|s| serde_json::from_slice::<LiteRequest<'_>>(s).ok())
+    {
+        Some(lite) => lite,
+        None => serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?,
+    };
     if lite.inputs.is_empty() {
         return Err(DecodeError(
             "invalid inference request: \"inputs\" is empty; give at least one input tensor".into(),

@@ -3,9 +3,10 @@
 //! and model metadata ([`types`]), and the tensor codec that turns an
 //! inference request body into checked [`shoal_core::Tensor`]s and tensors
 //! back into a response body ([`codec`]), with Triton's binary tensor data
-//! extension ([`binary`]) for clients that send or want raw bytes, and a
+//! extension ([`binary`]) for clients that send or want raw bytes, a
 //! request's place in a sequence as Triton's clients name it
-//! ([`sequence`]).
+//! ([`sequence`]), and a structural scan that lets a precheck skip the
+//! tensor data without reading it ([`skim`]).
 //!
 //! Architecture invariant: this crate knows nothing about HTTP servers or
 //! inference engines. Replicas and gateways both use it, so a request is
@@ -14,6 +15,7 @@
 pub mod binary;
 pub mod codec;
 pub mod sequence;
+pub mod skim;
 pub mod types;
 
 pub use binary::HEADER_LENGTH as BINARY_HEADER;
