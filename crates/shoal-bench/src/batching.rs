@@ -105,21 +105,18 @@ fn body(
     let data: Vec<f32> = (0..rows * width).map(|i| (i % 17) as f32 / 17.0).collect();
     let mut shape = vec![rows];
     shape.extend_from_slice(row);
+    let tensor = shoal_core::Tensor::new(input, shape, shoal_core::TensorData::Fp32(data))?;
+    let request = shoal_oip::DecodedRequest {
+        id: None,
+        parameters: None,
+        inputs: vec![tensor],
+        outputs: None,
+    };
     if binary {
-        let tensor = shoal_core::Tensor::new(input, shape, shoal_core::TensorData::Fp32(data))?;
-        let request = shoal_oip::DecodedRequest {
-            id: None,
-            parameters: None,
-            inputs: vec![tensor],
-            outputs: None,
-        };
         let (bytes, json_len) = shoal_oip::binary::encode_request(&request);
         return Ok((Bytes::from(bytes), Some(json_len)));
     }
-    let json = serde_json::json!({
-        "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}],
-    });
-    Ok((Bytes::from(json.to_string()), None))
+    Ok((Bytes::from(shoal_oip::encode_request(&request)), None))
 }
 
 /// Runs the comparison.

@@ -49,15 +49,13 @@ pub async fn measure(file: &str, rounds: usize, iterations: usize) -> anyhow::Re
     server.replica.wait_ready().await;
     let serving = server.replica.store().lookup("m", None)?;
     let row = crate::digits_rows(1)?.remove(0);
-    let inputs = vec![Tensor::new(
-        "input",
-        vec![1, 64],
-        TensorData::Fp32(row.clone()),
-    )?];
-    let body = Bytes::from(
-        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]})
-            .to_string(),
-    );
+    let inputs = vec![Tensor::new("input", vec![1, 64], TensorData::Fp32(row))?];
+    let body = Bytes::from(shoal_oip::encode_request(&shoal_oip::DecodedRequest {
+        id: None,
+        parameters: None,
+        inputs: inputs.clone(),
+        outputs: None,
+    }));
     let url = format!("http://{}/v2/models/m/infer", server.addr);
 
     let health = format!("http://{}/health", server.addr);

@@ -144,16 +144,15 @@ async fn senders(server: &ReplicaServer, rows: usize) -> anyhow::Result<Vec<Send
     let data: Vec<f32> = crate::digits_rows(rows)?.into_iter().flatten().collect();
     let url = format!("http://{}/v2/models/digits/infer", server.addr);
     let client = http_client();
-    let json = serde_json::json!({
-        "inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": data}],
-    });
     let tensor = Tensor::new("input", vec![rows, 64], TensorData::Fp32(data.clone()))?;
-    let (binary, json_len) = shoal_oip::binary::encode_request(&shoal_oip::DecodedRequest {
+    let request = shoal_oip::DecodedRequest {
         id: None,
         parameters: None,
         inputs: vec![tensor],
         outputs: None,
-    });
+    };
+    let json = shoal_oip::encode_request(&request);
+    let (binary, json_len) = shoal_oip::binary::encode_request(&request);
     let grpc_addr = server
         .grpc_addr
         .ok_or_else(|| anyhow::anyhow!("the replica has no gRPC address"))?;
@@ -163,7 +162,7 @@ async fn senders(server: &ReplicaServer, rows: usize) -> anyhow::Result<Vec<Send
         Sender::Rest {
             client: client.clone(),
             url: url.clone(),
-            body: Bytes::from(json.to_string()),
+            body: Bytes::from(json),
             json_len: None,
         },
         Sender::Rest {

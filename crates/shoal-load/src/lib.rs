@@ -293,10 +293,15 @@ pub fn digits_request() -> anyhow::Result<bytes::Bytes> {
     let samples: Samples =
         serde_json::from_str(include_str!("../../../models/digits-samples.json"))?;
     let row = samples.inputs.into_iter().next().unwrap_or_default();
-    let request = serde_json::json!({
-        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]
-    });
-    Ok(bytes::Bytes::from(request.to_string()))
+    let input = shoal_core::Tensor::new("input", vec![1, 64], shoal_core::TensorData::Fp32(row))?;
+    Ok(bytes::Bytes::from(shoal_oip::encode_request(
+        &shoal_oip::DecodedRequest {
+            id: None,
+            parameters: None,
+            inputs: vec![input],
+            outputs: None,
+        },
+    )))
 }
 
 #[cfg(test)]

@@ -1,11 +1,16 @@
 //! The JSON tensor codec: inference request bodies in, response bodies out.
 //!
-//! Tensor data is parsed straight into typed, flat vectors: the `data` field
-//! is first kept as raw JSON text (the datatype may come after it in the
-//! object), then walked once with a visitor that flattens nested arrays and
-//! checks every element's type and range. Nothing is allocated beyond what
-//! the declared shape holds, so a request cannot make the server reserve
-//! more memory than [`Limits::max_elements`] allows.
+//! Tensor data is parsed straight into typed, flat vectors, in one pass
+//! when a tensor's `datatype` and `shape` come before its `data` (as every
+//! client we know writes them): the array is read once with a visitor that
+//! flattens nested arrays, checks every element's type and range and stops
+//! at the shape's element count. When the data comes first it is kept as
+//! raw JSON text and walked once the datatype is known. Anything unusual
+//! on the one-pass path (a bad element, a short array, a duplicate key)
+//! sends the body down the two-pass path, whose errors say what is wrong;
+//! the answer for a good body is the same either way. Nothing is allocated
+//! beyond what the declared shape holds, so a request cannot make the
+//! server reserve more memory than [`Limits::max_elements`] allows.
 
 use std::fmt;
 
@@ -52,14 +57,15 @@ pub struct DecodedRequest {
     pub outputs: Option<Vec<RequestOutput>>,
 }
 
+/// A request body; `T` is how its tensors are read ([`WireTensor`] in
+/// two passes, [`OnePass`] in one).
 #[derive(Deserialize)]
-struct WireRequest<'a> {
+struct WireRequest<T> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(borrow)]
-    inputs: Vec<WireTensor<'a>>,
+    inputs: Vec<T>,
     #[serde(default)]
     outputs: Option<Vec<RequestOutput>>,
 }
@@ -92,8 +98,170 @@ struct WireTensor<'a> {
     datatype: String,
     #[serde(default)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw_data")]
+    data: Option<JsonData<'a>>,
+}
+
+/// A tensor's JSON `data`: still text, or already parsed.
+enum JsonData<'a> {
+    Raw(&'a RawValue),
+    Parsed(TensorData),
+}
+
+fn raw_data<'de, D: de::Deserializer<'de>>(d: D) -> Result<Option<JsonData<'de>>, D::Error> {
+    Ok(Some(JsonData::Raw(<&RawValue>::deserialize(d)?)))
+}
+
+/// A [`WireTensor`] read in one pass: its data parsed as it is met when the
+/// datatype and shape came first. Fails (for the two-pass path to say
+/// why) on anything else that is wrong.
+struct OnePass<'a>(WireTensor<'a>);
+
+/// The keys of a request tensor.
+enum TensorField {
+    Name,
+    Shape,
+    Datatype,
+    Parameters,
+    Data,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for TensorField {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl Visitor<'_> for Keys {
+            type Value = TensorField;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a tensor field")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TensorField, E> {
+                Ok(match v {
+                    "name" => TensorField::Name,
+                    "shape" => TensorField::Shape,
+                    "datatype" => TensorField::Datatype,
+                    "parameters" => TensorField::Parameters,
+                    "data" => TensorField::Data,
+                    _ => TensorField::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(Keys)
+    }
+}
+
+impl<'de> Deserialize<'de> for OnePass<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Tensor;
+        impl<'de> Visitor<'de> for Tensor {
+            type Value = OnePass<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a tensor")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<OnePass<'de>, A::Error> {
+                fn once<T, E: de::Error>(slot: &mut Option<T>, v: T) -> Result<(), E> {
+                    match slot.replace(v) {
+                        None => Ok(()),
+                        Some(_) => Err(E::custom("duplicate field")),
+                    }
+                }
+                let (mut name, mut shape, mut datatype, mut parameters, mut data) =
+                    (None, None::<Vec<i64>>, None::<String>, None, None);
+                while let Some(key) = map.next_key::<TensorField>()? {
+                    match key {
+                        TensorField::Name => once(&mut name, map.next_value::<String>()?)?,
+                        TensorField::Shape => once(&mut shape, map.next_value()?)?,
+                        TensorField::Datatype => once(&mut datatype, map.next_value()?)?,
+                        TensorField::Parameters => once(
+                            &mut parameters,
+                            map.next_value::<Option<serde_json::Map<String, serde_json::Value>>>()?,
+                        )?,
+                        TensorField::Data => {
+                            let value = match (datatype.as_deref(), shape.as_deref()) {
+                                (Some(datatype), Some(shape)) => JsonData::Parsed(
+                                    map.next_value_seed(Typed::new(datatype, shape)?)?,
+                                ),
+                                _ => JsonData::Raw(map.next_value()?),
+                            };
+                            once(&mut data, value)?;
+                        }
+                        TensorField::Other => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(OnePass(WireTensor {
+                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                    shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
+                    datatype: datatype.ok_or_else(|| de::Error::missing_field("datatype"))?,
+                    parameters: parameters.flatten(),
+                    data,
+                }))
+            }
+        }
+        d.deserialize_map(Tensor)
+    }
+}
+
+/// Reads a `data` array of exactly `count` elements of `datatype`.
+struct Typed {
+    datatype: DataType,
+    count: usize,
+}
+
+impl Typed {
+    /// For a tensor that says it is `datatype` of `shape`; fails when
+    /// either is wrong (the two-pass path says how).
+    fn new<E: de::Error>(datatype: &str, shape: &[i64]) -> Result<Typed, E> {
+        let wrong = || E::custom("datatype or shape");
+        let datatype = DataType::parse(datatype).ok_or_else(wrong)?;
+        let dims = shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|_| wrong())?;
+        let count = element_count(&dims).ok_or_else(wrong)?;
+        Ok(Typed { datatype, count })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Typed {
+    type Value = TensorData;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<TensorData, D::Error> {
+        /// Flattens the array into `count` elements, exactly.
+        struct Array<'de, D> {
+            d: D,
+            count: usize,
+            de: std::marker::PhantomData<&'de ()>,
+        }
+        impl<'de, D: de::Deserializer<'de>> ForEachType for Array<'de, D> {
+            type Error = D::Error;
+            fn run<T: Element>(self) -> Result<Vec<T>, D::Error> {
+                // The element count is the shape's: reserve what the
+                // request could plausibly hold, grow past it if need be.
+                let mut out = Vec::with_capacity(self.count.min(1 << 16));
+                self.d.deserialize_seq(Flatten {
+                    out: &mut out,
+                    limit: self.count,
+                })?;
+                if out.len() != self.count {
+                    return Err(de::Error::custom("element count"));
+                }
+                Ok(out)
+            }
+        }
+        for_each_type(
+            self.datatype,
+            Array {
+                d,
+                count: self.count,
+                de: std::marker::PhantomData,
+            },
+        )
+    }
 }
 
 /// Parses and checks an inference request body of JSON tensors.
@@ -117,8 +285,16 @@ pub fn decode_request_parts(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    let wire: WireRequest<'_> =
-        serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?;
+    let wire = match serde_json::from_slice::<WireRequest<OnePass<'_>>>(body) {
+        Ok(one) => WireRequest {
+            id: one.id,
+            parameters: one.parameters,
+            inputs: one.inputs.into_iter().map(|OnePass(t)| t).collect(),
+            outputs: one.outputs,
+        },
+        Err(_) => serde_json::from_slice::<WireRequest<WireTensor<'_>>>(body)
+            .map_err(|e| json_error("request", &e, json_len))?,
+    };
     check_flags(wire.parameters.as_ref(), wire.outputs.as_ref())?;
     if wire.inputs.is_empty() {
         return Err(DecodeError(
@@ -362,6 +538,8 @@ pub fn precheck_request_parts(
 enum Payload<'a> {
     /// A JSON array, as text.
     Json(&'a str),
+    /// A JSON array, already parsed.
+    Parsed(TensorData),
     /// The next this many bytes of the binary part.
     Binary(usize),
 }
@@ -432,7 +610,8 @@ fn check_header<'a>(
     .map_err(err)?;
     let data = match (wire.data, binary) {
         (_, Some(size)) => Payload::Binary(usize::try_from(size).unwrap_or(usize::MAX)),
-        (Some(raw), None) => Payload::Json(raw.get()),
+        (Some(JsonData::Raw(raw)), None) => Payload::Json(raw.get()),
+        (Some(JsonData::Parsed(data)), None) => Payload::Parsed(data),
         (None, None) => return Err(err(MISSING_DATA.into())),
     };
     Ok(Header {
@@ -469,7 +648,7 @@ fn parse_all(
                     rest = tail;
                     Some(mine)
                 }
-                Payload::Json(_) => None,
+                Payload::Json(_) | Payload::Parsed(_) => None,
             };
             h.parse(bytes)
         })
@@ -498,6 +677,9 @@ impl Header<'_> {
         let err = |msg: String| DecodeError(format!("{what} {name:?}: {msg}"));
         let data = match (data, binary) {
             (Payload::Json(text), _) => text,
+            (Payload::Parsed(data), _) => {
+                return Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()));
+            }
             (Payload::Binary(_), bytes) => {
                 let data = crate::binary::decode(bytes.unwrap_or_default(), datatype, count)
                     .map_err(|e| err(e.0))?;
@@ -525,45 +707,63 @@ fn abbreviate(text: &str) -> String {
 /// Parses the JSON array `text` (possibly nested) into `count` elements of
 /// `datatype`.
 fn parse_data(text: &str, datatype: DataType, count: usize) -> Result<TensorData, DecodeError> {
-    fn run<T: Element>(text: &str, count: usize) -> Result<Vec<T>, DecodeError> {
-        // A hostile shape cannot make us pre-allocate much: cap the
-        // reservation by what the text could possibly hold.
-        let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1));
-        let mut de = serde_json::Deserializer::from_str(text);
-        Flatten {
-            out: &mut out,
-            limit: count,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| DecodeError(format!("bad \"data\": {e}")))?;
-        if out.len() != count {
-            return Err(DecodeError(format!(
-                "\"data\" has {} elements but the shape holds {count}",
-                out.len()
-            )));
-        }
-        Ok(out)
+    /// The array in `text`, flattened.
+    struct Text<'a> {
+        text: &'a str,
+        count: usize,
     }
+    impl ForEachType for Text<'_> {
+        type Error = DecodeError;
+        fn run<T: Element>(self) -> Result<Vec<T>, DecodeError> {
+            let Text { text, count } = self;
+            // A hostile shape cannot make us pre-allocate much: cap the
+            // reservation by what the text could possibly hold.
+            let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1));
+            let mut de = serde_json::Deserializer::from_str(text);
+            Flatten {
+                out: &mut out,
+                limit: count,
+            }
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| DecodeError(format!("bad \"data\": {e}")))?;
+            if out.len() != count {
+                return Err(DecodeError(format!(
+                    "\"data\" has {} elements but the shape holds {count}",
+                    out.len()
+                )));
+            }
+            Ok(out)
+        }
+    }
+    for_each_type(datatype, Text { text, count })
+}
+
+/// Something done for one element type, chosen at run time by
+/// [`for_each_type`].
+trait ForEachType {
+    type Error;
+    fn run<T: Element>(self) -> Result<Vec<T>, Self::Error>;
+}
+
+/// `what`, run for the element type of `datatype`.
+fn for_each_type<W: ForEachType>(datatype: DataType, what: W) -> Result<TensorData, W::Error> {
     Ok(match datatype {
-        DataType::Bool => TensorData::Bool(run(text, count)?),
-        DataType::Uint8 => TensorData::Uint8(run(text, count)?),
-        DataType::Uint16 => TensorData::Uint16(run(text, count)?),
-        DataType::Uint32 => TensorData::Uint32(run(text, count)?),
-        DataType::Uint64 => TensorData::Uint64(run(text, count)?),
-        DataType::Int8 => TensorData::Int8(run(text, count)?),
-        DataType::Int16 => TensorData::Int16(run(text, count)?),
-        DataType::Int32 => TensorData::Int32(run(text, count)?),
-        DataType::Int64 => TensorData::Int64(run(text, count)?),
-        DataType::Fp16 => TensorData::Fp16(run(text, count)?),
-        DataType::Fp32 => TensorData::Fp32(run(text, count)?),
-        DataType::Fp64 => TensorData::Fp64(run(text, count)?),
-        DataType::Bytes => TensorData::Bytes(
-            run::<ByteString>(text, count)?
-                .into_iter()
-                .map(|b| b.0)
-                .collect(),
-        ),
+        DataType::Bool => TensorData::Bool(what.run()?),
+        DataType::Uint8 => TensorData::Uint8(what.run()?),
+        DataType::Uint16 => TensorData::Uint16(what.run()?),
+        DataType::Uint32 => TensorData::Uint32(what.run()?),
+        DataType::Uint64 => TensorData::Uint64(what.run()?),
+        DataType::Int8 => TensorData::Int8(what.run()?),
+        DataType::Int16 => TensorData::Int16(what.run()?),
+        DataType::Int32 => TensorData::Int32(what.run()?),
+        DataType::Int64 => TensorData::Int64(what.run()?),
+        DataType::Fp16 => TensorData::Fp16(what.run()?),
+        DataType::Fp32 => TensorData::Fp32(what.run()?),
+        DataType::Fp64 => TensorData::Fp64(what.run()?),
+        DataType::Bytes => {
+            TensorData::Bytes(what.run::<ByteString>()?.into_iter().map(|b| b.0).collect())
+        }
     })
 }
 
@@ -781,6 +981,42 @@ struct WireOutput<'a> {
     data: Option<DataJson<'a>>,
 }
 
+/// Writes an inference request body of JSON tensors: each tensor's name,
+/// datatype and shape before its data, the order Triton's clients write,
+/// in which a replica reads the data in one pass ([`decode_request`]).
+/// The JSON twin of [`crate::binary::encode_request`], for Shoal's own
+/// clients (load generators, benchmarks).
+pub fn encode_request(request: &DecodedRequest) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parameters: Option<&'a serde_json::Map<String, serde_json::Value>>,
+        inputs: Vec<WireOutput<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        outputs: Option<&'a [RequestOutput]>,
+    }
+    let out = Out {
+        id: request.id.as_deref(),
+        parameters: request.parameters.as_ref(),
+        inputs: request
+            .inputs
+            .iter()
+            .map(|t| WireOutput {
+                name: &t.name,
+                datatype: t.datatype().as_str(),
+                shape: t.shape(),
+                parameters: None,
+                data: Some(DataJson(t.data())),
+            })
+            .collect(),
+        outputs: request.outputs.as_deref(),
+    };
+    // Serializing plain strings and numbers to memory cannot fail.
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
 #[derive(Serialize)]
 struct BinaryParameters {
     binary_data_size: usize,
@@ -969,12 +1205,103 @@ mod tests {
             let body = format!(
                 r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":{data}}}]}}"#
             );
-            check(
-                &body,
-                Ok(&format!(
-                    r#"[Tensor {{ name: "x", shape: [2], data: {expected} }}]"#
-                )),
+            let expected = format!(r#"[Tensor {{ name: "x", shape: [2], data: {expected} }}]"#);
+            check(&body, Ok(&expected));
+            assert_eq!(one_pass(&body), Some(vec![true]), "{body}");
+            // Data before its datatype: kept as text, read in a second pass.
+            let data_first = format!(
+                r#"{{"inputs":[{{"data":{data},"name":"x","shape":[2],"datatype":"{dt}"}}]}}"#
             );
+            check(&data_first, Ok(&expected));
+            assert_eq!(one_pass(&data_first), Some(vec![false]), "{data_first}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_request_decodes_to_itself_in_one_pass() {
+        let request = DecodedRequest {
+            id: Some("r\"1".into()),
+            parameters: Some(serde_json::from_str(r#"{"sequence_id":3}"#).unwrap()),
+            inputs: vec![
+                Tensor::new(
+                    "a",
+                    vec![2, 2],
+                    TensorData::Fp32(vec![0.1, -2.0, 3.5, 1e-7]),
+                )
+                .unwrap(),
+                Tensor::new("b", vec![1], TensorData::Bytes(vec![b"x]".to_vec()])).unwrap(),
+                Tensor::new("c", vec![2], TensorData::Int64(vec![-1, i64::MAX])).unwrap(),
+            ],
+            outputs: Some(vec![RequestOutput {
+                name: "y".into(),
+                parameters: None,
+            }]),
+        };
+        let body = encode_request(&request);
+        let text = std::str::from_utf8(&body).unwrap();
+        assert_eq!(one_pass(text), Some(vec![true, true, true]), "{text}");
+        assert_eq!(decode_request(&body, &Limits::default()).unwrap(), request);
+    }
+
+    /// Which of a body's tensors the one-pass reading parsed as it met
+    /// them; `None` when it gave the body up to the two-pass one.
+    fn one_pass(body: &str) -> Option<Vec<bool>> {
+        let wire = serde_json::from_str::<WireRequest<OnePass<'_>>>(body).ok()?;
+        Some(
+            wire.inputs
+                .iter()
+                .map(|OnePass(t)| matches!(t.data, Some(JsonData::Parsed(_))))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn both_readings_give_the_same_request() {
+        // Keys in the order clients write them (serde_json's own maps would
+        // sort "data" first).
+        let body = r#"{"id":"r1","parameters":{"binary_data_output":false},"inputs":[
+            {"name":"a","shape":[2,2],"datatype":"FP32","parameters":{"p":1},"data":[[1,2.5],[3,-4e-3]]},
+            {"data":[1,2],"name":"b","shape":[2],"datatype":"INT64","extra":{"data":[9]}},
+            {"shape":[1],"datatype":"BYTES","name":"c","data":["x\"]"]}],
+            "outputs":[{"name":"y"}]}"#;
+        assert_eq!(one_pass(body), Some(vec![true, false, true]));
+        let limits = Limits::default();
+        let decoded = decode_request(body.as_bytes(), &limits).unwrap();
+        let two_pass: WireRequest<WireTensor<'_>> = serde_json::from_str(body).unwrap();
+        assert_eq!(decoded.id.as_deref(), Some("r1"));
+        assert_eq!(decoded.inputs.len(), two_pass.inputs.len());
+        // The two-pass reading of the same body, tensor by tensor.
+        let mut budget = limits.max_elements;
+        for (tensor, wire) in decoded.inputs.iter().zip(two_pass.inputs) {
+            let header =
+                check_header(wire, &mut budget, limits.max_elements, "input", false).unwrap();
+            assert_eq!(&header.parse(None).unwrap(), tensor);
+        }
+        // What the one-pass reading refuses, the two-pass one explains.
+        for (bad, why) in [
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1]}]}"#,
+                "has 1 elements but the shape holds 2",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+                "element 0: expected a number",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP33","data":[1]}]}"#,
+                "unknown datatype \"FP33\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"data":[2]}]}"#,
+                "duplicate field `data`",
+            ),
+            (
+                r#"{"inputs":[{"shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                "missing field `name`",
+            ),
+        ] {
+            assert_eq!(one_pass(bad), None, "{bad}");
+            check(bad, Err(why));
         }
     }
 

@@ -21,7 +21,7 @@ pub mod types;
 pub use binary::HEADER_LENGTH as BINARY_HEADER;
 pub use codec::{
     DecodeError, DecodedRequest, DecodedResponse, EncodedResponse, Limits, Prechecked,
-    decode_request, decode_request_parts, decode_response, decode_response_parts, encode_response,
-    encode_response_parts, precheck_request, precheck_request_parts,
+    decode_request, decode_request_parts, decode_response, decode_response_parts, encode_request,
+    encode_response, encode_response_parts, precheck_request, precheck_request_parts,
 };
 pub use types::{MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};
