@@ -15,6 +15,9 @@
 //!   watch streams against NATS JetStream.
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
 //!   the same data directory.
+//! - [`codec`]: reading a JSON inference request in process: the
+//!   gateway's precheck against a plain serde walk, the replica's one-pass
+//!   decode against the two-pass one.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
 //!   raw in-process inference p50.
 //! - [`fleet`]: convergence of many replicas against one, delta-update wire
@@ -44,6 +47,7 @@
 pub mod autoscale;
 pub mod backup;
 pub mod batching;
+pub mod codec;
 pub mod fleet;
 pub mod herd;
 pub mod lab;

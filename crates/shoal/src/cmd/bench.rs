@@ -269,6 +269,17 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         rounds: usize,
     },
+    /// Reading a JSON inference request, in process: the gateway's precheck
+    /// against a serde walk of the same body, the replica's one-pass decode
+    /// against the two-pass one.
+    Codec {
+        /// Digits rows per request, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+        rows: Vec<usize>,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+    },
     /// A replica's serving overhead: HTTP end-to-end p50 minus raw inference p50.
     Overhead {
         /// Bundled model file to serve.
@@ -936,6 +947,41 @@ pub(crate) async fn run(command: BenchCommand, json: bool) -> anyhow::Result<()>
                         r.auto.p50_us,
                         r.auto_kept,
                         r.auto_over_ort.show(2, "×")
+                    );
+                }
+            }
+        }
+        BenchCommand::Codec { rows, rounds } => {
+            anyhow::ensure!(
+                !rows.is_empty() && !rows.contains(&0) && rounds > 0,
+                "give --rows as positive row counts (e.g. 1,32,256) and --rounds of at least 1"
+            );
+            let r = shoal_bench::codec::measure(&rows, rounds)?;
+            if json {
+                say!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                say!(
+                    "{:>5} {:>8} {:>11} {:>10} {:>22} {:>10} {:>10} {:>22}",
+                    "rows",
+                    "bytes",
+                    "serde walk",
+                    "precheck",
+                    "walk ÷ precheck",
+                    "one pass",
+                    "two pass",
+                    "two ÷ one pass"
+                );
+                for row in &r {
+                    say!(
+                        "{:>5} {:>8} {:>9.2}µs {:>8.2}µs {:>22} {:>8.2}µs {:>8.2}µs {:>22}",
+                        row.rows,
+                        row.bytes,
+                        row.serde_walk_us,
+                        row.precheck_us,
+                        row.precheck_speedup.show(2, "×"),
+                        row.decode_one_pass_us,
+                        row.decode_two_pass_us,
+                        row.one_pass_speedup.show(2, "×")
                     );
                 }
             }
