@@ -95,7 +95,8 @@ fn row(rows: usize, ordered: &[u8], data_first: &[u8], rounds: usize) -> CodecRo
             std::hint::black_box(decoded.is_ok());
         }));
     }
-    let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
     CodecRow {
         rows,
         bytes: ordered.len(),

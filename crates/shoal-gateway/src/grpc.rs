@@ -1,6 +1,8 @@
 //! The gateway's gRPC surface: `inference.GRPCInferenceService` on
 //! `--grpc-addr`, routed by the very path REST requests take. A
-//! `ModelInferRequest` is checked and turned into a REST request with
+//! `ModelInferRequest` is decoded only once its caller's API key and rate
+//! limit pass ([`shoal_grpc::admit`]: the model's name is read from the
+//! message's bytes first), then checked and turned into a REST request with
 //! every tensor as binary data (`shoal_oip::binary::encode_request`: raw
 //! bytes stay raw), which [`crate::proxy::infer_common`] routes like any
 //! other (API keys and rate limits from the gRPC metadata, the model's
@@ -18,15 +20,15 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response as HttpResponse;
 use http_body_util::BodyExt;
-use shoal_grpc::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
+use shoal_grpc::admit::{DecodeAfterAdmission, InferBeforeDecode, RawInfer};
+use shoal_grpc::pb::grpc_inference_service_server::GrpcInferenceService;
 use shoal_grpc::pb::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use shoal_http::ApiError;
+use tonic::codegen::BoxFuture;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
@@ -46,12 +48,113 @@ impl std::fmt::Debug for GrpcGateway {
 }
 
 impl GrpcGateway {
-    /// The tonic service for `gateway`, with messages up to its body limit.
-    pub fn service(gateway: Arc<Gateway>) -> GrpcInferenceServiceServer<GrpcGateway> {
+    /// The tonic service for `gateway`, with messages up to its body
+    /// limit, decoding inference requests only once the caller is admitted.
+    pub fn service(gateway: Arc<Gateway>) -> DecodeAfterAdmission<GrpcGateway> {
         let limit = gateway.config.body_limit;
-        GrpcInferenceServiceServer::new(GrpcGateway { gateway })
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(usize::MAX)
+        DecodeAfterAdmission::new(GrpcGateway { gateway }, limit)
+    }
+
+    /// Routes one inference for `model` (`asked`: its version, empty for
+    /// any): the caller's API key and rate limit are checked first, as REST
+    /// checks them before reading the body; `decode` gives the request
+    /// once they pass.
+    async fn infer<F, Fut>(
+        &self,
+        peer: SocketAddr,
+        metadata: MetadataMap,
+        model: String,
+        asked: &str,
+        decode: F,
+    ) -> Result<Response<ModelInferResponse>, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<shoal_oip::DecodedRequest, String>>,
+    {
+        let mut headers = headers_of(metadata);
+        let pinned = version(asked).map(str::to_owned);
+        let (body, admitted) = match self.gateway.protection.admit(&headers, Some(peer)) {
+            Err(refusal) => (Err(proxy::refusal_error(&self.gateway, refusal)), None),
+            Ok(who) => match decode().await {
+                Ok(decoded) => {
+                    let (body, json_len) = shoal_oip::binary::encode_request(&decoded);
+                    headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(json_len));
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    (Ok(Body::from(body)), Some(who))
+                }
+                Err(e) => (Err(ApiError::bad_request(e)), None),
+            },
+        };
+        let answer = proxy::infer_common(
+            self.gateway.clone(),
+            model,
+            pinned,
+            peer,
+            headers,
+            body,
+            admitted,
+        )
+        .await;
+        if answer.status() != StatusCode::OK {
+            return Err(status_of(answer).await);
+        }
+        let forwarded: Vec<(&str, HeaderValue)> = FORWARDED
+            .iter()
+            .filter_map(|name| Some((*name, answer.headers().get(*name)?.clone())))
+            .collect();
+        let json_len = answer
+            .headers()
+            .get(shoal_oip::BINARY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
+            .to_bytes();
+        let decoded = shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
+            .map_err(|e| Status::internal(format!("the replica's answer is not valid: {}", e.0)))?;
+        let mut response = Response::new(shoal_grpc::codec::encode_response(
+            &decoded.model_name,
+            decoded.model_version.as_deref().unwrap_or_default(),
+            decoded.id.as_deref(),
+            &decoded.outputs,
+        ));
+        for (name, value) in forwarded {
+            if let Ok(v) = value.to_str()
+                && let Ok(v) = MetadataValue::try_from(v)
+            {
+                response.metadata_mut().insert(name, v);
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// The caller's address (unspecified when tonic does not know it).
+fn peer_of<T>(request: &Request<T>) -> SocketAddr {
+    request
+        .remote_addr()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl InferBeforeDecode for GrpcGateway {
+    fn model_infer(
+        self: Arc<Self>,
+        request: Request<RawInfer>,
+    ) -> BoxFuture<Response<ModelInferResponse>, Status> {
+        Box::pin(async move {
+            let peer = peer_of(&request);
+            let (metadata, _, raw) = request.into_parts();
+            let (model, asked) = raw.model()?;
+            let limits = shoal_oip::Limits::default();
+            self.infer(peer, metadata, model, &asked, || raw.decode(limits))
+                .await
+        })
     }
 }
 
@@ -173,65 +276,21 @@ impl GrpcInferenceService for GrpcGateway {
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
     }
 
+    /// Not reached through [`GrpcGateway::service`], which serves
+    /// `ModelInfer` before decoding ([`InferBeforeDecode`]); the same path
+    /// for an already decoded message.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let peer = request
-            .remote_addr()
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let peer = peer_of(&request);
         let (metadata, _, mut request) = request.into_parts();
-        let mut headers = headers_of(metadata);
         let model = std::mem::take(&mut request.model_name);
-        let pinned = version(&request.model_version).map(str::to_owned);
-        let limits = shoal_oip::Limits::default();
-        let body = match shoal_grpc::codec::decode_request(request, &limits) {
-            Ok(decoded) => {
-                let (body, json_len) = shoal_oip::binary::encode_request(&decoded);
-                headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(json_len));
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                Ok(Body::from(body))
-            }
-            Err(e) => Err(ApiError::bad_request(e.0)),
-        };
-        let answer =
-            proxy::infer_common(self.gateway.clone(), model, pinned, peer, headers, body).await;
-        if answer.status() != StatusCode::OK {
-            return Err(status_of(answer).await);
-        }
-        let forwarded: Vec<(&str, HeaderValue)> = FORWARDED
-            .iter()
-            .filter_map(|name| Some((*name, answer.headers().get(*name)?.clone())))
-            .collect();
-        let json_len = answer
-            .headers()
-            .get(shoal_oip::BINARY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let bytes = answer
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
-            .to_bytes();
-        let decoded = shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
-            .map_err(|e| Status::internal(format!("the replica's answer is not valid: {}", e.0)))?;
-        let mut response = Response::new(shoal_grpc::codec::encode_response(
-            &decoded.model_name,
-            decoded.model_version.as_deref().unwrap_or_default(),
-            decoded.id.as_deref(),
-            &decoded.outputs,
-        ));
-        for (name, value) in forwarded {
-            if let Ok(v) = value.to_str()
-                && let Ok(v) = MetadataValue::try_from(v)
-            {
-                response.metadata_mut().insert(name, v);
-            }
-        }
-        Ok(response)
+        let asked = std::mem::take(&mut request.model_version);
+        self.infer(peer, metadata, model, &asked, || async move {
+            shoal_grpc::codec::decode_request(request, &shoal_oip::Limits::default())
+                .map_err(|e| e.0)
+        })
+        .await
     }
 }

@@ -485,7 +485,7 @@ async fn feedback(
     ))
 }
 
-fn refusal_error(gateway: &Gateway, refusal: Refusal) -> ApiError {
+pub(crate) fn refusal_error(gateway: &Gateway, refusal: Refusal) -> ApiError {
     match refusal {
         Refusal::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
         Refusal::RateLimited {
@@ -512,7 +512,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(gateway, model, None, peer, headers, Ok(body)).await
+    infer_common(gateway, model, None, peer, headers, Ok(body), None).await
 }
 
 async fn infer_version(
@@ -522,12 +522,14 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(gateway, model, Some(version), peer, headers, Ok(body)).await
+    infer_common(gateway, model, Some(version), peer, headers, Ok(body), None).await
 }
 
 /// Routes one inference and counts its answer. `body` is the REST body,
 /// or why a request that came another way (gRPC) could not become one:
-/// answered and counted like any refused request.
+/// answered and counted like any refused request. `admitted` is the
+/// caller, when its API key and rate limit were checked already (gRPC
+/// checks them before decoding the message).
 pub(crate) async fn infer_common(
     gateway: Arc<Gateway>,
     model: String,
@@ -535,11 +537,19 @@ pub(crate) async fn infer_common(
     peer: SocketAddr,
     headers: HeaderMap,
     body: Result<Body, ApiError>,
+    admitted: Option<String>,
 ) -> Response {
     let started = Instant::now();
     let result = match body {
         Ok(body) => {
-            route_inference(&gateway, &model, pinned.as_deref(), peer, &headers, body).await
+            let call = Call {
+                model: &model,
+                pinned: pinned.as_deref(),
+                peer,
+                headers: &headers,
+                admitted,
+            };
+            route_inference(&gateway, call, body).await
         }
         Err(e) => Err(e),
     };
@@ -592,18 +602,35 @@ pub(crate) fn metric_labels<'a>(
     (model, if known_version { version } else { OTHER })
 }
 
+/// Who asks what of [`route_inference`].
+struct Call<'a> {
+    model: &'a str,
+    pinned: Option<&'a str>,
+    peer: SocketAddr,
+    headers: &'a HeaderMap,
+    /// The caller, if already admitted.
+    admitted: Option<String>,
+}
+
 async fn route_inference(
     gateway: &Arc<Gateway>,
-    model: &str,
-    pinned: Option<&str>,
-    peer: SocketAddr,
-    headers: &HeaderMap,
+    call: Call<'_>,
     body: Body,
 ) -> Result<(Response, String), ApiError> {
-    let who = gateway
-        .protection
-        .admit(headers, Some(peer))
-        .map_err(|refusal| refusal_error(gateway, refusal))?;
+    let Call {
+        model,
+        pinned,
+        peer,
+        headers,
+        admitted,
+    } = call;
+    let who = match admitted {
+        Some(who) => who,
+        None => gateway
+            .protection
+            .admit(headers, Some(peer))
+            .map_err(|refusal| refusal_error(gateway, refusal))?,
+    };
     let json_len_text = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
     let json_len = headers.get(shoal_oip::BINARY_HEADER).cloned();
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;

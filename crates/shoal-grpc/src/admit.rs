@@ -196,24 +196,21 @@ impl Decoder for RawDecoder {
     }
 }
 
-/// Sends `message` as a `ModelInfer` call's bytes, as they are: for
-/// tests that must send what a typed client cannot (a message that fails
-/// to decode), and for proxies that forward without decoding.
+/// Sends `message` (with its metadata) as a `ModelInfer` call's bytes, as
+/// they are: for tests that must send what a typed client cannot (a
+/// message that fails to decode), and for proxies that forward without
+/// decoding.
 pub async fn model_infer_raw(
     channel: tonic::transport::Channel,
-    message: Bytes,
+    message: tonic::Request<Bytes>,
 ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("the server is not ready: {e}")))?;
     let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
-    grpc.unary(
-        tonic::Request::new(RawInfer::new(message)),
-        path,
-        RawClientCodec,
-    )
-    .await
+    grpc.unary(message.map(RawInfer::new), path, RawClientCodec)
+        .await
 }
 
 /// Requests sent as bytes; answers decoded with prost.

@@ -167,7 +167,7 @@ async fn a_grpc_overload_is_refused_before_the_message_is_decoded() {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        shoal_grpc::admit::model_infer_raw(channel, message.into())
+        shoal_grpc::admit::model_infer_raw(channel, tonic::Request::new(message.into()))
     };
     // Full: refused undecoded, whatever the message holds.
     for refused in [

@@ -148,6 +148,50 @@ async fn tritonclient_grpc_through_a_replica_and_a_gateway_and_a_replica_lost() 
     unknown.model_name = "nope".into();
     let status = client.model_infer(unknown).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    // A gateway with API keys checks the caller before decoding the
+    // message: without a key even an undecodable one is UNAUTHENTICATED.
+    let (_guarded, guarded_rest, guarded_grpc) = start(
+        "gateway",
+        &tmp.join("guarded"),
+        &["--replica", &survivor.0, "--api-key", "team-a:s3cret"],
+    );
+    eventually(
+        "the guarded gateway to be ready",
+        Duration::from_secs(60),
+        || {
+            let url = format!("http://{guarded_rest}/ready");
+            async move {
+                let reply = shoal_testkit::HttpClient::new().get(&url).await;
+                (reply.json()["ready"] == true).then_some(())
+            }
+        },
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{guarded_grpc}"))
+        .unwrap()
+        .connect_lazy();
+    let send = |message: Vec<u8>, key: Option<&str>| {
+        let mut request = tonic::Request::new(message.into());
+        if let Some(key) = key {
+            request
+                .metadata_mut()
+                .insert("x-api-key", key.parse().unwrap());
+        }
+        shoal_grpc::admit::model_infer_raw(channel.clone(), request)
+    };
+    // The model is readable; an `id` (field 3) that is not UTF-8 is not.
+    let mut undecodable = prost::Message::encode_to_vec(&one_row(0));
+    undecodable.extend_from_slice(&[0x1a, 0x02, 0xff, 0xfe]);
+    let status = send(undecodable.clone(), None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("API key"), "{status:?}");
+    let status = send(undecodable, Some("s3cret")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{status:?}");
+    let good = prost::Message::encode_to_vec(&one_row(1));
+    let answer = send(good, Some("s3cret")).await.unwrap().into_inner();
+    assert_eq!(answer.model_version, "2");
 }
 
 /// `shoal up --grpc-addr`: the fleet's gateway serves gRPC at the address
