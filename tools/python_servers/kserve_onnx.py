@@ -37,6 +37,18 @@ class OnnxModel(Model):
         self.ready = True
         return self.ready
 
+    # With --workers N KServe starts its server processes by pickling the
+    # models: an onnxruntime session cannot be pickled, so each process
+    # loads its own.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_session", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.load()
+
     def predict(self, payload: InferRequest, headers=None) -> InferResponse:
         feeds = {i.name: i.as_numpy().astype(np.float32) for i in payload.inputs}
         results = self._session.run(self._outputs, feeds)
