@@ -1,5 +1,7 @@
 //! The gateway's metrics.
 
+use std::sync::{Arc, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -87,6 +89,33 @@ pub(crate) struct GatewayMetrics {
     shadow_max_diff: Family<ModelLabels, FloatGauge>,
     feedback: Family<VersionLabels, Counter>,
     reward_sum: Family<VersionLabels, FloatGauge>,
+    /// Handles of the metrics every request touches.
+    hot: Arc<RwLock<hashbrown::HashMap<String, ModelHandles>>>,
+}
+
+/// One model's handles into the families every request touches, looked
+/// up once: a family lookup hashes the label set with std's SipHash and
+/// allocates its strings, 3.5 % of a proxied request's instructions when
+/// done per request (BENCHMARKS.md, callgrind). A handle shares its
+/// family's value, so the exposition is the same. Label sets are bounded
+/// as the families' are (`proxy::metric_labels`).
+#[derive(Debug)]
+struct ModelHandles {
+    latency: Histogram,
+    attempts: Counter,
+    /// `gateway_requests` by version and status code.
+    requests: RwLock<Vec<(Box<str>, u16, Counter)>>,
+}
+
+/// A lock's value even if a holder panicked (the handles stay valid).
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl GatewayMetrics {
@@ -106,6 +135,7 @@ impl GatewayMetrics {
             shadow_max_diff: Family::default(),
             feedback: Family::default(),
             reward_sum: Family::default(),
+            hot: Arc::default(),
         };
         registry.register(
             "gateway_requests",
@@ -228,27 +258,49 @@ impl GatewayMetrics {
         self.reward_sum.get_or_create(&labels).inc_by(reward);
     }
 
+    /// Runs `f` on `model`'s handles, looked up in the families the
+    /// first time.
+    fn with_model<R>(&self, model: &str, f: impl FnOnce(&ModelHandles) -> R) -> R {
+        if let Some(handles) = read(&self.hot).get(model) {
+            return f(handles);
+        }
+        let labels = ModelLabels {
+            model: model.to_owned(),
+        };
+        let handles = ModelHandles {
+            latency: self.latency.get_or_create(&labels).clone(),
+            attempts: self.attempts.get_or_create(&labels).clone(),
+            requests: RwLock::default(),
+        };
+        f(write(&self.hot).entry_ref(model).or_insert(handles))
+    }
+
     pub(crate) fn answered(&self, model: &str, version: &str, code: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.to_owned(),
-                model_version: version.to_owned(),
-                code,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-            })
-            .observe(seconds);
+        self.with_model(model, |handles| {
+            handles.latency.observe(seconds);
+            let same = |(v, c, _): &&(Box<str>, u16, Counter)| **v == *version && *c == code;
+            if let Some((_, _, counter)) = read(&handles.requests).iter().find(same) {
+                counter.inc();
+                return;
+            }
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: model.to_owned(),
+                    model_version: version.to_owned(),
+                    code,
+                })
+                .clone();
+            counter.inc();
+            let mut requests = write(&handles.requests);
+            if !requests.iter().any(|entry| same(&entry)) {
+                requests.push((version.into(), code, counter));
+            }
+        });
     }
 
     pub(crate) fn attempt(&self, model: &str) {
-        self.attempts
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-            })
-            .inc();
+        self.with_model(model, |handles| handles.attempts.inc());
     }
 
     pub(crate) fn retry(&self, model: &str, reason: &'static str) {
@@ -306,5 +358,59 @@ impl GatewayMetrics {
         set("available", available);
         set("ejected", ejected);
         set("total", state.endpoints.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line that starts with `prefix`.
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn cached_handles_count_in_the_families() {
+        let registry = MetricsRegistry::new();
+        let metrics = GatewayMetrics::new(&registry);
+        for _ in 0..3 {
+            metrics.answered("digits", "2", 200, 0.001);
+            metrics.attempt("digits");
+        }
+        metrics.answered("digits", "2", 503, 0.002);
+        metrics.answered("digits", "1", 200, 0.003);
+        metrics.answered("other", "other", 404, 0.0);
+        // A clone (each gateway task holds one) shares the handles.
+        metrics.clone().attempt("digits");
+        let text = registry.encode();
+        let requests = |model: &str, version: &str, code: u16| {
+            sample(
+                &text,
+                &format!(
+                    "gateway_requests_total{{model=\"{model}\",model_version=\"{version}\",code=\"{code}\"}}"
+                ),
+            )
+        };
+        assert_eq!(requests("digits", "2", 200), Some(3.0), "{text}");
+        assert_eq!(requests("digits", "2", 503), Some(1.0), "{text}");
+        assert_eq!(requests("digits", "1", 200), Some(1.0), "{text}");
+        assert_eq!(requests("other", "other", 404), Some(1.0), "{text}");
+        assert_eq!(
+            sample(&text, "gateway_upstream_attempts_total{model=\"digits\"}"),
+            Some(4.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "gateway_request_duration_seconds_count{model=\"digits\"}"
+            ),
+            Some(5.0),
+            "{text}"
+        );
     }
 }
