@@ -11,7 +11,6 @@
 //!
 //! `proxy` supplies the attempts (pick a replica, send, classify).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -181,14 +180,14 @@ struct Window {
 /// Latencies per model over a sliding pair of windows: the hedge delay.
 #[derive(Default)]
 pub(crate) struct LatencyWindows {
-    windows: Mutex<HashMap<String, Window>>,
+    windows: Mutex<hashbrown::HashMap<String, Window>>,
 }
 
 impl LatencyWindows {
     /// Records one answer's time.
     pub(crate) fn record(&self, model: &str, rtt: Duration) {
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        let window = windows.entry(model.to_owned()).or_insert_with(|| Window {
+        let window = windows.entry_ref(model).or_insert_with(|| Window {
             started: Instant::now(),
             current: hdrhistogram::Histogram::new(2)
                 .unwrap_or_else(|_| unreachable!("2 digits is valid")),

@@ -39,7 +39,7 @@ pub struct Endpoint {
     /// Health of each `model:version` on this endpoint: a model version that
     /// answers 5xx is ejected from this endpoint alone, while the endpoint
     /// keeps serving its other versions.
-    version_health: Mutex<HashMap<VersionKey, Health>>,
+    version_health: Mutex<hashbrown::HashMap<VersionKey, Health>>,
 }
 
 impl Endpoint {
@@ -62,7 +62,7 @@ impl Endpoint {
             load: Mutex::new(PeakEwma::new(INITIAL_LATENCY, DECAY, now)),
             outstanding: AtomicU32::new(0),
             health: Mutex::new(Health::new()),
-            version_health: Mutex::new(HashMap::new()),
+            version_health: Mutex::default(),
         }
     }
 
@@ -246,7 +246,9 @@ pub struct RoutingState {
     /// Endpoints.
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Policies by model.
-    pub policies: HashMap<String, ModelPolicy>,
+    /// By model name (looked up on every request: a fast hasher; the
+    /// names come from the control plane, not from callers).
+    pub policies: hashbrown::HashMap<String, ModelPolicy>,
 }
 
 /// How to choose among healthy replicas.
@@ -405,7 +407,7 @@ impl Routes {
             .collect();
         self.state.store(Arc::new(RoutingState {
             endpoints,
-            policies: HashMap::new(),
+            policies: hashbrown::HashMap::new(),
         }));
     }
 
