@@ -110,12 +110,7 @@ impl GrpcGateway {
             .get(shoal_oip::BINARY_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let bytes = answer
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
-            .to_bytes();
+        let bytes = body_of(answer).await?;
         let decoded = shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
             .map_err(|e| Status::internal(format!("the replica's answer is not valid: {}", e.0)))?;
         let mut response = Response::new(shoal_grpc::codec::encode_response(
@@ -133,6 +128,16 @@ impl GrpcGateway {
         }
         Ok(response)
     }
+}
+
+/// A replica's answer, read whole.
+async fn body_of(answer: HttpResponse) -> Result<bytes::Bytes, Status> {
+    Ok(answer
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
+        .to_bytes())
 }
 
 /// The caller's address (unspecified when tonic does not know it).
@@ -265,12 +270,7 @@ impl GrpcInferenceService for GrpcGateway {
         if answer.status() != StatusCode::OK {
             return Err(status_of(answer).await);
         }
-        let bytes = answer
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
-            .to_bytes();
+        let bytes = body_of(answer).await?;
         let metadata: shoal_oip::ModelMetadata = serde_json::from_slice(&bytes)
             .map_err(|e| Status::internal(format!("the replica's metadata is not valid: {e}")))?;
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
