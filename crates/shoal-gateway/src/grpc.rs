@@ -55,27 +55,21 @@ impl GrpcGateway {
         DecodeAfterAdmission::new(GrpcGateway { gateway }, limit)
     }
 
-    /// Routes one inference for `model` (`asked`: its version, empty for
-    /// any): the caller's API key and rate limit are checked first, as REST
-    /// checks them before reading the body; `decode` gives the request
-    /// once they pass.
-    async fn infer<F, Fut>(
+    /// Routes one inference: the caller's API key and rate limit are
+    /// checked first, as REST checks them before reading the body; the
+    /// message is decoded once they pass.
+    async fn infer(
         &self,
         peer: SocketAddr,
         metadata: MetadataMap,
-        model: String,
-        asked: &str,
-        decode: F,
-    ) -> Result<Response<ModelInferResponse>, Status>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<shoal_oip::DecodedRequest, String>>,
-    {
+        raw: RawInfer,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let (model, asked) = raw.model()?;
         let mut headers = headers_of(metadata);
-        let pinned = version(asked).map(str::to_owned);
+        let pinned = version(&asked).map(str::to_owned);
         let (body, admitted) = match self.gateway.protection.admit(&headers, Some(peer)) {
             Err(refusal) => (Err(proxy::refusal_error(&self.gateway, refusal)), None),
-            Ok(who) => match decode().await {
+            Ok(who) => match raw.decode(shoal_oip::Limits::default()).await {
                 Ok(decoded) => {
                     let (body, json_len) = shoal_oip::binary::encode_request(&decoded);
                     headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(json_len));
@@ -155,10 +149,7 @@ impl InferBeforeDecode for GrpcGateway {
         Box::pin(async move {
             let peer = peer_of(&request);
             let (metadata, _, raw) = request.into_parts();
-            let (model, asked) = raw.model()?;
-            let limits = shoal_oip::Limits::default();
-            self.infer(peer, metadata, model, &asked, || raw.decode(limits))
-                .await
+            self.infer(peer, metadata, raw).await
         })
     }
 }
@@ -276,21 +267,11 @@ impl GrpcInferenceService for GrpcGateway {
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
     }
 
-    /// Not reached through [`GrpcGateway::service`], which serves
-    /// `ModelInfer` before decoding ([`InferBeforeDecode`]); the same path
-    /// for an already decoded message.
+    /// Not reached through [`GrpcGateway::service`]; the same path.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let peer = peer_of(&request);
-        let (metadata, _, mut request) = request.into_parts();
-        let model = std::mem::take(&mut request.model_name);
-        let asked = std::mem::take(&mut request.model_version);
-        self.infer(peer, metadata, model, &asked, || async move {
-            shoal_grpc::codec::decode_request(request, &shoal_oip::Limits::default())
-                .map_err(|e| e.0)
-        })
-        .await
+        shoal_grpc::admit::model_infer_decoded(Arc::new(self.clone()), request).await
     }
 }

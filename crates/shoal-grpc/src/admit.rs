@@ -83,6 +83,19 @@ pub trait InferBeforeDecode: Send + Sync + 'static {
     ) -> BoxFuture<tonic::Response<ModelInferResponse>, tonic::Status>;
 }
 
+/// The generated trait's `model_infer`, for a `T` that serves it from
+/// bytes: the message is encoded back and served like any other, so a
+/// service has one inference path (the generated method is not reached
+/// through [`DecodeAfterAdmission`]).
+pub async fn model_infer_decoded<T: InferBeforeDecode>(
+    handler: Arc<T>,
+    request: tonic::Request<ModelInferRequest>,
+) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+    handler
+        .model_infer(request.map(|m| RawInfer::new(m.encode_to_vec().into())))
+        .await
+}
+
 /// The generated server for `T`, with `ModelInfer` taken by `T`'s
 /// [`InferBeforeDecode`].
 #[derive(Debug)]
@@ -288,6 +301,37 @@ mod tests {
         assert!(
             status.message().contains("not a protobuf message"),
             "{status:?}"
+        );
+    }
+
+    /// Answers with the model and version it read from the bytes.
+    struct Echo;
+
+    impl InferBeforeDecode for Echo {
+        fn model_infer(
+            self: Arc<Self>,
+            request: tonic::Request<RawInfer>,
+        ) -> BoxFuture<tonic::Response<ModelInferResponse>, tonic::Status> {
+            Box::pin(async move {
+                let (model_name, model_version) = request.get_ref().model()?;
+                Ok(tonic::Response::new(ModelInferResponse {
+                    model_name,
+                    model_version,
+                    ..Default::default()
+                }))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_decoded_message_is_served_from_its_bytes() {
+        let answer = model_infer_decoded(Arc::new(Echo), tonic::Request::new(request()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (answer.model_name.as_str(), answer.model_version.as_str()),
+            ("digits", "2")
         );
     }
 

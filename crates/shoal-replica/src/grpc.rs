@@ -44,51 +44,11 @@ impl GrpcReplica {
         let limit = replica.body_limit;
         DecodeAfterAdmission::new(GrpcReplica { replica }, limit)
     }
-
-    /// Serves one inference for `model` (`asked`: its version, empty for
-    /// the default); `decode` gives the request once it is admitted.
-    async fn infer<F, Fut>(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        model: &str,
-        asked: &str,
-        decode: F,
-    ) -> Result<Response<ModelInferResponse>, Status>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<shoal_oip::DecodedRequest, String>>,
-    {
-        let moved_from = metadata
-            .get(SEQUENCE_FROM_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let call = Call {
-            model,
-            version: version(asked),
-            moved_from,
-        };
-        let served = inference::infer(&self.replica, call, || async move { Ok(decode().await) })
-            .await
-            .map_err(|e| status_of(&e))?;
-        let version = served.serving.version.as_str();
-        let (request, outputs) = served.answer.map_err(|e| status_of(&e))?;
-        let mut response = Response::new(shoal_grpc::codec::encode_response(
-            served.serving.model.as_str(),
-            version,
-            request.id.as_deref(),
-            &outputs,
-        ));
-        let metadata = response.metadata_mut();
-        if let Ok(v) = MetadataValue::try_from(self.replica.id()) {
-            metadata.insert(REPLICA_HEADER, v);
-        }
-        if let Ok(v) = MetadataValue::try_from(version) {
-            metadata.insert(VERSION_HEADER, v);
-        }
-        Ok(response)
-    }
 }
 
 impl InferBeforeDecode for GrpcReplica {
+    /// Admits the request by the model named in its bytes, then decodes
+    /// it (see [`inference::infer`]).
     fn model_infer(
         self: Arc<Self>,
         request: Request<RawInfer>,
@@ -96,9 +56,36 @@ impl InferBeforeDecode for GrpcReplica {
         Box::pin(async move {
             let (metadata, _, raw) = request.into_parts();
             let (model, asked) = raw.model()?;
+            let moved_from = metadata
+                .get(SEQUENCE_FROM_HEADER)
+                .and_then(|v| v.to_str().ok());
+            let call = Call {
+                model: &model,
+                version: version(&asked),
+                moved_from,
+            };
             let limits = self.replica.limits;
-            self.infer(&metadata, &model, &asked, || raw.decode(limits))
-                .await
+            let served = inference::infer(&self.replica, call, || async move {
+                Ok(raw.decode(limits).await)
+            })
+            .await
+            .map_err(|e| status_of(&e))?;
+            let version = served.serving.version.as_str();
+            let (request, outputs) = served.answer.map_err(|e| status_of(&e))?;
+            let mut response = Response::new(shoal_grpc::codec::encode_response(
+                served.serving.model.as_str(),
+                version,
+                request.id.as_deref(),
+                &outputs,
+            ));
+            let metadata = response.metadata_mut();
+            if let Ok(v) = MetadataValue::try_from(self.replica.id()) {
+                metadata.insert(REPLICA_HEADER, v);
+            }
+            if let Ok(v) = MetadataValue::try_from(version) {
+                metadata.insert(VERSION_HEADER, v);
+            }
+            Ok(response)
         })
     }
 }
@@ -172,20 +159,11 @@ impl GrpcInferenceService for GrpcReplica {
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
     }
 
-    /// Not reached through [`GrpcReplica::service`], which serves
-    /// `ModelInfer` before decoding ([`InferBeforeDecode`]); the same
-    /// path for an already decoded message.
+    /// Not reached through [`GrpcReplica::service`]; the same path.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, mut request) = request.into_parts();
-        let model = std::mem::take(&mut request.model_name);
-        let asked = std::mem::take(&mut request.model_version);
-        let limits = self.replica.limits;
-        self.infer(&metadata, &model, &asked, || async move {
-            shoal_grpc::codec::decode_request(request, &limits).map_err(|e| e.0)
-        })
-        .await
+        shoal_grpc::admit::model_infer_decoded(Arc::new(self.clone()), request).await
     }
 }
