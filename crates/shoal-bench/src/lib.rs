@@ -16,8 +16,8 @@
 //! - [`backup`]: backup and restore of many versions against tar + zstd of
 //!   the same data directory.
 //! - [`codec`]: reading a JSON inference request in process: the
-//!   gateway's precheck against a plain serde walk, the replica's one-pass
-//!   decode against the two-pass one.
+//!   gateway's precheck against a plain serde walk, the replica's decode
+//!   against the same decode by serde alone.
 //! - [`overhead`]: a replica's serving overhead, HTTP end-to-end p50 minus
 //!   raw in-process inference p50.
 //! - [`fleet`]: convergence of many replicas against one, delta-update wire

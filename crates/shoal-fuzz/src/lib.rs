@@ -22,9 +22,16 @@ fn limits() -> Limits {
 /// The OIP JSON request decoder (replicas), against the gateway's lighter
 /// precheck: what a replica would accept, a gateway must let through. And
 /// the precheck's scan ([`shoal_oip::skim`]) only ever empties the data
-/// arrays of inputs: the body it keeps is the body, those aside.
+/// arrays of inputs: the body it keeps is the body, those aside. And the
+/// replica's fast reading (the scan and the number fast path) answers
+/// exactly as serde alone does, errors included.
 pub fn oip_json(data: &[u8]) {
     let decoded = shoal_oip::decode_request(data, &limits());
+    assert_eq!(
+        decoded,
+        shoal_oip::decode_request_by_serde(data, &limits()),
+        "the fast reading and serde's disagree"
+    );
     let prechecked = shoal_oip::precheck_request(data, &limits());
     if decoded.is_ok() {
         assert!(

@@ -1,16 +1,16 @@
 //! The JSON tensor codec: inference request bodies in, response bodies out.
 //!
-//! Tensor data is parsed straight into typed, flat vectors, in one pass
-//! when a tensor's `datatype` and `shape` come before its `data` (as every
-//! client we know writes them): the array is read once with a visitor that
-//! flattens nested arrays, checks every element's type and range and stops
-//! at the shape's element count. When the data comes first it is kept as
-//! raw JSON text and walked once the datatype is known. Anything unusual
-//! on the one-pass path (a bad element, a short array, a duplicate key)
-//! sends the body down the two-pass path, whose errors say what is wrong;
-//! the answer for a good body is the same either way. Nothing is allocated
-//! beyond what the declared shape holds, so a request cannot make the
-//! server reserve more memory than [`Limits::max_elements`] allows.
+//! Tensor data is parsed straight into typed, flat vectors. A request body
+//! is split by [`crate::skim`] into its tensor data arrays and the rest;
+//! serde reads the rest (names, shapes, parameters), and each array is read
+//! by [`crate::numbers`] when it holds plain numbers, about five times
+//! faster than serde's visitor. Anything else (strings, booleans, a bad
+//! element, a short array, a body the scan cannot follow) is read by serde,
+//! whose errors say what is wrong: the answer is the same either way
+//! ([`decode_request_by_serde`] is the reference, and the fuzz target holds
+//! the two to it). Nothing is allocated beyond what the declared shape
+//! holds, so a request cannot make the server reserve more memory than
+//! [`Limits::max_elements`] allows.
 
 use std::fmt;
 
@@ -57,8 +57,7 @@ pub struct DecodedRequest {
     pub outputs: Option<Vec<RequestOutput>>,
 }
 
-/// A request body; `T` is how its tensors are read ([`WireTensor`] in
-/// two passes, [`OnePass`] in one).
+/// A request body as serde reads it, tensor data left as text.
 #[derive(Deserialize)]
 struct WireRequest<T> {
     #[serde(default)]
@@ -102,166 +101,33 @@ struct WireTensor<'a> {
     data: Option<JsonData<'a>>,
 }
 
-/// A tensor's JSON `data`: still text, or already parsed.
-enum JsonData<'a> {
-    Raw(&'a RawValue),
-    Parsed(TensorData),
-}
+/// A tensor's JSON `data`, as text: a JSON value, not yet checked to be
+/// an array.
+type JsonData<'a> = &'a [u8];
 
 fn raw_data<'de, D: de::Deserializer<'de>>(d: D) -> Result<Option<JsonData<'de>>, D::Error> {
-    Ok(Some(JsonData::Raw(<&RawValue>::deserialize(d)?)))
+    Ok(Some(<&RawValue>::deserialize(d)?.get().as_bytes()))
 }
 
-/// A [`WireTensor`] read in one pass: its data parsed as it is met when the
-/// datatype and shape came first. Fails (for the two-pass path to say
-/// why) on anything else that is wrong.
-struct OnePass<'a>(WireTensor<'a>);
-
-/// The keys of a request tensor.
-enum TensorField {
-    Name,
-    Shape,
-    Datatype,
-    Parameters,
-    Data,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for TensorField {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl Visitor<'_> for Keys {
-            type Value = TensorField;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a tensor field")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<TensorField, E> {
-                Ok(match v {
-                    "name" => TensorField::Name,
-                    "shape" => TensorField::Shape,
-                    "datatype" => TensorField::Datatype,
-                    "parameters" => TensorField::Parameters,
-                    "data" => TensorField::Data,
-                    _ => TensorField::Other,
-                })
-            }
+/// `skeleton` (a body without its data arrays, [`crate::skim::split`])
+/// parsed, each tensor's data given back from `body`'s `arrays`; `None`
+/// when serde refuses the skeleton or the arrays do not line up with its
+/// tensors.
+fn refill<'a>(
+    skeleton: &'a [u8],
+    arrays: &[std::ops::Range<usize>],
+    body: &'a [u8],
+) -> Option<WireRequest<WireTensor<'a>>> {
+    let mut wire = serde_json::from_slice::<WireRequest<WireTensor<'a>>>(skeleton).ok()?;
+    // Every cut array reads `[]` in the skeleton, in order. A data array the
+    // scan did not cut (a key written with escapes) keeps its contents.
+    let mut arrays = arrays.iter();
+    for data in wire.inputs.iter_mut().filter_map(|t| t.data.as_mut()) {
+        if *data == b"[]" {
+            *data = &body[arrays.next()?.clone()];
         }
-        d.deserialize_identifier(Keys)
     }
-}
-
-impl<'de> Deserialize<'de> for OnePass<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Tensor;
-        impl<'de> Visitor<'de> for Tensor {
-            type Value = OnePass<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a tensor")
-            }
-            fn visit_map<A: de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<OnePass<'de>, A::Error> {
-                fn once<T, E: de::Error>(slot: &mut Option<T>, v: T) -> Result<(), E> {
-                    match slot.replace(v) {
-                        None => Ok(()),
-                        Some(_) => Err(E::custom("duplicate field")),
-                    }
-                }
-                let (mut name, mut shape, mut datatype, mut parameters, mut data) =
-                    (None, None::<Vec<i64>>, None::<String>, None, None);
-                while let Some(key) = map.next_key::<TensorField>()? {
-                    match key {
-                        TensorField::Name => once(&mut name, map.next_value::<String>()?)?,
-                        TensorField::Shape => once(&mut shape, map.next_value()?)?,
-                        TensorField::Datatype => once(&mut datatype, map.next_value()?)?,
-                        TensorField::Parameters => once(
-                            &mut parameters,
-                            map.next_value::<Option<serde_json::Map<String, serde_json::Value>>>()?,
-                        )?,
-                        TensorField::Data => {
-                            let value = match (datatype.as_deref(), shape.as_deref()) {
-                                (Some(datatype), Some(shape)) => JsonData::Parsed(
-                                    map.next_value_seed(Typed::new(datatype, shape)?)?,
-                                ),
-                                _ => JsonData::Raw(map.next_value()?),
-                            };
-                            once(&mut data, value)?;
-                        }
-                        TensorField::Other => {
-                            map.next_value::<de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(OnePass(WireTensor {
-                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
-                    shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
-                    datatype: datatype.ok_or_else(|| de::Error::missing_field("datatype"))?,
-                    parameters: parameters.flatten(),
-                    data,
-                }))
-            }
-        }
-        d.deserialize_map(Tensor)
-    }
-}
-
-/// Reads a `data` array of exactly `count` elements of `datatype`.
-struct Typed {
-    datatype: DataType,
-    count: usize,
-}
-
-impl Typed {
-    /// For a tensor that says it is `datatype` of `shape`; fails when
-    /// either is wrong (the two-pass path says how).
-    fn new<E: de::Error>(datatype: &str, shape: &[i64]) -> Result<Typed, E> {
-        let wrong = || E::custom("datatype or shape");
-        let datatype = DataType::parse(datatype).ok_or_else(wrong)?;
-        let dims = shape
-            .iter()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| wrong())?;
-        let count = element_count(&dims).ok_or_else(wrong)?;
-        Ok(Typed { datatype, count })
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Typed {
-    type Value = TensorData;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<TensorData, D::Error> {
-        /// Flattens the array into `count` elements, exactly.
-        struct Array<'de, D> {
-            d: D,
-            count: usize,
-            de: std::marker::PhantomData<&'de ()>,
-        }
-        impl<'de, D: de::Deserializer<'de>> ForEachType for Array<'de, D> {
-            type Error = D::Error;
-            fn run<T: Element>(self) -> Result<Vec<T>, D::Error> {
-                // The element count is the shape's: reserve what the
-                // request could plausibly hold, grow past it if need be.
-                let mut out = Vec::with_capacity(self.count.min(1 << 16));
-                self.d.deserialize_seq(Flatten {
-                    out: &mut out,
-                    limit: self.count,
-                })?;
-                if out.len() != self.count {
-                    return Err(de::Error::custom("element count"));
-                }
-                Ok(out)
-            }
-        }
-        for_each_type(
-            self.datatype,
-            Array {
-                d,
-                count: self.count,
-                de: std::marker::PhantomData,
-            },
-        )
-    }
+    arrays.next().is_none().then_some(wire)
 }
 
 /// Parses and checks an inference request body of JSON tensors.
@@ -277,6 +143,39 @@ pub fn decode_request_parts(
     json_len: Option<&str>,
     limits: &Limits,
 ) -> Result<DecodedRequest, DecodeError> {
+    // A refusal is worded by the serde reading: the fast one meets a syntax
+    // error in a data array as that tensor's, where serde reading the whole
+    // body says where in the body it is. Only refusals pay twice.
+    decode_with(body, json_len, limits, Reading::Fast)
+        .or_else(|_| decode_with(body, json_len, limits, Reading::Serde))
+}
+
+/// [`decode_request`] by serde alone, without the scan and the number fast
+/// path: the reference the fast reading must agree with (the fuzz target
+/// checks it) and what decoding cost before it (`shoal bench codec`).
+pub fn decode_request_by_serde(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<DecodedRequest, DecodeError> {
+    decode_with(body, None, limits, Reading::Serde)
+}
+
+/// How tensor data is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Data arrays cut out by [`crate::skim`] and read by
+    /// [`crate::numbers`] where they are plain numbers, serde otherwise.
+    Fast,
+    /// Everything by serde.
+    Serde,
+}
+
+fn decode_with(
+    body: &[u8],
+    json_len: Option<&str>,
+    limits: &Limits,
+    reading: Reading,
+) -> Result<DecodedRequest, DecodeError> {
     let (body, binary) = crate::binary::split_body(body, json_len)?;
     // serde would accept a JSON array for a struct and then complain about
     // its length; say plainly what the body must be instead.
@@ -285,14 +184,19 @@ pub fn decode_request_parts(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    let wire = match serde_json::from_slice::<WireRequest<OnePass<'_>>>(body) {
-        Ok(one) => WireRequest {
-            id: one.id,
-            parameters: one.parameters,
-            inputs: one.inputs.into_iter().map(|OnePass(t)| t).collect(),
-            outputs: one.outputs,
-        },
-        Err(_) => serde_json::from_slice::<WireRequest<WireTensor<'_>>>(body)
+    // The tensor data arrays are cut out and read by the number fast path;
+    // serde reads the rest. Anything the scan cannot follow, or that serde
+    // refuses, is parsed as it came, so errors name the original body.
+    let skimmed = match reading {
+        Reading::Fast => crate::skim::split(body),
+        Reading::Serde => None,
+    };
+    let wire = match skimmed
+        .as_ref()
+        .and_then(|(skeleton, arrays)| refill(skeleton, arrays, body))
+    {
+        Some(wire) => wire,
+        None => serde_json::from_slice::<WireRequest<WireTensor<'_>>>(body)
             .map_err(|e| json_error("request", &e, json_len))?,
     };
     check_flags(wire.parameters.as_ref(), wire.outputs.as_ref())?;
@@ -317,7 +221,7 @@ pub fn decode_request_parts(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let inputs = parse_all(headers, binary, "input")?;
+    let inputs = parse_all(headers, binary, "input", reading)?;
     Ok(DecodedRequest {
         id: wire.id,
         parameters: wire.parameters,
@@ -537,9 +441,7 @@ pub fn precheck_request_parts(
 /// Where a tensor's data is.
 enum Payload<'a> {
     /// A JSON array, as text.
-    Json(&'a str),
-    /// A JSON array, already parsed.
-    Parsed(TensorData),
+    Json(&'a [u8]),
     /// The next this many bytes of the binary part.
     Binary(usize),
 }
@@ -610,8 +512,7 @@ fn check_header<'a>(
     .map_err(err)?;
     let data = match (wire.data, binary) {
         (_, Some(size)) => Payload::Binary(usize::try_from(size).unwrap_or(usize::MAX)),
-        (Some(JsonData::Raw(raw)), None) => Payload::Json(raw.get()),
-        (Some(JsonData::Parsed(data)), None) => Payload::Parsed(data),
+        (Some(text), None) => Payload::Json(text),
         (None, None) => return Err(err(MISSING_DATA.into())),
     };
     Ok(Header {
@@ -630,6 +531,7 @@ fn parse_all(
     headers: Vec<Header<'_>>,
     binary: &[u8],
     what: &str,
+    reading: Reading,
 ) -> Result<Vec<Tensor>, DecodeError> {
     let mut rest = binary;
     let tensors = headers
@@ -648,9 +550,9 @@ fn parse_all(
                     rest = tail;
                     Some(mine)
                 }
-                Payload::Json(_) | Payload::Parsed(_) => None,
+                Payload::Json(_) => None,
             };
-            h.parse(bytes)
+            h.parse(bytes, reading)
         })
         .collect::<Result<Vec<_>, _>>()?;
     if !rest.is_empty() {
@@ -665,7 +567,7 @@ fn parse_all(
 impl Header<'_> {
     /// The tensor, from its JSON data or from `binary` (its share of the
     /// binary part).
-    fn parse(self, binary: Option<&[u8]>) -> Result<Tensor, DecodeError> {
+    fn parse(self, binary: Option<&[u8]>, reading: Reading) -> Result<Tensor, DecodeError> {
         let Header {
             what,
             name,
@@ -677,22 +579,19 @@ impl Header<'_> {
         let err = |msg: String| DecodeError(format!("{what} {name:?}: {msg}"));
         let data = match (data, binary) {
             (Payload::Json(text), _) => text,
-            (Payload::Parsed(data), _) => {
-                return Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()));
-            }
             (Payload::Binary(_), bytes) => {
                 let data = crate::binary::decode(bytes.unwrap_or_default(), datatype, count)
                     .map_err(|e| err(e.0))?;
                 return Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()));
             }
         };
-        if !data.starts_with('[') {
+        if !data.starts_with(b"[") {
             return Err(err(format!(
                 "\"data\" must be a JSON array of {count} elements, got {}",
-                abbreviate(data)
+                abbreviate(&String::from_utf8_lossy(data))
             )));
         }
-        let data = parse_data(data, datatype, count).map_err(|e| err(e.to_string()))?;
+        let data = parse_data(data, datatype, count, reading).map_err(|e| err(e.to_string()))?;
         Tensor::new(name.clone(), shape, data).map_err(|e| err(e.to_string()))
     }
 }
@@ -706,20 +605,37 @@ fn abbreviate(text: &str) -> String {
 
 /// Parses the JSON array `text` (possibly nested) into `count` elements of
 /// `datatype`.
-fn parse_data(text: &str, datatype: DataType, count: usize) -> Result<TensorData, DecodeError> {
+fn parse_data(
+    text: &[u8],
+    datatype: DataType,
+    count: usize,
+    reading: Reading,
+) -> Result<TensorData, DecodeError> {
     /// The array in `text`, flattened.
     struct Text<'a> {
-        text: &'a str,
+        text: &'a [u8],
         count: usize,
+        reading: Reading,
     }
     impl ForEachType for Text<'_> {
         type Error = DecodeError;
         fn run<T: Element>(self) -> Result<Vec<T>, DecodeError> {
-            let Text { text, count } = self;
+            let Text {
+                text,
+                count,
+                reading,
+            } = self;
+            if reading == Reading::Fast
+                && let Some(numbers) = crate::numbers::flat(text, count)
+            {
+                return Ok(numbers);
+            }
+            // Not plain numbers (strings, booleans) or something wrong:
+            // serde reads it, and says what.
             // A hostile shape cannot make us pre-allocate much: cap the
             // reservation by what the text could possibly hold.
             let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1));
-            let mut de = serde_json::Deserializer::from_str(text);
+            let mut de = serde_json::Deserializer::from_slice(text);
             Flatten {
                 out: &mut out,
                 limit: count,
@@ -736,7 +652,14 @@ fn parse_data(text: &str, datatype: DataType, count: usize) -> Result<TensorData
             Ok(out)
         }
     }
-    for_each_type(datatype, Text { text, count })
+    for_each_type(
+        datatype,
+        Text {
+            text,
+            count,
+            reading,
+        },
+    )
 }
 
 /// Something done for one element type, chosen at run time by
@@ -857,6 +780,17 @@ impl Element for ByteString {
     const EXPECTED: &'static str = "a string";
     fn from_str(v: &str) -> Result<Self, String> {
         Ok(ByteString(v.as_bytes().to_vec()))
+    }
+}
+
+impl<T: Element> crate::numbers::FromNumber for T {
+    fn from_number(n: crate::numbers::Number) -> Option<T> {
+        use crate::numbers::Number;
+        match n {
+            Number::Unsigned(v) => T::from_u64(v).ok(),
+            Number::Signed(v) => T::from_i64(v).ok(),
+            Number::Float(v) => T::from_f64(v).ok(),
+        }
     }
 }
 
@@ -982,8 +916,7 @@ struct WireOutput<'a> {
 }
 
 /// Writes an inference request body of JSON tensors: each tensor's name,
-/// datatype and shape before its data, the order Triton's clients write,
-/// in which a replica reads the data in one pass ([`decode_request`]).
+/// datatype and shape before its data, the order Triton's clients write.
 /// The JSON twin of [`crate::binary::encode_request`], for Shoal's own
 /// clients (load generators, benchmarks).
 pub fn encode_request(request: &DecodedRequest) -> Vec<u8> {
@@ -1084,8 +1017,12 @@ pub fn encode_response_parts(
             })
             .collect(),
     };
+    // Room for the usual answer at once (serde_json starts at 128 bytes and
+    // doubles, copying): names and shapes, and a dozen bytes a number.
+    let elements: usize = outputs.iter().map(|t| t.data().len()).sum();
+    let mut body = Vec::with_capacity((256 + 12 * elements).min(1 << 20));
     // Serializing plain structs of strings and numbers into a Vec cannot fail.
-    let mut body = serde_json::to_vec(&wire).unwrap_or_default();
+    serde_json::to_writer(&mut body, &wire).unwrap_or_default();
     let json_len = any_binary.then_some(body.len());
     body.extend_from_slice(&tail);
     EncodedResponse { body, json_len }
@@ -1135,7 +1072,7 @@ pub fn decode_response_parts(
         .into_iter()
         .map(|t| check_header(t, &mut budget, usize::MAX, "output", json_len.is_some()))
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = parse_all(headers, binary, "output")?;
+    let outputs = parse_all(headers, binary, "output", Reading::Fast)?;
     Ok(DecodedResponse {
         model_name: wire.model_name,
         model_version: wire.model_version,
@@ -1207,18 +1144,17 @@ mod tests {
             );
             let expected = format!(r#"[Tensor {{ name: "x", shape: [2], data: {expected} }}]"#);
             check(&body, Ok(&expected));
-            assert_eq!(one_pass(&body), Some(vec![true]), "{body}");
-            // Data before its datatype: kept as text, read in a second pass.
+            assert_eq!(by_serde(&body), decode(&body), "{body}");
+            // Data before its datatype, as serde_json's own maps write it.
             let data_first = format!(
                 r#"{{"inputs":[{{"data":{data},"name":"x","shape":[2],"datatype":"{dt}"}}]}}"#
             );
             check(&data_first, Ok(&expected));
-            assert_eq!(one_pass(&data_first), Some(vec![false]), "{data_first}");
         }
     }
 
     #[test]
-    fn an_encoded_request_decodes_to_itself_in_one_pass() {
+    fn an_encoded_request_decodes_to_itself() {
         let request = DecodedRequest {
             id: Some("r\"1".into()),
             parameters: Some(serde_json::from_str(r#"{"sequence_id":3}"#).unwrap()),
@@ -1238,21 +1174,15 @@ mod tests {
             }]),
         };
         let body = encode_request(&request);
-        let text = std::str::from_utf8(&body).unwrap();
-        assert_eq!(one_pass(text), Some(vec![true, true, true]), "{text}");
         assert_eq!(decode_request(&body, &Limits::default()).unwrap(), request);
     }
 
-    /// Which of a body's tensors the one-pass reading parsed as it met
-    /// them; `None` when it gave the body up to the two-pass one.
-    fn one_pass(body: &str) -> Option<Vec<bool>> {
-        let wire = serde_json::from_str::<WireRequest<OnePass<'_>>>(body).ok()?;
-        Some(
-            wire.inputs
-                .iter()
-                .map(|OnePass(t)| matches!(t.data, Some(JsonData::Parsed(_))))
-                .collect(),
-        )
+    fn decode(body: &str) -> Result<DecodedRequest, DecodeError> {
+        decode_request(body.as_bytes(), &Limits::default())
+    }
+
+    fn by_serde(body: &str) -> Result<DecodedRequest, DecodeError> {
+        decode_request_by_serde(body.as_bytes(), &Limits::default())
     }
 
     #[test]
@@ -1264,20 +1194,64 @@ mod tests {
             {"data":[1,2],"name":"b","shape":[2],"datatype":"INT64","extra":{"data":[9]}},
             {"shape":[1],"datatype":"BYTES","name":"c","data":["x\"]"]}],
             "outputs":[{"name":"y"}]}"#;
-        assert_eq!(one_pass(body), Some(vec![true, false, true]));
-        let limits = Limits::default();
-        let decoded = decode_request(body.as_bytes(), &limits).unwrap();
-        let two_pass: WireRequest<WireTensor<'_>> = serde_json::from_str(body).unwrap();
+        let (skeleton, arrays) = crate::skim::split(body.as_bytes()).unwrap();
+        assert!(refill(&skeleton, &arrays, body.as_bytes()).is_some());
+        let decoded = decode(body).unwrap();
         assert_eq!(decoded.id.as_deref(), Some("r1"));
-        assert_eq!(decoded.inputs.len(), two_pass.inputs.len());
-        // The two-pass reading of the same body, tensor by tensor.
-        let mut budget = limits.max_elements;
-        for (tensor, wire) in decoded.inputs.iter().zip(two_pass.inputs) {
-            let header =
-                check_header(wire, &mut budget, limits.max_elements, "input", false).unwrap();
-            assert_eq!(&header.parse(None).unwrap(), tensor);
+        assert_eq!(Ok(decoded), by_serde(body));
+        // Every number as serde_json reads it, to the bit.
+        let numbers = [
+            "0",
+            "-0",
+            "-0.0",
+            "1",
+            "-1",
+            "0.1",
+            "16.0",
+            "0.30000000000000004",
+            "1e-7",
+            "-2.5E+3",
+            "3.4028235e38",
+            "-3.4028236e38",
+            "1e-46",
+            "65504",
+            "65520",
+            "4294967296",
+            "9007199254740993",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "123456.789e-3",
+            "5e-324",
+            "1.7976931348623157e308",
+        ];
+        for dt in ["FP16", "FP32", "FP64", "UINT64", "INT64", "INT8", "UINT8"] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[{}],"datatype":"{dt}","data":[{}]}}]}}"#,
+                numbers.len(),
+                numbers.join(" , ")
+            );
+            assert_eq!(decode(&body).is_ok(), by_serde(&body).is_ok(), "{dt}");
+            if let Ok(decoded) = decode(&body) {
+                assert_eq!(
+                    format!("{:?}", decoded.inputs),
+                    format!("{:?}", by_serde(&body).unwrap().inputs)
+                );
+            }
+            for n in numbers {
+                let one = format!(
+                    r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{dt}","data":[{n}]}}]}}"#
+                );
+                let (ours, theirs) = (decode(&one), by_serde(&one));
+                assert_eq!(ours.is_ok(), theirs.is_ok(), "{dt} {n}");
+                if let (Ok(ours), Ok(theirs)) = (ours, theirs) {
+                    // Debug prints floats exactly, -0 included.
+                    assert_eq!(format!("{ours:?}"), format!("{theirs:?}"), "{dt} {n}");
+                }
+            }
         }
-        // What the one-pass reading refuses, the two-pass one explains.
+        // What the fast path refuses, serde explains.
         for (bad, why) in [
             (
                 r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1]}]}"#,
@@ -1300,8 +1274,8 @@ mod tests {
                 "missing field `name`",
             ),
         ] {
-            assert_eq!(one_pass(bad), None, "{bad}");
             check(bad, Err(why));
+            assert_eq!(decode(bad), by_serde(bad), "{bad}");
         }
     }
 

@@ -6,7 +6,8 @@
 //! extension ([`binary`]) for clients that send or want raw bytes, a
 //! request's place in a sequence as Triton's clients name it
 //! ([`sequence`]), and a structural scan that lets a precheck skip the
-//! tensor data without reading it ([`skim`]).
+//! tensor data without reading it ([`skim`]) and a replica read each data
+//! array with a fast path for plain numbers (`numbers`).
 //!
 //! Architecture invariant: this crate knows nothing about HTTP servers or
 //! inference engines. Replicas and gateways both use it, so a request is
@@ -14,6 +15,7 @@
 
 pub mod binary;
 pub mod codec;
+mod numbers;
 pub mod sequence;
 pub mod skim;
 pub mod types;
@@ -21,7 +23,8 @@ pub mod types;
 pub use binary::HEADER_LENGTH as BINARY_HEADER;
 pub use codec::{
     DecodeError, DecodedRequest, DecodedResponse, EncodedResponse, Limits, Prechecked,
-    decode_request, decode_request_parts, decode_response, decode_response_parts, encode_request,
-    encode_response, encode_response_parts, precheck_request, precheck_request_parts,
+    decode_request, decode_request_by_serde, decode_request_parts, decode_response,
+    decode_response_parts, encode_request, encode_response, encode_response_parts,
+    precheck_request, precheck_request_parts,
 };
 pub use types::{MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};

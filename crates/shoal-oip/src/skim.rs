@@ -21,6 +21,13 @@ use std::ops::Range;
 /// (`"data":[…]` becomes `"data":[]`), or `None` when there is nothing to
 /// remove or the scan cannot follow the body.
 pub fn without_data(body: &[u8]) -> Option<Vec<u8>> {
+    split(body).map(|(skeleton, _)| skeleton)
+}
+
+/// [`without_data`]'s body, and the byte ranges of `body` holding each
+/// removed array, brackets included, in order: a replica parses the rest
+/// with serde and each array with [`crate::numbers`].
+pub(crate) fn split(body: &[u8]) -> Option<(Vec<u8>, Vec<Range<usize>>)> {
     let spans = data_spans(body)?;
     if spans.is_empty() {
         return None;
@@ -28,12 +35,13 @@ pub fn without_data(body: &[u8]) -> Option<Vec<u8>> {
     let removed: usize = spans.iter().map(|s| s.len()).sum();
     let mut out = Vec::with_capacity(body.len() - removed);
     let mut at = 0;
-    for span in spans {
+    for span in &spans {
         out.extend_from_slice(&body[at..span.start]);
         at = span.end;
     }
     out.extend_from_slice(&body[at..]);
-    Some(out)
+    let arrays = spans.into_iter().map(|s| s.start - 1..s.end + 1).collect();
+    Some((out, arrays))
 }
 
 /// What an open container is.
