@@ -14,7 +14,8 @@ use half::f16;
 use shoal_core::{DataType, Dim, Signature, Tensor, TensorData, TensorSpec};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, TDim,
-    TValue, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, tract_ndarray,
+    TValue, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, TypedSimpleState,
+    tract_ndarray,
 };
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid};
 
@@ -49,7 +50,7 @@ struct TractModel {
 
 enum Plans {
     /// One plan for every input shape.
-    Symbolic(Arc<TypedRunnableModel>),
+    Symbolic(Planned),
     /// Plans built on demand for each concrete set of input shapes.
     PerShape(PerShape),
 }
@@ -60,7 +61,57 @@ type ShapeKey = Vec<Vec<usize>>;
 struct PerShape {
     template: InferenceModel,
     /// Most recently used last.
-    cache: Mutex<Vec<(ShapeKey, Arc<TypedRunnableModel>)>>,
+    cache: Mutex<Vec<(ShapeKey, Arc<Planned>)>>,
+}
+
+/// Most idle run states a plan keeps: one per inference thread is plenty.
+const IDLE_STATES: usize = 64;
+
+/// A plan and its idle run states. tract sets up a state for every run (a
+/// vector of op states, each op asked for one, and a vector of node
+/// values, both dropped after): on a one-row MLP that is a good part of
+/// the inference. A state is reused only when the plan's ops keep nothing
+/// between runs (no op has a state: true of feed-forward models, not of
+/// tract's streaming or scan ops), so a run sees no trace of the one
+/// before; tract clears a state's values and symbols after each run, and a
+/// state whose run failed is dropped.
+struct Planned {
+    plan: Arc<TypedRunnableModel>,
+    /// `None` when the plan has ops with state: every run gets a new one.
+    idle: Option<Mutex<Vec<TypedSimpleState>>>,
+}
+
+impl Planned {
+    fn new(plan: Arc<TypedRunnableModel>) -> TractResult<Planned> {
+        let first = plan.spawn()?;
+        let idle = first
+            .op_states
+            .iter()
+            .all(Option::is_none)
+            .then(|| Mutex::new(vec![first]));
+        Ok(Planned { plan, idle })
+    }
+
+    fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let Some(idle) = &self.idle else {
+            return self.plan.run(inputs);
+        };
+        let lock = || {
+            idle.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let reused = lock().pop();
+        let mut state = match reused {
+            Some(state) => state,
+            None => self.plan.spawn()?,
+        };
+        let outputs = state.run(inputs)?;
+        let mut idle = lock();
+        if idle.len() < IDLE_STATES {
+            idle.push(state);
+        }
+        Ok(outputs)
+    }
 }
 
 fn prepare_err(e: impl std::fmt::Display) -> LoadError {
@@ -96,7 +147,7 @@ impl Backend for TractBackend {
         });
         match symbolic {
             Ok((signature, plan)) => Ok(Arc::new(TractModel {
-                plans: Plans::Symbolic(plan),
+                plans: Plans::Symbolic(Planned::new(plan).map_err(prepare_err)?),
                 signature: signature?,
             })),
             Err(symbolic_err) => {
@@ -242,7 +293,7 @@ impl PerShape {
         };
         let one = self.plan_for(&shapes_at(1)).map_err(prepare_err)?;
         let two = self.plan_for(&shapes_at(2)).map_err(prepare_err)?;
-        let (one, two) = (one.model(), two.model());
+        let (one, two) = (one.plan.model(), two.plan.model());
         let mut outputs = Vec::new();
         for (ix, (o1, o2)) in one
             .output_outlets()
@@ -279,7 +330,7 @@ impl PerShape {
         Ok(Signature { inputs, outputs })
     }
 
-    fn plan_for(&self, shapes: &[Vec<usize>]) -> TractResult<Arc<TypedRunnableModel>> {
+    fn plan_for(&self, shapes: &[Vec<usize>]) -> TractResult<Arc<Planned>> {
         {
             let mut cache = self
                 .cache
@@ -301,7 +352,7 @@ impl PerShape {
             fact.datum_type = dt;
             model.set_input_fact(ix, fact)?;
         }
-        let plan = model.into_optimized()?.into_runnable()?;
+        let plan = Arc::new(Planned::new(model.into_optimized()?.into_runnable()?)?);
         let mut cache = self
             .cache
             .lock()
@@ -424,10 +475,12 @@ fn from_tract(name: String, value: &tract_onnx::prelude::Tensor) -> Result<Tenso
     fn collect<T: tract_onnx::prelude::Datum + Clone>(
         value: &tract_onnx::prelude::Tensor,
     ) -> Result<Vec<T>, RunError> {
-        let view = value
-            .to_plain_array_view::<T>()
-            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
-        Ok(view.iter().cloned().collect())
+        // tract's tensors are dense, in natural order: one copy of the
+        // slice, no element-wise walk of an array view.
+        value
+            .try_as_plain_ram()
+            .and_then(|plain| plain.as_slice::<T>().map(<[T]>::to_vec))
+            .map_err(|e| RunError::Engine(format!("{e:#}")))
     }
     let data = match value.datum_type() {
         DatumType::Bool => TensorData::Bool(collect(value)?),
@@ -472,18 +525,16 @@ impl Model for TractModel {
             .map(|t| to_tract(t).map(TValue::from))
             .collect::<TractResult<_>>()
             .map_err(|e| RunError::Engine(format!("{e:#}")))?;
-        let plan = match &self.plans {
-            Plans::Symbolic(plan) => plan.clone(),
+        let outputs = match &self.plans {
+            Plans::Symbolic(plan) => plan.run(inputs),
             Plans::PerShape(per_shape) => {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
                 per_shape
                     .plan_for(&shapes)
-                    .map_err(|e| RunError::Engine(format!("{e:#}")))?
+                    .and_then(|plan| plan.run(inputs))
             }
-        };
-        let outputs = plan
-            .run(inputs)
-            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
+        }
+        .map_err(|e| RunError::Engine(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&self.signature.outputs)

@@ -300,3 +300,40 @@ fn warm_up_runs_every_digits_model() {
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
 }
+
+/// A model's run states are reused (tract's set-up per run was a good part
+/// of a one-row inference): whatever ran before, on any thread and at any
+/// batch size, an input gets the same answer to the bit. The VAD's
+/// recurrent ops keep state inside a run, and it too answers alike twice.
+#[test]
+fn runs_leave_no_trace_in_the_next() {
+    let samples = Samples::load();
+    let model = load("digits-v1.onnx");
+    let one = || digits_input(&samples.inputs[..1]);
+    let first = model.infer_blocking(vec![one()]).unwrap();
+    std::thread::scope(|s| {
+        for n in [1, 7, 32, 3] {
+            let (model, samples) = (&model, &samples);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    let input = digits_input(&samples.inputs[..n]);
+                    assert_eq!(model.infer_blocking(vec![input]).unwrap()[1].shape(), [n]);
+                }
+            });
+        }
+    });
+    assert_eq!(model.infer_blocking(vec![one()]).unwrap(), first);
+
+    let vad = load("silero_vad_16k_sequence.onnx");
+    #[allow(clippy::cast_precision_loss)]
+    let inputs = || {
+        let audio: Vec<f32> = (0..2 * 576).map(|i| ((i as f32) * 0.07).cos()).collect();
+        vec![
+            Tensor::new("input", vec![2, 576], TensorData::Fp32(audio)).unwrap(),
+            Tensor::new("h", vec![1, 1, 128], TensorData::Fp32(vec![0.1; 128])).unwrap(),
+            Tensor::new("c", vec![1, 1, 128], TensorData::Fp32(vec![0.0; 128])).unwrap(),
+        ]
+    };
+    let first = vad.infer_blocking(inputs()).unwrap();
+    assert_eq!(vad.infer_blocking(inputs()).unwrap(), first);
+}
