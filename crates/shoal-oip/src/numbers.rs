@@ -103,6 +103,7 @@ fn skip_back(text: &[u8], i: usize) -> u8 {
 }
 
 /// The index of the first byte at or after `i` that is not JSON whitespace.
+#[inline(always)]
 fn skip_space(text: &[u8], mut i: usize) -> usize {
     while let Some(b' ' | b'\n' | b'\r' | b'\t') = text.get(i) {
         i += 1;
@@ -112,6 +113,7 @@ fn skip_space(text: &[u8], mut i: usize) -> usize {
 
 /// The end of the run of digits starting at `i`, and their value (wrapped
 /// past 19 digits: the caller counts them).
+#[inline(always)]
 fn digits(s: &[u8], mut i: usize, mut value: u64) -> (usize, u64) {
     while let Some(&c) = s.get(i) {
         let d = c.wrapping_sub(b'0');
@@ -126,6 +128,7 @@ fn digits(s: &[u8], mut i: usize, mut value: u64) -> (usize, u64) {
 
 /// The JSON number at the start of `s` and its length in bytes, or `None`
 /// when `s` does not start with one.
+#[inline(always)]
 pub(crate) fn number(s: &[u8]) -> Option<(Number, usize)> {
     let negative = s.first() == Some(&b'-');
     let start = usize::from(negative);
@@ -154,7 +157,8 @@ pub(crate) fn number(s: &[u8]) -> Option<(Number, usize)> {
     } else if fraction_digits > 0 {
         // Clinger's fast path: both exact in an f64, one correctly rounded
         // division gives the correctly rounded value.
-        let v = exact(mantissa, -(fraction_digits as i64)).or_else(|| parse_float(&s[..i]))?;
+        // (Beyond it, the digits without their sign: the sign comes next.)
+        let v = exact(mantissa, -(fraction_digits as i64)).or_else(|| parse_float(&s[start..i]))?;
         Number::Float(if negative { -v } else { v })
     } else {
         // serde_json's rules: a non-negative integer is unsigned, a
@@ -166,6 +170,7 @@ pub(crate) fn number(s: &[u8]) -> Option<(Number, usize)> {
 
 /// A non-negative integer as unsigned, a negative one as signed when it
 /// fits, as a float otherwise (`-0` included), as serde_json reads them.
+#[inline(always)]
 fn integer(magnitude: u64, negative: bool) -> Number {
     #[allow(clippy::cast_precision_loss)]
     match negative {
@@ -213,6 +218,7 @@ fn parse_float(token: &[u8]) -> Option<f64> {
 /// `mantissa` × 10^`exponent` when both are exact in an f64 (a mantissa
 /// below 2^53, a power of ten up to 10^22), so that one multiplication or
 /// division, correctly rounded, gives the correctly rounded value.
+#[inline(always)]
 fn exact(mantissa: u64, exponent: i64) -> Option<f64> {
     const POWERS: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
@@ -270,6 +276,10 @@ mod tests {
             "4.9e-324",
             "0.1",
             "0.30000000000000004",
+            // Beyond Clinger's fast path (a mantissa of 2^53 or more), signed.
+            "-0.009985063225030899",
+            "0.009985063225030899",
+            "-123.45",
         ] {
             let ours = number(text.as_bytes()).map(|(n, len)| {
                 assert_eq!(len, text.len(), "{text}");
