@@ -1255,6 +1255,15 @@ mod tests {
                 }
             }
         }
+        // Numbers padded past what fast-float2 reads of an exponent: left
+        // to serde, which reads them exactly (0.0) or refuses them.
+        let zeros = "0".repeat(65_535);
+        for n in [format!("1{zeros}e-655360"), format!("0.{zeros}1e655360")] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP64","data":[{n}]}}]}}"#
+            );
+            assert_eq!(decode(&body), by_serde(&body));
+        }
         // What the fast path refuses, serde explains.
         for (bad, why) in [
             (

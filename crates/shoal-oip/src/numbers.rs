@@ -16,6 +16,10 @@
 /// has such a rank) take the slow path, which applies serde_json's limit.
 const MAX_DEPTH: usize = 64;
 
+/// The longest float token read here (a double's shortest form is at most
+/// 24 bytes); longer ones go the slow path.
+const MAX_TOKEN: usize = 64;
+
 /// One JSON number, as serde_json hands it to a visitor.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Number {
@@ -210,6 +214,13 @@ fn with_exponent(s: &[u8], e: usize) -> Option<(Number, usize)> {
 /// A float token, correctly rounded; `None` out of f64's range (serde_json
 /// refuses it, and so does the slow path the caller falls back to).
 fn parse_float(token: &[u8]) -> Option<f64> {
+    // fast-float2 stops reading an exponent's digits at 65,536, which a
+    // number padded with thousands of digits can reach past ("1" and 65,535
+    // zeros, then "e-655360"); no encoder writes a tensor element longer
+    // than this, so such tokens are left to serde.
+    if token.len() > MAX_TOKEN {
+        return None;
+    }
     fast_float2::parse::<f64, _>(token)
         .ok()
         .filter(|v| v.is_finite())
