@@ -14,8 +14,7 @@ use half::f16;
 use shoal_core::{DataType, Dim, Signature, Tensor, TensorData, TensorSpec};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, TDim,
-    TValue, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, TypedSimpleState,
-    tract_ndarray,
+    TValue, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, tract_ndarray,
 };
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid};
 
@@ -50,7 +49,7 @@ struct TractModel {
 
 enum Plans {
     /// One plan for every input shape.
-    Symbolic(Planned),
+    Symbolic(Arc<TypedRunnableModel>),
     /// Plans built on demand for each concrete set of input shapes.
     PerShape(PerShape),
 }
@@ -61,57 +60,7 @@ type ShapeKey = Vec<Vec<usize>>;
 struct PerShape {
     template: InferenceModel,
     /// Most recently used last.
-    cache: Mutex<Vec<(ShapeKey, Arc<Planned>)>>,
-}
-
-/// Most idle run states a plan keeps: one per inference thread is plenty.
-const IDLE_STATES: usize = 64;
-
-/// A plan and its idle run states. tract sets up a state for every run (a
-/// vector of op states, each op asked for one, and a vector of node
-/// values, both dropped after): on a one-row MLP that is a good part of
-/// the inference. A state is reused only when the plan's ops keep nothing
-/// between runs (no op has a state: true of feed-forward models, not of
-/// tract's streaming or scan ops), so a run sees no trace of the one
-/// before; tract clears a state's values and symbols after each run, and a
-/// state whose run failed is dropped.
-struct Planned {
-    plan: Arc<TypedRunnableModel>,
-    /// `None` when the plan has ops with state: every run gets a new one.
-    idle: Option<Mutex<Vec<TypedSimpleState>>>,
-}
-
-impl Planned {
-    fn new(plan: Arc<TypedRunnableModel>) -> TractResult<Planned> {
-        let first = plan.spawn()?;
-        let idle = first
-            .op_states
-            .iter()
-            .all(Option::is_none)
-            .then(|| Mutex::new(vec![first]));
-        Ok(Planned { plan, idle })
-    }
-
-    fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let Some(idle) = &self.idle else {
-            return self.plan.run(inputs);
-        };
-        let lock = || {
-            idle.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        let reused = lock().pop();
-        let mut state = match reused {
-            Some(state) => state,
-            None => self.plan.spawn()?,
-        };
-        let outputs = state.run(inputs)?;
-        let mut idle = lock();
-        if idle.len() < IDLE_STATES {
-            idle.push(state);
-        }
-        Ok(outputs)
-    }
+    cache: Mutex<Vec<(ShapeKey, Arc<TypedRunnableModel>)>>,
 }
 
 fn prepare_err(e: impl std::fmt::Display) -> LoadError {
@@ -147,7 +96,7 @@ impl Backend for TractBackend {
         });
         match symbolic {
             Ok((signature, plan)) => Ok(Arc::new(TractModel {
-                plans: Plans::Symbolic(Planned::new(plan).map_err(prepare_err)?),
+                plans: Plans::Symbolic(plan),
                 signature: signature?,
             })),
             Err(symbolic_err) => {
@@ -293,7 +242,7 @@ impl PerShape {
         };
         let one = self.plan_for(&shapes_at(1)).map_err(prepare_err)?;
         let two = self.plan_for(&shapes_at(2)).map_err(prepare_err)?;
-        let (one, two) = (one.plan.model(), two.plan.model());
+        let (one, two) = (one.model(), two.model());
         let mut outputs = Vec::new();
         for (ix, (o1, o2)) in one
             .output_outlets()
@@ -330,7 +279,7 @@ impl PerShape {
         Ok(Signature { inputs, outputs })
     }
 
-    fn plan_for(&self, shapes: &[Vec<usize>]) -> TractResult<Arc<Planned>> {
+    fn plan_for(&self, shapes: &[Vec<usize>]) -> TractResult<Arc<TypedRunnableModel>> {
         {
             let mut cache = self
                 .cache
@@ -352,7 +301,7 @@ impl PerShape {
             fact.datum_type = dt;
             model.set_input_fact(ix, fact)?;
         }
-        let plan = Arc::new(Planned::new(model.into_optimized()?.into_runnable()?)?);
+        let plan = model.into_optimized()?.into_runnable()?;
         let mut cache = self
             .cache
             .lock()
@@ -525,16 +474,22 @@ impl Model for TractModel {
             .map(|t| to_tract(t).map(TValue::from))
             .collect::<TractResult<_>>()
             .map_err(|e| RunError::Engine(format!("{e:#}")))?;
-        let outputs = match &self.plans {
-            Plans::Symbolic(plan) => plan.run(inputs),
+        // A new tract state every run (plan.run): tract's matmuls keep
+        // per-session scratch in a thread-local map that only the thread
+        // dropping a state cleans, so states reused across threads would
+        // leave entries behind on the others each time one is dropped.
+        let plan = match &self.plans {
+            Plans::Symbolic(plan) => plan.clone(),
             Plans::PerShape(per_shape) => {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
                 per_shape
                     .plan_for(&shapes)
-                    .and_then(|plan| plan.run(inputs))
+                    .map_err(|e| RunError::Engine(format!("{e:#}")))?
             }
-        }
-        .map_err(|e| RunError::Engine(format!("{e:#}")))?;
+        };
+        let outputs = plan
+            .run(inputs)
+            .map_err(|e| RunError::Engine(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&self.signature.outputs)

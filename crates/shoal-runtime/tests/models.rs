@@ -301,10 +301,10 @@ fn warm_up_runs_every_digits_model() {
     }
 }
 
-/// A model's run states are reused (tract's set-up per run was a good part
-/// of a one-row inference): whatever ran before, on any thread and at any
-/// batch size, an input gets the same answer to the bit. The VAD's
-/// recurrent ops keep state inside a run, and it too answers alike twice.
+/// Whatever ran before, on any thread and at any batch size, an input gets
+/// the same answer to the bit (nothing of a run, tract's per-session
+/// scratch included, leaks into the next). The VAD's recurrent ops keep
+/// state inside a run, and it too answers alike twice.
 #[test]
 fn runs_leave_no_trace_in_the_next() {
     let samples = Samples::load();
