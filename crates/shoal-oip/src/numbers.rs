@@ -4,11 +4,12 @@
 //! serde_json reads each through its generic value machinery, about 22 ns a
 //! number here, which made parsing the largest part of a small model's
 //! inference. [`flat`] reads such an array directly: a byte loop that
-//! checks JSON's number grammar, integers accumulated as they are read,
-//! anything with a fraction or an exponent handed to `fast-float2` (correctly
-//! rounded). It gives each number to the element type exactly as serde_json
-//! would (an unsigned, signed or float value, by the same rules, `-0` as a
-//! float) so both readings agree. Anything else, a string, a bad token, an
+//! checks JSON's number grammar and accumulates the digits; a short decimal
+//! is one exact division (Clinger's fast path), anything longer or with an
+//! exponent goes to `fast-float2` (correctly rounded), and tokens longer
+//! than [`MAX_TOKEN`] to serde. It gives each number to the element type
+//! exactly as serde_json would (an unsigned, signed or float value, by the
+//! same rules, `-0` as a float) so both readings agree. Anything else, a string, a bad token, an
 //! element out of range, the wrong count, makes it give up (`None`) and the
 //! caller parses the text with serde_json, whose errors say what is wrong.
 
@@ -50,7 +51,9 @@ pub(crate) fn flat<T: FromNumber>(text: &[u8], count: usize) -> Option<Vec<T>> {
     let mut depth = 1usize;
     // Each number takes at least two bytes (digit and comma) but the last.
     let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1));
-    // At the top of this loop a value may come (or `]`, right after `[`).
+    // At the top of this loop a value may come, or `]` when the array was
+    // just opened (not after a comma).
+    let mut opened = true;
     'value: loop {
         i = skip_space(text, i);
         match *text.get(i)? {
@@ -60,9 +63,10 @@ pub(crate) fn flat<T: FromNumber>(text: &[u8], count: usize) -> Option<Vec<T>> {
                     return None;
                 }
                 i += 1;
+                opened = true;
                 continue 'value;
             }
-            b']' if text[i - 1] == b'[' || skip_back(text, i) == b'[' => {
+            b']' if opened => {
                 // An empty array: a value of no elements.
                 depth -= 1;
                 i += 1;
@@ -82,6 +86,7 @@ pub(crate) fn flat<T: FromNumber>(text: &[u8], count: usize) -> Option<Vec<T>> {
             match *text.get(i)? {
                 b',' => {
                     i += 1;
+                    opened = false;
                     continue 'value;
                 }
                 b']' => {
@@ -94,16 +99,6 @@ pub(crate) fn flat<T: FromNumber>(text: &[u8], count: usize) -> Option<Vec<T>> {
         break;
     }
     (skip_space(text, i) == text.len() && out.len() == count).then_some(out)
-}
-
-/// The last byte before `i` that is not JSON whitespace.
-fn skip_back(text: &[u8], i: usize) -> u8 {
-    text[..i]
-        .iter()
-        .rev()
-        .copied()
-        .find(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
-        .unwrap_or(0)
 }
 
 /// The index of the first byte at or after `i` that is not JSON whitespace.
@@ -159,10 +154,8 @@ pub(crate) fn number(s: &[u8]) -> Option<(Number, usize)> {
     let n = if integer_digits + fraction_digits > 19 {
         return long(s, i, fraction_digits == 0);
     } else if fraction_digits > 0 {
-        // Clinger's fast path: both exact in an f64, one correctly rounded
-        // division gives the correctly rounded value.
-        // (Beyond it, the digits without their sign: the sign comes next.)
-        let v = exact(mantissa, -(fraction_digits as i64)).or_else(|| parse_float(&s[start..i]))?;
+        // Unsigned: the sign is applied below.
+        let v = divided(mantissa, fraction_digits).or_else(|| parse_float(&s[start..i]))?;
         Number::Float(if negative { -v } else { v })
     } else {
         // serde_json's rules: a non-negative integer is unsigned, a
@@ -226,11 +219,12 @@ fn parse_float(token: &[u8]) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
-/// `mantissa` × 10^`exponent` when both are exact in an f64 (a mantissa
-/// below 2^53, a power of ten up to 10^22), so that one multiplication or
-/// division, correctly rounded, gives the correctly rounded value.
+/// `mantissa` ÷ 10^`fraction_digits` when both are exact in an f64 (a
+/// mantissa below 2^53, a power of ten up to 10^22): one correctly rounded
+/// division then gives the correctly rounded value (Clinger's fast path,
+/// which short decimals like `0.0625` or `13.0` always take).
 #[inline(always)]
-fn exact(mantissa: u64, exponent: i64) -> Option<f64> {
+fn divided(mantissa: u64, fraction_digits: usize) -> Option<f64> {
     const POWERS: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
         1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
@@ -239,9 +233,7 @@ fn exact(mantissa: u64, exponent: i64) -> Option<f64> {
         return None;
     }
     #[allow(clippy::cast_precision_loss)]
-    let m = mantissa as f64;
-    let power = POWERS.get(usize::try_from(exponent.unsigned_abs()).ok()?)?;
-    Some(if exponent < 0 { m / power } else { m * power })
+    Some(mantissa as f64 / POWERS.get(fraction_digits)?)
 }
 
 #[cfg(test)]

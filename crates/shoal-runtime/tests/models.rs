@@ -302,9 +302,9 @@ fn warm_up_runs_every_digits_model() {
 }
 
 /// Whatever ran before, on any thread and at any batch size, an input gets
-/// the same answer to the bit (nothing of a run, tract's per-session
-/// scratch included, leaks into the next). The VAD's recurrent ops keep
-/// state inside a run, and it too answers alike twice.
+/// the same answer to the bit: what any caching of tract's run states must
+/// keep (one was tried and reverted, see tract.rs). The VAD's recurrent
+/// ops keep state inside a run, and it too answers alike twice.
 #[test]
 fn runs_leave_no_trace_in_the_next() {
     let samples = Samples::load();
