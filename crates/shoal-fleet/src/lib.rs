@@ -500,10 +500,14 @@ pub async fn run(
         state.lock().await.grpc = grpc.clone();
         child::write_state(&state, &config.data_dir).await;
 
-        if seed(&client).await? {
+        let seeded = seed(&client).await?;
+        if seeded {
             tracing::info!("registry was empty: pushed and deployed the bundled digits model");
         }
-        // Ready when a prediction goes through the first gateway.
+        // Ready when a prediction goes through the first gateway and, for
+        // the model just deployed, its rollout is over: one replica serving
+        // it is enough for a prediction, and a `shoal deploy` of the next
+        // version before the rollout ends is refused (409).
         let gateway = gateways[0].1.clone();
         let infer_url = format!("{gateway}/v2/models/digits/infer");
         let body = format!(
@@ -512,7 +516,13 @@ pub async fn run(
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let probe = ApiClient::gateway(&gateway, None).with_timeout(Duration::from_secs(2));
         loop {
-            if post_ok(&probe, &infer_url, &body).await {
+            if post_ok(&probe, &infer_url, &body).await
+                && (!seeded
+                    || client
+                        .rollout("digits")
+                        .await
+                        .is_ok_and(|r| r.state.is_terminal()))
+            {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
