@@ -28,6 +28,7 @@ mod policy;
 pub mod protect;
 pub mod proxy;
 pub mod routes;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use shoal_api::VersionKey;
 use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
 use shoal_balance::health::Failure;
@@ -39,8 +39,12 @@ use crate::learn::Mirrored;
 use crate::policy::{self, Answered, Next, Retry, Step};
 use crate::protect::Refusal;
 use crate::routes::{Endpoint, NoRoute, RoutingState};
+use crate::upstream;
 
 type Shared = State<Arc<Gateway>>;
+
+/// A placeholder in a fixed array of upstream headers.
+static EMPTY: HeaderValue = HeaderValue::from_static("");
 
 /// Most attempts for one request (the budget usually stops earlier).
 const MAX_ATTEMPTS: usize = 3;
@@ -171,38 +175,36 @@ async fn send(
 ) -> Attempt {
     let _in_flight = endpoint.start();
     let started = Instant::now();
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(shoal_api::member_url(&endpoint.address, path));
-    request = match &payload.json_len {
-        None => request.header(header::CONTENT_TYPE, "application/json"),
-        Some(len) => request
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(shoal_oip::BINARY_HEADER, len.clone()),
+    let mut headers: [(&str, &HeaderValue); 2] = [("", &EMPTY); 2];
+    let mut count = 0;
+    let content_type = match &payload.json_len {
+        None => "application/json",
+        Some(len) => {
+            headers[count] = (shoal_oip::BINARY_HEADER, len);
+            count += 1;
+            "application/octet-stream"
+        }
     };
     if let Some(from) = &payload.sequence_from {
-        request = request.header(crate::homes::SEQUENCE_FROM, from.clone());
+        headers[count] = (crate::homes::SEQUENCE_FROM, from);
+        count += 1;
     }
-    let request = request.body(Full::new(payload.body.clone()));
-    let Ok(request) = request else {
-        return Attempt::Failed(Failure::Reset, "cannot build the upstream request".into());
+    let request = upstream::Request {
+        method: &method,
+        path,
+        content_type,
+        headers: &headers[..count],
+        body: &payload.body,
     };
     let exchange = async {
-        let response = gateway.client.request(request).await.map_err(|e| {
-            let kind = if e.is_connect() {
-                Failure::Connect
-            } else {
-                Failure::Reset
-            };
-            (kind, format!("{e}"))
-        })?;
-        let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
+        endpoint
+            .upstream
+            .send(&request, gateway.config.connect_timeout)
             .await
-            .map_err(|e| (Failure::Reset, format!("reading the answer: {e}")))?
-            .to_bytes();
-        Ok::<_, (Failure, String)>((parts, bytes))
+            .map_err(|e| match e {
+                upstream::Error::Connect(reason) => (Failure::Connect, reason),
+                upstream::Error::Exchange(reason) => (Failure::Reset, reason),
+            })
     };
     let outcome = tokio::time::timeout(gateway.config.request_timeout, exchange).await;
     let rtt = started.elapsed();
@@ -231,10 +233,10 @@ async fn send(
             }
             Attempt::Failed(kind, reason)
         }
-        Ok(Ok((parts, bytes))) => {
-            let mut response = Response::from_parts(parts, Body::from(bytes));
-            if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
-                response.headers_mut().insert(REPLICA_HEADER, v);
+        Ok(Ok(answer)) => {
+            let mut response = answer.map(Body::from);
+            if let Some(v) = &endpoint.id_header {
+                response.headers_mut().insert(REPLICA_HEADER, v.clone());
             }
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve

@@ -40,6 +40,10 @@ pub struct Endpoint {
     /// answers 5xx is ejected from this endpoint alone, while the endpoint
     /// keeps serving its other versions.
     version_health: Mutex<hashbrown::HashMap<VersionKey, Health>>,
+    /// The id as a header value (`x-shoal-replica` on its answers).
+    pub(crate) id_header: Option<http::HeaderValue>,
+    /// Its address and idle connections, for forwarded requests.
+    pub(crate) upstream: crate::upstream::Upstream,
 }
 
 impl Endpoint {
@@ -52,6 +56,8 @@ impl Endpoint {
         now: Duration,
     ) -> Endpoint {
         Endpoint {
+            id_header: http::HeaderValue::from_str(&id).ok(),
+            upstream: crate::upstream::Upstream::new(&address),
             id,
             address,
             region,
