@@ -274,6 +274,7 @@ impl GatewayServer {
         let served = shoal_http::serve_with_peers(
             listener,
             router,
+            Some(proxy::front(gateway.clone())),
             async move {
                 let _ = rx.await;
                 if let Some(stop) = stop_grpc {

@@ -74,6 +74,60 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     shoal_http::with_fallbacks(routes).with_state(gateway)
 }
 
+/// The inference routes, taken before the router (see
+/// [`shoal_http::Front`]): what [`infer`] and [`infer_version`] do, without
+/// the router's matching, extensions and extractors on the path every
+/// proxied request takes. Anything else, and paths with percent-encoded
+/// names (which the router decodes), go to the router.
+// The request handed back is the large `Err`: moved, not copied twice.
+#[allow(clippy::result_large_err)]
+pub fn front(gateway: Arc<Gateway>) -> shoal_http::Front {
+    Arc::new(move |request: axum::extract::Request, peer| {
+        if request.method() != Method::POST {
+            return Err(request);
+        }
+        let Some((model, version)) = infer_path(request.uri().path()) else {
+            return Err(request);
+        };
+        let (model, version) = (model.to_owned(), version.map(str::to_owned));
+        let (parts, body) = request.into_parts();
+        Ok(Box::pin(infer_common(
+            gateway.clone(),
+            model,
+            version,
+            peer,
+            parts.headers,
+            Ok(body),
+            None,
+        )))
+    })
+}
+
+/// The model and version of `/v2/models/{model}/infer` or
+/// `/v2/models/{model}/versions/{version}/infer`; `None` for any other path
+/// and for names with `%` in them.
+fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    if rest.contains('%') {
+        return None;
+    }
+    let mut segments = rest.split('/');
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some(model), None, _, _) if !model.is_empty() => Some((model, None)),
+        (Some(model), Some("versions"), Some(version), None)
+            if !model.is_empty() && !version.is_empty() =>
+        {
+            Some((model, Some(version)))
+        }
+        _ => None,
+    }
+}
+
 async fn server_metadata() -> Response {
     json_response(StatusCode::OK, &ServerMetadata::shoal())
 }
@@ -933,4 +987,35 @@ async fn version_get(
     uri: http::Uri,
 ) -> Response {
     forward_get(&gateway, &model, Some(&version), uri.path()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::infer_path;
+
+    #[test]
+    fn inference_paths_taken_before_the_router() {
+        assert_eq!(
+            infer_path("/v2/models/digits/infer"),
+            Some(("digits", None))
+        );
+        assert_eq!(
+            infer_path("/v2/models/digits/versions/3/infer"),
+            Some(("digits", Some("3")))
+        );
+        for other in [
+            "/v2/models/digits",
+            "/v2/models/digits/infer/",
+            "/v2/models//infer",
+            "/v2/models/digits/versions//infer",
+            "/v2/models/digits/versions/3/ready",
+            "/v2/models/digits/feedback",
+            "/v2/models/a/b/infer",
+            "/v2/models/digits/versions/3/x/infer",
+            "/v2/models/dig%20its/infer",
+            "/v1/models/digits/infer",
+        ] {
+            assert_eq!(infer_path(other), None, "{other}");
+        }
+    }
 }

@@ -327,22 +327,35 @@ pub async fn serve(
     }
 }
 
+/// A route taken before the router: given a request and the peer's
+/// address, it answers (`Ok`) or hands the request back for the router
+/// (`Err`). For the one hot route of a server, it skips the router's
+/// matching, its extensions (`ConnectInfo`, `MatchedPath`, `OriginalUri`)
+/// and its extractors.
+pub type Front = Arc<
+    dyn Fn(
+            axum::extract::Request,
+            SocketAddr,
+        ) -> Result<futures::future::BoxFuture<'static, Response>, axum::extract::Request>
+        + Send
+        + Sync,
+>;
+
 /// Like [`serve`], with each connection's peer address available to
-/// handlers as `ConnectInfo<SocketAddr>` (rate limits per client).
+/// handlers as `ConnectInfo<SocketAddr>` (rate limits per client), and
+/// `front`, when given, tried before the router for every request.
 pub async fn serve_with_peers(
     listener: TcpListener,
     router: Router,
+    front: Option<Front>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let (signal, deadline) = grace(shutdown);
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let service = MakeFronted { front, router };
     match tls {
         Some(config) => {
-            use axum::serve::ListenerExt;
-            // Tapped (with nothing to do) for axum's `ConnectInfo` impl,
-            // which covers tapped listeners with socket addresses.
-            let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| ());
+            let listener = tls::TlsListener::new(listener, config)?;
             tokio::select! {
                 result = axum::serve(listener, service).with_graceful_shutdown(signal) => result,
                 () = deadline => Ok(()),
@@ -352,6 +365,87 @@ pub async fn serve_with_peers(
             result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
             () = deadline => Ok(()),
         },
+    }
+}
+
+/// Makes a [`Fronted`] for each connection, knowing its peer.
+#[derive(Clone)]
+struct MakeFronted {
+    front: Option<Front>,
+    router: Router,
+}
+
+impl<'a, L> tower::Service<axum::serve::IncomingStream<'a, L>> for MakeFronted
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Response = Fronted;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Fronted, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: axum::serve::IncomingStream<'a, L>) -> Self::Future {
+        std::future::ready(Ok(Fronted {
+            front: self.front.clone(),
+            router: self.router.clone(),
+            peer: *stream.remote_addr(),
+        }))
+    }
+}
+
+/// One connection's service: the front route, else the router with the
+/// peer's address as `ConnectInfo`.
+#[derive(Clone)]
+struct Fronted {
+    front: Option<Front>,
+    router: Router,
+    peer: SocketAddr,
+}
+
+type Answered = Result<Response, std::convert::Infallible>;
+
+impl tower::Service<axum::extract::Request> for Fronted {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        futures::future::Map<
+            futures::future::BoxFuture<'static, Response>,
+            fn(Response) -> Answered,
+        >,
+        axum::routing::future::RouteFuture<std::convert::Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        use futures::FutureExt;
+        let request = match &self.front {
+            Some(front) => match front(request, self.peer) {
+                Ok(answer) => {
+                    return futures::future::Either::Left(
+                        answer.map(Ok as fn(Response) -> Answered),
+                    );
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
+        let mut request = request;
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        futures::future::Either::Right(tower::Service::call(&mut self.router, request))
     }
 }
 
