@@ -544,6 +544,7 @@ impl ControlServer {
         let task = tokio::spawn(shoal_http::serve(
             listener,
             router,
+            None,
             async move {
                 let _ = rx.await;
                 stopping.stopping.send_replace(true);

@@ -136,6 +136,9 @@ pub struct Gateway {
     learning: learn::Learning,
     routes: Routes,
     client: UpstreamClient,
+    /// `config.split_header` and `config.session_header`, parsed once.
+    split_header: http::HeaderName,
+    session_header: http::HeaderName,
     budget: tower::retry::budget::TpsBudget,
     protection: Protection,
     registry: MetricsRegistry,
@@ -167,6 +170,12 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(shoal_client::tls::connector(connector));
+        let header_name = |name: &str, what: &str| {
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("the {what} header {name:?} is not a valid header name"))
+        };
+        let split_header = header_name(&config.split_header, "split")?;
+        let session_header = header_name(&config.session_header, "session")?;
         let registry = MetricsRegistry::new();
         let metrics = GatewayMetrics::new(&registry);
         let protection = Protection::new(&config.protection)?;
@@ -182,6 +191,8 @@ impl Gateway {
                 .with_balance(config.balance),
             config,
             client,
+            split_header,
+            session_header,
             protection,
             registry,
             metrics,

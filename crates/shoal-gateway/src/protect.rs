@@ -69,26 +69,32 @@ impl Protection {
     }
 
     /// Identifies the caller and applies its rate limit. Returns the name
-    /// to account the request to.
+    /// to account the request to (empty when nothing would read it: no
+    /// keys, no rate limit, no payload logging).
     pub(crate) fn admit(
         &self,
         headers: &HeaderMap,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<String, Refusal> {
-        let presented = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            });
         let who = if self.keys.is_empty() {
+            if self.limiter.is_none() && self.redactor.is_none() {
+                // Nobody reads the caller's name: not worth formatting.
+                return Ok(String::new());
+            }
             // Without API keys, each client address has its own limit;
             // the address is never a metric label (see `Refusal::label`).
             peer.map_or_else(|| "anonymous".to_owned(), |p| p.ip().to_string())
         } else {
+            const API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+            let presented = headers
+                .get(API_KEY)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| {
+                    headers
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                });
             let key = presented.ok_or_else(|| {
                 Refusal::Unauthorized("an API key is required: send it as `x-api-key: KEY` or `Authorization: Bearer KEY`".into())
             })?;

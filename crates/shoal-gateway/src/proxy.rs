@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -42,6 +42,12 @@ use crate::routes::{Endpoint, NoRoute, RoutingState};
 use crate::upstream;
 
 type Shared = State<Arc<Gateway>>;
+
+/// Header names read or written on every request, parsed once: a `&str`
+/// name is parsed (checked and lowercased) on every lookup.
+const BINARY: HeaderName = HeaderName::from_static(shoal_oip::BINARY_HEADER);
+const VERSION: HeaderName = HeaderName::from_static(VERSION_HEADER);
+const REPLICA: HeaderName = HeaderName::from_static(REPLICA_HEADER);
 
 /// A placeholder in a fixed array of upstream headers.
 static EMPTY: HeaderValue = HeaderValue::from_static("");
@@ -86,7 +92,7 @@ pub fn front(gateway: Arc<Gateway>) -> shoal_http::Front {
         if request.method() != Method::POST {
             return Err(request);
         }
-        let Some((model, version)) = infer_path(request.uri().path()) else {
+        let Some((model, version)) = shoal_http::infer_path(request.uri().path()) else {
             return Err(request);
         };
         let (model, version) = (model.to_owned(), version.map(str::to_owned));
@@ -101,31 +107,6 @@ pub fn front(gateway: Arc<Gateway>) -> shoal_http::Front {
             None,
         )))
     })
-}
-
-/// The model and version of `/v2/models/{model}/infer` or
-/// `/v2/models/{model}/versions/{version}/infer`; `None` for any other path
-/// and for names with `%` in them.
-fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
-    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
-    if rest.contains('%') {
-        return None;
-    }
-    let mut segments = rest.split('/');
-    match (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) {
-        (Some(model), None, _, _) if !model.is_empty() => Some((model, None)),
-        (Some(model), Some("versions"), Some(version), None)
-            if !model.is_empty() && !version.is_empty() =>
-        {
-            Some((model, Some(version)))
-        }
-        _ => None,
-    }
 }
 
 async fn server_metadata() -> Response {
@@ -215,7 +196,7 @@ struct Payload {
 fn json_len_of(response: &Response) -> Option<String> {
     response
         .headers()
-        .get(shoal_oip::BINARY_HEADER)
+        .get(BINARY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }
@@ -290,14 +271,14 @@ async fn send(
         Ok(Ok(answer)) => {
             let mut response = answer.map(Body::from);
             if let Some(v) = &endpoint.id_header {
-                response.headers_mut().insert(REPLICA_HEADER, v.clone());
+                response.headers_mut().insert(REPLICA, v.clone());
             }
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
             let answered = response
                 .headers()
-                .get(VERSION_HEADER)
+                .get(VERSION)
                 .and_then(|v| v.to_str().ok())
                 .zip(model_of(path));
             if response.status() == StatusCode::NOT_FOUND {
@@ -343,7 +324,7 @@ fn no_route(model: &str, version: Option<&str>, why: NoRoute) -> ApiError {
     }
 }
 
-fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_value(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -687,8 +668,8 @@ async fn route_inference(
             .admit(headers, Some(peer))
             .map_err(|refusal| refusal_error(gateway, refusal))?,
     };
-    let json_len_text = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
-    let json_len = headers.get(shoal_oip::BINARY_HEADER).cloned();
+    let json_len_text = shoal_http::header_text(headers, &BINARY)?;
+    let json_len = headers.get(BINARY).cloned();
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
     let prechecked =
@@ -711,13 +692,13 @@ async fn route_inference(
 
     let state = gateway.routes.snapshot();
     let policy = state.policies.get(model);
-    let split_header = policy
-        .and_then(|p| p.split_header.as_deref())
-        .unwrap_or(&gateway.config.split_header);
-    let split_key = header_value(headers, split_header);
+    let split_key = match policy.and_then(|p| p.split_header.as_deref()) {
+        Some(name) => header_value(headers, name),
+        None => header_value(headers, &gateway.split_header),
+    };
     let session_key = sequence_key
         .as_deref()
-        .or_else(|| header_value(headers, &gateway.config.session_header));
+        .or_else(|| header_value(headers, &gateway.session_header));
     let version: Option<String> = match pinned {
         Some(v) => Some(v.to_owned()),
         None => gateway
@@ -825,7 +806,7 @@ async fn route_inference(
                     }
                     let version = response
                         .headers()
-                        .get(VERSION_HEADER)
+                        .get(VERSION)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                         .or(target)
@@ -991,31 +972,21 @@ async fn version_get(
 
 #[cfg(test)]
 mod tests {
-    use super::infer_path;
+    use crate::{Gateway, GatewayConfig};
 
     #[test]
-    fn inference_paths_taken_before_the_router() {
-        assert_eq!(
-            infer_path("/v2/models/digits/infer"),
-            Some(("digits", None))
-        );
-        assert_eq!(
-            infer_path("/v2/models/digits/versions/3/infer"),
-            Some(("digits", Some("3")))
-        );
-        for other in [
-            "/v2/models/digits",
-            "/v2/models/digits/infer/",
-            "/v2/models//infer",
-            "/v2/models/digits/versions//infer",
-            "/v2/models/digits/versions/3/ready",
-            "/v2/models/digits/feedback",
-            "/v2/models/a/b/infer",
-            "/v2/models/digits/versions/3/x/infer",
-            "/v2/models/dig%20its/infer",
-            "/v1/models/digits/infer",
-        ] {
-            assert_eq!(infer_path(other), None, "{other}");
-        }
+    fn header_names_from_flags_are_checked_at_start() {
+        let config = GatewayConfig {
+            session_header: "X-Session".into(),
+            ..GatewayConfig::default()
+        };
+        let gateway = Gateway::new(config).unwrap();
+        assert_eq!(gateway.session_header, "x-session");
+        let config = GatewayConfig {
+            split_header: "user id".into(),
+            ..GatewayConfig::default()
+        };
+        let error = Gateway::new(config).unwrap_err();
+        assert!(error.contains("the split header \"user id\""), "{error}");
     }
 }

@@ -36,8 +36,8 @@ const MAX_IDLE: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest answer head read.
 const MAX_HEAD: usize = 64 << 10;
-/// The most headers an answer may have.
-const MAX_HEADERS: usize = 64;
+/// The most headers an answer may have (replicas send five).
+const MAX_HEADERS: usize = 32;
 /// The largest answer body read (an answer is a model's outputs).
 const MAX_BODY: usize = 1 << 30;
 /// Bodies up to this size are copied behind the head and sent in one
@@ -311,6 +311,23 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// The headers replicas send, named without parsing when they come in
+/// lowercase as replicas write them (a name parsed from bytes is checked
+/// and, when not a standard one, copied).
+fn known(name: &str) -> Option<HeaderName> {
+    use shoal_api::replica::{REPLICA_HEADER, SEQUENCE_FROM_HEADER, VERSION_HEADER};
+    Some(match name {
+        "content-type" => http::header::CONTENT_TYPE,
+        "date" => http::header::DATE,
+        "retry-after" => http::header::RETRY_AFTER,
+        VERSION_HEADER => HeaderName::from_static(VERSION_HEADER),
+        REPLICA_HEADER => HeaderName::from_static(REPLICA_HEADER),
+        shoal_oip::BINARY_HEADER => HeaderName::from_static(shoal_oip::BINARY_HEADER),
+        SEQUENCE_FROM_HEADER => HeaderName::from_static(SEQUENCE_FROM_HEADER),
+        _ => return None,
+    })
+}
+
 /// An exchange that broke off; `answered` when part of an answer came.
 struct Broken {
     answered: bool,
@@ -456,7 +473,10 @@ impl Conn {
             let mut length: Option<usize> = None;
             let mut chunked = false;
             let mut other_coding = false;
-            let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+            // Names now; values once the head is split off, as slices of it.
+            let base = self.buf.as_ptr() as usize;
+            let mut kept: Vec<(HeaderName, usize, usize)> =
+                Vec::with_capacity(parsed.headers.len());
             for h in parsed.headers.iter() {
                 let name = h.name;
                 if name.eq_ignore_ascii_case("content-length") {
@@ -470,6 +490,9 @@ impl Conn {
                         return Err(broken(true, "the answer has two content-lengths"));
                     }
                     length = Some(n);
+                    // Not passed on: the body read is the length, and the
+                    // server writing the answer says it from the body.
+                    continue;
                 } else if name.eq_ignore_ascii_case("transfer-encoding") {
                     // The last coding decides; only chunked is read here.
                     let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(h.value);
@@ -488,15 +511,22 @@ impl Conn {
                 {
                     continue;
                 }
-                let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_bytes(h.value),
-                ) else {
-                    return Err(broken(
-                        true,
-                        format!("the answer's header {name} is not valid"),
-                    ));
+                let name = match known(name) {
+                    Some(known) => known,
+                    None => HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        broken(true, format!("the answer's header {name} is not valid"))
+                    })?,
                 };
+                let start = h.value.as_ptr() as usize - base;
+                kept.push((name, start, start + h.value.len()));
+            }
+            let head = self.buf.split_to(len).freeze();
+            let mut headers = HeaderMap::with_capacity(kept.len());
+            for (name, start, end) in kept {
+                let value =
+                    HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(|_| {
+                        broken(true, format!("the answer's header {name} is not valid"))
+                    })?;
                 headers.append(name, value);
             }
             let framing = if head_request
@@ -506,10 +536,8 @@ impl Conn {
                 Framing::None
             } else if chunked {
                 // A length beside chunked is ignored (RFC 9112 §6.3).
-                headers.remove(http::header::CONTENT_LENGTH);
                 Framing::Chunked
             } else if other_coding {
-                headers.remove(http::header::CONTENT_LENGTH);
                 Framing::UntilClose
             } else {
                 match length {
@@ -518,7 +546,6 @@ impl Conn {
                     None => Framing::UntilClose,
                 }
             };
-            self.buf.advance(len);
             return Ok(Some((status, headers, framing, keep_alive)));
         }
     }
@@ -697,7 +724,7 @@ mod tests {
     #[tokio::test]
     async fn keeps_one_connection_for_requests_in_turn() {
         let (address, accepted) = scripted(
-            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-shoal-model-version: 3\r\n\r\nok"],
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-shoal-model-version: 3\r\nContent-Type: text/plain\r\nX-Other: a\r\n\r\nok"],
             false,
         )
         .await;
@@ -708,7 +735,10 @@ mod tests {
             assert_eq!(answer.status(), StatusCode::OK);
             assert_eq!(answer.body().as_ref(), b"ok");
             assert_eq!(answer.headers()["x-shoal-model-version"], "3");
-            assert_eq!(answer.headers()["content-length"], "2");
+            assert_eq!(answer.headers()["content-type"], "text/plain");
+            assert_eq!(answer.headers()["x-other"], "a");
+            // Said again by whoever writes the answer on, from the body.
+            assert!(answer.headers().get("content-length").is_none());
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(upstream.idle_count(), 1);

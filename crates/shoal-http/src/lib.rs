@@ -192,7 +192,7 @@ pub async fn decode_off_worker<R: Send + 'static>(
 /// when it is not visible ASCII.
 pub fn header_text<'a>(
     headers: &'a http::HeaderMap,
-    name: &str,
+    name: &http::HeaderName,
 ) -> Result<Option<&'a str>, ApiError> {
     headers
         .get(name)
@@ -304,10 +304,53 @@ fn nodelay(
 
 /// Serves `router` on `listener` (over TLS when `tls` is given) until
 /// `shutdown` completes, then lets requests in flight finish for up to
-/// [`SHUTDOWN_GRACE`].
+/// [`SHUTDOWN_GRACE`]. `front`, when given, is tried before the router for
+/// every request.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    front: Option<Front>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    serve_as(
+        listener,
+        MakeFronted {
+            front,
+            router,
+            peers: false,
+        },
+        shutdown,
+        tls,
+    )
+    .await
+}
+
+/// Like [`serve`], with each connection's peer address available to the
+/// router's handlers as `ConnectInfo<SocketAddr>` (rate limits per client).
+pub async fn serve_with_peers(
+    listener: TcpListener,
+    router: Router,
+    front: Option<Front>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    serve_as(
+        listener,
+        MakeFronted {
+            front,
+            router,
+            peers: true,
+        },
+        shutdown,
+        tls,
+    )
+    .await
+}
+
+async fn serve_as(
+    listener: TcpListener,
+    service: MakeFronted,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
@@ -316,14 +359,39 @@ pub async fn serve(
         Some(config) => {
             let listener = tls::TlsListener::new(listener, config)?;
             tokio::select! {
-                result = axum::serve(listener, router).with_graceful_shutdown(signal) => result,
+                result = axum::serve(listener, service).with_graceful_shutdown(signal) => result,
                 () = deadline => Ok(()),
             }
         }
         None => tokio::select! {
-            result = axum::serve(nodelay(listener), router).with_graceful_shutdown(signal) => result,
+            result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
             () = deadline => Ok(()),
         },
+    }
+}
+
+/// The model and version of `/v2/models/{model}/infer` or
+/// `/v2/models/{model}/versions/{version}/infer`; `None` for any other path
+/// and for names with `%` in them.
+pub fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    if rest.contains('%') {
+        return None;
+    }
+    let mut segments = rest.split('/');
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some(model), None, _, _) if !model.is_empty() => Some((model, None)),
+        (Some(model), Some("versions"), Some(version), None)
+            if !model.is_empty() && !version.is_empty() =>
+        {
+            Some((model, Some(version)))
+        }
+        _ => None,
     }
 }
 
@@ -341,38 +409,13 @@ pub type Front = Arc<
         + Sync,
 >;
 
-/// Like [`serve`], with each connection's peer address available to
-/// handlers as `ConnectInfo<SocketAddr>` (rate limits per client), and
-/// `front`, when given, tried before the router for every request.
-pub async fn serve_with_peers(
-    listener: TcpListener,
-    router: Router,
-    front: Option<Front>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> std::io::Result<()> {
-    let (signal, deadline) = grace(shutdown);
-    let service = MakeFronted { front, router };
-    match tls {
-        Some(config) => {
-            let listener = tls::TlsListener::new(listener, config)?;
-            tokio::select! {
-                result = axum::serve(listener, service).with_graceful_shutdown(signal) => result,
-                () = deadline => Ok(()),
-            }
-        }
-        None => tokio::select! {
-            result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
-            () = deadline => Ok(()),
-        },
-    }
-}
-
 /// Makes a [`Fronted`] for each connection, knowing its peer.
 #[derive(Clone)]
 struct MakeFronted {
     front: Option<Front>,
     router: Router,
+    /// Whether the router's requests carry `ConnectInfo`.
+    peers: bool,
 }
 
 impl<'a, L> tower::Service<axum::serve::IncomingStream<'a, L>> for MakeFronted
@@ -395,17 +438,19 @@ where
             front: self.front.clone(),
             router: self.router.clone(),
             peer: *stream.remote_addr(),
+            peers: self.peers,
         }))
     }
 }
 
-/// One connection's service: the front route, else the router with the
-/// peer's address as `ConnectInfo`.
+/// One connection's service: the front route, else the router (with the
+/// peer's address as `ConnectInfo` when `peers`).
 #[derive(Clone)]
 struct Fronted {
     front: Option<Front>,
     router: Router,
     peer: SocketAddr,
+    peers: bool,
 }
 
 type Answered = Result<Response, std::convert::Infallible>;
@@ -442,9 +487,11 @@ impl tower::Service<axum::extract::Request> for Fronted {
             None => request,
         };
         let mut request = request;
-        request
-            .extensions_mut()
-            .insert(axum::extract::ConnectInfo(self.peer));
+        if self.peers {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(self.peer));
+        }
         futures::future::Either::Right(tower::Service::call(&mut self.router, request))
     }
 }
@@ -477,6 +524,32 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    #[test]
+    fn inference_paths_taken_before_the_router() {
+        assert_eq!(
+            infer_path("/v2/models/digits/infer"),
+            Some(("digits", None))
+        );
+        assert_eq!(
+            infer_path("/v2/models/digits/versions/3/infer"),
+            Some(("digits", Some("3")))
+        );
+        for other in [
+            "/v2/models/digits",
+            "/v2/models/digits/infer/",
+            "/v2/models//infer",
+            "/v2/models/digits/versions//infer",
+            "/v2/models/digits/versions/3/ready",
+            "/v2/models/digits/feedback",
+            "/v2/models/a/b/infer",
+            "/v2/models/digits/versions/3/x/infer",
+            "/v2/models/dig%20its/infer",
+            "/v1/models/digits/infer",
+        ] {
+            assert_eq!(infer_path(other), None, "{other}");
+        }
+    }
 
     async fn body_text(response: Response) -> (StatusCode, String) {
         let status = response.status();

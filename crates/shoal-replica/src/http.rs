@@ -259,6 +259,31 @@ async fn version_ready(
     ready_for(&replica, &model, Some(&version))
 }
 
+/// The inference routes, taken before the router (see
+/// [`shoal_http::Front`]): what [`infer`] and [`infer_version`] do, without
+/// the router's matching, extensions and extractors on the path every
+/// request takes. Paths with percent-encoded names go to the router.
+// The request handed back is the large `Err`: moved, not copied twice.
+#[allow(clippy::result_large_err)]
+pub fn front(replica: Arc<Replica>) -> shoal_http::Front {
+    Arc::new(move |request: axum::extract::Request, _peer| {
+        if request.method() != http::Method::POST {
+            return Err(request);
+        }
+        let Some((model, version)) = shoal_http::infer_path(request.uri().path()) else {
+            return Err(request);
+        };
+        let (model, version) = (model.to_owned(), version.map(str::to_owned));
+        let (parts, body) = request.into_parts();
+        let replica = replica.clone();
+        Ok(Box::pin(async move {
+            infer_common(&replica, &model, version.as_deref(), &parts.headers, body)
+                .await
+                .into_response()
+        }))
+    })
+}
+
 async fn infer(
     State(replica): Shared,
     Path(model): Path<String>,
@@ -284,7 +309,10 @@ async fn infer_common(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let json_len = shoal_http::header_text(headers, shoal_oip::BINARY_HEADER)?;
+    let json_len = shoal_http::header_text(
+        headers,
+        &http::HeaderName::from_static(shoal_oip::BINARY_HEADER),
+    )?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
     // The gateway says when the sequence's last step was answered by
     // another replica.

@@ -706,6 +706,7 @@ impl ReplicaServer {
         let served = shoal_http::serve(
             listener,
             router,
+            Some(http::front(replica.clone())),
             async move {
                 let _ = rx.await;
                 server_replica.begin_shutdown();
