@@ -13,9 +13,13 @@
 //!
 //! A connection is pooled again only after a whole answer was read from
 //! it, so a request cancelled halfway (a hedge that lost, a timeout, a
-//! client that went away) closes its connection. A pooled connection the
-//! replica closed while it was idle fails before any answer arrives; that
-//! request is sent once more on a new connection.
+//! client that went away) closes its connection. A pooled connection is
+//! checked before use (a replica that closed it while idle has said so);
+//! one that still fails before the request is written is replaced, but a
+//! request once written is never sent again here: the replica may have
+//! run it, and the gateway's budgeted retries decide. A write that fails
+//! because the replica answered early (a 503 at admission) and closed
+//! still yields that answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -37,7 +41,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest answer head read.
 const MAX_HEAD: usize = 64 << 10;
 /// The most headers an answer may have (replicas send five).
-const MAX_HEADERS: usize = 32;
+const MAX_HEADERS: usize = 64;
 /// The largest answer body read (an answer is a model's outputs).
 const MAX_BODY: usize = 1 << 30;
 /// Bodies up to this size are copied behind the head and sent in one
@@ -66,17 +70,23 @@ pub(crate) struct Request<'a> {
 
 /// One replica's address and its idle connections.
 pub(crate) struct Upstream {
-    /// `host:port`, for connecting and for the `Host` header.
+    /// The address's authority as given, for the `Host` header.
     authority: String,
-    /// The name to verify the certificate against, for https.
-    tls: Option<ServerName<'static>>,
+    /// `host:port` to connect to (the scheme's port when none is given).
+    target: String,
+    /// A path the address carries (`http://lb/replica-3`), put before
+    /// every request's path; empty for most.
+    prefix: String,
+    /// For https, the name to verify the certificate against (or why the
+    /// address has none).
+    tls: Option<Result<ServerName<'static>, String>>,
     idle: Mutex<VecDeque<Idle>>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("authority", &self.authority)
+            .field("target", &self.target)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
@@ -99,18 +109,33 @@ enum Stream {
 }
 
 impl Upstream {
-    /// The upstream at `address`: `host:port`, `http://host:port` or
-    /// `https://host:port` (a path after it is ignored).
+    /// The upstream at `address`: `host:port`, or a URL as
+    /// [`shoal_api::member_url`] reads it (`http://host:port`,
+    /// `https://host`, `http://host:port/prefix`).
     pub(crate) fn new(address: &str) -> Upstream {
         let (tls, rest) = match address.split_once("://") {
             Some((scheme, rest)) => (scheme.eq_ignore_ascii_case("https"), rest),
             None => (false, address),
         };
-        let authority = rest.split('/').next().unwrap_or(rest).to_owned();
-        let tls = tls.then(|| server_name(&authority));
+        let (authority, prefix) = match rest.find(['/', '?']) {
+            Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let has_port = match authority.rfind(']') {
+            // [v6] or [v6]:port
+            Some(end) => authority[end..].contains(':'),
+            None => authority.contains(':'),
+        };
+        let target = if has_port {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{}", if tls { 443 } else { 80 })
+        };
         Upstream {
-            authority,
-            tls,
+            tls: tls.then(|| server_name(authority)),
+            authority: authority.to_owned(),
+            target,
+            prefix: prefix.to_owned(),
             idle: Mutex::new(VecDeque::new()),
         }
     }
@@ -132,11 +157,13 @@ impl Upstream {
                     }
                     return Ok(response);
                 }
-                // Closed by the replica while idle (or just as it was
-                // taken): nothing of an answer came; a new connection.
-                Err(Broken {
-                    answered: false, ..
-                }) => {}
+                // Closed by the replica while idle, just as it was taken:
+                // the request could not even be written, so the replica
+                // cannot have acted on it; a new connection. A request
+                // that was written and then met a closed connection is
+                // not sent again here (the replica may have run it): the
+                // caller's budgeted retries decide.
+                Err(Broken { sent: false, .. }) => {}
                 Err(Broken { reason, .. }) => return Err(Error::Exchange(reason)),
             }
         }
@@ -169,7 +196,8 @@ impl Upstream {
             0
         };
         let mut head = Vec::with_capacity(
-            request.path.len()
+            self.prefix.len()
+                + request.path.len()
                 + self.authority.len()
                 + request.content_type.len()
                 + extra
@@ -178,6 +206,7 @@ impl Upstream {
         );
         head.extend_from_slice(request.method.as_str().as_bytes());
         head.push(b' ');
+        head.extend_from_slice(self.prefix.as_bytes());
         head.extend_from_slice(request.path.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         head.extend_from_slice(self.authority.as_bytes());
@@ -239,20 +268,19 @@ impl Upstream {
 
     async fn connect(&self, timeout: Duration) -> Result<Conn, Error> {
         let connect = async {
-            let tcp = TcpStream::connect(&self.authority)
+            let tcp = TcpStream::connect(&self.target)
                 .await
-                .map_err(|e| format!("cannot connect to {}: {e}", self.authority))?;
+                .map_err(|e| format!("cannot connect to {}: {e}", self.target))?;
             tcp.set_nodelay(true)
                 .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
             let stream = match &self.tls {
                 None => Stream::Plain(tcp),
                 Some(name) => {
+                    let name = name.clone()?;
                     let tls = tokio_rustls::TlsConnector::from(tls_config())
-                        .connect(name.clone(), tcp)
+                        .connect(name, tcp)
                         .await
-                        .map_err(|e| {
-                            format!("TLS handshake with {} failed: {e}", self.authority)
-                        })?;
+                        .map_err(|e| format!("TLS handshake with {} failed: {e}", self.target))?;
                     Stream::Tls(Box::new(tls))
                 }
             };
@@ -266,21 +294,22 @@ impl Upstream {
             Ok(Err(e)) => Err(Error::Connect(e)),
             Err(_) => Err(Error::Connect(format!(
                 "cannot connect to {} within {timeout:?}",
-                self.authority
+                self.target
             ))),
         }
     }
 }
 
 /// The name a certificate is checked against: the host of `authority`.
-fn server_name(authority: &str) -> ServerName<'static> {
+fn server_name(authority: &str) -> Result<ServerName<'static>, String> {
     let host = match authority.strip_prefix('[') {
         // [v6]:port
         Some(rest) => rest.split(']').next().unwrap_or(rest),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
-    ServerName::try_from(host.to_owned())
-        .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("a valid DNS name"))
+    ServerName::try_from(host.to_owned()).map_err(|_| {
+        format!("{host:?} is not a host name or address to check a certificate against")
+    })
 }
 
 /// The client TLS configuration (the fleet's, see `shoal_client::tls`),
@@ -328,15 +357,15 @@ fn known(name: &str) -> Option<HeaderName> {
     })
 }
 
-/// An exchange that broke off; `answered` when part of an answer came.
+/// An exchange that broke off; `sent` once the whole request was written.
 struct Broken {
-    answered: bool,
+    sent: bool,
     reason: String,
 }
 
-fn broken(answered: bool, reason: impl Into<String>) -> Broken {
+fn broken(reason: impl Into<String>) -> Broken {
     Broken {
-        answered,
+        sent: true,
         reason: reason.into(),
     }
 }
@@ -378,16 +407,34 @@ impl Conn {
             }
             self.stream.flush().await
         };
-        written
-            .await
-            .map_err(|e| broken(false, format!("sending the request: {e}")))?;
         self.buf.clear();
+        if let Err(e) = written.await {
+            // A replica may answer before it has read the whole body (a
+            // 503 from admission, a 413) and close: a large body's write
+            // then fails, and the answer is waiting to be read.
+            return match self.read_answer(head_request).await {
+                Ok((response, _)) => Ok((response, false)),
+                Err(_) => Err(Broken {
+                    sent: false,
+                    reason: format!("sending the request: {e}"),
+                }),
+            };
+        }
+        self.read_answer(head_request).await
+    }
+
+    /// Reads an answer; the flag says whether the connection may carry
+    /// another request.
+    async fn read_answer(
+        &mut self,
+        head_request: bool,
+    ) -> Result<(http::Response<Bytes>, bool), Broken> {
         let (status, headers, framing, mut reusable) = loop {
             if let Some(parsed) = self.parse_head(head_request)? {
                 break parsed;
             }
             if self.buf.len() > MAX_HEAD {
-                return Err(broken(true, "the answer's head is larger than 64 KiB"));
+                return Err(broken("the answer's head is larger than 64 KiB"));
             }
             self.read_more().await?;
         };
@@ -395,26 +442,45 @@ impl Conn {
             Framing::None => Bytes::new(),
             Framing::Length(len) => {
                 if len > MAX_BODY {
-                    return Err(broken(true, "the answer is larger than 1 GiB"));
+                    return Err(broken("the answer is larger than 1 GiB"));
                 }
-                self.buf.reserve(len.saturating_sub(self.buf.len()));
-                while self.buf.len() < len {
-                    self.read_more().await?;
+                if self.buf.len() >= len {
+                    self.buf.split_to(len).freeze()
+                } else {
+                    // Read straight into a buffer of the body's size: growing
+                    // the connection's buffer as the body comes would copy
+                    // it each time it doubled.
+                    let mut body = BytesMut::with_capacity(len);
+                    body.extend_from_slice(&self.buf);
+                    self.buf.clear();
+                    while body.len() < len {
+                        match self.stream.read_buf(&mut body).await {
+                            Ok(0) => {
+                                return Err(broken(
+                                    "the replica closed the connection before its answer ended",
+                                ));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                return Err(broken(format!("reading the answer: {e}")));
+                            }
+                        }
+                    }
+                    body.freeze()
                 }
-                self.buf.split_to(len).freeze()
             }
             Framing::Chunked => self.read_chunked().await?,
             Framing::UntilClose => {
                 reusable = false;
                 loop {
                     if self.buf.len() > MAX_BODY {
-                        return Err(broken(true, "the answer is larger than 1 GiB"));
+                        return Err(broken("the answer is larger than 1 GiB"));
                     }
                     self.buf.reserve(8 << 10);
                     match self.stream.read_buf(&mut self.buf).await {
                         Ok(0) => break,
                         Ok(_) => {}
-                        Err(e) => return Err(broken(true, format!("reading the answer: {e}"))),
+                        Err(e) => return Err(broken(format!("reading the answer: {e}"))),
                     }
                 }
                 self.buf.split().freeze()
@@ -433,14 +499,10 @@ impl Conn {
         self.buf.reserve(8 << 10);
         match self.stream.read_buf(&mut self.buf).await {
             Ok(0) => Err(broken(
-                !self.buf.is_empty(),
                 "the replica closed the connection before its answer ended",
             )),
             Ok(_) => Ok(()),
-            Err(e) => Err(broken(
-                !self.buf.is_empty(),
-                format!("reading the answer: {e}"),
-            )),
+            Err(e) => Err(broken(format!("reading the answer: {e}"))),
         }
     }
 
@@ -451,6 +513,7 @@ impl Conn {
         &mut self,
         head_request: bool,
     ) -> Result<Option<(StatusCode, HeaderMap, Framing, bool)>, Broken> {
+        let mut skipped = 0;
         loop {
             if self.buf.is_empty() {
                 return Ok(None);
@@ -460,12 +523,19 @@ impl Conn {
             let len = match parsed.parse(&self.buf) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(broken(true, format!("the answer is not HTTP: {e}"))),
+                Err(e) => return Err(broken(format!("the answer is not HTTP: {e}"))),
             };
             let code = parsed.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
-                .map_err(|_| broken(true, format!("the answer's status {code} is not valid")))?;
+                .map_err(|_| broken(format!("the answer's status {code} is not valid")))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(broken("the replica switched protocols (101)"));
+            }
             if status.is_informational() {
+                skipped += len;
+                if skipped > MAX_HEAD {
+                    return Err(broken("the answer's 1xx heads are larger than 64 KiB"));
+                }
                 self.buf.advance(len);
                 continue;
             }
@@ -480,14 +550,13 @@ impl Conn {
             for h in parsed.headers.iter() {
                 let name = h.name;
                 if name.eq_ignore_ascii_case("content-length") {
-                    let n = std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .ok_or_else(|| {
-                            broken(true, "the answer's content-length is not a number")
-                        })?;
+                    let digits = h.value.trim_ascii();
+                    let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(digits).ok()?.parse::<usize>().ok())
+                        .flatten()
+                        .ok_or_else(|| broken("the answer's content-length is not a number"))?;
                     if length.is_some_and(|l| l != n) {
-                        return Err(broken(true, "the answer has two content-lengths"));
+                        return Err(broken("the answer has two content-lengths"));
                     }
                     length = Some(n);
                     // Not passed on: the body read is the length, and the
@@ -500,7 +569,10 @@ impl Conn {
                     other_coding = !chunked;
                     continue;
                 } else if name.eq_ignore_ascii_case("connection") {
-                    if h.value.eq_ignore_ascii_case(b"close") {
+                    if h.value
+                        .split(|&b| b == b',')
+                        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+                    {
                         keep_alive = false;
                     }
                     continue;
@@ -513,9 +585,8 @@ impl Conn {
                 }
                 let name = match known(name) {
                     Some(known) => known,
-                    None => HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                        broken(true, format!("the answer's header {name} is not valid"))
-                    })?,
+                    None => HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| broken(format!("the answer's header {name} is not valid")))?,
                 };
                 let start = h.value.as_ptr() as usize - base;
                 kept.push((name, start, start + h.value.len()));
@@ -523,10 +594,8 @@ impl Conn {
             let head = self.buf.split_to(len).freeze();
             let mut headers = HeaderMap::with_capacity(kept.len());
             for (name, start, end) in kept {
-                let value =
-                    HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(|_| {
-                        broken(true, format!("the answer's header {name} is not valid"))
-                    })?;
+                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                    .map_err(|_| broken(format!("the answer's header {name} is not valid")))?;
                 headers.append(name, value);
             }
             let framing = if head_request
@@ -557,13 +626,16 @@ impl Conn {
             let (skip, size) = loop {
                 match httparse::parse_chunk_size(&self.buf) {
                     Ok(httparse::Status::Complete(found)) => break found,
+                    Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                        return Err(broken("the answer's chunk size line is too long"));
+                    }
                     Ok(httparse::Status::Partial) => self.read_more().await?,
-                    Err(_) => return Err(broken(true, "the answer's chunk size is not valid")),
+                    Err(_) => return Err(broken("the answer's chunk size is not valid")),
                 }
             };
             self.buf.advance(skip);
             let Ok(size) = usize::try_from(size) else {
-                return Err(broken(true, "the answer's chunk is too large"));
+                return Err(broken("the answer's chunk is too large"));
             };
             if size == 0 {
                 // Trailers, if any, then the blank line.
@@ -577,20 +649,20 @@ impl Conn {
                         return Ok(body.freeze());
                     }
                     if self.buf.len() > MAX_HEAD {
-                        return Err(broken(true, "the answer's trailers are larger than 64 KiB"));
+                        return Err(broken("the answer's trailers are larger than 64 KiB"));
                     }
                     self.read_more().await?;
                 }
             }
             if body.len().saturating_add(size) > MAX_BODY {
-                return Err(broken(true, "the answer is larger than 1 GiB"));
+                return Err(broken("the answer is larger than 1 GiB"));
             }
             while self.buf.len() < size + 2 {
                 self.read_more().await?;
             }
             body.extend_from_slice(&self.buf[..size]);
             if &self.buf[size..size + 2] != b"\r\n" {
-                return Err(broken(true, "the answer's chunk does not end with CRLF"));
+                return Err(broken("the answer's chunk does not end with CRLF"));
             }
             self.buf.advance(size + 2);
         }
@@ -843,11 +915,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_on_a_connection_that_breaks_unanswered_goes_on_a_new_one() {
+    async fn a_written_request_is_never_sent_twice() {
         // The pooled connection looks open when taken, and the replica
-        // closes it on reading the request: nothing of an answer came, so
-        // the request is sent again on a new connection (as Go's transport
-        // does for a reused connection).
+        // closes it on reading the request: it may have run it, so the
+        // request is not sent again on a new connection (the gateway's
+        // budgeted retries decide what happens next).
         let (address, accepted) = scripted(
             vec![
                 b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst",
@@ -861,15 +933,45 @@ mod tests {
         let body = Bytes::from_static(b"{}");
         let first = upstream.send(&post(&body), TIMEOUT).await.unwrap();
         assert_eq!(first.body().as_ref(), b"first");
-        let again = upstream.send(&post(&body), TIMEOUT).await.unwrap();
-        assert_eq!(again.body().as_ref(), b"third");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        // A new connection that breaks unanswered is an error, not a loop.
-        let (address, _) = scripted(vec![b""], false).await;
-        match Upstream::new(&address).send(&post(&body), TIMEOUT).await {
+        match upstream.send(&post(&body), TIMEOUT).await {
             Err(Error::Exchange(reason)) => assert!(reason.contains("closed"), "{reason}"),
             other => panic!("expected an exchange error, got {other:?}"),
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let third = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+        assert_eq!(third.body().as_ref(), b"third");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_was_read_is_kept() {
+        // A replica refusing at admission answers 503 after the head and
+        // closes without reading a body far larger than the socket
+        // buffers: the write fails, and the answer is what counts.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 4\r\n\r\nbusy")
+                .await
+                .unwrap();
+            // Closed with the body unread: a reset.
+        });
+        let body = Bytes::from(vec![b' '; 64 << 20]);
+        let answer = Upstream::new(&address)
+            .send(&post(&body), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()["retry-after"], "1");
+        assert_eq!(answer.body().as_ref(), b"busy");
     }
 
     #[tokio::test(start_paused = true)]
@@ -896,6 +998,7 @@ mod tests {
         for answer in [
             &b"HTTP/1.1 200 OK\r\n\r\nuntil the end"[..],
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 13\r\n\r\nuntil the end",
+            b"HTTP/1.1 200 OK\r\nConnection: foo, Close\r\ncontent-length: 13\r\n\r\nuntil the end",
             b"HTTP/1.0 200 OK\r\ncontent-length: 13\r\n\r\nuntil the end",
         ] {
             let (address, _) = scripted(vec![answer], true).await;
@@ -974,22 +1077,65 @@ mod tests {
 
     #[test]
     fn addresses_and_names() {
-        let plain = Upstream::new("http://10.0.0.1:8080/ignored");
-        assert_eq!(plain.authority, "10.0.0.1:8080");
+        let plain = Upstream::new("http://10.0.0.1:8080");
+        assert_eq!(
+            (plain.target.as_str(), plain.prefix.as_str()),
+            ("10.0.0.1:8080", "")
+        );
         assert!(plain.tls.is_none());
-        let tls = Upstream::new("https://replica.example:8443");
-        assert_eq!(tls.authority, "replica.example:8443");
+        let bare = Upstream::new("10.0.0.1:8080");
+        assert_eq!(bare.target, "10.0.0.1:8080");
+        let prefixed = Upstream::new("http://lb.example/replica-3/");
+        assert_eq!(
+            (
+                prefixed.target.as_str(),
+                prefixed.authority.as_str(),
+                prefixed.prefix.as_str()
+            ),
+            ("lb.example:80", "lb.example", "/replica-3")
+        );
+        let tls = Upstream::new("https://replica.example");
+        assert_eq!(tls.target, "replica.example:443");
         assert_eq!(
             tls.tls,
-            Some(ServerName::try_from("replica.example").unwrap())
+            Some(Ok(ServerName::try_from("replica.example").unwrap()))
         );
         let v6 = Upstream::new("https://[::1]:8443");
-        assert_eq!(v6.tls, Some(ServerName::try_from("::1").unwrap()));
+        assert_eq!(v6.target, "[::1]:8443");
+        assert_eq!(v6.tls, Some(Ok(ServerName::try_from("::1").unwrap())));
+        assert_eq!(Upstream::new("https://[::1]").target, "[::1]:443");
+        let bad = Upstream::new("https://bad_name!:1");
+        assert!(matches!(bad.tls, Some(Err(ref e)) if e.contains("bad_name!")));
         let mut digits = Vec::new();
         for n in [0, 7, 10, 1234567, usize::MAX] {
             digits.clear();
             push_decimal(&mut digits, n);
             assert_eq!(digits, n.to_string().as_bytes());
         }
+    }
+
+    #[tokio::test]
+    async fn a_path_in_the_address_comes_before_every_request_path() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = socket.read(&mut buf).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        });
+        let upstream = Upstream::new(&format!("http://{address}/replica-3"));
+        upstream.send(&post(&Bytes::new()), TIMEOUT).await.unwrap();
+        let seen = seen_rx.await.unwrap();
+        assert!(
+            seen.starts_with("POST /replica-3/v2/models/m/infer HTTP/1.1\r\n"),
+            "{seen}"
+        );
+        assert!(seen.contains(&format!("host: {address}\r\n")), "{seen}");
     }
 }
