@@ -309,16 +309,17 @@ async fn infer_common(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let json_len = shoal_http::header_text(
-        headers,
-        &http::HeaderName::from_static(shoal_oip::BINARY_HEADER),
-    )?;
+    // Names as constants: a `&str` name is parsed on every lookup.
+    const BINARY: http::HeaderName = http::HeaderName::from_static(shoal_oip::BINARY_HEADER);
+    const MOVED_FROM: http::HeaderName =
+        http::HeaderName::from_static(shoal_api::replica::SEQUENCE_FROM_HEADER);
+    const REPLICA: http::HeaderName = http::HeaderName::from_static(REPLICA_HEADER);
+    const VERSION: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
+    let json_len = shoal_http::header_text(headers, &BINARY)?;
     shoal_http::check_content_length(headers, replica.body_limit)?;
     // The gateway says when the sequence's last step was answered by
     // another replica.
-    let moved_from = headers
-        .get(shoal_api::replica::SEQUENCE_FROM_HEADER)
-        .and_then(|v| v.to_str().ok());
+    let moved_from = headers.get(MOVED_FROM).and_then(|v| v.to_str().ok());
     let call = Call {
         model,
         version,
@@ -348,7 +349,7 @@ async fn infer_common(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/octet-stream"),
                     );
-                    headers.insert(shoal_oip::BINARY_HEADER, HeaderValue::from(len));
+                    headers.insert(BINARY, HeaderValue::from(len));
                     response
                 }
             }
@@ -356,11 +357,11 @@ async fn infer_common(
         Err(e) => e.into_response(),
     };
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(replica.id()) {
-        headers.insert(REPLICA_HEADER, v);
+    if let Some(v) = replica.id_header() {
+        headers.insert(REPLICA, v.clone());
     }
     if let Ok(v) = HeaderValue::from_str(served.serving.version.as_str()) {
-        headers.insert(VERSION_HEADER, v);
+        headers.insert(VERSION, v);
     }
     Ok(response)
 }

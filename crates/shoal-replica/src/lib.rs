@@ -166,6 +166,8 @@ struct Readiness {
 /// A replica's state, shared by its HTTP handlers.
 pub struct Replica {
     id: String,
+    /// The id as a header value (`x-shoal-replica` on every answer).
+    id_header: Option<::http::HeaderValue>,
     store: ModelStore,
     pool: InferencePool,
     backend: Arc<dyn Backend>,
@@ -227,6 +229,7 @@ impl Replica {
         let threads = config.threads.unwrap_or(cores);
         let pool = InferencePool::new(threads, config.max_queue.unwrap_or(threads * 64));
         Replica {
+            id_header: ::http::HeaderValue::from_str(&id).ok(),
             id,
             store: ModelStore::new(),
             pool,
@@ -292,6 +295,11 @@ impl Replica {
     /// The replica id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The id as a header value, when it can be one.
+    pub(crate) fn id_header(&self) -> Option<&::http::HeaderValue> {
+        self.id_header.as_ref()
     }
 
     /// The serving table.
