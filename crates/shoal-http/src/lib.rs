@@ -10,7 +10,8 @@
 //! - [`fallback`] and [`method_not_allowed`] keep unknown routes and wrong
 //!   methods in the same JSON error shape.
 //! - [`serve`] runs a router on a bound listener with `TCP_NODELAY` and
-//!   graceful shutdown.
+//!   graceful shutdown; a [`Front`] route, when given, is served by a small
+//!   HTTP/1.1 loop of Shoal's own (`server`), everything else by hyper.
 //! - [`extract`] has `Path`, `Query` and `Json` extractors whose rejections
 //!   are JSON errors too.
 //! - [`supervise`] keeps background loops running: a panic is logged and
@@ -19,6 +20,7 @@
 //!   client certificates.
 
 pub mod extract;
+mod server;
 pub mod supervise;
 pub mod tls;
 
@@ -305,7 +307,8 @@ fn nodelay(
 /// Serves `router` on `listener` (over TLS when `tls` is given) until
 /// `shutdown` completes, then lets requests in flight finish for up to
 /// [`SHUTDOWN_GRACE`]. `front`, when given, is tried before the router for
-/// every request.
+/// every request, and its requests are read and answered by a loop of
+/// Shoal's own rather than hyper's (see `server.rs`).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -313,17 +316,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
-    serve_as(
-        listener,
-        MakeFronted {
-            front,
-            router,
-            peers: false,
-        },
-        shutdown,
-        tls,
-    )
-    .await
+    serve_as(listener, router, front, false, shutdown, tls).await
 }
 
 /// Like [`serve`], with each connection's peer address available to the
@@ -335,39 +328,39 @@ pub async fn serve_with_peers(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
-    serve_as(
-        listener,
-        MakeFronted {
-            front,
-            router,
-            peers: true,
-        },
-        shutdown,
-        tls,
-    )
-    .await
+    serve_as(listener, router, front, true, shutdown, tls).await
 }
 
 async fn serve_as(
     listener: TcpListener,
-    service: MakeFronted,
+    router: Router,
+    front: Option<Front>,
+    peers: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
+    let service = server::Fronted {
+        front,
+        router,
+        // Each connection's own, set when it is accepted.
+        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        peers,
+    };
     let (signal, deadline) = grace(shutdown);
     match tls {
         Some(config) => {
             let listener = tls::TlsListener::new(listener, config)?;
             tokio::select! {
-                result = axum::serve(listener, service).with_graceful_shutdown(signal) => result,
-                () = deadline => Ok(()),
+                () = server::run(listener, service, signal) => {},
+                () = deadline => {},
             }
         }
         None => tokio::select! {
-            result = axum::serve(nodelay(listener), service).with_graceful_shutdown(signal) => result,
-            () = deadline => Ok(()),
+            () = server::run(nodelay(listener), service, signal) => {},
+            () = deadline => {},
         },
     }
+    Ok(())
 }
 
 /// The model and version of `/v2/models/{model}/infer` or
@@ -408,93 +401,6 @@ pub type Front = Arc<
         + Send
         + Sync,
 >;
-
-/// Makes a [`Fronted`] for each connection, knowing its peer.
-#[derive(Clone)]
-struct MakeFronted {
-    front: Option<Front>,
-    router: Router,
-    /// Whether the router's requests carry `ConnectInfo`.
-    peers: bool,
-}
-
-impl<'a, L> tower::Service<axum::serve::IncomingStream<'a, L>> for MakeFronted
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    type Response = Fronted;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Fronted, std::convert::Infallible>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, stream: axum::serve::IncomingStream<'a, L>) -> Self::Future {
-        std::future::ready(Ok(Fronted {
-            front: self.front.clone(),
-            router: self.router.clone(),
-            peer: *stream.remote_addr(),
-            peers: self.peers,
-        }))
-    }
-}
-
-/// One connection's service: the front route, else the router (with the
-/// peer's address as `ConnectInfo` when `peers`).
-#[derive(Clone)]
-struct Fronted {
-    front: Option<Front>,
-    router: Router,
-    peer: SocketAddr,
-    peers: bool,
-}
-
-type Answered = Result<Response, std::convert::Infallible>;
-
-impl tower::Service<axum::extract::Request> for Fronted {
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = futures::future::Either<
-        futures::future::Map<
-            futures::future::BoxFuture<'static, Response>,
-            fn(Response) -> Answered,
-        >,
-        axum::routing::future::RouteFuture<std::convert::Infallible>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
-        use futures::FutureExt;
-        let request = match &self.front {
-            Some(front) => match front(request, self.peer) {
-                Ok(answer) => {
-                    return futures::future::Either::Left(
-                        answer.map(Ok as fn(Response) -> Answered),
-                    );
-                }
-                Err(request) => request,
-            },
-            None => request,
-        };
-        let mut request = request;
-        if self.peers {
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(self.peer));
-        }
-        futures::future::Either::Right(tower::Service::call(&mut self.router, request))
-    }
-}
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

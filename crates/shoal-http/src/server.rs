@@ -1,0 +1,904 @@
+//! The accept loop and the connections behind [`crate::serve`].
+//!
+//! A server with a [`Front`] route serves each connection with a small
+//! HTTP/1.1 loop of its own first. It parses a request head (httparse) and,
+//! when the request is the front's kind — `POST` to an inference path over
+//! HTTP/1.1 with a `Content-Length` body of at most [`FAST_BODY_MAX`], no
+//! `Transfer-Encoding`, no upgrade — reads the body whole, calls the front
+//! and writes the answer, head and body, in one write. At the first request
+//! it does not take, the connection is handed to hyper for good, with the
+//! bytes already read (a [`Rewind`]): every other route, and everything
+//! unusual (chunked bodies, HTTP/1.0, malformed heads, which hyper answers
+//! with 400), is hyper's, as it is on servers without a front. Why: hyper's
+//! server, its dispatcher, body channel and encoder, was the largest part of
+//! what a proxied inference cost the gateway (BENCHMARKS.md, "Gateway CPU
+//! per request").
+//!
+//! Shutdown: when the signal completes the loop stops accepting; a
+//! connection waiting for its next request closes, one with a request in
+//! flight answers it (with `connection: close`) and then closes, and
+//! [`run`] returns once every connection has closed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+
+use crate::Front;
+
+/// Largest request body the connection loop reads itself; a larger one
+/// goes to hyper, which streams it to a handler that can refuse it early.
+pub(crate) const FAST_BODY_MAX: usize = 1 << 20;
+
+/// Longest request head the loop reads before handing the connection to
+/// hyper (which answers an overlong head with 431).
+const MAX_HEAD: usize = 16 << 10;
+
+/// Most header lines in a request the loop takes.
+const MAX_HEADERS: usize = 64;
+
+/// Answers up to this size go out with their head in one write.
+const ONE_WRITE: usize = 64 << 10;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8 << 10;
+
+/// The service of one connection: the front route, else the router (with
+/// the peer's address as `ConnectInfo` when `peers`).
+#[derive(Clone)]
+pub(crate) struct Fronted {
+    pub(crate) front: Option<Front>,
+    pub(crate) router: Router,
+    pub(crate) peer: SocketAddr,
+    /// Whether the router's requests carry `ConnectInfo`.
+    pub(crate) peers: bool,
+}
+
+type Answered = Result<Response, Infallible>;
+
+impl tower::Service<Request> for Fronted {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::Either<
+        futures::future::Map<
+            futures::future::BoxFuture<'static, Response>,
+            fn(Response) -> Answered,
+        >,
+        axum::routing::future::RouteFuture<Infallible>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let request = match &self.front {
+            Some(front) => match front(request, self.peer) {
+                Ok(answer) => {
+                    return futures::future::Either::Left(
+                        answer.map(Ok as fn(Response) -> Answered),
+                    );
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
+        futures::future::Either::Right(self.route(request))
+    }
+}
+
+impl Fronted {
+    /// The router's answer to `request`.
+    fn route(&mut self, mut request: Request) -> axum::routing::future::RouteFuture<Infallible> {
+        if self.peers {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(self.peer));
+        }
+        tower::Service::call(&mut self.router, request)
+    }
+}
+
+/// Accepts connections from `listener` and serves each with `service`
+/// (its `peer` set to the connection's) until `signal` completes; then
+/// waits for the open connections to finish (see the module doc).
+pub(crate) async fn run<L>(
+    mut listener: L,
+    service: Fronted,
+    signal: impl Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Connections watch `stop` close; `run` watches `open` lose its
+    // receivers, one held by each connection.
+    let (stop, stop_rx) = watch::channel(());
+    tokio::spawn(async move {
+        signal.await;
+        drop(stop_rx);
+    });
+    let (open, open_rx) = watch::channel(());
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.closed() => break,
+        };
+        let connection = Fronted {
+            peer,
+            ..service.clone()
+        };
+        let stop = stop.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            connection.serve(io, stop).await;
+            drop(open);
+        });
+    }
+    drop(open_rx);
+    drop(listener);
+    open.closed().await;
+}
+
+/// What the connection loop left for hyper.
+enum Handed {
+    /// The connection is done.
+    Closed,
+    /// Bytes read and not answered: a request the loop does not take,
+    /// and whatever came after it.
+    Over(Bytes),
+}
+
+impl Fronted {
+    /// Serves one connection until it closes.
+    async fn serve<I>(self, mut io: I, stop: watch::Sender<()>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let read = match &self.front {
+            Some(front) => match self.fast(front, &mut io, &stop).await {
+                Ok(Handed::Over(read)) => read,
+                Ok(Handed::Closed) | Err(_) => return,
+            },
+            None => Bytes::new(),
+        };
+        let io = hyper_util::rt::TokioIo::new(Rewind { read, io });
+        let connection =
+            hyper::server::conn::http1::Builder::new().serve_connection(io, Hyper(self));
+        let mut connection = pin!(connection);
+        let mut stopped = pin!(stop.closed().fuse());
+        loop {
+            tokio::select! {
+                _ = connection.as_mut() => break,
+                () = &mut stopped => connection.as_mut().graceful_shutdown(),
+            }
+        }
+    }
+
+    /// Answers the front's requests on `io` until the connection closes or
+    /// a request comes that is not the front's.
+    async fn fast<I>(
+        &self,
+        front: &Front,
+        io: &mut I,
+        stop: &watch::Sender<()>,
+    ) -> std::io::Result<Handed>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut buf = BytesMut::new();
+        let mut lines: Vec<Line> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            // A whole request head, or a reason to stop.
+            let head = loop {
+                if !buf.is_empty() {
+                    match parse(&buf, &mut lines) {
+                        Parsed::Partial if buf.len() <= MAX_HEAD => {}
+                        Parsed::Partial | Parsed::Other => return Ok(Handed::Over(buf.freeze())),
+                        Parsed::Fast(head) => break head,
+                    }
+                }
+                buf.reserve(READ_CHUNK);
+                let read = if buf.is_empty() {
+                    // Between requests: the only moment a stop closes the
+                    // connection at once.
+                    tokio::select! {
+                        biased;
+                        () = stop.closed() => return Ok(Handed::Closed),
+                        read = io.read_buf(&mut buf) => read?,
+                    }
+                } else {
+                    io.read_buf(&mut buf).await?
+                };
+                if read == 0 {
+                    return Ok(Handed::Closed);
+                }
+            };
+            let read = buf.split().freeze();
+            let Some(request) = head.request(&read, &lines) else {
+                return Ok(Handed::Over(read));
+            };
+            let rest = read.slice(head.len..);
+            let body = if rest.len() >= head.content_length {
+                if rest.len() > head.content_length {
+                    // Pipelined: the next request's first bytes.
+                    buf.extend_from_slice(&rest[head.content_length..]);
+                }
+                rest.slice(..head.content_length)
+            } else {
+                if head.expect_continue {
+                    io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                }
+                let mut body = vec![0; head.content_length];
+                body[..rest.len()].copy_from_slice(&rest);
+                if let Err(e) = io.read_exact(&mut body[rest.len()..]).await {
+                    return match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Ok(Handed::Closed),
+                        _ => Err(e),
+                    };
+                }
+                Bytes::from(body)
+            };
+            drop(read);
+            let request = request.map(|()| Body::from(body));
+            let response = match front(request, self.peer) {
+                Ok(answer) => answer.await,
+                Err(request) => match self.clone().route(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+            };
+            // A stop while the request ran: answer it, then close.
+            let close = head.close || stop.is_closed();
+            if !write_response(io, response, close, &mut out).await? {
+                return Ok(Handed::Closed);
+            }
+            if close {
+                io.shutdown().await?;
+                return Ok(Handed::Closed);
+            }
+        }
+    }
+}
+
+/// Where one header line of the request head is: its name and value as
+/// byte ranges of the head.
+type Line = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// A request head the loop takes.
+struct Head {
+    /// Its length, blank line included.
+    len: usize,
+    path: std::ops::Range<usize>,
+    content_length: usize,
+    /// The client asked to close after the answer.
+    close: bool,
+    /// The client waits for `100 Continue` before sending the body.
+    expect_continue: bool,
+}
+
+enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// Not the front's kind of request, or not a valid one: hyper's.
+    Other,
+    Fast(Head),
+}
+
+/// Reads the request head at the start of `buf`, noting where its header
+/// lines are in `lines`.
+fn parse(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let (Some("POST"), Some(1), Some(path)) = (request.method, request.version, request.path)
+    else {
+        return Parsed::Other;
+    };
+    if crate::infer_path(path).is_none() {
+        return Parsed::Other;
+    }
+    let at = |part: &[u8]| {
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        start..start + part.len()
+    };
+    let mut head = Head {
+        len,
+        path: at(path.as_bytes()),
+        content_length: 0,
+        close: false,
+        expect_continue: false,
+    };
+    let mut content_length = None;
+    lines.clear();
+    for h in request.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if content_length.is_some() {
+                return Parsed::Other;
+            }
+            match digits(h.value) {
+                Some(n) if n <= FAST_BODY_MAX => content_length = Some(n),
+                _ => return Parsed::Other,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parsed::Other;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::Other;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            if !h.value.eq_ignore_ascii_case(b"100-continue") {
+                return Parsed::Other;
+            }
+            head.expect_continue = true;
+        }
+        lines.push((at(name), at(h.value)));
+    }
+    head.content_length = content_length.unwrap_or(0);
+    Parsed::Fast(head)
+}
+
+/// A `Content-Length` value: ASCII digits only, at most 19 of them.
+fn digits(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0usize, |n, d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })
+}
+
+impl Head {
+    /// The request this head asks for (its body to be added), its header
+    /// values slices of `read`; `None` when the path or a header is not
+    /// one `http` takes.
+    fn request(&self, read: &Bytes, lines: &[Line]) -> Option<http::Request<()>> {
+        let uri = Uri::from_maybe_shared(read.slice(self.path.clone())).ok()?;
+        let mut headers = HeaderMap::with_capacity(lines.len());
+        for (name, value) in lines {
+            let name = HeaderName::from_bytes(&read[name.clone()]).ok()?;
+            let value = HeaderValue::from_maybe_shared(read.slice(value.clone())).ok()?;
+            headers.append(name, value);
+        }
+        let mut request = http::Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+}
+
+/// Writes `response` to `io` (with `connection: close` when `close`),
+/// using `out` as the buffer. `false` when the body could not be read
+/// whole: the connection cannot go on.
+async fn write_response<I>(
+    io: &mut I,
+    response: Response,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<bool>
+where
+    I: AsyncWrite + Unpin,
+{
+    let (parts, body) = response.into_parts();
+    let Ok(body) = body
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+    else {
+        return Ok(false);
+    };
+    let status = parts.status;
+    // No body, and no length, for 1xx, 204 and 304.
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !bodiless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        io.write_all(out).await?;
+    } else if body.len() <= ONE_WRITE {
+        out.extend_from_slice(&body);
+        io.write_all(out).await?;
+    } else {
+        io.write_all(out).await?;
+        io.write_all(&body).await?;
+    }
+    Ok(true)
+}
+
+/// The `date` header's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static NOW: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    /// Appends the current date, as HTTP writes it, to `out`.
+    pub(super) fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        NOW.with_borrow_mut(|(at, text)| {
+            if *at != second {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
+
+/// A connection handed to hyper: the bytes read already, then the socket.
+struct Rewind<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A connection's service as hyper calls it.
+struct Hyper(Fronted);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Hyper {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = <Fronted as tower::Service<Request>>::Future;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        tower::Service::call(&mut self.0.clone(), request.map(Body::new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Semaphore, mpsc, oneshot};
+
+    use super::*;
+
+    /// Answers `{model}:{body}` to every inference request; the model
+    /// `held` first says it started and waits for a permit of `gate`.
+    // The request handed back is the large `Err`, as in every front.
+    #[allow(clippy::result_large_err)]
+    fn echo_front(started: mpsc::UnboundedSender<()>, gate: Arc<Semaphore>) -> Front {
+        Arc::new(move |request: Request, _peer| {
+            let Some((model, _)) = crate::infer_path(request.uri().path()) else {
+                return Err(request);
+            };
+            let model = model.to_owned();
+            let (started, gate) = (started.clone(), gate.clone());
+            Ok(Box::pin(async move {
+                if model == "held" {
+                    let _ = started.send(());
+                    gate.acquire().await.unwrap().forget();
+                }
+                let body = crate::read_body(request.into_body(), 4 << 20)
+                    .await
+                    .unwrap();
+                let mut text = format!("{model}:").into_bytes();
+                text.extend_from_slice(&body);
+                Response::new(Body::from(text))
+            }))
+        })
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        stop: Option<oneshot::Sender<()>>,
+        served: tokio::task::JoinHandle<std::io::Result<()>>,
+        started: mpsc::UnboundedReceiver<()>,
+        gate: Arc<Semaphore>,
+    }
+
+    async fn server() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (started_tx, started) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(crate::serve(
+            listener,
+            router,
+            Some(echo_front(started_tx, gate.clone())),
+            async move {
+                let _ = stopped.await;
+            },
+            None,
+        ));
+        Server {
+            addr,
+            stop: Some(stop),
+            served,
+            started,
+            gate,
+        }
+    }
+
+    /// One answer from `stream`: status, headers (names lowercased), body.
+    /// `pending` keeps bytes read past it.
+    async fn answer(
+        stream: &mut TcpStream,
+        pending: &mut Vec<u8>,
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        loop {
+            let mut lines = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut lines);
+            if let httparse::Status::Complete(len) = response.parse(pending).unwrap() {
+                let code = response.code.unwrap();
+                let headers: Vec<(String, String)> = response
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8(h.value.to_vec()).unwrap(),
+                        )
+                    })
+                    .collect();
+                let length: usize = headers
+                    .iter()
+                    .find(|(name, _)| name == "content-length")
+                    .map_or(0, |(_, v)| v.parse().unwrap());
+                if pending.len() >= len + length {
+                    let body = pending[len..len + length].to_vec();
+                    pending.drain(..len + length);
+                    return (code, headers, body);
+                }
+            }
+            let mut chunk = [0; 16 << 10];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a whole answer: {pending:?}");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn infer(model: &str, body: &str) -> String {
+        format!(
+            "POST /v2/models/{model}/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// The connection is closed by the server: reading gives end of file.
+    async fn closed(stream: &mut TcpStream, pending: &[u8]) {
+        assert!(pending.is_empty(), "{pending:?}");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+
+    /// Which heads the loop takes itself, and which it hands to hyper.
+    #[test]
+    fn heads_the_loop_takes() {
+        let mut lines = Vec::new();
+        let fast = |text: &str, lines: &mut Vec<Line>| match parse(text.as_bytes(), lines) {
+            Parsed::Fast(head) => Some(head),
+            Parsed::Partial => panic!("partial: {text}"),
+            Parsed::Other => None,
+        };
+        let head = fast(
+            "POST /v2/models/a/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: Keep-Alive, Close\r\n\r\n{\"inputs\":1}",
+            &mut lines,
+        )
+        .unwrap();
+        assert_eq!(head.content_length, 12);
+        assert!(head.close && !head.expect_continue);
+        assert_eq!(head.len, 96);
+        assert_eq!(lines.len(), 3);
+        let head = fast(
+            "POST /v2/models/a/versions/2/infer HTTP/1.1\r\nexpect: 100-Continue\r\n\r\n",
+            &mut lines,
+        )
+        .unwrap();
+        assert_eq!(
+            (head.content_length, head.close, head.expect_continue),
+            (0, false, true)
+        );
+        assert!(matches!(
+            parse(
+                b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\n",
+                &mut lines
+            ),
+            Parsed::Partial
+        ));
+        let too_big = format!(
+            "POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+            FAST_BODY_MAX + 1
+        );
+        for other in [
+            "GET /v2/models/a/infer HTTP/1.1\r\n\r\n",
+            "POST /v2/models/a/ready HTTP/1.1\r\n\r\n",
+            "POST /v2/models/a/infer?x=1 HTTP/1.1\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.0\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: +1\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\nexpect: something\r\n\r\n",
+            "POST /v2/models/a/infer HTTP/1.1\r\nbad header\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            &too_big,
+        ] {
+            assert!(fast(other, &mut lines).is_none(), "{other}");
+        }
+        assert_eq!(digits(b"18446744073709551615"), None);
+        assert_eq!(digits(b"0012"), Some(12));
+    }
+
+    #[tokio::test]
+    async fn front_requests_are_answered_in_order_on_one_connection() {
+        let server = server().await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        // Two pipelined in one write.
+        let both = format!("{}{}", infer("a", "[1]"), infer("b", "{\"x\":2}"));
+        stream.write_all(both.as_bytes()).await.unwrap();
+        let (code, headers, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:[1]"[..]));
+        assert_eq!(header(&headers, "content-length"), Some("5"));
+        assert!(header(&headers, "date").is_some_and(|d| d.ends_with(" GMT")));
+        assert_eq!(header(&headers, "connection"), None);
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"b:{\"x\":2}"[..]));
+        // One sent a byte at a time: head and body in many reads.
+        for byte in infer("c", "[3,4]").bytes() {
+            stream.write_all(&[byte]).await.unwrap();
+        }
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"c:[3,4]"[..]));
+        // Pinned versions too; and an empty body.
+        stream
+            .write_all(b"POST /v2/models/d/versions/2/infer HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"d:"[..]));
+    }
+
+    #[tokio::test]
+    async fn other_requests_go_to_hyper_with_the_bytes_read() {
+        let server = server().await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        // The loop's, then the router's, then one the loop would take,
+        // now hyper's (through the same front): all in one write.
+        let three = format!(
+            "{}GET /health HTTP/1.1\r\nhost: x\r\n\r\n{}",
+            infer("a", "1"),
+            infer("b", "2")
+        );
+        stream.write_all(three.as_bytes()).await.unwrap();
+        for expected in [&b"a:1"[..], b"router", b"b:2"] {
+            let (code, _, body) = answer(&mut stream, &mut pending).await;
+            assert_eq!((code, body.as_slice()), (200, expected));
+        }
+        // Unknown routes keep the JSON error shape.
+        stream
+            .write_all(b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!(code, 404);
+        assert_eq!(body, br#"{"error":"no route for GET /nope"}"#);
+    }
+
+    #[tokio::test]
+    async fn unusual_requests_are_answered_by_hyper() {
+        let server = server().await;
+        // A chunked body.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        stream
+            .write_all(
+                b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:[1,2]"[..]));
+        // A body larger than the loop reads itself.
+        let big = "7".repeat(FAST_BODY_MAX + 1);
+        stream
+            .write_all(infer("big", &big).as_bytes())
+            .await
+            .unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!(code, 200);
+        assert_eq!(body.len(), "big:".len() + big.len());
+        // Malformed heads get hyper's 400, on a fresh connection.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        stream
+            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1x\r\n\r\n")
+            .await
+            .unwrap();
+        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        assert_eq!(code, 400);
+        // Two lengths: not the loop's to pick one.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        stream
+            .write_all(
+                b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            )
+            .await
+            .unwrap();
+        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        assert_eq!(code, 400);
+        // HTTP/1.0 is hyper's, and closes after the answer.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        stream
+            .write_all(b"POST /v2/models/a/infer HTTP/1.0\r\ncontent-length: 1\r\n\r\n5")
+            .await
+            .unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:5"[..]));
+        closed(&mut stream, &pending).await;
+    }
+
+    #[tokio::test]
+    async fn expect_continue_and_connection_close() {
+        let server = server().await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        stream
+            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
+            .await
+            .unwrap();
+        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        assert_eq!(code, 100);
+        stream.write_all(b"[1]").await.unwrap();
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:[1]"[..]));
+        // The client asks to close: the answer says so, then the server closes.
+        stream
+            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\nconnection: keep-alive, close\r\ncontent-length: 1\r\n\r\n2")
+            .await
+            .unwrap();
+        let (code, headers, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:2"[..]));
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        closed(&mut stream, &pending).await;
+    }
+
+    #[tokio::test]
+    async fn a_stop_answers_requests_in_flight_and_closes_idle_connections() {
+        let mut server = server().await;
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        // An answered request first: the connection is the loop's, idle.
+        idle.write_all(infer("a", "1").as_bytes()).await.unwrap();
+        let (code, _, _) = answer(&mut idle, &mut pending).await;
+        assert_eq!(code, 200);
+        let mut busy = TcpStream::connect(server.addr).await.unwrap();
+        busy.write_all(infer("held", "2").as_bytes()).await.unwrap();
+        server.started.recv().await.unwrap();
+        server.stop.take().unwrap().send(()).unwrap();
+        closed(&mut idle, &pending).await;
+        // The request in flight is answered, saying the connection closes.
+        server.gate.add_permits(1);
+        let mut pending = Vec::new();
+        let (code, headers, body) = answer(&mut busy, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        closed(&mut busy, &pending).await;
+        server.served.await.unwrap().unwrap();
+    }
+}
