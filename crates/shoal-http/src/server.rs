@@ -661,6 +661,16 @@ mod tests {
         }
     }
 
+    /// Sends `raw` on `stream` and reads one answer.
+    async fn ask(
+        stream: &mut TcpStream,
+        pending: &mut Vec<u8>,
+        raw: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        stream.write_all(raw).await.unwrap();
+        answer(stream, pending).await
+    }
+
     fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         headers
             .iter()
@@ -763,11 +773,12 @@ mod tests {
         let (code, _, body) = answer(&mut stream, &mut pending).await;
         assert_eq!((code, body.as_slice()), (200, &b"c:[3,4]"[..]));
         // Pinned versions too; and an empty body.
-        stream
-            .write_all(b"POST /v2/models/d/versions/2/infer HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        let (code, _, body) = ask(
+            &mut stream,
+            &mut pending,
+            b"POST /v2/models/d/versions/2/infer HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
         assert_eq!((code, body.as_slice()), (200, &b"d:"[..]));
     }
 
@@ -789,11 +800,12 @@ mod tests {
             assert_eq!((code, body.as_slice()), (200, expected));
         }
         // Unknown routes keep the JSON error shape.
-        stream
-            .write_all(b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        let (code, _, body) = ask(
+            &mut stream,
+            &mut pending,
+            b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
         assert_eq!(code, 404);
         assert_eq!(body, br#"{"error":"no route for GET /nope"}"#);
     }
@@ -804,13 +816,7 @@ mod tests {
         // A chunked body.
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        stream
-            .write_all(
-                b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        let (code, _, body) = ask(&mut stream, &mut pending, b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n").await;
         assert_eq!((code, body.as_slice()), (200, &b"a:[1,2]"[..]));
         // A body larger than the loop reads itself.
         let big = "7".repeat(FAST_BODY_MAX + 1);
@@ -824,31 +830,32 @@ mod tests {
         // Malformed heads get hyper's 400, on a fresh connection.
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        stream
-            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1x\r\n\r\n")
-            .await
-            .unwrap();
-        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        let (code, _, _) = ask(
+            &mut stream,
+            &mut pending,
+            b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1x\r\n\r\n",
+        )
+        .await;
         assert_eq!(code, 400);
         // Two lengths: not the loop's to pick one.
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        stream
-            .write_all(
-                b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
-            )
-            .await
-            .unwrap();
-        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        let (code, _, _) = ask(
+            &mut stream,
+            &mut pending,
+            b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        )
+        .await;
         assert_eq!(code, 400);
         // HTTP/1.0 is hyper's, and closes after the answer.
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        stream
-            .write_all(b"POST /v2/models/a/infer HTTP/1.0\r\ncontent-length: 1\r\n\r\n5")
-            .await
-            .unwrap();
-        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        let (code, _, body) = ask(
+            &mut stream,
+            &mut pending,
+            b"POST /v2/models/a/infer HTTP/1.0\r\ncontent-length: 1\r\n\r\n5",
+        )
+        .await;
         assert_eq!((code, body.as_slice()), (200, &b"a:5"[..]));
         closed(&mut stream, &pending).await;
     }
@@ -858,21 +865,13 @@ mod tests {
         let server = server().await;
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        stream
-            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
-            .await
-            .unwrap();
-        let (code, _, _) = answer(&mut stream, &mut pending).await;
+        let (code, _, _) = ask(&mut stream, &mut pending, b"POST /v2/models/a/infer HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n").await;
         assert_eq!(code, 100);
         stream.write_all(b"[1]").await.unwrap();
         let (code, _, body) = answer(&mut stream, &mut pending).await;
         assert_eq!((code, body.as_slice()), (200, &b"a:[1]"[..]));
         // The client asks to close: the answer says so, then the server closes.
-        stream
-            .write_all(b"POST /v2/models/a/infer HTTP/1.1\r\nconnection: keep-alive, close\r\ncontent-length: 1\r\n\r\n2")
-            .await
-            .unwrap();
-        let (code, headers, body) = answer(&mut stream, &mut pending).await;
+        let (code, headers, body) = ask(&mut stream, &mut pending, b"POST /v2/models/a/infer HTTP/1.1\r\nconnection: keep-alive, close\r\ncontent-length: 1\r\n\r\n2").await;
         assert_eq!((code, body.as_slice()), (200, &b"a:2"[..]));
         assert_eq!(header(&headers, "connection"), Some("close"));
         closed(&mut stream, &pending).await;
