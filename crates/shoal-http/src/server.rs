@@ -240,6 +240,7 @@ impl Fronted {
             } else {
                 if head.expect_continue {
                     io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    io.flush().await?;
                 }
                 let mut body = vec![0; head.content_length];
                 body[..rest.len()].copy_from_slice(&rest);
@@ -459,6 +460,8 @@ where
         io.write_all(out).await?;
         io.write_all(&body).await?;
     }
+    // A TLS stream may keep records it could not send yet until flushed.
+    io.flush().await?;
     Ok(true)
 }
 
