@@ -24,7 +24,18 @@ impl Candidate {
 /// random, the cheaper wins. Two random choices avoid the herd that "always
 /// the cheapest" causes while keeping nearly all of its benefit.
 pub fn p2c(candidates: &[Candidate], rng: &mut impl Rng) -> Option<usize> {
-    match candidates.len() {
+    p2c_by(candidates.len(), rng, |i| candidates[i])
+}
+
+/// [`p2c`] among `n` candidates whose costs are read only for the two
+/// drawn: `candidate(i)` may take locks or read clocks, and the other
+/// `n - 2` need not pay for it (nor a list be built to hold them).
+pub fn p2c_by(
+    n: usize,
+    rng: &mut impl Rng,
+    mut candidate: impl FnMut(usize) -> Candidate,
+) -> Option<usize> {
+    match n {
         0 => None,
         1 => Some(0),
         n => {
@@ -33,7 +44,7 @@ pub fn p2c(candidates: &[Candidate], rng: &mut impl Rng) -> Option<usize> {
             if b >= a {
                 b += 1;
             }
-            Some(if candidates[a].cost() <= candidates[b].cost() {
+            Some(if candidate(a).cost() <= candidate(b).cost() {
                 a
             } else {
                 b
@@ -80,6 +91,27 @@ mod tests {
             ..c(1.0, 0)
         };
         assert!(ramping.cost() > c(5.0, 0).cost());
+    }
+
+    #[test]
+    fn p2c_by_reads_two_costs_and_agrees_with_p2c() {
+        let candidates: Vec<Candidate> = (0..8).map(|i| c(f64::from(i) + 1.0, i)).collect();
+        let mut a = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let mut read = Vec::new();
+            let by = p2c_by(candidates.len(), &mut b, |i| {
+                read.push(i);
+                candidates[i]
+            });
+            assert_eq!(by, p2c(&candidates, &mut a));
+            assert_eq!(read.len(), 2);
+            assert_ne!(read[0], read[1], "two distinct candidates");
+        }
+        assert_eq!(
+            p2c_by(1, &mut b, |_| unreachable!("one needs no cost")),
+            Some(0)
+        );
     }
 
     #[test]

@@ -306,6 +306,24 @@ async fn send(
     }
 }
 
+/// The replica's inference path for `model` (and `version`), joined
+/// without `format!`'s machinery: it is built for every attempt.
+fn upstream_path(model: &str, version: Option<&str>) -> String {
+    const MODELS: &str = "/v2/models/";
+    const VERSIONS: &str = "/versions/";
+    const INFER: &str = "/infer";
+    let version_len = version.map_or(0, |v| VERSIONS.len() + v.len());
+    let mut path = String::with_capacity(MODELS.len() + model.len() + version_len + INFER.len());
+    path.push_str(MODELS);
+    path.push_str(model);
+    if let Some(v) = version {
+        path.push_str(VERSIONS);
+        path.push_str(v);
+    }
+    path.push_str(INFER);
+    path
+}
+
 /// The model in an upstream path `/v2/models/{model}/…`.
 fn model_of(path: &str) -> Option<&str> {
     path.strip_prefix("/v2/models/")?.split('/').next()
@@ -348,6 +366,14 @@ async fn hedged(
         .then(|| gateway.latencies.p95(model))
         .flatten()
         .filter(|_| others.iter().any(|e| e.id != first.id));
+    let Some(delay) = delay else {
+        // Not hedged: the request's future holds one exchange, not the two
+        // (and a timer) a hedge needs.
+        return (
+            send(gateway, first, Method::POST, path, payload).await,
+            first.clone(),
+        );
+    };
     let mut second = None;
     let backup = || {
         let others: Vec<Arc<Endpoint>> = others
@@ -364,12 +390,14 @@ async fn hedged(
         second = Some(picked.clone());
         Some(async move { send(gateway, &picked, Method::POST, path, payload).await })
     };
-    let (attempt, answered) = policy::hedge(
+    // Boxed: two exchanges and a timer are too large to carry in every
+    // request's future, hedged or not.
+    let (attempt, answered) = Box::pin(policy::hedge(
         send(gateway, first, Method::POST, path, payload),
-        delay,
+        Some(delay),
         backup,
         Attempt::is_final,
-    )
+    ))
     .await;
     match (answered, second) {
         (Answered::Backup, Some(second)) => (attempt, second),
@@ -668,8 +696,9 @@ async fn route_inference(
             .admit(headers, Some(peer))
             .map_err(|refusal| refusal_error(gateway, refusal))?,
     };
-    let json_len_text = shoal_http::header_text(headers, &BINARY)?;
-    let json_len = headers.get(BINARY).cloned();
+    let json_len_header = shoal_http::header_with_text(headers, &BINARY)?;
+    let json_len_text = json_len_header.map(|(_, text)| text);
+    let json_len = json_len_header.map(|(value, _)| value.clone());
     shoal_http::check_content_length(headers, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
     let prechecked =
@@ -758,10 +787,7 @@ async fn route_inference(
             } else {
                 &[]
             };
-            let path = match &target {
-                Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
-                None => format!("/v2/models/{model}/infer"),
-            };
+            let path = upstream_path(model, target.as_deref());
             gateway.metrics.attempt(model);
             // A sequence whose last step another replica answered: say which,
             // so that a replica without its state can say the state was lost.
@@ -972,7 +998,18 @@ async fn version_get(
 
 #[cfg(test)]
 mod tests {
+    use super::{model_of, upstream_path};
     use crate::{Gateway, GatewayConfig};
+
+    #[test]
+    fn upstream_paths_name_the_model_and_the_version() {
+        assert_eq!(upstream_path("digits", None), "/v2/models/digits/infer");
+        assert_eq!(
+            upstream_path("digits", Some("2")),
+            "/v2/models/digits/versions/2/infer"
+        );
+        assert_eq!(model_of(&upstream_path("a-b", Some("7"))), Some("a-b"));
+    }
 
     #[test]
     fn header_names_from_flags_are_checked_at_start() {

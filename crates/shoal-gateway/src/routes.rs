@@ -11,7 +11,7 @@ use shoal_api::VersionKey;
 use shoal_api::fleet::{ModelPolicy, RoutingTable};
 use shoal_balance::ewma::PeakEwma;
 use shoal_balance::health::{Failure, Health, HealthPolicy};
-use shoal_balance::pick::{Candidate, p2c};
+use shoal_balance::pick::{Candidate, p2c_by};
 
 /// Latency assumed for an endpoint before it has answered anything.
 const INITIAL_LATENCY: Duration = Duration::from_millis(1);
@@ -455,50 +455,49 @@ impl Routes {
             return Err(NoRoute::NoneAvailable);
         }
         let pinned = state.policies.get(model).and_then(|p| p.regions.as_ref());
-        let serving: Vec<&Arc<Endpoint>> = state
-            .endpoints
-            .iter()
-            .filter(|e| e.serves(model, version))
-            .filter(|e| pinned.is_none_or(|regions| regions.contains(&e.region)))
-            .collect();
-        if serving.is_empty() {
+        let serves = |e: &&Arc<Endpoint>| {
+            e.serves(model, version) && pinned.is_none_or(|regions| regions.contains(&e.region))
+        };
+        // One list, filtered in place: this runs for every request.
+        let mut any_serving = false;
+        let mut available: Vec<Arc<Endpoint>> = Vec::new();
+        for e in state.endpoints.iter().filter(serves) {
+            any_serving = true;
+            if !exclude.contains(&e.id) && e.available_for(now, model, version) {
+                available.push(e.clone());
+            }
+        }
+        if !any_serving {
             return Err(NoRoute::UnknownModel);
         }
-        let mut available: Vec<Arc<Endpoint>> = serving
-            .iter()
-            .filter(|e| !exclude.contains(&e.id) && e.available_for(now, model, version))
-            .map(|e| (*e).clone())
-            .collect();
         if available.is_empty() {
             // Panic mode (as Envoy does): when outlier detection has ejected
             // every replica that could serve, trust none of the ejections
             // rather than fail every request; retries still guard each one.
-            available = serving
-                .iter()
-                .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst))
-                .map(|e| (*e).clone())
-                .collect();
+            available.extend(
+                state
+                    .endpoints
+                    .iter()
+                    .filter(serves)
+                    .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst))
+                    .cloned(),
+            );
         }
         if available.iter().any(|e| e.standby) {
             let short = short_regions(state, now);
-            let standing_in: Vec<Arc<Endpoint>> = available
-                .iter()
-                .filter(|e| !e.standby || short.contains(e.region.as_str()))
-                .cloned()
-                .collect();
-            if !standing_in.is_empty() {
-                available = standing_in;
+            let standing_in = |e: &Arc<Endpoint>| !e.standby || short.contains(e.region.as_str());
+            if available.iter().any(standing_in) {
+                available.retain(standing_in);
             }
         }
-        let local: Vec<Arc<Endpoint>> = available
-            .iter()
-            .filter(|e| e.region == self.region)
-            .cloned()
-            .collect();
-        match (local.is_empty(), available.is_empty()) {
-            (false, _) => Ok(local),
-            (true, false) => Ok(available),
-            (true, true) => Err(NoRoute::NoneAvailable),
+        let local = |e: &Arc<Endpoint>| e.region == self.region;
+        if available.iter().any(local) {
+            available.retain(local);
+        }
+        if available.is_empty() {
+            Err(NoRoute::NoneAvailable)
+        } else {
+            Ok(available)
         }
     }
 
@@ -531,11 +530,10 @@ impl Routes {
         rng: &mut impl Rng,
         now: Duration,
     ) -> Option<Arc<Endpoint>> {
-        let costs: Vec<Candidate> = candidates
-            .iter()
-            .map(|e| e.candidate(now, &self.policy))
-            .collect();
-        p2c(&costs, rng).and_then(|i| candidates.get(i).cloned())
+        p2c_by(candidates.len(), rng, |i| {
+            candidates[i].candidate(now, &self.policy)
+        })
+        .and_then(|i| candidates.get(i).cloned())
     }
 }
 

@@ -196,12 +196,22 @@ pub fn header_text<'a>(
     headers: &'a http::HeaderMap,
     name: &http::HeaderName,
 ) -> Result<Option<&'a str>, ApiError> {
+    Ok(header_with_text(headers, name)?.map(|(_, text)| text))
+}
+
+/// [`header_text`] and the value it was read from, for a caller that
+/// passes the header on (one lookup, not two).
+pub fn header_with_text<'a>(
+    headers: &'a http::HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<(&'a http::HeaderValue, &'a str)>, ApiError> {
     headers
         .get(name)
         .map(|v| {
-            v.to_str().map_err(|_| {
+            let text = v.to_str().map_err(|_| {
                 ApiError::bad_request(format!("header {name} must be plain ASCII text"))
-            })
+            })?;
+            Ok((v, text))
         })
         .transpose()
 }
