@@ -207,6 +207,12 @@ impl Gateway {
         self.epoch.elapsed()
     }
 
+    /// [`Gateway::now`] at `instant`, for a caller that read the clock
+    /// already.
+    pub(crate) fn at(&self, instant: tokio::time::Instant) -> Duration {
+        instant.saturating_duration_since(self.epoch)
+    }
+
     /// The routing state.
     pub fn routes(&self) -> &Routes {
         &self.routes

@@ -230,20 +230,28 @@ async fn send(
         content_type,
         headers: &headers[..count],
         body: &payload.body,
+        started,
     };
-    let exchange = async {
-        endpoint
-            .upstream
-            .send(&request, gateway.config.connect_timeout)
-            .await
-            .map_err(|e| match e {
+    // Two clock readings for the whole attempt: the deadline, the pool's
+    // bookkeeping, the round trip and the balancer's clock come from them.
+    // A timeout past the clock's end waits 30 years, as tokio's own does.
+    let deadline = started
+        .checked_add(gateway.config.request_timeout)
+        .unwrap_or_else(|| started + Duration::from_secs(86_400 * 365 * 30));
+    let exchange = endpoint
+        .upstream
+        .send(&request, gateway.config.connect_timeout);
+    let outcome = tokio::time::timeout_at(deadline, exchange)
+        .await
+        .map(|answer| {
+            answer.map_err(|e| match e {
                 upstream::Error::Connect(reason) => (Failure::Connect, reason),
                 upstream::Error::Exchange(reason) => (Failure::Reset, reason),
             })
-    };
-    let outcome = tokio::time::timeout(gateway.config.request_timeout, exchange).await;
-    let rtt = started.elapsed();
-    let now = gateway.now();
+        });
+    let ended = Instant::now();
+    let rtt = ended.saturating_duration_since(started);
+    let now = gateway.at(ended);
     let policy = gateway.routes.policy();
     match outcome {
         Err(_) => {

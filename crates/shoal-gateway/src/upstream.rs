@@ -66,6 +66,11 @@ pub(crate) struct Request<'a> {
     /// More headers, names lowercase.
     pub headers: &'a [(&'a str, &'a HeaderValue)],
     pub body: &'a Bytes,
+    /// When the caller started it: the clock reading the pool's idle
+    /// bookkeeping uses (a connection counts as idle from the start of
+    /// its last exchange, never longer than it really was), so that a
+    /// forwarded request reads the clock once, not four times.
+    pub started: Instant,
 }
 
 /// One replica's address and its idle connections.
@@ -149,11 +154,11 @@ impl Upstream {
         let head = self.head(request);
         let body = (request.body.len() > COALESCE).then_some(request.body);
         let head_request = request.method == Method::HEAD;
-        if let Some(mut conn) = self.checkout() {
+        if let Some(mut conn) = self.checkout(request.started) {
             match conn.exchange(&head, body, head_request).await {
                 Ok((response, reusable)) => {
                     if reusable {
-                        self.checkin(conn);
+                        self.checkin(conn, request.started);
                     }
                     return Ok(response);
                 }
@@ -174,7 +179,7 @@ impl Upstream {
         match conn.exchange(&head, body, head_request).await {
             Ok((response, reusable)) => {
                 if reusable {
-                    self.checkin(conn);
+                    self.checkin(conn, request.started);
                 }
                 Ok(response)
             }
@@ -229,31 +234,29 @@ impl Upstream {
         head
     }
 
-    /// The most recently used idle connection still open, if any.
-    fn checkout(&self) -> Option<Conn> {
+    /// The most recently used idle connection still open at `now`, if any.
+    fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(Idle { mut conn, since }) = idle.pop_back() {
-            if since.elapsed() < IDLE_TIMEOUT && conn.still_open() {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && conn.still_open() {
                 return Some(conn);
             }
         }
         None
     }
 
-    /// Keeps `conn` for the next request; drops connections idle too long.
-    fn checkin(&self, conn: Conn) {
+    /// Keeps `conn`, idle since `since`, for the next request; drops
+    /// connections idle too long.
+    fn checkin(&self, conn: Conn, since: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle
             .front()
-            .is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT)
+            .is_some_and(|i| since.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since });
         }
     }
 
@@ -344,14 +347,13 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
 /// lowercase as replicas write them (a name parsed from bytes is checked
 /// and, when not a standard one, copied).
 fn known(name: &str) -> Option<HeaderName> {
-    use shoal_api::replica::{REPLICA_HEADER, SEQUENCE_FROM_HEADER, VERSION_HEADER};
+    use shoal_api::replica::{SEQUENCE_FROM_HEADER, VERSION_HEADER};
     Some(match name {
         "content-type" => http::header::CONTENT_TYPE,
         "date" => http::header::DATE,
         "retry-after" => http::header::RETRY_AFTER,
         // Built at compile time: `from_static` checks every byte when run.
         VERSION_HEADER => const { HeaderName::from_static(VERSION_HEADER) },
-        REPLICA_HEADER => const { HeaderName::from_static(REPLICA_HEADER) },
         shoal_oip::BINARY_HEADER => const { HeaderName::from_static(shoal_oip::BINARY_HEADER) },
         SEQUENCE_FROM_HEADER => const { HeaderName::from_static(SEQUENCE_FROM_HEADER) },
         _ => return None,
@@ -577,6 +579,10 @@ impl Conn {
                         keep_alive = false;
                     }
                     continue;
+                } else if name.eq_ignore_ascii_case(shoal_api::replica::REPLICA_HEADER) {
+                    // Not kept: the gateway names the replica that answered
+                    // by its own id for it (`proxy::send`).
+                    continue;
                 } else if name.eq_ignore_ascii_case("keep-alive")
                     || name.eq_ignore_ascii_case("proxy-connection")
                     || name.eq_ignore_ascii_case("upgrade")
@@ -593,7 +599,9 @@ impl Conn {
                 kept.push((name, start, start + h.value.len()));
             }
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(kept.len());
+            // Room for the replica's name, which the gateway adds: a full
+            // map would grow (reallocate and rehash) to take it.
+            let mut headers = HeaderMap::with_capacity(kept.len() + 1);
             for (name, start, end) in kept {
                 let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                     .map_err(|_| broken(format!("the answer's header {name} is not valid")))?;
@@ -789,6 +797,7 @@ mod tests {
             content_type: "application/json",
             headers: &[],
             body,
+            started: Instant::now(),
         }
     }
 
