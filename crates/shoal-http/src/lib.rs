@@ -155,15 +155,42 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response {
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes with 413.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is larger than the limit of {limit} bytes"),
         )
     };
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+    let cannot =
+        |e: axum::Error| ApiError::bad_request(format!("cannot read the request body: {e}"));
+    // Most bodies are whole before the handler runs, in one frame (the
+    // server loop reads a front route's body first): taken as they are,
+    // without the collecting buffer and its allocation. A body that is
+    // not ready yet gives up nothing by this poll.
+    use futures::FutureExt;
+    let first = match body.frame().now_or_never() {
+        None => Bytes::new(),
+        Some(None) => return Ok(Bytes::new()),
+        Some(Some(Err(e))) => return Err(cannot(e)),
+        // Trailers before any data: nothing to keep.
+        Some(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+    };
+    if first.len() > limit {
+        return Err(too_large());
+    }
+    if axum::body::HttpBody::is_end_stream(&body) {
+        return Ok(first);
+    }
+    match Limited::new(body, limit - first.len()).collect().await {
+        Ok(collected) if first.is_empty() => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            let rest = collected.to_bytes();
+            let mut whole = Vec::with_capacity(first.len() + rest.len());
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&rest);
+            Ok(whole.into())
+        }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!(
             "cannot read the request body: {e}"
@@ -513,6 +540,54 @@ mod tests {
             h.insert(header::AUTHORIZATION, bad.parse().unwrap());
             assert!(bearer(&h).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_in_one_frame_or_many() {
+        use futures::StreamExt;
+        let chunks = |parts: &'static [&'static str]| {
+            Body::from_stream(
+                futures::stream::iter(parts.iter().copied())
+                    .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p.as_bytes()))),
+            )
+        };
+        assert_eq!(read_body(Body::empty(), 5).await.unwrap(), "");
+        assert_eq!(read_body(Body::from("hello"), 5).await.unwrap(), "hello");
+        assert_eq!(
+            read_body(chunks(&["he", "ll", "o"]), 5).await.unwrap(),
+            "hello"
+        );
+        assert_eq!(read_body(chunks(&["", "hello"]), 5).await.unwrap(), "hello");
+        for over in [
+            chunks(&["hello!"]),
+            chunks(&["hel", "lo!"]),
+            chunks(&["hello", "!"]),
+        ] {
+            let err = read_body(over, 5).await.unwrap_err();
+            assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        // A body that is not ready at first is waited for, not cut short.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+        let late = Body::from_stream(tokio_stream_of(rx));
+        let mut reader = std::pin::pin!(read_body(late, 5));
+        assert!(futures::poll!(reader.as_mut()).is_pending());
+        tx.send(Ok(Bytes::from_static(b"hi"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"!"))).await.unwrap();
+        drop(tx);
+        assert_eq!(reader.await.unwrap(), "hi!");
+        let failing = Body::from_stream(futures::stream::iter([Err::<Bytes, _>(
+            std::io::Error::other("reset"),
+        )]));
+        let err = read_body(failing, 5).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("reset"), "{}", err.message);
+    }
+
+    /// The receiving end of a channel as a stream.
+    fn tokio_stream_of<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Send + 'static {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[tokio::test]
