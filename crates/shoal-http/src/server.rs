@@ -32,7 +32,6 @@ use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
@@ -407,11 +406,8 @@ where
     I: AsyncWrite + Unpin,
 {
     let (parts, body) = response.into_parts();
-    let Ok(body) = body
-        .collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-    else {
+    // Usually one frame (a handler's `Bytes`), taken without collecting.
+    let Ok(body) = crate::read_body(body, usize::MAX).await else {
         return Ok(false);
     };
     let status = parts.status;
