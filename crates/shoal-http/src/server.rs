@@ -665,6 +665,11 @@ mod tests {
         }
     }
 
+    /// A connection to the server and its buffer of bytes read ahead.
+    async fn connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+        (TcpStream::connect(addr).await.unwrap(), Vec::new())
+    }
+
     /// Sends `raw` on `stream` and reads one answer.
     async fn ask(
         stream: &mut TcpStream,
@@ -758,8 +763,7 @@ mod tests {
     #[tokio::test]
     async fn front_requests_are_answered_in_order_on_one_connection() {
         let server = server().await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         // Two pipelined in one write.
         let both = format!("{}{}", infer("a", "[1]"), infer("b", "{\"x\":2}"));
         stream.write_all(both.as_bytes()).await.unwrap();
@@ -789,8 +793,7 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_are_read_to_their_length_and_answered_whole() {
         let server = server().await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         // A 300 KB body (the answer echoes it: far over one copied write)
         // whose head comes first, then the body with the next request's
         // whole bytes right behind it in the same write: the body read
@@ -830,8 +833,7 @@ mod tests {
     #[tokio::test]
     async fn other_requests_go_to_hyper_with_the_bytes_read() {
         let server = server().await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         // The loop's, then the router's, then one the loop would take,
         // now hyper's (through the same front): all in one write.
         let three = format!(
@@ -859,8 +861,7 @@ mod tests {
     async fn unusual_requests_are_answered_by_hyper() {
         let server = server().await;
         // A chunked body.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         let (code, _, body) = ask(&mut stream, &mut pending, b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n").await;
         assert_eq!((code, body.as_slice()), (200, &b"a:[1,2]"[..]));
         // A body larger than the loop reads itself.
@@ -872,29 +873,18 @@ mod tests {
         let (code, _, body) = answer(&mut stream, &mut pending).await;
         assert_eq!(code, 200);
         assert_eq!(body.len(), "big:".len() + big.len());
-        // Malformed heads get hyper's 400, on a fresh connection.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
-        let (code, _, _) = ask(
-            &mut stream,
-            &mut pending,
-            b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1x\r\n\r\n",
-        )
-        .await;
-        assert_eq!(code, 400);
-        // Two lengths: not the loop's to pick one.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
-        let (code, _, _) = ask(
-            &mut stream,
-            &mut pending,
+        // Malformed heads get hyper's 400, each on a fresh connection; two
+        // lengths are not the loop's to pick one of.
+        for malformed in [
+            &b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1x\r\n\r\n"[..],
             b"POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
-        )
-        .await;
-        assert_eq!(code, 400);
+        ] {
+            let (mut stream, mut pending) = connect(server.addr).await;
+            let (code, _, _) = ask(&mut stream, &mut pending, malformed).await;
+            assert_eq!(code, 400, "{}", String::from_utf8_lossy(malformed));
+        }
         // HTTP/1.0 is hyper's, and closes after the answer.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         let (code, _, body) = ask(
             &mut stream,
             &mut pending,
@@ -908,8 +898,7 @@ mod tests {
     #[tokio::test]
     async fn expect_continue_and_connection_close() {
         let server = server().await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
+        let (mut stream, mut pending) = connect(server.addr).await;
         let (code, _, _) = ask(&mut stream, &mut pending, b"POST /v2/models/a/infer HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n").await;
         assert_eq!(code, 100);
         stream.write_all(b"[1]").await.unwrap();
