@@ -4,7 +4,8 @@
 //! - [`Retry`]: another replica after a failure while the retry budget (a
 //!   share of requests plus a floor per second) allows, up to a number of
 //!   attempts; a stale route (a replica that no longer serves the version)
-//!   is retried without spending budget.
+//!   is retried without spending budget, and so is a request that never
+//!   left the gateway (no connection), which spends no attempt either.
 //! - [`hedge`]: a second copy once the hedge delay (the model's observed
 //!   p95, from [`LatencyWindows`]) has passed without an answer; the first
 //!   final answer wins and the other request is dropped, which cancels it.
@@ -30,6 +31,13 @@ pub(crate) enum Step<T, E> {
     /// A failure another replica may not have (`reason` labels the retry
     /// metric): retried if attempts and budget remain.
     Failed(&'static str, E),
+    /// The request was never sent (no connection to the replica): no
+    /// replica did any work and nothing can have run twice, so another is
+    /// tried without spending budget or an attempt, up to [`MAX_UNSENT`]
+    /// times per request. A fleet losing replicas (a crash, a restart, a
+    /// region going away) costs its callers nothing while one still
+    /// answers.
+    Unsent(&'static str, E),
     /// Nowhere left to send it: the request ends with the last failure
     /// seen, else the last stale answer, else this error.
     Stop(E),
@@ -38,17 +46,23 @@ pub(crate) enum Step<T, E> {
 /// What to do after an attempt.
 #[derive(Debug)]
 pub(crate) enum Next<T, E> {
-    /// Try another replica; `Some(reason)` when the retry spent budget
-    /// (for the retry metric), `None` after a stale route.
+    /// Try another replica; `Some(reason)` after a failure (for the retry
+    /// metric), `None` after a stale route.
     Again(Option<&'static str>),
     /// The request is over: its answer or error.
     Finish(Result<T, E>),
 }
 
+/// Requests never sent (no connection) retried per request on top of its
+/// attempts: bounded, since each waits up to the connect timeout, but
+/// enough to get past the replicas of a region going down together.
+pub(crate) const MAX_UNSENT: usize = 4;
+
 /// Attempts on successive replicas: the caller makes an attempt, tells
 /// [`Retry::next`] what it came to and does what it says.
 pub(crate) struct Retry<'a, T, E> {
     attempts_left: usize,
+    unsent_left: usize,
     budget: Option<&'a TpsBudget>,
     last_error: Option<E>,
     stale: Option<T>,
@@ -64,6 +78,7 @@ impl<'a, T, E> Retry<'a, T, E> {
         }
         Retry {
             attempts_left: max_attempts.max(1),
+            unsent_left: MAX_UNSENT,
             budget,
             last_error: None,
             stale: None,
@@ -74,7 +89,9 @@ impl<'a, T, E> Retry<'a, T, E> {
     /// final answer; else the last failure (or the stopping error); else,
     /// when every answer was stale, the last stale answer.
     pub(crate) fn next(&mut self, step: Step<T, E>) -> Next<T, E> {
-        self.attempts_left = self.attempts_left.saturating_sub(1);
+        if !matches!(step, Step::Unsent(..)) {
+            self.attempts_left = self.attempts_left.saturating_sub(1);
+        }
         match step {
             Step::Done(answer) => Next::Finish(Ok(answer)),
             Step::Stop(error) => match (self.last_error.take(), self.stale.take()) {
@@ -96,6 +113,15 @@ impl<'a, T, E> Retry<'a, T, E> {
             Step::Failed(reason, error) => {
                 self.last_error = Some(error);
                 if self.attempts_left > 0 && self.budget.is_none_or(TpsBudget::withdraw) {
+                    Next::Again(Some(reason))
+                } else {
+                    self.finish()
+                }
+            }
+            Step::Unsent(reason, error) => {
+                self.last_error = Some(error);
+                if self.unsent_left > 0 {
+                    self.unsent_left -= 1;
                     Next::Again(Some(reason))
                 } else {
                     self.finish()
@@ -242,6 +268,7 @@ mod tests {
         Ok,
         Stale,
         Fails,
+        Refuses,
     }
 
     /// One request through `fleet`, each attempt on the next replica not
@@ -264,6 +291,7 @@ mod tests {
                         Fake::Ok => Step::Done(format!("answer from {id}")),
                         Fake::Stale => Step::Stale(format!("404 from {id}")),
                         Fake::Fails => Step::Failed("server_error", format!("{id} failed")),
+                        Fake::Refuses => Step::Unsent("connect", format!("{id} refused")),
                     }
                 }
             };
@@ -357,6 +385,50 @@ mod tests {
             (result.unwrap_err(), tried.len()),
             ("r2 failed".to_owned(), 2)
         );
+    }
+
+    #[test]
+    fn a_request_never_sent_spends_no_attempt_and_no_budget() {
+        // A region going down: three replicas refuse connections, with no
+        // budget and one attempt the fourth still answers.
+        let none = budget(0.0);
+        let fleet = [
+            ("r1", Fake::Refuses),
+            ("r2", Fake::Refuses),
+            ("r3", Fake::Refuses),
+            ("r4", Fake::Ok),
+        ];
+        let (result, tried, retries) = run_fleet(&fleet, 1, Some(&none));
+        assert_eq!(result.unwrap(), "answer from r4");
+        assert_eq!(tried, ["r1", "r2", "r3", "r4"]);
+        assert_eq!(retries, ["connect"; 3]);
+        // Bounded all the same: past MAX_UNSENT refusals the request ends
+        // with the last one.
+        let refusing: Vec<(String, Fake)> = (0..MAX_UNSENT + 3)
+            .map(|i| (format!("r{i}"), Fake::Refuses))
+            .collect();
+        let refusing: Vec<(&str, Fake)> =
+            refusing.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+        let (result, tried, _) = run_fleet(&refusing, 1, Some(&none));
+        assert_eq!(tried.len(), MAX_UNSENT + 1);
+        assert_eq!(result.unwrap_err(), format!("r{MAX_UNSENT} refused"));
+        // A refusal between failures leaves the attempts and the budget to
+        // them: r1 fails (one attempt, one retry spent), r2 refuses, r3
+        // fails, and the third attempt reaches r4.
+        let b = budget(1000.0);
+        let fleet = [
+            ("r1", Fake::Fails),
+            ("r2", Fake::Refuses),
+            ("r3", Fake::Fails),
+            ("r4", Fake::Ok),
+        ];
+        let (result, tried, retries) = run_fleet(&fleet, 3, Some(&b));
+        assert_eq!(result.unwrap(), "answer from r4");
+        assert_eq!(tried.len(), 4);
+        assert_eq!(retries, ["server_error", "connect", "server_error"]);
+        // Nowhere left after a refusal: the refusal is the answer.
+        let (result, _, _) = run_fleet(&[("r1", Fake::Refuses)], 3, Some(&b));
+        assert_eq!(result.unwrap_err(), "r1 refused");
     }
 
     /// A fake replica's answer after `after`; sets `dropped` if its request

@@ -6,7 +6,8 @@
 //! by session key or by power of two choices. Connection failures, resets,
 //! timeouts and 5xx eject or penalise the replica and the request is
 //! retried on another one while the retry budget (a share of requests plus
-//! a floor per second) allows. With hedging on, a second copy goes to
+//! a floor per second) allows; a request that never left (no connection)
+//! is retried without budget. With hedging on, a second copy goes to
 //! another replica once the model's p95 has passed; the first good answer
 //! wins and the other is cancelled. The policies themselves are in
 //! [`crate::policy`]. Answers name the replica that answered
@@ -889,15 +890,14 @@ async fn route_inference(
                         status,
                         format!("replica {} failed: {detail}", answered_by.id),
                     );
-                    let reason = match kind {
-                        Failure::Timeout => "timeout",
-                        Failure::Connect => "connect",
-                        _ => "reset",
-                    };
-                    Step::Failed(reason, error)
+                    match kind {
+                        Failure::Timeout => Step::Failed("timeout", error),
+                        Failure::Connect => Step::Unsent("connect", error),
+                        _ => Step::Failed("reset", error),
+                    }
                 }
             };
-            if let Step::Failed(reason, _) = &step {
+            if let Step::Failed(reason, _) | Step::Unsent(reason, _) = &step {
                 tracing::debug!(model, replica = %answered_by.id, reason, "attempt failed");
             }
             tried.push(answered_by.id.clone());
@@ -976,14 +976,18 @@ pub(crate) async fn forward_get(
             match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
                 Attempt::Answer(response, _) | Attempt::Stale(response) => Step::Done(response),
                 Attempt::ServerError(response) => Step::Failed("server_error", response),
-                Attempt::Failed(_, detail) => Step::Failed(
-                    "reset",
-                    ApiError::new(
+                Attempt::Failed(kind, detail) => {
+                    let error = ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         format!("replica {} failed: {detail}", endpoint.id),
                     )
-                    .into_response(),
-                ),
+                    .into_response();
+                    if kind == Failure::Connect {
+                        Step::Unsent("connect", error)
+                    } else {
+                        Step::Failed("reset", error)
+                    }
+                }
             }
         };
         if let Next::Finish(result) = retry.next(step) {
