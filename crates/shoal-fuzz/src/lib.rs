@@ -24,7 +24,8 @@ fn limits() -> Limits {
 /// the precheck's scan ([`shoal_oip::skim`]) only ever empties the data
 /// arrays of inputs: the body it keeps is the body, those aside. And the
 /// replica's fast reading (the scan and the number fast path) answers
-/// exactly as serde alone does, errors included.
+/// exactly as serde alone does, errors included, and so does the
+/// precheck's one-pass reading ([`shoal_oip::precheck_request_by_serde`]).
 pub fn oip_json(data: &[u8]) {
     let decoded = shoal_oip::decode_request(data, &limits());
     assert_eq!(
@@ -33,6 +34,11 @@ pub fn oip_json(data: &[u8]) {
         "the fast reading and serde's disagree"
     );
     let prechecked = shoal_oip::precheck_request(data, &limits());
+    assert_eq!(
+        prechecked,
+        shoal_oip::precheck_request_by_serde(data, &limits()),
+        "the precheck's one-pass reading and serde's disagree"
+    );
     if decoded.is_ok() {
         assert!(
             prechecked.is_ok(),

@@ -169,13 +169,14 @@ pub fn decode_request_by_serde(
     decode_with(body, None, limits, Reading::Serde)
 }
 
-/// How tensor data is read.
+/// How a request is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reading {
-    /// Data arrays cut out by [`crate::skim`] and read by
+    /// A decode: data arrays cut out by [`crate::skim`] and read by
     /// [`crate::numbers`] where they are plain numbers, serde otherwise.
+    /// A precheck: [`crate::lite`]'s one pass, serde when it declines.
     Fast,
-    /// Everything by serde.
+    /// By serde (a precheck's still without the data arrays).
     Serde,
 }
 
@@ -361,16 +362,23 @@ pub fn precheck_request_parts(
     json_len: Option<&str>,
     limits: &Limits,
 ) -> Result<Prechecked, DecodeError> {
-    let (body, binary) = crate::binary::split_body(body, json_len)?;
-    let mut binary_left = binary.len() as u64;
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
-        return Err(DecodeError(
-            "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
-        ));
-    }
-    // Parsed without its tensor data when the scan finds it (the numbers
-    // are the replica's to read); as it came otherwise, or when that
-    // fails, so errors name the original body.
+    precheck_with(body, json_len, limits, Reading::Fast)
+}
+
+/// [`precheck_request`] by the scan and serde alone, without
+/// [`crate::lite`]'s one-pass reading: the reference that reading must
+/// agree with (the fuzz target checks it).
+pub fn precheck_request_by_serde(body: &[u8], limits: &Limits) -> Result<Prechecked, DecodeError> {
+    precheck_with(body, None, limits, Reading::Serde)
+}
+
+/// What serde reads of a request for the precheck: the body without its
+/// tensor data when the scan finds it (the numbers are the replica's to
+/// read); as it came otherwise, or when that fails, so errors name the
+/// original body.
+pub(crate) fn lite_by_serde(
+    body: &[u8],
+) -> Result<crate::lite::Request<'static>, serde_json::Error> {
     let skimmed = crate::skim::without_data(body);
     let lite = match skimmed
         .as_deref()
@@ -378,7 +386,48 @@ pub fn precheck_request_parts(
         .and_then(|s| serde_json::from_str::<LiteRequest<'_>>(s).ok())
     {
         Some(lite) => lite,
-        None => serde_json::from_slice(body).map_err(|e| json_error("request", &e, json_len))?,
+        None => serde_json::from_slice(body)?,
+    };
+    let owned = |text: std::borrow::Cow<'_, str>| std::borrow::Cow::Owned(text.into_owned());
+    Ok(crate::lite::Request {
+        id: lite.id,
+        parameters: lite.parameters,
+        inputs: lite
+            .inputs
+            .into_iter()
+            .map(|t| crate::lite::Tensor {
+                name: owned(t.name),
+                shape: t.shape,
+                datatype: owned(t.datatype),
+                has_data: t.data.is_some(),
+                parameters: t.parameters,
+            })
+            .collect(),
+    })
+}
+
+fn precheck_with(
+    body: &[u8],
+    json_len: Option<&str>,
+    limits: &Limits,
+    reading: Reading,
+) -> Result<Prechecked, DecodeError> {
+    let (body, binary) = crate::binary::split_body(body, json_len)?;
+    let mut binary_left = binary.len() as u64;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && !body.is_empty() {
+        return Err(DecodeError(
+            "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
+        ));
+    }
+    // The plain form in one pass; anything else by serde, whose errors
+    // say what is wrong.
+    let fast = match reading {
+        Reading::Fast => crate::lite::read(body),
+        Reading::Serde => None,
+    };
+    let lite = match fast {
+        Some(lite) => lite,
+        None => lite_by_serde(body).map_err(|e| json_error("request", &e, json_len))?,
     };
     if lite.inputs.is_empty() {
         return Err(DecodeError(
@@ -395,8 +444,7 @@ pub fn precheck_request_parts(
     for t in lite.inputs {
         let err = |msg: String| DecodeError(format!("input {:?}: {msg}", t.name));
         let binary_size =
-            declared_binary(t.data.is_some(), t.parameters.as_ref(), json_len.is_some())
-                .map_err(err)?;
+            declared_binary(t.has_data, t.parameters.as_ref(), json_len.is_some()).map_err(err)?;
         let Some(datatype) = DataType::parse(&t.datatype) else {
             let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
             return Err(err(format!(
@@ -405,23 +453,24 @@ pub fn precheck_request_parts(
                 known.join(", ")
             )));
         };
-        let shape = t
+        if t.shape.iter().any(|&d| d < 0) {
+            return Err(err(format!(
+                "shape {:?} has a negative dimension; request shapes must be concrete",
+                t.shape
+            )));
+        }
+        // Counted without collecting the shape: this runs per request.
+        let count = t
             .shape
             .iter()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| {
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+            .filter(|&n| n <= budget)
+            .ok_or_else(|| {
                 err(format!(
-                    "shape {:?} has a negative dimension; request shapes must be concrete",
-                    t.shape
+                    "shape {:?} holds more elements than the server accepts in one request ({})",
+                    t.shape, limits.max_elements
                 ))
             })?;
-        let count = element_count(&shape).filter(|&n| n <= budget).ok_or_else(|| {
-            err(format!(
-                "shape {shape:?} holds more elements than the server accepts in one request ({})",
-                limits.max_elements
-            ))
-        })?;
         budget -= count;
         if let Some(size) = binary_size {
             if let Some(element) = datatype.size_of() {

@@ -15,6 +15,7 @@
 
 pub mod binary;
 pub mod codec;
+mod lite;
 mod numbers;
 pub mod sequence;
 pub mod skim;
@@ -25,6 +26,6 @@ pub use codec::{
     DecodeError, DecodedRequest, DecodedResponse, EncodedResponse, Limits, Prechecked,
     decode_request, decode_request_by_serde, decode_request_parts, decode_response,
     decode_response_parts, encode_request, encode_response, encode_response_parts,
-    precheck_request, precheck_request_parts,
+    precheck_request, precheck_request_by_serde, precheck_request_parts,
 };
 pub use types::{MetadataTensor, ModelMetadata, RequestOutput, ServerMetadata};

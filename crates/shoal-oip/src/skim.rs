@@ -142,7 +142,7 @@ fn string_end(body: &[u8], start: usize) -> Option<usize> {
 
 /// The index of the bracket closing the array opened at `start`, nested
 /// arrays and strings included.
-fn array_end(body: &[u8], start: usize) -> Option<usize> {
+pub(crate) fn array_end(body: &[u8], start: usize) -> Option<usize> {
     let mut depth = 0usize;
     let mut i = start;
     loop {
