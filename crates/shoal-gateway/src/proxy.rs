@@ -163,8 +163,9 @@ async fn metrics(State(gateway): Shared) -> Response {
 
 /// What one attempt against one replica produced.
 enum Attempt {
-    /// An answer that is final (2xx, 4xx).
-    Answer(Response, Duration),
+    /// An answer that is final (2xx, 4xx), its round trip, and the model
+    /// version that answered (`x-shoal-model-version`), read once.
+    Answer(Response, Duration, Option<String>),
     /// A 5xx answer: retryable.
     ServerError(Response),
     /// A 404 from a replica the gateway believed served the model version:
@@ -285,11 +286,11 @@ async fn send(
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
-            let answered = response
+            let version = response
                 .headers()
                 .get(VERSION)
-                .and_then(|v| v.to_str().ok())
-                .zip(model_of(path));
+                .and_then(|v| v.to_str().ok());
+            let answered = version.zip(model_of(path));
             if response.status() == StatusCode::NOT_FOUND {
                 return Attempt::Stale(response);
             }
@@ -309,7 +310,8 @@ async fn send(
                 if let Some((version, model)) = answered {
                     endpoint.version_succeeded(model, version, now, policy);
                 }
-                Attempt::Answer(response, rtt)
+                let version = version.map(str::to_owned);
+                Attempt::Answer(response, rtt, version)
             }
         }
     }
@@ -352,8 +354,12 @@ fn no_route(model: &str, version: Option<&str>, why: NoRoute) -> ApiError {
 }
 
 fn header_value(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers
-        .get(name)
+    nonempty_text(headers.get(name))
+}
+
+/// A header's value as text, unless it is empty or not text.
+fn nonempty_text(value: Option<&HeaderValue>) -> Option<&str> {
+    value
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
 }
@@ -463,7 +469,7 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, payload: Payload
         };
         let path = format!("/v2/models/{model}/versions/{version}/infer");
         let candidate = match send(&gateway, &endpoint, Method::POST, &path, &payload).await {
-            Attempt::Answer(r, rtt) if r.status().is_success() => {
+            Attempt::Answer(r, rtt, _) if r.status().is_success() => {
                 gateway.metrics.shadowed(&model, "success");
                 let json_len = json_len_of(&r);
                 Some((body_bytes(r).await.1, json_len, rtt))
@@ -627,15 +633,19 @@ pub(crate) async fn infer_common(
         }
         Err(e) => Err(e),
     };
-    let (response, version) = match result {
-        Ok(r) => r,
-        Err(e) => (e.into_response(), pinned.clone().unwrap_or_default()),
+    let (response, version, served) = match result {
+        Ok(r) => (r.response, r.version, r.served),
+        Err(e) => (e.into_response(), pinned.clone().unwrap_or_default(), false),
     };
     // Labels come from the routing state, never from the request alone:
     // a scanner asking for random model names must not mint a time series
-    // per name.
-    let state = gateway.routes.snapshot();
-    let (model_label, version_label) = metric_labels(&state, &model, &version);
+    // per name. A replica's answer is the routing state's word already:
+    // the model was routed to it, and the version is the one it served.
+    let (model_label, version_label) = if served {
+        (model.as_str(), version.as_str())
+    } else {
+        metric_labels(&gateway.routes.snapshot(), &model, &version)
+    };
     gateway.metrics.answered(
         model_label,
         version_label,
@@ -676,6 +686,15 @@ pub(crate) fn metric_labels<'a>(
     (model, if known_version { version } else { OTHER })
 }
 
+/// What [`route_inference`] came to.
+struct Routed {
+    response: Response,
+    /// The model version that answered (or was asked for).
+    version: String,
+    /// A replica served it: a final answer, not a stale route's 404.
+    served: bool,
+}
+
 /// Who asks what of [`route_inference`].
 struct Call<'a> {
     model: &'a str,
@@ -690,7 +709,7 @@ async fn route_inference(
     gateway: &Arc<Gateway>,
     call: Call<'_>,
     body: Body,
-) -> Result<(Response, String), ApiError> {
+) -> Result<Routed, ApiError> {
     let Call {
         model,
         pinned,
@@ -705,10 +724,19 @@ async fn route_inference(
             .admit(headers, Some(peer))
             .map_err(|refusal| refusal_error(gateway, refusal))?,
     };
-    let json_len_header = shoal_http::header_with_text(headers, &BINARY)?;
-    let json_len_text = json_len_header.map(|(_, text)| text);
-    let json_len = json_len_header.map(|(value, _)| value.clone());
-    shoal_http::check_content_length(headers, gateway.config.body_limit)?;
+    // The headers routing reads, in one pass.
+    let [content_length, json_len, split, session] = shoal_http::headers_of(
+        headers,
+        [
+            &header::CONTENT_LENGTH,
+            &BINARY,
+            &gateway.split_header,
+            &gateway.session_header,
+        ],
+    );
+    let json_len_text = shoal_http::text_of(&BINARY, json_len)?;
+    let json_len = json_len.cloned();
+    shoal_http::check_length(content_length, gateway.config.body_limit)?;
     let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
     let prechecked =
         shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
@@ -732,11 +760,9 @@ async fn route_inference(
     let policy = state.policies.get(model);
     let split_key = match policy.and_then(|p| p.split_header.as_deref()) {
         Some(name) => header_value(headers, name),
-        None => header_value(headers, &gateway.split_header),
+        None => nonempty_text(split),
     };
-    let session_key = sequence_key
-        .as_deref()
-        .or_else(|| header_value(headers, &gateway.session_header));
+    let session_key = sequence_key.as_deref().or_else(|| nonempty_text(session));
     let version: Option<String> = match pinned {
         Some(v) => Some(v.to_owned()),
         None => gateway
@@ -752,7 +778,7 @@ async fn route_inference(
     let mut tried: Vec<String> = Vec::new();
     let mut retry = Retry::new(MAX_ATTEMPTS, Some(&gateway.budget));
     loop {
-        let step: Step<(Response, String), ApiError> = 'attempt: {
+        let step: Step<Routed, ApiError> = 'attempt: {
             let now = gateway.now();
             // The chosen version first; if no replica can take it and the
             // request did not pin one, any version of the model rather than
@@ -821,7 +847,7 @@ async fn route_inference(
             let (outcome, answered_by) =
                 hedged(gateway, model, &endpoint, hedge_to, &path, attempt_payload).await;
             let step = match outcome {
-                Attempt::Answer(mut response, rtt) => {
+                Attempt::Answer(mut response, rtt, answered_version) => {
                     if gateway.config.hedge {
                         // Only hedging reads the latency windows.
                         gateway.latencies.record(model, rtt);
@@ -839,13 +865,7 @@ async fn route_inference(
                             response.headers_mut().insert("x-shoal-hedged-from", v);
                         }
                     }
-                    let version = response
-                        .headers()
-                        .get(VERSION)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                        .or(target)
-                        .unwrap_or_default();
+                    let version = answered_version.or(target).unwrap_or_default();
                     if let Some(tx) = primary_answer.take()
                         && response.status().is_success()
                     {
@@ -865,7 +885,11 @@ async fn route_inference(
                             .homes
                             .answered(key, &answered_by.id, sequence_end, gateway.now());
                     }
-                    break 'attempt Step::Done((response, version));
+                    break 'attempt Step::Done(Routed {
+                        response,
+                        version,
+                        served: true,
+                    });
                 }
                 Attempt::Stale(response) => {
                     // Not the replica's fault: forget that it serves this
@@ -874,7 +898,11 @@ async fn route_inference(
                         answered_by.forget(model, v);
                     }
                     gateway.metrics.retry(model, "stale_route");
-                    Step::Stale((response, version.clone().unwrap_or_default()))
+                    Step::Stale(Routed {
+                        response,
+                        version: version.clone().unwrap_or_default(),
+                        served: false,
+                    })
                 }
                 Attempt::ServerError(response) => Step::Failed(
                     "server_error",
@@ -974,7 +1002,7 @@ pub(crate) async fn forward_get(
             };
             tried.push(endpoint.id.clone());
             match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
-                Attempt::Answer(response, _) | Attempt::Stale(response) => Step::Done(response),
+                Attempt::Answer(response, ..) | Attempt::Stale(response) => Step::Done(response),
                 Attempt::ServerError(response) => Step::Failed("server_error", response),
                 Attempt::Failed(kind, detail) => {
                     let error = ApiError::new(

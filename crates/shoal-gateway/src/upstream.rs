@@ -548,8 +548,9 @@ impl Conn {
             let mut other_coding = false;
             // Names now; values once the head is split off, as slices of it.
             let base = self.buf.as_ptr() as usize;
-            let mut kept: Vec<(HeaderName, usize, usize)> =
-                Vec::with_capacity(parsed.headers.len());
+            // On the stack: a replica's answer has five headers.
+            let mut kept: smallvec::SmallVec<[(HeaderName, usize, usize); 8]> =
+                smallvec::SmallVec::new();
             for h in parsed.headers.iter() {
                 let name = h.name;
                 if name.eq_ignore_ascii_case("content-length") {

@@ -223,24 +223,41 @@ pub fn header_text<'a>(
     headers: &'a http::HeaderMap,
     name: &http::HeaderName,
 ) -> Result<Option<&'a str>, ApiError> {
-    Ok(header_with_text(headers, name)?.map(|(_, text)| text))
+    text_of(name, headers.get(name))
 }
 
-/// [`header_text`] and the value it was read from, for a caller that
-/// passes the header on (one lookup, not two).
-pub fn header_with_text<'a>(
-    headers: &'a http::HeaderMap,
+/// Header `name`'s `value` as text, if there is one; a 400 naming the
+/// header when it is not visible ASCII.
+pub fn text_of<'a>(
     name: &http::HeaderName,
-) -> Result<Option<(&'a http::HeaderValue, &'a str)>, ApiError> {
-    headers
-        .get(name)
+    value: Option<&'a http::HeaderValue>,
+) -> Result<Option<&'a str>, ApiError> {
+    value
         .map(|v| {
-            let text = v.to_str().map_err(|_| {
+            v.to_str().map_err(|_| {
                 ApiError::bad_request(format!("header {name} must be plain ASCII text"))
-            })?;
-            Ok((v, text))
+            })
         })
         .transpose()
+}
+
+/// The values of the headers `names` (the first of a repeated header, as
+/// `get` gives it), found in one pass over `headers`: a lookup hashes its
+/// name each time, while a request has few headers to compare. For hot
+/// paths that read several.
+pub fn headers_of<'a, const N: usize>(
+    headers: &'a http::HeaderMap,
+    names: [&http::HeaderName; N],
+) -> [Option<&'a http::HeaderValue>; N] {
+    let mut found = [None; N];
+    for (name, value) in headers {
+        for (slot, wanted) in found.iter_mut().zip(names) {
+            if slot.is_none() && name == wanted {
+                *slot = Some(value);
+            }
+        }
+    }
+    found
 }
 
 /// The bearer token of a request: `None` without an `Authorization`
@@ -264,8 +281,12 @@ pub fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, String> {
 
 /// Rejects a declared `Content-Length` over `limit` before reading anything.
 pub fn check_content_length(headers: &http::HeaderMap, limit: usize) -> Result<(), ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
+    check_length(headers.get(header::CONTENT_LENGTH), limit)
+}
+
+/// [`check_content_length`] of a `Content-Length` value already found.
+pub fn check_length(value: Option<&http::HeaderValue>, limit: usize) -> Result<(), ApiError> {
+    let declared = value
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
@@ -467,6 +488,37 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    #[test]
+    fn headers_found_in_one_pass_are_those_a_lookup_finds() {
+        use http::HeaderValue;
+        let mut headers = http::HeaderMap::new();
+        headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        headers.append("x-session", HeaderValue::from_static("first"));
+        headers.append("x-session", HeaderValue::from_static("second"));
+        headers.append("x-bin", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        let session = http::HeaderName::from_static("x-session");
+        let bin = http::HeaderName::from_static("x-bin");
+        let absent = http::HeaderName::from_static("x-absent");
+        let names = [&session, &header::CONTENT_LENGTH, &absent, &session, &bin];
+        let found = headers_of(&headers, names);
+        for (name, value) in names.iter().zip(found) {
+            // A repeated header reads as its first value, as `get` gives;
+            // a name asked twice is found twice.
+            assert_eq!(value, headers.get(*name), "{name}");
+        }
+        assert_eq!(text_of(&session, found[0]).unwrap(), Some("first"));
+        assert_eq!(text_of(&absent, found[2]).unwrap(), None);
+        let error = text_of(&bin, found[4]).unwrap_err();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert!(error.message.contains("x-bin"), "{}", error.message);
+        assert!(check_length(found[1], 12).is_ok());
+        assert_eq!(
+            check_length(found[1], 11).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert!(check_length(None, 0).is_ok());
+    }
 
     #[test]
     fn inference_paths_taken_before_the_router() {

@@ -381,7 +381,11 @@ impl Head {
     /// values slices of `read`; `None` when the path or a header is not
     /// one `http` takes.
     fn request(&self, read: &Bytes, lines: &[Line]) -> Option<http::Request<()>> {
-        let uri = Uri::from_maybe_shared(read.slice(self.path.clone())).ok()?;
+        // An origin-form path (the loop takes only inference paths): read
+        // as a path, not through the parse of every form a URI can take.
+        let path =
+            http::uri::PathAndQuery::from_maybe_shared(read.slice(self.path.clone())).ok()?;
+        let uri = Uri::from(path);
         let mut headers = HeaderMap::with_capacity(lines.len());
         for (name, value) in lines {
             let name = HeaderName::from_bytes(&read[name.clone()]).ok()?;

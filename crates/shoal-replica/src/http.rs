@@ -315,11 +315,14 @@ async fn infer_common(
         http::HeaderName::from_static(shoal_api::replica::SEQUENCE_FROM_HEADER);
     const REPLICA: http::HeaderName = http::HeaderName::from_static(REPLICA_HEADER);
     const VERSION: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
-    let json_len = shoal_http::header_text(headers, &BINARY)?;
-    shoal_http::check_content_length(headers, replica.body_limit)?;
+    // The three headers read, in one pass.
+    let [json_len, content_length, moved_from] =
+        shoal_http::headers_of(headers, [&BINARY, &header::CONTENT_LENGTH, &MOVED_FROM]);
+    let json_len = shoal_http::text_of(&BINARY, json_len)?;
+    shoal_http::check_length(content_length, replica.body_limit)?;
     // The gateway says when the sequence's last step was answered by
     // another replica.
-    let moved_from = headers.get(MOVED_FROM).and_then(|v| v.to_str().ok());
+    let moved_from = moved_from.and_then(|v| v.to_str().ok());
     let call = Call {
         model,
         version,
