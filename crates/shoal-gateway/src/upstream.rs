@@ -350,7 +350,6 @@ fn known(name: &str) -> Option<HeaderName> {
     use shoal_api::replica::{SEQUENCE_FROM_HEADER, VERSION_HEADER};
     Some(match name {
         "content-type" => http::header::CONTENT_TYPE,
-        "date" => http::header::DATE,
         "retry-after" => http::header::RETRY_AFTER,
         // Built at compile time: `from_static` checks every byte when run.
         VERSION_HEADER => const { HeaderName::from_static(VERSION_HEADER) },
@@ -583,6 +582,10 @@ impl Conn {
                 } else if name.eq_ignore_ascii_case(shoal_api::replica::REPLICA_HEADER) {
                     // Not kept: the gateway names the replica that answered
                     // by its own id for it (`proxy::send`).
+                    continue;
+                } else if name.eq_ignore_ascii_case("date") {
+                    // The gateway's server dates its own answer, as nginx
+                    // does a proxied one: one header fewer to carry.
                     continue;
                 } else if name.eq_ignore_ascii_case("keep-alive")
                     || name.eq_ignore_ascii_case("proxy-connection")

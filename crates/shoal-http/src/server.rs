@@ -200,6 +200,10 @@ impl Fronted {
         let mut buf = BytesMut::new();
         let mut lines: Vec<Line> = Vec::new();
         let mut out: Vec<u8> = Vec::new();
+        // One wait for the stop per connection, not one per request: each
+        // new wait registers with the channel and unregisters when dropped
+        // (a lock each way).
+        let mut stopped = pin!(stop.closed());
         loop {
             // A whole request head, or a reason to stop.
             let head = loop {
@@ -216,7 +220,7 @@ impl Fronted {
                     // connection at once.
                     tokio::select! {
                         biased;
-                        () = stop.closed() => return Ok(Handed::Closed),
+                        () = &mut stopped => return Ok(Handed::Closed),
                         read = io.read_buf(&mut buf) => read?,
                     }
                 } else {
@@ -388,7 +392,11 @@ impl Head {
         let uri = Uri::from(path);
         let mut headers = HeaderMap::with_capacity(lines.len());
         for (name, value) in lines {
-            let name = HeaderName::from_bytes(&read[name.clone()]).ok()?;
+            let name = &read[name.clone()];
+            let name = match common(name) {
+                Some(name) => name,
+                None => HeaderName::from_bytes(name).ok()?,
+            };
             let value = HeaderValue::from_maybe_shared(read.slice(value.clone())).ok()?;
             headers.append(name, value);
         }
@@ -399,6 +407,22 @@ impl Head {
         *request.headers_mut() = headers;
         Some(request)
     }
+}
+
+/// The header names most clients send, in the cases they send them:
+/// `HeaderName::from_bytes` lowercases and looks up every name it is given
+/// (about 120 instructions each).
+fn common(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
+        b"Host" | b"host" => header::HOST,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"User-Agent" | b"user-agent" => header::USER_AGENT,
+        b"Accept" | b"accept" => header::ACCEPT,
+        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
+        b"Connection" | b"connection" => header::CONNECTION,
+        _ => return None,
+    })
 }
 
 /// Writes `response` to `io` (with `connection: close` when `close`),
@@ -704,6 +728,36 @@ mod tests {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+
+    #[test]
+    fn common_names_are_the_names_http_reads() {
+        for name in [
+            "Host",
+            "host",
+            "Content-Type",
+            "content-type",
+            "Content-Length",
+            "content-length",
+            "User-Agent",
+            "user-agent",
+            "Accept",
+            "accept",
+            "Accept-Encoding",
+            "accept-encoding",
+            "Connection",
+            "connection",
+        ] {
+            assert_eq!(
+                common(name.as_bytes()),
+                Some(HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name}"
+            );
+        }
+        // Other cases and names go through `from_bytes`.
+        for name in ["HOST", "Content-type", "x-api-key", "Hosts", ""] {
+            assert_eq!(common(name.as_bytes()), None, "{name}");
+        }
     }
 
     /// Which heads the loop takes itself, and which it hands to hyper.
