@@ -628,6 +628,7 @@ pub(crate) async fn infer_common(
                 peer,
                 headers: &headers,
                 admitted,
+                started,
             };
             route_inference(&gateway, call, body).await
         }
@@ -703,6 +704,8 @@ struct Call<'a> {
     headers: &'a HeaderMap,
     /// The caller, if already admitted.
     admitted: Option<String>,
+    /// When the request came: the first attempt's clock (a reading saved).
+    started: Instant,
 }
 
 async fn route_inference(
@@ -716,6 +719,7 @@ async fn route_inference(
         peer,
         headers,
         admitted,
+        started,
     } = call;
     let who = match admitted {
         Some(who) => who,
@@ -779,7 +783,13 @@ async fn route_inference(
     let mut retry = Retry::new(MAX_ATTEMPTS, Some(&gateway.budget));
     loop {
         let step: Step<Routed, ApiError> = 'attempt: {
-            let now = gateway.now();
+            // The request's arrival is the first attempt's clock: routing
+            // state ages in seconds, not in the microseconds since.
+            let now = if tried.is_empty() {
+                gateway.at(started)
+            } else {
+                gateway.now()
+            };
             // The chosen version first; if no replica can take it and the
             // request did not pin one, any version of the model rather than
             // failing the request.
