@@ -59,7 +59,9 @@ pub struct DecodedRequest {
 }
 
 /// A request body as serde reads it, tensor data left as text.
+// Errors name what was expected, not these types.
 #[derive(Deserialize)]
+#[serde(expecting = "an inference request: a JSON object with \"inputs\"")]
 struct WireRequest<T> {
     #[serde(default)]
     id: Option<String>,
@@ -92,6 +94,9 @@ impl DecodedRequest {
 }
 
 #[derive(Deserialize)]
+#[serde(
+    expecting = "an input tensor: an object with \"name\", \"shape\", \"datatype\" and \"data\""
+)]
 struct WireTensor<'a> {
     name: String,
     shape: Vec<i64>,
@@ -241,6 +246,7 @@ fn decode_with(
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "an inference request: a JSON object with \"inputs\"")]
 struct LiteRequest<'a> {
     #[serde(default)]
     id: Option<String>,
@@ -251,6 +257,9 @@ struct LiteRequest<'a> {
 }
 
 #[derive(Deserialize)]
+#[serde(
+    expecting = "an input tensor: an object with \"name\", \"shape\", \"datatype\" and \"data\""
+)]
 struct LiteTensor<'a> {
     #[serde(borrow)]
     name: std::borrow::Cow<'a, str>,
@@ -1365,6 +1374,30 @@ mod tests {
         );
         check("", Err("invalid inference request: EOF while parsing"));
         check(r#"{"id":"1"}"#, Err("missing field `inputs`"));
+        // Wrong types say what was expected, not the decoder's type names;
+        // the gateway's precheck words them the same.
+        for (body, expected) in [
+            (
+                r#"{"inputs":[1]}"#,
+                "invalid type: integer `1`, expected an input tensor: an object with \"name\"",
+            ),
+            ("[1]", "the body must be a JSON object"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"x":"#,
+                "EOF while parsing",
+            ),
+        ] {
+            check(body, Err(expected));
+            let prechecked = precheck_request(body.as_bytes(), &Limits::default()).unwrap_err();
+            assert!(prechecked.0.contains(expected), "{body}: {}", prechecked.0);
+        }
+        let not_object = serde_json::from_str::<LiteRequest<'_>>("1").err().unwrap();
+        assert!(
+            not_object
+                .to_string()
+                .contains("expected an inference request: a JSON object with \"inputs\""),
+            "{not_object}"
+        );
         check(r#"{"inputs":[]}"#, Err("\"inputs\" is empty"));
         check(
             r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
