@@ -155,8 +155,7 @@ impl<'a> Reader<'a> {
 
     /// `null` as `None`, else the value `read` reads.
     fn nullable<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        if self.body[self.at..].starts_with(b"null") {
-            self.at += 4;
+        if self.literal(b"null").is_some() {
             return Some(None);
         }
         read(self).map(Some)
