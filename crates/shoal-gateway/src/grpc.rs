@@ -16,7 +16,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response as HttpResponse;
 use http_body_util::BodyExt;
@@ -27,7 +26,7 @@ use shoal_grpc::pb::{
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use shoal_http::ApiError;
+use shoal_http::{ApiError, RequestBody, RequestHeaders};
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
@@ -77,7 +76,7 @@ impl GrpcGateway {
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/octet-stream"),
                     );
-                    (Ok(Body::from(body)), Some(who))
+                    (Ok(RequestBody::Whole(body.into())), Some(who))
                 }
                 Err(e) => (Err(ApiError::bad_request(e)), None),
             },
@@ -87,7 +86,7 @@ impl GrpcGateway {
             model,
             pinned,
             peer,
-            headers,
+            RequestHeaders::Map(headers),
             body,
             admitted,
         )

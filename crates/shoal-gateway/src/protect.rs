@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::HeaderMap;
 use regex::Regex;
+use shoal_http::{Headers, header_str};
 
 /// Settings of protection.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +73,7 @@ impl Protection {
     /// keys, no rate limit, no payload logging).
     pub(crate) fn admit(
         &self,
-        headers: &HeaderMap,
+        headers: &impl Headers,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<String, Refusal> {
         let who = if self.keys.is_empty() {
@@ -86,15 +86,12 @@ impl Protection {
             peer.map_or_else(|| "anonymous".to_owned(), |p| p.ip().to_string())
         } else {
             const API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
-            let presented = headers
-                .get(API_KEY)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| {
-                    headers
-                        .get(http::header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.strip_prefix("Bearer "))
-                });
+            let [key, authorization] = headers.find([&API_KEY, &http::header::AUTHORIZATION]);
+            let presented = key.and_then(header_str).or_else(|| {
+                authorization
+                    .and_then(header_str)
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            });
             let key = presented.ok_or_else(|| {
                 Refusal::Unauthorized("an API key is required: send it as `x-api-key: KEY` or `Authorization: Bearer KEY`".into())
             })?;
@@ -173,6 +170,8 @@ impl Redactor {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+
     use super::*;
 
     #[test]

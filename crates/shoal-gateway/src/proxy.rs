@@ -30,7 +30,7 @@ use shoal_api::VersionKey;
 use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
 use shoal_balance::health::Failure;
 use shoal_http::extract::Path;
-use shoal_http::{ApiError, json_response};
+use shoal_http::{ApiError, Headers, RequestBody, RequestHeaders, json_response};
 use shoal_oip::ServerMetadata;
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
@@ -86,27 +86,17 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 /// the router's matching, extensions and extractors on the path every
 /// proxied request takes. Anything else, and paths with percent-encoded
 /// names (which the router decodes), go to the router.
-// The request handed back is the large `Err`: moved, not copied twice.
-#[allow(clippy::result_large_err)]
 pub fn front(gateway: Arc<Gateway>) -> shoal_http::Front {
-    Arc::new(move |request: axum::extract::Request, peer| {
-        if request.method() != Method::POST {
-            return Err(request);
-        }
-        let Some((model, version)) = shoal_http::infer_path(request.uri().path()) else {
-            return Err(request);
-        };
-        let (model, version) = (model.to_owned(), version.map(str::to_owned));
-        let (parts, body) = request.into_parts();
-        Ok(Box::pin(infer_common(
+    Arc::new(move |inference: shoal_http::Inference| {
+        Box::pin(infer_common(
             gateway.clone(),
-            model,
-            version,
-            peer,
-            parts.headers,
-            Ok(body),
+            inference.model,
+            inference.version,
+            inference.peer,
+            inference.headers,
+            Ok(inference.body),
             None,
-        )))
+        ))
     })
 }
 
@@ -353,14 +343,10 @@ fn no_route(model: &str, version: Option<&str>, why: NoRoute) -> ApiError {
     }
 }
 
-fn header_value(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    nonempty_text(headers.get(name))
-}
-
 /// A header's value as text, unless it is empty or not text.
-fn nonempty_text(value: Option<&HeaderValue>) -> Option<&str> {
+fn nonempty_text(value: Option<&[u8]>) -> Option<&str> {
     value
-        .and_then(|v| v.to_str().ok())
+        .and_then(shoal_http::header_str)
         .filter(|v| !v.is_empty())
 }
 
@@ -592,6 +578,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let (headers, body) = (RequestHeaders::Map(headers), RequestBody::Streamed(body));
     infer_common(gateway, model, None, peer, headers, Ok(body), None).await
 }
 
@@ -602,6 +589,7 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let (headers, body) = (RequestHeaders::Map(headers), RequestBody::Streamed(body));
     infer_common(gateway, model, Some(version), peer, headers, Ok(body), None).await
 }
 
@@ -615,8 +603,8 @@ pub(crate) async fn infer_common(
     model: String,
     pinned: Option<String>,
     peer: SocketAddr,
-    headers: HeaderMap,
-    body: Result<Body, ApiError>,
+    headers: RequestHeaders,
+    body: Result<RequestBody, ApiError>,
     admitted: Option<String>,
 ) -> Response {
     let started = Instant::now();
@@ -701,7 +689,7 @@ struct Call<'a> {
     model: &'a str,
     pinned: Option<&'a str>,
     peer: SocketAddr,
-    headers: &'a HeaderMap,
+    headers: &'a RequestHeaders,
     /// The caller, if already admitted.
     admitted: Option<String>,
     /// When the request came: the first attempt's clock (a reading saved).
@@ -711,7 +699,7 @@ struct Call<'a> {
 async fn route_inference(
     gateway: &Arc<Gateway>,
     call: Call<'_>,
-    body: Body,
+    body: RequestBody,
 ) -> Result<Routed, ApiError> {
     let Call {
         model,
@@ -729,19 +717,17 @@ async fn route_inference(
             .map_err(|refusal| refusal_error(gateway, refusal))?,
     };
     // The headers routing reads, in one pass.
-    let [content_length, json_len, split, session] = shoal_http::headers_of(
-        headers,
-        [
-            &header::CONTENT_LENGTH,
-            &BINARY,
-            &gateway.split_header,
-            &gateway.session_header,
-        ],
-    );
+    let [content_length, json_len, split, session] = headers.find([
+        &header::CONTENT_LENGTH,
+        &BINARY,
+        &gateway.split_header,
+        &gateway.session_header,
+    ]);
     let json_len_text = shoal_http::text_of(&BINARY, json_len)?;
-    let json_len = json_len.cloned();
+    // Forwarded as it came; text, as checked just now.
+    let json_len = json_len_text.and_then(|text| HeaderValue::from_str(text).ok());
     shoal_http::check_length(content_length, gateway.config.body_limit)?;
-    let body = shoal_http::read_body(body, gateway.config.body_limit).await?;
+    let body = body.read(gateway.config.body_limit).await?;
     let prechecked =
         shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
             .map_err(|e| ApiError::bad_request(e.0))?;
@@ -763,7 +749,7 @@ async fn route_inference(
     let state = gateway.routes.snapshot();
     let policy = state.policies.get(model);
     let split_key = match policy.and_then(|p| p.split_header.as_deref()) {
-        Some(name) => header_value(headers, name),
+        Some(name) => nonempty_text(headers.first_named(name)),
         None => nonempty_text(split),
     };
     let session_key = sequence_key.as_deref().or_else(|| nonempty_text(session));

@@ -20,10 +20,12 @@
 //!   client certificates.
 
 pub mod extract;
+mod front;
 mod server;
 pub mod supervise;
 pub mod tls;
 
+pub use front::{Front, Headers, Inference, RawHead, RequestBody, RequestHeaders, header_str};
 pub use supervise::supervise;
 
 use std::future::Future;
@@ -156,12 +158,7 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response {
 
 /// Reads a whole request body, refusing more than `limit` bytes with 413.
 pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-    };
+    let too_large = || front::too_large(limit);
     let cannot =
         |e: axum::Error| ApiError::bad_request(format!("cannot read the request body: {e}"));
     // Most bodies are whole before the handler runs, in one frame (the
@@ -223,41 +220,22 @@ pub fn header_text<'a>(
     headers: &'a http::HeaderMap,
     name: &http::HeaderName,
 ) -> Result<Option<&'a str>, ApiError> {
-    text_of(name, headers.get(name))
+    text_of(name, headers.first(name))
 }
 
 /// Header `name`'s `value` as text, if there is one; a 400 naming the
 /// header when it is not visible ASCII.
 pub fn text_of<'a>(
     name: &http::HeaderName,
-    value: Option<&'a http::HeaderValue>,
+    value: Option<&'a [u8]>,
 ) -> Result<Option<&'a str>, ApiError> {
     value
         .map(|v| {
-            v.to_str().map_err(|_| {
+            header_str(v).ok_or_else(|| {
                 ApiError::bad_request(format!("header {name} must be plain ASCII text"))
             })
         })
         .transpose()
-}
-
-/// The values of the headers `names` (the first of a repeated header, as
-/// `get` gives it), found in one pass over `headers`: a lookup hashes its
-/// name each time, while a request has few headers to compare. For hot
-/// paths that read several.
-pub fn headers_of<'a, const N: usize>(
-    headers: &'a http::HeaderMap,
-    names: [&http::HeaderName; N],
-) -> [Option<&'a http::HeaderValue>; N] {
-    let mut found = [None; N];
-    for (name, value) in headers {
-        for (slot, wanted) in found.iter_mut().zip(names) {
-            if slot.is_none() && name == wanted {
-                *slot = Some(value);
-            }
-        }
-    }
-    found
 }
 
 /// The bearer token of a request: `None` without an `Authorization`
@@ -281,13 +259,13 @@ pub fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, String> {
 
 /// Rejects a declared `Content-Length` over `limit` before reading anything.
 pub fn check_content_length(headers: &http::HeaderMap, limit: usize) -> Result<(), ApiError> {
-    check_length(headers.get(header::CONTENT_LENGTH), limit)
+    check_length(headers.first(&header::CONTENT_LENGTH), limit)
 }
 
 /// [`check_content_length`] of a `Content-Length` value already found.
-pub fn check_length(value: Option<&http::HeaderValue>, limit: usize) -> Result<(), ApiError> {
+pub fn check_length(value: Option<&[u8]>, limit: usize) -> Result<(), ApiError> {
     let declared = value
-        .and_then(|v| v.to_str().ok())
+        .and_then(header_str)
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
         Some(n) if n > limit as u64 => Err(ApiError::new(
@@ -446,20 +424,6 @@ pub fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// A route taken before the router: given a request and the peer's
-/// address, it answers (`Ok`) or hands the request back for the router
-/// (`Err`). For the one hot route of a server, it skips the router's
-/// matching, its extensions (`ConnectInfo`, `MatchedPath`, `OriginalUri`)
-/// and its extractors.
-pub type Front = Arc<
-    dyn Fn(
-            axum::extract::Request,
-            SocketAddr,
-        ) -> Result<futures::future::BoxFuture<'static, Response>, axum::extract::Request>
-        + Send
-        + Sync,
->;
-
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -501,11 +465,11 @@ mod tests {
         let bin = http::HeaderName::from_static("x-bin");
         let absent = http::HeaderName::from_static("x-absent");
         let names = [&session, &header::CONTENT_LENGTH, &absent, &session, &bin];
-        let found = headers_of(&headers, names);
+        let found = headers.find(names);
         for (name, value) in names.iter().zip(found) {
             // A repeated header reads as its first value, as `get` gives;
             // a name asked twice is found twice.
-            assert_eq!(value, headers.get(*name), "{name}");
+            assert_eq!(value, headers.get(*name).map(HeaderValue::as_bytes), "{name}");
         }
         assert_eq!(text_of(&session, found[0]).unwrap(), Some("first"));
         assert_eq!(text_of(&absent, found[2]).unwrap(), None);

@@ -31,10 +31,11 @@ use axum::extract::Request;
 use axum::response::Response;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::FutureExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
+use http::{Method, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
+use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
 use crate::Front;
 
 /// Largest request body the connection loop reads itself; a larger one
@@ -84,17 +85,23 @@ impl tower::Service<Request> for Fronted {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let request = match &self.front {
-            Some(front) => match front(request, self.peer) {
-                Ok(answer) => {
-                    return futures::future::Either::Left(
-                        answer.map(Ok as fn(Response) -> Answered),
-                    );
-                }
-                Err(request) => request,
-            },
-            None => request,
-        };
+        if let Some(front) = &self.front
+            && request.method() == Method::POST
+            && let Some((model, version)) = crate::infer_path(request.uri().path())
+        {
+            let (model, version) = (model.to_owned(), version.map(str::to_owned));
+            let (parts, body) = request.into_parts();
+            let inference = Inference {
+                model,
+                version,
+                peer: self.peer,
+                headers: RequestHeaders::Map(parts.headers),
+                body: RequestBody::Streamed(body),
+            };
+            return futures::future::Either::Left(
+                front(inference).map(Ok as fn(Response) -> Answered),
+            );
+        }
         futures::future::Either::Right(self.route(request))
     }
 }
@@ -198,7 +205,6 @@ impl Fronted {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let mut buf = BytesMut::new();
-        let mut lines: Vec<Line> = Vec::new();
         let mut out: Vec<u8> = Vec::new();
         // One wait for the stop per connection, not one per request: each
         // new wait registers with the channel and unregisters when dropped
@@ -208,7 +214,7 @@ impl Fronted {
             // A whole request head, or a reason to stop.
             let head = loop {
                 if !buf.is_empty() {
-                    match parse(&buf, &mut lines) {
+                    match parse(&buf) {
                         Parsed::Partial if buf.len() <= MAX_HEAD => {}
                         Parsed::Partial | Parsed::Other => return Ok(Handed::Over(buf.freeze())),
                         Parsed::Fast(head) => break head,
@@ -231,9 +237,6 @@ impl Fronted {
                 }
             };
             let read = buf.split().freeze();
-            let Some(request) = head.request(&read, &lines) else {
-                return Ok(Handed::Over(read));
-            };
             let rest = read.slice(head.len..);
             let body = if rest.len() >= head.content_length {
                 if rest.len() > head.content_length {
@@ -259,17 +262,10 @@ impl Fronted {
                 }
                 body.freeze()
             };
-            drop(read);
-            let request = request.map(|()| Body::from(body));
-            let response = match front(request, self.peer) {
-                Ok(answer) => answer.await,
-                Err(request) => match self.clone().route(request).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                },
-            };
+            let close = head.close;
+            let response = front(head.inference(read, body, self.peer)).await;
             // A stop while the request ran: answer it, then close.
-            let close = head.close || stop.is_closed();
+            let close = close || stop.is_closed();
             if !write_response(io, response, close, &mut out).await? {
                 return Ok(Handed::Closed);
             }
@@ -281,15 +277,15 @@ impl Fronted {
     }
 }
 
-/// Where one header line of the request head is: its name and value as
-/// byte ranges of the head.
-type Line = (std::ops::Range<usize>, std::ops::Range<usize>);
-
 /// A request head the loop takes.
 struct Head {
     /// Its length, blank line included.
     len: usize,
-    path: std::ops::Range<usize>,
+    /// Where the model and version its path names are in it.
+    model: std::ops::Range<usize>,
+    version: Option<std::ops::Range<usize>>,
+    /// Where its header lines are in it.
+    lines: smallvec::SmallVec<[Line; 8]>,
     content_length: usize,
     /// The client asked to close after the answer.
     close: bool,
@@ -305,36 +301,37 @@ enum Parsed {
     Fast(Head),
 }
 
-/// Reads the request head at the start of `buf`, noting where its header
-/// lines are in `lines`.
-fn parse(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
+/// Reads the request head at the start of `buf`.
+fn parse(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+        // Longer heads are hyper's: where a line is fits in a `u16`.
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) | Err(_) => return Parsed::Other,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
     };
     let (Some("POST"), Some(1), Some(path)) = (request.method, request.version, request.path)
     else {
         return Parsed::Other;
     };
-    if crate::infer_path(path).is_none() {
+    let Some((model, version)) = crate::infer_path(path) else {
         return Parsed::Other;
-    }
+    };
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - buf.as_ptr() as usize;
         start..start + part.len()
     };
     let mut head = Head {
         len,
-        path: at(path.as_bytes()),
+        model: at(model.as_bytes()),
+        version: version.map(|v| at(v.as_bytes())),
+        lines: smallvec::SmallVec::new(),
         content_length: 0,
         close: false,
         expect_continue: false,
     };
     let mut content_length = None;
-    lines.clear();
     for h in request.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -364,7 +361,15 @@ fn parse(buf: &[u8], lines: &mut Vec<Line>) -> Parsed {
             }
             head.expect_continue = true;
         }
-        lines.push((at(name), at(h.value)));
+        let (name, value) = (at(name), at(h.value));
+        // Within the head, at most `MAX_HEAD` long: each fits.
+        let fit = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+        head.lines.push([
+            fit(name.start),
+            fit(name.end),
+            fit(value.start),
+            fit(value.end),
+        ]);
     }
     head.content_length = content_length.unwrap_or(0);
     Parsed::Fast(head)
@@ -381,48 +386,24 @@ fn digits(value: &[u8]) -> Option<usize> {
 }
 
 impl Head {
-    /// The request this head asks for (its body to be added), its header
-    /// values slices of `read`; `None` when the path or a header is not
-    /// one `http` takes.
-    fn request(&self, read: &Bytes, lines: &[Line]) -> Option<http::Request<()>> {
-        // An origin-form path (the loop takes only inference paths): read
-        // as a path, not through the parse of every form a URI can take.
-        let path =
-            http::uri::PathAndQuery::from_maybe_shared(read.slice(self.path.clone())).ok()?;
-        let uri = Uri::from(path);
-        let mut headers = HeaderMap::with_capacity(lines.len());
-        for (name, value) in lines {
-            let name = &read[name.clone()];
-            let name = match common(name) {
-                Some(name) => name,
-                None => HeaderName::from_bytes(name).ok()?,
-            };
-            let value = HeaderValue::from_maybe_shared(read.slice(value.clone())).ok()?;
-            headers.append(name, value);
+    /// The inference this head asks for, `read` the bytes it was parsed
+    /// from: its header lines kept there, not copied into a map.
+    fn inference(self, read: Bytes, body: Bytes, peer: std::net::SocketAddr) -> Inference {
+        let text = |range: std::ops::Range<usize>| {
+            // `httparse` gave the path as text; the names are slices of it.
+            String::from_utf8_lossy(&read[range]).into_owned()
+        };
+        Inference {
+            model: text(self.model),
+            version: self.version.map(text),
+            peer,
+            headers: RequestHeaders::Head(RawHead {
+                head: read.slice(..self.len),
+                lines: self.lines,
+            }),
+            body: RequestBody::Whole(body),
         }
-        let mut request = http::Request::new(());
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        Some(request)
     }
-}
-
-/// The header names most clients send, in the cases they send them:
-/// `HeaderName::from_bytes` lowercases and looks up every name it is given
-/// (about 120 instructions each).
-fn common(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"Host" | b"host" => header::HOST,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"User-Agent" | b"user-agent" => header::USER_AGENT,
-        b"Accept" | b"accept" => header::ACCEPT,
-        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"Connection" | b"connection" => header::CONNECTION,
-        _ => return None,
-    })
 }
 
 /// Writes `response` to `io` (with `connection: close` when `close`),
@@ -594,30 +575,42 @@ mod tests {
     use tokio::sync::{Semaphore, mpsc, oneshot};
 
     use super::*;
+    use crate::Headers;
 
-    /// Answers `{model}:{body}` to every inference request; the model
-    /// `held` first says it started and waits for a permit of `gate`.
-    // The request handed back is the large `Err`, as in every front.
-    #[allow(clippy::result_large_err)]
+    /// Answers `{model}:{body}` to every inference request, with
+    /// `/{version}` after the model when the path names one and `[{tag}]`
+    /// when the request has an `x-tag` header; the model `held` first
+    /// says it started and waits for a permit of `gate`.
     fn echo_front(started: mpsc::UnboundedSender<()>, gate: Arc<Semaphore>) -> Front {
-        Arc::new(move |request: Request, _peer| {
-            let Some((model, _)) = crate::infer_path(request.uri().path()) else {
-                return Err(request);
-            };
-            let model = model.to_owned();
+        Arc::new(move |inference: Inference| {
             let (started, gate) = (started.clone(), gate.clone());
-            Ok(Box::pin(async move {
+            Box::pin(async move {
+                let Inference {
+                    model,
+                    version,
+                    headers,
+                    body,
+                    ..
+                } = inference;
                 if model == "held" {
                     let _ = started.send(());
                     gate.acquire().await.unwrap().forget();
                 }
-                let body = crate::read_body(request.into_body(), 4 << 20)
-                    .await
-                    .unwrap();
-                let mut text = format!("{model}:").into_bytes();
+                let body = body.read(4 << 20).await.unwrap();
+                let mut text = model.into_bytes();
+                if let Some(version) = version {
+                    text.push(b'/');
+                    text.extend_from_slice(version.as_bytes());
+                }
+                if let Some(tag) = headers.first_named("x-tag") {
+                    text.push(b'[');
+                    text.extend_from_slice(tag);
+                    text.push(b']');
+                }
+                text.push(b':');
                 text.extend_from_slice(&body);
                 Response::new(Body::from(text))
-            }))
+            })
         })
     }
 
@@ -730,73 +723,56 @@ mod tests {
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 
-    #[test]
-    fn common_names_are_the_names_http_reads() {
-        for name in [
-            "Host",
-            "host",
-            "Content-Type",
-            "content-type",
-            "Content-Length",
-            "content-length",
-            "User-Agent",
-            "user-agent",
-            "Accept",
-            "accept",
-            "Accept-Encoding",
-            "accept-encoding",
-            "Connection",
-            "connection",
-        ] {
-            assert_eq!(
-                common(name.as_bytes()),
-                Some(HeaderName::from_bytes(name.as_bytes()).unwrap()),
-                "{name}"
-            );
-        }
-        // Other cases and names go through `from_bytes`.
-        for name in ["HOST", "Content-type", "x-api-key", "Hosts", ""] {
-            assert_eq!(common(name.as_bytes()), None, "{name}");
-        }
-    }
-
     /// Which heads the loop takes itself, and which it hands to hyper.
     #[test]
     fn heads_the_loop_takes() {
-        let mut lines = Vec::new();
-        let fast = |text: &str, lines: &mut Vec<Line>| match parse(text.as_bytes(), lines) {
+        let fast = |text: &str| match parse(text.as_bytes()) {
             Parsed::Fast(head) => Some(head),
             Parsed::Partial => panic!("partial: {text}"),
             Parsed::Other => None,
         };
-        let head = fast(
-            "POST /v2/models/a/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: Keep-Alive, Close\r\n\r\n{\"inputs\":1}",
-            &mut lines,
-        )
-        .unwrap();
+        let text = "POST /v2/models/a/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: Keep-Alive, Close\r\n\r\n{\"inputs\":1}";
+        let head = fast(text).unwrap();
         assert_eq!(head.content_length, 12);
         assert!(head.close && !head.expect_continue);
         assert_eq!(head.len, 96);
-        assert_eq!(lines.len(), 3);
-        let head = fast(
-            "POST /v2/models/a/versions/2/infer HTTP/1.1\r\nexpect: 100-Continue\r\n\r\n",
-            &mut lines,
-        )
-        .unwrap();
+        assert_eq!((&text[head.model.clone()], head.version.clone()), ("a", None));
+        let lines: Vec<(&str, &str)> = head
+            .lines
+            .iter()
+            .map(|&[ns, ne, vs, ve]| {
+                let at = |from: u16, to: u16| &text[usize::from(from)..usize::from(to)];
+                (at(ns, ne), at(vs, ve))
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                ("Host", "x"),
+                ("Content-Length", "12"),
+                ("Connection", "Keep-Alive, Close")
+            ]
+        );
+        let text = "POST /v2/models/a/versions/2/infer HTTP/1.1\r\nexpect: 100-Continue\r\n\r\n";
+        let head = fast(text).unwrap();
         assert_eq!(
             (head.content_length, head.close, head.expect_continue),
             (0, false, true)
         );
+        assert_eq!(&text[head.version.unwrap()], "2");
         assert!(matches!(
-            parse(
-                b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\n",
-                &mut lines
-            ),
+            parse(b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\n"),
             Parsed::Partial
         ));
         let too_big = format!(
             "POST /v2/models/a/infer HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
             FAST_BODY_MAX + 1
+        );
+        // Whole, but longer than the loop takes (where its lines are must
+        // fit in a `u16`).
+        let long_head = format!(
+            "POST /v2/models/a/infer HTTP/1.1\r\nx-long: {}\r\n\r\n",
+            "l".repeat(MAX_HEAD)
         );
         for other in [
             "GET /v2/models/a/infer HTTP/1.1\r\n\r\n",
@@ -811,8 +787,9 @@ mod tests {
             "POST /v2/models/a/infer HTTP/1.1\r\nbad header\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             &too_big,
+            &long_head,
         ] {
-            assert!(fast(other, &mut lines).is_none(), "{other}");
+            assert!(fast(other).is_none(), "{other}");
         }
         assert_eq!(digits(b"18446744073709551615"), None);
         assert_eq!(digits(b"0012"), Some(12));
@@ -845,7 +822,7 @@ mod tests {
             b"POST /v2/models/d/versions/2/infer HTTP/1.1\r\nhost: x\r\n\r\n",
         )
         .await;
-        assert_eq!((code, body.as_slice()), (200, &b"d:"[..]));
+        assert_eq!((code, body.as_slice()), (200, &b"d/2:"[..]));
     }
 
     #[tokio::test]
@@ -886,6 +863,20 @@ mod tests {
         let mut tail = Vec::new();
         stream.read_to_end(&mut tail).await.unwrap();
         assert!(tail.is_empty(), "{tail:?}");
+    }
+
+    /// The front reads the path's version and the headers alike from a
+    /// request the loop read and from one hyper read (chunked).
+    #[tokio::test]
+    async fn the_front_sees_the_same_request_either_way() {
+        let server = server().await;
+        let (mut stream, mut pending) = connect(server.addr).await;
+        let looped = b"POST /v2/models/a/versions/7/infer HTTP/1.1\r\nhost: x\r\nX-Tag: blue\r\nx-tag: red\r\ncontent-length: 3\r\n\r\n[1]";
+        let (code, _, body) = ask(&mut stream, &mut pending, looped).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a/7[blue]:[1]"[..]));
+        let chunked = b"POST /v2/models/a/versions/7/infer HTTP/1.1\r\nhost: x\r\nX-Tag: blue\r\nx-tag: red\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1]\r\n0\r\n\r\n";
+        let (code, _, body) = ask(&mut stream, &mut pending, chunked).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a/7[blue]:[1]"[..]));
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use shoal_api::replica::{
 };
 use shoal_core::{ModelName, Version, VersionKey};
 use shoal_http::extract::{Json, Path};
-use shoal_http::{ApiError, json_bytes_response, json_response};
+use shoal_http::{ApiError, Headers, RequestBody, json_bytes_response, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
 use shoal_runtime::LoadOptions;
 
@@ -263,24 +263,21 @@ async fn version_ready(
 /// [`shoal_http::Front`]): what [`infer`] and [`infer_version`] do, without
 /// the router's matching, extensions and extractors on the path every
 /// request takes. Paths with percent-encoded names go to the router.
-// The request handed back is the large `Err`: moved, not copied twice.
-#[allow(clippy::result_large_err)]
 pub fn front(replica: Arc<Replica>) -> shoal_http::Front {
-    Arc::new(move |request: axum::extract::Request, _peer| {
-        if request.method() != http::Method::POST {
-            return Err(request);
-        }
-        let Some((model, version)) = shoal_http::infer_path(request.uri().path()) else {
-            return Err(request);
-        };
-        let (model, version) = (model.to_owned(), version.map(str::to_owned));
-        let (parts, body) = request.into_parts();
+    Arc::new(move |inference: shoal_http::Inference| {
         let replica = replica.clone();
-        Ok(Box::pin(async move {
-            infer_common(&replica, &model, version.as_deref(), &parts.headers, body)
+        Box::pin(async move {
+            let shoal_http::Inference {
+                model,
+                version,
+                headers,
+                body,
+                ..
+            } = inference;
+            infer_common(&replica, &model, version.as_deref(), &headers, body)
                 .await
                 .into_response()
-        }))
+        })
     })
 }
 
@@ -290,7 +287,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer_common(&replica, &model, None, &headers, body).await
+    infer_common(&replica, &model, None, &headers, RequestBody::Streamed(body)).await
 }
 
 async fn infer_version(
@@ -299,6 +296,7 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let body = RequestBody::Streamed(body);
     infer_common(&replica, &model, Some(&version), &headers, body).await
 }
 
@@ -306,8 +304,8 @@ async fn infer_common(
     replica: &Replica,
     model: &str,
     version: Option<&str>,
-    headers: &HeaderMap,
-    body: Body,
+    headers: &impl Headers,
+    body: RequestBody,
 ) -> Result<Response, ApiError> {
     // Names as constants: a `&str` name is parsed on every lookup.
     const BINARY: http::HeaderName = http::HeaderName::from_static(shoal_oip::BINARY_HEADER);
@@ -317,12 +315,12 @@ async fn infer_common(
     const VERSION: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
     // The three headers read, in one pass.
     let [json_len, content_length, moved_from] =
-        shoal_http::headers_of(headers, [&BINARY, &header::CONTENT_LENGTH, &MOVED_FROM]);
+        headers.find([&BINARY, &header::CONTENT_LENGTH, &MOVED_FROM]);
     let json_len = shoal_http::text_of(&BINARY, json_len)?;
     shoal_http::check_length(content_length, replica.body_limit)?;
     // The gateway says when the sequence's last step was answered by
     // another replica.
-    let moved_from = moved_from.and_then(|v| v.to_str().ok());
+    let moved_from = moved_from.and_then(shoal_http::header_str);
     let call = Call {
         model,
         version,
@@ -330,7 +328,7 @@ async fn infer_common(
     };
     // Read and decoded only once admitted (see `inference::infer`).
     let served = inference::infer(replica, call, || async {
-        let body = shoal_http::read_body(body, replica.body_limit).await?;
+        let body = body.read(replica.body_limit).await?;
         Ok(decode(body, json_len, replica.limits).await)
     })
     .await?;
