@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use shoal_api::VersionKey;
-use shoal_api::replica::{REPLICA_HEADER, VERSION_HEADER};
+use shoal_api::replica::REPLICA_HEADER;
 use shoal_balance::health::Failure;
 use shoal_http::extract::Path;
 use shoal_http::{ApiError, Headers, RequestBody, RequestHeaders, json_response};
@@ -47,7 +47,6 @@ type Shared = State<Arc<Gateway>>;
 /// Header names read or written on every request, parsed once: a `&str`
 /// name is parsed (checked and lowercased) on every lookup.
 const BINARY: HeaderName = HeaderName::from_static(shoal_oip::BINARY_HEADER);
-const VERSION: HeaderName = HeaderName::from_static(VERSION_HEADER);
 const REPLICA: HeaderName = HeaderName::from_static(REPLICA_HEADER);
 
 /// A placeholder in a fixed array of upstream headers.
@@ -269,17 +268,15 @@ async fn send(
             Attempt::Failed(kind, reason)
         }
         Ok(Ok(answer)) => {
-            let mut response = answer.map(Body::from);
+            let upstream::Answer { response, version } = answer;
+            let mut response = response.map(Body::from);
             if let Some(v) = &endpoint.id_header {
                 response.headers_mut().insert(REPLICA, v.clone());
             }
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
-            let version = response
-                .headers()
-                .get(VERSION)
-                .and_then(|v| v.to_str().ok());
+            let version = version.as_ref().and_then(|v| v.to_str().ok());
             let answered = version.zip(model_of(path));
             if response.status() == StatusCode::NOT_FOUND {
                 return Attempt::Stale(response);
@@ -353,14 +350,14 @@ fn nonempty_text(value: Option<&[u8]>) -> Option<&str> {
 /// Sends to `first`, and after the hedge delay to a second replica too,
 /// picked from `others` by load at that moment (so hedges spread like
 /// requests do) if the retry budget allows; see [`policy::hedge`].
-async fn hedged(
+async fn hedged<'s>(
     gateway: &Gateway,
     model: &str,
-    first: &Arc<Endpoint>,
-    others: &[Arc<Endpoint>],
+    first: &'s Arc<Endpoint>,
+    others: &[&'s Arc<Endpoint>],
     path: &str,
     payload: &Payload,
-) -> (Attempt, Arc<Endpoint>) {
+) -> (Attempt, &'s Arc<Endpoint>) {
     let delay = gateway
         .config
         .hedge
@@ -372,15 +369,15 @@ async fn hedged(
         // (and a timer) a hedge needs.
         return (
             send(gateway, first, Method::POST, path, payload).await,
-            first.clone(),
+            first,
         );
     };
     let mut second = None;
     let backup = || {
-        let others: Vec<Arc<Endpoint>> = others
+        let others: Vec<&Arc<Endpoint>> = others
             .iter()
             .filter(|e| e.id != first.id)
-            .cloned()
+            .copied()
             .collect();
         let picked = gateway
             .routes
@@ -388,8 +385,8 @@ async fn hedged(
             .filter(|_| gateway.budget.withdraw())?;
         gateway.metrics.hedge(model);
         gateway.metrics.attempt(model);
-        second = Some(picked.clone());
-        Some(async move { send(gateway, &picked, Method::POST, path, payload).await })
+        second = Some(picked);
+        Some(async move { send(gateway, picked, Method::POST, path, payload).await })
     };
     // Boxed: two exchanges and a timer are too large to carry in every
     // request's future, hedged or not.
@@ -402,7 +399,7 @@ async fn hedged(
     .await;
     match (answered, second) {
         (Answered::Backup, Some(second)) => (attempt, second),
-        _ => (attempt, first.clone()),
+        _ => (attempt, first),
     }
 }
 
@@ -454,7 +451,7 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, payload: Payload
             return;
         };
         let path = format!("/v2/models/{model}/versions/{version}/infer");
-        let candidate = match send(&gateway, &endpoint, Method::POST, &path, &payload).await {
+        let candidate = match send(&gateway, endpoint, Method::POST, &path, &payload).await {
             Attempt::Answer(r, rtt, _) if r.status().is_success() => {
                 gateway.metrics.shadowed(&model, "success");
                 let json_len = json_len_of(&r);
@@ -717,16 +714,12 @@ async fn route_inference(
             .map_err(|refusal| refusal_error(gateway, refusal))?,
     };
     // The headers routing reads, in one pass.
-    let [content_length, json_len, split, session] = headers.find([
-        &header::CONTENT_LENGTH,
-        &BINARY,
-        &gateway.split_header,
-        &gateway.session_header,
-    ]);
+    let [json_len, split, session] =
+        headers.find([&BINARY, &gateway.split_header, &gateway.session_header]);
     let json_len_text = shoal_http::text_of(&BINARY, json_len)?;
     // Forwarded as it came; text, as checked just now.
     let json_len = json_len_text.and_then(|text| HeaderValue::from_str(text).ok());
-    shoal_http::check_length(content_length, gateway.config.body_limit)?;
+    body.check_declared(headers, gateway.config.body_limit)?;
     let body = body.read(gateway.config.body_limit).await?;
     let prechecked =
         shoal_oip::precheck_request_parts(&body, json_len_text, &shoal_oip::Limits::default())
@@ -813,7 +806,7 @@ async fn route_inference(
                 ));
             };
             // Sticky sessions are not hedged: the session lives on one replica.
-            let hedge_to: &[Arc<Endpoint>] = if session_key.is_none() {
+            let hedge_to: &[&Arc<Endpoint>] = if session_key.is_none() {
                 &candidates
             } else {
                 &[]
@@ -841,7 +834,7 @@ async fn route_inference(
                 }
             };
             let (outcome, answered_by) =
-                hedged(gateway, model, &endpoint, hedge_to, &path, attempt_payload).await;
+                hedged(gateway, model, endpoint, hedge_to, &path, attempt_payload).await;
             let step = match outcome {
                 Attempt::Answer(mut response, rtt, answered_version) => {
                     if gateway.config.hedge {
@@ -997,7 +990,7 @@ pub(crate) async fn forward_get(
                 );
             };
             tried.push(endpoint.id.clone());
-            match send(gateway, &endpoint, Method::GET, path, &Payload::default()).await {
+            match send(gateway, endpoint, Method::GET, path, &Payload::default()).await {
                 Attempt::Answer(response, ..) | Attempt::Stale(response) => Step::Done(response),
                 Attempt::ServerError(response) => Step::Failed("server_error", response),
                 Attempt::Failed(kind, detail) => {

@@ -267,6 +267,11 @@ pub enum Balance {
     RoundRobin,
 }
 
+/// The endpoints a request may go to, borrowed from the routing state
+/// the request holds: inline for the few a model has (no allocation and
+/// no reference counts touched per request).
+pub type Candidates<'s> = smallvec::SmallVec<[&'s Arc<Endpoint>; 8]>;
+
 /// The routing state, swapped atomically on every discovery update.
 #[derive(Debug)]
 pub struct Routes {
@@ -441,14 +446,14 @@ impl Routes {
     /// Standbys stand in for missing actives: one is a candidate while its
     /// region has fewer active replicas available than registered (one
     /// died or was ejected), or when no active one can serve at all.
-    pub fn candidates(
+    pub fn candidates<'s>(
         &self,
-        state: &RoutingState,
+        state: &'s RoutingState,
         model: &str,
         version: Option<&str>,
         exclude: &[String],
         now: Duration,
-    ) -> Result<Vec<Arc<Endpoint>>, NoRoute> {
+    ) -> Result<Candidates<'s>, NoRoute> {
         if state.endpoints.is_empty() && state.policies.is_empty() {
             // Nothing known yet (a first start before the control plane
             // answered): unavailable for now, not unknown.
@@ -460,11 +465,11 @@ impl Routes {
         };
         // One list, filtered in place: this runs for every request.
         let mut any_serving = false;
-        let mut available: Vec<Arc<Endpoint>> = Vec::new();
+        let mut available = Candidates::new();
         for e in state.endpoints.iter().filter(serves) {
             any_serving = true;
             if !exclude.contains(&e.id) && e.available_for(now, model, version) {
-                available.push(e.clone());
+                available.push(e);
             }
         }
         if !any_serving {
@@ -479,20 +484,19 @@ impl Routes {
                     .endpoints
                     .iter()
                     .filter(serves)
-                    .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst))
-                    .cloned(),
+                    .filter(|e| !exclude.contains(&e.id) && e.routable.load(Ordering::SeqCst)),
             );
         }
         if available.iter().any(|e| e.standby) {
             let short = short_regions(state, now);
             let standing_in = |e: &Arc<Endpoint>| !e.standby || short.contains(e.region.as_str());
-            if available.iter().any(standing_in) {
-                available.retain(standing_in);
+            if available.iter().any(|e| standing_in(e)) {
+                available.retain(|e| standing_in(e));
             }
         }
         let local = |e: &Arc<Endpoint>| e.region == self.region;
-        if available.iter().any(local) {
-            available.retain(local);
+        if available.iter().any(|e| local(e)) {
+            available.retain(|e| local(e));
         }
         if available.is_empty() {
             Err(NoRoute::NoneAvailable)
@@ -503,20 +507,20 @@ impl Routes {
 
     /// Picks one of `candidates`: by session key (rendezvous hashing) when
     /// given, else power of two choices over peak-EWMA cost.
-    pub fn pick(
+    pub fn pick<'s>(
         &self,
-        candidates: &[Arc<Endpoint>],
+        candidates: &[&'s Arc<Endpoint>],
         session_key: Option<&str>,
         rng: &mut impl Rng,
         now: Duration,
-    ) -> Option<Arc<Endpoint>> {
+    ) -> Option<&'s Arc<Endpoint>> {
         if let Some(key) = session_key {
             let i = shoal_balance::hash::rendezvous(key, candidates.iter().map(|e| e.id.as_str()))?;
-            return candidates.get(i).cloned();
+            return candidates.get(i).copied();
         }
         if self.balance == Balance::RoundRobin && !candidates.is_empty() {
             let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
-            return candidates.get(i).cloned();
+            return candidates.get(i).copied();
         }
         self.least_loaded(candidates, rng, now)
     }
@@ -524,16 +528,16 @@ impl Routes {
     /// Power of two choices among `candidates` by peak-EWMA cost, whatever
     /// the balance mode: a hedge goes where it will be answered soonest,
     /// and picking it must not move round robin's turn.
-    pub fn least_loaded(
+    pub fn least_loaded<'s>(
         &self,
-        candidates: &[Arc<Endpoint>],
+        candidates: &[&'s Arc<Endpoint>],
         rng: &mut impl Rng,
         now: Duration,
-    ) -> Option<Arc<Endpoint>> {
+    ) -> Option<&'s Arc<Endpoint>> {
         p2c_by(candidates.len(), rng, |i| {
             candidates[i].candidate(now, &self.policy)
         })
-        .and_then(|i| candidates.get(i).cloned())
+        .and_then(|i| candidates.get(i).copied())
     }
 }
 
@@ -572,7 +576,7 @@ mod tests {
         }
     }
 
-    fn ids(v: &[Arc<Endpoint>]) -> Vec<&str> {
+    fn ids<'s>(v: &[&'s Arc<Endpoint>]) -> Vec<&'s str> {
         v.iter().map(|e| e.id.as_str()).collect()
     }
 
@@ -592,8 +596,8 @@ mod tests {
         let mut turns = Vec::new();
         for _ in 0..4 {
             let first = routes.pick(&all, None, &mut rng, Duration::ZERO).unwrap();
-            let others: Vec<Arc<Endpoint>> =
-                all.iter().filter(|e| e.id != first.id).cloned().collect();
+            let others: Vec<&Arc<Endpoint>> =
+                all.iter().filter(|e| e.id != first.id).copied().collect();
             let hedge = routes
                 .least_loaded(&others, &mut rng, Duration::ZERO)
                 .unwrap();

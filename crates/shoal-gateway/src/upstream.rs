@@ -57,6 +57,15 @@ pub(crate) enum Error {
     Exchange(String),
 }
 
+/// A replica's answer.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub response: http::Response<Bytes>,
+    /// Its `x-shoal-model-version` (in `response` too), found while its
+    /// head was parsed: a lookup afterwards hashes the name.
+    pub version: Option<HeaderValue>,
+}
+
 /// A request to forward.
 pub(crate) struct Request<'a> {
     pub method: &'a Method,
@@ -150,7 +159,7 @@ impl Upstream {
         &self,
         request: &Request<'_>,
         connect_timeout: Duration,
-    ) -> Result<http::Response<Bytes>, Error> {
+    ) -> Result<Answer, Error> {
         let head = self.head(request);
         let body = (request.body.len() > COALESCE).then_some(request.body);
         let head_request = request.method == Method::HEAD;
@@ -343,6 +352,43 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// What [`Conn::parse_head`] does with an answer's header.
+enum Role {
+    /// Passed on to the client.
+    Kept,
+    /// `content-length`: read, and said again by the gateway's server.
+    Length,
+    /// `transfer-encoding`: read.
+    Coding,
+    /// `connection`: read.
+    Connection,
+    /// Hop-by-hop headers, the replica's name (the gateway names the replica
+    /// that answered by its own id for it, `proxy::send`) and its `date`
+    /// (the gateway's server dates its own answer, as nginx does a proxied
+    /// one): not passed on.
+    Dropped,
+}
+
+/// The role of header `name`, told by its length first: most names are
+/// then compared with one other, or none.
+fn role(name: &str) -> Role {
+    let is = |known: &str| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        4 if is("date") => Role::Dropped,
+        7 if is("upgrade") || is("trailer") => Role::Dropped,
+        10 if is("connection") => Role::Connection,
+        10 if is("keep-alive") => Role::Dropped,
+        14 if is("content-length") => Role::Length,
+        15 if is(shoal_api::replica::REPLICA_HEADER) => Role::Dropped,
+        16 if is("proxy-connection") => Role::Dropped,
+        17 if is("transfer-encoding") => Role::Coding,
+        _ => Role::Kept,
+    }
+}
+
+/// The model version that answered, as the replica names it.
+const VERSION: HeaderName = HeaderName::from_static(shoal_api::replica::VERSION_HEADER);
+
 /// The headers replicas send, named without parsing when they come in
 /// lowercase as replicas write them (a name parsed from bytes is checked
 /// and, when not a standard one, copied).
@@ -352,7 +398,7 @@ fn known(name: &str) -> Option<HeaderName> {
         "content-type" => http::header::CONTENT_TYPE,
         "retry-after" => http::header::RETRY_AFTER,
         // Built at compile time: `from_static` checks every byte when run.
-        VERSION_HEADER => const { HeaderName::from_static(VERSION_HEADER) },
+        VERSION_HEADER => VERSION,
         shoal_oip::BINARY_HEADER => const { HeaderName::from_static(shoal_oip::BINARY_HEADER) },
         SEQUENCE_FROM_HEADER => const { HeaderName::from_static(SEQUENCE_FROM_HEADER) },
         _ => return None,
@@ -401,7 +447,7 @@ impl Conn {
         head: &[u8],
         body: Option<&Bytes>,
         head_request: bool,
-    ) -> Result<(http::Response<Bytes>, bool), Broken> {
+    ) -> Result<(Answer, bool), Broken> {
         let written = async {
             self.stream.write_all(head).await?;
             if let Some(body) = body {
@@ -427,11 +473,8 @@ impl Conn {
 
     /// Reads an answer; the flag says whether the connection may carry
     /// another request.
-    async fn read_answer(
-        &mut self,
-        head_request: bool,
-    ) -> Result<(http::Response<Bytes>, bool), Broken> {
-        let (status, headers, framing, mut reusable) = loop {
+    async fn read_answer(&mut self, head_request: bool) -> Result<(Answer, bool), Broken> {
+        let (status, headers, version, framing, mut reusable) = loop {
             if let Some(parsed) = self.parse_head(head_request)? {
                 break parsed;
             }
@@ -493,7 +536,7 @@ impl Conn {
         let mut response = http::Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = headers;
-        Ok((response, reusable))
+        Ok((Answer { response, version }, reusable))
     }
 
     /// Reads at least one more byte into the buffer.
@@ -514,7 +557,7 @@ impl Conn {
     fn parse_head(
         &mut self,
         head_request: bool,
-    ) -> Result<Option<(StatusCode, HeaderMap, Framing, bool)>, Broken> {
+    ) -> Result<Option<(StatusCode, HeaderMap, Option<HeaderValue>, Framing, bool)>, Broken> {
         let mut skipped = 0;
         loop {
             if self.buf.is_empty() {
@@ -552,47 +595,39 @@ impl Conn {
                 smallvec::SmallVec::new();
             for h in parsed.headers.iter() {
                 let name = h.name;
-                if name.eq_ignore_ascii_case("content-length") {
-                    let digits = h.value.trim_ascii();
-                    let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-                        .then(|| std::str::from_utf8(digits).ok()?.parse::<usize>().ok())
-                        .flatten()
-                        .ok_or_else(|| broken("the answer's content-length is not a number"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(broken("the answer has two content-lengths"));
+                match role(name) {
+                    Role::Kept => {}
+                    Role::Length => {
+                        let digits = h.value.trim_ascii();
+                        let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                            .then(|| std::str::from_utf8(digits).ok()?.parse::<usize>().ok())
+                            .flatten()
+                            .ok_or_else(|| broken("the answer's content-length is not a number"))?;
+                        if length.is_some_and(|l| l != n) {
+                            return Err(broken("the answer has two content-lengths"));
+                        }
+                        length = Some(n);
+                        // Not passed on: the body read is the length, and the
+                        // server writing the answer says it from the body.
+                        continue;
                     }
-                    length = Some(n);
-                    // Not passed on: the body read is the length, and the
-                    // server writing the answer says it from the body.
-                    continue;
-                } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                    // The last coding decides; only chunked is read here.
-                    let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(h.value);
-                    chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-                    other_coding = !chunked;
-                    continue;
-                } else if name.eq_ignore_ascii_case("connection") {
-                    if h.value
-                        .split(|&b| b == b',')
-                        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-                    {
-                        keep_alive = false;
+                    Role::Coding => {
+                        // The last coding decides; only chunked is read here.
+                        let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(h.value);
+                        chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                        other_coding = !chunked;
+                        continue;
                     }
-                    continue;
-                } else if name.eq_ignore_ascii_case(shoal_api::replica::REPLICA_HEADER) {
-                    // Not kept: the gateway names the replica that answered
-                    // by its own id for it (`proxy::send`).
-                    continue;
-                } else if name.eq_ignore_ascii_case("date") {
-                    // The gateway's server dates its own answer, as nginx
-                    // does a proxied one: one header fewer to carry.
-                    continue;
-                } else if name.eq_ignore_ascii_case("keep-alive")
-                    || name.eq_ignore_ascii_case("proxy-connection")
-                    || name.eq_ignore_ascii_case("upgrade")
-                    || name.eq_ignore_ascii_case("trailer")
-                {
-                    continue;
+                    Role::Connection => {
+                        if h.value
+                            .split(|&b| b == b',')
+                            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+                        {
+                            keep_alive = false;
+                        }
+                        continue;
+                    }
+                    Role::Dropped => continue,
                 }
                 let name = match known(name) {
                     Some(known) => known,
@@ -606,9 +641,13 @@ impl Conn {
             // Room for the replica's name, which the gateway adds: a full
             // map would grow (reallocate and rehash) to take it.
             let mut headers = HeaderMap::with_capacity(kept.len() + 1);
+            let mut version = None;
             for (name, start, end) in kept {
                 let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                     .map_err(|_| broken(format!("the answer's header {name} is not valid")))?;
+                if name == VERSION && version.is_none() {
+                    version = Some(value.clone());
+                }
                 headers.append(name, value);
             }
             let framing = if head_request
@@ -628,7 +667,7 @@ impl Conn {
                     None => Framing::UntilClose,
                 }
             };
-            return Ok(Some((status, headers, framing, keep_alive)));
+            return Ok(Some((status, headers, version, framing, keep_alive)));
         }
     }
 
@@ -818,6 +857,9 @@ mod tests {
         let body = Bytes::from_static(b"{\"inputs\": []}");
         for _ in 0..5 {
             let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+            // The version found as the head was read, and kept in it.
+            assert_eq!(answer.version.unwrap(), "3");
+            let answer = answer.response;
             assert_eq!(answer.status(), StatusCode::OK);
             assert_eq!(answer.body().as_ref(), b"ok");
             assert_eq!(answer.headers()["x-shoal-model-version"], "3");
@@ -867,7 +909,7 @@ mod tests {
                 headers: &[("x-extra", &extra)],
                 ..post(&body)
             };
-            let answer = upstream.send(&request, TIMEOUT).await.unwrap();
+            let answer = upstream.send(&request, TIMEOUT).await.unwrap().response;
             assert_eq!(answer.headers()["x-seen"], "POST /v2/models/m/infer yes");
             assert_eq!(answer.body(), &body, "a body of {size} bytes");
         }
@@ -886,10 +928,10 @@ mod tests {
         .await;
         let upstream = Upstream::new(&address);
         let body = Bytes::new();
-        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
         assert_eq!(first.body().as_ref(), b"abcde");
         assert!(first.headers().get("transfer-encoding").is_none());
-        let second = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+        let second = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
         assert_eq!(second.body().as_ref(), b"f");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -906,7 +948,8 @@ mod tests {
         let answer = Upstream::new(&address)
             .send(&post(&Bytes::new()), TIMEOUT)
             .await
-            .unwrap();
+            .unwrap()
+            .response;
         assert_eq!(answer.status(), StatusCode::CREATED);
         assert_eq!(answer.body().as_ref(), b"x");
     }
@@ -922,7 +965,7 @@ mod tests {
         let upstream = Upstream::new(&address);
         let body = Bytes::from_static(b"{}");
         for _ in 0..3 {
-            let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+            let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
             assert_eq!(answer.body().as_ref(), b"ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -945,14 +988,14 @@ mod tests {
         .await;
         let upstream = Upstream::new(&address);
         let body = Bytes::from_static(b"{}");
-        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
         assert_eq!(first.body().as_ref(), b"first");
         match upstream.send(&post(&body), TIMEOUT).await {
             Err(Error::Exchange(reason)) => assert!(reason.contains("closed"), "{reason}"),
             other => panic!("expected an exchange error, got {other:?}"),
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        let third = upstream.send(&post(&body), TIMEOUT).await.unwrap();
+        let third = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
         assert_eq!(third.body().as_ref(), b"third");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -982,7 +1025,8 @@ mod tests {
         let answer = Upstream::new(&address)
             .send(&post(&body), TIMEOUT)
             .await
-            .unwrap();
+            .unwrap()
+            .response;
         assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer.headers()["retry-after"], "1");
         assert_eq!(answer.body().as_ref(), b"busy");
@@ -1017,7 +1061,11 @@ mod tests {
         ] {
             let (address, _) = scripted(vec![answer], true).await;
             let upstream = Upstream::new(&address);
-            let got = upstream.send(&post(&Bytes::new()), TIMEOUT).await.unwrap();
+            let got = upstream
+                .send(&post(&Bytes::new()), TIMEOUT)
+                .await
+                .unwrap()
+                .response;
             assert_eq!(got.body().as_ref(), b"until the end");
             assert!(got.headers().get("connection").is_none());
             assert_eq!(upstream.idle_count(), 0);

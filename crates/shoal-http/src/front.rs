@@ -69,14 +69,9 @@ pub struct RawHead {
 }
 
 impl RawHead {
-    /// Each header line's name and value, in order.
-    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.lines.iter().map(|&[ns, ne, vs, ve]| {
-            (
-                &self.head[usize::from(ns)..usize::from(ne)],
-                &self.head[usize::from(vs)..usize::from(ve)],
-            )
-        })
+    /// The bytes at `from..to` of the head.
+    fn at(&self, from: u16, to: u16) -> &[u8] {
+        &self.head[usize::from(from)..usize::from(to)]
     }
 }
 
@@ -124,18 +119,26 @@ impl Headers for RawHead {
     }
 
     fn first_named(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(line, _)| line.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, value)| value)
+        let [found] = self.find_bytes([name.as_bytes()]);
+        found
     }
 
     fn find<const N: usize>(&self, names: [&HeaderName; N]) -> [Option<&[u8]>; N] {
+        // `HeaderName`s are lowercase; each name's text taken once.
+        self.find_bytes(names.map(|name| name.as_str().as_bytes()))
+    }
+}
+
+impl RawHead {
+    /// [`Headers::find`] of names as bytes, in any case.
+    fn find_bytes<const N: usize>(&self, names: [&[u8]; N]) -> [Option<&[u8]>; N] {
         let mut found = [None; N];
-        for (name, value) in self.iter() {
+        for &[ns, ne, vs, ve] in &self.lines {
+            let name = self.at(ns, ne);
             for (slot, wanted) in found.iter_mut().zip(names) {
-                // `HeaderName`s are lowercase.
-                if slot.is_none() && name.eq_ignore_ascii_case(wanted.as_str().as_bytes()) {
-                    *slot = Some(value);
+                if slot.is_none() && name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
+                {
+                    *slot = Some(self.at(vs, ve));
                 }
             }
         }
@@ -186,6 +189,21 @@ impl RequestBody {
     }
 }
 
+impl RequestBody {
+    /// Refuses, before anything is read, a body still to come whose
+    /// declared `Content-Length` (in `headers`) is over `limit`. A whole
+    /// body's length is its own ([`RequestBody::read`] checks it): no
+    /// header to look up.
+    pub fn check_declared(&self, headers: &impl Headers, limit: usize) -> Result<(), ApiError> {
+        match self {
+            RequestBody::Whole(_) => Ok(()),
+            RequestBody::Streamed(_) => {
+                crate::check_length(headers.first(&http::header::CONTENT_LENGTH), limit)
+            }
+        }
+    }
+}
+
 /// The 413 of a body larger than `limit`.
 pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError::new(
@@ -197,7 +215,10 @@ pub(crate) fn too_large(limit: usize) -> ApiError {
 /// A header's value as text, when it is visible ASCII (or tabs), as
 /// `HeaderValue::to_str` reads it.
 pub fn header_str(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
         // Checked: ASCII.
         std::str::from_utf8(value).ok()
     } else {
@@ -281,7 +302,14 @@ mod tests {
 
     #[test]
     fn header_text_is_what_header_value_calls_text() {
-        for value in [&b"plain"[..], b"tab\there", b"", b"caf\xc3\xa9", b"bell\x07", b"del\x7f"] {
+        for value in [
+            &b"plain"[..],
+            b"tab\there",
+            b"",
+            b"caf\xc3\xa9",
+            b"bell\x07",
+            b"del\x7f",
+        ] {
             let expected = HeaderValue::from_bytes(value)
                 .ok()
                 .and_then(|v| v.to_str().ok().map(str::to_owned));
@@ -299,5 +327,19 @@ mod tests {
         assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
         let ok = RequestBody::Whole(Bytes::from_static(b"hello")).read(5);
         assert_eq!(ok.await.unwrap(), "hello");
+    }
+
+    #[test]
+    fn only_a_body_still_to_come_is_refused_by_its_declared_length() {
+        let mut declared = HeaderMap::new();
+        declared.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        let streamed = RequestBody::Streamed(Body::from("hello!"));
+        let refused = streamed.check_declared(&declared, 5).unwrap_err();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(streamed.check_declared(&declared, 6).is_ok());
+        assert!(streamed.check_declared(&HeaderMap::new(), 0).is_ok());
+        // A whole body's length is checked when it is read, not here.
+        let whole = RequestBody::Whole(Bytes::from_static(b"hello!"));
+        assert!(whole.check_declared(&declared, 5).is_ok());
     }
 }

@@ -469,7 +469,11 @@ mod tests {
         for (name, value) in names.iter().zip(found) {
             // A repeated header reads as its first value, as `get` gives;
             // a name asked twice is found twice.
-            assert_eq!(value, headers.get(*name).map(HeaderValue::as_bytes), "{name}");
+            assert_eq!(
+                value,
+                headers.get(*name).map(HeaderValue::as_bytes),
+                "{name}"
+            );
         }
         assert_eq!(text_of(&session, found[0]).unwrap(), Some("first"));
         assert_eq!(text_of(&absent, found[2]).unwrap(), None);

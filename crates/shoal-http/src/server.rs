@@ -35,8 +35,8 @@ use http::{Method, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
 use crate::Front;
+use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
 
 /// Largest request body the connection loop reads itself; a larger one
 /// goes to hyper, which streams it to a handler that can refuse it early.
@@ -434,6 +434,8 @@ where
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Whether it is dated, seen on the way: a lookup hashes the name.
+    let mut dated = false;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
@@ -441,12 +443,13 @@ where
         {
             continue;
         }
+        dated |= name == header::DATE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         date::write(out);
         out.extend_from_slice(b"\r\n");
@@ -736,7 +739,10 @@ mod tests {
         assert_eq!(head.content_length, 12);
         assert!(head.close && !head.expect_continue);
         assert_eq!(head.len, 96);
-        assert_eq!((&text[head.model.clone()], head.version.clone()), ("a", None));
+        assert_eq!(
+            (&text[head.model.clone()], head.version.clone()),
+            ("a", None)
+        );
         let lines: Vec<(&str, &str)> = head
             .lines
             .iter()

@@ -287,7 +287,14 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer_common(&replica, &model, None, &headers, RequestBody::Streamed(body)).await
+    infer_common(
+        &replica,
+        &model,
+        None,
+        &headers,
+        RequestBody::Streamed(body),
+    )
+    .await
 }
 
 async fn infer_version(
@@ -314,10 +321,9 @@ async fn infer_common(
     const REPLICA: http::HeaderName = http::HeaderName::from_static(REPLICA_HEADER);
     const VERSION: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
     // The three headers read, in one pass.
-    let [json_len, content_length, moved_from] =
-        headers.find([&BINARY, &header::CONTENT_LENGTH, &MOVED_FROM]);
+    let [json_len, moved_from] = headers.find([&BINARY, &MOVED_FROM]);
     let json_len = shoal_http::text_of(&BINARY, json_len)?;
-    shoal_http::check_length(content_length, replica.body_limit)?;
+    body.check_declared(headers, replica.body_limit)?;
     // The gateway says when the sequence's last step was answered by
     // another replica.
     let moved_from = moved_from.and_then(shoal_http::header_str);
