@@ -17,8 +17,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::Response as HttpResponse;
-use http_body_util::BodyExt;
 use shoal_grpc::admit::{DecodeAfterAdmission, InferBeforeDecode, RawInfer};
 use shoal_grpc::pb::grpc_inference_service_server::GrpcInferenceService;
 use shoal_grpc::pb::{
@@ -26,7 +24,7 @@ use shoal_grpc::pb::{
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use shoal_http::{ApiError, RequestBody, RequestHeaders};
+use shoal_http::{Answer, ApiError, RequestBody, RequestHeaders, header_str};
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
@@ -92,19 +90,15 @@ impl GrpcGateway {
         )
         .await;
         if answer.status() != StatusCode::OK {
-            return Err(status_of(answer).await);
+            return Err(status_of(&answer));
         }
-        let forwarded: Vec<(&str, HeaderValue)> = FORWARDED
+        let forwarded: Vec<(&str, &str)> = FORWARDED
             .iter()
-            .filter_map(|name| Some((*name, answer.headers().get(*name)?.clone())))
+            .filter_map(|name| Some((*name, header_str(answer.header(name)?)?)))
             .collect();
-        let json_len = answer
-            .headers()
-            .get(shoal_oip::BINARY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let bytes = body_of(answer).await?;
-        let decoded = shoal_oip::decode_response_parts(&bytes, json_len.as_deref())
+        let json_len = answer.header(shoal_oip::BINARY_HEADER).and_then(header_str);
+        let bytes = answer.body();
+        let decoded = shoal_oip::decode_response_parts(bytes, json_len)
             .map_err(|e| Status::internal(format!("the replica's answer is not valid: {}", e.0)))?;
         let mut response = Response::new(shoal_grpc::codec::encode_response(
             &decoded.model_name,
@@ -113,24 +107,12 @@ impl GrpcGateway {
             &decoded.outputs,
         ));
         for (name, value) in forwarded {
-            if let Ok(v) = value.to_str()
-                && let Ok(v) = MetadataValue::try_from(v)
-            {
+            if let Ok(v) = MetadataValue::try_from(value) {
                 response.metadata_mut().insert(name, v);
             }
         }
         Ok(response)
     }
-}
-
-/// A replica's answer, read whole.
-async fn body_of(answer: HttpResponse) -> Result<bytes::Bytes, Status> {
-    Ok(answer
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| Status::unavailable(format!("reading the replica's answer: {e}")))?
-        .to_bytes())
 }
 
 /// The caller's address (unspecified when tonic does not know it).
@@ -163,11 +145,10 @@ const FORWARDED: [&str; 4] = [
 
 /// The gRPC status for a REST answer that is not a success: the code for
 /// its HTTP status, its `{"error": …}` message, its `Retry-After`.
-async fn status_of(response: HttpResponse) -> Status {
-    let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-    let (status, message) = proxy::error_of(response).await;
+fn status_of(answer: &Answer) -> Status {
+    let (status, message) = proxy::error_of(answer);
     let mut grpc = Status::new(shoal_grpc::status::code_for_http(status.as_u16()), message);
-    if let Some(v) = retry_after.and_then(|v| v.to_str().ok().map(str::to_owned))
+    if let Some(v) = answer.header("retry-after").and_then(header_str)
         && let Ok(v) = MetadataValue::try_from(v)
     {
         grpc.metadata_mut().insert("retry-after", v);
@@ -205,7 +186,7 @@ fn version(v: &str) -> Option<&str> {
 }
 
 /// A metadata or readiness read, forwarded to a replica serving `model`.
-async fn forward(gateway: &Gateway, model: &str, v: &str, suffix: &str) -> HttpResponse {
+async fn forward(gateway: &Gateway, model: &str, v: &str, suffix: &str) -> Answer {
     let path = match version(v) {
         Some(v) => format!("/v2/models/{model}/versions/{v}{suffix}"),
         None => format!("/v2/models/{model}{suffix}"),
@@ -258,10 +239,9 @@ impl GrpcInferenceService for GrpcGateway {
         let r = request.into_inner();
         let answer = forward(&self.gateway, &r.name, &r.version, "").await;
         if answer.status() != StatusCode::OK {
-            return Err(status_of(answer).await);
+            return Err(status_of(&answer));
         }
-        let bytes = body_of(answer).await?;
-        let metadata: shoal_oip::ModelMetadata = serde_json::from_slice(&bytes)
+        let metadata: shoal_oip::ModelMetadata = serde_json::from_slice(answer.body())
             .map_err(|e| Status::internal(format!("the replica's metadata is not valid: {e}")))?;
         Ok(Response::new(shoal_grpc::codec::model_metadata(&metadata)))
     }

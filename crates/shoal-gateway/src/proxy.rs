@@ -25,12 +25,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use shoal_api::VersionKey;
 use shoal_api::replica::REPLICA_HEADER;
 use shoal_balance::health::Failure;
 use shoal_http::extract::Path;
-use shoal_http::{ApiError, Headers, RequestBody, RequestHeaders, json_response};
+use shoal_http::{Answer, ApiError, Headers, RequestBody, RequestHeaders, json_response};
 use shoal_oip::ServerMetadata;
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
@@ -48,6 +47,8 @@ type Shared = State<Arc<Gateway>>;
 /// name is parsed (checked and lowercased) on every lookup.
 const BINARY: HeaderName = HeaderName::from_static(shoal_oip::BINARY_HEADER);
 const REPLICA: HeaderName = HeaderName::from_static(REPLICA_HEADER);
+const RETRIED_FROM: HeaderName = HeaderName::from_static("x-shoal-retried-from");
+const HEDGED_FROM: HeaderName = HeaderName::from_static("x-shoal-hedged-from");
 
 /// A placeholder in a fixed array of upstream headers.
 static EMPTY: HeaderValue = HeaderValue::from_static("");
@@ -154,13 +155,13 @@ async fn metrics(State(gateway): Shared) -> Response {
 enum Attempt {
     /// An answer that is final (2xx, 4xx), its round trip, and the model
     /// version that answered (`x-shoal-model-version`), read once.
-    Answer(Response, Duration, Option<String>),
+    Answer(Answer, Duration, Option<String>),
     /// A 5xx answer: retryable.
-    ServerError(Response),
+    ServerError(Answer),
     /// A 404 from a replica the gateway believed served the model version:
     /// the gateway's view is stale (the replica just unloaded it); another
     /// replica may serve it.
-    Stale(Response),
+    Stale(Answer),
     /// No answer: connection failure, reset or timeout.
     Failed(Failure, String),
 }
@@ -184,11 +185,10 @@ struct Payload {
 
 /// The `Inference-Header-Content-Length` of a response, if it has binary
 /// outputs.
-fn json_len_of(response: &Response) -> Option<String> {
-    response
-        .headers()
-        .get(BINARY)
-        .and_then(|v| v.to_str().ok())
+fn json_len_of(answer: &Answer) -> Option<String> {
+    answer
+        .header(shoal_oip::BINARY_HEADER)
+        .and_then(shoal_http::header_str)
         .map(str::to_owned)
 }
 
@@ -268,15 +268,17 @@ async fn send(
             Attempt::Failed(kind, reason)
         }
         Ok(Ok(answer)) => {
-            let upstream::Answer { response, version } = answer;
-            let mut response = response.map(Body::from);
+            let upstream::Reply {
+                answer: mut response,
+                version,
+            } = answer;
             if let Some(v) = &endpoint.id_header {
-                response.headers_mut().insert(REPLICA, v.clone());
+                response.push(&REPLICA, v);
             }
             // 5xx are blamed on the model version that answered, not the
             // replica: a bad version must not eject replicas that serve
             // other versions well.
-            let version = version.as_ref().and_then(|v| v.to_str().ok());
+            let version = version.as_deref();
             let answered = version.zip(model_of(path));
             if response.status() == StatusCode::NOT_FOUND {
                 return Attempt::Stale(response);
@@ -411,20 +413,6 @@ fn shadow_version(state: &RoutingState, model: &str) -> Option<String> {
         .then(|| shadow.version.clone())
 }
 
-/// The whole body of an in-memory response, and the response rebuilt.
-async fn body_bytes(response: Response) -> (Response, Bytes) {
-    let (parts, body) = response.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    (
-        Response::from_parts(parts, Body::from(bytes.clone())),
-        bytes,
-    )
-}
-
 /// The primary's answer (body, binary JSON length, time), for the shadow to
 /// be compared with.
 type PrimaryAnswer = tokio::sync::oneshot::Sender<(Bytes, Option<String>, Duration)>;
@@ -455,7 +443,7 @@ fn mirror(gateway: &Arc<Gateway>, model: &str, version: String, payload: Payload
             Attempt::Answer(r, rtt, _) if r.status().is_success() => {
                 gateway.metrics.shadowed(&model, "success");
                 let json_len = json_len_of(&r);
-                Some((body_bytes(r).await.1, json_len, rtt))
+                Some((r.into_body(), json_len, rtt))
             }
             Attempt::Answer(..) => {
                 gateway.metrics.shadowed(&model, "client_error");
@@ -576,7 +564,9 @@ async fn infer(
     body: Body,
 ) -> Response {
     let (headers, body) = (RequestHeaders::Map(headers), RequestBody::Streamed(body));
-    infer_common(gateway, model, None, peer, headers, Ok(body), None).await
+    infer_common(gateway, model, None, peer, headers, Ok(body), None)
+        .await
+        .into_response()
 }
 
 async fn infer_version(
@@ -587,7 +577,9 @@ async fn infer_version(
     body: Body,
 ) -> Response {
     let (headers, body) = (RequestHeaders::Map(headers), RequestBody::Streamed(body));
-    infer_common(gateway, model, Some(version), peer, headers, Ok(body), None).await
+    infer_common(gateway, model, Some(version), peer, headers, Ok(body), None)
+        .await
+        .into_response()
 }
 
 /// Routes one inference and counts its answer. `body` is the REST body,
@@ -603,7 +595,7 @@ pub(crate) async fn infer_common(
     headers: RequestHeaders,
     body: Result<RequestBody, ApiError>,
     admitted: Option<String>,
-) -> Response {
+) -> Answer {
     let started = Instant::now();
     let result = match body {
         Ok(body) => {
@@ -621,7 +613,7 @@ pub(crate) async fn infer_common(
     };
     let (response, version, served) = match result {
         Ok(r) => (r.response, r.version, r.served),
-        Err(e) => (e.into_response(), pinned.clone().unwrap_or_default(), false),
+        Err(e) => (e.into_answer(), pinned.clone().unwrap_or_default(), false),
     };
     // Labels come from the routing state, never from the request alone:
     // a scanner asking for random model names must not mint a time series
@@ -674,7 +666,7 @@ pub(crate) fn metric_labels<'a>(
 
 /// What [`route_inference`] came to.
 struct Routed {
-    response: Response,
+    response: Answer,
     /// The model version that answered (or was asked for).
     version: String,
     /// A replica served it: a final answer, not a stale route's 404.
@@ -845,13 +837,13 @@ async fn route_inference(
                         // Which replicas failed this request before the one that
                         // answered: retries are visible to whoever looks.
                         if let Ok(v) = HeaderValue::from_str(&tried.join(",")) {
-                            response.headers_mut().insert("x-shoal-retried-from", v);
+                            response.push(&RETRIED_FROM, &v);
                         }
                     }
                     if answered_by.id != endpoint.id {
                         // A hedge answered: which replica it beat.
                         if let Ok(v) = HeaderValue::from_str(&endpoint.id) {
-                            response.headers_mut().insert("x-shoal-hedged-from", v);
+                            response.push(&HEDGED_FROM, &v);
                         }
                     }
                     let version = answered_version.or(target).unwrap_or_default();
@@ -859,9 +851,7 @@ async fn route_inference(
                         && response.status().is_success()
                     {
                         let json_len = json_len_of(&response);
-                        let (rebuilt, bytes) = body_bytes(response).await;
-                        response = rebuilt;
-                        let _ = tx.send((bytes, json_len, rtt));
+                        let _ = tx.send((response.body().clone(), json_len, rtt));
                     }
                     // Remembered for feedback to find the version it rewards.
                     gateway
@@ -893,10 +883,9 @@ async fn route_inference(
                         served: false,
                     })
                 }
-                Attempt::ServerError(response) => Step::Failed(
-                    "server_error",
-                    server_error(&answered_by.id, response).await,
-                ),
+                Attempt::ServerError(response) => {
+                    Step::Failed("server_error", server_error(&answered_by.id, &response))
+                }
                 Attempt::Failed(kind, detail) => {
                     let status = if kind == Failure::Timeout {
                         StatusCode::GATEWAY_TIMEOUT
@@ -930,8 +919,8 @@ async fn route_inference(
 
 /// The error a replica's 5xx becomes: its status (503 asks the client to
 /// come back in a second) and its message, naming the replica.
-async fn server_error(replica: &str, response: Response) -> ApiError {
-    let (status, message) = error_of(response).await;
+fn server_error(replica: &str, answer: &Answer) -> ApiError {
+    let (status, message) = error_of(answer);
     ApiError {
         retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
         ..ApiError::new(
@@ -943,15 +932,9 @@ async fn server_error(replica: &str, response: Response) -> ApiError {
 
 /// A failed answer's status and the message of its `{"error": …}` body
 /// (the status's own text when the body has none).
-pub(crate) async fn error_of(response: Response) -> (StatusCode, String) {
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+pub(crate) fn error_of(answer: &Answer) -> (StatusCode, String) {
+    let status = answer.status();
+    let message = serde_json::from_slice::<serde_json::Value>(answer.body())
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_owned))
         .unwrap_or_else(|| status.to_string());
@@ -965,12 +948,12 @@ pub(crate) async fn forward_get(
     model: &str,
     version: Option<&str>,
     path: &str,
-) -> Response {
+) -> Answer {
     let state = gateway.routes.snapshot();
     let mut tried = Vec::new();
     let mut retry = Retry::new(MAX_ATTEMPTS, None);
     loop {
-        let step: Step<Response, Response> = 'attempt: {
+        let step: Step<Answer, Answer> = 'attempt: {
             let now = gateway.now();
             let candidates = match gateway
                 .routes
@@ -978,7 +961,7 @@ pub(crate) async fn forward_get(
             {
                 Ok(c) => c,
                 Err(why) => {
-                    break 'attempt Step::Stop(no_route(model, version, why).into_response());
+                    break 'attempt Step::Stop(no_route(model, version, why).into_answer());
                 }
             };
             let Some(endpoint) = gateway
@@ -986,19 +969,19 @@ pub(crate) async fn forward_get(
                 .pick(&candidates, None, &mut rand::rng(), now)
             else {
                 break 'attempt Step::Stop(
-                    no_route(model, version, NoRoute::NoneAvailable).into_response(),
+                    no_route(model, version, NoRoute::NoneAvailable).into_answer(),
                 );
             };
             tried.push(endpoint.id.clone());
             match send(gateway, endpoint, Method::GET, path, &Payload::default()).await {
-                Attempt::Answer(response, ..) | Attempt::Stale(response) => Step::Done(response),
-                Attempt::ServerError(response) => Step::Failed("server_error", response),
+                Attempt::Answer(answer, ..) | Attempt::Stale(answer) => Step::Done(answer),
+                Attempt::ServerError(answer) => Step::Failed("server_error", answer),
                 Attempt::Failed(kind, detail) => {
                     let error = ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         format!("replica {} failed: {detail}", endpoint.id),
                     )
-                    .into_response();
+                    .into_answer();
                     if kind == Failure::Connect {
                         Step::Unsent("connect", error)
                     } else {
@@ -1014,7 +997,9 @@ pub(crate) async fn forward_get(
 }
 
 async fn model_get(State(gateway): Shared, Path(model): Path<String>, uri: http::Uri) -> Response {
-    forward_get(&gateway, &model, None, uri.path()).await
+    forward_get(&gateway, &model, None, uri.path())
+        .await
+        .into_response()
 }
 
 async fn version_get(
@@ -1022,7 +1007,9 @@ async fn version_get(
     Path((model, version)): Path<(String, String)>,
     uri: http::Uri,
 ) -> Response {
-    forward_get(&gateway, &model, Some(&version), uri.path()).await
+    forward_get(&gateway, &model, Some(&version), uri.path())
+        .await
+        .into_response()
 }
 
 #[cfg(test)]

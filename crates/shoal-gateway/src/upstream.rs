@@ -28,8 +28,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 use rustls_pki_types::ServerName;
+use shoal_http::{Answer, header_str};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -59,11 +60,12 @@ pub(crate) enum Error {
 
 /// A replica's answer.
 #[derive(Debug)]
-pub(crate) struct Answer {
-    pub response: http::Response<Bytes>,
-    /// Its `x-shoal-model-version` (in `response` too), found while its
-    /// head was parsed: a lookup afterwards hashes the name.
-    pub version: Option<HeaderValue>,
+pub(crate) struct Reply {
+    /// Its status, the headers passed on, and its body.
+    pub answer: Answer,
+    /// Its `x-shoal-model-version` (in `answer` too), found while its
+    /// head was parsed.
+    pub version: Option<String>,
 }
 
 /// A request to forward.
@@ -159,7 +161,7 @@ impl Upstream {
         &self,
         request: &Request<'_>,
         connect_timeout: Duration,
-    ) -> Result<Answer, Error> {
+    ) -> Result<Reply, Error> {
         let head = self.head(request);
         let body = (request.body.len() > COALESCE).then_some(request.body);
         let head_request = request.method == Method::HEAD;
@@ -356,6 +358,8 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
 enum Role {
     /// Passed on to the client.
     Kept,
+    /// `x-shoal-model-version`: read, and passed on.
+    Version,
     /// `content-length`: read, and said again by the gateway's server.
     Length,
     /// `transfer-encoding`: read.
@@ -382,27 +386,9 @@ fn role(name: &str) -> Role {
         15 if is(shoal_api::replica::REPLICA_HEADER) => Role::Dropped,
         16 if is("proxy-connection") => Role::Dropped,
         17 if is("transfer-encoding") => Role::Coding,
+        21 if is(shoal_api::replica::VERSION_HEADER) => Role::Version,
         _ => Role::Kept,
     }
-}
-
-/// The model version that answered, as the replica names it.
-const VERSION: HeaderName = HeaderName::from_static(shoal_api::replica::VERSION_HEADER);
-
-/// The headers replicas send, named without parsing when they come in
-/// lowercase as replicas write them (a name parsed from bytes is checked
-/// and, when not a standard one, copied).
-fn known(name: &str) -> Option<HeaderName> {
-    use shoal_api::replica::{SEQUENCE_FROM_HEADER, VERSION_HEADER};
-    Some(match name {
-        "content-type" => http::header::CONTENT_TYPE,
-        "retry-after" => http::header::RETRY_AFTER,
-        // Built at compile time: `from_static` checks every byte when run.
-        VERSION_HEADER => VERSION,
-        shoal_oip::BINARY_HEADER => const { HeaderName::from_static(shoal_oip::BINARY_HEADER) },
-        SEQUENCE_FROM_HEADER => const { HeaderName::from_static(SEQUENCE_FROM_HEADER) },
-        _ => return None,
-    })
 }
 
 /// An exchange that broke off; `sent` once the whole request was written.
@@ -447,7 +433,7 @@ impl Conn {
         head: &[u8],
         body: Option<&Bytes>,
         head_request: bool,
-    ) -> Result<(Answer, bool), Broken> {
+    ) -> Result<(Reply, bool), Broken> {
         let written = async {
             self.stream.write_all(head).await?;
             if let Some(body) = body {
@@ -473,8 +459,8 @@ impl Conn {
 
     /// Reads an answer; the flag says whether the connection may carry
     /// another request.
-    async fn read_answer(&mut self, head_request: bool) -> Result<(Answer, bool), Broken> {
-        let (status, headers, version, framing, mut reusable) = loop {
+    async fn read_answer(&mut self, head_request: bool) -> Result<(Reply, bool), Broken> {
+        let (mut answer, version, framing, mut reusable) = loop {
             if let Some(parsed) = self.parse_head(head_request)? {
                 break parsed;
             }
@@ -533,10 +519,8 @@ impl Conn {
         };
         // Bytes past the answer were never asked for.
         reusable &= self.buf.is_empty();
-        let mut response = http::Response::new(body);
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Ok((Answer { response, version }, reusable))
+        answer.set_body(body);
+        Ok((Reply { answer, version }, reusable))
     }
 
     /// Reads at least one more byte into the buffer.
@@ -557,7 +541,7 @@ impl Conn {
     fn parse_head(
         &mut self,
         head_request: bool,
-    ) -> Result<Option<(StatusCode, HeaderMap, Option<HeaderValue>, Framing, bool)>, Broken> {
+    ) -> Result<Option<(Answer, Option<String>, Framing, bool)>, Broken> {
         let mut skipped = 0;
         loop {
             if self.buf.is_empty() {
@@ -588,15 +572,17 @@ impl Conn {
             let mut length: Option<usize> = None;
             let mut chunked = false;
             let mut other_coding = false;
-            // Names now; values once the head is split off, as slices of it.
-            let base = self.buf.as_ptr() as usize;
-            // On the stack: a replica's answer has five headers.
-            let mut kept: smallvec::SmallVec<[(HeaderName, usize, usize); 8]> =
-                smallvec::SmallVec::new();
+            // The kept lines copied as they came (httparse checked them),
+            // with room for the replica's name, which the gateway adds.
+            let mut answer = Answer::with_capacity(status, Bytes::new(), len + 32);
+            let mut version = None;
             for h in parsed.headers.iter() {
                 let name = h.name;
                 match role(name) {
                     Role::Kept => {}
+                    Role::Version => {
+                        version = version.or_else(|| header_str(h.value).map(str::to_owned));
+                    }
                     Role::Length => {
                         let digits = h.value.trim_ascii();
                         let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
@@ -629,27 +615,9 @@ impl Conn {
                     }
                     Role::Dropped => continue,
                 }
-                let name = match known(name) {
-                    Some(known) => known,
-                    None => HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| broken(format!("the answer's header {name} is not valid")))?,
-                };
-                let start = h.value.as_ptr() as usize - base;
-                kept.push((name, start, start + h.value.len()));
+                answer.push_parsed(h);
             }
-            let head = self.buf.split_to(len).freeze();
-            // Room for the replica's name, which the gateway adds: a full
-            // map would grow (reallocate and rehash) to take it.
-            let mut headers = HeaderMap::with_capacity(kept.len() + 1);
-            let mut version = None;
-            for (name, start, end) in kept {
-                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                    .map_err(|_| broken(format!("the answer's header {name} is not valid")))?;
-                if name == VERSION && version.is_none() {
-                    version = Some(value.clone());
-                }
-                headers.append(name, value);
-            }
+            self.buf.advance(len);
             let framing = if head_request
                 || status == StatusCode::NO_CONTENT
                 || status == StatusCode::NOT_MODIFIED
@@ -667,7 +635,7 @@ impl Conn {
                     None => Framing::UntilClose,
                 }
             };
-            return Ok(Some((status, headers, version, framing, keep_alive)));
+            return Ok(Some((answer, version, framing, keep_alive)));
         }
     }
 
@@ -859,14 +827,14 @@ mod tests {
             let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap();
             // The version found as the head was read, and kept in it.
             assert_eq!(answer.version.unwrap(), "3");
-            let answer = answer.response;
+            let answer = answer.answer;
             assert_eq!(answer.status(), StatusCode::OK);
             assert_eq!(answer.body().as_ref(), b"ok");
-            assert_eq!(answer.headers()["x-shoal-model-version"], "3");
-            assert_eq!(answer.headers()["content-type"], "text/plain");
-            assert_eq!(answer.headers()["x-other"], "a");
+            assert_eq!(answer.header("x-shoal-model-version").unwrap(), b"3");
+            assert_eq!(answer.header("content-type").unwrap(), b"text/plain");
+            assert_eq!(answer.header("x-other").unwrap(), b"a");
             // Said again by whoever writes the answer on, from the body.
-            assert!(answer.headers().get("content-length").is_none());
+            assert!(answer.header("content-length").is_none());
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(upstream.idle_count(), 1);
@@ -909,8 +877,11 @@ mod tests {
                 headers: &[("x-extra", &extra)],
                 ..post(&body)
             };
-            let answer = upstream.send(&request, TIMEOUT).await.unwrap().response;
-            assert_eq!(answer.headers()["x-seen"], "POST /v2/models/m/infer yes");
+            let answer = upstream.send(&request, TIMEOUT).await.unwrap().answer;
+            assert_eq!(
+                answer.header("x-seen").unwrap(),
+                b"POST /v2/models/m/infer yes"
+            );
             assert_eq!(answer.body(), &body, "a body of {size} bytes");
         }
         assert_eq!(upstream.idle_count(), 1);
@@ -928,10 +899,10 @@ mod tests {
         .await;
         let upstream = Upstream::new(&address);
         let body = Bytes::new();
-        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
+        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().answer;
         assert_eq!(first.body().as_ref(), b"abcde");
-        assert!(first.headers().get("transfer-encoding").is_none());
-        let second = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
+        assert!(first.header("transfer-encoding").is_none());
+        let second = upstream.send(&post(&body), TIMEOUT).await.unwrap().answer;
         assert_eq!(second.body().as_ref(), b"f");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -949,7 +920,7 @@ mod tests {
             .send(&post(&Bytes::new()), TIMEOUT)
             .await
             .unwrap()
-            .response;
+            .answer;
         assert_eq!(answer.status(), StatusCode::CREATED);
         assert_eq!(answer.body().as_ref(), b"x");
     }
@@ -965,7 +936,7 @@ mod tests {
         let upstream = Upstream::new(&address);
         let body = Bytes::from_static(b"{}");
         for _ in 0..3 {
-            let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
+            let answer = upstream.send(&post(&body), TIMEOUT).await.unwrap().answer;
             assert_eq!(answer.body().as_ref(), b"ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -988,14 +959,14 @@ mod tests {
         .await;
         let upstream = Upstream::new(&address);
         let body = Bytes::from_static(b"{}");
-        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
+        let first = upstream.send(&post(&body), TIMEOUT).await.unwrap().answer;
         assert_eq!(first.body().as_ref(), b"first");
         match upstream.send(&post(&body), TIMEOUT).await {
             Err(Error::Exchange(reason)) => assert!(reason.contains("closed"), "{reason}"),
             other => panic!("expected an exchange error, got {other:?}"),
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        let third = upstream.send(&post(&body), TIMEOUT).await.unwrap().response;
+        let third = upstream.send(&post(&body), TIMEOUT).await.unwrap().answer;
         assert_eq!(third.body().as_ref(), b"third");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -1026,9 +997,9 @@ mod tests {
             .send(&post(&body), TIMEOUT)
             .await
             .unwrap()
-            .response;
+            .answer;
         assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(answer.headers()["retry-after"], "1");
+        assert_eq!(answer.header("retry-after").unwrap(), b"1");
         assert_eq!(answer.body().as_ref(), b"busy");
     }
 
@@ -1065,9 +1036,9 @@ mod tests {
                 .send(&post(&Bytes::new()), TIMEOUT)
                 .await
                 .unwrap()
-                .response;
+                .answer;
             assert_eq!(got.body().as_ref(), b"until the end");
-            assert!(got.headers().get("connection").is_none());
+            assert!(got.header("connection").is_none());
             assert_eq!(upstream.idle_count(), 0);
         }
     }

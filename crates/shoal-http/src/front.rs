@@ -17,12 +17,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 use smallvec::SmallVec;
 
-use crate::ApiError;
+use crate::{Answer, ApiError};
 
 /// The inference route of a server, served before its router: given a
 /// `POST` to `/v2/models/{model}[/versions/{version}]/infer` (see
@@ -31,7 +30,7 @@ use crate::ApiError;
 /// extractors, and (for requests the server loop reads) `http`'s request
 /// types.
 pub type Front =
-    Arc<dyn Fn(Inference) -> futures::future::BoxFuture<'static, Response> + Send + Sync>;
+    Arc<dyn Fn(Inference) -> futures::future::BoxFuture<'static, Answer> + Send + Sync>;
 
 /// One inference request, as a [`Front`] gets it.
 pub struct Inference {

@@ -19,12 +19,14 @@
 //! - [`tls`] serves any of them over TLS (rustls), optionally requiring
 //!   client certificates.
 
+mod answer;
 pub mod extract;
 mod front;
 mod server;
 pub mod supervise;
 pub mod tls;
 
+pub use answer::Answer;
 pub use front::{Front, Headers, Inference, RawHead, RequestBody, RequestHeaders, header_str};
 pub use supervise::supervise;
 
@@ -116,13 +118,20 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// Logs the error as it is answered: server errors with their cause.
+    fn log(&self) {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, cause = ?self.cause, "{}", self.message);
         } else {
             tracing::debug!(status = %self.status, "{}", self.message);
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let mut response = json_response(
             self.status,
             &ErrorBody {

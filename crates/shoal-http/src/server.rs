@@ -31,12 +31,12 @@ use axum::extract::Request;
 use axum::response::Response;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::FutureExt;
-use http::{Method, StatusCode, header};
+use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::Front;
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
+use crate::{Answer, Front};
 
 /// Largest request body the connection loop reads itself; a larger one
 /// goes to hyper, which streams it to a handler that can refuse it early.
@@ -69,14 +69,16 @@ pub(crate) struct Fronted {
 
 type Answered = Result<Response, Infallible>;
 
+/// A front's answer as hyper's connections take it.
+fn answered(answer: Answer) -> Answered {
+    Ok(axum::response::IntoResponse::into_response(answer))
+}
+
 impl tower::Service<Request> for Fronted {
     type Response = Response;
     type Error = Infallible;
     type Future = futures::future::Either<
-        futures::future::Map<
-            futures::future::BoxFuture<'static, Response>,
-            fn(Response) -> Answered,
-        >,
+        futures::future::Map<futures::future::BoxFuture<'static, Answer>, fn(Answer) -> Answered>,
         axum::routing::future::RouteFuture<Infallible>,
     >;
 
@@ -99,7 +101,7 @@ impl tower::Service<Request> for Fronted {
                 body: RequestBody::Streamed(body),
             };
             return futures::future::Either::Left(
-                front(inference).map(Ok as fn(Response) -> Answered),
+                front(inference).map(answered as fn(Answer) -> Answered),
             );
         }
         futures::future::Either::Right(self.route(request))
@@ -266,9 +268,7 @@ impl Fronted {
             let response = front(head.inference(read, body, self.peer)).await;
             // A stop while the request ran: answer it, then close.
             let close = close || stop.is_closed();
-            if !write_response(io, response, close, &mut out).await? {
-                return Ok(Handed::Closed);
-            }
+            write_answer(io, &response, close, &mut out).await?;
             if close {
                 io.shutdown().await?;
                 return Ok(Handed::Closed);
@@ -406,24 +406,19 @@ impl Head {
     }
 }
 
-/// Writes `response` to `io` (with `connection: close` when `close`),
-/// using `out` as the buffer. `false` when the body could not be read
-/// whole: the connection cannot go on.
-async fn write_response<I>(
+/// Writes `answer` to `io` (with `connection: close` when `close`), using
+/// `out` as the buffer.
+async fn write_answer<I>(
     io: &mut I,
-    response: Response,
+    answer: &Answer,
     close: bool,
     out: &mut Vec<u8>,
-) -> std::io::Result<bool>
+) -> std::io::Result<()>
 where
     I: AsyncWrite + Unpin,
 {
-    let (parts, body) = response.into_parts();
-    // Usually one frame (a handler's `Bytes`), taken without collecting.
-    let Ok(body) = crate::read_body(body, usize::MAX).await else {
-        return Ok(false);
-    };
-    let status = parts.status;
+    let status = answer.status();
+    let body = answer.body();
     // No body, and no length, for 1xx, 204 and 304.
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -434,22 +429,8 @@ where
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    // Whether it is dated, seen on the way: a lookup hashes the name.
-    let mut dated = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-        {
-            continue;
-        }
-        dated |= name == header::DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !dated {
+    out.extend_from_slice(answer.lines());
+    if !answer.dated() {
         out.extend_from_slice(b"date: ");
         date::write(out);
         out.extend_from_slice(b"\r\n");
@@ -466,7 +447,7 @@ where
     if bodiless {
         io.write_all(out).await?;
     } else if body.len() <= COPY_BODY {
-        out.extend_from_slice(&body);
+        out.extend_from_slice(body);
         io.write_all(out).await?;
     } else {
         // Head and body in one vectored write, the body not copied.
@@ -474,8 +455,7 @@ where
             .await?;
     }
     // A TLS stream may keep records it could not send yet until flushed.
-    io.flush().await?;
-    Ok(true)
+    io.flush().await
 }
 
 /// The `date` header's value, formatted once a second per thread.
@@ -612,7 +592,7 @@ mod tests {
                 }
                 text.push(b':');
                 text.extend_from_slice(&body);
-                Response::new(Body::from(text))
+                Answer::new(StatusCode::OK, text.into())
             })
         })
     }

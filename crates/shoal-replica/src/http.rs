@@ -274,9 +274,10 @@ pub fn front(replica: Arc<Replica>) -> shoal_http::Front {
                 body,
                 ..
             } = inference;
-            infer_common(&replica, &model, version.as_deref(), &headers, body)
+            let response = infer_common(&replica, &model, version.as_deref(), &headers, body)
                 .await
-                .into_response()
+                .into_response();
+            shoal_http::Answer::from_response(response).await
         })
     })
 }
