@@ -376,7 +376,8 @@ enum Role {
 /// The role of header `name`, told by its length first: most names are
 /// then compared with one other, or none.
 fn role(name: &str) -> Role {
-    let is = |known: &str| name.eq_ignore_ascii_case(known);
+    // Replicas write names in lowercase: compared as they are first.
+    let is = |known: &str| name == known || name.eq_ignore_ascii_case(known);
     match name.len() {
         4 if is("date") => Role::Dropped,
         7 if is("upgrade") || is("trailer") => Role::Dropped,
@@ -547,13 +548,17 @@ impl Conn {
             if self.buf.is_empty() {
                 return Ok(None);
             }
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut slots);
-            let len = match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(broken(format!("the answer is not HTTP: {e}"))),
-            };
+            // Not initialised first: httparse writes the slots it uses.
+            let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let config = httparse::ParserConfig::default();
+            let len =
+                match config.parse_response_with_uninit_headers(&mut parsed, &self.buf, &mut slots)
+                {
+                    Ok(httparse::Status::Complete(len)) => len,
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(e) => return Err(broken(format!("the answer is not HTTP: {e}"))),
+                };
             let code = parsed.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
                 .map_err(|_| broken(format!("the answer's status {code} is not valid")))?;
