@@ -29,7 +29,7 @@ use shoal_api::replica::{
 };
 use shoal_core::{ModelName, Version, VersionKey};
 use shoal_http::extract::{Json, Path};
-use shoal_http::{ApiError, Headers, RequestBody, json_bytes_response, json_response};
+use shoal_http::{Answer, ApiError, Headers, RequestBody, json_response};
 use shoal_oip::{ModelMetadata, ServerMetadata};
 use shoal_runtime::LoadOptions;
 
@@ -274,10 +274,7 @@ pub fn front(replica: Arc<Replica>) -> shoal_http::Front {
                 body,
                 ..
             } = inference;
-            let response = infer_common(&replica, &model, version.as_deref(), &headers, body)
-                .await
-                .into_response();
-            shoal_http::Answer::from_response(response).await
+            infer_common(&replica, &model, version.as_deref(), &headers, body).await
         })
     })
 }
@@ -287,7 +284,7 @@ async fn infer(
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
     infer_common(
         &replica,
         &model,
@@ -296,6 +293,7 @@ async fn infer(
         RequestBody::Streamed(body),
     )
     .await
+    .into_response()
 }
 
 async fn infer_version(
@@ -303,18 +301,33 @@ async fn infer_version(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
     let body = RequestBody::Streamed(body);
-    infer_common(&replica, &model, Some(&version), &headers, body).await
+    infer_common(&replica, &model, Some(&version), &headers, body)
+        .await
+        .into_response()
 }
 
+/// Serves one inference: its answer, or the error's.
 async fn infer_common(
     replica: &Replica,
     model: &str,
     version: Option<&str>,
     headers: &impl Headers,
     body: RequestBody,
-) -> Result<Response, ApiError> {
+) -> Answer {
+    serve_inference(replica, model, version, headers, body)
+        .await
+        .unwrap_or_else(ApiError::into_answer)
+}
+
+async fn serve_inference(
+    replica: &Replica,
+    model: &str,
+    version: Option<&str>,
+    headers: &impl Headers,
+    body: RequestBody,
+) -> Result<Answer, ApiError> {
     // Names as constants: a `&str` name is parsed on every lookup.
     const BINARY: http::HeaderName = http::HeaderName::from_static(shoal_oip::BINARY_HEADER);
     const MOVED_FROM: http::HeaderName =
@@ -339,7 +352,7 @@ async fn infer_common(
         Ok(decode(body, json_len, replica.limits).await)
     })
     .await?;
-    let mut response = match served.answer {
+    let mut answer = match served.answer {
         Ok((request, outputs)) => {
             let encoded = shoal_oip::encode_response_parts(
                 served.serving.model.as_str(),
@@ -348,30 +361,31 @@ async fn infer_common(
                 &outputs,
                 |name| request.binary_output(name),
             );
+            let mut answer = Answer::new(StatusCode::OK, encoded.body.into());
             match encoded.json_len {
-                None => json_bytes_response(StatusCode::OK, encoded.body),
+                None => answer.push(
+                    &header::CONTENT_TYPE,
+                    &HeaderValue::from_static("application/json"),
+                ),
                 Some(len) => {
-                    let mut response = (StatusCode::OK, encoded.body).into_response();
-                    let headers = response.headers_mut();
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/octet-stream"),
+                    answer.push(
+                        &header::CONTENT_TYPE,
+                        &HeaderValue::from_static("application/octet-stream"),
                     );
-                    headers.insert(BINARY, HeaderValue::from(len));
-                    response
+                    answer.push(&BINARY, &HeaderValue::from(len));
                 }
             }
+            answer
         }
-        Err(e) => e.into_response(),
+        Err(e) => e.into_answer(),
     };
-    let headers = response.headers_mut();
     if let Some(v) = replica.id_header() {
-        headers.insert(REPLICA, v.clone());
+        answer.push(&REPLICA, v);
     }
     if let Ok(v) = HeaderValue::from_str(served.serving.version.as_str()) {
-        headers.insert(VERSION, v);
+        answer.push(&VERSION, &v);
     }
-    Ok(response)
+    Ok(answer)
 }
 
 /// Decodes an OIP request body (JSON, or JSON plus binary tensors), off
