@@ -7,9 +7,11 @@
 //! parsed for each answer). This client does only what forwarding needs:
 //! each [`Upstream`] (one per replica, on its `Endpoint`) keeps its idle
 //! keep-alive connections; a request's head is written with its body in
-//! one write; the answer's head is parsed by `httparse` in place and its
-//! body read by `Content-Length` (or chunks, or to the end), all in the
-//! caller's task. Health checks and the rest still go through hyper.
+//! one write; the answer's head is parsed by `httparse` in place, the
+//! header lines the client will see copied as they came into a
+//! [`shoal_http::Answer`], and its body read by `Content-Length` (or
+//! chunks, or to the end), all in the caller's task. Health checks and the
+//! rest still go through hyper.
 //!
 //! A connection is pooled again only after a whole answer was read from
 //! it, so a request cancelled halfway (a hedge that lost, a timeout, a

@@ -150,9 +150,7 @@ fn framing(name: &[u8]) -> bool {
 impl IntoResponse for Answer {
     /// For hyper's connections and the router: the lines into a map.
     fn into_response(self) -> Response {
-        let mut response = Response::new(Body::from(self.body.clone()));
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
+        let mut headers = http::HeaderMap::new();
         for (name, value) in self.headers() {
             // Valid by construction (see the module doc).
             if let (Ok(name), Ok(value)) =
@@ -161,6 +159,9 @@ impl IntoResponse for Answer {
                 headers.append(name, value);
             }
         }
+        let mut response = Response::new(Body::from(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = headers;
         response
     }
 }

@@ -5,7 +5,8 @@
 //! when the request is the front's kind — `POST` to an inference path over
 //! HTTP/1.1 with a `Content-Length` body of at most [`FAST_BODY_MAX`], no
 //! `Transfer-Encoding`, no upgrade — reads the body whole, calls the front
-//! and writes the answer, head and body, in one write. At the first request
+//! with an [`Inference`] (its header lines left in the head read) and
+//! writes the [`Answer`], head and body, in one write. At the first request
 //! it does not take, the connection is handed to hyper for good, with the
 //! bytes already read (a [`Rewind`]): every other route, and everything
 //! unusual (chunked bodies, HTTP/1.0, malformed heads, which hyper answers
