@@ -1017,6 +1017,131 @@ mod tests {
     use super::{model_of, upstream_path};
     use crate::{Gateway, GatewayConfig};
 
+    /// A replica at a local port that answers every request with
+    /// `answer`, once the request is in whole.
+    async fn replica_answering(answer: &'static [u8]) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    loop {
+                        let mut slots = [httparse::EMPTY_HEADER; 16];
+                        let mut request = httparse::Request::new(&mut slots);
+                        if let Ok(httparse::Status::Complete(len)) = request.parse(&seen) {
+                            let length = request
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .map_or(0, |h| {
+                                    std::str::from_utf8(h.value).unwrap().parse().unwrap()
+                                });
+                            if seen.len() >= len + length {
+                                seen.drain(..len + length);
+                                stream.write_all(answer).await.unwrap();
+                                continue;
+                            }
+                        }
+                        let mut chunk = [0; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// A request a replica that is gone was picked for is answered by
+    /// another; the answer names both, carries the replica's own headers
+    /// (not its name, date or length, which the gateway says itself).
+    #[tokio::test]
+    async fn a_retried_answer_names_both_replicas_and_keeps_the_replicas_headers() {
+        use shoal_api::fleet::{RouteEndpoint, RoutingTable};
+        use shoal_http::{RequestBody, RequestHeaders};
+        let live = replica_answering(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-shoal-model-version: 1\r\nx-shoal-replica: its-own-name\r\ndate: yesterday\r\n\r\n{}",
+        )
+        .await;
+        // Bound and dropped: connections to it are refused.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let gateway = Gateway::new(GatewayConfig::default()).unwrap();
+        let endpoint = |id: &str, address: std::net::SocketAddr| RouteEndpoint {
+            id: id.into(),
+            address: address.to_string(),
+            region: "local".into(),
+            alive: true,
+            serving: vec!["digits:1".parse().unwrap()],
+            standby: false,
+        };
+        let table = RoutingTable {
+            revision: 1,
+            endpoints: vec![endpoint("gone", gone), endpoint("live", live)],
+            models: Vec::new(),
+        };
+        gateway.routes.apply(&table, gateway.now());
+        // A session the gone replica owns: it is tried first.
+        let (state, now) = (gateway.routes.snapshot(), gateway.now());
+        let candidates = gateway
+            .routes
+            .candidates(&state, "digits", None, &[], now)
+            .unwrap();
+        let key = (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|key| {
+                let picked = gateway
+                    .routes
+                    .pick(&candidates, Some(key), &mut rand::rng(), now)
+                    .unwrap();
+                picked.id == "gone"
+            })
+            .unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-session-id", key.parse().unwrap());
+        let body = br#"{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let answer = super::infer_common(
+            gateway.clone(),
+            "digits".into(),
+            None,
+            "127.0.0.1:9".parse().unwrap(),
+            RequestHeaders::Map(headers),
+            Ok(RequestBody::Whole(bytes::Bytes::from_static(body))),
+            None,
+        )
+        .await;
+        assert_eq!(answer.status(), http::StatusCode::OK);
+        assert_eq!(answer.body().as_ref(), b"{}");
+        let lines: Vec<(String, String)> = answer
+            .headers()
+            .map(|(n, v)| {
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+                (text(n), text(v))
+            })
+            .collect();
+        let lines: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                ("content-type", "application/json"),
+                ("x-shoal-model-version", "1"),
+                ("x-shoal-replica", "live"),
+                ("x-shoal-retried-from", "gone"),
+            ]
+        );
+        // Read through the answer's own lookup too.
+        assert_eq!(answer.header("X-Shoal-Replica"), Some(&b"live"[..]));
+    }
+
     #[test]
     fn upstream_paths_name_the_model_and_the_version() {
         assert_eq!(upstream_path("digits", None), "/v2/models/digits/infer");
