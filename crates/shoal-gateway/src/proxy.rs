@@ -1017,45 +1017,6 @@ mod tests {
     use super::{model_of, upstream_path};
     use crate::{Gateway, GatewayConfig};
 
-    /// A replica at a local port that answers every request with
-    /// `answer`, once the request is in whole.
-    async fn replica_answering(answer: &'static [u8]) -> std::net::SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    loop {
-                        let mut slots = [httparse::EMPTY_HEADER; 16];
-                        let mut request = httparse::Request::new(&mut slots);
-                        if let Ok(httparse::Status::Complete(len)) = request.parse(&seen) {
-                            let length = request
-                                .headers
-                                .iter()
-                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                .map_or(0, |h| {
-                                    std::str::from_utf8(h.value).unwrap().parse().unwrap()
-                                });
-                            if seen.len() >= len + length {
-                                seen.drain(..len + length);
-                                stream.write_all(answer).await.unwrap();
-                                continue;
-                            }
-                        }
-                        let mut chunk = [0; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
-            }
-        });
-        address
-    }
-
     /// A request a replica that is gone was picked for is answered by
     /// another; the answer names both, carries the replica's own headers
     /// (not its name, date or length, which the gateway says itself).
@@ -1063,8 +1024,9 @@ mod tests {
     async fn a_retried_answer_names_both_replicas_and_keeps_the_replicas_headers() {
         use shoal_api::fleet::{RouteEndpoint, RoutingTable};
         use shoal_http::{RequestBody, RequestHeaders};
-        let live = replica_answering(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-shoal-model-version: 1\r\nx-shoal-replica: its-own-name\r\ndate: yesterday\r\n\r\n{}",
+        let (live, _) = crate::upstream::tests::scripted(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-shoal-model-version: 1\r\nx-shoal-replica: its-own-name\r\ndate: yesterday\r\n\r\n{}"],
+            false,
         )
         .await;
         // Bound and dropped: connections to it are refused.
@@ -1073,9 +1035,9 @@ mod tests {
             .local_addr()
             .unwrap();
         let gateway = Gateway::new(GatewayConfig::default()).unwrap();
-        let endpoint = |id: &str, address: std::net::SocketAddr| RouteEndpoint {
+        let endpoint = |id: &str, address: String| RouteEndpoint {
             id: id.into(),
-            address: address.to_string(),
+            address,
             region: "local".into(),
             alive: true,
             serving: vec!["digits:1".parse().unwrap()],
@@ -1083,7 +1045,7 @@ mod tests {
         };
         let table = RoutingTable {
             revision: 1,
-            endpoints: vec![endpoint("gone", gone), endpoint("live", live)],
+            endpoints: vec![endpoint("gone", gone.to_string()), endpoint("live", live)],
             models: Vec::new(),
         };
         gateway.routes.apply(&table, gateway.now());

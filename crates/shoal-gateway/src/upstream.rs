@@ -737,7 +737,7 @@ impl AsyncWrite for Stream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -750,7 +750,10 @@ mod tests {
     /// the connection without answering) and closes the connection after
     /// each answer when `close` says so. Counts the connections it
     /// accepted.
-    async fn scripted(answers: Vec<&'static [u8]>, close: bool) -> (String, Arc<AtomicUsize>) {
+    pub(crate) async fn scripted(
+        answers: Vec<&'static [u8]>,
+        close: bool,
+    ) -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let accepted = Arc::new(AtomicUsize::new(0));

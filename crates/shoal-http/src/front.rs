@@ -67,13 +67,6 @@ pub struct RawHead {
     pub(crate) lines: SmallVec<[Line; 8]>,
 }
 
-impl RawHead {
-    /// The bytes at `from..to` of the head.
-    fn at(&self, from: u16, to: u16) -> &[u8] {
-        &self.head[usize::from(from)..usize::from(to)]
-    }
-}
-
 /// Header lookup by name, over a `HeaderMap` or a head as read. Values
 /// are bytes (a header need not be text: see [`crate::text_of`]); a
 /// repeated header reads as its first value, as `HeaderMap::get` gives.
@@ -129,14 +122,18 @@ impl Headers for RawHead {
 }
 
 impl RawHead {
+    /// The bytes at `from..to` of the head.
+    fn at(&self, from: u16, to: u16) -> &[u8] {
+        &self.head[usize::from(from)..usize::from(to)]
+    }
+
     /// [`Headers::find`] of names as bytes, in any case.
     fn find_bytes<const N: usize>(&self, names: [&[u8]; N]) -> [Option<&[u8]>; N] {
         let mut found = [None; N];
         for &[ns, ne, vs, ve] in &self.lines {
             let name = self.at(ns, ne);
             for (slot, wanted) in found.iter_mut().zip(names) {
-                if slot.is_none() && name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
-                {
+                if slot.is_none() && name.eq_ignore_ascii_case(wanted) {
                     *slot = Some(self.at(vs, ve));
                 }
             }
@@ -186,9 +183,7 @@ impl RequestBody {
             RequestBody::Streamed(body) => crate::read_body(body, limit).await,
         }
     }
-}
 
-impl RequestBody {
     /// Refuses, before anything is read, a body still to come whose
     /// declared `Content-Length` (in `headers`) is over `limit`. A whole
     /// body's length is its own ([`RequestBody::read`] checks it): no

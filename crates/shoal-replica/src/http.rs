@@ -334,7 +334,7 @@ async fn serve_inference(
         http::HeaderName::from_static(shoal_api::replica::SEQUENCE_FROM_HEADER);
     const REPLICA: http::HeaderName = http::HeaderName::from_static(REPLICA_HEADER);
     const VERSION: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
-    // The three headers read, in one pass.
+    // The two headers read, in one pass.
     let [json_len, moved_from] = headers.find([&BINARY, &MOVED_FROM]);
     let json_len = shoal_http::text_of(&BINARY, json_len)?;
     body.check_declared(headers, replica.body_limit)?;
