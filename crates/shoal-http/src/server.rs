@@ -19,12 +19,23 @@
 //! connection waiting for its next request closes, one with a request in
 //! flight answers it (with `connection: close`) and then closes, and
 //! [`run`] returns once every connection has closed.
+//!
+//! Silent clients: a connection costs a task, buffers and a descriptor, so
+//! one whose client stops talking is closed (as nginx does): after
+//! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
+//! the middle of sending one (answered 408 first) or of not reading its
+//! answer. The loop counts the bytes it moves and a timer compares the
+//! count every [`CHECK`] (`Silence`): no clock read and no timer reset per
+//! request. hyper's part of a connection closes at [`IDLE_TIMEOUT`] without
+//! a whole request head (its `header_read_timeout`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -56,6 +67,21 @@ const COPY_BODY: usize = 4 << 10;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 << 10;
+
+/// Longest a client may stay silent in the middle of a request (its head
+/// or body: answered 408) or while its answer waits to be read: nginx's
+/// `client_header_timeout`, `client_body_timeout` and `send_timeout`.
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest a kept-alive connection waits for its next request: nginx's
+/// `keepalive_timeout`, and longer than the gateway keeps an idle
+/// connection to a replica (60 s), so its pool never picks one the
+/// replica is about to close.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// How often a connection's silence is checked; a connection closes after
+/// between its timeout and its timeout plus this of silence.
+const CHECK: Duration = Duration::from_secs(15);
 
 /// The service of one connection: the front route, else the router (with
 /// the peer's address as `ConnectInfo` when `peers`).
@@ -184,8 +210,10 @@ impl Fronted {
             None => Bytes::new(),
         };
         let io = hyper_util::rt::TokioIo::new(Rewind { read, io });
-        let connection =
-            hyper::server::conn::http1::Builder::new().serve_connection(io, Hyper(self));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(IDLE_TIMEOUT)
+            .serve_connection(io, Hyper(self));
         let mut connection = pin!(connection);
         let mut stopped = pin!(stop.closed().fuse());
         loop {
@@ -207,6 +235,13 @@ impl Fronted {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
+        let moved = AtomicU64::new(0);
+        let mut io = Counted { io, moved: &moved };
+        let mut silence = Watch {
+            timer: pin!(tokio::time::sleep(CHECK)),
+            silence: Silence::default(),
+            moved: &moved,
+        };
         let mut buf = BytesMut::new();
         let mut out: Vec<u8> = Vec::new();
         // One wait for the stop per connection, not one per request: each
@@ -230,10 +265,16 @@ impl Fronted {
                     tokio::select! {
                         biased;
                         () = &mut stopped => return Ok(Handed::Closed),
-                        read = io.read_buf(&mut buf) => read?,
+                        read = silence.bound(io.read_buf(&mut buf), Waiting::Idle) => match read {
+                            Ok(read) => read?,
+                            Err(Silent) => return Ok(Handed::Closed),
+                        },
                     }
                 } else {
-                    io.read_buf(&mut buf).await?
+                    match silence.bound(io.read_buf(&mut buf), Waiting::Request).await {
+                        Ok(read) => read?,
+                        Err(Silent) => return timed_out(&mut io, &mut silence, &mut out).await,
+                    }
                 };
                 if read == 0 {
                     return Ok(Handed::Closed);
@@ -249,8 +290,17 @@ impl Fronted {
                 rest.slice(..head.content_length)
             } else {
                 if head.expect_continue {
-                    io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-                    io.flush().await?;
+                    let sent = silence.bound(
+                        async {
+                            io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                            io.flush().await
+                        },
+                        Waiting::Reader,
+                    );
+                    match sent.await {
+                        Ok(sent) => sent?,
+                        Err(Silent) => return Ok(Handed::Closed),
+                    }
                 }
                 // Read into a buffer of the body's size, never zeroed
                 // first, and never past the body (a pipelined request's
@@ -259,8 +309,17 @@ impl Fronted {
                 body.extend_from_slice(&rest);
                 while body.len() < head.content_length {
                     let left = head.content_length - body.len();
-                    if io.read_buf(&mut BufMut::limit(&mut body, left)).await? == 0 {
-                        return Ok(Handed::Closed);
+                    let mut room = BufMut::limit(&mut body, left);
+                    match silence
+                        .bound(io.read_buf(&mut room), Waiting::Request)
+                        .await
+                    {
+                        Ok(read) => {
+                            if read? == 0 {
+                                return Ok(Handed::Closed);
+                            }
+                        }
+                        Err(Silent) => return timed_out(&mut io, &mut silence, &mut out).await,
                     }
                 }
                 body.freeze()
@@ -269,12 +328,202 @@ impl Fronted {
             let response = front(head.inference(read, body, self.peer)).await;
             // A stop while the request ran: answer it, then close.
             let close = close || stop.is_closed();
-            write_answer(io, &response, close, &mut out).await?;
+            let written = write_answer(&mut io, &response, close, &mut out);
+            match silence.bound(written, Waiting::Reader).await {
+                Ok(written) => written?,
+                Err(Silent) => return Ok(Handed::Closed),
+            }
             if close {
                 io.shutdown().await?;
                 return Ok(Handed::Closed);
             }
         }
+    }
+}
+
+/// Answers 408 to a client that went silent in the middle of its request,
+/// and closes the connection.
+async fn timed_out<I>(
+    io: &mut I,
+    silence: &mut Watch<'_>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Handed>
+where
+    I: AsyncWrite + Unpin,
+{
+    let answer = crate::ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "the request stopped arriving: nothing came for {} s; send each request whole",
+            READ_TIMEOUT.as_secs()
+        ),
+    )
+    .into_answer();
+    let written = async {
+        write_answer(io, &answer, true, out).await?;
+        io.shutdown().await
+    };
+    // A client that reads nothing either is not waited for.
+    if let Ok(written) = silence.bound(written, Waiting::Reader).await {
+        written?;
+    }
+    Ok(Handed::Closed)
+}
+
+/// What a connection waits for from its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Its next request.
+    Idle,
+    /// The rest of a request it started.
+    Request,
+    /// The client to read what was sent to it.
+    Reader,
+}
+
+/// The client was silent too long.
+#[derive(Debug, PartialEq, Eq)]
+struct Silent;
+
+/// Whether a client has been silent too long, decided at each of its
+/// connection's checks from the count of bytes moved: pure, the
+/// connection counts and runs the timer. A client silent since just
+/// after one check is caught `timeout / CHECK` checks later, so after
+/// between its timeout and its timeout plus [`CHECK`] of silence (checks
+/// are at least [`CHECK`] apart).
+#[derive(Debug, Default)]
+struct Silence {
+    /// The count at the last check that saw it move.
+    seen: u64,
+    /// Checks since then.
+    checks: u32,
+}
+
+impl Silence {
+    /// At a check: whether a connection that has moved `moved` bytes in
+    /// all, waiting for `waiting`, has been silent too long.
+    fn too_long(&mut self, moved: u64, waiting: Waiting) -> bool {
+        if moved != self.seen {
+            self.seen = moved;
+            self.checks = 0;
+            return false;
+        }
+        self.checks += 1;
+        let timeout = match waiting {
+            Waiting::Idle => IDLE_TIMEOUT,
+            Waiting::Request | Waiting::Reader => READ_TIMEOUT,
+        };
+        CHECK * self.checks >= timeout
+    }
+}
+
+/// A connection's timer and [`Silence`], over the count its [`Counted`]
+/// keeps.
+struct Watch<'a> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    silence: Silence,
+    moved: &'a AtomicU64,
+}
+
+impl Watch<'_> {
+    /// Runs `work`, a read or write of the connection, checking the
+    /// client's silence each time the timer fires meanwhile. The timer is
+    /// only polled when `work` is not done at once: a request costs no
+    /// clock read or timer reset.
+    async fn bound<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        waiting: Waiting,
+    ) -> Result<T, Silent> {
+        let mut work = pin!(work);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(done));
+            }
+            while self.timer.as_mut().poll(cx).is_ready() {
+                if self
+                    .silence
+                    .too_long(self.moved.load(Ordering::Relaxed), waiting)
+                {
+                    tracing::debug!(?waiting, "closing a connection whose client went silent");
+                    return Poll::Ready(Err(Silent));
+                }
+                // From now: a check that comes late (a long inference,
+                // a busy worker) does not bring the next ones closer.
+                let next = tokio::time::Instant::now() + CHECK;
+                self.timer.as_mut().reset(next);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// A connection that counts the bytes it reads and writes.
+struct Counted<'a, I> {
+    io: &'a mut I,
+    moved: &'a AtomicU64,
+}
+
+impl<I> Counted<'_, I> {
+    fn count(&self, n: usize) {
+        if n > 0 {
+            // One writer: a load and a store, no locked add.
+            let moved = self.moved.load(Ordering::Relaxed);
+            self.moved
+                .store(moved.wrapping_add(n as u64), Ordering::Relaxed);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<'_, I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.io).poll_read(cx, buf);
+        self.count(buf.filled().len() - before);
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<'_, I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.count(n);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.count(n);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
@@ -946,6 +1195,138 @@ mod tests {
         assert_eq!((code, body.as_slice()), (200, &b"a:2"[..]));
         assert_eq!(header(&headers, "connection"), Some("close"));
         closed(&mut stream, &pending).await;
+    }
+
+    /// Silence is judged over whole checks: progress at a check starts
+    /// the count again; an idle connection gets more checks than a
+    /// request half sent or an answer not read.
+    #[test]
+    fn silence_is_counted_in_checks_since_the_last_bytes_moved() {
+        let silent_checks = |waiting| {
+            let mut silence = Silence::default();
+            // Bytes moved before the first check.
+            assert!(!silence.too_long(100, waiting));
+            (1..=100).find(|_| silence.too_long(100, waiting)).unwrap()
+        };
+        assert_eq!(CHECK * silent_checks(Waiting::Idle), IDLE_TIMEOUT);
+        assert_eq!(CHECK * silent_checks(Waiting::Request), READ_TIMEOUT);
+        assert_eq!(CHECK * silent_checks(Waiting::Reader), READ_TIMEOUT);
+        // A byte between checks, however late, starts the count again.
+        let mut silence = Silence::default();
+        for _ in 0..3 {
+            assert!(!silence.too_long(0, Waiting::Request));
+        }
+        assert!(!silence.too_long(1, Waiting::Request));
+        for _ in 0..3 {
+            assert!(!silence.too_long(1, Waiting::Request));
+        }
+        assert!(silence.too_long(1, Waiting::Request));
+    }
+
+    /// How long `stream` stays open (paused time: the runtime's clock
+    /// jumps to the server's next check whenever everything waits).
+    async fn open_for(stream: &mut TcpStream, pending: &[u8]) -> Duration {
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(IDLE_TIMEOUT * 2, closed(stream, pending))
+            .await
+            .expect("the server kept a silent connection open");
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_after_the_idle_timeout() {
+        let server = server().await;
+        // Kept alive after an answer by the loop.
+        let (mut stream, mut pending) = connect(server.addr).await;
+        let (code, _, _) = ask(&mut stream, &mut pending, infer("a", "1").as_bytes()).await;
+        assert_eq!(code, 200);
+        let open = open_for(&mut stream, &pending).await;
+        assert!(
+            IDLE_TIMEOUT <= open && open <= IDLE_TIMEOUT + CHECK,
+            "{open:?}"
+        );
+        // Never a request at all.
+        let (mut stream, pending) = connect(server.addr).await;
+        let open = open_for(&mut stream, &pending).await;
+        assert!(
+            IDLE_TIMEOUT <= open && open <= IDLE_TIMEOUT + CHECK,
+            "{open:?}"
+        );
+        // Kept alive after an answer by hyper.
+        let (mut stream, mut pending) = connect(server.addr).await;
+        let (code, _, _) = ask(
+            &mut stream,
+            &mut pending,
+            b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
+        assert_eq!(code, 200);
+        let open = open_for(&mut stream, &pending).await;
+        assert!(
+            IDLE_TIMEOUT <= open && open <= IDLE_TIMEOUT + CHECK,
+            "{open:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_stops_arriving_is_answered_408_and_closed() {
+        let server = server().await;
+        let whole = infer("a", "[1,2,3]");
+        let in_body = whole.len() - 3;
+        let in_head = whole.find("content-type").unwrap();
+        for cut in [in_head, in_body] {
+            let (mut stream, mut pending) = connect(server.addr).await;
+            stream.write_all(&whole.as_bytes()[..cut]).await.unwrap();
+            let start = tokio::time::Instant::now();
+            let (code, headers, body) =
+                tokio::time::timeout(READ_TIMEOUT * 2, answer(&mut stream, &mut pending))
+                    .await
+                    .expect("the server waited for the rest of the request");
+            let waited = start.elapsed();
+            assert_eq!(code, 408, "{}", String::from_utf8_lossy(&body));
+            assert!(
+                READ_TIMEOUT <= waited && waited <= READ_TIMEOUT + CHECK,
+                "{waited:?}"
+            );
+            assert_eq!(
+                body,
+                br#"{"error":"the request stopped arriving: nothing came for 60 s; send each request whole"}"#
+            );
+            assert_eq!(header(&headers, "connection"), Some("close"));
+            closed(&mut stream, &pending).await;
+        }
+    }
+
+    /// Slow is not silent: a client that keeps sending, and a request the
+    /// server takes long to answer, keep their connection.
+    #[tokio::test(start_paused = true)]
+    async fn slow_clients_and_slow_answers_are_not_silence() {
+        let mut server = server().await;
+        let (mut stream, mut pending) = connect(server.addr).await;
+        // Ten bytes every 20 s: well past every timeout in all.
+        let whole = infer("a", "[1,2,3]");
+        let start = tokio::time::Instant::now();
+        for piece in whole.as_bytes().chunks(10) {
+            stream.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        assert!(start.elapsed() > IDLE_TIMEOUT * 2);
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:[1,2,3]"[..]));
+        // An answer that takes 200 s, then the next request just inside
+        // the idle timeout: both answered on the same connection.
+        stream
+            .write_all(infer("held", "2").as_bytes())
+            .await
+            .unwrap();
+        server.started.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        server.gate.add_permits(1);
+        let (code, _, body) = answer(&mut stream, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
+        tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(5)).await;
+        let (code, _, body) = ask(&mut stream, &mut pending, infer("b", "3").as_bytes()).await;
+        assert_eq!((code, body.as_slice()), (200, &b"b:3"[..]));
     }
 
     #[tokio::test]
