@@ -1,5 +1,5 @@
 //! The gateway with real processes: a replica SIGKILLed or hung under a
-//! steady stream costs no request; sticky sessions; weighted splits that
+//! steady stream costs no request (the retried answers name it); sticky sessions; weighted splits that
 //! keep users on one version; shadow mirroring; rate limits; serving on with
 //! the control plane gone.
 
@@ -116,6 +116,12 @@ impl Fleet {
     }
 
     async fn infer(&self, headers: &[(&str, &str)]) -> Result<(String, String), String> {
+        let answer = self.answer(headers).await?;
+        Ok((answer.replica, answer.version))
+    }
+
+    /// An inference's answer through the gateway, or its failure.
+    async fn answer(&self, headers: &[(&str, &str)]) -> Result<Answered, String> {
         let r = self
             .http
             .send(
@@ -128,18 +134,31 @@ impl Fleet {
         if r.status != 200 {
             return Err(format!("{}: {}", r.status, r.text()));
         }
-        Ok((
-            r.header("x-shoal-replica").unwrap_or("").to_owned(),
-            r.header("x-shoal-model-version").unwrap_or("").to_owned(),
-        ))
+        let header = |name| r.header(name).unwrap_or("").to_owned();
+        Ok(Answered {
+            replica: header("x-shoal-replica"),
+            version: header("x-shoal-model-version"),
+            retried_from: r.header("x-shoal-retried-from").map(str::to_owned),
+        })
     }
 }
 
-/// Client tasks, the failures they saw, and who answered.
+/// Who answered an inference, with which version, and which replicas
+/// failed it first.
+#[derive(Debug, Clone)]
+struct Answered {
+    replica: String,
+    version: String,
+    retried_from: Option<String>,
+}
+
+/// Client tasks, the failures they saw, who answered, and the answers
+/// that were retried.
 type Stream = (
     Vec<tokio::task::JoinHandle<()>>,
     Arc<Mutex<Vec<String>>>,
     Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<Answered>>>,
 );
 
 /// Runs `clients` loops against the gateway until `stop`, recording who
@@ -147,21 +166,32 @@ type Stream = (
 fn steady_stream(f: &Arc<Fleet>, clients: usize, stop: Arc<AtomicBool>) -> Stream {
     let failures = Arc::new(Mutex::new(Vec::new()));
     let answered = Arc::new(Mutex::new(Vec::new()));
+    let retried = Arc::new(Mutex::new(Vec::new()));
     let tasks = (0..clients)
         .map(|_| {
-            let (f, stop, failures, answered) =
-                (f.clone(), stop.clone(), failures.clone(), answered.clone());
+            let (f, stop, failures, answered, retried) = (
+                f.clone(),
+                stop.clone(),
+                failures.clone(),
+                answered.clone(),
+                retried.clone(),
+            );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    match f.infer(&[]).await {
-                        Ok((replica, _)) => answered.lock().await.push(replica),
+                    match f.answer(&[]).await {
+                        Ok(answer) => {
+                            answered.lock().await.push(answer.replica.clone());
+                            if answer.retried_from.is_some() {
+                                retried.lock().await.push(answer);
+                            }
+                        }
                         Err(e) => failures.lock().await.push(e),
                     }
                 }
             })
         })
         .collect();
-    (tasks, failures, answered)
+    (tasks, failures, answered, retried)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +199,7 @@ async fn killed_and_hung_replicas_cost_no_request() {
     let f = Arc::new(fleet(3, &["--request-timeout-ms", "500"]).await);
     let status = cli(&f.control_url, &["status"]);
     let stop = Arc::new(AtomicBool::new(false));
-    let (tasks, failures, answered) = steady_stream(&f, 4, stop.clone());
+    let (tasks, failures, answered, retried) = steady_stream(&f, 4, stop.clone());
 
     // SIGKILL one replica mid-stream.
     eventually("traffic to flow", Duration::from_secs(10), || {
@@ -259,6 +289,31 @@ async fn killed_and_hung_replicas_cost_no_request() {
     assert!(
         metrics.contains("gateway_retries_total"),
         "retries happened and are counted"
+    );
+    // Retried answers say so: they name the replicas that failed them
+    // (the killed and the hung one only), never the one that answered.
+    // Requests that timed out on the hung replica before it was ejected
+    // are among them (it takes a health check 500 ms to give up on it, by
+    // when the stream has sent it many).
+    let retried = retried.lock().await;
+    for answer in retried.iter() {
+        let from = answer.retried_from.as_deref().unwrap();
+        for failed in from.split(',') {
+            assert!(
+                failed == killed || failed == hung,
+                "{answer:?}: retried from a replica that did not fail"
+            );
+        }
+        assert!(
+            !from.split(',').any(|failed| failed == answer.replica),
+            "{answer:?}: answered by a replica it was retried from"
+        );
+    }
+    assert!(
+        retried
+            .iter()
+            .any(|answer| answer.retried_from.as_deref() == Some(hung.as_str())),
+        "no answer said it was retried from the hung replica: {retried:?}"
     );
 }
 
