@@ -270,10 +270,18 @@ pub(crate) async fn upload_artifact(
     let mut file = tokio::fs::File::create(&tmp.0)
         .await
         .map_err(|e| ApiError::internal(format!("cannot spool upload: {e}")))?;
-    let mut stream = body.into_data_stream();
+    // A client that stops sending mid-upload is answered 408 (and its
+    // spool file removed) rather than waited for.
+    let mut stream = Body::new(shoal_http::stall::Stalling::new(body)).into_data_stream();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            if shoal_http::stall::stalled(&e) {
+                shoal_http::stall::body_error(&e)
+            } else {
+                ApiError::bad_request(format!("upload interrupted: {e}"))
+            }
+        })?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(ApiError::new(

@@ -5,7 +5,7 @@
 //!   status, so every endpoint fails the same way; the internal cause is
 //!   logged, not sent.
 //! - [`read_body`] reads a request body up to a limit and answers 413 with a
-//!   message that names the limit; [`decode_off_worker`] parses a large one
+//!   message that names the limit, 408 when it stops arriving ([`stall`]); [`decode_off_worker`] parses a large one
 //!   on a blocking thread.
 //! - [`fallback`] and [`method_not_allowed`] keep unknown routes and wrong
 //!   methods in the same JSON error shape.
@@ -23,11 +23,13 @@ mod answer;
 pub mod extract;
 mod front;
 mod server;
+pub mod stall;
 pub mod supervise;
 pub mod tls;
 
 pub use answer::Answer;
 pub use front::{Front, Headers, Inference, RawHead, RequestBody, RequestHeaders, header_str};
+pub use server::{IDLE_TIMEOUT, READ_TIMEOUT};
 pub use supervise::supervise;
 
 use std::future::Future;
@@ -41,6 +43,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
+use stall::Stalling;
 use tokio::net::TcpListener;
 
 /// An error on its way to becoming an HTTP response.
@@ -165,7 +168,8 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response {
     response
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes with 413.
+/// Reads a whole request body, refusing more than `limit` bytes with 413
+/// and one that stops arriving ([`READ_TIMEOUT`]) with 408.
 pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || front::too_large(limit);
     let cannot =
@@ -188,7 +192,10 @@ pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> 
     if axum::body::HttpBody::is_end_stream(&body) {
         return Ok(first);
     }
-    match Limited::new(body, limit - first.len()).collect().await {
+    match Limited::new(Stalling::new(body), limit - first.len())
+        .collect()
+        .await
+    {
         Ok(collected) if first.is_empty() => Ok(collected.to_bytes()),
         Ok(collected) => {
             let rest = collected.to_bytes();
@@ -198,9 +205,7 @@ pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> 
             Ok(whole.into())
         }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "cannot read the request body: {e}"
-        ))),
+        Err(e) => Err(stall::body_error(&*e)),
     }
 }
 

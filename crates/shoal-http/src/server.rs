@@ -71,13 +71,13 @@ const READ_CHUNK: usize = 8 << 10;
 /// Longest a client may stay silent in the middle of a request (its head
 /// or body: answered 408) or while its answer waits to be read: nginx's
 /// `client_header_timeout`, `client_body_timeout` and `send_timeout`.
-pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Longest a kept-alive connection waits for its next request: nginx's
 /// `keepalive_timeout`, and longer than the gateway keeps an idle
 /// connection to a replica (60 s), so its pool never picks one the
 /// replica is about to close.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// How often a connection's silence is checked; a connection closes after
 /// between its timeout and its timeout plus this of silence.
