@@ -3,7 +3,6 @@
 //! reaches an inference engine, so callers get an error that names the
 //! offending input instead of an engine's internal message.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use crate::tensor::{DataType, Tensor};
@@ -260,7 +259,9 @@ impl Signature {
             }
             slots[index] = Some(tensor);
         }
-        let mut symbols: HashMap<&str, (usize, &str)> = HashMap::new();
+        // Each symbolic dimension's size, and the input that set it: a
+        // model has a few at most, so a list (no hashing per request).
+        let mut symbols: Vec<(&str, usize, &str)> = Vec::new();
         let mut ordered = Vec::with_capacity(slots.len());
         for (spec, slot) in self.inputs.iter().zip(slots) {
             let Some(tensor) = slot else {
@@ -306,14 +307,14 @@ impl Signature {
                         )));
                     }
                     Dim::Dynamic(Some(sym)) => {
-                        if let Some(&(seen, other)) = symbols.get(sym.as_str()) {
+                        if let Some(&(_, seen, other)) = symbols.iter().find(|(s, ..)| s == sym) {
                             if seen != size {
                                 return Err(wrong_shape(format!(
                                     "; dimension {axis} ({sym}) is {size} but input {other:?} has {sym} = {seen}"
                                 )));
                             }
                         } else {
-                            symbols.insert(sym, (size, &spec.name));
+                            symbols.push((sym, size, &spec.name));
                         }
                     }
                     _ => {}

@@ -21,7 +21,6 @@
 //! (retry elsewhere), running past it is [`RunError::DeadlineExceeded`]
 //! (the answer is abandoned; the thread finishes and is then free).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -45,11 +44,24 @@ struct Inner {
     queued: AtomicUsize,
     /// Requests admitted (see [`InferencePool::admit`]) and not yet run.
     admitted: AtomicUsize,
-    /// Threads held per model key.
-    held: Mutex<HashMap<String, usize>>,
-    /// Woken whenever a model gives a thread back.
+    /// Threads held per model key, with the key shared with each hold.
+    /// An entry stays at zero when its model holds none (re-inserting it
+    /// would allocate on every request) until the map grows past
+    /// [`HELD_KEYS`].
+    held: Mutex<HeldCounts>,
+    /// Woken when a model gives a thread back and someone waits.
     returned: Notify,
+    /// Calls waiting in [`InferencePool::hold`]: without them, a thread
+    /// given back wakes nobody (and takes no lock for it).
+    holding: AtomicUsize,
 }
+
+/// Threads held per model key: the key, shared with each [`Held`], and
+/// its count.
+type HeldCounts = hashbrown::HashMap<Arc<str>, (Arc<str>, usize)>;
+
+/// Model keys kept at zero holds before they are swept.
+const HELD_KEYS: usize = 64;
 
 /// A request admitted to the pool before it was decoded (see
 /// [`InferencePool::admit`]); counts against the queue until dropped.
@@ -86,7 +98,7 @@ enum Place {
 /// went away while the inference ran on).
 struct Held {
     inner: Arc<Inner>,
-    key: String,
+    key: Arc<str>,
 }
 
 impl Drop for Held {
@@ -96,14 +108,28 @@ impl Drop for Held {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = held.get_mut(&self.key) {
+        if let Some((_, n)) = held.get_mut(&*self.key) {
             *n -= 1;
-            if *n == 0 {
-                held.remove(&self.key);
+            if *n == 0 && held.len() > HELD_KEYS {
+                held.retain(|_, (_, n)| *n > 0);
             }
         }
         drop(held);
-        self.inner.returned.notify_waiters();
+        // After the count went down: a waiter counted after this load
+        // takes the lock after it too, and sees the thread free.
+        if self.inner.holding.load(Ordering::SeqCst) > 0 {
+            self.inner.returned.notify_waiters();
+        }
+    }
+}
+
+/// Counts a call in [`InferencePool::hold`] until it leaves (with a
+/// thread, or dropped while waiting).
+struct Holding<'a>(&'a AtomicUsize);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -140,8 +166,9 @@ impl InferencePool {
                 max_queue,
                 queued: AtomicUsize::new(0),
                 admitted: AtomicUsize::new(0),
-                held: Mutex::new(HashMap::new()),
+                held: Mutex::new(hashbrown::HashMap::new()),
                 returned: Notify::new(),
+                holding: AtomicUsize::new(0),
             }),
         }
     }
@@ -163,19 +190,27 @@ impl InferencePool {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let n = held.entry(key.to_owned()).or_insert(0);
+        let (key, n) = match held.get_mut(key) {
+            Some(entry) => entry,
+            None => {
+                let key: Arc<str> = Arc::from(key);
+                held.entry(key.clone()).or_insert((key, 0))
+            }
+        };
         if *n >= cap {
             return None;
         }
         *n += 1;
         Some(Held {
             inner: self.inner.clone(),
-            key: key.to_owned(),
+            key: key.clone(),
         })
     }
 
     /// Waits until `key` holds fewer than `cap` threads, and takes one.
     async fn hold(&self, key: &str, cap: usize) -> Held {
+        self.inner.holding.fetch_add(1, Ordering::SeqCst);
+        let _counted = Holding(&self.inner.holding);
         loop {
             let returned = self.inner.returned.notified();
             tokio::pin!(returned);
@@ -491,6 +526,26 @@ mod tests {
         let err = pool.run(&model, wrong).await.unwrap_err();
         assert!(err.is_client_error());
         assert_eq!(pool.stats().running, 0);
+    }
+
+    /// Models that hold no thread keep their count at zero (no allocation
+    /// per request) until there are too many of them, then are swept.
+    #[test]
+    fn counts_of_models_holding_nothing_are_kept_then_swept() {
+        let pool = InferencePool::new(2, 8);
+        let keys = |pool: &InferencePool| pool.inner.held.lock().unwrap().len();
+        drop(pool.try_hold("a", 1).unwrap());
+        drop(pool.try_hold("a", 1).unwrap());
+        assert_eq!(keys(&pool), 1);
+        for i in 0..HELD_KEYS * 2 {
+            drop(pool.try_hold(&format!("m{i}"), 1).unwrap());
+        }
+        assert!(keys(&pool) <= HELD_KEYS + 1, "{} keys kept", keys(&pool));
+        // Counting still holds: a model at its cap gets no more.
+        let a = pool.try_hold("a", 1).unwrap();
+        assert!(pool.try_hold("a", 1).is_none());
+        drop(a);
+        assert!(pool.try_hold("a", 1).is_some());
     }
 
     fn share(key: &str, cap: usize, secs: u64) -> Share<'_> {
