@@ -241,6 +241,7 @@ impl Fronted {
             timer: pin!(tokio::time::sleep(CHECK)),
             silence: Silence::default(),
             moved: &moved,
+            armed: false,
         };
         let mut buf = BytesMut::new();
         let mut out: Vec<u8> = Vec::new();
@@ -423,13 +424,18 @@ struct Watch<'a> {
     timer: Pin<&'a mut tokio::time::Sleep>,
     silence: Silence,
     moved: &'a AtomicU64,
+    /// Whether the timer was polled since it was last set: it then wakes
+    /// the connection's task when it fires, and a look at its state says
+    /// whether it has, without polling it again.
+    armed: bool,
 }
 
 impl Watch<'_> {
     /// Runs `work`, a read or write of the connection, checking the
     /// client's silence each time the timer fires meanwhile. The timer is
-    /// only polled when `work` is not done at once: a request costs no
-    /// clock read or timer reset.
+    /// only looked at when `work` is not done at once, and polled once
+    /// per setting (a connection's task keeps its waker): a request costs
+    /// no clock read, timer reset or waker registration.
     async fn bound<T>(
         &mut self,
         work: impl Future<Output = T>,
@@ -440,7 +446,7 @@ impl Watch<'_> {
             if let Poll::Ready(done) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(done));
             }
-            while self.timer.as_mut().poll(cx).is_ready() {
+            while self.fired(cx) {
                 if self
                     .silence
                     .too_long(self.moved.load(Ordering::Relaxed), waiting)
@@ -452,10 +458,21 @@ impl Watch<'_> {
                 // a busy worker) does not bring the next ones closer.
                 let next = tokio::time::Instant::now() + CHECK;
                 self.timer.as_mut().reset(next);
+                self.armed = false;
             }
             Poll::Pending
         })
         .await
+    }
+
+    /// Whether the timer has fired; polls it (registering the task's
+    /// waker) the first time after each setting.
+    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.armed {
+            return self.timer.is_elapsed();
+        }
+        self.armed = true;
+        self.timer.as_mut().poll(cx).is_ready()
     }
 }
 
