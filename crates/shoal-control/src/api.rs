@@ -275,13 +275,7 @@ pub(crate) async fn upload_artifact(
     let mut stream = Body::new(shoal_http::stall::Stalling::new(body)).into_data_stream();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            if shoal_http::stall::stalled(&e) {
-                shoal_http::stall::body_error(&e)
-            } else {
-                ApiError::bad_request(format!("upload interrupted: {e}"))
-            }
-        })?;
+        let chunk = chunk.map_err(|e| shoal_http::stall::body_error(&e))?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(ApiError::new(

@@ -172,8 +172,6 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response {
 /// and one that stops arriving ([`READ_TIMEOUT`]) with 408.
 pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || front::too_large(limit);
-    let cannot =
-        |e: axum::Error| ApiError::bad_request(format!("cannot read the request body: {e}"));
     // Most bodies are whole before the handler runs, in one frame (the
     // server loop reads a front route's body first): taken as they are,
     // without the collecting buffer and its allocation. A body that is
@@ -182,7 +180,7 @@ pub async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> 
     let first = match body.frame().now_or_never() {
         None => Bytes::new(),
         Some(None) => return Ok(Bytes::new()),
-        Some(Some(Err(e))) => return Err(cannot(e)),
+        Some(Some(Err(e))) => return Err(stall::body_error(&e)),
         // Trailers before any data: nothing to keep.
         Some(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
     };

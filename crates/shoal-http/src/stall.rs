@@ -5,7 +5,8 @@
 //! its connection, and whatever the handler holds meanwhile (a spool file,
 //! a place in an inference queue), for good. [`Stalling`] fails such a body
 //! once nothing has come for [`READ_TIMEOUT`], the server loop's limit for
-//! a request that stops arriving; [`body_error`] answers it 408.
+//! a request that stops arriving; [`body_error`] answers it 408 (and any
+//! other failed read 400).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -88,30 +89,21 @@ where
     }
 }
 
-/// Whether a body read failed because the body stalled (anywhere in the
-/// error's chain: body wrappers box the errors they pass on).
-pub fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(e) = cause {
-        if e.is::<Stalled>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
-}
-
-/// What a failed body read answers: 408 when the body stalled, 400 saying
-/// why otherwise.
+/// What a failed body read answers: 408 when the body stalled (anywhere
+/// in the error's chain: body wrappers box the errors they pass on), 400
+/// saying why otherwise.
 pub fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
-    if stalled(e) {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!("{Stalled}; send the body without pauses"),
-        )
-    } else {
-        ApiError::bad_request(format!("cannot read the request body: {e}"))
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<Stalled>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("{Stalled}; send the body without pauses"),
+            );
+        }
+        cause = c.source();
     }
+    ApiError::bad_request(format!("cannot read the request body: {e}"))
 }
 
 #[cfg(test)]
@@ -157,25 +149,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_body_is_read_whole() {
         // A chunk every 50 s: each within the timeout, all far past it.
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
         tokio::spawn(async move {
             for piece in ["[1,", "2,", "3]"] {
                 tokio::time::sleep(Duration::from_secs(50)).await;
-                tx.send(chunk(piece)).await.unwrap();
+                tx.unbounded_send(chunk(piece)).unwrap();
             }
         });
-        let body = Body::from_stream(tokio_stream(rx));
+        let body = Body::from_stream(rx);
         let start = Instant::now();
         let read = crate::read_body(body, 1 << 20).await.unwrap();
         assert_eq!(read, "[1,2,3]");
         assert_eq!(start.elapsed(), Duration::from_secs(150));
-    }
-
-    /// The receiver's messages as a stream.
-    fn tokio_stream<T: Send + 'static>(
-        rx: tokio::sync::mpsc::Receiver<T>,
-    ) -> impl futures::Stream<Item = T> + Send + 'static {
-        futures::stream::unfold(rx, |mut rx| async move { Some((rx.recv().await?, rx)) })
     }
 
     #[test]
@@ -189,7 +174,6 @@ mod tests {
         );
         // Found behind the errors that wrap it.
         let wrapped = axum::Error::new(Box::new(Stalled) as BoxError);
-        assert!(stalled(&wrapped));
         assert_eq!(body_error(&wrapped).status, StatusCode::REQUEST_TIMEOUT);
     }
 }

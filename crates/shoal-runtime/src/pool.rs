@@ -44,8 +44,8 @@ struct Inner {
     queued: AtomicUsize,
     /// Requests admitted (see [`InferencePool::admit`]) and not yet run.
     admitted: AtomicUsize,
-    /// Threads held per model key, with the key shared with each hold.
-    /// An entry stays at zero when its model holds none (re-inserting it
+    /// Threads held per model key (the key shared with each hold). An
+    /// entry stays at zero when its model holds none (re-inserting it
     /// would allocate on every request) until the map grows past
     /// [`HELD_KEYS`].
     held: Mutex<HeldCounts>,
@@ -56,9 +56,8 @@ struct Inner {
     holding: AtomicUsize,
 }
 
-/// Threads held per model key: the key, shared with each [`Held`], and
-/// its count.
-type HeldCounts = hashbrown::HashMap<Arc<str>, (Arc<str>, usize)>;
+/// Threads held per model key, the key shared with each [`Held`].
+type HeldCounts = hashbrown::HashMap<Arc<str>, usize>;
 
 /// Model keys kept at zero holds before they are swept.
 const HELD_KEYS: usize = 64;
@@ -108,10 +107,10 @@ impl Drop for Held {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, n)) = held.get_mut(&*self.key) {
+        if let Some(n) = held.get_mut(&*self.key) {
             *n -= 1;
             if *n == 0 && held.len() > HELD_KEYS {
-                held.retain(|_, (_, n)| *n > 0);
+                held.retain(|_, n| *n > 0);
             }
         }
         drop(held);
@@ -190,11 +189,12 @@ impl InferencePool {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (key, n) = match held.get_mut(key) {
-            Some(entry) => entry,
+        let (key, n) = match held.get_key_value_mut(key) {
+            Some((key, n)) => (key.clone(), n),
             None => {
                 let key: Arc<str> = Arc::from(key);
-                held.entry(key.clone()).or_insert((key, 0))
+                let n = held.entry(key.clone()).or_insert(0);
+                (key, n)
             }
         };
         if *n >= cap {
@@ -203,7 +203,7 @@ impl InferencePool {
         *n += 1;
         Some(Held {
             inner: self.inner.clone(),
-            key: key.clone(),
+            key,
         })
     }
 
