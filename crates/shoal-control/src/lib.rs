@@ -280,6 +280,7 @@ impl Control {
         }
         let registry = MetricsRegistry::new();
         let metrics = ControlMetrics::new(&registry);
+        shoal_http::limit::connections().register(&registry);
         let revision = store.revision().await?;
         let member = Me {
             id: member_id(&config)?,

@@ -178,6 +178,7 @@ impl Gateway {
         let session_header = header_name(&config.session_header, "session")?;
         let registry = MetricsRegistry::new();
         let metrics = GatewayMetrics::new(&registry);
+        shoal_http::limit::connections().register(&registry);
         let protection = Protection::new(&config.protection)?;
         Ok(Arc::new(Gateway {
             budget: tower::retry::budget::TpsBudget::new(

@@ -16,7 +16,11 @@
 //! - [`Beside`]: the service on a bound listener until told to stop, as
 //!   replicas and gateways run it beside their REST port; over TLS with the
 //!   REST port's certificate (and client verification) when they serve
-//!   https.
+//!   https. Its connections count against the process's connection cap
+//!   (`shoal_http::limit`), are pinged every [`KEEPALIVE_INTERVAL`] (a
+//!   client that does not answer within [`KEEPALIVE_TIMEOUT`] is dropped)
+//!   and closed once nothing moves on them for `shoal_http::IDLE_TIMEOUT`
+//!   (`shoal_http::silence::Silenced`).
 //!
 //! Architecture invariant: no server or inference here; replicas and
 //! gateways serve the service and run the requests.
@@ -27,6 +31,8 @@ pub mod status;
 
 use std::convert::Infallible;
 
+use shoal_http::limit::Permitted;
+use shoal_http::silence::Silenced;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 
@@ -98,14 +104,36 @@ impl Beside {
         }
     }
 
-    /// Serves `service` on `listener` (Nagle off).
+    /// Serves `service` on `listener` (Nagle off), within the process's
+    /// connection cap.
     fn serve(
         listener: tokio::net::TcpListener,
         service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let connections = shoal_http::limit::connections().clone();
+        let incoming = futures::stream::unfold(listener, move |listener| {
+            let connections = connections.clone();
+            async move {
+                loop {
+                    let admitted = connections.admit().await;
+                    match listener.accept().await {
+                        Ok((stream, _peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            let connection = Connection::new(stream, admitted);
+                            return Some((Ok::<_, std::io::Error>(connection), listener));
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back
+                            // off rather than spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            drop(admitted);
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        });
         Ok(Self::serve_incoming(addr, incoming, service))
     }
 
@@ -118,10 +146,14 @@ impl Beside {
         service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
-        let tls = shoal_http::tls::TlsListener::new(listener, config)?;
+        let connections = shoal_http::limit::connections().clone();
+        let tls = shoal_http::tls::TlsListener::new(listener, config, connections)?;
         let incoming = futures::stream::unfold(tls, |mut tls| async move {
             let (connection, _peer) = tls.next().await;
-            Some((Ok::<_, std::io::Error>(TlsConnection(connection)), tls))
+            Some((
+                Ok::<_, std::io::Error>(Connection(Silenced::new(connection))),
+                tls,
+            ))
         });
         Ok(Self::serve_incoming(addr, incoming, service))
     }
@@ -143,6 +175,8 @@ impl Beside {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(
             tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
@@ -160,19 +194,46 @@ impl Beside {
     }
 }
 
-/// A TLS connection as tonic serves it: the stream, with the TCP peer's
-/// address for handlers that ask (`Request::remote_addr`).
-struct TlsConnection(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+/// How often a connection is pinged (HTTP/2 PING) to find dead clients
+/// and keep live ones' connections moving: well within
+/// [`shoal_http::IDLE_TIMEOUT`], after which a connection on which nothing
+/// moved either way is closed ([`Silenced`]: a client that never finishes
+/// its connection preface, which no ping reaches).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl tonic::transport::server::Connected for TlsConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+/// How long a ping waits for its answer before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
+/// A connection as tonic serves it: counted against the process's
+/// connection cap and closed when silent, with the TCP peer's address for
+/// handlers that ask (`Request::remote_addr`).
+struct Connection<I>(Silenced<Permitted<I>>);
+
+impl Connection<tokio::net::TcpStream> {
+    fn new(stream: tokio::net::TcpStream, admitted: shoal_http::limit::Admitted) -> Self {
+        Connection(Silenced::new(Permitted::new(stream, admitted)))
     }
 }
 
-impl tokio::io::AsyncRead for TlsConnection {
+impl tonic::transport::server::Connected for Connection<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().get_ref().connect_info()
+    }
+}
+
+impl tonic::transport::server::Connected
+    for Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
+{
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().get_ref().get_ref().0.connect_info()
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Connection<I> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -182,7 +243,7 @@ impl tokio::io::AsyncRead for TlsConnection {
     }
 }
 
-impl tokio::io::AsyncWrite for TlsConnection {
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Connection<I> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -18,18 +18,22 @@
 //!   the loop restarted, never silently lost.
 //! - [`tls`] serves any of them over TLS (rustls), optionally requiring
 //!   client certificates.
+//! - [`silence`] closes connections whose clients went silent; [`limit`]
+//!   caps the connections a process's servers hold at once.
 
 mod answer;
 pub mod extract;
 mod front;
+pub mod limit;
 mod server;
+pub mod silence;
 pub mod stall;
 pub mod supervise;
 pub mod tls;
 
 pub use answer::Answer;
 pub use front::{Front, Headers, Inference, RawHead, RequestBody, RequestHeaders, header_str};
-pub use server::{IDLE_TIMEOUT, READ_TIMEOUT};
+pub use silence::{IDLE_TIMEOUT, READ_TIMEOUT};
 pub use supervise::supervise;
 
 use std::future::Future;
@@ -395,16 +399,17 @@ async fn serve_as(
         peers,
     };
     let (signal, deadline) = grace(shutdown);
+    let connections = limit::connections().clone();
     match tls {
         Some(config) => {
-            let listener = tls::TlsListener::new(listener, config)?;
+            let listener = tls::TlsListener::new(listener, config, connections)?;
             tokio::select! {
                 () = server::run(listener, service, signal) => {},
                 () = deadline => {},
             }
         }
         None => tokio::select! {
-            () = server::run(nodelay(listener), service, signal) => {},
+            () = server::run(limit::Capped { inner: nodelay(listener), connections }, service, signal) => {},
             () = deadline => {},
         },
     }

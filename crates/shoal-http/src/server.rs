@@ -20,22 +20,18 @@
 //! flight answers it (with `connection: close`) and then closes, and
 //! [`run`] returns once every connection has closed.
 //!
-//! Silent clients: a connection costs a task, buffers and a descriptor, so
-//! one whose client stops talking is closed (as nginx does): after
+//! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
 //! the middle of sending one (answered 408 first) or of not reading its
-//! answer. The loop counts the bytes it moves and a timer compares the
-//! count every [`CHECK`] (`Silence`): no clock read and no timer reset per
-//! request. hyper's part of a connection closes at [`IDLE_TIMEOUT`] without
-//! a whole request head (its `header_read_timeout`).
+//! answer; hyper's part of a connection at [`IDLE_TIMEOUT`] without a whole
+//! request head (its `header_read_timeout`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -48,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
+use crate::silence::{CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silent, Waiting, Watch};
 use crate::{Answer, Front};
 
 /// Largest request body the connection loop reads itself; a larger one
@@ -67,21 +64,6 @@ const COPY_BODY: usize = 4 << 10;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 << 10;
-
-/// Longest a client may stay silent in the middle of a request (its head
-/// or body: answered 408) or while its answer waits to be read: nginx's
-/// `client_header_timeout`, `client_body_timeout` and `send_timeout`.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Longest a kept-alive connection waits for its next request: nginx's
-/// `keepalive_timeout`, and longer than the gateway keeps an idle
-/// connection to a replica (60 s), so its pool never picks one the
-/// replica is about to close.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
-
-/// How often a connection's silence is checked; a connection closes after
-/// between its timeout and its timeout plus this of silence.
-const CHECK: Duration = Duration::from_secs(15);
 
 /// The service of one connection: the front route, else the router (with
 /// the peer's address as `ConnectInfo` when `peers`).
@@ -237,12 +219,8 @@ impl Fronted {
     {
         let moved = AtomicU64::new(0);
         let mut io = Counted { io, moved: &moved };
-        let mut watch = Watch {
-            timer: pin!(tokio::time::sleep(CHECK)),
-            silence: Silence::default(),
-            moved: &moved,
-            armed: false,
-        };
+        let timer = pin!(tokio::time::sleep(CHECK));
+        let mut watch = Watch::new(timer, &moved);
         let mut buf = BytesMut::new();
         let mut out: Vec<u8> = Vec::new();
         // One wait for the stop per connection, not one per request: each
@@ -366,179 +344,6 @@ where
         written?;
     }
     Ok(Handed::Closed)
-}
-
-/// What a connection waits for from its client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Waiting {
-    /// Its next request.
-    Idle,
-    /// The rest of a request it started.
-    Request,
-    /// The client to read what was sent to it.
-    Reader,
-}
-
-/// The client was silent too long.
-#[derive(Debug, PartialEq, Eq)]
-struct Silent;
-
-/// Whether a client has been silent too long, decided at each of its
-/// connection's checks from the count of bytes moved: pure, the
-/// connection counts and runs the timer. A client silent since just
-/// after one check is caught `timeout / CHECK` checks later, so after
-/// between its timeout and its timeout plus [`CHECK`] of silence (checks
-/// are at least [`CHECK`] apart).
-#[derive(Debug, Default)]
-struct Silence {
-    /// The count at the last check that saw it move.
-    seen: u64,
-    /// Checks since then.
-    checks: u32,
-}
-
-impl Silence {
-    /// At a check: whether a connection that has moved `moved` bytes in
-    /// all, waiting for `waiting`, has been silent too long.
-    fn too_long(&mut self, moved: u64, waiting: Waiting) -> bool {
-        if moved != self.seen {
-            self.seen = moved;
-            self.checks = 0;
-            return false;
-        }
-        self.checks += 1;
-        let timeout = match waiting {
-            Waiting::Idle => IDLE_TIMEOUT,
-            Waiting::Request | Waiting::Reader => READ_TIMEOUT,
-        };
-        CHECK * self.checks >= timeout
-    }
-}
-
-/// A connection's timer and [`Silence`], over the count its [`Counted`]
-/// keeps.
-struct Watch<'a> {
-    timer: Pin<&'a mut tokio::time::Sleep>,
-    silence: Silence,
-    moved: &'a AtomicU64,
-    /// Whether the timer was polled since it was last set: it then wakes
-    /// the connection's task when it fires, and a look at its state says
-    /// whether it has, without polling it again.
-    armed: bool,
-}
-
-impl Watch<'_> {
-    /// Runs `work`, a read or write of the connection, checking the
-    /// client's silence each time the timer fires meanwhile. The timer is
-    /// only looked at when `work` is not done at once, and polled once
-    /// per setting (a connection's task keeps its waker): a request costs
-    /// no clock read, timer reset or waker registration.
-    async fn bound<T>(
-        &mut self,
-        work: impl Future<Output = T>,
-        waiting: Waiting,
-    ) -> Result<T, Silent> {
-        let mut work = pin!(work);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(done) = work.as_mut().poll(cx) {
-                return Poll::Ready(Ok(done));
-            }
-            while self.fired(cx) {
-                if self
-                    .silence
-                    .too_long(self.moved.load(Ordering::Relaxed), waiting)
-                {
-                    tracing::debug!(?waiting, "closing a connection whose client went silent");
-                    return Poll::Ready(Err(Silent));
-                }
-                // From now: a check that comes late (a long inference,
-                // a busy worker) does not bring the next ones closer.
-                let next = tokio::time::Instant::now() + CHECK;
-                self.timer.as_mut().reset(next);
-                self.armed = false;
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Whether the timer has fired; polls it (registering the task's
-    /// waker) the first time after each setting.
-    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.armed {
-            return self.timer.is_elapsed();
-        }
-        self.armed = true;
-        self.timer.as_mut().poll(cx).is_ready()
-    }
-}
-
-/// A connection that counts the bytes it reads and writes.
-struct Counted<'a, I> {
-    io: &'a mut I,
-    moved: &'a AtomicU64,
-}
-
-impl<I> Counted<'_, I> {
-    fn count(&self, n: usize) {
-        if n > 0 {
-            // One writer: a load and a store, no locked add.
-            let moved = self.moved.load(Ordering::Relaxed);
-            self.moved
-                .store(moved.wrapping_add(n as u64), Ordering::Relaxed);
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Counted<'_, I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut *self.io).poll_read(cx, buf);
-        self.count(buf.filled().len() - before);
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<'_, I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut *self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.count(n);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.count(n);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
-    }
 }
 
 /// A request head the loop takes.
@@ -816,6 +621,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Hyper {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1211,32 +1017,6 @@ mod tests {
         closed(&mut stream, &pending).await;
     }
 
-    /// Silence is judged over whole checks: progress at a check starts
-    /// the count again; an idle connection gets more checks than a
-    /// request half sent or an answer not read.
-    #[test]
-    fn silence_is_counted_in_checks_since_the_last_bytes_moved() {
-        let silent_checks = |waiting| {
-            let mut silence = Silence::default();
-            // Bytes moved before the first check.
-            assert!(!silence.too_long(100, waiting));
-            (1..=100).find(|_| silence.too_long(100, waiting)).unwrap()
-        };
-        assert_eq!(CHECK * silent_checks(Waiting::Idle), IDLE_TIMEOUT);
-        assert_eq!(CHECK * silent_checks(Waiting::Request), READ_TIMEOUT);
-        assert_eq!(CHECK * silent_checks(Waiting::Reader), READ_TIMEOUT);
-        // A byte between checks, however late, starts the count again.
-        let mut silence = Silence::default();
-        for _ in 0..3 {
-            assert!(!silence.too_long(0, Waiting::Request));
-        }
-        assert!(!silence.too_long(1, Waiting::Request));
-        for _ in 0..3 {
-            assert!(!silence.too_long(1, Waiting::Request));
-        }
-        assert!(silence.too_long(1, Waiting::Request));
-    }
-
     /// How long `stream` stays open (paused time: the runtime's clock
     /// jumps to the server's next check whenever everything waits).
     async fn open_for(stream: &mut TcpStream, pending: &[u8]) -> Duration {
@@ -1354,5 +1134,55 @@ mod tests {
         assert_eq!(header(&headers, "connection"), Some("close"));
         closed(&mut busy, &pending).await;
         server.served.await.unwrap().unwrap();
+    }
+
+    /// At its cap a server accepts no more connections: the next one waits
+    /// in the listen backlog, unanswered, until one closes, and is then
+    /// served (by the loop and by hyper alike).
+    #[tokio::test(start_paused = true)]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = crate::limit::Connections::new(2);
+        let (started, _) = mpsc::unbounded_channel();
+        let service = Fronted {
+            front: Some(echo_front(started, Arc::new(Semaphore::new(0)))),
+            router: crate::with_fallbacks(
+                Router::new().route("/health", get(|| async { "router" })),
+            ),
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            peers: false,
+        };
+        let capped = crate::limit::Capped {
+            inner: listener,
+            connections: connections.clone(),
+        };
+        tokio::spawn(run(capped, service, std::future::pending()));
+        let by_loop = infer("a", "1");
+        let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (mut first, mut first_read) = connect(addr).await;
+        assert_eq!(
+            ask(&mut first, &mut first_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        let (mut second, mut second_read) = connect(addr).await;
+        assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
+        assert_eq!(connections.open(), 2);
+        // The kernel completes the third's handshake; the server does not
+        // take it. Paused time: 30 s pass at once while nothing happens
+        // (less than the idle timeout that would close the first two).
+        let (mut third, mut third_read) = connect(addr).await;
+        third.write_all(by_loop.as_bytes()).await.unwrap();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(30), answer(&mut third, &mut third_read))
+                .await;
+        assert!(waited.is_err(), "answered past the cap: {waited:?}");
+        assert_eq!(connections.open(), 2);
+        drop(first);
+        let (code, _, body) = answer(&mut third, &mut third_read).await;
+        assert_eq!((code, body.as_slice()), (200, &b"a:1"[..]));
+        assert_eq!(ask(&mut third, &mut third_read, by_hyper).await.0, 200);
+        assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
+        assert_eq!(connections.open(), 2);
     }
 }

@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::limit::{Connections, Permitted};
+
 /// Why TLS could not be set up; each names the file and what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -143,19 +145,28 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes run in tasks of their own; a failed or stalled one is
 /// dropped (and logged at debug level) without delaying the others.
 pub struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(Permitted<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
     accepting: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    /// Accepts on `tcp` with `config`.
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
+    /// Accepts on `tcp` with `config`, while `connections` has room: a
+    /// connection counts against it from its accept, handshake included.
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<ServerConfig>,
+        connections: Connections,
+    ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         let accepting = tokio::spawn(async move {
             loop {
+                let admitted = tokio::select! {
+                    admitted = connections.admit() => admitted,
+                    () = tx.closed() => return,
+                };
                 let (stream, peer) = tokio::select! {
                     accepted = tcp.accept() => match accepted {
                         Ok(a) => a,
@@ -174,7 +185,7 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let _ = tx.send((Permitted::new(tls, admitted), peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -198,7 +209,7 @@ impl Drop for TlsListener {
 
 impl TlsListener {
     /// The next connection whose handshake is done, with its peer.
-    pub async fn next(&mut self) -> (TlsStream<TcpStream>, SocketAddr) {
+    pub async fn next(&mut self) -> (Permitted<TlsStream<TcpStream>>, SocketAddr) {
         match self.ready.recv().await {
             Some(connection) => connection,
             // The accept task only ends when the receiver is gone.
@@ -208,7 +219,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Permitted<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -225,6 +225,7 @@ impl Replica {
     pub fn new(id: String, backend: Arc<dyn Backend>, config: &ReplicaConfig) -> Replica {
         let registry = MetricsRegistry::new();
         let metrics = ReplicaMetrics::new(&registry, &id);
+        shoal_http::limit::connections().register(&registry);
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let threads = config.threads.unwrap_or(cores);
         let pool = InferencePool::new(threads, config.max_queue.unwrap_or(threads * 64));

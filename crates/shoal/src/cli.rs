@@ -111,6 +111,54 @@ impl ServeTls {
     }
 }
 
+/// How many connections a role's servers hold (`shoal control|replica|gateway`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServeConnections {
+    /// Most connections this process's servers (REST and gRPC) hold at
+    /// once; at the cap, new ones wait to be accepted until one closes
+    /// [default: half the open-file limit, which is first raised to its
+    /// hard limit]
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+}
+
+impl ServeConnections {
+    /// Raises the open-file limit and sets the connection cap, before any
+    /// server starts.
+    pub(crate) fn apply(&self) -> anyhow::Result<()> {
+        let files = match shoal_http::limit::raise_open_files() {
+            Ok(files) => Some(files),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the open-file limit; keeping it");
+                shoal_http::limit::open_files().ok()
+            }
+        };
+        let max = match self.max_connections {
+            Some(max) => usize::try_from(max).unwrap_or(usize::MAX),
+            None => shoal_http::limit::default_max_connections(files.map_or(1024, |f| f.soft)),
+        };
+        if let Some(files) = files
+            && u64::try_from(max).unwrap_or(u64::MAX) > files.soft
+        {
+            tracing::warn!(
+                max_connections = max,
+                open_files = files.soft,
+                "--max-connections is above the open-file limit: connections may fail for \
+                 want of descriptors before the cap is reached; raise the limit (ulimit -n)"
+            );
+        }
+        if let Err(set) = shoal_http::limit::set_max_connections(max) {
+            anyhow::bail!("the connection cap was already set to {set}");
+        }
+        tracing::debug!(
+            max_connections = max,
+            open_files = ?files,
+            "connection cap set"
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a whole fleet on this machine: control plane, gateway, replicas, demo model.

@@ -1,5 +1,7 @@
 //! The real `shoal replica` binary: starts on port 0, serves the bundled
-//! model, stops cleanly on SIGTERM, and refuses bad command lines clearly.
+//! model, stops cleanly on SIGTERM, holds no more connections than
+//! `--max-connections` (by default half its raised open-file limit), and
+//! refuses bad command lines clearly.
 
 use std::time::Duration;
 
@@ -73,6 +75,14 @@ async fn standalone_replica_serves_and_stops_on_sigterm() {
         meta["inputs"][0]["shape"],
         serde_json::json!([-1, 3, 48, 192])
     );
+    // The default cap: half the open-file limit, raised to its hard limit.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let metrics = http.get(&format!("{base}/metrics")).await.text();
+    assert!(
+        metrics.contains(&format!("shoal_connections_max {}\n", hard / 2)),
+        "{metrics}"
+    );
 
     child.signal(Signal::SIGTERM);
     let status = tokio::task::spawn_blocking(move || child.wait_timeout(Duration::from_secs(10)))
@@ -80,6 +90,103 @@ async fn standalone_replica_serves_and_stops_on_sigterm() {
         .unwrap()
         .expect("replica exits after SIGTERM");
     assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Sends a GET on `stream` and reads its answer: status and body.
+async fn get(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut read = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&read).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if read.len() >= end + 4 + length {
+                let status = text[9..12].parse().unwrap();
+                return (status, text[end + 4..end + 4 + length].to_owned());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&read));
+        read.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `--max-connections 2`: a third connection is not served while two are
+/// held, and is served as soon as one closes; `/metrics` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_holds_no_more_connections_than_its_cap() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let data = std::env::temp_dir().join(format!("shoal-cap-test-{}", std::process::id()));
+    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
+    let (_child, addr) = spawn_server(
+        shoal(),
+        &[
+            "replica",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--model",
+            &v1,
+            "--max-connections",
+            "2",
+        ],
+    );
+    let base = format!("http://{addr}");
+    {
+        // Its pooled connection closes with it.
+        let http = HttpClient::new();
+        wait_ready(&http, &base).await;
+    }
+    let mut first = TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(get(&mut first, "/health").await.0, 200);
+    let mut second = TcpStream::connect(&addr).await.unwrap();
+    let (code, metrics) = get(&mut second, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("shoal_connections_max 2\n"), "{metrics}");
+    assert!(metrics.contains("shoal_connections_open 2\n"), "{metrics}");
+    // The kernel completes the third's handshake; the replica does not
+    // take it while two are held. (A bounded look for an answer that must
+    // not come: a correct replica never fails it.)
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::io::AsyncReadExt::read(&mut third, &mut byte),
+    )
+    .await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    drop(first);
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut rest = vec![0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut third, &mut rest)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&rest).into_owned()
+    })
+    .await
+    .expect("the third connection was not served after one closed");
+    assert_eq!(answered, "HTTP/1.1 200");
+    let (_, metrics) = get(&mut second, "/metrics").await;
+    assert!(metrics.contains("shoal_connections_open 2\n"), "{metrics}");
     let _ = std::fs::remove_dir_all(&data);
 }
 
@@ -111,6 +218,12 @@ fn bad_command_lines_say_what_is_wrong() {
     assert_eq!(code, Some(1));
     assert!(
         err.contains("model file /nonexistent.onnx (for --model digits) does not exist"),
+        "{err}"
+    );
+    let (code, err) = run(&["replica", "--max-connections", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid value '0' for '--max-connections <MAX_CONNECTIONS>'"),
         "{err}"
     );
     let (code, err) = run(&["replica", "--model", "digits"]);

@@ -67,6 +67,9 @@ pub(crate) struct ControlArgs {
 
     #[command(flatten)]
     tls: crate::cli::ServeTls,
+
+    #[command(flatten)]
+    connections: crate::cli::ServeConnections,
 }
 
 /// How the autoscalers behave; `shoal up` passes these to its control
@@ -158,6 +161,7 @@ fn parse_every(s: &str) -> Result<Duration, String> {
 }
 
 pub(crate) async fn run(args: ControlArgs, global: &crate::cli::Global) -> anyhow::Result<()> {
+    args.connections.apply()?;
     let args_scheme = args.tls.scheme();
     let heartbeat = Duration::from_millis(args.heartbeat_ms.max(100));
     let config = ControlConfig {

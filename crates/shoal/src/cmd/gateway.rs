@@ -72,9 +72,13 @@ pub(crate) struct GatewayArgs {
 
     #[command(flatten)]
     tls: crate::cli::ServeTls,
+
+    #[command(flatten)]
+    connections: crate::cli::ServeConnections,
 }
 
 pub(crate) async fn run(args: GatewayArgs, global: &Global) -> anyhow::Result<()> {
+    args.connections.apply()?;
     let args_scheme = args.tls.scheme();
     if global.control.is_none() && args.replicas.is_empty() {
         bail!("nothing to route to: give --control URL, or --replica HOST:PORT for each replica");

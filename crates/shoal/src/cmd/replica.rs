@@ -134,6 +134,9 @@ pub(crate) struct ReplicaArgs {
 
     #[command(flatten)]
     tls: crate::cli::ServeTls,
+
+    #[command(flatten)]
+    connections: crate::cli::ServeConnections,
 }
 
 /// The tokens of `--admin-token-file`: one per line, blank lines and
@@ -213,6 +216,7 @@ fn replica_id(given: Option<String>, data_dir: &Path) -> anyhow::Result<String> 
 }
 
 pub(crate) async fn run(args: ReplicaArgs, global: &Global) -> anyhow::Result<()> {
+    args.connections.apply()?;
     let args_scheme = args.tls.scheme();
     if args.models.is_empty() && global.control.is_none() {
         bail!(

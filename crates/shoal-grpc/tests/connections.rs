@@ -1,0 +1,178 @@
+//! The gRPC port's connections on a real socket, on tokio's paused clock
+//! (the runtime's clock jumps to the next timer whenever everything
+//! waits): a client that never sends its HTTP/2 preface is dropped after
+//! the idle timeout, one that does not answer pings after the keep-alive
+//! timeout, and one that answers them keeps its connection however long
+//! it stays idle. The service behind the port only answers `ServerLive`:
+//! what is tested is how `Beside` holds connections.
+
+use std::time::Duration;
+
+use shoal_grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shoal_grpc::pb::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use shoal_grpc::pb::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+};
+use shoal_grpc::{Beside, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use shoal_http::IDLE_TIMEOUT;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::{Request, Response, Status};
+
+/// Live, and nothing else.
+struct Live;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Live {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_ready(
+        &self,
+        _: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_infer(
+        &self,
+        _: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+async fn start() -> (Beside, shoal_grpc::StopBeside) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Beside::start(listener, None, GrpcInferenceServiceServer::new(Live)).unwrap()
+}
+
+/// The client's connection preface and an empty SETTINGS frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+/// SETTINGS with the ACK flag.
+const SETTINGS_ACK: &[u8] = b"\0\0\0\x04\x01\0\0\0\0";
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const ACK: u8 = 1;
+
+/// The next frame's type, flags and payload; `None` at end of file.
+async fn frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    match stream.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], payload))
+}
+
+/// Reads frames until the server closes, answering its SETTINGS and, when
+/// `answer_pings`, its pings; the types of the frames it sent.
+async fn read_until_closed(stream: &mut TcpStream, answer_pings: bool) -> Vec<u8> {
+    let mut types = Vec::new();
+    while let Some((kind, flags, payload)) = frame(stream).await {
+        types.push(kind);
+        if kind == SETTINGS && flags & ACK == 0 {
+            stream.write_all(SETTINGS_ACK).await.unwrap();
+        }
+        if kind == PING && flags & ACK == 0 && answer_pings {
+            let mut ack = vec![0, 0, 8, PING, ACK, 0, 0, 0, 0];
+            ack.extend_from_slice(&payload);
+            stream.write_all(&ack).await.unwrap();
+        }
+    }
+    types
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_sends_its_preface_is_dropped_after_the_idle_timeout() {
+    let (grpc, _stop) = start().await;
+    let mut stream = TcpStream::connect(grpc.addr).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut sent = Vec::new();
+    let closed = tokio::time::timeout(IDLE_TIMEOUT * 2, stream.read_to_end(&mut sent)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the server kept a silent connection: {closed:?}"
+    );
+    let open = start.elapsed();
+    assert!(
+        IDLE_TIMEOUT <= open && open <= IDLE_TIMEOUT + Duration::from_secs(15),
+        "{open:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_does_not_answer_pings_is_dropped() {
+    let (grpc, _stop) = start().await;
+    let mut stream = TcpStream::connect(grpc.addr).await.unwrap();
+    stream.write_all(PREFACE).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let types = tokio::time::timeout(IDLE_TIMEOUT * 2, read_until_closed(&mut stream, false))
+        .await
+        .expect("the server kept a client that answers no pings");
+    let open = start.elapsed();
+    assert!(types.contains(&PING), "{types:?}");
+    assert!(
+        KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT <= open && open < IDLE_TIMEOUT,
+        "{open:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_answers_pings_keeps_its_idle_connection() {
+    let (grpc, _stop) = start().await;
+    let mut stream = TcpStream::connect(grpc.addr).await.unwrap();
+    stream.write_all(PREFACE).await.unwrap();
+    // Ten minutes with nothing but pings and their answers.
+    let kept = tokio::time::timeout(
+        Duration::from_secs(600),
+        read_until_closed(&mut stream, true),
+    )
+    .await;
+    assert!(kept.is_err(), "closed: {kept:?}");
+
+    // And tonic's own client: a call, ten idle minutes, a call.
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", grpc.addr))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let live = client.server_live(ServerLiveRequest {}).await.unwrap();
+        assert!(live.into_inner().live);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}
