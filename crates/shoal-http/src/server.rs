@@ -24,7 +24,8 @@
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
 //! the middle of sending one (answered 408 first) or of not reading its
 //! answer; hyper's part of a connection at [`IDLE_TIMEOUT`] without a whole
-//! request head (its `header_read_timeout`).
+//! request head (its `header_read_timeout`) and after [`READ_TIMEOUT`] of
+//! an answer not read (`Silenced::answers`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -44,7 +45,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
-use crate::silence::{CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silent, Waiting, Watch};
+use crate::silence::{
+    CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Waiting, Watch,
+};
 use crate::{Answer, Front};
 
 /// Largest request body the connection loop reads itself; a larger one
@@ -191,7 +194,7 @@ impl Fronted {
             },
             None => Bytes::new(),
         };
-        let io = hyper_util::rt::TokioIo::new(Rewind { read, io });
+        let io = hyper_util::rt::TokioIo::new(Silenced::answers(Rewind { read, io }));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(IDLE_TIMEOUT)
@@ -705,7 +708,7 @@ mod tests {
     /// One answer from `stream`: status, headers (names lowercased), body.
     /// `pending` keeps bytes read past it.
     async fn answer(
-        stream: &mut TcpStream,
+        stream: &mut (impl AsyncRead + Unpin),
         pending: &mut Vec<u8>,
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
         loop {
@@ -747,7 +750,7 @@ mod tests {
 
     /// Sends `raw` on `stream` and reads one answer.
     async fn ask(
-        stream: &mut TcpStream,
+        stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
         pending: &mut Vec<u8>,
         raw: &[u8],
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
@@ -1136,42 +1139,81 @@ mod tests {
         server.served.await.unwrap().unwrap();
     }
 
-    /// At its cap a server accepts no more connections: the next one waits
-    /// in the listen backlog, unanswered, until one closes, and is then
-    /// served (by the loop and by hyper alike).
-    #[tokio::test(start_paused = true)]
-    async fn connections_past_the_cap_wait_until_one_closes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = crate::limit::Connections::new(2);
-        let (started, _) = mpsc::unbounded_channel();
-        let service = Fronted {
-            front: Some(echo_front(started, Arc::new(Semaphore::new(0)))),
-            router: crate::with_fallbacks(
-                Router::new().route("/health", get(|| async { "router" })),
-            ),
-            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-            peers: false,
-        };
+    /// Connections in memory, handed to the server as a listener hands
+    /// over accepted sockets: every wake-up happens inside the runtime, so
+    /// paused time jumps only when nothing can happen.
+    struct Pipes(mpsc::UnboundedReceiver<tokio::io::DuplexStream>);
+
+    impl axum::serve::Listener for Pipes {
+        type Io = tokio::io::DuplexStream;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            match self.0.recv().await {
+                Some(pipe) => (pipe, SocketAddr::from(([127, 0, 0, 1], 1))),
+                None => std::future::pending().await,
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }
+    }
+
+    /// Serves `service` on in-memory connections, at most `cap` at once;
+    /// the sender makes a new connection, the cap counts them.
+    fn serve_pipes(
+        service: Fronted,
+        cap: usize,
+    ) -> (
+        impl Fn() -> tokio::io::DuplexStream,
+        crate::limit::Connections,
+    ) {
+        let (connect, pipes) = mpsc::unbounded_channel();
+        let connections = crate::limit::Connections::new(cap);
         let capped = crate::limit::Capped {
-            inner: listener,
+            inner: Pipes(pipes),
             connections: connections.clone(),
         };
         tokio::spawn(run(capped, service, std::future::pending()));
+        let connect = move || {
+            let (ours, theirs) = tokio::io::duplex(64 << 10);
+            connect.send(theirs).unwrap();
+            ours
+        };
+        (connect, connections)
+    }
+
+    fn service(front: Option<Front>, router: Router) -> Fronted {
+        Fronted {
+            front,
+            router,
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            peers: false,
+        }
+    }
+
+    /// At its cap a server accepts no more connections: the next one waits
+    /// unanswered (in a real listener's backlog) until one closes, and is
+    /// then served (by the loop and by hyper alike).
+    #[tokio::test(start_paused = true)]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let (started, _) = mpsc::unbounded_channel();
+        let front = echo_front(started, Arc::new(Semaphore::new(0)));
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (connect, connections) = serve_pipes(service(Some(front), router), 2);
         let by_loop = infer("a", "1");
         let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
-        let (mut first, mut first_read) = connect(addr).await;
-        assert_eq!(
-            ask(&mut first, &mut first_read, by_loop.as_bytes()).await.0,
-            200
-        );
-        let (mut second, mut second_read) = connect(addr).await;
+        let (mut first, mut first_read) = (connect(), Vec::new());
+        let asked = ask(&mut first, &mut first_read, by_loop.as_bytes()).await;
+        assert_eq!(asked.0, 200);
+        let (mut second, mut second_read) = (connect(), Vec::new());
         assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
         assert_eq!(connections.open(), 2);
-        // The kernel completes the third's handshake; the server does not
-        // take it. Paused time: 30 s pass at once while nothing happens
-        // (less than the idle timeout that would close the first two).
-        let (mut third, mut third_read) = connect(addr).await;
+        // Paused time: 30 s pass at once while nothing happens (less than
+        // the idle timeout that would close the first two).
+        let (mut third, mut third_read) = (connect(), Vec::new());
         third.write_all(by_loop.as_bytes()).await.unwrap();
         let waited =
             tokio::time::timeout(Duration::from_secs(30), answer(&mut third, &mut third_read))
@@ -1184,5 +1226,55 @@ mod tests {
         assert_eq!(ask(&mut third, &mut third_read, by_hyper).await.0, 200);
         assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
         assert_eq!(connections.open(), 2);
+    }
+
+    /// hyper's part of a connection drops a client that stopped reading a
+    /// streamed answer once nothing could be written for the read timeout;
+    /// a client that reads slowly keeps it.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_its_client_stops_reading_is_dropped() {
+        const BIG: usize = 64 << 20;
+        const CHUNK: usize = 1 << 16;
+        let router = Router::new().route(
+            "/big",
+            get(|| async {
+                let chunk = Bytes::from(vec![b'x'; CHUNK]);
+                let chunks = std::iter::repeat_n(chunk, BIG / CHUNK).map(Ok::<_, Infallible>);
+                Body::from_stream(futures::stream::iter(chunks))
+            }),
+        );
+        let (connect, _) = serve_pipes(service(None, router), 16);
+        let request = b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n";
+        let mut buf = vec![0u8; 1 << 20];
+
+        // 1 MiB every 50 s for 400 s: slow, never silent.
+        let mut slow = connect();
+        slow.write_all(request).await.unwrap();
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            let mut got = 0;
+            while got < buf.len() {
+                let n = slow.read(&mut buf[got..]).await.unwrap();
+                assert!(n > 0, "a slow reader's answer was cut");
+                got += n;
+            }
+        }
+
+        // Reads nothing: dropped after the read timeout and one check.
+        let mut stopped = connect();
+        stopped.write_all(request).await.unwrap();
+        tokio::time::sleep(READ_TIMEOUT + CHECK * 2).await;
+        let mut total = 0;
+        loop {
+            match stopped.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            total < BIG,
+            "the whole answer was kept for a client reading nothing"
+        );
     }
 }

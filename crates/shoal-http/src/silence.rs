@@ -15,12 +15,15 @@
 //!   on with a [`Watch`] over a [`Counted`] connection, knowing whether it
 //!   waits for a request, for the rest of one, or for its reader.
 //! - [`Silenced`] wraps a connection served whole by a protocol engine
-//!   that cannot say what it waits for (gRPC's HTTP/2): it fails the
+//!   that cannot say what it waits for. Around gRPC's HTTP/2 it fails the
 //!   connection's reads and writes once nothing has moved either way for
-//!   [`IDLE_TIMEOUT`]. HTTP/2 keep-alive pings keep a live client's
-//!   connection moving; what this catches is a client that never finishes
-//!   its connection preface, which HTTP/2 servers otherwise wait on for
-//!   good.
+//!   [`IDLE_TIMEOUT`]: keep-alive pings keep a live client's connection
+//!   moving, and what this catches is a client that never finishes its
+//!   connection preface, which HTTP/2 servers otherwise wait on for good.
+//!   Around hyper's HTTP/1 connections it fails a write that has waited
+//!   [`READ_TIMEOUT`] with nothing written: a client that stopped reading
+//!   a streamed answer (an artifact download, a watch stream), which hyper
+//!   would otherwise wait on for good (it has no write timeout).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -250,25 +253,42 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<'_, I> {
     }
 }
 
-/// A connection whose reads and writes fail (`TimedOut`) once nothing has
-/// moved either way for [`IDLE_TIMEOUT`] (see the module doc): for
-/// connections a protocol engine serves whole, whose own keep-alive
-/// traffic keeps a live client's connection moving.
+/// A connection that fails (`TimedOut`) once its client has been silent
+/// too long: for connections served whole by an engine that cannot say
+/// what it waits for (see the module doc). Two watches:
+/// - [`Silenced::new`]: reads and writes fail once nothing has moved
+///   either way for [`IDLE_TIMEOUT`] (gRPC's HTTP/2, whose pings keep a
+///   live client's connection moving);
+/// - [`Silenced::answers`]: writes fail once one has waited [`READ_TIMEOUT`]
+///   with nothing written (an HTTP/1 client that stopped reading its
+///   answer); reads are left to the engine's own timeouts.
 pub struct Silenced<I> {
     io: I,
     moved: u64,
     timer: Pin<Box<Sleep>>,
     checks: Checks,
+    /// Whether reads count and are watched, else only writes.
+    reads: bool,
 }
 
 impl<I> Silenced<I> {
-    /// Watches `io` from now.
+    /// Watches both ways of `io` from now.
     pub fn new(io: I) -> Silenced<I> {
+        Self::watching(io, true)
+    }
+
+    /// Watches `io`'s writes from now.
+    pub fn answers(io: I) -> Silenced<I> {
+        Self::watching(io, false)
+    }
+
+    fn watching(io: I, reads: bool) -> Silenced<I> {
         Silenced {
             io,
             moved: 0,
             timer: Box::pin(tokio::time::sleep(CHECK)),
             checks: Checks::default(),
+            reads,
         }
     }
 
@@ -281,18 +301,28 @@ impl<I> Silenced<I> {
     /// the error to fail it with if its client has been silent too long.
     fn after(&mut self, n: usize, pending: bool, cx: &mut Context<'_>) -> Option<std::io::Error> {
         self.moved = self.moved.wrapping_add(n as u64);
+        let waiting = if self.reads {
+            Waiting::Idle
+        } else {
+            Waiting::Reader
+        };
         (pending
             && self
                 .checks
-                .silent(self.timer.as_mut(), self.moved, Waiting::Idle, cx))
+                .silent(self.timer.as_mut(), self.moved, waiting, cx))
         .then(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+            let message = if self.reads {
                 format!(
                     "the client sent and read nothing for {} s",
                     IDLE_TIMEOUT.as_secs()
-                ),
-            )
+                )
+            } else {
+                format!(
+                    "the client read nothing of its answer for {} s",
+                    READ_TIMEOUT.as_secs()
+                )
+            };
+            std::io::Error::new(std::io::ErrorKind::TimedOut, message)
         })
     }
 }
@@ -303,6 +333,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Silenced<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.reads {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let read = buf.filled().len() - before;
