@@ -17,7 +17,8 @@
 //!   replicas and gateways run it beside their REST port; over TLS with the
 //!   REST port's certificate (and client verification) when they serve
 //!   https. Its connections count against the process's connection cap
-//!   (`shoal_http::limit`), are pinged every [`KEEPALIVE_INTERVAL`] (a
+//!   (`shoal_http::limit`), carry at most [`MAX_STREAMS`] calls at once,
+//!   are pinged every [`KEEPALIVE_INTERVAL`] (a
 //!   client that does not answer within [`KEEPALIVE_TIMEOUT`] is dropped)
 //!   and closed once nothing moves on them for `shoal_http::IDLE_TIMEOUT`
 //!   (`shoal_http::silence::Silenced`).
@@ -177,6 +178,7 @@ impl Beside {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .max_concurrent_streams(MAX_STREAMS)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
@@ -200,6 +202,11 @@ impl Beside {
 /// moved either way is closed ([`Silenced`]: a client that never finishes
 /// its connection preface, which no ping reaches).
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Most calls one connection carries at once (hyper's own default, which
+/// tonic's builder would lift): with the connection cap, what clients can
+/// have in flight is bounded.
+pub const MAX_STREAMS: u32 = 200;
 
 /// How long a ping waits for its answer before the connection is closed.
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);

@@ -3,7 +3,8 @@
 //! waits): a client that never sends its HTTP/2 preface is dropped after
 //! the idle timeout, one that does not answer pings after the keep-alive
 //! timeout, and one that answers them keeps its connection however long
-//! it stays idle. The service behind the port only answers `ServerLive`:
+//! it stays idle; the server's settings cap the calls a connection
+//! carries at once. The service behind the port only answers `ServerLive`:
 //! what is tested is how `Beside` holds connections.
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use shoal_grpc::pb::{
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use shoal_grpc::{Beside, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use shoal_grpc::{Beside, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS};
 use shoal_http::IDLE_TIMEOUT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -76,6 +77,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 /// SETTINGS with the ACK flag.
 const SETTINGS_ACK: &[u8] = b"\0\0\0\x04\x01\0\0\0\0";
 const SETTINGS: u8 = 4;
+const MAX_CONCURRENT_STREAMS: [u8; 2] = [0, 3];
 const PING: u8 = 6;
 const ACK: u8 = 1;
 
@@ -107,6 +109,12 @@ async fn read_until_closed(stream: &mut TcpStream, answer_pings: bool) -> Vec<u8
     while let Some((kind, flags, payload)) = frame(stream).await {
         types.push(kind);
         if kind == SETTINGS && flags & ACK == 0 {
+            // Six bytes a setting: its id, then its value.
+            let streams = payload.chunks(6).find_map(|setting| {
+                (setting[..2] == MAX_CONCURRENT_STREAMS)
+                    .then(|| u32::from_be_bytes(setting[2..].try_into().unwrap()))
+            });
+            assert_eq!(streams, Some(MAX_STREAMS));
             stream.write_all(SETTINGS_ACK).await.unwrap();
         }
         if kind == PING && flags & ACK == 0 && answer_pings {
