@@ -312,11 +312,24 @@ pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
         .method_not_allowed_fallback(method_not_allowed)
 }
 
-/// Binds `addr` (port 0 picks a free port).
+/// Connections the kernel completes and queues for a listener before the
+/// server accepts them: where they wait while the server is at its
+/// connection cap ([`limit`]). The kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: u32 = 1024;
+
+/// Binds `addr` (port 0 picks a free port) with a [`BACKLOG`]-long queue.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
 /// How long requests in flight get to finish after a shutdown signal.
@@ -469,6 +482,37 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    /// A listener's queue holds many more connections than the 128 of a
+    /// default `listen`: at the connection cap they wait there, not in the
+    /// client's SYN retries. (Loopback connects complete at once while the
+    /// queue has room; past it they hang, and the bound fails the test.)
+    #[tokio::test]
+    async fn a_listener_queues_a_thousand_connections_it_has_not_accepted() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The kernel's own cap, 4096 since Linux 5.4.
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .map_or(4096, |text| text.trim().parse().unwrap());
+        let mut queued = Vec::new();
+        for _ in 0..somaxconn.min(1000) {
+            let connect = tokio::net::TcpStream::connect(addr);
+            let stream = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+                .await
+                .expect("a connection found the listen queue full")
+                .unwrap();
+            queued.push(stream);
+        }
+        let taken = bind(addr).await.unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            taken
+                .to_string()
+                .starts_with(&format!("cannot listen on {addr}: ")),
+            "{taken}"
+        );
+        drop(listener);
+    }
 
     #[test]
     fn headers_found_in_one_pass_are_those_a_lookup_finds() {
