@@ -19,9 +19,11 @@
 //! - [`tls`] serves any of them over TLS (rustls), optionally requiring
 //!   client certificates.
 //! - [`silence`] closes connections whose clients went silent; [`limit`]
-//!   caps the connections a process's servers hold at once.
+//!   caps the connections a process's servers hold at once; [`delegate`]
+//!   writes the pass-through reads and writes of connection wrappers.
 
 mod answer;
+pub mod delegate;
 pub mod extract;
 mod front;
 pub mod limit;

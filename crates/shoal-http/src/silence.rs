@@ -346,13 +346,14 @@ impl<I: AsyncRead + Unpin> AsyncRead for Silenced<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Silenced<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl<I: AsyncWrite + Unpin> Silenced<I> {
+    /// A write of the connection (`write`), counted and watched.
+    fn watched_write(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        write: impl FnOnce(Pin<&mut I>, &mut Context<'_>) -> Poll<std::io::Result<usize>>,
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        let polled = write(Pin::new(&mut self.io), cx);
         let written = match polled {
             Poll::Ready(Ok(n)) => n,
             _ => 0,
@@ -362,21 +363,23 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Silenced<I> {
             None => polled,
         }
     }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Silenced<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.watched_write(cx, |io, cx| io.poll_write(cx, buf))
+    }
 
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        let written = match polled {
-            Poll::Ready(Ok(n)) => n,
-            _ => 0,
-        };
-        match self.after(written, polled.is_pending(), cx) {
-            Some(silent) => Poll::Ready(Err(silent)),
-            None => polled,
-        }
+        self.watched_write(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
