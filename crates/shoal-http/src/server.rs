@@ -226,10 +226,11 @@ impl Fronted {
         let mut watch = Watch::new(timer, &moved);
         let mut buf = BytesMut::new();
         let mut out: Vec<u8> = Vec::new();
-        // One wait for the stop per connection, not one per request: each
-        // new wait registers with the channel and unregisters when dropped
-        // (a lock each way).
-        let mut stopped = pin!(stop.closed());
+        let mut stopping = Stopping {
+            wait: pin!(stop.closed()),
+            stop,
+            registered: false,
+        };
         loop {
             // A whole request head, or a reason to stop.
             let head = loop {
@@ -246,7 +247,7 @@ impl Fronted {
                     // connection at once.
                     tokio::select! {
                         biased;
-                        () = &mut stopped => return Ok(Handed::Closed),
+                        () = std::future::poll_fn(|cx| stopping.poll(cx)) => return Ok(Handed::Closed),
                         read = watch.bound(io.read_buf(&mut buf), Waiting::Idle) => match read {
                             Ok(read) => read?,
                             Err(Silent) => return Ok(Handed::Closed),
@@ -316,6 +317,36 @@ impl Fronted {
                 io.shutdown().await?;
                 return Ok(Handed::Closed);
             }
+        }
+    }
+}
+
+/// The server's stop as a connection between requests sees it. Its wait
+/// is polled once, registering the connection task's waker with the
+/// channel (a connection's task keeps its waker, so the registration
+/// stays good); after that a stop wakes the task, and each look is a read
+/// of the channel's state. Polling the wait itself at every request would
+/// take the channel's lock each time (tokio's `Notified` updates its waker
+/// under the lock on every poll), one lock shared by every connection of
+/// the server. One wait per connection, not one per request, for the same
+/// reason: each new wait registers and unregisters under that lock.
+struct Stopping<'a, F> {
+    wait: Pin<&'a mut F>,
+    stop: &'a watch::Sender<()>,
+    /// Whether the wait was polled.
+    registered: bool,
+}
+
+impl<F: Future<Output = ()>> Stopping<'_, F> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.registered {
+            self.registered = true;
+            return self.wait.as_mut().poll(cx);
+        }
+        if self.stop.is_closed() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -745,7 +776,7 @@ mod tests {
     }
 
     /// The connection is closed by the server: reading gives end of file.
-    async fn closed(stream: &mut TcpStream, pending: &[u8]) {
+    async fn closed(stream: &mut (impl AsyncRead + Unpin), pending: &[u8]) {
         assert!(pending.is_empty(), "{pending:?}");
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).await.unwrap();
@@ -1111,6 +1142,44 @@ mod tests {
         server.served.await.unwrap().unwrap();
     }
 
+    /// The same on in-memory connections and paused time, where "at once"
+    /// can be checked: the idle connection closes with no time passing
+    /// (not at its idle timeout), while the request in flight is held.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_closes_idle_connections_at_once() {
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let front = echo_front(started_tx, gate.clone());
+        let router = crate::with_fallbacks(Router::new());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (connect, _, served) = serve_pipes_until(service(Some(front), router), 8, async {
+            let _ = stopped.await;
+        });
+        let (mut idle, mut pending) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut idle, &mut pending, infer("a", "1").as_bytes())
+                .await
+                .0,
+            200
+        );
+        let mut busy = connect();
+        busy.write_all(infer("held", "2").as_bytes()).await.unwrap();
+        started.recv().await.unwrap();
+        stop.send(()).unwrap();
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), closed(&mut idle, &pending))
+            .await
+            .expect("a stop left an idle connection open");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        gate.add_permits(1);
+        let mut pending = Vec::new();
+        let (code, headers, body) = answer(&mut busy, &mut pending).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        closed(&mut busy, &pending).await;
+        served.await.unwrap();
+    }
+
     /// Connections in memory, handed to the server as a listener hands
     /// over accepted sockets: every wake-up happens inside the runtime, so
     /// paused time jumps only when nothing can happen.
@@ -1141,19 +1210,34 @@ mod tests {
         impl Fn() -> tokio::io::DuplexStream,
         crate::limit::Connections,
     ) {
+        let (connect, connections, _) = serve_pipes_until(service, cap, std::future::pending());
+        (connect, connections)
+    }
+
+    /// [`serve_pipes`] until `signal`; the server's task ends once every
+    /// connection has closed.
+    fn serve_pipes_until(
+        service: Fronted,
+        cap: usize,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> (
+        impl Fn() -> tokio::io::DuplexStream,
+        crate::limit::Connections,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (connect, pipes) = mpsc::unbounded_channel();
         let connections = crate::limit::Connections::new(cap);
         let capped = crate::limit::Capped {
             inner: Pipes(pipes),
             connections: connections.clone(),
         };
-        tokio::spawn(run(capped, service, std::future::pending()));
+        let served = tokio::spawn(run(capped, service, signal));
         let connect = move || {
             let (ours, theirs) = tokio::io::duplex(64 << 10);
             connect.send(theirs).unwrap();
             ours
         };
-        (connect, connections)
+        (connect, connections, served)
     }
 
     fn service(front: Option<Front>, router: Router) -> Fronted {
