@@ -24,29 +24,33 @@ async fn wait_ready(http: &HttpClient, base: &str) {
     panic!("replica at {base} never became ready");
 }
 
+/// `shoal replica` on port 0 with its data in `data`, serving digits-v1,
+/// with `more` arguments.
+fn spawn_digits(data: &std::path::Path, more: &[&str]) -> (shoal_testkit::ChildGuard, String) {
+    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
+    let mut args = vec![
+        "replica",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--model",
+        &v1,
+    ];
+    args.extend_from_slice(more);
+    spawn_server(shoal(), &args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_replica_serves_and_stops_on_sigterm() {
     let data = std::env::temp_dir().join(format!("shoal-cli-test-{}", std::process::id()));
-    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
     let ocr = format!(
         "ocr={}@3",
         model_path("ch_ppocr_mobile_v2.0_cls_infer.onnx").display()
     );
-    let (mut child, addr) = spawn_server(
-        shoal(),
-        &[
-            "replica",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--model",
-            &v1,
-            "--model",
-            &ocr,
-            "--input-shape",
-            "ocr:x=-1,3,48,192",
-        ],
+    let (mut child, addr) = spawn_digits(
+        &data,
+        &["--model", &ocr, "--input-shape", "ocr:x=-1,3,48,192"],
     );
     let base = format!("http://{addr}");
     let http = HttpClient::new();
@@ -131,21 +135,7 @@ async fn a_replica_holds_no_more_connections_than_its_cap() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
     let data = std::env::temp_dir().join(format!("shoal-cap-test-{}", std::process::id()));
-    let v1 = format!("digits={}", model_path("digits-v1.onnx").display());
-    let (_child, addr) = spawn_server(
-        shoal(),
-        &[
-            "replica",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--model",
-            &v1,
-            "--max-connections",
-            "2",
-        ],
-    );
+    let (_child, addr) = spawn_digits(&data, &["--max-connections", "2"]);
     let base = format!("http://{addr}");
     {
         // Its pooled connection closes with it.
