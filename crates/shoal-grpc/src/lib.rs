@@ -112,29 +112,14 @@ impl Beside {
         service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
-        let connections = shoal_http::limit::connections().clone();
-        let incoming = futures::stream::unfold(listener, move |listener| {
-            let connections = connections.clone();
-            async move {
-                loop {
-                    let admitted = connections.admit().await;
-                    match listener.accept().await {
-                        Ok((stream, _peer)) => {
-                            let _ = stream.set_nodelay(true);
-                            let connection = Connection::new(stream, admitted);
-                            return Some((Ok::<_, std::io::Error>(connection), listener));
-                        }
-                        Err(e) => {
-                            // Out of file descriptors and the like: back
-                            // off rather than spin.
-                            tracing::warn!(error = %e, "accept failed");
-                            drop(admitted);
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            }
-        });
+        let incoming = futures::stream::unfold(
+            shoal_http::capped_tcp(listener),
+            |mut listener| async move {
+                let (connection, _peer) = listener.next().await;
+                let connection = Connection(Silenced::new(connection));
+                Some((Ok::<_, std::io::Error>(connection), listener))
+            },
+        );
         Ok(Self::serve_incoming(addr, incoming, service))
     }
 
@@ -215,12 +200,6 @@ pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// connection cap and closed when silent, with the TCP peer's address for
 /// handlers that ask (`Request::remote_addr`).
 struct Connection<I>(Silenced<Permitted<I>>);
-
-impl Connection<tokio::net::TcpStream> {
-    fn new(stream: tokio::net::TcpStream, admitted: shoal_http::limit::Admitted) -> Self {
-        Connection(Silenced::new(Permitted::new(stream, admitted)))
-    }
-}
 
 impl tonic::transport::server::Connected for Connection<tokio::net::TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;

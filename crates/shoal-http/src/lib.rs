@@ -361,14 +361,20 @@ fn grace(
     (signal, deadline)
 }
 
-fn nodelay(
-    listener: TcpListener,
-) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+/// A TCP listener as every plain server accepts on: within the process's
+/// connection cap ([`limit`]), Nagle off (small request/response
+/// exchanges never wait for it), accept errors retried after a pause.
+pub type CappedTcp = limit::Capped<axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)>>;
+
+/// `listener` as a [`CappedTcp`].
+pub fn capped_tcp(listener: TcpListener) -> CappedTcp {
     use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        // Small request/response exchanges: never wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    })
+    limit::Capped {
+        inner: listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        connections: limit::connections().clone(),
+    }
 }
 
 /// Serves `router` on `listener` (over TLS when `tls` is given) until
@@ -414,9 +420,9 @@ async fn serve_as(
         peers,
     };
     let (signal, deadline) = grace(shutdown);
-    let connections = limit::connections().clone();
     match tls {
         Some(config) => {
+            let connections = limit::connections().clone();
             let listener = tls::TlsListener::new(listener, config, connections)?;
             tokio::select! {
                 () = server::run(listener, service, signal) => {},
@@ -424,7 +430,7 @@ async fn serve_as(
             }
         }
         None => tokio::select! {
-            () = server::run(limit::Capped { inner: nodelay(listener), connections }, service, signal) => {},
+            () = server::run(capped_tcp(listener), service, signal) => {},
             () = deadline => {},
         },
     }

@@ -217,9 +217,19 @@ impl<I> Permitted<I> {
 crate::delegate_io!(Permitted, io);
 
 /// A listener that accepts only while its cap has room.
-pub(crate) struct Capped<L> {
+pub struct Capped<L> {
     pub(crate) inner: L,
     pub(crate) connections: Connections,
+}
+
+impl<L: axum::serve::Listener> Capped<L> {
+    /// The next connection, once the cap has room for it (accept errors,
+    /// out of descriptors and the like, are retried by `inner`).
+    pub async fn next(&mut self) -> (Permitted<L::Io>, L::Addr) {
+        let admitted = self.connections.admit().await;
+        let (io, addr) = self.inner.accept().await;
+        (Permitted::new(io, admitted), addr)
+    }
 }
 
 impl<L: axum::serve::Listener> axum::serve::Listener for Capped<L> {
@@ -227,9 +237,7 @@ impl<L: axum::serve::Listener> axum::serve::Listener for Capped<L> {
     type Addr = L::Addr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let admitted = self.connections.admit().await;
-        let (io, addr) = self.inner.accept().await;
-        (Permitted::new(io, admitted), addr)
+        self.next().await
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

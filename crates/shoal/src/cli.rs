@@ -126,17 +126,20 @@ impl ServeConnections {
     /// Raises the open-file limit and sets the connection cap, before any
     /// server starts.
     pub(crate) fn apply(&self) -> anyhow::Result<()> {
-        let files = match shoal_http::limit::raise_open_files() {
-            Ok(files) => Some(files),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot raise the open-file limit; keeping it");
-                shoal_http::limit::open_files().ok()
+        let files = shoal_http::limit::raise_open_files()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "cannot raise the open-file limit; keeping it"),
+            )
+            .or_else(|_| shoal_http::limit::open_files())
+            .ok();
+        if let Some(max) = self.max_connections {
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            if let Err(set) = shoal_http::limit::set_max_connections(max) {
+                anyhow::bail!("the connection cap was already set to {set}");
             }
-        };
-        let max = match self.max_connections {
-            Some(max) => usize::try_from(max).unwrap_or(usize::MAX),
-            None => shoal_http::limit::default_max_connections(files.map_or(1024, |f| f.soft)),
-        };
+        }
+        // Unset, the cap defaults to half the (now raised) limit.
+        let max = shoal_http::limit::max_connections();
         if let Some(files) = files
             && u64::try_from(max).unwrap_or(u64::MAX) > files.soft
         {
@@ -147,14 +150,7 @@ impl ServeConnections {
                  want of descriptors before the cap is reached; raise the limit (ulimit -n)"
             );
         }
-        if let Err(set) = shoal_http::limit::set_max_connections(max) {
-            anyhow::bail!("the connection cap was already set to {set}");
-        }
-        tracing::debug!(
-            max_connections = max,
-            open_files = ?files,
-            "connection cap set"
-        );
+        tracing::debug!(max_connections = max, open_files = ?files, "connection cap set");
         Ok(())
     }
 }
