@@ -423,16 +423,21 @@ async fn serve_as(
     match tls {
         Some(config) => {
             let connections = limit::connections().clone();
+            let reclaim = Arc::clone(connections.reclaim());
             let listener = tls::TlsListener::new(listener, config, connections)?;
             tokio::select! {
-                () = server::run(listener, service, signal) => {},
+                () = server::run(listener, service, signal, reclaim) => {},
                 () = deadline => {},
             }
         }
-        None => tokio::select! {
-            () = server::run(capped_tcp(listener), service, signal) => {},
-            () = deadline => {},
-        },
+        None => {
+            let listener = capped_tcp(listener);
+            let reclaim = Arc::clone(listener.connections().reclaim());
+            tokio::select! {
+                () = server::run(listener, service, signal, reclaim) => {},
+                () = deadline => {},
+            }
+        }
     }
     Ok(())
 }

@@ -20,6 +20,12 @@
 //! flight answers it (with `connection: close`) and then closes, and
 //! [`run`] returns once every connection has closed.
 //!
+//! At the process's connection cap, connections waiting for their next
+//! request close when asked to make room for a new client
+//! ([`crate::limit`]'s `Reclaim`): the loop's between requests, hyper's
+//! with no exchange in flight (counted from the service's call until its
+//! answer's body is done).
+//!
 //! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
 //! the middle of sending one (answered 408 first) or of not reading its
@@ -31,7 +37,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -45,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
+use crate::limit::{Asked, Reclaim};
 use crate::silence::{
     CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Waiting, Watch,
 };
@@ -134,11 +142,13 @@ impl Fronted {
 
 /// Accepts connections from `listener` and serves each with `service`
 /// (its `peer` set to the connection's) until `signal` completes; then
-/// waits for the open connections to finish (see the module doc).
+/// waits for the open connections to finish (see the module doc). Idle
+/// connections close when `reclaim` (the listener's cap's) asks.
 pub(crate) async fn run<L>(
     mut listener: L,
     service: Fronted,
     signal: impl Future<Output = ()> + Send + 'static,
+    reclaim: Arc<Reclaim>,
 ) where
     L: axum::serve::Listener<Addr = SocketAddr>,
     L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -162,8 +172,9 @@ pub(crate) async fn run<L>(
         };
         let stop = stop.clone();
         let open = open_rx.clone();
+        let reclaim = Arc::clone(&reclaim);
         tokio::spawn(async move {
-            connection.serve(io, stop).await;
+            connection.serve(io, stop, &reclaim).await;
             drop(open);
         });
     }
@@ -183,28 +194,45 @@ enum Handed {
 
 impl Fronted {
     /// Serves one connection until it closes.
-    async fn serve<I>(self, mut io: I, stop: watch::Sender<()>)
+    async fn serve<I>(self, mut io: I, stop: watch::Sender<()>, reclaim: &Reclaim)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let mut asked = reclaim.watch();
         let read = match &self.front {
-            Some(front) => match self.fast(front, &mut io, &stop).await {
+            Some(front) => match self.fast(front, &mut io, &stop, &mut asked).await {
                 Ok(Handed::Over(read)) => read,
                 Ok(Handed::Closed) | Err(_) => return,
             },
             None => Bytes::new(),
         };
         let io = hyper_util::rt::TokioIo::new(Silenced::answers(Rewind { read, io }));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let service = Hyper {
+            service: self,
+            busy: Arc::clone(&busy),
+        };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(IDLE_TIMEOUT)
-            .serve_connection(io, Hyper(self));
+            .serve_connection(io, service);
         let mut connection = pin!(connection);
         let mut stopped = pin!(stop.closed().fuse());
+        let mut closing = false;
         loop {
+            // Biased: the connection first, so that an exchange that ends
+            // in this wake-up is seen done by the look at `asked`.
             tokio::select! {
+                biased;
                 _ = connection.as_mut() => break,
                 () = &mut stopped => connection.as_mut().graceful_shutdown(),
+                // hyper closes an idle connection at once (and one that
+                // just started reading a request after answering it).
+                () = std::future::poll_fn(|cx| asked.poll(cx, busy.load(Ordering::Relaxed) == 0)), if !closing => {
+                    tracing::debug!("closing an idle connection to make room for a new one");
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
         }
     }
@@ -216,6 +244,7 @@ impl Fronted {
         front: &Front,
         io: &mut I,
         stop: &watch::Sender<()>,
+        asked: &mut Asked<'_>,
     ) -> std::io::Result<Handed>
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -243,8 +272,8 @@ impl Fronted {
                 }
                 buf.reserve(READ_CHUNK);
                 let read = if buf.is_empty() {
-                    // Between requests: the only moment a stop closes the
-                    // connection at once.
+                    // Between requests: the only moment a stop, or the
+                    // cap's want of room, closes the connection at once.
                     tokio::select! {
                         biased;
                         () = std::future::poll_fn(|cx| stopping.poll(cx)) => return Ok(Handed::Closed),
@@ -252,6 +281,10 @@ impl Fronted {
                             Ok(read) => read?,
                             Err(Silent) => return Ok(Handed::Closed),
                         },
+                        () = std::future::poll_fn(|cx| asked.poll(cx, true)) => {
+                            tracing::debug!("closing an idle connection to make room for a new one");
+                            return Ok(Handed::Closed);
+                        }
                     }
                 } else {
                     match watch.bound(io.read_buf(&mut buf), Waiting::Request).await {
@@ -611,16 +644,85 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
 
 crate::delegate_write!(Rewind, io);
 
-/// A connection's service as hyper calls it.
-struct Hyper(Fronted);
+/// A connection's service as hyper calls it, counting its exchanges in
+/// flight (`busy`).
+struct Hyper {
+    service: Fronted,
+    busy: Arc<AtomicUsize>,
+}
+
+/// An exchange in flight on a hyper connection: from the service's call
+/// until its answer's body is done (hyper drops it) or the exchange is
+/// dropped.
+struct Exchange(Arc<AtomicUsize>);
+
+impl Exchange {
+    fn new(busy: &Arc<AtomicUsize>) -> Exchange {
+        busy.fetch_add(1, Ordering::Relaxed);
+        Exchange(Arc::clone(busy))
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body, holding its [`Exchange`].
+struct Answering {
+    body: Body,
+    _exchange: Exchange,
+}
+
+impl http_body::Body for Answering {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Moves an exchange into its answer's body.
+fn answering((answered, exchange): (Answered, Exchange)) -> Answered {
+    answered.map(|response| {
+        response.map(|body| {
+            Body::new(Answering {
+                body,
+                _exchange: exchange,
+            })
+        })
+    })
+}
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Hyper {
     type Response = Response;
     type Error = Infallible;
-    type Future = <Fronted as tower::Service<Request>>::Future;
+    type Future = futures::future::Map<
+        futures::future::Join<
+            <Fronted as tower::Service<Request>>::Future,
+            futures::future::Ready<Exchange>,
+        >,
+        fn((Answered, Exchange)) -> Answered,
+    >;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        tower::Service::call(&mut self.0.clone(), request.map(Body::new))
+        let exchange = futures::future::ready(Exchange::new(&self.busy));
+        let answer = tower::Service::call(&mut self.service.clone(), request.map(Body::new));
+        futures::future::join(answer, exchange)
+            .map(answering as fn((Answered, Exchange)) -> Answered)
     }
 }
 
@@ -1207,7 +1309,8 @@ mod tests {
             inner: Pipes(pipes),
             connections: connections.clone(),
         };
-        let served = tokio::spawn(run(capped, service, signal));
+        let reclaim = Arc::clone(connections.reclaim());
+        let served = tokio::spawn(run(capped, service, signal, reclaim));
         let connect = move || {
             let (ours, theirs) = tokio::io::duplex(64 << 10);
             connect.send(theirs).unwrap();
@@ -1225,26 +1328,59 @@ mod tests {
         }
     }
 
-    /// At its cap a server accepts no more connections: the next one waits
-    /// unanswered (in a real listener's backlog) until one closes, and is
-    /// then served (by the loop and by hyper alike).
+    /// At its cap a server accepts no more connections while they are all
+    /// busy: the next one waits unanswered (in a real listener, accepted
+    /// or in its backlog) until one closes or goes idle, and an idle one —
+    /// in the loop or in hyper — closes as soon as a new client waits, and
+    /// only then. All on paused time: nothing here waits for a timeout.
     #[tokio::test(start_paused = true)]
-    async fn connections_past_the_cap_wait_until_one_closes() {
-        let (started, _) = mpsc::unbounded_channel();
-        let front = echo_front(started, Arc::new(Semaphore::new(0)));
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+    async fn at_the_cap_idle_connections_make_room_and_busy_ones_do_not() {
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let front = echo_front(started_tx, gate.clone());
+        let hyper_gate = Arc::new(Semaphore::new(0));
+        let held = {
+            let gate = hyper_gate.clone();
+            get(move || async move {
+                gate.acquire().await.unwrap().forget();
+                "held"
+            })
+        };
+        let router = crate::with_fallbacks(
+            Router::new()
+                .route("/health", get(|| async { "router" }))
+                .route("/held", held),
+        );
         let (connect, connections) = serve_pipes(service(Some(front), router), 2);
         let by_loop = infer("a", "1");
         let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+        let start = tokio::time::Instant::now();
+
+        // Alone at the cap, an idle connection stays.
         let (mut first, mut first_read) = (connect(), Vec::new());
-        let asked = ask(&mut first, &mut first_read, by_loop.as_bytes()).await;
-        assert_eq!(asked.0, 200);
+        assert_eq!(
+            ask(&mut first, &mut first_read, by_loop.as_bytes()).await.0,
+            200
+        );
         let (mut second, mut second_read) = (connect(), Vec::new());
         assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
-        assert_eq!(connections.open(), 2);
-        // Paused time: 30 s pass at once while nothing happens (less than
-        // the idle timeout that would close the first two).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            ask(&mut first, &mut first_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
+
+        // Both busy: the loop's with an inference, hyper's with a route.
+        first
+            .write_all(infer("held", "2").as_bytes())
+            .await
+            .unwrap();
+        started.recv().await.unwrap();
+        second
+            .write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let (mut third, mut third_read) = (connect(), Vec::new());
         third.write_all(by_loop.as_bytes()).await.unwrap();
         let waited =
@@ -1252,12 +1388,49 @@ mod tests {
                 .await;
         assert!(waited.is_err(), "answered past the cap: {waited:?}");
         assert_eq!(connections.open(), 2);
-        drop(first);
+
+        // The loop's inference is answered; idle, its connection makes room.
+        let at = tokio::time::Instant::now();
+        gate.add_permits(1);
+        let (code, _, body) = answer(&mut first, &mut first_read).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
+        closed(&mut first, &first_read).await;
         let (code, _, body) = answer(&mut third, &mut third_read).await;
         assert_eq!((code, body.as_slice()), (200, &b"a:1"[..]));
-        assert_eq!(ask(&mut third, &mut third_read, by_hyper).await.0, 200);
-        assert_eq!(ask(&mut second, &mut second_read, by_hyper).await.0, 200);
+        assert_eq!(at.elapsed(), Duration::ZERO);
+
+        // The third, idle in the loop, makes room for a fourth at once,
+        // while hyper's connection stays busy.
+        let (mut fourth, mut fourth_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut fourth, &mut fourth_read, by_hyper).await.0, 200);
+        closed(&mut third, &third_read).await;
+        assert_eq!(at.elapsed(), Duration::ZERO);
+
+        // hyper's exchange ends; idle, it makes room for a fifth (the
+        // fourth, idle in hyper too, would do as well: one closes).
+        hyper_gate.add_permits(1);
+        let (code, _, body) = answer(&mut second, &mut second_read).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held"[..]));
+        let (mut fifth, mut fifth_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut fifth, &mut fifth_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        assert_eq!(at.elapsed(), Duration::ZERO);
         assert_eq!(connections.open(), 2);
+        let mut open = 0;
+        for stream in [&mut second, &mut fourth] {
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await {
+                Err(_) => open += 1,
+                Ok(read) => assert_eq!(read.unwrap(), 0, "an idle connection was sent something"),
+            }
+        }
+        assert_eq!(
+            open, 1,
+            "one of two idle connections makes room for one client"
+        );
+        assert!(start.elapsed() < IDLE_TIMEOUT);
     }
 
     /// hyper's part of a connection drops a client that stopped reading a

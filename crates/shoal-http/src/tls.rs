@@ -163,22 +163,19 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(config);
         let accepting = tokio::spawn(async move {
             loop {
-                let admitted = tokio::select! {
-                    admitted = connections.admit() => admitted,
+                let accepted = tokio::select! {
+                    accepted = connections.admit_accepted(tcp.accept()) => accepted,
                     () = tx.closed() => return,
                 };
-                let (stream, peer) = tokio::select! {
-                    accepted = tcp.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off
-                            // rather than spin, as axum's own loop does.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    () = tx.closed() => return,
+                let (admitted, (stream, peer)) = match accepted {
+                    (admitted, Ok(accepted)) => (admitted, accepted),
+                    (_, Err(e)) => {
+                        // Out of file descriptors and the like: back off
+                        // rather than spin, as axum's own loop does.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());

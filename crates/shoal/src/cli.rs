@@ -115,7 +115,8 @@ impl ServeTls {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeConnections {
     /// Most connections this process's servers (REST and gRPC) hold at
-    /// once; at the cap, new ones wait to be accepted until one closes
+    /// once; at the cap, idle keep-alive connections close to make room
+    /// for new ones, which otherwise wait to be accepted until one closes
     /// [default: half the open-file limit, which is first raised to its
     /// hard limit]
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]

@@ -128,11 +128,12 @@ async fn get(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
     }
 }
 
-/// `--max-connections 2`: a third connection is not served while two are
-/// held, and is served as soon as one closes; `/metrics` counts them.
+/// `--max-connections 2`: at the cap an idle connection makes room for a
+/// new one at once; while both are busy a third is not served, and it is
+/// as soon as one is idle again; `/metrics` counts them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_holds_no_more_connections_than_its_cap() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     let data = std::env::temp_dir().join(format!("shoal-cap-test-{}", std::process::id()));
     let (_child, addr) = spawn_digits(&data, &["--max-connections", "2"]);
@@ -142,6 +143,24 @@ async fn a_replica_holds_no_more_connections_than_its_cap() {
         let http = HttpClient::new();
         wait_ready(&http, &base).await;
     }
+    let body = Samples::load().request(0..1).into_bytes();
+    let head = format!(
+        "POST /v2/models/digits/infer HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    // Sends an inference's head: the connection is busy until its body.
+    let start_inference = async |stream: &mut TcpStream| {
+        stream.write_all(head.as_bytes()).await.unwrap();
+    };
+    let closed = async |stream: &mut TcpStream| {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte)).await;
+        assert_eq!(
+            read.expect("an idle connection kept at the cap").unwrap(),
+            0
+        );
+    };
+
     let mut first = TcpStream::connect(&addr).await.unwrap();
     assert_eq!(get(&mut first, "/health").await.0, 200);
     let mut second = TcpStream::connect(&addr).await.unwrap();
@@ -149,34 +168,45 @@ async fn a_replica_holds_no_more_connections_than_its_cap() {
     assert_eq!(code, 200);
     assert!(metrics.contains("shoal_connections_max 2\n"), "{metrics}");
     assert!(metrics.contains("shoal_connections_open 2\n"), "{metrics}");
-    // The kernel completes the third's handshake; the replica does not
-    // take it while two are held. (A bounded look for an answer that must
-    // not come: a correct replica never fails it.)
+
+    // The first is idle: it closes for a third.
+    start_inference(&mut second).await;
     let mut third = TcpStream::connect(&addr).await.unwrap();
-    third
+    let answered = tokio::time::timeout(Duration::from_secs(30), get(&mut third, "/health"))
+        .await
+        .expect("an idle connection kept at the cap while a new one waits");
+    assert_eq!(answered.0, 200);
+    closed(&mut first).await;
+
+    // Both busy: a fourth waits. (A bounded look for an answer that must
+    // not come: a correct replica never fails it.)
+    start_inference(&mut third).await;
+    let mut fourth = TcpStream::connect(&addr).await.unwrap();
+    fourth
         .write_all(b"GET /health HTTP/1.1\r\nhost: test\r\n\r\n")
         .await
         .unwrap();
     let mut byte = [0u8; 1];
-    let early = tokio::time::timeout(
-        Duration::from_millis(300),
-        tokio::io::AsyncReadExt::read(&mut third, &mut byte),
-    )
-    .await;
+    let early = tokio::time::timeout(Duration::from_millis(300), fourth.read(&mut byte)).await;
     assert!(early.is_err(), "answered past the cap: {early:?}");
-    drop(first);
+
+    // The second's inference ends; idle, it makes room for the fourth.
+    second.write_all(&body).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    second.read_exact(&mut answer).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.1 200");
     let answered = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut rest = vec![0u8; 12];
-        tokio::io::AsyncReadExt::read_exact(&mut third, &mut rest)
-            .await
-            .unwrap();
-        String::from_utf8_lossy(&rest).into_owned()
+        let mut answer = vec![0u8; 12];
+        fourth.read_exact(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
     })
     .await
-    .expect("the third connection was not served after one closed");
+    .expect("the fourth connection was not served once one was idle");
     assert_eq!(answered, "HTTP/1.1 200");
-    let (_, metrics) = get(&mut second, "/metrics").await;
-    assert!(metrics.contains("shoal_connections_open 2\n"), "{metrics}");
+    third.write_all(&body).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    third.read_exact(&mut answer).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.1 200");
     let _ = std::fs::remove_dir_all(&data);
 }
 

@@ -1,0 +1,147 @@
+//! The process's connection cap (`shoal_http::limit`) counts gRPC and REST
+//! connections together, on real sockets: a gRPC client waiting at the cap
+//! makes an idle REST connection close for it, and gRPC connections —
+//! multiplexed, kept alive by pings — are not closed for a REST client,
+//! which waits until one closes. Its own test binary: the cap is set once
+//! per process.
+
+use std::time::Duration;
+
+use shoal_grpc::Beside;
+use shoal_grpc::pb::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use shoal_grpc::pb::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::{Request, Response, Status};
+
+/// Answers nothing: the test looks at connections, not calls.
+struct Nothing;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Nothing {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_ready(
+        &self,
+        _: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn model_infer(
+        &self,
+        _: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// The client's connection preface and an empty SETTINGS frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: test\r\n\r\n";
+
+/// The first `n` bytes the server sends on `stream`, within `wait`.
+async fn first_bytes(stream: &mut TcpStream, n: usize, wait: Duration) -> Option<Vec<u8>> {
+    let mut read = vec![0u8; n];
+    tokio::time::timeout(wait, stream.read_exact(&mut read))
+        .await
+        .ok()
+        .map(|done| {
+            done.unwrap();
+            read
+        })
+}
+
+/// Whether the server closed `stream` (within a generous bound).
+async fn closed(stream: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_rest_connections_share_the_cap() {
+    shoal_http::limit::set_max_connections(2).unwrap();
+    let connections = shoal_http::limit::connections();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc, _stop) =
+        Beside::start(listener, None, GrpcInferenceServiceServer::new(Nothing)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rest = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(shoal_http::serve(
+        listener,
+        router,
+        None,
+        std::future::pending(),
+        None,
+    ));
+    let settle = Duration::from_secs(30);
+
+    // One of each, idle.
+    let mut rest_idle = TcpStream::connect(rest).await.unwrap();
+    rest_idle.write_all(HEALTH).await.unwrap();
+    let answer = first_bytes(&mut rest_idle, 12, settle).await;
+    assert_eq!(answer.as_deref(), Some(&b"HTTP/1.1 200"[..]));
+    let mut first_grpc = TcpStream::connect(grpc.addr).await.unwrap();
+    first_grpc.write_all(PREFACE).await.unwrap();
+    // The server's SETTINGS frame: its type is the fourth byte.
+    let settings = first_bytes(&mut first_grpc, 9, settle)
+        .await
+        .expect("no SETTINGS");
+    assert_eq!(settings[3], 4);
+    assert_eq!(connections.open(), 2);
+
+    // A second gRPC client: the idle REST connection closes for it.
+    let mut second_grpc = TcpStream::connect(grpc.addr).await.unwrap();
+    second_grpc.write_all(PREFACE).await.unwrap();
+    let settings = first_bytes(&mut second_grpc, 9, settle).await;
+    assert!(
+        settings.is_some(),
+        "a gRPC client waited while a REST connection sat idle"
+    );
+    assert!(
+        closed(&mut rest_idle).await,
+        "the idle REST connection was kept"
+    );
+
+    // Two gRPC connections held: a REST client waits. (A bounded look for
+    // an answer that must not come: a correct server never fails it.)
+    let mut waiting = TcpStream::connect(rest).await.unwrap();
+    waiting.write_all(HEALTH).await.unwrap();
+    let early = first_bytes(&mut waiting, 1, Duration::from_millis(300)).await;
+    assert!(early.is_none(), "answered past the cap: {early:?}");
+    assert_eq!(connections.open(), 2);
+    drop(first_grpc);
+    let answer = first_bytes(&mut waiting, 12, settle).await;
+    assert_eq!(answer.as_deref(), Some(&b"HTTP/1.1 200"[..]));
+}
