@@ -652,8 +652,7 @@ struct Hyper {
 }
 
 /// An exchange in flight on a hyper connection: from the service's call
-/// until its answer's body is done (hyper drops it) or the exchange is
-/// dropped.
+/// until its answer is written (see [`held`]) or the exchange is dropped.
 struct Exchange(Arc<AtomicUsize>);
 
 impl Exchange {
@@ -669,7 +668,51 @@ impl Drop for Exchange {
     }
 }
 
-/// An answer's body, holding its [`Exchange`].
+/// Answer bodies of at most this many bytes, of a known length, are taken
+/// as written when they are handed to hyper (it writes them whole at once);
+/// longer or streamed ones hold their exchange until they are done.
+const WRITTEN_WHOLE: u64 = 64 << 10;
+
+pin_project_lite::pin_project! {
+    /// A service's answer as hyper awaits it, with its exchange.
+    struct Exchanging<F> {
+        #[pin]
+        answer: F,
+        exchange: Option<Exchange>,
+    }
+}
+
+impl<F: Future<Output = Answered>> Future for Exchanging<F> {
+    type Output = Answered;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answered> {
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.answer.poll(cx));
+        Poll::Ready(Ok(held(response, this.exchange.take())))
+    }
+}
+
+/// `response`, holding `exchange` in its body when the body is streamed or
+/// long (an artifact download, a watch stream): a connection is idle only
+/// once hyper has written it and dropped it. A short body of known length
+/// ends the exchange here, without wrapping (and boxing) it.
+fn held(response: Response, exchange: Option<Exchange>) -> Response {
+    match (
+        http_body::Body::size_hint(response.body()).exact(),
+        exchange,
+    ) {
+        (Some(len), _) if len <= WRITTEN_WHOLE => response,
+        (_, None) => response,
+        (_, Some(exchange)) => response.map(|body| {
+            Body::new(Answering {
+                body,
+                _exchange: exchange,
+            })
+        }),
+    }
+}
+
+/// An answer's body, holding its [`Exchange`] until hyper drops it.
 struct Answering {
     body: Body,
     _exchange: Exchange,
@@ -695,34 +738,15 @@ impl http_body::Body for Answering {
     }
 }
 
-/// Moves an exchange into its answer's body.
-fn answering((answered, exchange): (Answered, Exchange)) -> Answered {
-    answered.map(|response| {
-        response.map(|body| {
-            Body::new(Answering {
-                body,
-                _exchange: exchange,
-            })
-        })
-    })
-}
-
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Hyper {
     type Response = Response;
     type Error = Infallible;
-    type Future = futures::future::Map<
-        futures::future::Join<
-            <Fronted as tower::Service<Request>>::Future,
-            futures::future::Ready<Exchange>,
-        >,
-        fn((Answered, Exchange)) -> Answered,
-    >;
+    type Future = Exchanging<<Fronted as tower::Service<Request>>::Future>;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        let exchange = futures::future::ready(Exchange::new(&self.busy));
+        let exchange = Some(Exchange::new(&self.busy));
         let answer = tower::Service::call(&mut self.service.clone(), request.map(Body::new));
-        futures::future::join(answer, exchange)
-            .map(answering as fn((Answered, Exchange)) -> Answered)
+        Exchanging { answer, exchange }
     }
 }
 
@@ -1431,6 +1455,96 @@ mod tests {
             "one of two idle connections makes room for one client"
         );
         assert!(start.elapsed() < IDLE_TIMEOUT);
+    }
+
+    /// An exchange ends with its answer when the body is short and whole,
+    /// and only once its body is dropped when it is streamed or long.
+    #[test]
+    fn an_exchange_lasts_until_its_answer_is_written() {
+        let busy = Arc::new(AtomicUsize::new(0));
+        let short = held(Response::new(Body::from("ok")), Some(Exchange::new(&busy)));
+        assert_eq!(busy.load(Ordering::Relaxed), 0);
+        drop(short);
+        let long = vec![b'x'; WRITTEN_WHOLE as usize + 1];
+        let long = held(Response::new(Body::from(long)), Some(Exchange::new(&busy)));
+        assert_eq!(busy.load(Ordering::Relaxed), 1);
+        drop(long);
+        assert_eq!(busy.load(Ordering::Relaxed), 0);
+        let chunks = futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"x"))]);
+        let streamed = held(
+            Response::new(Body::from_stream(chunks)),
+            Some(Exchange::new(&busy)),
+        );
+        assert_eq!(busy.load(Ordering::Relaxed), 1);
+        drop(streamed);
+        assert_eq!(busy.load(Ordering::Relaxed), 0);
+    }
+
+    /// A streamed answer is not cut for a new client at the cap: the client
+    /// waits for its end.
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_answer_keeps_its_connection_until_its_end() {
+        let gate = Arc::new(Semaphore::new(0));
+        let stream = {
+            let gate = gate.clone();
+            get(move || async move {
+                let rest = async move {
+                    gate.acquire().await.unwrap().forget();
+                    Ok::<_, Infallible>(Bytes::from_static(b"end"))
+                };
+                let chunks = futures::StreamExt::chain(
+                    futures::stream::once(async { Ok(Bytes::from_static(b"start")) }),
+                    futures::stream::once(rest),
+                );
+                Body::from_stream(chunks)
+            })
+        };
+        let router = crate::with_fallbacks(
+            Router::new()
+                .route("/health", get(|| async { "router" }))
+                .route("/stream", stream),
+        );
+        let (connect, _) = serve_pipes(service(None, router), 1);
+        let mut streaming = connect();
+        streaming
+            .write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        while !String::from_utf8_lossy(&read).contains("start") {
+            let mut chunk = [0u8; 1024];
+            let n = streaming.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            read.extend_from_slice(&chunk[..n]);
+        }
+        let (mut waiting, mut waiting_read) = (connect(), Vec::new());
+        waiting
+            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(
+            Duration::from_secs(30),
+            answer(&mut waiting, &mut waiting_read),
+        )
+        .await;
+        assert!(
+            early.is_err(),
+            "a streaming connection closed for a new one: {early:?}"
+        );
+        let at = tokio::time::Instant::now();
+        gate.add_permits(1);
+        let rest = tokio::time::timeout(Duration::from_secs(1), async {
+            streaming.read_to_end(&mut read).await.unwrap();
+        })
+        .await;
+        assert!(rest.is_ok(), "the streamed connection was kept once idle");
+        assert!(
+            String::from_utf8_lossy(&read).contains("end"),
+            "the answer was cut"
+        );
+        let (code, _, _) = answer(&mut waiting, &mut waiting_read).await;
+        assert_eq!(code, 200);
+        assert_eq!(at.elapsed(), Duration::ZERO);
     }
 
     /// hyper's part of a connection drops a client that stopped reading a
