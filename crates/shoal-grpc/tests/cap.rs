@@ -7,64 +7,14 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{Live, PREFACE};
 use shoal_grpc::Beside;
-use shoal_grpc::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
-use shoal_grpc::pb::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
-    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
-};
+use shoal_grpc::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::{Request, Response, Status};
 
-/// Answers nothing: the test looks at connections, not calls.
-struct Nothing;
-
-#[tonic::async_trait]
-impl GrpcInferenceService for Nothing {
-    async fn server_live(
-        &self,
-        _: Request<ServerLiveRequest>,
-    ) -> Result<Response<ServerLiveResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn server_ready(
-        &self,
-        _: Request<ServerReadyRequest>,
-    ) -> Result<Response<ServerReadyResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_ready(
-        &self,
-        _: Request<ModelReadyRequest>,
-    ) -> Result<Response<ModelReadyResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ModelMetadataRequest>,
-    ) -> Result<Response<ModelMetadataResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_infer(
-        &self,
-        _: Request<ModelInferRequest>,
-    ) -> Result<Response<ModelInferResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-}
-
-/// The client's connection preface and an empty SETTINGS frame.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: test\r\n\r\n";
 
 /// The first `n` bytes the server sends on `stream`, within `wait`.
@@ -94,7 +44,7 @@ async fn grpc_and_rest_connections_share_the_cap() {
     let connections = shoal_http::limit::connections();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc, _stop) =
-        Beside::start(listener, None, GrpcInferenceServiceServer::new(Nothing)).unwrap();
+        Beside::start(listener, None, GrpcInferenceServiceServer::new(Live)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rest = listener.local_addr().unwrap();
     let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));

@@ -9,71 +9,22 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{Live, PREFACE};
+use shoal_grpc::pb::ServerLiveRequest;
 use shoal_grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-use shoal_grpc::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
-use shoal_grpc::pb::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
-    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
-};
+use shoal_grpc::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shoal_grpc::{Beside, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS};
 use shoal_http::IDLE_TIMEOUT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::{Request, Response, Status};
-
-/// Live, and nothing else.
-struct Live;
-
-#[tonic::async_trait]
-impl GrpcInferenceService for Live {
-    async fn server_live(
-        &self,
-        _: Request<ServerLiveRequest>,
-    ) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
-    }
-    async fn server_ready(
-        &self,
-        _: Request<ServerReadyRequest>,
-    ) -> Result<Response<ServerReadyResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_ready(
-        &self,
-        _: Request<ModelReadyRequest>,
-    ) -> Result<Response<ModelReadyResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ModelMetadataRequest>,
-    ) -> Result<Response<ModelMetadataResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn model_infer(
-        &self,
-        _: Request<ModelInferRequest>,
-    ) -> Result<Response<ModelInferResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-}
 
 async fn start() -> (Beside, shoal_grpc::StopBeside) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Beside::start(listener, None, GrpcInferenceServiceServer::new(Live)).unwrap()
 }
 
-/// The client's connection preface and an empty SETTINGS frame.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 /// SETTINGS with the ACK flag.
 const SETTINGS_ACK: &[u8] = b"\0\0\0\x04\x01\0\0\0\0";
 const SETTINGS: u8 = 4;
