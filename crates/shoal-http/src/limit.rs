@@ -18,8 +18,11 @@
 //! is waiting to be accepted, the listener accepts it and asks idle
 //! connections to close ([`Reclaim`]); up to [`RECLAIM_BATCH`] of them do
 //! (at most a 64th of the cap), so the next few clients find room without
-//! asking again. Connections with a request in flight are not touched: when
-//! none is idle, the new client waits until one closes or goes idle.
+//! asking again. Each closes after [`RECLAIM_DRAIN`], or after answering a
+//! request that comes meanwhile (saying `connection: close`): a client that
+//! was only between two requests is not cut mid-request. Connections with
+//! a request in flight are not touched: when none is idle, the new client
+//! waits until one closes or goes idle.
 //!
 //! Metrics, on each role's `/metrics`: `shoal_connections_open` and
 //! `shoal_connections_max`.
@@ -46,6 +49,12 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// Most idle connections closed at once for clients waiting at the cap
 /// (nginx drains at most 32 of its reusable connections at a time).
 pub const RECLAIM_BATCH: usize = 32;
+
+/// How long an idle connection asked to make room stays open for one more
+/// request, answered with `connection: close`: a client between two
+/// requests of a busy run sends its next one within it and gets its answer
+/// instead of a connection closed under it (which fails a `POST`).
+pub const RECLAIM_DRAIN: Duration = Duration::from_millis(50);
 
 /// The process's open-file limits (`ulimit -n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,8 @@
 //! request close when asked to make room for a new client
 //! ([`crate::limit`]'s `Reclaim`): the loop's between requests, hyper's
 //! with no exchange in flight (counted from the service's call until its
-//! answer's body is done).
+//! answer is written: a short body when hyper takes it, a streamed or long
+//! one when hyper drops it).
 //!
 //! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
@@ -38,7 +39,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -52,7 +53,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
-use crate::limit::{Asked, Reclaim};
+use crate::limit::{Asked, RECLAIM_DRAIN, Reclaim};
 use crate::silence::{
     CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Waiting, Watch,
 };
@@ -188,8 +189,9 @@ enum Handed {
     /// The connection is done.
     Closed,
     /// Bytes read and not answered: a request the loop does not take,
-    /// and whatever came after it.
-    Over(Bytes),
+    /// and whatever came after it; and whether the connection was asked
+    /// to make room (it closes after that request).
+    Over(Bytes, bool),
 }
 
 impl Fronted {
@@ -199,18 +201,26 @@ impl Fronted {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut asked = reclaim.watch();
-        let read = match &self.front {
+        let (read, mut draining) = match &self.front {
             Some(front) => match self.fast(front, &mut io, &stop, &mut asked).await {
-                Ok(Handed::Over(read)) => read,
+                Ok(Handed::Over(read, draining)) => {
+                    // Asked to make room while this request came: hyper
+                    // answers it, saying the connection closes.
+                    let drain = draining.then(|| Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
+                    (read, drain)
+                }
                 Ok(Handed::Closed) | Err(_) => return,
             },
-            None => Bytes::new(),
+            None => (Bytes::new(), None),
         };
         let io = hyper_util::rt::TokioIo::new(Silenced::answers(Rewind { read, io }));
-        let busy = Arc::new(AtomicUsize::new(0));
+        let exchanges = Arc::new(Exchanges {
+            busy: AtomicUsize::new(0),
+            closing: AtomicBool::new(draining.is_some()),
+        });
         let service = Hyper {
             service: self,
-            busy: Arc::clone(&busy),
+            exchanges: Arc::clone(&exchanges),
         };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -218,18 +228,28 @@ impl Fronted {
             .serve_connection(io, service);
         let mut connection = pin!(connection);
         let mut stopped = pin!(stop.closed().fuse());
+        // Asked to make room: answers say `connection: close` (hyper then
+        // closes after writing one) and the connection closes when the
+        // drain ends.
         let mut closing = false;
         loop {
             // Biased: the connection first, so that an exchange that ends
-            // in this wake-up is seen done by the look at `asked`.
+            // in this wake-up is seen by the look at `busy`.
             tokio::select! {
                 biased;
                 _ = connection.as_mut() => break,
                 () = &mut stopped => connection.as_mut().graceful_shutdown(),
-                // hyper closes an idle connection at once (and one that
-                // just started reading a request after answering it).
-                () = std::future::poll_fn(|cx| asked.poll(cx, busy.load(Ordering::Relaxed) == 0)), if !closing => {
+                () = std::future::poll_fn(|cx| asked.poll(cx, exchanges.busy.load(Ordering::Relaxed) == 0)), if draining.is_none() => {
                     tracing::debug!("closing an idle connection to make room for a new one");
+                    exchanges.closing.store(true, Ordering::Relaxed);
+                    draining = Some(Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
+                }
+                // hyper closes an idle connection at once, and a busy one
+                // after its answer.
+                () = std::future::poll_fn(|cx| match &mut draining {
+                    Some(drain) => drain.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }), if !closing => {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
                 }
@@ -260,13 +280,18 @@ impl Fronted {
             stop,
             registered: false,
         };
+        // Asked to make room: the connection closes after its next answer,
+        // or when the drain ends with none asked.
+        let mut draining: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             // A whole request head, or a reason to stop.
             let head = loop {
                 if !buf.is_empty() {
                     match parse(&buf) {
                         Parsed::Partial if buf.len() <= MAX_HEAD => {}
-                        Parsed::Partial | Parsed::Other => return Ok(Handed::Over(buf.freeze())),
+                        Parsed::Partial | Parsed::Other => {
+                            return Ok(Handed::Over(buf.freeze(), draining.is_some()));
+                        }
                         Parsed::Fast(head) => break head,
                     }
                 }
@@ -281,10 +306,19 @@ impl Fronted {
                             Ok(read) => read?,
                             Err(Silent) => return Ok(Handed::Closed),
                         },
-                        () = std::future::poll_fn(|cx| asked.poll(cx, true)) => {
-                            tracing::debug!("closing an idle connection to make room for a new one");
-                            return Ok(Handed::Closed);
-                        }
+                        () = std::future::poll_fn(|cx| match &mut draining {
+                            Some(drain) => drain.as_mut().poll(cx),
+                            None => {
+                                if asked.poll(cx, true).is_ready() {
+                                    tracing::debug!("closing an idle connection to make room for a new one");
+                                    let mut drain = Box::pin(tokio::time::sleep(RECLAIM_DRAIN));
+                                    let drained = drain.as_mut().poll(cx);
+                                    draining = Some(drain);
+                                    return drained;
+                                }
+                                Poll::Pending
+                            }
+                        }) => return Ok(Handed::Closed),
                     }
                 } else {
                     match watch.bound(io.read_buf(&mut buf), Waiting::Request).await {
@@ -339,8 +373,9 @@ impl Fronted {
             };
             let close = head.close;
             let response = front(head.inference(read, body, self.peer)).await;
-            // A stop while the request ran: answer it, then close.
-            let close = close || stop.is_closed();
+            // A stop while the request ran, or a want of room: answer it,
+            // then close.
+            let close = close || stop.is_closed() || draining.is_some();
             let written = write_answer(&mut io, &response, close, &mut out);
             match watch.bound(written, Waiting::Reader).await {
                 Ok(written) => written?,
@@ -644,27 +679,36 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
 
 crate::delegate_write!(Rewind, io);
 
-/// A connection's service as hyper calls it, counting its exchanges in
-/// flight (`busy`).
+/// A connection's service as hyper calls it, counting its exchanges.
 struct Hyper {
     service: Fronted,
-    busy: Arc<AtomicUsize>,
+    exchanges: Arc<Exchanges>,
+}
+
+/// A hyper connection's exchanges, as its serving loop sees them.
+#[derive(Default)]
+struct Exchanges {
+    /// In flight.
+    busy: AtomicUsize,
+    /// Whether answers say `connection: close` (the connection was asked
+    /// to make room).
+    closing: AtomicBool,
 }
 
 /// An exchange in flight on a hyper connection: from the service's call
 /// until its answer is written (see [`held`]) or the exchange is dropped.
-struct Exchange(Arc<AtomicUsize>);
+struct Exchange(Arc<Exchanges>);
 
 impl Exchange {
-    fn new(busy: &Arc<AtomicUsize>) -> Exchange {
-        busy.fetch_add(1, Ordering::Relaxed);
-        Exchange(Arc::clone(busy))
+    fn new(exchanges: &Arc<Exchanges>) -> Exchange {
+        exchanges.busy.fetch_add(1, Ordering::Relaxed);
+        Exchange(Arc::clone(exchanges))
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -696,7 +740,16 @@ impl<F: Future<Output = Answered>> Future for Exchanging<F> {
 /// long (an artifact download, a watch stream): a connection is idle only
 /// once hyper has written it and dropped it. A short body of known length
 /// ends the exchange here, without wrapping (and boxing) it.
-fn held(response: Response, exchange: Option<Exchange>) -> Response {
+fn held(mut response: Response, exchange: Option<Exchange>) -> Response {
+    if exchange
+        .as_ref()
+        .is_some_and(|exchange| exchange.0.closing.load(Ordering::Relaxed))
+    {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     match (
         http_body::Body::size_hint(response.body()).exact(),
         exchange,
@@ -744,7 +797,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Hyper {
     type Future = Exchanging<<Fronted as tower::Service<Request>>::Future>;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        let exchange = Some(Exchange::new(&self.busy));
+        let exchange = Some(Exchange::new(&self.exchanges));
         let answer = tower::Service::call(&mut self.service.clone(), request.map(Body::new));
         Exchanging { answer, exchange }
     }
@@ -1413,7 +1466,8 @@ mod tests {
         assert!(waited.is_err(), "answered past the cap: {waited:?}");
         assert_eq!(connections.open(), 2);
 
-        // The loop's inference is answered; idle, its connection makes room.
+        // The loop's inference is answered; idle, its connection makes room
+        // once its drain ends with no request.
         let at = tokio::time::Instant::now();
         gate.add_permits(1);
         let (code, _, body) = answer(&mut first, &mut first_read).await;
@@ -1421,17 +1475,19 @@ mod tests {
         closed(&mut first, &first_read).await;
         let (code, _, body) = answer(&mut third, &mut third_read).await;
         assert_eq!((code, body.as_slice()), (200, &b"a:1"[..]));
-        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
 
-        // The third, idle in the loop, makes room for a fourth at once,
-        // while hyper's connection stays busy.
+        // The third, idle in the loop, makes room for a fourth, while
+        // hyper's connection stays busy.
+        let at = tokio::time::Instant::now();
         let (mut fourth, mut fourth_read) = (connect(), Vec::new());
         assert_eq!(ask(&mut fourth, &mut fourth_read, by_hyper).await.0, 200);
         closed(&mut third, &third_read).await;
-        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
 
         // hyper's exchange ends; idle, it makes room for a fifth (the
         // fourth, idle in hyper too, would do as well: one closes).
+        let at = tokio::time::Instant::now();
         hyper_gate.add_permits(1);
         let (code, _, body) = answer(&mut second, &mut second_read).await;
         assert_eq!((code, body.as_slice()), (200, &b"held"[..]));
@@ -1440,7 +1496,7 @@ mod tests {
             ask(&mut fifth, &mut fifth_read, by_loop.as_bytes()).await.0,
             200
         );
-        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
         assert_eq!(connections.open(), 2);
         let mut open = 0;
         for stream in [&mut second, &mut fourth] {
@@ -1457,23 +1513,74 @@ mod tests {
         assert!(start.elapsed() < IDLE_TIMEOUT);
     }
 
+    /// A connection asked to make room while its client is only between
+    /// two requests answers the next one, saying it closes, and then
+    /// closes: nothing sent on it is lost. In the loop, in hyper, and in
+    /// the loop handing a request to hyper during its drain.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_drain_is_answered_and_the_connection_closes() {
+        let (started, _) = mpsc::unbounded_channel();
+        let front = echo_front(started, Arc::new(Semaphore::new(0)));
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (connect, connections) = serve_pipes(service(Some(front), router), 1);
+        let by_loop = infer("a", "1");
+        let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+        // What the held connection was asked first (which decides whether
+        // the loop or hyper holds it), then within its drain.
+        let cases: [(&[u8], &[u8]); 3] = [
+            (by_loop.as_bytes(), by_loop.as_bytes()),
+            (by_hyper, by_hyper),
+            (by_loop.as_bytes(), by_hyper),
+        ];
+        let (mut held, mut held_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut held, &mut held_read, cases[0].0).await.0, 200);
+        for (case, (_, next)) in cases.iter().enumerate() {
+            // A new client, asking what the next case asks first: the held
+            // connection, idle, is asked to close.
+            let (mut new, mut new_read) = (connect(), Vec::new());
+            let first = cases
+                .get(case + 1)
+                .map_or(&by_hyper[..], |(first, _)| first);
+            new.write_all(first).await.unwrap();
+            // Paused time: everything that can run does before the clock
+            // moves, the ask included; half the drain passes.
+            tokio::time::sleep(RECLAIM_DRAIN / 2).await;
+            assert_eq!(connections.open(), 1);
+            // Its client sends its next request within the drain.
+            let (code, headers, _) = ask(&mut held, &mut held_read, next).await;
+            assert_eq!(code, 200);
+            assert_eq!(header(&headers, "connection"), Some("close"), "case {case}");
+            closed(&mut held, &held_read).await;
+            assert_eq!(answer(&mut new, &mut new_read).await.0, 200);
+            (held, held_read) = (new, new_read);
+        }
+    }
+
     /// An exchange ends with its answer when the body is short and whole,
     /// and only once its body is dropped when it is streamed or long.
     #[test]
     fn an_exchange_lasts_until_its_answer_is_written() {
-        let busy = Arc::new(AtomicUsize::new(0));
-        let short = held(Response::new(Body::from("ok")), Some(Exchange::new(&busy)));
+        let exchanges = Arc::new(Exchanges::default());
+        let busy = &exchanges.busy;
+        let short = held(
+            Response::new(Body::from("ok")),
+            Some(Exchange::new(&exchanges)),
+        );
         assert_eq!(busy.load(Ordering::Relaxed), 0);
         drop(short);
         let long = vec![b'x'; WRITTEN_WHOLE as usize + 1];
-        let long = held(Response::new(Body::from(long)), Some(Exchange::new(&busy)));
+        let long = held(
+            Response::new(Body::from(long)),
+            Some(Exchange::new(&exchanges)),
+        );
         assert_eq!(busy.load(Ordering::Relaxed), 1);
         drop(long);
         assert_eq!(busy.load(Ordering::Relaxed), 0);
         let chunks = futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"x"))]);
         let streamed = held(
             Response::new(Body::from_stream(chunks)),
-            Some(Exchange::new(&busy)),
+            Some(Exchange::new(&exchanges)),
         );
         assert_eq!(busy.load(Ordering::Relaxed), 1);
         drop(streamed);
@@ -1544,7 +1651,7 @@ mod tests {
         );
         let (code, _, _) = answer(&mut waiting, &mut waiting_read).await;
         assert_eq!(code, 200);
-        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
     }
 
     /// hyper's part of a connection drops a client that stopped reading a
