@@ -25,7 +25,9 @@
 //! ([`crate::limit`]'s `Reclaim`): the loop's between requests, hyper's
 //! with no exchange in flight (counted from the service's call until its
 //! answer is written: a short body when hyper takes it, a streamed or long
-//! one when hyper drops it).
+//! one when hyper drops it). They close after a drain of
+//! [`RECLAIM_DRAIN`], or after answering a request that comes meanwhile
+//! (with `connection: close`).
 //!
 //! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
@@ -297,8 +299,9 @@ impl Fronted {
                 }
                 buf.reserve(READ_CHUNK);
                 let read = if buf.is_empty() {
-                    // Between requests: the only moment a stop, or the
-                    // cap's want of room, closes the connection at once.
+                    // Between requests: the only moment a stop closes the
+                    // connection at once, and a want of room once its
+                    // drain ends.
                     tokio::select! {
                         biased;
                         () = std::future::poll_fn(|cx| stopping.poll(cx)) => return Ok(Handed::Closed),
