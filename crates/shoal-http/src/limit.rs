@@ -16,9 +16,16 @@
 //! At the cap, kept-alive connections waiting for their next request make
 //! room, as nginx reuses its idle keep-alive connections: once a new client
 //! is waiting to be accepted, the listener accepts it and asks idle
-//! connections to close ([`Reclaim`]); up to [`RECLAIM_BATCH`] of them do
-//! (at most a 64th of the cap), so the next few clients find room without
-//! asking again. Each closes after [`RECLAIM_DRAIN`], or after answering a
+//! connections to close ([`Reclaim`]): a batch of them (a 64th of the cap,
+//! at least one and at most [`RECLAIM_BATCH`]; doubling for asks in a row,
+//! while clients keep coming, up to an eighth of the cap), so the next few
+//! clients find room without asking again. No more are asked while those asked and
+//! those closing make room for every waiting client, and an ask wakes only
+//! the idle connections it picks, so a flood of new clients neither empties
+//! the server of its idle connections nor wakes each of them per client. A
+//! client still waiting [`RECLAIM_AGAIN`] after it asked asks again (a
+//! connection picked may have been handed a request meanwhile). Each
+//! connection asked closes after [`RECLAIM_DRAIN`], or after answering a
 //! request that comes meanwhile (saying `connection: close`): a client that
 //! was only between two requests is not cut mid-request. Connections with
 //! a request in flight are not touched: when none is idle, the new client
@@ -28,15 +35,15 @@
 //! `shoal_connections_max`.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use shoal_telemetry::MetricsRegistry;
 use shoal_telemetry::prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// The fewest connections the default allows, however low the open-file
@@ -55,6 +62,17 @@ pub const RECLAIM_BATCH: usize = 32;
 /// requests of a busy run sends its next one within it and gets its answer
 /// instead of a connection closed under it (which fails a `POST`).
 pub const RECLAIM_DRAIN: Duration = Duration::from_millis(50);
+
+/// How soon after an ask the next one doubles the batch (see [`Batch`]):
+/// a client that asks within it found the rooms of the last ask taken by
+/// the clients before it.
+pub const RECLAIM_BURST: Duration = Duration::from_millis(100);
+
+/// How long a client waiting at the cap waits for the room it asked before
+/// asking again, whatever is already asked or closing: a connection picked
+/// while idle may have been handed a request before it could close, and one
+/// that agreed to close may be answering a long request in its drain.
+pub const RECLAIM_AGAIN: Duration = Duration::from_millis(100);
 
 /// The process's open-file limits (`ulimit -n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,31 +120,78 @@ pub struct Connections {
     reclaim: Arc<Reclaim>,
 }
 
-/// Clients waiting for room at the cap, and the idle connections still to
-/// close for them: pure, [`Reclaim`] keeps it under a lock.
+/// How many idle connections one ask closes: `first` for an ask after a
+/// quiet spell, doubling for asks in a row (each within [`RECLAIM_BURST`]
+/// of the last: clients keep coming) up to `most`, as TCP's slow start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Batch {
+    pub(crate) first: usize,
+    pub(crate) most: usize,
+}
+
+/// Clients waiting for room at the cap, and the idle connections asked to
+/// close for them or closing: pure, [`Reclaim`] keeps it under a lock.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Wanted {
     /// Clients accepted and waiting for room.
     waiting: usize,
     /// Idle connections still asked to close.
     rooms: usize,
+    /// Connections that agreed to close and have not closed yet (they
+    /// drain first): room on its way.
+    closing: usize,
+    /// The last ask's batch, and when it was made.
+    last: Option<(usize, Instant)>,
 }
 
 impl Wanted {
-    /// A client waits for room: `batch` idle connections are asked to
-    /// close (room for it and the next ones).
-    pub(crate) fn wait(&mut self, batch: usize) {
+    /// A client waits for room at `now`: how many more idle connections to
+    /// ask to close. None while those asked and those closing make room
+    /// for every waiting client; else a batch (room for it and the next
+    /// ones, see [`Batch`]), or as many as clients wait without room on
+    /// its way if more.
+    pub(crate) fn wait(&mut self, batch: Batch, now: Instant) -> usize {
         self.waiting += 1;
-        self.rooms = self.rooms.max(batch);
+        let coming = self.rooms + self.closing;
+        if coming >= self.waiting {
+            return 0;
+        }
+        let size = match self.last {
+            Some((size, at)) if now.saturating_duration_since(at) <= RECLAIM_BURST => {
+                (size * 2).min(batch.most).max(batch.first)
+            }
+            _ => batch.first,
+        };
+        self.last = Some((size, now));
+        let more = size.max(self.waiting - coming);
+        self.rooms += more;
+        more
     }
 
-    /// An idle connection offers to close: whether it is still asked to.
+    /// A client still waits long after it asked: how many idle connections
+    /// to ask (again) to close — as many as clients wait, at least a batch,
+    /// counting neither the rooms asked nor the connections closing, which
+    /// evidently did not make room in time.
+    pub(crate) fn again(&mut self, batch: Batch) -> usize {
+        self.rooms = self.rooms.max(batch.first.max(self.waiting));
+        self.rooms
+    }
+
+    /// An idle connection offers to close: whether it is still asked to
+    /// (it then counts as closing until [`Wanted::closed`]).
     pub(crate) fn claim(&mut self) -> bool {
         if self.waiting == 0 || self.rooms == 0 {
             return false;
         }
         self.rooms -= 1;
+        self.closing += 1;
         true
+    }
+
+    /// A connection that claimed a room closed.
+    pub(crate) fn closed(&mut self) {
+        debug_assert!(self.closing > 0, "a connection closed twice");
+        self.closing = self.closing.saturating_sub(1);
     }
 
     /// A waiting client got room (or gave up): once none waits, no idle
@@ -139,17 +204,39 @@ impl Wanted {
     }
 }
 
-/// How a server's idle connections are asked to make room at the cap: a
-/// count bumped at each ask and a [`Notify`] that wakes the connections
-/// waiting for their next request (each polls its wait once, and then
-/// reads the count when its task wakes: no lock per request), which then
-/// claim a room under [`Wanted`]'s lock.
+/// How a server's idle connections are asked to make room at the cap.
+///
+/// Each connection has a [`Slot`] here: whether it waits for its next
+/// request, and its task's waker. An ask wakes only as many idle
+/// connections as it wants rooms (from where the last ask stopped, so that
+/// the same ones are not woken each time), and bumps a count that the
+/// others read when their own task wakes: a connection asked while busy
+/// closes once idle. Per request a connection sets its flag and its waker
+/// (atomics, no lock); the lock is taken per connection (to enter and
+/// leave) and per ask.
 #[derive(Debug, Default)]
 pub struct Reclaim {
     wanted: Mutex<Wanted>,
     /// Asks so far.
     asked: AtomicU64,
-    wake: Notify,
+    slots: Mutex<Slots>,
+}
+
+/// The connections watching a [`Reclaim`], and where its next wake-up
+/// starts.
+#[derive(Debug, Default)]
+struct Slots {
+    slots: slab::Slab<Arc<Slot>>,
+    /// The key after the last connection woken.
+    next: usize,
+}
+
+/// One connection as its [`Reclaim`] sees it.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Waiting for its next request.
+    idle: AtomicBool,
+    waker: AtomicWaker,
 }
 
 impl Reclaim {
@@ -157,20 +244,64 @@ impl Reclaim {
         self.wanted.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A client waits for room: asks `batch` idle connections to close.
-    fn ask(&self, batch: usize) {
-        self.wanted().wait(batch);
-        self.asked.fetch_add(1, Ordering::Release);
-        self.wake.notify_waiters();
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A client waits for room: asks idle connections to close, `batch`
+    /// of them unless enough are asked or closing already.
+    fn ask(&self, batch: Batch) {
+        let more = self.wanted().wait(batch, Instant::now());
+        self.wake(more);
+    }
+
+    /// A client still waits [`RECLAIM_AGAIN`] after it asked: asks again.
+    fn again(&self, batch: Batch) {
+        let more = self.wanted().again(batch);
+        self.wake(more);
+    }
+
+    /// Bumps the count of asks and wakes `more` idle connections, from
+    /// where the last ask stopped.
+    fn wake(&self, more: usize) {
+        if more == 0 {
+            return;
+        }
+        // Sequentially consistent with the connections' flags (see
+        // `Asked::poll`): a connection going idle either sees this count
+        // or is seen idle below.
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let mut slots = self.slots();
+        let Slots { slots, next } = &mut *slots;
+        let start = *next;
+        let mut woken = 0;
+        for (key, slot) in slots
+            .iter()
+            .skip_while(|(key, _)| *key < start)
+            .chain(slots.iter().take_while(|(key, _)| *key < start))
+        {
+            if woken == more {
+                break;
+            }
+            if slot.idle.load(Ordering::SeqCst) {
+                slot.waker.wake();
+                woken += 1;
+                *next = key + 1;
+            }
+        }
     }
 
     /// Watches, for a connection, whether it is asked to close while idle.
     pub(crate) fn watch(&self) -> Asked<'_> {
+        let slot = Arc::<Slot>::default();
+        let key = self.slots().slots.insert(Arc::clone(&slot));
         Asked {
             reclaim: self,
-            seen: self.asked.load(Ordering::Acquire),
-            wait: Box::pin(self.wake.notified()),
-            registered: false,
+            seen: self.asked.load(Ordering::SeqCst),
+            slot,
+            key,
+            idle: false,
+            claimed: false,
         }
     }
 }
@@ -189,35 +320,58 @@ pub(crate) struct Asked<'a> {
     reclaim: &'a Reclaim,
     /// The asks it has answered.
     seen: u64,
-    wait: Pin<Box<Notified<'a>>>,
-    /// Whether `wait` was polled since it was made.
-    registered: bool,
+    slot: Arc<Slot>,
+    /// Its place in the reclaim's slots.
+    key: usize,
+    /// What `slot` says: whether it waits for its next request.
+    idle: bool,
+    /// It agreed to close.
+    claimed: bool,
 }
 
 impl Asked<'_> {
     /// Whether the connection should close now to make room: it is asked
     /// and `idle` (waiting for its next request). Polled when the
-    /// connection's task wakes; the wait is polled once per ask, so that an
-    /// ask wakes the task (a connection's task keeps its waker), and
-    /// otherwise this is a read of the count. An ask that finds it busy is
-    /// looked at again at each of its wake-ups until it is idle.
+    /// connection's task wakes: an idle connection leaves its waker for the
+    /// asks, so that one that picks it wakes it. An ask that finds it busy
+    /// is looked at again at each of its wake-ups until it is idle.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, idle: bool) -> Poll<()> {
-        loop {
-            if !self.registered {
-                self.registered = true;
-                // Ready only if asked meanwhile, which the count shows.
-                let _ = self.wait.as_mut().poll(cx);
-            }
-            let asked = self.reclaim.asked.load(Ordering::Acquire);
-            if asked == self.seen || !idle {
-                return Poll::Pending;
-            }
-            self.seen = asked;
-            if self.reclaim.wanted().claim() {
-                return Poll::Ready(());
-            }
-            self.wait.set(self.reclaim.wake.notified());
-            self.registered = false;
+        if !idle {
+            self.busy();
+            return Poll::Pending;
+        }
+        self.slot.waker.register(cx.waker());
+        if !self.idle {
+            self.idle = true;
+            self.slot.idle.store(true, Ordering::SeqCst);
+        }
+        let asked = self.reclaim.asked.load(Ordering::SeqCst);
+        if asked == self.seen {
+            return Poll::Pending;
+        }
+        self.seen = asked;
+        if !self.reclaim.wanted().claim() {
+            return Poll::Pending;
+        }
+        self.claimed = true;
+        self.busy();
+        Poll::Ready(())
+    }
+
+    /// The connection has a request in hand: asks do not wake it.
+    pub(crate) fn busy(&mut self) {
+        if self.idle {
+            self.idle = false;
+            self.slot.idle.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        self.reclaim.slots().slots.remove(self.key);
+        if self.claimed {
+            self.reclaim.wanted().closed();
         }
     }
 }
@@ -253,9 +407,14 @@ impl Connections {
         &self.reclaim
     }
 
-    /// Idle connections asked to close per client waiting at the cap.
-    fn batch(&self) -> usize {
-        (self.max / 64).clamp(1, RECLAIM_BATCH)
+    /// Idle connections an ask closes: a 64th of the cap (at least one, at
+    /// most [`RECLAIM_BATCH`]), up to an eighth of it for asks in a row.
+    fn batch(&self) -> Batch {
+        let first = (self.max / 64).clamp(1, RECLAIM_BATCH);
+        Batch {
+            first,
+            most: first.max(self.max / 8),
+        }
     }
 
     /// The cap.
@@ -284,11 +443,15 @@ impl Connections {
         self.warn();
         let waiting = Waiting(&self.reclaim);
         self.reclaim.ask(self.batch());
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            // The semaphore is never closed.
-            .unwrap_or_else(|_| unreachable!("the connection cap is never closed"));
+        let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
+        let permit = loop {
+            tokio::select! {
+                permit = &mut acquire => break permit,
+                () = tokio::time::sleep(RECLAIM_AGAIN) => self.reclaim.again(self.batch()),
+            }
+        }
+        // The semaphore is never closed.
+        .unwrap_or_else(|_| unreachable!("the connection cap is never closed"));
         drop(waiting);
         self.admitted(permit)
     }
@@ -429,6 +592,14 @@ impl<L: axum::serve::Listener> axum::serve::Listener for Capped<L> {
 }
 
 #[cfg(test)]
+impl Wanted {
+    /// Clients waiting, rooms asked, connections closing.
+    fn counts(&self) -> (usize, usize, usize) {
+        (self.waiting, self.rooms, self.closing)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -480,39 +651,65 @@ mod tests {
     #[test]
     fn idle_connections_close_only_while_a_client_waits_and_only_as_many_as_asked() {
         let mut wanted = Wanted::default();
+        let now = Instant::now();
+        let fixed = |size| Batch {
+            first: size,
+            most: size,
+        };
         assert!(!wanted.claim(), "asked to close with no client waiting");
-        wanted.wait(2);
+        assert_eq!(wanted.wait(fixed(2), now), 2);
         assert!(wanted.claim());
         assert!(wanted.claim());
         assert!(!wanted.claim(), "more closed than asked");
-        // A second client while the first still waits (one listener for
-        // REST, one for gRPC) asks its own batch.
-        wanted.wait(2);
-        assert!(wanted.claim());
-        assert!(wanted.claim());
+        // A second client while the first still waits: the two closing
+        // make room for both.
+        assert_eq!(
+            wanted.wait(fixed(2), now),
+            0,
+            "asked more than the clients need"
+        );
         assert!(!wanted.claim());
-        wanted.done();
-        wanted.done();
-        assert_eq!(wanted, Wanted::default());
+        // A third: a batch more.
+        assert_eq!(wanted.wait(fixed(2), now), 2);
+        assert!(wanted.claim());
+        // Clients waiting at once past a batch ask as many as they are.
+        for _ in 0..3 {
+            wanted.wait(fixed(2), now);
+        }
+        assert_eq!(wanted.counts(), (6, 3, 3));
+        for _ in 0..3 {
+            assert!(wanted.claim());
+            wanted.closed();
+            wanted.closed();
+            wanted.done();
+            wanted.done();
+        }
+        assert_eq!(wanted.counts(), (0, 0, 0));
         // A client served before idle connections closed for it (another
         // closed on its own): no one is asked any more.
-        wanted.wait(3);
+        assert_eq!(wanted.wait(fixed(3), now), 3);
         assert!(wanted.claim());
         wanted.done();
         assert!(!wanted.claim());
-        // Two waiting, one served: the other's asks still stand.
-        wanted.wait(1);
-        wanted.wait(1);
+        wanted.closed();
+        // Two waiting, one served: the asks still stand.
+        assert_eq!(wanted.wait(fixed(1), now), 1);
+        assert_eq!(wanted.wait(fixed(1), now), 1);
         wanted.done();
+        assert!(wanted.claim());
         assert!(wanted.claim());
         assert!(!wanted.claim());
     }
 
     #[test]
     fn a_waiting_client_asks_a_64th_of_the_cap_to_close_within_bounds() {
-        assert_eq!(Connections::new(1).batch(), 1);
-        assert_eq!(Connections::new(200).batch(), 3);
-        assert_eq!(Connections::new(10_000).batch(), RECLAIM_BATCH);
+        let batch = |max| {
+            let Batch { first, most } = Connections::new(max).batch();
+            (first, most)
+        };
+        assert_eq!(batch(1), (1, 1));
+        assert_eq!(batch(200), (3, 25));
+        assert_eq!(batch(10_000), (RECLAIM_BATCH, 1250));
     }
 
     /// A connection busy when asked does not close, and does once idle, at
@@ -534,13 +731,7 @@ mod tests {
             async move { connections.admit().await }
         });
         tokio::task::yield_now().await;
-        assert_eq!(
-            *reclaim.wanted(),
-            Wanted {
-                waiting: 1,
-                rooms: 1
-            }
-        );
+        assert_eq!(reclaim.wanted().counts(), (1, 1, 0));
         assert!(busy.poll(&mut cx, false).is_pending());
         assert!(idle.poll(&mut cx, true).is_ready());
         assert!(
@@ -550,7 +741,8 @@ mod tests {
         assert!(busy.poll(&mut cx, true).is_pending(), "claimed already");
         drop(held);
         let _first = first.await.unwrap();
-        assert_eq!(*reclaim.wanted(), Wanted::default());
+        drop(idle);
+        assert_eq!(reclaim.wanted().counts(), (0, 0, 0));
         // A later ask finds the busy one idle: it closes.
         let mut busy = reclaim.watch();
         assert!(busy.poll(&mut cx, false).is_pending());
@@ -563,10 +755,177 @@ mod tests {
         assert!(busy.poll(&mut cx, true).is_ready());
         second.abort();
         let _ = second.await;
+        drop(busy);
         assert_eq!(
-            *reclaim.wanted(),
-            Wanted::default(),
+            reclaim.wanted().counts(),
+            (0, 0, 0),
             "a client that gave up still waits"
         );
+    }
+
+    /// Wakes counted, for the connections' tasks.
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl Woken {
+        fn count(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// An ask wakes as many idle connections as it wants rooms, never the
+    /// busy ones, and the next ask picks others; a busy one that saw the
+    /// ask closes once idle, at its own next wake-up.
+    #[tokio::test(start_paused = true)]
+    async fn an_ask_wakes_only_the_idle_connections_it_picks() {
+        let connections = Connections::new(200);
+        let reclaim = Arc::clone(connections.reclaim());
+        let mut watches: Vec<_> = (0..100).map(|_| reclaim.watch()).collect();
+        let wakers: Vec<Arc<Woken>> = (0..100).map(|_| Arc::default()).collect();
+        let poll = |watch: &mut Asked<'_>, woken: &Arc<Woken>, idle: bool| {
+            let waker = std::task::Waker::from(Arc::clone(woken));
+            watch.poll(&mut Context::from_waker(&waker), idle)
+        };
+        // Ten busy, ninety idle.
+        for (i, (watch, woken)) in watches.iter_mut().zip(&wakers).enumerate() {
+            assert!(poll(watch, woken, i >= 10).is_pending());
+        }
+        let woken = |range: std::ops::Range<usize>| -> usize {
+            wakers[range]
+                .iter()
+                .filter(|woken| woken.count() > 0)
+                .count()
+        };
+        // A client waits: a batch of three (200 / 64) is asked.
+        let _first = Waiting(&reclaim);
+        reclaim.ask(connections.batch());
+        assert_eq!(woken(0..100), 3, "woke other than the three asked");
+        assert_eq!(woken(0..10), 0, "woke a busy connection");
+        let picked: Vec<usize> = (0..100).filter(|&i| wakers[i].count() > 0).collect();
+        for &i in &picked {
+            assert!(poll(&mut watches[i], &wakers[i], true).is_ready());
+        }
+        // Two more clients: the three closing make room for them.
+        let _second = Waiting(&reclaim);
+        reclaim.ask(connections.batch());
+        let _third = Waiting(&reclaim);
+        reclaim.ask(connections.batch());
+        assert_eq!(woken(0..100), 3, "asked again with room on its way");
+        // A fourth, after a quiet spell (asks in a row would ask more): three
+        // more, others than the first three.
+        tokio::time::advance(RECLAIM_BURST * 2).await;
+        let _fourth = Waiting(&reclaim);
+        reclaim.ask(connections.batch());
+        assert_eq!(woken(0..100), 6);
+        assert_eq!(woken(0..10), 0);
+        // A busy connection that goes idle sees the ask and takes a room
+        // the woken ones have not taken yet.
+        assert!(poll(&mut watches[0], &wakers[0], true).is_ready());
+        let more: Vec<usize> = (0..100)
+            .filter(|&i| wakers[i].count() > 0 && !picked.contains(&i))
+            .collect();
+        assert_eq!(more.len(), 3);
+        let ready = more
+            .iter()
+            .filter(|&&i| poll(&mut watches[i], &wakers[i], true).is_ready())
+            .count();
+        assert_eq!(ready, 2, "more rooms taken than asked");
+        // The connections that closed leave the count of those closing.
+        let mut closed: Vec<usize> = picked.into_iter().chain([0]).collect();
+        closed.sort_unstable();
+        for i in closed.into_iter().rev() {
+            drop(watches.remove(i));
+        }
+        assert_eq!(reclaim.wanted().closing, 2);
+    }
+
+    /// A connection picked while idle that is handed a request before it
+    /// can close does not keep the client waiting: after
+    /// [`RECLAIM_AGAIN`] the client asks again and another idle one is
+    /// woken; so is one that agreed to close and then answers a long
+    /// request in its drain.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_still_waiting_asks_again() {
+        let connections = Connections::new(3);
+        let reclaim = Arc::clone(connections.reclaim());
+        let held: Vec<Admitted> = (0..3).map(|_| connections.try_admit().unwrap()).collect();
+        let mut watches: Vec<_> = (0..3).map(|_| reclaim.watch()).collect();
+        let wakers: Vec<Arc<Woken>> = (0..3).map(|_| Arc::default()).collect();
+        let poll = |watch: &mut Asked<'_>, woken: &Arc<Woken>, idle: bool| {
+            let waker = std::task::Waker::from(Arc::clone(woken));
+            watch.poll(&mut Context::from_waker(&waker), idle)
+        };
+        for (watch, woken) in watches.iter_mut().zip(&wakers) {
+            assert!(poll(watch, woken, true).is_pending());
+        }
+        let started = tokio::time::Instant::now();
+        let client = tokio::spawn({
+            let connections = connections.clone();
+            async move { connections.admit().await }
+        });
+        tokio::task::yield_now().await;
+        // The first is picked, and a request comes on it before it looks.
+        assert_eq!(
+            wakers.iter().map(|w| w.count()).collect::<Vec<_>>(),
+            [1, 0, 0]
+        );
+        assert!(poll(&mut watches[0], &wakers[0], false).is_pending());
+        // Paused time: the runtime advances to the client's next ask (and
+        // lets the client's task run after its timer fires).
+        tokio::time::sleep(RECLAIM_AGAIN).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakers[1].count(), 1, "the client did not ask again");
+        // The second agrees, and then a request comes during its drain.
+        assert!(poll(&mut watches[1], &wakers[1], true).is_ready());
+        tokio::time::sleep(RECLAIM_AGAIN).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakers[2].count(), 1, "a closing connection held the room");
+        assert!(poll(&mut watches[2], &wakers[2], true).is_ready());
+        let mut held = held;
+        drop(watches.pop());
+        drop(held.pop());
+        let _admitted = client.await.unwrap();
+        assert_eq!(started.elapsed(), RECLAIM_AGAIN * 2);
+    }
+
+    #[test]
+    fn a_client_asking_again_counts_no_room_on_its_way() {
+        let mut wanted = Wanted::default();
+        let (two, now) = (Batch { first: 2, most: 2 }, Instant::now());
+        assert_eq!(wanted.wait(two, now), 2);
+        assert!(wanted.claim());
+        assert!(wanted.claim());
+        assert_eq!(wanted.again(two), 2, "counted the ones closing");
+        wanted.wait(two, now);
+        wanted.wait(two, now);
+        assert_eq!(wanted.again(two), 3, "fewer than the clients waiting");
+    }
+
+    /// Asks in a row double their batch up to the most; after a quiet
+    /// spell an ask starts small again.
+    #[test]
+    fn asks_in_a_row_double_their_batch_up_to_the_most() {
+        let batch = Batch { first: 2, most: 10 };
+        let mut wanted = Wanted::default();
+        let start = Instant::now();
+        let mut asked = Vec::new();
+        for i in 0..5 {
+            // The last ask's rooms taken and closed, its client served.
+            let more = wanted.wait(batch, start + RECLAIM_BURST * i / 2);
+            asked.push(more);
+            for _ in 0..more {
+                assert!(wanted.claim());
+                wanted.closed();
+            }
+            wanted.done();
+        }
+        assert_eq!(asked, [2, 4, 8, 10, 10]);
+        assert_eq!(wanted.wait(batch, start + RECLAIM_BURST * 10), 2);
     }
 }

@@ -257,6 +257,10 @@ impl Fronted {
                 }
             }
         }
+        // No longer counted as closing before the connection's room is
+        // free (it is when `connection` drops): a client asking meanwhile
+        // must not count on it.
+        drop(asked);
     }
 
     /// Answers the front's requests on `io` until the connection closes or
@@ -332,6 +336,8 @@ impl Fronted {
                 if read == 0 {
                     return Ok(Handed::Closed);
                 }
+                // A request is coming: asks pick idle connections.
+                asked.busy();
             };
             let read = buf.split().freeze();
             let rest = read.slice(head.len..);
@@ -1514,6 +1520,51 @@ mod tests {
             "one of two idle connections makes room for one client"
         );
         assert!(start.elapsed() < IDLE_TIMEOUT);
+    }
+
+    /// A client waiting at the cap is given an idle connection's room,
+    /// not that of one busy with a request in the loop (asks pick among the
+    /// connections that wait for their next request, the first one here).
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_an_idle_connection_makes_room_not_the_busy_one_beside_it() {
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let front = echo_front(started_tx, gate.clone());
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (connect, connections) = serve_pipes(service(Some(front), router), 2);
+        let by_loop = infer("a", "1");
+        // The first connection (the first the asks look at) is idle a
+        // while, then busy; the second idle.
+        let (mut first, mut first_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut first, &mut first_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        let (mut second, mut second_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut second, &mut second_read, by_loop.as_bytes())
+                .await
+                .0,
+            200
+        );
+        first
+            .write_all(infer("held", "2").as_bytes())
+            .await
+            .unwrap();
+        started.recv().await.unwrap();
+        let at = tokio::time::Instant::now();
+        let (mut third, mut third_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut third, &mut third_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
+        closed(&mut second, &second_read).await;
+        assert_eq!(connections.open(), 2);
+        gate.add_permits(1);
+        let (code, _, body) = answer(&mut first, &mut first_read).await;
+        assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
     }
 
     /// A connection asked to make room while its client is only between
