@@ -27,7 +27,8 @@
 //! answer is written: a short body when hyper takes it, a streamed or long
 //! one when hyper drops it). They close after a drain of
 //! [`RECLAIM_DRAIN`], or after answering a request that comes meanwhile
-//! (with `connection: close`).
+//! (with `connection: close`; in hyper's part, one whose head is still
+//! arriving when the drain ends too: bytes read since the last exchange).
 //!
 //! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
@@ -215,11 +216,15 @@ impl Fronted {
             },
             None => (Bytes::new(), None),
         };
-        let io = hyper_util::rt::TokioIo::new(Silenced::answers(Rewind { read, io }));
         let exchanges = Arc::new(Exchanges {
-            busy: AtomicUsize::new(0),
             closing: AtomicBool::new(draining.is_some()),
+            ..Exchanges::default()
         });
+        let io = hyper_util::rt::TokioIo::new(Silenced::answers(Rewind {
+            read,
+            io,
+            exchanges: Arc::clone(&exchanges),
+        }));
         let service = Hyper {
             service: self,
             exchanges: Arc::clone(&exchanges),
@@ -253,7 +258,11 @@ impl Fronted {
                     None => Poll::Pending,
                 }), if !closing => {
                     closing = true;
-                    connection.as_mut().graceful_shutdown();
+                    // A request whose head is still arriving is answered,
+                    // saying the connection closes, rather than cut.
+                    if !exchanges.arriving() {
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
         }
@@ -664,10 +673,12 @@ mod date {
     }
 }
 
-/// A connection handed to hyper: the bytes read already, then the socket.
+/// A connection handed to hyper: the bytes read already, then the socket;
+/// what hyper reads is counted in its exchanges' `read`.
 struct Rewind<I> {
     read: Bytes,
     io: I,
+    exchanges: Arc<Exchanges>,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
@@ -676,12 +687,16 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         if self.read.is_empty() {
-            return Pin::new(&mut self.io).poll_read(cx, buf);
+            std::task::ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        } else {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
         }
-        let n = self.read.len().min(buf.remaining());
-        buf.put_slice(&self.read[..n]);
-        self.read.advance(n);
+        let n = (buf.filled().len() - before) as u64;
+        self.exchanges.read.fetch_add(n, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }
@@ -702,6 +717,20 @@ struct Exchanges {
     /// Whether answers say `connection: close` (the connection was asked
     /// to make room).
     closing: AtomicBool,
+    /// Bytes read from the client.
+    read: AtomicU64,
+    /// `read` when the last exchange ended.
+    heard: AtomicU64,
+}
+
+impl Exchanges {
+    /// Whether a request is on its way with no exchange for it yet: bytes
+    /// came since the last exchange ended (a head hyper has not parsed
+    /// whole; hyper counts its connection idle meanwhile).
+    fn arriving(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0
+            && self.read.load(Ordering::Relaxed) != self.heard.load(Ordering::Relaxed)
+    }
 }
 
 /// An exchange in flight on a hyper connection: from the service's call
@@ -717,7 +746,10 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        if self.0.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let read = self.0.read.load(Ordering::Relaxed);
+            self.0.heard.store(read, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1609,6 +1641,33 @@ mod tests {
             assert_eq!(answer(&mut new, &mut new_read).await.0, 200);
             (held, held_read) = (new, new_read);
         }
+    }
+
+    /// A connection asked to make room whose client is sending a request
+    /// head when its drain ends (hyper counts it idle until the head is
+    /// whole) answers that request, saying it closes, instead of being cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_arriving_when_the_drain_ends_is_answered() {
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (connect, connections) = serve_pipes(service(None, router), 1);
+        let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (mut held, mut held_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut held, &mut held_read, by_hyper).await.0, 200);
+        // A new client: the held connection, idle, is asked to close.
+        let (mut new, mut new_read) = (connect(), Vec::new());
+        new.write_all(by_hyper).await.unwrap();
+        tokio::time::sleep(RECLAIM_DRAIN / 2).await;
+        // Half a head within the drain, the rest after it.
+        held.write_all(&by_hyper[..10]).await.unwrap();
+        tokio::time::sleep(RECLAIM_DRAIN).await;
+        assert_eq!(connections.open(), 1);
+        held.write_all(&by_hyper[10..]).await.unwrap();
+        let (code, headers, _) = answer(&mut held, &mut held_read).await;
+        assert_eq!(code, 200);
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        closed(&mut held, &held_read).await;
+        assert_eq!(answer(&mut new, &mut new_read).await.0, 200);
     }
 
     /// An exchange ends with its answer when the body is short and whole,
