@@ -21,7 +21,9 @@
 //! while clients keep coming, up to an eighth of the cap), so the next few
 //! clients find room without asking again. No more are asked while those asked and
 //! those closing make room for every waiting client, and an ask wakes only
-//! the idle connections it picks, so a flood of new clients neither empties
+//! the idle connections it picks (first those idle since before their
+//! last silence check, as nginx closes its least recently used keep-alive
+//! connections first), so a flood of new clients neither empties
 //! the server of its idle connections nor wakes each of them per client. A
 //! client still waiting [`RECLAIM_AGAIN`] after it asked asks again (a
 //! connection picked may have been handed a request meanwhile). Each
@@ -63,7 +65,7 @@ pub const RECLAIM_BATCH: usize = 32;
 /// instead of a connection closed under it (which fails a `POST`).
 pub const RECLAIM_DRAIN: Duration = Duration::from_millis(50);
 
-/// How soon after an ask the next one doubles the batch (see [`Batch`]):
+/// How soon after an ask the next one doubles the batch (see `Batch`):
 /// a client that asks within it found the rooms of the last ask taken by
 /// the clients before it.
 pub const RECLAIM_BURST: Duration = Duration::from_millis(100);
@@ -140,6 +142,9 @@ pub(crate) struct Wanted {
     /// Connections that agreed to close and have not closed yet (they
     /// drain first): room on its way.
     closing: usize,
+    /// Of `rooms`, those no idle connection was picked for: any
+    /// connection may take them once idle (when all were busy).
+    open: usize,
     /// The last ask's batch, and when it was made.
     last: Option<(usize, Instant)>,
 }
@@ -177,13 +182,29 @@ impl Wanted {
         self.rooms
     }
 
-    /// An idle connection offers to close: whether it is still asked to
-    /// (it then counts as closing until [`Wanted::closed`]).
-    pub(crate) fn claim(&mut self) -> bool {
+    /// An ask found `n` fewer idle connections than it wanted: as many of
+    /// its rooms are open to any connection that goes idle.
+    pub(crate) fn unpicked(&mut self, n: usize) {
+        self.open = (self.open + n).min(self.rooms);
+    }
+
+    /// An idle connection offers to close, `picked` by an ask or not:
+    /// whether it is still asked to (it then counts as closing until
+    /// [`Wanted::closed`]). One not picked takes only an open room, so
+    /// that a connection only between two requests, which notices asks
+    /// first, does not take the room of one idle a while.
+    pub(crate) fn claim(&mut self, picked: bool) -> bool {
         if self.waiting == 0 || self.rooms == 0 {
             return false;
         }
+        if !picked {
+            if self.open == 0 {
+                return false;
+            }
+            self.open -= 1;
+        }
         self.rooms -= 1;
+        self.open = self.open.min(self.rooms);
         self.closing += 1;
         true
     }
@@ -200,18 +221,23 @@ impl Wanted {
         self.waiting -= 1;
         if self.waiting == 0 {
             self.rooms = 0;
+            self.open = 0;
         }
     }
 }
 
 /// How a server's idle connections are asked to make room at the cap.
 ///
-/// Each connection has a [`Slot`] here: whether it waits for its next
-/// request, and its task's waker. An ask wakes only as many idle
-/// connections as it wants rooms (from where the last ask stopped, so that
-/// the same ones are not woken each time), and bumps a count that the
-/// others read when their own task wakes: a connection asked while busy
-/// closes once idle. Per request a connection sets its flag and its waker
+/// Each connection has a slot here: whether it waits for its next
+/// request (and, marked by its silence watch, whether it has been for a
+/// while), and its task's waker. An ask wakes only as many idle
+/// connections as it wants rooms, those idle a while first (from where
+/// the last ask stopped, so that the same ones are not woken each time),
+/// marking them picked, and bumps a count that the others read when their
+/// own task wakes: rooms an ask found no idle connection for are open to
+/// any connection once idle (one busy when asked closes then); the picked
+/// ones' are not, so a connection only between two requests, which sees
+/// asks first, does not take them. Per request a connection sets its flag and its waker
 /// (atomics, no lock); the lock is taken per connection (to enter and
 /// leave) and per ask.
 #[derive(Debug, Default)]
@@ -233,10 +259,25 @@ struct Slots {
 
 /// One connection as its [`Reclaim`] sees it.
 #[derive(Debug, Default)]
-struct Slot {
+pub(crate) struct Slot {
     /// Waiting for its next request.
     idle: AtomicBool,
+    /// Waiting for it since before the last check of its silence (at
+    /// least `silence::CHECK`): asks pick such connections first.
+    quiet: AtomicBool,
+    /// Picked by an ask to close.
+    picked: AtomicBool,
     waker: AtomicWaker,
+}
+
+/// Where a connection's silence watch says it has been idle a while.
+pub(crate) struct Quiet(Arc<Slot>);
+
+impl Quiet {
+    /// The connection has been waiting since before the last check.
+    pub(crate) fn set(&self) {
+        self.0.quiet.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Reclaim {
@@ -271,24 +312,41 @@ impl Reclaim {
         // `Asked::poll`): a connection going idle either sees this count
         // or is seen idle below.
         self.asked.fetch_add(1, Ordering::SeqCst);
+        let picked = self.pick(more);
+        if picked < more {
+            self.wanted().unpicked(more - picked);
+        }
+    }
+
+    /// Picks and wakes up to `more` idle connections, from where the last
+    /// ask stopped: those idle a while first (as nginx closes its least
+    /// recently used), then any idle one. Says how many.
+    fn pick(&self, more: usize) -> usize {
         let mut slots = self.slots();
         let Slots { slots, next } = &mut *slots;
         let start = *next;
-        let mut woken = 0;
-        for (key, slot) in slots
-            .iter()
-            .skip_while(|(key, _)| *key < start)
-            .chain(slots.iter().take_while(|(key, _)| *key < start))
-        {
-            if woken == more {
-                break;
-            }
-            if slot.idle.load(Ordering::SeqCst) {
-                slot.waker.wake();
-                woken += 1;
-                *next = key + 1;
+        let mut picked = 0;
+        for quiet_only in [true, false] {
+            for (key, slot) in slots
+                .iter()
+                .skip_while(|(key, _)| *key < start)
+                .chain(slots.iter().take_while(|(key, _)| *key < start))
+            {
+                if picked == more {
+                    return picked;
+                }
+                let quiet = slot.quiet.load(Ordering::Relaxed);
+                if quiet == quiet_only
+                    && slot.idle.load(Ordering::SeqCst)
+                    && !slot.picked.swap(true, Ordering::Relaxed)
+                {
+                    slot.waker.wake();
+                    picked += 1;
+                    *next = key + 1;
+                }
             }
         }
+        picked
     }
 
     /// Watches, for a connection, whether it is asked to close while idle.
@@ -346,11 +404,13 @@ impl Asked<'_> {
             self.slot.idle.store(true, Ordering::SeqCst);
         }
         let asked = self.reclaim.asked.load(Ordering::SeqCst);
-        if asked == self.seen {
+        // Picked: it may have seen the count before the ask picked it.
+        if asked == self.seen && !self.slot.picked.load(Ordering::Relaxed) {
             return Poll::Pending;
         }
         self.seen = asked;
-        if !self.reclaim.wanted().claim() {
+        let picked = self.slot.picked.swap(false, Ordering::Relaxed);
+        if !self.reclaim.wanted().claim(picked) {
             return Poll::Pending;
         }
         self.claimed = true;
@@ -363,7 +423,13 @@ impl Asked<'_> {
         if self.idle {
             self.idle = false;
             self.slot.idle.store(false, Ordering::Relaxed);
+            self.slot.quiet.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Where the connection's silence watch marks it idle a while.
+    pub(crate) fn quiet(&self) -> Quiet {
+        Quiet(Arc::clone(&self.slot))
     }
 }
 
@@ -656,11 +722,11 @@ mod tests {
             first: size,
             most: size,
         };
-        assert!(!wanted.claim(), "asked to close with no client waiting");
+        assert!(!wanted.claim(true), "asked to close with no client waiting");
         assert_eq!(wanted.wait(fixed(2), now), 2);
-        assert!(wanted.claim());
-        assert!(wanted.claim());
-        assert!(!wanted.claim(), "more closed than asked");
+        assert!(wanted.claim(true));
+        assert!(wanted.claim(true));
+        assert!(!wanted.claim(true), "more closed than asked");
         // A second client while the first still waits: the two closing
         // make room for both.
         assert_eq!(
@@ -668,17 +734,17 @@ mod tests {
             0,
             "asked more than the clients need"
         );
-        assert!(!wanted.claim());
+        assert!(!wanted.claim(true));
         // A third: a batch more.
         assert_eq!(wanted.wait(fixed(2), now), 2);
-        assert!(wanted.claim());
+        assert!(wanted.claim(true));
         // Clients waiting at once past a batch ask as many as they are.
         for _ in 0..3 {
             wanted.wait(fixed(2), now);
         }
         assert_eq!(wanted.counts(), (6, 3, 3));
         for _ in 0..3 {
-            assert!(wanted.claim());
+            assert!(wanted.claim(true));
             wanted.closed();
             wanted.closed();
             wanted.done();
@@ -688,17 +754,17 @@ mod tests {
         // A client served before idle connections closed for it (another
         // closed on its own): no one is asked any more.
         assert_eq!(wanted.wait(fixed(3), now), 3);
-        assert!(wanted.claim());
+        assert!(wanted.claim(true));
         wanted.done();
-        assert!(!wanted.claim());
+        assert!(!wanted.claim(true));
         wanted.closed();
         // Two waiting, one served: the asks still stand.
         assert_eq!(wanted.wait(fixed(1), now), 1);
         assert_eq!(wanted.wait(fixed(1), now), 1);
         wanted.done();
-        assert!(wanted.claim());
-        assert!(wanted.claim());
-        assert!(!wanted.claim());
+        assert!(wanted.claim(true));
+        assert!(wanted.claim(true));
+        assert!(!wanted.claim(true));
     }
 
     #[test]
@@ -743,7 +809,9 @@ mod tests {
         let _first = first.await.unwrap();
         drop(idle);
         assert_eq!(reclaim.wanted().counts(), (0, 0, 0));
-        // A later ask finds the busy one idle: it closes.
+        // A later ask finds no idle connection to pick: the busy one closes
+        // once idle.
+        drop(busy);
         let mut busy = reclaim.watch();
         assert!(busy.poll(&mut cx, false).is_pending());
         let second = tokio::spawn({
@@ -824,9 +892,12 @@ mod tests {
         reclaim.ask(connections.batch());
         assert_eq!(woken(0..100), 6);
         assert_eq!(woken(0..10), 0);
-        // A busy connection that goes idle sees the ask and takes a room
-        // the woken ones have not taken yet.
-        assert!(poll(&mut watches[0], &wakers[0], true).is_ready());
+        // A busy connection that goes idle sees the ask, but does not take
+        // a room an idle one was picked for.
+        assert!(
+            poll(&mut watches[0], &wakers[0], true).is_pending(),
+            "took a picked connection's room"
+        );
         let more: Vec<usize> = (0..100)
             .filter(|&i| wakers[i].count() > 0 && !picked.contains(&i))
             .collect();
@@ -835,14 +906,12 @@ mod tests {
             .iter()
             .filter(|&&i| poll(&mut watches[i], &wakers[i], true).is_ready())
             .count();
-        assert_eq!(ready, 2, "more rooms taken than asked");
+        assert_eq!(ready, 3);
         // The connections that closed leave the count of those closing.
-        let mut closed: Vec<usize> = picked.into_iter().chain([0]).collect();
-        closed.sort_unstable();
-        for i in closed.into_iter().rev() {
+        for i in picked.into_iter().rev() {
             drop(watches.remove(i));
         }
-        assert_eq!(reclaim.wanted().closing, 2);
+        assert_eq!(reclaim.wanted().closing, 3);
     }
 
     /// A connection picked while idle that is handed a request before it
@@ -899,8 +968,8 @@ mod tests {
         let mut wanted = Wanted::default();
         let (two, now) = (Batch { first: 2, most: 2 }, Instant::now());
         assert_eq!(wanted.wait(two, now), 2);
-        assert!(wanted.claim());
-        assert!(wanted.claim());
+        assert!(wanted.claim(true));
+        assert!(wanted.claim(true));
         assert_eq!(wanted.again(two), 2, "counted the ones closing");
         wanted.wait(two, now);
         wanted.wait(two, now);
@@ -920,12 +989,28 @@ mod tests {
             let more = wanted.wait(batch, start + RECLAIM_BURST * i / 2);
             asked.push(more);
             for _ in 0..more {
-                assert!(wanted.claim());
+                assert!(wanted.claim(true));
                 wanted.closed();
             }
             wanted.done();
         }
         assert_eq!(asked, [2, 4, 8, 10, 10]);
         assert_eq!(wanted.wait(batch, start + RECLAIM_BURST * 10), 2);
+    }
+
+    /// A connection no ask picked takes a room only when an ask found too
+    /// few idle connections to pick (all busy): then the first to go idle.
+    #[test]
+    fn connections_not_picked_take_only_the_rooms_left_open() {
+        let mut wanted = Wanted::default();
+        let one = Batch { first: 1, most: 1 };
+        assert_eq!(wanted.wait(one, Instant::now()), 1);
+        assert!(!wanted.claim(false), "took the picked one's room");
+        wanted.unpicked(1);
+        assert!(wanted.claim(false));
+        assert!(!wanted.claim(true), "more closed than asked");
+        // Open rooms never outnumber the rooms asked.
+        wanted.unpicked(5);
+        assert_eq!(wanted.open, 0);
     }
 }

@@ -287,7 +287,7 @@ impl Fronted {
         let moved = AtomicU64::new(0);
         let mut io = Counted { io, moved: &moved };
         let timer = pin!(tokio::time::sleep(CHECK));
-        let mut watch = Watch::new(timer, &moved);
+        let mut watch = Watch::new(timer, &moved).marking(asked.quiet());
         let mut buf = BytesMut::new();
         let mut out: Vec<u8> = Vec::new();
         let mut stopping = Stopping {
@@ -1597,6 +1597,48 @@ mod tests {
         gate.add_permits(1);
         let (code, _, body) = answer(&mut first, &mut first_read).await;
         assert_eq!((code, body.as_slice()), (200, &b"held:2"[..]));
+    }
+
+    /// At the cap, a connection idle a while (since before its last
+    /// silence check) makes room before one whose client is only between
+    /// two requests, as nginx closes its least recently used first.
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_the_connection_idle_longest_makes_room() {
+        let (started, _) = mpsc::unbounded_channel();
+        let front = echo_front(started, Arc::new(Semaphore::new(0)));
+        let router =
+            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let (connect, connections) = serve_pipes(service(Some(front), router), 2);
+        let by_loop = infer("a", "1");
+        // The active one first: the first the asks would look at.
+        let (mut active, mut active_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut active, &mut active_read, by_loop.as_bytes())
+                .await
+                .0,
+            200
+        );
+        let (mut quiet, mut quiet_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut quiet, &mut quiet_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        // Both idle past two checks; then the active one's client asks
+        // again, and waits between two requests.
+        tokio::time::sleep(CHECK * 2 + Duration::from_secs(1)).await;
+        let (_, headers, _) = ask(&mut active, &mut active_read, by_loop.as_bytes()).await;
+        assert_eq!(header(&headers, "connection"), None);
+        let at = tokio::time::Instant::now();
+        let (mut new, mut new_read) = (connect(), Vec::new());
+        assert_eq!(
+            ask(&mut new, &mut new_read, by_loop.as_bytes()).await.0,
+            200
+        );
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
+        closed(&mut quiet, &quiet_read).await;
+        let (code, headers, _) = ask(&mut active, &mut active_read, by_loop.as_bytes()).await;
+        assert_eq!((code, header(&headers, "connection")), (200, None));
+        assert_eq!(connections.open(), 2);
     }
 
     /// A connection asked to make room while its client is only between

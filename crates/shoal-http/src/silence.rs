@@ -34,6 +34,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::limit::Quiet;
+
 /// Longest a client may stay silent in the middle of a request (its head
 /// or body: answered 408) or while its answer waits to be read: nginx's
 /// `client_header_timeout`, `client_body_timeout` and `send_timeout`.
@@ -148,6 +150,8 @@ pub(crate) struct Watch<'a> {
     timer: Pin<&'a mut Sleep>,
     checks: Checks,
     moved: &'a AtomicU64,
+    /// Marked when a check finds the connection idle since the one before.
+    quiet: Option<Quiet>,
 }
 
 impl<'a> Watch<'a> {
@@ -157,6 +161,16 @@ impl<'a> Watch<'a> {
             timer,
             checks: Checks::default(),
             moved,
+            quiet: None,
+        }
+    }
+
+    /// Marks `quiet` when a check finds the connection waiting for its next
+    /// request with nothing moved since the check before.
+    pub(crate) fn marking(self, quiet: Quiet) -> Watch<'a> {
+        Watch {
+            quiet: Some(quiet),
+            ..self
         }
     }
 
@@ -176,8 +190,16 @@ impl<'a> Watch<'a> {
                 return Poll::Ready(Ok(done));
             }
             let moved = self.moved.load(Ordering::Relaxed);
+            let before = self.checks.silence.checks;
             if self.checks.silent(self.timer.as_mut(), moved, waiting, cx) {
                 return Poll::Ready(Err(Silent));
+            }
+            // A check now found nothing moved since the one before.
+            if waiting == Waiting::Idle
+                && self.checks.silence.checks > before
+                && let Some(quiet) = &self.quiet
+            {
+                quiet.set();
             }
             Poll::Pending
         })
