@@ -907,8 +907,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (started_tx, started) = mpsc::unbounded_channel();
         let gate = Arc::new(Semaphore::new(0));
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let router = health_router();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(crate::serve(
             listener,
@@ -1437,6 +1436,12 @@ mod tests {
         (connect, connections, served)
     }
 
+    /// A router with only `GET /health` (answering "router") and the
+    /// JSON fallbacks: what hyper's part serves in these tests.
+    fn health_router() -> Router {
+        crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })))
+    }
+
     fn service(front: Option<Front>, router: Router) -> Fronted {
         Fronted {
             front,
@@ -1562,8 +1567,7 @@ mod tests {
         let (started_tx, mut started) = mpsc::unbounded_channel();
         let gate = Arc::new(Semaphore::new(0));
         let front = echo_front(started_tx, gate.clone());
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let router = health_router();
         let (connect, connections) = serve_pipes(service(Some(front), router), 2);
         let by_loop = infer("a", "1");
         // The first connection (the first the asks look at) is idle a
@@ -1606,8 +1610,7 @@ mod tests {
     async fn at_the_cap_the_connection_idle_longest_makes_room() {
         let (started, _) = mpsc::unbounded_channel();
         let front = echo_front(started, Arc::new(Semaphore::new(0)));
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let router = health_router();
         let (connect, connections) = serve_pipes(service(Some(front), router), 2);
         let by_loop = infer("a", "1");
         // The active one first: the first the asks would look at.
@@ -1649,8 +1652,7 @@ mod tests {
     async fn a_request_during_the_drain_is_answered_and_the_connection_closes() {
         let (started, _) = mpsc::unbounded_channel();
         let front = echo_front(started, Arc::new(Semaphore::new(0)));
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let router = health_router();
         let (connect, connections) = serve_pipes(service(Some(front), router), 1);
         let by_loop = infer("a", "1");
         let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
@@ -1690,8 +1692,7 @@ mod tests {
     /// whole) answers that request, saying it closes, instead of being cut.
     #[tokio::test(start_paused = true)]
     async fn a_head_arriving_when_the_drain_ends_is_answered() {
-        let router =
-            crate::with_fallbacks(Router::new().route("/health", get(|| async { "router" })));
+        let router = health_router();
         let (connect, connections) = serve_pipes(service(None, router), 1);
         let by_hyper = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
         let (mut held, mut held_read) = (connect(), Vec::new());
