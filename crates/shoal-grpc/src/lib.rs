@@ -16,8 +16,13 @@
 //! - [`Beside`]: the service on a bound listener until told to stop, as
 //!   replicas and gateways run it beside their REST port; over TLS with the
 //!   REST port's certificate (and client verification) when they serve
-//!   https. Its connections count against the process's connection cap
-//!   (`shoal_http::limit`), carry at most [`MAX_STREAMS`] calls at once,
+//!   https, with hyper's HTTP/2 server (`shoal_http::h2`; tonic's own
+//!   transport server owns its connections, so it could not close an idle
+//!   one for a new client) and, per call, what tonic's server would add
+//!   (`calls`: the caller's address, the client's deadline). Its
+//!   connections count against the process's connection cap
+//!   (`shoal_http::limit`), make room at it when no call is in flight,
+//!   carry at most [`MAX_STREAMS`] calls at once,
 //!   are pinged every [`KEEPALIVE_INTERVAL`] (a
 //!   client that does not answer within [`KEEPALIVE_TIMEOUT`] is dropped)
 //!   and closed once nothing moves on them for `shoal_http::IDLE_TIMEOUT`
@@ -27,6 +32,7 @@
 //! gateways serve the service and run the requests.
 
 pub mod admit;
+mod calls;
 pub mod codec;
 pub mod status;
 
@@ -73,7 +79,7 @@ impl<S> GrpcService for S where
 pub struct Beside {
     /// The address it listens on.
     pub addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Stops a [`Beside`] from taking calls.
@@ -112,20 +118,13 @@ impl Beside {
         service: impl GrpcService,
     ) -> std::io::Result<(Beside, StopBeside)> {
         let addr = listener.local_addr()?;
-        let incoming = futures::stream::unfold(
-            shoal_http::capped_tcp(listener),
-            |mut listener| async move {
-                let (connection, _peer) = listener.next().await;
-                let connection = Connection(Silenced::new(connection));
-                Some((Ok::<_, std::io::Error>(connection), listener))
-            },
-        );
-        Ok(Self::serve_incoming(addr, incoming, service))
+        let listener = shoal_http::capped_tcp(listener);
+        Ok(Self::serve_incoming(addr, listener, service))
     }
 
     /// Serves `service` over TLS on `listener` with `config` (its ALPN must
     /// offer `h2`: [`shoal_http::tls::ServerTls::grpc_config`]); handshakes
-    /// complete before tonic sees a connection, as for REST.
+    /// complete before hyper sees a connection, as for REST.
     fn serve_tls(
         listener: tokio::net::TcpListener,
         config: std::sync::Arc<rustls::ServerConfig>,
@@ -134,41 +133,36 @@ impl Beside {
         let addr = listener.local_addr()?;
         let connections = shoal_http::limit::connections().clone();
         let tls = shoal_http::tls::TlsListener::new(listener, config, connections)?;
-        let incoming = futures::stream::unfold(tls, |mut tls| async move {
-            let (connection, _peer) = tls.next().await;
-            Some((
-                Ok::<_, std::io::Error>(Connection(Silenced::new(connection))),
-                tls,
-            ))
-        });
-        Ok(Self::serve_incoming(addr, incoming, service))
+        Ok(Self::serve_incoming(addr, tls, service))
     }
 
-    fn serve_incoming<S, IO>(
+    fn serve_incoming<L, IO>(
         addr: std::net::SocketAddr,
-        incoming: S,
+        listener: L,
         service: impl GrpcService,
     ) -> (Beside, StopBeside)
     where
-        S: futures::Stream<Item = Result<IO, std::io::Error>> + Send + 'static,
-        IO: tokio::io::AsyncRead
-            + tokio::io::AsyncWrite
-            + tonic::transport::server::Connected
-            + Unpin
-            + Send
-            + 'static,
+        L: axum::serve::Listener<Io = Permitted<IO>, Addr = std::net::SocketAddr>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        Connection<IO>: tonic::transport::server::Connected<
+                ConnectInfo = tonic::transport::server::TcpConnectInfo,
+            >,
     {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-                .max_concurrent_streams(MAX_STREAMS)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                }),
-        );
+        let reclaim = std::sync::Arc::clone(shoal_http::limit::connections().reclaim());
+        let task = tokio::spawn(shoal_http::h2::serve_http2(
+            listener,
+            HTTP2,
+            move |io, _peer| {
+                let io = Connection(Silenced::new(io));
+                let info = tonic::transport::server::Connected::connect_info(&io);
+                (io, calls::Served::new(service.clone(), info))
+            },
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+            reclaim,
+        ));
         (Beside { addr, task }, StopBeside(stop))
     }
 
@@ -176,8 +170,7 @@ impl Beside {
     pub async fn join(self) -> std::io::Result<()> {
         self.task
             .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .map_err(std::io::Error::other)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 }
 
@@ -192,6 +185,13 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// tonic's builder would lift): with the connection cap, what clients can
 /// have in flight is bounded.
 pub const MAX_STREAMS: u32 = 200;
+
+/// How each connection is held.
+const HTTP2: shoal_http::h2::Http2 = shoal_http::h2::Http2 {
+    keep_alive_interval: KEEPALIVE_INTERVAL,
+    keep_alive_timeout: KEEPALIVE_TIMEOUT,
+    max_concurrent_streams: MAX_STREAMS,
+};
 
 /// How long a ping waits for its answer before the connection is closed.
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);

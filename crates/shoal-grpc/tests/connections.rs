@@ -4,7 +4,9 @@
 //! the idle timeout, one that does not answer pings after the keep-alive
 //! timeout, and one that answers them keeps its connection however long
 //! it stays idle; the server's settings cap the calls a connection
-//! carries at once. The service behind the port only answers `ServerLive`:
+//! carries at once; a call still running at its `grpc-timeout` is answered
+//! `DEADLINE_EXCEEDED`. The service behind the port answers `ServerLive`
+//! and holds `ServerReady`:
 //! what is tested is how `Beside` holds connections.
 
 use std::time::Duration;
@@ -134,4 +136,67 @@ async fn a_client_that_answers_pings_keeps_its_idle_connection() {
         assert!(live.into_inner().live);
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
+}
+
+/// A `ServerReady` call with `grpc-timeout: timeout`, sent by hyper's own
+/// HTTP/2 client (tonic's would also time the call out on its side); its
+/// `grpc-status` and `grpc-message`.
+async fn server_ready_within(addr: std::net::SocketAddr, timeout: &str) -> (String, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/ServerReady"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", timeout)
+    // One empty message: not compressed, zero bytes long.
+    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0,
+    ])))
+    .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    // An error status comes alone, in the headers.
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    (header("grpc-status"), header("grpc-message"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_still_running_at_its_deadline_is_answered_deadline_exceeded() {
+    let (grpc, _stop) = start().await;
+    let start = tokio::time::Instant::now();
+    // `ServerReady` is held until the test lets it go: never, here.
+    let (status, message) = server_ready_within(grpc.addr, "250m").await;
+    assert_eq!(
+        status,
+        (tonic::Code::DeadlineExceeded as i32).to_string(),
+        "{message}"
+    );
+    assert!(message.contains("250ms"), "{message}");
+    let waited = start.elapsed();
+    assert!(
+        Duration::from_millis(250) <= waited && waited < Duration::from_secs(1),
+        "{waited:?}"
+    );
+
+    // A header that is not a timeout is ignored, as tonic's server ignores
+    // it: the call runs (here, until the client gives up on it; within
+    // 30 s, since on the paused clock this bare client's connection is
+    // dropped at the server's first keep-alive ping, unanswered, where
+    // tonic's client answers them: see above).
+    let call = server_ready_within(grpc.addr, "soon");
+    let waited = tokio::time::timeout(Duration::from_secs(20), call).await;
+    assert!(waited.is_err(), "answered: {waited:?}");
 }

@@ -16,6 +16,8 @@
 //!   are JSON errors too.
 //! - [`supervise`] keeps background loops running: a panic is logged and
 //!   the loop restarted, never silently lost.
+//! - [`h2`] serves a service that speaks only HTTP/2 (gRPC's), with its
+//!   connections in the same cap as the REST ones.
 //! - [`tls`] serves any of them over TLS (rustls), optionally requiring
 //!   client certificates.
 //! - [`silence`] closes connections whose clients went silent; [`limit`]
@@ -26,6 +28,7 @@ mod answer;
 pub mod delegate;
 pub mod extract;
 mod front;
+pub mod h2;
 pub mod limit;
 mod server;
 pub mod silence;

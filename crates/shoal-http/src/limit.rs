@@ -29,7 +29,10 @@
 //! connection picked may have been handed a request meanwhile). Each
 //! connection asked closes after [`RECLAIM_DRAIN`], or after answering a
 //! request that comes meanwhile (saying `connection: close`): a client that
-//! was only between two requests is not cut mid-request. Connections with
+//! was only between two requests is not cut mid-request (an HTTP/2
+//! connection, gRPC's, served by [`crate::h2`], with no call in flight
+//! shuts down gracefully instead: GOAWAY, and the calls sent before the
+//! client saw it are answered). Connections with
 //! a request in flight are not touched: when none is idle, the new client
 //! waits until one closes or goes idle.
 //!
