@@ -29,7 +29,8 @@
 //! connection picked may have been handed a request meanwhile). Each
 //! connection asked closes after [`RECLAIM_DRAIN`], or after answering a
 //! request that comes meanwhile (saying `connection: close`): a client that
-//! was only between two requests is not cut mid-request (an HTTP/2
+//! was only between two requests is not cut mid-request (one idle since
+//! before its last silence check closes at once; an HTTP/2
 //! connection, gRPC's, served by [`crate::h2`], with no call in flight
 //! shuts down gracefully instead: GOAWAY, and the calls sent before the
 //! client saw it are answered). Connections with
@@ -363,6 +364,7 @@ impl Reclaim {
             key,
             idle: false,
             claimed: false,
+            claimed_quiet: false,
         }
     }
 }
@@ -388,6 +390,9 @@ pub(crate) struct Asked<'a> {
     idle: bool,
     /// It agreed to close.
     claimed: bool,
+    /// It was quiet (idle since before its last silence check) when it
+    /// agreed to close.
+    claimed_quiet: bool,
 }
 
 impl Asked<'_> {
@@ -417,6 +422,7 @@ impl Asked<'_> {
             return Poll::Pending;
         }
         self.claimed = true;
+        self.claimed_quiet = self.slot.quiet.load(Ordering::Relaxed);
         self.busy();
         Poll::Ready(())
     }
@@ -428,6 +434,15 @@ impl Asked<'_> {
             self.slot.idle.store(false, Ordering::Relaxed);
             self.slot.quiet.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the connection had been idle since before its last silence
+    /// check when it agreed to close: a client silent that long is not in
+    /// the middle of sending its next request, so its connection closes at
+    /// once rather than after a drain (as nginx closes idle keep-alive
+    /// connections outright when it needs their room).
+    pub(crate) fn claimed_quiet(&self) -> bool {
+        self.claimed_quiet
     }
 
     /// Where the connection's silence watch marks it idle a while.
