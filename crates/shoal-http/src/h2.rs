@@ -139,8 +139,9 @@ async fn serve_connection<IO, S, B>(
     let mut stopped = pin!(stop.closed().fuse());
     let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Calls started by the last check.
-    let mut started = 0;
+    // Calls started by the last check, and by the last look at the asks.
+    let mut started_at_check = 0;
+    let mut started_at_ask = 0;
     let mut closing = false;
     loop {
         // Biased: the connection first, so that calls it takes in this
@@ -159,6 +160,13 @@ async fn serve_connection<IO, S, B>(
             }
             () = std::future::poll_fn(|cx| {
                 calls.idle.register(cx.waker());
+                // A call came since the last look (perhaps answered by
+                // now, on another worker): no longer quiet.
+                let started = calls.started.load(Ordering::Relaxed);
+                if started != started_at_ask {
+                    started_at_ask = started;
+                    asked.busy();
+                }
                 asked.poll(cx, calls.busy.load(Ordering::SeqCst) == 0)
             }), if !closing => {
                 tracing::debug!("closing an idle HTTP/2 connection to make room for a new one");
@@ -166,11 +174,11 @@ async fn serve_connection<IO, S, B>(
                 connection.as_mut().graceful_shutdown();
             }
             _ = check.tick(), if !closing => {
-                let now = calls.started.load(Ordering::Relaxed);
-                if now == started && calls.busy.load(Ordering::SeqCst) == 0 {
+                let started = calls.started.load(Ordering::Relaxed);
+                if started == started_at_check && calls.busy.load(Ordering::SeqCst) == 0 {
                     quiet.set();
                 }
-                started = now;
+                started_at_check = started;
             }
         }
     }

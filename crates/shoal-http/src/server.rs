@@ -29,8 +29,10 @@
 //! [`RECLAIM_DRAIN`], or after answering a request that comes meanwhile
 //! (with `connection: close`; in hyper's part, one whose head is still
 //! arriving when the drain ends too: bytes read since the last exchange);
-//! the loop's connections idle since before their last silence check
-//! (`quiet`) close at once.
+//! connections idle since before their last silence check (`quiet`: the
+//! loop's silence watch marks them, and in hyper's part a timer at the
+//! same period, nothing read since its last tick) are asked first and
+//! close at once.
 //!
 //! Silent clients are closed (`crate::silence`): the loop after
 //! [`IDLE_TIMEOUT`] waiting for a next request, after [`READ_TIMEOUT`] in
@@ -239,8 +241,17 @@ impl Fronted {
         let mut stopped = pin!(stop.closed().fuse());
         // Asked to make room: answers say `connection: close` (hyper then
         // closes after writing one) and the connection closes when the
-        // drain ends.
+        // drain ends, or at once when it was quiet.
         let mut closing = false;
+        // Marks the connection quiet when a check finds nothing read and
+        // no exchange since the check before (hyper's part has no silence
+        // watch of its own on its idle wait).
+        let quiet = asked.quiet();
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Bytes read by the last check, and by the last look at the asks.
+        let mut read_at_check = exchanges.read.load(Ordering::Relaxed);
+        let mut read_at_ask = read_at_check;
         loop {
             // Biased: the connection first, so that an exchange that ends
             // in this wake-up is seen by the look at `busy`.
@@ -248,10 +259,32 @@ impl Fronted {
                 biased;
                 _ = connection.as_mut() => break,
                 () = &mut stopped => connection.as_mut().graceful_shutdown(),
-                () = std::future::poll_fn(|cx| asked.poll(cx, exchanges.busy.load(Ordering::Relaxed) == 0)), if draining.is_none() => {
+                () = std::future::poll_fn(|cx| {
+                    // A request came since the last look (perhaps answered
+                    // within one wake-up): no longer quiet.
+                    let read = exchanges.read.load(Ordering::Relaxed);
+                    if read != read_at_ask {
+                        read_at_ask = read;
+                        asked.busy();
+                    }
+                    asked.poll(cx, exchanges.busy.load(Ordering::Relaxed) == 0)
+                }), if draining.is_none() && !closing => {
+                    if asked.claimed_quiet() {
+                        tracing::debug!("closing a quiet connection to make room for a new one");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                        continue;
+                    }
                     tracing::debug!("closing an idle connection to make room for a new one");
                     exchanges.closing.store(true, Ordering::Relaxed);
                     draining = Some(Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
+                }
+                _ = check.tick(), if draining.is_none() && !closing => {
+                    let read = exchanges.read.load(Ordering::Relaxed);
+                    if read == read_at_check && exchanges.busy.load(Ordering::Relaxed) == 0 {
+                        quiet.set();
+                    }
+                    read_at_check = read;
                 }
                 // hyper closes an idle connection at once, and a busy one
                 // after its answer.
@@ -1648,6 +1681,35 @@ mod tests {
         closed(&mut quiet, &quiet_read).await;
         let (code, headers, _) = ask(&mut active, &mut active_read, by_loop.as_bytes()).await;
         assert_eq!((code, header(&headers, "connection")), (200, None));
+        assert_eq!(connections.open(), 2);
+    }
+
+    /// hyper's connections take part in the order too: one with nothing
+    /// read and no exchange since its check before is quiet, makes room
+    /// first and closes at once; a request on it makes it busy again (a
+    /// later ask drains it).
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_a_quiet_hyper_connection_makes_room_at_once() {
+        let (connect, connections) = serve_pipes(service(None, health_router()), 2);
+        let health = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+        // The one used again first: the first the asks would look at.
+        let (mut used, mut used_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut used, &mut used_read, health).await.0, 200);
+        let (mut quiet, mut quiet_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut quiet, &mut quiet_read, health).await.0, 200);
+        // Both idle past two checks; then one is used again.
+        tokio::time::sleep(CHECK * 2 + Duration::from_secs(1)).await;
+        assert_eq!(ask(&mut used, &mut used_read, health).await.0, 200);
+        let at = tokio::time::Instant::now();
+        let (mut new, mut new_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut new, &mut new_read, health).await.0, 200);
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        closed(&mut quiet, &quiet_read).await;
+        // No connection is quiet now: the next one asked drains.
+        let at = tokio::time::Instant::now();
+        let (mut newer, mut newer_read) = (connect(), Vec::new());
+        assert_eq!(ask(&mut newer, &mut newer_read, health).await.0, 200);
+        assert_eq!(at.elapsed(), RECLAIM_DRAIN);
         assert_eq!(connections.open(), 2);
     }
 
