@@ -20,7 +20,8 @@
 //! at least one and at most [`RECLAIM_BATCH`]; doubling for asks in a row,
 //! while clients keep coming, up to an eighth of the cap), so the next few
 //! clients find room without asking again. No more are asked while those asked and
-//! those closing make room for every waiting client, and an ask wakes only
+//! those closing make room for every waiting client (and connections
+//! picked whose tasks have not run yet count as asked), and an ask wakes only
 //! the idle connections it picks (first those idle since before their
 //! last silence check, as nginx closes its least recently used keep-alive
 //! connections first), so a flood of new clients neither empties
@@ -41,7 +42,7 @@
 //! `shoal_connections_max`.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -249,6 +250,11 @@ pub struct Reclaim {
     wanted: Mutex<Wanted>,
     /// Asks so far.
     asked: AtomicU64,
+    /// Connections picked whose tasks have not yet answered (woken, not
+    /// yet run, or busy since): an ask counts them as rooms on their way
+    /// rather than picking others, which in a burst of asks would run out
+    /// of connections idle a while and pick ones only between requests.
+    pending: AtomicUsize,
     slots: Mutex<Slots>,
 }
 
@@ -297,7 +303,7 @@ impl Reclaim {
     /// of them unless enough are asked or closing already.
     fn ask(&self, batch: Batch) {
         let more = self.wanted().wait(batch, Instant::now());
-        self.wake(more);
+        self.wake(more.saturating_sub(self.pending.load(Ordering::Relaxed)));
     }
 
     /// A client still waits [`RECLAIM_AGAIN`] after it asked: asks again.
@@ -344,6 +350,7 @@ impl Reclaim {
                     && slot.idle.load(Ordering::SeqCst)
                     && !slot.picked.swap(true, Ordering::Relaxed)
                 {
+                    self.pending.fetch_add(1, Ordering::Relaxed);
                     slot.waker.wake();
                     picked += 1;
                     *next = key + 1;
@@ -417,7 +424,7 @@ impl Asked<'_> {
             return Poll::Pending;
         }
         self.seen = asked;
-        let picked = self.slot.picked.swap(false, Ordering::Relaxed);
+        let picked = self.unpick();
         if !self.reclaim.wanted().claim(picked) {
             return Poll::Pending;
         }
@@ -425,6 +432,15 @@ impl Asked<'_> {
         self.claimed_quiet = self.slot.quiet.load(Ordering::Relaxed);
         self.busy();
         Poll::Ready(())
+    }
+
+    /// Takes the connection's pick, if an ask picked it: whether one did.
+    fn unpick(&self) -> bool {
+        let picked = self.slot.picked.swap(false, Ordering::Relaxed);
+        if picked {
+            self.reclaim.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        picked
     }
 
     /// The connection has a request in hand: asks do not wake it.
@@ -453,7 +469,9 @@ impl Asked<'_> {
 
 impl Drop for Asked<'_> {
     fn drop(&mut self) {
+        // Out of the slots first: no ask picks it after its pick is taken.
         self.reclaim.slots().slots.remove(self.key);
+        self.unpick();
         if self.claimed {
             self.reclaim.wanted().closed();
         }
@@ -930,6 +948,56 @@ mod tests {
             drop(watches.remove(i));
         }
         assert_eq!(reclaim.wanted().closing, 3);
+    }
+
+    /// Connections picked whose tasks have not run yet count as rooms on
+    /// their way: in a burst of clients each asking as soon as the one
+    /// before got room, the asks do not run through the connections idle
+    /// a while and on to those only between two requests (which would
+    /// drain, and hold every client behind them).
+    #[tokio::test(start_paused = true)]
+    async fn picks_not_yet_answered_are_not_picked_past() {
+        let connections = Connections::new(64);
+        let reclaim = Arc::clone(connections.reclaim());
+        let mut watches: Vec<_> = (0..6).map(|_| reclaim.watch()).collect();
+        let wakers: Vec<Arc<Woken>> = (0..6).map(|_| Arc::default()).collect();
+        let poll = |watch: &mut Asked<'_>, woken: &Arc<Woken>, idle: bool| {
+            let waker = std::task::Waker::from(Arc::clone(woken));
+            watch.poll(&mut Context::from_waker(&waker), idle)
+        };
+        // All idle; the first four a while (quiet).
+        for (i, (watch, woken)) in watches.iter_mut().zip(&wakers).enumerate() {
+            assert!(poll(watch, woken, true).is_pending());
+            if i < 4 {
+                watch.quiet().set();
+            }
+        }
+        let woken = || -> Vec<usize> { (0..6).filter(|&i| wakers[i].count() > 0).collect() };
+        // A client asks (a batch of one) and gets room before the one
+        // picked has run; the next asks at once, and so on.
+        let batch = Batch { first: 1, most: 1 };
+        for _ in 0..3 {
+            let waiting = Waiting(&reclaim);
+            reclaim.ask(batch);
+            drop(waiting);
+        }
+        assert_eq!(woken(), [0], "picked past a pick on its way");
+        // It runs, agrees to close (a client waits) and is gone: the next
+        // ask picks another connection idle a while.
+        let waiting = Waiting(&reclaim);
+        reclaim.ask(batch);
+        assert!(poll(&mut watches[0], &wakers[0], true).is_ready());
+        drop(watches.remove(0));
+        drop(waiting);
+        let waiting = Waiting(&reclaim);
+        reclaim.ask(batch);
+        assert_eq!(woken(), [0, 1]);
+        drop(waiting);
+        assert_eq!(reclaim.pending.load(Ordering::Relaxed), 1);
+        // A picked connection that closes for its own reasons takes its
+        // pick with it.
+        drop(watches.remove(0));
+        assert_eq!(reclaim.pending.load(Ordering::Relaxed), 0);
     }
 
     /// A connection picked while idle that is handed a request before it
