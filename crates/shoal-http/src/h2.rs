@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::limit::Reclaim;
-use crate::silence::CHECK;
+use crate::silence::Tick;
 
 /// How hyper holds each HTTP/2 connection.
 #[derive(Debug, Clone, Copy)]
@@ -137,8 +137,7 @@ async fn serve_connection<IO, S, B>(
         );
     let mut connection = pin!(connection);
     let mut stopped = pin!(stop.closed().fuse());
-    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = Tick::new();
     // Calls started by the last check, and by the last look at the asks.
     let mut started_at_check = 0;
     let mut started_at_ask = 0;
@@ -173,7 +172,7 @@ async fn serve_connection<IO, S, B>(
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = check.tick(), if !closing => {
+            () = std::future::poll_fn(|cx| check.poll(cx)), if !closing => {
                 let started = calls.started.load(Ordering::Relaxed);
                 if started == started_at_check && calls.busy.load(Ordering::SeqCst) == 0 {
                     quiet.set();

@@ -62,7 +62,7 @@ use tokio::sync::watch;
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
 use crate::limit::{Asked, RECLAIM_DRAIN, Reclaim};
 use crate::silence::{
-    CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Waiting, Watch,
+    CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Tick, Waiting, Watch,
 };
 use crate::{Answer, Front};
 
@@ -247,8 +247,7 @@ impl Fronted {
         // no exchange since the check before (hyper's part has no silence
         // watch of its own on its idle wait).
         let quiet = asked.quiet();
-        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = Tick::new();
         // Bytes read by the last check, and by the last look at the asks.
         let mut read_at_check = exchanges.read.load(Ordering::Relaxed);
         let mut read_at_ask = read_at_check;
@@ -279,7 +278,7 @@ impl Fronted {
                     exchanges.closing.store(true, Ordering::Relaxed);
                     draining = Some(Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
                 }
-                _ = check.tick(), if draining.is_none() && !closing => {
+                () = std::future::poll_fn(|cx| check.poll(cx)), if draining.is_none() && !closing => {
                     let read = exchanges.read.load(Ordering::Relaxed);
                     if read == read_at_check && exchanges.busy.load(Ordering::Relaxed) == 0 {
                         quiet.set();

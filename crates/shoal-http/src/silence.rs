@@ -98,6 +98,44 @@ impl Silence {
     }
 }
 
+/// A timer firing every [`CHECK`], cheap to look at on every wake-up of a
+/// connection's task (a `tokio::time::Interval` registers its waker at
+/// each poll): polled once per setting, then only its state read, as
+/// `Checks` paces its timer.
+pub(crate) struct Tick {
+    timer: Pin<Box<Sleep>>,
+    /// Polled since it was last set: it wakes the task when it fires.
+    armed: bool,
+}
+
+impl Tick {
+    /// First firing `CHECK` from now.
+    pub(crate) fn new() -> Tick {
+        Tick {
+            timer: Box::pin(tokio::time::sleep(CHECK)),
+            armed: false,
+        }
+    }
+
+    /// Ready once per firing; set again `CHECK` after it is seen.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let fired = if self.armed {
+            self.timer.is_elapsed()
+        } else {
+            self.armed = true;
+            self.timer.as_mut().poll(cx).is_ready()
+        };
+        if !fired {
+            return Poll::Pending;
+        }
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + CHECK);
+        self.armed = false;
+        Poll::Ready(())
+    }
+}
+
 /// A [`Silence`] with the state of the timer that paces its checks.
 #[derive(Debug, Default)]
 struct Checks {
