@@ -58,7 +58,7 @@ pub struct Http2 {
 /// the caller likes) and its service. Connections close when `reclaim`
 /// (the listener's cap's) asks and no call is in flight.
 pub async fn serve_http2<L, IO, S, B>(
-    mut listener: L,
+    listener: L,
     settings: Http2,
     mut connection: impl FnMut(L::Io, L::Addr) -> (IO, S),
     signal: impl Future<Output = ()> + Send + 'static,
@@ -75,31 +75,11 @@ pub async fn serve_http2<L, IO, S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Connections watch `stop` close; this loop watches `open` lose its
-    // receivers, one held by each connection.
-    let (stop, stop_rx) = watch::channel(());
-    tokio::spawn(async move {
-        signal.await;
-        drop(stop_rx);
-    });
-    let (open, open_rx) = watch::channel(());
-    loop {
-        let (io, peer) = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.closed() => break,
-        };
+    crate::server::accept_until(listener, signal, reclaim, |io, peer, stop, reclaim| {
         let (io, service) = connection(io, peer);
-        let stop = stop.clone();
-        let open = open_rx.clone();
-        let reclaim = Arc::clone(&reclaim);
-        tokio::spawn(async move {
-            serve_connection(io, service, settings, stop, &reclaim).await;
-            drop(open);
-        });
-    }
-    drop(open_rx);
-    drop(listener);
-    open.closed().await;
+        async move { serve_connection(io, service, settings, stop, &reclaim).await }
+    })
+    .await;
 }
 
 /// Serves one connection until it closes.

@@ -153,7 +153,7 @@ impl Fronted {
 /// waits for the open connections to finish (see the module doc). Idle
 /// connections close when `reclaim` (the listener's cap's) asks.
 pub(crate) async fn run<L>(
-    mut listener: L,
+    listener: L,
     service: Fronted,
     signal: impl Future<Output = ()> + Send + 'static,
     reclaim: Arc<Reclaim>,
@@ -161,7 +161,30 @@ pub(crate) async fn run<L>(
     L: axum::serve::Listener<Addr = SocketAddr>,
     L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Connections watch `stop` close; `run` watches `open` lose its
+    accept_until(listener, signal, reclaim, |io, peer, stop, reclaim| {
+        let connection = Fronted {
+            peer,
+            ..service.clone()
+        };
+        async move { connection.serve(io, stop, &reclaim).await }
+    })
+    .await;
+}
+
+/// Accepts connections from `listener` until `signal` completes, each
+/// served in a task of its own by what `serve` makes of it, its peer, the
+/// stop (closed when the signal completes) and `reclaim`; then waits until
+/// every connection has closed.
+pub(crate) async fn accept_until<L, F>(
+    mut listener: L,
+    signal: impl Future<Output = ()> + Send + 'static,
+    reclaim: Arc<Reclaim>,
+    mut serve: impl FnMut(L::Io, L::Addr, watch::Sender<()>, Arc<Reclaim>) -> F,
+) where
+    L: axum::serve::Listener,
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Connections watch `stop` close; this loop watches `open` lose its
     // receivers, one held by each connection.
     let (stop, stop_rx) = watch::channel(());
     tokio::spawn(async move {
@@ -174,15 +197,10 @@ pub(crate) async fn run<L>(
             accepted = listener.accept() => accepted,
             () = stop.closed() => break,
         };
-        let connection = Fronted {
-            peer,
-            ..service.clone()
-        };
-        let stop = stop.clone();
+        let connection = serve(io, peer, stop.clone(), Arc::clone(&reclaim));
         let open = open_rx.clone();
-        let reclaim = Arc::clone(&reclaim);
         tokio::spawn(async move {
-            connection.serve(io, stop, &reclaim).await;
+            connection.await;
             drop(open);
         });
     }
