@@ -10,9 +10,9 @@
 //! HTTP/2 way: a graceful shutdown (GOAWAY, then a ping round trip before
 //! the last stream id is fixed), so calls the client sent before it saw the
 //! GOAWAY are still answered, and those the server did not take are ones a
-//! gRPC client retries on a new connection by itself. A connection with no
-//! call started since its check before (every `silence::CHECK`) is marked
-//! quiet, so asks pick it before connections only between two calls: a
+//! gRPC client retries on a new connection by itself. A connection idle at
+//! two checks (every `silence::CHECK`) with no call started between them
+//! is marked quiet (`limit::Activity`), so asks pick it before connections only between two calls: a
 //! gRPC channel is long-lived and shared, and closing a busy one costs its
 //! client a reconnect.
 //!
@@ -37,8 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::limit::Reclaim;
-use crate::silence::Tick;
+use crate::limit::{Activity, Reclaim};
 
 /// How hyper holds each HTTP/2 connection.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +101,8 @@ async fn serve_connection<IO, S, B>(
 {
     let calls = Arc::new(Calls::default());
     let mut asked = reclaim.watch();
-    let quiet = asked.quiet();
+    // Quiet when a check finds no call started since the check before.
+    let mut activity = Activity::new();
     let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(settings.keep_alive_interval)
@@ -117,10 +117,6 @@ async fn serve_connection<IO, S, B>(
         );
     let mut connection = pin!(connection);
     let mut stopped = pin!(stop.closed().fuse());
-    let mut check = Tick::new();
-    // Calls started by the last check, and by the last look at the asks.
-    let mut started_at_check = 0;
-    let mut started_at_ask = 0;
     let mut closing = false;
     loop {
         // Biased: the connection first, so that calls it takes in this
@@ -137,27 +133,17 @@ async fn serve_connection<IO, S, B>(
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            () = std::future::poll_fn(|cx| {
+            // Quiet or not, the same graceful shutdown: calls the client
+            // sent before it saw the GOAWAY are answered.
+            _ = std::future::poll_fn(|cx| {
                 calls.idle.register(cx.waker());
-                // A call came since the last look (perhaps answered by
-                // now, on another worker): no longer quiet.
                 let started = calls.started.load(Ordering::Relaxed);
-                if started != started_at_ask {
-                    started_at_ask = started;
-                    asked.busy();
-                }
-                asked.poll(cx, calls.busy.load(Ordering::SeqCst) == 0)
+                let idle = calls.busy.load(Ordering::SeqCst) == 0;
+                asked.poll_activity(cx, &mut activity, started, idle)
             }), if !closing => {
                 tracing::debug!("closing an idle HTTP/2 connection to make room for a new one");
                 closing = true;
                 connection.as_mut().graceful_shutdown();
-            }
-            () = std::future::poll_fn(|cx| check.poll(cx)), if !closing => {
-                let started = calls.started.load(Ordering::Relaxed);
-                if started == started_at_check && calls.busy.load(Ordering::SeqCst) == 0 {
-                    quiet.set();
-                }
-                started_at_check = started;
             }
         }
     }

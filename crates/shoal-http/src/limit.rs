@@ -53,6 +53,8 @@ use shoal_telemetry::prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::silence::Tick;
+
 /// The fewest connections the default allows, however low the open-file
 /// limit.
 const MIN_DEFAULT: usize = 16;
@@ -371,7 +373,6 @@ impl Reclaim {
             key,
             idle: false,
             claimed: false,
-            claimed_quiet: false,
         }
     }
 }
@@ -397,9 +398,45 @@ pub(crate) struct Asked<'a> {
     idle: bool,
     /// It agreed to close.
     claimed: bool,
-    /// It was quiet (idle since before its last silence check) when it
-    /// agreed to close.
-    claimed_quiet: bool,
+}
+
+/// How a connection that agreed to make room closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// At once: it had been idle since before its last silence check, so
+    /// its client is not in the middle of sending its next request (as
+    /// nginx closes idle keep-alive connections outright when it needs
+    /// their room).
+    AtOnce,
+    /// After [`RECLAIM_DRAIN`], or after answering a request that comes
+    /// meanwhile: its client may be only between two requests.
+    AfterDrain,
+}
+
+/// How the asks see a connection that hyper serves whole, which has no
+/// silence watch on its idle wait: by a count of what its client sent
+/// (bytes read, calls started), which [`Asked::poll_activity`] reads.
+pub(crate) struct Activity {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    tick: Tick,
+    /// The count at the last check, and at the last look.
+    at_check: u64,
+    at_look: u64,
+    /// Whether it was idle at the last check.
+    idle_at_check: bool,
+}
+
+impl Activity {
+    /// Nothing seen yet; the first check `silence::CHECK` from now.
+    pub(crate) fn new() -> Activity {
+        Activity {
+            timer: Box::pin(tokio::time::sleep(crate::silence::CHECK)),
+            tick: Tick::default(),
+            at_check: 0,
+            at_look: 0,
+            idle_at_check: false,
+        }
+    }
 }
 
 impl Asked<'_> {
@@ -408,7 +445,7 @@ impl Asked<'_> {
     /// connection's task wakes: an idle connection leaves its waker for the
     /// asks, so that one that picks it wakes it. An ask that finds it busy
     /// is looked at again at each of its wake-ups until it is idle.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, idle: bool) -> Poll<()> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, idle: bool) -> Poll<Close> {
         if !idle {
             self.busy();
             return Poll::Pending;
@@ -429,9 +466,41 @@ impl Asked<'_> {
             return Poll::Pending;
         }
         self.claimed = true;
-        self.claimed_quiet = self.slot.quiet.load(Ordering::Relaxed);
+        let quiet = self.slot.quiet.load(Ordering::Relaxed);
         self.busy();
-        Poll::Ready(())
+        Poll::Ready(if quiet {
+            Close::AtOnce
+        } else {
+            Close::AfterDrain
+        })
+    }
+
+    /// [`Asked::poll`] for a connection `activity` follows, whose client
+    /// has sent `count` so far: sending since the last look makes it busy
+    /// (no longer quiet: an exchange can start and end within one wake-up
+    /// of its task, never seen in flight), and a check (every
+    /// `silence::CHECK`) that finds it `idle`, as the one before did, with
+    /// nothing sent since, marks it quiet (one whose long answer ends as a
+    /// check comes is not).
+    pub(crate) fn poll_activity(
+        &mut self,
+        cx: &mut Context<'_>,
+        activity: &mut Activity,
+        count: u64,
+        idle: bool,
+    ) -> Poll<Close> {
+        if count != activity.at_look {
+            activity.at_look = count;
+            self.busy();
+        }
+        while activity.tick.fired(activity.timer.as_mut(), cx) {
+            if count == activity.at_check && idle && activity.idle_at_check {
+                self.slot.quiet.store(true, Ordering::Relaxed);
+            }
+            activity.at_check = count;
+            activity.idle_at_check = idle;
+        }
+        self.poll(cx, idle)
     }
 
     /// Takes the connection's pick, if an ask picked it: whether one did.
@@ -450,15 +519,6 @@ impl Asked<'_> {
             self.slot.idle.store(false, Ordering::Relaxed);
             self.slot.quiet.store(false, Ordering::Relaxed);
         }
-    }
-
-    /// Whether the connection had been idle since before its last silence
-    /// check when it agreed to close: a client silent that long is not in
-    /// the middle of sending its next request, so its connection closes at
-    /// once rather than after a drain (as nginx closes idle keep-alive
-    /// connections outright when it needs their room).
-    pub(crate) fn claimed_quiet(&self) -> bool {
-        self.claimed_quiet
     }
 
     /// Where the connection's silence watch marks it idle a while.

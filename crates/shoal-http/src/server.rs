@@ -30,8 +30,8 @@
 //! (with `connection: close`; in hyper's part, one whose head is still
 //! arriving when the drain ends too: bytes read since the last exchange);
 //! connections idle since before their last silence check (`quiet`: the
-//! loop's silence watch marks them, and in hyper's part a timer at the
-//! same period, nothing read since its last tick) are asked first and
+//! loop's silence watch marks them, and in hyper's part `limit::Activity`:
+//! idle at two checks with nothing read between them) are asked first and
 //! close at once.
 //!
 //! Silent clients are closed (`crate::silence`): the loop after
@@ -60,9 +60,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::front::{Inference, Line, RawHead, RequestBody, RequestHeaders};
-use crate::limit::{Asked, RECLAIM_DRAIN, Reclaim};
+use crate::limit::{Activity, Asked, Close, RECLAIM_DRAIN, Reclaim};
 use crate::silence::{
-    CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Tick, Waiting, Watch,
+    CHECK, Counted, IDLE_TIMEOUT, READ_TIMEOUT, Silenced, Silent, Waiting, Watch,
 };
 use crate::{Answer, Front};
 
@@ -261,14 +261,9 @@ impl Fronted {
         // closes after writing one) and the connection closes when the
         // drain ends, or at once when it was quiet.
         let mut closing = false;
-        // Marks the connection quiet when a check finds nothing read and
-        // no exchange since the check before (hyper's part has no silence
-        // watch of its own on its idle wait).
-        let quiet = asked.quiet();
-        let mut check = Tick::new();
-        // Bytes read by the last check, and by the last look at the asks.
-        let mut read_at_check = exchanges.read.load(Ordering::Relaxed);
-        let mut read_at_ask = read_at_check;
+        // Quiet when a check finds nothing read and no exchange since the
+        // check before.
+        let mut activity = Activity::new();
         loop {
             // Biased: the connection first, so that an exchange that ends
             // in this wake-up is seen by the look at `busy`.
@@ -276,33 +271,22 @@ impl Fronted {
                 biased;
                 _ = connection.as_mut() => break,
                 () = &mut stopped => connection.as_mut().graceful_shutdown(),
-                () = std::future::poll_fn(|cx| {
-                    // A request came since the last look (perhaps answered
-                    // within one wake-up): no longer quiet.
+                close = std::future::poll_fn(|cx| {
                     let read = exchanges.read.load(Ordering::Relaxed);
-                    if read != read_at_ask {
-                        read_at_ask = read;
-                        asked.busy();
-                    }
-                    asked.poll(cx, exchanges.busy.load(Ordering::Relaxed) == 0)
-                }), if draining.is_none() && !closing => {
-                    if asked.claimed_quiet() {
+                    let idle = exchanges.busy.load(Ordering::Relaxed) == 0;
+                    asked.poll_activity(cx, &mut activity, read, idle)
+                }), if draining.is_none() && !closing => match close {
+                    Close::AtOnce => {
                         tracing::debug!("closing a quiet connection to make room for a new one");
                         closing = true;
                         connection.as_mut().graceful_shutdown();
-                        continue;
                     }
-                    tracing::debug!("closing an idle connection to make room for a new one");
-                    exchanges.closing.store(true, Ordering::Relaxed);
-                    draining = Some(Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
-                }
-                () = std::future::poll_fn(|cx| check.poll(cx)), if draining.is_none() && !closing => {
-                    let read = exchanges.read.load(Ordering::Relaxed);
-                    if read == read_at_check && exchanges.busy.load(Ordering::Relaxed) == 0 {
-                        quiet.set();
+                    Close::AfterDrain => {
+                        tracing::debug!("closing an idle connection to make room for a new one");
+                        exchanges.closing.store(true, Ordering::Relaxed);
+                        draining = Some(Box::pin(tokio::time::sleep(RECLAIM_DRAIN)));
                     }
-                    read_at_check = read;
-                }
+                },
                 // hyper closes an idle connection at once, and a busy one
                 // after its answer.
                 () = std::future::poll_fn(|cx| match &mut draining {
@@ -376,20 +360,20 @@ impl Fronted {
                         },
                         () = std::future::poll_fn(|cx| match &mut draining {
                             Some(drain) => drain.as_mut().poll(cx),
-                            None => {
-                                if asked.poll(cx, true).is_ready() {
-                                    if asked.claimed_quiet() {
-                                        tracing::debug!("closing a quiet connection to make room for a new one");
-                                        return Poll::Ready(());
-                                    }
+                            None => match asked.poll(cx, true) {
+                                Poll::Ready(Close::AtOnce) => {
+                                    tracing::debug!("closing a quiet connection to make room for a new one");
+                                    Poll::Ready(())
+                                }
+                                Poll::Ready(Close::AfterDrain) => {
                                     tracing::debug!("closing an idle connection to make room for a new one");
                                     let mut drain = Box::pin(tokio::time::sleep(RECLAIM_DRAIN));
                                     let drained = drain.as_mut().poll(cx);
                                     draining = Some(drain);
-                                    return drained;
+                                    drained
                                 }
-                                Poll::Pending
-                            }
+                                Poll::Pending => Poll::Pending,
+                            },
                         }) => return Ok(Handed::Closed),
                     }
                 } else {

@@ -98,58 +98,48 @@ impl Silence {
     }
 }
 
-/// A timer firing every [`CHECK`], cheap to look at on every wake-up of a
-/// connection's task (a `tokio::time::Interval` registers its waker at
-/// each poll): polled once per setting, then only its state read, as
-/// `Checks` paces its timer.
+/// Paces a connection's checks on a timer set every [`CHECK`], cheap to
+/// look at on every wake-up of the connection's task (a
+/// `tokio::time::Interval` registers its waker at each poll): the timer is
+/// polled once per setting, which leaves the task's waker with it, and
+/// then only its state is read.
+#[derive(Debug, Default)]
 pub(crate) struct Tick {
-    timer: Pin<Box<Sleep>>,
-    /// Polled since it was last set: it wakes the task when it fires.
+    /// Whether the timer was polled since it was last set.
     armed: bool,
 }
 
 impl Tick {
-    /// First firing `CHECK` from now.
-    pub(crate) fn new() -> Tick {
-        Tick {
-            timer: Box::pin(tokio::time::sleep(CHECK)),
-            armed: false,
-        }
-    }
-
-    /// Ready once per firing; set again `CHECK` after it is seen.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Whether `timer` has fired; if so, sets it again `CHECK` from now (a
+    /// check that comes late, a long inference or a busy worker, does not
+    /// bring the next ones closer). Call until it says no: that last call
+    /// polls the timer anew.
+    pub(crate) fn fired(&mut self, mut timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> bool {
         let fired = if self.armed {
-            self.timer.is_elapsed()
+            timer.is_elapsed()
         } else {
             self.armed = true;
-            self.timer.as_mut().poll(cx).is_ready()
+            timer.as_mut().poll(cx).is_ready()
         };
-        if !fired {
-            return Poll::Pending;
+        if fired {
+            timer.reset(tokio::time::Instant::now() + CHECK);
+            self.armed = false;
         }
-        self.timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + CHECK);
-        self.armed = false;
-        Poll::Ready(())
+        fired
     }
 }
 
-/// A [`Silence`] with the state of the timer that paces its checks.
+/// A [`Silence`] and the [`Tick`] of the timer that paces its checks.
 #[derive(Debug, Default)]
 struct Checks {
     silence: Silence,
-    /// Whether the timer was polled since it was last set: it then wakes
-    /// the connection's task when it fires, and a look at its state says
-    /// whether it has, without polling it again.
-    armed: bool,
+    tick: Tick,
 }
 
 impl Checks {
     /// Called when the connection's work is not done at once: runs the
-    /// checks that are due on `timer`, re-setting it after each, and says
-    /// whether the client has been silent too long.
+    /// checks that are due on `timer` and says whether the client has been
+    /// silent too long.
     fn silent(
         &mut self,
         mut timer: Pin<&mut Sleep>,
@@ -157,28 +147,13 @@ impl Checks {
         waiting: Waiting,
         cx: &mut Context<'_>,
     ) -> bool {
-        while self.fired(timer.as_mut(), cx) {
+        while self.tick.fired(timer.as_mut(), cx) {
             if self.silence.too_long(moved, waiting) {
                 tracing::debug!(?waiting, "closing a connection whose client went silent");
                 return true;
             }
-            // From now: a check that comes late (a long inference, a busy
-            // worker) does not bring the next ones closer.
-            let next = tokio::time::Instant::now() + CHECK;
-            timer.as_mut().reset(next);
-            self.armed = false;
         }
         false
-    }
-
-    /// Whether the timer has fired; polls it (registering the task's
-    /// waker) the first time after each setting.
-    fn fired(&mut self, timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> bool {
-        if self.armed {
-            return timer.is_elapsed();
-        }
-        self.armed = true;
-        timer.poll(cx).is_ready()
     }
 }
 
