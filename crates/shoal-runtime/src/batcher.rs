@@ -179,7 +179,9 @@ impl Batcher {
     /// and waits for their own outputs. A request with nothing queued or
     /// on its way beside it, and a runner free, runs at once as a batch
     /// of one, without the queue's hops: batching costs a lone caller
-    /// nothing.
+    /// nothing. With no other batch running either, a model cheap enough
+    /// runs it inline, as an unbatched version would; the hand-off to a
+    /// pool thread (≈ 20 µs) is kept for requests that may find mates.
     pub async fn run(
         &self,
         inputs: Vec<Tensor>,
@@ -196,11 +198,12 @@ impl Batcher {
         {
             drop(arrival);
             let share = self.runner.share();
-            let outputs = self
-                .runner
-                .pool
-                .run_on_pool(&self.model, inputs, share)
-                .await;
+            let pool = &self.runner.pool;
+            let outputs = if self.shared.runners.available_permits() + 1 >= self.runner.cap.max(1) {
+                pool.run_checked(&self.model, inputs, share).await
+            } else {
+                pool.run_on_pool(&self.model, inputs, share).await
+            };
             drop(permit);
             self.shared.stats.count(&self.runner, &[rows]);
             return outputs;
@@ -364,5 +367,53 @@ async fn run_one(model: &LoadedModel, runner: &BatchRunner, jobs: Vec<Job>, stat
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shoal_core::batch::BatchPolicy;
+
+    use super::*;
+    use crate::pool::tests::{Where, rows};
+
+    /// A lone request runs where it is when the model is cheap and no
+    /// other batch runs; with one running, it goes to a pool thread, where
+    /// the hand-off gives later arrivals time to queue behind it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_request_runs_inline_unless_another_batch_runs() {
+        let engine = Where::new();
+        let pool = InferencePool::new(2, 8);
+        let policy = BatchPolicy::new(8, Duration::from_millis(1), vec![]).unwrap();
+        let runner = BatchRunner {
+            pool,
+            key: "m".into(),
+            cap: 2,
+            deadline: Duration::from_secs(5),
+            queue: 8,
+            on_batch: None,
+        };
+        let here = std::thread::current().id();
+        let cheap = Batcher::start(
+            engine.loaded(Some(Duration::from_micros(2))),
+            policy.clone(),
+            runner.clone(),
+        );
+        cheap.run(rows(1), None).await.unwrap();
+        let other_batch = cheap.shared.runners.clone().try_acquire_owned().unwrap();
+        cheap.run(rows(1), cheap.admit().ok()).await.unwrap();
+        drop(other_batch);
+        cheap.run(rows(1), cheap.admit().ok()).await.unwrap();
+        // A model too slow (or never measured) to run inline: a pool thread.
+        let slow = Batcher::start(
+            engine.loaded(Some(Duration::from_millis(1))),
+            policy,
+            runner,
+        );
+        slow.run(rows(1), None).await.unwrap();
+        assert_eq!(engine.ran_on(here), [true, false, true, false]);
+        assert_eq!(cheap.stats().batches(), 3, "each ran as a batch of one");
     }
 }

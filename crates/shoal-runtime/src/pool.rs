@@ -268,12 +268,15 @@ impl InferencePool {
     }
 
     /// [`InferencePool::run_checked`], on a pool thread even when cheap:
-    /// for every inference of a batched version. Run inline, a request
-    /// holds its runner for a few microseconds only, so the next arrivals
-    /// find one free, nothing queues and batches stay at a row or two
-    /// (digits at 32 clients: 1.2–1.5 rows a batch and 1.0–1.1× the
-    /// unbatched throughput inline; 3.3 rows and 1.5× on the pool;
-    /// BENCHMARKS.md). A lone request pays the hand-off (≈ 20 µs).
+    /// for a batched version's batches, and its lone requests while
+    /// another batch runs. Run inline, a request holds its runner for a
+    /// few microseconds only, so the next arrivals find one free, nothing
+    /// queues and batches stay at a row or two (digits at 32 clients on
+    /// 12-04: 1.2–1.5 rows a batch and 1.0–1.1× the unbatched throughput
+    /// inline; 3.3 rows and 1.5× on the pool; BENCHMARKS.md). A lone
+    /// request with nothing else running runs inline (see
+    /// [`crate::batcher::Batcher::run`]): the hand-off (≈ 20 µs) is paid only where
+    /// it may gather a batch.
     pub(crate) async fn run_on_pool(
         &self,
         model: &LoadedModel,
@@ -408,7 +411,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
     use std::sync::mpsc;
 
@@ -653,9 +656,49 @@ mod tests {
     }
 
     /// An engine that notes the thread each run happens on.
-    struct Where {
+    pub(crate) struct Where {
         signature: Signature,
-        threads: Mutex<Vec<std::thread::ThreadId>>,
+        pub(crate) threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl Where {
+        /// Takes `x`, `[N, 1]` floats, and answers nothing.
+        pub(crate) fn new() -> Arc<Where> {
+            Arc::new(Where {
+                signature: Signature {
+                    inputs: vec![TensorSpec {
+                        name: "x".into(),
+                        datatype: DataType::Fp32,
+                        shape: vec![Dim::Dynamic(None), Dim::Fixed(1)],
+                    }],
+                    outputs: vec![],
+                },
+                threads: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// Whether each run so far ran on `thread`.
+        pub(crate) fn ran_on(&self, thread: std::thread::ThreadId) -> Vec<bool> {
+            self.threads
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|t| *t == thread)
+                .collect()
+        }
+
+        /// The engine loaded, measured at `row_cost` a row (`None`: never
+        /// measured).
+        pub(crate) fn loaded(self: &Arc<Self>, row_cost: Option<Duration>) -> LoadedModel {
+            LoadedModel {
+                model: self.clone(),
+                platform: "where",
+                bounds: Arc::default(),
+                state: Arc::default(),
+                batching: None,
+                row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
+            }
+        }
     }
 
     impl Model for Where {
@@ -674,32 +717,15 @@ mod tests {
         }
     }
 
-    fn rows(n: usize) -> Vec<Tensor> {
+    pub(crate) fn rows(n: usize) -> Vec<Tensor> {
         vec![Tensor::new("x", vec![n, 1], TensorData::Fp32(vec![0.0; n])).unwrap()]
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn small_requests_of_a_cheap_model_run_on_the_calling_thread() {
-        let engine = Arc::new(Where {
-            signature: Signature {
-                inputs: vec![TensorSpec {
-                    name: "x".into(),
-                    datatype: DataType::Fp32,
-                    shape: vec![Dim::Dynamic(None), Dim::Fixed(1)],
-                }],
-                outputs: vec![],
-            },
-            threads: Mutex::new(Vec::new()),
-        });
+        let engine = Where::new();
         // Costs measured on a one-row input (one element).
-        let model = |row_cost: Option<Duration>| LoadedModel {
-            model: engine.clone(),
-            platform: "where",
-            bounds: Arc::default(),
-            state: Arc::default(),
-            batching: None,
-            row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
-        };
+        let model = |row_cost: Option<Duration>| engine.loaded(row_cost);
         let pool = InferencePool::new(2, 8);
         let here = std::thread::current().id();
         let cheap = model(Some(Duration::from_micros(2)));
@@ -722,9 +748,10 @@ mod tests {
             deadline: Duration::from_secs(5),
         };
         pool.run_on_pool(&cheap, rows(1), share).await.unwrap();
-        let threads = engine.threads.lock().unwrap().clone();
-        let inline: Vec<bool> = threads.iter().map(|t| *t == here).collect();
-        assert_eq!(inline, [true, true, false, false, false, false]);
+        assert_eq!(
+            engine.ran_on(here),
+            [true, true, false, false, false, false]
+        );
         // Inline runs hold their thread while they run and give it back.
         assert_eq!(pool.stats().running, 0);
     }
