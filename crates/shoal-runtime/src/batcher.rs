@@ -199,7 +199,9 @@ impl Batcher {
             drop(arrival);
             let share = self.runner.share();
             let pool = &self.runner.pool;
-            let outputs = if self.shared.runners.available_permits() + 1 >= self.runner.cap.max(1) {
+            // Ours is the only runner taken: no batch of this model runs.
+            let only_one = self.shared.runners.available_permits() + 1 >= self.runner.cap.max(1);
+            let outputs = if only_one {
                 pool.run_checked(&self.model, inputs, share).await
             } else {
                 pool.run_on_pool(&self.model, inputs, share).await

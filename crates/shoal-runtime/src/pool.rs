@@ -275,8 +275,8 @@ impl InferencePool {
     /// 12-04: 1.2–1.5 rows a batch and 1.0–1.1× the unbatched throughput
     /// inline; 3.3 rows and 1.5× on the pool; BENCHMARKS.md). A lone
     /// request with nothing else running runs inline (see
-    /// [`crate::batcher::Batcher::run`]): the hand-off (≈ 20 µs) is paid only where
-    /// it may gather a batch.
+    /// [`crate::batcher::Batcher::run`]): the hand-off (≈ 20 µs) is paid
+    /// only where it may gather a batch.
     pub(crate) async fn run_on_pool(
         &self,
         model: &LoadedModel,
@@ -658,7 +658,7 @@ pub(crate) mod tests {
     /// An engine that notes the thread each run happens on.
     pub(crate) struct Where {
         signature: Signature,
-        pub(crate) threads: Mutex<Vec<std::thread::ThreadId>>,
+        threads: Mutex<Vec<std::thread::ThreadId>>,
     }
 
     impl Where {
