@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 use shoal_core::tensor::element_count;
 use shoal_core::{DataType, Tensor, TensorData, with_tensor_data};
 
+use crate::out;
 use crate::types::RequestOutput;
 
 /// Bounds on what one request may ask of the server.
@@ -784,14 +785,17 @@ macro_rules! float_element {
         impl Element for $t {
             const EXPECTED: &'static str = "a number";
             #[allow(clippy::cast_possible_truncation)]
+            #[inline(always)]
             fn from_f64(v: f64) -> Result<Self, String> {
                 Ok($from(v))
             }
             #[allow(clippy::cast_precision_loss)]
+            #[inline(always)]
             fn from_i64(v: i64) -> Result<Self, String> {
                 Ok($from(v as f64))
             }
             #[allow(clippy::cast_precision_loss)]
+            #[inline(always)]
             fn from_u64(v: u64) -> Result<Self, String> {
                 Ok($from(v as f64))
             }
@@ -852,6 +856,7 @@ impl Element for ByteString {
 }
 
 impl<T: Element> crate::numbers::FromNumber for T {
+    #[inline(always)]
     fn from_number(n: crate::numbers::Number) -> Option<T> {
         use crate::numbers::Number;
         match n {
@@ -963,16 +968,6 @@ impl<T: Serialize> Serialize for ScalarJson<'_, T> {
 }
 
 #[derive(Serialize)]
-struct WireResponse<'a> {
-    model_name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<WireOutput<'a>>,
-}
-
-#[derive(Serialize)]
 struct WireOutput<'a> {
     name: &'a str,
     datatype: &'static str,
@@ -1052,45 +1047,48 @@ pub fn encode_response_parts(
     outputs: &[Tensor],
     binary: impl Fn(&str) -> bool,
 ) -> EncodedResponse {
-    let mut tail = Vec::new();
-    let mut any_binary = false;
-    let wire = WireResponse {
-        model_name,
-        model_version,
-        id,
-        outputs: outputs
-            .iter()
-            .map(|t| {
-                let (parameters, data) = if binary(&t.name) && crate::binary::fits(t.data()) {
-                    any_binary = true;
-                    let before = tail.len();
-                    crate::binary::encode(t.data(), &mut tail);
-                    let size = tail.len() - before;
-                    (
-                        Some(BinaryParameters {
-                            binary_data_size: size,
-                        }),
-                        None,
-                    )
-                } else {
-                    (None, Some(DataJson(t.data())))
-                };
-                WireOutput {
-                    name: &t.name,
-                    datatype: t.datatype().as_str(),
-                    shape: t.shape(),
-                    parameters,
-                    data,
-                }
-            })
-            .collect(),
-    };
-    // Room for the usual answer at once (serde_json starts at 128 bytes and
-    // doubles, copying): names and shapes, and a dozen bytes a number.
+    // Room for the usual answer at once: names and shapes, and a dozen
+    // bytes a number.
     let elements: usize = outputs.iter().map(|t| t.data().len()).sum();
     let mut body = Vec::with_capacity((256 + 12 * elements).min(1 << 20));
-    // Serializing plain structs of strings and numbers into a Vec cannot fail.
-    serde_json::to_writer(&mut body, &wire).unwrap_or_default();
+    let mut tail = Vec::new();
+    let mut any_binary = false;
+    body.extend_from_slice(br#"{"model_name":"#);
+    out::string(&mut body, model_name);
+    if let Some(version) = model_version {
+        body.extend_from_slice(br#","model_version":"#);
+        out::string(&mut body, version);
+    }
+    if let Some(id) = id {
+        body.extend_from_slice(br#","id":"#);
+        out::string(&mut body, id);
+    }
+    body.extend_from_slice(br#","outputs":["#);
+    for (i, t) in outputs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"name":"#);
+        out::string(&mut body, &t.name);
+        // Datatype names need no escaping.
+        body.extend_from_slice(br#","datatype":""#);
+        body.extend_from_slice(t.datatype().as_str().as_bytes());
+        body.extend_from_slice(br#"","shape":"#);
+        out::usizes(&mut body, t.shape());
+        if binary(&t.name) && crate::binary::fits(t.data()) {
+            any_binary = true;
+            let before = tail.len();
+            crate::binary::encode(t.data(), &mut tail);
+            body.extend_from_slice(br#","parameters":{"binary_data_size":"#);
+            out::unsigned(&mut body, tail.len() - before);
+            body.push(b'}');
+        } else {
+            body.extend_from_slice(br#","data":"#);
+            out::data(&mut body, t.data());
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
     let json_len = any_binary.then_some(body.len());
     body.extend_from_slice(&tail);
     EncodedResponse { body, json_len }
@@ -1743,5 +1741,146 @@ mod tests {
         assert_eq!(back.model_version.as_deref(), Some("2"));
         let no_id = encode_response("digits", None, None, &[]);
         assert_eq!(no_id, br#"{"model_name":"digits","outputs":[]}"#);
+    }
+
+    /// A response as serde_json wrote it before [`crate::out`]: the
+    /// reference the direct writer is held to.
+    fn encode_response_by_serde(
+        model_name: &str,
+        model_version: Option<&str>,
+        id: Option<&str>,
+        outputs: &[Tensor],
+        binary: impl Fn(&str) -> bool,
+    ) -> EncodedResponse {
+        #[derive(Serialize)]
+        struct WireResponse<'a> {
+            model_name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            model_version: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            outputs: Vec<WireOutput<'a>>,
+        }
+        let mut tail = Vec::new();
+        let mut any_binary = false;
+        let wire = WireResponse {
+            model_name,
+            model_version,
+            id,
+            outputs: outputs
+                .iter()
+                .map(|t| {
+                    let (parameters, data) = if binary(&t.name) && crate::binary::fits(t.data()) {
+                        any_binary = true;
+                        let before = tail.len();
+                        crate::binary::encode(t.data(), &mut tail);
+                        let binary_data_size = tail.len() - before;
+                        (Some(BinaryParameters { binary_data_size }), None)
+                    } else {
+                        (None, Some(DataJson(t.data())))
+                    };
+                    WireOutput {
+                        name: &t.name,
+                        datatype: t.datatype().as_str(),
+                        shape: t.shape(),
+                        parameters,
+                        data,
+                    }
+                })
+                .collect(),
+        };
+        let mut body = serde_json::to_vec(&wire).unwrap();
+        let json_len = any_binary.then_some(body.len());
+        body.extend_from_slice(&tail);
+        EncodedResponse { body, json_len }
+    }
+
+    #[test]
+    fn responses_are_written_as_serde_json_writes_them() {
+        let tensor = |name: &str, data: TensorData| {
+            let n = data.len();
+            Tensor::new(name, vec![1, n], data).unwrap()
+        };
+        let every_type = vec![
+            tensor("b", TensorData::Bool(vec![true, false])),
+            tensor("u8", TensorData::Uint8(vec![0, 255])),
+            tensor("u16", TensorData::Uint16(vec![0, 65_535])),
+            tensor("u32", TensorData::Uint32(vec![0, u32::MAX])),
+            tensor("u64", TensorData::Uint64(vec![0, u64::MAX])),
+            tensor("i8", TensorData::Int8(vec![i8::MIN, -1, 0, i8::MAX])),
+            tensor("i16", TensorData::Int16(vec![i16::MIN, 7])),
+            tensor("i32", TensorData::Int32(vec![i32::MIN, -42])),
+            tensor("i64", TensorData::Int64(vec![i64::MIN, i64::MAX, 0])),
+            tensor(
+                "f16",
+                TensorData::Fp16(vec![
+                    f16::from_f32(0.1),
+                    f16::INFINITY,
+                    f16::NAN,
+                    f16::from_f32(-0.0),
+                    f16::MAX,
+                ]),
+            ),
+            tensor(
+                "f32",
+                TensorData::Fp32(vec![
+                    0.1,
+                    -1.5e-7,
+                    3.0e38,
+                    f32::MIN_POSITIVE,
+                    1.0e-45,
+                    f32::NAN,
+                    f32::NEG_INFINITY,
+                    -0.0,
+                    16.0,
+                    0.913_472_1,
+                ]),
+            ),
+            tensor(
+                "f64",
+                TensorData::Fp64(vec![0.1, 1e300, -2.5e-308, f64::INFINITY, 5e-324, 1.0]),
+            ),
+            tensor(
+                "bytes",
+                TensorData::Bytes(vec![
+                    b"plain".to_vec(),
+                    b"quote \" back\\slash".to_vec(),
+                    b"tab\tnew\nline\x01\x1f".to_vec(),
+                    "caf\u{e9} \u{2028} \u{1f980}".as_bytes().to_vec(),
+                    vec![0xff, 0xfe, b'x'],
+                    Vec::new(),
+                ]),
+            ),
+            tensor("empty", TensorData::Fp32(Vec::new())),
+        ];
+        let names = ["digits", "with \"quotes\"", "ctl\u{7}", "mod\u{e8}le", ""];
+        let ids = [None, Some("abc"), Some("line\nbreak"), Some("")];
+        let versions = [None, Some("1"), Some("v\\2")];
+        let binaries: [&dyn Fn(&str) -> bool; 3] =
+            [&|_| false, &|n| n.starts_with('f') || n == "bytes", &|_| true];
+        for name in names {
+            for id in ids {
+                for version in versions {
+                    for binary in binaries {
+                        let ours = encode_response_parts(name, version, id, &every_type, binary);
+                        let theirs =
+                            encode_response_by_serde(name, version, id, &every_type, binary);
+                        assert_eq!(
+                            String::from_utf8_lossy(&ours.body),
+                            String::from_utf8_lossy(&theirs.body)
+                        );
+                        assert_eq!(ours, theirs);
+                    }
+                }
+            }
+        }
+        // A tensor of its own name escaped, alone and binary.
+        let odd = vec![tensor("o\"dd\u{0}", TensorData::Fp32(vec![1.0]))];
+        for binary in binaries {
+            assert_eq!(
+                encode_response_parts("m", None, None, &odd, binary),
+                encode_response_by_serde("m", None, None, &odd, binary)
+            );
+        }
     }
 }

@@ -155,7 +155,10 @@ pub(crate) fn number(s: &[u8]) -> Option<(Number, usize)> {
         return long(s, i, fraction_digits == 0);
     } else if fraction_digits > 0 {
         // Unsigned: the sign is applied below.
-        let v = divided(mantissa, fraction_digits).or_else(|| parse_float(&s[start..i]))?;
+        let v = match divided(mantissa, fraction_digits) {
+            Some(v) => v,
+            None => parse_float(&s[start..i])?,
+        };
         Number::Float(if negative { -v } else { v })
     } else {
         // serde_json's rules: a non-negative integer is unsigned, a
@@ -206,6 +209,8 @@ fn with_exponent(s: &[u8], e: usize) -> Option<(Number, usize)> {
 
 /// A float token, correctly rounded; `None` out of f64's range (serde_json
 /// refuses it, and so does the slow path the caller falls back to).
+#[cold]
+#[inline(never)]
 fn parse_float(token: &[u8]) -> Option<f64> {
     // fast-float2 stops reading an exponent's digits at 65,536, which a
     // number padded with thousands of digits can reach past ("1" and 65,535
