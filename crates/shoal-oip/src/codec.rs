@@ -101,7 +101,8 @@ impl DecodedRequest {
 struct WireTensor<'a> {
     name: String,
     shape: Vec<i64>,
-    datatype: String,
+    #[serde(borrow)]
+    datatype: std::borrow::Cow<'a, str>,
     #[serde(default)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(borrow, default, deserialize_with = "raw_data")]
@@ -200,17 +201,23 @@ fn decode_with(
             "invalid inference request: the body must be a JSON object with \"inputs\"".into(),
         ));
     }
-    // The tensor data arrays are cut out and read by the number fast path;
-    // serde reads the rest. Anything the scan cannot follow, or that serde
-    // refuses, is parsed as it came, so errors name the original body.
-    let skimmed = match reading {
-        Reading::Fast => crate::skim::split(body),
+    // The plain form is read in one pass (`lite`), each tensor's data kept
+    // as text for the number fast path. Otherwise the data arrays are cut
+    // out and serde reads the rest. Anything the scan cannot follow, or
+    // that serde refuses, is parsed as it came, so errors name the
+    // original body.
+    let fast = match reading {
+        Reading::Fast => crate::lite::read(body).and_then(wire_of_lite),
         Reading::Serde => None,
     };
-    let wire = match skimmed
-        .as_ref()
-        .and_then(|(skeleton, arrays)| refill(skeleton, arrays, body))
-    {
+    let skimmed = match (&fast, reading) {
+        (None, Reading::Fast) => crate::skim::split(body),
+        _ => None,
+    };
+    let wire = match fast.or_else(|| {
+        let (skeleton, arrays) = skimmed.as_ref()?;
+        refill(skeleton, arrays, body)
+    }) {
         Some(wire) => wire,
         None => serde_json::from_slice::<WireRequest<WireTensor<'_>>>(body)
             .map_err(|e| json_error("request", &e, json_len))?,
@@ -243,6 +250,31 @@ fn decode_with(
         parameters: wire.parameters,
         inputs,
         outputs: wire.outputs,
+    })
+}
+
+/// A request as [`crate::lite::read`] read it, in serde's form; `None`
+/// when its `outputs` are not what serde reads (serde's to word).
+fn wire_of_lite(lite: crate::lite::Request<'_>) -> Option<WireRequest<WireTensor<'_>>> {
+    let outputs = match lite.outputs {
+        Some(text) => serde_json::from_slice::<Option<Vec<RequestOutput>>>(text).ok()?,
+        None => None,
+    };
+    Some(WireRequest {
+        id: lite.id,
+        parameters: lite.parameters,
+        inputs: lite
+            .inputs
+            .into_iter()
+            .map(|t| WireTensor {
+                name: t.name.into_owned(),
+                shape: t.shape,
+                datatype: t.datatype,
+                parameters: t.parameters,
+                data: t.data,
+            })
+            .collect(),
+        outputs,
     })
 }
 
@@ -410,9 +442,11 @@ pub(crate) fn lite_by_serde(
                 shape: t.shape,
                 datatype: owned(t.datatype),
                 has_data: t.data.is_some(),
+                data: None,
                 parameters: t.parameters,
             })
             .collect(),
+        outputs: None,
     })
 }
 
@@ -1260,6 +1294,9 @@ mod tests {
             {"data":[1,2],"name":"b","shape":[2],"datatype":"INT64","extra":{"data":[9]}},
             {"shape":[1],"datatype":"BYTES","name":"c","data":["x\"]"]}],
             "outputs":[{"name":"y"}]}"#;
+        // Both fast readings take it: the one-pass one, and the scan with
+        // serde over the rest that reads what the first declines.
+        assert!(crate::lite::read(body.as_bytes()).and_then(wire_of_lite).is_some());
         let (skeleton, arrays) = crate::skim::split(body.as_bytes()).unwrap();
         assert!(refill(&skeleton, &arrays, body.as_bytes()).is_some());
         let decoded = decode(body).unwrap();
@@ -1356,6 +1393,38 @@ mod tests {
             check(bad, Err(why));
             assert_eq!(decode(bad), by_serde(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_damaged_body_decodes_as_serde_decodes_it() {
+        // Every body one byte away from a plain one (each byte cut, or
+        // replaced by each byte of JSON's syntax) decodes, or is refused
+        // with the same words, by the fast readings and by serde alone.
+        let bodies = [
+            r#"{"id":"r-1","inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[0,1.5,-2e3,[4]]}],"outputs":[{"name":"y","parameters":{"binary_data":false}}]}"#,
+            r#"{"parameters":{"sequence_id":7},"inputs":[{"name":"a","shape":[2],"datatype":"INT64","data":[1,2]},{"name":"b","shape":[1],"datatype":"BOOL","data":[true],"parameters":{}}],"x":[true,false,null,1.5e-3]}"#,
+        ];
+        let (mut compared, mut one_pass) = (0, 0);
+        for body in bodies {
+            for at in 0..body.len() {
+                let mut variants = vec![[&body[..at], &body[at + 1..]].concat()];
+                for b in b"{}[],:\"0-.eE ntf\\x" {
+                    let mut v = body.as_bytes().to_vec();
+                    v[at] = *b;
+                    variants.push(String::from_utf8(v).unwrap());
+                }
+                for v in &variants {
+                    let ours = decode(v);
+                    assert_eq!(ours, by_serde(v), "{v}");
+                    compared += 1;
+                    if ours.is_ok() && crate::lite::read(v.as_bytes()).is_some() {
+                        one_pass += 1;
+                    }
+                }
+            }
+        }
+        // Many damaged bodies still decode, and through the one-pass reading.
+        assert!(one_pass > 200, "{one_pass} of {compared}");
     }
 
     #[test]
@@ -1662,6 +1731,13 @@ mod tests {
                 .0;
             assert!(e.contains(message), "{body}: {e}");
         }
+        // `"data": null` is data given, as serde reads it: not with a
+        // binary size, even when the binary part holds the bytes.
+        let json = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":null,"parameters":{"binary_data_size":4}}]}"#;
+        let len = json.len().to_string();
+        let body = [&json[..], &[0, 0, 128, 63]].concat();
+        let e = decode_request_parts(&body, Some(&len), &limits).unwrap_err().0;
+        assert!(e.contains("not both"), "{e}");
         let mut trailing = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#.to_vec();
         trailing.extend_from_slice(&[0, 0, 128, 63]);
         for e in [

@@ -1,5 +1,5 @@
-//! The gateway's reading of a request's structure in one pass over the
-//! body, for the precheck.
+//! A request's structure read in one pass over the body: the gateway's
+//! precheck, and the replica's decode before it reads the numbers.
 //!
 //! The precheck needs a request's id, its parameters and, of each input,
 //! the name, datatype, shape, parameters and whether it has data. Reading
@@ -11,6 +11,10 @@
 //! place, jumps over each `inputs[i].data` array with `memchr` as
 //! [`crate::skim`] does (what is inside is the replica's to check), and
 //! hands only `parameters` objects, when there are any, to serde.
+//! A decode also gets each tensor's `data` and the request's `outputs` as
+//! text (the numbers are read by `crate::numbers`, the outputs by serde):
+//! a replica's one-row request read 2.5k instructions faster this way than
+//! by the scan and serde over the rest.
 //!
 //! It reads only the plain form of a request: keys and the strings it
 //! reads without escapes or non-ASCII bytes, each known key once, `id` a
@@ -28,12 +32,15 @@ use serde_json::{Map, Value};
 /// serde (whose own limit is 128).
 const MAX_DEPTH: usize = 64;
 
-/// What the precheck needs of a request.
+/// What the precheck needs of a request, and the texts a decode reads.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Request<'a> {
     pub(crate) id: Option<String>,
     pub(crate) parameters: Option<Map<String, Value>>,
     pub(crate) inputs: Vec<Tensor<'a>>,
+    /// The `outputs` member's text, when there is one (read by [`read`]
+    /// only: the precheck's serde reading leaves it `None`).
+    pub(crate) outputs: Option<&'a [u8]>,
 }
 
 /// What the precheck needs of one input.
@@ -44,6 +51,9 @@ pub(crate) struct Tensor<'a> {
     pub(crate) datatype: Cow<'a, str>,
     /// A `data` member that is not `null`.
     pub(crate) has_data: bool,
+    /// The `data` member's text, `null` included, when there is one (read
+    /// by [`read`] only, as for [`Request::outputs`]).
+    pub(crate) data: Option<&'a [u8]>,
     pub(crate) parameters: Option<Map<String, Value>>,
 }
 
@@ -53,12 +63,13 @@ pub(crate) fn read(body: &[u8]) -> Option<Request<'_>> {
     let mut r = Reader { body, at: 0 };
     r.ws();
     r.eat(b'{')?;
-    let (mut id, mut parameters, mut inputs) = (None, None, None);
+    let (mut id, mut parameters, mut inputs, mut outputs) = (None, None, None, None);
     r.members(|r, key| {
         match key {
             b"id" => set_once(&mut id, r.nullable(Reader::string)?)?,
             b"parameters" => set_once(&mut parameters, r.nullable(Reader::parameters)?)?,
             b"inputs" => set_once(&mut inputs, r.inputs()?)?,
+            b"outputs" => set_once(&mut outputs, r.text(1)?)?,
             _ => r.skip(1)?,
         }
         Some(())
@@ -71,6 +82,7 @@ pub(crate) fn read(body: &[u8]) -> Option<Request<'_>> {
         id: id.flatten().map(str::to_owned),
         parameters: parameters.flatten(),
         inputs: inputs?,
+        outputs,
     })
 }
 
@@ -223,7 +235,8 @@ impl<'a> Reader<'a> {
             name: Cow::Borrowed(name?),
             shape: shape?,
             datatype: Cow::Borrowed(datatype?),
-            has_data: data.unwrap_or(false),
+            has_data: data.is_some_and(|d| d != b"null"),
+            data,
             parameters: parameters.flatten(),
         })
     }
@@ -264,17 +277,25 @@ impl<'a> Reader<'a> {
         Some(if negative { -magnitude } else { magnitude })
     }
 
-    /// A tensor's `data`: whether it is there (`null` is not). An array is
-    /// jumped over without reading its elements.
-    fn data(&mut self) -> Option<bool> {
+    /// A tensor's `data`, as text. An array is jumped over without
+    /// reading its elements.
+    fn data(&mut self) -> Option<&'a [u8]> {
         match self.peek()? {
             b'[' => {
+                let start = self.at;
                 self.at = crate::skim::array_end(self.body, self.at)? + 1;
-                Some(true)
+                Some(&self.body[start..self.at])
             }
-            b'n' => self.literal(b"null").map(|()| false),
-            _ => self.skip(3).map(|()| true),
+            _ => self.text(3),
         }
+    }
+
+    /// Any JSON value, checked by the grammar, as text; `depth` is how deep
+    /// it starts.
+    fn text(&mut self, depth: usize) -> Option<&'a [u8]> {
+        let start = self.at;
+        self.skip(depth)?;
+        Some(&self.body[start..self.at])
     }
 
     /// Any JSON value, checked by the grammar and not kept; `depth` is how
@@ -351,11 +372,22 @@ mod tests {
         crate::codec::lite_by_serde(body.as_bytes()).ok()
     }
 
+    /// What [`read`] reads of `body` that the precheck's serde reading
+    /// reads too: without the texts only a decode uses.
+    fn precheck_part(body: &str) -> Option<Request<'_>> {
+        let mut request = read(body.as_bytes())?;
+        request.outputs = None;
+        for t in &mut request.inputs {
+            t.data = None;
+        }
+        Some(request)
+    }
+
     const PLAIN: &str = r#"{"id":"r-1","inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0,1.5,-2e3,[4]]}]}"#;
 
     #[test]
     fn a_plain_request_reads_as_serde_reads_it() {
-        let read = read(PLAIN.as_bytes()).unwrap();
+        let read = precheck_part(PLAIN).unwrap();
         assert_eq!(read.id.as_deref(), Some("r-1"));
         assert_eq!(read.inputs[0].name, "input");
         assert_eq!(read.inputs[0].shape, [1, 64]);
@@ -374,10 +406,27 @@ mod tests {
             r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","unknown":{"a":[{"b":"c"}]},"data":{"x":1}}]}"#,
             r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32"},{"name":"b","shape":[1],"datatype":"BOOL","data":[true]}]}"#,
         ] {
-            let read = read(body.as_bytes());
+            let read = precheck_part(body);
             assert!(read.is_some(), "{body}");
             assert_eq!(read, by_serde(body), "{body}");
         }
+    }
+
+    #[test]
+    fn a_decode_gets_each_data_and_the_outputs_as_text() {
+        let body = r#"{"outputs" : [{"name":"y"}] ,"inputs":[{"data":[0, [1.5]],"name":"a","shape":[2],"datatype":"FP32"},{"name":"b","data": null ,"shape":[1],"datatype":"FP32"},{"name":"c","shape":[1],"datatype":"FP32","data":"x]"},{"name":"d","shape":[1],"datatype":"FP32"}]}"#;
+        let request = read(body.as_bytes()).unwrap();
+        fn text(t: Option<&[u8]>) -> Option<&str> {
+            t.map(|t| std::str::from_utf8(t).unwrap())
+        }
+        assert_eq!(text(request.outputs), Some(r#"[{"name":"y"}]"#));
+        let data: Vec<_> = request.inputs.iter().map(|t| text(t.data)).collect();
+        assert_eq!(data, [Some("[0, [1.5]]"), Some("null"), Some(r#""x]""#), None]);
+        let has: Vec<_> = request.inputs.iter().map(|t| t.has_data).collect();
+        assert_eq!(has, [true, false, true, false]);
+        assert_eq!(read(br#"{"inputs":[]}"#).unwrap().outputs, None);
+        // A second `outputs` is serde's "duplicate field".
+        assert_eq!(read(br#"{"inputs":[],"outputs":[],"outputs":[]}"#), None);
     }
 
     #[test]
@@ -445,7 +494,7 @@ mod tests {
                     variants.push(String::from_utf8(v).unwrap());
                 }
                 for v in &variants {
-                    let ours = read(v.as_bytes());
+                    let ours = precheck_part(v);
                     let serde = by_serde(v);
                     if ours.is_some() {
                         assert_eq!(ours, serde, "{v}");
