@@ -1,17 +1,19 @@
 //! The JSON tensor codec: inference request bodies in, response bodies out.
 //!
 //! Tensor data is parsed straight into typed, flat vectors. A request body
-//! is split by [`crate::skim`] into its tensor data arrays and the rest;
-//! serde reads the rest (names, shapes, parameters), and each array is read
-//! by [`crate::numbers`] when it holds plain numbers (about half the
-//! instructions a number of serde's visitor; `shoal bench codec`: a
-//! decode 1.5–2.5× faster). Anything else (strings, booleans, a bad
-//! element, a short array, a body the scan cannot follow) is read by serde,
-//! whose errors say what is wrong: the answer is the same either way
-//! ([`decode_request_by_serde`] is the reference, and the fuzz target holds
-//! the two to it). Nothing is allocated beyond what the declared shape
-//! holds, so a request cannot make the server reserve more memory than
-//! [`Limits::max_elements`] allows.
+//! in its plain form is read in one pass (`crate::lite`: names, shapes and
+//! parameters, each tensor's data kept as text); anything else is split by
+//! [`crate::skim`] into its tensor data arrays and the rest, which serde
+//! reads. Each array is read by `crate::numbers` when it holds plain
+//! numbers (about half the instructions a number of serde's visitor;
+//! `shoal bench codec`: a decode 1.5–2.5× faster). Anything else (strings,
+//! booleans, a bad element, a short array, a body the scan cannot follow)
+//! is read by serde, whose errors say what is wrong: the answer is the same
+//! either way ([`decode_request_by_serde`] is the reference, and the fuzz
+//! target holds the two to it). Nothing is allocated beyond what the
+//! declared shape holds, so a request cannot make the server reserve more
+//! memory than [`Limits::max_elements`] allows. Responses are written by
+//! `crate::out`, byte for byte as serde_json wrote them.
 
 use std::fmt;
 
