@@ -361,7 +361,8 @@ async fn serve_inference(
                 &outputs,
                 |name| request.binary_output(name),
             );
-            let mut answer = Answer::new(StatusCode::OK, encoded.body.into());
+            // Room for its three header lines at once (each grew the list).
+            let mut answer = Answer::with_capacity(StatusCode::OK, encoded.body.into(), 160);
             match encoded.json_len {
                 None => answer.push(
                     &header::CONTENT_TYPE,
