@@ -1298,7 +1298,11 @@ mod tests {
             "outputs":[{"name":"y"}]}"#;
         // Both fast readings take it: the one-pass one, and the scan with
         // serde over the rest that reads what the first declines.
-        assert!(crate::lite::read(body.as_bytes()).and_then(wire_of_lite).is_some());
+        assert!(
+            crate::lite::read(body.as_bytes())
+                .and_then(wire_of_lite)
+                .is_some()
+        );
         let (skeleton, arrays) = crate::skim::split(body.as_bytes()).unwrap();
         assert!(refill(&skeleton, &arrays, body.as_bytes()).is_some());
         let decoded = decode(body).unwrap();
@@ -1738,7 +1742,9 @@ mod tests {
         let json = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":null,"parameters":{"binary_data_size":4}}]}"#;
         let len = json.len().to_string();
         let body = [&json[..], &[0, 0, 128, 63]].concat();
-        let e = decode_request_parts(&body, Some(&len), &limits).unwrap_err().0;
+        let e = decode_request_parts(&body, Some(&len), &limits)
+            .unwrap_err()
+            .0;
         assert!(e.contains("not both"), "{e}");
         let mut trailing = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#.to_vec();
         trailing.extend_from_slice(&[0, 0, 128, 63]);
@@ -1935,7 +1941,9 @@ mod tests {
         let ids = [None, Some("abc"), Some("line\nbreak"), Some("")];
         let versions = [None, Some("1"), Some("v\\2")];
         let binaries: [&dyn Fn(&str) -> bool; 3] =
-            [&|_| false, &|n| n.starts_with('f') || n == "bytes", &|_| true];
+            [&|_| false, &|n| n.starts_with('f') || n == "bytes", &|_| {
+                true
+            }];
         for name in names {
             for id in ids {
                 for version in versions {

@@ -421,7 +421,10 @@ mod tests {
         }
         assert_eq!(text(request.outputs), Some(r#"[{"name":"y"}]"#));
         let data: Vec<_> = request.inputs.iter().map(|t| text(t.data)).collect();
-        assert_eq!(data, [Some("[0, [1.5]]"), Some("null"), Some(r#""x]""#), None]);
+        assert_eq!(
+            data,
+            [Some("[0, [1.5]]"), Some("null"), Some(r#""x]""#), None]
+        );
         let has: Vec<_> = request.inputs.iter().map(|t| t.has_data).collect();
         assert_eq!(has, [true, false, true, false]);
         assert_eq!(read(br#"{"inputs":[]}"#).unwrap().outputs, None);

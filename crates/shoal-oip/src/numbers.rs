@@ -111,9 +111,37 @@ fn skip_space(text: &[u8], mut i: usize) -> usize {
 }
 
 /// The end of the run of digits starting at `i`, and their value (wrapped
-/// past 19 digits: the caller counts them).
+/// past 19 digits: the caller counts them). A run longer than four digits
+/// (the fractions of floats that clients print in full, 15–17 digits)
+/// continues eight digits at a time; short ones never pay for trying.
 #[inline(always)]
 fn digits(s: &[u8], mut i: usize, mut value: u64) -> (usize, u64) {
+    let start = i;
+    while let Some(&c) = s.get(i) {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return (i, value);
+        }
+        value = value.wrapping_mul(10).wrapping_add(u64::from(d));
+        i += 1;
+        if i - start == 4 {
+            return long_digits(s, i, value);
+        }
+    }
+    (i, value)
+}
+
+/// [`digits`] past its first four: eight at a time while eight follow,
+/// then one at a time. Arithmetic wraps as one digit at a time would.
+#[inline(never)]
+fn long_digits(s: &[u8], mut i: usize, mut value: u64) -> (usize, u64) {
+    while let Some(eight) = s.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+        let Some(v) = eight_digits(u64::from_le_bytes(eight)) else {
+            break;
+        };
+        value = value.wrapping_mul(100_000_000).wrapping_add(v);
+        i += 8;
+    }
     while let Some(&c) = s.get(i) {
         let d = c.wrapping_sub(b'0');
         if d > 9 {
@@ -123,6 +151,31 @@ fn digits(s: &[u8], mut i: usize, mut value: u64) -> (usize, u64) {
         i += 1;
     }
     (i, value)
+}
+
+/// The value of eight ASCII digits read as a little-endian word (the
+/// first digit in the lowest byte), or `None` unless all eight are
+/// digits: the usual SWAR steps, pairs, then fours, then the eight.
+#[inline(always)]
+fn eight_digits(word: u64) -> Option<u64> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // A byte below '0' borrows into its high bit when '0' is taken away;
+    // one above '9' carries into it when 0x46 ('9' + 0x46 = 0x7f) is added.
+    if (word.wrapping_sub(ONES * u64::from(b'0')) | word.wrapping_add(ONES * 0x46)) & (ONES * 0x80)
+        != 0
+    {
+        return None;
+    }
+    // Byte k of `digits` is digit k, the most significant first. Products
+    // spill past the top lane and wrap: only the lanes kept are read.
+    let digits = word - ONES * u64::from(b'0');
+    // Byte 2k: ten times digit 2k plus digit 2k + 1.
+    let pairs = (digits * 10 + (digits >> 8)) & 0x00ff_00ff_00ff_00ff;
+    // 16-bit lane 2k + 1 (moved down to 2k): a hundred times pair 2k plus
+    // pair 2k + 1.
+    let fours = (pairs.wrapping_mul(1 + (100 << 16)) >> 16) & 0x0000_ffff_0000_ffff;
+    // The upper 32 bits: ten thousand times the first four plus the second.
+    Some(fours.wrapping_mul(1 + (10_000 << 32)) >> 32)
 }
 
 /// The JSON number at the start of `s` and its length in bytes, or `None`
@@ -288,6 +341,14 @@ mod tests {
             "-0.009985063225030899",
             "0.009985063225030899",
             "-123.45",
+            // As Python prints float32 values: 16 and 17 digits.
+            "13.558939933776855",
+            "2.1498279571533203",
+            "-0.30000001192092896",
+            "12345678.90123456",
+            "0.1234567",
+            "1234.5678e-2",
+            "99999999999999999",
         ] {
             let ours = number(text.as_bytes()).map(|(n, len)| {
                 assert_eq!(len, text.len(), "{text}");
@@ -299,6 +360,60 @@ mod tests {
                     assert_eq!(a.to_bits(), b.to_bits(), "{text}: {a} against {b}");
                 }
                 (a, b) => assert_eq!(a, b, "{text}"),
+            }
+        }
+    }
+
+    #[test]
+    fn eight_digits_at_a_time_read_as_one_at_a_time() {
+        let word = |text: &[u8; 8]| u64::from_le_bytes(*text);
+        assert_eq!(eight_digits(word(b"12345678")), Some(12_345_678));
+        assert_eq!(eight_digits(word(b"00000000")), Some(0));
+        assert_eq!(eight_digits(word(b"99999999")), Some(99_999_999));
+        assert_eq!(eight_digits(word(b"00000001")), Some(1));
+        assert_eq!(eight_digits(word(b"10000000")), Some(10_000_000));
+        for at in 0..8 {
+            for byte in [
+                b'/',
+                b':',
+                b'.',
+                b'e',
+                b' ',
+                b',',
+                0,
+                0x80,
+                0xff,
+                b'0' + 0x80,
+            ] {
+                let mut text = *b"12345678";
+                text[at] = byte;
+                assert_eq!(eight_digits(word(&text)), None, "{text:?}");
+            }
+        }
+        // Runs of every length, wrapping past 19 digits as one at a time.
+        let one_at_a_time = |text: &[u8]| {
+            text.iter()
+                .take_while(|c| c.is_ascii_digit())
+                .fold((0, 0u64), |(n, v), c| {
+                    (n + 1, v.wrapping_mul(10).wrapping_add(u64::from(c - b'0')))
+                })
+        };
+        let all = b"98765432109876543210987654321x";
+        for start in 0..all.len() {
+            for end in start..=all.len() {
+                let text = &all[start..end];
+                assert_eq!(
+                    digits(text, 0, 7),
+                    {
+                        let (n, v) = one_at_a_time(text);
+                        (
+                            n,
+                            (0..n).fold(7u64, |a, _| a.wrapping_mul(10)).wrapping_add(v),
+                        )
+                    },
+                    "{:?}",
+                    std::str::from_utf8(text)
+                );
             }
         }
     }

@@ -16,10 +16,7 @@ use shoal_core::TensorData;
 
 /// `s` as a JSON string.
 pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
-    if s
-        .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\')
-    {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
