@@ -1412,20 +1412,12 @@ mod tests {
         ];
         let (mut compared, mut one_pass) = (0, 0);
         for body in bodies {
-            for at in 0..body.len() {
-                let mut variants = vec![[&body[..at], &body[at + 1..]].concat()];
-                for b in b"{}[],:\"0-.eE ntf\\x" {
-                    let mut v = body.as_bytes().to_vec();
-                    v[at] = *b;
-                    variants.push(String::from_utf8(v).unwrap());
-                }
-                for v in &variants {
-                    let ours = decode(v);
-                    assert_eq!(ours, by_serde(v), "{v}");
-                    compared += 1;
-                    if ours.is_ok() && crate::lite::read(v.as_bytes()).is_some() {
-                        one_pass += 1;
-                    }
+            for v in &crate::lite::one_byte_away(body) {
+                let ours = decode(v);
+                assert_eq!(ours, by_serde(v), "{v}");
+                compared += 1;
+                if ours.is_ok() && crate::lite::read(v.as_bytes()).is_some() {
+                    one_pass += 1;
                 }
             }
         }
