@@ -57,6 +57,16 @@ async fn grpc_and_rest_connections_share_the_cap() {
         None,
     ));
     let settle = Duration::from_secs(30);
+    // Below the cap each listener takes its next client's room before the
+    // client comes. Wait until both have: a listener that has not started
+    // yet when the other accepts and takes its second room would find the
+    // cap full, and its first client would close the idle REST connection
+    // this test means to keep for the second (a flake seen in CI).
+    let started = tokio::time::Instant::now();
+    while connections.open() < 2 {
+        assert!(started.elapsed() < settle, "the listeners never took their rooms");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 
     // One of each, idle.
     let mut rest_idle = TcpStream::connect(rest).await.unwrap();
