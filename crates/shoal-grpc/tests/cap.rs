@@ -64,7 +64,10 @@ async fn grpc_and_rest_connections_share_the_cap() {
     // this test means to keep for the second (a flake seen in CI).
     let started = tokio::time::Instant::now();
     while connections.open() < 2 {
-        assert!(started.elapsed() < settle, "the listeners never took their rooms");
+        assert!(
+            started.elapsed() < settle,
+            "the listeners never took their rooms"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
