@@ -18,11 +18,11 @@
 use std::fmt;
 
 use half::f16;
+use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use shoal_core::tensor::element_count;
-use shoal_core::{DataType, Tensor, TensorData, with_tensor_data};
+use shoal_core::{DataType, Tensor, TensorData};
 
 use crate::out;
 use crate::types::RequestOutput;
@@ -981,77 +981,42 @@ impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
     }
 }
 
-/// Serializes tensor data as a flat JSON array.
-struct DataJson<'a>(&'a TensorData);
-
-impl Serialize for DataJson<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            TensorData::Fp16(v) => s.collect_seq(v.iter().map(|x| x.to_f32())),
-            TensorData::Bytes(v) => s.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b))),
-            other => with_tensor_data!(other, v => s.collect_seq(v.iter().map(ScalarJson))),
-        }
-    }
-}
-
-/// A numeric or boolean scalar; the `Bytes` and `Fp16` cases never reach it.
-struct ScalarJson<'a, T>(&'a T);
-
-impl<T: Serialize> Serialize for ScalarJson<'_, T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-#[derive(Serialize)]
-struct WireOutput<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [usize],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParameters>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<DataJson<'a>>,
-}
-
 /// Writes an inference request body of JSON tensors: each tensor's name,
 /// datatype and shape before its data, the order Triton's clients write.
 /// The JSON twin of [`crate::binary::encode_request`], for Shoal's own
-/// clients (load generators, benchmarks).
+/// clients (load generators, benchmarks); written as responses are.
 pub fn encode_request(request: &DecodedRequest) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        parameters: Option<&'a serde_json::Map<String, serde_json::Value>>,
-        inputs: Vec<WireOutput<'a>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        outputs: Option<&'a [RequestOutput]>,
+    let elements: usize = request.inputs.iter().map(|t| t.data().len()).sum();
+    let mut body = Vec::with_capacity((256 + 12 * elements).min(1 << 20));
+    body.push(b'{');
+    if let Some(id) = &request.id {
+        body.extend_from_slice(br#""id":"#);
+        out::string(&mut body, id);
+        body.push(b',');
     }
-    let out = Out {
-        id: request.id.as_deref(),
-        parameters: request.parameters.as_ref(),
-        inputs: request
-            .inputs
-            .iter()
-            .map(|t| WireOutput {
-                name: &t.name,
-                datatype: t.datatype().as_str(),
-                shape: t.shape(),
-                parameters: None,
-                data: Some(DataJson(t.data())),
-            })
-            .collect(),
-        outputs: request.outputs.as_deref(),
-    };
-    // Serializing plain strings and numbers to memory cannot fail.
-    serde_json::to_vec(&out).unwrap_or_default()
-}
-
-#[derive(Serialize)]
-struct BinaryParameters {
-    binary_data_size: usize,
+    if let Some(parameters) = &request.parameters {
+        body.extend_from_slice(br#""parameters":"#);
+        // A map of JSON values into a `Vec` cannot fail.
+        serde_json::to_writer(&mut body, parameters).unwrap_or_default();
+        body.push(b',');
+    }
+    body.extend_from_slice(br#""inputs":["#);
+    for (i, t) in request.inputs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        out::tensor_head(&mut body, t);
+        body.extend_from_slice(br#","data":"#);
+        out::data(&mut body, t.data());
+        body.push(b'}');
+    }
+    body.push(b']');
+    if let Some(outputs) = &request.outputs {
+        body.extend_from_slice(br#","outputs":"#);
+        serde_json::to_writer(&mut body, outputs).unwrap_or_default();
+    }
+    body.push(b'}');
+    body
 }
 
 /// An encoded response body.
@@ -1104,13 +1069,7 @@ pub fn encode_response_parts(
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(br#"{"name":"#);
-        out::string(&mut body, &t.name);
-        // Datatype names need no escaping.
-        body.extend_from_slice(br#","datatype":""#);
-        body.extend_from_slice(t.datatype().as_str().as_bytes());
-        body.extend_from_slice(br#"","shape":"#);
-        out::usizes(&mut body, t.shape());
+        out::tensor_head(&mut body, t);
         if binary(&t.name) && crate::binary::fits(t.data()) {
             any_binary = true;
             let before = tail.len();
@@ -1185,6 +1144,9 @@ pub fn decode_response_parts(
 
 #[cfg(test)]
 mod tests {
+    use serde::{Serialize, Serializer};
+    use shoal_core::with_tensor_data;
+
     use super::*;
 
     fn check(body: &str, expected: Result<&str, &str>) {
@@ -1277,6 +1239,24 @@ mod tests {
         };
         let body = encode_request(&request);
         assert_eq!(decode_request(&body, &Limits::default()).unwrap(), request);
+        // Written byte for byte as serde_json wrote it, with and without
+        // each optional member.
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            String::from_utf8(encode_request_by_serde(&request)).unwrap()
+        );
+        let bare = DecodedRequest {
+            id: None,
+            parameters: None,
+            outputs: None,
+            ..request
+        };
+        assert_eq!(encode_request(&bare), encode_request_by_serde(&bare));
+        let none = DecodedRequest {
+            inputs: Vec::new(),
+            ..bare
+        };
+        assert_eq!(encode_request(&none), br#"{"inputs":[]}"#);
     }
 
     fn decode(body: &str) -> Result<DecodedRequest, DecodeError> {
@@ -1817,6 +1797,66 @@ mod tests {
         assert_eq!(back.model_version.as_deref(), Some("2"));
         let no_id = encode_response("digits", None, None, &[]);
         assert_eq!(no_id, br#"{"model_name":"digits","outputs":[]}"#);
+    }
+
+    /// Serializes tensor data as a flat JSON array (the serde reference).
+    struct DataJson<'a>(&'a TensorData);
+
+    impl Serialize for DataJson<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                TensorData::Fp16(v) => s.collect_seq(v.iter().map(|x| x.to_f32())),
+                TensorData::Bytes(v) => s.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b))),
+                other => with_tensor_data!(other, v => s.collect_seq(v.iter())),
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    struct BinaryParameters {
+        binary_data_size: usize,
+    }
+
+    #[derive(Serialize)]
+    struct WireOutput<'a> {
+        name: &'a str,
+        datatype: &'static str,
+        shape: &'a [usize],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parameters: Option<BinaryParameters>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<DataJson<'a>>,
+    }
+
+    /// A request as serde_json wrote it before [`crate::out`].
+    fn encode_request_by_serde(request: &DecodedRequest) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            parameters: Option<&'a serde_json::Map<String, serde_json::Value>>,
+            inputs: Vec<WireOutput<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            outputs: Option<&'a [RequestOutput]>,
+        }
+        let out = Out {
+            id: request.id.as_deref(),
+            parameters: request.parameters.as_ref(),
+            inputs: request
+                .inputs
+                .iter()
+                .map(|t| WireOutput {
+                    name: &t.name,
+                    datatype: t.datatype().as_str(),
+                    shape: t.shape(),
+                    parameters: None,
+                    data: Some(DataJson(t.data())),
+                })
+                .collect(),
+            outputs: request.outputs.as_deref(),
+        };
+        serde_json::to_vec(&out).unwrap()
     }
 
     /// A response as serde_json wrote it before [`crate::out`]: the

@@ -7,8 +7,8 @@
 //! request's place in a sequence as Triton's clients name it
 //! ([`sequence`]), and a structural scan that lets a precheck skip the
 //! tensor data without reading it ([`skim`]) and a replica read each data
-//! array with a fast path for plain numbers (`numbers`); responses are
-//! written without serde's generic serializer (`out`).
+//! array with a fast path for plain numbers (`numbers`); responses and
+//! requests are written without serde's generic serializer (`out`).
 //!
 //! Architecture invariant: this crate knows nothing about HTTP servers or
 //! inference engines. Replicas and gateways both use it, so a request is

@@ -1,5 +1,5 @@
-//! A response's JSON written directly, byte for byte what serde_json
-//! writes.
+//! Responses' (and Shoal's own clients' requests') JSON written
+//! directly, byte for byte what serde_json writes.
 //!
 //! serde_json's writer went through its generic serializer for every key,
 //! string and number: about 6k instructions for a digits answer (two
@@ -12,7 +12,7 @@
 //! The tests hold the output to serde_json's, byte for byte.
 
 use half::f16;
-use shoal_core::TensorData;
+use shoal_core::{Tensor, TensorData};
 
 /// `s` as a JSON string.
 pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
@@ -33,16 +33,16 @@ pub(crate) fn unsigned(out: &mut Vec<u8>, value: usize) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
-/// A list of unsigned integers as a JSON array (a shape).
-pub(crate) fn usizes(out: &mut Vec<u8>, values: &[usize]) {
-    out.push(b'[');
-    let mut buffer = itoa::Buffer::new();
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(buffer.format(*v).as_bytes());
-    }
+/// A tensor object's opening up to its shape: `{"name":…,"datatype":…,
+/// "shape":[…]`; the caller adds `parameters` or `data` and the `}`.
+pub(crate) fn tensor_head(out: &mut Vec<u8>, tensor: &Tensor) {
+    out.extend_from_slice(br#"{"name":"#);
+    string(out, &tensor.name);
+    // Datatype names need no escaping.
+    out.extend_from_slice(br#","datatype":""#);
+    out.extend_from_slice(tensor.datatype().as_str().as_bytes());
+    out.extend_from_slice(br#"","shape":["#);
+    integers(out, tensor.shape());
     out.push(b']');
 }
 
@@ -61,9 +61,12 @@ pub(crate) fn data(out: &mut Vec<u8>, data: &TensorData) {
         TensorData::Int16(v) => integers(out, v),
         TensorData::Int32(v) => integers(out, v),
         TensorData::Int64(v) => integers(out, v),
-        TensorData::Fp16(v) => each(out, v, |out, x| float(out, f16::to_f32(*x))),
-        TensorData::Fp32(v) => each(out, v, |out, x| float(out, *x)),
-        TensorData::Fp64(v) => each(out, v, |out, x| float(out, *x)),
+        TensorData::Fp16(v) => each(out, v, |out, x| {
+            let x = f16::to_f32(*x);
+            float(out, x, x.is_finite());
+        }),
+        TensorData::Fp32(v) => each(out, v, |out, x| float(out, *x, x.is_finite())),
+        TensorData::Fp64(v) => each(out, v, |out, x| float(out, *x, x.is_finite())),
         TensorData::Bytes(v) => each(out, v, |out, b| {
             string(out, &String::from_utf8_lossy(b));
         }),
@@ -90,29 +93,12 @@ fn integers<T: itoa::Integer + Copy>(out: &mut Vec<u8>, values: &[T]) {
 }
 
 /// A float as serde_json writes it: its shortest round-trip form, `null`
-/// when it is not finite.
+/// when it is not `finite`.
 #[inline(always)]
-fn float<F: zmij::Float + Finite>(out: &mut Vec<u8>, x: F) {
-    if x.is_finite_float() {
+fn float<F: zmij::Float>(out: &mut Vec<u8>, x: F, finite: bool) {
+    if finite {
         out.extend_from_slice(zmij::Buffer::new().format_finite(x).as_bytes());
     } else {
         out.extend_from_slice(b"null");
-    }
-}
-
-/// Whether a float is finite, for the two widths written.
-trait Finite: Copy {
-    fn is_finite_float(self) -> bool;
-}
-
-impl Finite for f32 {
-    fn is_finite_float(self) -> bool {
-        self.is_finite()
-    }
-}
-
-impl Finite for f64 {
-    fn is_finite_float(self) -> bool {
-        self.is_finite()
     }
 }
