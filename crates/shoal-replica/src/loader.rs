@@ -214,6 +214,9 @@ pub(crate) async fn prepare(
             ),
             _ => None,
         };
+        if let Some((_, batched)) = batch_costs {
+            loaded.set_batched_row_cost(batched);
+        }
         let memory = memory_taken(resident, resident_bytes(), bytes.len() as u64);
         Ok(Prepared {
             memory,

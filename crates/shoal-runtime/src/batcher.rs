@@ -1,41 +1,73 @@
 //! Dynamic batching, the I/O shell around [`shoal_core::batch`]: requests
-//! to one model version queue here; one task forms batches by the
-//! version's [`BatchPolicy`] and runs each on the [`InferencePool`] as a
-//! single inference, then hands every request its own rows.
+//! to one model version queue here and are run as batches formed by the
+//! version's [`BatchPolicy`], each a single inference on the
+//! [`InferencePool`], every request handed its own rows back. The callers
+//! do the batching themselves (flat combining, see [`Batcher::run`]):
+//! no task of the batcher's own sits between a request and its batch.
 //!
 //! - A request is checked against the model *before* it queues: a bad one
 //!   is refused alone and never fails its batch-mates.
 //! - Only requests with the same [`batch_key`] (inputs, datatypes and
 //!   every dimension but the first) share a batch; others wait for the
 //!   next one, oldest first.
-//! - At most `cap` batches run at once (the model's share of the pool):
-//!   while they run, requests gather, so batches grow with the load.
+//! - At most `cap` batches run at once (the model's share of the pool,
+//!   or one for a model cheap enough to run inline): while they run,
+//!   requests gather, so batches grow with the load.
 //! - The queue is bounded: past it a request is refused at once as
 //!   overloaded (the HTTP layer answers 503 with `Retry-After`).
-//! - A request whose caller went away before its batch formed is dropped.
+//! - A request whose caller went away before its batch formed is dropped;
+//!   one whose caller was forming a batch hands forming on. No request
+//!   waits for its batch and its run past its deadline.
 //! - Callers [`Batcher::admit`] a request as soon as they start
 //!   receiving it (refused at once when the queue is full); a batch waits
 //!   for more only while some are admitted and not yet queued (see
 //!   [`shoal_core::batch`]).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use shoal_core::Tensor;
 use shoal_core::batch::{self, BatchPolicy, Decision};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::{InferencePool, LoadedModel, RunError, Share};
 
-struct Job {
+/// A request checked and waiting for its batch.
+struct Queued {
     key: batch::BatchKey,
     rows: usize,
     inputs: Vec<Tensor>,
     at: Instant,
-    reply: oneshot::Sender<Result<Vec<Tensor>, RunError>>,
+}
+
+/// A queued request and where its answer goes.
+struct Job {
+    queued: Queued,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// Where a request goes, decided as it arrives.
+enum Path {
+    /// Nothing queued or on its way, a runner free: it runs at once, as a
+    /// batch of one (`true`: on its own task).
+    Alone(Queued, bool),
+    /// It forms the next batch.
+    Lead(Queued),
+    /// Queued for a batch another caller forms (`true`: who waits for
+    /// more requests, to be told).
+    Follow(oneshot::Receiver<Reply>, bool),
+}
+
+/// What a queued request's caller is told.
+enum Reply {
+    /// Its own outputs, or why not.
+    Done(Result<Vec<Tensor>, RunError>),
+    /// Form the next batch: its request (handed back, the oldest queued)
+    /// leads it.
+    Lead(Forming, Queued),
 }
 
 /// Called with the rows of every batch run (for metrics).
@@ -50,7 +82,7 @@ pub struct BatchRunner {
     pub key: String,
     /// Batches of this model running at once, at most.
     pub cap: usize,
-    /// Longest a batch may wait for a thread and run.
+    /// Longest a request may wait for its batch, a thread and the run.
     pub deadline: Duration,
     /// Requests waiting to join a batch, at most.
     pub queue: usize,
@@ -94,26 +126,61 @@ impl BatchStats {
     }
 }
 
-/// One model version's batching queue. Dropping it stops the task once
-/// the batches already formed have run.
+/// One model version's batching queue. Its callers do the batching
+/// themselves (there is no task of its own): see [`Batcher::run`].
 #[derive(Debug)]
 pub struct Batcher {
-    model: LoadedModel,
-    tx: mpsc::Sender<Job>,
-    runner: Arc<BatchRunner>,
     shared: Arc<Shared>,
 }
 
-/// What the callers and the batching task both see.
-#[derive(Debug)]
+/// What every caller of one batcher sees.
 struct Shared {
-    /// Batches running, at most `cap`.
-    runners: Arc<Semaphore>,
+    model: LoadedModel,
+    policy: BatchPolicy,
+    runner: BatchRunner,
+    queue: Mutex<Queue>,
+    /// Woken when a request queues while the former waits for requests,
+    /// or when a batch ends while one forms.
+    changed: Notify,
     /// Requests announced and not yet queued.
     arriving: AtomicUsize,
-    /// Requests queued and not yet taken into a batch.
+    /// Requests queued (the queue's length, read without its lock).
     pending: AtomicUsize,
     stats: BatchStats,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("policy", &self.policy)
+            .field("runner", &self.runner)
+            .field("arriving", &self.arriving)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The queue and who works on it.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// A caller is forming the next batch. Whenever none is, the queue
+    /// is empty: whoever stops forming hands the task on to the oldest
+    /// request still waiting.
+    forming: bool,
+    /// Batches (and lone requests) launched and not yet answered, at most
+    /// the runner's cap.
+    running: usize,
+    /// One of them runs on its former's task (the model runs it in a few
+    /// microseconds, as an unbatched request would run). One such batch
+    /// at a time: a second cheap one beside it waits, gathering requests,
+    /// rather than pay a pool thread's hand-off, which costs more than
+    /// the run (digits, one row a request, 32 clients: 0.76× the
+    /// unbatched throughput allowing two, ≈ 1× with one; BENCHMARKS.md).
+    inline: bool,
+    /// The former waits for more requests (not for a runner): a request
+    /// queued may be what it waits for.
+    awaits_requests: bool,
 }
 
 /// A request on its way to a batcher (being received or decoded): batches
@@ -127,30 +194,59 @@ impl Drop for Arrival {
     }
 }
 
+/// The duty of forming the next batch, held by one caller at a time.
+/// Dropped while held (its caller went away, or was told to lead and had
+/// gone), it passes to the oldest request still waiting.
+struct Forming {
+    shared: Arc<Shared>,
+    held: bool,
+}
+
+impl Drop for Forming {
+    fn drop(&mut self) {
+        if self.held {
+            let mut queue = self.shared.lock();
+            queue.forming = false;
+            queue.awaits_requests = false;
+            self.shared.hand_on(queue);
+        }
+    }
+}
+
+/// A batch (or lone request) counted as running until dropped (`true`:
+/// on its former's task): then, if a batch is forming, its former is told
+/// a runner is free.
+struct Running(Arc<Shared>, bool);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.running -= 1;
+        if self.1 {
+            queue.inline = false;
+        }
+        let forming = queue.forming;
+        drop(queue);
+        if forming {
+            self.0.changed.notify_one();
+        }
+    }
+}
+
 impl Batcher {
-    /// Starts batching `model`'s requests by `policy` (call within a tokio
-    /// runtime).
+    /// Batches `model`'s requests by `policy`, on `runner`'s pool.
     pub fn start(model: LoadedModel, policy: BatchPolicy, runner: BatchRunner) -> Batcher {
-        let (tx, rx) = mpsc::channel(runner.queue.max(1));
-        let shared = Arc::new(Shared {
-            runners: Arc::new(Semaphore::new(runner.cap.max(1))),
-            arriving: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            stats: BatchStats::default(),
-        });
-        let runner = Arc::new(runner);
-        tokio::spawn(run_batches(
-            model.clone(),
-            policy,
-            runner.clone(),
-            rx,
-            shared.clone(),
-        ));
         Batcher {
-            model,
-            tx,
-            runner,
-            shared,
+            shared: Arc::new(Shared {
+                model,
+                policy,
+                runner,
+                queue: Mutex::new(Queue::default()),
+                changed: Notify::new(),
+                arriving: AtomicUsize::new(0),
+                pending: AtomicUsize::new(0),
+                stats: BatchStats::default(),
+            }),
         }
     }
 
@@ -159,10 +255,11 @@ impl Batcher {
     /// [`Batcher::run`] takes it. Refused at once (`Overloaded`) when the
     /// requests queued and on their way already fill the queue.
     pub fn admit(&self) -> Result<Arrival, RunError> {
-        let arriving = self.shared.arriving.fetch_add(1, Ordering::AcqRel);
-        let arrival = Arrival(self.shared.clone());
-        let pending = self.shared.pending.load(Ordering::Acquire);
-        if pending + arriving >= self.runner.queue.max(1) {
+        let shared = &self.shared;
+        let arriving = shared.arriving.fetch_add(1, Ordering::AcqRel);
+        let arrival = Arrival(shared.clone());
+        let pending = shared.pending.load(Ordering::Acquire);
+        if pending + arriving >= shared.runner.queue.max(1) {
             return Err(RunError::Overloaded {
                 queued: pending + arriving,
             });
@@ -176,68 +273,297 @@ impl Batcher {
     }
 
     /// Checks `inputs`, queues them for a batch (ending their `arrival`)
-    /// and waits for their own outputs. A request with nothing queued or
-    /// on its way beside it, and a runner free, runs at once as a batch
-    /// of one, without the queue's hops: batching costs a lone caller
-    /// nothing. With no other batch running either, a model cheap enough
-    /// runs it inline, as an unbatched version would; the hand-off to a
-    /// pool thread (≈ 20 µs) is kept for requests that may find mates.
+    /// and waits for their own outputs.
+    ///
+    /// The callers batch (flat combining): the first request to queue
+    /// while no batch is forming forms the next one — it waits, by the
+    /// policy, for the requests on their way and a free runner, takes its
+    /// batch and launches it — and the others wait for their answers. A
+    /// batch the model runs cheaply runs on the former's task, as an
+    /// unbatched request would, one such batch at a time; a costlier one
+    /// on a pool thread, which answers every request in it. Forming
+    /// passes to the oldest request still waiting. So a batch costs no hop through a
+    /// task of the batcher's own, and a request alone (nothing queued or
+    /// on its way, a runner free) runs at once, as if unbatched.
     pub async fn run(
         &self,
         inputs: Vec<Tensor>,
         arrival: Option<Arrival>,
     ) -> Result<Vec<Tensor>, RunError> {
-        let inputs = self.model.check(inputs)?;
+        let shared = &self.shared;
+        let inputs = shared.model.check(inputs)?;
         let (rows, key) = batch::batch_key(&inputs).ok_or_else(|| {
             RunError::Engine("a batched model's inputs need a batch dimension first".into())
         })?;
+        let at = Instant::now();
+        let deadline = at.checked_add(shared.runner.deadline);
         let alone = usize::from(arrival.is_some());
-        if self.shared.pending.load(Ordering::Acquire) == 0
-            && self.shared.arriving.load(Ordering::Acquire) <= alone
-            && let Ok(permit) = self.shared.runners.clone().try_acquire_owned()
-        {
-            drop(arrival);
-            let share = self.runner.share();
-            let pool = &self.runner.pool;
-            // Ours is the only runner taken: no batch of this model runs.
-            let only_one = self.shared.runners.available_permits() + 1 >= self.runner.cap.max(1);
-            let outputs = if only_one {
-                pool.run_checked(&self.model, inputs, share).await
-            } else {
-                pool.run_on_pool(&self.model, inputs, share).await
-            };
-            drop(permit);
-            self.shared.stats.count(&self.runner, &[rows]);
-            return outputs;
-        }
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
+        let queued = Queued {
             key,
             rows,
             inputs,
-            at: Instant::now(),
-            reply,
+            at,
         };
-        self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        let sent = self.tx.try_send(job);
-        drop(arrival);
-        if sent.is_err() {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-        }
-        match sent {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        // Decided under the queue's lock, let go before any wait.
+        let path = {
+            let mut queue = shared.lock();
+            if queue.jobs.is_empty()
+                && !queue.forming
+                && shared.arriving.load(Ordering::Acquire) <= alone
+                && let inline = shared.model.runs_inline(&queued.inputs)
+                && queue.has_room(&shared.runner, inline)
+            {
+                queue.running += 1;
+                queue.inline |= inline;
+                Path::Alone(queued, inline)
+            } else if queue.jobs.len() >= shared.runner.queue.max(1) {
                 return Err(RunError::Overloaded {
-                    queued: self.runner.queue,
+                    queued: queue.jobs.len(),
                 });
+            } else if queue.forming {
+                let (reply, answer) = oneshot::channel();
+                queue.jobs.push_back(Job { queued, reply });
+                shared.pending.store(queue.jobs.len(), Ordering::Release);
+                Path::Follow(answer, queue.awaits_requests)
+            } else {
+                queue.forming = true;
+                Path::Lead(queued)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(RunError::Engine("the batcher has stopped".into()));
+        };
+        drop(arrival);
+        let mut answer = match path {
+            Path::Alone(queued, inline) => {
+                let running = Running(shared.clone(), inline);
+                let outputs = shared
+                    .runner
+                    .pool
+                    .run_checked(&shared.model, queued.inputs, shared.runner.share())
+                    .await;
+                drop(running);
+                shared.stats.count(&shared.runner, &[rows]);
+                return outputs;
+            }
+            Path::Follow(answer, awaited) => {
+                if awaited {
+                    shared.changed.notify_one();
+                }
+                answer
+            }
+            Path::Lead(queued) => {
+                let forming = Forming {
+                    shared: shared.clone(),
+                    held: true,
+                };
+                within(deadline, shared, shared.lead(forming, queued)).await?
+            }
+        };
+        loop {
+            match within(deadline, shared, &mut answer).await? {
+                Ok(Reply::Done(outputs)) => return outputs,
+                Ok(Reply::Lead(forming, queued)) => {
+                    answer = within(deadline, shared, shared.lead(forming, queued)).await?;
+                }
+                Err(_) => return Err(RunError::Engine("the batch was abandoned".into())),
             }
         }
+    }
+}
+
+/// `work`, or `DeadlineExceeded` once the request's deadline passes.
+async fn within<T>(
+    deadline: Option<Instant>,
+    shared: &Shared,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, RunError> {
+    match deadline {
+        Some(at) => {
+            tokio::time::timeout_at(at, work)
+                .await
+                .map_err(|_| RunError::DeadlineExceeded {
+                    deadline_ms: u64::try_from(shared.runner.deadline.as_millis())
+                        .unwrap_or(u64::MAX),
+                })
+        }
+        None => Ok(work.await),
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// With nobody forming: the oldest request whose caller still waits
+    /// forms the next batch (requests whose callers went away are dropped
+    /// on the way). Told after the lock is let go: a `Lead` dropped on
+    /// its way hands forming on again, which takes the lock.
+    fn hand_on<'a>(self: &'a Arc<Self>, mut queue: MutexGuard<'a, Queue>) {
+        loop {
+            if queue.forming {
+                return;
+            }
+            let Some(job) = queue.jobs.pop_front() else {
+                return;
+            };
+            self.pending.store(queue.jobs.len(), Ordering::Release);
+            if job.reply.is_closed() {
+                continue;
+            }
+            queue.forming = true;
+            drop(queue);
+            let forming = Forming {
+                shared: self.clone(),
+                held: true,
+            };
+            match job.reply.send(Reply::Lead(forming, job.queued)) {
+                Ok(()) => return,
+                Err(gone) => {
+                    // Its caller went away meanwhile: the next one.
+                    if let Reply::Lead(mut forming, _) = gone {
+                        forming.held = false;
+                    }
+                    queue = self.lock();
+                    queue.forming = false;
+                }
+            }
+        }
+    }
+
+    /// Forms a batch led by `own` (queued first, as the oldest) and
+    /// launches it; the answer to `own` comes on the channel returned.
+    async fn lead(self: &Arc<Self>, forming: Forming, own: Queued) -> oneshot::Receiver<Reply> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut queue = self.lock();
+            queue.jobs.push_front(Job { queued: own, reply });
+            self.pending.store(queue.jobs.len(), Ordering::Release);
+        }
+        self.form(forming).await;
         answer
-            .await
-            .map_err(|_| RunError::Engine("the batch was abandoned".into()))?
+    }
+
+    /// Waits, by the policy, for the requests on their way and for a free
+    /// runner, then takes the oldest request's batch and launches it,
+    /// handing forming on first.
+    async fn form(self: &Arc<Self>, mut forming: Forming) {
+        loop {
+            let wait = {
+                let mut queue = self.lock();
+                queue.awaits_requests = false;
+                let before = queue.jobs.len();
+                queue.jobs.retain(|j| !j.reply.is_closed());
+                if queue.jobs.len() != before {
+                    self.pending.store(queue.jobs.len(), Ordering::Release);
+                }
+                let Some(oldest) = queue.jobs.front() else {
+                    // Every caller went away.
+                    forming.held = false;
+                    queue.forming = false;
+                    return;
+                };
+                let key = &oldest.queued.key;
+                let mates: Vec<usize> = (0..queue.jobs.len())
+                    .filter(|i| queue.jobs[*i].queued.key == *key)
+                    .collect();
+                let rows: Vec<usize> = mates.iter().map(|i| queue.jobs[*i].queued.rows).collect();
+                let n = self.policy.take(&rows);
+                let more_coming = self.arriving.load(Ordering::Acquire) > 0;
+                let elements = mates[..n]
+                    .iter()
+                    .flat_map(|i| &queue.jobs[*i].queued.inputs)
+                    .map(|t| t.data().len())
+                    .sum();
+                let inline = self.model.runs_elements_inline(elements);
+                match self.policy.decide(
+                    rows[..n].iter().sum(),
+                    oldest.queued.at.elapsed(),
+                    more_coming,
+                ) {
+                    Decision::Wait(more) => {
+                        queue.awaits_requests = true;
+                        Some(more)
+                    }
+                    // While the runners are busy, requests gather.
+                    Decision::Run if !queue.has_room(&self.runner, inline) => None,
+                    Decision::Run => {
+                        let mut jobs = Vec::with_capacity(n);
+                        for i in mates[..n].iter().rev() {
+                            if let Some(job) = queue.jobs.remove(*i) {
+                                jobs.push(job);
+                            }
+                        }
+                        jobs.reverse();
+                        queue.running += 1;
+                        queue.inline |= inline;
+                        forming.held = false;
+                        queue.forming = false;
+                        self.pending.store(queue.jobs.len(), Ordering::Release);
+                        self.hand_on(queue);
+                        self.launch(jobs, inline);
+                        return;
+                    }
+                }
+            };
+            match wait {
+                None => self.changed.notified().await,
+                Some(more) => {
+                    tokio::select! {
+                        () = self.changed.notified() => {}
+                        () = tokio::time::sleep(more) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one batch of queued requests — on this task when the model
+    /// runs it cheaply (`inline`), else on a pool thread — and answers
+    /// each of them (see [`InferencePool::launch`]).
+    fn launch(self: &Arc<Self>, jobs: Vec<Job>, inline: bool) {
+        let running = Running(self.clone(), inline);
+        let rows: Vec<usize> = jobs.iter().map(|j| j.queued.rows).collect();
+        let (inputs, replies): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.queued.inputs, j.reply)).unzip();
+        let joined = match batch::concat(inputs) {
+            Ok(joined) => joined,
+            Err(e) => {
+                drop(running);
+                answer(replies, Err(RunError::Engine(e)));
+                return;
+            }
+        };
+        let shared = self.clone();
+        self.runner
+            .pool
+            .launch(&self.model, joined, self.runner.share(), move |outputs| {
+                drop(running);
+                shared.stats.count(&shared.runner, &rows);
+                match outputs
+                    .and_then(|outputs| batch::split(outputs, &rows).map_err(RunError::Engine))
+                {
+                    Ok(per_request) => {
+                        for (reply, outputs) in replies.into_iter().zip(per_request) {
+                            let _ = reply.send(Reply::Done(Ok(outputs)));
+                        }
+                    }
+                    Err(e) => answer(replies, Err(e)),
+                }
+            });
+    }
+}
+
+/// Gives every request of a batch the same answer (an error).
+fn answer(replies: Vec<oneshot::Sender<Reply>>, outputs: Result<Vec<Tensor>, RunError>) {
+    for reply in replies {
+        let _ = reply.send(Reply::Done(outputs.clone()));
+    }
+}
+
+impl Queue {
+    /// Whether a batch may start now: under the runner's cap, and the only
+    /// one on its former's task if it runs there.
+    fn has_room(&self, runner: &BatchRunner, inline: bool) -> bool {
+        self.running < runner.cap.max(1) && !(inline && self.inline)
     }
 }
 
@@ -265,113 +591,6 @@ impl BatchStats {
     }
 }
 
-async fn run_batches(
-    model: LoadedModel,
-    policy: BatchPolicy,
-    runner: Arc<BatchRunner>,
-    mut rx: mpsc::Receiver<Job>,
-    shared: Arc<Shared>,
-) {
-    let mut queue: VecDeque<Job> = VecDeque::new();
-    let mut open = true;
-    loop {
-        if queue.is_empty() {
-            if !open {
-                return;
-            }
-            match rx.recv().await {
-                Some(job) => queue.push_back(job),
-                None => return,
-            }
-        }
-        // A free runner first: while every runner is busy, requests gather.
-        let Ok(permit) = shared.runners.clone().acquire_owned().await else {
-            return;
-        };
-        let taken = loop {
-            while let Ok(job) = rx.try_recv() {
-                queue.push_back(job);
-            }
-            let before = queue.len();
-            queue.retain(|j| !j.reply.is_closed());
-            shared
-                .pending
-                .fetch_sub(before - queue.len(), Ordering::AcqRel);
-            let Some(oldest) = queue.front() else {
-                break Vec::new();
-            };
-            let mates: Vec<usize> = (0..queue.len())
-                .filter(|i| queue[*i].key == oldest.key)
-                .collect();
-            let rows: Vec<usize> = mates.iter().map(|i| queue[*i].rows).collect();
-            let n = policy.take(&rows);
-            let decision = if open {
-                let more_coming = shared.arriving.load(Ordering::Acquire) > 0;
-                policy.decide(rows[..n].iter().sum(), oldest.at.elapsed(), more_coming)
-            } else {
-                Decision::Run
-            };
-            match decision {
-                Decision::Run => break mates[..n].to_vec(),
-                Decision::Wait(more) => {
-                    tokio::select! {
-                        job = rx.recv() => match job {
-                            Some(job) => queue.push_back(job),
-                            None => open = false,
-                        },
-                        () = tokio::time::sleep(more) => {}
-                    }
-                }
-            }
-        };
-        if taken.is_empty() {
-            continue;
-        }
-        let mut jobs = Vec::with_capacity(taken.len());
-        for i in taken.into_iter().rev() {
-            if let Some(job) = queue.remove(i) {
-                jobs.push(job);
-            }
-        }
-        jobs.reverse();
-        shared.pending.fetch_sub(jobs.len(), Ordering::AcqRel);
-        let (model, runner, shared) = (model.clone(), runner.clone(), shared.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            run_one(&model, &runner, jobs, &shared.stats).await;
-        });
-    }
-}
-
-/// Runs one batch of queued requests (on a pool thread, like a lone
-/// request: see [`InferencePool::run_on_pool`]) and answers each of them.
-async fn run_one(model: &LoadedModel, runner: &BatchRunner, jobs: Vec<Job>, stats: &BatchStats) {
-    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-    let (inputs, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
-    let share = runner.share();
-    let answers = match batch::concat(inputs) {
-        Ok(joined) => runner
-            .pool
-            .run_on_pool(model, joined, share)
-            .await
-            .and_then(|outputs| batch::split(outputs, &rows).map_err(RunError::Engine)),
-        Err(e) => Err(RunError::Engine(e)),
-    };
-    stats.count(runner, &rows);
-    match answers {
-        Ok(per_request) => {
-            for (reply, outputs) in replies.into_iter().zip(per_request) {
-                let _ = reply.send(Ok(outputs));
-            }
-        }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -381,11 +600,12 @@ mod tests {
     use super::*;
     use crate::pool::tests::{Where, rows};
 
-    /// A lone request runs where it is when the model is cheap and no
-    /// other batch runs; with one running, it goes to a pool thread, where
-    /// the hand-off gives later arrivals time to queue behind it.
+    /// A lone request runs at once, as a batch of one: where it is when
+    /// the model runs it cheaply, else on a pool thread. One batch at a
+    /// time runs on its former's task: beside it, a cheap request waits
+    /// for it, a costly one goes to a pool thread (up to the cap).
     #[tokio::test(flavor = "current_thread")]
-    async fn a_lone_request_runs_inline_unless_another_batch_runs() {
+    async fn a_lone_request_runs_at_once_one_inline_at_a_time() {
         let engine = Where::new();
         let pool = InferencePool::new(2, 8);
         let policy = BatchPolicy::new(8, Duration::from_millis(1), vec![]).unwrap();
@@ -398,16 +618,29 @@ mod tests {
             on_batch: None,
         };
         let here = std::thread::current().id();
-        let cheap = Batcher::start(
+        let cheap = Arc::new(Batcher::start(
             engine.loaded(Some(Duration::from_micros(2))),
             policy.clone(),
             runner.clone(),
-        );
+        ));
         cheap.run(rows(1), None).await.unwrap();
-        let other_batch = cheap.shared.runners.clone().try_acquire_owned().unwrap();
         cheap.run(rows(1), cheap.admit().ok()).await.unwrap();
-        drop(other_batch);
-        cheap.run(rows(1), cheap.admit().ok()).await.unwrap();
+        // 100 rows at 2 µs: too long for the task.
+        cheap.run(rows(100), None).await.unwrap();
+        // Beside a batch running inline: a costly request runs on a pool
+        // thread, a cheap one waits for that batch, then runs inline.
+        let inline_batch = {
+            let mut queue = cheap.shared.lock();
+            queue.running += 1;
+            queue.inline = true;
+            Running(cheap.shared.clone(), true)
+        };
+        cheap.run(rows(100), None).await.unwrap();
+        let waits = spawn_run(&cheap, 1);
+        until_queued(&cheap, 1).await;
+        assert!(!waits.is_finished());
+        drop(inline_batch);
+        waits.await.unwrap().unwrap();
         // A model too slow (or never measured) to run inline: a pool thread.
         let slow = Batcher::start(
             engine.loaded(Some(Duration::from_millis(1))),
@@ -415,7 +648,125 @@ mod tests {
             runner,
         );
         slow.run(rows(1), None).await.unwrap();
-        assert_eq!(engine.ran_on(here), [true, false, true, false]);
-        assert_eq!(cheap.stats().batches(), 3, "each ran as a batch of one");
+        assert_eq!(engine.ran_on(here), [true, true, false, false, true, false]);
+        assert_eq!(cheap.stats().batches(), 5, "each ran as a batch of one");
+        assert_idle(&cheap);
+        assert_idle(&slow);
+    }
+
+    /// A batcher of the cheap test engine (runs inline) with one runner,
+    /// batches of up to 8 rows within 10 ms, and this deadline.
+    fn one_runner(engine: &Arc<Where>, deadline: Duration) -> Arc<Batcher> {
+        let policy = BatchPolicy::new(8, Duration::from_millis(10), vec![]).unwrap();
+        let runner = BatchRunner {
+            pool: InferencePool::new(1, 8),
+            key: "m".into(),
+            cap: 1,
+            deadline,
+            queue: 8,
+            on_batch: None,
+        };
+        Arc::new(Batcher::start(
+            engine.loaded(Some(Duration::from_micros(1))),
+            policy,
+            runner,
+        ))
+    }
+
+    fn spawn_run(
+        batcher: &Arc<Batcher>,
+        n: usize,
+    ) -> tokio::task::JoinHandle<Result<Vec<Tensor>, RunError>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.run(rows(n), None).await })
+    }
+
+    /// Lets the other tasks run until `queued` requests are queued.
+    async fn until_queued(batcher: &Batcher, queued: usize) {
+        for _ in 0..1000 {
+            if batcher.shared.pending.load(Ordering::Acquire) == queued {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{queued} requests never queued");
+    }
+
+    /// Nothing forming, queued or running: the batcher is idle.
+    fn assert_idle(batcher: &Batcher) {
+        let queue = batcher.shared.lock();
+        assert!(!queue.forming, "nobody forms");
+        assert!(!queue.inline, "nothing runs inline");
+        assert!(queue.jobs.is_empty(), "nothing queued");
+        assert_eq!(queue.running, 0, "nothing runs");
+    }
+
+    /// The caller forming a batch goes away (its client hung up) while
+    /// the batch waits for a request on its way: the next request waiting
+    /// forms it instead — nobody is left waiting for a batch nobody forms.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn forming_passes_on_when_its_caller_goes_away() {
+        let engine = Where::new();
+        let batcher = one_runner(&engine, Duration::from_secs(5));
+        let on_its_way = batcher.admit().unwrap();
+        let first = spawn_run(&batcher, 1);
+        until_queued(&batcher, 1).await;
+        let second = spawn_run(&batcher, 2);
+        until_queued(&batcher, 2).await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        // The second waits out the delay for the request on its way, then
+        // runs as a batch of its own rows only.
+        let answer = second.await.unwrap().unwrap();
+        assert_eq!(answer[0].shape(), [2, 1]);
+        assert_eq!((batcher.stats().batches(), batcher.stats().rows()), (1, 2));
+        drop(on_its_way);
+        assert_idle(&batcher);
+        batcher.run(rows(1), None).await.unwrap();
+        assert_eq!(engine.ran_on(std::thread::current().id()).len(), 2);
+    }
+
+    /// A request whose caller went away while it waited in the queue is
+    /// not run: its batch-mates run without it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_request_given_up_in_the_queue_is_not_run() {
+        let engine = Where::new();
+        let batcher = one_runner(&engine, Duration::from_secs(5));
+        let on_its_way = batcher.admit().unwrap();
+        let first = spawn_run(&batcher, 1);
+        until_queued(&batcher, 1).await;
+        let second = spawn_run(&batcher, 2);
+        until_queued(&batcher, 2).await;
+        second.abort();
+        assert!(second.await.unwrap_err().is_cancelled());
+        let answer = first.await.unwrap().unwrap();
+        assert_eq!(answer[0].shape(), [1, 1]);
+        assert_eq!((batcher.stats().batches(), batcher.stats().rows()), (1, 1));
+        drop(on_its_way);
+        assert_idle(&batcher);
+    }
+
+    /// While every runner is busy, requests wait for one, but no longer
+    /// than their deadline; then the batcher is as it was.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_request_waits_for_a_runner_no_longer_than_its_deadline() {
+        let engine = Where::new();
+        let batcher = one_runner(&engine, Duration::from_millis(50));
+        // Another batch holds the only runner.
+        batcher.shared.lock().running += 1;
+        let started = Instant::now();
+        let (former, follower) =
+            tokio::join!(batcher.run(rows(1), None), batcher.run(rows(1), None));
+        for late in [former, follower] {
+            assert!(
+                matches!(late, Err(RunError::DeadlineExceeded { deadline_ms: 50 })),
+                "{late:?}"
+            );
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        batcher.shared.lock().running -= 1;
+        assert_idle(&batcher);
+        assert!(engine.ran_on(std::thread::current().id()).is_empty());
+        batcher.run(rows(1), None).await.unwrap();
     }
 }

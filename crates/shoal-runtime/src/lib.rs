@@ -12,7 +12,8 @@
 //! - [`InferencePool`] runs inference off the async executor on a bounded
 //!   number of blocking threads, and refuses work when its queue is full.
 //! - [`batcher::Batcher`] queues a version's requests and runs them as
-//!   dynamic batches on the pool (the policy is `shoal_core::batch`).
+//!   dynamic batches, formed by the callers themselves (the policy is
+//!   `shoal_core::batch`).
 //! - [`LoadedModel::warm_up`] runs one inference before a model is declared
 //!   ready, so the first real request does not pay for lazy initialisation.
 //! - [`check`] is what the registry runs on an artifact before it accepts
@@ -177,6 +178,9 @@ pub struct LoadedModel {
     /// it holds, and the most a request may cost to run inline (`None`:
     /// not measured, never inline).
     row_cost: Option<(Duration, usize, Duration)>,
+    /// What a row costs in a batch, when measured (see
+    /// [`LoadedModel::set_batched_row_cost`]).
+    batched_row_cost: Option<Duration>,
 }
 
 /// Requests a model runs in at most this long (by its measured cost per
@@ -230,6 +234,7 @@ impl LoadedModel {
             state: Arc::new(options.state.clone()),
             batching: options.batching.clone().map(Arc::new),
             row_cost: None,
+            batched_row_cost: None,
         })
     }
 
@@ -247,22 +252,41 @@ impl LoadedModel {
         Ok(best)
     }
 
+    /// Records what a row costs in a batch (measured with
+    /// [`LoadedModel::batch_costs`]): a request or batch of several rows
+    /// is then reckoned as one row alone and the rest at this cost, as
+    /// an engine that runs a batch faster per row than one row runs them
+    /// (tract's one-row plan, then its batch plan).
+    pub fn set_batched_row_cost(&mut self, cost: Duration) {
+        self.batched_row_cost = Some(cost);
+    }
+
     /// True when `inputs` (checked) should run on the calling task: the
     /// measured cost of the warm-up input, scaled by how many times more
     /// elements `inputs` hold (rows, and any other dynamic dimension), is
     /// within the limit it was measured with (see [`INLINE_MAX`]). A batch
     /// counts all its rows.
     pub fn runs_inline(&self, inputs: &[Tensor]) -> bool {
+        self.runs_elements_inline(inputs.iter().map(|t| t.data().len()).sum())
+    }
+
+    /// [`LoadedModel::runs_inline`] for inputs of `elements` elements in
+    /// all.
+    pub fn runs_elements_inline(&self, elements: usize) -> bool {
         let Some((cost, measured, inline_max)) = self.row_cost else {
             return false;
         };
         if inline_max.is_zero() {
             return false;
         }
-        let elements = inputs.iter().map(|t| t.data().len()).sum::<usize>();
-        let times = elements.div_ceil(measured).max(1);
-        cost.checked_mul(u32::try_from(times).unwrap_or(u32::MAX))
-            .is_some_and(|total| total <= inline_max)
+        let times = u32::try_from(elements.div_ceil(measured).max(1)).unwrap_or(u32::MAX);
+        let total = match self.batched_row_cost {
+            Some(batched) if times > 1 => batched
+                .checked_mul(times - 1)
+                .and_then(|rest| rest.checked_add(cost)),
+            _ => cost.checked_mul(times),
+        };
+        total.is_some_and(|total| total <= inline_max)
     }
 
     /// Checks `inputs` against the signature and the bounds, in the

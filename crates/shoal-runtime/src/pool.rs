@@ -84,15 +84,6 @@ pub struct Share<'a> {
     pub deadline: Duration,
 }
 
-/// Where an inference may run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// On the calling task when the model measured it cheap.
-    InlineIfCheap,
-    /// On a pool thread.
-    Pool,
-}
-
 /// A model's hold on one thread, returned on drop (also when the caller
 /// went away while the inference ran on).
 struct Held {
@@ -263,36 +254,6 @@ impl InferencePool {
         inputs: Vec<Tensor>,
         share: Share<'_>,
     ) -> Result<Vec<Tensor>, RunError> {
-        self.run_on(model, inputs, share, Place::InlineIfCheap)
-            .await
-    }
-
-    /// [`InferencePool::run_checked`], on a pool thread even when cheap:
-    /// for a batched version's batches, and its lone requests while
-    /// another batch runs. Run inline, a request holds its runner for a
-    /// few microseconds only, so the next arrivals find one free, nothing
-    /// queues and batches stay at a row or two (digits at 32 clients on
-    /// 12-04: 1.2–1.5 rows a batch and 1.0–1.1× the unbatched throughput
-    /// inline; 3.3 rows and 1.5× on the pool; BENCHMARKS.md). A lone
-    /// request with nothing else running runs inline (see
-    /// [`crate::batcher::Batcher::run`]): the hand-off (≈ 20 µs) is paid
-    /// only where it may gather a batch.
-    pub(crate) async fn run_on_pool(
-        &self,
-        model: &LoadedModel,
-        inputs: Vec<Tensor>,
-        share: Share<'_>,
-    ) -> Result<Vec<Tensor>, RunError> {
-        self.run_on(model, inputs, share, Place::Pool).await
-    }
-
-    async fn run_on(
-        &self,
-        model: &LoadedModel,
-        inputs: Vec<Tensor>,
-        share: Share<'_>,
-        place: Place,
-    ) -> Result<Vec<Tensor>, RunError> {
         let started = tokio::time::Instant::now();
         let deadline = started.checked_add(share.deadline);
         let (held, permit) = self.acquire(share, deadline).await?;
@@ -300,7 +261,7 @@ impl InferencePool {
         // thread would cost more than the inference (see
         // `LoadedModel::runs_inline`). It still holds its thread and the
         // model's share, so the bounds hold.
-        if place == Place::InlineIfCheap && model.runs_inline(&inputs) {
+        if model.runs_inline(&inputs) {
             let answer = model.model.run(inputs);
             drop((held, permit));
             return answer;
@@ -321,6 +282,69 @@ impl InferencePool {
                 None => task.await,
             };
         finished.map_err(|e| RunError::Engine(format!("inference task failed: {e}")))?
+    }
+
+    /// Runs checked `inputs` and hands the answer to `done` without the
+    /// caller waiting for it: where the caller is when the model measured
+    /// them cheap and a thread of the pool and of `share`'s model is free
+    /// at once; else on a pool thread, which calls `done` (a task
+    /// waits for a thread first when none is free: `Busy` past the
+    /// deadline, `Overloaded` when the queue is full). The batcher launches
+    /// its batches so: once launched, a batch answers every request in it
+    /// even if the caller that launched it goes away.
+    pub(crate) fn launch<F>(
+        &self,
+        model: &LoadedModel,
+        inputs: Vec<Tensor>,
+        share: Share<'_>,
+        done: F,
+    ) where
+        F: FnOnce(Result<Vec<Tensor>, RunError>) + Send + 'static,
+    {
+        fn on_thread<F>(
+            model: Arc<dyn crate::Model>,
+            hold: (Held, tokio::sync::OwnedSemaphorePermit),
+            inputs: Vec<Tensor>,
+            done: F,
+        ) where
+            F: FnOnce(Result<Vec<Tensor>, RunError>) + Send + 'static,
+        {
+            tokio::task::spawn_blocking(move || {
+                let answer = model.run(inputs);
+                drop(hold);
+                done(answer);
+            });
+        }
+        match (
+            self.try_hold(share.key, share.cap),
+            self.inner.permits.clone().try_acquire_owned(),
+        ) {
+            (Some(held), Ok(permit)) if model.runs_inline(&inputs) => {
+                let answer = model.model.run(inputs);
+                drop((held, permit));
+                done(answer);
+            }
+            (Some(held), Ok(permit)) => {
+                on_thread(model.model.clone(), (held, permit), inputs, done)
+            }
+            (held, permit) => {
+                drop((held, permit));
+                let (pool, model) = (self.clone(), model.model.clone());
+                let (key, cap, limit) = (share.key.to_owned(), share.cap, share.deadline);
+                let deadline = tokio::time::Instant::now().checked_add(limit);
+                tokio::spawn(async move {
+                    let share = Share {
+                        key: &key,
+                        cap,
+                        deadline: limit,
+                    };
+                    match pool.acquire(share, deadline).await {
+                        Ok(hold) => on_thread(model, hold, inputs, done),
+                        Err(e) => done(Err(e)),
+                    }
+                });
+            }
+        }
     }
 
     /// A thread of the pool and of `share`'s model, at once when both are
@@ -464,12 +488,50 @@ pub(crate) mod tests {
             state: Arc::default(),
             batching: None,
             row_cost: None,
+            batched_row_cost: None,
         };
         (loaded, started_rx, release_tx)
     }
 
     fn x() -> Vec<Tensor> {
         vec![Tensor::new("x", vec![1], TensorData::Fp32(vec![1.0])).unwrap()]
+    }
+
+    /// A launch with no thread free waits for one in the queue and hands
+    /// its answer on when it has run; the caller does not wait for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_launch_with_no_thread_free_waits_for_one_then_answers() {
+        let pool = InferencePool::new(1, 4);
+        let (model, started, release) = gate();
+        let first = tokio::spawn({
+            let (pool, model) = (pool.clone(), model.clone());
+            async move { pool.run(&model, x()).await }
+        });
+        let started = tokio::task::spawn_blocking(move || {
+            started.recv().unwrap();
+            started
+        })
+        .await
+        .unwrap();
+        let (tx, answer) = tokio::sync::oneshot::channel();
+        let share = Share {
+            key: "m",
+            cap: 1,
+            deadline: Duration::from_secs(30),
+        };
+        pool.launch(&model, x(), share, move |outputs| {
+            let _ = tx.send(outputs);
+        });
+        while pool.stats().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        assert!(first.await.unwrap().is_ok());
+        let outputs = answer.await.unwrap().unwrap();
+        assert_eq!(outputs.len(), 1);
+        drop(started);
+        assert_eq!(pool.stats().running + pool.stats().queued, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,6 +759,7 @@ pub(crate) mod tests {
                 state: Arc::default(),
                 batching: None,
                 row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
+                batched_row_cost: None,
             }
         }
     }
@@ -734,6 +797,12 @@ pub(crate) mod tests {
             assert!(cheap.runs_inline(&rows(n)));
             pool.run(&cheap, rows(n)).await.unwrap();
         }
+        // Reckoned at a row alone and the rest at their cost in a batch:
+        // 1 + 99 × 0.2 µs is within INLINE_MAX.
+        let mut batched = model(Some(Duration::from_micros(2)));
+        batched.set_batched_row_cost(Duration::from_nanos(200));
+        assert!(batched.runs_inline(&rows(100)));
+        assert!(!batched.runs_inline(&rows(200)));
         // 100 rows (200 µs), a model never measured, a slow one: a pool thread.
         assert!(!cheap.runs_inline(&rows(100)));
         pool.run(&cheap, rows(100)).await.unwrap();
@@ -741,17 +810,7 @@ pub(crate) mod tests {
         pool.run(&model(Some(Duration::from_millis(1))), rows(1))
             .await
             .unwrap();
-        // A batch of queued requests goes to a pool thread, however cheap.
-        let share = Share {
-            key: "m",
-            cap: 2,
-            deadline: Duration::from_secs(5),
-        };
-        pool.run_on_pool(&cheap, rows(1), share).await.unwrap();
-        assert_eq!(
-            engine.ran_on(here),
-            [true, true, false, false, false, false]
-        );
+        assert_eq!(engine.ran_on(here), [true, true, false, false, false]);
         // Inline runs hold their thread while they run and give it back.
         assert_eq!(pool.stats().running, 0);
     }
