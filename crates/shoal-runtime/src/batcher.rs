@@ -701,49 +701,38 @@ mod tests {
         assert_eq!(queue.running, 0, "nothing runs");
     }
 
-    /// The caller forming a batch goes away (its client hung up) while
-    /// the batch waits for a request on its way: the next request waiting
-    /// forms it instead — nobody is left waiting for a batch nobody forms.
+    /// Two requests queue while their batch waits for a request on its
+    /// way; one caller goes away (its client hung up). When it is the
+    /// one forming the batch, the other forms it instead — nobody is left
+    /// waiting for a batch nobody forms; when it is the other, the batch
+    /// runs without it. Either way the one left gets its own rows.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn forming_passes_on_when_its_caller_goes_away() {
-        let engine = Where::new();
-        let batcher = one_runner(&engine, Duration::from_secs(5));
-        let on_its_way = batcher.admit().unwrap();
-        let first = spawn_run(&batcher, 1);
-        until_queued(&batcher, 1).await;
-        let second = spawn_run(&batcher, 2);
-        until_queued(&batcher, 2).await;
-        first.abort();
-        assert!(first.await.unwrap_err().is_cancelled());
-        // The second waits out the delay for the request on its way, then
-        // runs as a batch of its own rows only.
-        let answer = second.await.unwrap().unwrap();
-        assert_eq!(answer[0].shape(), [2, 1]);
-        assert_eq!((batcher.stats().batches(), batcher.stats().rows()), (1, 2));
-        drop(on_its_way);
-        assert_idle(&batcher);
-        batcher.run(rows(1), None).await.unwrap();
-        assert_eq!(engine.ran_on(std::thread::current().id()).len(), 2);
-    }
-
-    /// A request whose caller went away while it waited in the queue is
-    /// not run: its batch-mates run without it.
-    #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn a_request_given_up_in_the_queue_is_not_run() {
-        let engine = Where::new();
-        let batcher = one_runner(&engine, Duration::from_secs(5));
-        let on_its_way = batcher.admit().unwrap();
-        let first = spawn_run(&batcher, 1);
-        until_queued(&batcher, 1).await;
-        let second = spawn_run(&batcher, 2);
-        until_queued(&batcher, 2).await;
-        second.abort();
-        assert!(second.await.unwrap_err().is_cancelled());
-        let answer = first.await.unwrap().unwrap();
-        assert_eq!(answer[0].shape(), [1, 1]);
-        assert_eq!((batcher.stats().batches(), batcher.stats().rows()), (1, 1));
-        drop(on_its_way);
-        assert_idle(&batcher);
+    async fn a_caller_gone_is_not_run_and_forming_passes_on() {
+        for former_goes in [true, false] {
+            let engine = Where::new();
+            let batcher = one_runner(&engine, Duration::from_secs(5));
+            let on_its_way = batcher.admit().unwrap();
+            let former = spawn_run(&batcher, 1);
+            until_queued(&batcher, 1).await;
+            let follower = spawn_run(&batcher, 2);
+            until_queued(&batcher, 2).await;
+            let (gone, left, rows_left) = match former_goes {
+                true => (former, follower, 2),
+                false => (follower, former, 1),
+            };
+            gone.abort();
+            assert!(gone.await.unwrap_err().is_cancelled());
+            // The one left waits out the delay for the request on its
+            // way, then runs as a batch of its own rows only.
+            let answer = left.await.unwrap().unwrap();
+            assert_eq!(answer[0].shape(), [rows_left, 1], "{former_goes}");
+            let stats = batcher.stats();
+            assert_eq!((stats.batches(), stats.rows()), (1, rows_left as u64));
+            drop(on_its_way);
+            assert_idle(&batcher);
+            batcher.run(rows(1), None).await.unwrap();
+            assert_eq!(engine.ran_on(std::thread::current().id()).len(), 2);
+        }
     }
 
     /// While every runner is busy, requests wait for one, but no longer

@@ -497,12 +497,17 @@ pub(crate) mod tests {
         vec![Tensor::new("x", vec![1], TensorData::Fp32(vec![1.0])).unwrap()]
     }
 
-    /// A launch with no thread free waits for one in the queue and hands
-    /// its answer on when it has run; the caller does not wait for it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_launch_with_no_thread_free_waits_for_one_then_answers() {
-        let pool = InferencePool::new(1, 4);
-        let (model, started, release) = gate();
+    /// Starts a run of the gate that holds one of `pool`'s threads until
+    /// released, and returns once it runs (with `started`, which later
+    /// runs still report to).
+    async fn hold_a_thread(
+        pool: &InferencePool,
+        model: &LoadedModel,
+        started: mpsc::Receiver<()>,
+    ) -> (
+        tokio::task::JoinHandle<Result<Vec<Tensor>, RunError>>,
+        mpsc::Receiver<()>,
+    ) {
         let first = tokio::spawn({
             let (pool, model) = (pool.clone(), model.clone());
             async move { pool.run(&model, x()).await }
@@ -513,6 +518,16 @@ pub(crate) mod tests {
         })
         .await
         .unwrap();
+        (first, started)
+    }
+
+    /// A launch with no thread free waits for one in the queue and hands
+    /// its answer on when it has run; the caller does not wait for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_launch_with_no_thread_free_waits_for_one_then_answers() {
+        let pool = InferencePool::new(1, 4);
+        let (model, started, release) = gate();
+        let (first, started) = hold_a_thread(&pool, &model, started).await;
         let (tx, answer) = tokio::sync::oneshot::channel();
         let share = Share {
             key: "m",
@@ -539,16 +554,7 @@ pub(crate) mod tests {
         let pool = InferencePool::new(1, 1);
         let (model, started, release) = gate();
 
-        let first = tokio::spawn({
-            let (pool, model) = (pool.clone(), model.clone());
-            async move { pool.run(&model, x()).await }
-        });
-        let _started = tokio::task::spawn_blocking(move || {
-            started.recv().unwrap();
-            started
-        })
-        .await
-        .unwrap();
+        let (first, _started) = hold_a_thread(&pool, &model, started).await;
         assert_eq!(pool.stats().running, 1);
 
         let second = tokio::spawn({
