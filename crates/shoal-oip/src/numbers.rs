@@ -78,6 +78,16 @@ pub(crate) fn flat<T: FromNumber>(text: &[u8], count: usize) -> Option<Vec<T>> {
                 let (n, len) = number(&text[i..])?;
                 out.push(T::from_number(n)?);
                 i += len;
+                // The usual separator, `,` or `, ` then a number: straight
+                // on to it.
+                if text.get(i) == Some(&b',') {
+                    i += 1;
+                    if text.get(i) == Some(&b' ') {
+                        i += 1;
+                    }
+                    opened = false;
+                    continue 'value;
+                }
             }
         }
         // After a value: a comma, or the ends of the arrays it closes.
@@ -457,11 +467,17 @@ mod tests {
             floats(" [ [1, 2.5] ,\n[-3,\t4e1] ] ", 4),
             Some(vec![1.0, 2.5, -3.0, 40.0])
         );
+        for text in [
+            "[1, 2]", "[1,2]", "[1,  2]", "[1, \n2]", "[1 , 2 ]", "[1, [2]]",
+        ] {
+            assert_eq!(floats(text, 2), Some(vec![1.0, 2.0]), "{text}");
+        }
         assert_eq!(floats("[]", 0), Some(vec![]));
         assert_eq!(floats("[[],[1]]", 1), Some(vec![1.0]));
         for text in [
             "[1,2]x", "[1,2", "[1,,2]", "[,1]", "[1,]", "[1 2]", "1", "[[1],2", "[1]]", "[true]",
-            "[\"1\"]", "[null]", "[1,2,3]", "[1]", "{}", "[01]",
+            "[\"1\"]", "[null]", "[1,2,3]", "[1]", "{}", "[01]", "[1, ]", "[1, ,2]", "[1,  ]",
+            "[1, 2,]",
         ] {
             assert_eq!(floats(text, 2), None, "{text}");
         }
