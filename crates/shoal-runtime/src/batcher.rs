@@ -24,7 +24,7 @@
 //!   [`shoal_core::batch`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ use crate::{InferencePool, LoadedModel, RunError, Share};
 
 /// A request checked and waiting for its batch.
 struct Queued {
+    /// Which request it is, among this batcher's.
+    id: u64,
     key: batch::BatchKey,
     rows: usize,
     inputs: Vec<Tensor>,
@@ -146,6 +148,12 @@ struct Shared {
     arriving: AtomicUsize,
     /// Requests queued (the queue's length, read without its lock).
     pending: AtomicUsize,
+    /// `Queue::awaits_requests`, read without the lock: the last request
+    /// on its way that gives up (refused, or its client gone) wakes the
+    /// former, which need not wait for it any longer.
+    awaiting: AtomicBool,
+    /// The next request's id.
+    next_id: AtomicU64,
     stats: BatchStats,
 }
 
@@ -190,7 +198,11 @@ pub struct Arrival(Arc<Shared>);
 
 impl Drop for Arrival {
     fn drop(&mut self) {
-        self.0.arriving.fetch_sub(1, Ordering::AcqRel);
+        if self.0.arriving.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.awaiting.load(Ordering::Acquire)
+        {
+            self.0.changed.notify_one();
+        }
     }
 }
 
@@ -207,7 +219,7 @@ impl Drop for Forming {
         if self.held {
             let mut queue = self.shared.lock();
             queue.forming = false;
-            queue.awaits_requests = false;
+            self.shared.set_awaiting(&mut queue, false);
             self.shared.hand_on(queue);
         }
     }
@@ -245,6 +257,8 @@ impl Batcher {
                 changed: Notify::new(),
                 arriving: AtomicUsize::new(0),
                 pending: AtomicUsize::new(0),
+                awaiting: AtomicBool::new(false),
+                next_id: AtomicU64::new(0),
                 stats: BatchStats::default(),
             }),
         }
@@ -298,15 +312,20 @@ impl Batcher {
         let at = Instant::now();
         let deadline = at.checked_add(shared.runner.deadline);
         let alone = usize::from(arrival.is_some());
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let queued = Queued {
+            id,
             key,
             rows,
             inputs,
             at,
         };
-        // Decided under the queue's lock, let go before any wait.
+        // Decided under the queue's lock, let go before any wait. The
+        // arrival ends under it too: a former that then looks at the
+        // requests on their way no longer counts this one.
         let path = {
             let mut queue = shared.lock();
+            let arrival = arrival;
             if queue.jobs.is_empty()
                 && !queue.forming
                 && shared.arriving.load(Ordering::Acquire) <= alone
@@ -315,6 +334,7 @@ impl Batcher {
             {
                 queue.running += 1;
                 queue.inline |= inline;
+                drop(arrival);
                 Path::Alone(queued, inline)
             } else if queue.jobs.len() >= shared.runner.queue.max(1) {
                 return Err(RunError::Overloaded {
@@ -324,13 +344,14 @@ impl Batcher {
                 let (reply, answer) = oneshot::channel();
                 queue.jobs.push_back(Job { queued, reply });
                 shared.pending.store(queue.jobs.len(), Ordering::Release);
+                drop(arrival);
                 Path::Follow(answer, queue.awaits_requests)
             } else {
                 queue.forming = true;
+                drop(arrival);
                 Path::Lead(queued)
             }
         };
-        drop(arrival);
         let mut answer = match path {
             Path::Alone(queued, inline) => {
                 let running = Running(shared.clone(), inline);
@@ -354,14 +375,22 @@ impl Batcher {
                     shared: shared.clone(),
                     held: true,
                 };
-                within(deadline, shared, shared.lead(forming, queued)).await?
+                // Past the deadline while forming: never launched, `Busy`.
+                within(deadline, shared.lead(forming, queued))
+                    .await
+                    .ok_or_else(|| shared.busy())?
             }
         };
         loop {
-            match within(deadline, shared, &mut answer).await? {
+            let Some(reply) = within(deadline, &mut answer).await else {
+                return shared.late(id, &mut answer);
+            };
+            match reply {
                 Ok(Reply::Done(outputs)) => return outputs,
                 Ok(Reply::Lead(forming, queued)) => {
-                    answer = within(deadline, shared, shared.lead(forming, queued)).await?;
+                    answer = within(deadline, shared.lead(forming, queued))
+                        .await
+                        .ok_or_else(|| shared.busy())?;
                 }
                 Err(_) => return Err(RunError::Engine("the batch was abandoned".into())),
             }
@@ -369,28 +398,57 @@ impl Batcher {
     }
 }
 
-/// `work`, or `DeadlineExceeded` once the request's deadline passes.
+/// `work`, or `None` once the request's deadline passes.
 async fn within<T>(
     deadline: Option<Instant>,
-    shared: &Shared,
     work: impl std::future::Future<Output = T>,
-) -> Result<T, RunError> {
+) -> Option<T> {
     match deadline {
-        Some(at) => {
-            tokio::time::timeout_at(at, work)
-                .await
-                .map_err(|_| RunError::DeadlineExceeded {
-                    deadline_ms: u64::try_from(shared.runner.deadline.as_millis())
-                        .unwrap_or(u64::MAX),
-                })
-        }
-        None => Ok(work.await),
+        Some(at) => tokio::time::timeout_at(at, work).await.ok(),
+        None => Some(work.await),
     }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_awaiting(&self, queue: &mut Queue, awaiting: bool) {
+        queue.awaits_requests = awaiting;
+        self.awaiting.store(awaiting, Ordering::Release);
+    }
+
+    /// A request that waited its deadline out before its batch was
+    /// launched: `Busy`, as a request that waited for a pool thread (the
+    /// HTTP layer answers 503: retry elsewhere).
+    fn busy(&self) -> RunError {
+        RunError::Busy {
+            waited_ms: millis(self.runner.deadline),
+        }
+    }
+
+    /// What request `id`, whose deadline has passed, is told: its answer
+    /// if it has just come; `Busy` while it is still queued or was just
+    /// told to form a batch (never launched); else `DeadlineExceeded` (its
+    /// batch runs on).
+    fn late(
+        &self,
+        id: u64,
+        answer: &mut oneshot::Receiver<Reply>,
+    ) -> Result<Vec<Tensor>, RunError> {
+        match answer.try_recv() {
+            Ok(Reply::Done(outputs)) => return outputs,
+            // Dropped here: forming passes on.
+            Ok(Reply::Lead(..)) => return Err(self.busy()),
+            Err(_) => {}
+        }
+        if self.lock().jobs.iter().any(|j| j.queued.id == id) {
+            return Err(self.busy());
+        }
+        Err(RunError::DeadlineExceeded {
+            deadline_ms: millis(self.runner.deadline),
+        })
     }
 
     /// With nobody forming: the oldest request whose caller still waits
@@ -449,14 +507,16 @@ impl Shared {
         loop {
             let wait = {
                 let mut queue = self.lock();
-                queue.awaits_requests = false;
+                self.set_awaiting(&mut queue, false);
                 let before = queue.jobs.len();
                 queue.jobs.retain(|j| !j.reply.is_closed());
                 if queue.jobs.len() != before {
                     self.pending.store(queue.jobs.len(), Ordering::Release);
                 }
                 let Some(oldest) = queue.jobs.front() else {
-                    // Every caller went away.
+                    // Cannot happen while the former's own request waits
+                    // (its answer channel is open); kept so that a former
+                    // never loops on an empty queue.
                     forming.held = false;
                     queue.forming = false;
                     return;
@@ -480,7 +540,7 @@ impl Shared {
                     more_coming,
                 ) {
                     Decision::Wait(more) => {
-                        queue.awaits_requests = true;
+                        self.set_awaiting(&mut queue, true);
                         Some(more)
                     }
                     // While the runners are busy, requests gather.
@@ -521,6 +581,17 @@ impl Shared {
     /// each of them (see [`InferencePool::launch`]).
     fn launch(self: &Arc<Self>, jobs: Vec<Job>, inline: bool) {
         let running = Running(self.clone(), inline);
+        // A thread is waited for no longer than the last request in the
+        // batch waits for its answer.
+        let newest = jobs.iter().map(|j| j.queued.at).max();
+        let share = Share {
+            deadline: newest
+                .and_then(|at| at.checked_add(self.runner.deadline))
+                .map_or(self.runner.deadline, |end| {
+                    end.saturating_duration_since(Instant::now())
+                }),
+            ..self.runner.share()
+        };
         let rows: Vec<usize> = jobs.iter().map(|j| j.queued.rows).collect();
         let (inputs, replies): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.queued.inputs, j.reply)).unzip();
@@ -535,7 +606,7 @@ impl Shared {
         let shared = self.clone();
         self.runner
             .pool
-            .launch(&self.model, joined, self.runner.share(), move |outputs| {
+            .launch(&self.model, joined, share, move |outputs| {
                 drop(running);
                 shared.stats.count(&shared.runner, &rows);
                 match outputs
@@ -591,6 +662,10 @@ impl BatchStats {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -598,7 +673,7 @@ mod tests {
     use shoal_core::batch::BatchPolicy;
 
     use super::*;
-    use crate::pool::tests::{Where, rows};
+    use crate::pool::tests::{Where, rows, wide};
 
     /// A lone request runs at once, as a batch of one: where it is when
     /// the model runs it cheaply, else on a pool thread. One batch at a
@@ -735,6 +810,43 @@ mod tests {
         }
     }
 
+    /// Only requests of the same shape past the first dimension share a
+    /// batch; the others wait for the next one. And the last request on
+    /// its way giving up (a bad body, a client gone) wakes the former at
+    /// once: nothing more is coming.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn only_requests_of_one_shape_share_a_batch() {
+        let engine = Where::new();
+        let batcher = one_runner(&engine, Duration::from_secs(5));
+        let on_its_way = batcher.admit().unwrap();
+        let started = Instant::now();
+        let spawn_wide = |n: usize, width: usize| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.run(wide(n, width), None).await })
+        };
+        let narrow = spawn_wide(1, 1);
+        until_queued(&batcher, 1).await;
+        let broad = spawn_wide(1, 2);
+        until_queued(&batcher, 2).await;
+        let narrow_too = spawn_wide(2, 1);
+        until_queued(&batcher, 3).await;
+        drop(on_its_way);
+        for (task, shape) in [(narrow, [1, 1]), (broad, [1, 2]), (narrow_too, [2, 1])] {
+            assert_eq!(task.await.unwrap().unwrap()[0].shape(), shape);
+        }
+        assert_eq!(
+            (batcher.stats().batches(), batcher.stats().rows()),
+            (2, 4),
+            "the narrow ones together, the broad one alone"
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "nobody waited out the delay"
+        );
+        assert_idle(&batcher);
+    }
+
     /// While every runner is busy, requests wait for one, but no longer
     /// than their deadline; then the batcher is as it was.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -746,9 +858,11 @@ mod tests {
         let started = Instant::now();
         let (former, follower) =
             tokio::join!(batcher.run(rows(1), None), batcher.run(rows(1), None));
+        // Never launched: `Busy` (retry elsewhere), as a request that
+        // waited for a pool thread.
         for late in [former, follower] {
             assert!(
-                matches!(late, Err(RunError::DeadlineExceeded { deadline_ms: 50 })),
+                matches!(late, Err(RunError::Busy { waited_ms: 50 })),
                 "{late:?}"
             );
         }

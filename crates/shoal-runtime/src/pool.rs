@@ -730,14 +730,14 @@ pub(crate) mod tests {
     }
 
     impl Where {
-        /// Takes `x`, `[N, 1]` floats, and answers nothing.
+        /// Takes `x`, `[N, W]` floats, and answers them as they are.
         pub(crate) fn new() -> Arc<Where> {
             Arc::new(Where {
                 signature: Signature {
                     inputs: vec![TensorSpec {
                         name: "x".into(),
                         datatype: DataType::Fp32,
-                        shape: vec![Dim::Dynamic(None), Dim::Fixed(1)],
+                        shape: vec![Dim::Dynamic(None), Dim::Dynamic(None)],
                     }],
                     outputs: vec![],
                 },
@@ -787,7 +787,12 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn rows(n: usize) -> Vec<Tensor> {
-        vec![Tensor::new("x", vec![n, 1], TensorData::Fp32(vec![0.0; n])).unwrap()]
+        wide(n, 1)
+    }
+
+    /// `n` rows of `width` values.
+    pub(crate) fn wide(n: usize, width: usize) -> Vec<Tensor> {
+        vec![Tensor::new("x", vec![n, width], TensorData::Fp32(vec![0.0; n * width])).unwrap()]
     }
 
     #[tokio::test(flavor = "current_thread")]
