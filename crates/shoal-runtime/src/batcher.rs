@@ -7,7 +7,7 @@
 //!
 //! - A request is checked against the model *before* it queues: a bad one
 //!   is refused alone and never fails its batch-mates.
-//! - Only requests with the same [`batch_key`] (inputs, datatypes and
+//! - Only requests with the same [`batch_key`](batch::batch_key) (inputs, datatypes and
 //!   every dimension but the first) share a batch; others wait for the
 //!   next one, oldest first.
 //! - At most `cap` batches run at once (the model's share of the pool,

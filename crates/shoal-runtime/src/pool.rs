@@ -12,6 +12,9 @@
 //! the hand-off to a blocking thread and back costs more than such an
 //! inference, and so little work does not stall the executor. It still
 //! takes a permit and its model's share first.
+//! A panic in the engine is an error for its request (and a batch's
+//! requests) wherever it ran: it never tears the calling task, and its
+//! connection, down.
 //!
 //! [`InferencePool::run_shared`] adds two bounds on what one request, or
 //! one model, can cost the others ([`Share`]): each model may hold at most
@@ -262,7 +265,7 @@ impl InferencePool {
         // `LoadedModel::runs_inline`). It still holds its thread and the
         // model's share, so the bounds hold.
         if model.runs_inline(&inputs) {
-            let answer = model.model.run(inputs);
+            let answer = run_caught(&*model.model, inputs);
             drop((held, permit));
             return answer;
         }
@@ -310,7 +313,7 @@ impl InferencePool {
             F: FnOnce(Result<Vec<Tensor>, RunError>) + Send + 'static,
         {
             tokio::task::spawn_blocking(move || {
-                let answer = model.run(inputs);
+                let answer = run_caught(&*model, inputs);
                 drop(hold);
                 done(answer);
             });
@@ -320,7 +323,7 @@ impl InferencePool {
             self.inner.permits.clone().try_acquire_owned(),
         ) {
             (Some(held), Ok(permit)) if model.runs_inline(&inputs) => {
-                let answer = model.model.run(inputs);
+                let answer = run_caught(&*model.model, inputs);
                 drop((held, permit));
                 done(answer);
             }
@@ -430,6 +433,25 @@ impl InferencePool {
     }
 }
 
+/// Runs `model`, a panic in the engine turned into an error, as a panic
+/// on a blocking thread is: an inference run on the request's own task (or
+/// a batch's former's) then answers its caller, and its batch-mates, with
+/// a 500 instead of tearing the task, and its connection, down.
+fn run_caught(model: &dyn crate::Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs))).unwrap_or_else(
+        |panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            Err(RunError::Engine(format!(
+                "inference task failed: the engine panicked: {why}"
+            )))
+        },
+    )
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -519,6 +541,57 @@ pub(crate) mod tests {
         .await
         .unwrap();
         (first, started)
+    }
+
+    /// An engine that panics on every run.
+    struct Panics(Signature);
+
+    impl Model for Panics {
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn platform(&self) -> &'static str {
+            "panics"
+        }
+        fn run(&self, _: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+            panic!("a kernel's assertion failed");
+        }
+    }
+
+    /// A panic in the engine is an error for the request, wherever it
+    /// ran: on its own task, on a pool thread, launched as a batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_that_panics_answers_an_error() {
+        let pool = InferencePool::new(2, 8);
+        let signature = Where::new().signature.clone();
+        let panics = |row_cost: Option<Duration>| LoadedModel {
+            model: Arc::new(Panics(signature.clone())),
+            platform: "panics",
+            bounds: Arc::default(),
+            state: Arc::default(),
+            batching: None,
+            row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
+            batched_row_cost: None,
+        };
+        let share = Share {
+            key: "m",
+            cap: 2,
+            deadline: Duration::from_secs(30),
+        };
+        for model in [panics(Some(Duration::from_micros(1))), panics(None)] {
+            let ran = pool.run(&model, rows(1)).await;
+            assert!(
+                matches!(&ran, Err(RunError::Engine(e)) if e.contains("a kernel's assertion failed")),
+                "{ran:?}"
+            );
+            let (tx, answer) = tokio::sync::oneshot::channel();
+            pool.launch(&model, rows(1), share, move |outputs| {
+                let _ = tx.send(outputs);
+            });
+            let launched = answer.await.expect("answered");
+            assert!(matches!(launched, Err(RunError::Engine(_))), "{launched:?}");
+        }
+        assert_eq!(pool.stats().running, 0, "every thread given back");
     }
 
     /// A launch with no thread free waits for one in the queue and hands
