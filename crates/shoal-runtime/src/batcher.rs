@@ -33,6 +33,7 @@ use shoal_core::batch::{self, BatchPolicy, Decision};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+use crate::pool::millis;
 use crate::{InferencePool, LoadedModel, RunError, Share};
 
 /// A request checked and waiting for its batch.
@@ -146,11 +147,11 @@ struct Shared {
     changed: Notify,
     /// Requests announced and not yet queued.
     arriving: AtomicUsize,
-    /// Requests queued (the queue's length, read without its lock).
-    pending: AtomicUsize,
-    /// `Queue::awaits_requests`, read without the lock: the last request
-    /// on its way that gives up (refused, or its client gone) wakes the
-    /// former, which need not wait for it any longer.
+    /// The former waits for more requests (not for a runner): a request
+    /// queued, or the last one on its way giving up (refused, or its
+    /// client gone), may be what it waits for, and wakes it. Written under
+    /// the queue's lock; an atomic so that an `Arrival` dropped while the
+    /// lock is held can read it.
     awaiting: AtomicBool,
     /// The next request's id.
     next_id: AtomicU64,
@@ -163,7 +164,6 @@ impl std::fmt::Debug for Shared {
             .field("policy", &self.policy)
             .field("runner", &self.runner)
             .field("arriving", &self.arriving)
-            .field("pending", &self.pending)
             .finish_non_exhaustive()
     }
 }
@@ -186,9 +186,6 @@ struct Queue {
     /// the run (digits, one row a request, 32 clients: 0.76× the
     /// unbatched throughput allowing two, ≈ 1× with one; BENCHMARKS.md).
     inline: bool,
-    /// The former waits for more requests (not for a runner): a request
-    /// queued may be what it waits for.
-    awaits_requests: bool,
 }
 
 /// A request on its way to a batcher (being received or decoded): batches
@@ -219,7 +216,7 @@ impl Drop for Forming {
         if self.held {
             let mut queue = self.shared.lock();
             queue.forming = false;
-            self.shared.set_awaiting(&mut queue, false);
+            self.shared.awaiting.store(false, Ordering::Release);
             self.shared.hand_on(queue);
         }
     }
@@ -256,7 +253,6 @@ impl Batcher {
                 queue: Mutex::new(Queue::default()),
                 changed: Notify::new(),
                 arriving: AtomicUsize::new(0),
-                pending: AtomicUsize::new(0),
                 awaiting: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
                 stats: BatchStats::default(),
@@ -272,10 +268,10 @@ impl Batcher {
         let shared = &self.shared;
         let arriving = shared.arriving.fetch_add(1, Ordering::AcqRel);
         let arrival = Arrival(shared.clone());
-        let pending = shared.pending.load(Ordering::Acquire);
-        if pending + arriving >= shared.runner.queue.max(1) {
+        let queued = shared.lock().jobs.len();
+        if queued + arriving >= shared.runner.queue.max(1) {
             return Err(RunError::Overloaded {
-                queued: pending + arriving,
+                queued: queued + arriving,
             });
         }
         Ok(arrival)
@@ -343,9 +339,8 @@ impl Batcher {
             } else if queue.forming {
                 let (reply, answer) = oneshot::channel();
                 queue.jobs.push_back(Job { queued, reply });
-                shared.pending.store(queue.jobs.len(), Ordering::Release);
                 drop(arrival);
-                Path::Follow(answer, queue.awaits_requests)
+                Path::Follow(answer, shared.awaiting.load(Ordering::Acquire))
             } else {
                 queue.forming = true;
                 drop(arrival);
@@ -414,11 +409,6 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn set_awaiting(&self, queue: &mut Queue, awaiting: bool) {
-        queue.awaits_requests = awaiting;
-        self.awaiting.store(awaiting, Ordering::Release);
-    }
-
     /// A request that waited its deadline out before its batch was
     /// launched: `Busy`, as a request that waited for a pool thread (the
     /// HTTP layer answers 503: retry elsewhere).
@@ -463,7 +453,6 @@ impl Shared {
             let Some(job) = queue.jobs.pop_front() else {
                 return;
             };
-            self.pending.store(queue.jobs.len(), Ordering::Release);
             if job.reply.is_closed() {
                 continue;
             }
@@ -494,7 +483,6 @@ impl Shared {
         {
             let mut queue = self.lock();
             queue.jobs.push_front(Job { queued: own, reply });
-            self.pending.store(queue.jobs.len(), Ordering::Release);
         }
         self.form(forming).await;
         answer
@@ -507,12 +495,8 @@ impl Shared {
         loop {
             let wait = {
                 let mut queue = self.lock();
-                self.set_awaiting(&mut queue, false);
-                let before = queue.jobs.len();
+                self.awaiting.store(false, Ordering::Release);
                 queue.jobs.retain(|j| !j.reply.is_closed());
-                if queue.jobs.len() != before {
-                    self.pending.store(queue.jobs.len(), Ordering::Release);
-                }
                 let Some(oldest) = queue.jobs.front() else {
                     // Cannot happen while the former's own request waits
                     // (its answer channel is open); kept so that a former
@@ -540,7 +524,7 @@ impl Shared {
                     more_coming,
                 ) {
                     Decision::Wait(more) => {
-                        self.set_awaiting(&mut queue, true);
+                        self.awaiting.store(true, Ordering::Release);
                         Some(more)
                     }
                     // While the runners are busy, requests gather.
@@ -557,7 +541,6 @@ impl Shared {
                         queue.inline |= inline;
                         forming.held = false;
                         queue.forming = false;
-                        self.pending.store(queue.jobs.len(), Ordering::Release);
                         self.hand_on(queue);
                         self.launch(jobs, inline);
                         return;
@@ -662,10 +645,6 @@ impl BatchStats {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -759,7 +738,7 @@ mod tests {
     /// Lets the other tasks run until `queued` requests are queued.
     async fn until_queued(batcher: &Batcher, queued: usize) {
         for _ in 0..1000 {
-            if batcher.shared.pending.load(Ordering::Acquire) == queued {
+            if batcher.shared.lock().jobs.len() == queued {
                 return;
             }
             tokio::task::yield_now().await;

@@ -452,7 +452,7 @@ fn run_caught(model: &dyn crate::Model, inputs: Vec<Tensor>) -> Result<Vec<Tenso
     )
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -488,6 +488,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// `model` loaded, measured at `row_cost` a row of one element
+    /// (`None`: never measured, never inline).
+    fn loaded(model: Arc<dyn Model>, row_cost: Option<Duration>) -> LoadedModel {
+        LoadedModel {
+            model,
+            platform: "test",
+            bounds: Arc::default(),
+            state: Arc::default(),
+            batching: None,
+            row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
+            batched_row_cost: None,
+        }
+    }
+
     fn gate() -> (LoadedModel, mpsc::Receiver<()>, mpsc::Sender<()>) {
         let (started_tx, started_rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel();
@@ -503,16 +517,7 @@ pub(crate) mod tests {
             started: Mutex::new(started_tx),
             release: Mutex::new(release_rx),
         };
-        let loaded = LoadedModel {
-            model: Arc::new(model),
-            platform: "test",
-            bounds: Arc::default(),
-            state: Arc::default(),
-            batching: None,
-            row_cost: None,
-            batched_row_cost: None,
-        };
-        (loaded, started_rx, release_tx)
+        (loaded(Arc::new(model), None), started_rx, release_tx)
     }
 
     fn x() -> Vec<Tensor> {
@@ -564,15 +569,7 @@ pub(crate) mod tests {
     async fn an_engine_that_panics_answers_an_error() {
         let pool = InferencePool::new(2, 8);
         let signature = Where::new().signature.clone();
-        let panics = |row_cost: Option<Duration>| LoadedModel {
-            model: Arc::new(Panics(signature.clone())),
-            platform: "panics",
-            bounds: Arc::default(),
-            state: Arc::default(),
-            batching: None,
-            row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
-            batched_row_cost: None,
-        };
+        let panics = |row_cost| loaded(Arc::new(Panics(signature.clone())), row_cost);
         let share = Share {
             key: "m",
             cap: 2,
@@ -831,15 +828,7 @@ pub(crate) mod tests {
         /// The engine loaded, measured at `row_cost` a row (`None`: never
         /// measured).
         pub(crate) fn loaded(self: &Arc<Self>, row_cost: Option<Duration>) -> LoadedModel {
-            LoadedModel {
-                model: self.clone(),
-                platform: "where",
-                bounds: Arc::default(),
-                state: Arc::default(),
-                batching: None,
-                row_cost: row_cost.map(|c| (c, 1, crate::INLINE_MAX)),
-                batched_row_cost: None,
-            }
+            loaded(self.clone(), row_cost)
         }
     }
 
